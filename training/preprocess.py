@@ -19,23 +19,25 @@ def preprocess(image: Image.Image | np.ndarray, pre: dict[str, Any]) -> np.ndarr
         image = Image.fromarray(image)
     gray = str(pre.get("color_mode", "RGB")).upper() == "GRAYSCALE"
     image = image.convert("L" if gray else "RGB")
-    crop_h, crop_w = int(pre["crop_height"]), int(pre["crop_width"])
-    short = int(pre.get("resize_short", 0))
-    if short == 0:
-        image = image.resize((crop_w, crop_h), Image.BILINEAR)
-    else:
-        width, height = image.size
-        scale = short / min(width, height)
-        image = image.resize((max(short, round(width * scale)), max(short, round(height * scale))), Image.BILINEAR)
-        width, height = image.size
-        left, top = (width - crop_w) // 2, (height - crop_h) // 2
-        image = image.crop((left, top, left + crop_w, top + crop_h))
+    image = resize_and_crop(image, int(pre.get("resize_short", 0)), int(pre["crop_height"]), int(pre["crop_width"]))
     x = np.asarray(image, dtype=np.float32) / 255.0
     x = x[:, :, None] if x.ndim == 2 else x
     mean = np.asarray(pre["mean"], dtype=np.float32)
     std = np.asarray(pre["std"], dtype=np.float32)
     x = (x - mean) / std
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
+
+
+def resize_and_crop(image: Image.Image, resize_short: int, crop_h: int, crop_w: int) -> Image.Image:
+    """Resize the short side to resize_short (bilinear), then centre-crop; 0 resizes straight to the crop."""
+    if resize_short == 0:
+        return image.resize((crop_w, crop_h), Image.BILINEAR)
+    width, height = image.size
+    scale = resize_short / min(width, height)
+    size = (max(resize_short, round(width * scale)), max(resize_short, round(height * scale)))
+    image = image.resize(size, Image.BILINEAR)
+    left, top = (size[0] - crop_w) // 2, (size[1] - crop_h) // 2
+    return image.crop((left, top, left + crop_w, top + crop_h))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
