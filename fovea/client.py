@@ -1,0 +1,147 @@
+"""Python clients: Client for the gateway's image API, RegistryClient for publishing and keys.
+
+    from fovea.client import Client
+    with Client("127.0.0.1:8500", api_key) as c:
+        result = c.classify([open("cat.jpg", "rb").read()], model="efficientnet-lite0")
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from fovea import codegen
+
+codegen.ensure()
+
+from fovea.config import channel_options  # noqa: E402
+from fovea.v1 import image_pb2, image_pb2_grpc, model_pb2, registry_pb2, registry_pb2_grpc  # noqa: E402
+
+CHUNK_BYTES = 1024 * 1024
+ROLES = {"infer": registry_pb2.ROLE_INFER, "publish": registry_pb2.ROLE_PUBLISH, "admin": registry_pb2.ROLE_ADMIN}
+
+
+def _channel(address: str, tls_ca_file: str | None, max_message_bytes: int) -> grpc.Channel:
+    options = channel_options(max_message_bytes)
+    if tls_ca_file is not None:
+        ca = pathlib.Path(tls_ca_file).read_bytes() if tls_ca_file else None
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca), options=options)
+    return grpc.insecure_channel(address, options=options)
+
+
+class _Base:
+    def __init__(self, address: str, token: str, timeout_s: float = 30.0, tls_ca_file: str | None = None,
+                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.channel = _channel(address, tls_ca_file, max_message_bytes)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Client(_Base):
+    """The public image API, through a gateway."""
+
+    def __init__(self, address: str, api_key: str, **kwargs: Any) -> None:
+        super().__init__(address, api_key, **kwargs)
+        self.stub = image_pb2_grpc.ImageServiceStub(self.channel)
+
+    def classify(self, images: Sequence[bytes], model: str, top_k: int = 5, version: int = 0,
+                 alias: str = "", ids: Sequence[str] | None = None) -> image_pb2.ClassifyResponse:
+        req = image_pb2.ClassifyRequest(model=model, version=version, alias=alias, top_k=top_k)
+        for i, data in enumerate(images):
+            req.images.add(data=data, id=ids[i] if ids else str(i))
+        return self.stub.Classify(req, metadata=self.metadata, timeout=self.timeout_s)
+
+    def list_models(self) -> list[model_pb2.ModelSummary]:
+        return list(self.stub.ListModels(model_pb2.ListModelsRequest(), metadata=self.metadata,
+                                         timeout=self.timeout_s).models)
+
+    def get_model(self, model: str, version: int = 0, alias: str = "") -> model_pb2.ModelVersion:
+        return self.stub.GetModel(image_pb2.GetModelRequest(model=model, version=version, alias=alias),
+                                  metadata=self.metadata, timeout=self.timeout_s).model
+
+
+class RegistryClient(_Base):
+    """Registry administration: publish models, move aliases, manage keys."""
+
+    def __init__(self, address: str, token: str, **kwargs: Any) -> None:
+        super().__init__(address, token, **kwargs)
+        self.stub = registry_pb2_grpc.RegistryServiceStub(self.channel)
+
+    def register(self, artifact: bytes | str | pathlib.Path, metadata: model_pb2.ModelVersion,
+                 progress: bool = False) -> model_pb2.ModelVersion:
+        """Upload an ONNX file in chunks with its metadata; returns the new version."""
+        data = artifact if isinstance(artifact, bytes) else pathlib.Path(artifact).read_bytes()
+
+        def parts() -> Iterator[registry_pb2.RegisterModelRequest]:
+            yield registry_pb2.RegisterModelRequest(metadata=metadata)
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(data), unit="B", unit_scale=True, desc=f"upload {metadata.name}")
+            for i in range(0, len(data), CHUNK_BYTES):
+                chunk = data[i:i + CHUNK_BYTES]
+                yield registry_pb2.RegisterModelRequest(chunk=chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+
+        return self.stub.RegisterModel(parts(), metadata=self.metadata, timeout=max(self.timeout_s, 600)).model
+
+    def resolve(self, model: str, version: int = 0, alias: str = "") -> registry_pb2.GetModelVersionResponse:
+        return self.stub.GetModelVersion(registry_pb2.GetModelVersionRequest(model=model, version=version, alias=alias),
+                                         metadata=self.metadata, timeout=self.timeout_s)
+
+    def list_models(self) -> list[model_pb2.ModelSummary]:
+        return list(self.stub.ListModels(model_pb2.ListModelsRequest(), metadata=self.metadata,
+                                         timeout=self.timeout_s).models)
+
+    def list_versions(self, model: str) -> list[model_pb2.ModelVersion]:
+        return list(self.stub.ListVersions(registry_pb2.ListVersionsRequest(model=model), metadata=self.metadata,
+                                           timeout=self.timeout_s).versions)
+
+    def set_alias(self, model: str, alias: str, targets: Sequence[tuple[int, int]]) -> registry_pb2.SetAliasResponse:
+        req = registry_pb2.SetAliasRequest(model=model, alias=alias)
+        for version, weight in targets:
+            req.targets.add(version=version, weight=weight)
+        return self.stub.SetAlias(req, metadata=self.metadata, timeout=self.timeout_s)
+
+    def archive(self, model: str, version: int) -> model_pb2.ModelVersion:
+        return self.stub.ArchiveVersion(registry_pb2.ArchiveVersionRequest(model=model, version=version),
+                                        metadata=self.metadata, timeout=self.timeout_s).model
+
+    def create_key(self, role: str = "infer", model_patterns: Sequence[str] = (), ttl_s: int = 0,
+                   description: str = "", rate_limit_rps: float = 0, rate_limit_ips: float = 0,
+                   rate_burst: float = 0) -> tuple[registry_pb2.ApiKey, str]:
+        resp = self.stub.CreateApiKey(registry_pb2.CreateApiKeyRequest(
+            role=ROLES[role], model_patterns=model_patterns, ttl_s=ttl_s, description=description,
+            rate_limit_rps=rate_limit_rps, rate_limit_ips=rate_limit_ips, rate_burst=rate_burst),
+            metadata=self.metadata, timeout=self.timeout_s)
+        return resp.key, resp.secret
+
+    def list_keys(self) -> list[registry_pb2.ApiKey]:
+        return list(self.stub.ListApiKeys(registry_pb2.ListApiKeysRequest(), metadata=self.metadata,
+                                          timeout=self.timeout_s).keys)
+
+    def revoke_key(self, key_id: str) -> registry_pb2.ApiKey:
+        return self.stub.RevokeApiKey(registry_pb2.RevokeApiKeyRequest(key_id=key_id), metadata=self.metadata,
+                                      timeout=self.timeout_s).key
+
+    def list_workers(self, model: str = "", version: int = 0, ready_only: bool = False) -> list[registry_pb2.WorkerStatus]:
+        return list(self.stub.ListWorkers(registry_pb2.ListWorkersRequest(model=model, version=version,
+                                                                           ready_only=ready_only),
+                                          metadata=self.metadata, timeout=self.timeout_s).workers)

@@ -1,0 +1,132 @@
+"""Start Fovea services as separate processes on loopback: used by `fovea up` and the tests."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import secrets
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from fovea.redis_server import RedisServer, free_port
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen[bytes]
+    address: str
+    log_path: pathlib.Path
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Cluster:
+    """Processes of one local cluster; stop() ends them in reverse order."""
+
+    data_dir: pathlib.Path
+    redis_url: str = ""
+    internal_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    env: dict[str, str] = field(default_factory=dict)
+    redis: RedisServer | None = None
+    services: list[Service] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.data_dir = pathlib.Path(self.data_dir).resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def start_redis(self) -> str:
+        if not self.redis_url:
+            self.redis = RedisServer(self.data_dir / "redis").start()
+            self.redis_url = self.redis.url
+        return self.redis_url
+
+    def _base_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FOVEA_")}
+        env.update(FOVEA_INTERNAL_TOKEN=self.internal_token, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(self.env)
+        return env
+
+    def start(self, name: str, module: str, env: dict[str, str], timeout_s: float = 120.0) -> Service:
+        """Run `python -m module`, wait for its 'NAME: host:port' line."""
+        log_path = self.data_dir / f"{name}.log"
+        full_env = self._base_env()
+        full_env.update(env)
+        log = open(log_path, "ab")
+        proc = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=full_env,
+                                stdout=subprocess.PIPE, stderr=log)
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout_s
+        buffer = b""
+        while b"\n" not in buffer:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name} failed to start; log {log_path}:\n{tail}")
+            if sel.select(0.1):
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                buffer += chunk
+        sel.close()
+        line = buffer.split(b"\n", 1)[0].decode().strip()
+        address = line.split(": ", 1)[1]
+        service = Service(name, proc, address, log_path)
+        self.services.append(service)
+        return service
+
+    def start_registry(self, port: int = 0, **env: str) -> Service:
+        self.start_redis()
+        return self.start("registry", "registry", {
+            "FOVEA_REGISTRY_PORT": str(port or free_port()),
+            "FOVEA_REGISTRY_REDIS_URL": self.redis_url,
+            "FOVEA_REGISTRY_ARTIFACT_DIR": str(self.data_dir / "artifacts"),
+            **env,
+        })
+
+    def start_worker(self, registry: str, models: list[str], name: str = "worker", port: int = 0,
+                     **env: str) -> Service:
+        port = port or free_port()
+        return self.start(name, "worker", {
+            "FOVEA_WORKER_PORT": str(port),
+            "FOVEA_WORKER_REGISTRY_ADDRESS": registry,
+            "FOVEA_WORKER_MODELS": ",".join(models),
+            "FOVEA_WORKER_WORKER_ID": f"{name}-{port}",
+            **env,
+        })
+
+    def start_gateway(self, registry: str, port: int = 0, name: str = "gateway", **env: str) -> Service:
+        return self.start(name, "gateway", {
+            "FOVEA_GATEWAY_PORT": str(port or free_port()),
+            "FOVEA_GATEWAY_REGISTRY_ADDRESS": registry,
+            **env,
+        })
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        self.services.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None

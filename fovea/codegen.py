@@ -1,0 +1,61 @@
+"""Generate Python code from protos/ with grpcio-tools.
+
+Generated modules land beside the hand-written code (fovea/v1/, inference/)
+and are never committed or edited. Run: python -m fovea.codegen
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PROTOS = ROOT / "protos"
+
+
+def proto_files() -> list[pathlib.Path]:
+    return sorted(PROTOS.rglob("*.proto"))
+
+
+def is_stale() -> bool:
+    """True when any generated module is missing or older than its proto."""
+    for proto in proto_files():
+        rel = proto.relative_to(PROTOS).with_suffix("")
+        out = ROOT / f"{rel}_pb2.py"
+        if not out.exists() or out.stat().st_mtime < proto.stat().st_mtime:
+            return True
+    return False
+
+
+def generate() -> None:
+    from grpc_tools import protoc
+    import grpc_tools
+
+    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+    args = [
+        "protoc",
+        f"-I{PROTOS}",
+        f"-I{include}",
+        f"--python_out={ROOT}",
+        f"--grpc_python_out={ROOT}",
+        f"--pyi_out={ROOT}",
+        *[str(p) for p in proto_files()],
+    ]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed")
+    for proto in proto_files():
+        pkg = ROOT / proto.relative_to(PROTOS).parent
+        while pkg != ROOT:
+            (pkg / "__init__.py").touch(exist_ok=True)
+            pkg = pkg.parent
+
+
+def ensure() -> None:
+    """Generate when stale; cheap enough to call at every start."""
+    if is_stale():
+        generate()
+
+
+if __name__ == "__main__":
+    generate()
+    sys.exit(0)

@@ -1,0 +1,50 @@
+"""Settings shared by every service; each service extends BaseConfig with its own prefix."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BaseConfig(BaseSettings):
+    """Fields every service has. Built once in main() and passed down."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 0
+    """Port to listen on; 0 picks a free one (tests)."""
+    internal_token: str = Field(
+        default="", validation_alias=AliasChoices("FOVEA_INTERNAL_TOKEN", "internal_token")
+    )
+    """Shared secret for service-to-service calls; empty disables internal calls."""
+    log_level: str = "INFO"
+    """Python logging level."""
+    log_json: bool = True
+    """Write logs as JSON lines."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest gRPC message accepted or sent."""
+    grace_s: float = 10.0
+    """Time to finish in-flight calls on shutdown."""
+    metrics_port: int = -1
+    """Port of the Prometheus endpoint; -1 disables it, 0 picks a free one."""
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]

@@ -1,0 +1,106 @@
+"""Open Inference Protocol tensors: data types, BYTES framing, and checked conversions to NumPy."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+
+from fovea.errors import InvalidArgument
+
+OIP_TO_NUMPY: dict[str, Any] = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+}
+NUMPY_TO_OIP = {np.dtype(v).str: k for k, v in OIP_TO_NUMPY.items()}
+TYPED_FIELD = {
+    "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+
+
+def oip_dtype(array: np.ndarray) -> str:
+    return NUMPY_TO_OIP[array.dtype.str if array.dtype.byteorder != ">" else array.dtype.newbyteorder("<").str]
+
+
+def encode_bytes(items: list[bytes]) -> bytes:
+    """BYTES raw framing: each element preceded by its length as a 4-byte little-endian integer."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def decode_bytes(raw: bytes, count: int) -> list[bytes]:
+    out, pos = [], 0
+    view = memoryview(raw)
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise InvalidArgument("BYTES tensor is truncated: a 4-byte length prefix is cut off")
+        (size,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + size > len(raw):
+            raise InvalidArgument("BYTES tensor is truncated: an element is shorter than its length prefix")
+        out.append(bytes(view[pos: pos + size]))
+        pos += size
+    if len(out) != count:
+        raise InvalidArgument(f"BYTES tensor holds {len(out)} elements but its shape says {count}")
+    return out
+
+
+def element_count(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        if d < 0:
+            raise InvalidArgument(f"negative dimension in shape {shape}")
+        n *= d
+    return n
+
+
+def bytes_input(tensor: Any, raw: bytes | None, max_items: int) -> list[bytes]:
+    """The elements of a BYTES input (encoded images), from raw or typed contents."""
+    shape = list(tensor.shape)
+    count = element_count(shape)
+    if count > max_items:
+        raise InvalidArgument(f"input {tensor.name!r} holds {count} elements; the limit is {max_items}")
+    if raw is not None:
+        return decode_bytes(raw, count)
+    items = list(tensor.contents.bytes_contents)
+    if len(items) != count:
+        raise InvalidArgument(f"input {tensor.name!r} has {len(items)} bytes_contents for shape {shape}")
+    return items
+
+
+def array_input(tensor: Any, raw: bytes | None, dtype: Any, shape: list[int]) -> np.ndarray:
+    """A checked NumPy view of a numeric input; the byte size is checked before anything is allocated."""
+    count = element_count(shape)
+    np_dtype = np.dtype(dtype)
+    if raw is not None:
+        expected = count * np_dtype.itemsize
+        if len(raw) != expected:
+            raise InvalidArgument(
+                f"input {tensor.name!r}: {len(raw)} bytes of raw data, but {tensor.datatype} {shape} needs {expected}")
+        return np.frombuffer(raw, dtype=np_dtype).reshape(shape)
+    if tensor.datatype == "FP16":
+        raise InvalidArgument(f"input {tensor.name!r}: FP16 data must be sent as raw_input_contents")
+    field = TYPED_FIELD.get(tensor.datatype)
+    values = getattr(tensor.contents, field) if field else []
+    if len(values) != count:
+        raise InvalidArgument(f"input {tensor.name!r}: {len(values)} values for shape {shape} ({count} needed)")
+    return np.asarray(values, dtype=np_dtype).reshape(shape)
+
+
+def parameter_value(param: Any) -> Any:
+    which = param.WhichOneof("parameter_choice")
+    return getattr(param, which) if which else None
+
+
+def model_metadata(mv: Any, versions: list[str]) -> Any:
+    from inference import grpc_predict_v2_pb2 as pb
+
+    resp = pb.ModelMetadataResponse(name=mv.name, versions=versions, platform="onnxruntime_onnx")
+    for spec in mv.inputs:
+        resp.inputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+    for spec in mv.outputs:
+        resp.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+    return resp

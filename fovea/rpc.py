@@ -1,0 +1,203 @@
+"""gRPC plumbing shared by the services: one interceptor for request ids,
+authentication and the error table, plus client-side helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hmac
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from fovea import log
+from fovea.errors import FoveaError, Unauthenticated
+
+logger = logging.getLogger(__name__)
+
+Metadata = Sequence[tuple[str, str | bytes]]
+Authenticator = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+principal: contextvars.ContextVar[Any] = contextvars.ContextVar("principal", default=None)
+
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_LEN = 128
+
+
+def bearer_token(metadata: dict[str, Any]) -> str:
+    """The token from 'authorization: Bearer <token>'; raises Unauthenticated when absent or malformed."""
+    value = metadata.get("authorization")
+    if value is None:
+        raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <api key>'")
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("malformed credentials: expected 'authorization: Bearer <api key>'")
+    return token.strip()
+
+
+def internal_authenticator(token: str, open_methods: frozenset[str] = frozenset()) -> Authenticator:
+    """Accept only callers that present the shared internal token (constant-time compare)."""
+    expected = token.encode()
+
+    async def authenticate(method: str, metadata: dict[str, Any]) -> Any:
+        if method in open_methods:
+            return None
+        presented = bearer_token(metadata).encode()
+        if not expected or not hmac.compare_digest(presented, expected):
+            raise Unauthenticated("invalid internal credentials: this service only takes calls from Fovea services")
+        return "internal"
+
+    return authenticate
+
+
+def new_request_id(metadata: dict[str, Any]) -> str:
+    rid = metadata.get(REQUEST_ID_HEADER)
+    if isinstance(rid, bytes):
+        rid = rid.decode("latin-1")
+    if rid and len(rid) <= MAX_REQUEST_ID_LEN and rid.isprintable():
+        return rid
+    return uuid.uuid4().hex
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Sets the request id, authenticates, and maps exceptions to status codes.
+
+    Expected errors (FoveaError) keep their message; anything else becomes
+    INTERNAL with only the request id, and is logged with its traceback.
+    """
+
+    def __init__(
+        self,
+        authenticate: Authenticator | None = None,
+        on_done: Callable[[str, grpc.StatusCode, float], None] | None = None,
+        translate: Callable[[BaseException], FoveaError | None] | None = None,
+    ) -> None:
+        self._authenticate = authenticate
+        self._on_done = on_done
+        self._translate = translate
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method
+        metadata = {m[0]: m[1] for m in details.invocation_metadata or ()}
+        if method.startswith("/grpc.health.v1.") or method.startswith("/grpc.reflection."):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, method, metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(handler.stream_stream, method, metadata),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _enter(self, method: str, metadata: dict[str, Any], context: Any) -> str:
+        rid = new_request_id(metadata)
+        log.request_id.set(rid)
+        if self._authenticate is not None:
+            principal.set(await self._authenticate(method, metadata))
+        return rid
+
+    def _translated(self, exc: BaseException) -> BaseException:
+        if self._translate is not None and not isinstance(exc, FoveaError):
+            return self._translate(exc) or exc
+        return exc
+
+    def _wrap_unary(self, behavior: Any, method: str, metadata: dict[str, Any]) -> Any:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            code = grpc.StatusCode.OK
+            rid = ""
+            try:
+                rid = await self._enter(method, metadata, context)
+                response = await behavior(request, context)
+                context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+                return response
+            except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
+                exc = self._translated(exc)
+                code = _status_of(exc)[0]
+                await _abort(context, exc, method, rid)
+            finally:
+                if self._on_done is not None:
+                    self._on_done(method, code, loop.time() - start)
+
+        return run
+
+    def _wrap_stream(self, behavior: Any, method: str, metadata: dict[str, Any]) -> Any:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            code = grpc.StatusCode.OK
+            rid = ""
+            try:
+                rid = await self._enter(method, metadata, context)
+                async for item in behavior(request, context):
+                    yield item
+                context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+            except Exception as exc:  # noqa: BLE001
+                exc = self._translated(exc)
+                code = _status_of(exc)[0]
+                await _abort(context, exc, method, rid)
+            finally:
+                if self._on_done is not None:
+                    self._on_done(method, code, loop.time() - start)
+
+        return run
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN, ""
+    if isinstance(exc, FoveaError):
+        return exc.code, str(exc)
+    return grpc.StatusCode.INTERNAL, ""
+
+
+async def _abort(context: Any, exc: BaseException, method: str, rid: str) -> None:
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    if isinstance(exc, asyncio.CancelledError):
+        raise exc
+    code, message = _status_of(exc)
+    trailing: list[tuple[str, str]] = [(REQUEST_ID_HEADER, rid)] if rid else []
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        trailing.append(("retry-after-ms", str(int(retry_after * 1000) + 1)))
+    if code == grpc.StatusCode.INTERNAL and not isinstance(exc, FoveaError):
+        logger.error("internal error in %s", method, exc_info=exc)
+        message = f"internal error, request id {rid}"
+    else:
+        logger.info("%s -> %s: %s", method, code.name, message)
+    await context.abort(code, message, trailing_metadata=tuple(trailing))
+
+
+def call_metadata(token: str, rid: str | None = None) -> tuple[tuple[str, str], ...]:
+    """Outgoing metadata: credentials plus the current request id."""
+    rid = rid or log.request_id.get()
+    md: list[tuple[str, str]] = [("authorization", f"Bearer {token}")]
+    if rid:
+        md.append((REQUEST_ID_HEADER, rid))
+    return tuple(md)

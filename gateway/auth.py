@@ -1,0 +1,66 @@
+"""API key checks at the gateway: verified once at the registry, then cached in memory.
+
+The cache is keyed by a SHA-256 of the secret (the secret itself is never kept
+or logged). The registry's key watch drops revoked keys within a second on every
+replica; expiry is checked on every call.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import time
+from typing import Any
+
+from fovea.errors import PermissionDenied, Unauthenticated
+from fovea.registry_link import RegistryLink
+from fovea.rpc import bearer_token
+from fovea.v1 import registry_pb2
+
+
+class KeyCache:
+    def __init__(self, link: RegistryLink, ttl_s: float) -> None:
+        self.link = link
+        self.ttl_s = ttl_s
+        self.entries: dict[bytes, tuple[registry_pb2.ApiKey, float]] = {}
+
+    async def check(self, secret: str) -> registry_pb2.ApiKey:
+        digest = hashlib.sha256(secret.encode()).digest()
+        now = time.monotonic()
+        hit = self.entries.get(digest)
+        if hit is not None and hit[1] > now:
+            record = hit[0]
+        else:
+            if not secret.startswith("fv_"):
+                raise Unauthenticated("malformed API key: expected 'authorization: Bearer fv_...'")
+            record = await self.link.verify_key(secret)  # raises UNAUTHENTICATED as the registry says
+            self.entries[digest] = (record, now + self.ttl_s)
+        if record.revoked:
+            raise Unauthenticated("API key revoked")
+        if record.HasField("expires_at") and record.expires_at.seconds <= time.time():
+            raise Unauthenticated("API key expired")
+        return record
+
+    def on_event(self, event: registry_pb2.WatchApiKeysResponse) -> None:
+        if event.snapshot:
+            self.entries.clear()
+            return
+        gone = set(event.key_ids)
+        for digest, (record, _) in list(self.entries.items()):
+            if record.key_id in gone:
+                del self.entries[digest]
+
+    def authenticator(self) -> Any:
+        async def authenticate(method: str, metadata: dict[str, Any]) -> Any:
+            return await self.check(bearer_token(metadata))
+
+        return authenticate
+
+
+def check_model_access(key: registry_pb2.ApiKey, model: str) -> None:
+    """Raise PermissionDenied unless the key may call inference on this model."""
+    if key.role < registry_pb2.ROLE_INFER:
+        raise PermissionDenied(f"API key {key.key_id} has no inference role")
+    patterns = list(key.model_patterns)
+    if patterns and not any(fnmatch.fnmatchcase(model, p) for p in patterns):
+        raise PermissionDenied(f"API key {key.key_id} may not use model {model!r}")

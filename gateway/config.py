@@ -1,0 +1,48 @@
+"""Gateway settings, from FOVEA_GATEWAY_* variables."""
+
+from __future__ import annotations
+
+from pydantic_settings import SettingsConfigDict
+
+from fovea.config import BaseConfig
+
+
+class GatewayConfig(BaseConfig):
+    model_config = SettingsConfigDict(env_prefix="FOVEA_GATEWAY_", extra="ignore", populate_by_name=True)
+
+    port: int = 8500
+    """Public gRPC port."""
+    registry_address: str = "127.0.0.1:8501"
+    """Registry host:port."""
+    redis_url: str = ""
+    """Redis for shared rate limits; empty keeps limits per replica."""
+    max_images_per_call: int = 64
+    """Most images in one Classify call."""
+    max_image_pixels: int = 40_000_000
+    """Largest image, in pixels, checked from its header."""
+    max_image_bytes: int = 20 * 1024 * 1024
+    """Largest encoded image."""
+    default_top_k: int = 5
+    """Labels per image when the caller asks for none."""
+    max_top_k: int = 100
+    """Most labels per image."""
+    default_deadline_ms: int = 30_000
+    """Deadline for calls that carry none."""
+    max_deadline_ms: int = 300_000
+    """Longest deadline honoured; longer ones are cut to this."""
+    key_cache_ttl_s: float = 300.0
+    """How long a verified key stays cached; revocations still apply within a second through the watch."""
+    latest_cache_s: float = 1.0
+    """How long a model's latest version (used when it has no production alias) is cached."""
+    eject_after_failures: int = 3
+    """Consecutive connection failures before a worker is set aside."""
+    eject_s: float = 5.0
+    """How long an ejected worker is set aside before a probe call may re-admit it."""
+    stream_window: int = 8
+    """Requests of one ClassifyStream in flight at once."""
+    tls_cert_file: str = ""
+    """Server certificate (PEM); set with tls_key_file to serve TLS."""
+    tls_key_file: str = ""
+    """Server private key (PEM)."""
+    tls_client_ca_file: str = ""
+    """CA bundle for client certificates; set to require mutual TLS."""

@@ -1,0 +1,118 @@
+"""The gateway's two public faces: fovea.v1.ImageService and inference.GRPCInferenceService."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from fovea import oip
+from fovea.errors import FoveaError
+from fovea.registry_link import RegistryLink, upstream
+from fovea.rpc import call_metadata, principal
+from fovea.v1 import image_pb2, image_pb2_grpc, model_pb2
+from gateway.auth import check_model_access
+from gateway.service import Gateway
+from inference import grpc_predict_v2_pb2 as pb
+from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+
+SERVER_NAME = "fovea-gateway"
+
+
+class ImageServicer(image_pb2_grpc.ImageServiceServicer):
+    def __init__(self, gateway: Gateway, link: RegistryLink) -> None:
+        self.gateway = gateway
+        self.link = link
+
+    async def Classify(self, request: image_pb2.ClassifyRequest, context: Any) -> image_pb2.ClassifyResponse:
+        check_model_access(principal.get(), request.model)
+        return await self.gateway.classify(request, self.gateway.timeout_s(context))
+
+    async def ClassifyStream(self, request_iterator: AsyncIterator[image_pb2.ClassifyStreamRequest], context: Any) -> AsyncIterator[image_pb2.ClassifyStreamResponse]:
+        """Answers in request order with up to stream_window requests in flight; gRPC flow control
+        stops reading from the client while the window is full."""
+        key = principal.get()
+        timeout_s = self.gateway.timeout_s(context)
+        window: asyncio.Queue[asyncio.Task[image_pb2.ClassifyStreamResponse] | None] = asyncio.Queue(
+            self.gateway.config.stream_window)
+
+        async def one(item: image_pb2.ClassifyStreamRequest) -> image_pb2.ClassifyStreamResponse:
+            try:
+                check_model_access(key, item.request.model)
+                resp = await self.gateway.classify(item.request, timeout_s)
+                return image_pb2.ClassifyStreamResponse(sequence=item.sequence, response=resp)
+            except FoveaError as exc:
+                return image_pb2.ClassifyStreamResponse(sequence=item.sequence, error_code=exc.code.value[0],
+                                                        error_message=str(exc))
+
+        async def reader() -> None:
+            try:
+                async for item in request_iterator:
+                    await window.put(asyncio.create_task(one(item)))
+            finally:
+                await window.put(None)
+
+        read_task = asyncio.create_task(reader())
+        try:
+            while (task := await window.get()) is not None:
+                yield await task
+        finally:
+            read_task.cancel()
+
+    async def ListModels(self, request: model_pb2.ListModelsRequest, context: Any) -> model_pb2.ListModelsResponse:
+        try:
+            resp = await self.link.stub.ListModels(request, metadata=call_metadata(self.link.token), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise upstream(exc) from None
+        key = principal.get()
+        allowed = []
+        for m in resp.models:
+            try:
+                check_model_access(key, m.name)
+                allowed.append(m)
+            except FoveaError:
+                continue
+        return model_pb2.ListModelsResponse(models=allowed)
+
+    async def GetModel(self, request: image_pb2.GetModelRequest, context: Any) -> image_pb2.GetModelResponse:
+        check_model_access(principal.get(), request.model)
+        mv = await self.gateway.resolve(request.model, request.version, request.alias)
+        return image_pb2.GetModelResponse(model=mv)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=any(
+            ep.status.state == 2 for ep in self.gateway.workers.endpoints.values()))
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        check_model_access(principal.get(), request.name)
+        try:
+            mv = await self.gateway.resolve(request.name, int(request.version or 0), "")
+            self.gateway.workers.choose(mv.name, mv.version)
+            return pb.ModelReadyResponse(ready=True)
+        except (FoveaError, ValueError):
+            return pb.ModelReadyResponse(ready=False)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        from fovea import __version__
+
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=["classification"])
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        check_model_access(principal.get(), request.name)
+        version = int(request.version) if request.version.isdigit() else 0
+        mv = await self.gateway.resolve(request.name, version, "")
+        return oip.model_metadata(mv, [str(mv.version)])
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        check_model_access(principal.get(), request.model_name)
+        return await self.gateway.infer(request, self.gateway.timeout_s(context))

@@ -1,0 +1,34 @@
+"""Registry settings, from FOVEA_REGISTRY_* variables (REDIS_URL also works)."""
+
+from __future__ import annotations
+
+import pathlib
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
+
+from fovea.config import BaseConfig
+
+
+class RegistryConfig(BaseConfig):
+    model_config = SettingsConfigDict(env_prefix="FOVEA_REGISTRY_", extra="ignore", populate_by_name=True)
+
+    port: int = 8501
+    """gRPC port."""
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("FOVEA_REGISTRY_REDIS_URL", "REDIS_URL", "redis_url"),
+    )
+    """redis://, rediss:// (TLS) or redis+sentinel://host:port[,host:port]/service_name/db."""
+    artifact_dir: pathlib.Path = pathlib.Path("var/artifacts")
+    """Directory of content-addressed artifacts (a PersistentVolume on Kubernetes)."""
+    max_artifact_bytes: int = 1024 * 1024 * 1024
+    """Largest artifact accepted by RegisterModel."""
+    chunk_bytes: int = 1024 * 1024
+    """Chunk size of artifact downloads."""
+    heartbeat_ttl_s: float = 5.0
+    """A worker whose last heartbeat is older than this is dead."""
+    encryption_key_file: str = ""
+    """File holding the AES-256 key for artifacts at rest; empty stores plaintext."""
+    watch_poll_s: float = 0.2
+    """How often a worker watch looks for expired heartbeats."""

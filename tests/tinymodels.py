@@ -1,0 +1,61 @@
+"""Tiny real ONNX models built with onnx.helper, for tests that must not wait on torch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fovea.spec import META_LABELS, META_PREPROCESSING
+
+
+def color_model(labels: tuple[str, ...] = ("red", "green", "blue"), size: int = 8, bias: float = 0.0) -> bytes:
+    """Classifies an RGB image by its dominant channel: logits = 10 * mean colour per channel."""
+    n = len(labels)
+    w = np.zeros((3, n), np.float32)
+    for i in range(min(3, n)):
+        w[i, i] = 10.0
+    b = np.full((n,), bias, np.float32)
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+        helper.make_node("Add", ["mm", "b"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "color",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    pre = {"resize_short": size, "crop_height": size, "crop_width": size,
+           "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "color_mode": "RGB"}
+    helper.set_model_props(model, {META_LABELS: json.dumps(list(labels)), META_PREPROCESSING: json.dumps(pre)})
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def identity_model(width: int = 4) -> bytes:
+    """A zero-compute model: output = input, shape [N, width]; measures pure serving overhead."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])], "identity",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", width])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def png(color: tuple[int, int, int], size: int = 16) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()

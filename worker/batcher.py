@@ -1,0 +1,198 @@
+"""Dynamic batching for one model version.
+
+submit() puts a request of n samples on a bounded queue and returns a future.
+Each model instance runs one loop: wait for a request, then keep taking queued
+requests until the batch holds max_batch_size samples, reaches a preferred size,
+or max_queue_delay_us has passed (with a zero delay it takes only what is
+already queued, so a lone request never waits). Expired and cancelled requests
+are dropped before compute. ONNX Runtime's run() blocks, so each instance runs
+it on its own executor thread; outputs are split back by sample counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fovea.errors import DeadlineExpired, FoveaError, InvalidArgument, ModelNotReady, QueueFull
+
+logger = logging.getLogger(__name__)
+
+RunFn = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+@dataclass
+class Item:
+    inputs: list[np.ndarray]
+    n: int
+    deadline: float
+    future: asyncio.Future[list[np.ndarray]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class BatchFailed(FoveaError):
+    """The model raised while running a batch; only that batch's requests fail."""
+
+
+class Batcher:
+    def __init__(
+        self,
+        runners: Sequence[RunFn],
+        max_batch_size: int,
+        max_queue_delay_us: int = 0,
+        preferred_batch_sizes: Sequence[int] = (),
+        max_queue_len: int = 1024,
+        on_batch: Callable[[int, float, float], None] | None = None,
+        name: str = "",
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self.runners = list(runners)
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_us / 1e6
+        self.preferred = frozenset(preferred_batch_sizes)
+        self.max_queue_len = max_queue_len
+        self.on_batch = on_batch
+        self.name = name
+        self.queue: asyncio.Queue[Item] | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.executors: list[ThreadPoolExecutor] = []
+        self.accepting = False
+        self.in_compute = 0
+
+    def start(self) -> None:
+        # The queue must be made inside the running loop that will use it.
+        self.queue = asyncio.Queue(self.max_queue_len)
+        for i, run in enumerate(self.runners):
+            ex = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{self.name}-{i}")
+            self.executors.append(ex)
+            self.tasks.append(asyncio.create_task(self._loop(run, ex), name=f"batcher-{self.name}-{i}"))
+        self.accepting = True
+
+    @property
+    def depth(self) -> int:
+        return self.queue.qsize() if self.queue else 0
+
+    def submit(self, inputs: list[np.ndarray], n: int, deadline: float) -> asyncio.Future[list[np.ndarray]]:
+        """Queue n samples; deadline is a time.perf_counter() value. Raises QueueFull at once when full."""
+        if not self.accepting or self.queue is None:
+            raise ModelNotReady(f"model {self.name} is not accepting requests (loading or draining)")
+        if n > self.max_batch_size:
+            raise InvalidArgument(f"request has {n} samples; this model takes at most {self.max_batch_size} per request")
+        fut: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(Item(inputs, n, deadline, fut))
+        except asyncio.QueueFull:
+            raise QueueFull(f"queue of model {self.name} is full ({self.max_queue_len} requests); retry later") from None
+        return fut
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting, finish what is queued, then end the loops."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout_s
+        while self.queue is not None and (self.queue.qsize() or self.in_compute) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self._fail_pending(ModelNotReady(f"model {self.name} was unloaded"))
+        for ex in self.executors:
+            ex.shutdown(wait=False)
+
+    def _fail_pending(self, exc: Exception) -> None:
+        while self.queue is not None and not self.queue.empty():
+            item = self.queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(exc)
+
+    async def _collect(self, carry: Item | None) -> tuple[list[Item], Item | None]:
+        assert self.queue is not None
+        first = carry or await self.queue.get()
+        batch, total = [first], first.n
+        until = time.perf_counter() + self.max_queue_delay_s
+        while total < self.max_batch_size and total not in self.preferred:
+            try:
+                item = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = until - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if total + item.n > self.max_batch_size:
+                return batch, item
+            batch.append(item)
+            total += item.n
+        return batch, None
+
+    async def _loop(self, run: RunFn, executor: ThreadPoolExecutor) -> None:
+        loop = asyncio.get_running_loop()
+        carry: Item | None = None
+        try:
+            while True:
+                batch, carry = await self._collect(carry)
+                now = time.perf_counter()
+                live = []
+                for item in batch:
+                    if item.future.done():  # cancelled by the caller
+                        continue
+                    if item.deadline <= now:
+                        item.future.set_exception(DeadlineExpired("deadline passed while queued; not computed"))
+                        continue
+                    live.append(item)
+                if not live:
+                    continue
+                await self._run(loop, run, executor, live, now)
+        except asyncio.CancelledError:
+            if carry is not None and not carry.future.done():
+                carry.future.set_exception(ModelNotReady(f"model {self.name} was unloaded"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - the loop died: fail everything still waiting
+            logger.exception("batcher loop for %s died", self.name)
+            self.accepting = False
+            self._fail_pending(ModelNotReady(f"model {self.name} failed: {exc}"))
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, run: RunFn, executor: ThreadPoolExecutor,
+                   live: list[Item], started: float) -> None:
+        n_inputs = len(live[0].inputs)
+        if len(live) == 1:
+            inputs = live[0].inputs
+        else:
+            inputs = [np.concatenate([it.inputs[i] for it in live]) for i in range(n_inputs)]
+        total = sum(it.n for it in live)
+        self.in_compute += 1
+        t0 = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(executor, run, inputs)
+        except Exception as exc:  # noqa: BLE001 - a failing batch fails only its own requests
+            logger.warning("batch of %d samples failed on %s: %s", total, self.name, exc)
+            err = BatchFailed(f"model {self.name} failed on this batch: {str(exc)[:200]}")
+            for it in live:
+                if not it.future.done():
+                    it.future.set_exception(err)
+            return
+        finally:
+            self.in_compute -= 1
+        compute_s = time.perf_counter() - t0
+        if self.on_batch is not None:
+            self.on_batch(total, started - min(it.enqueued for it in live), compute_s)
+        if any(o.shape[0] != total for o in outputs):
+            err = BatchFailed(f"model {self.name} returned {[o.shape for o in outputs]} for {total} samples")
+            for it in live:
+                if not it.future.done():
+                    it.future.set_exception(err)
+            return
+        offset = 0
+        for it in live:
+            if not it.future.done():
+                it.future.set_result([o[offset: offset + it.n] for o in outputs])
+            offset += it.n

@@ -1,0 +1,93 @@
+"""Worker settings, from FOVEA_WORKER_* variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import Field
+from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic import field_validator
+from typing import Annotated
+
+from fovea.config import BaseConfig
+
+
+def _default_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerConfig(BaseConfig):
+    model_config = SettingsConfigDict(env_prefix="FOVEA_WORKER_", extra="ignore", populate_by_name=True)
+
+    port: int = 8502
+    """gRPC port."""
+    worker_id: str = Field(default_factory=_default_id)
+    """Id in heartbeats; defaults to host-pid."""
+    advertise_address: str = ""
+    """host:port the gateways dial; defaults to host:port (the pod IP on Kubernetes)."""
+    registry_address: str = "127.0.0.1:8501"
+    """Registry host:port."""
+    models: Annotated[list[str], NoDecode] = []
+    """Models to serve, comma-separated: NAME (follows production), NAME:ALIAS or NAME@VERSION."""
+    providers: Annotated[list[str], NoDecode] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    """Execution providers in priority order (TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider)."""
+    require_gpu: bool = False
+    """Fail to start instead of falling back to the CPU when a GPU provider was asked for."""
+    device_id: int = 0
+    """GPU index for CUDA and TensorRT."""
+    cudnn_workspace_bytes: int = 0
+    """cuDNN workspace limit; 0 keeps ONNX Runtime's default."""
+    trt_fp16: bool = False
+    """Let TensorRT use fp16 kernels."""
+    trt_cache_dir: str = ""
+    """TensorRT engine cache directory; empty disables the cache."""
+    intra_op_threads: int = 0
+    """ONNX Runtime intra-op threads; 0 lets it choose (one per core)."""
+    inter_op_threads: int = 1
+    """ONNX Runtime inter-op threads."""
+    graph_optimization: str = "all"
+    """disable, basic, extended or all."""
+    cpu_mem_arena: bool = True
+    """Use ONNX Runtime's CPU memory arena."""
+    instances: int = 1
+    """Sessions (and executor threads) per model version."""
+    max_batch_size: int = 32
+    """Largest batch, counted in samples."""
+    max_queue_delay_us: int = 0
+    """How long to wait for more samples once one arrives; 0 batches whatever is queued."""
+    preferred_batch_sizes: Annotated[list[int], NoDecode] = []
+    """Batch sizes to stop collecting at, when reached before max_batch_size."""
+    max_queue_len: int = 1024
+    """Queued requests per model version before RESOURCE_EXHAUSTED."""
+    max_image_pixels: int = 40_000_000
+    """Largest decoded image, in pixels."""
+    max_images_per_request: int = 64
+    """Most images (samples) in one request."""
+    decode_threads: int = 2
+    """Threads that decode and preprocess images."""
+    heartbeat_interval_s: float = 1.0
+    """Time between heartbeats to the registry."""
+    unload_delay_s: float = 5.0
+    """How long a version that left its alias keeps serving before it is unloaded."""
+    encryption_key_file: str = ""
+    """AES-256 key for artifacts encrypted at rest; decrypted in memory only."""
+    default_deadline_ms: int = 30_000
+    """Deadline for calls that carry none."""
+
+    @field_validator("models", "providers", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("preferred_batch_sizes", mode="before")
+    @classmethod
+    def _split_ints(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [int(p) for p in v.split(",") if p.strip()]
+        return v
+
+    def address(self, port: int) -> str:
+        return self.advertise_address or f"{self.host}:{port}"

@@ -1,0 +1,229 @@
+"""The model versions a worker has loaded, and how it follows registry aliases.
+
+A new version is downloaded, verified, loaded and warmed up before it is marked
+ready; a version that left its alias keeps serving for unload_delay_s (while
+gateways learn of the move), then drains and unloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fovea.errors import FoveaError, InvalidArgument, ModelNotFound, ModelNotReady
+from fovea.images import Preprocess
+from fovea.registry_link import RegistryLink
+from fovea.v1 import model_pb2, registry_pb2
+from worker.batcher import Batcher
+from worker.config import WorkerConfig
+from worker.runtime import Session, load_session
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    """One model version in memory."""
+
+    mv: model_pb2.ModelVersion
+    sessions: list[Session]
+    batcher: Batcher
+    preprocess: Preprocess | None
+    provider: str
+    ready: bool = False
+    unload_at: float | None = None
+    input_dtypes: list[Any] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.mv.name, self.mv.version
+
+
+@dataclass
+class Followed:
+    """A model the worker serves: through an alias, or pinned to a version."""
+
+    name: str
+    alias: str = "production"
+    pinned: int = 0
+    targets: list[model_pb2.AliasTarget] = field(default_factory=list)
+
+
+def parse_model_spec(text: str) -> Followed:
+    if "@" in text:
+        name, _, version = text.partition("@")
+        return Followed(name=name, alias="", pinned=int(version))
+    name, _, alias = text.partition(":")
+    return Followed(name=name, alias=alias or "production")
+
+
+class ModelManager:
+    def __init__(self, config: WorkerConfig, link: RegistryLink, key: bytes | None,
+                 on_batch: Callable[[str, int, float, float], None] | None = None) -> None:
+        self.config = config
+        self.link = link
+        self.key = key
+        self.on_batch = on_batch
+        self.loaded: dict[tuple[str, int], Loaded] = {}
+        self.followed = {f.name: f for f in map(parse_model_spec, config.models)}
+        self.errors: dict[tuple[str, int], str] = {}
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- life cycle -----------------------------------------------------
+
+    async def start(self) -> None:
+        for f in self.followed.values():
+            try:
+                await self._sync_followed(f, initial=True)
+            except FoveaError as exc:
+                logger.error("cannot load %s yet: %s", f.name, exc)
+        self._tasks.append(asyncio.create_task(
+            self.link.follow("models", self.link.watch_models, self._on_event, self._stop)))
+        self._tasks.append(asyncio.create_task(self._janitor()))
+
+    async def stop(self, timeout_s: float) -> None:
+        self._stop.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(lv.batcher.stop(timeout_s) for lv in self.loaded.values()))
+
+    # ---- lookups --------------------------------------------------------
+
+    def get(self, name: str, version: str) -> Loaded:
+        """The loaded version a request asks for; an empty version follows the alias's weights."""
+        if version:
+            try:
+                v = int(version)
+            except ValueError:
+                raise InvalidArgument(f"model version must be a number, got {version[:40]!r}") from None
+            lv = self.loaded.get((name, v))
+            if lv is None:
+                if (name, v) in self.errors:
+                    raise ModelNotReady(f"model {name} v{v} failed to load: {self.errors[(name, v)]}")
+                if name in self.followed or any(k[0] == name for k in self.loaded):
+                    raise ModelNotFound(f"model {name} v{v} is not loaded on this worker")
+                raise ModelNotFound(f"model {name!r} is not served by this worker")
+        else:
+            f = self.followed.get(name)
+            candidates = [self.loaded.get((name, t.version)) for t in f.targets] if f else []
+            weights = [t.weight for t in f.targets] if f else []
+            pairs = [(c, w) for c, w in zip(candidates, weights) if c is not None and c.ready]
+            if not pairs:
+                if f is None and not any(k[0] == name for k in self.loaded):
+                    raise ModelNotFound(f"model {name!r} is not served by this worker")
+                raise ModelNotReady(f"model {name!r} has no ready version on this worker")
+            lv = random.choices([p[0] for p in pairs], [max(p[1], 1) for p in pairs])[0]
+        if not lv.ready:
+            raise ModelNotReady(f"model {name} v{lv.mv.version} is still loading")
+        return lv
+
+    def statuses(self) -> list[registry_pb2.LoadedModel]:
+        return [registry_pb2.LoadedModel(name=lv.mv.name, version=lv.mv.version, ready=lv.ready, provider=lv.provider)
+                for lv in self.loaded.values()]
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(lv.batcher.depth for lv in self.loaded.values())
+
+    # ---- loading --------------------------------------------------------
+
+    async def _on_event(self, event: registry_pb2.WatchModelsResponse) -> None:
+        names = {a.model for a in event.aliases} | {r.split("/")[0] for r in event.removed_aliases}
+        for f in self.followed.values():
+            if f.pinned:
+                continue
+            if event.snapshot or f.name in names:
+                alias = next((a for a in event.aliases if a.model == f.name and a.name == f.alias), None)
+                if alias is not None or event.snapshot:
+                    asyncio.create_task(self._sync_followed(f, alias=alias))
+
+    async def _sync_followed(self, f: Followed, initial: bool = False,
+                             alias: model_pb2.Alias | None = None) -> None:
+        async with self._lock:
+            if f.pinned:
+                targets = [model_pb2.AliasTarget(version=f.pinned, weight=100)]
+            elif alias is not None:
+                targets = list(alias.targets)
+            else:
+                resp = await self.link.resolve(f.name, alias=f.alias if f.alias != "production" else "")
+                targets = list(resp.alias.targets) if resp.HasField("alias") else [
+                    model_pb2.AliasTarget(version=resp.model.version, weight=100)]
+            wanted = {t.version for t in targets}
+            for v in wanted:
+                if (f.name, v) not in self.loaded:
+                    resp = await self.link.resolve(f.name, version=v)
+                    await self._load(resp.model)
+                else:
+                    self.loaded[(f.name, v)].unload_at = None
+            # Switch traffic only once every wanted version is ready.
+            if all((f.name, v) in self.loaded for v in wanted):
+                f.targets = targets
+            now = time.monotonic()
+            for (name, v), lv in self.loaded.items():
+                if name == f.name and v not in wanted and lv.unload_at is None:
+                    lv.unload_at = now + (0 if initial else self.config.unload_delay_s)
+                    logger.info("%s v%d left alias %s; unloading in %.1fs", name, v, f.alias, self.config.unload_delay_s)
+
+    async def _load(self, mv: model_pb2.ModelVersion) -> None:
+        key = (mv.name, mv.version)
+        t0 = time.perf_counter()
+        try:
+            data = await self.link.download(mv, self.key)
+            sessions = await asyncio.gather(*(asyncio.to_thread(load_session, data, self.config)
+                                              for _ in range(max(1, self.config.instances))))
+        except FoveaError as exc:
+            self.errors[key] = str(exc)
+            logger.error("refusing %s v%d: %s", mv.name, mv.version, exc)
+            raise
+        pre = Preprocess.from_proto(mv.preprocessing) if mv.HasField("preprocessing") else None
+        name = f"{mv.name}:{mv.version}"
+
+        def runner(session: Session) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+            names = session.input_names
+            return lambda inputs: session.run(dict(zip(names, inputs)))
+
+        on_batch = None
+        if self.on_batch is not None:
+            hook = self.on_batch
+            on_batch = lambda size, queue_s, compute_s: hook(name, size, queue_s, compute_s)  # noqa: E731
+        batcher = Batcher([runner(s) for s in sessions], self.config.max_batch_size,
+                          self.config.max_queue_delay_us, self.config.preferred_batch_sizes,
+                          self.config.max_queue_len, on_batch=on_batch, name=name)
+        lv = Loaded(mv=mv, sessions=list(sessions), batcher=batcher, preprocess=pre,
+                    provider=sessions[0].provider, input_dtypes=sessions[0].input_dtypes)
+        batcher.start()
+        await self._warm_up(lv)
+        lv.ready = True
+        self.loaded[key] = lv
+        self.errors.pop(key, None)
+        logger.info("loaded %s v%d on %s in %.2fs", mv.name, mv.version, lv.provider, time.perf_counter() - t0)
+
+    async def _warm_up(self, lv: Loaded) -> None:
+        inputs = []
+        for spec, dtype in zip(lv.mv.inputs, lv.input_dtypes):
+            shape = [1] + [d if d > 0 else 1 for d in list(spec.shape)[1:]]
+            inputs.append(np.zeros(shape, dtype=dtype))
+        for _ in range(2):
+            fut = lv.batcher.submit(inputs, 1, time.perf_counter() + 60)
+            await fut
+
+    async def _janitor(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for key, lv in list(self.loaded.items()):
+                if lv.unload_at is not None and lv.unload_at <= now:
+                    lv.ready = False
+                    del self.loaded[key]
+                    await lv.batcher.stop()
+                    logger.info("unloaded %s v%d", *key)

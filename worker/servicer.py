@@ -1,0 +1,169 @@
+"""The worker's Open Inference Protocol servicer: validate, submit to the batcher, shape the reply."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from fovea import oip
+from fovea.errors import InvalidArgument
+from fovea.images import decode, preprocess
+from inference import grpc_predict_v2_pb2 as pb
+from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from worker.config import WorkerConfig
+from worker.models import Loaded, ModelManager
+
+SERVER_NAME = "fovea-worker"
+
+
+class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, manager: ModelManager, config: WorkerConfig, decode_pool: ThreadPoolExecutor) -> None:
+        self.manager = manager
+        self.config = config
+        self.decode_pool = decode_pool
+        self.accepting = True
+        self.in_flight = 0
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        ready = self.accepting and any(lv.ready for lv in self.manager.loaded.values())
+        return pb.ServerReadyResponse(ready=ready)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        try:
+            self.manager.get(request.name, request.version)
+            return pb.ModelReadyResponse(ready=self.accepting)
+        except Exception:  # noqa: BLE001 - not ready, whatever the reason
+            return pb.ModelReadyResponse(ready=False)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        from fovea import __version__
+
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=["classification"])
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        lv = self.manager.get(request.name, request.version)
+        return oip.model_metadata(lv.mv, [str(k[1]) for k in self.manager.loaded if k[0] == request.name])
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        if not self.accepting:
+            from fovea.errors import ModelNotReady
+
+            raise ModelNotReady("worker is draining; retry on another worker")
+        lv = self.manager.get(request.model_name, request.model_version)
+        self.in_flight += 1
+        try:
+            inputs, n = await self._inputs(lv, request)
+            remaining = context.time_remaining()
+            timeout_s = remaining if remaining is not None else self.config.default_deadline_ms / 1000
+            fut = lv.batcher.submit(inputs, n, time.perf_counter() + timeout_s)
+            try:
+                outputs = await fut
+            except asyncio.CancelledError:
+                fut.cancel()
+                raise
+            return build_response(lv, request, outputs)
+        finally:
+            self.in_flight -= 1
+
+    async def _inputs(self, lv: Loaded, request: pb.ModelInferRequest) -> tuple[list[np.ndarray], int]:
+        specs = list(lv.mv.inputs)
+        if len(request.inputs) != len(specs):
+            raise InvalidArgument(
+                f"model {lv.mv.name} takes {len(specs)} input(s) ({', '.join(s.name for s in specs)}); "
+                f"got {len(request.inputs)}")
+        raws = list(request.raw_input_contents)
+        if raws and len(raws) != len(request.inputs):
+            raise InvalidArgument("raw_input_contents must have one entry per input")
+        by_name = {t.name: (t, raws[i] if raws else None) for i, t in enumerate(request.inputs)}
+        if len(specs) == 1 and request.inputs[0].datatype == "BYTES":
+            tensor, raw = request.inputs[0], (raws[0] if raws else None)
+            images = await self._images(lv, tensor, raw)
+            return [images], images.shape[0]
+        out, n = [], -1
+        for spec, dtype in zip(specs, lv.input_dtypes):
+            if spec.name not in by_name:
+                raise InvalidArgument(f"missing input {spec.name!r} of model {lv.mv.name}")
+            tensor, raw = by_name[spec.name]
+            if tensor.datatype != spec.datatype:
+                raise InvalidArgument(f"input {spec.name!r} must be {spec.datatype}, got {tensor.datatype}")
+            shape = list(tensor.shape)
+            want = list(spec.shape)
+            if len(shape) != len(want) or any(w > 0 and s != w for s, w in zip(shape[1:], want[1:])):
+                raise InvalidArgument(f"input {spec.name!r} must have shape {want} (-1 = any), got {shape}")
+            if not shape or shape[0] < 1:
+                raise InvalidArgument(f"input {spec.name!r} needs a batch dimension of at least 1")
+            if n not in (-1, shape[0]):
+                raise InvalidArgument("all inputs must have the same batch size")
+            n = shape[0]
+            if n > self.config.max_batch_size:
+                raise InvalidArgument(f"batch of {n} exceeds max_batch_size {self.config.max_batch_size}")
+            out.append(oip.array_input(tensor, raw, dtype, shape))
+        return out, n
+
+    async def _images(self, lv: Loaded, tensor: Any, raw: bytes | None) -> np.ndarray:
+        if lv.preprocess is None:
+            raise InvalidArgument(f"model {lv.mv.name} has no image preprocessing; send a tensor, not encoded images")
+        items = oip.bytes_input(tensor, raw, self.config.max_images_per_request)
+        if not items:
+            raise InvalidArgument("no images in the request")
+        pre = lv.preprocess
+        loop = asyncio.get_running_loop()
+
+        def one(data: bytes) -> np.ndarray:
+            return preprocess(decode(data, self.config.max_image_pixels, pre.grayscale), pre)
+
+        if len(items) == 1:
+            arrays = [await loop.run_in_executor(self.decode_pool, one, items[0])]
+        else:
+            arrays = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, one, d) for d in items))
+        return np.stack(arrays).astype(lv.input_dtypes[0], copy=False)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = x.astype(np.float32) - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def classification(scores: np.ndarray, k: int, labels: list[str], probabilities: bool) -> list[bytes]:
+    """Triton's classification extension: per sample, the top k as 'score:index:label'."""
+    flat = scores.reshape(scores.shape[0], -1)
+    probs = flat if probabilities else softmax(flat)
+    k = max(1, min(k, probs.shape[1]))
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    out = []
+    for row, idx in zip(probs, top):
+        for i in idx:
+            label = labels[i] if i < len(labels) else ""
+            out.append(f"{row[i]:.6f}:{i}:{label}".encode() if label else f"{row[i]:.6f}:{i}".encode())
+    return out
+
+
+def build_response(lv: Loaded, request: pb.ModelInferRequest, outputs: list[np.ndarray]) -> pb.ModelInferResponse:
+    resp = pb.ModelInferResponse(model_name=lv.mv.name, model_version=str(lv.mv.version), id=request.id)
+    specs = list(lv.mv.outputs)
+    names = [s.name for s in specs]
+    wanted = list(request.outputs) or [pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in names]
+    for req_out in wanted:
+        if req_out.name not in names:
+            raise InvalidArgument(f"model {lv.mv.name} has no output {req_out.name!r}; outputs: {', '.join(names)}")
+        array = outputs[names.index(req_out.name)]
+        k_param = req_out.parameters.get("classification")
+        if k_param is not None:
+            k = int(oip.parameter_value(k_param) or 0)
+            if k < 1:
+                raise InvalidArgument("classification parameter must be a positive integer")
+            items = classification(array, k, list(lv.mv.labels), lv.mv.preprocessing.outputs_probabilities)
+            resp.outputs.add(name=req_out.name, datatype="BYTES", shape=[array.shape[0], len(items) // array.shape[0]])
+            resp.raw_output_contents.append(oip.encode_bytes(items))
+        else:
+            resp.outputs.add(name=req_out.name, datatype=oip.oip_dtype(array), shape=list(array.shape))
+            resp.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+    return resp
