@@ -79,7 +79,7 @@ def up(args: argparse.Namespace) -> int:
                 photos = sample_photos()
                 resp = client.classify(list(photos.values()), model=args.model, top_k=5, ids=list(photos))
             for result in resp.results:
-                top = ", ".join(f"{lab.label} {lab.score:.2f}" for lab in result.labels)
+                top = " | ".join(f"{lab.label} ({lab.score:.2f})" for lab in result.labels)
                 print(f"{result.image_id}: {top}", flush=True)
             return 0
         print("cluster is up; Ctrl-C stops it", file=sys.stderr)

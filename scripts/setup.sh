@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtual environment with everything Fovea needs
+# (CPU ONNX Runtime, the CPU build of torch for training/export, test tools),
+# then the Python code generated from protos/. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q -U pip
+# The CPU wheel first: a bare torch requirement would pull a multi-GB CUDA build.
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[cpu,train,test]"
+python -m fovea.codegen
