@@ -156,6 +156,9 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # Protocol-2 pickles written by Python 3 rebuild the array's bytes with
+        # _codecs.encode(str, "latin1"): it only turns text into bytes.
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> Any:

@@ -77,10 +77,31 @@ def convert_fp16(fp32_path: str | pathlib.Path, out_path: str | pathlib.Path) ->
 
     fp32_path, out_path = pathlib.Path(fp32_path), pathlib.Path(out_path)
     model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    _sort_nodes(model.graph)
     onnx.save(model, str(out_path))
     _copy_metadata(fp32_path, out_path, variant="fp16 (float32 inputs and outputs)")
     onnx.checker.check_model(str(out_path))
     return {"path": str(out_path), "size_bytes": out_path.stat().st_size}
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Order nodes so each comes after its inputs' producers.
+
+    The converter appends the input casts it adds at the end of the graph, which ONNX Runtime
+    tolerates but onnx.checker (rightly) rejects.
+    """
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(name in available for name in n.input)]
+        if not ready:
+            raise ValueError("graph has a cycle or an input nobody produces")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def _copy_metadata(src: pathlib.Path, dst: pathlib.Path, variant: str) -> None:

@@ -65,6 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=0, help="use only the first N training images")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="end this run after N epochs (the schedule still spans --epochs; continue with --resume)")
     p.add_argument("--output-dir", default="", help="default runs/<dataset>-<model>")
     p.add_argument("--resume", help="checkpoint (or run directory) to continue; its saved arguments are used")
     return p
@@ -204,6 +206,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         resume_state = load_checkpoint(resume_path)
         saved = dict(resume_state["args"])
         saved["resume"] = str(resume_path)
+        saved["stop_after"] = getattr(args, "stop_after", 0)
         args = argparse.Namespace(**saved)
         logger.info("resuming %s from epoch %d", resume_path, resume_state["epoch"] + 1)
     out_dir = pathlib.Path(args.output_dir or f"runs/{args.dataset}-{args.model}")
@@ -215,7 +218,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     generator = seed_everything(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    saved_args = {k: v for k, v in vars(args).items() if k != "resume"}
+    saved_args = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_after")}
     (out_dir / "args.yaml").write_text(yaml.safe_dump(saved_args, sort_keys=True))
 
     data = load_dataset(args.dataset, args.data_dir, args.image_size)
@@ -242,12 +245,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         generator.set_state(resume_state["generator"])
+        # Dropout draws from the global generator, so it must continue where it stopped too.
+        torch.set_rng_state(resume_state["torch_rng"])
+        if device.type == "cuda" and resume_state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resume_state["cuda_rng"], device)
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         start_epoch = resume_state["epoch"] + 1
 
     row: dict[str, Any] = {}
-    for epoch in range(start_epoch, args.epochs):
+    stop_after = getattr(args, "stop_after", 0)
+    end_epoch = min(args.epochs, start_epoch + stop_after) if stop_after else args.epochs
+    for epoch in range(start_epoch, end_epoch):
         row = {"epoch": epoch + 1, **train_one_epoch(model, optimizer, scheduler, images, labels, args, data, norm,
                                                      generator, scaler, dtype, epoch)}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
@@ -264,6 +273,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         save_checkpoint(out_dir / "last.pt", {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "epoch": epoch, "args": saved_args, "meta": meta,
         })
 
