@@ -1,4 +1,7 @@
-"""Validated names, and the one function that builds every Redis key."""
+"""Validated names, and the one function that builds every Redis key.
+
+Patterns use fullmatch: with match(), "$" also matches before a trailing newline.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ PREFIX = "fovea"
 
 def check_name(value: str, what: str = "model name") -> str:
     """Model and alias names: lowercase letters, digits, '.', '_', '-', at most 63 characters."""
-    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or ".." in value:
         shown = repr(value[:80]) if isinstance(value, str) else type(value).__name__
         raise InvalidArgument(
             f"invalid {what} {shown}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
@@ -25,19 +28,19 @@ def check_name(value: str, what: str = "model name") -> str:
 
 
 def check_sha256(value: str) -> str:
-    if not SHA256_RE.match(value):
+    if not SHA256_RE.fullmatch(value):
         raise InvalidArgument("invalid SHA-256 digest: expected 64 lowercase hex characters")
     return value
 
 
 def check_worker_id(value: str) -> str:
-    if not WORKER_ID_RE.match(value):
+    if not WORKER_ID_RE.fullmatch(value):
         raise InvalidArgument(f"invalid worker id {value[:80]!r}")
     return value
 
 
 def check_key_id(value: str) -> str:
-    if not KEY_ID_RE.match(value):
+    if not KEY_ID_RE.fullmatch(value):
         raise InvalidArgument("invalid key id")
     return value
 
@@ -51,7 +54,7 @@ def key(*parts: str | int) -> str:
     out = [PREFIX]
     for part in parts:
         text = str(part)
-        if not text or ":" in text or "\x00" in text or "/" in text or "*" in text:
+        if not text or ":" in text or "\x00" in text or "\n" in text or "/" in text or "*" in text:
             raise InvalidArgument(f"invalid key part {text[:80]!r}")
         out.append(text)
     return ":".join(out)
