@@ -68,13 +68,14 @@ class Cluster:
         env.update(self.env)
         return env
 
-    def start(self, name: str, module: str, env: dict[str, str], timeout_s: float = 120.0) -> Service:
-        """Run `python -m module`, wait for its 'NAME: host:port' line."""
+    def start(self, name: str, module: str, env: dict[str, str], timeout_s: float = 120.0,
+              argv: list[str] | None = None) -> Service:
+        """Run `python -m module` (or argv, e.g. a manifest's command), wait for its 'NAME: host:port' line."""
         log_path = self.data_dir / f"{name}.log"
         full_env = self._base_env()
         full_env.update(env)
         log = open(log_path, "ab")
-        proc = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=full_env,
+        proc = subprocess.Popen(argv or [sys.executable, "-m", module], cwd=ROOT, env=full_env,
                                 stdout=subprocess.PIPE, stderr=log)
         assert proc.stdout is not None
         sel = selectors.DefaultSelector()
