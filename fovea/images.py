@@ -61,6 +61,9 @@ def image_size(data: bytes) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.size
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses on its own past twice its MAX_IMAGE_PIXELS, before our limit is even asked.
+        raise InvalidImage(f"image has too many pixels: {exc}") from None
     except Exception:  # noqa: BLE001 - any failure means the bytes are not an image we read
         raise InvalidImage("not an image: expected JPEG, PNG or WebP bytes") from None
 
