@@ -26,6 +26,10 @@ from fovea.errors import DeadlineExpired, FoveaError, InvalidArgument, ModelNotR
 logger = logging.getLogger(__name__)
 
 RunFn = Callable[[list[np.ndarray]], list[np.ndarray]]
+# on_batch(samples, queue waits of its requests in seconds, compute seconds)
+BatchHook = Callable[[int, list[float], float], None]
+# on_drop(reason): "expired" or "cancelled", for a request dropped before compute
+DropHook = Callable[[str], None]
 
 
 @dataclass
@@ -49,8 +53,9 @@ class Batcher:
         max_queue_delay_us: int = 0,
         preferred_batch_sizes: Sequence[int] = (),
         max_queue_len: int = 1024,
-        on_batch: Callable[[int, float, float], None] | None = None,
+        on_batch: BatchHook | None = None,
         name: str = "",
+        on_drop: DropHook | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -60,6 +65,7 @@ class Batcher:
         self.preferred = frozenset(preferred_batch_sizes)
         self.max_queue_len = max_queue_len
         self.on_batch = on_batch
+        self.on_drop = on_drop
         self.name = name
         self.queue: asyncio.Queue[Item] | None = None
         self.tasks: list[asyncio.Task[None]] = []
@@ -144,9 +150,11 @@ class Batcher:
                 live = []
                 for item in batch:
                     if item.future.done():  # cancelled by the caller
+                        self._dropped("cancelled")
                         continue
                     if item.deadline <= now:
                         item.future.set_exception(DeadlineExpired("deadline passed while queued; not computed"))
+                        self._dropped("expired")
                         continue
                     live.append(item)
                 if not live:
@@ -160,6 +168,10 @@ class Batcher:
             logger.exception("batcher loop for %s died", self.name)
             self.accepting = False
             self._fail_pending(ModelNotReady(f"model {self.name} failed: {exc}"))
+
+    def _dropped(self, reason: str) -> None:
+        if self.on_drop is not None:
+            self.on_drop(reason)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, run: RunFn, executor: ThreadPoolExecutor,
                    live: list[Item], started: float) -> None:
@@ -184,7 +196,7 @@ class Batcher:
             self.in_compute -= 1
         compute_s = time.perf_counter() - t0
         if self.on_batch is not None:
-            self.on_batch(total, started - min(it.enqueued for it in live), compute_s)
+            self.on_batch(total, [started - it.enqueued for it in live], compute_s)
         if any(o.shape[0] != total for o in outputs):
             err = BatchFailed(f"model {self.name} returned {[o.shape for o in outputs]} for {total} samples")
             for it in live:

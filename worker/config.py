@@ -36,12 +36,20 @@ class WorkerConfig(BaseConfig):
     """Fail to start instead of falling back to the CPU when a GPU provider was asked for."""
     device_id: int = 0
     """GPU index for CUDA and TensorRT."""
-    cudnn_workspace_bytes: int = 0
-    """cuDNN workspace limit; 0 keeps ONNX Runtime's default."""
+    cudnn_max_workspace: bool = True
+    """Let cuDNN use as much workspace as its fastest convolution algorithm wants (CUDA provider)."""
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"
+    """cuDNN algorithm search: EXHAUSTIVE, HEURISTIC or DEFAULT (CUDA provider)."""
+    gpu_mem_limit_bytes: int = 0
+    """Cap on the CUDA provider's memory arena; 0 means no cap."""
     trt_fp16: bool = False
     """Let TensorRT use fp16 kernels."""
     trt_cache_dir: str = ""
     """TensorRT engine cache directory; empty disables the cache."""
+    trt_max_workspace_bytes: int = 0
+    """TensorRT builder workspace; 0 keeps ONNX Runtime's default."""
+    provider_options: dict[str, dict[str, str]] = {}
+    """Extra options per provider, as JSON, e.g. {"CUDAExecutionProvider": {"arena_extend_strategy": "kSameAsRequested"}}."""
     intra_op_threads: int = 0
     """ONNX Runtime intra-op threads; 0 lets it choose (one per core)."""
     inter_op_threads: int = 1
@@ -66,6 +74,8 @@ class WorkerConfig(BaseConfig):
     """Most images (samples) in one request."""
     decode_threads: int = 2
     """Threads that decode and preprocess images."""
+    io_binding: bool = True
+    """Use ONNX Runtime I/O binding when the CUDA provider runs a model."""
     heartbeat_interval_s: float = 1.0
     """Time between heartbeats to the registry."""
     unload_delay_s: float = 5.0

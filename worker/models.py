@@ -23,6 +23,7 @@ from fovea.registry_link import RegistryLink
 from fovea.v1 import model_pb2, registry_pb2
 from worker.batcher import Batcher
 from worker.config import WorkerConfig
+from worker.metrics import WorkerMetrics
 from worker.runtime import Session, load_session
 
 logger = logging.getLogger(__name__)
@@ -66,17 +67,18 @@ def parse_model_spec(text: str) -> Followed:
 
 class ModelManager:
     def __init__(self, config: WorkerConfig, link: RegistryLink, key: bytes | None,
-                 on_batch: Callable[[str, int, float, float], None] | None = None) -> None:
+                 metrics: WorkerMetrics | None = None) -> None:
         self.config = config
         self.link = link
         self.key = key
-        self.on_batch = on_batch
+        self.metrics = metrics or WorkerMetrics()
         self.loaded: dict[tuple[str, int], Loaded] = {}
         self.followed = {f.name: f for f in map(parse_model_spec, config.models)}
         self.errors: dict[tuple[str, int], str] = {}
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._syncs: set[asyncio.Task[None]] = set()
 
     # ---- life cycle -----------------------------------------------------
 
@@ -91,10 +93,11 @@ class ModelManager:
         self._tasks.append(asyncio.create_task(self._janitor()))
 
     async def stop(self, timeout_s: float) -> None:
+        """Stop following aliases, then let every batcher finish what it has queued."""
         self._stop.set()
-        for t in self._tasks:
+        for t in [*self._tasks, *self._syncs]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._syncs, return_exceptions=True)
         await asyncio.gather(*(lv.batcher.stop(timeout_s) for lv in self.loaded.values()))
 
     # ---- lookups --------------------------------------------------------
@@ -145,7 +148,19 @@ class ModelManager:
             if event.snapshot or f.name in names:
                 alias = next((a for a in event.aliases if a.model == f.name and a.name == f.alias), None)
                 if alias is not None or event.snapshot:
-                    asyncio.create_task(self._sync_followed(f, alias=alias))
+                    self._spawn(self._sync_followed(f, alias=alias), f.name)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        """Run a sync in the background, keep a reference, and log its failure instead of losing it."""
+        task = asyncio.create_task(coro)
+        self._syncs.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._syncs.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                logger.error("cannot follow %s: %s", name, t.exception())
+
+        task.add_done_callback(done)
 
     async def _sync_followed(self, f: Followed, initial: bool = False,
                              alias: model_pb2.Alias | None = None) -> None:
@@ -175,38 +190,48 @@ class ModelManager:
                     logger.info("%s v%d left alias %s; unloading in %.1fs", name, v, f.alias, self.config.unload_delay_s)
 
     async def _load(self, mv: model_pb2.ModelVersion) -> None:
+        """Download, verify, load and warm up one version; it is listed at once but ready only after warm-up."""
         key = (mv.name, mv.version)
         t0 = time.perf_counter()
         try:
             data = await self.link.download(mv, self.key)
             sessions = await asyncio.gather(*(asyncio.to_thread(load_session, data, self.config)
                                               for _ in range(max(1, self.config.instances))))
-        except FoveaError as exc:
-            self.errors[key] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bad artifact must not take the worker down
+            self.errors[key] = str(exc)[:300]
             logger.error("refusing %s v%d: %s", mv.name, mv.version, exc)
-            raise
+            if isinstance(exc, FoveaError):
+                raise
+            raise ModelNotReady(f"model {mv.name} v{mv.version} failed to load: {str(exc)[:200]}") from None
         pre = Preprocess.from_proto(mv.preprocessing) if mv.HasField("preprocessing") else None
         name = f"{mv.name}:{mv.version}"
+        version = str(mv.version)
 
         def runner(session: Session) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
             names = session.input_names
             return lambda inputs: session.run(dict(zip(names, inputs)))
 
-        on_batch = None
-        if self.on_batch is not None:
-            hook = self.on_batch
-            on_batch = lambda size, queue_s, compute_s: hook(name, size, queue_s, compute_s)  # noqa: E731
         batcher = Batcher([runner(s) for s in sessions], self.config.max_batch_size,
                           self.config.max_queue_delay_us, self.config.preferred_batch_sizes,
-                          self.config.max_queue_len, on_batch=on_batch, name=name)
+                          self.config.max_queue_len, on_batch=self.metrics.batch_hook(mv.name, version),
+                          name=name, on_drop=self.metrics.drop_hook(mv.name, version))
         lv = Loaded(mv=mv, sessions=list(sessions), batcher=batcher, preprocess=pre,
                     provider=sessions[0].provider, input_dtypes=sessions[0].input_dtypes)
+        self.loaded[key] = lv  # listed (heartbeats, ModelReady) but not ready until warmed up
         batcher.start()
-        await self._warm_up(lv)
+        try:
+            await self._warm_up(lv)
+        except Exception as exc:  # noqa: BLE001
+            del self.loaded[key]
+            await batcher.stop(1.0)
+            self.errors[key] = f"warm-up failed: {str(exc)[:300]}"
+            logger.error("warm-up of %s v%d failed: %s", mv.name, mv.version, exc)
+            raise ModelNotReady(f"model {mv.name} v{mv.version} failed its warm-up: {str(exc)[:200]}") from None
+        self.metrics.provider.labels(mv.name, version, lv.provider).set(1)
         lv.ready = True
-        self.loaded[key] = lv
         self.errors.pop(key, None)
-        logger.info("loaded %s v%d on %s in %.2fs", mv.name, mv.version, lv.provider, time.perf_counter() - t0)
+        logger.info("loaded %s v%d on %s (%d instance(s)) in %.2fs", mv.name, mv.version, lv.provider,
+                    len(sessions), time.perf_counter() - t0)
 
     async def _warm_up(self, lv: Loaded) -> None:
         inputs = []

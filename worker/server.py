@@ -20,7 +20,8 @@ from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from worker.config import WorkerConfig
 from worker.models import ModelManager
-from worker.runtime import device_info
+from worker.metrics import WorkerMetrics
+from worker.runtime import GPU_PROVIDERS, device_info
 from worker.servicer import WorkerServicer
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class WorkerServer:
     link: RegistryLink
     health: Any
     decode_pool: ThreadPoolExecutor
+    metrics: WorkerMetrics
     state: int = registry_pb2.WORKER_STATE_STARTING
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -63,37 +65,57 @@ class WorkerServer:
         self.tasks.append(asyncio.create_task(self._heartbeats()))
 
     async def stop(self, grace_s: float) -> None:
-        """NOT_SERVING, refuse new calls, answer everything in flight, final draining heartbeat, exit."""
+        """Drain: NOT_SERVING and a draining heartbeat, refuse new calls, answer everything already
+        accepted, stop the batchers, send the final draining heartbeat, and close within grace_s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
         await set_serving(self.health, [SERVICE], False)
         self.state = registry_pb2.WORKER_STATE_DRAINING
         self.servicer.accepting = False
         for t in self.tasks:
             t.cancel()
-        try:
-            await self.link.heartbeat(self.status())
-        except grpc.aio.AioRpcError:
-            pass
-        stopping = asyncio.create_task(self.server.stop(grace_s))
-        await self.manager.stop(grace_s)
-        await stopping
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self._heartbeat_once()  # gateways stop routing here at once
+        while self.servicer.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        if self.servicer.in_flight:
+            logger.warning("grace of %.1fs ran out with %d call(s) in flight", grace_s, self.servicer.in_flight)
+        await self.manager.stop(max(0.0, deadline - loop.time()))
+        await self._heartbeat_once()
+        await self.server.stop(max(0.0, deadline - loop.time()))
         await self.link.close()
         self.decode_pool.shutdown(wait=False)
+        self.metrics.close()
+        logger.info("worker %s drained", self.config.worker_id)
+
+    async def _heartbeat_once(self) -> None:
+        try:
+            await asyncio.wait_for(self.link.heartbeat(self.status()), 2.0)
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            logger.warning("draining heartbeat failed: %s", exc)
 
 
 async def build_server(config: WorkerConfig) -> WorkerServer:
     key = crypto.load_key(config.encryption_key_file) if config.encryption_key_file else None
     link = RegistryLink(config.registry_address, config.internal_token, config.max_message_bytes)
-    manager = ModelManager(config, link, key)
+    metrics = WorkerMetrics()
+    manager = ModelManager(config, link, key, metrics)
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
-    servicer = WorkerServicer(manager, config, decode_pool)
-    interceptor = ServiceInterceptor(internal_authenticator(config.internal_token))
+    servicer = WorkerServicer(manager, config, decode_pool, metrics)
+    interceptor = ServiceInterceptor(internal_authenticator(config.internal_token), on_done=metrics.on_done)
     server = grpc.aio.server(interceptors=[interceptor], options=server_options(config.max_message_bytes))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_servicer = add_health(server, [SERVICE])
     await set_serving(health_servicer, [SERVICE], False)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
-    ws = WorkerServer(config, server, port, manager, servicer, link, health_servicer, decode_pool)
+    metrics.watch(lambda: manager.queue_depth, lambda: servicer.in_flight)
+    if config.metrics_port >= 0:
+        metrics.serve(config.host, config.metrics_port)
+        logger.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
+    ws = WorkerServer(config, server, port, manager, servicer, link, health_servicer, decode_pool, metrics)
     await ws.start()
+    if any(lv.provider in GPU_PROVIDERS for lv in manager.loaded.values()):
+        metrics.watch_gpu(config.device_id)
     logger.info("worker %s listening on %s:%d", config.worker_id, config.host, port)
     return ws

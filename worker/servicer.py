@@ -10,21 +10,24 @@ from typing import Any
 import numpy as np
 
 from fovea import oip
-from fovea.errors import InvalidArgument
+from fovea.errors import InvalidArgument, ModelNotReady
 from fovea.images import decode, preprocess
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from worker.config import WorkerConfig
+from worker.metrics import WorkerMetrics
 from worker.models import Loaded, ModelManager
 
 SERVER_NAME = "fovea-worker"
 
 
 class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, manager: ModelManager, config: WorkerConfig, decode_pool: ThreadPoolExecutor) -> None:
+    def __init__(self, manager: ModelManager, config: WorkerConfig, decode_pool: ThreadPoolExecutor,
+                 metrics: WorkerMetrics) -> None:
         self.manager = manager
         self.config = config
         self.decode_pool = decode_pool
+        self.metrics = metrics
         self.accepting = True
         self.in_flight = 0
 
@@ -53,22 +56,23 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         if not self.accepting:
-            from fovea.errors import ModelNotReady
-
             raise ModelNotReady("worker is draining; retry on another worker")
+        t0 = time.perf_counter()
         lv = self.manager.get(request.model_name, request.model_version)
         self.in_flight += 1
         try:
             inputs, n = await self._inputs(lv, request)
             remaining = context.time_remaining()
             timeout_s = remaining if remaining is not None else self.config.default_deadline_ms / 1000
-            fut = lv.batcher.submit(inputs, n, time.perf_counter() + timeout_s)
+            fut = lv.batcher.submit(inputs, n, t0 + timeout_s)
             try:
                 outputs = await fut
             except asyncio.CancelledError:
                 fut.cancel()
                 raise
-            return build_response(lv, request, outputs)
+            response = build_response(lv, request, outputs)
+            self.metrics.series(lv.mv.name, str(lv.mv.version))[3].observe(time.perf_counter() - t0)
+            return response
         finally:
             self.in_flight -= 1
 
@@ -119,11 +123,14 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         def one(data: bytes) -> np.ndarray:
             return preprocess(decode(data, self.config.max_image_pixels, pre.grayscale), pre)
 
+        t0 = time.perf_counter()
         if len(items) == 1:
             arrays = [await loop.run_in_executor(self.decode_pool, one, items[0])]
         else:
             arrays = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, one, d) for d in items))
-        return np.stack(arrays).astype(lv.input_dtypes[0], copy=False)
+        batch = np.stack(arrays).astype(lv.input_dtypes[0], copy=False)
+        self.metrics.series(lv.mv.name, str(lv.mv.version))[1].observe(time.perf_counter() - t0)
+        return batch
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,132 @@
+"""The worker's gRPC faces against an in-process worker and registry: auth, health, readiness, inputs, outputs,
+metrics."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onnx import TensorProto
+
+from inference import grpc_predict_v2_pb2 as pb
+from tests.tinymodels import color_model, png
+from tests.worker.conftest import MD, LocalRegistry, StartWorker, output_array, stub, tensor_request
+from tests.worker.slowmodels import cast_model
+
+
+async def test_direct_call_without_internal_token_is_unauthenticated(registry: LocalRegistry,
+                                                                      start_worker: StartWorker) -> None:
+    await registry.publish("colors", color_model())
+    ws = await start_worker(["colors"])
+    channel, s = stub(ws.port)
+    req = tensor_request("colors", np.zeros((1, 3, 8, 8), np.float32))
+    for md in [(), (("authorization", "Bearer not-the-token"),), (("authorization", "Basic abc"),)]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.ModelInfer(req, metadata=md, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.ServerReady(pb.ServerReadyRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Health stays open for Kubernetes probes; the real call works with the token.
+    health = health_pb2_grpc.HealthStub(channel)
+    assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    resp = await s.ModelInfer(req, metadata=MD, timeout=10)
+    assert resp.model_name == "colors" and resp.model_version == "1"
+    await channel.close()
+
+
+async def test_health_live_ready_and_model_ready(registry: LocalRegistry, start_worker: StartWorker) -> None:
+    await registry.publish("colors", color_model())
+    ws = await start_worker(["colors", "absent"])
+    channel, s = stub(ws.port)
+    assert (await s.ServerLive(pb.ServerLiveRequest(), metadata=MD, timeout=10)).live
+    assert (await s.ServerReady(pb.ServerReadyRequest(), metadata=MD, timeout=10)).ready
+    assert (await s.ModelReady(pb.ModelReadyRequest(name="colors"), metadata=MD, timeout=10)).ready
+    assert (await s.ModelReady(pb.ModelReadyRequest(name="colors", version="1"), metadata=MD, timeout=10)).ready
+    assert not (await s.ModelReady(pb.ModelReadyRequest(name="colors", version="2"), metadata=MD, timeout=10)).ready
+    assert not (await s.ModelReady(pb.ModelReadyRequest(name="absent"), metadata=MD, timeout=10)).ready
+    meta = await s.ModelMetadata(pb.ModelMetadataRequest(name="colors"), metadata=MD, timeout=10)
+    assert meta.inputs[0].name == "input" and meta.inputs[0].datatype == "FP32"
+    server_meta = await s.ServerMetadata(pb.ServerMetadataRequest(), metadata=MD, timeout=10)
+    assert "classification" in server_meta.extensions
+    # The heartbeat reports the provider ONNX Runtime really gave.
+    workers = await __import__("asyncio").to_thread(registry.client.list_workers, "colors")
+    assert workers and workers[0].models[0].provider == "CPUExecutionProvider"
+    await channel.close()
+
+
+async def test_fp16_and_uint8_inputs_raw_and_typed(registry: LocalRegistry, start_worker: StartWorker) -> None:
+    await registry.publish("half", cast_model(TensorProto.FLOAT16))
+    await registry.publish("bytes8", cast_model(TensorProto.UINT8))
+    await registry.publish("colors", color_model())
+    ws = await start_worker(["half", "bytes8", "colors"])
+    channel, s = stub(ws.port)
+    x16 = np.array([[1.5, -2.0, 0.25, 8.0]], np.float16)
+    resp = await s.ModelInfer(tensor_request("half", x16, "FP16"), metadata=MD, timeout=10)
+    np.testing.assert_allclose(output_array(resp), x16.astype(np.float32) * 2)
+    x8 = np.array([[0, 7, 200, 255], [1, 2, 3, 4]], np.uint8)
+    resp = await s.ModelInfer(tensor_request("bytes8", x8, "UINT8"), metadata=MD, timeout=10)
+    np.testing.assert_allclose(output_array(resp), x8.astype(np.float32) * 2)
+    # Typed contents instead of raw bytes.
+    req = pb.ModelInferRequest(model_name="bytes8")
+    req.inputs.add(name="input", datatype="UINT8", shape=[2, 4]).contents.uint_contents.extend(x8.ravel().tolist())
+    np.testing.assert_allclose(output_array(await s.ModelInfer(req, metadata=MD, timeout=10)), x8 * 2.0)
+    pixels = np.zeros((1, 3, 8, 8), np.float32)
+    pixels[0, 1] = 1.0
+    req = pb.ModelInferRequest(model_name="colors")
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 3, 8, 8]).contents.fp32_contents.extend(pixels.ravel())
+    assert output_array(await s.ModelInfer(req, metadata=MD, timeout=10)).argmax() == 1
+    # A typed tensor with the wrong count, and FP16 sent typed, are refused before allocation.
+    bad = pb.ModelInferRequest(model_name="bytes8")
+    bad.inputs.add(name="input", datatype="UINT8", shape=[2, 4]).contents.uint_contents.extend([1, 2, 3])
+    half_typed = pb.ModelInferRequest(model_name="half")
+    half_typed.inputs.add(name="input", datatype="FP16", shape=[1, 4]).contents.fp32_contents.extend([1, 2, 3, 4])
+    for req in (bad, half_typed):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.ModelInfer(req, metadata=MD, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await channel.close()
+
+
+async def test_encoded_images_with_classification_extension(registry: LocalRegistry,
+                                                            start_worker: StartWorker) -> None:
+    await registry.publish("colors", color_model())
+    ws = await start_worker(["colors"])
+    channel, s = stub(ws.port)
+    req = pb.ModelInferRequest(model_name="colors")
+    req.inputs.add(name="input", datatype="BYTES", shape=[3]).contents.bytes_contents.extend(
+        [png((10, 10, 230)), png((230, 10, 10), size=40), png((10, 230, 10))])
+    req.outputs.add(name="logits").parameters["classification"].int64_param = 2
+    resp = await s.ModelInfer(req, metadata=MD, timeout=10)
+    assert resp.outputs[0].datatype == "BYTES" and list(resp.outputs[0].shape) == [3, 2]
+    from fovea.oip import decode_bytes
+
+    items = [b.decode() for b in decode_bytes(resp.raw_output_contents[0], 6)]
+    assert [items[i].split(":")[2] for i in (0, 2, 4)] == ["blue", "red", "green"]
+    assert float(items[0].split(":")[0]) > 0.9
+    await channel.close()
+
+
+async def test_metrics_endpoint(registry: LocalRegistry, start_worker: StartWorker) -> None:
+    await registry.publish("colors", color_model())
+    ws = await start_worker(["colors"], metrics_port=0)
+    channel, s = stub(ws.port)
+    await s.ModelInfer(tensor_request("colors", np.zeros((2, 3, 8, 8), np.float32)), metadata=MD, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await s.ModelInfer(tensor_request("colors", np.zeros((2, 3, 8, 9), np.float32)), metadata=MD, timeout=10)
+    import asyncio
+
+    text = (await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics.port}/metrics", timeout=10).read())).decode()
+    for name in ("fovea_worker_queue_seconds_bucket", "fovea_worker_compute_seconds_bucket",
+                 "fovea_worker_request_seconds_bucket", "fovea_worker_batch_size_bucket", "fovea_worker_queue_depth",
+                 "fovea_worker_preprocess_seconds"):
+        assert name in text, name
+    assert 'fovea_worker_requests_total{code="OK",method="ModelInfer"} 1.0' in text
+    assert 'fovea_worker_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"} 1.0' in text
+    assert 'fovea_worker_provider{model="colors",provider="CPUExecutionProvider",version="1"} 1.0' in text
+    await channel.close()

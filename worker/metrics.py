@@ -1,0 +1,125 @@
+"""The worker's Prometheus metrics, on their own registry so that several in-process workers (tests) never clash.
+
+Every observation is a few dictionary lookups and a bisect: cheap enough for the hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+# Seconds: from 50 us (overhead of a tiny model) to 10 s (a loaded CPU).
+TIME_BUCKETS_S = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+
+
+class WorkerMetrics:
+    """Histograms per model version, counters per method and status, gauges read at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("model", "version")
+        self.queue_s = Histogram("fovea_worker_queue_seconds", "Time a request waited in the batcher queue",
+                                 labels, buckets=TIME_BUCKETS_S, registry=self.registry)
+        self.preprocess_s = Histogram("fovea_worker_preprocess_seconds",
+                                      "Time to decode and preprocess the images of one request", labels,
+                                      buckets=TIME_BUCKETS_S, registry=self.registry)
+        self.compute_s = Histogram("fovea_worker_compute_seconds", "ONNX Runtime time of one batch", labels,
+                                   buckets=TIME_BUCKETS_S, registry=self.registry)
+        self.total_s = Histogram("fovea_worker_request_seconds", "Time from receiving a ModelInfer to answering it",
+                                 labels, buckets=TIME_BUCKETS_S, registry=self.registry)
+        self.batch_size = Histogram("fovea_worker_batch_size", "Samples per batch run by ONNX Runtime", labels,
+                                    buckets=BATCH_BUCKETS, registry=self.registry)
+        self.requests = Counter("fovea_worker_requests", "RPCs answered, by method and status code",
+                                ("method", "code"), registry=self.registry)
+        self.dropped = Counter("fovea_worker_dropped", "Requests dropped before compute, by reason (expired, cancelled)",
+                               ("model", "version", "reason"), registry=self.registry)
+        self.queue_depth = Gauge("fovea_worker_queue_depth", "Requests waiting in batcher queues",
+                                 registry=self.registry)
+        self.in_flight = Gauge("fovea_worker_in_flight", "ModelInfer calls being served", registry=self.registry)
+        self.provider = Gauge("fovea_worker_provider", "1 for the execution provider each loaded version really got",
+                              ("model", "version", "provider"), registry=self.registry)
+        self.gpu_memory_used = Gauge("fovea_worker_gpu_memory_used_bytes", "GPU memory in use (GPU workers only)",
+                                     ("device",), registry=self.registry)
+        self.gpu_memory_total = Gauge("fovea_worker_gpu_memory_total_bytes", "GPU memory (GPU workers only)",
+                                      ("device",), registry=self.registry)
+        self._series: dict[tuple[str, str], tuple[Any, Any, Any, Any, Any]] = {}
+        self._codes: dict[tuple[str, grpc.StatusCode], Any] = {}
+        self._server: Any = None
+        self.port = 0
+
+    def series(self, model: str, version: str) -> tuple[Any, Any, Any, Any, Any]:
+        """(queue, preprocess, compute, total, batch size) children for one version, cached."""
+        key = (model, version)
+        children = self._series.get(key)
+        if children is None:
+            children = (self.queue_s.labels(model, version), self.preprocess_s.labels(model, version),
+                        self.compute_s.labels(model, version), self.total_s.labels(model, version),
+                        self.batch_size.labels(model, version))
+            self._series[key] = children
+        return children
+
+    def batch_hook(self, model: str, version: str) -> Callable[[int, list[float], float], None]:
+        """The batcher's on_batch for one version."""
+        queue, _, compute, _, size = self.series(model, version)
+
+        def hook(samples: int, waits_s: list[float], compute_s: float) -> None:
+            size.observe(samples)
+            compute.observe(compute_s)
+            for w in waits_s:
+                queue.observe(w)
+
+        return hook
+
+    def drop_hook(self, model: str, version: str) -> Callable[[str], None]:
+        children = {r: self.dropped.labels(model, version, r) for r in ("expired", "cancelled")}
+        return lambda reason: children[reason].inc()
+
+    def on_done(self, method: str, code: grpc.StatusCode, elapsed_s: float) -> None:
+        child = self._codes.get((method, code))
+        if child is None:
+            child = self.requests.labels(method.rsplit("/", 1)[-1], code.name)
+            self._codes[(method, code)] = child
+        child.inc()
+
+    def watch(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
+        self.queue_depth.set_function(queue_depth)
+        self.in_flight.set_function(in_flight)
+
+    def watch_gpu(self, device_id: int) -> None:
+        """GPU memory, read through NVML (pynvml) at scrape time; absent without NVML."""
+        try:
+            import pynvml  # type: ignore[import-not-found]
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device_id)
+        except Exception as exc:  # noqa: BLE001 - metrics must never stop a worker
+            logger.warning("no GPU memory metric: NVML is unavailable (%s)", exc)
+            return
+        lock = threading.Lock()
+
+        def read(field: str) -> float:
+            with lock:
+                return float(getattr(pynvml.nvmlDeviceGetMemoryInfo(handle), field))
+
+        self.gpu_memory_used.labels(str(device_id)).set_function(lambda: read("used"))
+        self.gpu_memory_total.labels(str(device_id)).set_function(lambda: read("total"))
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint (a daemon thread); returns its port."""
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self.port = int(self._server.server_port)
+        return self.port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
