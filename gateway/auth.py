@@ -1,8 +1,11 @@
 """API key checks at the gateway: verified once at the registry, then cached in memory.
 
 The cache is keyed by a SHA-256 of the secret (the secret itself is never kept
-or logged). The registry's key watch drops revoked keys within a second on every
-replica; expiry is checked on every call.
+or logged); the registry compares secrets against salted digests in constant
+time, and a dict lookup on a SHA-256 leaks nothing usable about the secret. The
+registry's key watch drops revoked keys within a second on every replica;
+expiry is checked on every call. Refused secrets are remembered briefly, so a
+client retrying a bad key does not turn into a stream of registry calls.
 """
 
 from __future__ import annotations
@@ -12,17 +15,27 @@ import hashlib
 import time
 from typing import Any
 
-from fovea.errors import PermissionDenied, Unauthenticated
+import grpc
+
+from fovea.errors import FoveaError, PermissionDenied, Unauthenticated
 from fovea.registry_link import RegistryLink
 from fovea.rpc import bearer_token
 from fovea.v1 import registry_pb2
 
 
+MAX_SECRET_LEN = 200
+MAX_REFUSED_ENTRIES = 10_000
+
+
 class KeyCache:
-    def __init__(self, link: RegistryLink, ttl_s: float) -> None:
+    def __init__(self, link: RegistryLink, ttl_s: float, refused_ttl_s: float = 1.0,
+                 min_role: int = registry_pb2.ROLE_INFER) -> None:
         self.link = link
         self.ttl_s = ttl_s
+        self.refused_ttl_s = refused_ttl_s
+        self.min_role = min_role
         self.entries: dict[bytes, tuple[registry_pb2.ApiKey, float]] = {}
+        self.refused: dict[bytes, tuple[str, float]] = {}
 
     async def check(self, secret: str) -> registry_pb2.ApiKey:
         digest = hashlib.sha256(secret.encode()).digest()
@@ -31,14 +44,28 @@ class KeyCache:
         if hit is not None and hit[1] > now:
             record = hit[0]
         else:
-            if not secret.startswith("fv_"):
+            if not secret.startswith("fv_") or len(secret) > MAX_SECRET_LEN:
                 raise Unauthenticated("malformed API key: expected 'authorization: Bearer fv_...'")
-            record = await self.link.verify_key(secret)  # raises UNAUTHENTICATED as the registry says
+            no = self.refused.get(digest)
+            if no is not None and no[1] > now:
+                raise Unauthenticated(no[0])
+            try:
+                record = await self.link.verify_key(secret)  # raises UNAUTHENTICATED as the registry says
+            except FoveaError as exc:
+                if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                    if len(self.refused) >= MAX_REFUSED_ENTRIES:
+                        self.refused.clear()
+                    self.refused[digest] = (str(exc), now + self.refused_ttl_s)
+                raise
             self.entries[digest] = (record, now + self.ttl_s)
         if record.revoked:
             raise Unauthenticated("API key revoked")
         if record.HasField("expires_at") and record.expires_at.seconds <= time.time():
             raise Unauthenticated("API key expired")
+        if record.role < self.min_role:
+            raise PermissionDenied(
+                f"API key {record.key_id} has role {registry_pb2.Role.Name(record.role)}; "
+                f"this gateway takes {registry_pb2.Role.Name(self.min_role)} keys or higher")
         return record
 
     def on_event(self, event: registry_pb2.WatchApiKeysResponse) -> None:
@@ -46,6 +73,7 @@ class KeyCache:
             self.entries.clear()
             return
         gone = set(event.key_ids)
+        self.refused.clear()
         for digest, (record, _) in list(self.entries.items()):
             if record.key_id in gone:
                 del self.entries[digest]

@@ -15,7 +15,7 @@ class GatewayConfig(BaseConfig):
     registry_address: str = "127.0.0.1:8501"
     """Registry host:port."""
     redis_url: str = ""
-    """Redis for shared rate limits; empty keeps limits per replica."""
+    """Redis for rate limits shared by all replicas; empty keeps limits per replica."""
     max_images_per_call: int = 64
     """Most images in one Classify call."""
     max_image_pixels: int = 40_000_000
@@ -37,7 +37,7 @@ class GatewayConfig(BaseConfig):
     eject_after_failures: int = 3
     """Consecutive connection failures before a worker is set aside."""
     eject_s: float = 5.0
-    """How long an ejected worker is set aside before a probe call may re-admit it."""
+    """How long an ejected worker is set aside before the first health probe (then doubling, up to 30 s)."""
     stream_window: int = 8
     """Requests of one ClassifyStream in flight at once."""
     tls_cert_file: str = ""
@@ -46,3 +46,13 @@ class GatewayConfig(BaseConfig):
     """Server private key (PEM)."""
     tls_client_ca_file: str = ""
     """CA bundle for client certificates; set to require mutual TLS."""
+    refused_key_cache_s: float = 1.0
+    """How long a refused key is remembered before the registry is asked again."""
+    min_role: str = "infer"
+    """Lowest key role this gateway accepts: infer, publish or admin (e.g. publish for a staging gateway)."""
+    access_log: bool = True
+    """Write one log line per call (method, status, milliseconds, request id, model)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the Prometheus endpoint (metrics_port enables it)."""
+    rate_limit_timeout_s: float = 0.25
+    """Longest wait for Redis when checking a rate limit; past it the call is let through."""

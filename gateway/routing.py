@@ -10,17 +10,28 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fovea.config import channel_options
-from fovea.errors import NoHealthyWorker
+from fovea.errors import InvalidState, NoHealthyWorker
 from fovea.registry_link import RegistryLink
 from fovea.v1 import model_pb2, registry_pb2
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
+
+WORKER_SERVICE = "inference.GRPCInferenceService"
+# Reconnect quickly to a worker that restarts: gRPC's default backoff grows to 120 s.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+MAX_PROBE_INTERVAL_S = 30.0
 
 
 @dataclass
@@ -32,8 +43,9 @@ class Endpoint:
     stub: pb_grpc.GRPCInferenceServiceStub
     in_flight: int = 0
     failures: int = 0
-    ejected_until: float = 0.0
+    ejected: bool = False
     served: int = 0
+    probe: asyncio.Task[None] | None = None
 
     def serves(self, model: str, version: int) -> bool:
         if self.status.state != registry_pb2.WORKER_STATE_READY:
@@ -82,8 +94,6 @@ class Versions:
             mv = self.versions.get((model, version))
             if mv is not None:
                 if mv.state == model_pb2.VERSION_STATE_ARCHIVED:
-                    from fovea.errors import InvalidState
-
                     raise InvalidState(f"model {model} v{version} is archived")
                 return mv
         resp = await self.link.resolve(model, version, alias)
@@ -101,13 +111,20 @@ def pick_weighted(alias: model_pb2.Alias) -> int:
 
 
 class Workers:
-    """Live workers, one channel each, chosen by the power of two choices."""
+    """Live workers, one channel each, chosen by the power of two choices.
 
-    def __init__(self, max_message_bytes: int, eject_after_failures: int, eject_s: float) -> None:
+    A worker that fails `eject_after_failures` calls in a row with UNAVAILABLE
+    is set aside; a probe (the worker's grpc.health.v1 check) re-admits it once
+    it answers SERVING, trying after eject_s and then at doubling intervals.
+    """
+
+    def __init__(self, max_message_bytes: int, eject_after_failures: int, eject_s: float,
+                 on_eject: Callable[[], None] | None = None) -> None:
         self.endpoints: dict[str, Endpoint] = {}
         self.max_message_bytes = max_message_bytes
         self.eject_after_failures = eject_after_failures
         self.eject_s = eject_s
+        self.on_eject = on_eject
         self.ready = asyncio.Event()
 
     def on_event(self, event: registry_pb2.WatchWorkersResponse) -> None:
@@ -123,7 +140,8 @@ class Workers:
                 continue
             if ep is not None:
                 self._drop(status.worker_id)
-            channel = grpc.aio.insecure_channel(status.address, options=channel_options(self.max_message_bytes))
+            options = channel_options(self.max_message_bytes) + RECONNECT_OPTIONS
+            channel = grpc.aio.insecure_channel(status.address, options=options)
             self.endpoints[status.worker_id] = Endpoint(status, channel, pb_grpc.GRPCInferenceServiceStub(channel))
             logger.info("worker %s at %s joined", status.worker_id, status.address)
         for wid in event.removed_worker_ids:
@@ -134,18 +152,26 @@ class Workers:
         ep = self.endpoints.pop(wid, None)
         if ep is not None:
             logger.info("worker %s left", wid)
+            if ep.probe is not None:
+                ep.probe.cancel()
             asyncio.get_running_loop().create_task(ep.channel.close(grace=30))
 
     def choose(self, model: str, version: int, exclude: frozenset[str] = frozenset()) -> tuple[str, Endpoint]:
         """Power of two choices: two random candidates, the one with less load wins.
 
         Load is this gateway's own in-flight calls to the worker plus the queue
-        depth of its last heartbeat. Ejected workers are skipped until their
-        time-out passes; then one call probes them.
+        depth of its last heartbeat. Ejected workers are skipped while any other
+        worker has the version; when all are ejected they are tried anyway, since
+        refusing for sure is worse than a call that may fail.
         """
-        now = time.monotonic()
-        candidates = [(wid, ep) for wid, ep in self.endpoints.items()
-                      if wid not in exclude and ep.serves(model, version) and ep.ejected_until <= now]
+        candidates = []
+        ejected = []
+        for wid, ep in self.endpoints.items():
+            if wid in exclude or not ep.serves(model, version):
+                continue
+            (ejected if ep.ejected else candidates).append((wid, ep))
+        if not candidates:
+            candidates = ejected
         if not candidates:
             raise NoHealthyWorker(f"no healthy worker has {model} v{version} ready; retry shortly")
         if len(candidates) == 1:
@@ -154,10 +180,43 @@ class Workers:
         return a if a[1].load <= b[1].load else b
 
     def record(self, ep: Endpoint, ok: bool) -> None:
+        """Count a call's outcome; eject the worker after too many connection failures in a row."""
         if ok:
             ep.failures = 0
             return
         ep.failures += 1
-        if ep.failures >= self.eject_after_failures:
-            ep.ejected_until = time.monotonic() + self.eject_s
-            logger.warning("ejecting worker %s for %.1fs after %d failures", ep.status.worker_id, self.eject_s, ep.failures)
+        if ep.failures >= self.eject_after_failures and not ep.ejected:
+            ep.ejected = True
+            logger.warning("ejecting worker %s after %d failures; probing in %.1fs",
+                           ep.status.worker_id, ep.failures, self.eject_s)
+            if self.on_eject is not None:
+                self.on_eject()
+            ep.probe = asyncio.get_running_loop().create_task(self._probe(ep))
+
+    async def _probe(self, ep: Endpoint) -> None:
+        wait_s = self.eject_s
+        while ep.ejected:
+            await asyncio.sleep(wait_s)
+            if await probe(ep.channel, timeout_s=min(2.0, max(0.2, self.eject_s))):
+                ep.ejected = False
+                ep.failures = 0
+                logger.info("worker %s answered its probe; re-admitted", ep.status.worker_id)
+                return
+            wait_s = min(wait_s * 2, MAX_PROBE_INTERVAL_S)
+
+    async def close(self) -> None:
+        for ep in self.endpoints.values():
+            if ep.probe is not None:
+                ep.probe.cancel()
+            await ep.channel.close()
+
+
+async def probe(channel: grpc.aio.Channel, timeout_s: float) -> bool:
+    """True when the worker's health service says its inference service is SERVING."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        resp = await stub.Check(health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=timeout_s,
+                                wait_for_ready=True)
+    except grpc.aio.AioRpcError:
+        return False
+    return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)

@@ -1,4 +1,5 @@
-"""Gateway logic: resolve the version, pick a worker, forward with a deadline, retry once."""
+"""Gateway logic: admit the call (model access, limits, quota), resolve the version,
+pick a worker, forward with the caller's deadline, and retry once on UNAVAILABLE."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from typing import Any
 
 import grpc
 
-from fovea import oip
+from fovea import log, oip
 from fovea.errors import DeadlineExpired, InvalidArgument, UpstreamError
 from fovea.images import image_size
 from fovea.names import check_name
-from fovea.rpc import call_metadata
-from fovea.v1 import image_pb2, model_pb2
+from fovea.rpc import REQUEST_ID_HEADER
+from fovea.v1 import image_pb2, model_pb2, registry_pb2
+from gateway.auth import check_model_access
 from gateway.config import GatewayConfig
+from gateway.metrics import Metrics
+from gateway.ratelimit import RateLimiter
 from gateway.routing import Versions, Workers
 from inference import grpc_predict_v2_pb2 as pb
 
@@ -25,13 +29,19 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, versions: Versions, workers: Workers) -> None:
+    def __init__(self, config: GatewayConfig, versions: Versions, workers: Workers, limiter: RateLimiter,
+                 metrics: Metrics) -> None:
         self.config = config
         self.versions = versions
         self.workers = workers
+        self.limiter = limiter
+        self.metrics = metrics
         self.retries = 0
+        # built once: the hot path only appends the request id
+        self._auth_md = ("authorization", f"Bearer {config.internal_token}")
 
     def timeout_s(self, context: Any) -> float:
+        """The caller's remaining deadline, or the default when it set none, never above the maximum."""
         remaining = context.time_remaining() if context is not None else None
         limit = self.config.max_deadline_ms / 1000
         if remaining is None:
@@ -43,7 +53,8 @@ class Gateway:
         deadline = time.monotonic() + timeout_s
         model, version = request.model_name, int(request.model_version)
         tried: frozenset[str] = frozenset()
-        md = call_metadata(self.config.internal_token)
+        rid = log.request_id.get()
+        md = (self._auth_md, (REQUEST_ID_HEADER, rid)) if rid else (self._auth_md,)
         for attempt in range(2):
             wid, ep = self.workers.choose(model, version, tried)
             remaining = deadline - time.monotonic()
@@ -52,15 +63,19 @@ class Gateway:
             ep.in_flight += 1
             try:
                 response = await ep.stub.ModelInfer(request, timeout=remaining, metadata=md)
-                self.workers.record(ep, True)
+                ep.failures = 0
                 ep.served += 1
+                self.metrics.upstream_call(wid, grpc.StatusCode.OK)
                 return response
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code in RETRYABLE:
-                    self.workers.record(ep, False)
-                if code in RETRYABLE and attempt == 0 and deadline - time.monotonic() > 0.001:
+                self.metrics.upstream_call(wid, code)
+                if code not in RETRYABLE:
+                    raise UpstreamError(code, exc.details() or code.name) from None
+                self.workers.record(ep, False)
+                if attempt == 0 and deadline - time.monotonic() > 0.001:
                     self.retries += 1
+                    self.metrics.retries.inc()
                     logger.info("worker %s answered %s; retrying on another worker", wid, code.name)
                     tried = tried | {wid}
                     continue
@@ -73,9 +88,22 @@ class Gateway:
         check_name(model)
         if alias:
             check_name(alias, "alias")
-        return await self.versions.resolve(model, version, alias)
+        mv = await self.versions.resolve(model, version, alias)
+        # only resolved names reach the metrics labels, so callers cannot blow up their cardinality
+        log.model_name.set(mv.name)
+        log.model_version.set(str(mv.version))
+        return mv
 
-    async def classify(self, req: image_pb2.ClassifyRequest, timeout_s: float) -> image_pb2.ClassifyResponse:
+    async def quota(self, key: registry_pb2.ApiKey, images: int) -> None:
+        """Charge the call to the key's rate limits; RESOURCE_EXHAUSTED when over."""
+        try:
+            await self.limiter.admit(key, images)
+        except Exception:
+            self.metrics.rate_limited.inc()
+            raise
+
+    def check_images(self, req: image_pb2.ClassifyRequest) -> int:
+        """Validate a Classify request's limits; returns top_k."""
         if not req.images:
             raise InvalidArgument("no images: send at least one encoded image")
         if len(req.images) > self.config.max_images_per_call:
@@ -89,6 +117,13 @@ class Gateway:
             w, h = image_size(img.data)  # rejects non-images and bombs before any worker sees them
             if w * h > self.config.max_image_pixels:
                 raise InvalidArgument(f"image {i} is {w}x{h} = {w * h} pixels; the limit is {self.config.max_image_pixels}")
+        return top_k
+
+    async def classify(self, key: registry_pb2.ApiKey, req: image_pb2.ClassifyRequest,
+                       timeout_s: float) -> image_pb2.ClassifyResponse:
+        check_model_access(key, req.model)
+        top_k = self.check_images(req)
+        await self.quota(key, len(req.images))
         mv = await self.resolve(req.model, req.version, req.alias)
         if not mv.HasField("preprocessing"):
             raise InvalidArgument(f"model {mv.name} v{mv.version} takes tensors, not images; use ModelInfer")
@@ -109,14 +144,24 @@ class Gateway:
                 result.labels.add(label=rest[0] if rest else "", index=int(index), score=float(score))
         return out
 
-    async def infer(self, request: pb.ModelInferRequest, timeout_s: float) -> pb.ModelInferResponse:
-        """The public ModelInfer: resolve an empty version through the production alias, then forward."""
+    async def infer(self, key: registry_pb2.ApiKey, request: pb.ModelInferRequest,
+                    timeout_s: float) -> pb.ModelInferResponse:
+        """The public ModelInfer: check access and quota, resolve an empty version through the production alias, forward."""
         version = 0
         if request.model_version:
             try:
                 version = int(request.model_version)
             except ValueError:
                 raise InvalidArgument(f"model_version must be a number, got {request.model_version[:40]!r}") from None
+        check_model_access(key, request.model_name)
+        samples = 1
+        for tensor in request.inputs:
+            if tensor.shape and tensor.shape[0] > self.config.max_images_per_call:
+                raise InvalidArgument(f"input {tensor.name[:40]!r} has a batch of {tensor.shape[0]}; "
+                                      f"the limit is {self.config.max_images_per_call} per call")
+            if tensor.shape:
+                samples = max(samples, int(tensor.shape[0]))
+        await self.quota(key, samples)
         mv = await self.resolve(request.model_name, version, "")
         request.model_version = str(mv.version)
         return await self.forward(request, timeout_s)

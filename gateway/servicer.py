@@ -12,7 +12,8 @@ from fovea import oip
 from fovea.errors import FoveaError
 from fovea.registry_link import RegistryLink, upstream
 from fovea.rpc import call_metadata, principal
-from fovea.v1 import image_pb2, image_pb2_grpc, model_pb2
+from fovea.names import check_name
+from fovea.v1 import image_pb2, image_pb2_grpc, model_pb2, registry_pb2
 from gateway.auth import check_model_access
 from gateway.service import Gateway
 from inference import grpc_predict_v2_pb2 as pb
@@ -27,21 +28,23 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
         self.link = link
 
     async def Classify(self, request: image_pb2.ClassifyRequest, context: Any) -> image_pb2.ClassifyResponse:
-        check_model_access(principal.get(), request.model)
-        return await self.gateway.classify(request, self.gateway.timeout_s(context))
+        return await self.gateway.classify(principal.get(), request, self.gateway.timeout_s(context))
 
     async def ClassifyStream(self, request_iterator: AsyncIterator[image_pb2.ClassifyStreamRequest], context: Any) -> AsyncIterator[image_pb2.ClassifyStreamResponse]:
-        """Answers in request order with up to stream_window requests in flight; gRPC flow control
-        stops reading from the client while the window is full."""
+        """Answers in request order with at most stream_window requests in flight.
+
+        While the window is full the gateway stops reading the stream, so gRPC's
+        HTTP/2 flow control slows the sender down. A failed item is answered with
+        its status code and message; the stream goes on. Each item gets the
+        stream's remaining deadline, or the default one when the stream has none.
+        """
         key = principal.get()
-        timeout_s = self.gateway.timeout_s(context)
         window: asyncio.Queue[asyncio.Task[image_pb2.ClassifyStreamResponse] | None] = asyncio.Queue(
             self.gateway.config.stream_window)
 
-        async def one(item: image_pb2.ClassifyStreamRequest) -> image_pb2.ClassifyStreamResponse:
+        async def one(item: image_pb2.ClassifyStreamRequest, timeout_s: float) -> image_pb2.ClassifyStreamResponse:
             try:
-                check_model_access(key, item.request.model)
-                resp = await self.gateway.classify(item.request, timeout_s)
+                resp = await self.gateway.classify(key, item.request, timeout_s)
                 return image_pb2.ClassifyStreamResponse(sequence=item.sequence, response=resp)
             except FoveaError as exc:
                 return image_pb2.ClassifyStreamResponse(sequence=item.sequence, error_code=exc.code.value[0],
@@ -50,7 +53,7 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
         async def reader() -> None:
             try:
                 async for item in request_iterator:
-                    await window.put(asyncio.create_task(one(item)))
+                    await window.put(asyncio.create_task(one(item, self.gateway.timeout_s(context))))
             finally:
                 await window.put(None)
 
@@ -58,8 +61,13 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
         try:
             while (task := await window.get()) is not None:
                 yield await task
+            await read_task  # surfaces a broken request stream
         finally:
             read_task.cancel()
+            while not window.empty():
+                pending = window.get_nowait()
+                if pending is not None:
+                    pending.cancel()
 
     async def ListModels(self, request: model_pb2.ListModelsRequest, context: Any) -> model_pb2.ListModelsResponse:
         try:
@@ -77,6 +85,7 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
         return model_pb2.ListModelsResponse(models=allowed)
 
     async def GetModel(self, request: image_pb2.GetModelRequest, context: Any) -> image_pb2.GetModelResponse:
+        check_name(request.model)
         check_model_access(principal.get(), request.model)
         mv = await self.gateway.resolve(request.model, request.version, request.alias)
         return image_pb2.GetModelResponse(model=mv)
@@ -91,7 +100,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=any(
-            ep.status.state == 2 for ep in self.gateway.workers.endpoints.values()))
+            ep.status.state == registry_pb2.WORKER_STATE_READY for ep in self.gateway.workers.endpoints.values()))
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         check_model_access(principal.get(), request.name)
@@ -114,5 +123,4 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return oip.model_metadata(mv, [str(mv.version)])
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        check_model_access(principal.get(), request.model_name)
-        return await self.gateway.infer(request, self.gateway.timeout_s(context))
+        return await self.gateway.infer(principal.get(), request, self.gateway.timeout_s(context))
