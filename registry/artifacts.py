@@ -13,13 +13,22 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from fovea import crypto
+from fovea.errors import IntegrityError
 from fovea.names import check_sha256
 
 
 class ArtifactStore(Protocol):
-    def put(self, data: bytes, sha256: str) -> None: ...
+    """Where artifacts live: put by digest, read back in chunks. An object store would implement this too."""
+
+    def put(self, data: bytes, sha256: str) -> bool:
+        """Store the plaintext under its digest; returns True when it is encrypted at rest."""
+        ...
+
     def exists(self, sha256: str) -> bool: ...
-    def read_chunks(self, sha256: str, chunk_bytes: int) -> Iterator[bytes]: ...
+
+    def read_chunks(self, sha256: str, chunk_bytes: int) -> Iterator[bytes]:
+        """The stored bytes (ciphertext when encrypted); raises IntegrityError when missing."""
+        ...
 
 
 class LocalArtifactStore:
@@ -34,12 +43,13 @@ class LocalArtifactStore:
         check_sha256(sha256)
         return self.root / sha256[:2] / sha256
 
-    def put(self, data: bytes, sha256: str) -> None:
+    def put(self, data: bytes, sha256: str) -> bool:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise ValueError("artifact digest mismatch")
         target = self.path(sha256)
-        if target.exists():
-            return
+        if target.exists() and self._stored_encrypted(target) == bool(self.key):
+            return bool(self.key)
+        # Missing, or stored before encryption was switched on (or off): (re)write it.
         target.parent.mkdir(parents=True, exist_ok=True)
         blob = crypto.encrypt(self.key, data, sha256) if self.key else data
         # Write then rename, so a crash never leaves a partial file under the final name.
@@ -53,11 +63,21 @@ class LocalArtifactStore:
         except BaseException:
             pathlib.Path(tmp).unlink(missing_ok=True)
             raise
+        return bool(self.key)
+
+    @staticmethod
+    def _stored_encrypted(path: pathlib.Path) -> bool:
+        with open(path, "rb") as f:
+            return crypto.is_encrypted(f.read(len(crypto.MAGIC)))
 
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).exists()
 
     def read_chunks(self, sha256: str, chunk_bytes: int) -> Iterator[bytes]:
-        with open(self.path(sha256), "rb") as f:
+        try:
+            f = open(self.path(sha256), "rb")
+        except FileNotFoundError:
+            raise IntegrityError(f"artifact {sha256[:16]}... is missing from the artifact store") from None
+        with f:
             while chunk := f.read(chunk_bytes):
                 yield chunk

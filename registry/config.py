@@ -23,12 +23,14 @@ class RegistryConfig(BaseConfig):
     artifact_dir: pathlib.Path = pathlib.Path("var/artifacts")
     """Directory of content-addressed artifacts (a PersistentVolume on Kubernetes)."""
     max_artifact_bytes: int = 1024 * 1024 * 1024
-    """Largest artifact accepted by RegisterModel."""
+    """Largest artifact accepted by RegisterModel; the upload is refused as soon as it passes this."""
     chunk_bytes: int = 1024 * 1024
     """Chunk size of artifact downloads."""
     heartbeat_ttl_s: float = 5.0
-    """A worker whose last heartbeat is older than this is dead."""
+    """A worker whose last heartbeat is older than this is dead (at most 5 s keeps failover quick)."""
     encryption_key_file: str = ""
     """File holding the AES-256 key for artifacts at rest; empty stores plaintext."""
     watch_poll_s: float = 0.2
     """How often a worker watch looks for expired heartbeats."""
+    max_alias_history: int = 20
+    """Earlier states kept per alias for rollback."""

@@ -20,7 +20,7 @@ from fovea.v1 import registry_pb2, registry_pb2_grpc
 from registry.artifacts import LocalArtifactStore
 from registry.config import RegistryConfig
 from registry.redis_conn import connect
-from registry.service import Registry
+from registry.service import INTERNAL, Registry
 from registry.servicer import RegistryServicer
 
 logger = logging.getLogger(__name__)
@@ -39,10 +39,10 @@ def make_authenticator(registry: Registry, internal_token: str) -> Any:
     async def authenticate(method: str, metadata: dict[str, Any]) -> Any:
         token = bearer_token(metadata)
         if expected and hmac.compare_digest(token.encode(), expected):
-            return "internal"
+            return INTERNAL
         if not token.startswith("fv_"):
             raise Unauthenticated("invalid credentials: not an API key or the internal token")
-        return await registry.verify_key(token)
+        return await registry.authenticate(token)
 
     return authenticate
 
@@ -64,7 +64,7 @@ async def build_server(config: RegistryConfig) -> RegistryServer:
     key = crypto.load_key(config.encryption_key_file) if config.encryption_key_file else None
     store = LocalArtifactStore(config.artifact_dir, key)
     registry = Registry(connect(config.redis_url), store, config.heartbeat_ttl_s,
-                        config.max_artifact_bytes, config.watch_poll_s)
+                        config.max_artifact_bytes, config.watch_poll_s, config.max_alias_history)
     interceptor = ServiceInterceptor(make_authenticator(registry, config.internal_token), translate=_translate)
     server = grpc.aio.server(interceptors=[interceptor], options=server_options(config.max_message_bytes))
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry, config.chunk_bytes), server)

@@ -47,7 +47,7 @@ def validate_artifact(data: bytes, declared: Any) -> Any:
     except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's bad input
         raise InvalidArgument(f"not a valid ONNX model: {str(exc)[:300]}") from None
     try:
-        ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
         raise InvalidArgument(f"ONNX Runtime cannot load the model: {str(exc)[:300]}") from None
 
@@ -80,7 +80,48 @@ def validate_artifact(data: bytes, declared: Any) -> Any:
         raise InvalidArgument(f"{len(result.labels)} labels for an output of {out.shape[-1]} classes")
     if result.HasField("preprocessing"):
         _check_preprocessing(result)
+    _smoke_run(session, result)
     return result
+
+
+NUMPY_DTYPES = {"FP32": "float32", "FP16": "float16", "FP64": "float64", "UINT8": "uint8", "INT8": "int8",
+                "INT16": "int16", "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+SMOKE_BATCH = 2
+
+
+def _smoke_run(session: Any, mv: Any) -> None:
+    """Run a batch of SMOKE_BATCH zero inputs: proves the batch axis really is dynamic.
+
+    Exports often mark the batch axis dynamic while a Reshape inside still assumes
+    batch 1; such a model passes the checker and loads, then fails on the first
+    batched request. Skipped when other dimensions are dynamic too (no safe size).
+    """
+    import numpy as np
+
+    feeds = {}
+    for spec in mv.inputs:
+        dims = list(spec.shape)[1:]
+        if any(d <= 0 for d in dims) or spec.datatype not in NUMPY_DTYPES:
+            return
+        if int(np.prod(dims)) > 64 * 1024 * 1024:
+            return
+        feeds[spec.name] = np.zeros([SMOKE_BATCH, *dims], dtype=NUMPY_DTYPES[spec.datatype])
+    try:
+        outputs = session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001 - the model's failure is the caller's bad input
+        raise InvalidArgument(f"the model fails on a batch of {SMOKE_BATCH} (is the batch axis really "
+                              f"dynamic?): {str(exc)[:300]}") from None
+    for spec, out in zip(mv.outputs, outputs):
+        if out.ndim == 0 or out.shape[0] != SMOKE_BATCH:
+            raise InvalidArgument(f"output {spec.name!r} has shape {list(out.shape)} for a batch of "
+                                  f"{SMOKE_BATCH}; its first axis must be the batch")
+        declared = list(spec.shape)[1:]
+        if len(declared) == out.ndim - 1 and any(d > 0 and d != a for d, a in zip(declared, out.shape[1:])):
+            raise InvalidArgument(f"output {spec.name!r} has shape {list(out.shape)[1:]} per sample, "
+                                  f"declared {declared}")
+    first = outputs[0] if outputs else None
+    if mv.labels and first is not None and first.ndim >= 2 and first.shape[-1] != len(mv.labels):
+        raise InvalidArgument(f"{len(mv.labels)} labels, but the model scores {first.shape[-1]} classes")
 
 
 def _check_preprocessing(mv: Any) -> None:
