@@ -1,0 +1,84 @@
+"""Acceptance 2: two workers under steady load, kill -9 one: no request fails, and the dead
+worker is no longer chosen."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from fovea.redis_server import RedisServer
+from gateway.config import GatewayConfig
+from gateway.server import build_server
+from tests.gateway.conftest import Stack, auth, classify_request, image_stub, start_stack, wait_routable
+from tests.tinymodels import png
+
+
+@pytest.fixture
+def own_stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Workers of its own: this test kills one."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/15"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    s = start_stack(tmp_path_factory.mktemp("failover"), url)
+    yield s
+    s.cluster.stop()
+
+
+async def test_kill_9_one_worker_under_load(own_stack: Stack) -> None:
+    stack = own_stack
+    gw = await build_server(GatewayConfig(port=0, registry_address=stack.registry.address,
+                                          internal_token=stack.cluster.internal_token))
+    await wait_routable(gw, "colors")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while len(gw.gateway.workers.endpoints) < 2 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    assert len(gw.gateway.workers.endpoints) == 2
+    secret = await asyncio.to_thread(stack.key)
+    channel, stub = image_stub(gw)
+    req = classify_request(png((240, 20, 20)))
+    ok, failures = 0, []
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        nonlocal ok
+        while not stop.is_set():
+            try:
+                resp = await stub.Classify(req, metadata=auth(secret), timeout=30)
+                assert resp.results[0].labels[0].label == "red"
+                ok += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is collected and reported
+                failures.append(exc)
+
+    clients = [asyncio.create_task(client()) for _ in range(4)]
+    await asyncio.sleep(1.5)
+    victim = stack.workers[0]
+    victim_id = next(wid for wid, ep in gw.gateway.workers.endpoints.items()
+                     if ep.status.address == victim.address)
+    before_kill = ok
+    victim.kill()  # SIGKILL: no draining heartbeat, connections drop mid-call
+    await asyncio.sleep(1.5)
+    chosen_after_ejection = _attempts(gw, victim_id)
+    await asyncio.sleep(2.5)
+    stop.set()
+    await asyncio.gather(*clients)
+    print(f"{ok} calls ({ok - before_kill} after the kill), {len(failures)} failed, "
+          f"{gw.gateway.retries} retried; attempts on the dead worker {chosen_after_ejection}")
+    assert failures == [], failures[:3]
+    assert ok - before_kill > 20
+    assert _attempts(gw, victim_id) == chosen_after_ejection, "the dead worker was still chosen"
+    await channel.close()
+    await gw.stop(0)
+
+
+def _attempts(gw: object, worker_id: str) -> float:
+    """Every call the gateway sent to the worker, whatever its outcome."""
+    total = 0.0
+    for sample in gw.metrics.upstream.collect()[0].samples:  # type: ignore[attr-defined]
+        if sample.name.endswith("_total") and sample.labels["worker"] == worker_id:
+            total += sample.value
+    return total

@@ -1,0 +1,141 @@
+"""Routing: balance over equal workers (acceptance 3), ejection and re-admission after a probe,
+deadline propagation with default and maximum, and the request limits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2
+
+from fovea.redis_server import free_port
+from fovea.v1 import registry_pb2
+from gateway.routing import Workers
+from inference import grpc_predict_v2_pb2 as pb
+from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from tests.gateway.conftest import GatewayFactory, Stack, auth, classify_request, image_stub, status_of
+from tests.tinymodels import png
+
+RED = png((240, 20, 20))
+
+
+async def test_two_equal_workers_share_the_load(stack: Stack, gateways: GatewayFactory) -> None:
+    gw = await gateways()
+    secret = await asyncio.to_thread(stack.key)
+    channel, stub = image_stub(gw)
+    req = classify_request(RED)
+    n_clients, per_client = 6, 40
+
+    async def client() -> None:
+        for _ in range(per_client):
+            resp = await stub.Classify(req, metadata=auth(secret), timeout=30)
+            assert resp.results[0].labels[0].label == "red"
+
+    await asyncio.gather(*(client() for _ in range(n_clients)))
+    served = gw.metrics.served_by_worker()  # the gateway's per-worker counter (also on /metrics)
+    total = sum(served.values())
+    print(f"served per worker: {served}")
+    assert total == n_clients * per_client and len(served) == 2
+    for count in served.values():
+        assert 0.4 <= count / total <= 0.6, served
+    await channel.close()
+
+
+def _status(worker_id: str, address: str) -> registry_pb2.WorkerStatus:
+    return registry_pb2.WorkerStatus(
+        worker_id=worker_id, address=address, state=registry_pb2.WORKER_STATE_READY,
+        models=[registry_pb2.LoadedModel(name="colors", version=1, ready=True)])
+
+
+async def _health_only_server(port: int) -> grpc.aio.Server:
+    """Fault-injection stand-in for a worker: it answers only grpc.health.v1, as a worker would when healthy."""
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    from grpc_health.v1 import health_pb2_grpc
+
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    await servicer.set("inference.GRPCInferenceService", health_pb2.HealthCheckResponse.SERVING)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server
+
+
+async def test_failing_worker_is_ejected_and_readmitted_after_a_probe() -> None:
+    down_port, up_port = free_port(), free_port()
+    up = await _health_only_server(up_port)
+    workers = Workers(4 * 1024 * 1024, eject_after_failures=2, eject_s=0.3)
+    workers.on_event(registry_pb2.WatchWorkersResponse(snapshot=True, workers=[
+        _status("flaky", f"127.0.0.1:{down_port}"), _status("steady", f"127.0.0.1:{up_port}")]))
+    flaky = workers.endpoints["flaky"]
+    for _ in range(2):  # nothing listens on the flaky worker's port: real connection failures
+        try:
+            await flaky.stub.ModelInfer(pb.ModelInferRequest(model_name="colors"), timeout=2)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+            workers.record(flaky, False)
+    assert flaky.ejected
+    assert {workers.choose("colors", 1)[0] for _ in range(50)} == {"steady"}
+    await asyncio.sleep(1.0)  # probes keep failing while the port is closed
+    assert flaky.ejected
+    revived = await _health_only_server(down_port)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while flaky.ejected and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    assert not flaky.ejected, "the probe did not re-admit the worker"
+    assert {workers.choose("colors", 1)[0] for _ in range(200)} == {"steady", "flaky"}
+    await workers.close()
+    await up.stop(0)
+    await revived.stop(0)
+
+
+async def test_deadline_default_and_maximum(stack: Stack, gateways: GatewayFactory) -> None:
+    secret = await asyncio.to_thread(stack.key)
+    many = classify_request(*[png((240, 20, 20), size=64)] * 32)  # decoding 32 images takes well over 1 ms
+    capped = await gateways(max_deadline_ms=1)
+    channel, stub = image_stub(capped)
+    code, _ = await status_of(stub.Classify(many, metadata=auth(secret), timeout=60))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED  # a 60 s deadline was cut to 1 ms
+    await channel.close()
+    short_default = await gateways(default_deadline_ms=1)
+    channel, stub = image_stub(short_default)
+    code, _ = await status_of(stub.Classify(many, metadata=auth(secret)))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED  # no deadline from the caller: the default applies
+    resp = await stub.Classify(many, metadata=auth(secret), timeout=60)  # the caller's own deadline wins
+    assert len(resp.results) == 32
+    await channel.close()
+
+
+async def test_limits(stack: Stack, gateways: GatewayFactory) -> None:
+    secret = await asyncio.to_thread(stack.key)
+    gw = await gateways(max_message_bytes=200_000, max_images_per_call=2, max_image_pixels=32 * 32)
+    channel, stub = image_stub(gw)
+    md = auth(secret)
+    code, message = await status_of(stub.Classify(classify_request(RED, RED, RED), metadata=md, timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit is 2" in message
+    code, message = await status_of(stub.Classify(classify_request(png((1, 2, 3), size=33)), metadata=md, timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "pixels" in message
+    noise = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    assert len(buf.getvalue()) > 200_000
+    code, _ = await status_of(stub.Classify(classify_request(buf.getvalue()), metadata=md, timeout=10))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED  # gRPC refuses the oversized message itself
+    infer = pb_grpc.GRPCInferenceServiceStub(channel)
+    big = pb.ModelInferRequest(model_name="ident")
+    big.inputs.add(name="input", datatype="FP32", shape=[3, 4])
+    big.raw_input_contents.append(np.zeros((3, 4), np.float32).tobytes())
+    code, message = await status_of(infer.ModelInfer(big, metadata=md, timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "batch of 3" in message
+    ok = pb.ModelInferRequest(model_name="ident")
+    ok.inputs.add(name="input", datatype="FP32", shape=[2, 4])
+    ok.raw_input_contents.append(np.arange(8, dtype=np.float32).tobytes())
+    resp = await infer.ModelInfer(ok, metadata=md, timeout=10)
+    assert np.frombuffer(resp.raw_output_contents[0], np.float32).tolist() == list(range(8))
+    assert (await stub.Classify(classify_request(RED), metadata=md, timeout=10)).results[0].labels[0].label == "red"
+    await channel.close()
