@@ -1,0 +1,59 @@
+# syntax=docker/dockerfile:1.7
+# The GPU worker image: onnxruntime-gpu 1.31 on the CUDA 13 runtime with cuDNN 9 (what that
+# release links against: libcublasLt.so.13, cuDNN 9.*). Build from the repository root:
+#   docker build -f deploy/docker/worker-gpu.Dockerfile -t fovea-worker-gpu:0.1.0 .
+# Nodes need an NVIDIA driver that supports CUDA 13 (the 580 branch or newer) and the NVIDIA
+# container toolkit (the GPU operator installs both). Without them ONNX Runtime falls back to
+# the CPU; the gpu-prod overlay sets FOVEA_WORKER_REQUIRE_GPU=true so that fails loudly instead.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+
+# ---- build: a virtual environment from the pinned list, and the generated gRPC code ----
+FROM ${CUDA_IMAGE} AS build
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Ubuntu 24.04's own Python 3.12; the run stage installs the same package, so the venv's
+# interpreter link stays valid.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3.12 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY deploy/docker/requirements/ /tmp/requirements/
+# --no-deps: the pinned list is complete, so nothing unpinned (and never torch) gets in.
+# Exactly one ONNX Runtime package: onnxruntime and onnxruntime-gpu share one import folder.
+RUN pip install --only-binary=:all: --no-deps -r /tmp/requirements/gpu.txt \
+ && pip check \
+ && if python -c "import torch" 2>/dev/null; then echo "torch must not be in a service image" >&2; exit 1; fi \
+ && python -c "import onnxruntime as ort; assert 'CUDAExecutionProvider' in ort.get_available_providers()"
+WORKDIR /app
+COPY protos/ protos/
+COPY fovea/ fovea/
+COPY worker/ worker/
+COPY deploy/docker/healthcheck.py healthcheck.py
+# Stubs are build output: generate them here, then compile everything, because the root
+# filesystem is read-only at run time.
+RUN python -m fovea.codegen \
+ && python -m compileall -q /app
+
+# ---- run: the CUDA runtime, Python, a non-root user, no build tools ----
+FROM ${CUDA_IMAGE}
+ENV DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.12 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 fovea \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
+      --shell /usr/sbin/nologin fovea
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /app /app
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    FOVEA_WORKER_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider
+WORKDIR /app
+# codegen.ensure() runs at every start and would try to write into /app if the stubs looked stale.
+RUN python -c "from fovea import codegen; assert not codegen.is_stale(), 'generated code is stale'"
+USER 10001:10001
+EXPOSE 8502 9090
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 CMD ["python", "/app/healthcheck.py", "8502"]
+CMD ["python", "-m", "worker"]
