@@ -47,7 +47,10 @@ def validate_artifact(data: bytes, declared: Any) -> Any:
     except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's bad input
         raise InvalidArgument(f"not a valid ONNX model: {str(exc)[:300]}") from None
     try:
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # a bad upload is the caller's error, not a log line
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
         raise InvalidArgument(f"ONNX Runtime cannot load the model: {str(exc)[:300]}") from None
 

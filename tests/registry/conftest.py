@@ -1,0 +1,48 @@
+"""Registry fixtures: real in-process registry servers (build_server) on the session's Valkey."""
+
+from __future__ import annotations
+
+import pathlib
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from registry.config import RegistryConfig
+from registry.server import RegistryServer, build_server
+from tests.registry.helpers import Reg
+
+StartRegistry = Callable[..., Awaitable[RegistryServer]]
+
+
+@pytest.fixture
+def token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+@pytest.fixture
+async def start_registry(redis_url: str, tmp_path: pathlib.Path, token: str) -> AsyncIterator[StartRegistry]:
+    """Start registries on the clean test database; all share one artifact dir unless told otherwise."""
+    servers: list[RegistryServer] = []
+
+    async def start(**overrides: Any) -> RegistryServer:
+        fields: dict[str, Any] = dict(port=0, redis_url=redis_url, artifact_dir=tmp_path / "artifacts",
+                                      internal_token=token, log_json=False, grace_s=0.5)
+        fields.update(overrides)
+        server = await build_server(RegistryConfig(**fields))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop(0.5)
+
+
+@pytest.fixture
+async def reg(start_registry: StartRegistry, token: str) -> AsyncIterator[Reg]:
+    """A registry and a client that holds the internal token."""
+    server = await start_registry()
+    client = Reg(f"127.0.0.1:{server.port}", token)
+    yield client
+    await client.close()
