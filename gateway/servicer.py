@@ -39,8 +39,8 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
         stream's remaining deadline, or the default one when the stream has none.
         """
         key = principal.get()
-        window: asyncio.Queue[asyncio.Task[image_pb2.ClassifyStreamResponse] | None] = asyncio.Queue(
-            self.gateway.config.stream_window)
+        slots = asyncio.Semaphore(self.gateway.config.stream_window)
+        answers: asyncio.Queue[asyncio.Task[image_pb2.ClassifyStreamResponse] | None] = asyncio.Queue()
 
         async def one(item: image_pb2.ClassifyStreamRequest, timeout_s: float) -> image_pb2.ClassifyStreamResponse:
             try:
@@ -53,19 +53,21 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
         async def reader() -> None:
             try:
                 async for item in request_iterator:
-                    await window.put(asyncio.create_task(one(item, self.gateway.timeout_s(context))))
+                    await slots.acquire()  # a slot is held until the answer has been written
+                    answers.put_nowait(asyncio.create_task(one(item, self.gateway.timeout_s(context))))
             finally:
-                await window.put(None)
+                answers.put_nowait(None)
 
         read_task = asyncio.create_task(reader())
         try:
-            while (task := await window.get()) is not None:
+            while (task := await answers.get()) is not None:
                 yield await task
+                slots.release()
             await read_task  # surfaces a broken request stream
         finally:
             read_task.cancel()
-            while not window.empty():
-                pending = window.get_nowait()
+            while not answers.empty():
+                pending = answers.get_nowait()
                 if pending is not None:
                     pending.cancel()
 

@@ -1,0 +1,56 @@
+"""ClassifyStream: answers in order, an error per failed item without ending the stream,
+and at most stream_window requests of one stream in flight at once (the gateway stops reading
+the stream while its window is full, which is what lets HTTP/2 flow control push back)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from fovea.v1 import image_pb2
+from tests.gateway.conftest import GatewayFactory, Stack, auth, classify_request, image_stub
+from tests.tinymodels import png
+
+COLORS = {"red": (240, 20, 20), "green": (20, 240, 20), "blue": (20, 20, 240)}
+
+
+async def test_stream_answers_in_order_with_errors_per_item(stack: Stack, gateways: GatewayFactory) -> None:
+    window = 3
+    gw = await gateways(stream_window=window)
+    secret = await asyncio.to_thread(stack.key)
+    channel, stub = image_stub(gw)
+    names = list(COLORS) * 10
+    bad = {5: "corrupt", 11: "unknown model", 17: "no images"}
+
+    async def requests() -> AsyncIterator[image_pb2.ClassifyStreamRequest]:
+        for seq, name in enumerate(names):
+            req = classify_request(png(COLORS[name]))
+            if bad.get(seq) == "corrupt":
+                req = classify_request(b"\x89PNG not really")
+            elif bad.get(seq) == "unknown model":
+                req.model = "no-such-model"
+            elif bad.get(seq) == "no images":
+                del req.images[:]
+            yield image_pb2.ClassifyStreamRequest(request=req, sequence=1000 + seq)
+
+    peak = 0
+    ep_in_flight = lambda: sum(ep.in_flight for ep in gw.gateway.workers.endpoints.values())  # noqa: E731
+    call = stub.ClassifyStream(requests(), metadata=auth(secret), timeout=60)
+    answers = []
+    async for resp in call:
+        peak = max(peak, ep_in_flight())
+        answers.append(resp)
+    assert [a.sequence for a in answers] == [1000 + i for i in range(len(names))]
+    for seq, answer in enumerate(answers):
+        if seq in bad:
+            expected = grpc.StatusCode.NOT_FOUND if bad[seq] == "unknown model" else grpc.StatusCode.INVALID_ARGUMENT
+            assert answer.error_code == expected.value[0] and answer.error_message, (seq, answer)
+        else:
+            assert answer.error_code == 0, answer.error_message
+            assert answer.response.results[0].labels[0].label == names[seq]
+    assert peak <= window
+    assert (await call.code()) == grpc.StatusCode.OK
+    await channel.close()
+
