@@ -14,3 +14,7 @@ python -m pip install -q -U pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[cpu,train,test]"
 python -m fovea.codegen
+# The TypeScript client example (tests/gateway/test_typescript_client.py runs it); optional: skipped without npm.
+if command -v npm >/dev/null 2>&1 && [ ! -d clients/typescript/node_modules/@grpc/grpc-js ]; then
+  (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error) || echo "warning: npm ci failed in clients/typescript" >&2
+fi
