@@ -1,0 +1,41 @@
+"""Acceptance 5: the stock Triton client (tritonclient.grpc) works against the gateway unchanged:
+is_server_live, get_model_metadata, and infer with the classification extension."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import sys
+
+from fovea.cluster import ROOT
+from tests.gateway.conftest import GatewayFactory, Stack
+from tests.tinymodels import png
+
+PROBE = pathlib.Path(__file__).with_name("triton_probe.py")
+
+
+async def test_tritonclient_against_gateway(stack: Stack, gateways: GatewayFactory, tmp_path: pathlib.Path) -> None:
+    gw = await gateways()
+    secret = await asyncio.to_thread(stack.key)
+    image = tmp_path / "blue.png"
+    image.write_bytes(png((20, 20, 240)))
+    env = {**os.environ, "FOVEA_API_KEY": secret}
+    # the gateway runs in this event loop, so the client must be a non-blocking subprocess
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(PROBE), f"127.0.0.1:{gw.port}", "colors", str(image),
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    out = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert out["live"] is True and out["ready"] is True and out["model_ready"] is True
+    meta = out["metadata"]
+    assert meta["name"] == "colors" and meta["versions"] == ["1"]
+    assert meta["inputs"][0][0] == "input" and meta["outputs"][0][0] == "logits"
+    assert "classification" in out["server"]["extensions"]
+    best, second = out["classification"]
+    score, index, label = best.split(":", 2)
+    assert (label, int(index)) == ("blue", 2) and float(score) > 0.9
+    assert out["model_version"] == "1"
+    assert out["unknown_key"] == "StatusCode.UNAUTHENTICATED"
