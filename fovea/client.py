@@ -120,6 +120,19 @@ class RegistryClient(_Base):
             req.targets.add(version=version, weight=weight)
         return self.stub.SetAlias(req, metadata=self.metadata, timeout=self.timeout_s)
 
+    def rollback_alias(self, model: str, alias: str = "production") -> registry_pb2.RollbackAliasResponse:
+        """Point the alias back at its targets before the last change."""
+        return self.stub.RollbackAlias(registry_pb2.RollbackAliasRequest(model=model, alias=alias),
+                                       metadata=self.metadata, timeout=self.timeout_s)
+
+    def delete_alias(self, model: str, alias: str) -> model_pb2.Alias:
+        return self.stub.DeleteAlias(registry_pb2.DeleteAliasRequest(model=model, alias=alias),
+                                     metadata=self.metadata, timeout=self.timeout_s).alias
+
+    def alias_history(self, model: str, alias: str = "production") -> registry_pb2.GetAliasHistoryResponse:
+        return self.stub.GetAliasHistory(registry_pb2.GetAliasHistoryRequest(model=model, alias=alias),
+                                         metadata=self.metadata, timeout=self.timeout_s)
+
     def archive(self, model: str, version: int) -> model_pb2.ModelVersion:
         return self.stub.ArchiveVersion(registry_pb2.ArchiveVersionRequest(model=model, version=version),
                                         metadata=self.metadata, timeout=self.timeout_s).model
