@@ -1,0 +1,169 @@
+"""GPU check (run by gpu_check.sh): the CUDA provider is really used, and the worker is timed against raw ORT.
+
+1. A raw session asked for CUDA must report CUDAExecutionProvider first in session.get_providers()
+   (ONNX Runtime silently falls back to the CPU when CUDA libraries are missing).
+2. A worker process started with FOVEA_WORKER_REQUIRE_GPU=true must report CUDAExecutionProvider in its
+   heartbeat (registry ListWorkers) and in its metrics.
+3. Raw ORT on CUDA (b1 latency, batch throughput, plain run and I/O binding) vs the worker over gRPC
+   (c=1 latency, throughput at high concurrency from several client processes).
+Writes gpu_check.json to --out and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench" / "worker"))
+
+import bench_worker as bw  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from fovea.client import RegistryClient  # noqa: E402
+from fovea.cluster import Cluster  # noqa: E402
+from fovea.redis_server import free_port  # noqa: E402
+from fovea.v1 import model_pb2  # noqa: E402
+
+CUDA = [("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
+
+
+def model_file() -> tuple[pathlib.Path, tuple[int, ...], str]:
+    eff = bw.CACHE / "efficientnet-lite0.onnx"
+    if eff.exists():
+        return eff, (3, 224, 224), "efficientnet-lite0"
+    try:
+        return bw.efficientnet_file(), (3, 224, 224), "efficientnet-lite0"
+    except Exception as exc:  # noqa: BLE001 - no torch here: fall back to the model built with onnx.helper
+        print(f"EfficientNet not carried and not exportable ({exc}); using the CIFAR-sized CNN", flush=True)
+        return bw.cifar_file(), (3, 32, 32), "cifar-cnn"
+
+
+def raw_cuda(path: pathlib.Path, shape: tuple[int, ...], seconds: float, batch: int) -> dict[str, Any]:
+    session = ort.InferenceSession(str(path), providers=CUDA)
+    got = session.get_providers()
+    out: dict[str, Any] = {"providers": got}
+    if got[0] != "CUDAExecutionProvider":
+        return out
+    name = session.get_inputs()[0].name
+    out["b1"] = bw.raw_run(session, shape, 1, seconds)
+    out["batch"] = bw.raw_run(session, shape, batch, seconds)
+    x = np.random.default_rng(1).standard_normal((batch, *shape)).astype(np.float32)
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        binding = session.io_binding()
+        binding.bind_cpu_input(name, x)
+        for o in session.get_outputs():
+            binding.bind_output(o.name, "cuda", 0)
+        session.run_with_iobinding(binding)
+        binding.copy_outputs_to_cpu()
+        times.append(time.perf_counter() - t)
+    out["batch_iobinding"] = {"batch": batch, "img_s": batch * len(times) / sum(times),
+                              "p50_ms": 1e3 * statistics.median(times)}
+    return out
+
+
+def _client(args: tuple[str, str, bytes, int, float]) -> dict[str, float]:
+    address, token, payload, conc, seconds = args
+    return asyncio.run(bw.grpc_load(address, token, payload, conc, seconds))
+
+
+def worker_side(path: pathlib.Path, shape: tuple[int, ...], name: str, seconds: float, procs: int,
+                conc: int, max_batch: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = Cluster(pathlib.Path(tmp))
+        try:
+            reg = cluster.start_registry()
+            with RegistryClient(reg.address, cluster.internal_token, timeout_s=120) as rc:
+                mv = rc.register(path.read_bytes(), model_pb2.ModelVersion(name=name))
+                rc.set_alias(name, "production", [(mv.version, 100)])
+                metrics_port = free_port()
+                worker = cluster.start_worker(
+                    reg.address, [name], FOVEA_WORKER_PROVIDERS="CUDAExecutionProvider,CPUExecutionProvider",
+                    FOVEA_WORKER_REQUIRE_GPU="true", FOVEA_WORKER_MAX_BATCH_SIZE=str(max_batch),
+                    FOVEA_WORKER_MAX_QUEUE_LEN="8192", FOVEA_WORKER_METRICS_PORT=str(metrics_port),
+                    FOVEA_WORKER_LOG_LEVEL="WARNING")
+                deadline = time.monotonic() + 30
+                workers = []
+                while time.monotonic() < deadline and not workers:
+                    workers = [w for w in rc.list_workers(name) if w.models and w.models[0].ready]
+                    time.sleep(0.2)
+                out["heartbeat_providers"] = [m.provider for w in workers for m in w.models]
+                out["heartbeat_device"] = [f"{w.device.kind} {w.device.name}" for w in workers]
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+            out["metrics_provider_lines"] = [ln for ln in text.splitlines() if ln.startswith("fovea_worker_provider{")]
+            out["metrics_gpu_memory"] = [ln for ln in text.splitlines() if ln.startswith("fovea_worker_gpu_memory")]
+            payload = bw.request_bytes(name, shape)
+            out["c1"] = _client((worker.address, cluster.internal_token, payload, 1, seconds))
+            with mp.get_context("spawn").Pool(procs) as pool:
+                parts = pool.map(_client, [(worker.address, cluster.internal_token, payload, conc // procs, seconds)]
+                                 * procs)
+            out["load"] = {"concurrency": conc, "client_procs": procs, "img_s": sum(p["img_s"] for p in parts),
+                           "p50_ms": statistics.median(p["p50_ms"] for p in parts)}
+        finally:
+            cluster.stop()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="/tmp/gpu-check")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--client-procs", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=128)
+    args = parser.parse_args()
+    path, shape, name = model_file()
+    result: dict[str, Any] = {"model": name, "onnxruntime": ort.__version__,
+                              "available_providers": ort.get_available_providers()}
+    result["raw"] = raw_cuda(path, shape, args.seconds, args.batch)
+    ok_raw = result["raw"]["providers"][0] == "CUDAExecutionProvider"
+    if ok_raw:
+        result["worker"] = worker_side(path, shape, name, args.seconds, args.client_procs, args.concurrency,
+                                       args.batch)
+    w = result.get("worker", {})
+    ok_worker = bool(w.get("heartbeat_providers")) and all(p == "CUDAExecutionProvider"
+                                                          for p in w["heartbeat_providers"])
+    result["status"] = "ok" if ok_raw and ok_worker else "cuda-not-used"
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("model", "onnxruntime", "status")}))
+    print(f"raw session providers: {result['raw']['providers']}")
+    if w:
+        print(f"worker heartbeat providers: {w['heartbeat_providers']} on {w['heartbeat_device']}")
+        print(f"worker metrics: {w['metrics_provider_lines']} {w['metrics_gpu_memory']}")
+    if ok_raw and w:
+        r = result["raw"]
+        print(f"\n{'':<34}{'p50 ms':>9}{'img/s':>10}")
+        print(f"{'raw ORT CUDA b1':<34}{r['b1']['p50_ms']:>9.2f}{r['b1']['img_s']:>10.0f}")
+        print(f"{'raw ORT CUDA b' + str(args.batch):<34}{r['batch']['p50_ms']:>9.2f}{r['batch']['img_s']:>10.0f}")
+        print(f"{'raw ORT CUDA b' + str(args.batch) + ' I/O binding':<34}{r['batch_iobinding']['p50_ms']:>9.2f}"
+              f"{r['batch_iobinding']['img_s']:>10.0f}")
+        print(f"{'worker c1':<34}{w['c1']['p50_ms']:>9.2f}{w['c1']['img_s']:>10.0f}")
+        print(f"{'worker c' + str(args.concurrency) + ' (' + str(args.client_procs) + ' client procs)':<34}"
+              f"{w['load']['p50_ms']:>9.2f}{w['load']['img_s']:>10.0f}")
+        best = max(r["batch"]["img_s"], r["batch_iobinding"]["img_s"])
+        print(f"worker / raw throughput: {w['load']['img_s'] / best:.1%}; "
+              f"worker c1 p50 - raw b1 p50: {w['c1']['p50_ms'] - r['b1']['p50_ms']:+.2f} ms")
+    print(f"wrote {out / 'gpu_check.json'}")
+    sys.exit(0 if result["status"] == "ok" else 1)
+
+
+if __name__ == "__main__":
+    main()
