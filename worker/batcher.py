@@ -56,6 +56,7 @@ class Batcher:
         on_batch: BatchHook | None = None,
         name: str = "",
         on_drop: DropHook | None = None,
+        inline_compute_us: int = 0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -66,6 +67,9 @@ class Batcher:
         self.max_queue_len = max_queue_len
         self.on_batch = on_batch
         self.on_drop = on_drop
+        self.inline_compute_s = inline_compute_us / 1e6
+        # Starts high so the first batches go to the executor until real timings are known.
+        self.compute_ewma_s = 1.0
         self.name = name
         self.queue: asyncio.Queue[Item] | None = None
         self.tasks: list[asyncio.Task[None]] = []
@@ -184,7 +188,11 @@ class Batcher:
         self.in_compute += 1
         t0 = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(executor, run, inputs)
+            if self.compute_ewma_s < self.inline_compute_s and len(self.runners) == 1:
+                # A batch this short costs less than the two thread hops an executor adds.
+                outputs = run(inputs)
+            else:
+                outputs = await loop.run_in_executor(executor, run, inputs)
         except Exception as exc:  # noqa: BLE001 - a failing batch fails only its own requests
             logger.warning("batch of %d samples failed on %s: %s", total, self.name, exc)
             err = BatchFailed(f"model {self.name} failed on this batch: {str(exc)[:200]}")
@@ -195,6 +203,7 @@ class Batcher:
         finally:
             self.in_compute -= 1
         compute_s = time.perf_counter() - t0
+        self.compute_ewma_s += 0.1 * (compute_s - self.compute_ewma_s)
         if self.on_batch is not None:
             self.on_batch(total, [started - it.enqueued for it in live], compute_s)
         if any(o.shape[0] != total for o in outputs):

@@ -66,6 +66,9 @@ class WorkerConfig(BaseConfig):
     """How long to wait for more samples once one arrives; 0 batches whatever is queued."""
     preferred_batch_sizes: Annotated[list[int], NoDecode] = []
     """Batch sizes to stop collecting at, when reached before max_batch_size."""
+    inline_compute_us: int = 1000
+    """Run a batch on the event loop thread, skipping the executor's two thread hops, while the model's average
+    batch takes less than this (one instance only); 0 always uses the executor."""
     max_queue_len: int = 1024
     """Queued requests per model version before RESOURCE_EXHAUSTED."""
     max_image_pixels: int = 40_000_000
@@ -82,6 +85,9 @@ class WorkerConfig(BaseConfig):
     """How long a version that left its alias keeps serving before it is unloaded."""
     encryption_key_file: str = ""
     """AES-256 key for artifacts encrypted at rest; decrypted in memory only."""
+    drain_linger_s: float = 0.5
+    """On shutdown, how long to keep refusing new calls with a retryable UNAVAILABLE before closing the port;
+    calls already on the wire then get a status a gateway retries, not CANCELLED."""
     default_deadline_ms: int = 30_000
     """Deadline for calls that carry none."""
 

@@ -214,7 +214,8 @@ class ModelManager:
         batcher = Batcher([runner(s) for s in sessions], self.config.max_batch_size,
                           self.config.max_queue_delay_us, self.config.preferred_batch_sizes,
                           self.config.max_queue_len, on_batch=self.metrics.batch_hook(mv.name, version),
-                          name=name, on_drop=self.metrics.drop_hook(mv.name, version))
+                          name=name, on_drop=self.metrics.drop_hook(mv.name, version),
+                          inline_compute_us=self.config.inline_compute_us)
         lv = Loaded(mv=mv, sessions=list(sessions), batcher=batcher, preprocess=pre,
                     provider=sessions[0].provider, input_dtypes=sessions[0].input_dtypes)
         self.loaded[key] = lv  # listed (heartbeats, ModelReady) but not ready until warmed up

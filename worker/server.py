@@ -76,7 +76,8 @@ class WorkerServer:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self._heartbeat_once()  # gateways stop routing here at once
-        while self.servicer.in_flight and loop.time() < deadline:
+        linger_until = loop.time() + min(self.config.drain_linger_s, grace_s / 2)
+        while (self.servicer.in_flight or loop.time() < linger_until) and loop.time() < deadline:
             await asyncio.sleep(0.005)
         if self.servicer.in_flight:
             logger.warning("grace of %.1fs ran out with %d call(s) in flight", grace_s, self.servicer.in_flight)
