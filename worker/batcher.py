@@ -68,8 +68,8 @@ class Batcher:
         self.on_batch = on_batch
         self.on_drop = on_drop
         self.inline_compute_s = inline_compute_us / 1e6
-        # Starts high so the first batches go to the executor until real timings are known.
-        self.compute_ewma_s = 1.0
+        # Unknown until the first batch (the warm-up), which goes to the executor.
+        self.compute_ewma_s = float("inf")
         self.name = name
         self.queue: asyncio.Queue[Item] | None = None
         self.tasks: list[asyncio.Task[None]] = []
@@ -203,7 +203,10 @@ class Batcher:
         finally:
             self.in_compute -= 1
         compute_s = time.perf_counter() - t0
-        self.compute_ewma_s += 0.1 * (compute_s - self.compute_ewma_s)
+        if self.compute_ewma_s == float("inf"):
+            self.compute_ewma_s = compute_s
+        else:
+            self.compute_ewma_s += 0.1 * (compute_s - self.compute_ewma_s)
         if self.on_batch is not None:
             self.on_batch(total, [started - it.enqueued for it in live], compute_s)
         if any(o.shape[0] != total for o in outputs):
