@@ -102,6 +102,14 @@ def test_termination_grace_covers_prestop_and_drain_grace(objs: list[Obj]) -> No
     assert float(worker_env["FOVEA_WORKER_GRACE_S"]) >= 10, "the worker's drain grace is set explicitly"
 
 
+def test_every_object_lives_in_the_fovea_namespace(objs: list[Obj]) -> None:
+    """Pods only see Secrets and ConfigMaps of their own namespace (an overlay's generated Secret
+    does not inherit the base's namespace by itself)."""
+    for obj in objs:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == "fovea", f"{obj['kind']}/{obj['metadata']['name']}"
+
+
 def test_every_secret_configmap_and_volume_reference_resolves(objs: list[Obj]) -> None:
     def check(kind: str, name: str, keys: list[str], where: str) -> None:
         found = find(objs, kind, name)
