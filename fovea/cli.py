@@ -76,10 +76,35 @@ def _print_table(rows: list[list[Any]], header: list[str]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
 
 
-def _dump(messages: list[Any]) -> None:
+def _dict(message: Any) -> Any:
     from google.protobuf.json_format import MessageToDict
 
-    print(json.dumps([MessageToDict(m) for m in messages], indent=2))
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _dump(data: Any) -> int:
+    """Print messages (or lists and dicts of them) as JSON with the proto's field names."""
+    def convert(x: Any) -> Any:
+        if isinstance(x, list):
+            return [convert(i) for i in x]
+        if isinstance(x, dict):
+            return {k: convert(v) for k, v in x.items()}
+        return _dict(x) if hasattr(x, "DESCRIPTOR") else x
+
+    print(json.dumps(convert(data), indent=2))
+    return 0
+
+
+def _targets(alias: Any) -> str:
+    if alias is None or not alias.targets:
+        return "none"
+    if len(alias.targets) == 1:
+        return f"v{alias.targets[0].version}"
+    return ", ".join(f"v{t.version} {t.weight}%" for t in alias.targets)
+
+
+def _when(ts: Any) -> str:
+    return ts.ToDatetime().isoformat(timespec="seconds") if ts.seconds else "-"
 
 
 @_grpc_errors
@@ -94,52 +119,76 @@ def cmd_model(args: argparse.Namespace) -> int:
         from training.cli import export_main
 
         return export_main(args.rest)
+    if args.action == "promote" and bool(args.canary) != bool(args.canary_weight):
+        return _fail("--canary VERSION and --canary-weight PERCENT (1-99) go together")
     rc = _registry(args)
     if args.action == "list":
         models = rc.list_models()
         if args.json:
-            return _dump(models) or 0
-        _print_table([[m.name, m.latest_version, ", ".join(
-            f"{a.name}->" + "/".join(f"v{t.version}:{t.weight}%" for t in a.targets) for a in m.aliases)]
-            for m in models], ["MODEL", "LATEST", "ALIASES"])
+            return _dump(models)
+        _print_table([[m.name, m.latest_version, "; ".join(f"{a.name} -> {_targets(a)}" for a in m.aliases) or "-"]
+                      for m in models], ["MODEL", "LATEST", "ALIASES"])
     elif args.action == "show":
         versions = rc.list_versions(args.name)
+        aliases = next((m.aliases for m in rc.list_models() if m.name == args.name), [])
         if args.json:
-            return _dump(versions) or 0
+            return _dump({"name": args.name, "versions": versions, "aliases": list(aliases)})
         _print_table([[v.version, model_pb2.VersionState.Name(v.state).removeprefix("VERSION_STATE_").lower(),
                        v.sha256[:12], v.size_bytes, len(v.labels),
-                       " ".join(f"{k}={val:.4g}" for k, val in sorted(v.metrics.items())),
-                       v.created_at.ToDatetime().isoformat(timespec="seconds")]
-                      for v in versions], ["VERSION", "STATE", "SHA256", "BYTES", "LABELS", "METRICS", "CREATED"])
+                       " ".join(f"{k}={val:.4g}" for k, val in sorted(v.metrics.items())) or "-",
+                       v.published_by, _when(v.created_at)]
+                      for v in versions],
+                     ["VERSION", "STATE", "SHA256", "BYTES", "LABELS", "METRICS", "PUBLISHED BY", "CREATED"])
+        if aliases:
+            print()
+            _print_table([[a.name, _targets(a), _when(a.updated_at)] for a in aliases], ["ALIAS", "TARGETS", "UPDATED"])
     elif args.action == "register":
         mv = model_pb2.ModelVersion(name=args.name)
         for item in args.metric or []:
             k, _, v = item.partition("=")
-            mv.metrics[k] = float(v)
+            try:
+                mv.metrics[k] = float(v)
+            except ValueError:
+                return _fail(f"--metric takes NAME=NUMBER, got {item!r}")
         for item in args.tag or []:
             k, _, v = item.partition("=")
             mv.tags[k] = v
         if args.model_card:
             mv.model_card = pathlib.Path(args.model_card).read_text()
-        out = rc.register(args.file, mv, progress=True)
-        if args.promote:
-            rc.set_alias(out.name, args.promote, [(out.version, 100)])
-        print(f"registered {out.name} v{out.version} sha256={out.sha256}")
+        out = rc.register(args.file, mv, progress=not args.json)
+        promoted = rc.set_alias(out.name, args.promote, [(out.version, 100)]) if args.promote else None
+        if args.json:
+            return _dump({"model": out, **({"alias": promoted.alias} if promoted else {})})
+        print(f"registered {out.name} v{out.version} sha256={out.sha256} ({out.size_bytes} bytes)")
+        if promoted:
+            print(f"{out.name}/{args.promote}: {_targets(promoted.previous if promoted.HasField('previous') else None)}"
+                  f" -> {_targets(promoted.alias)}")
     elif args.action == "promote":
-        targets = [(args.version, 100 - args.canary_weight)] if not args.canary else [
+        targets = [(args.version, 100)] if not args.canary else [
             (args.version, 100 - args.canary_weight), (args.canary, args.canary_weight)]
         resp = rc.set_alias(args.name, args.alias, targets)
-        prev = "/".join(f"v{t.version}:{t.weight}%" for t in resp.previous.targets) or "none"
-        now = "/".join(f"v{t.version}:{t.weight}%" for t in resp.alias.targets)
-        print(f"{args.name}:{args.alias} {prev} -> {now}")
+        if args.json:
+            return _dump(resp)
+        prev = resp.previous if resp.HasField("previous") else None
+        print(f"{args.name}/{args.alias}: {_targets(prev)} -> {_targets(resp.alias)}")
+    elif args.action == "rollback":
+        resp = rc.rollback_alias(args.name, args.alias)
+        if args.json:
+            return _dump(resp)
+        prev = resp.previous if resp.HasField("previous") else None
+        print(f"{args.name}/{args.alias} rolled back: {_targets(prev)} -> {_targets(resp.alias)}")
     elif args.action == "archive":
         mv = rc.archive(args.name, args.version)
+        if args.json:
+            return _dump(mv)
         print(f"archived {mv.name} v{mv.version}")
     return 0
 
 
 @_grpc_errors
 def cmd_keys(args: argparse.Namespace) -> int:
+    import time
+
     from fovea.v1 import registry_pb2
 
     rc = _registry(args)
@@ -147,19 +196,27 @@ def cmd_keys(args: argparse.Namespace) -> int:
         key, secret = rc.create_key(args.role, args.model or [], args.ttl_s, args.description,
                                     args.rps, args.ips, args.burst)
         if args.json:
-            print(json.dumps({"key_id": key.key_id, "secret": secret}))
-        else:
-            print(f"key id: {key.key_id}\nsecret: {secret}\n(the secret is shown only once)")
+            return _dump({"key_id": key.key_id, "secret": secret, "key": key})
+        print(f"key id: {key.key_id}\nsecret: {secret}\n(the secret is shown only once; store it now)")
     elif args.action == "list":
         keys = rc.list_keys()
         if args.json:
-            return _dump(keys) or 0
+            return _dump(keys)
+
+        def state(k: Any) -> str:
+            if k.revoked:
+                return "revoked"
+            return "expired" if k.HasField("expires_at") and k.expires_at.seconds <= time.time() else "active"
+
         _print_table([[k.key_id, registry_pb2.Role.Name(k.role).removeprefix("ROLE_").lower(),
-                       ",".join(k.model_patterns) or "*", "revoked" if k.revoked else "active",
-                       k.expires_at.ToDatetime().isoformat(timespec="seconds") if k.HasField("expires_at") else "never",
-                       k.description] for k in keys], ["KEY ID", "ROLE", "MODELS", "STATE", "EXPIRES", "DESCRIPTION"])
+                       ",".join(k.model_patterns) or "*", state(k),
+                       _when(k.expires_at) if k.HasField("expires_at") else "never", _when(k.created_at),
+                       k.description or "-"] for k in keys],
+                     ["KEY ID", "ROLE", "MODELS", "STATE", "EXPIRES", "CREATED", "DESCRIPTION"])
     elif args.action == "revoke":
         k = rc.revoke_key(args.key_id)
+        if args.json:
+            return _dump(k)
         print(f"revoked {k.key_id}")
     return 0
 
@@ -214,14 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--token", default="", help="API key with the publish or admin role (or FOVEA_API_KEY)")
         q.add_argument("--json", action="store_true")
 
-    m = sub.add_parser("model", help="register, list, show, promote, archive, export, import-pretrained")
+    m = sub.add_parser("model", help="register, list, show, promote, rollback, archive, export, import-pretrained")
     msub = m.add_subparsers(dest="action", required=True)
-    for name in ("list",):
-        registry_flags(msub.add_parser(name))
-    s = msub.add_parser("show")
+    registry_flags(msub.add_parser("list", help="models with their latest version and aliases"))
+    s = msub.add_parser("show", help="a model's versions and aliases")
     s.add_argument("name")
     registry_flags(s)
-    r = msub.add_parser("register")
+    r = msub.add_parser("register", help="upload an ONNX file as the model's next version")
     r.add_argument("name")
     r.add_argument("file", help="ONNX file (labels and preprocessing come from its fovea.* metadata)")
     r.add_argument("--metric", action="append", help="NAME=VALUE")
@@ -234,9 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("version", type=int)
     pr.add_argument("--alias", default="production")
     pr.add_argument("--canary", type=int, default=0, help="second version to send some traffic to")
-    pr.add_argument("--canary-weight", type=int, default=0, help="percent of traffic for --canary")
+    pr.add_argument("--canary-weight", type=int, default=0, help="percent of traffic for --canary (1-99)")
     registry_flags(pr)
-    a = msub.add_parser("archive")
+    rb = msub.add_parser("rollback", help="point an alias back where it was before its last change")
+    rb.add_argument("name")
+    rb.add_argument("--alias", default="production")
+    registry_flags(rb)
+    a = msub.add_parser("archive", help="archive a version no alias points at")
     a.add_argument("name")
     a.add_argument("version", type=int)
     registry_flags(a)
