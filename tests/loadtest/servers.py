@@ -18,13 +18,24 @@ from loadtest.zero_server import ZeroComputeServicer, echo, serve
 
 
 class SleepingOipServer(ZeroComputeServicer):
-    """Fault injection: every ModelInfer takes a known extra delay (asyncio.sleep)."""
+    """Fault injection: every ModelInfer holds the request for exactly delay_ms.
+
+    asyncio.sleep alone overshoots (the selector rounds its timeout up to a millisecond, and on a
+    busy machine the woken process waits for a core), so it sleeps until SPIN_S before the
+    deadline and spins the rest: the delay is then known, and the process is on a core when it
+    answers. Meant for one request at a time (the spin blocks the event loop briefly).
+    """
+
+    SPIN_S = 0.003
 
     def __init__(self, delay_ms: float) -> None:
         self.delay_s = delay_ms / 1000
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        await asyncio.sleep(self.delay_s)
+        deadline = time.monotonic() + self.delay_s
+        await asyncio.sleep(max(0.0, self.delay_s - self.SPIN_S))
+        while time.monotonic() < deadline:
+            pass
         return echo(request)
 
 
