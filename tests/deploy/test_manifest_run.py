@@ -233,6 +233,14 @@ def test_cpu_dev_manifests_run_on_loopback_and_classify_a_photo(rendered: dict[s
                 spec = c[probe]["grpc"]
                 address = loop.address(f"fovea-{service}", spec["port"])
                 assert _health(address, spec.get("service", "")) == health_pb2.HealthCheckResponse.SERVING
+        # The ServiceMonitor scrapes the port named "metrics" of workers and gateways: it serves.
+        import urllib.request
+
+        for service, metric in (("worker", "fovea_worker_queue_depth"), ("gateway", "fovea_gateway_requests")):
+            c = pod_spec(one(objs, "Deployment", f"fovea-{service}"))["containers"][0]
+            url = f"http://{loop.address(f'fovea-{service}', container_ports(c)['metrics'])}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as page:
+                assert metric in page.read().decode(), (service, metric)
         # The images' HEALTHCHECK script agrees (it dials 127.0.0.1:PORT).
         port = gateway.address.rsplit(":", 1)[1]
         check = subprocess.run([sys.executable, str(ROOT / "deploy" / "docker" / "healthcheck.py"), port],
