@@ -24,13 +24,13 @@ def test_p50_matches_a_known_20ms_delay(oip_server: StartServer) -> None:
 
     The true answer is 20 ms plus a loopback round trip (~0.6 ms) plus the time the OS takes to
     wake the client, which on a busy shared machine can add milliseconds by itself. So the
-    measurement is repeated (up to 3 times) until one lands in the band; a harness bug, such as
+    measurement is repeated (up to 5 times) until one lands in the band; a harness bug, such as
     measuring from the wrong instant, would miss it every time, or report under 20 ms.
     """
     target, requests = _tensor_target(oip_server("sleeping", "--delay-ms", "20"))
     seen = []
-    for _ in range(3):
-        result = stats.summarize(run(target, LoadSpec(mode="closed", concurrency=1, duration_s=2.5, warmup_s=0.3),
+    for _ in range(5):
+        result = stats.summarize(run(target, LoadSpec(mode="closed", concurrency=1, duration_s=2.0, warmup_s=0.3),
                                      requests))
         assert result["errors"] == {} and result["ok"] > 40
         assert result["latency_ms"]["p50"] >= 20.0  # never faster than the injected delay
