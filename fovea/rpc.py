@@ -80,40 +80,49 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._authenticate = authenticate
         self._on_done = on_done
         self._translate = translate
+        self._handlers: dict[str, Any] = {}
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        method: str = details.method
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
         handler = await continuation(details)
         if handler is None:
             return None
-        method: str = details.method
-        metadata = {m[0]: m[1] for m in details.invocation_metadata or ()}
         if method.startswith("/grpc.health.v1.") or method.startswith("/grpc.reflection."):
-            return handler
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, metadata),
+            wrapped = handler
+        elif handler.unary_unary:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, metadata),
+        elif handler.unary_stream:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, method, metadata),
+        elif handler.stream_unary:
+            wrapped = grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, method, metadata),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        else:
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(handler.stream_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Handlers are fixed per method, so each is wrapped once; per-call data
+        # (metadata) is read from the call's context instead.
+        self._handlers[method] = wrapped
+        return wrapped
 
-    async def _enter(self, method: str, metadata: dict[str, Any], context: Any) -> str:
+    async def _enter(self, method: str, context: Any) -> str:
+        metadata = {m[0]: m[1] for m in context.invocation_metadata() or ()}
         rid = new_request_id(metadata)
         log.request_id.set(rid)
         if self._authenticate is not None:
@@ -125,14 +134,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return self._translate(exc) or exc
         return exc
 
-    def _wrap_unary(self, behavior: Any, method: str, metadata: dict[str, Any]) -> Any:
+    def _wrap_unary(self, behavior: Any, method: str) -> Any:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             loop = asyncio.get_running_loop()
             start = loop.time()
             code = grpc.StatusCode.OK
             rid = ""
             try:
-                rid = await self._enter(method, metadata, context)
+                rid = await self._enter(method, context)
                 response = await behavior(request, context)
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
                 return response
@@ -146,14 +155,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         return run
 
-    def _wrap_stream(self, behavior: Any, method: str, metadata: dict[str, Any]) -> Any:
+    def _wrap_stream(self, behavior: Any, method: str) -> Any:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             loop = asyncio.get_running_loop()
             start = loop.time()
             code = grpc.StatusCode.OK
             rid = ""
             try:
-                rid = await self._enter(method, metadata, context)
+                rid = await self._enter(method, context)
                 async for item in behavior(request, context):
                     yield item
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
