@@ -77,8 +77,11 @@ def throughput_sweep(series: dict[str, list[tuple[float, float, float]]], path: 
         xs = [p[0] for p in points]
         ax1.plot(xs, [p[1] for p in points], "o-", label=name)
         ax2.plot(xs, [p[2] for p in points], "o-", label=name)
+    ticks = sorted({p[0] for points in series.values() for p in points})
     for ax, ylabel in ((ax1, "throughput (req/s)"), (ax2, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
+        if ticks:
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)

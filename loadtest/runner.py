@@ -104,6 +104,8 @@ class ClientReport:
     lag_p99_ms: float = 0.0
     lag_max_ms: float = 0.0
     overflow: int = 0
+    error_messages: dict[str, str] = field(default_factory=dict)
+    """The first message seen for each error status."""
 
     @property
     def cpu_fraction(self) -> float:
@@ -229,8 +231,11 @@ async def _drive(target: Target, spec: LoadSpec, requests: list[bytes], index: i
                 await call(request, timeout=spec.timeout_s, metadata=metadata)
                 return 0
             except grpc.aio.AioRpcError as exc:
-                return int(exc.code().value[0])
+                code = int(exc.code().value[0])
+                report_messages.setdefault(exc.code().name, (exc.details() or "")[:300])
+                return code
 
+        report_messages: dict[str, str] = {}
         lag = array("d")
         overflow = 0
         if spec.mode == "closed":
@@ -279,7 +284,7 @@ async def _drive(target: Target, spec: LoadSpec, requests: list[bytes], index: i
         lags = np.frombuffer(lag, dtype=np.float64) * 1e3 if len(lag) else np.zeros(1)
         report = ClientReport(index=index, cpu_s=cpu["end"] - cpu["start"], wall_s=cpu["end_wall"] - cpu["start_wall"],
                               sent=rec.count, lag_p99_ms=float(np.percentile(lags, 99)),
-                              lag_max_ms=float(lags.max()), overflow=overflow)
+                              lag_max_ms=float(lags.max()), overflow=overflow, error_messages=report_messages)
         return rec.samples(), report
     finally:
         await channel.close()

@@ -44,6 +44,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "requests": int(s.code.size),
         "ok": int(ok.sum()),
         "errors": errors,
+        "error_messages": {k: v for c in result.clients for k, v in c.error_messages.items()},
         "throughput_rps": float(ok.sum() / spec.duration_s),
         "latency_ms": latency_ms(s.latency_s[ok]),
         "client": {

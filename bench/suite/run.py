@@ -70,18 +70,20 @@ def hop_target(model: BenchModel, hop: str, address: str, token: str) -> tuple[T
         if hop == "gateway":
             target = Target(kind="classify", address=address, model=model.name, token=token, top_k=5)
         else:
-            target = Target(kind="worker", address=address, model=model.name, token=token, input_name="input",
-                            output_name=_output_name(model), classification=5)
+            input_name, output_name = _io_names(model)
+            target = Target(kind="worker", address=address, model=model.name, token=token, input_name=input_name,
+                            output_name=output_name, classification=5)
         return target, build_requests(target, images)
     target = Target(kind="gateway" if hop == "gateway" else "worker", address=address, model=model.name,
                     token=token, payload="tensor", input_name="input", input_shape=[1, *model.tensor_shape])
     return target, build_requests(target, [])
 
 
-def _output_name(model: BenchModel) -> str:
+def _io_names(model: BenchModel) -> tuple[str, str]:
     import onnx
 
-    return onnx.load(str(model.path), load_external_data=False).graph.output[0].name
+    graph = onnx.load(str(model.path), load_external_data=False).graph
+    return graph.input[0].name, graph.output[0].name
 
 
 def wait_until_served(targets: list[tuple[Target, list[bytes]]], timeout_s: float = 120.0) -> None:
