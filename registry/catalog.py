@@ -77,7 +77,8 @@ def check_metadata(mv: model_pb2.ModelVersion) -> None:
 
 class Catalog:
     def __init__(self, redis: aioredis.Redis, store: ArtifactStore, max_history: int = 20) -> None:
-        self.redis = redis
+        # Any: redis-py types replies as bytes | str; with decode_responses off they are bytes.
+        self.redis: Any = redis
         self.store = store
         self.max_history = max_history
 

@@ -16,7 +16,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -33,18 +32,18 @@ def append(pipe: Any, stream: str, event: bytes) -> None:
     pipe.xadd(stream, {FIELD: event}, maxlen=STREAM_MAX_LEN, approximate=True)
 
 
-async def last_id(redis: aioredis.Redis, stream: str) -> bytes:
+async def last_id(redis: Any, stream: str) -> bytes:
     newest = await redis.xrevrange(stream, count=1)
     return newest[0][0] if newest else b"0-0"
 
 
 async def follow(
-    redis: aioredis.Redis,
+    redis: Any,
     stream: str,
     snapshot: Callable[[], Awaitable[T]],
     decode: Callable[[bytes], T],
     block_ms: int = 1000,
-    retry_max_s: float = 1.0,
+    retry_max_s: float = 0.5,
 ) -> AsyncIterator[T]:
     """Yield snapshot(), then every event appended to the stream, forever.
 

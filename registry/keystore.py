@@ -56,7 +56,8 @@ def check_create(req: registry_pb2.CreateApiKeyRequest) -> None:
 
 class KeyStore:
     def __init__(self, redis: aioredis.Redis) -> None:
-        self.redis = redis
+        # Any: redis-py types replies as bytes | str; with decode_responses off they are bytes.
+        self.redis: Any = redis
 
     async def create(self, req: registry_pb2.CreateApiKeyRequest) -> tuple[registry_pb2.ApiKey, str]:
         """A new key's record and its secret; only the salted digest is stored."""

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -57,7 +58,8 @@ def _signature(w: registry_pb2.WorkerStatus) -> bytes:
 
 class WorkerTable:
     def __init__(self, redis: aioredis.Redis, ttl_s: float, poll_s: float) -> None:
-        self.redis = redis
+        # Any: redis-py types replies as bytes | str; with decode_responses off they are bytes.
+        self.redis: Any = redis
         self.ttl_s = ttl_s
         self.poll_s = poll_s
 

@@ -6,6 +6,7 @@ Both use a dedicated Valkey server with append-only persistence, not the shared 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import time
 from typing import Any
@@ -14,6 +15,7 @@ import grpc
 
 from fovea.cluster import Cluster
 from fovea.redis_server import RedisServer
+from fovea.registry_link import RegistryLink
 from fovea.v1 import model_pb2, registry_pb2
 from tests.registry.conftest import StartRegistry
 from tests.registry.helpers import Reg, Watch, poll, status_of
@@ -61,11 +63,30 @@ async def test_kill_9_registry_and_restart_keeps_everything(tmp_path: pathlib.Pa
         reg = Reg(first.address, cluster.internal_token)
         before = await _populate(reg)
         assert len(before["state"]["versions:colors"]) == 3 and len(before["state"]["keys"]) == 2
+        # How gateways and workers watch: RegistryLink.follow reopens the stream after losing it.
+        link = RegistryLink(first.address, cluster.internal_token)
+        events: asyncio.Queue[tuple[float, registry_pb2.WatchModelsResponse]] = asyncio.Queue()
+        stop = asyncio.Event()
+        follower = asyncio.create_task(link.follow(
+            "models", link.watch_models, lambda e: events.put_nowait((time.monotonic(), e)), stop))
+        assert (await asyncio.wait_for(events.get(), 10))[1].snapshot
+
         first.kill()  # SIGKILL
         assert first.proc.returncode == -9
         port = int(first.address.rsplit(":", 1)[1])
         await asyncio.to_thread(cluster.start_registry, port)  # same address: clients just reconnect
         assert await _state(reg) == before["state"]
+        _, resync = await asyncio.wait_for(events.get(), 10)
+        assert resync.snapshot and {a.name for a in resync.aliases} == {"production", "staging"}
+        t0 = time.monotonic()
+        await reg.set_alias("digits", "staging", (1, 100))
+        at, event = await asyncio.wait_for(events.get(), 5)
+        assert [(a.model, a.name) for a in event.aliases] == [("digits", "staging")] and at - t0 < 1.0
+        stop.set()
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        await link.close()
         kept = reg.with_token(before["kept"])
         assert (await kept.resolve("colors", alias="staging")).model.version == 3
         code, msg = await status_of(reg.with_token(before["gone"]).call("ListModels", model_pb2.ListModelsRequest()))
