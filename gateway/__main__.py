@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fovea import codegen
 from fovea.log import configure_logging
 
 
 def main() -> None:
     codegen.ensure()
-    from fovea.serve import run_until_signal
+    from fovea.serve import run_service, run_until_signal
     from gateway.config import GatewayConfig
     from gateway.server import build_server
 
@@ -22,7 +20,7 @@ def main() -> None:
         print(f"gateway: {config.host}:{srv.port}", flush=True)
         await run_until_signal(lambda: srv.stop(config.grace_s))
 
-    asyncio.run(run())
+    run_service(run)
 
 
 if __name__ == "__main__":
