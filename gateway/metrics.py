@@ -3,25 +3,31 @@
 Each gateway has its own CollectorRegistry, so several gateways can live in one
 process (the tests). Label children are cached: the hot path pays a dict lookup
 and an increment, not prometheus_client's label validation.
+
+The access log is the one place that writes a line per call, so it skips the
+logging module's per-record work: a call appends a tuple, and a task writes the
+lines in one batch every flush_s, in the same JSON shape as fovea.log (ts,
+level, service, logger, msg, request_id, model, version) plus method, code, ms.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+import asyncio
+import json
+import sys
+import time
+from typing import Any, TextIO
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
 
 from fovea import log
 
-logger = logging.getLogger("gateway.access")
-
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
-    def __init__(self, access_log: bool = True) -> None:
+    def __init__(self, access_log: "AccessLog | None" = None) -> None:
         self.registry = CollectorRegistry()
         self.access_log = access_log
         self.requests = Counter("fovea_gateway_requests", "Calls by method, model and status code.",
@@ -52,8 +58,8 @@ class Metrics:
         model = log.model_name.get()
         self._child(self.requests, name, model, code.name).inc()
         self._child(self.latency, name).observe(seconds)
-        if self.access_log:
-            logger.info("%s %s %.2f ms", name, code.name, seconds * 1000)
+        if self.access_log is not None:
+            self.access_log.add(name, code.name, seconds, model)
 
     def upstream_call(self, worker_id: str, code: grpc.StatusCode) -> None:
         self._child(self.upstream, worker_id, code.name).inc()
@@ -82,3 +88,64 @@ class Metrics:
             server.server_close()
             thread.join(timeout=5)
             self._http = None
+
+
+class AccessLog:
+    """One line per finished call, written in batches (see the module docstring)."""
+
+    def __init__(self, as_json: bool = True, stream: TextIO | None = None, flush_s: float = 0.2,
+                 max_pending: int = 100_000) -> None:
+        self.as_json = as_json
+        self.stream = stream
+        self.flush_s = flush_s
+        self.max_pending = max_pending
+        self.pending: list[tuple[float, str, str, float, str, str, str]] = []
+        self.dropped = 0
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, method: str, code: str, seconds: float, model: str) -> None:
+        if len(self.pending) >= self.max_pending:
+            self.dropped += 1
+            return
+        self.pending.append((time.time(), method, code, seconds, log.request_id.get(), model,
+                             log.model_version.get()))
+
+    def lines(self, entries: list[tuple[float, str, str, float, str, str, str]]) -> list[str]:
+        out = []
+        for ts, method, code, seconds, rid, model, version in entries:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+            msg = f"{method} {code} {seconds * 1000:.2f} ms"
+            if not self.as_json:
+                out.append(f"{stamp} gateway INFO gateway.access: {msg} request_id={rid} model={model}")
+                continue
+            record = {"ts": stamp, "level": "INFO", "service": "gateway", "logger": "gateway.access", "msg": msg}
+            for k, v in (("request_id", rid), ("model", model), ("version", version)):
+                if v:
+                    record[k] = v
+            record.update(method=method, code=code, ms=round(seconds * 1000, 3))
+            out.append(json.dumps(record))
+        return out
+
+    def flush(self) -> None:
+        if not self.pending and not self.dropped:
+            return
+        entries, self.pending = self.pending, []
+        text = self.lines(entries)
+        if self.dropped:
+            text.append(json.dumps({"level": "WARNING", "service": "gateway", "logger": "gateway.access",
+                                    "msg": f"access log dropped {self.dropped} lines (writer too slow)"}))
+            self.dropped = 0
+        stream = self.stream or sys.stderr
+        try:
+            stream.write("\n".join(text) + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.flush_s)
+                self.flush()
+        finally:
+            self.flush()

@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,6 +26,7 @@ from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 WORKER_SERVICE = "inference.GRPCInferenceService"
+MODEL_INFER = f"/{WORKER_SERVICE}/ModelInfer"
 # Reconnect quickly to a worker that restarts: gRPC's default backoff grows to 120 s.
 RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -41,6 +43,7 @@ class Endpoint:
     status: registry_pb2.WorkerStatus
     channel: grpc.aio.Channel
     stub: pb_grpc.GRPCInferenceServiceStub
+    infer_bytes: Any  # ModelInfer taking and returning serialized messages
     in_flight: int = 0
     failures: int = 0
     ejected: bool = False
@@ -142,7 +145,10 @@ class Workers:
                 self._drop(status.worker_id)
             options = channel_options(self.max_message_bytes) + RECONNECT_OPTIONS
             channel = grpc.aio.insecure_channel(status.address, options=options)
-            self.endpoints[status.worker_id] = Endpoint(status, channel, pb_grpc.GRPCInferenceServiceStub(channel))
+            infer_bytes = channel.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None,
+                                              _registered_method=True)
+            self.endpoints[status.worker_id] = Endpoint(status, channel, pb_grpc.GRPCInferenceServiceStub(channel),
+                                                        infer_bytes)
             logger.info("worker %s at %s joined", status.worker_id, status.address)
         for wid in event.removed_worker_ids:
             self._drop(wid)

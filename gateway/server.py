@@ -17,7 +17,7 @@ from fovea.serve import add_health, set_serving
 from fovea.v1 import image_pb2, image_pb2_grpc, registry_pb2
 from gateway.auth import KeyCache
 from gateway.config import GatewayConfig
-from gateway.metrics import Metrics
+from gateway.metrics import AccessLog, Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.routing import Versions, Workers
 from gateway.service import Gateway
@@ -72,16 +72,20 @@ def _credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
 async def build_server(config: GatewayConfig) -> GatewayServer:
     link = RegistryLink(config.registry_address, config.internal_token, config.max_message_bytes)
     versions = Versions(link, config.latest_cache_s)
-    metrics = Metrics(config.access_log)
+    access_log = AccessLog(config.log_json) if config.access_log else None
+    metrics = Metrics(access_log)
     workers = Workers(config.max_message_bytes, config.eject_after_failures, config.eject_s,
                       on_eject=metrics.ejections.inc)
     limiter = RateLimiter(config.redis_url, config.rate_limit_timeout_s)
     gateway = Gateway(config, versions, workers, limiter, metrics)
     keys = KeyCache(link, config.key_cache_ttl_s, config.refused_key_cache_s, role_of(config.min_role))
     interceptor = ServiceInterceptor(keys.authenticator(), on_done=metrics.on_done)
-    server = grpc.aio.server(interceptors=[interceptor], options=server_options(config.max_message_bytes))
-    image_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(gateway, link), server)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(gateway), server)
+    server = grpc.aio.server(options=server_options(config.max_message_bytes))
+    inference = InferenceServicer(gateway)
+    await add_wrapped(server, interceptor, image_pb2_grpc.add_ImageServiceServicer_to_server,
+                      ImageServicer(gateway, link))
+    await add_wrapped(server, interceptor, pb_grpc.add_GRPCInferenceServiceServicer_to_server, inference,
+                      {"ModelInfer": grpc.unary_unary_rpc_method_handler(inference.ModelInferBytes)})
     health_servicer = add_health(server, SERVICES)
     await set_serving(health_servicer, SERVICES, False)
     address = f"{config.host}:{config.port}"
@@ -93,6 +97,8 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
         asyncio.create_task(link.follow("workers", link.watch_workers, workers.on_event, stop)),
         asyncio.create_task(link.follow("keys", link.watch_keys, keys.on_event, stop)),
     ]
+    if access_log is not None:
+        tasks.append(asyncio.create_task(access_log.run()))
     await gateway.wait_for_workers(5.0)
     await server.start()
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else -1
@@ -100,6 +106,48 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     logger.info("gateway listening on %s (%s)%s", f"{config.host}:{port}", "TLS" if creds else "plaintext",
                 f", metrics on {config.metrics_host}:{metrics_port}" if metrics_port >= 0 else "")
     return GatewayServer(server, port, gateway, keys, link, health_servicer, stop, metrics, metrics_port, tasks)
+
+
+class _Collect:
+    """Stands in for a server so that a generated add_*_to_server() hands over its method handlers."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.services[service] = dict(handlers)
+
+
+class _Details(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
+async def add_wrapped(server: grpc.aio.Server, interceptor: ServiceInterceptor, add: Any, servicer: Any,
+                      replace: dict[str, grpc.RpcMethodHandler] | None = None) -> None:
+    """Register a servicer's handlers with the interceptor's work built in, once.
+
+    The interceptor wraps a method's handler the same way for every call, so the
+    gateway asks it once per method here instead of installing it as a server
+    interceptor, whose per-call machinery costs about 0.1 ms of CPU in grpc.aio.
+    `replace` swaps in handlers of its own (ModelInfer passes bytes through).
+    """
+    collect = _Collect()
+    add(servicer, collect)
+    for service, handlers in collect.services.items():
+        handlers.update(replace or {})
+        wrapped = {}
+        for name, handler in handlers.items():
+            async def continuation(details: Any, handler: grpc.RpcMethodHandler = handler) -> grpc.RpcMethodHandler:
+                return handler
+
+            wrapped[name] = await interceptor.intercept_service(continuation, _Details(f"/{service}/{name}"))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+        server.add_registered_method_handlers(service, wrapped)
 
 
 def role_of(name: str) -> int:

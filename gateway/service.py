@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fovea import log, oip
 from fovea.errors import DeadlineExpired, InvalidArgument, UpstreamError
@@ -50,8 +51,14 @@ class Gateway:
 
     async def forward(self, request: pb.ModelInferRequest, timeout_s: float) -> pb.ModelInferResponse:
         """Send a ModelInfer for a resolved version; on UNAVAILABLE retry once on another worker."""
+        return await self._forward(request.model_name, int(request.model_version), request, timeout_s, False)  # type: ignore[no-any-return]
+
+    async def forward_bytes(self, model: str, version: int, request: bytes, timeout_s: float) -> bytes:
+        """forward() for a serialized ModelInferRequest; returns the serialized response."""
+        return await self._forward(model, version, request, timeout_s, True)  # type: ignore[no-any-return]
+
+    async def _forward(self, model: str, version: int, request: Any, timeout_s: float, raw: bool) -> Any:
         deadline = time.monotonic() + timeout_s
-        model, version = request.model_name, int(request.model_version)
         tried: frozenset[str] = frozenset()
         rid = log.request_id.get()
         md = (self._auth_md, (REQUEST_ID_HEADER, rid)) if rid else (self._auth_md,)
@@ -62,7 +69,8 @@ class Gateway:
                 raise DeadlineExpired("deadline passed before a worker could answer")
             ep.in_flight += 1
             try:
-                response = await ep.stub.ModelInfer(request, timeout=remaining, metadata=md)
+                call = ep.infer_bytes if raw else ep.stub.ModelInfer
+                response = await call(request, timeout=remaining, metadata=md)
                 ep.failures = 0
                 ep.served += 1
                 self.metrics.upstream_call(wid, grpc.StatusCode.OK)
@@ -147,6 +155,24 @@ class Gateway:
     async def infer(self, key: registry_pb2.ApiKey, request: pb.ModelInferRequest,
                     timeout_s: float) -> pb.ModelInferResponse:
         """The public ModelInfer: check access and quota, resolve an empty version through the production alias, forward."""
+        mv = await self._admit_infer(key, request)
+        request.model_version = str(mv.version)
+        return await self.forward(request, timeout_s)
+
+    async def infer_bytes(self, key: registry_pb2.ApiKey, raw: bytes, timeout_s: float) -> bytes:
+        """infer() on the serialized request, which is forwarded as it came (plus the resolved
+        version when it named none): the gateway parses it once and never serializes it again."""
+        try:
+            request = pb.ModelInferRequest.FromString(raw)
+        except DecodeError:
+            raise InvalidArgument("the request is not a valid ModelInferRequest message") from None
+        mv = await self._admit_infer(key, request)
+        version = str(mv.version)
+        if request.model_version != version:
+            raw = raw + version_field(version)  # a later value of a field replaces an earlier one
+        return await self.forward_bytes(mv.name, mv.version, raw, timeout_s)
+
+    async def _admit_infer(self, key: registry_pb2.ApiKey, request: pb.ModelInferRequest) -> model_pb2.ModelVersion:
         version = 0
         if request.model_version:
             try:
@@ -162,12 +188,16 @@ class Gateway:
             if tensor.shape:
                 samples = max(samples, int(tensor.shape[0]))
         await self.quota(key, samples)
-        mv = await self.resolve(request.model_name, version, "")
-        request.model_version = str(mv.version)
-        return await self.forward(request, timeout_s)
+        return await self.resolve(request.model_name, version, "")
 
     async def wait_for_workers(self, timeout_s: float) -> None:
         try:
             await asyncio.wait_for(self.workers.ready.wait(), timeout_s)
         except TimeoutError:
             pass
+
+
+def version_field(version: str) -> bytes:
+    """ModelInferRequest.model_version (field 2, length-delimited) encoded on its own."""
+    data = version.encode()
+    return bytes([0x12, len(data)]) + data  # versions are short decimal strings: one-byte length

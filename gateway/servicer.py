@@ -126,3 +126,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         return await self.gateway.infer(principal.get(), request, self.gateway.timeout_s(context))
+
+    async def ModelInferBytes(self, request: bytes, context: Any) -> bytes:
+        """ModelInfer as the gateway serves it: the request's bytes go to the worker, its answer's bytes back."""
+        return await self.gateway.infer_bytes(principal.get(), request, self.gateway.timeout_s(context))

@@ -1,0 +1,259 @@
+"""What the gateway hop costs: the same ModelInfer sent to a worker directly and through a gateway.
+
+Starts Redis, a registry, one worker and one gateway as processes on loopback, then measures
+  1. latency at concurrency 1 (alternating blocks of direct and gateway calls, so noise hits both),
+  2. throughput at saturation (client processes keeping `--concurrency` calls in flight),
+and prints a table and writes JSON. Acceptance: hop <= 0.5 ms at p50, throughput >= 95% of direct.
+
+    .venv/bin/python bench/gateway/bench_gateway.py                       # tiny identity model
+    .venv/bin/python bench/gateway/bench_gateway.py --model efficientnet-lite0 --concurrency 16
+
+With the identity model every microsecond is serving overhead, so the latency hop is exposed
+as it is; at saturation the gateway then needs about as much CPU per call as the worker, so
+on a machine with fewer cores than processes the throughput figure measures CPU sharing
+(pass --model efficientnet-lite0 for a realistic ratio, or pin processes with --cpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from fovea import codegen  # noqa: E402
+
+codegen.ensure()
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fovea.client import RegistryClient  # noqa: E402
+from fovea.cluster import Cluster  # noqa: E402
+from fovea.config import channel_options  # noqa: E402
+from fovea.v1 import model_pb2  # noqa: E402
+from inference import grpc_predict_v2_pb2 as pb  # noqa: E402
+from inference import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
+
+
+def build_model(name: str, data_dir: pathlib.Path) -> tuple[bytes, model_pb2.ModelVersion, bytes]:
+    """The ONNX bytes, its registry metadata, and one request payload (tensor bytes or an encoded image)."""
+    if name == "ident":
+        from tests.tinymodels import identity_model
+
+        return identity_model(), model_pb2.ModelVersion(name="ident"), np.arange(4, dtype=np.float32).tobytes()
+    if name == "colors":
+        from tests.tinymodels import color_model, png
+
+        return color_model(), model_pb2.ModelVersion(name="colors"), png((240, 20, 20), size=64)
+    if name == "efficientnet-lite0":
+        import io
+
+        from PIL import Image
+        from skimage import data
+
+        from training.pretrained import import_efficientnet_lite0
+
+        path = pathlib.Path(import_efficientnet_lite0(data_dir / "models" / name))
+        buf = io.BytesIO()
+        Image.fromarray(data.coffee()).convert("RGB").resize((256, 171)).save(buf, format="JPEG", quality=90)
+        return path.read_bytes(), model_pb2.ModelVersion(name=name), buf.getvalue()
+    raise SystemExit(f"unknown model {name!r}: ident, colors or efficientnet-lite0")
+
+
+def make_request(model: str, payload: bytes) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model, model_version="1")
+    if model == "ident":
+        req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+        req.raw_input_contents.append(payload)
+    else:
+        req.inputs.add(name="input", datatype="BYTES", shape=[1])
+        req.raw_input_contents.append(len(payload).to_bytes(4, "little") + payload)
+        out = req.outputs.add(name="logits" if model == "colors" else "")
+        out.parameters["classification"].int64_param = 1
+    return req
+
+
+def fix_output_name(req: pb.ModelInferRequest, rc: RegistryClient, model: str) -> None:
+    if model not in ("ident", "colors"):
+        mv = rc.resolve(model).model
+        req.outputs[0].name = mv.outputs[0].name
+        req.inputs[0].name = mv.inputs[0].name
+
+
+def latency(targets: dict[str, tuple[str, tuple[tuple[str, str], ...]]], req: pb.ModelInferRequest,
+            n: int, block: int = 100) -> dict[str, list[float]]:
+    stubs = {name: (pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(addr, options=channel_options(1 << 26))), md)
+             for name, (addr, md) in targets.items()}
+    samples: dict[str, list[float]] = {name: [] for name in targets}
+    for name, (stub, md) in stubs.items():  # warm up channels, caches and the worker
+        for _ in range(200):
+            stub.ModelInfer(req, metadata=md, timeout=30)
+    done = 0
+    while done < n:
+        for name, (stub, md) in stubs.items():
+            out = samples[name]
+            for _ in range(min(block, n - done)):
+                t0 = time.perf_counter()
+                stub.ModelInfer(req, metadata=md, timeout=30)
+                out.append((time.perf_counter() - t0) * 1000)
+        done += block
+    return samples
+
+
+def _load_client(address: str, md: tuple[tuple[str, str], ...], req_bytes: bytes, concurrency: int,
+                 duration_s: float, start_at: float, queue: Any) -> None:
+    async def run() -> tuple[int, int]:
+        req = pb.ModelInferRequest.FromString(req_bytes)
+        channel = grpc.aio.insecure_channel(address, options=channel_options(1 << 26))
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        await stub.ModelInfer(req, metadata=md, timeout=30)
+        while time.time() < start_at:
+            await asyncio.sleep(0.01)
+        end = time.perf_counter() + duration_s
+        ok = failed = 0
+
+        async def loop() -> None:
+            nonlocal ok, failed
+            while time.perf_counter() < end:
+                try:
+                    await stub.ModelInfer(req, metadata=md, timeout=30)
+                    ok += 1
+                except grpc.aio.AioRpcError:
+                    failed += 1
+
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        await channel.close()
+        return ok, failed
+
+    queue.put(asyncio.run(run()))
+
+
+def throughput(address: str, md: tuple[tuple[str, str], ...], req: pb.ModelInferRequest, concurrency: int,
+               clients: int, duration_s: float) -> tuple[float, int]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    start_at = time.time() + 3.0  # every client connected and warm before the clock starts
+    per = max(1, concurrency // clients)
+    procs = [ctx.Process(target=_load_client, args=(address, md, req.SerializeToString(), per, duration_s,
+                                                    start_at, queue)) for _ in range(clients)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=duration_s + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(r[0] for r in results) / duration_s, sum(r[1] for r in results)
+
+
+def cpu_s(pid: int) -> float:
+    """User plus system CPU seconds a process has used so far (Linux /proc)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q))
+
+
+def pin(proc: subprocess.Popen[bytes], cpus: str) -> None:
+    os.sched_setaffinity(proc.pid, {int(c) for c in cpus.split(",")})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="ident", help="ident, colors or efficientnet-lite0")
+    ap.add_argument("--requests", type=int, default=2000, help="calls per target in the latency phase")
+    ap.add_argument("--concurrency", type=int, default=32, help="calls in flight in the throughput phase")
+    ap.add_argument("--clients", type=int, default=2, help="client processes in the throughput phase")
+    ap.add_argument("--duration-s", type=float, default=10.0, help="length of one throughput trial")
+    ap.add_argument("--trials", type=int, default=3, help="throughput trials per target (alternating); 0 skips")
+    ap.add_argument("--data-dir", default="", help="where the cluster keeps its files (default: a temp dir)")
+    ap.add_argument("--cpus", default="", help="pin worker:gateway CPUs, e.g. '0,1:2,3' (Linux)")
+    ap.add_argument("--gateway-env", action="append", default=[], help="extra FOVEA_GATEWAY_X=Y settings")
+    ap.add_argument("--json", default=str(ROOT / "bench" / "gateway" / "results.json"))
+    args = ap.parse_args()
+
+    data_dir = pathlib.Path(args.data_dir or tempfile.mkdtemp(prefix="fovea-bench-gw-"))
+    artifact, meta, payload = build_model(args.model, data_dir)
+    cluster = Cluster(data_dir / "cluster")
+    try:
+        reg = cluster.start_registry()
+        rc = RegistryClient(reg.address, cluster.internal_token, timeout_s=600)
+        mv = rc.register(artifact, meta)
+        rc.set_alias(mv.name, "production", [(mv.version, 100)])
+        _, secret = rc.create_key("infer")
+        worker = cluster.start_worker(reg.address, [mv.name])
+        extra = dict(kv.split("=", 1) for kv in args.gateway_env)
+        gateway = cluster.start_gateway(reg.address, **extra)
+        if args.cpus:
+            worker_cpus, gateway_cpus = args.cpus.split(":")
+            pin(worker.proc, worker_cpus)
+            pin(gateway.proc, gateway_cpus)
+        while not rc.list_workers(mv.name, ready_only=True):
+            time.sleep(0.1)
+        req = make_request(mv.name, payload)
+        fix_output_name(req, rc, mv.name)
+        targets = {
+            "direct": (worker.address, (("authorization", f"Bearer {cluster.internal_token}"),)),
+            "gateway": (gateway.address, (("authorization", f"Bearer {secret}"),)),
+        }
+        print(f"model {mv.name}; worker {worker.address}, gateway {gateway.address}; {os.cpu_count()} CPUs",
+              flush=True)
+        pids = {"worker": worker.proc.pid, "gateway": gateway.proc.pid}
+        cpu_before = {k: cpu_s(v) for k, v in pids.items()}
+        lat = latency(targets, req, args.requests)
+        # The latency phase sends (200 warm-up + requests) calls to each target: the worker
+        # serves both targets' calls, the gateway only its own. CPU time per call does not
+        # depend on how busy the machine is, unlike wall-clock latency on a shared machine.
+        calls = 200 + args.requests
+        cpu_ms = {k: (cpu_s(v) - cpu_before[k]) * 1000 / (calls * (2 if k == "worker" else 1))
+                  for k, v in pids.items()}
+        rates: dict[str, list[float]] = {name: [] for name in targets}
+        failed = 0
+        for _ in range(args.trials):
+            for name, (address, md) in targets.items():
+                rate, bad = throughput(address, md, req, args.concurrency, args.clients, args.duration_s)
+                rates[name].append(rate)
+                failed += bad
+    finally:
+        cluster.stop()
+
+    rows = []
+    for name in targets:
+        rows.append({"target": name, "p50_ms": pct(lat[name], 50), "p90_ms": pct(lat[name], 90),
+                     "p99_ms": pct(lat[name], 99), "rps": statistics.median(rates[name]) if rates[name] else 0.0,
+                     "rps_trials": rates[name]})
+    hop_ms = rows[1]["p50_ms"] - rows[0]["p50_ms"]
+    ratio = rows[1]["rps"] / rows[0]["rps"] if rows[0]["rps"] else 0.0
+    print(f"\n{'target':<8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'calls/s (median of trials)':>28}")
+    for r in rows:
+        trials = "/".join(f"{x:.0f}" for x in r["rps_trials"])
+        print(f"{r['target']:<8} {r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} "
+              f"{r['rps']:>10.0f} ({trials})")
+    print(f"\nCPU per call in the latency phase: worker {cpu_ms['worker']:.3f} ms, "
+          f"gateway {cpu_ms['gateway']:.3f} ms")
+    print(f"gateway hop at p50, concurrency 1: {hop_ms:+.3f} ms (target <= 0.5 ms) "
+          f"{'PASS' if hop_ms <= 0.5 else 'FAIL'}")
+    print(f"throughput through the gateway at concurrency {args.concurrency}: {ratio * 100:.1f}% of direct "
+          f"(target >= 95%) {'PASS' if ratio >= 0.95 else 'FAIL'}; failed calls: {failed}")
+    out = {"model": mv.name, "cpus": os.cpu_count(), "requests": args.requests, "concurrency": args.concurrency,
+           "clients": args.clients, "duration_s": args.duration_s, "trials": args.trials, "rows": rows,
+           "hop_p50_ms": hop_ms, "cpu_ms_per_call": cpu_ms, "throughput_ratio": ratio, "failed": failed,
+           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
