@@ -22,15 +22,17 @@ class RegistryConfig(BaseConfig):
     """redis://, rediss:// (TLS) or redis+sentinel://host:port[,host:port]/service_name/db."""
     artifact_dir: pathlib.Path = pathlib.Path("var/artifacts")
     """Directory of content-addressed artifacts (a PersistentVolume on Kubernetes)."""
-    max_artifact_bytes: int = 1024 * 1024 * 1024
+    max_artifact_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
     """Largest artifact accepted by RegisterModel; the upload is refused as soon as it passes this."""
-    chunk_bytes: int = 1024 * 1024
+    chunk_bytes: int = Field(default=1024 * 1024, gt=0)
     """Chunk size of artifact downloads."""
-    heartbeat_ttl_s: float = 5.0
+    heartbeat_ttl_s: float = Field(default=5.0, gt=0)
     """A worker whose last heartbeat is older than this is dead (at most 5 s keeps failover quick)."""
     encryption_key_file: str = ""
     """File holding the AES-256 key for artifacts at rest; empty stores plaintext."""
-    watch_poll_s: float = 0.2
+    watch_poll_s: float = Field(default=0.2, gt=0)
     """How often a worker watch looks for expired heartbeats."""
-    max_alias_history: int = 20
+    max_alias_history: int = Field(default=20, ge=1)
     """Earlier states kept per alias for rollback."""
+    max_concurrent_uploads: int = Field(default=4, ge=1)
+    """Uploads received and validated at once; more wait their turn (memory: this times max_artifact_bytes)."""

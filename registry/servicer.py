@@ -65,10 +65,12 @@ async def read_upload(requests: AsyncIterator[registry_pb2.RegisterModelRequest]
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, registry: Registry, chunk_bytes: int) -> None:
+    def __init__(self, registry: Registry, chunk_bytes: int, max_concurrent_uploads: int = 4) -> None:
         self.registry = registry
         self.catalog = registry.catalog
         self.chunk_bytes = chunk_bytes
+        # Each upload is held in memory while it is validated; this bounds how many at once.
+        self.uploads = asyncio.Semaphore(max_concurrent_uploads)
 
     # ---- models ---------------------------------------------------------
 
@@ -77,8 +79,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             check_name(mv.name)
             check_access(principal.get(), PUBLISH, mv.name)
 
-        metadata, data = await read_upload(request_iterator, self.registry.max_artifact_bytes, on_metadata)
-        mv = await self.catalog.register(metadata, data, _caller_id())
+        async with self.uploads:
+            metadata, data = await read_upload(request_iterator, self.registry.max_artifact_bytes, on_metadata)
+            mv = await self.catalog.register(metadata, data, _caller_id())
         return registry_pb2.RegisterModelResponse(model=mv)
 
     async def GetModelVersion(self, request: registry_pb2.GetModelVersionRequest, context: Any) -> registry_pb2.GetModelVersionResponse:

@@ -166,3 +166,15 @@ async def test_resolution_by_version_alias_and_latest(reg: Reg) -> None:
     assert code == grpc.StatusCode.NOT_FOUND and "no version 9" in msg
     code, msg = await status_of(reg.resolve("ghost"))
     assert code == grpc.StatusCode.NOT_FOUND and "unknown model 'ghost'" in msg
+
+
+def test_config_limits_must_be_positive() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from registry.config import RegistryConfig
+
+    for field in ("max_artifact_bytes", "chunk_bytes", "heartbeat_ttl_s", "watch_poll_s", "max_concurrent_uploads",
+                  "max_alias_history"):
+        with pytest.raises(ValidationError):
+            RegistryConfig(**{field: 0})
