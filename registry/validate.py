@@ -60,6 +60,7 @@ def validate_artifact(data: bytes, declared: Any) -> Any:
         _check_tensors("input", result.inputs, graph_version.inputs)
         for d, a in zip(result.inputs, graph_version.inputs):
             d.datatype = d.datatype or a.datatype
+            d.layout = d.layout or a.layout
             if not d.shape:
                 d.shape.extend(a.shape)
     else:
@@ -75,6 +76,9 @@ def validate_artifact(data: bytes, declared: Any) -> Any:
     if not result.model_card:
         result.model_card = graph_version.model_card
 
+    for spec in [*result.inputs, *result.outputs]:
+        if len(spec.layout) > 16 or (spec.layout and not spec.layout.isalpha()):
+            raise InvalidArgument(f"layout of {spec.name!r} must be letters such as NCHW, up to 16")
     for spec in result.inputs:
         if not spec.shape or spec.shape[0] != -1:
             raise InvalidArgument(f"input {spec.name!r} needs a dynamic batch axis (first dimension -1)")
@@ -132,6 +136,8 @@ def _check_preprocessing(mv: Any) -> None:
 
     pre = mv.preprocessing
     spec = mv.inputs[0]
+    if spec.layout not in ("", "NCHW"):
+        raise InvalidArgument(f"image preprocessing feeds NCHW tensors; input {spec.name!r} is declared {spec.layout}")
     if len(spec.shape) != 4:
         raise InvalidArgument(f"image preprocessing needs a 4-D NCHW input; {spec.name!r} is {list(spec.shape)}")
     channels = 1 if pre.color_mode == model_pb2.COLOR_MODE_GRAYSCALE else 3
