@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -24,21 +24,30 @@ CHUNK_BYTES = 1024 * 1024
 ROLES = {"infer": registry_pb2.ROLE_INFER, "publish": registry_pb2.ROLE_PUBLISH, "admin": registry_pb2.ROLE_ADMIN}
 
 
-def _channel(address: str, tls_ca_file: str | None, max_message_bytes: int) -> grpc.Channel:
+def _channel(address: str, tls_ca_file: str | None, max_message_bytes: int,
+             tls_cert_file: str | None = None, tls_key_file: str | None = None) -> grpc.Channel:
+    """Plaintext unless tls_ca_file is given ("" = the system's roots); a client certificate for mutual TLS."""
     options = channel_options(max_message_bytes)
     if tls_ca_file is not None:
         ca = pathlib.Path(tls_ca_file).read_bytes() if tls_ca_file else None
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca), options=options)
+        cert = pathlib.Path(tls_cert_file).read_bytes() if tls_cert_file else None
+        key = pathlib.Path(tls_key_file).read_bytes() if tls_key_file else None
+        creds = grpc.ssl_channel_credentials(ca, private_key=key, certificate_chain=cert)
+        return grpc.secure_channel(address, creds, options=options)
     return grpc.insecure_channel(address, options=options)
 
 
 class _Base:
     def __init__(self, address: str, token: str, timeout_s: float = 30.0, tls_ca_file: str | None = None,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 64 * 1024 * 1024, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.metadata = (("authorization", f"Bearer {token}"),)
-        self.channel = _channel(address, tls_ca_file, max_message_bytes)
+        self.channel = _channel(address, tls_ca_file, max_message_bytes, tls_cert_file, tls_key_file)
+
+    def _md(self, request_id: str = "") -> tuple[tuple[str, str], ...]:
+        return self.metadata + ((("x-request-id", request_id),) if request_id else ())
 
     def close(self) -> None:
         self.channel.close()
@@ -58,11 +67,22 @@ class Client(_Base):
         self.stub = image_pb2_grpc.ImageServiceStub(self.channel)
 
     def classify(self, images: Sequence[bytes], model: str, top_k: int = 5, version: int = 0,
-                 alias: str = "", ids: Sequence[str] | None = None) -> image_pb2.ClassifyResponse:
+                 alias: str = "", ids: Sequence[str] | None = None,
+                 request_id: str = "") -> image_pb2.ClassifyResponse:
         req = image_pb2.ClassifyRequest(model=model, version=version, alias=alias, top_k=top_k)
         for i, data in enumerate(images):
             req.images.add(data=data, id=ids[i] if ids else str(i))
-        return self.stub.Classify(req, metadata=self.metadata, timeout=self.timeout_s)
+        return self.stub.Classify(req, metadata=self._md(request_id), timeout=self.timeout_s)
+
+    def classify_stream(self, requests: Iterable[image_pb2.ClassifyRequest],
+                        timeout_s: float | None = None) -> Iterator[image_pb2.ClassifyStreamResponse]:
+        """Classify many requests over one stream; answers come in order, numbered from 0.
+
+        A failed item carries error_code/error_message and the stream goes on.
+        The gateway keeps a bounded window in flight, so a fast producer is slowed down.
+        """
+        items = (image_pb2.ClassifyStreamRequest(request=r, sequence=i) for i, r in enumerate(requests))
+        return iter(self.stub.ClassifyStream(items, metadata=self.metadata, timeout=timeout_s))
 
     def list_models(self) -> list[model_pb2.ModelSummary]:
         return list(self.stub.ListModels(model_pb2.ListModelsRequest(), metadata=self.metadata,
