@@ -69,6 +69,8 @@ async def test_kill_9_one_worker_under_load(own_stack: Stack) -> None:
     print(f"{ok} calls ({ok - before_kill} after the kill), {len(failures)} failed, "
           f"{gw.gateway.retries} retried; attempts on the dead worker {chosen_after_ejection}")
     assert failures == [], failures[:3]
+    assert gw.gateway.retries >= 1  # calls that met the dead worker went on to the live one
+    assert f"fovea_gateway_upstream_retries_total {float(gw.gateway.retries)}" in gw.metrics.exposition().decode()
     assert ok - before_kill > 20
     assert _attempts(gw, victim_id) == chosen_after_ejection, "the dead worker was still chosen"
     await channel.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import io
 import ipaddress
 import json
 import logging
@@ -19,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from fovea.client import Client
 from fovea.log import ContextFilter, JsonFormatter
 from fovea.v1 import image_pb2_grpc
 from tests.gateway.conftest import GatewayFactory, Stack, auth, classify_request, image_stub, status_of
@@ -42,12 +44,15 @@ class JsonLines(logging.Handler):
 
 async def test_metrics_endpoint_and_request_ids(stack: Stack, gateways: GatewayFactory) -> None:
     handler = JsonLines()
-    gateway_logger = logging.getLogger("gateway")
-    old_level = gateway_logger.level
-    gateway_logger.setLevel(logging.INFO)
-    gateway_logger.addHandler(handler)
+    rpc_logger = logging.getLogger("fovea.rpc")  # where the interceptor logs each error, once
+    old_level = rpc_logger.level
+    rpc_logger.setLevel(logging.INFO)
+    rpc_logger.addHandler(handler)
+    access = io.StringIO()
     try:
         gw = await gateways(metrics_port=0)
+        assert gw.metrics.access_log is not None
+        gw.metrics.access_log.stream = access
         secret = await asyncio.to_thread(stack.key)
         channel, stub = image_stub(gw)
         call = stub.Classify(classify_request(RED), metadata=auth(secret, rid="trace-me-42"), timeout=10)
@@ -60,14 +65,18 @@ async def test_metrics_endpoint_and_request_ids(stack: Stack, gateways: GatewayF
         bad = stub.Classify(classify_request(b"junk"), metadata=auth(secret, rid="bad-one-7"), timeout=10)
         assert (await status_of(bad))[0] == grpc.StatusCode.INVALID_ARGUMENT
         assert dict(await bad.trailing_metadata())["x-request-id"] == "bad-one-7"
+        gw.metrics.access_log.flush()
     finally:
-        gateway_logger.removeHandler(handler)
-        gateway_logger.setLevel(old_level)
-    by_rid = {line.get("request_id"): line for line in handler.lines if line["logger"] == "gateway.access"}
+        rpc_logger.removeHandler(handler)
+        rpc_logger.setLevel(old_level)
+    lines = [json.loads(line) for line in access.getvalue().splitlines()]
+    by_rid = {line.get("request_id"): line for line in lines}
     assert by_rid["trace-me-42"]["msg"].startswith("Classify OK") and by_rid["trace-me-42"]["model"] == "colors"
-    assert by_rid[made]["service"] == "gateway"
-    assert by_rid["bad-one-7"]["msg"].startswith("Classify INVALID_ARGUMENT")
-    assert secret not in json.dumps(handler.lines)  # keys are never logged
+    assert by_rid["trace-me-42"]["code"] == "OK" and by_rid[made]["service"] == "gateway"
+    assert by_rid["bad-one-7"]["code"] == "INVALID_ARGUMENT"
+    errors = [line for line in handler.lines if line.get("request_id") == "bad-one-7"]
+    assert errors and "INVALID_ARGUMENT" in errors[0]["msg"]
+    assert secret not in access.getvalue() + json.dumps(handler.lines)  # keys are never logged
 
     text = await asyncio.to_thread(
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode())
@@ -152,3 +161,10 @@ async def test_tls_and_mutual_tls(stack: Stack, gateways: GatewayFactory, tmp_pa
     assert await classify(tls.port, grpc.ssl_channel_credentials()) == grpc.StatusCode.UNAVAILABLE  # unknown CA
     assert await classify(mtls.port, grpc.ssl_channel_credentials(ca, **client_pair)) == grpc.StatusCode.OK
     assert await classify(mtls.port, grpc.ssl_channel_credentials(ca)) == grpc.StatusCode.UNAVAILABLE  # no client cert
+
+    def python_client() -> str:  # fovea.client with a client certificate (blocking: runs in a thread)
+        with Client(f"127.0.0.1:{mtls.port}", secret, timeout_s=10, tls_ca_file=str(f["ca"]),
+                    tls_cert_file=str(f["client_cert"]), tls_key_file=str(f["client_key"])) as c:
+            return c.classify([RED], model="colors", top_k=1).results[0].labels[0].label
+
+    assert await asyncio.to_thread(python_client) == "red"

@@ -137,5 +137,8 @@ async def test_limits(stack: Stack, gateways: GatewayFactory) -> None:
     ok.raw_input_contents.append(np.arange(8, dtype=np.float32).tobytes())
     resp = await infer.ModelInfer(ok, metadata=md, timeout=10)
     assert np.frombuffer(resp.raw_output_contents[0], np.float32).tolist() == list(range(8))
+    garbage = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+    code, message = await status_of(garbage(b"\xff\xff\xff not a protobuf", metadata=md, timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "ModelInferRequest" in message
     assert (await stub.Classify(classify_request(RED), metadata=md, timeout=10)).results[0].labels[0].label == "red"
     await channel.close()

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from fovea.client import Client
 from fovea.v1 import image_pb2
 from tests.gateway.conftest import GatewayFactory, Stack, auth, classify_request, image_stub
 from tests.tinymodels import png
@@ -54,3 +55,16 @@ async def test_stream_answers_in_order_with_errors_per_item(stack: Stack, gatewa
     assert (await call.code()) == grpc.StatusCode.OK
     await channel.close()
 
+
+
+async def test_python_client_stream(stack: Stack, gateways: GatewayFactory) -> None:
+    gw = await gateways()
+    secret = await asyncio.to_thread(stack.key)
+    names = list(COLORS) * 4
+
+    def run() -> list[tuple[int, str]]:  # the blocking client runs in a thread; the gateway in this loop
+        with Client(f"127.0.0.1:{gw.port}", secret, timeout_s=30) as c:
+            answers = c.classify_stream(classify_request(png(COLORS[n])) for n in names)
+            return [(a.sequence, a.response.results[0].labels[0].label) for a in answers]
+
+    assert await asyncio.to_thread(run) == list(enumerate(names))
