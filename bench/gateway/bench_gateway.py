@@ -2,8 +2,11 @@
 
 Starts Redis, a registry, one worker and one gateway as processes on loopback, then measures
   1. latency at concurrency 1 (alternating blocks of direct and gateway calls, so noise hits both),
+     plus the CPU time each process spends per call (robust on a busy machine),
   2. throughput at saturation (client processes keeping `--concurrency` calls in flight),
 and prints a table and writes JSON. Acceptance: hop <= 0.5 ms at p50, throughput >= 95% of direct.
+A third latency target, "floor", is bare_proxy.py: a Python grpc.aio proxy with no logic at all,
+the least any Python hop can cost on the machine at hand.
 
     .venv/bin/python bench/gateway/bench_gateway.py                       # tiny identity model
     .venv/bin/python bench/gateway/bench_gateway.py --model efficientnet-lite0 --concurrency 16
@@ -41,6 +44,7 @@ import numpy as np  # noqa: E402
 
 from fovea.client import RegistryClient  # noqa: E402
 from fovea.cluster import Cluster  # noqa: E402
+from fovea.redis_server import free_port  # noqa: E402
 from fovea.config import channel_options  # noqa: E402
 from fovea.v1 import model_pb2  # noqa: E402
 from inference import grpc_predict_v2_pb2 as pb  # noqa: E402
@@ -181,10 +185,12 @@ def main() -> None:
     ap.add_argument("--data-dir", default="", help="where the cluster keeps its files (default: a temp dir)")
     ap.add_argument("--cpus", default="", help="pin worker:gateway CPUs, e.g. '0,1:2,3' (Linux)")
     ap.add_argument("--gateway-env", action="append", default=[], help="extra FOVEA_GATEWAY_X=Y settings")
+    ap.add_argument("--no-floor", action="store_true", help="skip the bare proxy (bare_proxy.py) target")
     ap.add_argument("--json", default=str(ROOT / "bench" / "gateway" / "results.json"))
     args = ap.parse_args()
 
     data_dir = pathlib.Path(args.data_dir or tempfile.mkdtemp(prefix="fovea-bench-gw-"))
+    bare: subprocess.Popen[bytes] | None = None
     artifact, meta, payload = build_model(args.model, data_dir)
     cluster = Cluster(data_dir / "cluster")
     try:
@@ -196,10 +202,18 @@ def main() -> None:
         worker = cluster.start_worker(reg.address, [mv.name])
         extra = dict(kv.split("=", 1) for kv in args.gateway_env)
         gateway = cluster.start_gateway(reg.address, **extra)
+        if not args.no_floor:
+            bare = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).with_name("bare_proxy.py")),
+                                     worker.address, str(free_port())], stdout=subprocess.PIPE,
+                                    env={**os.environ, "FOVEA_INTERNAL_TOKEN": cluster.internal_token})
+            assert bare.stdout is not None
+            bare_address = bare.stdout.readline().decode().split(": ", 1)[1].strip()
         if args.cpus:
             worker_cpus, gateway_cpus = args.cpus.split(":")
             pin(worker.proc, worker_cpus)
             pin(gateway.proc, gateway_cpus)
+            if bare is not None:
+                pin(bare, gateway_cpus)
         while not rc.list_workers(mv.name, ready_only=True):
             time.sleep(0.1)
         req = make_request(mv.name, payload)
@@ -208,29 +222,39 @@ def main() -> None:
             "direct": (worker.address, (("authorization", f"Bearer {cluster.internal_token}"),)),
             "gateway": (gateway.address, (("authorization", f"Bearer {secret}"),)),
         }
+        if bare is not None:
+            targets["floor"] = (bare_address, ())
         print(f"model {mv.name}; worker {worker.address}, gateway {gateway.address}; {os.cpu_count()} CPUs",
               flush=True)
         pids = {"worker": worker.proc.pid, "gateway": gateway.proc.pid}
+        if bare is not None:
+            pids["floor"] = bare.pid
         cpu_before = {k: cpu_s(v) for k, v in pids.items()}
         lat = latency(targets, req, args.requests)
         # The latency phase sends (200 warm-up + requests) calls to each target: the worker
         # serves both targets' calls, the gateway only its own. CPU time per call does not
         # depend on how busy the machine is, unlike wall-clock latency on a shared machine.
         calls = 200 + args.requests
-        cpu_ms = {k: (cpu_s(v) - cpu_before[k]) * 1000 / (calls * (2 if k == "worker" else 1))
+        cpu_ms = {k: (cpu_s(v) - cpu_before[k]) * 1000 / (calls * (len(targets) if k == "worker" else 1))
                   for k, v in pids.items()}
         rates: dict[str, list[float]] = {name: [] for name in targets}
         failed = 0
         for _ in range(args.trials):
             for name, (address, md) in targets.items():
+                if name == "floor":
+                    continue
                 rate, bad = throughput(address, md, req, args.concurrency, args.clients, args.duration_s)
                 rates[name].append(rate)
                 failed += bad
     finally:
+        if bare is not None:
+            bare.kill()
+            bare.wait()
         cluster.stop()
 
     rows = []
     for name in targets:
+        rates.setdefault(name, [])
         rows.append({"target": name, "p50_ms": pct(lat[name], 50), "p90_ms": pct(lat[name], 90),
                      "p99_ms": pct(lat[name], 99), "rps": statistics.median(rates[name]) if rates[name] else 0.0,
                      "rps_trials": rates[name]})
@@ -239,10 +263,13 @@ def main() -> None:
     print(f"\n{'target':<8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'calls/s (median of trials)':>28}")
     for r in rows:
         trials = "/".join(f"{x:.0f}" for x in r["rps_trials"])
-        print(f"{r['target']:<8} {r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} "
-              f"{r['rps']:>10.0f} ({trials})")
-    print(f"\nCPU per call in the latency phase: worker {cpu_ms['worker']:.3f} ms, "
-          f"gateway {cpu_ms['gateway']:.3f} ms")
+        rate = f"{r['rps']:>10.0f} ({trials})" if trials else f"{'-':>10}"
+        print(f"{r['target']:<8} {r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} {rate}")
+    print("\nCPU per call in the latency phase: " + ", ".join(f"{k} {v:.3f} ms" for k, v in cpu_ms.items()))
+    if "floor" in lat:
+        floor_hop = rows[2]["p50_ms"] - rows[0]["p50_ms"]
+        print(f"floor (a bare Python grpc.aio bytes proxy) adds {floor_hop:+.3f} ms at p50; "
+              f"the gateway adds {hop_ms - floor_hop:+.3f} ms on top of it")
     print(f"gateway hop at p50, concurrency 1: {hop_ms:+.3f} ms (target <= 0.5 ms) "
           f"{'PASS' if hop_ms <= 0.5 else 'FAIL'}")
     print(f"throughput through the gateway at concurrency {args.concurrency}: {ratio * 100:.1f}% of direct "
