@@ -98,7 +98,8 @@ def fix_output_name(req: pb.ModelInferRequest, rc: RegistryClient, model: str) -
 
 def latency(targets: dict[str, tuple[str, tuple[tuple[str, str], ...]]], req: pb.ModelInferRequest,
             n: int, block: int = 100) -> dict[str, list[float]]:
-    stubs = {name: (pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(addr, options=channel_options(1 << 26))), md)
+    stubs = {name: (pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(addr.split(",")[0],
+                                                                           options=channel_options(1 << 26))), md)
              for name, (addr, md) in targets.items()}
     samples: dict[str, list[float]] = {name: [] for name in targets}
     for name, (stub, md) in stubs.items():  # warm up channels, caches and the worker
@@ -150,8 +151,9 @@ def throughput(address: str, md: tuple[tuple[str, str], ...], req: pb.ModelInfer
     queue = ctx.Queue()
     start_at = time.time() + 3.0  # every client connected and warm before the clock starts
     per = max(1, concurrency // clients)
-    procs = [ctx.Process(target=_load_client, args=(address, md, req.SerializeToString(), per, duration_s,
-                                                    start_at, queue)) for _ in range(clients)]
+    addresses = address.split(",")  # several gateway replicas: clients spread over them
+    procs = [ctx.Process(target=_load_client, args=(addresses[i % len(addresses)], md, req.SerializeToString(), per,
+                                                    duration_s, start_at, queue)) for i in range(clients)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=duration_s + 120) for _ in procs]
@@ -171,7 +173,10 @@ def pct(values: list[float], q: float) -> float:
 
 
 def pin(proc: subprocess.Popen[bytes], cpus: str) -> None:
-    os.sched_setaffinity(proc.pid, {int(c) for c in cpus.split(",")})
+    try:
+        os.sched_setaffinity(proc.pid, {int(c) for c in cpus.split(",")})
+    except OSError as exc:
+        print(f"warning: could not pin pid {proc.pid} to CPUs {cpus}: {exc}", flush=True)
 
 
 def main() -> None:
@@ -185,6 +190,9 @@ def main() -> None:
     ap.add_argument("--data-dir", default="", help="where the cluster keeps its files (default: a temp dir)")
     ap.add_argument("--cpus", default="", help="pin worker:gateway CPUs, e.g. '0,1:2,3' (Linux)")
     ap.add_argument("--gateway-env", action="append", default=[], help="extra FOVEA_GATEWAY_X=Y settings")
+    ap.add_argument("--worker-env", action="append", default=[], help="extra FOVEA_WORKER_X=Y settings")
+    ap.add_argument("--gateways", type=int, default=1,
+                    help="gateway replicas (processes) the throughput phase spreads its clients over")
     ap.add_argument("--no-floor", action="store_true", help="skip the bare proxy (bare_proxy.py) target")
     ap.add_argument("--json", default=str(ROOT / "bench" / "gateway" / "results.json"))
     args = ap.parse_args()
@@ -199,9 +207,12 @@ def main() -> None:
         mv = rc.register(artifact, meta)
         rc.set_alias(mv.name, "production", [(mv.version, 100)])
         _, secret = rc.create_key("infer")
-        worker = cluster.start_worker(reg.address, [mv.name])
+        worker_env = dict(kv.split("=", 1) for kv in args.worker_env)
+        worker = cluster.start_worker(reg.address, [mv.name], **worker_env)
         extra = dict(kv.split("=", 1) for kv in args.gateway_env)
         gateway = cluster.start_gateway(reg.address, **extra)
+        replicas = [gateway] + [cluster.start_gateway(reg.address, name=f"gateway{i}", **extra)
+                                for i in range(1, args.gateways)]
         if not args.no_floor:
             bare = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).with_name("bare_proxy.py")),
                                      worker.address, str(free_port())], stdout=subprocess.PIPE,
@@ -211,7 +222,15 @@ def main() -> None:
         if args.cpus:
             worker_cpus, gateway_cpus = args.cpus.split(":")
             pin(worker.proc, worker_cpus)
-            pin(gateway.proc, gateway_cpus)
+            for g in replicas:
+                pin(g.proc, gateway_cpus)
+            used = {int(c) for c in f"{worker_cpus},{gateway_cpus}".split(",")}
+            rest = set(os.sched_getaffinity(0)) - used
+            if rest:
+                try:
+                    os.sched_setaffinity(0, rest)  # this process and the load clients it spawns
+                except OSError as exc:
+                    print(f"warning: could not pin the load clients: {exc}", flush=True)
             if bare is not None:
                 pin(bare, gateway_cpus)
         while not rc.list_workers(mv.name, ready_only=True):
@@ -220,7 +239,7 @@ def main() -> None:
         fix_output_name(req, rc, mv.name)
         targets = {
             "direct": (worker.address, (("authorization", f"Bearer {cluster.internal_token}"),)),
-            "gateway": (gateway.address, (("authorization", f"Bearer {secret}"),)),
+            "gateway": (",".join(g.address for g in replicas), (("authorization", f"Bearer {secret}"),)),
         }
         if bare is not None:
             targets["floor"] = (bare_address, ())
@@ -272,9 +291,9 @@ def main() -> None:
               f"the gateway adds {hop_ms - floor_hop:+.3f} ms on top of it")
     print(f"gateway hop at p50, concurrency 1: {hop_ms:+.3f} ms (target <= 0.5 ms) "
           f"{'PASS' if hop_ms <= 0.5 else 'FAIL'}")
-    print(f"throughput through the gateway at concurrency {args.concurrency}: {ratio * 100:.1f}% of direct "
+    print(f"throughput through {args.gateways} gateway process(es) at concurrency {args.concurrency}: {ratio * 100:.1f}% of direct "
           f"(target >= 95%) {'PASS' if ratio >= 0.95 else 'FAIL'}; failed calls: {failed}")
-    out = {"model": mv.name, "cpus": os.cpu_count(), "requests": args.requests, "concurrency": args.concurrency,
+    out = {"model": mv.name, "cpus": os.cpu_count(), "gateways": args.gateways, "pinning": args.cpus, "requests": args.requests, "concurrency": args.concurrency,
            "clients": args.clients, "duration_s": args.duration_s, "trials": args.trials, "rows": rows,
            "hop_p50_ms": hop_ms, "cpu_ms_per_call": cpu_ms, "throughput_ratio": ratio, "failed": failed,
            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
