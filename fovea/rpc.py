@@ -146,9 +146,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
                 return response
             except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
-                exc = self._translated(exc)
-                code = _status_of(exc)[0]
-                await _abort(context, exc, method, rid)
+                mapped = self._translated(exc)
+                code = _status_of(mapped)[0]
+                await _abort(context, mapped, method, rid)
             finally:
                 if self._on_done is not None:
                     self._on_done(method, code, loop.time() - start)
@@ -167,9 +167,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     yield item
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
             except Exception as exc:  # noqa: BLE001
-                exc = self._translated(exc)
-                code = _status_of(exc)[0]
-                await _abort(context, exc, method, rid)
+                mapped = self._translated(exc)
+                code = _status_of(mapped)[0]
+                await _abort(context, mapped, method, rid)
             finally:
                 if self._on_done is not None:
                     self._on_done(method, code, loop.time() - start)
