@@ -35,4 +35,11 @@ async def main(upstream: str, port: int) -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("FOVEA_UVLOOP", "1") != "0":  # the same event loop as the services (fovea.serve)
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
     asyncio.run(main(sys.argv[1], int(sys.argv[2])))
