@@ -7,7 +7,7 @@ import asyncio
 import contextvars
 import hmac
 import logging
-import uuid
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -61,7 +61,7 @@ def new_request_id(metadata: dict[str, Any]) -> str:
         rid = rid.decode("latin-1")
     if rid and len(rid) <= MAX_REQUEST_ID_LEN and rid.isprintable():
         return rid
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):

@@ -18,6 +18,8 @@ class GatewayConfig(BaseConfig):
     """Redis for rate limits shared by all replicas; empty keeps limits per replica."""
     max_images_per_call: int = 64
     """Most images in one Classify call."""
+    max_images_per_forward: int = 32
+    """Most images sent to a worker in one call (at most the workers' max_batch_size); larger calls are split."""
     max_image_pixels: int = 40_000_000
     """Largest image, in pixels, checked from its header."""
     max_image_bytes: int = 20 * 1024 * 1024

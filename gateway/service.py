@@ -135,22 +135,36 @@ class Gateway:
         mv = await self.resolve(req.model, req.version, req.alias)
         if not mv.HasField("preprocessing"):
             raise InvalidArgument(f"model {mv.name} v{mv.version} takes tensors, not images; use ModelInfer")
-        out_name = mv.outputs[0].name
+        out = image_pb2.ClassifyResponse(model=mv.name, version=mv.version)
+        step = self.config.max_images_per_forward
+        chunks = [list(req.images[i:i + step]) for i in range(0, len(req.images), step)]
+        # Large calls go to the workers in chunks no bigger than a worker batch, in parallel.
+        answers = await asyncio.gather(*(self._classify_chunk(mv, chunk, top_k, timeout_s) for chunk in chunks))
+        for chunk, (version, labels) in zip(chunks, answers):
+            out.version = version
+            for img, image_labels in zip(chunk, labels):
+                out.results.add(image_id=img.id, labels=image_labels)
+        return out
+
+    async def _classify_chunk(self, mv: model_pb2.ModelVersion, images: list[image_pb2.Image], top_k: int,
+                              timeout_s: float) -> tuple[int, list[list[image_pb2.Label]]]:
         infer = pb.ModelInferRequest(model_name=mv.name, model_version=str(mv.version))
-        infer.inputs.add(name=mv.inputs[0].name, datatype="BYTES", shape=[len(req.images)])
-        infer.raw_input_contents.append(oip.encode_bytes([img.data for img in req.images]))
-        requested = infer.outputs.add(name=out_name)
+        infer.inputs.add(name=mv.inputs[0].name, datatype="BYTES", shape=[len(images)])
+        infer.raw_input_contents.append(oip.encode_bytes([img.data for img in images]))
+        requested = infer.outputs.add(name=mv.outputs[0].name)
         requested.parameters["classification"].int64_param = top_k
         resp = await self.forward(infer, timeout_s)
-        items = oip.decode_bytes(resp.raw_output_contents[0], int(resp.outputs[0].shape[0] * resp.outputs[0].shape[1]))
-        k = int(resp.outputs[0].shape[1])
-        out = image_pb2.ClassifyResponse(model=mv.name, version=int(resp.model_version or mv.version))
-        for i, img in enumerate(req.images):
-            result = out.results.add(image_id=img.id)
+        shape = resp.outputs[0].shape
+        items = oip.decode_bytes(resp.raw_output_contents[0], int(shape[0] * shape[1]))
+        k = int(shape[1])
+        labels = []
+        for i in range(len(images)):
+            row = []
             for item in items[i * k:(i + 1) * k]:
                 score, index, *rest = item.decode().split(":", 2)
-                result.labels.add(label=rest[0] if rest else "", index=int(index), score=float(score))
-        return out
+                row.append(image_pb2.Label(label=rest[0] if rest else "", index=int(index), score=float(score)))
+            labels.append(row)
+        return int(resp.model_version or mv.version), labels
 
     async def infer(self, key: registry_pb2.ApiKey, request: pb.ModelInferRequest,
                     timeout_s: float) -> pb.ModelInferResponse:

@@ -107,3 +107,13 @@ def test_fovea_up_demo_classifies_sample_photos(tmp_path: object, redis_url: str
     cats = {"tiger cat", "Egyptian cat", "tabby, tabby cat", "Persian cat", "Siamese cat, Siamese"}
     assert cats & set(labels("chelsea")[:2]), lines["chelsea"]
     assert labels("coffee")[0] == "espresso", lines["coffee"]
+
+
+def test_classify_larger_than_a_worker_batch_is_split(cluster: Cluster) -> None:
+    """40 images pass the gateway's limit (64) but exceed a worker batch (32): the gateway splits them."""
+    client, _, _ = _up(cluster)
+    colors = [(240, 20, 20), (20, 240, 20), (20, 20, 240)]
+    images = [png(colors[i % 3]) for i in range(40)]
+    resp = client.classify(images, model="colors", top_k=1, ids=[f"img{i}" for i in range(40)])
+    assert [r.image_id for r in resp.results] == [f"img{i}" for i in range(40)]
+    assert [r.labels[0].label for r in resp.results] == [("red", "green", "blue")[i % 3] for i in range(40)]
