@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# On the lent GPU machine, after every wheel part arrived: install, then run the worker's CUDA check
+# (issue 4) and the mixed-precision training recipe (issue 6). Results and logs go to $OUT.
+# Carry: .whl/small .whl/parts/ort.sha256 fovea/v1 inference runs/bench-worker/efficientnet-lite0.onnx runs/mnist
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+source bench/gpu/device_setup.sh || exit 3
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
+what=${1:-all}
+if [ "$what" = all ] || [ "$what" = worker ]; then
+  timeout 300 python3 bench/worker/gpu_check.py --out "$OUT" --seconds 6 2>&1 | tee "$OUT/worker_check.log"
+fi
+if [ "$what" = all ] || [ "$what" = train ]; then
+  timeout 290 python3 -m bench.training.gpu_recipe --data-dir runs/mnist/mnist.pkl.gz --out "$OUT/gpu_recipe.json" 2>&1 \
+    | grep -v '^\s*$' | tail -60 | tee "$OUT/train_recipe.log"
+fi
