@@ -18,7 +18,7 @@ from torch import nn
 class ModelInfo:
     """One row of the table: how to build the model and what it is for."""
 
-    build: Callable[[int, int, int], nn.Module]  # (in_channels, num_classes, image_size) -> module
+    build: Callable[..., nn.Module]  # (in_channels, num_classes, image_size, **options) -> module
     family: str
     summary: str
 
@@ -86,29 +86,31 @@ class SmallCNN(nn.Module):
 
 
 class RowRNN(nn.Module):
-    """A bidirectional LSTM that reads the image one row at a time (each row is one time step).
+    """A bidirectional LSTM (or GRU) that reads the image one row at a time (one row per time step).
 
     Channels and columns of a row form the step's feature vector. The class comes from the mean
     of the outputs over all rows, which trains faster than the last state alone.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, hidden: int = 128, layers: int = 2) -> None:
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, hidden: int = 128, layers: int = 1,
+                 cell: str = "lstm") -> None:
         super().__init__()
-        self.lstm = nn.LSTM(in_channels * image_size, hidden, num_layers=layers, batch_first=True, bidirectional=True)
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.rnn = rnn(in_channels * image_size, hidden, num_layers=layers, batch_first=True, bidirectional=True)
         self.head = nn.Sequential(nn.LayerNorm(2 * hidden), nn.Linear(2 * hidden, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         rows = x.permute(0, 2, 1, 3).reshape(n, h, c * w)  # (batch, time=rows, features)
-        out, _ = self.lstm(rows)
+        out, _ = self.rnn(rows)
         return self.head(out.mean(dim=1))
 
 
 class ViT(nn.Module):
     """A small Vision Transformer: patch embedding, class token, learned positions, pre-norm encoder."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, patch: int | None = None,
-                 dim: int = 128, depth: int = 6, heads: int = 4, mlp_ratio: int = 2, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, patch: int = 0,
+                 dim: int = 64, depth: int = 6, heads: int = 4, mlp_ratio: int = 2, dropout: float = 0.0) -> None:
         super().__init__()
         patch = patch or _default_patch(image_size)
         if image_size % patch:
@@ -142,18 +144,38 @@ def _default_patch(image_size: int) -> int:
 
 MODELS: dict[str, ModelInfo] = {
     "resnet18": ModelInfo(lambda c, k, s: CifarResNet18(c, k), "cnn", "CIFAR-style ResNet-18 (11M params)"),
-    "cnn": ModelInfo(lambda c, k, s: SmallCNN(c, k), "cnn", "small fast CNN, 5 conv layers (0.2M params)"),
-    "rnn": ModelInfo(lambda c, k, s: RowRNN(c, k, s), "rnn", "bidirectional LSTM over image rows"),
-    "vit": ModelInfo(lambda c, k, s: ViT(c, k, s), "transformer", "small Vision Transformer, 6 layers, dim 128"),
+    "cnn": ModelInfo(lambda c, k, s, **o: SmallCNN(c, k, **o), "cnn", "small fast CNN, 5 conv layers (0.14M params)"),
+    "rnn": ModelInfo(lambda c, k, s, **o: RowRNN(c, k, s, **o), "rnn", "bidirectional LSTM (or GRU) over image rows"),
+    "vit": ModelInfo(lambda c, k, s, **o: ViT(c, k, s, **o), "transformer", "small Vision Transformer, 6 layers, dim 64"),
 }
 
 
-def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    """A freshly initialised model from the table.
+def parse_model_spec(spec: str) -> tuple[str, dict[str, int | float | str]]:
+    """'vit:dim=96,depth=4' -> ('vit', {'dim': 96, 'depth': 4}); numbers become int or float."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, int | float | str] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"model option {item!r} in {spec!r} is not KEY=VALUE")
+        for convert in (int, float, str):
+            try:
+                options[key.strip()] = convert(value.strip())  # type: ignore[operator]
+                break
+            except ValueError:
+                continue
+    return name, options
+
+
+def build_model(spec: str, *, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """A freshly initialised model from the table; `spec` is a name with optional options,
+    e.g. "rnn:hidden=128,cell=gru" (the options are the model class's keyword arguments).
 
     Raises:
         KeyError: unknown model name (the message lists the known ones).
+        TypeError: an option the model does not take.
     """
+    name, options = parse_model_spec(spec)
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
-    return MODELS[name].build(in_channels, num_classes, image_size)
+    return MODELS[name].build(in_channels, num_classes, image_size, **options)

@@ -32,7 +32,7 @@ from training.augment import augment, default_pad, normalize
 from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.datasets import DATASETS, Dataset, load_dataset
 from training.evaluate import classification_metrics, predict_torch, write_report
-from training.models import MODELS, build_model
+from training.models import MODELS, build_model, parse_model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ DEFAULT_WEIGHT_DECAY = {"adamw": 0.05, "sgd": 5e-4}
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fovea train", description="Train an image classifier.")
     p.add_argument("--config", help="YAML file of defaults (keys are flag names, - or _)")
-    p.add_argument("--model", choices=sorted(MODELS), help="architecture from the model table")
+    p.add_argument("--model", help=f"architecture from the model table ({', '.join(sorted(MODELS))}), "
+                   "optionally with options, e.g. vit:dim=96,depth=4")
     p.add_argument("--dataset", choices=DATASETS, help="dataset name")
     p.add_argument("--data-dir", help="archive or folder for cifar10/cifar100/folder (never downloaded)")
     p.add_argument("--image-size", type=int, default=64, help="crop size for folder datasets")
@@ -88,6 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.resume and (args.model is None or args.dataset is None):
         parser.error("--model and --dataset are required (or --resume)")
+    if args.model is not None and parse_model_spec(args.model)[0] not in MODELS:
+        parser.error(f"unknown model {args.model!r}; choose from {', '.join(sorted(MODELS))}")
     return args
 
 
@@ -161,12 +164,15 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     model.train()
     device = images.device
     pad = default_pad(data.image_size) if args.pad is None else args.pad
-    seen, loss_sum, correct = 0, 0.0, 0
+    seen = 0
+    # Running sums stay on the device: reading them every step would stall a GPU on each batch.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
     started = time.perf_counter()
     steps = math.ceil(len(images) / args.batch_size)
     bar = tqdm(batches(len(images), args.batch_size, generator), total=steps, desc=f"epoch {epoch + 1}/{args.epochs}",
                unit="batch", leave=False, dynamic_ncols=True)
-    for index in bar:
+    for step, index in enumerate(bar):
         index = index.to(device)
         x = images[index]
         if not args.no_augment:
@@ -188,12 +194,14 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         scheduler.step()
         n = len(y)
         seen += n
-        loss_sum += float(loss.detach()) * n
-        correct += int((logits.detach().argmax(1) == y).sum())
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}",
-                        lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        loss_sum += loss.detach() * n
+        correct += (logits.detach().argmax(1) == y).sum()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{int(correct) / seen:.2%}",
+                            lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+    loss_total, correct_total = float(loss_sum), int(correct)
     seconds = time.perf_counter() - started
-    return {"train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
+    return {"train_loss": loss_total / max(1, seen), "train_acc": correct_total / max(1, seen),
             "lr": scheduler.get_last_lr()[0], "train_seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
 
 
@@ -209,7 +217,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         saved["stop_after"] = getattr(args, "stop_after", 0)
         args = argparse.Namespace(**saved)
         logger.info("resuming %s from epoch %d", resume_path, resume_state["epoch"] + 1)
-    out_dir = pathlib.Path(args.output_dir or f"runs/{args.dataset}-{args.model}")
+    out_dir = pathlib.Path(args.output_dir or f"runs/{args.dataset}-{args.model.replace(':', '-').replace(',', '-')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
