@@ -238,6 +238,19 @@ def _delegate(module: str, func: str) -> Any:
     return run
 
 
+# Commands whose own parsers live in their packages; their flags pass through untouched.
+DELEGATED = {
+    "train": ("training.cli", "train_main", "train a classifier"),
+    "evaluate": ("training.cli", "evaluate_main", "evaluate a checkpoint or ONNX model"),
+    "publish": ("training.cli", "publish_main", "register a trained model with the registry"),
+    "loadtest": ("loadtest.cli", "main", "load-test a gateway, a worker or any Open Inference Protocol server"),
+}
+MODEL_DELEGATED = {
+    "import-pretrained": ("training.cli", "import_pretrained_main"),
+    "export": ("training.cli", "export_main"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fovea", description="Fovea: image recognition as a service.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -322,12 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_flags(kr)
     k.set_defaults(func=cmd_keys)
 
-    for name, module, func, text in (
-        ("train", "training.cli", "train_main", "train a classifier"),
-        ("evaluate", "training.cli", "evaluate_main", "evaluate a checkpoint or ONNX model"),
-        ("publish", "training.cli", "publish_main", "register a trained model with the registry"),
-        ("loadtest", "loadtest.cli", "main", "load-test a gateway or worker"),
-    ):
+    for name, (module, func, text) in DELEGATED.items():
         q = sub.add_parser(name, help=text, add_help=False)
         q.add_argument("rest", nargs=argparse.REMAINDER)
         q.set_defaults(func=_delegate(module, func))
@@ -335,7 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import importlib
+
     codegen.ensure()
+    argv = sys.argv[1:] if argv is None else argv
+    # argparse's REMAINDER drops a leading --help, so delegated commands skip it entirely.
+    if argv and argv[0] in DELEGATED:
+        module, func, _ = DELEGATED[argv[0]]
+        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    if len(argv) > 1 and argv[0] == "model" and argv[1] in MODEL_DELEGATED:
+        module, func = MODEL_DELEGATED[argv[1]]
+        return int(getattr(importlib.import_module(module), func)(argv[2:]) or 0)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
