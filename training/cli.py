@@ -48,6 +48,9 @@ def import_pretrained_main(argv: list[str]) -> int:
     parser.add_argument("--registry", default=os.environ.get("FOVEA_REGISTRY", "127.0.0.1:8501"))
     parser.add_argument("--token", default="", help="API key with the publish or admin role (or FOVEA_API_KEY)")
     args = parser.parse_args(argv)
+    token = args.token or os.environ.get("FOVEA_API_KEY", "")
+    if args.publish and not token:
+        parser.error("--publish needs --token or FOVEA_API_KEY")
     configure_logging()
     from training.pretrained import import_efficientnet_lite0
 
@@ -58,9 +61,6 @@ def import_pretrained_main(argv: list[str]) -> int:
 
         result["int8"] = quantize_pretrained(path)
     if args.publish:
-        token = args.token or os.environ.get("FOVEA_API_KEY", "")
-        if not token:
-            parser.error("--publish needs --token or FOVEA_API_KEY")
         from fovea.client import RegistryClient
         from training.publish import publish
 
