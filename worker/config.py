@@ -56,6 +56,8 @@ class WorkerConfig(BaseConfig):
     """ONNX Runtime inter-op threads."""
     graph_optimization: str = "all"
     """disable, basic, extended or all."""
+    thread_spinning: bool = True
+    """Let ONNX Runtime's intra-op threads spin while waiting for work (faster alone, slower beside busy neighbours)."""
     cpu_mem_arena: bool = True
     """Use ONNX Runtime's CPU memory arena."""
     instances: int = 1

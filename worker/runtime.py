@@ -76,6 +76,8 @@ def session_options(config: WorkerConfig) -> ort.SessionOptions:
     so.graph_optimization_level = OPT_LEVELS.get(config.graph_optimization, OPT_LEVELS["all"])
     so.enable_cpu_mem_arena = config.cpu_mem_arena
     so.log_severity_level = 3
+    # Spinning pool threads take CPU from the event loop that feeds them when cores are few.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.thread_spinning else "0")
     return so
 
 
