@@ -206,7 +206,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         def state(k: Any) -> str:
             if k.revoked:
                 return "revoked"
-            return "expired" if k.HasField("expires_at") and k.expires_at.seconds <= time.time() else "active"
+            return "expired" if k.HasField("expires_at") and k.expires_at.ToNanoseconds() <= time.time_ns() else "active"
 
         _print_table([[k.key_id, registry_pb2.Role.Name(k.role).removeprefix("ROLE_").lower(),
                        ",".join(k.model_patterns) or "*", state(k),

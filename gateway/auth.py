@@ -60,7 +60,7 @@ class KeyCache:
             self.entries[digest] = (record, now + self.ttl_s)
         if record.revoked:
             raise Unauthenticated("API key revoked")
-        if record.HasField("expires_at") and record.expires_at.seconds <= time.time():
+        if record.HasField("expires_at") and record.expires_at.ToNanoseconds() <= time.time_ns():
             raise Unauthenticated("API key expired")
         if record.role < self.min_role:
             raise PermissionDenied(

@@ -69,7 +69,8 @@ class KeyStore:
             rate_limit_ips=req.rate_limit_ips, rate_burst=req.rate_burst,
         )
         if req.ttl_s:
-            record.expires_at.FromSeconds(int(time.time()) + int(req.ttl_s))
+            # Keep sub-second precision: a truncated expiry could end a 1 s key at once.
+            record.expires_at.FromNanoseconds(time.time_ns() + int(req.ttl_s) * 1_000_000_000)
         salt = os.urandom(16)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key("apikey", key_id), mapping={
@@ -118,7 +119,7 @@ class KeyStore:
         record = registry_pb2.ApiKey.FromString(record_raw)
         if record.revoked:
             raise Unauthenticated(f"API key {key_id} was revoked")
-        if record.HasField("expires_at") and record.expires_at.seconds <= time.time():
+        if record.HasField("expires_at") and record.expires_at.ToNanoseconds() <= time.time_ns():
             raise Unauthenticated(f"API key {key_id} expired")
         return record
 

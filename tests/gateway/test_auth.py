@@ -64,7 +64,7 @@ async def test_authentication_matrix(stack: Stack, gateways: GatewayFactory) -> 
 def _expiry(stack: Stack, secret: str) -> float:
     key_id = secret.split("_")[1]
     record = next(k for k in stack.rc.list_keys() if k.key_id == key_id)
-    return float(record.expires_at.seconds)
+    return record.expires_at.ToNanoseconds() / 1e9
 
 
 async def test_revocation_reaches_second_replica_within_one_second(stack: Stack, gateways: GatewayFactory) -> None:
