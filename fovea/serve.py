@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -51,3 +52,19 @@ def run_service(main: Callable[[], Awaitable[None]]) -> None:
         except ImportError:
             pass
     asyncio.run(main())
+
+
+def serve_forever(name: str, config: Any, build: Callable[[Any], Awaitable[Any]],
+                  address: Callable[[Any], str]) -> None:
+    """What every service's main() does: log, build the server, announce 'NAME: host:port' on
+    stdout (fovea.cluster and `fovea up` wait for that line), run until SIGTERM, stop within grace_s."""
+    from fovea.log import configure_logging
+
+    configure_logging(name, config.log_level, config.log_json)
+
+    async def run() -> None:
+        srv = await build(config)
+        print(f"{name}: {address(srv)}", flush=True)
+        await run_until_signal(lambda: srv.stop(config.grace_s))
+
+    run_service(run)

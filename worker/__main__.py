@@ -1,26 +1,18 @@
-"""python -m worker: run a worker."""
+"""python -m worker: run the worker service."""
 
 from __future__ import annotations
 
 from fovea import codegen
-from fovea.log import configure_logging
 
 
 def main() -> None:
     codegen.ensure()
-    from fovea.serve import run_service, run_until_signal
+    from fovea.serve import serve_forever
     from worker.config import WorkerConfig
     from worker.server import build_server
 
     config = WorkerConfig()
-    configure_logging("worker", config.log_level, config.log_json)
-
-    async def run() -> None:
-        srv = await build_server(config)
-        print(f"worker: {config.address(srv.port)}", flush=True)
-        await run_until_signal(lambda: srv.stop(config.grace_s))
-
-    run_service(run)
+    serve_forever("worker", config, build_server, lambda srv: config.address(srv.port))
 
 
 if __name__ == "__main__":
