@@ -147,7 +147,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 return response
             except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
                 mapped = self._translated(exc)
-                code = _status_of(mapped)[0]
+                code = _status_of(mapped)[0]  # set before _abort, which raises
                 await _abort(context, mapped, method, rid)
             finally:
                 if self._on_done is not None:
@@ -166,9 +166,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 async for item in behavior(request, context):
                     yield item
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
                 mapped = self._translated(exc)
-                code = _status_of(mapped)[0]
+                code = _status_of(mapped)[0]  # set before _abort, which raises
                 await _abort(context, mapped, method, rid)
             finally:
                 if self._on_done is not None:

@@ -39,12 +39,7 @@ def latency_over_time(runs: list[dict[str, Any]], path: pathlib.Path, title: str
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
     axes[-1, 0].set_xlabel("time in measured window (s), by (intended) send time")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def latency_histogram(runs: list[dict[str, Any]], path: pathlib.Path, title: str = "") -> pathlib.Path:
@@ -87,12 +82,7 @@ def throughput_sweep(series: dict[str, list[tuple[float, float, float]]], path: 
         ax.grid(True, which="both", alpha=0.3)
     ax2.set_yscale("log")
     ax1.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def write_all(runs: list[dict[str, Any]], out_dir: pathlib.Path, title: str = "") -> list[pathlib.Path]:
@@ -108,3 +98,14 @@ def write_all(runs: list[dict[str, Any]], out_dir: pathlib.Path, title: str = ""
         paths.append(throughput_sweep({title or "target": points}, out_dir / "throughput_sweep.png",
                                       "concurrency" if closed else "offered rate (req/s)", title))
     return paths
+
+
+def _save(fig: Any, path: pathlib.Path, title: str) -> pathlib.Path:
+    """Title, lay out, write the PNG and free the figure."""
+    plt = _pyplot()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
