@@ -104,3 +104,36 @@ def model_metadata(mv: Any, versions: list[str]) -> Any:
     for spec in mv.outputs:
         resp.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
     return resp
+
+
+def model_config(mv: Any, max_batch_size: int, *, preferred_batch_sizes: list[int] | None = None,
+                 max_queue_delay_us: int = 0, instances: int = 0, gpu_id: int | None = None) -> Any:
+    """Triton's ModelConfig for a model version, for the tools that ask for one (perf_analyzer,
+    tritonclient's get_model_config). Triton leaves the batch dimension out of dims when
+    max_batch_size > 0; a model whose tensors have no leading -1 is reported as unbatched."""
+    from inference import model_config_pb2 as mc
+
+    batched = max_batch_size > 0 and all(s.shape and s.shape[0] == -1 for s in [*mv.inputs, *mv.outputs])
+    skip = 1 if batched else 0
+    cfg = mc.ModelConfig(name=mv.name, platform="onnxruntime_onnx", backend="onnxruntime",
+                         max_batch_size=max_batch_size if batched else 0)
+    for spec in mv.inputs:
+        cfg.input.add(name=spec.name, data_type=config_type(spec.datatype), dims=list(spec.shape)[skip:])
+    for spec in mv.outputs:
+        cfg.output.add(name=spec.name, data_type=config_type(spec.datatype), dims=list(spec.shape)[skip:],
+                       label_filename="labels.txt" if mv.labels else "")
+    if preferred_batch_sizes is not None:
+        cfg.dynamic_batching.preferred_batch_size.extend(preferred_batch_sizes)
+        cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    if instances:
+        kind = mc.ModelInstanceGroup.KIND_CPU if gpu_id is None else mc.ModelInstanceGroup.KIND_GPU
+        cfg.instance_group.add(name=mv.name, count=instances, kind=kind, gpus=[] if gpu_id is None else [gpu_id])
+    return cfg
+
+
+def config_type(datatype: str) -> int:
+    """The protocol's datatype name as Triton's DataType enum value (BYTES is TYPE_STRING there)."""
+    from inference import model_config_pb2 as mc
+
+    name = "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+    return mc.DataType.Value(name) if name in mc.DataType.keys() else mc.TYPE_INVALID

@@ -124,6 +124,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         mv = await self.gateway.resolve(request.name, version, "")
         return oip.model_metadata(mv, [str(mv.version)])
 
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        check_model_access(principal.get(), request.name)
+        version = int(request.version) if request.version.isdigit() else 0
+        mv = await self.gateway.resolve(request.name, version, "")
+        # Workers batch and enforce their own limit; a call the gateway forwards carries at most this many.
+        return pb.ModelConfigResponse(config=oip.model_config(mv, self.gateway.config.max_images_per_forward))
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         return await self.gateway.infer(principal.get(), request, self.gateway.timeout_s(context))
 

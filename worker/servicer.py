@@ -17,6 +17,7 @@ from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 from worker.models import Loaded, ModelManager
+from worker.runtime import GPU_PROVIDERS
 
 SERVER_NAME = "fovea-worker"
 
@@ -53,6 +54,13 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         lv = self.manager.get(request.name, request.version)
         return oip.model_metadata(lv.mv, [str(k[1]) for k in self.manager.loaded if k[0] == request.name])
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        lv = self.manager.get(request.name, request.version)
+        gpu = self.config.device_id if lv.provider in GPU_PROVIDERS else None
+        return pb.ModelConfigResponse(config=oip.model_config(
+            lv.mv, self.config.max_batch_size, preferred_batch_sizes=list(self.config.preferred_batch_sizes),
+            max_queue_delay_us=self.config.max_queue_delay_us, instances=len(lv.sessions), gpu_id=gpu))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         if not self.accepting:

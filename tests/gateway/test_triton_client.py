@@ -1,5 +1,6 @@
 """Acceptance 5: the stock Triton client (tritonclient.grpc) works against the gateway unchanged:
-is_server_live, get_model_metadata, and infer with the classification extension."""
+is_server_live, get_model_metadata, and infer with the classification extension; also Triton's
+get_model_config, which its perf_analyzer needs (test_perf_analyzer.py)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ async def test_tritonclient_against_gateway(stack: Stack, gateways: GatewayFacto
     assert meta["name"] == "colors" and meta["versions"] == ["1"]
     assert meta["inputs"][0][0] == "input" and meta["outputs"][0][0] == "logits"
     assert "classification" in out["server"]["extensions"]
+    # Triton's ModelConfig: the batch dimension moves into max_batch_size; 11 is TYPE_FP32
+    cfg = out["config"]
+    assert cfg["name"] == "colors" and cfg["platform"] == "onnxruntime_onnx" and cfg["max_batch_size"] > 0
+    assert cfg["inputs"] == [["input", 11, meta["inputs"][0][2][1:]]]
+    assert cfg["outputs"] == [["logits", 11, meta["outputs"][0][2][1:], "labels.txt"]]
     best, second = out["classification"]
     score, index, label = best.split(":", 2)
     assert (label, int(index)) == ("blue", 2) and float(score) > 0.9

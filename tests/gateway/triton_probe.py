@@ -26,6 +26,10 @@ def main(address: str, model: str, image_path: str) -> None:
     out["metadata"] = {"name": meta.name, "versions": list(meta.versions), "platform": meta.platform,
                        "inputs": [[t.name, t.datatype, list(t.shape)] for t in meta.inputs],
                        "outputs": [[t.name, t.datatype, list(t.shape)] for t in meta.outputs]}
+    config = client.get_model_config(model, headers=headers).config
+    out["config"] = {"name": config.name, "platform": config.platform, "max_batch_size": config.max_batch_size,
+                     "inputs": [[t.name, int(t.data_type), list(t.dims)] for t in config.input],
+                     "outputs": [[t.name, int(t.data_type), list(t.dims), t.label_filename] for t in config.output]}
     server = client.get_server_metadata(headers=headers)
     out["server"] = {"name": server.name, "extensions": list(server.extensions)}
     with open(image_path, "rb") as f:
