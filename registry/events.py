@@ -6,7 +6,9 @@ reads a snapshot, then reads on from that id (an event may arrive twice, which
 is harmless because each event carries whole records). Streams live in Redis
 (and its append-only file), so a watcher resumes where it was after Redis
 restarts; after any Redis error it still sends a fresh snapshot, in case Redis
-came back with less than it had.
+came back with less than it had. Streams are capped at about STREAM_MAX_LEN
+events: a watcher that falls further behind than that (a stalled client) would
+lose the trimmed events, so it notices the gap and starts over with a snapshot.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 FIELD = "e"
 STREAM_MAX_LEN = 10_000
+READ_BATCH = 100
 T = TypeVar("T")
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -35,6 +38,21 @@ def append(pipe: Any, stream: str, event: bytes) -> None:
 async def last_id(redis: Any, stream: str) -> bytes:
     newest = await redis.xrevrange(stream, count=1)
     return newest[0][0] if newest else b"0-0"
+
+
+def parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def trimmed_past(redis: Any, stream: str, cursor: bytes) -> bool:
+    """True when events after cursor may have been trimmed away before this watcher read them."""
+    info = await redis.xinfo_stream(stream)
+    first = info.get("recorded-first-entry-id") or (info.get("first-entry") or [b"0-0"])[0]
+    if parse_id(cursor) == (0, 0):  # the stream was empty or missing at the snapshot
+        return int(info.get("entries-added", 0)) > int(info.get("length", 0))
+    return parse_id(first) > parse_id(cursor)
 
 
 async def follow(
@@ -64,11 +82,16 @@ async def follow(
         backoff = 0.05
         try:
             while True:
-                found = await redis.xread({stream: cursor}, block=block_ms, count=100)
-                for _, entries in found or []:
-                    for entry_id, fields in entries:
-                        cursor = entry_id
-                        yield decode(fields[FIELD.encode()])
+                found = await redis.xread({stream: cursor}, block=block_ms, count=READ_BATCH)
+                entries = found[0][1] if found else []
+                # Only a watcher with a backlog (a full batch) can have been trimmed past.
+                if len(entries) == READ_BATCH and await trimmed_past(redis, stream, cursor):
+                    logger.warning("watch on %s fell more than %d events behind; starting over with a snapshot",
+                                   stream, STREAM_MAX_LEN)
+                    break
+                for entry_id, fields in entries:
+                    cursor = entry_id
+                    yield decode(fields[FIELD.encode()])
         except REDIS_DOWN as exc:
             logger.warning("watch on %s lost Redis (%s); resuming with a snapshot", stream, exc)
             await asyncio.sleep(backoff)
