@@ -29,12 +29,20 @@ class Preprocess:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     grayscale: bool
+    layout: str = "NCHW"
+    """NCHW or NHWC, as the model's input takes it."""
+    pixels: bool = False
+    """The model takes integer pixels 0-255 (a UINT8 input): no scaling or normalisation."""
 
     @classmethod
-    def from_proto(cls, pre: object) -> "Preprocess":
+    def from_proto(cls, pre: object, input_spec: object = None) -> "Preprocess":
+        """From fovea.v1.Preprocessing; input_spec (a TensorSpec) supplies layout and data type."""
         from fovea.v1 import model_pb2
 
+        layout = getattr(input_spec, "layout", "") or "NCHW"
         return cls(
+            layout=layout,
+            pixels=getattr(input_spec, "datatype", "") == "UINT8",
             resize_short=int(pre.resize_short),  # type: ignore[attr-defined]
             crop_height=int(pre.crop_height),  # type: ignore[attr-defined]
             crop_width=int(pre.crop_width),  # type: ignore[attr-defined]
@@ -96,7 +104,8 @@ def decode(data: bytes, max_pixels: int, grayscale: bool = False) -> np.ndarray:
 
 
 def preprocess(pixels: np.ndarray, spec: Preprocess) -> np.ndarray:
-    """CHW float32: resize the short side, centre-crop, scale to [0, 1], normalise."""
+    """Resize the short side, centre-crop, then either scale to [0, 1] and normalise (float32) or,
+    for models that take integer pixels, keep them as uint8; CHW or HWC as the model takes it."""
     if spec.grayscale and pixels.ndim == 3:
         pixels = np.asarray(Image.fromarray(pixels).convert("L"))
     if not spec.grayscale and pixels.ndim == 2:
@@ -112,12 +121,14 @@ def preprocess(pixels: np.ndarray, spec: Preprocess) -> np.ndarray:
         pixels = np.asarray(Image.fromarray(pixels).resize((nw, nh), Image.BILINEAR))
     top, left = (nh - ch) // 2, (nw - cw) // 2
     pixels = pixels[top: top + ch, left: left + cw]
-    x = pixels.astype(np.float32)
-    if x.ndim == 2:
-        x = x[None]
-    else:
-        x = x.transpose(2, 0, 1)
-    mean = np.asarray(spec.mean, np.float32).reshape(-1, 1, 1)
-    std = np.asarray(spec.std, np.float32).reshape(-1, 1, 1)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    hwc = spec.layout == "NHWC"
+    if spec.pixels:
+        return np.ascontiguousarray(pixels if hwc else pixels.transpose(2, 0, 1), dtype=np.uint8)
+    x = pixels.astype(np.float32)  # HWC until the end
+    mean = np.asarray(spec.mean, np.float32).reshape(1, 1, -1)
+    std = np.asarray(spec.std, np.float32).reshape(1, 1, -1)
     # (x/255 - mean) / std, folded into one multiply-add.
-    return np.ascontiguousarray(x * (1.0 / (255.0 * std)) - mean / std, dtype=np.float32)
+    x = x * (1.0 / (255.0 * std)) - mean / std
+    return np.ascontiguousarray(x if hwc else x.transpose(2, 0, 1), dtype=np.float32)

@@ -78,17 +78,25 @@ def version_from_onnx(model_bytes: bytes, name: str) -> Any:
     for value in model.graph.input:
         if value.name in initializers:
             continue
-        mv.inputs.append(_tensor_spec(value, "NCHW"))
+        mv.inputs.append(_tensor_spec(value, None))
     for value in model.graph.output:
         mv.outputs.append(_tensor_spec(value, ""))
     return mv
 
 
-def _tensor_spec(value: Any, layout: str) -> Any:
+def image_layout(shape: list[int]) -> str:
+    """NHWC when a 4-D input plainly ends in its channels ([N, H, W, 1 or 3]); else NCHW."""
+    return "NHWC" if shape[3] in (1, 3) and shape[1] not in (1, 3) else "NCHW"
+
+
+def _tensor_spec(value: Any, layout: str | None) -> Any:
+    """layout None: guessed from the shape (inputs); "" for none (outputs)."""
     from fovea.v1 import model_pb2
 
     ttype = value.type.tensor_type
     shape = [d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim]
+    if layout is None:
+        layout = image_layout(shape) if len(shape) == 4 else ""
     return model_pb2.TensorSpec(
         name=value.name,
         datatype=ONNX_TO_OIP.get(ttype.elem_type, "UNKNOWN"),

@@ -136,12 +136,20 @@ def _check_preprocessing(mv: Any) -> None:
 
     pre = mv.preprocessing
     spec = mv.inputs[0]
-    if spec.layout not in ("", "NCHW"):
-        raise InvalidArgument(f"image preprocessing feeds NCHW tensors; input {spec.name!r} is declared {spec.layout}")
+    if spec.layout not in ("", "NCHW", "NHWC"):
+        raise InvalidArgument(f"image preprocessing feeds NCHW or NHWC tensors; input {spec.name!r} is {spec.layout}")
     if len(spec.shape) != 4:
-        raise InvalidArgument(f"image preprocessing needs a 4-D NCHW input; {spec.name!r} is {list(spec.shape)}")
+        raise InvalidArgument(f"image preprocessing needs a 4-D image input; {spec.name!r} is {list(spec.shape)}")
+    if spec.datatype not in ("FP32", "FP16", "UINT8"):
+        raise InvalidArgument(f"image preprocessing feeds FP32, FP16 or UINT8 inputs; {spec.name!r} is {spec.datatype}")
+    if spec.datatype == "UINT8" and (any(m != 0 for m in pre.mean) or any(v != 1 for v in pre.std)):
+        raise InvalidArgument(f"input {spec.name!r} takes UINT8 pixels (0-255) as they are: "
+                              "preprocessing mean and std cannot apply; leave them unset")
     channels = 1 if pre.color_mode == model_pb2.COLOR_MODE_GRAYSCALE else 3
-    _, c, h, w = spec.shape
+    if spec.layout == "NHWC":
+        _, h, w, c = spec.shape
+    else:
+        _, c, h, w = spec.shape
     if c not in (-1, channels) or h not in (-1, pre.crop_height) or w not in (-1, pre.crop_width):
         raise InvalidArgument(
             f"preprocessing makes {channels}x{pre.crop_height}x{pre.crop_width} but input "

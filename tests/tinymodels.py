@@ -39,6 +39,26 @@ def color_model(labels: tuple[str, ...] = ("red", "green", "blue"), size: int = 
     return model.SerializeToString()
 
 
+def pixel_mean_model(dtype: int = TensorProto.UINT8, layout: str = "NHWC", size: int = 8,
+                     mean: float = 0.0, std: float = 1.0) -> bytes:
+    """Scores red/green/blue by the mean of each channel of what it is fed, as fed: it shows what the
+    worker's preprocessing produced (raw 0-255 pixels for UINT8, normalised values for floats)."""
+    axes = [1, 2] if layout == "NHWC" else [2, 3]
+    shape = ["N", size, size, 3] if layout == "NHWC" else ["N", 3, size, size]
+    nodes = [helper.make_node("Cast", ["input"], ["x"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["x"], ["logits"], axes=axes, keepdims=0)]
+    graph = helper.make_graph(nodes, "pixel_mean", [helper.make_tensor_value_info("input", dtype, shape)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    pre = {"resize_short": size, "crop_height": size, "crop_width": size, "mean": [mean] * 3, "std": [std] * 3,
+           "color_mode": "RGB"}
+    helper.set_model_props(model, {META_LABELS: json.dumps(["red", "green", "blue"]),
+                                   META_PREPROCESSING: json.dumps(pre)})
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def identity_model(width: int = 4) -> bytes:
     """A zero-compute model: output = input, shape [N, width]; measures pure serving overhead."""
     graph = helper.make_graph(

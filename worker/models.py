@@ -203,7 +203,7 @@ class ModelManager:
             if isinstance(exc, FoveaError):
                 raise
             raise ModelNotReady(f"model {mv.name} v{mv.version} failed to load: {str(exc)[:200]}") from None
-        pre = Preprocess.from_proto(mv.preprocessing) if mv.HasField("preprocessing") else None
+        pre = Preprocess.from_proto(mv.preprocessing, mv.inputs[0]) if mv.HasField("preprocessing") else None
         name = f"{mv.name}:{mv.version}"
         version = str(mv.version)
 

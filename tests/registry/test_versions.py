@@ -79,7 +79,7 @@ async def test_invalid_artifacts_are_refused_and_change_nothing(reg: Reg, redis_
         ("labels", good, {"labels": ["a", "b"]}, "2 labels for an output of 3 classes"),
         ("preprocessing", good, {"preprocessing": model_pb2.Preprocessing(crop_height=16, crop_width=16)},
          "preprocessing makes 3x16x16"),
-        ("layout", good, {"inputs": [model_pb2.TensorSpec(name="input", layout="NHWC")]}, "feeds NCHW tensors"),
+        ("layout", good, {"inputs": [model_pb2.TensorSpec(name="input", layout="CHWN")]}, "feeds NCHW or NHWC tensors"),
         ("fixed batch", fixed_batch_model(), {}, "needs a dynamic batch axis"),
         ("batch-1 reshape", batch_one_reshape_model(), {}, "fails on a batch of 2"),
         ("unknown operator", unloadable_model(), {}, "ONNX Runtime cannot load the model"),

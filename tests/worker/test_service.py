@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto
 
 from inference import grpc_predict_v2_pb2 as pb
-from tests.tinymodels import color_model, png
+from tests.tinymodels import color_model, pixel_mean_model, png
 from tests.worker.conftest import MD, LocalRegistry, StartWorker, output_array, stub, tensor_request
 from tests.worker.slowmodels import cast_model
 
@@ -130,3 +130,37 @@ async def test_metrics_endpoint(registry: LocalRegistry, start_worker: StartWork
     assert 'fovea_worker_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"} 1.0' in text
     assert 'fovea_worker_provider{model="colors",provider="CPUExecutionProvider",version="1"} 1.0' in text
     await channel.close()
+
+
+def image_request(model: str, data: bytes) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name="input", datatype="BYTES", shape=[1])
+    req.raw_input_contents.append(len(data).to_bytes(4, "little") + data)
+    return req
+
+
+async def test_images_feed_uint8_and_nhwc_models_as_they_expect(registry: LocalRegistry,
+                                                                start_worker: StartWorker) -> None:
+    """A UINT8 input gets the pixels as they are; NHWC inputs get channels last. Before, every image
+    model was fed normalised NCHW floats, which a cast turned into garbage for UINT8 models."""
+    await registry.publish("u8hwc", pixel_mean_model(TensorProto.UINT8, "NHWC"))
+    await registry.publish("u8chw", pixel_mean_model(TensorProto.UINT8, "NCHW"))
+    await registry.publish("f32hwc", pixel_mean_model(TensorProto.FLOAT, "NHWC", mean=0.5, std=0.25))
+    ws = await start_worker(["u8hwc", "u8chw", "f32hwc"])
+    channel, s = stub(ws.port)
+    meta = await s.ModelMetadata(pb.ModelMetadataRequest(name="u8hwc"), metadata=MD, timeout=10)
+    assert (meta.inputs[0].datatype, list(meta.inputs[0].shape)) == ("UINT8", [-1, 8, 8, 3])
+    photo = png((20, 100, 240))
+    for name in ("u8hwc", "u8chw"):
+        resp = await s.ModelInfer(image_request(name, photo), metadata=MD, timeout=10)
+        np.testing.assert_allclose(output_array(resp), [[20, 100, 240]], atol=0.5)
+    resp = await s.ModelInfer(image_request("f32hwc", photo), metadata=MD, timeout=10)
+    np.testing.assert_allclose(output_array(resp), [[(c / 255 - 0.5) / 0.25 for c in (20, 100, 240)]], atol=1e-3)
+    await channel.close()
+
+
+async def test_uint8_model_with_normalisation_is_refused_at_registration(registry: LocalRegistry) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        await registry.publish("bad8", pixel_mean_model(TensorProto.UINT8, "NHWC", mean=0.5))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UINT8 pixels" in err.value.details()
