@@ -1,5 +1,6 @@
-"""The floor of a Python gRPC hop: a grpc.aio server that passes ModelInfer bytes to one worker
-and back, with no authentication, routing, limits or metrics. bench_gateway.py runs it beside the
+"""The floor of a Python gRPC hop: a grpc.aio server that passes the bytes of any unary
+inference call (ModelInfer, and the metadata calls perf_analyzer makes first) to one worker and
+back, with no authentication, routing, limits or metrics. bench_gateway.py runs it beside the
 gateway so that the gateway's own cost can be told apart from the cost of any Python hop.
 
     python bench/gateway/bare_proxy.py WORKER_HOST:PORT LISTEN_PORT   (internal token in FOVEA_INTERNAL_TOKEN)
@@ -14,20 +15,32 @@ from typing import Any
 
 import grpc
 
-METHOD = "/inference.GRPCInferenceService/ModelInfer"
+SERVICE = "/inference.GRPCInferenceService/"
+
+
+class Forward(grpc.GenericRpcHandler):
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.md = (("authorization", f"Bearer {os.environ['FOVEA_INTERNAL_TOKEN']}"),)
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method  # type: ignore[attr-defined]
+        if not method.startswith(SERVICE):
+            return None
+        if method not in self.handlers:
+            call = self.channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+
+            async def forward(request: bytes, context: Any) -> bytes:
+                return await call(request, metadata=self.md, timeout=30)  # type: ignore[no-any-return]
+
+            self.handlers[method] = grpc.unary_unary_rpc_method_handler(forward)
+        return self.handlers[method]
 
 
 async def main(upstream: str, port: int) -> None:
-    channel = grpc.aio.insecure_channel(upstream)
-    call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
-    md = (("authorization", f"Bearer {os.environ['FOVEA_INTERNAL_TOKEN']}"),)
-
-    async def infer(request: bytes, context: Any) -> bytes:
-        return await call(request, metadata=md, timeout=30)  # type: ignore[no-any-return]
-
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}),))
+    server.add_generic_rpc_handlers((Forward(grpc.aio.insecure_channel(upstream)),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"bare-proxy: 127.0.0.1:{port}", flush=True)

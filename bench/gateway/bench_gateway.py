@@ -10,6 +10,7 @@ the least any Python hop can cost on the machine at hand.
 
     .venv/bin/python bench/gateway/bench_gateway.py                       # tiny identity model
     .venv/bin/python bench/gateway/bench_gateway.py --model efficientnet-lite0 --concurrency 16
+    .venv/bin/python bench/gateway/bench_gateway.py --client perf_analyzer  # Triton's C++ client for both phases
 
 With the identity model every microsecond is serving overhead, so the latency hop is exposed
 as it is; at saturation the gateway then needs about as much CPU per call as the worker, so
@@ -162,6 +163,45 @@ def throughput(address: str, md: tuple[tuple[str, str], ...], req: pb.ModelInfer
     return sum(r[0] for r in results) / duration_s, sum(r[1] for r in results)
 
 
+def perf_analyzer_phase(targets: dict[str, tuple[str, str]], model: str, concurrency: int, trials: int,
+                        window_ms: int) -> dict[str, dict[str, list[float]]]:
+    """Both phases with Triton's perf_analyzer: p50 at concurrency 1 and calls/s at `concurrency`,
+    targets alternating within each trial so that drift on a shared machine hits them all."""
+    from loadtest import perf_analyzer
+
+    out: dict[str, dict[str, list[float]]] = {name: {"p50_ms": [], "p99_ms": [], "rps": []} for name in targets}
+    for _ in range(max(1, trials)):
+        for name, (address, token) in targets.items():
+            one = perf_analyzer.run(address, model, token, concurrency=1, window_ms=window_ms)
+            out[name]["p50_ms"].append(one.p50_us / 1000)
+            out[name]["p99_ms"].append(one.p99_us / 1000)
+        for name, (address, token) in targets.items():
+            out[name]["rps"].append(perf_analyzer.run(address, model, token, concurrency=concurrency,
+                                                      window_ms=window_ms).infer_per_s)
+    return out
+
+
+def report_perf_analyzer(args: argparse.Namespace, model: str, res: dict[str, dict[str, list[float]]]) -> None:
+    med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in res.items()}
+    print(f"\nperf_analyzer, {args.trials} trial(s); medians (all trials)")
+    print(f"{'target':<8} {'p50 ms c=1':>11} {'p99 ms c=1':>11} {'calls/s c=' + str(args.concurrency):>14}")
+    for name, r in med.items():
+        print(f"{name:<8} {r['p50_ms']:>11.3f} {r['p99_ms']:>11.3f} {r['rps']:>14.0f}   "
+              f"({'/'.join(f'{x:.3f}' for x in res[name]['p50_ms'])} ms; {'/'.join(f'{x:.0f}' for x in res[name]['rps'])})")
+    hop = med["gateway"]["p50_ms"] - med["direct"]["p50_ms"]
+    ratio = med["gateway"]["rps"] / med["direct"]["rps"]
+    print(f"gateway hop at p50, concurrency 1: {hop:+.3f} ms (target <= 0.5 ms) {'PASS' if hop <= 0.5 else 'FAIL'}")
+    if "floor" in med:
+        print(f"floor (bare Python proxy) hop: {med['floor']['p50_ms'] - med['direct']['p50_ms']:+.3f} ms")
+    print(f"throughput through the gateway at concurrency {args.concurrency}: {ratio:.1%} of direct "
+          f"(target >= 95%) {'PASS' if ratio >= 0.95 else 'FAIL'}")
+    out = {"client": "perf_analyzer", "model": model, "cpus": os.cpu_count(), "concurrency": args.concurrency,
+           "trials": args.trials, "window_ms": args.window_ms, "results": res, "medians": med, "hop_p50_ms": hop,
+           "throughput_ratio": ratio, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.json}")
+
+
 def cpu_s(pid: int) -> float:
     """User plus system CPU seconds a process has used so far (Linux /proc)."""
     fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -194,6 +234,9 @@ def main() -> None:
     ap.add_argument("--gateways", type=int, default=1,
                     help="gateway replicas (processes) the throughput phase spreads its clients over")
     ap.add_argument("--no-floor", action="store_true", help="skip the bare proxy (bare_proxy.py) target")
+    ap.add_argument("--client", choices=["python", "perf_analyzer"], default="python",
+                    help="python: this script's gRPC clients; perf_analyzer: Triton's C++ tool for both phases")
+    ap.add_argument("--window-ms", type=int, default=3000, help="perf_analyzer measurement window")
     ap.add_argument("--json", default=str(ROOT / "bench" / "gateway" / "results.json"))
     args = ap.parse_args()
 
@@ -235,6 +278,13 @@ def main() -> None:
                 pin(bare, gateway_cpus)
         while not rc.list_workers(mv.name, ready_only=True):
             time.sleep(0.1)
+        if args.client == "perf_analyzer":
+            pa_targets = {"direct": (worker.address, cluster.internal_token), "gateway": (gateway.address, secret)}
+            if bare is not None:
+                pa_targets["floor"] = (bare_address, "unused")
+            results = perf_analyzer_phase(pa_targets, mv.name, args.concurrency, args.trials, args.window_ms)
+            report_perf_analyzer(args, mv.name, results)
+            return
         req = make_request(mv.name, payload)
         fix_output_name(req, rc, mv.name)
         targets = {

@@ -6,6 +6,7 @@ pre-serialised ModelInfer requests (raw FP32 tensors, internal token), so its ow
 
     python bench/worker/bench_worker.py                   # short run: ~1 min
     python bench/worker/bench_worker.py --seconds 10      # the figures to quote
+    python bench/worker/bench_worker.py --seconds 10 --client perf_analyzer   # a C++ client instead
 
 Cases:
   efficientnet  EfficientNet-Lite0 fp32 (3x224x224): throughput at saturation, p50 at concurrency 1
@@ -163,6 +164,20 @@ async def grpc_load(address: str, token: str, payload: bytes, concurrency: int, 
             "p50_ms": 1e3 * statistics.median(latencies), "p99_ms": 1e3 * float(np.percentile(latencies, 99))}
 
 
+def perf_analyzer_load(address: str, token: str, model: str, concurrency: int, seconds: float,
+                       pid: int) -> dict[str, float]:
+    """The same measurement with Triton's perf_analyzer (C++) as the client: its own CPU per call
+    is a few microseconds, so it takes almost nothing from the two cores the worker needs."""
+    from loadtest import perf_analyzer
+
+    cpu0 = cpu_seconds(pid)
+    r = perf_analyzer.run(address, model, token, concurrency=concurrency, window_ms=int(seconds * 1000))
+    cpu = cpu_seconds(pid) - cpu0
+    # perf_analyzer runs several windows until they agree; CPU covers them all, so it is per request seen
+    return {"concurrency": concurrency, "img_s": r.infer_per_s, "p50_ms": r.p50_us / 1000, "p99_ms": r.p99_us / 1000,
+            "worker_cpu_ms_per_request_upper": 1e3 * cpu / max(1, r.requests), "client": "perf_analyzer"}
+
+
 def start_stack(cluster: Cluster, name: str, path: pathlib.Path, threads: int, max_batch: int,
                 extra: dict[str, str]) -> tuple[str, int]:
     reg = cluster.start_registry(FOVEA_REGISTRY_LOG_JSON="false")
@@ -191,15 +206,20 @@ def bench_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         try:
             address, pid = start_stack(cluster, case, path, args.threads, max_batch, extra)
             payload = request_bytes(case, shape)
-            w1 = asyncio.run(grpc_load(address, cluster.internal_token, payload, 1, args.seconds, pid))
-            wc = asyncio.run(grpc_load(address, cluster.internal_token, payload, conc, args.seconds, pid))
+            if args.client == "perf_analyzer":
+                asyncio.run(grpc_load(address, cluster.internal_token, payload, 1, 1.0, pid))  # warm up
+                w1 = perf_analyzer_load(address, cluster.internal_token, case, 1, args.seconds, pid)
+                wc = perf_analyzer_load(address, cluster.internal_token, case, conc, args.seconds, pid)
+            else:
+                w1 = asyncio.run(grpc_load(address, cluster.internal_token, payload, 1, args.seconds, pid))
+                wc = asyncio.run(grpc_load(address, cluster.internal_token, payload, conc, args.seconds, pid))
         finally:
             cluster.stop()
     # Raw ORT again after the worker, so drift in a noisy machine shows up as a spread.
     session = raw_session(path, args.threads)
     rawb2 = raw_run(session, shape, raw_batch, args.seconds)
     raw_best = max(rawb["img_s"], rawb2["img_s"], raw1["img_s"] if case == "efficientnet" else 0.0)
-    return {"case": case, "threads": args.threads, "raw_b1": raw1, "raw_batch": rawb, "raw_batch_again": rawb2,
+    return {"case": case, "client": args.client, "threads": args.threads, "raw_b1": raw1, "raw_batch": rawb, "raw_batch_again": rawb2,
             "worker_c1": w1, "worker_load": wc,
             "throughput_ratio": wc["img_s"] / raw_best,
             "p50_c1_minus_raw_b1_ms": w1["p50_ms"] - raw1["p50_ms"]}
@@ -213,6 +233,8 @@ def main() -> None:
     parser.add_argument("--eff-batch", type=int, default=8, help="raw ORT batch for EfficientNet saturation")
     parser.add_argument("--eff-conc", type=int, default=8, help="worker concurrency for EfficientNet saturation")
     parser.add_argument("--worker-env", nargs="*", default=[], help="extra FOVEA_WORKER_*=value settings")
+    parser.add_argument("--client", choices=["python", "perf_analyzer"], default="python",
+                        help="load client: grpc.aio in this process, or Triton's perf_analyzer (C++)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "worker.json"))
     args = parser.parse_args()
     results = [bench_case(c.strip(), args) for c in args.cases.split(",") if c.strip()]
