@@ -29,10 +29,16 @@ class BaseConfig(BaseSettings):
     """Time to finish in-flight calls on shutdown."""
     metrics_port: int = -1
     """Port of the Prometheus endpoint; -1 disables it, 0 picks a free one."""
+    max_pending_calls: int = 20_000
+    """Calls that have arrived but not yet started, before gRPC cancels new ones. gRPC's own limit
+    (1000) cancels a burst's excess with a bare CANCELLED that clients do not retry: lost requests.
+    Past it, calls wait; the services' own limits (queue lengths, rate limits) answer with reasons."""
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def server_options(max_message_bytes: int, max_pending_calls: int = 20_000) -> list[tuple[str, int]]:
     return [
+        ("grpc.server.max_pending_requests", max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", max_pending_calls),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),

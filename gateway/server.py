@@ -80,7 +80,7 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     gateway = Gateway(config, versions, workers, limiter, metrics)
     keys = KeyCache(link, config.key_cache_ttl_s, config.refused_key_cache_s, role_of(config.min_role))
     interceptor = ServiceInterceptor(keys.authenticator(), on_done=metrics.on_done)
-    server = grpc.aio.server(options=server_options(config.max_message_bytes))
+    server = grpc.aio.server(options=server_options(config.max_message_bytes, config.max_pending_calls))
     inference = InferenceServicer(gateway)
     await add_wrapped(server, interceptor, image_pb2_grpc.add_ImageServiceServicer_to_server,
                       ImageServicer(gateway, link))

@@ -66,7 +66,7 @@ async def build_server(config: RegistryConfig) -> RegistryServer:
     registry = Registry(connect(config.redis_url), store, config.heartbeat_ttl_s,
                         config.max_artifact_bytes, config.watch_poll_s, config.max_alias_history)
     interceptor = ServiceInterceptor(make_authenticator(registry, config.internal_token), translate=_translate)
-    server = grpc.aio.server(interceptors=[interceptor], options=server_options(config.max_message_bytes))
+    server = grpc.aio.server(interceptors=[interceptor], options=server_options(config.max_message_bytes, config.max_pending_calls))
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry, config.chunk_bytes, config.max_concurrent_uploads), server)
     health_servicer = add_health(server, [SERVICE])
     port = server.add_insecure_port(f"{config.host}:{config.port}")

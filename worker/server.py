@@ -104,7 +104,7 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
     servicer = WorkerServicer(manager, config, decode_pool, metrics)
     interceptor = ServiceInterceptor(internal_authenticator(config.internal_token), on_done=metrics.on_done)
-    server = grpc.aio.server(interceptors=[interceptor], options=server_options(config.max_message_bytes))
+    server = grpc.aio.server(interceptors=[interceptor], options=server_options(config.max_message_bytes, config.max_pending_calls))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_servicer = add_health(server, [SERVICE])
     await set_serving(health_servicer, [SERVICE], False)
