@@ -19,6 +19,11 @@ class BaseConfig(BaseSettings):
         default="", validation_alias=AliasChoices("FOVEA_INTERNAL_TOKEN", "internal_token")
     )
     """Shared secret for service-to-service calls; empty disables internal calls."""
+    accepted_internal_token: str = Field(
+        default="", validation_alias=AliasChoices("FOVEA_ACCEPTED_INTERNAL_TOKEN", "accepted_internal_token")
+    )
+    """A second internal token this service accepts but never sends: rotates internal_token with no
+    downtime (deploy/README.md, "Rotating the internal token")."""
     log_level: str = "INFO"
     """Python logging level."""
     log_json: bool = True
@@ -29,6 +34,9 @@ class BaseConfig(BaseSettings):
     """Time to finish in-flight calls on shutdown."""
     metrics_port: int = -1
     """Port of the Prometheus endpoint; -1 disables it, 0 picks a free one."""
+
+    def accepted_internal_tokens(self) -> list[str]:
+        return [t for t in (self.internal_token, self.accepted_internal_token) if t]
     max_pending_calls: int = 20_000
     """Calls that have arrived but not yet started, before gRPC cancels new ones. gRPC's own limit
     (1000) cancels a burst's excess with a bare CANCELLED that clients do not retry: lost requests.

@@ -40,15 +40,23 @@ def bearer_token(metadata: dict[str, Any]) -> str:
     return token.strip()
 
 
-def internal_authenticator(token: str, open_methods: frozenset[str] = frozenset()) -> Authenticator:
-    """Accept only callers that present the shared internal token (constant-time compare)."""
-    expected = token.encode()
+def matches_any(presented: str, accepted: Sequence[str]) -> bool:
+    """Constant-time compare against every accepted token (no early exit); empty tokens never match."""
+    data = presented.encode()
+    found = False
+    for token in accepted:
+        found |= bool(token) and hmac.compare_digest(data, token.encode())
+    return found
+
+
+def internal_authenticator(tokens: str | Sequence[str], open_methods: frozenset[str] = frozenset()) -> Authenticator:
+    """Accept only callers that present an internal token: the current one, or the one being rotated."""
+    accepted = [tokens] if isinstance(tokens, str) else list(tokens)
 
     async def authenticate(method: str, metadata: dict[str, Any]) -> Any:
         if method in open_methods:
             return None
-        presented = bearer_token(metadata).encode()
-        if not expected or not hmac.compare_digest(presented, expected):
+        if not matches_any(bearer_token(metadata), accepted):
             raise Unauthenticated("invalid internal credentials: this service only takes calls from Fovea services")
         return "internal"
 

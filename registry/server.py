@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +13,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from fovea import crypto
 from fovea.config import server_options
 from fovea.errors import FoveaError, RegistryUnavailable, Unauthenticated
-from fovea.rpc import ServiceInterceptor, bearer_token
+from fovea.rpc import ServiceInterceptor, bearer_token, matches_any
 from fovea.serve import add_health, set_serving
 from fovea.v1 import registry_pb2, registry_pb2_grpc
 from registry.artifacts import LocalArtifactStore
@@ -33,12 +32,10 @@ def _translate(exc: BaseException) -> FoveaError | None:
     return None
 
 
-def make_authenticator(registry: Registry, internal_token: str) -> Any:
-    expected = internal_token.encode()
-
+def make_authenticator(registry: Registry, internal_tokens: list[str]) -> Any:
     async def authenticate(method: str, metadata: dict[str, Any]) -> Any:
         token = bearer_token(metadata)
-        if expected and hmac.compare_digest(token.encode(), expected):
+        if matches_any(token, internal_tokens):
             return INTERNAL
         if not token.startswith("fv_"):
             raise Unauthenticated("invalid credentials: not an API key or the internal token")
@@ -65,9 +62,12 @@ async def build_server(config: RegistryConfig) -> RegistryServer:
     store = LocalArtifactStore(config.artifact_dir, key)
     registry = Registry(connect(config.redis_url), store, config.heartbeat_ttl_s,
                         config.max_artifact_bytes, config.watch_poll_s, config.max_alias_history)
-    interceptor = ServiceInterceptor(make_authenticator(registry, config.internal_token), translate=_translate)
-    server = grpc.aio.server(interceptors=[interceptor], options=server_options(config.max_message_bytes, config.max_pending_calls))
-    registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry, config.chunk_bytes, config.max_concurrent_uploads), server)
+    authenticate = make_authenticator(registry, config.accepted_internal_tokens())
+    interceptor = ServiceInterceptor(authenticate, translate=_translate)
+    options = server_options(config.max_message_bytes, config.max_pending_calls)
+    server = grpc.aio.server(interceptors=[interceptor], options=options)
+    servicer = RegistryServicer(registry, config.chunk_bytes, config.max_concurrent_uploads)
+    registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
     health_servicer = add_health(server, [SERVICE])
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()

@@ -1,6 +1,7 @@
 #!/usr/bin/env sh
 # Create the files the gpu-prod overlay turns into the fovea-secrets Secret:
 #   internal-token  shared secret of registry, workers and gateways (random, 32 bytes)
+#   accepted-internal-token  a second token the services accept, set only while rotating (empty)
 #   encryption-key  AES-256 key for artifacts at rest (32 random bytes, base64)
 #   redis-password  password of the in-cluster Redis (unused with an external one)
 #   redis-url       where Redis is (default: the in-cluster StatefulSet, with that password)
@@ -23,6 +24,7 @@ random() {
   python3 -c "import base64, os, sys; print(getattr(base64, sys.argv[1])(os.urandom(32)).decode())" "$1"
 }
 make internal-token "$(random urlsafe_b64encode)"
+[ -e "$dir/accepted-internal-token" ] || : > "$dir/accepted-internal-token"
 make encryption-key "$(random b64encode)"
 make redis-password "$(python3 -c "import secrets; print(secrets.token_hex(24))")"
 make redis-url "${2:-redis://:$(cat "$dir/redis-password")@fovea-redis:6379/0}"

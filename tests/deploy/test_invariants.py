@@ -111,12 +111,13 @@ def test_every_object_lives_in_the_fovea_namespace(objs: list[Obj]) -> None:
 
 
 def test_every_secret_configmap_and_volume_reference_resolves(objs: list[Obj]) -> None:
-    def check(kind: str, name: str, keys: list[str], where: str) -> None:
+    def check(kind: str, name: str, keys: list[str], where: str, optional: bool = False) -> None:
         found = find(objs, kind, name)
         assert found, f"{where}: {kind}/{name} is not in the rendered output"
         data = config_data(objs, kind, name)
         for key in keys:
-            assert key in data and data[key] != "", f"{where}: {kind}/{name} has no key {key}"
+            # an optional key may be empty (accepted-internal-token between rotations), never misspelt
+            assert key in data and (optional or data[key] != ""), f"{where}: {kind}/{name} has no key {key}"
 
     for w in workloads(objs):
         spec = pod_spec(w)
@@ -128,7 +129,8 @@ def test_every_secret_configmap_and_volume_reference_resolves(objs: list[Obj]) -
             for var in c.get("env", []):
                 ref = var.get("valueFrom", {})
                 if "secretKeyRef" in ref:
-                    check("Secret", ref["secretKeyRef"]["name"], [ref["secretKeyRef"]["key"]], where)
+                    key_ref = ref["secretKeyRef"]
+                    check("Secret", key_ref["name"], [key_ref["key"]], where, key_ref.get("optional", False))
                 if "configMapKeyRef" in ref:
                     check("ConfigMap", ref["configMapKeyRef"]["name"], [ref["configMapKeyRef"]["key"]], where)
             mounts = {m["name"] for m in c.get("volumeMounts", [])}
@@ -176,7 +178,7 @@ def test_every_fovea_setting_is_a_real_config_field_with_a_valid_value(objs: lis
         env = container_env(objs, containers(fovea_workload(objs, service))[0], FIELDS)
         fields = set(classes[service].model_fields)
         for name in env:
-            if name.startswith("FOVEA_") and name != "FOVEA_INTERNAL_TOKEN":
+            if name.startswith("FOVEA_") and name not in ("FOVEA_INTERNAL_TOKEN", "FOVEA_ACCEPTED_INTERNAL_TOKEN"):
                 assert name.startswith(prefix), f"{service} sets {name}, which only another service reads"
                 assert name[len(prefix):].lower() in fields, f"{service}: {name} is not a setting"
         for name in list(os.environ):
@@ -186,6 +188,7 @@ def test_every_fovea_setting_is_a_real_config_field_with_a_valid_value(objs: lis
             monkeypatch.setenv(name, value)
         config = classes[service]()
         assert config.internal_token == env["FOVEA_INTERNAL_TOKEN"]
+        assert config.accepted_internal_token == env["FOVEA_ACCEPTED_INTERNAL_TOKEN"]
         assert config.host == "0.0.0.0"
         if service == "worker":
             assert config.address(config.port) == f"{FIELDS['status.podIP']}:{config.port}"
