@@ -182,6 +182,16 @@ def cmd_model(args: argparse.Namespace) -> int:
         if args.json:
             return _dump(mv)
         print(f"archived {mv.name} v{mv.version}")
+    elif args.action == "reencrypt":
+        done = rc.reencrypt_artifacts()
+        if args.json:
+            return _dump(done)
+        print(f"re-encrypted {done.rewritten} artifact(s); {done.unchanged} already under the current key")
+        if done.unreadable:
+            print(f"{len(done.unreadable)} artifact(s) no configured key opens, left as they were:", file=sys.stderr)
+            for digest in done.unreadable:
+                print(f"  {digest}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -284,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--token", default="", help="API key with the publish or admin role (or FOVEA_API_KEY)")
         q.add_argument("--json", action="store_true")
 
-    m = sub.add_parser("model", help="register, list, show, promote, rollback, archive, export, import-pretrained")
+    m = sub.add_parser("model", help="register, list, show, promote, rollback, archive, reencrypt, export, "
+                                     "import-pretrained")
     msub = m.add_subparsers(dest="action", required=True)
     registry_flags(msub.add_parser("list", help="models with their latest version and aliases"))
     s = msub.add_parser("show", help="a model's versions and aliases")
@@ -313,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("version", type=int)
     registry_flags(a)
+    registry_flags(msub.add_parser("reencrypt", help="rewrite every artifact under the registry's current "
+                                                      "encryption key (the end of a key rotation; admin)"))
     for name in ("import-pretrained", "export"):
         q = msub.add_parser(name, add_help=False)
         q.add_argument("rest", nargs=argparse.REMAINDER)

@@ -157,6 +157,11 @@ class RegistryClient(_Base):
         return self.stub.ArchiveVersion(registry_pb2.ArchiveVersionRequest(model=model, version=version),
                                         metadata=self.metadata, timeout=self.timeout_s).model
 
+    def reencrypt_artifacts(self) -> registry_pb2.ReencryptArtifactsResponse:
+        # A whole store can take a while: no short client deadline.
+        return self.stub.ReencryptArtifacts(registry_pb2.ReencryptArtifactsRequest(), metadata=self.metadata,
+                                            timeout=max(self.timeout_s, 3600.0))
+
     def create_key(self, role: str = "infer", model_patterns: Sequence[str] = (), ttl_s: int = 0,
                    description: str = "", rate_limit_rps: float = 0, rate_limit_ips: float = 0,
                    rate_burst: float = 0) -> tuple[registry_pb2.ApiKey, str]:

@@ -48,7 +48,7 @@ class RegistryLink:
         except grpc.aio.AioRpcError as exc:
             raise upstream(exc) from None
 
-    async def download(self, mv: model_pb2.ModelVersion, key: bytes | None) -> bytes:
+    async def download(self, mv: model_pb2.ModelVersion, keys: bytes | list[bytes] | None) -> bytes:
         """The artifact's plaintext, decrypted in memory and checked against its SHA-256."""
         parts = []
         try:
@@ -58,7 +58,7 @@ class RegistryLink:
                 parts.append(chunk.chunk)
         except grpc.aio.AioRpcError as exc:
             raise upstream(exc) from None
-        data = crypto.decrypt(key, b"".join(parts), mv.sha256)
+        data = crypto.decrypt(keys, b"".join(parts), mv.sha256)
         digest = hashlib.sha256(data).hexdigest()
         if digest != mv.sha256:
             raise IntegrityError(

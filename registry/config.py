@@ -30,6 +30,9 @@ class RegistryConfig(BaseConfig):
     """A worker whose last heartbeat is older than this is dead (at most 5 s keeps failover quick)."""
     encryption_key_file: str = ""
     """File holding the AES-256 key for artifacts at rest; empty stores plaintext."""
+    previous_encryption_key_file: str = ""
+    """The key being rotated out: it only decrypts, for ReencryptArtifacts (`fovea model reencrypt`);
+    an empty file means no rotation is under way."""
     watch_poll_s: float = Field(default=0.2, gt=0)
     """How often a worker watch looks for expired heartbeats."""
     max_alias_history: int = Field(default=20, ge=1)

@@ -58,8 +58,8 @@ class RegistryServer:
 
 
 async def build_server(config: RegistryConfig) -> RegistryServer:
-    key = crypto.load_key(config.encryption_key_file) if config.encryption_key_file else None
-    store = LocalArtifactStore(config.artifact_dir, key)
+    keys = crypto.load_keys(config.encryption_key_file, config.previous_encryption_key_file)
+    store = LocalArtifactStore(config.artifact_dir, keys[0] if keys else None, keys[1:])
     registry = Registry(connect(config.redis_url), store, config.heartbeat_ttl_s,
                         config.max_artifact_bytes, config.watch_poll_s, config.max_alias_history)
     authenticate = make_authenticator(registry, config.accepted_internal_tokens())
@@ -73,5 +73,5 @@ async def build_server(config: RegistryConfig) -> RegistryServer:
     await server.start()
     await set_serving(health_servicer, [SERVICE], True)
     logger.info("registry listening on %s:%d (artifacts in %s, encryption %s)", config.host, port,
-                store.root, "on" if key else "off")
+                store.root, "on" if keys else "off")
     return RegistryServer(server, port, registry, health_servicer)

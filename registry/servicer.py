@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from fovea.errors import InvalidArgument
+from fovea.errors import InvalidArgument, InvalidState
 from fovea.names import check_name
 from fovea.rpc import principal
 from fovea.v1 import model_pb2, registry_pb2, registry_pb2_grpc
 from registry.service import INTERNAL, Registry, check_access, check_internal, model_allowed
 
+logger = logging.getLogger(__name__)
 INFER, PUBLISH, ADMIN = registry_pb2.ROLE_INFER, registry_pb2.ROLE_PUBLISH, registry_pb2.ROLE_ADMIN
 
 
@@ -179,6 +181,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         check_access(principal.get(), ADMIN, all_models=True)
         async for event in self.registry.keys.watch():
             yield event
+
+    async def ReencryptArtifacts(self, request: registry_pb2.ReencryptArtifactsRequest,
+                                 context: Any) -> registry_pb2.ReencryptArtifactsResponse:
+        check_access(principal.get(), ADMIN, all_models=True)
+        try:
+            done = await asyncio.to_thread(self.registry.store.reencrypt)
+        except ValueError as exc:
+            raise InvalidState(str(exc)) from None
+        if done.unreadable:
+            logger.warning("re-encryption left %d artifact(s) no configured key opens: %s",
+                           len(done.unreadable), ", ".join(d[:16] for d in done.unreadable))
+        logger.info("re-encrypted %d artifact(s); %d already under the current key", done.rewritten, done.unchanged)
+        return registry_pb2.ReencryptArtifactsResponse(rewritten=done.rewritten, unchanged=done.unchanged,
+                                                      unreadable=done.unreadable)
 
     # ---- workers --------------------------------------------------------
 

@@ -87,6 +87,9 @@ class WorkerConfig(BaseConfig):
     """How long a version that left its alias keeps serving before it is unloaded."""
     encryption_key_file: str = ""
     """AES-256 key for artifacts encrypted at rest; decrypted in memory only."""
+    previous_encryption_key_file: str = ""
+    """During a key rotation, the old key, so that artifacts not yet re-encrypted still load;
+    an empty file means no rotation is under way."""
     drain_linger_s: float = 0.5
     """On shutdown, how long to keep refusing new calls with a retryable UNAVAILABLE before closing the port;
     calls already on the wire then get a status a gateway retries, not CANCELLED."""

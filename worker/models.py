@@ -66,11 +66,11 @@ def parse_model_spec(text: str) -> Followed:
 
 
 class ModelManager:
-    def __init__(self, config: WorkerConfig, link: RegistryLink, key: bytes | None,
+    def __init__(self, config: WorkerConfig, link: RegistryLink, keys: list[bytes],
                  metrics: WorkerMetrics | None = None) -> None:
         self.config = config
         self.link = link
-        self.key = key
+        self.keys = keys
         self.metrics = metrics or WorkerMetrics()
         self.loaded: dict[tuple[str, int], Loaded] = {}
         self.followed = {f.name: f for f in map(parse_model_spec, config.models)}
@@ -194,7 +194,7 @@ class ModelManager:
         key = (mv.name, mv.version)
         t0 = time.perf_counter()
         try:
-            data = await self.link.download(mv, self.key)
+            data = await self.link.download(mv, self.keys)
             sessions = await asyncio.gather(*(asyncio.to_thread(load_session, data, self.config)
                                               for _ in range(max(1, self.config.instances))))
         except Exception as exc:  # noqa: BLE001 - a bad artifact must not take the worker down

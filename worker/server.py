@@ -97,10 +97,10 @@ class WorkerServer:
 
 
 async def build_server(config: WorkerConfig) -> WorkerServer:
-    key = crypto.load_key(config.encryption_key_file) if config.encryption_key_file else None
+    keys = crypto.load_keys(config.encryption_key_file, config.previous_encryption_key_file)
     link = RegistryLink(config.registry_address, config.internal_token, config.max_message_bytes)
     metrics = WorkerMetrics()
-    manager = ModelManager(config, link, key, metrics)
+    manager = ModelManager(config, link, keys, metrics)
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
     servicer = WorkerServicer(manager, config, decode_pool, metrics)
     authenticate = internal_authenticator(config.accepted_internal_tokens())

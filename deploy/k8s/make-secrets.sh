@@ -3,6 +3,7 @@
 #   internal-token  shared secret of registry, workers and gateways (random, 32 bytes)
 #   accepted-internal-token  a second token the services accept, set only while rotating (empty)
 #   encryption-key  AES-256 key for artifacts at rest (32 random bytes, base64)
+#   previous-encryption-key  the key being rotated out, set only while rotating (empty)
 #   redis-password  password of the in-cluster Redis (unused with an external one)
 #   redis-url       where Redis is (default: the in-cluster StatefulSet, with that password)
 # Existing files are kept, so running it again is safe; to rotate one, delete it and rerun.
@@ -26,5 +27,6 @@ random() {
 make internal-token "$(random urlsafe_b64encode)"
 [ -e "$dir/accepted-internal-token" ] || : > "$dir/accepted-internal-token"
 make encryption-key "$(random b64encode)"
+[ -e "$dir/previous-encryption-key" ] || : > "$dir/previous-encryption-key"
 make redis-password "$(python3 -c "import secrets; print(secrets.token_hex(24))")"
 make redis-url "${2:-redis://:$(cat "$dir/redis-password")@fovea-redis:6379/0}"

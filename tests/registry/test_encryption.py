@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
+import subprocess
+import sys
 import time
 
 import grpc
@@ -135,3 +138,93 @@ async def test_switching_encryption_on_rewrites_an_existing_plaintext_artifact(
     assert again.encrypted and again.sha256 == mv.sha256 and b"MatMul" not in path.read_bytes()
     await reg.close()
     await enc.close()
+
+
+def _key_at(path: pathlib.Path) -> bytes:
+    key = os.urandom(32)
+    path.write_text(key.hex())
+    path.chmod(0o600)
+    return key
+
+
+def _opens_with(path: pathlib.Path, sha256: str, key: bytes) -> bool:
+    from fovea import crypto
+
+    try:
+        crypto.decrypt(key, path.read_bytes(), sha256)
+        return True
+    except IntegrityError:
+        return False
+
+
+def test_key_rotation_reencrypts_every_artifact_and_models_keep_serving(cluster: Cluster, tmp_path: pathlib.Path) -> None:
+    """Rotate the encryption key as deploy/README.md says: registry and workers get the new key
+    with the old one as previous, `fovea model reencrypt` rewrites the store, then the old key goes."""
+    old_file, new_file, empty = tmp_path / "old.key", tmp_path / "new.key", tmp_path / "none.key"
+    old, new = _key_at(old_file), _key_at(new_file)
+    empty.write_text("")
+    registry = cluster.start_registry(FOVEA_REGISTRY_ENCRYPTION_KEY_FILE=str(old_file))
+    port = int(registry.address.rsplit(":", 1)[1])
+    rc = RegistryClient(registry.address, cluster.internal_token, timeout_s=10)
+    versions = [rc.register(color_model(bias=b), model_pb2.ModelVersion(name="colors")) for b in (0.0, 0.5)]
+    rc.set_alias("colors", "production", [(versions[0].version, 100)])
+    files = [cluster.data_dir / "artifacts" / mv.sha256[:2] / mv.sha256 for mv in versions]
+    assert all(_opens_with(f, mv.sha256, old) for f, mv in zip(files, versions))
+
+    # 1. new key current, old key previous, on the registry and the worker
+    registry.stop()
+    cluster.start_registry(port=port, FOVEA_REGISTRY_ENCRYPTION_KEY_FILE=str(new_file),
+                           FOVEA_REGISTRY_PREVIOUS_ENCRYPTION_KEY_FILE=str(old_file))
+    worker = cluster.start_worker(registry.address, ["colors"], FOVEA_WORKER_ENCRYPTION_KEY_FILE=str(new_file),
+                                  FOVEA_WORKER_PREVIOUS_ENCRYPTION_KEY_FILE=str(old_file))
+    _wait_serving(worker.address, cluster.internal_token)  # still under the old key: previous opens it
+
+    # 2. re-encrypt, through the CLI as an operator would
+    out = subprocess.run([sys.executable, "-m", "fovea.cli", "model", "reencrypt", "--registry", registry.address,
+                          "--token", cluster.internal_token, "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    done = json.loads(out.stdout)
+    assert done.get("rewritten") == 2 and not done.get("unreadable"), done
+    for f, mv in zip(files, versions):
+        assert _opens_with(f, mv.sha256, new) and not _opens_with(f, mv.sha256, old)
+        assert not any(s in f.read_bytes() for s in GRAPH_STRINGS)
+    again = rc.reencrypt_artifacts()
+    assert (again.rewritten, again.unchanged) == (0, 2)
+
+    # 3. the old key is gone everywhere (an empty previous-key file, as the Secret leaves it): both versions load
+    worker.stop()
+    rc.set_alias("colors", "production", [(versions[0].version, 50), (versions[1].version, 50)])
+    worker = cluster.start_worker(registry.address, ["colors"], name="worker-new-key",
+                                  FOVEA_WORKER_ENCRYPTION_KEY_FILE=str(new_file),
+                                  FOVEA_WORKER_PREVIOUS_ENCRYPTION_KEY_FILE=str(empty))
+    for v in versions:
+        _wait_serving(worker.address, cluster.internal_token, str(v.version))
+
+
+def test_reencrypt_reports_artifacts_no_key_opens_and_needs_admin(cluster: Cluster, tmp_path: pathlib.Path) -> None:
+    first, second = tmp_path / "first.key", tmp_path / "second.key"
+    _key_at(first), _key_at(second)
+    registry = cluster.start_registry(FOVEA_REGISTRY_ENCRYPTION_KEY_FILE=str(first))
+    port = int(registry.address.rsplit(":", 1)[1])
+    rc = RegistryClient(registry.address, cluster.internal_token, timeout_s=10)
+    mv = rc.register(color_model(), model_pb2.ModelVersion(name="colors"))
+    _, publisher = rc.create_key("publish")
+    registry.stop()
+    cluster.start_registry(port=port, FOVEA_REGISTRY_ENCRYPTION_KEY_FILE=str(second))  # the first key was lost
+    with pytest.raises(grpc.RpcError) as err:
+        RegistryClient(registry.address, publisher, timeout_s=10).reencrypt_artifacts()
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    done = rc.reencrypt_artifacts()
+    assert (done.rewritten, done.unchanged, list(done.unreadable)) == (0, 0, [mv.sha256])
+
+
+def _wait_serving(address: str, token: str, version: str = "", timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _infer(address, token, version)
+            return
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
