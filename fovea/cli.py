@@ -59,6 +59,31 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from fovea.client import Client
+    from fovea.explain import explain, save_overlay
+
+    if not args.api_key:
+        return _fail("no API key: pass --api-key or set FOVEA_API_KEY")
+    image = pathlib.Path(args.image).read_bytes()
+    out = args.out or str(pathlib.Path(args.image).with_suffix("")) + ".saliency.png"
+    with Client(args.address, args.api_key, timeout_s=args.timeout_s,
+                tls_ca_file=args.tls_ca if args.tls else None) as client:
+        sal = explain(client, image, args.model, version=args.version, alias=args.alias, grid=args.grid)
+    save_overlay(out, image, sal)
+    peak_y, peak_x = (int(v) for v in divmod(int(sal.heat.argmax()), sal.heat.shape[1]))
+    if args.json:
+        print(json.dumps({"model": sal.model, "version": sal.version, "label": sal.label, "index": sal.index,
+                          "score": sal.score, "windows": sal.windows, "max_drop": float(sal.heat.max()),
+                          "peak_xy": [peak_x, peak_y], "overlay": out}))
+        return 0
+    print(f"{args.image}: {sal.label} ({sal.score:.4f}), {sal.model} v{sal.version}")
+    print(f"hiding the area around x={peak_x}, y={peak_y} lowers that score most, by {sal.heat.max():.4f} "
+          f"({sal.windows} occluded copies)")
+    print(f"saliency overlay: {out}")
+    return 0
+
+
 # ---- models and keys -----------------------------------------------------
 
 def _registry(args: argparse.Namespace) -> Any:
@@ -275,19 +300,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="classify the sample photos once the cluster is ready, then stop")
     up.set_defaults(func=cmd_up)
 
+    def gateway_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--address", default=os.environ.get("FOVEA_ADDRESS", DEFAULT_GATEWAY))
+        q.add_argument("--api-key", default=os.environ.get("FOVEA_API_KEY", ""))
+        q.add_argument("--model", default=os.environ.get("FOVEA_MODEL", "efficientnet-lite0"))
+        q.add_argument("--version", type=int, default=0)
+        q.add_argument("--alias", default="")
+        q.add_argument("--timeout-s", type=float, default=30.0)
+        q.add_argument("--tls", action="store_true", help="connect with TLS")
+        q.add_argument("--tls-ca", default="", help="CA bundle for --tls (default: system roots)")
+        q.add_argument("--json", action="store_true")
+
     c = sub.add_parser("classify", help="classify images through a gateway")
     c.add_argument("images", nargs="+")
-    c.add_argument("--address", default=os.environ.get("FOVEA_ADDRESS", DEFAULT_GATEWAY))
-    c.add_argument("--api-key", default=os.environ.get("FOVEA_API_KEY", ""))
-    c.add_argument("--model", default=os.environ.get("FOVEA_MODEL", "efficientnet-lite0"))
-    c.add_argument("--version", type=int, default=0)
-    c.add_argument("--alias", default="")
     c.add_argument("--top-k", type=int, default=5)
-    c.add_argument("--timeout-s", type=float, default=30.0)
-    c.add_argument("--tls", action="store_true", help="connect with TLS")
-    c.add_argument("--tls-ca", default="", help="CA bundle for --tls (default: system roots)")
-    c.add_argument("--json", action="store_true")
+    gateway_flags(c)
     c.set_defaults(func=cmd_classify)
+
+    e = sub.add_parser("explain", help="occlusion saliency of a served model's top class, as a PNG overlay")
+    e.add_argument("image")
+    e.add_argument("--out", default="", help="PNG to write (default: IMAGE.saliency.png)")
+    e.add_argument("--grid", type=int, default=8, help="grid cells per side; (grid-1)^2 occluded copies are sent")
+    gateway_flags(e)
+    e.set_defaults(func=cmd_explain)
 
     def registry_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--registry", default=os.environ.get("FOVEA_REGISTRY", DEFAULT_REGISTRY))

@@ -59,6 +59,30 @@ def pixel_mean_model(dtype: int = TensorProto.UINT8, layout: str = "NHWC", size:
     return model.SerializeToString()
 
 
+def corner_model(size: int = 16) -> bytes:
+    """Scores red/green/blue from the top-left quarter of the image only: what an explanation must find."""
+    half = size // 2
+    starts = numpy_helper.from_array(np.array([0, 0], np.int64), "starts")
+    ends = numpy_helper.from_array(np.array([half, half], np.int64), "ends")
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    scale = numpy_helper.from_array(np.array(3.0, np.float32), "scale")  # softmax far from saturation
+    nodes = [helper.make_node("Slice", ["input", "starts", "ends", "axes"], ["corner"]),
+             helper.make_node("ReduceMean", ["corner"], ["mean"], axes=[2, 3], keepdims=0),
+             helper.make_node("Mul", ["mean", "scale"], ["logits"])]
+    graph = helper.make_graph(nodes, "corner", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                             ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+                              [starts, ends, axes, scale])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    pre = {"resize_short": size, "crop_height": size, "crop_width": size, "mean": [0.0] * 3, "std": [1.0] * 3,
+           "color_mode": "RGB"}
+    helper.set_model_props(model, {META_LABELS: json.dumps(["red", "green", "blue"]),
+                                   META_PREPROCESSING: json.dumps(pre)})
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def identity_model(width: int = 4) -> bytes:
     """A zero-compute model: output = input, shape [N, width]; measures pure serving overhead."""
     graph = helper.make_graph(
