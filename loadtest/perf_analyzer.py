@@ -88,3 +88,14 @@ def parse(text: str, concurrency: int) -> Result:
     return Result(concurrency=concurrency, infer_per_s=number(r"Throughput: ([\d.]+) infer/sec"),
                   p50_us=number(r"p50 latency: ([\d.]+) usec"), p99_us=number(r"p99 latency: ([\d.]+) usec"),
                   requests=int(number(r"Request count: (\d+)")), output=text)
+
+
+def main() -> None:
+    """`python -m loadtest.perf_analyzer ARGS...`: perf_analyzer with its libraries found."""
+    check()
+    path = binary()
+    os.execve(path, [path, *sys.argv[1:]], library_env())
+
+
+if __name__ == "__main__":
+    main()
