@@ -101,7 +101,7 @@ def smooth(heat: np.ndarray, grid: int) -> np.ndarray:
     xs = np.linspace(0, width, grid + 1).round().astype(int)
     cells = np.array([[heat[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].mean() for j in range(grid)] for i in range(grid)],
                      np.float32)
-    return np.asarray(Image.fromarray(cells, mode="F").resize((width, height), Image.BILINEAR))
+    return np.asarray(Image.fromarray(cells, mode="F").resize((width, height), Image.Resampling.BILINEAR))
 
 
 def overlay(image: bytes, saliency: Saliency, alpha: float = 0.5) -> np.ndarray:

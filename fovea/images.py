@@ -118,7 +118,7 @@ def preprocess(pixels: np.ndarray, spec: Preprocess) -> np.ndarray:
     else:
         nh, nw = ch, cw
     if (nh, nw) != (h, w):
-        pixels = np.asarray(Image.fromarray(pixels).resize((nw, nh), Image.BILINEAR))
+        pixels = np.asarray(Image.fromarray(pixels).resize((nw, nh), Image.Resampling.BILINEAR))
     top, left = (nh - ch) // 2, (nw - cw) // 2
     pixels = pixels[top: top + ch, left: left + cw]
     if pixels.ndim == 2:
