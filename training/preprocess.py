@@ -31,11 +31,11 @@ def preprocess(image: Image.Image | np.ndarray, pre: dict[str, Any]) -> np.ndarr
 def resize_and_crop(image: Image.Image, resize_short: int, crop_h: int, crop_w: int) -> Image.Image:
     """Resize the short side to resize_short (bilinear), then centre-crop; 0 resizes straight to the crop."""
     if resize_short == 0:
-        return image.resize((crop_w, crop_h), Image.BILINEAR)
+        return image.resize((crop_w, crop_h), Image.Resampling.BILINEAR)
     width, height = image.size
     scale = resize_short / min(width, height)
     size = (max(resize_short, round(width * scale)), max(resize_short, round(height * scale)))
-    image = image.resize(size, Image.BILINEAR)
+    image = image.resize(size, Image.Resampling.BILINEAR)
     left, top = (size[0] - crop_w) // 2, (size[1] - crop_h) // 2
     return image.crop((left, top, left + crop_w, top + crop_h))
 
