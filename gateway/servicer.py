@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +15,7 @@ from fovea.names import check_name
 from fovea.v1 import image_pb2, image_pb2_grpc, model_pb2, registry_pb2
 from gateway.auth import check_model_access
 from gateway.service import Gateway
+from gateway.streams import ordered
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -39,37 +39,17 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
         stream's remaining deadline, or the default one when the stream has none.
         """
         key = principal.get()
-        slots = asyncio.Semaphore(self.gateway.config.stream_window)
-        answers: asyncio.Queue[asyncio.Task[image_pb2.ClassifyStreamResponse] | None] = asyncio.Queue()
 
-        async def one(item: image_pb2.ClassifyStreamRequest, timeout_s: float) -> image_pb2.ClassifyStreamResponse:
+        async def one(item: image_pb2.ClassifyStreamRequest) -> image_pb2.ClassifyStreamResponse:
             try:
-                resp = await self.gateway.classify(key, item.request, timeout_s)
+                resp = await self.gateway.classify(key, item.request, self.gateway.timeout_s(context))
                 return image_pb2.ClassifyStreamResponse(sequence=item.sequence, response=resp)
             except FoveaError as exc:
                 return image_pb2.ClassifyStreamResponse(sequence=item.sequence, error_code=exc.code.value[0],
                                                         error_message=str(exc))
 
-        async def reader() -> None:
-            try:
-                async for item in request_iterator:
-                    await slots.acquire()  # a slot is held until the answer has been written
-                    answers.put_nowait(asyncio.create_task(one(item, self.gateway.timeout_s(context))))
-            finally:
-                answers.put_nowait(None)
-
-        read_task = asyncio.create_task(reader())
-        try:
-            while (task := await answers.get()) is not None:
-                yield await task
-                slots.release()
-            await read_task  # surfaces a broken request stream
-        finally:
-            read_task.cancel()
-            while not answers.empty():
-                pending = answers.get_nowait()
-                if pending is not None:
-                    pending.cancel()
+        async for answer in ordered(request_iterator, self.gateway.config.stream_window, one):
+            yield answer
 
     async def ListModels(self, request: model_pb2.ListModelsRequest, context: Any) -> model_pb2.ListModelsResponse:
         try:
@@ -133,6 +113,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         return await self.gateway.infer(principal.get(), request, self.gateway.timeout_s(context))
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's streaming call: answers in request order (each carries its request's id), with
+        at most stream_window requests in flight; a failed request is answered with its status and
+        message in error_message, and the stream goes on."""
+        key = principal.get()
+
+        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            try:
+                resp = await self.gateway.infer(key, request, self.gateway.timeout_s(context))
+                return pb.ModelStreamInferResponse(infer_response=resp)
+            except FoveaError as exc:
+                return pb.ModelStreamInferResponse(error_message=f"{exc.code.name}: {exc}")
+
+        async for answer in ordered(request_iterator, self.gateway.config.stream_window, one):
+            yield answer
 
     async def ModelInferBytes(self, request: bytes, context: Any) -> bytes:
         """ModelInfer as the gateway serves it: the request's bytes go to the worker, its answer's bytes back."""

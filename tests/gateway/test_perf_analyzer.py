@@ -1,4 +1,5 @@
-"""Triton's own load tool, perf_analyzer (C++), runs unchanged against a gateway and a worker.
+"""Triton's own load tool, perf_analyzer (C++), runs unchanged against a gateway (unary and
+--streaming) and a worker.
 
 It asks for the model's configuration (Triton's ModelConfig call) before it sends anything, so
 this also checks the configuration Fovea reports: batch dimension, data types, batcher, instances.
@@ -17,19 +18,37 @@ from loadtest import perf_analyzer
 from tests.gateway.conftest import GatewayFactory, Stack
 
 
+# This checks compatibility, not speed: a noisy machine must not fail it on perf_analyzer's
+# stability rule (3 windows within 10% of each other by default).
+LOOSE = ("--stability-percentage", "1000", "--max-trials", "20")
+
+
 async def test_perf_analyzer_through_gateway_and_worker(stack: Stack, gateways: GatewayFactory) -> None:
     perf_analyzer.check()  # fails, naming the missing library, when set-up did not install it
     gw = await gateways()
     secret = await asyncio.to_thread(stack.key)
     # the gateway runs in this event loop, so perf_analyzer runs on a thread
     through_gw = await asyncio.to_thread(perf_analyzer.run, f"127.0.0.1:{gw.port}", "ident", secret,
-                                         concurrency=2, window_ms=500, batch=2, timeout_s=120)
+                                         concurrency=2, window_ms=500, batch=2, extra=LOOSE, timeout_s=120)
+    streaming = await asyncio.to_thread(perf_analyzer.run, f"127.0.0.1:{gw.port}", "ident", secret,
+                                        concurrency=2, window_ms=500, extra=("--streaming", *LOOSE), timeout_s=120)
     worker = stack.workers[0].address
     direct = await asyncio.to_thread(perf_analyzer.run, worker, "ident", stack.cluster.internal_token,
-                                     concurrency=2, window_ms=500, timeout_s=120)
-    for r in (through_gw, direct):
+                                     concurrency=2, window_ms=500, extra=LOOSE, timeout_s=120)
+    for r in (through_gw, streaming, direct):
         assert r.requests > 0 and r.infer_per_s > 0 and 0 < r.p50_us <= r.p99_us, r.output[-1500:]
     assert "Batch size: 2" in through_gw.output
+    # the --streaming run really went over Triton's ModelStreamInfer call (counted when a stream ends,
+    # which the gateway may see a moment after perf_analyzer has exited)
+    def streams() -> float:
+        return sum(sample.value for metric in gw.metrics.registry.collect() for sample in metric.samples
+                   if sample.name == "fovea_gateway_requests_total" and sample.labels["method"] == "ModelStreamInfer")
+
+    for _ in range(100):
+        if streams() >= 1:
+            break
+        await asyncio.sleep(0.05)
+    assert streams() >= 1
 
 
 async def test_model_config_reports_what_the_worker_runs(stack: Stack) -> None:

@@ -1,6 +1,7 @@
 """Acceptance 5: the stock Triton client (tritonclient.grpc) works against the gateway unchanged:
 is_server_live, get_model_metadata, and infer with the classification extension; also Triton's
-get_model_config, which its perf_analyzer needs (test_perf_analyzer.py)."""
+get_model_config, which its perf_analyzer needs (test_perf_analyzer.py), and the streaming call
+(start_stream / async_stream_infer)."""
 
 from __future__ import annotations
 
@@ -44,4 +45,9 @@ async def test_tritonclient_against_gateway(stack: Stack, gateways: GatewayFacto
     score, index, label = best.split(":", 2)
     assert (label, int(index)) == ("blue", 2) and float(score) > 0.9
     assert out["model_version"] == "1"
+    # ModelStreamInfer: answers in order with their ids; an error answers its own request only
+    stream = out["stream"]
+    assert [item[0] for item in stream[:3]] == ["frame-0", "frame-1", "frame-2"]
+    assert all(item[1].split(":", 2)[2] == "blue" for item in stream[:3])
+    assert stream[3][0] == "error" and "NOT_FOUND" in stream[3][1] and "no-such-model" in stream[3][1]
     assert out["unknown_key"] == "StatusCode.UNAUTHENTICATED"

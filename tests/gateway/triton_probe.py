@@ -42,6 +42,24 @@ def main(address: str, model: str, image_path: str) -> None:
     top = result.as_numpy(meta.outputs[0].name)
     out["classification"] = [item.decode() for item in top.reshape(-1)]
     out["model_version"] = result.get_response().model_version
+    # Triton's streaming call: three images and one unknown model on one stream
+    import queue
+
+    answers: queue.Queue[tuple[object, object]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=headers)
+    for i in range(3):
+        client.async_stream_infer(model, [image], outputs=[wanted], request_id=f"frame-{i}")
+    client.async_stream_infer("no-such-model", [image], request_id="bad")
+    streamed = []
+    for _ in range(4):
+        result, error = answers.get(timeout=30)
+        if error is not None:
+            streamed.append(["error", str(error)])
+        else:
+            response = result.get_response()  # type: ignore[attr-defined]
+            streamed.append([response.id, result.as_numpy(meta.outputs[0].name).reshape(-1)[0].decode()])  # type: ignore[attr-defined]
+    client.stop_stream()
+    out["stream"] = streamed
     try:
         client.get_model_metadata(model, headers={"authorization": "Bearer fv_aaaaaaaaaaaa_" + "x" * 43})
         out["unknown_key"] = "accepted"
