@@ -96,7 +96,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         from fovea import __version__
 
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=["classification"])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=["classification", "model_configuration"])
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         check_model_access(principal.get(), request.name)

@@ -25,6 +25,7 @@ from worker.batcher import Batcher
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 from worker.runtime import Session, load_session
+from worker.stats import ModelStats
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Loaded:
     ready: bool = False
     unload_at: float | None = None
     input_dtypes: list[Any] = field(default_factory=list)
+    stats: ModelStats = field(default_factory=ModelStats)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -211,13 +213,20 @@ class ModelManager:
             names = session.input_names
             return lambda inputs: session.run(dict(zip(names, inputs)))
 
+        stats = ModelStats()
+        metrics_hook = self.metrics.batch_hook(mv.name, version)
+
+        def on_batch(samples: int, waits_s: list[float], compute_s: float) -> None:
+            metrics_hook(samples, waits_s, compute_s)
+            stats.on_batch(samples, waits_s, compute_s)
+
         batcher = Batcher([runner(s) for s in sessions], self.config.max_batch_size,
                           self.config.max_queue_delay_us, self.config.preferred_batch_sizes,
-                          self.config.max_queue_len, on_batch=self.metrics.batch_hook(mv.name, version),
+                          self.config.max_queue_len, on_batch=on_batch,
                           name=name, on_drop=self.metrics.drop_hook(mv.name, version),
                           inline_compute_us=self.config.inline_compute_us)
         lv = Loaded(mv=mv, sessions=list(sessions), batcher=batcher, preprocess=pre,
-                    provider=sessions[0].provider, input_dtypes=sessions[0].input_dtypes)
+                    provider=sessions[0].provider, input_dtypes=sessions[0].input_dtypes, stats=stats)
         self.loaded[key] = lv  # listed (heartbeats, ModelReady) but not ready until warmed up
         batcher.start()
         try:

@@ -49,7 +49,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         from fovea import __version__
 
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=["classification"])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=["classification", "model_configuration", "statistics"])
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         lv = self.manager.get(request.name, request.version)
@@ -62,6 +62,15 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             lv.mv, self.config.max_batch_size, preferred_batch_sizes=list(self.config.preferred_batch_sizes),
             max_queue_delay_us=self.config.max_queue_delay_us, instances=len(lv.sessions), gpu_id=gpu))
 
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        if request.name:
+            self.manager.get(request.name, request.version)  # NOT_FOUND for a model this worker does not serve
+        out = pb.ModelStatisticsResponse()
+        for (name, version), lv in sorted(self.manager.loaded.items()):
+            if request.name in ("", name) and request.version in ("", str(version)) and lv.ready:
+                out.model_stats.append(lv.stats.to_proto(name, version))
+        return out
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         if not self.accepting:
             raise ModelNotReady("worker is draining; retry on another worker")
@@ -70,6 +79,8 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.in_flight += 1
         try:
             inputs, n = await self._inputs(lv, request)
+            t_input = time.perf_counter()
+            lv.stats.compute_input.add(t_input - t0)
             remaining = context.time_remaining()
             timeout_s = remaining if remaining is not None else self.config.default_deadline_ms / 1000
             fut = lv.batcher.submit(inputs, n, t0 + timeout_s)
@@ -78,9 +89,16 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             except asyncio.CancelledError:
                 fut.cancel()
                 raise
+            t_output = time.perf_counter()
             response = build_response(lv, request, outputs)
-            self.metrics.series(lv.mv.name, str(lv.mv.version))[3].observe(time.perf_counter() - t0)
+            done = time.perf_counter()
+            lv.stats.compute_output.add(done - t_output)
+            lv.stats.success.add(done - t0)
+            self.metrics.series(lv.mv.name, str(lv.mv.version))[3].observe(done - t0)
             return response
+        except BaseException:
+            lv.stats.fail.add(time.perf_counter() - t0)
+            raise
         finally:
             self.in_flight -= 1
 

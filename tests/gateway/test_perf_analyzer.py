@@ -38,6 +38,8 @@ async def test_perf_analyzer_through_gateway_and_worker(stack: Stack, gateways: 
     for r in (through_gw, streaming, direct):
         assert r.requests > 0 and r.infer_per_s > 0 and 0 < r.p50_us <= r.p99_us, r.output[-1500:]
     assert "Batch size: 2" in through_gw.output
+    # against a worker it also prints the worker's own split of a request (Triton's ModelStatistics)
+    assert "Server:" in direct.output and "Inference count:" in direct.output, direct.output[-1500:]
     # the --streaming run really went over Triton's ModelStreamInfer call (counted when a stream ends,
     # which the gateway may see a moment after perf_analyzer has exited)
     def streams() -> float:

@@ -164,3 +164,33 @@ async def test_uint8_model_with_normalisation_is_refused_at_registration(registr
         await registry.publish("bad8", pixel_mean_model(TensorProto.UINT8, "NHWC", mean=0.5))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "UINT8 pixels" in err.value.details()
+
+
+async def test_model_statistics_count_requests_samples_batches_and_failures(registry: LocalRegistry,
+                                                                            start_worker: StartWorker) -> None:
+    """Triton's ModelStatistics (perf_analyzer reads it for the server-side split of a request)."""
+    await registry.publish("colors", color_model())
+    ws = await start_worker(["colors"])
+    channel, s = stub(ws.port)
+    for _ in range(5):
+        await s.ModelInfer(tensor_request("colors", np.zeros((2, 3, 8, 8), np.float32)), metadata=MD, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await s.ModelInfer(tensor_request("colors", np.zeros((1, 3, 4, 4), np.float32)), metadata=MD, timeout=10)
+    resp = await s.ModelStatistics(pb.ModelStatisticsRequest(name="colors"), metadata=MD, timeout=10)
+    (st,) = resp.model_stats
+    stats = st.inference_stats
+    # the warm-up batch counts as an execution too, as Triton counts its own warm-up
+    assert (st.name, st.version) == ("colors", "1") and st.inference_count >= 10 and st.last_inference > 0
+    assert (stats.success.count, stats.fail.count) == (5, 1)
+    assert stats.queue.count >= 5 and stats.compute_infer.count == st.execution_count
+    # counted per batch, as Triton does (perf_analyzer refuses unequal counts)
+    assert stats.compute_input.count == stats.compute_output.count == st.execution_count
+    assert sum(b.compute_infer.count for b in st.batch_stats) == st.execution_count
+    assert sum(b.batch_size * b.compute_infer.count for b in st.batch_stats) == st.inference_count
+    assert stats.success.ns >= stats.compute_input.ns + stats.compute_output.ns > 0
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.ModelStatistics(pb.ModelStatisticsRequest(name="nope"), metadata=MD, timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    everything = await s.ModelStatistics(pb.ModelStatisticsRequest(), metadata=MD, timeout=10)
+    assert [m.name for m in everything.model_stats] == ["colors"]
+    await channel.close()
