@@ -41,6 +41,11 @@ class Gateway:
         # built once: the hot path only appends the request id
         self._auth_md = ("authorization", f"Bearer {config.internal_token}")
 
+    def internal_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Credentials for calls to workers, with the current request id."""
+        rid = log.request_id.get()
+        return (self._auth_md, (REQUEST_ID_HEADER, rid)) if rid else (self._auth_md,)
+
     def timeout_s(self, context: Any) -> float:
         """The caller's remaining deadline, or the default when it set none, never above the maximum."""
         remaining = context.time_remaining() if context is not None else None
@@ -60,8 +65,7 @@ class Gateway:
     async def _forward(self, model: str, version: int, request: Any, timeout_s: float, raw: bool) -> Any:
         deadline = time.monotonic() + timeout_s
         tried: frozenset[str] = frozenset()
-        rid = log.request_id.get()
-        md = (self._auth_md, (REQUEST_ID_HEADER, rid)) if rid else (self._auth_md,)
+        md = self.internal_metadata()
         for attempt in range(2):
             wid, ep = self.workers.choose(model, version, tried)
             remaining = deadline - time.monotonic()

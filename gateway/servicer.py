@@ -15,11 +15,21 @@ from fovea.names import check_name
 from fovea.v1 import image_pb2, image_pb2_grpc, model_pb2, registry_pb2
 from gateway.auth import check_model_access
 from gateway.service import Gateway
+from gateway import statistics
 from gateway.streams import ordered
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 SERVER_NAME = "fovea-gateway"
+
+
+def may_use(key: Any, model: str) -> bool:
+    """Whether the key's role and model patterns allow this model (for filtering lists)."""
+    try:
+        check_model_access(key, model)
+        return True
+    except FoveaError:
+        return False
 
 
 class ImageServicer(image_pb2_grpc.ImageServiceServicer):
@@ -57,14 +67,7 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
         except grpc.aio.AioRpcError as exc:
             raise upstream(exc) from None
         key = principal.get()
-        allowed = []
-        for m in resp.models:
-            try:
-                check_model_access(key, m.name)
-                allowed.append(m)
-            except FoveaError:
-                continue
-        return model_pb2.ListModelsResponse(models=allowed)
+        return model_pb2.ListModelsResponse(models=[m for m in resp.models if may_use(key, m.name)])
 
     async def GetModel(self, request: image_pb2.GetModelRequest, context: Any) -> image_pb2.GetModelResponse:
         check_name(request.model)
@@ -96,7 +99,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         from fovea import __version__
 
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=["classification", "model_configuration"])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=["classification", "model_configuration", "statistics"])
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         check_model_access(principal.get(), request.name)
@@ -113,6 +116,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         return await self.gateway.infer(principal.get(), request, self.gateway.timeout_s(context))
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        """The sum of the workers' statistics, for the models this key may use."""
+        key = principal.get()
+        if request.name:
+            check_model_access(key, request.name)
+            await self.gateway.resolve(request.name, int(request.version) if request.version.isdigit() else 0, "")
+        serving = [ep for ep in self.gateway.workers.endpoints.values()
+                   if not request.name or any(m.name == request.name for m in ep.status.models)]
+        reports = await statistics.gather(serving, request, self.gateway.internal_metadata(),
+                                          min(self.gateway.timeout_s(context), 10.0))
+        merged = statistics.merge(reports)
+        allowed = [st for st in merged.model_stats if may_use(key, st.name)]
+        return pb.ModelStatisticsResponse(model_stats=allowed)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:

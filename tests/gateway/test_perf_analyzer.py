@@ -38,8 +38,10 @@ async def test_perf_analyzer_through_gateway_and_worker(stack: Stack, gateways: 
     for r in (through_gw, streaming, direct):
         assert r.requests > 0 and r.infer_per_s > 0 and 0 < r.p50_us <= r.p99_us, r.output[-1500:]
     assert "Batch size: 2" in through_gw.output
-    # against a worker it also prints the worker's own split of a request (Triton's ModelStatistics)
-    assert "Server:" in direct.output and "Inference count:" in direct.output, direct.output[-1500:]
+    # it also prints the server side's split of a request (Triton's ModelStatistics): a worker's own,
+    # or through a gateway the sum over the workers
+    for r in (direct, through_gw):
+        assert "Server:" in r.output and "Inference count:" in r.output, r.output[-1500:]
     # the --streaming run really went over Triton's ModelStreamInfer call (counted when a stream ends,
     # which the gateway may see a moment after perf_analyzer has exited)
     def streams() -> float:
@@ -74,3 +76,45 @@ async def test_model_config_reports_what_the_worker_runs(stack: Stack) -> None:
     assert [(t.name, t.data_type, list(t.dims)) for t in cfg.input] == [("input", mc.TYPE_FP32, [4])]
     assert cfg.HasField("dynamic_batching")
     assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, mc.ModelInstanceGroup.KIND_CPU)]
+
+
+async def test_gateway_statistics_sum_the_workers_and_follow_the_key(stack: Stack, gateways: GatewayFactory) -> None:
+    """ModelStatistics through the gateway adds up every worker's figures for the model."""
+    gw = await gateways()
+    md = (("authorization", f"Bearer {stack.cluster.internal_token}"),)
+    req = pb.ModelStatisticsRequest(name="ident")
+
+    async def per_worker() -> list[pb.ModelStatistics]:
+        out = []
+        for w in stack.workers:
+            async with grpc.aio.insecure_channel(w.address) as channel:
+                resp = await pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(req, metadata=md, timeout=10)
+                out += list(resp.model_stats)
+        return out
+
+    secret = await asyncio.to_thread(stack.key)
+    only_colors = await asyncio.to_thread(stack.key, model_patterns=["colors"])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        infer = pb.ModelInferRequest(model_name="ident")
+        infer.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+        infer.raw_input_contents.append(bytes(16))
+        for _ in range(20):  # spread over both workers by the gateway's routing
+            await stub.ModelInfer(infer, metadata=(("authorization", f"Bearer {secret}"),), timeout=10)
+        before = await per_worker()
+        total = (await stub.ModelStatistics(req, metadata=(("authorization", f"Bearer {secret}"),), timeout=10))
+        after = await per_worker()
+        everything = await stub.ModelStatistics(pb.ModelStatisticsRequest(),
+                                                metadata=(("authorization", f"Bearer {only_colors}"),), timeout=10)
+        try:
+            await stub.ModelStatistics(req, metadata=(("authorization", f"Bearer {only_colors}"),), timeout=10)
+            raise AssertionError("a key limited to colors read ident's statistics")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.PERMISSION_DENIED
+    (st,) = total.model_stats
+    assert len(before) == 2 and before == after  # nothing ran in between
+    assert st.inference_count == sum(w.inference_count for w in before)
+    assert st.inference_stats.success.count == sum(w.inference_stats.success.count for w in before) >= 20
+    assert st.inference_stats.queue.ns == sum(w.inference_stats.queue.ns for w in before)
+    assert sum(b.compute_infer.count for b in st.batch_stats) == st.execution_count
+    assert {m.name for m in everything.model_stats} == {"colors"}
