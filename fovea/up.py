@@ -78,12 +78,19 @@ def up(args: argparse.Namespace) -> int:
         print(f"api key: {secret}", flush=True)
         print(f"registry: {registry.address}   logs: {data_dir}", file=sys.stderr)
         if args.demo:
+            from fovea.explain import explain, save_overlay
+
             with Client(gateway.address, secret) as client:
                 photos = sample_photos()
                 resp = client.classify(list(photos.values()), model=args.model, top_k=5, ids=list(photos))
-            for result in resp.results:
-                top = " | ".join(f"{lab.label} ({lab.score:.2f})" for lab in result.labels)
-                print(f"{result.image_id}: {top}", flush=True)
+                for result in resp.results:
+                    top = " | ".join(f"{lab.label} ({lab.score:.2f})" for lab in result.labels)
+                    print(f"{result.image_id}: {top}", flush=True)
+                # what the model looked at in the first photo (fovea explain)
+                first = next(iter(photos))
+                overlay = data_dir / f"{first}.saliency.png"
+                save_overlay(str(overlay), photos[first], explain(client, photos[first], args.model))
+            print(f"saliency: {overlay}", flush=True)
             return 0
         print("cluster is up; Ctrl-C stops it", file=sys.stderr)
         try:

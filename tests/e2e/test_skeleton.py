@@ -107,6 +107,10 @@ def test_fovea_up_demo_classifies_sample_photos(tmp_path: object, redis_url: str
     cats = {"tiger cat", "Egyptian cat", "tabby, tabby cat", "Persian cat", "Siamese cat, Siamese"}
     assert cats & set(labels("chelsea")[:2]), lines["chelsea"]
     assert labels("coffee")[0] == "espresso", lines["coffee"]
+    from PIL import Image
+
+    with Image.open(lines["saliency"]) as overlay:  # the demo explains its first photo too
+        assert (overlay.format, overlay.size) == ("PNG", (451, 300))
 
 
 def test_classify_larger_than_a_worker_batch_is_split(cluster: Cluster) -> None:
