@@ -25,7 +25,9 @@ class WorkerConfig(BaseConfig):
     worker_id: str = Field(default_factory=_default_id)
     """Id in heartbeats; defaults to host-pid."""
     advertise_address: str = ""
-    """host:port the gateways dial; defaults to host:port (the pod IP on Kubernetes)."""
+    """host:port the gateways dial; defaults to host:port (the pod IP on Kubernetes). {ip} and
+    {hostname} stand for this machine's address and name, so replicas can share one setting
+    (compose: "{ip}:8502")."""
     registry_address: str = "127.0.0.1:8501"
     """Registry host:port."""
     models: Annotated[list[str], NoDecode] = []
@@ -111,4 +113,11 @@ class WorkerConfig(BaseConfig):
         return v
 
     def address(self, port: int) -> str:
-        return self.advertise_address or f"{self.host}:{port}"
+        if not self.advertise_address:
+            return f"{self.host}:{port}"
+        out = self.advertise_address
+        if "{hostname}" in out:
+            out = out.replace("{hostname}", socket.gethostname())
+        if "{ip}" in out:
+            out = out.replace("{ip}", socket.gethostbyname(socket.gethostname()))
+        return out
