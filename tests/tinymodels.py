@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fovea.spec import META_LABELS, META_PREPROCESSING
+
+
+def _image_model(graph: Any, labels: list[str], size: int, mean: float = 0.0, std: float = 1.0) -> bytes:
+    """An RGB image model from its graph: labels and size x size preprocessing in its metadata."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    pre = {"resize_short": size, "crop_height": size, "crop_width": size, "mean": [mean] * 3, "std": [std] * 3,
+           "color_mode": "RGB"}
+    helper.set_model_props(model, {META_LABELS: json.dumps(labels), META_PREPROCESSING: json.dumps(pre)})
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 def color_model(labels: tuple[str, ...] = ("red", "green", "blue"), size: int = 8, bias: float = 0.0) -> bytes:
@@ -30,13 +42,7 @@ def color_model(labels: tuple[str, ...] = ("red", "green", "blue"), size: int = 
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    pre = {"resize_short": size, "crop_height": size, "crop_width": size,
-           "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "color_mode": "RGB"}
-    helper.set_model_props(model, {META_LABELS: json.dumps(list(labels)), META_PREPROCESSING: json.dumps(pre)})
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return _image_model(graph, list(labels), size)
 
 
 def pixel_mean_model(dtype: int = TensorProto.UINT8, layout: str = "NHWC", size: int = 8,
@@ -49,14 +55,7 @@ def pixel_mean_model(dtype: int = TensorProto.UINT8, layout: str = "NHWC", size:
              helper.make_node("ReduceMean", ["x"], ["logits"], axes=axes, keepdims=0)]
     graph = helper.make_graph(nodes, "pixel_mean", [helper.make_tensor_value_info("input", dtype, shape)],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    pre = {"resize_short": size, "crop_height": size, "crop_width": size, "mean": [mean] * 3, "std": [std] * 3,
-           "color_mode": "RGB"}
-    helper.set_model_props(model, {META_LABELS: json.dumps(["red", "green", "blue"]),
-                                   META_PREPROCESSING: json.dumps(pre)})
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return _image_model(graph, ["red", "green", "blue"], size, mean, std)
 
 
 def corner_model(size: int = 16) -> bytes:
@@ -73,14 +72,7 @@ def corner_model(size: int = 16) -> bytes:
                                                                              ["N", 3, size, size])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
                               [starts, ends, axes, scale])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    pre = {"resize_short": size, "crop_height": size, "crop_width": size, "mean": [0.0] * 3, "std": [1.0] * 3,
-           "color_mode": "RGB"}
-    helper.set_model_props(model, {META_LABELS: json.dumps(["red", "green", "blue"]),
-                                   META_PREPROCESSING: json.dumps(pre)})
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return _image_model(graph, ["red", "green", "blue"], size)
 
 
 def identity_model(width: int = 4) -> bytes:

@@ -19,15 +19,21 @@ async def _setup(redis_url: str) -> Any:
     return r
 
 
-async def test_watcher_trimmed_past_starts_over_with_a_snapshot(redis_url: str) -> None:
-    r = await _setup(redis_url)
-    snapshots = 0
+def numbered_snapshots() -> Any:
+    """A snapshot function whose answers say how many snapshots were taken: "snapshot 1", ..."""
+    taken = 0
 
     async def snapshot() -> str:
-        nonlocal snapshots
-        snapshots += 1
-        return f"snapshot {snapshots}"
+        nonlocal taken
+        taken += 1
+        return f"snapshot {taken}"
 
+    return snapshot
+
+
+async def test_watcher_trimmed_past_starts_over_with_a_snapshot(redis_url: str) -> None:
+    r = await _setup(redis_url)
+    snapshot = numbered_snapshots()
     await r.xadd(STREAM, {events.FIELD: b"before"})
     watch = events.follow(r, STREAM, snapshot, bytes.decode, block_ms=100)
     assert await anext(watch) == "snapshot 1"
@@ -60,14 +66,7 @@ async def test_watcher_with_a_long_backlog_that_was_not_trimmed_reads_it_all(red
 
 async def test_empty_stream_trimmed_after_the_snapshot_is_noticed(redis_url: str) -> None:
     r = await _setup(redis_url)
-    calls = 0
-
-    async def snapshot() -> str:
-        nonlocal calls
-        calls += 1
-        return f"snapshot {calls}"
-
-    watch = events.follow(r, STREAM, snapshot, bytes.decode, block_ms=100)
+    watch = events.follow(r, STREAM, numbered_snapshots(), bytes.decode, block_ms=100)
     assert await anext(watch) == "snapshot 1"
     for i in range(500):
         await r.xadd(STREAM, {events.FIELD: f"e{i}".encode()}, maxlen=120, approximate=False)
