@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -137,3 +138,34 @@ def config_type(datatype: str) -> int:
 
     name = "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
     return mc.DataType.Value(name) if name in mc.DataType.keys() else mc.TYPE_INVALID
+
+
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+def merge_statistics(reports: Iterable[Any]) -> Any:
+    """Sum ModelStatisticsResponses per (model, version); last_inference is the latest."""
+    from inference import grpc_predict_v2_pb2 as pb
+
+    merged: dict[tuple[str, str], pb.ModelStatistics] = {}
+    batches: dict[tuple[str, str, int], pb.InferBatchStatistics] = {}
+    for report in reports:
+        for st in report.model_stats:
+            key = (st.name, st.version)
+            out = merged.setdefault(key, pb.ModelStatistics(name=st.name, version=st.version))
+            out.last_inference = max(out.last_inference, st.last_inference)
+            out.inference_count += st.inference_count
+            out.execution_count += st.execution_count
+            for field in DURATIONS:
+                total, part = getattr(out.inference_stats, field), getattr(st.inference_stats, field)
+                total.count += part.count
+                total.ns += part.ns
+            for b in st.batch_stats:
+                bkey = (*key, b.batch_size)
+                if bkey not in batches:
+                    batches[bkey] = out.batch_stats.add(batch_size=b.batch_size)
+                for field in ("compute_input", "compute_infer", "compute_output"):
+                    total, part = getattr(batches[bkey], field), getattr(b, field)
+                    total.count += part.count
+                    total.ns += part.ns
+    return pb.ModelStatisticsResponse(model_stats=[merged[k] for k in sorted(merged)])

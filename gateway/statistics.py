@@ -14,36 +14,10 @@ from typing import Any
 
 import grpc
 
+from fovea.oip import merge_statistics as merge  # noqa: F401 - the gateway's sum of worker reports
 from inference import grpc_predict_v2_pb2 as pb
 
 logger = logging.getLogger(__name__)
-DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
-
-
-def merge(reports: Iterable[pb.ModelStatisticsResponse]) -> pb.ModelStatisticsResponse:
-    """Sum per (model, version); last_inference is the latest."""
-    merged: dict[tuple[str, str], pb.ModelStatistics] = {}
-    batches: dict[tuple[str, str, int], pb.InferBatchStatistics] = {}
-    for report in reports:
-        for st in report.model_stats:
-            key = (st.name, st.version)
-            out = merged.setdefault(key, pb.ModelStatistics(name=st.name, version=st.version))
-            out.last_inference = max(out.last_inference, st.last_inference)
-            out.inference_count += st.inference_count
-            out.execution_count += st.execution_count
-            for field in DURATIONS:
-                total, part = getattr(out.inference_stats, field), getattr(st.inference_stats, field)
-                total.count += part.count
-                total.ns += part.ns
-            for b in st.batch_stats:
-                bkey = (*key, b.batch_size)
-                if bkey not in batches:
-                    batches[bkey] = out.batch_stats.add(batch_size=b.batch_size)
-                for field in ("compute_input", "compute_infer", "compute_output"):
-                    total, part = getattr(batches[bkey], field), getattr(b, field)
-                    total.count += part.count
-                    total.ns += part.ns
-    return pb.ModelStatisticsResponse(model_stats=[merged[k] for k in sorted(merged)])
 
 
 async def gather(endpoints: Iterable[Any], request: pb.ModelStatisticsRequest, metadata: Any,

@@ -22,6 +22,9 @@ class WorkerConfig(BaseConfig):
 
     port: int = 8502
     """gRPC port."""
+    fast_port: int = -1
+    """Port of the native (C++) front that serves ModelInfer on raw tensors with a few µs of overhead per
+    call; 0 picks a free port, -1 turns it off. Needs worker/native/build.sh to have run."""
     worker_id: str = Field(default_factory=_default_id)
     """Id in heartbeats; defaults to host-pid."""
     advertise_address: str = ""

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fovea import oip
 from fovea.errors import FoveaError, InvalidArgument, ModelNotFound, ModelNotReady
 from fovea.images import Preprocess
 from fovea.registry_link import RegistryLink
@@ -24,7 +25,8 @@ from fovea.v1 import model_pb2, registry_pb2
 from worker.batcher import Batcher
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
-from worker.runtime import Session, load_session
+from worker.native import NativeFront
+from worker.runtime import GPU_PROVIDERS, Session, load_session
 from worker.stats import ModelStats
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ class Loaded:
     unload_at: float | None = None
     input_dtypes: list[Any] = field(default_factory=list)
     stats: ModelStats = field(default_factory=ModelStats)
+    slot: int = 0
+    """This version's slot on the native fast port; 0 when it is not served there."""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -69,8 +73,9 @@ def parse_model_spec(text: str) -> Followed:
 
 class ModelManager:
     def __init__(self, config: WorkerConfig, link: RegistryLink, keys: list[bytes],
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, native: NativeFront | None = None) -> None:
         self.config = config
+        self.native = native
         self.link = link
         self.keys = keys
         self.metrics = metrics or WorkerMetrics()
@@ -101,6 +106,8 @@ class ModelManager:
             t.cancel()
         await asyncio.gather(*self._tasks, *self._syncs, return_exceptions=True)
         await asyncio.gather(*(lv.batcher.stop(timeout_s) for lv in self.loaded.values()))
+        if self.native is not None:
+            await asyncio.gather(*(self.native.remove(lv.slot) for lv in self.loaded.values() if lv.slot))
 
     # ---- lookups --------------------------------------------------------
 
@@ -138,7 +145,37 @@ class ModelManager:
 
     @property
     def queue_depth(self) -> int:
-        return sum(lv.batcher.depth for lv in self.loaded.values())
+        return sum(lv.batcher.depth for lv in self.loaded.values()) + self.fast_pending()[0]
+
+    def fast_pending(self) -> tuple[int, int]:
+        """(calls queued, batches in compute) on the fast port, over every version."""
+        if self.native is None:
+            return 0, 0
+        pairs = [self.native.depth(lv.slot) for lv in self.loaded.values() if lv.slot]
+        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+    def config_response(self, lv: Loaded) -> Any:
+        from inference import grpc_predict_v2_pb2 as pb
+
+        gpu = self.config.device_id if lv.provider in GPU_PROVIDERS else None
+        return pb.ModelConfigResponse(config=oip.model_config(
+            lv.mv, self.config.max_batch_size, preferred_batch_sizes=list(self.config.preferred_batch_sizes),
+            max_queue_delay_us=self.config.max_queue_delay_us, instances=len(lv.sessions), gpu_id=gpu))
+
+    def fast_statistics(self, lv: Loaded) -> Any:
+        """ModelStatistics of the calls this version answered on the fast port, or None."""
+        if self.native is None or not lv.slot:
+            return None
+        from inference import grpc_predict_v2_pb2 as pb
+
+        return pb.ModelStatistics.FromString(self.native.statistics(lv.slot))
+
+    def _route_fast(self, f: Followed) -> None:
+        if self.native is None:
+            return
+        targets = [(lv.slot, t.weight) for t in f.targets
+                   if (lv := self.loaded.get((f.name, t.version))) is not None and lv.slot]
+        self.native.route(f.name, targets)
 
     # ---- loading --------------------------------------------------------
 
@@ -185,6 +222,7 @@ class ModelManager:
             # Switch traffic only once every wanted version is ready.
             if all((f.name, v) in self.loaded for v in wanted):
                 f.targets = targets
+                self._route_fast(f)
             now = time.monotonic()
             for (name, v), lv in self.loaded.items():
                 if name == f.name and v not in wanted and lv.unload_at is None:
@@ -238,6 +276,16 @@ class ModelManager:
             logger.error("warm-up of %s v%d failed: %s", mv.name, mv.version, exc)
             raise ModelNotReady(f"model {mv.name} v{mv.version} failed its warm-up: {str(exc)[:200]}") from None
         self.metrics.provider.labels(mv.name, version, lv.provider).set(1)
+        if self.native is not None:
+            try:
+                lv.slot = self.native.add(
+                    mv.name, mv.version, list(mv.inputs), lv.input_dtypes, [o.name for o in mv.outputs],
+                    list(mv.labels), mv.preprocessing.outputs_probabilities, self.config.max_batch_size,
+                    self.config.max_queue_len, [runner(s) for s in sessions], metrics_hook,
+                    oip.model_metadata(mv, [version]).SerializeToString(),
+                    self.config_response(lv).SerializeToString())
+            except ValueError as exc:
+                logger.warning("%s v%d is served on the main port only: %s", mv.name, mv.version, exc)
         lv.ready = True
         self.errors.pop(key, None)
         logger.info("loaded %s v%d on %s (%d instance(s)) in %.2fs", mv.name, mv.version, lv.provider,
@@ -260,5 +308,7 @@ class ModelManager:
                 if lv.unload_at is not None and lv.unload_at <= now:
                     lv.ready = False
                     del self.loaded[key]
+                    if self.native is not None and lv.slot:
+                        await self.native.remove(lv.slot)
                     await lv.batcher.stop()
                     logger.info("unloaded %s v%d", *key)

@@ -21,8 +21,9 @@ from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from worker.config import WorkerConfig
 from worker.models import ModelManager
 from worker.metrics import WorkerMetrics
+from worker.native import NativeFront
 from worker.runtime import GPU_PROVIDERS, device_info
-from worker.servicer import WorkerServicer
+from worker.servicer import WorkerServicer, server_metadata
 
 logger = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -39,6 +40,7 @@ class WorkerServer:
     health: Any
     decode_pool: ThreadPoolExecutor
     metrics: WorkerMetrics
+    native: NativeFront | None = None
     state: int = registry_pb2.WORKER_STATE_STARTING
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -48,7 +50,11 @@ class WorkerServer:
         return registry_pb2.WorkerStatus(
             worker_id=self.config.worker_id, address=self.config.address(self.port), state=self.state,
             models=self.manager.statuses(), device=registry_pb2.Device(kind=kind, name=name, memory_bytes=mem),
-            queue_depth=self.manager.queue_depth, in_flight=self.servicer.in_flight)
+            queue_depth=self.manager.queue_depth, in_flight=self.in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        return self.servicer.in_flight + sum(self.manager.fast_pending())
 
     async def _heartbeats(self) -> None:
         while True:
@@ -72,15 +78,20 @@ class WorkerServer:
         await set_serving(self.health, [SERVICE], False)
         self.state = registry_pb2.WORKER_STATE_DRAINING
         self.servicer.accepting = False
+        if self.native is not None:
+            self.native.set_accepting(False)
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self._heartbeat_once()  # gateways stop routing here at once
         linger_until = loop.time() + min(self.config.drain_linger_s, grace_s / 2)
-        while (self.servicer.in_flight or loop.time() < linger_until) and loop.time() < deadline:
+        while (self.in_flight or loop.time() < linger_until) and loop.time() < deadline:
             await asyncio.sleep(0.005)
-        if self.servicer.in_flight:
-            logger.warning("grace of %.1fs ran out with %d call(s) in flight", grace_s, self.servicer.in_flight)
+        if self.native is not None:
+            # Returns once every call the fast port accepted is answered; its batch loops run meanwhile.
+            await asyncio.to_thread(self.native.shutdown, max(0.0, deadline - loop.time()))
+        if self.in_flight:
+            logger.warning("grace of %.1fs ran out with %d call(s) in flight", grace_s, self.in_flight)
         await self.manager.stop(max(0.0, deadline - loop.time()))
         await self._heartbeat_once()
         await self.server.stop(max(0.0, deadline - loop.time()))
@@ -100,7 +111,13 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     keys = crypto.load_keys(config.encryption_key_file, config.previous_encryption_key_file)
     link = RegistryLink(config.registry_address, config.internal_token, config.max_message_bytes)
     metrics = WorkerMetrics()
-    manager = ModelManager(config, link, keys, metrics)
+    native = None
+    if config.fast_port >= 0:
+        native = NativeFront(f"{config.host}:{config.fast_port}", config.max_message_bytes,
+                             config.accepted_internal_tokens(), config.default_deadline_ms,
+                             server_metadata().SerializeToString())
+        logger.info("fast port (native ModelInfer) on %s:%d", config.host, native.port)
+    manager = ModelManager(config, link, keys, metrics, native)
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
     servicer = WorkerServicer(manager, config, decode_pool, metrics)
     authenticate = internal_authenticator(config.accepted_internal_tokens())
@@ -116,7 +133,7 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     if config.metrics_port >= 0:
         metrics.serve(config.host, config.metrics_port)
         logger.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
-    ws = WorkerServer(config, server, port, manager, servicer, link, health_servicer, decode_pool, metrics)
+    ws = WorkerServer(config, server, port, manager, servicer, link, health_servicer, decode_pool, metrics, native)
     await ws.start()
     if any(lv.provider in GPU_PROVIDERS for lv in manager.loaded.values()):
         metrics.watch_gpu(config.device_id)

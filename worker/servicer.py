@@ -17,7 +17,6 @@ from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 from worker.models import Loaded, ModelManager
-from worker.runtime import GPU_PROVIDERS
 
 SERVER_NAME = "fovea-worker"
 
@@ -47,29 +46,26 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        from fovea import __version__
-
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=["classification", "model_configuration", "statistics"])
+        return server_metadata()
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         lv = self.manager.get(request.name, request.version)
         return oip.model_metadata(lv.mv, [str(k[1]) for k in self.manager.loaded if k[0] == request.name])
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        lv = self.manager.get(request.name, request.version)
-        gpu = self.config.device_id if lv.provider in GPU_PROVIDERS else None
-        return pb.ModelConfigResponse(config=oip.model_config(
-            lv.mv, self.config.max_batch_size, preferred_batch_sizes=list(self.config.preferred_batch_sizes),
-            max_queue_delay_us=self.config.max_queue_delay_us, instances=len(lv.sessions), gpu_id=gpu))
+        return self.manager.config_response(self.manager.get(request.name, request.version))
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         if request.name:
             self.manager.get(request.name, request.version)  # NOT_FOUND for a model this worker does not serve
-        out = pb.ModelStatisticsResponse()
+        reports = []
         for (name, version), lv in sorted(self.manager.loaded.items()):
             if request.name in ("", name) and request.version in ("", str(version)) and lv.ready:
-                out.model_stats.append(lv.stats.to_proto(name, version))
-        return out
+                reports.append(pb.ModelStatisticsResponse(model_stats=[lv.stats.to_proto(name, version)]))
+                fast = self.manager.fast_statistics(lv)  # calls served on the fast port
+                if fast is not None:
+                    reports.append(pb.ModelStatisticsResponse(model_stats=[fast]))
+        return oip.merge_statistics(reports)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         if not self.accepting:
@@ -157,6 +153,13 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         batch = np.stack(arrays).astype(lv.input_dtypes[0], copy=False)
         self.metrics.series(lv.mv.name, str(lv.mv.version))[1].observe(time.perf_counter() - t0)
         return batch
+
+
+def server_metadata() -> pb.ServerMetadataResponse:
+    from fovea import __version__
+
+    return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__,
+                                     extensions=["classification", "model_configuration", "statistics"])
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

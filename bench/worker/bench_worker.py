@@ -40,6 +40,7 @@ import onnxruntime as ort  # noqa: E402
 
 from fovea.client import RegistryClient  # noqa: E402
 from fovea.cluster import Cluster  # noqa: E402
+from fovea.redis_server import free_port  # noqa: E402
 from fovea.v1 import model_pb2  # noqa: E402
 from inference import grpc_predict_v2_pb2 as pb  # noqa: E402
 
@@ -187,8 +188,12 @@ def start_stack(cluster: Cluster, name: str, path: pathlib.Path, threads: int, m
     env = {"FOVEA_WORKER_PROVIDERS": "CPUExecutionProvider", "FOVEA_WORKER_INTRA_OP_THREADS": str(threads),
            "FOVEA_WORKER_MAX_BATCH_SIZE": str(max_batch), "FOVEA_WORKER_MAX_QUEUE_LEN": "4096",
            "FOVEA_WORKER_LOG_LEVEL": "WARNING", **extra}
+    fast = extra.pop("FAST", "")
+    if fast:
+        env["FOVEA_WORKER_FAST_PORT"] = str(free_port())
     worker = cluster.start_worker(reg.address, [name], **env)
-    return worker.address, worker.proc.pid
+    address = f"127.0.0.1:{env['FOVEA_WORKER_FAST_PORT']}" if fast else worker.address
+    return address, worker.proc.pid
 
 
 def bench_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -201,6 +206,8 @@ def bench_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     rawb = raw_run(session, shape, raw_batch, args.seconds)
     del session
     extra = dict(kv.split("=", 1) for kv in args.worker_env)
+    if args.fast:
+        extra["FAST"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(pathlib.Path(tmp))
         try:
@@ -232,6 +239,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (raw and worker)")
     parser.add_argument("--eff-batch", type=int, default=8, help="raw ORT batch for EfficientNet saturation")
     parser.add_argument("--eff-conc", type=int, default=8, help="worker concurrency for EfficientNet saturation")
+    parser.add_argument("--fast", action="store_true", help="load the worker through its native fast port")
     parser.add_argument("--worker-env", nargs="*", default=[], help="extra FOVEA_WORKER_*=value settings")
     parser.add_argument("--client", choices=["python", "perf_analyzer"], default="python",
                         help="load client: grpc.aio in this process, or Triton's perf_analyzer (C++)")

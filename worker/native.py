@@ -1,0 +1,191 @@
+"""The worker's fast port: a C++ gRPC front (worker/native/front.cc) for ModelInfer on raw tensors.
+
+The front validates calls and batches them; Python runs ONNX Runtime on each batch in one thread per
+model instance and hands the outputs back. Everything else (images, typed contents, the other calls)
+stays on the main port. ctypes releases the GIL around every fv_* call, so a thread blocked waiting
+for a batch does not hold up the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes as C
+import logging
+import pathlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fovea import oip
+
+logger = logging.getLogger(__name__)
+
+LIBRARY = pathlib.Path(__file__).parent / "native" / "build" / "libfovea_front.so"
+MAX_TENSORS, MAX_RANK = 8, 8
+INTERNAL = 13
+
+
+class FvBatch(C.Structure):
+    _fields_ = [("id", C.c_int64), ("samples", C.c_int32), ("calls", C.c_int32), ("ninputs", C.c_int32),
+                ("data", C.c_void_p * MAX_TENSORS), ("nbytes", C.c_int64 * MAX_TENSORS),
+                ("rank", C.c_int32 * MAX_TENSORS), ("dims", (C.c_int64 * MAX_RANK) * MAX_TENSORS)]
+
+
+def _strings(items: Sequence[str]) -> Any:
+    return (C.c_char_p * len(items))(*[s.encode() for s in items])
+
+
+def available() -> bool:
+    return LIBRARY.exists()
+
+
+def _load() -> C.CDLL:
+    if not LIBRARY.exists():
+        raise RuntimeError(f"{LIBRARY} is missing: run worker/native/build.sh (scripts/setup.sh does)")
+    lib = C.CDLL(str(LIBRARY))
+    p, i, i64, s = C.c_void_p, C.c_int, C.c_int64, C.c_char_p
+    lib.fv_start.restype = p
+    lib.fv_start.argtypes = [s, i, s, i64, s, i, C.POINTER(i)]
+    lib.fv_add_model.argtypes = [p, s, s, i, i, i, p, p, p, p, i, p, s, i, s, i, s, i]
+    lib.fv_route.argtypes = [p, s, i, p, p]
+    lib.fv_close_model.argtypes = [p, i]
+    lib.fv_release_model.argtypes = [p, i]
+    lib.fv_next_batch.argtypes = [p, i, i, C.POINTER(FvBatch), p]
+    lib.fv_complete.argtypes = [p, i64, i64, i, p, p, p, p]
+    lib.fv_fail.argtypes = [p, i64, i, s]
+    lib.fv_depth.argtypes = [p, i, C.POINTER(C.c_int32), C.POINTER(C.c_int32)]
+    lib.fv_statistics.argtypes = [p, i, p, i]
+    lib.fv_set_accepting.argtypes = [p, i]
+    lib.fv_shutdown.argtypes = [p, C.c_double]
+    lib.fv_free.argtypes = [p]
+    return lib
+
+
+RunFn = Callable[[list[np.ndarray]], list[np.ndarray]]
+BatchHook = Callable[[int, list[float], float], None]
+
+
+@dataclass
+class Slot:
+    id: int
+    name: str
+    threads: list[threading.Thread] = field(default_factory=list)
+
+
+class NativeFront:
+    """One C++ gRPC server on its own port, serving every model version the worker adds to it."""
+
+    def __init__(self, address: str, max_message_bytes: int, tokens: Sequence[str], default_deadline_ms: int,
+                 server_metadata: bytes) -> None:
+        self.lib = _load()
+        port = C.c_int(0)
+        handle = self.lib.fv_start(address.encode(), max_message_bytes, "\n".join(t for t in tokens if t).encode(),
+                                   default_deadline_ms, server_metadata, len(server_metadata), C.byref(port))
+        if not handle:
+            raise OSError(f"native front cannot listen on {address}")
+        self.handle = handle
+        self.port = port.value
+        self.slots: dict[int, Slot] = {}
+
+    def add(self, name: str, version: int, inputs: Sequence[Any], input_dtypes: Sequence[Any],
+            outputs: Sequence[str], labels: Sequence[str], probabilities: bool, max_batch: int, max_queue: int,
+            runners: Sequence[RunFn], on_batch: BatchHook, metadata: bytes, config: bytes) -> int:
+        """Register a warmed-up version and start one batch loop per runner (model instance).
+
+        metadata and config are its serialized ModelMetadataResponse and ModelConfigResponse."""
+        ranks = (C.c_int32 * len(inputs))(*[len(t.shape) for t in inputs])
+        dims = [int(d) for t in inputs for d in t.shape]
+        slot = self.lib.fv_add_model(
+            self.handle, name.encode(), str(version).encode(), max_batch, max_queue, len(inputs),
+            _strings([t.name for t in inputs]), _strings([t.datatype for t in inputs]), ranks,
+            (C.c_int64 * len(dims))(*dims), len(outputs), _strings(list(outputs)),
+            "\n".join(labels).encode(), int(probabilities), metadata, len(metadata), config, len(config))
+        if slot < 0:
+            raise ValueError(f"the native front cannot serve {name} v{version} (inputs or outputs out of its limits)")
+        entry = Slot(slot, f"{name}:{version}")
+        for i, run in enumerate(runners):
+            t = threading.Thread(target=self._loop, args=(slot, run, list(input_dtypes), on_batch, max_batch),
+                                 name=f"fast-{name}-{version}-{i}", daemon=True)
+            entry.threads.append(t)
+            t.start()
+        self.slots[slot] = entry
+        return slot
+
+    def route(self, name: str, targets: Sequence[tuple[int, int]]) -> None:
+        """Where calls for `name` without a version go: (slot, weight) pairs."""
+        slots = (C.c_int32 * len(targets))(*[s for s, _ in targets])
+        weights = (C.c_int32 * len(targets))(*[w for _, w in targets])
+        if self.lib.fv_route(self.handle, name.encode(), len(targets), slots, weights) != 0:
+            raise ValueError(f"unknown slot in route for {name}")
+
+    async def remove(self, slot: int) -> None:
+        """Stop taking calls for a version, answer what it has queued, then forget it."""
+        entry = self.slots.pop(slot, None)
+        if entry is None:
+            return
+        self.lib.fv_close_model(self.handle, slot)
+        for t in entry.threads:
+            await asyncio.to_thread(t.join)
+        self.lib.fv_release_model(self.handle, slot)
+
+    def depth(self, slot: int) -> tuple[int, int]:
+        """(queued calls, batches in compute)."""
+        queued, busy = C.c_int32(0), C.c_int32(0)
+        self.lib.fv_depth(self.handle, slot, C.byref(queued), C.byref(busy))
+        return queued.value, busy.value
+
+    def statistics(self, slot: int) -> bytes:
+        """The slot's serialized inference.ModelStatistics (fast-port calls only)."""
+        buf = C.create_string_buffer(1 << 16)
+        size = self.lib.fv_statistics(self.handle, slot, buf, len(buf))
+        return buf.raw[:size] if size > 0 else b""
+
+    def set_accepting(self, accepting: bool) -> None:
+        """While not accepting, new calls get UNAVAILABLE (a gateway retries elsewhere); queued ones are still answered."""
+        self.lib.fv_set_accepting(self.handle, int(accepting))
+
+    def shutdown(self, grace_s: float) -> None:
+        """Blocks until every accepted call is answered (calls still open after grace_s are cancelled)."""
+        self.lib.fv_shutdown(self.handle, grace_s)
+
+    def close(self) -> None:
+        for slot in list(self.slots):
+            self.lib.fv_close_model(self.handle, slot)
+        for entry in self.slots.values():
+            for t in entry.threads:
+                t.join(5)
+        self.slots.clear()
+
+    def _loop(self, slot: int, run: RunFn, dtypes: list[Any], on_batch: BatchHook, max_batch: int) -> None:
+        lib, handle = self.lib, self.handle
+        batch = FvBatch()
+        waits = (C.c_double * max_batch)()
+        while True:
+            got = lib.fv_next_batch(handle, slot, 250, C.byref(batch), waits)
+            if got < 0:
+                return
+            if got == 0:
+                continue
+            try:
+                arrays = []
+                for i in range(batch.ninputs):
+                    shape = tuple(batch.dims[i][: batch.rank[i]])
+                    buf = (C.c_char * batch.nbytes[i]).from_address(batch.data[i])
+                    arrays.append(np.frombuffer(buf, dtype=dtypes[i]).reshape(shape))
+                t0 = time.perf_counter()
+                outputs = [np.ascontiguousarray(o) for o in run(arrays)]
+                compute_s = time.perf_counter() - t0
+            except Exception as exc:  # noqa: BLE001 - a failing batch fails only its own requests
+                logger.warning("batch of %d samples failed on the fast port: %s", batch.samples, exc)
+                lib.fv_fail(handle, batch.id, INTERNAL, f"model failed on this batch: {str(exc)[:200]}".encode())
+                continue
+            on_batch(batch.samples, list(waits[: batch.calls]), compute_s)
+            n = len(outputs)
+            dims = [int(d) for o in outputs for d in o.shape]
+            lib.fv_complete(handle, batch.id, int(compute_s * 1e9), n, _strings([oip.oip_dtype(o) for o in outputs]),
+                            (C.c_void_p * n)(*[o.ctypes.data for o in outputs]),
+                            (C.c_int32 * n)(*[o.ndim for o in outputs]), (C.c_int64 * max(1, len(dims)))(*dims))

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds the native inference front (libfovea_front.so) from front.cc and the inference protos.
+# Needs g++, pkg-config and Debian's libgrpc++-dev, protobuf-compiler-grpc (scripts/setup.sh installs them).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+out="$here/build"
+mkdir -p "$out/gen"
+protoc -I"$root/protos" --cpp_out="$out/gen" --grpc_out="$out/gen" \
+  --plugin=protoc-gen-grpc="$(command -v grpc_cpp_plugin)" \
+  inference/grpc_predict_v2.proto inference/model_config.proto
+srcs=("$here/front.cc" "$out"/gen/inference/*.cc)
+objs=()
+for src in "${srcs[@]}"; do
+  obj="$out/$(basename "$src" .cc).o"
+  objs+=("$obj")
+  if [[ ! -f "$obj" || "$src" -nt "$obj" ]]; then
+    g++ -std=c++17 -O2 -fPIC -fvisibility=hidden -I"$out/gen" $(pkg-config --cflags grpc++ protobuf) \
+      -c "$src" -o "$obj" &
+  fi
+done
+wait
+# Only the fv_* functions are exported: this library shares a process with grpcio's own gRPC core.
+g++ -shared -o "$out/libfovea_front.so.tmp" "${objs[@]}" -Wl,--exclude-libs,ALL \
+  $(pkg-config --libs grpc++ protobuf)
+mv "$out/libfovea_front.so.tmp" "$out/libfovea_front.so"
+echo "built $out/libfovea_front.so"

@@ -1,0 +1,875 @@
+// Fovea's native inference front: a C++ gRPC server for ModelInfer on raw tensors.
+//
+// Python keeps everything but the hot path: it loads and warms up models, runs ONNX
+// Runtime and decides routing. This file takes calls off the wire, validates them,
+// queues them per model version, hands Python whole batches as contiguous buffers and
+// splits the outputs back. A Python gRPC server costs about 0.2 ms of CPU per call here,
+// more than a small model's compute; this costs a few µs. The C ABI (fv_*) is what
+// worker/native.py calls through ctypes, which releases the GIL around each call.
+
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <shared_mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "inference/grpc_predict_v2.grpc.pb.h"
+
+namespace {
+
+using inference::ModelInferRequest;
+using inference::ModelInferResponse;
+using Clock = std::chrono::steady_clock;
+using SysClock = std::chrono::system_clock;
+using grpc::Status;
+using grpc::StatusCode;
+
+constexpr int kMaxTensors = 8;
+constexpr int kMaxRank = 8;
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
+
+size_t dtype_size(const std::string& d) {
+  static const std::map<std::string, size_t> sizes = {
+      {"BOOL", 1}, {"UINT8", 1}, {"INT8", 1}, {"UINT16", 2}, {"INT16", 2}, {"FP16", 2},
+      {"UINT32", 4}, {"INT32", 4}, {"FP32", 4}, {"UINT64", 8}, {"INT64", 8}, {"FP64", 8}};
+  auto it = sizes.find(d);
+  return it == sizes.end() ? 0 : it->second;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+struct Spec {
+  std::string name, dtype;
+  std::vector<int64_t> shape;  // -1 = any; dimension 0 is the batch
+  size_t elem = 0;
+};
+
+struct Call {
+  grpc::CallbackServerContext* ctx;
+  const ModelInferRequest* req;
+  ModelInferResponse* resp;
+  grpc::ServerUnaryReactor* reactor;
+  int n = 0;
+  int order[kMaxTensors];  // request input index for each model input
+  int64_t enqueued_ns = 0, started_ns = 0;
+  SysClock::time_point deadline;
+};
+
+// Per-version figures in Triton's ModelStatistics terms (see statistics()).
+enum StatIndex { kOkCount, kOkNs, kFailCount, kFailNs, kQueueCount, kQueueNs, kInputNs, kOutputNs, kInferCount,
+                 kInferNs, kSamples, kLastMs, kStats };
+
+struct Model {
+  std::string name, version;
+  int max_batch = 1;
+  size_t max_queue = 1024;
+  std::vector<Spec> inputs, outputs;
+  std::vector<std::string> labels;
+  bool probabilities = false;
+  inference::ModelMetadataResponse metadata;  // made by Python, answered as they are
+  inference::ModelConfigResponse config;
+
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Call*> queue;
+  bool accepting = true;
+  int busy = 0;  // batches handed out and not yet completed
+  std::atomic<int64_t> stats[kStats] = {};
+  std::map<int, std::pair<int64_t, int64_t>> by_batch;  // batch size -> (count, compute ns); under mu
+
+  // Triton's counts: success/fail/queue per request; compute per batch (perf_analyzer checks that
+  // input, infer and output counts agree, so the per-request input and output times count per batch).
+  inference::ModelStatistics statistics() {
+    inference::ModelStatistics out;
+    out.set_name(name);
+    out.set_version(version);
+    out.set_last_inference(stats[kLastMs]);
+    out.set_inference_count(stats[kSamples]);
+    out.set_execution_count(stats[kInferCount]);
+    auto* is = out.mutable_inference_stats();
+    auto put = [](inference::StatisticDuration* d, int64_t count, int64_t ns) { d->set_count(count); d->set_ns(ns); };
+    put(is->mutable_success(), stats[kOkCount], stats[kOkNs]);
+    put(is->mutable_fail(), stats[kFailCount], stats[kFailNs]);
+    put(is->mutable_queue(), stats[kQueueCount], stats[kQueueNs]);
+    put(is->mutable_compute_input(), stats[kInferCount], stats[kInputNs]);
+    put(is->mutable_compute_infer(), stats[kInferCount], stats[kInferNs]);
+    put(is->mutable_compute_output(), stats[kInferCount], stats[kOutputNs]);
+    std::lock_guard lock(mu);
+    for (const auto& [size, cn] : by_batch) {
+      auto* b = out.add_batch_stats();
+      b->set_batch_size(size);
+      put(b->mutable_compute_infer(), cn.first, cn.second);
+    }
+    return out;
+  }
+};
+
+struct Batch {
+  std::shared_ptr<Model> model;
+  std::vector<Call*> calls;
+  std::vector<std::string> buffers;  // concatenated inputs when the batch holds several calls
+  int samples = 0;
+  // Filled by fv_complete: a copy of each output, for the answering thread.
+  std::vector<std::string> outputs, dtypes;
+  std::vector<std::vector<int64_t>> shapes;
+  std::vector<size_t> row_bytes;
+};
+
+bool token_matches(const std::string& presented, const std::vector<std::string>& accepted) {
+  // Constant time over every accepted token: no early exit on length or content.
+  bool found = false;
+  for (const auto& t : accepted) {
+    if (t.empty()) continue;
+    unsigned diff = presented.size() ^ t.size();
+    for (size_t i = 0; i < presented.size(); ++i) diff |= uint8_t(presented[i]) ^ uint8_t(t[i % t.size()]);
+    found |= diff == 0;
+  }
+  return found;
+}
+
+class Front;
+
+class Service final : public inference::GRPCInferenceService::CallbackService {
+ public:
+  explicit Service(Front* f) : front_(f) {}
+  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx, const ModelInferRequest* req,
+                                       ModelInferResponse* resp) override;
+  grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* ctx, const inference::ServerLiveRequest*,
+                                       inference::ServerLiveResponse* resp) override {
+    resp->set_live(true);
+    return done(ctx, Status::OK);
+  }
+  grpc::ServerUnaryReactor* ServerReady(grpc::CallbackServerContext* ctx, const inference::ServerReadyRequest*,
+                                        inference::ServerReadyResponse* resp) override;
+  grpc::ServerUnaryReactor* ServerMetadata(grpc::CallbackServerContext* ctx, const inference::ServerMetadataRequest*,
+                                           inference::ServerMetadataResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelReady(grpc::CallbackServerContext* ctx, const inference::ModelReadyRequest* req,
+                                       inference::ModelReadyResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelMetadata(grpc::CallbackServerContext* ctx, const inference::ModelMetadataRequest* req,
+                                          inference::ModelMetadataResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelConfig(grpc::CallbackServerContext* ctx, const inference::ModelConfigRequest* req,
+                                        inference::ModelConfigResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelStatistics(grpc::CallbackServerContext* ctx, const inference::ModelStatisticsRequest* req,
+                                            inference::ModelStatisticsResponse* resp) override;
+
+  static grpc::ServerUnaryReactor* done(grpc::CallbackServerContext* ctx, const Status& st) {
+    auto* r = ctx->DefaultReactor();
+    r->Finish(st);
+    return r;
+  }
+
+ private:
+  Front* front_;
+};
+
+class Front {
+ public:
+  std::vector<std::string> tokens;
+  inference::ServerMetadataResponse server_metadata;
+  int64_t default_deadline_ms = 30000;
+  std::atomic<bool> accepting{true};
+  std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<Service> service;
+
+  std::shared_mutex routes_mu;
+  std::unordered_map<std::string, std::shared_ptr<Model>> by_version;  // "name\nversion"
+  std::unordered_map<std::string, std::vector<std::pair<std::shared_ptr<Model>, int>>> by_name;
+  std::unordered_map<int, std::shared_ptr<Model>> slots;
+  int next_slot = 1;
+
+  std::mutex batches_mu;
+  std::unordered_map<int64_t, std::unique_ptr<Batch>> batches;
+  int64_t next_batch = 1;
+
+  std::mutex answers_mu;
+  std::condition_variable answers_cv;
+  std::deque<std::unique_ptr<Batch>> answers;
+  bool stopping = false;
+  std::thread answerer;
+
+  Status lookup(const std::string& name, const std::string& version, std::shared_ptr<Model>* out) {
+    std::shared_lock lock(routes_mu);
+    if (version.empty()) {
+      auto it = by_name.find(name);
+      if (it == by_name.end() || it->second.empty())
+        return Status(StatusCode::NOT_FOUND, "model '" + name + "' is not served by this worker's fast port");
+      const auto& targets = it->second;
+      if (targets.size() == 1) {
+        *out = targets[0].first;
+      } else {
+        thread_local std::minstd_rand rng{std::random_device{}()};
+        int total = 0;
+        for (const auto& t : targets) total += std::max(t.second, 1);
+        int pick = int(rng() % unsigned(total));
+        for (const auto& t : targets) {
+          pick -= std::max(t.second, 1);
+          if (pick < 0) { *out = t.first; break; }
+        }
+      }
+      return Status::OK;
+    }
+    auto it = by_version.find(name + "\n" + version);
+    if (it == by_version.end())
+      return Status(StatusCode::NOT_FOUND, "model " + name + " v" + version + " is not loaded on this worker");
+    *out = it->second;
+    return Status::OK;
+  }
+
+  Status validate(const Model& m, const ModelInferRequest& req, Call* call) {
+    const int nin = int(m.inputs.size());
+    if (req.inputs_size() != nin)
+      return Status(StatusCode::INVALID_ARGUMENT, "model " + m.name + " takes " + std::to_string(nin) +
+                                                      " input(s); got " + std::to_string(req.inputs_size()));
+    if (req.raw_input_contents_size() != nin)
+      return Status(StatusCode::INVALID_ARGUMENT,
+                    "the fast port takes raw_input_contents, one entry per input; send typed contents or "
+                    "encoded images to the worker's main port");
+    int n = -1;
+    for (int s = 0; s < nin; ++s) {
+      const Spec& spec = m.inputs[s];
+      int found = -1;
+      for (int i = 0; i < nin; ++i)
+        if (req.inputs(i).name() == spec.name) found = i;
+      if (found < 0) return Status(StatusCode::INVALID_ARGUMENT, "missing input '" + spec.name + "' of model " + m.name);
+      const auto& t = req.inputs(found);
+      if (t.datatype() != spec.dtype)
+        return Status(StatusCode::INVALID_ARGUMENT,
+                      "input '" + spec.name + "' must be " + spec.dtype + ", got " + t.datatype().substr(0, 16));
+      std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
+      bool ok = shape.size() == spec.shape.size();
+      for (size_t d = 1; ok && d < shape.size(); ++d) ok = spec.shape[d] <= 0 ? shape[d] >= 0 : shape[d] == spec.shape[d];
+      if (!ok)
+        return Status(StatusCode::INVALID_ARGUMENT, "input '" + spec.name + "' must have shape " + shape_str(spec.shape) +
+                                                        " (-1 = any), got " + shape_str(shape));
+      if (shape.empty() || shape[0] < 1)
+        return Status(StatusCode::INVALID_ARGUMENT, "input '" + spec.name + "' needs a batch dimension of at least 1");
+      if (n != -1 && shape[0] != n) return Status(StatusCode::INVALID_ARGUMENT, "all inputs must have the same batch size");
+      n = int(shape[0]);
+      if (n > m.max_batch)
+        return Status(StatusCode::INVALID_ARGUMENT, "batch of " + std::to_string(n) + " exceeds max_batch_size " +
+                                                        std::to_string(m.max_batch));
+      // Byte size before anything else touches the data; dimensions are bounded by the message size.
+      uint64_t expected = spec.elem;
+      for (int64_t d : shape) {
+        expected *= uint64_t(d);
+        if (expected > (uint64_t(1) << 40)) break;
+      }
+      if (req.raw_input_contents(found).size() != expected)
+        return Status(StatusCode::INVALID_ARGUMENT, "input '" + spec.name + "' has " +
+                                                        std::to_string(req.raw_input_contents(found).size()) +
+                                                        " bytes; shape " + shape_str(shape) + " of " + spec.dtype +
+                                                        " needs " + std::to_string(expected));
+      call->order[s] = found;
+    }
+    call->n = n;
+    for (const auto& o : req.outputs()) {
+      bool known = false;
+      for (const auto& spec : m.outputs) known |= spec.name == o.name();
+      if (!known) return Status(StatusCode::INVALID_ARGUMENT, "model " + m.name + " has no output '" + o.name().substr(0, 64) + "'");
+      auto k = o.parameters().find("classification");
+      if (k != o.parameters().end() && (k->second.parameter_choice_case() != inference::InferParameter::kInt64Param ||
+                                        k->second.int64_param() < 1))
+        return Status(StatusCode::INVALID_ARGUMENT, "classification parameter must be a positive integer");
+    }
+    return Status::OK;
+  }
+
+  // Same trailing shape for every input, so that calls can share one batch.
+  static bool same_shape(const Call* a, const Call* b, int nin) {
+    for (int s = 0; s < nin; ++s) {
+      const auto& x = a->req->inputs(a->order[s]).shape();
+      const auto& y = b->req->inputs(b->order[s]).shape();
+      for (int d = 1; d < x.size(); ++d)
+        if (x[d] != y[d]) return false;
+    }
+    return true;
+  }
+
+  static void finish(Call* c, const Status& st, Model* m) {
+    int64_t spent = now_ns() - c->enqueued_ns;
+    if (m) {
+      m->stats[st.ok() ? kOkCount : kFailCount] += 1;
+      m->stats[st.ok() ? kOkNs : kFailNs] += spent;
+    }
+    c->reactor->Finish(st);
+    delete c;
+  }
+};
+
+Status authenticate(grpc::CallbackServerContext* ctx, const std::vector<std::string>& tokens) {
+  const auto& md = ctx->client_metadata();
+  auto auth = md.find("authorization");
+  if (auth == md.end()) return Status(StatusCode::UNAUTHENTICATED, "missing credentials: send metadata 'authorization: Bearer <token>'");
+  std::string value(auth->second.data(), auth->second.size());
+  if (value.size() < 8 || strncasecmp(value.c_str(), "bearer ", 7) != 0)
+    return Status(StatusCode::UNAUTHENTICATED, "malformed credentials: expected 'authorization: Bearer <token>'");
+  std::string token = value.substr(7);
+  token.erase(0, token.find_first_not_of(' '));
+  token.erase(token.find_last_not_of(' ') + 1);
+  if (!token_matches(token, tokens))
+    return Status(StatusCode::UNAUTHENTICATED, "invalid internal credentials: this service only takes calls from Fovea services");
+  return Status::OK;
+}
+
+grpc::ServerUnaryReactor* Service::ServerReady(grpc::CallbackServerContext* ctx, const inference::ServerReadyRequest*,
+                                               inference::ServerReadyResponse* resp) {
+  std::shared_lock lock(front_->routes_mu);
+  resp->set_ready(front_->accepting && !front_->by_version.empty());
+  return done(ctx, Status::OK);
+}
+
+grpc::ServerUnaryReactor* Service::ServerMetadata(grpc::CallbackServerContext* ctx, const inference::ServerMetadataRequest*,
+                                                  inference::ServerMetadataResponse* resp) {
+  *resp = front_->server_metadata;
+  return done(ctx, Status::OK);
+}
+
+grpc::ServerUnaryReactor* Service::ModelReady(grpc::CallbackServerContext* ctx, const inference::ModelReadyRequest* req,
+                                              inference::ModelReadyResponse* resp) {
+  std::shared_ptr<Model> m;
+  resp->set_ready(front_->accepting && front_->lookup(req->name(), req->version(), &m).ok());
+  return done(ctx, Status::OK);
+}
+
+grpc::ServerUnaryReactor* Service::ModelMetadata(grpc::CallbackServerContext* ctx, const inference::ModelMetadataRequest* req,
+                                                 inference::ModelMetadataResponse* resp) {
+  Status st = authenticate(ctx, front_->tokens);
+  std::shared_ptr<Model> m;
+  if (st.ok()) st = front_->lookup(req->name(), req->version(), &m);
+  if (st.ok()) *resp = m->metadata;
+  return done(ctx, st);
+}
+
+grpc::ServerUnaryReactor* Service::ModelConfig(grpc::CallbackServerContext* ctx, const inference::ModelConfigRequest* req,
+                                               inference::ModelConfigResponse* resp) {
+  Status st = authenticate(ctx, front_->tokens);
+  std::shared_ptr<Model> m;
+  if (st.ok()) st = front_->lookup(req->name(), req->version(), &m);
+  if (st.ok()) *resp = m->config;
+  return done(ctx, st);
+}
+
+grpc::ServerUnaryReactor* Service::ModelStatistics(grpc::CallbackServerContext* ctx,
+                                                   const inference::ModelStatisticsRequest* req,
+                                                   inference::ModelStatisticsResponse* resp) {
+  Status st = authenticate(ctx, front_->tokens);
+  if (!st.ok()) return done(ctx, st);
+  std::shared_ptr<Model> m;
+  if (!req->name().empty() && !(st = front_->lookup(req->name(), req->version(), &m)).ok()) return done(ctx, st);
+  std::vector<std::shared_ptr<Model>> models;
+  {
+    std::shared_lock lock(front_->routes_mu);
+    for (const auto& [key, model] : front_->by_version)
+      if ((req->name().empty() || req->name() == model->name) && (req->version().empty() || req->version() == model->version))
+        models.push_back(model);
+  }
+  std::sort(models.begin(), models.end(), [](auto& a, auto& b) { return std::tie(a->name, a->version) < std::tie(b->name, b->version); });
+  for (auto& model : models) *resp->add_model_stats() = model->statistics();
+  return done(ctx, Status::OK);
+}
+
+grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, const ModelInferRequest* req,
+                                              ModelInferResponse* resp) {
+  auto* reactor = ctx->DefaultReactor();
+  int64_t t0 = now_ns();
+  auto reject = [&](StatusCode code, const std::string& msg) {
+    reactor->Finish(Status(code, msg));
+    return reactor;
+  };
+  Status auth = authenticate(ctx, front_->tokens);
+  if (!auth.ok()) return reject(auth.error_code(), auth.error_message());
+  if (!front_->accepting) return reject(StatusCode::UNAVAILABLE, "worker is draining; retry on another worker");
+
+  std::shared_ptr<Model> m;
+  Status st = front_->lookup(req->model_name(), req->model_version(), &m);
+  if (!st.ok()) return reject(st.error_code(), st.error_message());
+  auto* call = new Call{ctx, req, resp, reactor};
+  st = front_->validate(*m, *req, call);
+  if (!st.ok()) {
+    delete call;
+    m->stats[kFailCount] += 1;
+    return reject(st.error_code(), st.error_message());
+  }
+  call->deadline = ctx->deadline();
+  if (call->deadline == SysClock::time_point::max())
+    call->deadline = SysClock::now() + std::chrono::milliseconds(front_->default_deadline_ms);
+  call->enqueued_ns = t0;
+  m->stats[kInputNs] += now_ns() - t0;
+  {
+    std::lock_guard lock(m->mu);
+    if (!m->accepting) {
+      delete call;
+      return reject(StatusCode::UNAVAILABLE, "model " + m->name + " v" + m->version + " is unloading; retry");
+    }
+    if (m->queue.size() >= m->max_queue) {
+      delete call;
+      m->stats[kFailCount] += 1;
+      return reject(StatusCode::RESOURCE_EXHAUSTED, "queue of model " + m->name + ":" + m->version + " is full (" +
+                                                        std::to_string(m->max_queue) + " requests); retry later");
+    }
+    m->queue.push_back(call);
+  }
+  m->cv.notify_one();
+  return reactor;
+}
+
+void top_k(const float* row, int64_t width, int k, bool probabilities, const std::vector<std::string>& labels,
+           std::string* out, uint32_t* count) {
+  std::vector<float> p(row, row + width);
+  if (!probabilities) {
+    float mx = *std::max_element(p.begin(), p.end());
+    double sum = 0;
+    for (auto& v : p) sum += (v = std::exp(v - mx));
+    for (auto& v : p) v = float(v / sum);
+  }
+  std::vector<int> idx(width);
+  for (int i = 0; i < width; ++i) idx[i] = i;
+  k = std::min<int64_t>(k, width);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+  char buf[64];
+  for (int j = 0; j < k; ++j) {
+    int i = idx[j];
+    std::string item = (snprintf(buf, sizeof buf, "%.6f:%d", p[i], i), buf);
+    if (i < int(labels.size()) && !labels[i].empty()) item += ":" + labels[i];
+    uint32_t len = uint32_t(item.size());
+    out->append(reinterpret_cast<const char*>(&len), 4);  // BYTES framing: little-endian length
+    out->append(item);
+  }
+  *count = uint32_t(k);
+}
+
+}  // namespace
+
+extern "C" {
+#pragma GCC visibility push(default)
+
+struct fv_batch {
+  int64_t id;
+  int32_t samples;
+  int32_t calls;
+  int32_t ninputs;
+  const void* data[kMaxTensors];
+  int64_t nbytes[kMaxTensors];
+  int32_t rank[kMaxTensors];
+  int64_t dims[kMaxTensors][kMaxRank];
+};
+
+static void answer(Batch* b);
+
+// Starts the server; returns NULL on failure (the port taken, say). tokens: '\n'-separated.
+void* fv_start(const char* address, int max_message_bytes, const char* tokens, int64_t default_deadline_ms,
+               const char* server_metadata, int server_metadata_len, int* port_out) {
+  auto* f = new Front();
+  f->server_metadata.ParseFromArray(server_metadata, server_metadata_len);
+  std::string all(tokens);
+  size_t pos = 0;
+  while (pos <= all.size()) {
+    size_t end = all.find('\n', pos);
+    if (end == std::string::npos) end = all.size();
+    if (end > pos) f->tokens.push_back(all.substr(pos, end - pos));
+    pos = end + 1;
+  }
+  f->default_deadline_ms = default_deadline_ms;
+  f->service = std::make_unique<Service>(f);
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), port_out);
+  builder.SetMaxReceiveMessageSize(max_message_bytes);
+  builder.SetMaxSendMessageSize(max_message_bytes);
+  builder.RegisterService(f->service.get());
+  f->server = builder.BuildAndStart();
+  if (!f->server || *port_out == 0) {
+    delete f;
+    return nullptr;
+  }
+  f->answerer = std::thread([f] {
+    std::unique_lock lock(f->answers_mu);
+    while (true) {
+      f->answers_cv.wait(lock, [f] { return f->stopping || !f->answers.empty(); });
+      if (f->answers.empty()) return;
+      auto b = std::move(f->answers.front());
+      f->answers.pop_front();
+      lock.unlock();
+      answer(b.get());
+      lock.lock();
+    }
+  });
+  return f;
+}
+
+// Adds a model version; shapes are flattened, ranks give each tensor's length. Returns its slot.
+int fv_add_model(void* fp, const char* name, const char* version, int max_batch, int max_queue, int ninputs,
+                 const char** in_names, const char** in_dtypes, const int32_t* in_ranks, const int64_t* in_dims,
+                 int noutputs, const char** out_names, const char* labels, int probabilities,
+                 const char* metadata, int metadata_len, const char* config, int config_len) {
+  auto* f = static_cast<Front*>(fp);
+  if (ninputs < 1 || ninputs > kMaxTensors || noutputs < 1 || noutputs > kMaxTensors) return -1;
+  auto m = std::make_shared<Model>();
+  m->name = name;
+  m->version = version;
+  m->max_batch = max_batch;
+  m->max_queue = size_t(max_queue);
+  m->probabilities = probabilities != 0;
+  if (!m->metadata.ParseFromArray(metadata, metadata_len) || !m->config.ParseFromArray(config, config_len)) return -1;
+  const int64_t* d = in_dims;
+  for (int i = 0; i < ninputs; ++i) {
+    if (in_ranks[i] < 1 || in_ranks[i] > kMaxRank) return -1;
+    Spec s{in_names[i], in_dtypes[i], std::vector<int64_t>(d, d + in_ranks[i]), dtype_size(in_dtypes[i])};
+    if (s.elem == 0) return -1;
+    d += in_ranks[i];
+    m->inputs.push_back(std::move(s));
+  }
+  for (int i = 0; i < noutputs; ++i) m->outputs.push_back(Spec{out_names[i], "", {}, 0});
+  std::string all(labels);
+  size_t pos = 0;
+  while (!all.empty() && pos <= all.size()) {
+    size_t end = all.find('\n', pos);
+    if (end == std::string::npos) end = all.size();
+    m->labels.push_back(all.substr(pos, end - pos));
+    pos = end + 1;
+  }
+  std::unique_lock lock(f->routes_mu);
+  int slot = f->next_slot++;
+  f->slots[slot] = m;
+  f->by_version[m->name + "\n" + m->version] = m;
+  return slot;
+}
+
+// Where calls without a version go: slots with weights (a canary splits by weight).
+int fv_route(void* fp, const char* name, int n, const int32_t* slots, const int32_t* weights) {
+  auto* f = static_cast<Front*>(fp);
+  std::unique_lock lock(f->routes_mu);
+  std::vector<std::pair<std::shared_ptr<Model>, int>> targets;
+  for (int i = 0; i < n; ++i) {
+    auto it = f->slots.find(slots[i]);
+    if (it == f->slots.end()) return -1;
+    targets.emplace_back(it->second, weights[i]);
+  }
+  if (targets.empty()) f->by_name.erase(name);
+  else f->by_name[name] = std::move(targets);
+  return 0;
+}
+
+// Stops taking calls for a slot; queued ones are still handed out, then fv_next_batch returns -1.
+void fv_close_model(void* fp, int slot) {
+  auto* f = static_cast<Front*>(fp);
+  std::shared_ptr<Model> m;
+  {
+    std::unique_lock lock(f->routes_mu);
+    auto it = f->slots.find(slot);
+    if (it == f->slots.end()) return;
+    m = it->second;
+    auto v = f->by_version.find(m->name + "\n" + m->version);
+    if (v != f->by_version.end() && v->second == m) f->by_version.erase(v);
+    for (auto& [name, targets] : f->by_name)
+      targets.erase(std::remove_if(targets.begin(), targets.end(), [&](auto& t) { return t.first == m; }), targets.end());
+  }
+  std::lock_guard lock(m->mu);
+  m->accepting = false;
+  m->cv.notify_all();
+}
+
+void fv_release_model(void* fp, int slot) {
+  auto* f = static_cast<Front*>(fp);
+  std::unique_lock lock(f->routes_mu);
+  f->slots.erase(slot);
+}
+
+// Waits up to timeout_ms for calls and hands out a batch: 1 = a batch, 0 = nothing yet, -1 = slot closed.
+// waits_s gets each call's time in the queue (room for max_batch entries).
+int fv_next_batch(void* fp, int slot, int timeout_ms, fv_batch* out, double* waits_s) {
+  auto* f = static_cast<Front*>(fp);
+  std::shared_ptr<Model> m;
+  {
+    std::shared_lock lock(f->routes_mu);
+    auto it = f->slots.find(slot);
+    if (it == f->slots.end()) return -1;
+    m = it->second;
+  }
+  auto batch = std::make_unique<Batch>();
+  batch->model = m;
+  std::vector<Call*> dropped;
+  const int nin = int(m->inputs.size());
+  {
+    std::unique_lock lock(m->mu);
+    auto until = Clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (batch->calls.empty()) {
+      if (!m->cv.wait_until(lock, until, [&] { return !m->queue.empty() || !m->accepting; })) break;
+      if (m->queue.empty()) {
+        if (!m->accepting) return -1;
+        break;
+      }
+      auto sys_now = SysClock::now();
+      while (!m->queue.empty()) {
+        Call* c = m->queue.front();
+        if (c->ctx->IsCancelled() || c->deadline <= sys_now) {
+          m->queue.pop_front();
+          dropped.push_back(c);
+          continue;
+        }
+        if (batch->samples + c->n > m->max_batch) break;
+        if (!batch->calls.empty() && !Front::same_shape(batch->calls[0], c, nin)) break;
+        m->queue.pop_front();
+        batch->calls.push_back(c);
+        batch->samples += c->n;
+        if (batch->samples == m->max_batch) break;
+      }
+      if (!dropped.empty()) break;
+    }
+    if (!batch->calls.empty()) m->busy++;
+  }
+  for (Call* c : dropped) {
+    bool cancelled = c->ctx->IsCancelled();
+    Front::finish(c, cancelled ? Status(StatusCode::CANCELLED, "cancelled by the caller before compute")
+                               : Status(StatusCode::DEADLINE_EXCEEDED, "deadline passed while queued; not computed"),
+                  m.get());
+  }
+  if (batch->calls.empty()) return 0;
+  int64_t t = now_ns();
+  out->samples = batch->samples;
+  out->calls = int32_t(batch->calls.size());
+  out->ninputs = nin;
+  for (size_t i = 0; i < batch->calls.size(); ++i) {
+    Call* c = batch->calls[i];
+    c->started_ns = t;
+    waits_s[i] = double(t - c->enqueued_ns) / 1e9;
+    m->stats[kQueueCount] += 1;
+    m->stats[kQueueNs] += t - c->enqueued_ns;
+  }
+  const Call* first = batch->calls[0];
+  batch->buffers.resize(batch->calls.size() > 1 ? nin : 0);
+  for (int s = 0; s < nin; ++s) {
+    const auto& shape = first->req->inputs(first->order[s]).shape();
+    out->rank[s] = shape.size();
+    out->dims[s][0] = batch->samples;
+    for (int d = 1; d < shape.size(); ++d) out->dims[s][d] = shape[d];
+    if (batch->calls.size() == 1) {
+      const std::string& raw = first->req->raw_input_contents(first->order[s]);
+      out->data[s] = raw.data();
+      out->nbytes[s] = int64_t(raw.size());
+    } else {
+      std::string& buf = batch->buffers[s];
+      size_t total = 0;
+      for (Call* c : batch->calls) total += c->req->raw_input_contents(c->order[s]).size();
+      buf.resize(total);
+      size_t off = 0;
+      for (Call* c : batch->calls) {
+        const std::string& raw = c->req->raw_input_contents(c->order[s]);
+        std::memcpy(&buf[off], raw.data(), raw.size());
+        off += raw.size();
+      }
+      out->data[s] = buf.data();
+      out->nbytes[s] = int64_t(total);
+    }
+  }
+  std::lock_guard lock(f->batches_mu);
+  out->id = f->next_batch++;
+  f->batches[out->id] = std::move(batch);
+  return 1;
+}
+
+static std::unique_ptr<Batch> take_batch(Front* f, int64_t id) {
+  std::lock_guard lock(f->batches_mu);
+  auto it = f->batches.find(id);
+  if (it == f->batches.end()) return nullptr;
+  auto b = std::move(it->second);
+  f->batches.erase(it);
+  return b;
+}
+
+static void batch_done(Batch* b) {
+  std::lock_guard lock(b->model->mu);
+  b->model->busy--;
+  b->model->cv.notify_all();
+}
+
+// Answers a batch's calls with outputs in the model's output order (C-contiguous, dimension 0 = samples).
+int fv_complete(void* fp, int64_t id, int64_t compute_ns, int noutputs, const char** dtypes, const void** data,
+                const int32_t* ranks, const int64_t* dims) {
+  auto* f = static_cast<Front*>(fp);
+  auto b = take_batch(f, id);
+  if (!b) return -1;
+  Model* m = b->model.get();
+  int64_t t0 = now_ns();
+  m->stats[kInferCount] += 1;
+  m->stats[kInferNs] += compute_ns;
+  m->stats[kSamples] += b->samples;
+  m->stats[kLastMs] = std::chrono::duration_cast<std::chrono::milliseconds>(SysClock::now().time_since_epoch()).count();
+  {
+    std::lock_guard lock(m->mu);
+    auto& cn = m->by_batch[b->samples];
+    cn.first += 1;
+    cn.second += compute_ns;
+  }
+  const int64_t* d = dims;
+  bool ok = noutputs == int(m->outputs.size());
+  for (int o = 0; ok && o < noutputs; ++o) {
+    b->shapes.emplace_back(d, d + ranks[o]);
+    d += ranks[o];
+    size_t bytes = dtype_size(dtypes[o]);
+    for (size_t k = 1; k < b->shapes[o].size(); ++k) bytes *= size_t(b->shapes[o][k]);
+    b->row_bytes.push_back(bytes);
+    b->dtypes.push_back(dtypes[o]);
+    ok = !b->shapes[o].empty() && b->shapes[o][0] == b->samples && bytes > 0;
+    if (ok) b->outputs.emplace_back(static_cast<const char*>(data[o]), bytes * size_t(b->samples));
+  }
+  if (!ok) {
+    for (Call* c : b->calls)
+      Front::finish(c, Status(StatusCode::INTERNAL, "model " + m->name + " returned outputs that do not match its batch"), m);
+    batch_done(b.get());
+    return -2;
+  }
+  m->stats[kOutputNs] += now_ns() - t0;
+  // Answering takes gRPC work per call; a thread of its own does it, so the caller's next batch
+  // starts computing at once instead of waiting for the writes.
+  {
+    std::lock_guard lock(f->answers_mu);
+    f->answers.push_back(std::move(b));
+  }
+  f->answers_cv.notify_one();
+  return 0;
+}
+
+static void answer(Batch* b) {
+  Model* m = b->model.get();
+  int64_t t0 = now_ns();
+  const int noutputs = int(b->outputs.size());
+  int64_t offset = 0;
+  for (Call* c : b->calls) {
+    auto* resp = c->resp;
+    resp->set_model_name(m->name);
+    resp->set_model_version(m->version);
+    resp->set_id(c->req->id());
+    Status st = Status::OK;
+    auto emit = [&](int o, const inference::ModelInferRequest::InferRequestedOutputTensor* want) {
+      const char* base = b->outputs[o].data() + size_t(offset) * b->row_bytes[o];
+      int64_t k = 0;
+      if (want) {
+        auto p = want->parameters().find("classification");
+        if (p != want->parameters().end()) k = p->second.int64_param();
+      }
+      auto* t = resp->add_outputs();
+      t->set_name(m->outputs[o].name);
+      if (k > 0) {
+        if (b->dtypes[o] != "FP32") {
+          st = Status(StatusCode::INVALID_ARGUMENT, "classification needs an FP32 output; '" + m->outputs[o].name + "' is " + b->dtypes[o]);
+          return;
+        }
+        int64_t width = int64_t(b->row_bytes[o] / 4);
+        std::string* raw = resp->add_raw_output_contents();
+        uint32_t per = 0;
+        for (int i = 0; i < c->n; ++i)
+          top_k(reinterpret_cast<const float*>(base) + i * width, width, int(k), m->probabilities, m->labels, raw, &per);
+        t->set_datatype("BYTES");
+        t->add_shape(c->n);
+        t->add_shape(per);
+        return;
+      }
+      t->set_datatype(b->dtypes[o]);
+      t->add_shape(c->n);
+      for (size_t x = 1; x < b->shapes[o].size(); ++x) t->add_shape(b->shapes[o][x]);
+      resp->add_raw_output_contents()->assign(base, b->row_bytes[o] * size_t(c->n));
+    };
+    if (c->req->outputs_size() == 0) {
+      for (int o = 0; o < noutputs; ++o) emit(o, nullptr);
+    } else {
+      for (const auto& want : c->req->outputs())
+        for (int o = 0; o < noutputs; ++o)
+          if (m->outputs[o].name == want.name()) emit(o, &want);
+    }
+    offset += c->n;
+    Front::finish(c, st, m);
+  }
+  m->stats[kOutputNs] += now_ns() - t0;
+  batch_done(b);
+}
+
+// Fails a batch's calls (the model raised): only this batch's requests fail.
+int fv_fail(void* fp, int64_t id, int code, const char* message) {
+  auto* f = static_cast<Front*>(fp);
+  auto b = take_batch(f, id);
+  if (!b) return -1;
+  for (Call* c : b->calls) Front::finish(c, Status(StatusCode(code), message), b->model.get());
+  batch_done(b.get());
+  return 0;
+}
+
+// Queued calls and batches in compute for a slot (for draining and heartbeats).
+int fv_depth(void* fp, int slot, int32_t* queued, int32_t* busy) {
+  auto* f = static_cast<Front*>(fp);
+  std::shared_ptr<Model> m;
+  {
+    std::shared_lock lock(f->routes_mu);
+    auto it = f->slots.find(slot);
+    if (it == f->slots.end()) return -1;
+    m = it->second;
+  }
+  std::lock_guard lock(m->mu);
+  *queued = int32_t(m->queue.size());
+  *busy = m->busy;
+  return 0;
+}
+
+// A slot's ModelStatistics, serialized into buf; returns its length, or -1 (no such slot, or buf too small).
+int fv_statistics(void* fp, int slot, char* buf, int cap) {
+  auto* f = static_cast<Front*>(fp);
+  std::shared_ptr<Model> m;
+  {
+    std::shared_lock lock(f->routes_mu);
+    auto it = f->slots.find(slot);
+    if (it == f->slots.end()) return -1;
+    m = it->second;
+  }
+  std::string out = m->statistics().SerializeAsString();
+  if (int(out.size()) > cap) return -1;
+  std::memcpy(buf, out.data(), out.size());
+  return int(out.size());
+}
+
+void fv_set_accepting(void* fp, int accepting) { static_cast<Front*>(fp)->accepting = accepting != 0; }
+
+// Closes the port: calls still open after grace_s are cancelled. Batches must keep being served
+// meanwhile, since the server waits for every call it accepted to be answered.
+void fv_shutdown(void* fp, double grace_s) {
+  auto* f = static_cast<Front*>(fp);
+  f->accepting = false;
+  f->server->Shutdown(SysClock::now() + std::chrono::microseconds(int64_t(grace_s * 1e6)));
+  f->server->Wait();
+}
+
+void fv_free(void* fp) {
+  auto* f = static_cast<Front*>(fp);
+  if (f->answerer.joinable()) {
+    {
+      std::lock_guard lock(f->answers_mu);
+      f->stopping = true;
+    }
+    f->answers_cv.notify_all();
+    f->answerer.join();
+  }
+  delete f;
+}
+
+#pragma GCC visibility pop
+}  // extern "C"
