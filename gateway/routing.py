@@ -44,6 +44,8 @@ class Endpoint:
     channel: grpc.aio.Channel
     stub: pb_grpc.GRPCInferenceServiceStub
     infer_bytes: Any  # ModelInfer taking and returning serialized messages
+    fast_channel: grpc.aio.Channel | None = None
+    fast_infer_bytes: Any = None  # the same on the worker's native fast port, when it has one
     in_flight: int = 0
     failures: int = 0
     ejected: bool = False
@@ -138,7 +140,8 @@ class Workers:
                     self._drop(wid)
         for status in event.workers:
             ep = self.endpoints.get(status.worker_id)
-            if ep is not None and ep.status.address == status.address:
+            if ep is not None and ep.status.address == status.address and \
+                    ep.status.fast_address == status.fast_address:
                 ep.status = status
                 continue
             if ep is not None:
@@ -147,8 +150,12 @@ class Workers:
             channel = grpc.aio.insecure_channel(status.address, options=options)
             infer_bytes = channel.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None,
                                               _registered_method=True)
-            self.endpoints[status.worker_id] = Endpoint(status, channel, pb_grpc.GRPCInferenceServiceStub(channel),
-                                                        infer_bytes)
+            ep = Endpoint(status, channel, pb_grpc.GRPCInferenceServiceStub(channel), infer_bytes)
+            if status.fast_address:
+                ep.fast_channel = grpc.aio.insecure_channel(status.fast_address, options=options)
+                ep.fast_infer_bytes = ep.fast_channel.unary_unary(
+                    MODEL_INFER, request_serializer=None, response_deserializer=None, _registered_method=True)
+            self.endpoints[status.worker_id] = ep
             logger.info("worker %s at %s joined", status.worker_id, status.address)
         for wid in event.removed_worker_ids:
             self._drop(wid)
@@ -161,6 +168,8 @@ class Workers:
             if ep.probe is not None:
                 ep.probe.cancel()
             asyncio.get_running_loop().create_task(ep.channel.close(grace=30))
+            if ep.fast_channel is not None:
+                asyncio.get_running_loop().create_task(ep.fast_channel.close(grace=30))
 
     def choose(self, model: str, version: int, exclude: frozenset[str] = frozenset()) -> tuple[str, Endpoint]:
         """Power of two choices: two random candidates, the one with less load wins.

@@ -58,11 +58,14 @@ class Gateway:
         """Send a ModelInfer for a resolved version; on UNAVAILABLE retry once on another worker."""
         return await self._forward(request.model_name, int(request.model_version), request, timeout_s, False)  # type: ignore[no-any-return]
 
-    async def forward_bytes(self, model: str, version: int, request: bytes, timeout_s: float) -> bytes:
-        """forward() for a serialized ModelInferRequest; returns the serialized response."""
-        return await self._forward(model, version, request, timeout_s, True)  # type: ignore[no-any-return]
+    async def forward_bytes(self, model: str, version: int, request: bytes, timeout_s: float,
+                            tensors: bool = False) -> bytes:
+        """forward() for a serialized ModelInferRequest; returns the serialized response. tensors: the
+        request carries only raw tensors, which a worker's fast port takes."""
+        return await self._forward(model, version, request, timeout_s, True, tensors)  # type: ignore[no-any-return]
 
-    async def _forward(self, model: str, version: int, request: Any, timeout_s: float, raw: bool) -> Any:
+    async def _forward(self, model: str, version: int, request: Any, timeout_s: float, raw: bool,
+                       tensors: bool = False) -> Any:
         deadline = time.monotonic() + timeout_s
         tried: frozenset[str] = frozenset()
         md = self.internal_metadata()
@@ -73,7 +76,10 @@ class Gateway:
                 raise DeadlineExpired("deadline passed before a worker could answer")
             ep.in_flight += 1
             try:
-                call = ep.infer_bytes if raw else ep.stub.ModelInfer
+                if raw:
+                    call = ep.fast_infer_bytes if tensors and ep.fast_infer_bytes is not None else ep.infer_bytes
+                else:
+                    call = ep.stub.ModelInfer
                 response = await call(request, timeout=remaining, metadata=md)
                 ep.failures = 0
                 ep.served += 1
@@ -188,7 +194,7 @@ class Gateway:
         version = str(mv.version)
         if request.model_version != version:
             raw = raw + version_field(version)  # a later value of a field replaces an earlier one
-        return await self.forward_bytes(mv.name, mv.version, raw, timeout_s)
+        return await self.forward_bytes(mv.name, mv.version, raw, timeout_s, raw_tensors_only(request))
 
     async def _admit_infer(self, key: registry_pb2.ApiKey, request: pb.ModelInferRequest) -> model_pb2.ModelVersion:
         version = 0
@@ -219,3 +225,9 @@ def version_field(version: str) -> bytes:
     """ModelInferRequest.model_version (field 2, length-delimited) encoded on its own."""
     data = version.encode()
     return bytes([0x12, len(data)]) + data  # versions are short decimal strings: one-byte length
+
+
+def raw_tensors_only(request: pb.ModelInferRequest) -> bool:
+    """Whether every input is a raw numeric tensor: what a worker's fast port serves (not images, not typed contents)."""
+    return len(request.raw_input_contents) == len(request.inputs) > 0 and \
+        all(t.datatype != "BYTES" for t in request.inputs)

@@ -22,9 +22,10 @@ class WorkerConfig(BaseConfig):
 
     port: int = 8502
     """gRPC port."""
-    fast_port: int = -1
-    """Port of the native (C++) front that serves ModelInfer on raw tensors with a few µs of overhead per
-    call; 0 picks a free port, -1 turns it off. Needs worker/native/build.sh to have run."""
+    fast_port: int = 0
+    """Port of the native (C++) front that serves ModelInfer on raw tensors with a few µs of overhead per call
+    (gateways send raw-tensor calls there; images stay on the main port). 0 picks a free port and heartbeats
+    advertise it; -1 turns it off. Needs worker/native/build.sh to have run (scripts/setup.sh does)."""
     worker_id: str = Field(default_factory=_default_id)
     """Id in heartbeats; defaults to host-pid."""
     advertise_address: str = ""
@@ -63,6 +64,9 @@ class WorkerConfig(BaseConfig):
     """disable, basic, extended or all."""
     thread_spinning: bool = True
     """Let ONNX Runtime's intra-op threads spin while waiting for work (faster alone, slower beside busy neighbours)."""
+    spin_only_in_run: bool = True
+    """Stop the spinning the moment a run ends (ONNX Runtime's session.force_spinning_stop), so that idle pool
+    threads do not take the cores from the threads that answer calls and take the next batch in."""
     cpu_mem_arena: bool = True
     """Use ONNX Runtime's CPU memory arena."""
     instances: int = 1
@@ -114,6 +118,10 @@ class WorkerConfig(BaseConfig):
         if isinstance(v, str):
             return [int(p) for p in v.split(",") if p.strip()]
         return v
+
+    def fast_address(self, port: int, fast_port: int) -> str:
+        """The fast port at the same host as the advertised address."""
+        return f"{self.address(port).rsplit(':', 1)[0]}:{fast_port}"
 
     def address(self, port: int) -> str:
         if not self.advertise_address:

@@ -12,11 +12,13 @@ from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 logger = logging.getLogger(__name__)
 
 # Seconds: from 50 us (overhead of a tiny model) to 10 s (a loaded CPU).
 TIME_BUCKETS_S = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+STATUS_BY_VALUE = {code.value[0]: code.value for code in grpc.StatusCode}
 BATCH_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 
 
@@ -92,6 +94,20 @@ class WorkerMetrics:
     def watch(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
         self.queue_depth.set_function(queue_depth)
         self.in_flight.set_function(in_flight)
+
+    def watch_fast_port(self, codes: Callable[[], list[int]]) -> None:
+        """ModelInfer calls answered on the native fast port, by status code, read from it at scrape time."""
+
+        class FastPort:
+            def collect(self) -> Any:
+                family = CounterMetricFamily("fovea_worker_fast_port_requests",
+                                             "ModelInfer calls answered on the fast port, by status code", labels=["code"])
+                for value, count in enumerate(codes()):
+                    if count:
+                        family.add_metric([grpc.StatusCode(STATUS_BY_VALUE[value]).name], count)
+                yield family
+
+        self.registry.register(FastPort())
 
     def watch_gpu(self, device_id: int) -> None:
         """GPU memory, read through NVML (pynvml) at scrape time; absent without NVML."""

@@ -108,6 +108,8 @@ class ModelManager:
         await asyncio.gather(*(lv.batcher.stop(timeout_s) for lv in self.loaded.values()))
         if self.native is not None:
             await asyncio.gather(*(self.native.remove(lv.slot) for lv in self.loaded.values() if lv.slot))
+            for lv in self.loaded.values():
+                lv.slot = 0
 
     # ---- lookups --------------------------------------------------------
 
@@ -280,8 +282,8 @@ class ModelManager:
             try:
                 lv.slot = self.native.add(
                     mv.name, mv.version, list(mv.inputs), lv.input_dtypes, [o.name for o in mv.outputs],
-                    list(mv.labels), mv.preprocessing.outputs_probabilities, self.config.max_batch_size,
-                    self.config.max_queue_len, [runner(s) for s in sessions], metrics_hook,
+                    list(mv.labels), mv.preprocessing.outputs_probabilities, self.config,
+                    [runner(s) for s in sessions], metrics_hook, self.metrics.drop_hook(mv.name, version),
                     oip.model_metadata(mv, [version]).SerializeToString(),
                     self.config_response(lv).SerializeToString())
             except ValueError as exc:

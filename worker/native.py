@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,6 +31,7 @@ INTERNAL = 13
 
 class FvBatch(C.Structure):
     _fields_ = [("id", C.c_int64), ("samples", C.c_int32), ("calls", C.c_int32), ("ninputs", C.c_int32),
+                ("expired", C.c_int32), ("cancelled", C.c_int32),
                 ("data", C.c_void_p * MAX_TENSORS), ("nbytes", C.c_int64 * MAX_TENSORS),
                 ("rank", C.c_int32 * MAX_TENSORS), ("dims", (C.c_int64 * MAX_RANK) * MAX_TENSORS)]
 
@@ -50,7 +51,8 @@ def _load() -> C.CDLL:
     p, i, i64, s = C.c_void_p, C.c_int, C.c_int64, C.c_char_p
     lib.fv_start.restype = p
     lib.fv_start.argtypes = [s, i, s, i64, s, i, C.POINTER(i)]
-    lib.fv_add_model.argtypes = [p, s, s, i, i, i, p, p, p, p, i, p, s, i, s, i, s, i]
+    lib.fv_add_model.argtypes = [p, s, s, i, i, i64, i, p, i, p, p, p, p, i, p, s, i, s, i, s, i]
+    lib.fv_codes.argtypes = [p, p]
     lib.fv_route.argtypes = [p, s, i, p, p]
     lib.fv_close_model.argtypes = [p, i]
     lib.fv_release_model.argtypes = [p, i]
@@ -67,6 +69,14 @@ def _load() -> C.CDLL:
 
 RunFn = Callable[[list[np.ndarray]], list[np.ndarray]]
 BatchHook = Callable[[int, list[float], float], None]
+DropHook = Callable[[str], None]
+
+
+class Batching(Protocol):
+    max_batch_size: int
+    max_queue_len: int
+    max_queue_delay_us: int
+    preferred_batch_sizes: list[int]
 
 
 @dataclass
@@ -92,15 +102,17 @@ class NativeFront:
         self.slots: dict[int, Slot] = {}
 
     def add(self, name: str, version: int, inputs: Sequence[Any], input_dtypes: Sequence[Any],
-            outputs: Sequence[str], labels: Sequence[str], probabilities: bool, max_batch: int, max_queue: int,
-            runners: Sequence[RunFn], on_batch: BatchHook, metadata: bytes, config: bytes) -> int:
+            outputs: Sequence[str], labels: Sequence[str], probabilities: bool, batching: Batching,
+            runners: Sequence[RunFn], on_batch: BatchHook, on_drop: DropHook, metadata: bytes, config: bytes) -> int:
         """Register a warmed-up version and start one batch loop per runner (model instance).
 
         metadata and config are its serialized ModelMetadataResponse and ModelConfigResponse."""
         ranks = (C.c_int32 * len(inputs))(*[len(t.shape) for t in inputs])
         dims = [int(d) for t in inputs for d in t.shape]
+        preferred = list(batching.preferred_batch_sizes)
         slot = self.lib.fv_add_model(
-            self.handle, name.encode(), str(version).encode(), max_batch, max_queue, len(inputs),
+            self.handle, name.encode(), str(version).encode(), batching.max_batch_size, batching.max_queue_len,
+            batching.max_queue_delay_us, len(preferred), (C.c_int32 * max(1, len(preferred)))(*preferred), len(inputs),
             _strings([t.name for t in inputs]), _strings([t.datatype for t in inputs]), ranks,
             (C.c_int64 * len(dims))(*dims), len(outputs), _strings(list(outputs)),
             "\n".join(labels).encode(), int(probabilities), metadata, len(metadata), config, len(config))
@@ -108,7 +120,8 @@ class NativeFront:
             raise ValueError(f"the native front cannot serve {name} v{version} (inputs or outputs out of its limits)")
         entry = Slot(slot, f"{name}:{version}")
         for i, run in enumerate(runners):
-            t = threading.Thread(target=self._loop, args=(slot, run, list(input_dtypes), on_batch, max_batch),
+            t = threading.Thread(target=self._loop,
+                                 args=(slot, run, list(input_dtypes), on_batch, on_drop, batching.max_batch_size),
                                  name=f"fast-{name}-{version}-{i}", daemon=True)
             entry.threads.append(t)
             t.start()
@@ -134,12 +147,16 @@ class NativeFront:
 
     def depth(self, slot: int) -> tuple[int, int]:
         """(queued calls, batches in compute)."""
+        if not self.handle:
+            return 0, 0
         queued, busy = C.c_int32(0), C.c_int32(0)
         self.lib.fv_depth(self.handle, slot, C.byref(queued), C.byref(busy))
         return queued.value, busy.value
 
     def statistics(self, slot: int) -> bytes:
         """The slot's serialized inference.ModelStatistics (fast-port calls only)."""
+        if not self.handle:
+            return b""
         buf = C.create_string_buffer(1 << 16)
         size = self.lib.fv_statistics(self.handle, slot, buf, len(buf))
         return buf.raw[:size] if size > 0 else b""
@@ -153,19 +170,36 @@ class NativeFront:
         self.lib.fv_shutdown(self.handle, grace_s)
 
     def close(self) -> None:
+        """After shutdown(): end the batch loops and free the front."""
         for slot in list(self.slots):
             self.lib.fv_close_model(self.handle, slot)
         for entry in self.slots.values():
             for t in entry.threads:
                 t.join(5)
         self.slots.clear()
+        if self.handle:
+            self.lib.fv_free(self.handle)
+            self.handle = None
 
-    def _loop(self, slot: int, run: RunFn, dtypes: list[Any], on_batch: BatchHook, max_batch: int) -> None:
+    def codes(self) -> list[int]:
+        """ModelInfer calls answered on the fast port, indexed by gRPC status code."""
+        out = (C.c_int64 * 17)()
+        if not self.handle:
+            return list(out)
+        self.lib.fv_codes(self.handle, out)
+        return list(out)
+
+    def _loop(self, slot: int, run: RunFn, dtypes: list[Any], on_batch: BatchHook, on_drop: DropHook,
+              max_batch: int) -> None:
         lib, handle = self.lib, self.handle
         batch = FvBatch()
         waits = (C.c_double * max_batch)()
         while True:
             got = lib.fv_next_batch(handle, slot, 250, C.byref(batch), waits)
+            for _ in range(batch.expired):
+                on_drop("expired")
+            for _ in range(batch.cancelled):
+                on_drop("cancelled")
             if got < 0:
                 return
             if got == 0:

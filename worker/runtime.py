@@ -78,6 +78,7 @@ def session_options(config: WorkerConfig) -> ort.SessionOptions:
     so.log_severity_level = 3
     # Spinning pool threads take CPU from the event loop that feeds them when cores are few.
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.thread_spinning else "0")
+    so.add_session_config_entry("session.force_spinning_stop", "1" if config.spin_only_in_run else "0")
     return so
 
 

@@ -21,7 +21,9 @@ from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from worker.config import WorkerConfig
 from worker.models import ModelManager
 from worker.metrics import WorkerMetrics
+from worker.native import LIBRARY as NATIVE_LIBRARY
 from worker.native import NativeFront
+from worker.native import available as native_available
 from worker.runtime import GPU_PROVIDERS, device_info
 from worker.servicer import WorkerServicer, server_metadata
 
@@ -50,7 +52,8 @@ class WorkerServer:
         return registry_pb2.WorkerStatus(
             worker_id=self.config.worker_id, address=self.config.address(self.port), state=self.state,
             models=self.manager.statuses(), device=registry_pb2.Device(kind=kind, name=name, memory_bytes=mem),
-            queue_depth=self.manager.queue_depth, in_flight=self.in_flight)
+            queue_depth=self.manager.queue_depth, in_flight=self.in_flight,
+            fast_address=self.config.fast_address(self.port, self.native.port) if self.native else "")
 
     @property
     def in_flight(self) -> int:
@@ -93,6 +96,8 @@ class WorkerServer:
         if self.in_flight:
             logger.warning("grace of %.1fs ran out with %d call(s) in flight", grace_s, self.in_flight)
         await self.manager.stop(max(0.0, deadline - loop.time()))
+        if self.native is not None:
+            self.native.close()
         await self._heartbeat_once()
         await self.server.stop(max(0.0, deadline - loop.time()))
         await self.link.close()
@@ -112,7 +117,10 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     link = RegistryLink(config.registry_address, config.internal_token, config.max_message_bytes)
     metrics = WorkerMetrics()
     native = None
-    if config.fast_port >= 0:
+    if config.fast_port >= 0 and not native_available():
+        logger.error("fast port asked for but %s is not built (run worker/native/build.sh); serving the main "
+                     "port only", NATIVE_LIBRARY)
+    elif config.fast_port >= 0:
         native = NativeFront(f"{config.host}:{config.fast_port}", config.max_message_bytes,
                              config.accepted_internal_tokens(), config.default_deadline_ms,
                              server_metadata().SerializeToString())
@@ -129,7 +137,9 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     await set_serving(health_servicer, [SERVICE], False)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
-    metrics.watch(lambda: manager.queue_depth, lambda: servicer.in_flight)
+    metrics.watch(lambda: manager.queue_depth, lambda: servicer.in_flight + sum(manager.fast_pending()))
+    if native is not None:
+        metrics.watch_fast_port(native.codes)
     if config.metrics_port >= 0:
         metrics.serve(config.host, config.metrics_port)
         logger.info("metrics on http://%s:%d/metrics", config.host, metrics.port)

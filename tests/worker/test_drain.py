@@ -9,9 +9,11 @@ import time
 
 import grpc
 import numpy as np
+import pytest
 
 from fovea.client import RegistryClient
 from fovea.cluster import Cluster
+from fovea.redis_server import free_port
 from fovea.v1 import model_pb2, registry_pb2
 from tests.worker.conftest import busy_input, output_array, stub, tensor_request
 from tests.worker.slowmodels import busy_model
@@ -19,17 +21,19 @@ from tests.worker.slowmodels import busy_model
 GRACE_S = 8.0
 
 
-async def test_sigterm_under_load_answers_accepted_requests_and_exits_within_grace(cluster: Cluster) -> None:
+@pytest.mark.parametrize("via", ["main", "fast"])
+async def test_sigterm_under_load_answers_accepted_requests_and_exits_within_grace(cluster: Cluster, via: str) -> None:
     reg = cluster.start_registry()
     rc = RegistryClient(reg.address, cluster.internal_token, timeout_s=30)
     mv = await asyncio.to_thread(rc.register, busy_model(), model_pb2.ModelVersion(name="busy"))
     await asyncio.to_thread(rc.set_alias, "busy", "production", [(mv.version, 100)])
+    fast_port = free_port()
     worker = cluster.start_worker(reg.address, ["busy"], FOVEA_WORKER_PROVIDERS="CPUExecutionProvider",
                                   FOVEA_WORKER_INTRA_OP_THREADS="1", FOVEA_WORKER_MAX_BATCH_SIZE="4",
                                   FOVEA_WORKER_GRACE_S=str(GRACE_S), FOVEA_WORKER_HEARTBEAT_INTERVAL_S="0.3",
-                                  FOVEA_WORKER_LOG_JSON="false")
+                                  FOVEA_WORKER_LOG_JSON="false", FOVEA_WORKER_FAST_PORT=str(fast_port))
     md = (("authorization", f"Bearer {cluster.internal_token}"),)
-    channel, s = stub(int(worker.address.rsplit(":", 1)[1]))
+    channel, s = stub(fast_port if via == "fast" else int(worker.address.rsplit(":", 1)[1]))
     results: list[tuple[float, float, str]] = []  # (sent, answered, status)
     stop = asyncio.Event()
 

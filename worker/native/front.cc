@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <set>
 #include <shared_mutex>
 #include <string>
 #include <thread>
@@ -85,6 +86,9 @@ struct Model {
   std::string name, version;
   int max_batch = 1;
   size_t max_queue = 1024;
+  int64_t max_queue_delay_us = 0;
+  std::set<int> preferred;  // batch sizes to stop collecting at
+  std::atomic<int64_t>* codes = nullptr;  // the front's counts by status code
   std::vector<Spec> inputs, outputs;
   std::vector<std::string> labels;
   bool probabilities = false;
@@ -307,12 +311,15 @@ class Front {
     return true;
   }
 
+  std::atomic<int64_t> codes[17] = {};  // ModelInfer calls answered, by status code
+
   static void finish(Call* c, const Status& st, Model* m) {
     int64_t spent = now_ns() - c->enqueued_ns;
     if (m) {
       m->stats[st.ok() ? kOkCount : kFailCount] += 1;
       m->stats[st.ok() ? kOkNs : kFailNs] += spent;
     }
+    if (m) m->codes[std::min<int>(st.error_code(), 16)] += 1;
     c->reactor->Finish(st);
     delete c;
   }
@@ -395,6 +402,7 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
   auto* reactor = ctx->DefaultReactor();
   int64_t t0 = now_ns();
   auto reject = [&](StatusCode code, const std::string& msg) {
+    front_->codes[std::min<int>(code, 16)] += 1;
     reactor->Finish(Status(code, msg));
     return reactor;
   };
@@ -470,6 +478,8 @@ struct fv_batch {
   int32_t samples;
   int32_t calls;
   int32_t ninputs;
+  int32_t expired;    // calls dropped before compute: deadline passed
+  int32_t cancelled;  // calls dropped before compute: the caller cancelled
   const void* data[kMaxTensors];
   int64_t nbytes[kMaxTensors];
   int32_t rank[kMaxTensors];
@@ -497,6 +507,9 @@ void* fv_start(const char* address, int max_message_bytes, const char* tokens, i
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), port_out);
   builder.SetMaxReceiveMessageSize(max_message_bytes);
   builder.SetMaxSendMessageSize(max_message_bytes);
+  // Let a peer send a whole tensor in big frames without waiting for window updates.
+  builder.AddChannelArgument("grpc.http2.max_frame_size", 1 << 20);
+  builder.AddChannelArgument("grpc.http2.lookahead_bytes", 8 << 20);
   builder.RegisterService(f->service.get());
   f->server = builder.BuildAndStart();
   if (!f->server || *port_out == 0) {
@@ -519,7 +532,8 @@ void* fv_start(const char* address, int max_message_bytes, const char* tokens, i
 }
 
 // Adds a model version; shapes are flattened, ranks give each tensor's length. Returns its slot.
-int fv_add_model(void* fp, const char* name, const char* version, int max_batch, int max_queue, int ninputs,
+int fv_add_model(void* fp, const char* name, const char* version, int max_batch, int max_queue,
+                 int64_t max_queue_delay_us, int npreferred, const int32_t* preferred, int ninputs,
                  const char** in_names, const char** in_dtypes, const int32_t* in_ranks, const int64_t* in_dims,
                  int noutputs, const char** out_names, const char* labels, int probabilities,
                  const char* metadata, int metadata_len, const char* config, int config_len) {
@@ -530,6 +544,8 @@ int fv_add_model(void* fp, const char* name, const char* version, int max_batch,
   m->version = version;
   m->max_batch = max_batch;
   m->max_queue = size_t(max_queue);
+  m->max_queue_delay_us = max_queue_delay_us;
+  m->preferred.insert(preferred, preferred + npreferred);
   m->probabilities = probabilities != 0;
   if (!m->metadata.ParseFromArray(metadata, metadata_len) || !m->config.ParseFromArray(config, config_len)) return -1;
   const int64_t* d = in_dims;
@@ -549,6 +565,7 @@ int fv_add_model(void* fp, const char* name, const char* version, int max_batch,
     m->labels.push_back(all.substr(pos, end - pos));
     pos = end + 1;
   }
+  m->codes = f->codes;
   std::unique_lock lock(f->routes_mu);
   int slot = f->next_slot++;
   f->slots[slot] = m;
@@ -611,15 +628,16 @@ int fv_next_batch(void* fp, int slot, int timeout_ms, fv_batch* out, double* wai
   batch->model = m;
   std::vector<Call*> dropped;
   const int nin = int(m->inputs.size());
+  out->expired = out->cancelled = 0;
   {
     std::unique_lock lock(m->mu);
-    auto until = Clock::now() + std::chrono::milliseconds(timeout_ms);
-    while (batch->calls.empty()) {
-      if (!m->cv.wait_until(lock, until, [&] { return !m->queue.empty() || !m->accepting; })) break;
-      if (m->queue.empty()) {
-        if (!m->accepting) return -1;
-        break;
-      }
+    if (!m->cv.wait_until(lock, Clock::now() + std::chrono::milliseconds(timeout_ms),
+                          [&] { return !m->queue.empty() || !m->accepting; }))
+      return 0;
+    if (m->queue.empty()) return -1;  // closed, and nothing left to answer
+    // Takes queued calls while they fit; true once the batch can take no more (full, at a preferred
+    // size, or the next call does not fit or has another shape).
+    auto collect = [&] {
       auto sys_now = SysClock::now();
       while (!m->queue.empty()) {
         Call* c = m->queue.front();
@@ -628,19 +646,25 @@ int fv_next_batch(void* fp, int slot, int timeout_ms, fv_batch* out, double* wai
           dropped.push_back(c);
           continue;
         }
-        if (batch->samples + c->n > m->max_batch) break;
-        if (!batch->calls.empty() && !Front::same_shape(batch->calls[0], c, nin)) break;
+        if (batch->samples + c->n > m->max_batch) return true;
+        if (!batch->calls.empty() && !Front::same_shape(batch->calls[0], c, nin)) return true;
         m->queue.pop_front();
         batch->calls.push_back(c);
         batch->samples += c->n;
-        if (batch->samples == m->max_batch) break;
+        if (batch->samples == m->max_batch || m->preferred.count(batch->samples)) return true;
       }
-      if (!dropped.empty()) break;
+      return false;
+    };
+    bool full = collect();
+    if (!full && !batch->calls.empty() && m->max_queue_delay_us > 0) {
+      auto fill_until = Clock::now() + std::chrono::microseconds(m->max_queue_delay_us);
+      while (!full && m->cv.wait_until(lock, fill_until, [&] { return !m->queue.empty(); })) full = collect();
     }
     if (!batch->calls.empty()) m->busy++;
   }
   for (Call* c : dropped) {
     bool cancelled = c->ctx->IsCancelled();
+    (cancelled ? out->cancelled : out->expired) += 1;
     Front::finish(c, cancelled ? Status(StatusCode::CANCELLED, "cancelled by the caller before compute")
                                : Status(StatusCode::DEADLINE_EXCEEDED, "deadline passed while queued; not computed"),
                   m.get());
@@ -743,6 +767,15 @@ int fv_complete(void* fp, int64_t id, int64_t compute_ns, int noutputs, const ch
   m->stats[kOutputNs] += now_ns() - t0;
   // Answering takes gRPC work per call; a thread of its own does it, so the caller's next batch
   // starts computing at once instead of waiting for the writes.
+  bool idle;
+  {
+    std::lock_guard lock(m->mu);
+    idle = m->queue.empty();
+  }
+  if (idle) {  // nothing waits to be computed: answering here saves a thread wake-up
+    answer(b.get());
+    return 0;
+  }
   {
     std::lock_guard lock(f->answers_mu);
     f->answers.push_back(std::move(b));
@@ -847,6 +880,12 @@ int fv_statistics(void* fp, int slot, char* buf, int cap) {
   return int(out.size());
 }
 
+// ModelInfer calls answered so far, by status code (17 counters).
+void fv_codes(void* fp, int64_t* out) {
+  auto* f = static_cast<Front*>(fp);
+  for (int i = 0; i < 17; ++i) out[i] = f->codes[i].load();
+}
+
 void fv_set_accepting(void* fp, int accepting) { static_cast<Front*>(fp)->accepting = accepting != 0; }
 
 // Closes the port: calls still open after grace_s are cancelled. Batches must keep being served
@@ -868,6 +907,7 @@ void fv_free(void* fp) {
     f->answers_cv.notify_all();
     f->answerer.join();
   }
+  f->server.reset();  // before the service it calls into
   delete f;
 }
 

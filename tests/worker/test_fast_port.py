@@ -1,0 +1,157 @@
+"""The worker's native fast port (worker/native/front.cc) against in-process workers: it answers exactly what
+the main port answers, refuses what it does not serve with a status that says where to go, and reports its
+calls in ModelStatistics and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from inference import grpc_predict_v2_pb2 as pb
+from tests.tinymodels import color_model
+from tests.worker.conftest import MD, LocalRegistry, StartWorker, output_array, stub, tensor_request
+from tests.worker.slowmodels import busy_model
+from tests.worker.conftest import busy_input
+
+
+def _colors(n: int) -> np.ndarray:
+    """n 8x8 images, each dominated by channel i % 3."""
+    x = np.zeros((n, 3, 8, 8), np.float32)
+    for i in range(n):
+        x[i, i % 3] = 1.0 + 0.1 * i
+    return x
+
+
+async def _both(start_worker: StartWorker, registry: LocalRegistry, **fields: object) -> tuple[object, int, int]:
+    await registry.publish("colors", color_model())
+    ws = await start_worker(["colors"], metrics_port=0, **fields)
+    assert ws.native is not None, "the fast port is on by default"
+    return ws, ws.port, ws.native.port
+
+
+async def test_fast_port_answers_what_the_main_port_answers(registry: LocalRegistry,
+                                                            start_worker: StartWorker) -> None:
+    ws, main, fast = await _both(start_worker, registry)
+    (cm, m), (cf, f) = stub(main), stub(fast)
+    x = _colors(5)
+    plain = tensor_request("colors", x)
+    plain.id = "req-7"
+    top2 = tensor_request("colors", x)
+    top2.outputs.add(name="logits").parameters["classification"].int64_param = 2
+    for req in (plain, top2):
+        a = await m.ModelInfer(req, metadata=MD, timeout=10)
+        b = await f.ModelInfer(req, metadata=MD, timeout=10)
+        assert (b.model_name, b.model_version, b.id) == (a.model_name, a.model_version, a.id)
+        assert [(o.name, o.datatype, list(o.shape)) for o in b.outputs] == \
+            [(o.name, o.datatype, list(o.shape)) for o in a.outputs]
+        if req is plain:
+            np.testing.assert_allclose(output_array(b), output_array(a), rtol=1e-6)
+            assert b.id == "req-7"
+        else:
+            assert list(b.raw_output_contents) == list(a.raw_output_contents)  # "score:index:label", byte for byte
+            assert b"red" in b.raw_output_contents[0]
+    # A pinned version is served too; the metadata and config calls Triton's tools make before loading.
+    v = await f.ModelInfer(tensor_request("colors", x, version="1"), metadata=MD, timeout=10)
+    assert v.model_version == "1"
+    meta = await f.ModelMetadata(pb.ModelMetadataRequest(name="colors"), metadata=MD, timeout=10)
+    assert meta == await m.ModelMetadata(pb.ModelMetadataRequest(name="colors"), metadata=MD, timeout=10)
+    config = await f.ModelConfig(pb.ModelConfigRequest(name="colors"), metadata=MD, timeout=10)
+    assert config == await m.ModelConfig(pb.ModelConfigRequest(name="colors"), metadata=MD, timeout=10)
+    assert (await f.ModelReady(pb.ModelReadyRequest(name="colors"), timeout=10)).ready
+    assert not (await f.ModelReady(pb.ModelReadyRequest(name="nope"), timeout=10)).ready
+    await cm.close()
+    await cf.close()
+
+
+async def test_fast_port_refuses_with_the_right_status(registry: LocalRegistry, start_worker: StartWorker) -> None:
+    ws, main, fast = await _both(start_worker, registry, max_batch_size=4)
+    channel, f = stub(fast)
+    x = _colors(1)
+    typed = pb.ModelInferRequest(model_name="colors")
+    typed.inputs.add(name="input", datatype="FP32", shape=[1, 3, 8, 8]).contents.fp32_contents.extend(x.ravel())
+    no_output = tensor_request("colors", x)
+    no_output.outputs.add(name="probs")
+    bad_k = tensor_request("colors", x)
+    bad_k.outputs.add(name="logits").parameters["classification"].int64_param = 0
+    cases = [
+        ((), tensor_request("colors", x), grpc.StatusCode.UNAUTHENTICATED, "missing credentials"),
+        ((("authorization", "Bearer wrong"),), tensor_request("colors", x), grpc.StatusCode.UNAUTHENTICATED,
+         "invalid internal credentials"),
+        ((("authorization", "Basic abc"),), tensor_request("colors", x), grpc.StatusCode.UNAUTHENTICATED, "malformed"),
+        (MD, tensor_request("nope", x), grpc.StatusCode.NOT_FOUND, "not served"),
+        (MD, tensor_request("colors", x, version="9"), grpc.StatusCode.NOT_FOUND, "v9 is not loaded"),
+        (MD, tensor_request("colors", np.zeros((1, 3, 4, 4), np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "shape"),
+        (MD, tensor_request("colors", x.astype(np.float16), datatype="FP16"), grpc.StatusCode.INVALID_ARGUMENT,
+         "must be FP32"),
+        (MD, tensor_request("colors", x, name="pixels"), grpc.StatusCode.INVALID_ARGUMENT, "missing input 'input'"),
+        (MD, tensor_request("colors", _colors(5)), grpc.StatusCode.INVALID_ARGUMENT, "exceeds max_batch_size 4"),
+        (MD, typed, grpc.StatusCode.INVALID_ARGUMENT, "main port"),
+        (MD, no_output, grpc.StatusCode.INVALID_ARGUMENT, "no output 'probs'"),
+        (MD, bad_k, grpc.StatusCode.INVALID_ARGUMENT, "positive integer"),
+    ]
+    short = tensor_request("colors", x)
+    short.raw_input_contents[0] = short.raw_input_contents[0][:-1]
+    cases.append((MD, short, grpc.StatusCode.INVALID_ARGUMENT, "needs 768"))
+    for md, req, code, words in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await f.ModelInfer(req, metadata=md, timeout=10)
+        assert err.value.code() == code and words in err.value.details(), (words, err.value.details())
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await f.ModelMetadata(pb.ModelMetadataRequest(name="colors"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Still serving after all of it.
+    assert output_array(await f.ModelInfer(tensor_request("colors", x), metadata=MD, timeout=10)).argmax() == 0
+    await channel.close()
+
+
+async def test_fast_port_calls_show_in_statistics_and_metrics(registry: LocalRegistry,
+                                                              start_worker: StartWorker) -> None:
+    ws, main, fast = await _both(start_worker, registry)
+    (cm, m), (cf, f) = stub(main), stub(fast)
+    for _ in range(3):
+        await f.ModelInfer(tensor_request("colors", _colors(2)), metadata=MD, timeout=10)
+    await m.ModelInfer(tensor_request("colors", _colors(1)), metadata=MD, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await f.ModelInfer(tensor_request("colors", _colors(1)), timeout=10)
+    fast_stats = (await f.ModelStatistics(pb.ModelStatisticsRequest(name="colors"), metadata=MD,
+                                          timeout=10)).model_stats[0]
+    assert fast_stats.inference_stats.success.count == 3 and fast_stats.inference_count == 6
+    assert fast_stats.execution_count == fast_stats.inference_stats.compute_infer.count == 3
+    assert {b.batch_size for b in fast_stats.batch_stats} == {2}
+    # The main port reports both ports' calls together (plus its own warm-up runs).
+    both = (await m.ModelStatistics(pb.ModelStatisticsRequest(name="colors"), metadata=MD, timeout=10)).model_stats[0]
+    assert both.inference_stats.success.count == 3 + 1
+    assert both.inference_count >= 6 + 1
+    page = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics.port}/metrics", timeout=10).read().decode())
+    assert 'fovea_worker_fast_port_requests_total{code="OK"} 3.0' in page
+    assert 'fovea_worker_fast_port_requests_total{code="UNAUTHENTICATED"} 1.0' in page
+    assert 'fovea_worker_batch_size_count{model="colors",version="1"}' in page
+    # Heartbeats advertise the fast port next to the main one.
+    status = ws.status()
+    assert status.fast_address == f"{status.address.rsplit(':', 1)[0]}:{fast}"
+    await cm.close()
+    await cf.close()
+
+
+async def test_fast_port_batches_concurrent_calls_up_to_max_batch_size(registry: LocalRegistry,
+                                                                       start_worker: StartWorker) -> None:
+    await registry.publish("busy", busy_model())
+    ws = await start_worker(["busy"], max_batch_size=4, max_queue_delay_us=20_000)
+    channel, f = stub(ws.native.port)
+
+    async def one(i: int) -> None:
+        x = busy_input(200, rows=1 + i % 2, tag=10 * i)
+        resp = await f.ModelInfer(tensor_request("busy", x), metadata=MD, timeout=30)
+        np.testing.assert_allclose(output_array(resp)[:, 1], 2 * x[:, 1])  # each call gets its own rows back
+
+    await asyncio.gather(*(one(i) for i in range(24)))
+    st = (await f.ModelStatistics(pb.ModelStatisticsRequest(name="busy"), metadata=MD, timeout=10)).model_stats[0]
+    sizes = {b.batch_size for b in st.batch_stats}
+    assert max(sizes) <= 4 and 4 in sizes, sizes  # the queue delay lets batches fill, never past the limit
+    assert st.inference_count == 36
+    await channel.close()
