@@ -14,18 +14,27 @@ python -m pip install -q -U pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[cpu,train,test]"
 python -m fovea.codegen
-# Triton's perf_analyzer (from the tritonclient wheel) also links Debian's libb64.
-if ! ldconfig -p 2>/dev/null | grep -q libb64.so.0d; then
+# Debian packages: libb64 for Triton's perf_analyzer (from the tritonclient wheel); a C++ compiler,
+# gRPC C++ and protoc for the worker's native fast port (worker/native/build.sh).
+DEBS="libb64-0d g++ make pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc"
+missing=""
+for deb in $DEBS; do
+  dpkg -s "$deb" >/dev/null 2>&1 || missing="$missing $deb"
+done
+if [ -n "$missing" ]; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO="sudo -n"
   if command -v apt-get >/dev/null 2>&1; then
-    $SUDO apt-get install -y -q libb64-0d >/dev/null 2>&1 \
-      || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q libb64-0d >/dev/null 2>&1; } \
-      || echo "warning: could not install libb64-0d; perf_analyzer will not run" >&2
+    # shellcheck disable=SC2086
+    $SUDO apt-get install -y -q $missing >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q $missing >/dev/null 2>&1; } \
+      || echo "warning: could not install$missing; perf_analyzer or the worker's fast port will be missing" >&2
   else
-    echo "warning: no apt-get; install libb64 (libb64.so.0d) for perf_analyzer" >&2
+    echo "warning: no apt-get; install$missing (or their equivalents) for perf_analyzer and the fast port" >&2
   fi
 fi
+# The worker's native fast port; without it workers serve their main port only (and say so in their log).
+worker/native/build.sh >/dev/null || echo "warning: the worker's fast port did not build (worker/native/build.sh)" >&2
 # The TypeScript client example (tests/gateway/test_typescript_client.py runs it); optional: skipped without npm.
 if command -v npm >/dev/null 2>&1 && [ ! -d clients/typescript/node_modules/@grpc/grpc-js ]; then
   (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error) || echo "warning: npm ci failed in clients/typescript" >&2

@@ -23,6 +23,18 @@ COPY deploy/docker/healthcheck.py healthcheck.py
 # filesystem is read-only at run time.
 RUN python -m fovea.codegen \
  && python -m compileall -q /app
+# The native fast port (worker/native/front.cc), built against the distribution's gRPC C++; the
+# shared libraries it needs travel with it, so the run stage needs no build tools or -dev packages.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ pkg-config libgrpc++-dev libprotobuf-dev \
+      protobuf-compiler protobuf-compiler-grpc \
+ && rm -rf /var/lib/apt/lists/* \
+ && worker/native/build.sh \
+ && mkdir -p worker/native/build/lib \
+ && ldd worker/native/build/libfovea_front.so | awk '/=> \// {print $3}' \
+      | grep -E 'grpc|gpr|absl|protobuf|upb|re2|cares|address_sorting|ssl|crypto|libz' \
+      | xargs -r cp -L -t worker/native/build/lib/ \
+ && rm -rf worker/native/build/gen worker/native/build/*.o
 
 # ---- run: the same base, a non-root user, no build tools ----
 FROM ${PYTHON_IMAGE}
@@ -32,6 +44,7 @@ RUN groupadd --system --gid 10001 fovea \
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app /app
 ENV PATH=/opt/venv/bin:$PATH \
+    LD_LIBRARY_PATH=/app/worker/native/build/lib \
     PYTHONPATH=/app \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
@@ -39,6 +52,6 @@ WORKDIR /app
 # codegen.ensure() runs at every start and would try to write into /app if the stubs looked stale.
 RUN python -c "from fovea import codegen; assert not codegen.is_stale(), 'generated code is stale'"
 USER 10001:10001
-EXPOSE 8502 9090
+EXPOSE 8502 8503 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 CMD ["python", "/app/healthcheck.py", "8502"]
 CMD ["python", "-m", "worker"]

@@ -35,12 +35,17 @@ async def test_perf_analyzer_through_gateway_and_worker(stack: Stack, gateways: 
     worker = stack.workers[0].address
     direct = await asyncio.to_thread(perf_analyzer.run, worker, "ident", stack.cluster.internal_token,
                                      concurrency=2, window_ms=500, extra=LOOSE, timeout_s=120)
-    for r in (through_gw, streaming, direct):
+    # and against a worker's native fast port, which answers the metadata, config and statistics calls it makes
+    fast_address = next(w.fast_address for w in await asyncio.to_thread(stack.rc.list_workers, "ident")
+                        if w.address == worker)
+    fast = await asyncio.to_thread(perf_analyzer.run, fast_address, "ident", stack.cluster.internal_token,
+                                   concurrency=2, window_ms=500, batch=2, extra=LOOSE, timeout_s=120)
+    for r in (through_gw, streaming, direct, fast):
         assert r.requests > 0 and r.infer_per_s > 0 and 0 < r.p50_us <= r.p99_us, r.output[-1500:]
     assert "Batch size: 2" in through_gw.output
     # it also prints the server side's split of a request (Triton's ModelStatistics): a worker's own,
     # or through a gateway the sum over the workers
-    for r in (direct, through_gw):
+    for r in (direct, through_gw, fast):
         assert "Server:" in r.output and "Inference count:" in r.output, r.output[-1500:]
     # the --streaming run really went over Triton's ModelStreamInfer call (counted when a stream ends,
     # which the gateway may see a moment after perf_analyzer has exited)

@@ -14,7 +14,7 @@ from fovea.v1 import registry_pb2
 from gateway.routing import Workers
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.gateway.conftest import GatewayFactory, Stack, auth, classify_request, image_stub, status_of
+from tests.gateway.conftest import GatewayFactory, Stack, auth, classify_request, image_stub, status_of, wait_routable
 from tests.tinymodels import png
 
 RED = png((240, 20, 20))
@@ -141,4 +141,45 @@ async def test_limits(stack: Stack, gateways: GatewayFactory) -> None:
     code, message = await status_of(garbage(b"\xff\xff\xff not a protobuf", metadata=md, timeout=10))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "ModelInferRequest" in message
     assert (await stub.Classify(classify_request(RED), metadata=md, timeout=10)).results[0].labels[0].label == "red"
+    await channel.close()
+
+
+async def _fast_port_successes(stack: Stack, model: str) -> int:
+    """Calls each worker's fast port answered for a model, from its own ModelStatistics."""
+    total = 0
+    md = (("authorization", f"Bearer {stack.cluster.internal_token}"),)
+    for w in await asyncio.to_thread(lambda: stack.rc.list_workers(model, ready_only=True)):
+        assert w.fast_address, "workers advertise their fast port"
+        async with grpc.aio.insecure_channel(w.fast_address) as ch:
+            st = await pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
+                pb.ModelStatisticsRequest(name=model), metadata=md, timeout=10)
+            total += sum(s.inference_stats.success.count for s in st.model_stats)
+    return total
+
+
+async def test_raw_tensors_go_to_the_fast_port_and_images_to_the_main_port(stack: Stack,
+                                                                           gateways: GatewayFactory) -> None:
+    gw = await gateways()
+    await wait_routable(gw, "ident")
+    assert all(ep.fast_infer_bytes is not None for ep in gw.gateway.workers.endpoints.values())
+    secret = await asyncio.to_thread(stack.key)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}")
+    infer = pb_grpc.GRPCInferenceServiceStub(channel)
+    ident_before = await _fast_port_successes(stack, "ident")
+    colors_before = await _fast_port_successes(stack, "colors")
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    for i in range(10):
+        req = pb.ModelInferRequest(model_name="ident", id=f"r{i}")
+        req.inputs.add(name="input", datatype="FP32", shape=[2, 4])
+        req.raw_input_contents.append((x + i).tobytes())
+        resp = await infer.ModelInfer(req, metadata=auth(secret), timeout=10)
+        assert resp.id == f"r{i}" and resp.model_version == "1"
+        np.testing.assert_array_equal(np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(2, 4), x + i)
+    image = pb.ModelInferRequest(model_name="colors")
+    image.inputs.add(name="input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(RED)
+    image.outputs.add(name="logits").parameters["classification"].int64_param = 1
+    resp = await infer.ModelInfer(image, metadata=auth(secret), timeout=10)
+    assert resp.outputs[0].datatype == "BYTES" and b"red" in resp.raw_output_contents[0]
+    assert await _fast_port_successes(stack, "ident") == ident_before + 10
+    assert await _fast_port_successes(stack, "colors") == colors_before  # images never go there
     await channel.close()

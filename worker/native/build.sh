@@ -6,9 +6,13 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 out="$here/build"
 mkdir -p "$out/gen"
-protoc -I"$root/protos" --cpp_out="$out/gen" --grpc_out="$out/gen" \
-  --plugin=protoc-gen-grpc="$(command -v grpc_cpp_plugin)" \
-  inference/grpc_predict_v2.proto inference/model_config.proto
+stamp="$out/gen/inference/grpc_predict_v2.grpc.pb.h"
+if [[ ! -f "$stamp" || "$root/protos/inference/grpc_predict_v2.proto" -nt "$stamp" \
+      || "$root/protos/inference/model_config.proto" -nt "$stamp" ]]; then
+  protoc -I"$root/protos" --cpp_out="$out/gen" --grpc_out="$out/gen" \
+    --plugin=protoc-gen-grpc="$(command -v grpc_cpp_plugin)" \
+    inference/grpc_predict_v2.proto inference/model_config.proto
+fi
 srcs=("$here/front.cc" "$out"/gen/inference/*.cc)
 objs=()
 for src in "${srcs[@]}"; do
