@@ -71,6 +71,28 @@ class WorkerConfig(BaseConfig):
     """Use ONNX Runtime's CPU memory arena."""
     instances: int = 1
     """Sessions (and executor threads) per model version."""
+    model_settings: dict[str, dict[str, int]] = {}
+    """Per-model instances and intra-op threads, as JSON, like Triton's instance_group:
+    {"cifar-cnn": {"instances": 2, "intra_op_threads": 1}}. A small model serves more calls as several
+    one-thread instances (no thread waits for another at every operator); a big one answers sooner as one
+    instance with all the threads."""
+
+    @field_validator("model_settings")
+    @classmethod
+    def _check_model_settings(cls, v: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        for name, settings in v.items():
+            unknown = set(settings) - {"instances", "intra_op_threads"}
+            if unknown:
+                raise ValueError(f"model_settings[{name!r}]: unknown {sorted(unknown)}; "
+                                 "allowed: instances, intra_op_threads")
+            if settings.get("instances", 1) < 1 or settings.get("intra_op_threads", 0) < 0:
+                raise ValueError(f"model_settings[{name!r}]: instances must be >= 1, intra_op_threads >= 0")
+        return v
+
+    def for_model(self, name: str) -> "WorkerConfig":
+        """This config with the model's own instances and threads, if model_settings has any."""
+        settings = self.model_settings.get(name)
+        return self.model_copy(update=settings) if settings else self
     max_batch_size: int = 32
     """Largest batch, counted in samples."""
     max_queue_delay_us: int = 0

@@ -237,8 +237,9 @@ class ModelManager:
         t0 = time.perf_counter()
         try:
             data = await self.link.download(mv, self.keys)
-            sessions = await asyncio.gather(*(asyncio.to_thread(load_session, data, self.config)
-                                              for _ in range(max(1, self.config.instances))))
+            config = self.config.for_model(mv.name)
+            sessions = await asyncio.gather(*(asyncio.to_thread(load_session, data, config)
+                                              for _ in range(max(1, config.instances))))
         except Exception as exc:  # noqa: BLE001 - a bad artifact must not take the worker down
             self.errors[key] = str(exc)[:300]
             logger.error("refusing %s v%d: %s", mv.name, mv.version, exc)

@@ -155,3 +155,17 @@ async def test_fast_port_batches_concurrent_calls_up_to_max_batch_size(registry:
     assert max(sizes) <= 4 and 4 in sizes, sizes  # the queue delay lets batches fill, never past the limit
     assert st.inference_count == 36
     await channel.close()
+
+
+async def test_model_settings_give_a_model_its_own_instances(registry: LocalRegistry,
+                                                             start_worker: StartWorker) -> None:
+    await registry.publish("colors", color_model())
+    ws = await start_worker(["colors"], model_settings={"colors": {"instances": 2, "intra_op_threads": 1}})
+    channel, f = stub(ws.native.port)
+    config = (await f.ModelConfig(pb.ModelConfigRequest(name="colors"), metadata=MD, timeout=10)).config
+    assert [g.count for g in config.instance_group] == [2]
+    assert len(ws.native.slots[ws.manager.loaded[("colors", 1)].slot].threads) == 2  # one batch loop each
+    results = await asyncio.gather(*(f.ModelInfer(tensor_request("colors", _colors(1)), metadata=MD, timeout=10)
+                                     for _ in range(16)))
+    assert all(output_array(r).argmax() == 0 for r in results)
+    await channel.close()
