@@ -252,13 +252,19 @@ def main() -> None:
         _, secret = rc.create_key("infer")
         worker_env = dict(kv.split("=", 1) for kv in args.worker_env)
         worker = cluster.start_worker(reg.address, [mv.name], **worker_env)
+        while not rc.list_workers(mv.name, ready_only=True):
+            time.sleep(0.1)
+        # "direct" is the port the gateway itself forwards to: the worker's fast port for raw tensors
+        # (the identity model), its main port for images.
+        fast = rc.list_workers(mv.name, ready_only=True)[0].fast_address
+        upstream = fast if args.model == "ident" and fast else worker.address
         extra = dict(kv.split("=", 1) for kv in args.gateway_env)
         gateway = cluster.start_gateway(reg.address, **extra)
         replicas = [gateway] + [cluster.start_gateway(reg.address, name=f"gateway{i}", **extra)
                                 for i in range(1, args.gateways)]
         if not args.no_floor:
             bare = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).with_name("bare_proxy.py")),
-                                     worker.address, str(free_port())], stdout=subprocess.PIPE,
+                                     upstream, str(free_port())], stdout=subprocess.PIPE,
                                     env={**os.environ, "FOVEA_INTERNAL_TOKEN": cluster.internal_token})
             assert bare.stdout is not None
             bare_address = bare.stdout.readline().decode().split(": ", 1)[1].strip()
@@ -279,7 +285,7 @@ def main() -> None:
         while not rc.list_workers(mv.name, ready_only=True):
             time.sleep(0.1)
         if args.client == "perf_analyzer":
-            pa_targets = {"direct": (worker.address, cluster.internal_token), "gateway": (gateway.address, secret)}
+            pa_targets = {"direct": (upstream, cluster.internal_token), "gateway": (gateway.address, secret)}
             if bare is not None:
                 pa_targets["floor"] = (bare_address, "unused")
             results = perf_analyzer_phase(pa_targets, mv.name, args.concurrency, args.trials, args.window_ms)
@@ -288,12 +294,12 @@ def main() -> None:
         req = make_request(mv.name, payload)
         fix_output_name(req, rc, mv.name)
         targets = {
-            "direct": (worker.address, (("authorization", f"Bearer {cluster.internal_token}"),)),
+            "direct": (upstream, (("authorization", f"Bearer {cluster.internal_token}"),)),
             "gateway": (",".join(g.address for g in replicas), (("authorization", f"Bearer {secret}"),)),
         }
         if bare is not None:
             targets["floor"] = (bare_address, ())
-        print(f"model {mv.name}; worker {worker.address}, gateway {gateway.address}; {os.cpu_count()} CPUs",
+        print(f"model {mv.name}; worker {upstream}, gateway {gateway.address}; {os.cpu_count()} CPUs",
               flush=True)
         pids = {"worker": worker.proc.pid, "gateway": gateway.proc.pid}
         if bare is not None:

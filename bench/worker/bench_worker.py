@@ -268,7 +268,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="raw/worker rounds, taken in turn")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (raw and worker)")
     parser.add_argument("--eff-batch", type=int, default=8, help="raw ORT batch for EfficientNet saturation")
-    parser.add_argument("--eff-conc", type=int, default=8, help="worker concurrency for EfficientNet saturation")
+    parser.add_argument("--eff-conc", type=int, default=16,
+                        help="worker concurrency for EfficientNet saturation (two batches of max_batch_size 8)")
     parser.add_argument("--fast", action="store_true", help="load the worker through its native fast port")
     parser.add_argument("--cifar-layout", default="2x1",
                         help="worker instances x intra-op threads for the CIFAR model ('' = threads x 1 instance)")
