@@ -178,6 +178,9 @@ class Service final : public inference::GRPCInferenceService::CallbackService {
   grpc::ServerUnaryReactor* ModelStatistics(grpc::CallbackServerContext* ctx, const inference::ModelStatisticsRequest* req,
                                             inference::ModelStatisticsResponse* resp) override;
 
+  Status find(grpc::CallbackServerContext* ctx, const std::string& name, const std::string& version,
+              std::shared_ptr<Model>* m);
+
   static grpc::ServerUnaryReactor* done(grpc::CallbackServerContext* ctx, const Status& st) {
     auto* r = ctx->DefaultReactor();
     r->Finish(st);
@@ -212,6 +215,12 @@ class Front {
   std::deque<std::unique_ptr<Batch>> answers;
   bool stopping = false;
   std::thread answerer;
+
+  std::shared_ptr<Model> model(int slot) {
+    std::shared_lock lock(routes_mu);
+    auto it = slots.find(slot);
+    return it == slots.end() ? nullptr : it->second;
+  }
 
   Status lookup(const std::string& name, const std::string& version, std::shared_ptr<Model>* out) {
     std::shared_lock lock(routes_mu);
@@ -360,20 +369,25 @@ grpc::ServerUnaryReactor* Service::ModelReady(grpc::CallbackServerContext* ctx, 
   return done(ctx, Status::OK);
 }
 
+// An authenticated caller's model version, for the calls that describe one.
+Status Service::find(grpc::CallbackServerContext* ctx, const std::string& name, const std::string& version,
+                     std::shared_ptr<Model>* m) {
+  Status st = authenticate(ctx, front_->tokens);
+  return st.ok() ? front_->lookup(name, version, m) : st;
+}
+
 grpc::ServerUnaryReactor* Service::ModelMetadata(grpc::CallbackServerContext* ctx, const inference::ModelMetadataRequest* req,
                                                  inference::ModelMetadataResponse* resp) {
-  Status st = authenticate(ctx, front_->tokens);
   std::shared_ptr<Model> m;
-  if (st.ok()) st = front_->lookup(req->name(), req->version(), &m);
+  Status st = find(ctx, req->name(), req->version(), &m);
   if (st.ok()) *resp = m->metadata;
   return done(ctx, st);
 }
 
 grpc::ServerUnaryReactor* Service::ModelConfig(grpc::CallbackServerContext* ctx, const inference::ModelConfigRequest* req,
                                                inference::ModelConfigResponse* resp) {
-  Status st = authenticate(ctx, front_->tokens);
   std::shared_ptr<Model> m;
-  if (st.ok()) st = front_->lookup(req->name(), req->version(), &m);
+  Status st = find(ctx, req->name(), req->version(), &m);
   if (st.ok()) *resp = m->config;
   return done(ctx, st);
 }
@@ -617,13 +631,8 @@ void fv_release_model(void* fp, int slot) {
 // waits_s gets each call's time in the queue (room for max_batch entries).
 int fv_next_batch(void* fp, int slot, int timeout_ms, fv_batch* out, double* waits_s) {
   auto* f = static_cast<Front*>(fp);
-  std::shared_ptr<Model> m;
-  {
-    std::shared_lock lock(f->routes_mu);
-    auto it = f->slots.find(slot);
-    if (it == f->slots.end()) return -1;
-    m = it->second;
-  }
+  std::shared_ptr<Model> m = f->model(slot);
+  if (!m) return -1;
   auto batch = std::make_unique<Batch>();
   batch->model = m;
   std::vector<Call*> dropped;
@@ -851,13 +860,8 @@ int fv_fail(void* fp, int64_t id, int code, const char* message) {
 // Queued calls and batches in compute for a slot (for draining and heartbeats).
 int fv_depth(void* fp, int slot, int32_t* queued, int32_t* busy) {
   auto* f = static_cast<Front*>(fp);
-  std::shared_ptr<Model> m;
-  {
-    std::shared_lock lock(f->routes_mu);
-    auto it = f->slots.find(slot);
-    if (it == f->slots.end()) return -1;
-    m = it->second;
-  }
+  std::shared_ptr<Model> m = f->model(slot);
+  if (!m) return -1;
   std::lock_guard lock(m->mu);
   *queued = int32_t(m->queue.size());
   *busy = m->busy;
@@ -867,13 +871,8 @@ int fv_depth(void* fp, int slot, int32_t* queued, int32_t* busy) {
 // A slot's ModelStatistics, serialized into buf; returns its length, or -1 (no such slot, or buf too small).
 int fv_statistics(void* fp, int slot, char* buf, int cap) {
   auto* f = static_cast<Front*>(fp);
-  std::shared_ptr<Model> m;
-  {
-    std::shared_lock lock(f->routes_mu);
-    auto it = f->slots.find(slot);
-    if (it == f->slots.end()) return -1;
-    m = it->second;
-  }
+  std::shared_ptr<Model> m = f->model(slot);
+  if (!m) return -1;
   std::string out = m->statistics().SerializeAsString();
   if (int(out.size()) > cap) return -1;
   std::memcpy(buf, out.data(), out.size());
