@@ -169,3 +169,36 @@ async def test_model_settings_give_a_model_its_own_instances(registry: LocalRegi
                                      for _ in range(16)))
     assert all(output_array(r).argmax() == 0 for r in results)
     await channel.close()
+
+
+def _any_width_model() -> bytes:
+    """Identity on [N, W] with W free, so that a request chooses every dimension but the batch's bound."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])], "anywidth",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "W"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "W"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+async def test_shapes_whose_size_wraps_around_are_refused(registry: LocalRegistry, start_worker: StartWorker) -> None:
+    """Dimensions whose product wraps a 64-bit integer around to the bytes actually sent: refused, never
+    computed. (4 bytes x 2 x 2^63 wraps to 0, and this request sends 0 bytes.)"""
+    await registry.publish("wide", _any_width_model())
+    ws = await start_worker(["wide"], max_batch_size=4)
+    channel, f = stub(ws.native.port)
+    ok = tensor_request("wide", np.ones((2, 5), np.float32))
+    assert output_array(await f.ModelInfer(ok, metadata=MD, timeout=10)).shape == (2, 5)
+    for shape, raw in (([2, 1 << 62], b""), ([2, 1 << 61], b""), ([1 << 33, 1], b"\0" * 4), ([2, -2], b"")):
+        req = pb.ModelInferRequest(model_name="wide")
+        req.inputs.add(name="input", datatype="FP32", shape=shape)
+        req.raw_input_contents.append(raw)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await f.ModelInfer(req, metadata=MD, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (shape, err.value.details())
+    st = (await f.ModelStatistics(pb.ModelStatisticsRequest(name="wide"), metadata=MD, timeout=10)).model_stats[0]
+    assert st.execution_count == 1  # only the good request was computed
+    await channel.close()

@@ -279,21 +279,27 @@ class Front {
       if (shape.empty() || shape[0] < 1)
         return Status(StatusCode::INVALID_ARGUMENT, "input '" + spec.name + "' needs a batch dimension of at least 1");
       if (n != -1 && shape[0] != n) return Status(StatusCode::INVALID_ARGUMENT, "all inputs must have the same batch size");
+      if (shape[0] > m.max_batch)
+        return Status(StatusCode::INVALID_ARGUMENT, "batch of " + std::to_string(shape[0]) +
+                                                        " exceeds max_batch_size " + std::to_string(m.max_batch));
       n = int(shape[0]);
-      if (n > m.max_batch)
-        return Status(StatusCode::INVALID_ARGUMENT, "batch of " + std::to_string(n) + " exceeds max_batch_size " +
-                                                        std::to_string(m.max_batch));
-      // Byte size before anything else touches the data; dimensions are bounded by the message size.
+      // Byte size before anything else touches the data. No product may wrap around: a shape whose
+      // size passes 2^40 bytes can never match a message, so it is refused as it stands.
+      constexpr uint64_t kLimit = uint64_t(1) << 40;
       uint64_t expected = spec.elem;
       for (int64_t d : shape) {
+        if (d != 0 && expected > kLimit / uint64_t(d)) {
+          expected = kLimit + 1;
+          break;
+        }
         expected *= uint64_t(d);
-        if (expected > (uint64_t(1) << 40)) break;
       }
-      if (req.raw_input_contents(found).size() != expected)
-        return Status(StatusCode::INVALID_ARGUMENT, "input '" + spec.name + "' has " +
-                                                        std::to_string(req.raw_input_contents(found).size()) +
-                                                        " bytes; shape " + shape_str(shape) + " of " + spec.dtype +
-                                                        " needs " + std::to_string(expected));
+      const size_t got = req.raw_input_contents(found).size();
+      if (got != expected)
+        return Status(StatusCode::INVALID_ARGUMENT,
+                      "input '" + spec.name + "' has " + std::to_string(got) + " bytes; shape " + shape_str(shape) +
+                          " of " + spec.dtype + " needs " +
+                          (expected > kLimit ? std::string("more than 2^40") : std::to_string(expected)));
       call->order[s] = found;
     }
     call->n = n;
