@@ -61,8 +61,12 @@ async def test_fast_port_answers_what_the_main_port_answers(registry: LocalRegis
     assert meta == await m.ModelMetadata(pb.ModelMetadataRequest(name="colors"), metadata=MD, timeout=10)
     config = await f.ModelConfig(pb.ModelConfigRequest(name="colors"), metadata=MD, timeout=10)
     assert config == await m.ModelConfig(pb.ModelConfigRequest(name="colors"), metadata=MD, timeout=10)
-    assert (await f.ModelReady(pb.ModelReadyRequest(name="colors"), timeout=10)).ready
-    assert not (await f.ModelReady(pb.ModelReadyRequest(name="nope"), timeout=10)).ready
+    assert (await f.ModelReady(pb.ModelReadyRequest(name="colors"), metadata=MD, timeout=10)).ready
+    assert not (await f.ModelReady(pb.ModelReadyRequest(name="nope"), metadata=MD, timeout=10)).ready
+    assert (await f.ServerReady(pb.ServerReadyRequest(), metadata=MD, timeout=10)).ready
+    assert (await f.ServerLive(pb.ServerLiveRequest(), metadata=MD, timeout=10)).live
+    assert (await f.ServerMetadata(pb.ServerMetadataRequest(), metadata=MD, timeout=10)) == \
+        await m.ServerMetadata(pb.ServerMetadataRequest(), metadata=MD, timeout=10)
     await cm.close()
     await cf.close()
 
@@ -100,9 +104,16 @@ async def test_fast_port_refuses_with_the_right_status(registry: LocalRegistry, 
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await f.ModelInfer(req, metadata=md, timeout=10)
         assert err.value.code() == code and words in err.value.details(), (words, err.value.details())
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await f.ModelMetadata(pb.ModelMetadataRequest(name="colors"), timeout=10)
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Every call needs the internal token, as on the main port.
+    for call, req in ((f.ModelMetadata, pb.ModelMetadataRequest(name="colors")),
+                      (f.ModelConfig, pb.ModelConfigRequest(name="colors")),
+                      (f.ModelStatistics, pb.ModelStatisticsRequest()),
+                      (f.ModelReady, pb.ModelReadyRequest(name="colors")),
+                      (f.ServerReady, pb.ServerReadyRequest()), (f.ServerLive, pb.ServerLiveRequest()),
+                      (f.ServerMetadata, pb.ServerMetadataRequest())):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(req, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, call
     # Still serving after all of it.
     assert output_array(await f.ModelInfer(tensor_request("colors", x), metadata=MD, timeout=10)).argmax() == 0
     await channel.close()

@@ -161,10 +161,7 @@ class Service final : public inference::GRPCInferenceService::CallbackService {
   grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx, const ModelInferRequest* req,
                                        ModelInferResponse* resp) override;
   grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* ctx, const inference::ServerLiveRequest*,
-                                       inference::ServerLiveResponse* resp) override {
-    resp->set_live(true);
-    return done(ctx, Status::OK);
-  }
+                                       inference::ServerLiveResponse* resp) override;
   grpc::ServerUnaryReactor* ServerReady(grpc::CallbackServerContext* ctx, const inference::ServerReadyRequest*,
                                         inference::ServerReadyResponse* resp) override;
   grpc::ServerUnaryReactor* ServerMetadata(grpc::CallbackServerContext* ctx, const inference::ServerMetadataRequest*,
@@ -355,8 +352,18 @@ Status authenticate(grpc::CallbackServerContext* ctx, const std::vector<std::str
   return Status::OK;
 }
 
+// Like every call on a worker, these take only callers with the internal token (gateways).
+grpc::ServerUnaryReactor* Service::ServerLive(grpc::CallbackServerContext* ctx, const inference::ServerLiveRequest*,
+                                              inference::ServerLiveResponse* resp) {
+  Status st = authenticate(ctx, front_->tokens);
+  resp->set_live(st.ok());
+  return done(ctx, st);
+}
+
 grpc::ServerUnaryReactor* Service::ServerReady(grpc::CallbackServerContext* ctx, const inference::ServerReadyRequest*,
                                                inference::ServerReadyResponse* resp) {
+  Status st = authenticate(ctx, front_->tokens);
+  if (!st.ok()) return done(ctx, st);
   std::shared_lock lock(front_->routes_mu);
   resp->set_ready(front_->accepting && !front_->by_version.empty());
   return done(ctx, Status::OK);
@@ -364,12 +371,15 @@ grpc::ServerUnaryReactor* Service::ServerReady(grpc::CallbackServerContext* ctx,
 
 grpc::ServerUnaryReactor* Service::ServerMetadata(grpc::CallbackServerContext* ctx, const inference::ServerMetadataRequest*,
                                                   inference::ServerMetadataResponse* resp) {
-  *resp = front_->server_metadata;
-  return done(ctx, Status::OK);
+  Status st = authenticate(ctx, front_->tokens);
+  if (st.ok()) *resp = front_->server_metadata;
+  return done(ctx, st);
 }
 
 grpc::ServerUnaryReactor* Service::ModelReady(grpc::CallbackServerContext* ctx, const inference::ModelReadyRequest* req,
                                               inference::ModelReadyResponse* resp) {
+  Status st = authenticate(ctx, front_->tokens);
+  if (!st.ok()) return done(ctx, st);
   std::shared_ptr<Model> m;
   resp->set_ready(front_->accepting && front_->lookup(req->name(), req->version(), &m).ok());
   return done(ctx, Status::OK);
