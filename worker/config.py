@@ -75,24 +75,32 @@ class WorkerConfig(BaseConfig):
     """Per-model instances and intra-op threads, as JSON, like Triton's instance_group:
     {"cifar-cnn": {"instances": 2, "intra_op_threads": 1}}. A small model serves more calls as several
     one-thread instances (no thread waits for another at every operator); a big one answers sooner as one
-    instance with all the threads."""
+    instance with all the threads. "alone_threads": N adds a session with N threads that the fast port
+    uses for a batch that would run by itself (no other instance busy, nothing queued), so that
+    {"instances": 2, "intra_op_threads": 1, "alone_threads": 2} gives one-thread throughput under load
+    and two-thread latency to a lone request, never running more than two threads at once."""
 
     @field_validator("model_settings")
     @classmethod
     def _check_model_settings(cls, v: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
         for name, settings in v.items():
-            unknown = set(settings) - {"instances", "intra_op_threads"}
+            unknown = set(settings) - {"instances", "intra_op_threads", "alone_threads"}
             if unknown:
                 raise ValueError(f"model_settings[{name!r}]: unknown {sorted(unknown)}; "
-                                 "allowed: instances, intra_op_threads")
-            if settings.get("instances", 1) < 1 or settings.get("intra_op_threads", 0) < 0:
-                raise ValueError(f"model_settings[{name!r}]: instances must be >= 1, intra_op_threads >= 0")
+                                 "allowed: instances, intra_op_threads, alone_threads")
+            if settings.get("instances", 1) < 1 or min(settings.get("intra_op_threads", 0),
+                                                        settings.get("alone_threads", 0)) < 0:
+                raise ValueError(f"model_settings[{name!r}]: instances must be >= 1, threads >= 0")
         return v
 
     def for_model(self, name: str) -> "WorkerConfig":
         """This config with the model's own instances and threads, if model_settings has any."""
-        settings = self.model_settings.get(name)
+        settings = {k: v for k, v in self.model_settings.get(name, {}).items() if k != "alone_threads"}
         return self.model_copy(update=settings) if settings else self
+
+    def alone_threads(self, name: str) -> int:
+        """Threads of the session a lone batch of this model runs on (fast port); 0 = none."""
+        return self.model_settings.get(name, {}).get("alone_threads", 0)
     max_batch_size: int = 32
     """Largest batch, counted in samples."""
     max_queue_delay_us: int = 0

@@ -240,6 +240,10 @@ class ModelManager:
             config = self.config.for_model(mv.name)
             sessions = await asyncio.gather(*(asyncio.to_thread(load_session, data, config)
                                               for _ in range(max(1, config.instances))))
+            alone = None
+            if self.native is not None and self.config.alone_threads(mv.name):
+                alone = await asyncio.to_thread(load_session, data, config.model_copy(
+                    update={"intra_op_threads": self.config.alone_threads(mv.name)}))
         except Exception as exc:  # noqa: BLE001 - a bad artifact must not take the worker down
             self.errors[key] = str(exc)[:300]
             logger.error("refusing %s v%d: %s", mv.name, mv.version, exc)
@@ -272,6 +276,8 @@ class ModelManager:
         batcher.start()
         try:
             await self._warm_up(lv)
+            if alone is not None:
+                await asyncio.to_thread(runner(alone), self._zeros(lv))
         except Exception as exc:  # noqa: BLE001
             del self.loaded[key]
             await batcher.stop(1.0)
@@ -286,7 +292,7 @@ class ModelManager:
                     list(mv.labels), mv.preprocessing.outputs_probabilities, self.config,
                     [runner(s) for s in sessions], metrics_hook, self.metrics.drop_hook(mv.name, version),
                     oip.model_metadata(mv, [version]).SerializeToString(),
-                    self.config_response(lv).SerializeToString())
+                    self.config_response(lv).SerializeToString(), alone=runner(alone) if alone else None)
             except ValueError as exc:
                 logger.warning("%s v%d is served on the main port only: %s", mv.name, mv.version, exc)
         lv.ready = True
@@ -294,13 +300,18 @@ class ModelManager:
         logger.info("loaded %s v%d on %s (%d instance(s)) in %.2fs", mv.name, mv.version, lv.provider,
                     len(sessions), time.perf_counter() - t0)
 
-    async def _warm_up(self, lv: Loaded) -> None:
+    @staticmethod
+    def _zeros(lv: Loaded) -> list[np.ndarray]:
+        """A one-sample input of zeros for each of the model's inputs."""
         inputs = []
         for spec, dtype in zip(lv.mv.inputs, lv.input_dtypes):
             shape = [1] + [d if d > 0 else 1 for d in list(spec.shape)[1:]]
             inputs.append(np.zeros(shape, dtype=dtype))
+        return inputs
+
+    async def _warm_up(self, lv: Loaded) -> None:
         for _ in range(2):
-            fut = lv.batcher.submit(inputs, 1, time.perf_counter() + 60)
+            fut = lv.batcher.submit(self._zeros(lv), 1, time.perf_counter() + 60)
             await fut
 
     async def _janitor(self) -> None:

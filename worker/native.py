@@ -79,6 +79,37 @@ class Batching(Protocol):
     preferred_batch_sizes: list[int]
 
 
+class Instances:
+    """Which session computes a batch. Each model instance has its own session; with an `alone`
+    session (more intra-op threads), a batch that would run by itself (no other instance computing,
+    nothing queued) runs there instead, and the others wait for it. Under load, one-thread instances
+    run side by side and never wait on each other's threads; a lone request gets all the threads."""
+
+    def __init__(self, alone: RunFn | None) -> None:
+        self.alone = alone
+        self.cond = threading.Condition()
+        self.busy = 0
+        self.alone_busy = False
+
+    def acquire(self, queued: Callable[[], int]) -> bool:
+        """Blocks while an alone run is on; True when this batch should run alone."""
+        with self.cond:
+            while self.alone_busy:
+                self.cond.wait()
+            self.busy += 1
+            if self.alone is not None and self.busy == 1 and queued() == 0:
+                self.alone_busy = True
+                return True
+            return False
+
+    def release(self, alone: bool) -> None:
+        with self.cond:
+            self.busy -= 1
+            if alone:
+                self.alone_busy = False
+            self.cond.notify_all()
+
+
 @dataclass
 class Slot:
     id: int
@@ -103,7 +134,8 @@ class NativeFront:
 
     def add(self, name: str, version: int, inputs: Sequence[Any], input_dtypes: Sequence[Any],
             outputs: Sequence[str], labels: Sequence[str], probabilities: bool, batching: Batching,
-            runners: Sequence[RunFn], on_batch: BatchHook, on_drop: DropHook, metadata: bytes, config: bytes) -> int:
+            runners: Sequence[RunFn], on_batch: BatchHook, on_drop: DropHook, metadata: bytes, config: bytes,
+            alone: RunFn | None = None) -> int:
         """Register a warmed-up version and start one batch loop per runner (model instance).
 
         metadata and config are its serialized ModelMetadataResponse and ModelConfigResponse."""
@@ -119,9 +151,11 @@ class NativeFront:
         if slot < 0:
             raise ValueError(f"the native front cannot serve {name} v{version} (inputs or outputs out of its limits)")
         entry = Slot(slot, f"{name}:{version}")
+        instances = Instances(alone)
         for i, run in enumerate(runners):
             t = threading.Thread(target=self._loop,
-                                 args=(slot, run, list(input_dtypes), on_batch, on_drop, batching.max_batch_size),
+                                 args=(slot, run, instances, list(input_dtypes), on_batch, on_drop,
+                                       batching.max_batch_size),
                                  name=f"fast-{name}-{version}-{i}", daemon=True)
             entry.threads.append(t)
             t.start()
@@ -189,8 +223,8 @@ class NativeFront:
         self.lib.fv_codes(self.handle, out)
         return list(out)
 
-    def _loop(self, slot: int, run: RunFn, dtypes: list[Any], on_batch: BatchHook, on_drop: DropHook,
-              max_batch: int) -> None:
+    def _loop(self, slot: int, run: RunFn, instances: Instances, dtypes: list[Any], on_batch: BatchHook,
+              on_drop: DropHook, max_batch: int) -> None:
         lib, handle = self.lib, self.handle
         batch = FvBatch()
         waits = (C.c_double * max_batch)()
@@ -210,9 +244,13 @@ class NativeFront:
                     shape = tuple(batch.dims[i][: batch.rank[i]])
                     buf = (C.c_char * batch.nbytes[i]).from_address(batch.data[i])
                     arrays.append(np.frombuffer(buf, dtype=dtypes[i]).reshape(shape))
-                t0 = time.perf_counter()
-                outputs = [np.ascontiguousarray(o) for o in run(arrays)]
-                compute_s = time.perf_counter() - t0
+                alone = instances.acquire(lambda: self.depth(slot)[0])
+                try:
+                    t0 = time.perf_counter()
+                    outputs = [np.ascontiguousarray(o) for o in (instances.alone if alone else run)(arrays)]
+                    compute_s = time.perf_counter() - t0
+                finally:
+                    instances.release(alone)
             except Exception as exc:  # noqa: BLE001 - a failing batch fails only its own requests
                 logger.warning("batch of %d samples failed on the fast port: %s", batch.samples, exc)
                 lib.fv_fail(handle, batch.id, INTERNAL, f"model failed on this batch: {str(exc)[:200]}".encode())

@@ -210,13 +210,14 @@ def bench_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     extra = dict(kv.split("=", 1) for kv in args.worker_env)
     if args.fast:
         extra["FAST"] = "1"
-    if case == "cifar" and args.cifar_layout:
-        # Triton's instance_group for a small model: the same threads in total as raw ONNX Runtime,
-        # as independent one-thread instances.
-        instances, threads = (int(n) for n in args.cifar_layout.split("x"))
-        assert instances * threads == args.threads, "the worker must use as many threads as raw ONNX Runtime"
-        extra.setdefault("FOVEA_WORKER_MODEL_SETTINGS",
-                         json.dumps({"cifar": {"instances": instances, "intra_op_threads": threads}}))
+    settings = json.loads(args.cifar_settings if case == "cifar" else args.eff_settings)
+    if settings:
+        # Triton's instance_group: independent one-thread instances, as many threads in total as raw
+        # ONNX Runtime; an "alone" session may use them all, but only while no instance computes.
+        threads = settings.get("instances", 1) * settings.get("intra_op_threads", args.threads)
+        assert threads == args.threads and settings.get("alone_threads", 0) <= args.threads, \
+            "the worker must not run more threads at once than raw ONNX Runtime"
+        extra.setdefault("FOVEA_WORKER_MODEL_SETTINGS", json.dumps({case: settings}))
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(pathlib.Path(tmp))
@@ -271,8 +272,10 @@ def main() -> None:
     parser.add_argument("--eff-conc", type=int, default=16,
                         help="worker concurrency for EfficientNet saturation (two batches of max_batch_size 8)")
     parser.add_argument("--fast", action="store_true", help="load the worker through its native fast port")
-    parser.add_argument("--cifar-layout", default="2x1",
-                        help="worker instances x intra-op threads for the CIFAR model ('' = threads x 1 instance)")
+    parser.add_argument("--cifar-settings", default='{"instances": 2, "intra_op_threads": 1}',
+                        help="the worker's model_settings for the CIFAR model ('{}': one instance of --threads)")
+    parser.add_argument("--eff-settings", default='{"instances": 2, "intra_op_threads": 1, "alone_threads": 2}',
+                        help="the worker's model_settings for EfficientNet ('{}': one instance of --threads)")
     parser.add_argument("--worker-env", nargs="*", default=[], help="extra FOVEA_WORKER_*=value settings")
     parser.add_argument("--client", choices=["python", "perf_analyzer"], default="python",
                         help="load client: grpc.aio in this process, or Triton's perf_analyzer (C++)")

@@ -213,3 +213,25 @@ async def test_shapes_whose_size_wraps_around_are_refused(registry: LocalRegistr
     st = (await f.ModelStatistics(pb.ModelStatisticsRequest(name="wide"), metadata=MD, timeout=10)).model_stats[0]
     assert st.execution_count == 1  # only the good request was computed
     await channel.close()
+
+
+async def test_a_lone_batch_runs_on_the_alone_session_and_batches_under_load_on_the_instances(
+        registry: LocalRegistry, start_worker: StartWorker) -> None:
+    await registry.publish("busy", busy_model())
+    ws = await start_worker(["busy"], max_batch_size=2,
+                            model_settings={"busy": {"instances": 2, "intra_op_threads": 1, "alone_threads": 2}})
+    lv = ws.manager.loaded[("busy", 1)]
+    assert len(lv.sessions) == 2
+    # Which session ran each batch, seen by wrapping the sessions the batch loops call.
+    seen: list[str] = []
+    for i, session in enumerate(lv.sessions):
+        real = session.run
+        session.run = lambda inputs, real=real, i=i: (seen.append(f"instance{i}"), real(inputs))[1]  # type: ignore[method-assign]
+    channel, f = stub(ws.native.port)
+    for _ in range(3):  # one at a time: every batch is alone
+        await f.ModelInfer(tensor_request("busy", busy_input(100)), metadata=MD, timeout=30)
+    assert seen == [], "a lone batch runs on the alone session, not on an instance"
+    await asyncio.gather(*(f.ModelInfer(tensor_request("busy", busy_input(3000, tag=i)), metadata=MD, timeout=60)
+                           for i in range(12)))
+    assert {"instance0", "instance1"} <= set(seen), seen  # under load both one-thread instances compute
+    await channel.close()
