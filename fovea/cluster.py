@@ -46,7 +46,8 @@ class Cluster:
 
     data_dir: pathlib.Path
     redis_url: str = ""
-    internal_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # hex, so that a token never starts with "-", which a command line would take for an option
+    internal_token: str = field(default_factory=lambda: secrets.token_hex(24))
     env: dict[str, str] = field(default_factory=dict)
     redis: RedisServer | None = None
     services: list[Service] = field(default_factory=list)

@@ -18,7 +18,7 @@ StartRegistry = Callable[..., Awaitable[RegistryServer]]
 
 @pytest.fixture
 def token() -> str:
-    return secrets.token_urlsafe(24)
+    return secrets.token_hex(24)
 
 
 @pytest.fixture

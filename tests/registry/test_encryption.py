@@ -181,7 +181,7 @@ def test_key_rotation_reencrypts_every_artifact_and_models_keep_serving(cluster:
 
     # 2. re-encrypt, through the CLI as an operator would
     out = subprocess.run([sys.executable, "-m", "fovea.cli", "model", "reencrypt", "--registry", registry.address,
-                          "--token", cluster.internal_token, "--json"], capture_output=True, text=True, timeout=60)
+                          f"--token={cluster.internal_token}", "--json"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     done = json.loads(out.stdout)
     assert done.get("rewritten") == 2 and not done.get("unreadable"), done
