@@ -228,6 +228,7 @@ class NativeFront:
         lib, handle = self.lib, self.handle
         batch = FvBatch()
         waits = (C.c_double * max_batch)()
+        out_dtypes: dict[tuple[str, ...], Any] = {}  # the C strings of each output dtype list, made once
         while True:
             got = lib.fv_next_batch(handle, slot, 250, C.byref(batch), waits)
             for _ in range(batch.expired):
@@ -258,6 +259,9 @@ class NativeFront:
             on_batch(batch.samples, list(waits[: batch.calls]), compute_s)
             n = len(outputs)
             dims = [int(d) for o in outputs for d in o.shape]
-            lib.fv_complete(handle, batch.id, int(compute_s * 1e9), n, _strings([oip.oip_dtype(o) for o in outputs]),
+            names = tuple(o.dtype.str for o in outputs)
+            if names not in out_dtypes:
+                out_dtypes[names] = _strings([oip.oip_dtype(o) for o in outputs])
+            lib.fv_complete(handle, batch.id, int(compute_s * 1e9), n, out_dtypes[names],
                             (C.c_void_p * n)(*[o.ctypes.data for o in outputs]),
                             (C.c_int32 * n)(*[o.ndim for o in outputs]), (C.c_int64 * max(1, len(dims)))(*dims))

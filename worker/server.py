@@ -137,13 +137,13 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     await set_serving(health_servicer, [SERVICE], False)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
-    metrics.watch(lambda: manager.queue_depth, lambda: servicer.in_flight + sum(manager.fast_pending()))
-    if native is not None:
-        metrics.watch_fast_port(native.codes)
     if config.metrics_port >= 0:
         metrics.serve(config.host, config.metrics_port)
         logger.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
     ws = WorkerServer(config, server, port, manager, servicer, link, health_servicer, decode_pool, metrics, native)
+    metrics.watch(lambda: manager.queue_depth, lambda: ws.in_flight)  # the same count the heartbeats carry
+    if native is not None:
+        metrics.watch_fast_port(native.codes)
     await ws.start()
     if any(lv.provider in GPU_PROVIDERS for lv in manager.loaded.values()):
         metrics.watch_gpu(config.device_id)
