@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# On the lent GPU machine: install the carried wheels into /tmp/site (run after every part arrived).
+# On the lent GPU machine: install the carried wheels and libraries into /tmp (once, after every part of the
+# onnxruntime-gpu wheel arrived), then set the environment. Later calls on the same warm machine only set it.
 # Usage: source bench/gpu/device_setup.sh
 set -e
-want=$(cat .whl/parts/ort.sha256)
-got=$(sha256sum /tmp/ort.whl | cut -d' ' -f1)
-if [ "$want" != "$got" ]; then echo "onnxruntime-gpu wheel is incomplete ($got != $want)"; return 1 2>/dev/null || exit 1; fi
-cp /tmp/ort.whl /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl .whl/small/*.whl
+if [ ! -d /tmp/site/onnxruntime ]; then
+  want=$(cat .whl/parts/ort.sha256)
+  got=$(sha256sum /tmp/ort.whl | cut -d' ' -f1)
+  if [ "$want" != "$got" ]; then echo "onnxruntime-gpu wheel is incomplete ($got != $want)"; return 1 2>/dev/null || exit 1; fi
+  cp /tmp/ort.whl /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl .whl/small/*.whl
+  # The worker's fast port: the front built here and the gRPC C++ libraries it links (none are installed there).
+  mkdir -p /tmp/native
+  if [ -f worker/native/build/libfovea_front.so ]; then cp .whl/native/* worker/native/build/libfovea_front.so /tmp/native/; fi
+fi
+if [ -f /tmp/native/libfovea_front.so ]; then mkdir -p worker/native/build; cp /tmp/native/libfovea_front.so worker/native/build/; fi
 # CUDA 13 and cuDNN 9 come from the NVIDIA wheels that PyTorch installed there.
 NV=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null || true)
 if [ -n "$NV" ]; then
   export LD_LIBRARY_PATH="$(find "$NV/nvidia" -maxdepth 3 -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}"
 fi
+export LD_LIBRARY_PATH="/tmp/native:${LD_LIBRARY_PATH:-}"
 export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+set +e

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# On the lent GPU machine, after every wheel part arrived: install, then run the worker's CUDA check
+# On the lent GPU machine, after every wheel part arrived (README.md): install, then run the worker's CUDA check
 # (issue 4) and the mixed-precision training recipe (issue 6). Results and logs go to $OUT.
-# Carry: .whl/small .whl/parts/ort.sha256 fovea/v1 inference runs/bench-worker/efficientnet-lite0.onnx runs/mnist
+# The call that runs it carries fovea/v1 inference runs/bench-worker/efficientnet-lite0.onnx (runs/mnist for train).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -10,7 +10,7 @@ source bench/gpu/device_setup.sh || exit 3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
 what=${1:-all}
 if [ "$what" = all ] || [ "$what" = worker ]; then
-  timeout 300 python3 bench/worker/gpu_check.py --out "$OUT" --seconds 6 2>&1 | tee "$OUT/worker_check.log"
+  timeout 300 python3 bench/worker/gpu_check.py --out "$OUT" --seconds 6 --client-procs 8 --concurrency 128 2>&1 | tee "$OUT/worker_check.log"
 fi
 if [ "$what" = all ] || [ "$what" = train ]; then
   timeout 290 python3 -m bench.training.gpu_recipe --data-dir runs/mnist/mnist.pkl.gz --out "$OUT/gpu_recipe.json" 2>&1 \

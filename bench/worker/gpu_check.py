@@ -17,6 +17,7 @@ import json
 import multiprocessing as mp
 import pathlib
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +39,9 @@ from fovea.redis_server import free_port  # noqa: E402
 from fovea.v1 import model_pb2  # noqa: E402
 
 CUDA = [("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
+# --cpu-rehearsal runs every step on the CPU provider, so the script can be tried here before a GPU is lent.
+WANT = {"provider": "CUDAExecutionProvider", "providers": CUDA, "worker_env": {
+    "FOVEA_WORKER_PROVIDERS": "CUDAExecutionProvider,CPUExecutionProvider", "FOVEA_WORKER_REQUIRE_GPU": "true"}}
 
 
 def model_file() -> tuple[pathlib.Path, tuple[int, ...], str]:
@@ -52,10 +56,10 @@ def model_file() -> tuple[pathlib.Path, tuple[int, ...], str]:
 
 
 def raw_cuda(path: pathlib.Path, shape: tuple[int, ...], seconds: float, batch: int) -> dict[str, Any]:
-    session = ort.InferenceSession(str(path), providers=CUDA)
+    session = ort.InferenceSession(str(path), providers=WANT["providers"])
     got = session.get_providers()
     out: dict[str, Any] = {"providers": got}
-    if got[0] != "CUDAExecutionProvider":
+    if got[0] != WANT["provider"]:
         return out
     name = session.get_inputs()[0].name
     out["b1"] = bw.raw_run(session, shape, 1, seconds)
@@ -68,13 +72,21 @@ def raw_cuda(path: pathlib.Path, shape: tuple[int, ...], seconds: float, batch: 
         binding = session.io_binding()
         binding.bind_cpu_input(name, x)
         for o in session.get_outputs():
-            binding.bind_output(o.name, "cuda", 0)
+            binding.bind_output(o.name, "cuda" if WANT["provider"] == "CUDAExecutionProvider" else "cpu", 0)
         session.run_with_iobinding(binding)
         binding.copy_outputs_to_cpu()
         times.append(time.perf_counter() - t)
     out["batch_iobinding"] = {"batch": batch, "img_s": batch * len(times) / sum(times),
                               "p50_ms": 1e3 * statistics.median(times)}
     return out
+
+
+def fast_front_loads() -> bool:
+    """The worker's native fast port needs its gRPC C++ libraries; try loading it in a child first."""
+    from worker.native import LIBRARY
+
+    code = f"import ctypes; ctypes.CDLL({str(LIBRARY)!r})"
+    return LIBRARY.exists() and subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
 def _client(args: tuple[str, str, bytes, int, float]) -> dict[str, float]:
@@ -84,7 +96,8 @@ def _client(args: tuple[str, str, bytes, int, float]) -> dict[str, float]:
 
 def worker_side(path: pathlib.Path, shape: tuple[int, ...], name: str, seconds: float, procs: int,
                 conc: int, max_batch: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"fast_port": fast_front_loads()}
+    fast_port = free_port() if out["fast_port"] else -1
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(pathlib.Path(tmp))
         try:
@@ -94,9 +107,9 @@ def worker_side(path: pathlib.Path, shape: tuple[int, ...], name: str, seconds: 
                 rc.set_alias(name, "production", [(mv.version, 100)])
                 metrics_port = free_port()
                 worker = cluster.start_worker(
-                    reg.address, [name], FOVEA_WORKER_PROVIDERS="CUDAExecutionProvider,CPUExecutionProvider",
-                    FOVEA_WORKER_REQUIRE_GPU="true", FOVEA_WORKER_MAX_BATCH_SIZE=str(max_batch),
+                    reg.address, [name], **WANT["worker_env"], FOVEA_WORKER_MAX_BATCH_SIZE=str(max_batch),
                     FOVEA_WORKER_MAX_QUEUE_LEN="8192", FOVEA_WORKER_METRICS_PORT=str(metrics_port),
+                    FOVEA_WORKER_FAST_PORT=str(fast_port),
                     FOVEA_WORKER_LOG_LEVEL="WARNING")
                 deadline = time.monotonic() + 30
                 workers = []
@@ -109,12 +122,17 @@ def worker_side(path: pathlib.Path, shape: tuple[int, ...], name: str, seconds: 
             out["metrics_provider_lines"] = [ln for ln in text.splitlines() if ln.startswith("fovea_worker_provider{")]
             out["metrics_gpu_memory"] = [ln for ln in text.splitlines() if ln.startswith("fovea_worker_gpu_memory")]
             payload = bw.request_bytes(name, shape)
-            out["c1"] = _client((worker.address, cluster.internal_token, payload, 1, seconds))
-            with mp.get_context("spawn").Pool(procs) as pool:
-                parts = pool.map(_client, [(worker.address, cluster.internal_token, payload, conc // procs, seconds)]
-                                 * procs)
-            out["load"] = {"concurrency": conc, "client_procs": procs, "img_s": sum(p["img_s"] for p in parts),
-                           "p50_ms": statistics.median(p["p50_ms"] for p in parts)}
+            ports = {"": worker.address}
+            if fast_port > 0:
+                ports["fast_"] = f"127.0.0.1:{fast_port}"
+            for prefix, address in ports.items():
+                out[prefix + "c1"] = _client((address, cluster.internal_token, payload, 1, seconds))
+                with mp.get_context("spawn").Pool(procs) as pool:
+                    parts = pool.map(_client, [(address, cluster.internal_token, payload, conc // procs, seconds)]
+                                     * procs)
+                out[prefix + "load"] = {"concurrency": conc, "client_procs": procs,
+                                        "img_s": sum(p["img_s"] for p in parts),
+                                        "p50_ms": statistics.median(p["p50_ms"] for p in parts)}
         finally:
             cluster.stop()
     return out
@@ -127,17 +145,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--client-procs", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--cpu-rehearsal", action="store_true", help="use the CPU provider (to try the script)")
     args = parser.parse_args()
+    if args.cpu_rehearsal:
+        WANT.update(provider="CPUExecutionProvider", providers=["CPUExecutionProvider"],
+                    worker_env={"FOVEA_WORKER_PROVIDERS": "CPUExecutionProvider"})
     path, shape, name = model_file()
     result: dict[str, Any] = {"model": name, "onnxruntime": ort.__version__,
                               "available_providers": ort.get_available_providers()}
     result["raw"] = raw_cuda(path, shape, args.seconds, args.batch)
-    ok_raw = result["raw"]["providers"][0] == "CUDAExecutionProvider"
+    ok_raw = result["raw"]["providers"][0] == WANT["provider"]
     if ok_raw:
         result["worker"] = worker_side(path, shape, name, args.seconds, args.client_procs, args.concurrency,
                                        args.batch)
     w = result.get("worker", {})
-    ok_worker = bool(w.get("heartbeat_providers")) and all(p == "CUDAExecutionProvider"
+    ok_worker = bool(w.get("heartbeat_providers")) and all(p == WANT["provider"]
                                                           for p in w["heartbeat_providers"])
     result["status"] = "ok" if ok_raw and ok_worker else "cuda-not-used"
     out = pathlib.Path(args.out)
@@ -150,17 +172,23 @@ def main() -> None:
         print(f"worker metrics: {w['metrics_provider_lines']} {w['metrics_gpu_memory']}")
     if ok_raw and w:
         r = result["raw"]
+        tag = WANT["provider"].replace("ExecutionProvider", "")
         print(f"\n{'':<34}{'p50 ms':>9}{'img/s':>10}")
-        print(f"{'raw ORT CUDA b1':<34}{r['b1']['p50_ms']:>9.2f}{r['b1']['img_s']:>10.0f}")
-        print(f"{'raw ORT CUDA b' + str(args.batch):<34}{r['batch']['p50_ms']:>9.2f}{r['batch']['img_s']:>10.0f}")
-        print(f"{'raw ORT CUDA b' + str(args.batch) + ' I/O binding':<34}{r['batch_iobinding']['p50_ms']:>9.2f}"
+        print(f"{f'raw ORT {tag} b1':<34}{r['b1']['p50_ms']:>9.2f}{r['b1']['img_s']:>10.0f}")
+        print(f"{f'raw ORT {tag} b' + str(args.batch):<34}{r['batch']['p50_ms']:>9.2f}{r['batch']['img_s']:>10.0f}")
+        print(f"{f'raw ORT {tag} b' + str(args.batch) + ' I/O binding':<34}{r['batch_iobinding']['p50_ms']:>9.2f}"
               f"{r['batch_iobinding']['img_s']:>10.0f}")
-        print(f"{'worker c1':<34}{w['c1']['p50_ms']:>9.2f}{w['c1']['img_s']:>10.0f}")
-        print(f"{'worker c' + str(args.concurrency) + ' (' + str(args.client_procs) + ' client procs)':<34}"
-              f"{w['load']['p50_ms']:>9.2f}{w['load']['img_s']:>10.0f}")
         best = max(r["batch"]["img_s"], r["batch_iobinding"]["img_s"])
-        print(f"worker / raw throughput: {w['load']['img_s'] / best:.1%}; "
-              f"worker c1 p50 - raw b1 p50: {w['c1']['p50_ms'] - r['b1']['p50_ms']:+.2f} ms")
+        for prefix, port in (("", "main port"), ("fast_", "fast port")):
+            if prefix + "c1" not in w:
+                print(f"worker {port}: not run (fast port library did not load)")
+                continue
+            c1, load = w[prefix + "c1"], w[prefix + "load"]
+            print(f"{'worker ' + port + ' c1':<34}{c1['p50_ms']:>9.2f}{c1['img_s']:>10.0f}")
+            print(f"{'worker ' + port + ' c' + str(args.concurrency) + ' (' + str(args.client_procs) + ' procs)':<34}"
+                  f"{load['p50_ms']:>9.2f}{load['img_s']:>10.0f}")
+            print(f"  {port}: worker / raw throughput {load['img_s'] / best:.1%}; "
+                  f"c1 p50 - raw b1 p50 {c1['p50_ms'] - r['b1']['p50_ms']:+.2f} ms")
     print(f"wrote {out / 'gpu_check.json'}")
     sys.exit(0 if result["status"] == "ok" else 1)
 
