@@ -107,6 +107,9 @@ class WorkerConfig(BaseConfig):
     """How long to wait for more samples once one arrives; 0 batches whatever is queued."""
     preferred_batch_sizes: Annotated[list[int], NoDecode] = []
     """Batch sizes to stop collecting at, when reached before max_batch_size."""
+    warmup_batch_sizes: Annotated[list[int], NoDecode] = []
+    """Batch sizes run once before a version is ready. Empty: every size up to max_batch_size on a GPU provider,
+    where cuDNN searches its convolution algorithms once per shape (seconds under load), and 1 on the CPU."""
     inline_compute_us: int = 1000
     """Run a batch on the event loop thread, skipping the executor's two thread hops, while the model's average
     batch takes less than this (one instance only); 0 always uses the executor."""
@@ -142,7 +145,7 @@ class WorkerConfig(BaseConfig):
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
 
-    @field_validator("preferred_batch_sizes", mode="before")
+    @field_validator("preferred_batch_sizes", "warmup_batch_sizes", mode="before")
     @classmethod
     def _split_ints(cls, v: object) -> object:
         if isinstance(v, str):

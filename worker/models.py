@@ -53,6 +53,16 @@ class Loaded:
         return self.mv.name, self.mv.version
 
 
+def warmup_sizes(config: WorkerConfig, provider: str, mv: model_pb2.ModelVersion) -> list[int]:
+    """Batch sizes each instance runs before a version is ready (see WorkerConfig.warmup_batch_sizes)."""
+    top = config.max_batch_size
+    if any(spec.shape and spec.shape[0] > 0 for spec in mv.inputs):
+        return [1]  # a fixed batch dimension: only single samples ever run
+    if config.warmup_batch_sizes:
+        return sorted({n for n in config.warmup_batch_sizes if 1 <= n <= top}) or [1]
+    return list(range(1, top + 1)) if provider in GPU_PROVIDERS else [1]
+
+
 @dataclass
 class Followed:
     """A model the worker serves: through an alias, or pinned to a version."""
@@ -275,7 +285,7 @@ class ModelManager:
         self.loaded[key] = lv  # listed (heartbeats, ModelReady) but not ready until warmed up
         batcher.start()
         try:
-            await self._warm_up(lv)
+            await self._warm_up(lv, [runner(s) for s in sessions])
             if alone is not None:
                 await asyncio.to_thread(runner(alone), self._zeros(lv))
         except Exception as exc:  # noqa: BLE001
@@ -301,18 +311,24 @@ class ModelManager:
                     len(sessions), time.perf_counter() - t0)
 
     @staticmethod
-    def _zeros(lv: Loaded) -> list[np.ndarray]:
+    def _zeros(lv: Loaded, n: int = 1) -> list[np.ndarray]:
         """A one-sample input of zeros for each of the model's inputs."""
         inputs = []
         for spec, dtype in zip(lv.mv.inputs, lv.input_dtypes):
-            shape = [1] + [d if d > 0 else 1 for d in list(spec.shape)[1:]]
+            shape = [n] + [d if d > 0 else 1 for d in list(spec.shape)[1:]]
             inputs.append(np.zeros(shape, dtype=dtype))
         return inputs
 
-    async def _warm_up(self, lv: Loaded) -> None:
-        for _ in range(2):
-            fut = lv.batcher.submit(self._zeros(lv), 1, time.perf_counter() + 60)
-            await fut
+    async def _warm_up(self, lv: Loaded, runners: list[Any]) -> None:
+        sizes = warmup_sizes(self.config, lv.provider, lv.mv)
+        await lv.batcher.submit(self._zeros(lv), 1, time.perf_counter() + 120)  # also sets the batcher's timing
+        # Every instance, every size: each session keeps its own per-shape state (cuDNN's algorithm choices).
+        t0 = time.perf_counter()
+        for run in runners:
+            for n in sizes:
+                await asyncio.to_thread(run, self._zeros(lv, n))
+        logger.info("warmed up %s v%d: batch sizes %s on %d instance(s) in %.2fs", *lv.key,
+                    sizes if len(sizes) < 4 else f"{sizes[0]}..{sizes[-1]}", len(runners), time.perf_counter() - t0)
 
     async def _janitor(self) -> None:
         while not self._stop.is_set():

@@ -10,17 +10,19 @@ if [ ! -d /tmp/site/onnxruntime ]; then
   cp /tmp/ort.whl /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl .whl/small/*.whl
-  # The worker's fast port: the front built here and the gRPC C++ libraries it links (none are installed there).
-  mkdir -p /tmp/native
-  if [ -f worker/native/build/libfovea_front.so ]; then cp .whl/native/* worker/native/build/libfovea_front.so /tmp/native/; fi
 fi
-if [ -f /tmp/native/libfovea_front.so ]; then mkdir -p worker/native/build; cp /tmp/native/libfovea_front.so worker/native/build/; fi
+# The worker's fast port (the front built here and the gRPC C++ libraries it links) and perf_analyzer with
+# its libraries: none of them is installed there.
+mkdir -p /tmp/native
+if [ -d .whl/native ]; then cp .whl/native/* /tmp/native/; fi
+if [ -f worker/native/build/libfovea_front.so ]; then cp worker/native/build/libfovea_front.so /tmp/native/;
+elif [ -f /tmp/native/libfovea_front.so ]; then mkdir -p worker/native/build; cp /tmp/native/libfovea_front.so worker/native/build/; fi
 # CUDA 13 and cuDNN 9 come from the NVIDIA wheels that PyTorch installed there.
 NV=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null || true)
 if [ -n "$NV" ]; then
   export LD_LIBRARY_PATH="$(find "$NV/nvidia" -maxdepth 3 -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}"
 fi
-export LD_LIBRARY_PATH="/tmp/native:${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="/tmp/native:${LD_LIBRARY_PATH:-}" PATH="/tmp/native:$PATH"
 export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 set +e

@@ -94,8 +94,28 @@ def _client(args: tuple[str, str, bytes, int, float]) -> dict[str, float]:
     return asyncio.run(bw.grpc_load(address, token, payload, conc, seconds))
 
 
+def perf_analyzer_side(ports: dict[str, str], name: str, token: str, conc: int) -> dict[str, Any]:
+    """Triton's C++ load tool, where it runs: a Python client may be the ceiling at saturation."""
+    from loadtest import perf_analyzer as pa
+
+    try:
+        pa.check()
+    except pa.PerfAnalyzerMissing as exc:
+        return {"error": str(exc)}
+    out: dict[str, Any] = {}
+    for prefix, address in reversed(ports.items()):
+        for c in (1, conc):
+            try:
+                r = pa.run(address, name, token, concurrency=c, window_ms=2000,
+                           extra=("--stability-percentage", "25", "--max-trials", "6"), timeout_s=90)
+                out[f"{prefix}pa_c{c}"] = {"infer_per_s": r.infer_per_s, "p50_ms": r.p50_us / 1e3}
+            except Exception as exc:  # noqa: BLE001 - record it and go on
+                out[f"{prefix}pa_c{c}"] = {"error": str(exc)[-500:]}
+    return out
+
+
 def worker_side(path: pathlib.Path, shape: tuple[int, ...], name: str, seconds: float, procs: int,
-                conc: int, max_batch: int) -> dict[str, Any]:
+                conc: int, max_batch: int, logs: pathlib.Path) -> dict[str, Any]:
     out: dict[str, Any] = {"fast_port": fast_front_loads()}
     fast_port = free_port() if out["fast_port"] else -1
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,11 +131,15 @@ def worker_side(path: pathlib.Path, shape: tuple[int, ...], name: str, seconds: 
                     FOVEA_WORKER_MAX_QUEUE_LEN="8192", FOVEA_WORKER_METRICS_PORT=str(metrics_port),
                     FOVEA_WORKER_FAST_PORT=str(fast_port),
                     FOVEA_WORKER_LOG_LEVEL="WARNING")
-                deadline = time.monotonic() + 30
+                # CUDA start-up, cuDNN's algorithm search and warm-up take a while on a fresh machine.
+                deadline = time.monotonic() + 90
                 workers = []
                 while time.monotonic() < deadline and not workers:
                     workers = [w for w in rc.list_workers(name) if w.models and w.models[0].ready]
                     time.sleep(0.2)
+                out["ready_after_s"] = round(90 - (deadline - time.monotonic()), 1)
+                if not workers:
+                    raise RuntimeError("the worker had no ready model version after 90 s (see its log)")
                 out["heartbeat_providers"] = [m.provider for w in workers for m in w.models]
                 out["heartbeat_device"] = [f"{w.device.kind} {w.device.name}" for w in workers]
             text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -133,8 +157,12 @@ def worker_side(path: pathlib.Path, shape: tuple[int, ...], name: str, seconds: 
                 out[prefix + "load"] = {"concurrency": conc, "client_procs": procs,
                                         "img_s": sum(p["img_s"] for p in parts),
                                         "p50_ms": statistics.median(p["p50_ms"] for p in parts)}
+            out["perf_analyzer"] = perf_analyzer_side(ports, name, cluster.internal_token, conc)
         finally:
             cluster.stop()
+            logs.mkdir(parents=True, exist_ok=True)
+            for log in pathlib.Path(tmp).glob("*.log"):
+                (logs / f"service-{log.name}").write_bytes(log.read_bytes()[-200_000:])
     return out
 
 
@@ -156,8 +184,12 @@ def main() -> None:
     result["raw"] = raw_cuda(path, shape, args.seconds, args.batch)
     ok_raw = result["raw"]["providers"][0] == WANT["provider"]
     if ok_raw:
-        result["worker"] = worker_side(path, shape, name, args.seconds, args.client_procs, args.concurrency,
-                                       args.batch)
+        try:
+            result["worker"] = worker_side(path, shape, name, args.seconds, args.client_procs, args.concurrency,
+                                           args.batch, pathlib.Path(args.out))
+        except Exception as exc:  # noqa: BLE001 - keep the raw figures and say what broke
+            result["worker_error"] = repr(exc)
+            print(f"worker side failed: {exc!r}", flush=True)
     w = result.get("worker", {})
     ok_worker = bool(w.get("heartbeat_providers")) and all(p == WANT["provider"]
                                                           for p in w["heartbeat_providers"])
@@ -189,6 +221,13 @@ def main() -> None:
                   f"{load['p50_ms']:>9.2f}{load['img_s']:>10.0f}")
             print(f"  {port}: worker / raw throughput {load['img_s'] / best:.1%}; "
                   f"c1 p50 - raw b1 p50 {c1['p50_ms'] - r['b1']['p50_ms']:+.2f} ms")
+        for key, value in w.get("perf_analyzer", {}).items():
+            if isinstance(value, dict) and "infer_per_s" in value:
+                port = "fast port" if key.startswith("fast_") else "main port"
+                print(f"{'perf_analyzer ' + port + ' ' + key.rsplit('_', 1)[1]:<34}{value['p50_ms']:>9.2f}"
+                      f"{value['infer_per_s']:>10.0f}   ({value['infer_per_s'] / best:.1%} of raw)")
+            else:
+                print(f"perf_analyzer {key}: {value}")
     print(f"wrote {out / 'gpu_check.json'}")
     sys.exit(0 if result["status"] == "ok" else 1)
 

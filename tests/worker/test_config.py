@@ -27,3 +27,17 @@ def test_model_settings_override_instances_and_threads_per_model() -> None:
         WorkerConfig(model_settings={"cifar": {"threads": 1}})
     with pytest.raises(ValueError, match="instances must be"):
         WorkerConfig(model_settings={"cifar": {"instances": 0}})
+
+
+def test_warmup_runs_every_batch_size_on_a_gpu_and_one_on_the_cpu() -> None:
+    from fovea.v1 import model_pb2
+    from worker.models import warmup_sizes
+
+    dynamic = model_pb2.ModelVersion(name="m", inputs=[model_pb2.TensorSpec(name="x", shape=[-1, 3, 8, 8])])
+    fixed = model_pb2.ModelVersion(name="m", inputs=[model_pb2.TensorSpec(name="x", shape=[1, 3, 8, 8])])
+    config = WorkerConfig(max_batch_size=4)
+    assert warmup_sizes(config, "CUDAExecutionProvider", dynamic) == [1, 2, 3, 4]
+    assert warmup_sizes(config, "CPUExecutionProvider", dynamic) == [1]
+    assert warmup_sizes(config, "CUDAExecutionProvider", fixed) == [1]
+    chosen = WorkerConfig(max_batch_size=4, warmup_batch_sizes="4,2,9,2")  # as read from the environment
+    assert warmup_sizes(chosen, "CPUExecutionProvider", dynamic) == [2, 4]
