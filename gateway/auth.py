@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -36,14 +37,19 @@ class KeyCache:
         self.min_role = min_role
         self.entries: dict[bytes, tuple[registry_pb2.ApiKey, float]] = {}
         self.refused: dict[bytes, tuple[str, float]] = {}
+        # Told of each key verified at the registry and of each watch event (the native fast port's cache).
+        self.on_verified: Callable[[str, registry_pb2.ApiKey], None] | None = None
+        self.on_change: Callable[[registry_pb2.WatchApiKeysResponse], None] | None = None
 
     async def check(self, secret: str) -> registry_pb2.ApiKey:
         digest = hashlib.sha256(secret.encode()).digest()
         now = time.monotonic()
         hit = self.entries.get(digest)
+        fresh = False
         if hit is not None and hit[1] > now:
             record = hit[0]
         else:
+            fresh = True
             if not secret.startswith("fv_") or len(secret) > MAX_SECRET_LEN:
                 raise Unauthenticated("malformed API key: expected 'authorization: Bearer fv_...'")
             no = self.refused.get(digest)
@@ -66,9 +72,13 @@ class KeyCache:
             raise PermissionDenied(
                 f"API key {record.key_id} has role {registry_pb2.Role.Name(record.role)}; "
                 f"this gateway takes {registry_pb2.Role.Name(self.min_role)} keys or higher")
+        if fresh and self.on_verified is not None:
+            self.on_verified(secret, record)
         return record
 
     def on_event(self, event: registry_pb2.WatchApiKeysResponse) -> None:
+        if self.on_change is not None:
+            self.on_change(event)
         if event.snapshot:
             self.entries.clear()
             return

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from fovea import log
 
+STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -74,6 +75,30 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def watch_fast_port(self, counts: Any) -> None:
+        """Calls on the native fast port, read from it at scrape time: by status code, and how many it
+        answered itself (path="native") or passed to this gateway's Python port (path="python")."""
+        from prometheus_client.core import CounterMetricFamily
+
+        class FastPort:
+            def collect(self) -> Any:
+                now = counts()
+                codes = CounterMetricFamily("fovea_gateway_fast_port_requests",
+                                            "Calls answered on the fast port, by status code", labels=["code"])
+                for value, count in enumerate(now["codes"]):
+                    if count:
+                        codes.add_metric([grpc.StatusCode(STATUS_BY_VALUE[value]).name], count)
+                paths = CounterMetricFamily("fovea_gateway_fast_port_calls",
+                                            "Fast-port calls answered natively or passed to Python", labels=["path"])
+                paths.add_metric(["native"], now["native"])
+                paths.add_metric(["python"], now["python"])
+                retries = CounterMetricFamily("fovea_gateway_fast_port_retries",
+                                              "Native calls retried on another worker after UNAVAILABLE")
+                retries.add_metric([], now["retries"])
+                yield from (codes, paths, retries)
+
+        self.registry.register(FastPort())
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint; returns its port (0 picks a free one)."""

@@ -18,7 +18,10 @@ from fovea.v1 import image_pb2, image_pb2_grpc, registry_pb2
 from gateway.auth import KeyCache
 from gateway.config import GatewayConfig
 from gateway.metrics import AccessLog, Metrics
-from gateway.ratelimit import RateLimiter
+from gateway.native import LIBRARY as NATIVE_LIBRARY
+from gateway.native import NativeGateway, routes_text
+from gateway.native import available as native_available
+from gateway.ratelimit import Limits, RateLimiter
 from gateway.routing import Versions, Workers
 from gateway.service import Gateway
 from gateway.servicer import ImageServicer, InferenceServicer
@@ -44,11 +47,19 @@ class GatewayServer:
     metrics: Metrics
     metrics_port: int = -1
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    native: NativeGateway | None = None
+    fast_port: int = -1
+    """The native fast port (gateway/native.py); -1 when off."""
 
     async def stop(self, grace_s: float) -> None:
         await set_serving(self.health, SERVICES, False)
         self.stop_event.set()
+        if self.native is not None:
+            # First: its calls passed to Python need the main port to answer them.
+            await asyncio.to_thread(self.native.shutdown, grace_s)
         await self.server.stop(grace_s)
+        if self.native is not None:
+            self.native.close()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -92,9 +103,22 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     creds = _credentials(config)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     stop = asyncio.Event()
+    native = start_native(config, port, gateway, keys, metrics) if config.fast_port >= 0 else None
+    on_models, on_workers = versions.on_event, workers.on_event
+    if native is not None:
+        def sync_routes() -> None:
+            native.set_routes(routes_text(versions.aliases, versions.versions, workers.endpoints))
+
+        def on_models(event: Any) -> None:
+            versions.on_event(event)
+            sync_routes()
+
+        def on_workers(event: Any) -> None:
+            workers.on_event(event)
+            sync_routes()
     tasks = [
-        asyncio.create_task(link.follow("models", link.watch_models, versions.on_event, stop)),
-        asyncio.create_task(link.follow("workers", link.watch_workers, workers.on_event, stop)),
+        asyncio.create_task(link.follow("models", link.watch_models, on_models, stop)),
+        asyncio.create_task(link.follow("workers", link.watch_workers, on_workers, stop)),
         asyncio.create_task(link.follow("keys", link.watch_keys, keys.on_event, stop)),
     ]
     if access_log is not None:
@@ -103,9 +127,40 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     await server.start()
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else -1
     await set_serving(health_servicer, SERVICES, True)
-    logger.info("gateway listening on %s (%s)%s", f"{config.host}:{port}", "TLS" if creds else "plaintext",
+    logger.info("gateway listening on %s (%s)%s%s", f"{config.host}:{port}", "TLS" if creds else "plaintext",
+                f", fast port on {config.host}:{native.port}" if native is not None else "",
                 f", metrics on {config.metrics_host}:{metrics_port}" if metrics_port >= 0 else "")
-    return GatewayServer(server, port, gateway, keys, link, health_servicer, stop, metrics, metrics_port, tasks)
+    return GatewayServer(server, port, gateway, keys, link, health_servicer, stop, metrics, metrics_port, tasks,
+                         native, native.port if native is not None else -1)
+
+
+def start_native(config: GatewayConfig, port: int, gateway: Gateway, keys: KeyCache,
+                 metrics: Metrics) -> NativeGateway | None:
+    """The native fast port, fed with verified unlimited keys; None when it cannot run here."""
+    if config.tls_cert_file:
+        logger.warning("no fast port: it serves plaintext only, and this gateway is configured for TLS")
+        return None
+    if not native_available():
+        logger.error("fast port asked for but %s is not built (run gateway/native/build.sh); serving the main "
+                     "port only", NATIVE_LIBRARY)
+        return None
+    native = NativeGateway(f"{config.host}:{config.fast_port}", config.max_message_bytes, f"127.0.0.1:{port}",
+                           config.internal_token, config.default_deadline_ms, config.max_deadline_ms,
+                           config.max_images_per_call, config.eject_after_failures, config.eject_s)
+
+    def on_verified(secret: str, record: registry_pb2.ApiKey) -> None:
+        if Limits.of(record).unlimited:  # limited keys stay on the Python path, which charges Redis
+            native.put_key(secret, record)
+
+    def on_change(event: registry_pb2.WatchApiKeysResponse) -> None:
+        if event.snapshot:
+            native.clear_keys()
+        else:
+            native.drop_keys(list(event.key_ids))
+
+    keys.on_verified, keys.on_change = on_verified, on_change
+    metrics.watch_fast_port(native.counts)
+    return native
 
 
 class _Collect:

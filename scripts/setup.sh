@@ -15,8 +15,8 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[cpu,train,test]"
 python -m fovea.codegen
 # Debian packages: libb64 for Triton's perf_analyzer (from the tritonclient wheel); a C++ compiler,
-# gRPC C++ and protoc for the worker's native fast port (worker/native/build.sh).
-DEBS="libb64-0d g++ make pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc"
+# gRPC C++ and protoc for the native fast ports of workers and gateways (worker/native, gateway/native).
+DEBS="libb64-0d g++ make pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc libssl-dev"
 missing=""
 for deb in $DEBS; do
   dpkg -s "$deb" >/dev/null 2>&1 || missing="$missing $deb"
@@ -35,6 +35,7 @@ if [ -n "$missing" ]; then
 fi
 # The worker's native fast port; without it workers serve their main port only (and say so in their log).
 worker/native/build.sh >/dev/null || echo "warning: the worker's fast port did not build (worker/native/build.sh)" >&2
+gateway/native/build.sh >/dev/null || echo "warning: the gateway's fast port did not build (gateway/native/build.sh)" >&2
 # The TypeScript client example (tests/gateway/test_typescript_client.py runs it); optional: skipped without npm.
 if command -v npm >/dev/null 2>&1 && [ ! -d clients/typescript/node_modules/@grpc/grpc-js ]; then
   (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error) || echo "warning: npm ci failed in clients/typescript" >&2

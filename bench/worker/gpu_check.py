@@ -173,12 +173,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--client-procs", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--model-file", default="", help="another ONNX model (input 'input', FP32) instead")
+    parser.add_argument("--input-shape", default="3,224,224", help="its input shape without the batch axis")
     parser.add_argument("--cpu-rehearsal", action="store_true", help="use the CPU provider (to try the script)")
     args = parser.parse_args()
     if args.cpu_rehearsal:
         WANT.update(provider="CPUExecutionProvider", providers=["CPUExecutionProvider"],
                     worker_env={"FOVEA_WORKER_PROVIDERS": "CPUExecutionProvider"})
-    path, shape, name = model_file()
+    if args.model_file:
+        path = pathlib.Path(args.model_file)
+        shape, name = tuple(int(d) for d in args.input_shape.split(",")), path.stem
+    else:
+        path, shape, name = model_file()
     result: dict[str, Any] = {"model": name, "onnxruntime": ort.__version__,
                               "available_providers": ort.get_available_providers()}
     result["raw"] = raw_cuda(path, shape, args.seconds, args.batch)

@@ -1,0 +1,115 @@
+"""The gateway's fast port: a C++ gRPC front (gateway/native/front.cc) for the hot call.
+
+ModelInfer on raw tensors, with an API key this gateway has already verified and that has no rate
+limits, is answered in C++: the request's bytes go to a worker's fast port as they came. Every
+other call (unknown, limited, revoked or expired keys, images, other methods, anything that fails)
+is passed, bytes and metadata unchanged, to this gateway's own Python port on loopback, which
+answers it as usual. Python keeps the front's tables current from the registry's watch streams.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import hashlib
+import logging
+import pathlib
+from typing import Any
+
+from fovea.v1 import model_pb2, registry_pb2
+
+logger = logging.getLogger(__name__)
+
+LIBRARY = pathlib.Path(__file__).parent / "native" / "build" / "libfovea_gateway_front.so"
+
+
+def available() -> bool:
+    return LIBRARY.exists()
+
+
+def _load() -> C.CDLL:
+    if not LIBRARY.exists():
+        raise RuntimeError(f"{LIBRARY} is missing: run gateway/native/build.sh (scripts/setup.sh does)")
+    lib = C.CDLL(str(LIBRARY))
+    p, i, i64, s = C.c_void_p, C.c_int, C.c_int64, C.c_char_p
+    lib.fg_start.restype = p
+    lib.fg_start.argtypes = [s, i, s, s, i64, i64, i64, i, C.c_double, C.POINTER(i)]
+    lib.fg_put_key.argtypes = [p, s, s, i, s, i64]
+    lib.fg_drop_key.argtypes = [p, s]
+    lib.fg_clear_keys.argtypes = [p]
+    lib.fg_set_routes.argtypes = [p, s]
+    lib.fg_counts.argtypes = [p, p]
+    lib.fg_set_accepting.argtypes = [p, i]
+    lib.fg_shutdown.argtypes = [p, C.c_double]
+    lib.fg_free.argtypes = [p]
+    return lib
+
+
+class NativeGateway:
+    def __init__(self, address: str, max_message_bytes: int, slow_address: str, internal_token: str,
+                 default_deadline_ms: int, max_deadline_ms: int, max_samples: int, eject_after: int,
+                 eject_s: float) -> None:
+        self.lib = _load()
+        port = C.c_int(0)
+        self.handle = self.lib.fg_start(address.encode(), max_message_bytes, slow_address.encode(),
+                                        internal_token.encode(), default_deadline_ms, max_deadline_ms, max_samples,
+                                        eject_after, eject_s, C.byref(port))
+        if not self.handle:
+            raise OSError(f"gateway fast port cannot listen on {address}")
+        self.port = port.value
+
+    def put_key(self, secret: str, record: registry_pb2.ApiKey) -> None:
+        """Let the front answer this key's calls itself (only keys without rate limits: see ratelimit.py)."""
+        if not self.handle:
+            return
+        expires = record.expires_at.ToNanoseconds() if record.HasField("expires_at") else 0
+        self.lib.fg_put_key(self.handle, hashlib.sha256(secret.encode()).digest(), record.key_id.encode(),
+                            int(record.role), "\n".join(record.model_patterns).encode(), expires)
+
+    def drop_keys(self, key_ids: list[str]) -> None:
+        for key_id in key_ids:
+            if self.handle:
+                self.lib.fg_drop_key(self.handle, key_id.encode())
+
+    def clear_keys(self) -> None:
+        if self.handle:
+            self.lib.fg_clear_keys(self.handle)
+
+    def set_routes(self, text: str) -> None:
+        if self.handle:
+            self.lib.fg_set_routes(self.handle, text.encode())
+
+    def counts(self) -> dict[str, Any]:
+        out = (C.c_int64 * 20)()
+        if self.handle:
+            self.lib.fg_counts(self.handle, out)
+        return {"codes": list(out[:17]), "native": out[17], "python": out[18], "retries": out[19]}
+
+    def set_accepting(self, accepting: bool) -> None:
+        if self.handle:
+            self.lib.fg_set_accepting(self.handle, int(accepting))
+
+    def shutdown(self, grace_s: float) -> None:
+        if self.handle:
+            self.lib.fg_shutdown(self.handle, grace_s)
+
+    def close(self) -> None:
+        if self.handle:
+            handle, self.handle = self.handle, None
+            self.lib.fg_free(handle)
+
+
+def routes_text(aliases: dict[tuple[str, str], model_pb2.Alias], versions: dict[tuple[str, int], Any],
+                endpoints: dict[str, Any]) -> str:
+    """The front's routing table: production alias targets, and which worker fast ports serve what."""
+    archived = {key for key, mv in versions.items() if mv.state == model_pb2.VERSION_STATE_ARCHIVED}
+    lines = []
+    for (model, name), alias in aliases.items():
+        if name == "production":
+            lines += [f"A {model} {t.version} {t.weight}" for t in alias.targets if (model, t.version) not in archived]
+    for ep in endpoints.values():
+        st = ep.status
+        if not st.fast_address or ep.ejected or st.state != registry_pb2.WORKER_STATE_READY:
+            continue
+        lines += [f"W {m.name} {m.version} {st.fast_address} {st.queue_depth}" for m in st.models
+                  if m.ready and (m.name, m.version) not in archived]
+    return "\n".join(lines) + "\n"

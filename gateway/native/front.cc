@@ -1,0 +1,649 @@
+// The gateway's fast port: a native gRPC front that answers the hot call, ModelInfer on raw tensors
+// with an API key the Python gateway has already verified, by forwarding the request's bytes as they
+// came to a worker's fast port. Everything else (unknown or limited keys, errors, images, other
+// methods) goes, bytes and metadata unchanged, to the Python gateway on loopback, which answers as
+// it always does. So every call works on this port, and the common one never enters Python.
+//
+// Python keeps the tables current: verified unlimited keys (by SHA-256 of the secret, never the
+// secret), production aliases and which workers serve which version (from the registry's watches).
+
+#include <fnmatch.h>
+#include <openssl/sha.h>
+#include <strings.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <set>
+#include <shared_mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+using grpc::ByteBuffer;
+using grpc::Status;
+using grpc::StatusCode;
+using SysClock = std::chrono::system_clock;
+
+namespace {
+
+const std::string kModelInfer = "/inference.GRPCInferenceService/ModelInfer";
+const std::set<std::string> kStreams = {
+    "/inference.GRPCInferenceService/ModelStreamInfer", "/fovea.v1.ImageService/ClassifyStream",
+    "/grpc.health.v1.Health/Watch", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"};
+constexpr int kRoleInfer = 1;  // fovea.v1.Role.ROLE_INFER
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(SysClock::now().time_since_epoch()).count();
+}
+
+std::mt19937_64& rng() {
+  thread_local std::mt19937_64 g{std::random_device{}()};
+  return g;
+}
+
+struct Key {
+  std::string key_id;
+  int role = 0;
+  std::vector<std::string> patterns;
+  int64_t expires_ns = 0;  // 0: never
+};
+
+struct Worker {
+  std::string address;
+  std::unique_ptr<grpc::GenericStub> stub;
+  std::atomic<int> in_flight{0};
+  std::atomic<int> queue_depth{0};
+  std::atomic<int> failures{0};
+  std::atomic<int64_t> ejected_until_ns{0};
+};
+
+struct Routes {
+  std::unordered_map<std::string, std::vector<std::pair<int64_t, double>>> production;  // model -> versions, weights
+  std::unordered_map<std::string, std::vector<std::shared_ptr<Worker>>> serving;         // "model\nversion" -> workers
+};
+
+// Reads protobuf wire format across a ByteBuffer's slices without copying them.
+class Reader {
+ public:
+  explicit Reader(const std::vector<grpc::Slice>& s) : s_(s) {}
+  bool done() {
+    while (i_ < s_.size() && off_ >= s_[i_].size()) { ++i_; off_ = 0; }
+    return i_ >= s_.size();
+  }
+  bool byte(uint8_t* b) {
+    if (done()) return false;
+    *b = s_[i_].begin()[off_++];
+    return true;
+  }
+  bool varint(uint64_t* v) {
+    *v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      uint8_t b;
+      if (!byte(&b)) return false;
+      *v |= uint64_t(b & 0x7f) << shift;
+      if (!(b & 0x80)) return true;
+    }
+    return false;
+  }
+  bool skip(uint64_t n) {
+    while (n > 0) {
+      if (done()) return false;
+      uint64_t here = std::min<uint64_t>(n, s_[i_].size() - off_);
+      off_ += here;
+      n -= here;
+    }
+    return true;
+  }
+  bool read(uint64_t n, std::string* out) {
+    out->clear();
+    while (n > 0) {
+      if (done()) return false;
+      uint64_t here = std::min<uint64_t>(n, s_[i_].size() - off_);
+      out->append(reinterpret_cast<const char*>(s_[i_].begin()) + off_, here);
+      off_ += here;
+      n -= here;
+    }
+    return true;
+  }
+  bool skip_field(uint32_t wire) {
+    uint64_t v;
+    switch (wire) {
+      case 0: return varint(&v);
+      case 1: return skip(8);
+      case 2: return varint(&v) && skip(v);
+      case 5: return skip(4);
+      default: return false;
+    }
+  }
+
+ private:
+  const std::vector<grpc::Slice>& s_;
+  size_t i_ = 0, off_ = 0;
+};
+
+// What the hot path needs from a ModelInferRequest; ok is false for anything it leaves to Python.
+struct Head {
+  bool ok = false;
+  std::string model, version;
+};
+
+Head scan_request(const std::vector<grpc::Slice>& slices, int64_t max_samples) {
+  Head h;
+  Reader r(slices);
+  int inputs = 0, raws = 0;
+  std::string tensor, text;
+  while (!r.done()) {
+    uint64_t tag, len;
+    if (!r.varint(&tag)) return h;
+    uint32_t field = uint32_t(tag >> 3), wire = uint32_t(tag & 7);
+    if (field == 1 && wire == 2) {
+      if (!r.varint(&len) || len > 256 || !r.read(len, &h.model)) return h;
+    } else if (field == 2 && wire == 2) {
+      if (!r.varint(&len) || len > 32 || !r.read(len, &h.version)) return h;
+    } else if (field == 5 && wire == 2) {  // an InferInputTensor: small unless it carries typed contents
+      if (!r.varint(&len) || len > 4096 || !r.read(len, &tensor)) return h;
+      ++inputs;
+      std::vector<grpc::Slice> one{grpc::Slice(tensor.data(), tensor.size())};
+      Reader t(one);
+      bool first_dim = true;
+      while (!t.done()) {
+        uint64_t ttag, tlen, dim;
+        if (!t.varint(&ttag)) return h;
+        uint32_t tf = uint32_t(ttag >> 3), tw = uint32_t(ttag & 7);
+        if (tf == 2 && tw == 2) {  // datatype: images (BYTES) go through Python
+          if (!t.varint(&tlen) || tlen > 16 || !t.read(tlen, &text) || text == "BYTES") return h;
+        } else if (tf == 3 && tw == 2) {  // packed shape
+          if (!t.varint(&tlen)) return h;
+          std::string packed;
+          if (!t.read(tlen, &packed)) return h;
+          std::vector<grpc::Slice> ps{grpc::Slice(packed.data(), packed.size())};
+          Reader p(ps);
+          if (!p.done() && first_dim) {
+            if (!p.varint(&dim) || int64_t(dim) > max_samples) return h;
+            first_dim = false;
+          }
+        } else if (tf == 3 && tw == 0) {
+          if (!t.varint(&dim)) return h;
+          if (first_dim && int64_t(dim) > max_samples) return h;
+          first_dim = false;
+        } else if (tf == 5) {  // typed contents
+          return h;
+        } else if (!t.skip_field(tw)) {
+          return h;
+        }
+      }
+    } else if (field == 7 && wire == 2) {
+      if (!r.varint(&len) || !r.skip(len)) return h;
+      ++raws;
+    } else if (!r.skip_field(wire)) {
+      return h;
+    }
+  }
+  h.ok = !h.model.empty() && inputs > 0 && raws == inputs;
+  return h;
+}
+
+bool parse_version(const std::string& s, int64_t* v) {
+  if (s.empty() || s.size() > 18) return false;
+  int64_t out = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+    out = out * 10 + (c - '0');
+  }
+  *v = out;
+  return out > 0;
+}
+
+std::string header(const grpc::GenericCallbackServerContext* ctx, const char* name) {
+  auto it = ctx->client_metadata().find(name);
+  return it == ctx->client_metadata().end() ? std::string() : std::string(it->second.data(), it->second.size());
+}
+
+bool reserved(const std::string& k) {
+  return k.empty() || k[0] == ':' || k.rfind("grpc-", 0) == 0 || k == "te" || k == "content-type" ||
+         k == "user-agent";
+}
+
+std::string new_request_id() {
+  static const char* hex = "0123456789abcdef";
+  std::string s(32, '0');
+  uint64_t a = rng()(), b = rng()();
+  for (int i = 0; i < 16; ++i) s[i] = hex[(a >> (4 * i)) & 15], s[16 + i] = hex[(b >> (4 * i)) & 15];
+  return s;
+}
+
+class Front;
+
+class Call final : public grpc::ServerGenericBidiReactor {
+ public:
+  Call(Front* f, grpc::GenericCallbackServerContext* ctx);
+  void OnReadDone(bool ok) override;
+  void OnDone() override;
+  void OnCancel() override {
+    std::lock_guard lock(mu_);
+    cancelled_ = true;
+    if (up_) up_->TryCancel();
+  }
+
+ private:
+  void handle();
+  void forward_native(const Head& head, std::vector<grpc::Slice>& slices);
+  void attempt();
+  void forward_slow();
+  void done(const Status& st);
+  bool start_upstream(std::unique_ptr<grpc::ClientContext> ctx);
+
+  Front* f_;
+  grpc::GenericCallbackServerContext* ctx_;
+  ByteBuffer req_, fwd_, resp_;
+  std::mutex mu_;
+  bool cancelled_ = false;
+  std::unique_ptr<grpc::ClientContext> up_;
+  std::unique_ptr<grpc::ClientContext> spent_;  // a failed attempt's context, kept until the call ends
+  std::shared_ptr<const Routes> routes_;  // kept alive for the workers the call uses
+  std::string model_, rid_;
+  int64_t version_ = 0;
+  SysClock::time_point deadline_;
+  std::shared_ptr<Worker> worker_;
+  std::string tried_;
+  int attempt_ = 0;
+};
+
+class Service final : public grpc::CallbackGenericService {
+ public:
+  explicit Service(Front* f) : f_(f) {}
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    return new Call(f_, ctx);
+  }
+
+ private:
+  Front* f_;
+};
+
+grpc::ChannelArguments channel_args(int max_message_bytes) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(max_message_bytes);
+  args.SetMaxSendMessageSize(max_message_bytes);
+  // Reconnect quickly to a worker that restarts: gRPC's default backoff grows to 120 s.
+  args.SetInt("grpc.initial_reconnect_backoff_ms", 200);
+  args.SetInt("grpc.min_reconnect_backoff_ms", 200);
+  args.SetInt("grpc.max_reconnect_backoff_ms", 2000);
+  args.SetInt("grpc.http2.max_frame_size", 1 << 20);
+  args.SetInt("grpc.http2.lookahead_bytes", 8 << 20);
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // one connection per gateway, not shared with grpcio's
+  return args;
+}
+
+class Front {
+ public:
+  std::unique_ptr<Service> service;
+  std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<grpc::GenericStub> slow;
+  std::string internal_auth;
+  int max_message_bytes = 0;
+  int64_t default_deadline_ms = 30000, max_deadline_ms = 300000, max_samples = 64;
+  int eject_after = 3;
+  double eject_s = 5.0;
+  std::atomic<bool> accepting{true};
+  std::atomic<int64_t> codes[17] = {};
+  std::atomic<int64_t> native_calls{0}, slow_calls{0}, retries{0};
+
+  std::shared_mutex keys_mu;
+  std::unordered_map<std::string, Key> keys;  // SHA-256 of the secret -> key
+
+  std::mutex routes_mu;
+  std::shared_ptr<const Routes> routes = std::make_shared<Routes>();
+  std::unordered_map<std::string, std::shared_ptr<Worker>> workers;  // by address: channels outlive table updates
+
+  std::shared_ptr<const Routes> current_routes() {
+    std::lock_guard lock(routes_mu);
+    return routes;
+  }
+
+  // The key this secret names, if Python verified it and it may infer on the model now.
+  bool admit(const std::string& secret, const std::string& model) {
+    unsigned char digest[SHA256_DIGEST_LENGTH];
+    SHA256(reinterpret_cast<const unsigned char*>(secret.data()), secret.size(), digest);
+    std::shared_lock lock(keys_mu);
+    auto it = keys.find(std::string(reinterpret_cast<char*>(digest), sizeof digest));
+    if (it == keys.end()) return false;
+    const Key& k = it->second;
+    if (k.role < kRoleInfer || (k.expires_ns && k.expires_ns <= now_ns())) return false;
+    if (k.patterns.empty()) return true;
+    for (const auto& p : k.patterns)
+      if (fnmatch(p.c_str(), model.c_str(), FNM_NOESCAPE) == 0) return true;
+    return false;
+  }
+
+  // Power of two choices over the workers serving model/version, skipping those tried or ejected.
+  std::shared_ptr<Worker> choose(const Routes& r, const std::string& model, int64_t version, const std::string& tried) {
+    auto it = r.serving.find(model + "\n" + std::to_string(version));
+    if (it == r.serving.end()) return nullptr;
+    std::vector<std::shared_ptr<Worker>> ok, ejected;
+    int64_t now = now_ns();
+    for (const auto& w : it->second) {
+      if (!tried.empty() && tried == w->address) continue;
+      (w->ejected_until_ns.load() > now ? ejected : ok).push_back(w);
+    }
+    auto& pool = ok.empty() ? ejected : ok;
+    if (pool.empty()) return nullptr;
+    if (pool.size() == 1) return pool[0];
+    size_t a = rng()() % pool.size(), b = rng()() % (pool.size() - 1);
+    if (b >= a) ++b;
+    auto load = [](const Worker& w) { return w.in_flight.load() + w.queue_depth.load(); };
+    return load(*pool[a]) <= load(*pool[b]) ? pool[a] : pool[b];
+  }
+
+  int64_t pick_version(const Routes& r, const std::string& model) {
+    auto it = r.production.find(model);
+    if (it == r.production.end() || it->second.empty()) return 0;
+    const auto& targets = it->second;
+    if (targets.size() == 1) return targets[0].first;
+    double total = 0;
+    for (const auto& t : targets) total += t.second;
+    double x = std::uniform_real_distribution<double>(0, total)(rng());
+    for (const auto& t : targets) {
+      if (x < t.second) return t.first;
+      x -= t.second;
+    }
+    return targets.back().first;
+  }
+
+  void record(Worker& w, bool ok) {
+    if (ok) {
+      w.failures = 0;
+      return;
+    }
+    if (++w.failures >= eject_after)
+      w.ejected_until_ns = now_ns() + int64_t(eject_s * 1e9);
+  }
+
+  void set_routes(const std::string& text) {
+    auto r = std::make_shared<Routes>();
+    std::istringstream in(text);
+    std::string kind;
+    std::lock_guard lock(routes_mu);
+    while (in >> kind) {
+      if (kind == "A") {
+        std::string model;
+        int64_t version;
+        double weight;
+        in >> model >> version >> weight;
+        r->production[model].emplace_back(version, weight);
+      } else if (kind == "W") {
+        std::string model, address;
+        int64_t version;
+        int depth;
+        in >> model >> version >> address >> depth;
+        auto& w = workers[address];
+        if (!w) {
+          w = std::make_shared<Worker>();
+          w->address = address;
+          w->stub = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
+              address, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
+        }
+        w->queue_depth = depth;
+        r->serving[model + "\n" + std::to_string(version)].push_back(w);
+      } else {
+        std::getline(in, kind);  // an unknown line: skip it
+      }
+    }
+    routes = r;
+  }
+};
+
+Call::Call(Front* f, grpc::GenericCallbackServerContext* ctx) : f_(f), ctx_(ctx) {
+  if (kStreams.count(ctx->method())) {
+    Finish(Status(StatusCode::UNIMPLEMENTED,
+                  "streaming calls are not served on the gateway's fast port; use its main port"));
+    return;
+  }
+  if (!f->accepting) {
+    Finish(Status(StatusCode::UNAVAILABLE, "gateway is draining; retry on another replica"));
+    return;
+  }
+  StartRead(&req_);
+}
+
+void Call::OnDone() { delete this; }
+
+void Call::OnReadDone(bool ok) {
+  if (!ok) {
+    Finish(Status(StatusCode::INVALID_ARGUMENT, "no request message"));
+    return;
+  }
+  handle();
+}
+
+void Call::handle() {
+  if (ctx_->method() == kModelInfer) {
+    std::string auth = header(ctx_, "authorization");
+    std::vector<grpc::Slice> slices;
+    if (auth.size() > 7 && strncasecmp(auth.c_str(), "bearer ", 7) == 0 && req_.Dump(&slices).ok()) {
+      Head head = scan_request(slices, f_->max_samples);
+      if (head.ok && f_->admit(auth.substr(7), head.model)) {
+        forward_native(head, slices);
+        return;
+      }
+    }
+  }
+  forward_slow();
+}
+
+void Call::forward_native(const Head& head, std::vector<grpc::Slice>& slices) {
+  routes_ = f_->current_routes();
+  model_ = head.model;
+  if (head.version.empty()) {
+    version_ = f_->pick_version(*routes_, model_);
+  } else if (!parse_version(head.version, &version_)) {
+    version_ = 0;
+  }
+  if (version_ == 0 || !f_->choose(*routes_, model_, version_, "")) {
+    forward_slow();  // no alias, an unknown version, no worker: Python resolves or says why
+    return;
+  }
+  if (head.version.empty()) {  // name the version for the worker: a later field 2 replaces an earlier one
+    std::string v = std::to_string(version_);
+    std::string extra{char(0x12), char(v.size())};
+    extra += v;
+    slices.emplace_back(extra.data(), extra.size());
+  }
+  fwd_ = ByteBuffer(slices.data(), slices.size());
+  rid_ = header(ctx_, "x-request-id");
+  bool printable = rid_.size() <= 128;
+  for (char c : rid_) printable &= c >= 0x20 && c < 0x7f;
+  if (rid_.empty() || !printable) rid_ = new_request_id();
+  auto limit = SysClock::now() + std::chrono::milliseconds(f_->max_deadline_ms);
+  deadline_ = ctx_->deadline() == SysClock::time_point::max()
+                  ? SysClock::now() + std::chrono::milliseconds(f_->default_deadline_ms)
+                  : std::min(ctx_->deadline(), limit);
+  f_->native_calls++;
+  attempt();
+}
+
+bool Call::start_upstream(std::unique_ptr<grpc::ClientContext> ctx) {
+  std::lock_guard lock(mu_);
+  if (cancelled_) return false;
+  spent_ = std::move(up_);  // never destroyed inside its own completion callback
+  up_ = std::move(ctx);
+  return true;
+}
+
+void Call::attempt() {
+  worker_ = f_->choose(*routes_, model_, version_, tried_);
+  if (!worker_) {
+    done(Status(StatusCode::UNAVAILABLE, "no healthy worker has " + model_ + " v" + std::to_string(version_) +
+                                             " ready; retry shortly"));
+    return;
+  }
+  if (SysClock::now() >= deadline_) {
+    done(Status(StatusCode::DEADLINE_EXCEEDED, "deadline passed before a worker could answer"));
+    return;
+  }
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(deadline_);
+  ctx->AddMetadata("authorization", f_->internal_auth);
+  ctx->AddMetadata("x-request-id", rid_);
+  grpc::ClientContext* raw = ctx.get();
+  if (!start_upstream(std::move(ctx))) {
+    done(Status(StatusCode::CANCELLED, "cancelled by the caller"));
+    return;
+  }
+  worker_->in_flight++;
+  worker_->stub->UnaryCall(raw, kModelInfer, grpc::StubOptions(), &fwd_, &resp_, [this](Status st) {
+    worker_->in_flight--;
+    bool retryable = st.error_code() == StatusCode::UNAVAILABLE;
+    f_->record(*worker_, !retryable);
+    if (retryable && attempt_ == 0 && SysClock::now() + std::chrono::milliseconds(1) < deadline_) {
+      attempt_ = 1;
+      tried_ = worker_->address;
+      f_->retries++;
+      resp_.Clear();
+      attempt();
+      return;
+    }
+    done(st);
+  });
+}
+
+void Call::forward_slow() {
+  f_->slow_calls++;
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  if (ctx_->deadline() != SysClock::time_point::max()) ctx->set_deadline(ctx_->deadline());
+  for (const auto& [k, v] : ctx_->client_metadata()) {
+    std::string key(k.data(), k.size());
+    if (!reserved(key)) ctx->AddMetadata(key, std::string(v.data(), v.size()));
+  }
+  grpc::ClientContext* raw = ctx.get();
+  if (!start_upstream(std::move(ctx))) {
+    done(Status(StatusCode::CANCELLED, "cancelled by the caller"));
+    return;
+  }
+  f_->slow->UnaryCall(raw, ctx_->method(), grpc::StubOptions(), &req_, &resp_, [this](Status st) {
+    // The Python gateway's metadata (request id, retry-after hints) goes back as it came.
+    for (const auto& [k, v] : up_->GetServerInitialMetadata()) {
+      std::string key(k.data(), k.size());
+      if (!reserved(key)) ctx_->AddInitialMetadata(key, std::string(v.data(), v.size()));
+    }
+    for (const auto& [k, v] : up_->GetServerTrailingMetadata()) {
+      std::string key(k.data(), k.size());
+      if (!reserved(key)) ctx_->AddTrailingMetadata(key, std::string(v.data(), v.size()));
+    }
+    done(st);
+  });
+}
+
+void Call::done(const Status& st) {
+  int code = int(st.error_code());
+  f_->codes[code >= 0 && code < 17 ? code : 2]++;
+  if (!rid_.empty()) ctx_->AddTrailingMetadata("x-request-id", rid_);
+  if (st.ok()) {
+    StartWriteAndFinish(&resp_, grpc::WriteOptions(), st);
+  } else {
+    Finish(st);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+#pragma GCC visibility push(default)
+
+// Starts the fast port; *port gets the bound port. slow_address is the Python gateway's own port.
+void* fg_start(const char* address, int max_message_bytes, const char* slow_address, const char* internal_token,
+               int64_t default_deadline_ms, int64_t max_deadline_ms, int64_t max_samples, int eject_after,
+               double eject_s, int* port) {
+  auto* f = new Front();
+  f->max_message_bytes = max_message_bytes;
+  f->internal_auth = std::string("Bearer ") + internal_token;
+  f->default_deadline_ms = default_deadline_ms;
+  f->max_deadline_ms = max_deadline_ms;
+  f->max_samples = max_samples;
+  f->eject_after = eject_after;
+  f->eject_s = eject_s;
+  f->slow = std::make_unique<grpc::GenericStub>(
+      grpc::CreateCustomChannel(slow_address, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
+  f->service = std::make_unique<Service>(f);
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), port);
+  builder.SetMaxReceiveMessageSize(max_message_bytes);
+  builder.SetMaxSendMessageSize(max_message_bytes);
+  builder.AddChannelArgument("grpc.http2.max_frame_size", 1 << 20);
+  builder.AddChannelArgument("grpc.http2.lookahead_bytes", 8 << 20);
+  builder.RegisterCallbackGenericService(f->service.get());
+  f->server = builder.BuildAndStart();
+  if (!f->server || *port == 0) {
+    delete f;
+    return nullptr;
+  }
+  return f;
+}
+
+// A verified key (digest: the secret's 32-byte SHA-256; patterns: newline-separated; expires_ns 0: never).
+void fg_put_key(void* fp, const char* digest, const char* key_id, int role, const char* patterns, int64_t expires_ns) {
+  auto* f = static_cast<Front*>(fp);
+  Key k;
+  k.key_id = key_id;
+  k.role = role;
+  k.expires_ns = expires_ns;
+  std::istringstream in(patterns);
+  for (std::string p; std::getline(in, p);)
+    if (!p.empty()) k.patterns.push_back(p);
+  std::unique_lock lock(f->keys_mu);
+  f->keys[std::string(digest, SHA256_DIGEST_LENGTH)] = std::move(k);
+}
+
+// Forgets a key (revoked, changed or deleted): its next call goes through Python again.
+void fg_drop_key(void* fp, const char* key_id) {
+  auto* f = static_cast<Front*>(fp);
+  std::unique_lock lock(f->keys_mu);
+  for (auto it = f->keys.begin(); it != f->keys.end();)
+    it = it->second.key_id == key_id ? f->keys.erase(it) : std::next(it);
+}
+
+void fg_clear_keys(void* fp) {
+  auto* f = static_cast<Front*>(fp);
+  std::unique_lock lock(f->keys_mu);
+  f->keys.clear();
+}
+
+// Replaces the routing table. Lines: "A model version weight" (production alias targets) and
+// "W model version worker_fast_address queue_depth" (a worker with that version ready).
+void fg_set_routes(void* fp, const char* text) { static_cast<Front*>(fp)->set_routes(text); }
+
+// Calls answered by status code (17), then calls served natively, sent to Python, and retried.
+void fg_counts(void* fp, int64_t* out) {
+  auto* f = static_cast<Front*>(fp);
+  for (int i = 0; i < 17; ++i) out[i] = f->codes[i].load();
+  out[17] = f->native_calls.load();
+  out[18] = f->slow_calls.load();
+  out[19] = f->retries.load();
+}
+
+void fg_set_accepting(void* fp, int accepting) { static_cast<Front*>(fp)->accepting = accepting != 0; }
+
+void fg_shutdown(void* fp, double grace_s) {
+  auto* f = static_cast<Front*>(fp);
+  f->accepting = false;
+  f->server->Shutdown(SysClock::now() + std::chrono::microseconds(int64_t(grace_s * 1e6)));
+  f->server->Wait();
+}
+
+void fg_free(void* fp) {
+  auto* f = static_cast<Front*>(fp);
+  f->server.reset();
+  delete f;
+}
+
+#pragma GCC visibility pop
+}  // extern "C"
