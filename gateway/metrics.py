@@ -62,6 +62,18 @@ class Metrics:
         if self.access_log is not None:
             self.access_log.add(name, code.name, seconds, model)
 
+    def on_native(self, rows: list[tuple[float, int, float, str, str, str]], dropped: int) -> None:
+        """Native fast-port ModelInfer calls, drained from the front in batches: the same metrics and
+        access-log lines as calls on the Python port."""
+        for ts, value, seconds, rid, model, version in rows:
+            code = STATUS_BY_VALUE.get(value, grpc.StatusCode.UNKNOWN).name
+            self._child(self.requests, "ModelInfer", model, code).inc()
+            self._child(self.latency, "ModelInfer").observe(seconds)
+            if self.access_log is not None:
+                self.access_log.pending.append((ts, "ModelInfer", code, seconds, rid, model, version))
+        if dropped and self.access_log is not None:
+            self.access_log.dropped += dropped
+
     def upstream_call(self, worker_id: str, code: grpc.StatusCode) -> None:
         self._child(self.upstream, worker_id, code.name).inc()
 

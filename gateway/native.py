@@ -32,7 +32,9 @@ def _load() -> C.CDLL:
     lib = C.CDLL(str(LIBRARY))
     p, i, i64, s = C.c_void_p, C.c_int, C.c_int64, C.c_char_p
     lib.fg_start.restype = p
-    lib.fg_start.argtypes = [s, i, s, s, i64, i64, i64, i, C.c_double, C.POINTER(i)]
+    lib.fg_start.argtypes = [s, i, s, s, i64, i64, i64, i, C.c_double, i64, C.POINTER(i)]
+    lib.fg_drain_log.restype = i64
+    lib.fg_drain_log.argtypes = [p, p, i64, C.POINTER(i64)]
     lib.fg_put_key.argtypes = [p, s, s, i, s, i64]
     lib.fg_drop_key.argtypes = [p, s]
     lib.fg_clear_keys.argtypes = [p]
@@ -47,12 +49,13 @@ def _load() -> C.CDLL:
 class NativeGateway:
     def __init__(self, address: str, max_message_bytes: int, slow_address: str, internal_token: str,
                  default_deadline_ms: int, max_deadline_ms: int, max_samples: int, eject_after: int,
-                 eject_s: float) -> None:
+                 eject_s: float, max_pending: int) -> None:
         self.lib = _load()
         port = C.c_int(0)
         self.handle = self.lib.fg_start(address.encode(), max_message_bytes, slow_address.encode(),
                                         internal_token.encode(), default_deadline_ms, max_deadline_ms, max_samples,
-                                        eject_after, eject_s, C.byref(port))
+                                        eject_after, eject_s, max_pending, C.byref(port))
+        self._log_buf = C.create_string_buffer(1 << 20)
         if not self.handle:
             raise OSError(f"gateway fast port cannot listen on {address}")
         self.port = port.value
@@ -83,6 +86,22 @@ class NativeGateway:
         if self.handle:
             self.lib.fg_counts(self.handle, out)
         return {"codes": list(out[:17]), "native": out[17], "python": out[18], "retries": out[19]}
+
+    def drain_log(self) -> tuple[list[tuple[float, int, float, str, str, str]], int]:
+        """Native calls finished since the last drain: (epoch s, code, seconds, request id, model, version)
+        each, and how many were dropped because nobody drained them in time."""
+        if not self.handle:
+            return [], 0
+        dropped = C.c_int64(0)
+        n = self.lib.fg_drain_log(self.handle, self._log_buf, len(self._log_buf), C.byref(dropped))
+        if n < 0:
+            self._log_buf = C.create_string_buffer(2 * -n)
+            n = self.lib.fg_drain_log(self.handle, self._log_buf, len(self._log_buf), C.byref(dropped))
+        rows = []
+        for line in self._log_buf.raw[:max(0, n)].decode(errors="replace").splitlines():
+            ts, code, seconds, rid, model, version = line.split("\t")
+            rows.append((float(ts), int(code), float(seconds), rid, model, version))
+        return rows, dropped.value
 
     def set_accepting(self, accepting: bool) -> None:
         if self.handle:

@@ -58,11 +58,11 @@ class GatewayServer:
             # First: its calls passed to Python need the main port to answer them.
             await asyncio.to_thread(self.native.shutdown, grace_s)
         await self.server.stop(grace_s)
-        if self.native is not None:
-            self.native.close()
         for t in self.tasks:
             t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, return_exceptions=True)  # the last native records are drained here
+        if self.native is not None:
+            self.native.close()
         await self.gateway.workers.close()
         await self.gateway.limiter.close()
         await self.link.close()
@@ -123,6 +123,8 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     ]
     if access_log is not None:
         tasks.append(asyncio.create_task(access_log.run()))
+    if native is not None:
+        tasks.append(asyncio.create_task(drain_native(native, metrics, stop)))
     await gateway.wait_for_workers(5.0)
     await server.start()
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else -1
@@ -132,6 +134,16 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
                 f", metrics on {config.metrics_host}:{metrics_port}" if metrics_port >= 0 else "")
     return GatewayServer(server, port, gateway, keys, link, health_servicer, stop, metrics, metrics_port, tasks,
                          native, native.port if native is not None else -1)
+
+
+async def drain_native(native: NativeGateway, metrics: Metrics, stop: asyncio.Event, every_s: float = 0.2) -> None:
+    """Feed the native calls' records to the metrics and the access log, in batches."""
+    try:
+        while not stop.is_set():
+            await asyncio.sleep(every_s)
+            metrics.on_native(*native.drain_log())
+    finally:
+        metrics.on_native(*native.drain_log())
 
 
 def start_native(config: GatewayConfig, port: int, gateway: Gateway, keys: KeyCache,
@@ -146,7 +158,8 @@ def start_native(config: GatewayConfig, port: int, gateway: Gateway, keys: KeyCa
         return None
     native = NativeGateway(f"{config.host}:{config.fast_port}", config.max_message_bytes, f"127.0.0.1:{port}",
                            config.internal_token, config.default_deadline_ms, config.max_deadline_ms,
-                           config.max_images_per_call, config.eject_after_failures, config.eject_s)
+                           config.max_images_per_call, config.eject_after_failures, config.eject_s,
+                           config.max_pending_calls)
 
     def on_verified(secret: str, record: registry_pb2.ApiKey) -> None:
         if Limits.of(record).unlimited:  # limited keys stay on the Python path, which charges Redis

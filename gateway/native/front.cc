@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -257,12 +258,64 @@ class Call final : public grpc::ServerGenericBidiReactor {
   std::shared_ptr<Worker> worker_;
   std::string tried_;
   int attempt_ = 0;
+  bool counted_ = false;  // holds one of the front's pending-call slots
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+};
+
+
+// A streaming call, relayed message by message to the Python port in both directions (one message in
+// flight each way, so flow control reaches from the client to the Python gateway and back).
+class StreamCall final : public grpc::ServerGenericBidiReactor {
+ public:
+  StreamCall(Front* f, grpc::GenericCallbackServerContext* ctx);
+  // client -> here
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override { up_.ctx.TryCancel(); }
+  void OnDone() override { release(); }
+
+ private:
+  class Up final : public grpc::ClientBidiReactor<ByteBuffer, ByteBuffer> {
+   public:
+    explicit Up(StreamCall* s) : s_(s) {}
+    void OnReadDone(bool ok) override { s_->up_read(ok); }
+    void OnWriteDone(bool ok) override { s_->up_wrote(ok); }
+    void OnWritesDoneDone(bool) override { RemoveHold(); }
+    void OnDone(const Status& st) override { s_->up_done(st); }
+    grpc::ClientContext ctx;
+
+   private:
+    StreamCall* s_;
+  };
+
+  bool hold_upstream();
+  void up_read(bool ok);
+  void up_wrote(bool ok);
+  void up_done(const Status& st);
+  void copy_initial_metadata();
+  void release() {
+    std::unique_lock lock(mu_);
+    if (--refs_ == 0) {
+      lock.unlock();
+      delete this;
+    }
+  }
+
+  Front* f_;
+  grpc::GenericCallbackServerContext* ctx_;
+  Up up_{this};
+  ByteBuffer in_, out_;
+  std::mutex mu_;
+  int refs_ = 2;  // the server side's OnDone and the upstream's OnDone
+  bool initial_copied_ = false;
+  bool up_closing_ = false;  // the upstream sent its last message
 };
 
 class Service final : public grpc::CallbackGenericService {
  public:
   explicit Service(Front* f) : f_(f) {}
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    if (kStreams.count(ctx->method())) return new StreamCall(f_, ctx);
     return new Call(f_, ctx);
   }
 
@@ -295,6 +348,13 @@ class Front {
   int eject_after = 3;
   double eject_s = 5.0;
   std::atomic<bool> accepting{true};
+  int64_t max_pending = 4096;
+  std::atomic<int64_t> pending{0};
+  // Finished native calls, for Python's access log and metrics (calls passed to Python are logged there).
+  std::mutex log_mu;
+  std::string log;
+  int64_t log_lines = 0, log_dropped = 0;
+  static constexpr int64_t kMaxLogLines = 100000;
   std::atomic<int64_t> codes[17] = {};
   std::atomic<int64_t> native_calls{0}, slow_calls{0}, retries{0};
 
@@ -403,19 +463,110 @@ class Front {
 };
 
 Call::Call(Front* f, grpc::GenericCallbackServerContext* ctx) : f_(f), ctx_(ctx) {
-  if (kStreams.count(ctx->method())) {
-    Finish(Status(StatusCode::UNIMPLEMENTED,
-                  "streaming calls are not served on the gateway's fast port; use its main port"));
-    return;
-  }
   if (!f->accepting) {
     Finish(Status(StatusCode::UNAVAILABLE, "gateway is draining; retry on another replica"));
     return;
   }
+  if (++f->pending > f->max_pending) {
+    f->pending--;
+    Finish(Status(StatusCode::RESOURCE_EXHAUSTED, "gateway is at its limit of " + std::to_string(f->max_pending) +
+                                                      " calls in progress; retry shortly"));
+    return;
+  }
+  counted_ = true;
   StartRead(&req_);
 }
 
-void Call::OnDone() { delete this; }
+
+StreamCall::StreamCall(Front* f, grpc::GenericCallbackServerContext* ctx) : f_(f), ctx_(ctx) {
+  if (!f->accepting) {
+    refs_ = 1;  // no upstream call
+    Finish(Status(StatusCode::UNAVAILABLE, "gateway is draining; retry on another replica"));
+    return;
+  }
+  f->slow_calls++;
+  if (ctx->deadline() != SysClock::time_point::max()) up_.ctx.set_deadline(ctx->deadline());
+  for (const auto& [k, v] : ctx->client_metadata()) {
+    std::string key(k.data(), k.size());
+    if (!reserved(key)) up_.ctx.AddMetadata(key, std::string(v.data(), v.size()));
+  }
+  f->slow->PrepareBidiStreamingCall(&up_.ctx, ctx->method(), grpc::StubOptions(), &up_);
+  // The client side starts upstream operations from outside the upstream's own callbacks. A base hold
+  // keeps the upstream from finishing before its last read has told us so (up_read with !ok), and each
+  // such operation holds it too; holds are taken under mu_, operations started outside it.
+  up_.AddHold();  // base
+  up_.AddHold();  // the first read
+  up_.StartRead(&out_);
+  up_.StartCall();
+  StartRead(&in_);
+}
+
+bool StreamCall::hold_upstream() {
+  std::lock_guard lock(mu_);
+  if (up_closing_) return false;  // the upstream ended: the call finishes with its status
+  up_.AddHold();
+  return true;
+}
+
+void StreamCall::OnReadDone(bool ok) {
+  if (!hold_upstream()) return;
+  if (ok) {
+    up_.StartWrite(&in_);  // the next read from the client waits for this write
+  } else {
+    up_.StartWritesDone();  // the client half-closed
+  }
+}
+
+void StreamCall::up_wrote(bool ok) {
+  if (ok) StartRead(&in_);  // else the upstream broke: its status finishes the call
+  up_.RemoveHold();
+}
+
+void StreamCall::copy_initial_metadata() {
+  std::lock_guard lock(mu_);
+  if (initial_copied_) return;
+  initial_copied_ = true;
+  for (const auto& [k, v] : up_.ctx.GetServerInitialMetadata()) {
+    std::string key(k.data(), k.size());
+    if (!reserved(key)) ctx_->AddInitialMetadata(key, std::string(v.data(), v.size()));
+  }
+}
+
+void StreamCall::up_read(bool ok) {
+  if (ok) {
+    copy_initial_metadata();
+    StartWrite(&out_);
+  } else {
+    {
+      std::lock_guard lock(mu_);  // from now on the client side leaves the upstream alone
+      up_closing_ = true;
+    }
+    up_.RemoveHold();  // base
+  }
+  up_.RemoveHold();  // this read
+}
+
+void StreamCall::OnWriteDone(bool ok) {
+  if (!ok) up_.ctx.TryCancel();  // the client is gone; the next read ends the upstream
+  if (hold_upstream()) up_.StartRead(&out_);
+}
+
+void StreamCall::up_done(const Status& st) {
+  copy_initial_metadata();
+  for (const auto& [k, v] : up_.ctx.GetServerTrailingMetadata()) {
+    std::string key(k.data(), k.size());
+    if (!reserved(key)) ctx_->AddTrailingMetadata(key, std::string(v.data(), v.size()));
+  }
+  int code = int(st.error_code());
+  f_->codes[code >= 0 && code < 17 ? code : 2]++;
+  Finish(st);
+  release();
+}
+
+void Call::OnDone() {
+  if (counted_) f_->pending--;
+  delete this;
+}
 
 void Call::OnReadDone(bool ok) {
   if (!ok) {
@@ -546,7 +697,20 @@ void Call::forward_slow() {
 void Call::done(const Status& st) {
   int code = int(st.error_code());
   f_->codes[code >= 0 && code < 17 ? code : 2]++;
-  if (!rid_.empty()) ctx_->AddTrailingMetadata("x-request-id", rid_);
+  if (!rid_.empty()) {  // a native call: rid_ is set only there
+    ctx_->AddTrailingMetadata("x-request-id", rid_);
+    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    char head[96];
+    snprintf(head, sizeof head, "%.3f\t%d\t%.6f\t", double(now_ns()) / 1e9, code, seconds);
+    std::lock_guard lock(f_->log_mu);
+    if (f_->log_lines >= Front::kMaxLogLines) {
+      f_->log_dropped++;
+    } else {
+      f_->log_lines++;
+      f_->log.append(head).append(rid_).append("\t").append(model_).append("\t").append(std::to_string(version_));
+      f_->log.push_back('\n');
+    }
+  }
   if (st.ok()) {
     StartWriteAndFinish(&resp_, grpc::WriteOptions(), st);
   } else {
@@ -562,8 +726,9 @@ extern "C" {
 // Starts the fast port; *port gets the bound port. slow_address is the Python gateway's own port.
 void* fg_start(const char* address, int max_message_bytes, const char* slow_address, const char* internal_token,
                int64_t default_deadline_ms, int64_t max_deadline_ms, int64_t max_samples, int eject_after,
-               double eject_s, int* port) {
+               double eject_s, int64_t max_pending, int* port) {
   auto* f = new Front();
+  f->max_pending = max_pending > 0 ? max_pending : f->max_pending;
   f->max_message_bytes = max_message_bytes;
   f->internal_auth = std::string("Bearer ") + internal_token;
   f->default_deadline_ms = default_deadline_ms;
@@ -628,6 +793,21 @@ void fg_counts(void* fp, int64_t* out) {
   out[17] = f->native_calls.load();
   out[18] = f->slow_calls.load();
   out[19] = f->retries.load();
+}
+
+// Takes the finished native calls' lines ("epoch_s\tcode\tseconds\trequest_id\tmodel\tversion\n") into buf;
+// returns their length (0: none), or -needed when buf is too small. *dropped gets lines lost to a full buffer.
+int64_t fg_drain_log(void* fp, char* buf, int64_t cap, int64_t* dropped) {
+  auto* f = static_cast<Front*>(fp);
+  std::lock_guard lock(f->log_mu);
+  *dropped = f->log_dropped;
+  if (int64_t(f->log.size()) > cap) return -int64_t(f->log.size());
+  int64_t n = int64_t(f->log.size());
+  std::memcpy(buf, f->log.data(), f->log.size());
+  f->log.clear();
+  f->log_lines = 0;
+  f->log_dropped = 0;
+  return n;
 }
 
 void fg_set_accepting(void* fp, int accepting) { static_cast<Front*>(fp)->accepting = accepting != 0; }

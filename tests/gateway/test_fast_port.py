@@ -66,9 +66,11 @@ async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(sta
     assert code == grpc.StatusCode.INVALID_ARGUMENT, msg
     code, msg = await status_of(stub.ModelInfer(ident_request(0, version="7"), metadata=auth(secret), timeout=10))
     assert code == grpc.StatusCode.NOT_FOUND, msg
-    stream = stub.ModelStreamInfer(iter([ident_request()]), metadata=auth(secret), timeout=10)
-    code, msg = await status_of(stream.read())
-    assert code == grpc.StatusCode.UNIMPLEMENTED and "main port" in msg
+    # streams are relayed message by message to the Python port
+    answers = [r async for r in stub.ModelStreamInfer(iter([ident_request(7), ident_request(8, version="9")]),
+                                                     metadata=auth(secret), timeout=10)]
+    assert answers[0].infer_response.id == "r7" and answers[0].error_message == ""
+    assert "not found" in answers[1].error_message.lower() or "9" in answers[1].error_message, answers[1]
     await channel.close()
 
 
@@ -113,4 +115,31 @@ async def test_a_revoked_key_stops_working_on_the_fast_port_within_a_second(stac
         assert time.monotonic() - revoked_at < 1.0, "revocation not honoured within 1 s"
         await asyncio.sleep(0.02)
     assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in msg, msg
+    await channel.close()
+
+
+async def test_native_calls_reach_the_metrics_and_the_access_log(stack: Stack, gateways: GatewayFactory) -> None:
+    import io
+    import json
+
+    gw = await gateways()
+    await wait_routable(gw, "ident")
+    assert gw.metrics.access_log is not None
+    access = io.StringIO()
+    gw.metrics.access_log.stream = access
+    secret = await asyncio.to_thread(stack.key)
+    channel, stub = fast_stub(gw)
+    for i in range(4):
+        await stub.ModelInfer(ident_request(i), metadata=auth(secret, rid=f"native-{i}"), timeout=10)
+    assert gw.native.counts()["native"] == 3
+    await asyncio.sleep(0.5)  # drained every 0.2 s
+    gw.metrics.access_log.flush()
+    lines = {line.get("request_id"): line for line in map(json.loads, access.getvalue().splitlines())}
+    for i in range(1, 4):  # the first call went through Python, and is logged there
+        line = lines[f"native-{i}"]
+        assert (line["method"], line["code"], line["model"], line["version"]) == ("ModelInfer", "OK", "ident", "1")
+    text = gw.metrics.exposition().decode()
+    assert 'fovea_gateway_requests_total{code="OK",method="ModelInfer",model="ident"} 4.0' in text
+    assert 'fovea_gateway_fast_port_calls_total{path="native"} 3.0' in text
+    assert secret not in access.getvalue()
     await channel.close()

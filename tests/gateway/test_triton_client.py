@@ -11,6 +11,8 @@ import os
 import pathlib
 import sys
 
+import pytest
+
 from fovea.cluster import ROOT
 from tests.gateway.conftest import GatewayFactory, Stack
 from tests.tinymodels import png
@@ -18,7 +20,9 @@ from tests.tinymodels import png
 PROBE = pathlib.Path(__file__).with_name("triton_probe.py")
 
 
-async def test_tritonclient_against_gateway(stack: Stack, gateways: GatewayFactory, tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("port", ["main", "fast"])
+async def test_tritonclient_against_gateway(stack: Stack, gateways: GatewayFactory, tmp_path: pathlib.Path,
+                                            port: str) -> None:
     gw = await gateways()
     secret = await asyncio.to_thread(stack.key)
     image = tmp_path / "blue.png"
@@ -26,7 +30,7 @@ async def test_tritonclient_against_gateway(stack: Stack, gateways: GatewayFacto
     env = {**os.environ, "FOVEA_API_KEY": secret}
     # the gateway runs in this event loop, so the client must be a non-blocking subprocess
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(PROBE), f"127.0.0.1:{gw.port}", "colors", str(image),
+        sys.executable, str(PROBE), f"127.0.0.1:{gw.port if port == 'main' else gw.fast_port}", "colors", str(image),
         cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, stderr.decode()[-3000:]
