@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1.7
-# The gateway image (public gRPC on 8500, metrics on 9090). Build from the repository root:
+# The gateway image (public gRPC on 8500, its native fast port on 8504, metrics on 9090). Build from the repository root:
 #   docker build -f deploy/docker/gateway.Dockerfile -t fovea-gateway:0.1.0 .
 # Base images are pinned by exact tag; pin digests too in your registry (see deploy/README.md).
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
@@ -23,6 +23,16 @@ COPY deploy/docker/healthcheck.py healthcheck.py
 # filesystem is read-only at run time.
 RUN python -m fovea.codegen \
  && python -m compileall -q /app
+# The native fast port (gateway/native/front.cc), built against the distribution's gRPC C++; the
+# shared libraries it needs travel with it, so the run stage needs no build tools or -dev packages.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ pkg-config libgrpc++-dev libssl-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && gateway/native/build.sh \
+ && mkdir -p gateway/native/build/lib \
+ && ldd gateway/native/build/libfovea_gateway_front.so | awk '/=> \// {print $3}' \
+      | grep -E 'grpc|gpr|absl|protobuf|upb|re2|cares|address_sorting|ssl|crypto|libz' \
+      | xargs -r cp -L -t gateway/native/build/lib/
 
 # ---- run: the same base, a non-root user, no build tools ----
 FROM ${PYTHON_IMAGE}
@@ -32,6 +42,7 @@ RUN groupadd --system --gid 10001 fovea \
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app /app
 ENV PATH=/opt/venv/bin:$PATH \
+    LD_LIBRARY_PATH=/app/gateway/native/build/lib \
     PYTHONPATH=/app \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
@@ -39,6 +50,6 @@ WORKDIR /app
 # codegen.ensure() runs at every start and would try to write into /app if the stubs looked stale.
 RUN python -c "from fovea import codegen; assert not codegen.is_stale(), 'generated code is stale'"
 USER 10001:10001
-EXPOSE 8500 9090
+EXPOSE 8500 8504 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 CMD ["python", "/app/healthcheck.py", "8500"]
 CMD ["python", "-m", "gateway"]

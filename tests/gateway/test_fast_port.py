@@ -12,6 +12,7 @@ import numpy as np
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.gateway.conftest import GatewayFactory, Stack, auth, status_of, wait_routable
+from tests.gateway.test_failover import own_stack  # noqa: F401 - a fixture
 from tests.gateway.test_routing import RED, _fast_port_successes
 
 
@@ -143,3 +144,86 @@ async def test_native_calls_reach_the_metrics_and_the_access_log(stack: Stack, g
     assert 'fovea_gateway_fast_port_calls_total{path="native"} 3.0' in text
     assert secret not in access.getvalue()
     await channel.close()
+
+
+async def test_native_calls_spread_over_two_equal_workers(stack: Stack, gateways: GatewayFactory) -> None:
+    gw = await gateways()
+    await wait_routable(gw, "ident")
+    secret = await asyncio.to_thread(stack.key)
+    before = {w.worker_id: n for w, n in await _per_worker_successes(stack)}
+    channel, stub = fast_stub(gw)
+    await stub.ModelInfer(ident_request(), metadata=auth(secret), timeout=10)  # verifies the key through Python
+
+    async def client(c: int) -> None:
+        for i in range(40):
+            await stub.ModelInfer(ident_request(c * 100 + i), metadata=auth(secret), timeout=10)
+
+    await asyncio.gather(*(client(c) for c in range(6)))
+    assert gw.native.counts()["native"] == 240
+    served = {w.worker_id: n - before.get(w.worker_id, 0) for w, n in await _per_worker_successes(stack)}
+    total = sum(served.values())
+    assert total == 241 and len(served) == 2, served
+    for count in served.values():
+        assert 0.4 <= count / total <= 0.6, served
+    await channel.close()
+
+
+async def _per_worker_successes(stack: Stack) -> list[tuple[object, int]]:
+    md = (("authorization", f"Bearer {stack.cluster.internal_token}"),)
+    out = []
+    for w in await asyncio.to_thread(lambda: stack.rc.list_workers("ident", ready_only=True)):
+        async with grpc.aio.insecure_channel(w.fast_address) as ch:
+            st = await pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
+                pb.ModelStatisticsRequest(name="ident"), metadata=md, timeout=10)
+            out.append((w, sum(s.inference_stats.success.count for s in st.model_stats)))
+    return out
+
+
+async def test_kill_9_one_worker_under_native_load(own_stack: Stack) -> None:
+    from gateway.config import GatewayConfig
+    from gateway.server import build_server
+
+    stack = own_stack
+    gw = await build_server(GatewayConfig(port=0, registry_address=stack.registry.address,
+                                          internal_token=stack.cluster.internal_token))
+    await wait_routable(gw, "ident")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while len(gw.gateway.workers.endpoints) < 2 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    secret = await asyncio.to_thread(stack.key)
+    channel, stub = fast_stub(gw)
+    ok, failures = 0, []
+    stop = asyncio.Event()
+
+    async def client(c: int) -> None:
+        nonlocal ok
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                resp = await stub.ModelInfer(ident_request(i), metadata=auth(secret), timeout=30)
+                assert resp.id == f"r{i}"
+                ok += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is collected and reported
+                failures.append(exc)
+
+    clients = [asyncio.create_task(client(c)) for c in range(4)]
+    await asyncio.sleep(1.5)
+    before_kill = ok
+    stack.workers[0].kill()  # SIGKILL: no draining heartbeat, connections drop mid-call
+    await asyncio.sleep(1.5)
+    retries_after_ejection = gw.native.counts()["retries"]
+    await asyncio.sleep(2.0)
+    stop.set()
+    await asyncio.gather(*clients)
+    counts = gw.native.counts()
+    print(f"{ok} calls ({ok - before_kill} after the kill), {len(failures)} failed; native {counts}")
+    assert failures == [], failures[:3]
+    assert counts["retries"] >= 1  # calls that met the dead worker went on to the live one
+    assert counts["native"] > ok * 0.9
+    assert ok - before_kill > 50
+    # ejected (and then dropped by the registry): no call meets the dead worker any more
+    assert counts["retries"] == retries_after_ejection
+    await channel.close()
+    await gw.stop(0)
