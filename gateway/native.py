@@ -13,6 +13,7 @@ import ctypes as C
 import hashlib
 import logging
 import pathlib
+import time
 from typing import Any
 
 from fovea.v1 import model_pb2, registry_pb2
@@ -60,11 +61,14 @@ class NativeGateway:
             raise OSError(f"gateway fast port cannot listen on {address}")
         self.port = port.value
 
-    def put_key(self, secret: str, record: registry_pb2.ApiKey) -> None:
-        """Let the front answer this key's calls itself (only keys without rate limits: see ratelimit.py)."""
+    def put_key(self, secret: str, record: registry_pb2.ApiKey, ttl_s: float) -> None:
+        """Let the front answer this key's calls itself (only keys without rate limits: see ratelimit.py),
+        for ttl_s at most, like the Python cache: then its next call is verified at the registry again."""
         if not self.handle:
             return
-        expires = record.expires_at.ToNanoseconds() if record.HasField("expires_at") else 0
+        expires = time.time_ns() + int(ttl_s * 1e9)
+        if record.HasField("expires_at"):
+            expires = min(expires, record.expires_at.ToNanoseconds())
         self.lib.fg_put_key(self.handle, hashlib.sha256(secret.encode()).digest(), record.key_id.encode(),
                             int(record.role), "\n".join(record.model_patterns).encode(), expires)
 

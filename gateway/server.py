@@ -163,7 +163,7 @@ def start_native(config: GatewayConfig, port: int, gateway: Gateway, keys: KeyCa
 
     def on_verified(secret: str, record: registry_pb2.ApiKey) -> None:
         if Limits.of(record).unlimited:  # limited keys stay on the Python path, which charges Redis
-            native.put_key(secret, record)
+            native.put_key(secret, record, config.key_cache_ttl_s)
 
     def on_change(event: registry_pb2.WatchApiKeysResponse) -> None:
         if event.snapshot:

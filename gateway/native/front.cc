@@ -56,7 +56,7 @@ struct Key {
   std::string key_id;
   int role = 0;
   std::vector<std::string> patterns;
-  int64_t expires_ns = 0;  // 0: never
+  int64_t expires_ns = 0;  // the key's expiry or the end of its time in this cache, whichever is first
 };
 
 struct Worker {
@@ -754,7 +754,8 @@ void* fg_start(const char* address, int max_message_bytes, const char* slow_addr
   return f;
 }
 
-// A verified key (digest: the secret's 32-byte SHA-256; patterns: newline-separated; expires_ns 0: never).
+// A verified key (digest: the secret's 32-byte SHA-256; patterns: newline-separated; expires_ns: when
+// to stop answering for it here, after which its calls go through Python again).
 void fg_put_key(void* fp, const char* digest, const char* key_id, int role, const char* patterns, int64_t expires_ns) {
   auto* f = static_cast<Front*>(fp);
   Key k;

@@ -116,6 +116,16 @@ async def test_a_revoked_key_stops_working_on_the_fast_port_within_a_second(stac
         assert time.monotonic() - revoked_at < 1.0, "revocation not honoured within 1 s"
         await asyncio.sleep(0.02)
     assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in msg, msg
+    # an expiring key: answered natively until its expiry, then refused
+    record, short = await asyncio.to_thread(stack.rc.create_key, "infer", ttl_s=2)
+    for _ in range(2):
+        await stub.ModelInfer(ident_request(), metadata=auth(short), timeout=10)
+    native = gw2.native.counts()["native"]
+    await stub.ModelInfer(ident_request(), metadata=auth(short), timeout=10)
+    assert gw2.native.counts()["native"] == native + 1
+    await asyncio.sleep(max(0.0, record.expires_at.ToNanoseconds() / 1e9 - time.time()) + 0.05)
+    code, msg = await status_of(stub.ModelInfer(ident_request(), metadata=auth(short), timeout=10))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "expired" in msg, msg
     await channel.close()
 
 
@@ -227,3 +237,31 @@ async def test_kill_9_one_worker_under_native_load(own_stack: Stack) -> None:
     assert counts["retries"] == retries_after_ejection
     await channel.close()
     await gw.stop(0)
+
+
+async def test_bad_or_unusual_requests_get_the_python_ports_answers(stack: Stack, gateways: GatewayFactory) -> None:
+    gw = await gateways(max_images_per_call=8)
+    await wait_routable(gw, "ident")
+    secret = await asyncio.to_thread(stack.key)
+    channel, stub = fast_stub(gw)
+    await stub.ModelInfer(ident_request(), metadata=auth(secret), timeout=10)  # the key is now cached natively
+    raw = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    for garbage in (b"\xff\xff\xff", b"\x0a\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01", b"\x3a\x10abc"):
+        code, msg = await status_of(raw(garbage, metadata=auth(secret), timeout=10))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (garbage, code, msg)
+    big = pb.ModelInferRequest(model_name="ident")
+    big.inputs.add(name="input", datatype="FP32", shape=[9, 4])
+    big.raw_input_contents.append(np.zeros((9, 4), np.float32).tobytes())
+    code, msg = await status_of(stub.ModelInfer(big, metadata=auth(secret), timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit is 8" in msg, msg
+    typed = pb.ModelInferRequest(model_name="ident")
+    typed.inputs.add(name="input", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([1, 2, 3, 4])
+    resp = await stub.ModelInfer(typed, metadata=auth(secret), timeout=10)  # typed contents: via Python
+    assert np.frombuffer(resp.raw_output_contents[0], np.float32).tolist() == [1, 2, 3, 4]
+    counts = gw.native.counts()
+    assert counts["native"] == 0 and counts["python"] == 6, counts  # nothing above was answered natively
+    code, _ = await status_of(stub.ModelInfer(ident_request(), metadata=auth(secret), timeout=0.000001))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    resp = await stub.ModelInfer(ident_request(3), metadata=auth(secret), timeout=10)
+    assert resp.id == "r3" and gw.native.counts()["native"] == 2  # and the port still serves
+    await channel.close()
