@@ -58,6 +58,7 @@ def publish_default_model(registry_address: str, token: str, data_dir: pathlib.P
 def up(args: argparse.Namespace) -> int:
     from fovea.client import Client, RegistryClient
     from fovea.cluster import Cluster
+    from fovea.redis_server import free_port
 
     data_dir = pathlib.Path(args.data_dir).resolve()
     cluster = Cluster(data_dir, redis_url=os.environ.get("REDIS_URL", ""))
@@ -71,12 +72,17 @@ def up(args: argparse.Namespace) -> int:
         publish_default_model(registry.address, cluster.internal_token, data_dir, args.model)
         for i in range(args.workers):
             cluster.start_worker(registry.address, [args.model], name=f"worker{i}")
-        gateway = cluster.start_gateway(registry.address, port=args.gateway_port)
+        fast_port = args.gateway_fast_port if args.gateway_fast_port != 0 else free_port()
+        gateway = cluster.start_gateway(registry.address, port=args.gateway_port,
+                                        FOVEA_GATEWAY_FAST_PORT=str(fast_port))
         with RegistryClient(registry.address, cluster.internal_token) as rc:
             _, secret = rc.create_key("admin", description="created by fovea up")
         print(f"gateway: {gateway.address}", flush=True)
         print(f"api key: {secret}", flush=True)
         print(f"registry: {registry.address}   logs: {data_dir}", file=sys.stderr)
+        if fast_port > 0:
+            host = gateway.address.rsplit(":", 1)[0]
+            print(f"gateway fast port: {host}:{fast_port} (every call; raw-tensor ModelInfer in C++)", file=sys.stderr)
         if args.demo:
             from fovea.explain import explain, save_overlay
 

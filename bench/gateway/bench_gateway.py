@@ -164,7 +164,8 @@ def throughput(address: str, md: tuple[tuple[str, str], ...], req: pb.ModelInfer
 
 
 def perf_analyzer_phase(targets: dict[str, tuple[str, str]], model: str, concurrency: int, trials: int,
-                        window_ms: int) -> dict[str, dict[str, list[float]]]:
+                        window_ms: int, pids: dict[str, int] | None = None,
+                        served: Any = None) -> dict[str, dict[str, list[float]]]:
     """Both phases with Triton's perf_analyzer: p50 at concurrency 1 and calls/s at `concurrency`,
     targets alternating within each trial so that drift on a shared machine hits them all."""
     from loadtest import perf_analyzer
@@ -178,8 +179,15 @@ def perf_analyzer_phase(targets: dict[str, tuple[str, str]], model: str, concurr
             out[name]["p50_ms"].append(one.p50_us / 1000)
             out[name]["p99_ms"].append(one.p99_us / 1000)
         for name, (address, token) in targets.items():
+            # CPU per call of each process under load: unlike rates, it hardly moves with the machine's noise
+            cpu0 = {k: cpu_s(pid) for k, pid in (pids or {}).items()}
+            n0 = served() if served else 0
             out[name]["rps"].append(perf_analyzer.run(address, model, token, concurrency=concurrency,
                                                       window_ms=window_ms, extra=stable).infer_per_s)
+            calls = (served() - n0) if served else 0
+            for k, pid in (pids or {}).items():
+                if calls:
+                    out[name].setdefault(f"{k}_cpu_ms_per_call", []).append((cpu_s(pid) - cpu0[k]) * 1000 / calls)
     return out
 
 
@@ -192,6 +200,10 @@ def report_perf_analyzer(args: argparse.Namespace, model: str, res: dict[str, di
               f"({'/'.join(f'{x:.3f}' for x in res[name]['p50_ms'])} ms; {'/'.join(f'{x:.0f}' for x in res[name]['rps'])})")
     hop = med["gateway"]["p50_ms"] - med["direct"]["p50_ms"]
     ratio = med["gateway"]["rps"] / med["direct"]["rps"]
+    for name, r in med.items():
+        cpu = ", ".join(f"{k.split('_')[0]} {v:.3f}" for k, v in r.items() if k.endswith("cpu_ms_per_call"))
+        if cpu:
+            print(f"CPU ms per call at c={args.concurrency}, {name}: {cpu}")
     print(f"gateway hop at p50, concurrency 1: {hop:+.3f} ms (target <= 0.5 ms) {'PASS' if hop <= 0.5 else 'FAIL'}")
     if "floor" in med:
         print(f"floor (bare Python proxy) hop: {med['floor']['p50_ms'] - med['direct']['p50_ms']:+.3f} ms")
@@ -202,6 +214,14 @@ def report_perf_analyzer(args: argparse.Namespace, model: str, res: dict[str, di
            "throughput_ratio": ratio, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.json}")
+
+
+def rc_worker_stats(address: str, token: str, model: str) -> int:
+    """Calls the worker has answered for the model (both its ports)."""
+    with grpc.insecure_channel(address) as ch:
+        st = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model), metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+    return sum(s.inference_stats.success.count for s in st.model_stats)
 
 
 def cpu_s(pid: int) -> float:
@@ -298,7 +318,11 @@ def main() -> None:
             pa_targets = {"direct": (upstream, cluster.internal_token), "gateway": (addresses[0], secret)}
             if bare is not None:
                 pa_targets["floor"] = (bare_address, "unused")
-            results = perf_analyzer_phase(pa_targets, mv.name, args.concurrency, args.trials, args.window_ms)
+            def served() -> int:
+                return rc_worker_stats(worker.address, cluster.internal_token, mv.name)
+
+            results = perf_analyzer_phase(pa_targets, mv.name, args.concurrency, args.trials, args.window_ms,
+                                          {"worker": worker.proc.pid, "gateway": gateway.proc.pid}, served)
             report_perf_analyzer(args, mv.name, results)
             return
         req = make_request(mv.name, payload)

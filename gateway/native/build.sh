@@ -12,6 +12,6 @@ if [[ -f "$lib" && "$lib" -nt "$here/front.cc" && "$lib" -nt "$0" ]]; then
 fi
 # Only the fg_* functions are exported: this library shares a process with grpcio's own gRPC core.
 g++ -std=c++17 -O2 -fPIC -fvisibility=hidden -Wall $(pkg-config --cflags grpc++) -shared \
-  -o "$lib.tmp" "$here/front.cc" -Wl,--exclude-libs,ALL $(pkg-config --libs grpc++) -lcrypto
+  -o "$lib.tmp" "$here/front.cc" -Wl,--exclude-libs,ALL $(pkg-config --libs grpc++ absl_synchronization) -lcrypto
 mv "$lib.tmp" "$lib"
 echo "built $lib"

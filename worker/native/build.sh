@@ -26,6 +26,6 @@ done
 wait
 # Only the fv_* functions are exported: this library shares a process with grpcio's own gRPC core.
 g++ -shared -o "$out/libfovea_front.so.tmp" "${objs[@]}" -Wl,--exclude-libs,ALL \
-  $(pkg-config --libs grpc++ protobuf)
+  $(pkg-config --libs grpc++ protobuf absl_synchronization)
 mv "$out/libfovea_front.so.tmp" "$out/libfovea_front.so"
 echo "built $out/libfovea_front.so"
