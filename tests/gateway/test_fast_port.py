@@ -261,7 +261,8 @@ async def test_bad_or_unusual_requests_get_the_python_ports_answers(stack: Stack
     counts = gw.native.counts()
     assert counts["native"] == 0 and counts["python"] == 6, counts  # nothing above was answered natively
     code, _ = await status_of(stub.ModelInfer(ident_request(), metadata=auth(secret), timeout=0.000001))
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED  # (gRPC may drop it before the front sees it)
+    native = gw.native.counts()["native"]
     resp = await stub.ModelInfer(ident_request(3), metadata=auth(secret), timeout=10)
-    assert resp.id == "r3" and gw.native.counts()["native"] == 2  # and the port still serves
+    assert resp.id == "r3" and gw.native.counts()["native"] == native + 1  # and the port still serves
     await channel.close()
