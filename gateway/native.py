@@ -60,6 +60,7 @@ class NativeGateway:
         if not self.handle:
             raise OSError(f"gateway fast port cannot listen on {address}")
         self.port = port.value
+        self.routes = ""
 
     def put_key(self, secret: str, record: registry_pb2.ApiKey, ttl_s: float) -> None:
         """Let the front answer this key's calls itself (only keys without rate limits: see ratelimit.py),
@@ -82,6 +83,7 @@ class NativeGateway:
             self.lib.fg_clear_keys(self.handle)
 
     def set_routes(self, text: str) -> None:
+        self.routes = text  # the last table sent (read by tests)
         if self.handle:
             self.lib.fg_set_routes(self.handle, text.encode())
 

@@ -105,7 +105,9 @@ async def wait_routable(srv: GatewayServer, model: str, timeout_s: float = 20.0)
     while loop.time() < deadline:
         if any(m.name == model and m.ready for ep in srv.gateway.workers.endpoints.values()
                for m in ep.status.models):
-            return
+            # and the fast port's table has the model's alias and a worker for it
+            if srv.native is None or (f"A {model} " in srv.native.routes and f"W {model} " in srv.native.routes):
+                return
         await asyncio.sleep(0.05)
     raise AssertionError(f"gateway never saw a worker with {model} ready")
 

@@ -159,6 +159,10 @@ async def test_native_calls_reach_the_metrics_and_the_access_log(stack: Stack, g
 async def test_native_calls_spread_over_two_equal_workers(stack: Stack, gateways: GatewayFactory) -> None:
     gw = await gateways()
     await wait_routable(gw, "ident")
+    for _ in range(200):  # both workers in the fast port's table
+        if gw.native.routes.count("W ident ") == 2:
+            break
+        await asyncio.sleep(0.05)
     secret = await asyncio.to_thread(stack.key)
     before = {w.worker_id: n for w, n in await _per_worker_successes(stack)}
     channel, stub = fast_stub(gw)
