@@ -114,8 +114,38 @@ def perf_analyzer_side(ports: dict[str, str], name: str, token: str, conc: int) 
     return out
 
 
+# Main-port load again on a second worker with one setting changed, to split the main port's slowdown
+# under load on CUDA (seen on an H200: about 70 img/s at c=128 against 1,000-2,900 on the fast port).
+VARIANTS = {
+    "inline_compute_off": {"FOVEA_WORKER_INLINE_COMPUTE_US": "0"},
+    "io_binding_off": {"FOVEA_WORKER_IO_BINDING": "false"},
+    "fast_port_off": {"FOVEA_WORKER_FAST_PORT": "-1"},
+}
+
+
+def variant_load(cluster: Cluster, reg_address: str, name: str, env: dict[str, str], payload: bytes,
+                 seconds: float, procs: int, conc: int, max_batch: int) -> dict[str, Any]:
+    settings = {**WANT["worker_env"], "FOVEA_WORKER_MAX_BATCH_SIZE": str(max_batch),
+                "FOVEA_WORKER_MAX_QUEUE_LEN": "8192", "FOVEA_WORKER_LOG_LEVEL": "WARNING", **env}
+    worker = cluster.start_worker(reg_address, [name], name=f"variant-{len(cluster.services)}", **settings)
+    try:
+        with RegistryClient(reg_address, cluster.internal_token, timeout_s=120) as rc:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                if any(w.address == worker.address and w.models and w.models[0].ready for w in rc.list_workers(name)):
+                    break
+                time.sleep(0.2)
+        with mp.get_context("spawn").Pool(procs) as pool:
+            parts = pool.map(_client, [(worker.address, cluster.internal_token, payload, conc // procs, seconds)] * procs)
+        return {"env": env, "img_s": sum(p["img_s"] for p in parts), "p50_ms": statistics.median(p["p50_ms"] for p in parts)}
+    except Exception as exc:  # noqa: BLE001 - record it and go on
+        return {"env": env, "error": repr(exc)[:500]}
+    finally:
+        worker.stop()
+
+
 def worker_side(path: pathlib.Path, shape: tuple[int, ...], name: str, seconds: float, procs: int,
-                conc: int, max_batch: int, logs: pathlib.Path) -> dict[str, Any]:
+                conc: int, max_batch: int, logs: pathlib.Path, variants: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"fast_port": fast_front_loads()}
     fast_port = free_port() if out["fast_port"] else -1
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,6 +188,10 @@ def worker_side(path: pathlib.Path, shape: tuple[int, ...], name: str, seconds: 
                                         "img_s": sum(p["img_s"] for p in parts),
                                         "p50_ms": statistics.median(p["p50_ms"] for p in parts)}
             out["perf_analyzer"] = perf_analyzer_side(ports, name, cluster.internal_token, conc)
+            if variants:
+                out["main_port_variants"] = {
+                    key: variant_load(cluster, reg.address, name, env, payload, seconds, procs, conc, max_batch)
+                    for key, env in VARIANTS.items()}
         finally:
             cluster.stop()
             logs.mkdir(parents=True, exist_ok=True)
@@ -175,6 +209,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--model-file", default="", help="another ONNX model (input 'input', FP32) instead")
     parser.add_argument("--input-shape", default="3,224,224", help="its input shape without the batch axis")
+    parser.add_argument("--main-port-variants", action="store_true",
+                        help="also load the main port of workers with one setting changed (VARIANTS)")
     parser.add_argument("--cpu-rehearsal", action="store_true", help="use the CPU provider (to try the script)")
     args = parser.parse_args()
     if args.cpu_rehearsal:
@@ -192,7 +228,7 @@ def main() -> None:
     if ok_raw:
         try:
             result["worker"] = worker_side(path, shape, name, args.seconds, args.client_procs, args.concurrency,
-                                           args.batch, pathlib.Path(args.out))
+                                           args.batch, pathlib.Path(args.out), args.main_port_variants)
         except Exception as exc:  # noqa: BLE001 - keep the raw figures and say what broke
             result["worker_error"] = repr(exc)
             print(f"worker side failed: {exc!r}", flush=True)
@@ -227,6 +263,12 @@ def main() -> None:
                   f"{load['p50_ms']:>9.2f}{load['img_s']:>10.0f}")
             print(f"  {port}: worker / raw throughput {load['img_s'] / best:.1%}; "
                   f"c1 p50 - raw b1 p50 {c1['p50_ms'] - r['b1']['p50_ms']:+.2f} ms")
+        for key, value in w.get("main_port_variants", {}).items():
+            if "img_s" in value:
+                print(f"{'main port c' + str(args.concurrency) + ', ' + key:<34}{value['p50_ms']:>9.2f}"
+                      f"{value['img_s']:>10.0f}")
+            else:
+                print(f"main port variant {key}: {value}")
         for key, value in w.get("perf_analyzer", {}).items():
             if isinstance(value, dict) and "infer_per_s" in value:
                 port = "fast port" if key.startswith("fast_") else "main port"
