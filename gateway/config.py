@@ -14,7 +14,7 @@ class GatewayConfig(BaseConfig):
     """Public gRPC port."""
     fast_port: int = 0
     """The native fast port (gateway/native): raw-tensor ModelInfer in C++, every other call passed to the
-    main port. 0 picks a free port, -1 turns it off; it is off when TLS is configured (plaintext only)."""
+    main port. 0 picks a free port, -1 turns it off. It serves TLS (and mutual TLS) like the main port."""
     registry_address: str = "127.0.0.1:8501"
     """Registry host:port."""
     redis_url: str = ""

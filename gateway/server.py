@@ -69,6 +69,14 @@ class GatewayServer:
         self.metrics.close()
 
 
+def _tls_files(config: GatewayConfig) -> tuple[bytes, bytes, bytes]:
+    """(certificate chain, private key, client CA) in PEM for the fast port; empty when plaintext."""
+    if not config.tls_cert_file:
+        return b"", b"", b""
+    ca = pathlib.Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else b""
+    return pathlib.Path(config.tls_cert_file).read_bytes(), pathlib.Path(config.tls_key_file).read_bytes(), ca
+
+
 def _credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
     if not config.tls_cert_file:
         return None
@@ -103,7 +111,12 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     creds = _credentials(config)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     stop = asyncio.Event()
-    native = start_native(config, port, gateway, keys, metrics) if config.fast_port >= 0 else None
+    native = None
+    if config.fast_port >= 0:
+        # The fast port passes calls to a plaintext port of this server on loopback, its own: the main port may
+        # serve TLS or listen on another address. (The fast port checked TLS and client certificates itself.)
+        slow_port = server.add_insecure_port("127.0.0.1:0")
+        native = start_native(config, slow_port, gateway, keys, metrics)
     on_models, on_workers = versions.on_event, workers.on_event
     if native is not None:
         def sync_routes() -> None:
@@ -149,9 +162,6 @@ async def drain_native(native: NativeGateway, metrics: Metrics, stop: asyncio.Ev
 def start_native(config: GatewayConfig, port: int, gateway: Gateway, keys: KeyCache,
                  metrics: Metrics) -> NativeGateway | None:
     """The native fast port, fed with verified unlimited keys; None when it cannot run here."""
-    if config.tls_cert_file:
-        logger.warning("no fast port: it serves plaintext only, and this gateway is configured for TLS")
-        return None
     if not native_available():
         logger.error("fast port asked for but %s is not built (run gateway/native/build.sh); serving the main "
                      "port only", NATIVE_LIBRARY)
@@ -159,7 +169,7 @@ def start_native(config: GatewayConfig, port: int, gateway: Gateway, keys: KeyCa
     native = NativeGateway(f"{config.host}:{config.fast_port}", config.max_message_bytes, f"127.0.0.1:{port}",
                            config.internal_token, config.default_deadline_ms, config.max_deadline_ms,
                            config.max_images_per_call, config.eject_after_failures, config.eject_s,
-                           config.max_pending_calls)
+                           config.max_pending_calls, _tls_files(config))
 
     def on_verified(secret: str, record: registry_pb2.ApiKey) -> None:
         if Limits.of(record).unlimited:  # limited keys stay on the Python path, which charges Redis

@@ -736,10 +736,12 @@ void Call::done(const Status& st) {
 extern "C" {
 #pragma GCC visibility push(default)
 
-// Starts the fast port; *port gets the bound port. slow_address is the Python gateway's own port.
+// Starts the fast port; *port gets the bound port. slow_address is the Python gateway's own port (plaintext,
+// on loopback). With cert_pem and key_pem it serves TLS; with client_ca_pem too, it requires client certificates.
 void* fg_start(const char* address, int max_message_bytes, const char* slow_address, const char* internal_token,
                int64_t default_deadline_ms, int64_t max_deadline_ms, int64_t max_samples, int eject_after,
-               double eject_s, int64_t max_pending, int* port) {
+               double eject_s, int64_t max_pending, const char* cert_pem, const char* key_pem,
+               const char* client_ca_pem, int* port) {
   // Keep freed buffers in the heap: gRPC allocates a fresh buffer for every large message, and
   // returning each to the kernel costs a page fault and a zeroed page per 4 KiB on the next one
   // (about 15% of this front's CPU with 600 KB tensors). Only when the environment did not set them.
@@ -759,8 +761,17 @@ void* fg_start(const char* address, int max_message_bytes, const char* slow_addr
   f->slow = std::make_unique<grpc::GenericStub>(
       grpc::CreateCustomChannel(slow_address, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
   f->service = std::make_unique<Service>(f);
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (cert_pem && *cert_pem) {
+    grpc::SslServerCredentialsOptions ssl(client_ca_pem && *client_ca_pem
+                                              ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                              : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    ssl.pem_key_cert_pairs.push_back({key_pem, cert_pem});
+    if (client_ca_pem && *client_ca_pem) ssl.pem_root_certs = client_ca_pem;
+    creds = grpc::SslServerCredentials(ssl);
+  }
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), port);
+  builder.AddListeningPort(address, creds, port);
   builder.SetMaxReceiveMessageSize(max_message_bytes);
   builder.SetMaxSendMessageSize(max_message_bytes);
   builder.AddChannelArgument("grpc.http2.max_frame_size", 1 << 20);

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from fovea.client import Client
 from fovea.log import ContextFilter, JsonFormatter
 from fovea.v1 import image_pb2_grpc
-from tests.gateway.conftest import GatewayFactory, Stack, auth, classify_request, image_stub, status_of
+from tests.gateway.conftest import GatewayFactory, Stack, auth, classify_request, image_stub, status_of, wait_routable
 from tests.tinymodels import png
 
 RED = png((240, 20, 20))
@@ -168,3 +168,40 @@ async def test_tls_and_mutual_tls(stack: Stack, gateways: GatewayFactory, tmp_pa
             return c.classify([RED], model="colors", top_k=1).results[0].labels[0].label
 
     assert await asyncio.to_thread(python_client) == "red"
+
+
+async def test_the_fast_port_serves_tls_and_mutual_tls_too(stack: Stack, gateways: GatewayFactory,
+                                                          tmp_path: pathlib.Path) -> None:
+    import numpy as np
+
+    from inference import grpc_predict_v2_pb2 as pb
+    from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    f = _certs(tmp_path)
+    secret = await asyncio.to_thread(stack.key)
+    mtls = await gateways(tls_cert_file=str(f["server_cert"]), tls_key_file=str(f["server_key"]),
+                          tls_client_ca_file=str(f["ca"]))
+    assert mtls.fast_port > 0
+    ca = f["ca"].read_bytes()
+    client_pair = dict(private_key=f["client_key"].read_bytes(), certificate_chain=f["client_cert"].read_bytes())
+    req = pb.ModelInferRequest(model_name="ident")
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    req.raw_input_contents.append(np.arange(4, dtype=np.float32).tobytes())
+
+    async def infer(creds: grpc.ChannelCredentials | None) -> grpc.StatusCode:
+        address = f"127.0.0.1:{mtls.fast_port}"
+        channel = grpc.aio.secure_channel(address, creds) if creds else grpc.aio.insecure_channel(address)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        code, _ = await status_of(stub.ModelInfer(req, metadata=auth(secret), timeout=5))
+        if code == grpc.StatusCode.OK:  # and the Python path behind it (images) through the same port
+            code, _ = await status_of(image_pb2_grpc.ImageServiceStub(channel).Classify(
+                classify_request(RED), metadata=auth(secret), timeout=5))
+        await channel.close()
+        return code
+
+    await wait_routable(mtls, "ident")
+    for _ in range(2):  # the first call verifies the key through Python, the second runs natively
+        assert await infer(grpc.ssl_channel_credentials(ca, **client_pair)) == grpc.StatusCode.OK
+    assert mtls.native.counts()["native"] >= 1
+    assert await infer(grpc.ssl_channel_credentials(ca)) == grpc.StatusCode.UNAVAILABLE  # no client cert
+    assert await infer(None) == grpc.StatusCode.UNAVAILABLE  # plaintext to a TLS port
