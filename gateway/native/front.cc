@@ -472,6 +472,12 @@ class Front {
       }
     }
     routes = r;
+    // Close channels to workers that left: no table lists them and no call holds them any more.
+    std::set<const Worker*> listed;
+    for (const auto& [key, ws] : r->serving)
+      for (const auto& w : ws) listed.insert(w.get());
+    for (auto it = workers.begin(); it != workers.end();)
+      it = !listed.count(it->second.get()) && it->second.use_count() == 1 ? workers.erase(it) : std::next(it);
   }
 };
 
