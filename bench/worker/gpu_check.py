@@ -120,6 +120,9 @@ VARIANTS = {
     "inline_compute_off": {"FOVEA_WORKER_INLINE_COMPUTE_US": "0"},
     "io_binding_off": {"FOVEA_WORKER_IO_BINDING": "false"},
     "fast_port_off": {"FOVEA_WORKER_FAST_PORT": "-1"},
+    # intra_op_threads 0 gives ONNX Runtime's CPU pool every core, spinning during runs: on a 16-core
+    # machine shared with 8 client processes that may starve the main port's one event-loop thread
+    "cpu_pool_2_no_spin": {"FOVEA_WORKER_INTRA_OP_THREADS": "2", "FOVEA_WORKER_THREAD_SPINNING": "false"},
 }
 
 
