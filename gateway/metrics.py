@@ -105,10 +105,7 @@ class Metrics:
                                             "Fast-port calls answered natively or passed to Python", labels=["path"])
                 paths.add_metric(["native"], now["native"])
                 paths.add_metric(["python"], now["python"])
-                retries = CounterMetricFamily("fovea_gateway_fast_port_retries",
-                                              "Native calls retried on another worker after UNAVAILABLE")
-                retries.add_metric([], now["retries"])
-                yield from (codes, paths, retries)
+                yield from (codes, paths)
 
         self.registry.register(FastPort())
 

@@ -151,12 +151,22 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
 
 async def drain_native(native: NativeGateway, metrics: Metrics, stop: asyncio.Event, every_s: float = 0.2) -> None:
     """Feed the native calls' records to the metrics and the access log, in batches."""
+    retried = 0
+
+    def drain() -> None:
+        nonlocal retried
+        metrics.on_native(*native.drain_log())
+        now = native.counts()["retries"]
+        if now > retried:  # native retries count with the Python port's in fovea_gateway_upstream_retries
+            metrics.retries.inc(now - retried)
+            retried = now
+
     try:
         while not stop.is_set():
             await asyncio.sleep(every_s)
-            metrics.on_native(*native.drain_log())
+            drain()
     finally:
-        metrics.on_native(*native.drain_log())
+        drain()
 
 
 def start_native(config: GatewayConfig, port: int, gateway: Gateway, keys: KeyCache,

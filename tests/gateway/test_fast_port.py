@@ -235,6 +235,8 @@ async def test_kill_9_one_worker_under_native_load(own_stack: Stack) -> None:
     print(f"{ok} calls ({ok - before_kill} after the kill), {len(failures)} failed; native {counts}")
     assert failures == [], failures[:3]
     assert counts["retries"] >= 1  # calls that met the dead worker went on to the live one
+    await asyncio.sleep(0.3)  # drained into the metrics every 0.2 s
+    assert f"fovea_gateway_upstream_retries_total {float(counts['retries'])}" in gw.metrics.exposition().decode()
     assert counts["native"] > ok * 0.9
     assert ok - before_kill > 50
     # ejected (and then dropped by the registry): no call meets the dead worker any more
