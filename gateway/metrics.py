@@ -62,13 +62,16 @@ class Metrics:
         if self.access_log is not None:
             self.access_log.add(name, code.name, seconds, model)
 
-    def on_native(self, rows: list[tuple[float, int, float, str, str, str]], dropped: int) -> None:
+    def on_native(self, rows: list[tuple[float, int, float, str, str, str, str]], dropped: int,
+                  worker_ids: dict[str, str] | None = None) -> None:
         """Native fast-port ModelInfer calls, drained from the front in batches: the same metrics and
-        access-log lines as calls on the Python port."""
-        for ts, value, seconds, rid, model, version in rows:
+        access-log lines as calls on the Python port. worker_ids maps fast addresses to worker ids."""
+        for ts, value, seconds, rid, model, version, worker in rows:
             code = STATUS_BY_VALUE.get(value, grpc.StatusCode.UNKNOWN).name
             self._child(self.requests, "ModelInfer", model, code).inc()
             self._child(self.latency, "ModelInfer").observe(seconds)
+            if worker and worker_ids and worker in worker_ids:  # the worker that answered (or failed last)
+                self._child(self.upstream, worker_ids[worker], code).inc()
             if self.access_log is not None:
                 self.access_log.pending.append((ts, "ModelInfer", code, seconds, rid, model, version))
         if dropped and self.access_log is not None:

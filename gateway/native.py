@@ -96,9 +96,9 @@ class NativeGateway:
             self.lib.fg_counts(self.handle, out)
         return {"codes": list(out[:17]), "native": out[17], "python": out[18], "retries": out[19]}
 
-    def drain_log(self) -> tuple[list[tuple[float, int, float, str, str, str]], int]:
-        """Native calls finished since the last drain: (epoch s, code, seconds, request id, model, version)
-        each, and how many were dropped because nobody drained them in time."""
+    def drain_log(self) -> tuple[list[tuple[float, int, float, str, str, str, str]], int]:
+        """Native calls finished since the last drain: (epoch s, code, seconds, request id, model, version,
+        worker fast address) each, and how many were dropped because nobody drained them in time."""
         if not self.handle:
             return [], 0
         dropped = C.c_int64(0)
@@ -108,8 +108,8 @@ class NativeGateway:
             n = self.lib.fg_drain_log(self.handle, self._log_buf, len(self._log_buf), C.byref(dropped))
         rows = []
         for line in self._log_buf.raw[:max(0, n)].decode(errors="replace").splitlines():
-            ts, code, seconds, rid, model, version = line.split("\t")
-            rows.append((float(ts), int(code), float(seconds), rid, model, version))
+            ts, code, seconds, rid, model, version, worker = line.split("\t")
+            rows.append((float(ts), int(code), float(seconds), rid, model, version, worker))
         return rows, dropped.value
 
     def set_accepting(self, accepting: bool) -> None:

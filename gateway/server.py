@@ -137,7 +137,7 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     if access_log is not None:
         tasks.append(asyncio.create_task(access_log.run()))
     if native is not None:
-        tasks.append(asyncio.create_task(drain_native(native, metrics, stop)))
+        tasks.append(asyncio.create_task(drain_native(native, metrics, workers, stop)))
     await gateway.wait_for_workers(5.0)
     await server.start()
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else -1
@@ -149,13 +149,15 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
                          native, native.port if native is not None else -1)
 
 
-async def drain_native(native: NativeGateway, metrics: Metrics, stop: asyncio.Event, every_s: float = 0.2) -> None:
+async def drain_native(native: NativeGateway, metrics: Metrics, workers: Workers, stop: asyncio.Event,
+                       every_s: float = 0.2) -> None:
     """Feed the native calls' records to the metrics and the access log, in batches."""
     retried = 0
 
     def drain() -> None:
         nonlocal retried
-        metrics.on_native(*native.drain_log())
+        ids = {ep.status.fast_address: wid for wid, ep in workers.endpoints.items() if ep.status.fast_address}
+        metrics.on_native(*native.drain_log(), ids)
         now = native.counts()["retries"]
         if now > retried:  # native retries count with the Python port's in fovea_gateway_upstream_retries
             metrics.retries.inc(now - retried)

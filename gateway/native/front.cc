@@ -727,6 +727,7 @@ void Call::done(const Status& st) {
     } else {
       f_->log_lines++;
       f_->log.append(head).append(rid_).append("\t").append(model_).append("\t").append(std::to_string(version_));
+      f_->log.append("\t").append(worker_ ? worker_->address : std::string());
       f_->log.push_back('\n');
     }
   }
@@ -833,7 +834,8 @@ void fg_counts(void* fp, int64_t* out) {
   out[19] = f->retries.load();
 }
 
-// Takes the finished native calls' lines ("epoch_s\tcode\tseconds\trequest_id\tmodel\tversion\n") into buf;
+// Takes the finished native calls' lines ("epoch_s\tcode\tseconds\trequest_id\tmodel\tversion\tworker\n",
+// worker being the fast address of the last worker tried, or empty) into buf;
 // returns their length (0: none), or -needed when buf is too small. *dropped gets lines lost to a full buffer.
 int64_t fg_drain_log(void* fp, char* buf, int64_t cap, int64_t* dropped) {
   auto* f = static_cast<Front*>(fp);

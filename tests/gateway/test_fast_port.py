@@ -179,6 +179,8 @@ async def test_native_calls_spread_over_two_equal_workers(stack: Stack, gateways
     assert total == 241 and len(served) == 2, served
     for count in served.values():
         assert 0.4 <= count / total <= 0.6, served
+    await asyncio.sleep(0.3)  # the gateway's own per-worker counter sees the same split
+    assert sorted(gw.metrics.served_by_worker().values()) == sorted(float(n) for n in served.values())
     await channel.close()
 
 
