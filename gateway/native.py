@@ -128,7 +128,7 @@ class NativeGateway:
 
 def routes_text(aliases: dict[tuple[str, str], model_pb2.Alias], versions: dict[tuple[str, int], Any],
                 endpoints: dict[str, Any]) -> str:
-    """The front's routing table: production alias targets, and which worker fast ports serve what."""
+    """The front's routing table: production alias targets, and which workers (fast and main port) serve what."""
     archived = {key for key, mv in versions.items() if mv.state == model_pb2.VERSION_STATE_ARCHIVED}
     lines = []
     for (model, name), alias in aliases.items():
@@ -138,6 +138,6 @@ def routes_text(aliases: dict[tuple[str, str], model_pb2.Alias], versions: dict[
         st = ep.status
         if not st.fast_address or ep.ejected or st.state != registry_pb2.WORKER_STATE_READY:
             continue
-        lines += [f"W {m.name} {m.version} {st.fast_address} {st.queue_depth}" for m in st.models
+        lines += [f"W {m.name} {m.version} {st.fast_address} {st.address} {st.queue_depth}" for m in st.models
                   if m.ready and (m.name, m.version) not in archived]
     return "\n".join(lines) + "\n"

@@ -73,8 +73,9 @@ struct Key {
 };
 
 struct Worker {
-  std::string address;
-  std::unique_ptr<grpc::GenericStub> stub;
+  std::string address;                      // its fast port
+  std::unique_ptr<grpc::GenericStub> stub;  // to the fast port
+  std::unique_ptr<grpc::GenericStub> main;  // to its main port, for images and typed contents
   std::atomic<int> in_flight{0};
   std::atomic<int> queue_depth{0};
   std::atomic<int> failures{0};
@@ -148,6 +149,7 @@ class Reader {
 // What the hot path needs from a ModelInferRequest; ok is false for anything it leaves to Python.
 struct Head {
   bool ok = false;
+  bool tensors = true;  // only raw numeric tensors: a worker's fast port takes it; else its main port
   std::string model, version;
 };
 
@@ -175,7 +177,8 @@ Head scan_request(const std::vector<grpc::Slice>& slices, int64_t max_samples) {
         if (!t.varint(&ttag)) return h;
         uint32_t tf = uint32_t(ttag >> 3), tw = uint32_t(ttag & 7);
         if (tf == 2 && tw == 2) {  // datatype: images (BYTES) go through Python
-          if (!t.varint(&tlen) || tlen > 16 || !t.read(tlen, &text) || text == "BYTES") return h;
+          if (!t.varint(&tlen) || tlen > 16 || !t.read(tlen, &text)) return h;
+          if (text == "BYTES") h.tensors = false;  // encoded images: the worker's main port decodes them
         } else if (tf == 3 && tw == 2) {  // packed shape
           if (!t.varint(&tlen)) return h;
           std::string packed;
@@ -190,8 +193,9 @@ Head scan_request(const std::vector<grpc::Slice>& slices, int64_t max_samples) {
           if (!t.varint(&dim)) return h;
           if (first_dim && int64_t(dim) > max_samples) return h;
           first_dim = false;
-        } else if (tf == 5) {  // typed contents
-          return h;
+        } else if (tf == 5) {  // typed contents (small: the header limit above): the worker's main port
+          h.tensors = false;
+          if (!t.skip_field(tw)) return h;
         } else if (!t.skip_field(tw)) {
           return h;
         }
@@ -203,7 +207,8 @@ Head scan_request(const std::vector<grpc::Slice>& slices, int64_t max_samples) {
       return h;
     }
   }
-  h.ok = !h.model.empty() && inputs > 0 && raws == inputs;
+  h.ok = !h.model.empty() && inputs > 0 && (raws == inputs || raws == 0);
+  h.tensors = h.tensors && raws == inputs;
   return h;
 }
 
@@ -267,6 +272,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
   std::shared_ptr<const Routes> routes_;  // kept alive for the workers the call uses
   std::string model_, rid_;
   int64_t version_ = 0;
+  bool tensors_ = true;
   SysClock::time_point deadline_;
   std::shared_ptr<Worker> worker_;
   std::string tried_;
@@ -454,16 +460,18 @@ class Front {
         in >> model >> version >> weight;
         r->production[model].emplace_back(version, weight);
       } else if (kind == "W") {
-        std::string model, address;
+        std::string model, address, main;
         int64_t version;
         int depth;
-        in >> model >> version >> address >> depth;
-        auto& w = workers[address];
+        in >> model >> version >> address >> main >> depth;
+        auto& w = workers[address + " " + main];
         if (!w) {
           w = std::make_shared<Worker>();
           w->address = address;
           w->stub = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
               address, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
+          w->main = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
+              main, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
         }
         w->queue_depth = depth;
         r->serving[model + "\n" + std::to_string(version)].push_back(w);
@@ -613,6 +621,7 @@ void Call::handle() {
 void Call::forward_native(const Head& head, std::vector<grpc::Slice>& slices) {
   routes_ = f_->current_routes();
   model_ = head.model;
+  tensors_ = head.tensors;
   if (head.version.empty()) {
     version_ = f_->pick_version(*routes_, model_);
   } else if (!parse_version(head.version, &version_)) {
@@ -670,7 +679,8 @@ void Call::attempt() {
     return;
   }
   worker_->in_flight++;
-  worker_->stub->UnaryCall(raw, kModelInfer, grpc::StubOptions(), &fwd_, &resp_, [this](Status st) {
+  grpc::GenericStub* stub = tensors_ ? worker_->stub.get() : worker_->main.get();
+  stub->UnaryCall(raw, kModelInfer, grpc::StubOptions(), &fwd_, &resp_, [this](Status st) {
     worker_->in_flight--;
     bool retryable = st.error_code() == StatusCode::UNAVAILABLE;
     f_->record(*worker_, !retryable);
@@ -822,7 +832,7 @@ void fg_clear_keys(void* fp) {
 }
 
 // Replaces the routing table. Lines: "A model version weight" (production alias targets) and
-// "W model version worker_fast_address queue_depth" (a worker with that version ready).
+// "W model version worker_fast_address worker_main_address queue_depth" (a worker with that version ready).
 void fg_set_routes(void* fp, const char* text) { static_cast<Front*>(fp)->set_routes(text); }
 
 // Calls answered by status code (17), then calls served natively, sent to Python, and retried.
