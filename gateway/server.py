@@ -55,7 +55,12 @@ class GatewayServer:
         await set_serving(self.health, SERVICES, False)
         self.stop_event.set()
         if self.native is not None:
-            # First: its calls passed to Python need the main port to answer them.
+            # New calls get UNAVAILABLE (which clients retry elsewhere) for a moment before the port
+            # closes: gRPC cancels calls that arrive while a server shuts down. The fast port closes
+            # first, since calls it passed to Python need the main port to answer them.
+            self.native.set_accepting(False)
+            if grace_s > 0:
+                await asyncio.sleep(min(0.5, grace_s))
             await asyncio.to_thread(self.native.shutdown, grace_s)
         await self.server.stop(grace_s)
         for t in self.tasks:

@@ -280,3 +280,33 @@ async def test_bad_or_unusual_requests_get_the_python_ports_answers(stack: Stack
     # and the port still serves (the expired call may still be counted meanwhile: the client gives up first)
     assert resp.id == "r3" and gw.native.counts()["native"] >= native + 1
     await channel.close()
+
+
+async def test_stopping_answers_every_accepted_call(stack: Stack, gateways: GatewayFactory) -> None:
+    """Stop under native load: calls in flight are answered; later ones get UNAVAILABLE, nothing else."""
+    gw = await gateways()
+    await wait_routable(gw, "ident")
+    secret = await asyncio.to_thread(stack.key)
+    channel, stub = fast_stub(gw)
+    await stub.ModelInfer(ident_request(), metadata=auth(secret), timeout=10)
+    codes: list[grpc.StatusCode] = []
+    stopping = asyncio.Event()
+
+    async def client(c: int) -> None:
+        i = 0
+        while not stopping.is_set() or i < 5:
+            i += 1
+            code, msg = await status_of(stub.ModelInfer(ident_request(c * 1000 + i), metadata=auth(secret), timeout=10))
+            codes.append(code)
+            if code != grpc.StatusCode.OK:
+                assert code == grpc.StatusCode.UNAVAILABLE, (code, msg)
+                return
+
+    clients = [asyncio.create_task(client(c)) for c in range(4)]
+    await asyncio.sleep(0.5)
+    stopping.set()
+    await gw.stop(5)
+    await asyncio.wait_for(asyncio.gather(*clients), 20)
+    assert codes.count(grpc.StatusCode.OK) > 20
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(codes)
+    await channel.close()
