@@ -122,18 +122,18 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
         # serve TLS or listen on another address. (The fast port checked TLS and client certificates itself.)
         slow_port = server.add_insecure_port("127.0.0.1:0")
         native = start_native(config, slow_port, gateway, keys, metrics)
-    on_models, on_workers = versions.on_event, workers.on_event
-    if native is not None:
-        def sync_routes() -> None:
+
+    def sync_routes() -> None:  # the fast port's routing table follows the watches
+        if native is not None:
             native.set_routes(routes_text(versions.aliases, versions.versions, workers.endpoints))
 
-        def on_models(event: Any) -> None:
-            versions.on_event(event)
-            sync_routes()
+    def on_models(event: registry_pb2.WatchModelsResponse) -> None:
+        versions.on_event(event)
+        sync_routes()
 
-        def on_workers(event: Any) -> None:
-            workers.on_event(event)
-            sync_routes()
+    def on_workers(event: registry_pb2.WatchWorkersResponse) -> None:
+        workers.on_event(event)
+        sync_routes()
     tasks = [
         asyncio.create_task(link.follow("models", link.watch_models, on_models, stop)),
         asyncio.create_task(link.follow("workers", link.watch_workers, on_workers, stop)),
