@@ -71,6 +71,12 @@ class RegistryUnavailable(FoveaError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Draining(FoveaError):
+    """The service is stopping: retry on another replica."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class DeadlineExpired(FoveaError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

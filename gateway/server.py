@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from fovea.config import server_options
+from fovea.errors import Draining
 from fovea.registry_link import RegistryLink
 from fovea.rpc import ServiceInterceptor
 from fovea.serve import add_health, set_serving
@@ -50,17 +51,21 @@ class GatewayServer:
     native: NativeGateway | None = None
     fast_port: int = -1
     """The native fast port (gateway/native.py); -1 when off."""
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by stop(): new calls on the main port get UNAVAILABLE."""
 
     async def stop(self, grace_s: float) -> None:
         await set_serving(self.health, SERVICES, False)
         self.stop_event.set()
+        # New calls get UNAVAILABLE (which clients retry elsewhere) for a moment before the ports
+        # close: gRPC cancels calls that arrive while a server shuts down.
+        self.draining.set()
         if self.native is not None:
-            # New calls get UNAVAILABLE (which clients retry elsewhere) for a moment before the port
-            # closes: gRPC cancels calls that arrive while a server shuts down. The fast port closes
-            # first, since calls it passed to Python need the main port to answer them.
             self.native.set_accepting(False)
-            if grace_s > 0:
-                await asyncio.sleep(min(0.5, grace_s))
+        if grace_s > 0:
+            await asyncio.sleep(min(0.5, grace_s))
+        if self.native is not None:
+            # First: calls it passed to Python need the main port to answer them.
             await asyncio.to_thread(self.native.shutdown, grace_s)
         await self.server.stop(grace_s)
         for t in self.tasks:
@@ -103,7 +108,15 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     limiter = RateLimiter(config.redis_url, config.rate_limit_timeout_s)
     gateway = Gateway(config, versions, workers, limiter, metrics)
     keys = KeyCache(link, config.key_cache_ttl_s, config.refused_key_cache_s, role_of(config.min_role))
-    interceptor = ServiceInterceptor(keys.authenticator(), on_done=metrics.on_done)
+    draining = asyncio.Event()
+    authenticate = keys.authenticator()
+
+    async def admit(method: str, metadata: dict[str, Any]) -> Any:
+        if draining.is_set():  # an explicit UNAVAILABLE: a call arriving while gRPC shuts down is CANCELLED
+            raise Draining("gateway is stopping; retry on another replica")
+        return await authenticate(method, metadata)
+
+    interceptor = ServiceInterceptor(admit, on_done=metrics.on_done)
     server = grpc.aio.server(options=server_options(config.max_message_bytes, config.max_pending_calls))
     inference = InferenceServicer(gateway)
     await add_wrapped(server, interceptor, image_pb2_grpc.add_ImageServiceServicer_to_server,
@@ -151,7 +164,7 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
                 f", fast port on {config.host}:{native.port}" if native is not None else "",
                 f", metrics on {config.metrics_host}:{metrics_port}" if metrics_port >= 0 else "")
     return GatewayServer(server, port, gateway, keys, link, health_servicer, stop, metrics, metrics_port, tasks,
-                         native, native.port if native is not None else -1)
+                         native, native.port if native is not None else -1, draining)
 
 
 async def drain_native(native: NativeGateway, metrics: Metrics, workers: Workers, stop: asyncio.Event,
