@@ -37,8 +37,9 @@ class KeyCache:
         self.min_role = min_role
         self.entries: dict[bytes, tuple[registry_pb2.ApiKey, float]] = {}
         self.refused: dict[bytes, tuple[str, float]] = {}
-        # Told of each key verified at the registry and of each watch event (the native fast port's cache).
-        self.on_verified: Callable[[str, registry_pb2.ApiKey], None] | None = None
+        # Told of each key verified at the registry (by the SHA-256 of its secret) and of each watch event:
+        # the native fast port's cache.
+        self.on_verified: Callable[[bytes, registry_pb2.ApiKey], None] | None = None
         self.on_change: Callable[[registry_pb2.WatchApiKeysResponse], None] | None = None
 
     async def check(self, secret: str) -> registry_pb2.ApiKey:
@@ -73,7 +74,7 @@ class KeyCache:
                 f"API key {record.key_id} has role {registry_pb2.Role.Name(record.role)}; "
                 f"this gateway takes {registry_pb2.Role.Name(self.min_role)} keys or higher")
         if fresh and self.on_verified is not None:
-            self.on_verified(secret, record)
+            self.on_verified(digest, record)
         return record
 
     def on_event(self, event: registry_pb2.WatchApiKeysResponse) -> None:

@@ -10,7 +10,6 @@ answers it as usual. Python keeps the front's tables current from the registry's
 from __future__ import annotations
 
 import ctypes as C
-import hashlib
 import logging
 import pathlib
 import time
@@ -65,16 +64,17 @@ class NativeGateway:
         self.port = port.value
         self.routes = ""
 
-    def put_key(self, secret: str, record: registry_pb2.ApiKey, ttl_s: float) -> None:
+    def put_key(self, digest: bytes, record: registry_pb2.ApiKey, ttl_s: float) -> None:
         """Let the front answer this key's calls itself (only keys without rate limits: see ratelimit.py),
-        for ttl_s at most, like the Python cache: then its next call is verified at the registry again."""
+        for ttl_s at most, like the Python cache: then its next call is verified at the registry again.
+        digest: the SHA-256 of the key's secret, which never reaches the front."""
         if not self.handle:
             return
         expires = time.time_ns() + int(ttl_s * 1e9)
         if record.HasField("expires_at"):
             expires = min(expires, record.expires_at.ToNanoseconds())
-        self.lib.fg_put_key(self.handle, hashlib.sha256(secret.encode()).digest(), record.key_id.encode(),
-                            int(record.role), "\n".join(record.model_patterns).encode(), expires)
+        self.lib.fg_put_key(self.handle, digest, record.key_id.encode(), int(record.role),
+                            "\n".join(record.model_patterns).encode(), expires)
 
     def drop_keys(self, key_ids: list[str]) -> None:
         for key_id in key_ids:

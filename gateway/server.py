@@ -80,7 +80,7 @@ class GatewayServer:
 
 
 def _tls_files(config: GatewayConfig) -> tuple[bytes, bytes, bytes]:
-    """(certificate chain, private key, client CA) in PEM for the fast port; empty when plaintext."""
+    """(certificate chain, private key, client CA) in PEM, for both ports; empty when plaintext."""
     if not config.tls_cert_file:
         return b"", b"", b""
     ca = pathlib.Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else b""
@@ -88,12 +88,10 @@ def _tls_files(config: GatewayConfig) -> tuple[bytes, bytes, bytes]:
 
 
 def _credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
-    if not config.tls_cert_file:
+    cert, key, ca = _tls_files(config)
+    if not cert:
         return None
-    cert = pathlib.Path(config.tls_cert_file).read_bytes()
-    key = pathlib.Path(config.tls_key_file).read_bytes()
-    if config.tls_client_ca_file:
-        ca = pathlib.Path(config.tls_client_ca_file).read_bytes()
+    if ca:
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
     return grpc.ssl_server_credentials([(key, cert)])
 
@@ -134,7 +132,7 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
         # The fast port passes calls to a plaintext port of this server on loopback, its own: the main port may
         # serve TLS or listen on another address. (The fast port checked TLS and client certificates itself.)
         slow_port = server.add_insecure_port("127.0.0.1:0")
-        native = start_native(config, slow_port, gateway, keys, metrics)
+        native = start_native(config, slow_port, keys, metrics)
 
     def sync_routes() -> None:  # the fast port's routing table follows the watches
         if native is not None:
@@ -189,8 +187,7 @@ async def drain_native(native: NativeGateway, metrics: Metrics, workers: Workers
         drain()
 
 
-def start_native(config: GatewayConfig, port: int, gateway: Gateway, keys: KeyCache,
-                 metrics: Metrics) -> NativeGateway | None:
+def start_native(config: GatewayConfig, port: int, keys: KeyCache, metrics: Metrics) -> NativeGateway | None:
     """The native fast port, fed with verified unlimited keys; None when it cannot run here."""
     if not native_available():
         logger.error("fast port asked for but %s is not built (run gateway/native/build.sh); serving the main "
@@ -201,9 +198,9 @@ def start_native(config: GatewayConfig, port: int, gateway: Gateway, keys: KeyCa
                            config.max_images_per_call, config.eject_after_failures, config.eject_s,
                            config.max_pending_calls, _tls_files(config))
 
-    def on_verified(secret: str, record: registry_pb2.ApiKey) -> None:
+    def on_verified(digest: bytes, record: registry_pb2.ApiKey) -> None:
         if Limits.of(record).unlimited:  # limited keys stay on the Python path, which charges Redis
-            native.put_key(secret, record, config.key_cache_ttl_s)
+            native.put_key(digest, record, config.key_cache_ttl_s)
 
     def on_change(event: registry_pb2.WatchApiKeysResponse) -> None:
         if event.snapshot:

@@ -76,6 +76,18 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
     s.cluster.stop()
 
 
+@pytest.fixture
+def own_stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack of its own, for tests that kill one of its workers (Redis database 15)."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/15"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    s = start_stack(tmp_path_factory.mktemp("failover"), url)
+    yield s
+    s.cluster.stop()
+
+
 GatewayFactory = Callable[..., Awaitable[GatewayServer]]
 
 
@@ -110,6 +122,18 @@ async def wait_routable(srv: GatewayServer, model: str, timeout_s: float = 20.0)
                 return
         await asyncio.sleep(0.05)
     raise AssertionError(f"gateway never saw a worker with {model} ready")
+
+
+async def gateway_over_workers(stack: Stack, model: str, n: int = 2) -> GatewayServer:
+    """A gateway of its own (the caller stops it) that sees n workers and can route the model."""
+    gw = await build_server(GatewayConfig(port=0, registry_address=stack.registry.address,
+                                          internal_token=stack.cluster.internal_token))
+    await wait_routable(gw, model)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while len(gw.gateway.workers.endpoints) < n and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    return gw
 
 
 def auth(secret: str, rid: str = "") -> tuple[tuple[str, str], ...]:

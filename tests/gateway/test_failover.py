@@ -4,39 +4,14 @@ worker is no longer chosen."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
-import pytest
-import redis
-
-from fovea.redis_server import RedisServer
-from gateway.config import GatewayConfig
-from gateway.server import build_server
-from tests.gateway.conftest import Stack, auth, classify_request, image_stub, start_stack, wait_routable
+from tests.gateway.conftest import Stack, auth, classify_request, gateway_over_workers, image_stub
 from tests.tinymodels import png
-
-
-@pytest.fixture
-def own_stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Workers of its own: this test kills one."""
-    url = redis_server.url.rsplit("/", 1)[0] + "/15"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    s = start_stack(tmp_path_factory.mktemp("failover"), url)
-    yield s
-    s.cluster.stop()
 
 
 async def test_kill_9_one_worker_under_load(own_stack: Stack) -> None:
     stack = own_stack
-    gw = await build_server(GatewayConfig(port=0, registry_address=stack.registry.address,
-                                          internal_token=stack.cluster.internal_token))
-    await wait_routable(gw, "colors")
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while len(gw.gateway.workers.endpoints) < 2 and loop.time() < deadline:
-        await asyncio.sleep(0.05)
+    gw = await gateway_over_workers(stack, "colors")
     assert len(gw.gateway.workers.endpoints) == 2
     secret = await asyncio.to_thread(stack.key)
     channel, stub = image_stub(gw)

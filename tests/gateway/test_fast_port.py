@@ -12,8 +12,7 @@ import pytest
 
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.gateway.conftest import GatewayFactory, Stack, auth, status_of, wait_routable
-from tests.gateway.test_failover import own_stack  # noqa: F401 - a fixture
+from tests.gateway.conftest import GatewayFactory, Stack, auth, gateway_over_workers, status_of, wait_routable
 from tests.gateway.test_routing import RED, _fast_port_successes
 
 
@@ -201,17 +200,8 @@ async def _per_worker_successes(stack: Stack) -> list[tuple[object, int]]:
 
 
 async def test_kill_9_one_worker_under_native_load(own_stack: Stack) -> None:
-    from gateway.config import GatewayConfig
-    from gateway.server import build_server
-
     stack = own_stack
-    gw = await build_server(GatewayConfig(port=0, registry_address=stack.registry.address,
-                                          internal_token=stack.cluster.internal_token))
-    await wait_routable(gw, "ident")
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while len(gw.gateway.workers.endpoints) < 2 and loop.time() < deadline:
-        await asyncio.sleep(0.05)
+    gw = await gateway_over_workers(stack, "ident")
     secret = await asyncio.to_thread(stack.key)
     channel, stub = fast_stub(gw)
     ok, failures = 0, []
