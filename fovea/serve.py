@@ -58,9 +58,13 @@ def serve_forever(name: str, config: Any, build: Callable[[Any], Awaitable[Any]]
                   address: Callable[[Any], str]) -> None:
     """What every service's main() does: log, build the server, announce 'NAME: host:port' on
     stdout (fovea.cluster and `fovea up` wait for that line), run until SIGTERM, stop within grace_s."""
+    import faulthandler
+
     from fovea.log import configure_logging
 
     configure_logging(name, config.log_level, config.log_json)
+    # `kill -USR1 PID` writes every thread's Python stack to stderr: how to see where a stuck service is.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     async def run() -> None:
         srv = await build(config)

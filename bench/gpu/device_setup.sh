@@ -22,7 +22,7 @@ NV=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 
 if [ -n "$NV" ]; then
   export LD_LIBRARY_PATH="$(find "$NV/nvidia" -maxdepth 3 -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}"
 fi
-export LD_LIBRARY_PATH="/tmp/native:${LD_LIBRARY_PATH:-}" PATH="/tmp/native:$PATH"
+export LD_LIBRARY_PATH="/tmp/native:${LD_LIBRARY_PATH:-}" PATH="/tmp/native:/tmp/site/bin:$PATH"
 export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 set +e

@@ -10,7 +10,7 @@ source bench/gpu/device_setup.sh || exit 3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
 what=${1:-all}
 if [ "$what" = all ] || [ "$what" = worker ]; then
-  timeout 480 python3 bench/worker/gpu_check.py --out "$OUT" --seconds 6 --client-procs 8 --concurrency 128 --main-port-variants 2>&1 | tee "$OUT/worker_check.log"
+  timeout 480 python3 bench/worker/gpu_check.py --out "$OUT" --seconds 6 --client-procs 8 --concurrency 128 --main-port-variants "${@:2}" 2>&1 | tee "$OUT/worker_check.log"
 fi
 if [ "$what" = all ] || [ "$what" = train ]; then
   timeout 290 python3 -m bench.training.gpu_recipe --data-dir runs/mnist/mnist.pkl.gz --out "$OUT/gpu_recipe.json" 2>&1 \

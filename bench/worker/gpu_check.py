@@ -114,7 +114,7 @@ def perf_analyzer_side(ports: dict[str, str], name: str, token: str, conc: int) 
     return out
 
 
-# Main-port load again on a second worker with one setting changed, to split the main port's slowdown
+# Main-port load again on more workers with one setting changed, to split the main port's slowdown
 # under load on CUDA (seen on an H200: about 70 img/s at c=128 against 1,000-2,900 on the fast port).
 VARIANTS = {
     "inline_compute_off": {"FOVEA_WORKER_INLINE_COMPUTE_US": "0"},
@@ -123,32 +123,55 @@ VARIANTS = {
     # intra_op_threads 0 gives ONNX Runtime's CPU pool every core, spinning during runs: on a 16-core
     # machine shared with 8 client processes that may starve the main port's one event-loop thread
     "cpu_pool_2_no_spin": {"FOVEA_WORKER_INTRA_OP_THREADS": "2", "FOVEA_WORKER_THREAD_SPINNING": "false"},
+    "instances_2": {"FOVEA_WORKER_INSTANCES": "2"},
+    "uvloop_off": {"FOVEA_UVLOOP": "0"},
 }
 
 
-def variant_load(cluster: Cluster, reg_address: str, name: str, env: dict[str, str], payload: bytes,
-                 seconds: float, procs: int, conc: int, max_batch: int) -> dict[str, Any]:
-    settings = {**WANT["worker_env"], "FOVEA_WORKER_MAX_BATCH_SIZE": str(max_batch),
-                "FOVEA_WORKER_MAX_QUEUE_LEN": "8192", "FOVEA_WORKER_LOG_LEVEL": "WARNING", **env}
-    worker = cluster.start_worker(reg_address, [name], name=f"variant-{len(cluster.services)}", **settings)
+def start_variants(cluster: Cluster, reg_address: str, name: str, max_batch: int) -> dict[str, Any]:
+    """Start every variant's worker at once (their CUDA start-ups and warm-ups overlap); wait until ready."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(key: str) -> tuple[Any, int]:
+        metrics_port = free_port()
+        settings = {**WANT["worker_env"], "FOVEA_WORKER_MAX_BATCH_SIZE": str(max_batch),
+                    "FOVEA_WORKER_MAX_QUEUE_LEN": "8192", "FOVEA_WORKER_LOG_LEVEL": "WARNING",
+                    "FOVEA_WORKER_METRICS_PORT": str(metrics_port), **VARIANTS[key]}
+        return cluster.start_worker(reg_address, [name], name=f"variant-{key}", **settings), metrics_port
+
+    with ThreadPoolExecutor(len(VARIANTS)) as pool:
+        started = dict(zip(VARIANTS, pool.map(one, VARIANTS)))
+    with RegistryClient(reg_address, cluster.internal_token, timeout_s=120) as rc:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ready = {w.address for w in rc.list_workers(name) if w.models and w.models[0].ready}
+            if all(w.address in ready for w, _ in started.values()):
+                break
+            time.sleep(0.5)
+    return started
+
+
+def probed_load(address: str, token: str, payload: bytes, seconds: float, procs: int, conc: int,
+                pid: int, metrics_port: int, stacks: pathlib.Path | None = None) -> dict[str, Any]:
+    """The closed-loop load from `procs` client processes, with what the worker did meanwhile."""
+    from load_probe import Probe
+
     try:
-        with RegistryClient(reg_address, cluster.internal_token, timeout_s=120) as rc:
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                if any(w.address == worker.address and w.models and w.models[0].ready for w in rc.list_workers(name)):
-                    break
-                time.sleep(0.2)
-        with mp.get_context("spawn").Pool(procs) as pool:
-            parts = pool.map(_client, [(worker.address, cluster.internal_token, payload, conc // procs, seconds)] * procs)
-        return {"env": env, "img_s": sum(p["img_s"] for p in parts), "p50_ms": statistics.median(p["p50_ms"] for p in parts)}
+        with Probe(pid, metrics_port, seconds, dump=stacks is not None) as probe:
+            with mp.get_context("spawn").Pool(procs) as pool:
+                parts = pool.map(_client, [(address, token, payload, conc // procs, seconds)] * procs)
+        if stacks is not None:
+            stacks.parent.mkdir(parents=True, exist_ok=True)
+            stacks.write_text(probe.stacks)
+        return {"concurrency": conc, "client_procs": procs, "img_s": sum(p["img_s"] for p in parts),
+                "p50_ms": statistics.median(p["p50_ms"] for p in parts), "worker": probe.summary()}
     except Exception as exc:  # noqa: BLE001 - record it and go on
-        return {"env": env, "error": repr(exc)[:500]}
-    finally:
-        worker.stop()
+        return {"error": repr(exc)[:500]}
 
 
 def worker_side(path: pathlib.Path, shape: tuple[int, ...], name: str, seconds: float, procs: int,
-                conc: int, max_batch: int, logs: pathlib.Path, variants: bool = False) -> dict[str, Any]:
+                conc: int, max_batch: int, logs: pathlib.Path, variants: bool = False,
+                perf_analyzer: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {"fast_port": fast_front_loads()}
     fast_port = free_port() if out["fast_port"] else -1
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,19 +205,20 @@ def worker_side(path: pathlib.Path, shape: tuple[int, ...], name: str, seconds: 
             ports = {"": worker.address}
             if fast_port > 0:
                 ports["fast_"] = f"127.0.0.1:{fast_port}"
+            started = start_variants(cluster, reg.address, name, max_batch) if variants else {}
             for prefix, address in ports.items():
                 out[prefix + "c1"] = _client((address, cluster.internal_token, payload, 1, seconds))
-                with mp.get_context("spawn").Pool(procs) as pool:
-                    parts = pool.map(_client, [(address, cluster.internal_token, payload, conc // procs, seconds)]
-                                     * procs)
-                out[prefix + "load"] = {"concurrency": conc, "client_procs": procs,
-                                        "img_s": sum(p["img_s"] for p in parts),
-                                        "p50_ms": statistics.median(p["p50_ms"] for p in parts)}
-            out["perf_analyzer"] = perf_analyzer_side(ports, name, cluster.internal_token, conc)
-            if variants:
-                out["main_port_variants"] = {
-                    key: variant_load(cluster, reg.address, name, env, payload, seconds, procs, conc, max_batch)
-                    for key, env in VARIANTS.items()}
+                out[prefix + "load"] = probed_load(address, cluster.internal_token, payload, seconds, procs, conc,
+                                                   worker.proc.pid, metrics_port,
+                                                   logs / f"stacks-{prefix or 'main_'}load.txt")
+            if perf_analyzer:
+                out["perf_analyzer"] = perf_analyzer_side(ports, name, cluster.internal_token, conc)
+            out["main_port_variants"] = {}
+            for key, (variant, variant_metrics) in started.items():
+                out["main_port_variants"][key] = {"env": VARIANTS[key], **probed_load(
+                    variant.address, cluster.internal_token, payload, seconds, procs, conc, variant.proc.pid,
+                    variant_metrics, logs / f"stacks-variant-{key}.txt")}
+                variant.stop()
         finally:
             cluster.stop()
             logs.mkdir(parents=True, exist_ok=True)
@@ -214,6 +238,7 @@ def main() -> None:
     parser.add_argument("--input-shape", default="3,224,224", help="its input shape without the batch axis")
     parser.add_argument("--main-port-variants", action="store_true",
                         help="also load the main port of workers with one setting changed (VARIANTS)")
+    parser.add_argument("--no-perf-analyzer", action="store_true", help="skip perf_analyzer's runs")
     parser.add_argument("--cpu-rehearsal", action="store_true", help="use the CPU provider (to try the script)")
     args = parser.parse_args()
     if args.cpu_rehearsal:
@@ -231,7 +256,8 @@ def main() -> None:
     if ok_raw:
         try:
             result["worker"] = worker_side(path, shape, name, args.seconds, args.client_procs, args.concurrency,
-                                           args.batch, pathlib.Path(args.out), args.main_port_variants)
+                                           args.batch, pathlib.Path(args.out), args.main_port_variants,
+                                           not args.no_perf_analyzer)
         except Exception as exc:  # noqa: BLE001 - keep the raw figures and say what broke
             result["worker_error"] = repr(exc)
             print(f"worker side failed: {exc!r}", flush=True)
@@ -263,13 +289,15 @@ def main() -> None:
             c1, load = w[prefix + "c1"], w[prefix + "load"]
             print(f"{'worker ' + port + ' c1':<34}{c1['p50_ms']:>9.2f}{c1['img_s']:>10.0f}")
             print(f"{'worker ' + port + ' c' + str(args.concurrency) + ' (' + str(args.client_procs) + ' procs)':<34}"
-                  f"{load['p50_ms']:>9.2f}{load['img_s']:>10.0f}")
-            print(f"  {port}: worker / raw throughput {load['img_s'] / best:.1%}; "
+                  f"{load.get('p50_ms', float('nan')):>9.2f}{load.get('img_s', 0):>10.0f}")
+            print(f"  {port}: worker / raw throughput {load.get('img_s', 0) / best:.1%}; "
                   f"c1 p50 - raw b1 p50 {c1['p50_ms'] - r['b1']['p50_ms']:+.2f} ms")
+            print(f"  {port} under load: {load.get('worker', load)}")
         for key, value in w.get("main_port_variants", {}).items():
             if "img_s" in value:
                 print(f"{'main port c' + str(args.concurrency) + ', ' + key:<34}{value['p50_ms']:>9.2f}"
                       f"{value['img_s']:>10.0f}")
+                print(f"  {value['worker']}")
             else:
                 print(f"main port variant {key}: {value}")
         for key, value in w.get("perf_analyzer", {}).items():
