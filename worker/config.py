@@ -8,7 +8,7 @@ import socket
 from pydantic import Field
 from pydantic_settings import NoDecode, SettingsConfigDict
 from pydantic import field_validator
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fovea.config import BaseConfig
 
@@ -110,6 +110,14 @@ class WorkerConfig(BaseConfig):
     warmup_batch_sizes: Annotated[list[int], NoDecode] = []
     """Batch sizes run once before a version is ready. Empty: every size up to max_batch_size on a GPU provider,
     where cuDNN searches its convolution algorithms once per shape (seconds under load), and 1 on the CPU."""
+    pad_batches: Literal["gpu", "always", "never"] = "gpu"
+    """Pad each batch with zeros up to the next of batch_buckets and run it on a session kept for that size:
+    "gpu" (on GPU providers only), "always" or "never". ONNX Runtime's CUDA provider re-plans every convolution
+    whenever a session's batch size differs from its previous run (0.3 to 1 s for EfficientNet-Lite0 on an H200,
+    bench/gpu/shape_change.py), so batches of varying sizes on one session ran at about 2 a second. The cost:
+    one session, with its own copy of the weights, per size and instance, and the padded samples' compute."""
+    batch_buckets: Annotated[list[int], NoDecode] = []
+    """Batch sizes for pad_batches; empty: the powers of two below max_batch_size, and max_batch_size."""
     inline_compute_us: int = 1000
     """Run a batch on the event loop thread, skipping the executor's two thread hops, while the model's average
     batch takes less than this (one instance only); 0 always uses the executor."""
@@ -145,7 +153,7 @@ class WorkerConfig(BaseConfig):
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
 
-    @field_validator("preferred_batch_sizes", "warmup_batch_sizes", mode="before")
+    @field_validator("preferred_batch_sizes", "warmup_batch_sizes", "batch_buckets", mode="before")
     @classmethod
     def _split_ints(cls, v: object) -> object:
         if isinstance(v, str):

@@ -39,6 +39,8 @@ class WorkerMetrics:
                                  labels, buckets=TIME_BUCKETS_S, registry=self.registry)
         self.batch_size = Histogram("fovea_worker_batch_size", "Samples per batch run by ONNX Runtime", labels,
                                     buckets=BATCH_BUCKETS, registry=self.registry)
+        self.padding = Counter("fovea_worker_padding_samples", "Zero samples run to fill batches up to a "
+                               "session's batch size (pad_batches)", labels, registry=self.registry)
         self.requests = Counter("fovea_worker_requests", "RPCs answered, by method and status code",
                                 ("method", "code"), registry=self.registry)
         self.dropped = Counter("fovea_worker_dropped", "Requests dropped before compute, by reason (expired, cancelled)",
@@ -68,15 +70,19 @@ class WorkerMetrics:
             self._series[key] = children
         return children
 
-    def batch_hook(self, model: str, version: str) -> Callable[[int, list[float], float], None]:
-        """The batcher's on_batch for one version."""
+    def batch_hook(self, model: str, version: str,
+                   padded_size: Callable[[int], int] | None = None) -> Callable[[int, list[float], float], None]:
+        """The batcher's on_batch for one version; padded_size(n) is the batch size n runs at, if padded."""
         queue, _, compute, _, size = self.series(model, version)
+        padding = self.padding.labels(model, version)
 
         def hook(samples: int, waits_s: list[float], compute_s: float) -> None:
             size.observe(samples)
             compute.observe(compute_s)
             for w in waits_s:
                 queue.observe(w)
+            if padded_size is not None and padded_size(samples) > samples:
+                padding.inc(padded_size(samples) - samples)
 
         return hook
 

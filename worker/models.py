@@ -26,7 +26,7 @@ from worker.batcher import Batcher
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 from worker.native import NativeFront
-from worker.runtime import GPU_PROVIDERS, Session, load_session
+from worker.runtime import GPU_PROVIDERS, Bucketed, Session, load_model
 from worker.stats import ModelStats
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class Loaded:
     """One model version in memory."""
 
     mv: model_pb2.ModelVersion
-    sessions: list[Session]
+    sessions: list[Session | Bucketed]
     batcher: Batcher
     preprocess: Preprocess | None
     provider: str
@@ -53,13 +53,17 @@ class Loaded:
         return self.mv.name, self.mv.version
 
 
-def warmup_sizes(config: WorkerConfig, provider: str, mv: model_pb2.ModelVersion) -> list[int]:
-    """Batch sizes each instance runs before a version is ready (see WorkerConfig.warmup_batch_sizes)."""
+def warmup_sizes(config: WorkerConfig, provider: str, mv: model_pb2.ModelVersion,
+                 buckets: list[int] | None = None) -> list[int]:
+    """Batch sizes each instance runs before a version is ready (see WorkerConfig.warmup_batch_sizes);
+    with a session per batch size (buckets), each size once."""
     top = config.max_batch_size
     if any(spec.shape and spec.shape[0] > 0 for spec in mv.inputs):
         return [1]  # a fixed batch dimension: only single samples ever run
     if config.warmup_batch_sizes:
         return sorted({n for n in config.warmup_batch_sizes if 1 <= n <= top}) or [1]
+    if buckets:
+        return list(buckets)
     return list(range(1, top + 1)) if provider in GPU_PROVIDERS else [1]
 
 
@@ -248,11 +252,11 @@ class ModelManager:
         try:
             data = await self.link.download(mv, self.keys)
             config = self.config.for_model(mv.name)
-            sessions = await asyncio.gather(*(asyncio.to_thread(load_session, data, config)
+            sessions = await asyncio.gather(*(asyncio.to_thread(load_model, data, config)
                                               for _ in range(max(1, config.instances))))
             alone = None
             if self.native is not None and self.config.alone_threads(mv.name):
-                alone = await asyncio.to_thread(load_session, data, config.model_copy(
+                alone = await asyncio.to_thread(load_model, data, config.model_copy(
                     update={"intra_op_threads": self.config.alone_threads(mv.name)}))
         except Exception as exc:  # noqa: BLE001 - a bad artifact must not take the worker down
             self.errors[key] = str(exc)[:300]
@@ -264,12 +268,14 @@ class ModelManager:
         name = f"{mv.name}:{mv.version}"
         version = str(mv.version)
 
-        def runner(session: Session) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+        def runner(session: Session | Bucketed) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
             names = session.input_names
             return lambda inputs: session.run(dict(zip(names, inputs)))
 
         stats = ModelStats()
-        metrics_hook = self.metrics.batch_hook(mv.name, version)
+        first = sessions[0]
+        metrics_hook = self.metrics.batch_hook(mv.name, version,
+                                               first.size_for if isinstance(first, Bucketed) else None)
 
         def on_batch(samples: int, waits_s: list[float], compute_s: float) -> None:
             metrics_hook(samples, waits_s, compute_s)
@@ -285,9 +291,7 @@ class ModelManager:
         self.loaded[key] = lv  # listed (heartbeats, ModelReady) but not ready until warmed up
         batcher.start()
         try:
-            await self._warm_up(lv, [runner(s) for s in sessions])
-            if alone is not None:
-                await asyncio.to_thread(runner(alone), self._zeros(lv))
+            await self._warm_up(lv, [runner(s) for s in [*sessions, *([alone] if alone else [])]])
         except Exception as exc:  # noqa: BLE001
             del self.loaded[key]
             await batcher.stop(1.0)
@@ -307,8 +311,9 @@ class ModelManager:
                 logger.warning("%s v%d is served on the main port only: %s", mv.name, mv.version, exc)
         lv.ready = True
         self.errors.pop(key, None)
-        logger.info("loaded %s v%d on %s (%d instance(s)) in %.2fs", mv.name, mv.version, lv.provider,
-                    len(sessions), time.perf_counter() - t0)
+        sizes = f", a session per batch size {first.sizes}" if isinstance(first, Bucketed) else ""
+        logger.info("loaded %s v%d on %s (%d instance(s)%s) in %.2fs", mv.name, mv.version, lv.provider,
+                    len(sessions), sizes, time.perf_counter() - t0)
 
     @staticmethod
     def _zeros(lv: Loaded, n: int = 1) -> list[np.ndarray]:
@@ -320,7 +325,8 @@ class ModelManager:
         return inputs
 
     async def _warm_up(self, lv: Loaded, runners: list[Any]) -> None:
-        sizes = warmup_sizes(self.config, lv.provider, lv.mv)
+        first = lv.sessions[0]
+        sizes = warmup_sizes(self.config, lv.provider, lv.mv, first.sizes if isinstance(first, Bucketed) else None)
         await lv.batcher.submit(self._zeros(lv), 1, time.perf_counter() + 120)  # also sets the batcher's timing
         # Every instance, every size: each session keeps its own per-shape state (cuDNN's algorithm choices).
         t0 = time.perf_counter()

@@ -94,6 +94,8 @@ class Session:
     device_id: int = 0
     bind: bool = False
     """Run through I/O binding (only ever true on the CUDA provider)."""
+    dynamic_batch: bool = True
+    """The first input's batch axis is not fixed in the model."""
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.bind:
@@ -135,7 +137,64 @@ def load_session(model_bytes: bytes, config: WorkerConfig) -> Session:
         output_names=[o.name for o in session.get_outputs()],
         device_id=config.device_id,
         bind=config.io_binding and provider == "CUDAExecutionProvider",
+        dynamic_batch=not isinstance(session.get_inputs()[0].shape[0], int),
     )
+
+
+def bucket_sizes(config: WorkerConfig, provider: str) -> list[int]:
+    """Batch sizes that get a session each (WorkerConfig.pad_batches); [] for one session of any size."""
+    if config.pad_batches == "never" or (config.pad_batches == "gpu" and provider not in GPU_PROVIDERS):
+        return []
+    top = config.max_batch_size
+    sizes = config.batch_buckets or [1 << i for i in range(top.bit_length())]
+    return sorted({n for n in sizes if 1 <= n < top} | {top})
+
+
+def pad(array: np.ndarray, size: int) -> np.ndarray:
+    out = np.empty((size, *array.shape[1:]), array.dtype)
+    out[: len(array)] = array
+    out[len(array):] = 0
+    return out
+
+
+@dataclass
+class Bucketed:
+    """One session per batch size; a batch is padded up to the next size and its outputs cut back.
+
+    Each session then always sees one input shape, so the CUDA provider never re-plans its convolutions.
+    """
+
+    sessions: dict[int, Session]
+    """By batch size, ascending."""
+
+    def __post_init__(self) -> None:
+        first = next(iter(self.sessions.values()))
+        self.sizes = list(self.sessions)
+        self.provider, self.input_names, self.input_dtypes = first.provider, first.input_names, first.input_dtypes
+        self.output_names = first.output_names
+
+    def size_for(self, n: int) -> int:
+        return next((s for s in self.sizes if s >= n), self.sizes[-1])
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        n = len(next(iter(inputs.values())))
+        size = self.size_for(n)
+        if size <= n:
+            return self.sessions[size].run(inputs)
+        outputs = self.sessions[size].run({k: pad(v, size) for k, v in inputs.items()})
+        return [o[:n] for o in outputs]
+
+
+def load_model(model_bytes: bytes, config: WorkerConfig) -> Session | Bucketed:
+    """A session, or one per batch size where pad_batches applies to the provider ONNX Runtime gave."""
+    first = load_session(model_bytes, config)
+    sizes = bucket_sizes(config, first.provider) if first.dynamic_batch else []
+    if len(sizes) < 2:
+        return first
+    sessions = {sizes[-1]: first}
+    for size in sizes[:-1]:
+        sessions[size] = load_session(model_bytes, config)
+    return Bucketed(dict(sorted(sessions.items())))
 
 
 @functools.lru_cache(maxsize=8)

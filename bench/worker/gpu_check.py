@@ -114,17 +114,13 @@ def perf_analyzer_side(ports: dict[str, str], name: str, token: str, conc: int) 
     return out
 
 
-# Main-port load again on more workers with one setting changed, to split the main port's slowdown
-# under load on CUDA (seen on an H200: about 70 img/s at c=128 against 1,000-2,900 on the fast port).
+# Main-port load again on more workers with one setting changed. The first H200 run found the main port at
+# about 70 img/s at c=128; a second, with six variants (inline compute, I/O binding, fast port, CPU pool,
+# instances, uvloop), found none of them mattered: each batch took 450-700 ms of ONNX Runtime time because
+# its size differed from the last one (bench/gpu/shape_change.py). pad_batches is the cure; "never" is the
+# old behaviour, for a side-by-side figure.
 VARIANTS = {
-    "inline_compute_off": {"FOVEA_WORKER_INLINE_COMPUTE_US": "0"},
-    "io_binding_off": {"FOVEA_WORKER_IO_BINDING": "false"},
-    "fast_port_off": {"FOVEA_WORKER_FAST_PORT": "-1"},
-    # intra_op_threads 0 gives ONNX Runtime's CPU pool every core, spinning during runs: on a 16-core
-    # machine shared with 8 client processes that may starve the main port's one event-loop thread
-    "cpu_pool_2_no_spin": {"FOVEA_WORKER_INTRA_OP_THREADS": "2", "FOVEA_WORKER_THREAD_SPINNING": "false"},
-    "instances_2": {"FOVEA_WORKER_INSTANCES": "2"},
-    "uvloop_off": {"FOVEA_UVLOOP": "0"},
+    "pad_batches_never": {"FOVEA_WORKER_PAD_BATCHES": "never"},
 }
 
 

@@ -1,0 +1,78 @@
+"""Batch buckets (pad_batches): one session per batch size, batches padded up and outputs cut back.
+
+On the CUDA provider a session whose batch size changes between runs re-plans every convolution
+(bench/gpu/shape_change.py); these tests run the same code on the CPU provider with pad_batches=always.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from tests.worker.conftest import MD, LocalRegistry, StartWorker, busy_input, output_array, stub, tensor_request
+from tests.worker.slowmodels import busy_model
+from worker.config import WorkerConfig
+from worker.runtime import Bucketed, Session, bucket_sizes, load_model
+
+
+def test_bucket_sizes_follow_the_provider_and_the_settings() -> None:
+    config = WorkerConfig(max_batch_size=32)
+    assert bucket_sizes(config, "CUDAExecutionProvider") == [1, 2, 4, 8, 16, 32]
+    assert bucket_sizes(config, "TensorrtExecutionProvider") == [1, 2, 4, 8, 16, 32]
+    assert bucket_sizes(config, "CPUExecutionProvider") == []
+    assert bucket_sizes(WorkerConfig(max_batch_size=12), "CUDAExecutionProvider") == [1, 2, 4, 8, 12]
+    chosen = WorkerConfig(max_batch_size=10, pad_batches="always", batch_buckets="4,1,16")  # as from the env
+    assert bucket_sizes(chosen, "CPUExecutionProvider") == [1, 4, 10]
+    assert bucket_sizes(WorkerConfig(pad_batches="never"), "CUDAExecutionProvider") == []
+
+
+def test_each_session_only_ever_runs_its_own_batch_size() -> None:
+    config = WorkerConfig(providers=["CPUExecutionProvider"], intra_op_threads=1, max_batch_size=8,
+                          pad_batches="always", batch_buckets=[1, 4])
+    model = load_model(busy_model(), config)
+    assert isinstance(model, Bucketed) and model.sizes == [1, 4, 8]
+    seen: dict[int, set[int]] = {size: set() for size in model.sizes}
+
+    def spy(size: int, session: Session) -> None:
+        real = session.run
+        session.run = lambda inputs: (seen[size].add(len(inputs["input"])), real(inputs))[1]  # type: ignore[method-assign]
+
+    for size, session in model.sessions.items():
+        spy(size, session)
+    for n in range(1, 9):
+        x = busy_input(1, rows=n, tag=10 * n)
+        (out,) = model.run({"input": x})
+        assert out.shape == (n, 4)
+        np.testing.assert_allclose(out, x * 2)  # padded rows cut off, real rows untouched
+    assert seen == {1: {1}, 4: {4}, 8: {8}}
+    assert isinstance(load_model(busy_model(), config.model_copy(update={"pad_batches": "never"})), Session)
+    # a model whose batch axis is fixed only ever runs that size: one session
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "fixed",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])])
+    fixed = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert isinstance(load_model(fixed.SerializeToString(), config), Session)
+
+
+async def test_a_padded_worker_answers_every_request_with_its_own_rows(registry: LocalRegistry,
+                                                                      start_worker: StartWorker) -> None:
+    await registry.publish("busy", busy_model())
+    ws = await start_worker(["busy"], metrics_port=0, max_batch_size=8, pad_batches="always", batch_buckets=[1, 4])
+    lv = ws.manager.get("busy", "")
+    assert all(isinstance(s, Bucketed) and s.sizes == [1, 4, 8] for s in lv.sessions)
+    ports = [ws.port] + ([ws.native.port] if ws.native is not None else [])
+    for port in ports:
+        channel, s = stub(port)
+        # 1- to 3-row requests at once, so batches of many sizes form and most need padding
+        xs = [busy_input(200, rows=1 + i % 3, tag=100 * i) for i in range(40)]
+        replies = await asyncio.gather(*(s.ModelInfer(tensor_request("busy", x), metadata=MD, timeout=30) for x in xs))
+        for x, reply in zip(xs, replies):
+            np.testing.assert_allclose(output_array(reply), x * 2)
+        await channel.close()
+    page = (await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics.port}/metrics", timeout=10).read())).decode()
+    padding = [ln for ln in page.splitlines() if ln.startswith('fovea_worker_padding_samples_total{model="busy"')]
+    assert padding and float(padding[0].split()[-1]) > 0, padding
