@@ -227,10 +227,10 @@ def bench_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
             asyncio.run(grpc_load(address, cluster.internal_token, payload, 1, 1.0, pid))  # warm up
             session = raw_session(path, args.threads)
 
-            def load(concurrency: int) -> dict[str, float]:
+            def load(concurrency: int, seconds: float = args.seconds) -> dict[str, float]:
                 if args.client == "perf_analyzer":
-                    return perf_analyzer_load(address, cluster.internal_token, case, concurrency, args.seconds, pid)
-                return asyncio.run(grpc_load(address, cluster.internal_token, payload, concurrency, args.seconds, pid))
+                    return perf_analyzer_load(address, cluster.internal_token, case, concurrency, seconds, pid)
+                return asyncio.run(grpc_load(address, cluster.internal_token, payload, concurrency, seconds, pid))
 
             for _ in range(args.rounds):
                 raw1 = raw_run(session, shape, 1, args.seconds)
@@ -242,6 +242,12 @@ def bench_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
                 rounds.append({"raw_b1": raw1, "worker_c1": w1, "raw_batch": rawb, "worker_load": wc,
                                "throughput_ratio": wc["img_s"] / raw_best,
                                "p50_c1_minus_raw_b1_ms": w1["p50_ms"] - raw1["p50_ms"]})
+                # Short raw and worker windows in turn: each pair most likely shares the machine's speed mode.
+                pairs = [(raw_run(session, shape, 1, args.pair_seconds)["p50_ms"],
+                          load(1, args.pair_seconds)["p50_ms"]) for _ in range(args.c1_pairs)]
+                if pairs:
+                    rounds[-1]["c1_pairs_ms"] = pairs
+                    rounds[-1]["paired_p50_delta_ms"] = statistics.median(w - r for r, w in pairs)
             del session
         finally:
             cluster.stop()
@@ -259,7 +265,9 @@ def bench_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
             "throughput_ratio": max(r["worker_load"]["img_s"] for r in rounds) / best_raw,
             "p50_c1_minus_raw_b1_ms": best_w1 - best_raw1, "worker_c1_p50_ms": best_w1, "raw_b1_p50_ms": best_raw1,
             "median_round_throughput_ratio": statistics.median(r["throughput_ratio"] for r in rounds),
-            "median_round_p50_delta_ms": statistics.median(r["p50_c1_minus_raw_b1_ms"] for r in rounds)}
+            "median_round_p50_delta_ms": statistics.median(r["p50_c1_minus_raw_b1_ms"] for r in rounds),
+            **({"paired_p50_delta_ms": statistics.median(w - r for rd in rounds for r, w in rd["c1_pairs_ms"]),
+                "pairs": sum(len(rd["c1_pairs_ms"]) for rd in rounds)} if args.c1_pairs else {})}
 
 
 def main() -> None:
@@ -277,6 +285,10 @@ def main() -> None:
     parser.add_argument("--eff-settings", default='{"instances": 2, "intra_op_threads": 1, "alone_threads": 2}',
                         help="the worker's model_settings for EfficientNet ('{}': one instance of --threads)")
     parser.add_argument("--worker-env", nargs="*", default=[], help="extra FOVEA_WORKER_*=value settings")
+    parser.add_argument("--c1-pairs", type=int, default=0,
+                        help="also, per round, this many short raw b1 / worker c=1 windows in turn; the median of "
+                             "their paired p50 differences is the c=1 overhead least touched by the machine's drift")
+    parser.add_argument("--pair-seconds", type=float, default=1.0, help="length of each paired window")
     parser.add_argument("--client", choices=["python", "perf_analyzer"], default="python",
                         help="load client: grpc.aio in this process, or Triton's perf_analyzer (C++)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "worker.json"))
@@ -295,6 +307,9 @@ def main() -> None:
         print(f"{r['case']:<13}{'best':>6}{r['raw_b1_p50_ms']:>9.2f}ms{r['worker_c1_p50_ms']:>12.2f}ms"
               f"{r['p50_c1_minus_raw_b1_ms']:>+6.2f}ms{'':>15}{'':>17}{r['throughput_ratio']:>8.1%}"
               f"   target: {targets[r['case']]}")
+        if "paired_p50_delta_ms" in r:
+            print(f"{r['case']:<13}{'paired':>6}{'':>25}{r['paired_p50_delta_ms']:>+6.2f}ms   (median of "
+                  f"{r['pairs']} short raw/worker c=1 windows in turn)")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.processor()
