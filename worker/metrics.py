@@ -5,6 +5,7 @@ Every observation is a few dictionary lookups and a bisect: cheap enough for the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -12,7 +13,8 @@ from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +103,10 @@ class WorkerMetrics:
         self.queue_depth.set_function(queue_depth)
         self.in_flight.set_function(in_flight)
 
-    def watch_fast_port(self, codes: Callable[[], list[int]]) -> None:
-        """ModelInfer calls answered on the native fast port, by status code, read from it at scrape time."""
+    def watch_fast_port(self, codes: Callable[[], list[int]],
+                        times: Callable[[], list[tuple[str, str, list[float], list[int], float]]]) -> None:
+        """ModelInfer calls answered on the native fast port, by status code, and the total time of those
+        answered OK (the main port's fovea_worker_request_seconds), read from it at scrape time."""
 
         class FastPort:
             def collect(self) -> Any:
@@ -112,6 +116,14 @@ class WorkerMetrics:
                     if count:
                         family.add_metric([grpc.StatusCode(STATUS_BY_VALUE[value]).name], count)
                 yield family
+                seconds = HistogramMetricFamily(
+                    "fovea_worker_fast_port_request_seconds",
+                    "Time from receiving a ModelInfer on the fast port to answering it", labels=["model", "version"])
+                for model, version, bounds, counts, total in times():
+                    cumulative = list(itertools.accumulate(counts))
+                    buckets = [(floatToGoString(b), c) for b, c in zip(bounds, cumulative)] + [("+Inf", cumulative[-1])]
+                    seconds.add_metric([model, version], buckets, total)
+                yield seconds
 
         self.registry.register(FastPort())
 

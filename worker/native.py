@@ -61,6 +61,7 @@ def _load() -> C.CDLL:
     lib.fv_fail.argtypes = [p, i64, i, s]
     lib.fv_depth.argtypes = [p, i, C.POINTER(C.c_int32), C.POINTER(C.c_int32)]
     lib.fv_statistics.argtypes = [p, i, p, i]
+    lib.fv_request_times.argtypes = [p, i, p, p, C.POINTER(i64)]
     lib.fv_set_accepting.argtypes = [p, i]
     lib.fv_shutdown.argtypes = [p, C.c_double]
     lib.fv_free.argtypes = [p]
@@ -214,6 +215,20 @@ class NativeFront:
         if self.handle:
             self.lib.fv_free(self.handle)
             self.handle = None
+
+    def request_times(self) -> list[tuple[str, str, list[float], list[int], float]]:
+        """Per version served: (model, version, bucket bounds in s, calls per bucket with +Inf last,
+        sum in s) of the calls answered OK, from arrival to answer."""
+        out: list[tuple[str, str, list[float], list[int], float]] = []
+        if not self.handle:
+            return out
+        bounds, counts, total = (C.c_int64 * 64)(), (C.c_int64 * 64)(), C.c_int64(0)
+        for slot, entry in list(self.slots.items()):
+            n = self.lib.fv_request_times(self.handle, slot, bounds, counts, C.byref(total))
+            if n > 0:
+                name, version = entry.name.rsplit(":", 1)
+                out.append((name, version, [b / 1e9 for b in bounds[: n - 1]], list(counts[:n]), total.value / 1e9))
+        return out
 
     def codes(self) -> list[int]:
         """ModelInfer calls answered on the fast port, indexed by gRPC status code."""

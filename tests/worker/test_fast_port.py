@@ -141,6 +141,17 @@ async def test_fast_port_calls_show_in_statistics_and_metrics(registry: LocalReg
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics.port}/metrics", timeout=10).read().decode())
     assert 'fovea_worker_fast_port_requests_total{code="OK"} 3.0' in page
     assert 'fovea_worker_fast_port_requests_total{code="UNAUTHENTICATED"} 1.0' in page
+    # the fast port's OK calls by total time, in the main port's buckets
+    assert 'fovea_worker_fast_port_request_seconds_count{model="colors",version="1"} 3.0' in page
+    assert 'fovea_worker_fast_port_request_seconds_bucket{le="10.0",model="colors",version="1"} 3.0' in page
+    main_les = {ln.split('le="')[1].split('"')[0] for ln in page.splitlines()
+                if ln.startswith("fovea_worker_request_seconds_bucket")}
+    fast_les = {ln.split('le="')[1].split('"')[0] for ln in page.splitlines()
+                if ln.startswith("fovea_worker_fast_port_request_seconds_bucket")}
+    assert fast_les == main_les and len(main_les) == 17
+    total = float(next(ln.split()[-1] for ln in page.splitlines()
+                       if ln.startswith("fovea_worker_fast_port_request_seconds_sum")))
+    assert 0 < total < 3 * 10
     assert 'fovea_worker_batch_size_count{model="colors",version="1"}' in page
     # Heartbeats advertise the fast port next to the main one.
     status = ws.status()

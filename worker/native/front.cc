@@ -80,6 +80,12 @@ struct Call {
   SysClock::time_point deadline;
 };
 
+// Bounds of the fovea_worker_fast_port_request_seconds buckets, in ns (the main port's TIME_BUCKETS_S).
+constexpr int64_t kTimeBoundsNs[] = {50'000, 100'000, 250'000, 500'000, 1'000'000, 2'500'000, 5'000'000,
+                                     10'000'000, 25'000'000, 50'000'000, 100'000'000, 250'000'000, 500'000'000,
+                                     1'000'000'000, 2'500'000'000, 10'000'000'000};
+constexpr int kTimeBuckets = sizeof(kTimeBoundsNs) / sizeof(kTimeBoundsNs[0]) + 1;  // the last is +Inf
+
 // Per-version figures in Triton's ModelStatistics terms (see statistics()).
 enum StatIndex { kOkCount, kOkNs, kFailCount, kFailNs, kQueueCount, kQueueNs, kInputNs, kOutputNs, kInferCount,
                  kInferNs, kSamples, kLastMs, kStats };
@@ -103,6 +109,7 @@ struct Model {
   bool accepting = true;
   int busy = 0;  // batches handed out and not yet completed
   std::atomic<int64_t> stats[kStats] = {};
+  std::atomic<int64_t> ok_times[kTimeBuckets] = {};  // successful calls by total time (not cumulative)
   std::map<int, std::pair<int64_t, int64_t>> by_batch;  // batch size -> (count, compute ns); under mu
 
   // Triton's counts: success/fail/queue per request; compute per batch (perf_analyzer checks that
@@ -332,6 +339,11 @@ class Front {
     if (m) {
       m->stats[st.ok() ? kOkCount : kFailCount] += 1;
       m->stats[st.ok() ? kOkNs : kFailNs] += spent;
+      if (st.ok()) {
+        int b = 0;
+        while (b < kTimeBuckets - 1 && spent > kTimeBoundsNs[b]) ++b;
+        m->ok_times[b] += 1;
+      }
     }
     if (m) m->codes[std::min<int>(st.error_code(), 16)] += 1;
     c->reactor->Finish(st);
@@ -902,6 +914,19 @@ int fv_statistics(void* fp, int slot, char* buf, int cap) {
   if (int(out.size()) > cap) return -1;
   std::memcpy(buf, out.data(), out.size());
   return int(out.size());
+}
+
+// A slot's successful calls by total time: bounds (ns, kTimeBuckets - 1 of them; may be null), counts per
+// bucket (kTimeBuckets, not cumulative) and the sum (ns). Returns the number of buckets, or -1 (no such slot).
+int fv_request_times(void* fp, int slot, int64_t* bounds, int64_t* counts, int64_t* sum_ns) {
+  std::shared_ptr<Model> m = static_cast<Front*>(fp)->model(slot);
+  if (!m) return -1;
+  for (int b = 0; b < kTimeBuckets; ++b) {
+    if (bounds && b < kTimeBuckets - 1) bounds[b] = kTimeBoundsNs[b];
+    counts[b] = m->ok_times[b].load();
+  }
+  *sum_ns = m->stats[kOkNs].load();
+  return kTimeBuckets;
 }
 
 // ModelInfer calls answered so far, by status code (17 counters).
