@@ -155,7 +155,7 @@ def cmd_model(args: argparse.Namespace) -> int:
                       for m in models], ["MODEL", "LATEST", "ALIASES"])
     elif args.action == "show":
         versions = rc.list_versions(args.name)
-        aliases = next((m.aliases for m in rc.list_models() if m.name == args.name), [])
+        aliases: Any = next((m.aliases for m in rc.list_models() if m.name == args.name), [])
         if args.json:
             return _dump({"name": args.name, "versions": versions, "aliases": list(aliases)})
         _print_table([[v.version, model_pb2.VersionState.Name(v.state).removeprefix("VERSION_STATE_").lower(),

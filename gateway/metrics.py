@@ -83,7 +83,7 @@ class Metrics:
     def served_by_worker(self) -> dict[str, float]:
         """Successful upstream calls per worker id (read by tests and the benchmark)."""
         out: dict[str, float] = {}
-        for sample in self.upstream.collect()[0].samples:
+        for sample in list(self.upstream.collect())[0].samples:
             if sample.name.endswith("_total") and sample.labels["code"] == "OK":
                 out[sample.labels["worker"]] = sample.value
         return out
@@ -155,7 +155,7 @@ class AccessLog:
             if not self.as_json:
                 out.append(f"{stamp} gateway INFO gateway.access: {msg} request_id={rid} model={model}")
                 continue
-            record = {"ts": stamp, "level": "INFO", "service": "gateway", "logger": "gateway.access", "msg": msg}
+            record: dict[str, object] = {"ts": stamp, "level": "INFO", "service": "gateway", "logger": "gateway.access", "msg": msg}
             for k, v in (("request_id", rid), ("model", model), ("version", version)):
                 if v:
                     record[k] = v

@@ -179,8 +179,8 @@ class Workers:
         worker has the version; when all are ejected they are tried anyway, since
         refusing for sure is worse than a call that may fail.
         """
-        candidates = []
-        ejected = []
+        candidates: list[tuple[str, Endpoint]] = []
+        ejected: list[tuple[str, Endpoint]] = []
         for wid, ep in self.endpoints.items():
             if wid in exclude or not ep.serves(model, version):
                 continue

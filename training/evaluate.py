@@ -137,7 +137,7 @@ def save_confusion_png(matrix: np.ndarray | list[list[int]], classes: Sequence[s
             for i in range(n):
                 for j in range(n):
                     if m[i, j]:
-                        ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8,
+                        ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=8,
                                 color="white" if rows[i, j] > 0.5 else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

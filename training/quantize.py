@@ -65,7 +65,7 @@ def quantize_int8(fp32_path: str | pathlib.Path, out_path: str | pathlib.Path, c
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         )
     _copy_metadata(fp32_path, out_path, variant="int8 static QDQ per-channel")
-    report = {"path": str(out_path), "size_bytes": out_path.stat().st_size,
+    report: dict[str, Any] = {"path": str(out_path), "size_bytes": out_path.stat().st_size,
               "fp32_size_bytes": fp32_path.stat().st_size, "seconds": round(time.perf_counter() - started, 2)}
     logger.info("wrote %s (%.2f MB from %.2f MB)", out_path, report["size_bytes"] / 1e6, report["fp32_size_bytes"] / 1e6)
     return report

@@ -202,7 +202,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     loss_total, correct_total = float(loss_sum), int(correct)
     seconds = time.perf_counter() - started
     return {"train_loss": loss_total / max(1, seen), "train_acc": correct_total / max(1, seen),
-            "lr": scheduler.get_last_lr()[0], "train_seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+            "lr": float(scheduler.get_last_lr()[0]), "train_seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -263,7 +263,8 @@ class NativeFront:
                 alone = instances.acquire(lambda: self.depth(slot)[0])
                 try:
                     t0 = time.perf_counter()
-                    outputs = [np.ascontiguousarray(o) for o in (instances.alone if alone else run)(arrays)]
+                    use = instances.alone if alone and instances.alone is not None else run
+                    outputs = [np.ascontiguousarray(o) for o in use(arrays)]
                     compute_s = time.perf_counter() - t0
                 finally:
                     instances.release(alone)

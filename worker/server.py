@@ -43,7 +43,7 @@ class WorkerServer:
     decode_pool: ThreadPoolExecutor
     metrics: WorkerMetrics
     native: NativeFront | None = None
-    state: int = registry_pb2.WORKER_STATE_STARTING
+    state: Any = registry_pb2.WORKER_STATE_STARTING  # a registry_pb2.WorkerState value
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def status(self) -> registry_pb2.WorkerStatus:

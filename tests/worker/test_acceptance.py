@@ -6,7 +6,6 @@ Every test runs twice: through the worker's main port (Python) and through its n
 from __future__ import annotations
 
 import asyncio
-import pathlib
 import time
 import urllib.request
 from collections.abc import Iterator

@@ -8,7 +8,6 @@ import signal
 import time
 
 import grpc
-import numpy as np
 import pytest
 
 from fovea.client import RegistryClient
