@@ -41,3 +41,6 @@ def test_warmup_runs_every_batch_size_on_a_gpu_and_one_on_the_cpu() -> None:
     assert warmup_sizes(config, "CUDAExecutionProvider", fixed) == [1]
     chosen = WorkerConfig(max_batch_size=4, warmup_batch_sizes="4,2,9,2")  # as read from the environment
     assert warmup_sizes(chosen, "CPUExecutionProvider", dynamic) == [2, 4]
+    # a session per batch size (pad_batches): each runs its own size once
+    assert warmup_sizes(config, "CUDAExecutionProvider", dynamic, [1, 2, 4]) == [1, 2, 4]
+    assert warmup_sizes(chosen, "CUDAExecutionProvider", dynamic, [1, 2, 4]) == [2, 4]  # the setting wins
