@@ -41,6 +41,9 @@ def _load() -> C.CDLL:
     lib.fg_set_routes.argtypes = [p, s]
     lib.fg_counts.argtypes = [p, p]
     lib.fg_set_accepting.argtypes = [p, i]
+    lib.fg_take_ejected.restype = i64
+    lib.fg_take_ejected.argtypes = [p, p, i64]
+    lib.fg_readmit.argtypes = [p, s]
     lib.fg_shutdown.argtypes = [p, C.c_double]
     lib.fg_free.argtypes = [p]
     return lib
@@ -111,6 +114,19 @@ class NativeGateway:
             ts, code, seconds, rid, model, version, worker = line.split("\t")
             rows.append((float(ts), int(code), float(seconds), rid, model, version, worker))
         return rows, dropped.value
+
+    def take_ejected(self) -> list[str]:
+        """Fast addresses of the workers the front ejected since the last call (Python probes them)."""
+        if not self.handle:
+            return []
+        buf = C.create_string_buffer(1 << 16)
+        n = self.lib.fg_take_ejected(self.handle, buf, len(buf))
+        return buf.raw[:n].decode().split() if n > 0 else []
+
+    def readmit(self, fast_address: str) -> None:
+        """The worker passed its probe: the front routes to it again."""
+        if self.handle:
+            self.lib.fg_readmit(self.handle, fast_address.encode())
 
     def set_accepting(self, accepting: bool) -> None:
         if self.handle:

@@ -130,6 +130,8 @@ class Workers:
         self.eject_after_failures = eject_after_failures
         self.eject_s = eject_s
         self.on_eject = on_eject
+        self.on_change: Callable[[Endpoint], None] | None = None
+        """Called after a worker is ejected or re-admitted (the fast port's table follows)."""
         self.ready = asyncio.Event()
 
     def on_event(self, event: registry_pb2.WatchWorkersResponse) -> None:
@@ -200,13 +202,20 @@ class Workers:
             ep.failures = 0
             return
         ep.failures += 1
-        if ep.failures >= self.eject_after_failures and not ep.ejected:
-            ep.ejected = True
-            logger.warning("ejecting worker %s after %d failures; probing in %.1fs",
-                           ep.status.worker_id, ep.failures, self.eject_s)
-            if self.on_eject is not None:
-                self.on_eject()
-            ep.probe = asyncio.get_running_loop().create_task(self._probe(ep))
+        if ep.failures >= self.eject_after_failures:
+            self.eject(ep, f"{ep.failures} failures")
+
+    def eject(self, ep: Endpoint, why: str) -> None:
+        """Set a worker aside until its health probe answers SERVING."""
+        if ep.ejected:
+            return
+        ep.ejected = True
+        logger.warning("ejecting worker %s after %s; probing in %.1fs", ep.status.worker_id, why, self.eject_s)
+        if self.on_eject is not None:
+            self.on_eject()
+        ep.probe = asyncio.get_running_loop().create_task(self._probe(ep))
+        if self.on_change is not None:
+            self.on_change(ep)
 
     async def _probe(self, ep: Endpoint) -> None:
         wait_s = self.eject_s
@@ -216,6 +225,8 @@ class Workers:
                 ep.ejected = False
                 ep.failures = 0
                 logger.info("worker %s answered its probe; re-admitted", ep.status.worker_id)
+                if self.on_change is not None:
+                    self.on_change(ep)
                 return
             wait_s = min(wait_s * 2, MAX_PROBE_INTERVAL_S)
 

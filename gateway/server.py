@@ -23,7 +23,7 @@ from gateway.native import LIBRARY as NATIVE_LIBRARY
 from gateway.native import NativeGateway, routes_text
 from gateway.native import available as native_available
 from gateway.ratelimit import Limits, RateLimiter
-from gateway.routing import Versions, Workers
+from gateway.routing import Endpoint, Versions, Workers
 from gateway.service import Gateway
 from gateway.servicer import ImageServicer, InferenceServicer
 from inference import grpc_predict_v2_pb2 as pb
@@ -134,9 +134,16 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
         slow_port = server.add_insecure_port("127.0.0.1:0")
         native = start_native(config, slow_port, keys, metrics)
 
-    def sync_routes() -> None:  # the fast port's routing table follows the watches
+    def sync_routes() -> None:  # the fast port's routing table follows the watches and the ejections
         if native is not None:
             native.set_routes(routes_text(versions.aliases, versions.versions, workers.endpoints))
+
+    def on_worker_change(ep: Endpoint) -> None:
+        if native is not None and not ep.ejected and ep.status.fast_address:
+            native.readmit(ep.status.fast_address)
+        sync_routes()
+
+    workers.on_change = on_worker_change
 
     def on_models(event: registry_pb2.WatchModelsResponse) -> None:
         versions.on_event(event)
@@ -174,6 +181,9 @@ async def drain_native(native: NativeGateway, metrics: Metrics, workers: Workers
         nonlocal retried
         ids = {ep.status.fast_address: wid for wid, ep in workers.endpoints.items() if ep.status.fast_address}
         metrics.on_native(*native.drain_log(), ids)
+        for address in native.take_ejected():  # the front set them aside: probe them as the Python path does
+            if address in ids:
+                workers.eject(workers.endpoints[ids[address]], "repeated failures on the fast port")
         now = native.counts()["retries"]
         if now > retried:  # native retries count with the Python port's in fovea_gateway_upstream_retries
             metrics.retries.inc(now - retried)

@@ -376,6 +376,10 @@ class Front {
   static constexpr int64_t kMaxLogLines = 100000;
   std::atomic<int64_t> codes[17] = {};
   std::atomic<int64_t> native_calls{0}, slow_calls{0}, retries{0};
+  // Fast addresses of workers ejected since Python last asked: Python probes them and re-admits them.
+  std::mutex ejected_mu;
+  std::vector<std::string> ejected;
+  static constexpr double kEjectFallbackS = 60;  // in case no re-admission ever comes
 
   std::shared_mutex keys_mu;
   std::unordered_map<std::string, Key> keys;  // SHA-256 of the secret -> key
@@ -443,8 +447,22 @@ class Front {
       w.failures = 0;
       return;
     }
-    if (++w.failures >= eject_after)
-      w.ejected_until_ns = now_ns() + int64_t(eject_s * 1e9);
+    if (++w.failures < eject_after) return;
+    int64_t now = now_ns(), until = w.ejected_until_ns.load();
+    // Set aside until Python's health probe re-admits it (fg_readmit); report it once per ejection.
+    if (until <= now && w.ejected_until_ns.compare_exchange_strong(until, now + int64_t(kEjectFallbackS * 1e9))) {
+      std::lock_guard lock(ejected_mu);
+      ejected.push_back(w.address);
+    }
+  }
+
+  void readmit(const std::string& address) {
+    std::lock_guard lock(routes_mu);
+    for (auto& [key, w] : workers)
+      if (w->address == address) {
+        w->failures = 0;
+        w->ejected_until_ns = 0;
+      }
   }
 
   void set_routes(const std::string& text) {
@@ -859,6 +877,22 @@ int64_t fg_drain_log(void* fp, char* buf, int64_t cap, int64_t* dropped) {
   f->log_dropped = 0;
   return n;
 }
+
+// Fast addresses of the workers the front ejected since the last call, one per line, into buf; returns the
+// length, or -1 when buf is too small (they stay for the next call).
+int64_t fg_take_ejected(void* fp, char* buf, int64_t cap) {
+  auto* f = static_cast<Front*>(fp);
+  std::lock_guard lock(f->ejected_mu);
+  std::string out;
+  for (const auto& a : f->ejected) out += a + "\n";
+  if (int64_t(out.size()) > cap) return -1;
+  std::memcpy(buf, out.data(), out.size());
+  f->ejected.clear();
+  return int64_t(out.size());
+}
+
+// A worker (by fast address) passed its probe: route to it again.
+void fg_readmit(void* fp, const char* address) { static_cast<Front*>(fp)->readmit(address); }
 
 void fg_set_accepting(void* fp, int accepting) { static_cast<Front*>(fp)->accepting = accepting != 0; }
 

@@ -124,10 +124,10 @@ async def wait_routable(srv: GatewayServer, model: str, timeout_s: float = 20.0)
     raise AssertionError(f"gateway never saw a worker with {model} ready")
 
 
-async def gateway_over_workers(stack: Stack, model: str, n: int = 2) -> GatewayServer:
+async def gateway_over_workers(stack: Stack, model: str, n: int = 2, **overrides: Any) -> GatewayServer:
     """A gateway of its own (the caller stops it) that sees n workers and can route the model."""
     gw = await build_server(GatewayConfig(port=0, registry_address=stack.registry.address,
-                                          internal_token=stack.cluster.internal_token))
+                                          internal_token=stack.cluster.internal_token, **overrides))
     await wait_routable(gw, model)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 20

@@ -242,6 +242,60 @@ async def test_kill_9_one_worker_under_native_load(own_stack: Stack) -> None:
     await gw.stop(0)
 
 
+async def test_a_worker_the_fast_port_ejects_is_probed_and_readmitted(own_stack: Stack) -> None:
+    """kill -9 a worker under native load: the front sets it aside and tells Python, whose health probe
+    re-admits it once a worker answers at its addresses again (restarted within the registry's TTL)."""
+    stack = own_stack
+    gw = await gateway_over_workers(stack, "ident", eject_s=0.5)
+    secret = await asyncio.to_thread(stack.key)
+    channel, stub = fast_stub(gw)
+    dead = stack.workers[0]
+    wid, ep = next((w, e) for w, e in gw.gateway.workers.endpoints.items() if e.status.address == dead.address)
+    fast_address = ep.status.fast_address
+    failures: list[Exception] = []
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                await stub.ModelInfer(ident_request(i), metadata=auth(secret), timeout=30)
+            except Exception as exc:  # noqa: BLE001 - every failure is collected and reported
+                failures.append(exc)
+
+    async def until(check: object, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if check():  # type: ignore[operator]
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    clients = [asyncio.create_task(client()) for _ in range(4)]
+    await asyncio.sleep(0.5)
+    dead.kill()
+    assert await until(lambda: ep.ejected, 2.0), "the front's ejection never reached Python"
+    assert fast_address not in gw.native.routes
+    assert "fovea_gateway_worker_ejections_total 1.0" in gw.metrics.exposition().decode()
+    main_port = int(dead.address.rsplit(":", 1)[1])
+    stack.workers[0] = await asyncio.to_thread(
+        stack.cluster.start_worker, stack.registry.address, ["colors", "ident"], name="worker0", port=main_port,
+        FOVEA_WORKER_FAST_PORT=fast_address.rsplit(":", 1)[1], FOVEA_WORKER_INTRA_OP_THREADS="1",
+        FOVEA_WORKER_DECODE_THREADS="1")
+    assert await until(lambda: not ep.ejected, 20.0), "the probe never re-admitted the restarted worker"
+    assert gw.gateway.workers.endpoints.get(wid) is ep  # the same endpoint: re-admitted, not re-joined
+    assert await until(lambda: fast_address in gw.native.routes, 2.0)
+    before = gw.metrics.served_by_worker().get(wid, 0.0)
+    assert await until(lambda: gw.metrics.served_by_worker().get(wid, 0.0) > before + 20, 5.0), \
+        "native calls did not reach the re-admitted worker"
+    stop.set()
+    await asyncio.gather(*clients)
+    assert failures == [], failures[:3]
+    await channel.close()
+    await gw.stop(0)
+
+
 async def test_bad_or_unusual_requests_get_the_python_ports_answers(stack: Stack, gateways: GatewayFactory) -> None:
     gw = await gateways(max_images_per_call=8)
     await wait_routable(gw, "ident")
