@@ -38,9 +38,9 @@ class Stack:
         return self.rc.create_key(role, **kwargs)[1]
 
 
-def start_stack(tmp: pathlib.Path, redis_url: str, n_workers: int = 2) -> Stack:
+def start_stack(tmp: pathlib.Path, redis_url: str, n_workers: int = 2, **registry_env: str) -> Stack:
     cluster = Cluster(tmp, redis_url=redis_url)
-    reg = cluster.start_registry()
+    reg = cluster.start_registry(**registry_env)
     rc = RegistryClient(reg.address, cluster.internal_token, timeout_s=30)
     for name, artifact in (("colors", color_model()), ("ident", identity_model())):
         mv = rc.register(artifact, model_pb2.ModelVersion(name=name))
@@ -78,12 +78,14 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture
 def own_stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A stack of its own, for tests that kill one of its workers (Redis database 15)."""
+    """A stack of its own, for tests that kill one of its workers (Redis database 15). Its registry keeps a
+    silent worker for 15 s, so that a test can restart a killed worker before the registry forgets it;
+    the gateways set a dead worker aside by themselves long before."""
     url = redis_server.url.rsplit("/", 1)[0] + "/15"
     client = redis.Redis.from_url(url)
     client.flushdb()
     client.close()
-    s = start_stack(tmp_path_factory.mktemp("failover"), url)
+    s = start_stack(tmp_path_factory.mktemp("failover"), url, FOVEA_REGISTRY_HEARTBEAT_TTL_S="15")
     yield s
     s.cluster.stop()
 

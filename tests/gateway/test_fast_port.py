@@ -236,7 +236,7 @@ async def test_kill_9_one_worker_under_native_load(own_stack: Stack) -> None:
     assert f"fovea_gateway_upstream_retries_total {float(counts['retries'])}" in gw.metrics.exposition().decode()
     assert counts["native"] > ok * 0.9
     assert ok - before_kill > 50
-    # ejected (and then dropped by the registry): no call meets the dead worker any more
+    # ejected: no call meets the dead worker any more
     assert counts["retries"] == retries_after_ejection
     await channel.close()
     await gw.stop(0)
