@@ -95,7 +95,7 @@ class Session:
     bind: bool = False
     """Run through I/O binding (only ever true on the CUDA provider)."""
     dynamic_batch: bool = True
-    """The first input's batch axis is not fixed in the model."""
+    """Every input's and output's first axis is free in the model: a batch axis, safe to pad and cut back."""
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.bind:
@@ -137,7 +137,8 @@ def load_session(model_bytes: bytes, config: WorkerConfig) -> Session:
         output_names=[o.name for o in session.get_outputs()],
         device_id=config.device_id,
         bind=config.io_binding and provider == "CUDAExecutionProvider",
-        dynamic_batch=not isinstance(session.get_inputs()[0].shape[0], int),
+        dynamic_batch=all(t.shape and not isinstance(t.shape[0], int)
+                          for t in [*session.get_inputs(), *session.get_outputs()]),
     )
 
 

@@ -55,6 +55,13 @@ def test_each_session_only_ever_runs_its_own_batch_size() -> None:
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])])
     fixed = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     assert isinstance(load_model(fixed.SerializeToString(), config), Session)
+    # nor does one with an output that is not per sample: cutting it back would return the wrong rows
+    graph = helper.make_graph([helper.make_node("ReduceSum", ["input", "axes"], ["output"], keepdims=0)], "total",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor("axes", TensorProto.INT64, [1], [0])])
+    total = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert isinstance(load_model(total.SerializeToString(), config), Session)
 
 
 async def test_a_padded_worker_answers_every_request_with_its_own_rows(registry: LocalRegistry,
