@@ -189,7 +189,13 @@ class Bucketed:
 def load_model(model_bytes: bytes, config: WorkerConfig) -> Session | Bucketed:
     """A session, or one per batch size where pad_batches applies to the provider ONNX Runtime gave."""
     first = load_session(model_bytes, config)
-    sizes = bucket_sizes(config, first.provider) if first.dynamic_batch else []
+    sizes = bucket_sizes(config, first.provider)
+    if len(sizes) > 1 and not first.dynamic_batch:
+        inputs = first.session.get_inputs()
+        if inputs and inputs[0].shape and not isinstance(inputs[0].shape[0], int):
+            logger.warning("not padding batches: an output's first axis is fixed, so it is not per sample; "
+                           "batch sizes that change from run to run will be slow on %s", first.provider)
+        sizes = []
     if len(sizes) < 2:
         return first
     sessions = {sizes[-1]: first}
