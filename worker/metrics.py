@@ -83,8 +83,10 @@ class WorkerMetrics:
             compute.observe(compute_s)
             for w in waits_s:
                 queue.observe(w)
-            if padded_size is not None and padded_size(samples) > samples:
-                padding.inc(padded_size(samples) - samples)
+            if padded_size is not None:
+                padded = padded_size(samples) - samples
+                if padded > 0:
+                    padding.inc(padded)
 
         return hook
 

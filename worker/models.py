@@ -11,7 +11,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +54,7 @@ class Loaded:
 
 
 def warmup_sizes(config: WorkerConfig, provider: str, mv: model_pb2.ModelVersion,
-                 buckets: list[int] | None = None) -> list[int]:
+                 buckets: Sequence[int] = ()) -> list[int]:
     """Batch sizes each instance runs before a version is ready (see WorkerConfig.warmup_batch_sizes);
     with a session per batch size (buckets), each size once."""
     top = config.max_batch_size
@@ -274,8 +274,7 @@ class ModelManager:
 
         stats = ModelStats()
         first = sessions[0]
-        metrics_hook = self.metrics.batch_hook(mv.name, version,
-                                               first.size_for if isinstance(first, Bucketed) else None)
+        metrics_hook = self.metrics.batch_hook(mv.name, version, first.size_for if first.sizes else None)
 
         def on_batch(samples: int, waits_s: list[float], compute_s: float) -> None:
             metrics_hook(samples, waits_s, compute_s)
@@ -311,7 +310,7 @@ class ModelManager:
                 logger.warning("%s v%d is served on the main port only: %s", mv.name, mv.version, exc)
         lv.ready = True
         self.errors.pop(key, None)
-        sizes = f", a session per batch size {first.sizes}" if isinstance(first, Bucketed) else ""
+        sizes = f", a session per batch size {first.sizes}" if first.sizes else ""
         logger.info("loaded %s v%d on %s (%d instance(s)%s) in %.2fs", mv.name, mv.version, lv.provider,
                     len(sessions), sizes, time.perf_counter() - t0)
 
@@ -325,8 +324,7 @@ class ModelManager:
         return inputs
 
     async def _warm_up(self, lv: Loaded, runners: list[Any]) -> None:
-        first = lv.sessions[0]
-        sizes = warmup_sizes(self.config, lv.provider, lv.mv, first.sizes if isinstance(first, Bucketed) else None)
+        sizes = warmup_sizes(self.config, lv.provider, lv.mv, lv.sessions[0].sizes)
         await lv.batcher.submit(self._zeros(lv), 1, time.perf_counter() + 120)  # also sets the batcher's timing
         # Every instance, every size: each session keeps its own per-shape state (cuDNN's algorithm choices).
         t0 = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -96,6 +96,12 @@ class Session:
     """Run through I/O binding (only ever true on the CUDA provider)."""
     dynamic_batch: bool = True
     """Every input's and output's first axis is free in the model: a batch axis, safe to pad and cut back."""
+    sizes: list[int] = field(default_factory=list)
+    """Batch sizes with a session each (Bucketed); empty here: one session runs every size."""
+
+    def size_for(self, n: int) -> int:
+        """The batch size a batch of n samples runs at."""
+        return n
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.bind:

@@ -365,7 +365,6 @@ class Front {
   int max_message_bytes = 0;
   int64_t default_deadline_ms = 30000, max_deadline_ms = 300000, max_samples = 64;
   int eject_after = 3;
-  double eject_s = 5.0;
   std::atomic<bool> accepting{true};
   int64_t max_pending = 4096;
   std::atomic<int64_t> pending{0};
@@ -775,7 +774,7 @@ extern "C" {
 // on loopback). With cert_pem and key_pem it serves TLS; with client_ca_pem too, it requires client certificates.
 void* fg_start(const char* address, int max_message_bytes, const char* slow_address, const char* internal_token,
                int64_t default_deadline_ms, int64_t max_deadline_ms, int64_t max_samples, int eject_after,
-               double eject_s, int64_t max_pending, const char* cert_pem, const char* key_pem,
+               int64_t max_pending, const char* cert_pem, const char* key_pem,
                const char* client_ca_pem, int* port) {
   // Keep freed buffers in the heap: gRPC allocates a fresh buffer for every large message, and
   // returning each to the kernel costs a page fault and a zeroed page per 4 KiB on the next one
@@ -792,7 +791,6 @@ void* fg_start(const char* address, int max_message_bytes, const char* slow_addr
   f->max_deadline_ms = max_deadline_ms;
   f->max_samples = max_samples;
   f->eject_after = eject_after;
-  f->eject_s = eject_s;
   f->slow = std::make_unique<grpc::GenericStub>(
       grpc::CreateCustomChannel(slow_address, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
   f->service = std::make_unique<Service>(f);
