@@ -24,11 +24,28 @@ STATUS_BY_VALUE = {code.value[0]: code.value for code in grpc.StatusCode}
 BATCH_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 
 
+class _BeforeScrape:
+    """Runs hooks when the registry is collected; yields no metrics."""
+
+    def __init__(self, hooks: list[Callable[[], None]]) -> None:
+        self.hooks = hooks
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        for hook in self.hooks:
+            hook()
+        return iter(())
+
+
 class WorkerMetrics:
     """Histograms per model version, counters per method and status, gauges read at scrape time."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.before_scrape: list[Callable[[], None]] = []
+        self.registry.register(_BeforeScrape(self.before_scrape))  # first, so it runs before the histograms are read
         labels = ("model", "version")
         self.queue_s = Histogram("fovea_worker_queue_seconds", "Time a request waited in the batcher queue",
                                  labels, buckets=TIME_BUCKETS_S, registry=self.registry)
@@ -106,9 +123,12 @@ class WorkerMetrics:
         self.in_flight.set_function(in_flight)
 
     def watch_fast_port(self, codes: Callable[[], list[int]],
-                        times: Callable[[], list[tuple[str, str, list[float], list[int], float]]]) -> None:
+                        times: Callable[[], list[tuple[str, str, list[float], list[int], float]]],
+                        flush: Callable[[], None]) -> None:
         """ModelInfer calls answered on the native fast port, by status code, and the total time of those
-        answered OK (the main port's fovea_worker_request_seconds), read from it at scrape time."""
+        answered OK (the main port's fovea_worker_request_seconds), read from it at scrape time; flush()
+        brings its batch histograms up to date before each scrape."""
+        self.before_scrape.append(flush)
 
         class FastPort:
             def collect(self) -> Any:

@@ -143,7 +143,7 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     ws = WorkerServer(config, server, port, manager, servicer, link, health_servicer, decode_pool, metrics, native)
     metrics.watch(lambda: manager.queue_depth, lambda: ws.in_flight)  # the same count the heartbeats carry
     if native is not None:
-        metrics.watch_fast_port(native.codes, native.request_times)
+        metrics.watch_fast_port(native.codes, native.request_times, native.flush_metrics)
     await ws.start()
     if any(lv.provider in GPU_PROVIDERS for lv in manager.loaded.values()):
         metrics.watch_gpu(config.device_id)

@@ -524,6 +524,7 @@ struct fv_batch {
   int32_t ninputs;
   int32_t expired;    // calls dropped before compute: deadline passed
   int32_t cancelled;  // calls dropped before compute: the caller cancelled
+  int32_t queued;     // calls still queued once this batch was taken
   const void* data[kMaxTensors];
   int64_t nbytes[kMaxTensors];
   int32_t rank[kMaxTensors];
@@ -707,6 +708,7 @@ int fv_next_batch(void* fp, int slot, int timeout_ms, fv_batch* out, double* wai
       while (!full && m->cv.wait_until(lock, fill_until, [&] { return !m->queue.empty(); })) full = collect();
     }
     if (!batch->calls.empty()) m->busy++;
+    out->queued = int32_t(m->queue.size());
   }
   for (Call* c : dropped) {
     bool cancelled = c->ctx->IsCancelled();
