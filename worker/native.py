@@ -148,7 +148,10 @@ class NativeFront:
                 hook, samples, waits_s, compute_s = self.batch_records.popleft()
             except IndexError:
                 return
-            hook(samples, waits_s, compute_s)
+            try:
+                hook(samples, waits_s, compute_s)
+            except Exception:  # noqa: BLE001 - a failing metric must not stop the flusher (and grow the queue)
+                logger.exception("fast-port batch metrics could not be recorded")
 
     def _flush_every(self, period_s: float) -> None:
         while not self._stop.wait(period_s):
