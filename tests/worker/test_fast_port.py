@@ -251,3 +251,25 @@ async def test_a_lone_batch_runs_on_the_alone_session_and_batches_under_load_on_
                            for i in range(12)))
     assert {"instance0", "instance1"} <= set(seen), seen  # under load both one-thread instances compute
     await channel.close()
+
+
+def test_batch_metrics_flush_past_a_failing_hook() -> None:
+    """The batch threads only queue their metrics; a hook that raises is logged and the rest still
+    get recorded, so the queue cannot grow without bound."""
+    from worker.native import NativeFront
+
+    front = NativeFront("127.0.0.1:0", 1 << 20, ["t"], 1000, b"")
+    seen: list[tuple[int, list[float], float]] = []
+
+    def broken(samples: int, waits_s: list[float], compute_s: float) -> None:
+        raise RuntimeError("metric backend gone")
+
+    try:
+        front.batch_records.append((broken, 1, [0.1], 0.2))
+        front.batch_records.append((lambda *a: seen.append(a), 2, [0.3, 0.4], 0.5))
+        front.flush_metrics()
+        assert seen == [(2, [0.3, 0.4], 0.5)]
+        assert not front.batch_records
+    finally:
+        front.shutdown(1)
+        front.close()
