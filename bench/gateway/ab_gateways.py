@@ -28,7 +28,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import bench_gateway as bg  # noqa: E402
 
-from fovea.client import RegistryClient  # noqa: E402
 from fovea.cluster import Cluster  # noqa: E402
 from fovea.redis_server import free_port  # noqa: E402
 from loadtest import perf_analyzer  # noqa: E402
@@ -50,14 +49,7 @@ def main() -> None:
     cluster = Cluster(data_dir / "cluster")
     rows: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     try:
-        reg = cluster.start_registry()
-        rc = RegistryClient(reg.address, cluster.internal_token, timeout_s=600)
-        mv = rc.register(artifact, meta)
-        rc.set_alias(mv.name, "production", [(mv.version, 100)])
-        _, secret = rc.create_key("infer")
-        worker = cluster.start_worker(reg.address, [mv.name])
-        while not rc.list_workers(mv.name, ready_only=True):
-            time.sleep(0.1)
+        reg, _, mv, secret, worker = bg.start_stack(cluster, artifact, meta, {})
         gateways = {}
         for name, env in settings.items():
             port = free_port()

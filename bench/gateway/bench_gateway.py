@@ -216,6 +216,21 @@ def report_perf_analyzer(args: argparse.Namespace, model: str, res: dict[str, di
     print(f"wrote {args.json}")
 
 
+def start_stack(cluster: Cluster, artifact: bytes, meta: model_pb2.ModelVersion,
+                worker_env: dict[str, str]) -> tuple[Any, RegistryClient, Any, str, Any]:
+    """A registry with the model in production and an "infer" key, and one worker that has it ready:
+    (registry, its client, the model version, the key's secret, the worker)."""
+    reg = cluster.start_registry()
+    rc = RegistryClient(reg.address, cluster.internal_token, timeout_s=600)
+    mv = rc.register(artifact, meta)
+    rc.set_alias(mv.name, "production", [(mv.version, 100)])
+    _, secret = rc.create_key("infer")
+    worker = cluster.start_worker(reg.address, [mv.name], **worker_env)
+    while not rc.list_workers(mv.name, ready_only=True):
+        time.sleep(0.1)
+    return reg, rc, mv, secret, worker
+
+
 def rc_worker_stats(address: str, token: str, model: str) -> int:
     """Calls the worker has answered for the model (both its ports)."""
     with grpc.insecure_channel(address) as ch:
@@ -269,15 +284,8 @@ def main() -> None:
     artifact, meta, payload = build_model(args.model, data_dir)
     cluster = Cluster(data_dir / "cluster")
     try:
-        reg = cluster.start_registry()
-        rc = RegistryClient(reg.address, cluster.internal_token, timeout_s=600)
-        mv = rc.register(artifact, meta)
-        rc.set_alias(mv.name, "production", [(mv.version, 100)])
-        _, secret = rc.create_key("infer")
         worker_env = dict(kv.split("=", 1) for kv in args.worker_env)
-        worker = cluster.start_worker(reg.address, [mv.name], **worker_env)
-        while not rc.list_workers(mv.name, ready_only=True):
-            time.sleep(0.1)
+        reg, rc, mv, secret, worker = start_stack(cluster, artifact, meta, worker_env)
         # "direct" is the port the gateway itself forwards to: the worker's fast port for raw tensors
         # (the identity model), its main port for images.
         fast = rc.list_workers(mv.name, ready_only=True)[0].fast_address
