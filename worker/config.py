@@ -118,6 +118,10 @@ class WorkerConfig(BaseConfig):
     one session, with its own copy of the weights, per size and instance, and the padded samples' compute."""
     batch_buckets: Annotated[list[int], NoDecode] = []
     """Batch sizes for pad_batches; empty: the powers of two below max_batch_size, and max_batch_size."""
+    native_compute: bool = True
+    """On the CPU provider, run the fast port's batches in C++ on ONNX Runtime's C API (each instance a second
+    session on the same model bytes), so that no Python runs between a call's arrival and its answer.
+    False: Python runs them on the main port's sessions."""
     inline_compute_us: int = 1000
     """Run a batch on the event loop thread, skipping the executor's two thread hops, while the model's average
     batch takes less than this (one instance only); 0 always uses the executor."""

@@ -25,8 +25,8 @@ from fovea.v1 import model_pb2, registry_pb2
 from worker.batcher import Batcher
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
-from worker.native import NativeFront
-from worker.runtime import GPU_PROVIDERS, Bucketed, Session, load_model
+from worker.native import NativeFront, NativeSession
+from worker.runtime import GPU_PROVIDERS, Bucketed, Session, load_model, native_options
 from worker.stats import ModelStats
 
 logger = logging.getLogger(__name__)
@@ -255,7 +255,11 @@ class ModelManager:
             sessions = await asyncio.gather(*(asyncio.to_thread(load_model, data, config)
                                               for _ in range(max(1, config.instances))))
             alone = None
-            if self.native is not None and self.config.alone_threads(mv.name):
+            fast: list[NativeSession] = []
+            fast_alone: NativeSession | None = None
+            if self._runs_native(config, sessions[0]):
+                fast, fast_alone = await asyncio.to_thread(self._open_native, data, config, mv, sessions[0], len(sessions))
+            if self.native is not None and self.config.alone_threads(mv.name) and not fast:
                 alone = await asyncio.to_thread(load_model, data, config.model_copy(
                     update={"intra_op_threads": self.config.alone_threads(mv.name)}))
         except Exception as exc:  # noqa: BLE001 - a bad artifact must not take the worker down
@@ -289,9 +293,12 @@ class ModelManager:
                     provider=sessions[0].provider, input_dtypes=sessions[0].input_dtypes, stats=stats)
         self.loaded[key] = lv  # listed (heartbeats, ModelReady) but not ready until warmed up
         batcher.start()
+        native_runs = [s.run for s in [*fast, *([fast_alone] if fast_alone else [])]]
         try:
-            await self._warm_up(lv, [runner(s) for s in [*sessions, *([alone] if alone else [])]])
+            await self._warm_up(lv, [runner(s) for s in [*sessions, *([alone] if alone else [])]] + native_runs)
         except Exception as exc:  # noqa: BLE001
+            for s in [*fast, *([fast_alone] if fast_alone else [])]:
+                s.close()
             del self.loaded[key]
             await batcher.stop(1.0)
             self.errors[key] = f"warm-up failed: {str(exc)[:300]}"
@@ -305,14 +312,46 @@ class ModelManager:
                     list(mv.labels), mv.preprocessing.outputs_probabilities, self.config,
                     [runner(s) for s in sessions], metrics_hook, self.metrics.drop_hook(mv.name, version),
                     oip.model_metadata(mv, [version]).SerializeToString(),
-                    self.config_response(lv).SerializeToString(), alone=runner(alone) if alone else None)
+                    self.config_response(lv).SerializeToString(), alone=runner(alone) if alone else None,
+                    sessions=fast, alone_session=fast_alone)
             except ValueError as exc:
+                for s in [*fast, *([fast_alone] if fast_alone else [])]:
+                    s.close()
                 logger.warning("%s v%d is served on the main port only: %s", mv.name, mv.version, exc)
         lv.ready = True
         self.errors.pop(key, None)
         sizes = f", a session per batch size {first.sizes}" if first.sizes else ""
         logger.info("loaded %s v%d on %s (%d instance(s)%s) in %.2fs", mv.name, mv.version, lv.provider,
                     len(sessions), sizes, time.perf_counter() - t0)
+
+    def _runs_native(self, config: WorkerConfig, first: Session | Bucketed) -> bool:
+        """Whether the fast port's batches of this model run in C++ (see WorkerConfig.native_compute)."""
+        if self.native is None or not config.native_compute or first.provider != "CPUExecutionProvider" or first.sizes:
+            return False
+        why = self.native.ort_unavailable()
+        if why:
+            logger.warning("fast port batches run in Python: %s", why)
+        return not why
+
+    def _open_native(self, data: bytes, config: WorkerConfig, mv: model_pb2.ModelVersion, first: Session | Bucketed,
+                     count: int) -> tuple[list[NativeSession], NativeSession | None]:
+        """The C API sessions of the fast port's loops: one per instance, and the alone one if configured.
+        ([], None) when they cannot be opened: Python then runs the batches, as before."""
+        assert self.native is not None
+        inputs = [(n, t.datatype) for n, t in zip(first.input_names, mv.inputs)]
+        made: list[NativeSession] = []
+        try:
+            for _ in range(count):
+                made.append(NativeSession(self.native, data, native_options(config), inputs, first.output_names))
+            threads = self.config.alone_threads(mv.name)
+            alone = NativeSession(self.native, data, native_options(config.model_copy(update={"intra_op_threads": threads})),
+                                  inputs, first.output_names) if threads else None
+        except RuntimeError as exc:
+            for s in made:
+                s.close()
+            logger.warning("fast port batches of %s v%d run in Python: %s", mv.name, mv.version, exc)
+            return [], None
+        return made, alone
 
     @staticmethod
     def _zeros(lv: Loaded, n: int = 1) -> list[np.ndarray]:

@@ -1,9 +1,10 @@
 """The worker's fast port: a C++ gRPC front (worker/native/front.cc) for ModelInfer on raw tensors.
 
-The front validates calls and batches them; Python runs ONNX Runtime on each batch in one thread per
-model instance and hands the outputs back. Everything else (images, typed contents, the other calls)
-stays on the main port. ctypes releases the GIL around every fv_* call, so a thread blocked waiting
-for a batch does not hold up the event loop.
+The front validates calls and batches them. On the CPU, each model instance's batch loop runs in C++
+on ONNX Runtime's C API (worker/native/ort_loop.cc, sessions from NativeSession); otherwise Python
+runs ONNX Runtime on each batch and hands the outputs back. Everything else (images, typed contents,
+the other calls) stays on the main port. ctypes releases the GIL around every fv_* call, so a thread
+blocked waiting for a batch, or running the C++ loop, does not hold up the event loop.
 """
 
 from __future__ import annotations
@@ -66,7 +67,87 @@ def _load() -> C.CDLL:
     lib.fv_set_accepting.argtypes = [p, i]
     lib.fv_shutdown.argtypes = [p, C.c_double]
     lib.fv_free.argtypes = [p]
+    lib.fv_ort_init.argtypes = [s, s, i]
+    lib.fv_ort_version.restype = s
+    lib.fv_ort_session.restype = p
+    lib.fv_ort_session.argtypes = [s, i64, i, i, i, i, i, p, p, i, p, p, i, p, s, i]
+    lib.fv_ort_run.argtypes = [p, C.POINTER(FvBatch), s, i]
+    lib.fv_ort_free.argtypes = [p]
+    lib.fv_ort_runs.restype = i64
+    lib.fv_ort_runs.argtypes = [p]
+    lib.fv_instances_new.restype = p
+    lib.fv_instances_new.argtypes = [p]
+    lib.fv_instances_free.argtypes = [p]
+    lib.fv_serve.argtypes = [p, i, p, p, i]
+    lib.fv_take_records.argtypes = [p, p, i, C.POINTER(i64), s, i]
     return lib
+
+
+def ort_library() -> pathlib.Path | None:
+    """ONNX Runtime's shared library (C API) in the onnxruntime package Python imports, if it ships one."""
+    import onnxruntime
+
+    found = sorted((pathlib.Path(onnxruntime.__file__).parent / "capi").glob("libonnxruntime.so*"))
+    return found[0] if found else None
+
+
+@dataclass
+class NativeOptions:
+    """Session options for NativeSession: worker.runtime.native_options makes them from the worker's config."""
+
+    intra_op_threads: int
+    inter_op_threads: int
+    optimization_level: int
+    cpu_mem_arena: bool
+    entries: dict[str, str]
+
+
+class NativeSession:
+    """A CPU session opened through ONNX Runtime's C API, for the fast port's C++ batch loop.
+
+    It is a second session on the same verified model bytes as the Python one the main port uses."""
+
+    def __init__(self, front: "NativeFront", model: bytes, options: NativeOptions, inputs: Sequence[tuple[str, str]],
+                 outputs: Sequence[str]) -> None:
+        self.lib = front.lib
+        err = C.create_string_buffer(512)
+        keys, values = list(options.entries), list(options.entries.values())
+        handle = self.lib.fv_ort_session(
+            model, len(model), options.intra_op_threads, options.inter_op_threads, options.optimization_level,
+            int(options.cpu_mem_arena), len(keys), _strings(keys), _strings(values), len(inputs),
+            _strings([n for n, _ in inputs]), _strings([d for _, d in inputs]), len(outputs), _strings(list(outputs)),
+            err, len(err))
+        if not handle:
+            raise RuntimeError(f"ONNX Runtime's C API could not open the model: {err.value.decode(errors='replace')}")
+        self.handle: int | None = handle
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Runs a batch and drops its outputs (warm-up; the fast port's loop gets them in C++)."""
+        if len(arrays) > MAX_TENSORS:
+            raise ValueError(f"at most {MAX_TENSORS} inputs")
+        batch = FvBatch()
+        batch.ninputs = len(arrays)
+        kept = [np.ascontiguousarray(a) for a in arrays]
+        for i, a in enumerate(kept):
+            if a.ndim > MAX_RANK:
+                raise ValueError(f"input of rank {a.ndim}; at most {MAX_RANK}")
+            batch.data[i], batch.nbytes[i], batch.rank[i] = a.ctypes.data, a.nbytes, a.ndim
+            for d, n in enumerate(a.shape):
+                batch.dims[i][d] = n
+        err = C.create_string_buffer(512)
+        if self.lib.fv_ort_run(self.handle, C.byref(batch), err, len(err)) != 0:
+            raise RuntimeError(err.value.decode(errors="replace"))
+        return []
+
+    @property
+    def runs(self) -> int:
+        """Batches run so far, warm-up included."""
+        return int(self.lib.fv_ort_runs(self.handle)) if self.handle else 0
+
+    def close(self) -> None:
+        if self.handle:
+            self.lib.fv_ort_free(self.handle)
+            self.handle = None
 
 
 RunFn = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -120,6 +201,11 @@ class Slot:
     id: int
     name: str
     threads: list[threading.Thread] = field(default_factory=list)
+    instances: int | None = None
+    """The C++ loops' shared state (fv_instances_new), when they run the batches."""
+    sessions: list[NativeSession] = field(default_factory=list)
+    on_batch: BatchHook | None = None
+    on_drop: DropHook | None = None
 
 
 class NativeFront:
@@ -137,12 +223,58 @@ class NativeFront:
         self.port = port.value
         self.slots: dict[int, Slot] = {}
         self.batch_records: deque[tuple[BatchHook, int, list[float], float]] = deque()
+        self._records_lock = threading.Lock()  # the C++ loops' records are read and freed under it
+        self._ort: str | None = None  # "" once ONNX Runtime's C API is open, else why not
         self._stop = threading.Event()
         self._flusher = threading.Thread(target=self._flush_every, args=(0.5,), name="fast-port-metrics", daemon=True)
         self._flusher.start()
 
+    def ort_unavailable(self) -> str:
+        """Why the C++ batch loop cannot run (ONNX Runtime's C API could not be opened); "" when it can."""
+        if self._ort is None:
+            path = ort_library()
+            err = C.create_string_buffer(512)
+            if path is None:
+                self._ort = "the onnxruntime package ships no libonnxruntime.so"
+            elif self.lib.fv_ort_init(str(path).encode(), err, len(err)) != 0:
+                self._ort = f"{path}: {err.value.decode(errors='replace')}"
+            else:
+                self._ort = ""
+                logger.info("fast port runs batches on ONNX Runtime %s's C API (%s)",
+                            self.lib.fv_ort_version().decode(), path.name)
+        return self._ort
+
+    def _take_records(self, entry: Slot) -> None:
+        """Hands a C++ loop's batch records and drops to the slot's hooks (under _records_lock)."""
+        buf, counts, err = (C.c_double * 65536)(), (C.c_int64 * 4)(), C.create_string_buffer(512)
+        while True:
+            n = self.lib.fv_take_records(entry.instances, buf, len(buf), counts, err, len(err))
+            expired, cancelled, failed, lost = counts
+            for kind, k in (("expired", expired), ("cancelled", cancelled)):
+                for _ in range(k):
+                    entry.on_drop(kind)  # type: ignore[misc]
+            if failed:
+                logger.warning("%d batch(es) of %s failed on the fast port; the last: %s", failed, entry.name,
+                               err.value.decode(errors="replace"))
+            if lost:
+                logger.warning("%d fast-port batch record(s) of %s were lost (nobody read them)", lost, entry.name)
+            i, values = 0, buf[:n]
+            while i < n:
+                calls = int(values[i + 1])
+                try:
+                    entry.on_batch(int(values[i]), values[i + 3: i + 3 + calls], values[i + 2])  # type: ignore[misc]
+                except Exception:  # noqa: BLE001 - as in flush_metrics
+                    logger.exception("fast-port batch metrics could not be recorded")
+                i += 3 + calls
+            if n == 0:
+                return
+
     def flush_metrics(self) -> None:
         """Hands the batches run since the last flush to their metric hooks."""
+        with self._records_lock:
+            for entry in list(self.slots.values()):
+                if entry.instances:
+                    self._take_records(entry)
         while True:
             try:
                 hook, samples, waits_s, compute_s = self.batch_records.popleft()
@@ -160,10 +292,13 @@ class NativeFront:
     def add(self, name: str, version: int, inputs: Sequence[Any], input_dtypes: Sequence[Any],
             outputs: Sequence[str], labels: Sequence[str], probabilities: bool, batching: Batching,
             runners: Sequence[RunFn], on_batch: BatchHook, on_drop: DropHook, metadata: bytes, config: bytes,
-            alone: RunFn | None = None) -> int:
+            alone: RunFn | None = None, sessions: Sequence[NativeSession] = (),
+            alone_session: NativeSession | None = None) -> int:
         """Register a warmed-up version and start one batch loop per runner (model instance).
 
-        metadata and config are its serialized ModelMetadataResponse and ModelConfigResponse."""
+        With sessions (NativeSession, warmed up), the loops run in C++ on them instead, and alone_session
+        takes the place of alone; the slot owns them from here on. metadata and config are its
+        serialized ModelMetadataResponse and ModelConfigResponse."""
         ranks = (C.c_int32 * len(inputs))(*[len(t.shape) for t in inputs])
         dims = [int(d) for t in inputs for d in t.shape]
         preferred = list(batching.preferred_batch_sizes)
@@ -175,7 +310,18 @@ class NativeFront:
             "\n".join(labels).encode(), int(probabilities), metadata, len(metadata), config, len(config))
         if slot < 0:
             raise ValueError(f"the native front cannot serve {name} v{version} (inputs or outputs out of its limits)")
-        entry = Slot(slot, f"{name}:{version}")
+        entry = Slot(slot, f"{name}:{version}", on_batch=on_batch, on_drop=on_drop)
+        if sessions:
+            entry.sessions = [*sessions, *([alone_session] if alone_session else [])]
+            entry.instances = self.lib.fv_instances_new(alone_session.handle if alone_session else None)
+            for i, session in enumerate(sessions):
+                t = threading.Thread(target=self.lib.fv_serve,
+                                     args=(self.handle, slot, session.handle, entry.instances, batching.max_batch_size),
+                                     name=f"fast-{name}-{version}-{i}", daemon=True)
+                entry.threads.append(t)
+                t.start()
+            self.slots[slot] = entry
+            return slot
         instances = Instances(alone)
         for i, run in enumerate(runners):
             t = threading.Thread(target=self._loop,
@@ -202,7 +348,19 @@ class NativeFront:
         self.lib.fv_close_model(self.handle, slot)
         for t in entry.threads:
             await asyncio.to_thread(t.join)
+        self._free(entry)
         self.lib.fv_release_model(self.handle, slot)
+
+    def _free(self, entry: Slot) -> None:
+        """After its loops ended: the last records to the hooks, then the C++ state and sessions freed."""
+        with self._records_lock:
+            if entry.instances:
+                self._take_records(entry)
+                self.lib.fv_instances_free(entry.instances)
+                entry.instances = None
+            for session in entry.sessions:
+                session.close()
+            entry.sessions.clear()
 
     def depth(self, slot: int) -> tuple[int, int]:
         """(queued calls, batches in compute)."""
@@ -235,6 +393,8 @@ class NativeFront:
         for entry in self.slots.values():
             for t in entry.threads:
                 t.join(5)
+            if not any(t.is_alive() for t in entry.threads):
+                self._free(entry)
         self.slots.clear()
         self._stop.set()
         self._flusher.join(5)

@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from fovea.errors import ModelNotReady
 from worker.config import WorkerConfig
+from worker.native import NativeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,16 @@ def session_options(config: WorkerConfig) -> ort.SessionOptions:
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.thread_spinning else "0")
     so.add_session_config_entry("session.force_spinning_stop", "1" if config.spin_only_in_run else "0")
     return so
+
+
+def native_options(config: WorkerConfig) -> NativeOptions:
+    """session_options' settings for a session opened through the C API (the fast port's C++ loop)."""
+    return NativeOptions(
+        intra_op_threads=config.intra_op_threads, inter_op_threads=config.inter_op_threads,
+        optimization_level=int(OPT_LEVELS.get(config.graph_optimization, OPT_LEVELS["all"])),
+        cpu_mem_arena=config.cpu_mem_arena,
+        entries={"session.intra_op.allow_spinning": "1" if config.thread_spinning else "0",
+                 "session.force_spinning_stop": "1" if config.spin_only_in_run else "0"})
 
 
 @dataclass

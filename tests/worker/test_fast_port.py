@@ -231,25 +231,35 @@ async def test_shapes_whose_size_wraps_around_are_refused(registry: LocalRegistr
     await channel.close()
 
 
+@pytest.mark.parametrize("native_compute", [True, False], ids=["c++-loop", "python-loop"])
 async def test_a_lone_batch_runs_on_the_alone_session_and_batches_under_load_on_the_instances(
-        registry: LocalRegistry, start_worker: StartWorker) -> None:
+        registry: LocalRegistry, start_worker: StartWorker, native_compute: bool) -> None:
     await registry.publish("busy", busy_model())
-    ws = await start_worker(["busy"], max_batch_size=2,
+    ws = await start_worker(["busy"], max_batch_size=2, native_compute=native_compute,
                             model_settings={"busy": {"instances": 2, "intra_op_threads": 1, "alone_threads": 2}})
     lv = ws.manager.loaded[("busy", 1)]
     assert len(lv.sessions) == 2
-    # Which session ran each batch, seen by wrapping the sessions the batch loops call.
+    native = ws.native.slots[lv.slot].sessions  # the C++ loops' sessions: two instances, then the alone one
+    assert len(native) == (3 if native_compute else 0)
+    # Which session ran each batch: counted in C++, or seen by wrapping the sessions Python's loops call.
     seen: list[str] = []
     for i, session in enumerate(lv.sessions):
         real = session.run
         session.run = lambda inputs, real=real, i=i: (seen.append(f"instance{i}"), real(inputs))[1]  # type: ignore[method-assign]
+    before = [s.runs for s in native]
+
+    def ran() -> list[str]:
+        return seen or [f"instance{i}" for i, s in enumerate(native[:2]) if s.runs > before[i]]
+
     channel, f = stub(ws.native.port)
     for _ in range(3):  # one at a time: every batch is alone
         await f.ModelInfer(tensor_request("busy", busy_input(100)), metadata=MD, timeout=30)
-    assert seen == [], "a lone batch runs on the alone session, not on an instance"
+    assert ran() == [], "a lone batch runs on the alone session, not on an instance"
+    if native_compute:
+        assert native[2].runs == before[2] + 3
     await asyncio.gather(*(f.ModelInfer(tensor_request("busy", busy_input(3000, tag=i)), metadata=MD, timeout=60)
                            for i in range(12)))
-    assert {"instance0", "instance1"} <= set(seen), seen  # under load both one-thread instances compute
+    assert {"instance0", "instance1"} <= set(ran()), ran()  # under load both one-thread instances compute
     await channel.close()
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the native inference front (libfovea_front.so) from front.cc and the inference protos.
+# Builds the native inference front (libfovea_front.so) from front.cc, ort_loop.cc and the inference protos.
 # Needs g++, pkg-config and Debian's libgrpc++-dev, protobuf-compiler-grpc (scripts/setup.sh installs them).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -13,12 +13,12 @@ if [[ ! -f "$stamp" || "$root/protos/inference/grpc_predict_v2.proto" -nt "$stam
     --plugin=protoc-gen-grpc="$(command -v grpc_cpp_plugin)" \
     inference/grpc_predict_v2.proto inference/model_config.proto
 fi
-srcs=("$here/front.cc" "$out"/gen/inference/*.cc)
+srcs=("$here/front.cc" "$here/ort_loop.cc" "$out"/gen/inference/*.cc)
 objs=()
 for src in "${srcs[@]}"; do
   obj="$out/$(basename "$src" .cc).o"
   objs+=("$obj")
-  if [[ ! -f "$obj" || "$src" -nt "$obj" ]]; then
+  if [[ ! -f "$obj" || "$src" -nt "$obj" || "$here/front.h" -nt "$obj" ]]; then
     g++ -std=c++17 -O2 -fPIC -fvisibility=hidden -I"$out/gen" $(pkg-config --cflags grpc++ protobuf) \
       -c "$src" -o "$obj" &
   fi

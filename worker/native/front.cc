@@ -31,6 +31,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "front.h"
 #include "inference/grpc_predict_v2.grpc.pb.h"
 
 namespace {
@@ -41,9 +42,6 @@ using Clock = std::chrono::steady_clock;
 using SysClock = std::chrono::system_clock;
 using grpc::Status;
 using grpc::StatusCode;
-
-constexpr int kMaxTensors = 8;
-constexpr int kMaxRank = 8;
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
@@ -516,20 +514,6 @@ void top_k(const float* row, int64_t width, int k, bool probabilities, const std
 
 extern "C" {
 #pragma GCC visibility push(default)
-
-struct fv_batch {
-  int64_t id;
-  int32_t samples;
-  int32_t calls;
-  int32_t ninputs;
-  int32_t expired;    // calls dropped before compute: deadline passed
-  int32_t cancelled;  // calls dropped before compute: the caller cancelled
-  int32_t queued;     // calls still queued once this batch was taken
-  const void* data[kMaxTensors];
-  int64_t nbytes[kMaxTensors];
-  int32_t rank[kMaxTensors];
-  int64_t dims[kMaxTensors][kMaxRank];
-};
 
 static void answer(Batch* b);
 
