@@ -263,6 +263,55 @@ async def test_a_lone_batch_runs_on_the_alone_session_and_batches_under_load_on_
     await channel.close()
 
 
+def _lookup_model() -> bytes:
+    """output = table[int(input)] on [N, 4], table = 0..9: ONNX Runtime fails on an index past 9 (a bad
+    batch that passes every check made before compute)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input"], ["index"], to=TensorProto.INT64),
+         helper.make_node("Gather", ["table", "index"], ["output"], axis=0)], "lookup",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor("table", TensorProto.FLOAT, [10], [float(i) for i in range(10)])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("native_compute", [True, False], ids=["c++-loop", "python-loop"])
+async def test_a_batch_that_fails_in_onnx_runtime_fails_only_its_calls(
+        registry: LocalRegistry, start_worker: StartWorker, native_compute: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
+    await registry.publish("lookup", _lookup_model())
+    ws = await start_worker(["lookup"], max_batch_size=4, native_compute=native_compute)
+    channel, f = stub(ws.native.port)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await f.ModelInfer(tensor_request("lookup", np.full((2, 4), 12, np.float32)), metadata=MD, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "model failed on this batch" in err.value.details() and "12" in err.value.details(), err.value.details()
+    ok = await f.ModelInfer(tensor_request("lookup", np.full((1, 4), 3, np.float32)), metadata=MD, timeout=10)
+    np.testing.assert_array_equal(output_array(ok), np.full((1, 4), 3, np.float32))
+    ws.native.flush_metrics()  # the C++ loop's failures are logged from there
+    assert any("failed on the fast port" in r.getMessage() for r in caplog.records)
+    await channel.close()
+
+
+async def test_without_onnx_runtimes_c_library_python_runs_the_batches(
+        registry: LocalRegistry, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import worker.native
+
+    monkeypatch.setattr(worker.native, "ort_library", lambda: None)  # as with a build that ships none
+    ws, _, fast = await _both(start_worker, registry)
+    lv = ws.manager.loaded[("colors", 1)]
+    assert ws.native.slots[lv.slot].sessions == []
+    assert any("run in Python" in r.getMessage() and "libonnxruntime" in r.getMessage() for r in caplog.records)
+    channel, f = stub(fast)
+    assert output_array(await f.ModelInfer(tensor_request("colors", _colors(2)), metadata=MD, timeout=10)).shape == (2, 3)
+    await channel.close()
+
+
 def test_batch_metrics_flush_past_a_failing_hook() -> None:
     """The batch threads only queue their metrics; a hook that raises is logged and the rest still
     get recorded, so the queue cannot grow without bound."""
