@@ -1,9 +1,9 @@
 // Fovea's native inference front: a C++ gRPC server for ModelInfer on raw tensors.
 //
-// Python keeps everything but the hot path: it loads and warms up models, runs ONNX
-// Runtime and decides routing. This file takes calls off the wire, validates them,
-// queues them per model version, hands Python whole batches as contiguous buffers and
-// splits the outputs back. A Python gRPC server costs about 0.2 ms of CPU per call here,
+// Python keeps everything but the hot path: it loads and warms up models and decides
+// routing. This file takes calls off the wire, validates them, queues them per model
+// version, hands whole batches as contiguous buffers to the batch loops (ort_loop.cc on
+// the CPU, Python otherwise) and splits the outputs back. A Python gRPC server costs about 0.2 ms of CPU per call here,
 // more than a small model's compute; this costs a few µs. The C ABI (fv_*) is what
 // worker/native.py calls through ctypes, which releases the GIL around each call.
 
