@@ -342,9 +342,9 @@ int fv_serve(void* front, int slot, void* session, void* instances, int max_batc
     in->release(alone);
     if (err.empty()) err = complete(front, b.id, compute_ns, outs);
     release_values(outs);
+    if (!err.empty()) fv_fail(front, b.id, 13, ("model failed on this batch: " + err.substr(0, 200)).c_str());  // INTERNAL
     std::lock_guard lock(in->rec_mu);
     if (!err.empty()) {
-      fv_fail(front, b.id, 13, ("model failed on this batch: " + err.substr(0, 200)).c_str());  // INTERNAL
       in->failed++;
       in->last_error = err.substr(0, 300);
       continue;
