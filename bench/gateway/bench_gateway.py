@@ -209,7 +209,7 @@ def report_perf_analyzer(args: argparse.Namespace, model: str, res: dict[str, di
         print(f"floor (bare Python proxy) hop: {med['floor']['p50_ms'] - med['direct']['p50_ms']:+.3f} ms")
     print(f"throughput through the gateway at concurrency {args.concurrency}: {ratio:.1%} of direct "
           f"(target >= 95%) {'PASS' if ratio >= 0.95 else 'FAIL'}")
-    out = {"client": "perf_analyzer", "model": model, "gateway_port": args.gateway_port, "cpus": os.cpu_count(), "concurrency": args.concurrency,
+    out = {"client": "perf_analyzer", "model": model, "gateway_port": args.gateway_port, "cpus": os.cpu_count(), "pinning": args.cpus, "client_pinning": args.client_cpus, "concurrency": args.concurrency,
            "trials": args.trials, "window_ms": args.window_ms, "results": res, "medians": med, "hop_p50_ms": hop,
            "throughput_ratio": ratio, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
@@ -250,8 +250,14 @@ def pct(values: list[float], q: float) -> float:
 
 
 def pin(proc: subprocess.Popen[bytes], cpus: str) -> None:
+    """Pins every thread the process has now (affinity is per thread; new threads inherit it)."""
+    want = {int(c) for c in cpus.split(",")}
     try:
-        os.sched_setaffinity(proc.pid, {int(c) for c in cpus.split(",")})
+        for task in pathlib.Path(f"/proc/{proc.pid}/task").iterdir():
+            try:
+                os.sched_setaffinity(int(task.name), want)
+            except ProcessLookupError:
+                pass  # the thread ended meanwhile
     except OSError as exc:
         print(f"warning: could not pin pid {proc.pid} to CPUs {cpus}: {exc}", flush=True)
 
@@ -266,6 +272,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3, help="throughput trials per target (alternating); 0 skips")
     ap.add_argument("--data-dir", default="", help="where the cluster keeps its files (default: a temp dir)")
     ap.add_argument("--cpus", default="", help="pin worker:gateway CPUs, e.g. '0,1:2,3' (Linux)")
+    ap.add_argument("--client-cpus", default="", help="with --cpus: the load clients' CPUs (default: those left)")
     ap.add_argument("--gateway-env", action="append", default=[], help="extra FOVEA_GATEWAY_X=Y settings")
     ap.add_argument("--worker-env", action="append", default=[], help="extra FOVEA_WORKER_X=Y settings")
     ap.add_argument("--gateways", type=int, default=1,
@@ -312,7 +319,8 @@ def main() -> None:
             for g in replicas:
                 pin(g.proc, gateway_cpus)
             used = {int(c) for c in f"{worker_cpus},{gateway_cpus}".split(",")}
-            rest = set(os.sched_getaffinity(0)) - used
+            rest = {int(c) for c in args.client_cpus.split(",")} if args.client_cpus else \
+                set(os.sched_getaffinity(0)) - used
             if rest:
                 try:
                     os.sched_setaffinity(0, rest)  # this process and the load clients it spawns
@@ -391,7 +399,7 @@ def main() -> None:
           f"{'PASS' if hop_ms <= 0.5 else 'FAIL'}")
     print(f"throughput through {args.gateways} gateway process(es) at concurrency {args.concurrency}: {ratio * 100:.1f}% of direct "
           f"(target >= 95%) {'PASS' if ratio >= 0.95 else 'FAIL'}; failed calls: {failed}")
-    out = {"model": mv.name, "gateway_port": args.gateway_port, "cpus": os.cpu_count(), "gateways": args.gateways, "pinning": args.cpus, "requests": args.requests, "concurrency": args.concurrency,
+    out = {"model": mv.name, "gateway_port": args.gateway_port, "cpus": os.cpu_count(), "gateways": args.gateways, "pinning": args.cpus, "client_pinning": args.client_cpus, "requests": args.requests, "concurrency": args.concurrency,
            "clients": args.clients, "duration_s": args.duration_s, "trials": args.trials, "rows": rows,
            "hop_p50_ms": hop_ms, "cpu_ms_per_call": cpu_ms, "throughput_ratio": ratio, "failed": failed,
            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
