@@ -293,11 +293,12 @@ class ModelManager:
                     provider=sessions[0].provider, input_dtypes=sessions[0].input_dtypes, stats=stats)
         self.loaded[key] = lv  # listed (heartbeats, ModelReady) but not ready until warmed up
         batcher.start()
-        native_runs = [s.run for s in [*fast, *([fast_alone] if fast_alone else [])]]
+        fast_all = [*fast, *([fast_alone] if fast_alone else [])]
         try:
-            await self._warm_up(lv, [runner(s) for s in [*sessions, *([alone] if alone else [])]] + native_runs)
+            await self._warm_up(lv, [runner(s) for s in [*sessions, *([alone] if alone else [])]] +
+                                [s.run for s in fast_all])
         except Exception as exc:  # noqa: BLE001
-            for s in [*fast, *([fast_alone] if fast_alone else [])]:
+            for s in fast_all:
                 s.close()
             del self.loaded[key]
             await batcher.stop(1.0)
@@ -315,7 +316,7 @@ class ModelManager:
                     self.config_response(lv).SerializeToString(), alone=runner(alone) if alone else None,
                     sessions=fast, alone_session=fast_alone)
             except ValueError as exc:
-                for s in [*fast, *([fast_alone] if fast_alone else [])]:
+                for s in fast_all:
                     s.close()
                 logger.warning("%s v%d is served on the main port only: %s", mv.name, mv.version, exc)
         lv.ready = True
