@@ -21,9 +21,7 @@ Needs `perf` with the sched tracepoints (root, or perf_event_paranoid <= 1). Wri
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "bench" / "worker"))
 
 import bench_gateway as bg  # noqa: E402
-from c1_trace import events  # noqa: E402
+from c1_trace import events, record, save, summarize, timehist  # noqa: E402
 
 from fovea.cluster import Cluster  # noqa: E402
 from fovea.redis_server import free_port  # noqa: E402
@@ -93,31 +91,18 @@ def main() -> None:
                                 env=pa.library_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(1.5)
         data = data_dir / "sched.data"
-        rec = subprocess.run(["perf", "sched", "record", "-o", str(data), "--", "sleep", str(args.seconds)],
-                             capture_output=True, text=True)
+        rec = record(args.seconds, data)
         gateway_tids, worker_tids = tids(gateway.proc.pid), tids(worker.proc.pid)
         load.communicate()
-        if rec.returncode != 0:
-            raise SystemExit(f"perf sched record failed: {rec.stderr[-500:]}")
-        trace = subprocess.run(["perf", "sched", "timehist", "-i", str(data), "-w"],
-                               capture_output=True, text=True).stdout
+        trace = timehist(rec, data)
     finally:
         cluster.stop()
-    gaps = steps(events(trace), gateway_tids, worker_tids)
-    n = len(next(iter(gaps.values())))
-    print(f"{n} calls traced in {args.seconds} s; medians (ms)")
-    result = {}
-    for name, values in gaps.items():
-        med = statistics.median(values) if values else float("nan")
-        result[name] = {"median_ms": med, "n": len(values)}
-        print(f"  {name:<16} {med:7.3f}")
+    n, result = summarize(steps(events(trace), gateway_tids, worker_tids), "calls", args.seconds)
     gw = result["send->forward"]["median_ms"] + result["back->answer"]["median_ms"]
     print(f"  {'gateway part':<16} {gw:7.3f}   (send->forward + back->answer)")
     out = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": args.seconds,
            "gateway_env": args.gateway_env, "worker_env": args.worker_env, "calls": n, "steps": result}
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    save(args.out, out)
 
 
 if __name__ == "__main__":

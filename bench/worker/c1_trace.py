@@ -81,6 +81,37 @@ def steps(evs: list[tuple[float, str, int, int | None, str | None]], worker_tids
     return gaps
 
 
+def record(seconds: float, data: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    """`perf sched record` of the whole machine for `seconds`, into data."""
+    return subprocess.run(["perf", "sched", "record", "-o", str(data), "--", "sleep", str(seconds)],
+                          capture_output=True, text=True)
+
+
+def timehist(rec: subprocess.CompletedProcess[str], data: pathlib.Path) -> str:
+    """The wake-ups of a recorded trace, as `perf sched timehist -w` prints them."""
+    if rec.returncode != 0:
+        raise SystemExit(f"perf sched record failed: {rec.stderr[-500:]}")
+    return subprocess.run(["perf", "sched", "timehist", "-i", str(data), "-w"], capture_output=True, text=True).stdout
+
+
+def summarize(gaps: dict[str, list[float]], noun: str, seconds: float) -> tuple[int, dict[str, dict[str, float]]]:
+    """Prints and returns each step's median (ms) and count; n is the number of requests traced."""
+    n = len(next(iter(gaps.values())))
+    print(f"{n} {noun} traced in {seconds} s; medians (ms)")
+    result = {}
+    for name, values in gaps.items():
+        med = statistics.median(values) if values else float("nan")
+        result[name] = {"median_ms": med, "n": len(values)}
+        print(f"  {name:<16} {med:7.3f}")
+    return n, result
+
+
+def save(path: str, out: dict[str, object]) -> None:
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(path).write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
+
+
 def threads(pid: int) -> tuple[set[int], set[int]]:
     """All thread ids of a process, and those named like the interpreter (Python and ORT threads)."""
     tids, python = set(), set()
@@ -115,31 +146,18 @@ def main() -> None:
                                     env=pa.library_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             time.sleep(1.5)
             data = pathlib.Path(tmp) / "sched.data"
-            rec = subprocess.run(["perf", "sched", "record", "-o", str(data), "--", "sleep", str(args.seconds)],
-                                 capture_output=True, text=True)
+            rec = record(args.seconds, data)
             worker_tids, python_tids = threads(pid)
             load.communicate()
-            if rec.returncode != 0:
-                raise SystemExit(f"perf sched record failed: {rec.stderr[-500:]}")
-            trace = subprocess.run(["perf", "sched", "timehist", "-i", str(data), "-w"],
-                                   capture_output=True, text=True).stdout
+            trace = timehist(rec, data)
         finally:
             cluster.stop()
-    gaps = steps(events(trace), worker_tids, python_tids)
-    n = len(next(iter(gaps.values())))
-    print(f"{n} requests traced in {args.seconds} s; medians (ms)")
-    result = {}
-    for name, values in gaps.items():
-        med = statistics.median(values) if values else float("nan")
-        result[name] = {"median_ms": med, "n": len(values)}
-        print(f"  {name:<16} {med:7.3f}")
+    n, result = summarize(steps(events(trace), worker_tids, python_tids), "requests", args.seconds)
     total = sum(r["median_ms"] for r in result.values())
     print(f"  {'sum of medians':<16} {total:7.3f}")
     out = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": args.seconds,
            "worker_env": args.worker_env, "requests": n, "steps": result}
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    save(args.out, out)
 
 
 if __name__ == "__main__":
