@@ -206,6 +206,7 @@ class Slot:
     sessions: list[NativeSession] = field(default_factory=list)
     on_batch: BatchHook | None = None
     on_drop: DropHook | None = None
+    max_batch: int = 1
 
 
 class NativeFront:
@@ -246,7 +247,9 @@ class NativeFront:
 
     def _take_records(self, entry: Slot) -> None:
         """Hands a C++ loop's batch records and drops to the slot's hooks (under _records_lock)."""
-        buf, counts, err = (C.c_double * 65536)(), (C.c_int64 * 4)(), C.create_string_buffer(512)
+        # Room for whole records only: a batch's record is 3 doubles plus one per call.
+        buf = (C.c_double * max(65536, 3 + entry.max_batch))()
+        counts, err = (C.c_int64 * 4)(), C.create_string_buffer(512)
         while True:
             n = self.lib.fv_take_records(entry.instances, buf, len(buf), counts, err, len(err))
             expired, cancelled, failed, lost = counts
@@ -310,7 +313,7 @@ class NativeFront:
             "\n".join(labels).encode(), int(probabilities), metadata, len(metadata), config, len(config))
         if slot < 0:
             raise ValueError(f"the native front cannot serve {name} v{version} (inputs or outputs out of its limits)")
-        entry = Slot(slot, f"{name}:{version}", on_batch=on_batch, on_drop=on_drop)
+        entry = Slot(slot, f"{name}:{version}", on_batch=on_batch, on_drop=on_drop, max_batch=batching.max_batch_size)
         if sessions:
             entry.sessions = [*sessions, *([alone_session] if alone_session else [])]
             entry.instances = self.lib.fv_instances_new(alone_session.handle if alone_session else None)
