@@ -312,6 +312,23 @@ async def test_without_onnx_runtimes_c_library_python_runs_the_batches(
     await channel.close()
 
 
+async def test_c_api_sessions_take_the_workers_session_options(registry: LocalRegistry,
+                                                             start_worker: StartWorker) -> None:
+    """The options that are not the defaults reach the C++ loop's sessions, which still answer right."""
+    ws, main, fast = await _both(start_worker, registry, cpu_mem_arena=False, graph_optimization="disable",
+                                 thread_spinning=False, spin_only_in_run=False)
+    lv = ws.manager.loaded[("colors", 1)]
+    assert len(ws.native.slots[lv.slot].sessions) == 1
+    (cm, m), (cf, f) = stub(main), stub(fast)
+    req = tensor_request("colors", _colors(3))
+    a = await m.ModelInfer(req, metadata=MD, timeout=10)
+    b = await f.ModelInfer(req, metadata=MD, timeout=10)
+    np.testing.assert_allclose(output_array(b), output_array(a), rtol=1e-6)
+    assert list(output_array(b).argmax(axis=1)) == [0, 1, 2]
+    await cm.close()
+    await cf.close()
+
+
 def test_batch_metrics_flush_past_a_failing_hook() -> None:
     """The batch threads only queue their metrics; a hook that raises is logged and the rest still
     get recorded, so the queue cannot grow without bound."""
