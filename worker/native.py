@@ -206,7 +206,9 @@ class Slot:
     sessions: list[NativeSession] = field(default_factory=list)
     on_batch: BatchHook | None = None
     on_drop: DropHook | None = None
-    max_batch: int = 1
+    records: Any = None
+    """The buffer the C++ loops' batch records are read into (made once per slot, with room for whole
+    records: a batch's record is 3 doubles plus one per call)."""
 
 
 class NativeFront:
@@ -247,8 +249,7 @@ class NativeFront:
 
     def _take_records(self, entry: Slot) -> None:
         """Hands a C++ loop's batch records and drops to the slot's hooks (under _records_lock)."""
-        # Room for whole records only: a batch's record is 3 doubles plus one per call.
-        buf = (C.c_double * max(65536, 3 + entry.max_batch))()
+        buf = entry.records
         counts, err = (C.c_int64 * 4)(), C.create_string_buffer(512)
         while True:
             n = self.lib.fv_take_records(entry.instances, buf, len(buf), counts, err, len(err))
@@ -313,8 +314,9 @@ class NativeFront:
             "\n".join(labels).encode(), int(probabilities), metadata, len(metadata), config, len(config))
         if slot < 0:
             raise ValueError(f"the native front cannot serve {name} v{version} (inputs or outputs out of its limits)")
-        entry = Slot(slot, f"{name}:{version}", on_batch=on_batch, on_drop=on_drop, max_batch=batching.max_batch_size)
+        entry = Slot(slot, f"{name}:{version}", on_batch=on_batch, on_drop=on_drop)
         if sessions:
+            entry.records = (C.c_double * max(65536, 3 + batching.max_batch_size))()
             entry.sessions = [*sessions, *([alone_session] if alone_session else [])]
             entry.instances = self.lib.fv_instances_new(alone_session.handle if alone_session else None)
             for i, session in enumerate(sessions):
