@@ -32,7 +32,7 @@ def _load() -> C.CDLL:
     lib = C.CDLL(str(LIBRARY))
     p, i, i64, s = C.c_void_p, C.c_int, C.c_int64, C.c_char_p
     lib.fg_start.restype = p
-    lib.fg_start.argtypes = [s, i, s, s, i64, i64, i64, i, i64, s, s, s, C.POINTER(i)]
+    lib.fg_start.argtypes = [s, i, s, s, i64, i64, i64, i, i64, i, s, s, s, C.POINTER(i)]
     lib.fg_drain_log.restype = i64
     lib.fg_drain_log.argtypes = [p, p, i64, C.POINTER(i64)]
     lib.fg_put_key.argtypes = [p, s, s, i, s, i64]
@@ -52,7 +52,7 @@ def _load() -> C.CDLL:
 class NativeGateway:
     def __init__(self, address: str, max_message_bytes: int, slow_address: str, internal_token: str,
                  default_deadline_ms: int, max_deadline_ms: int, max_samples: int, eject_after: int,
-                 max_pending: int, tls: tuple[bytes, bytes, bytes] = (b"", b"", b"")) -> None:
+                 max_pending: int, tls: tuple[bytes, bytes, bytes] = (b"", b"", b""), threads: int = 1) -> None:
         """tls: (certificate chain, private key, client CA) in PEM; empty serves plaintext, an empty CA
         asks for no client certificate."""
         self.lib = _load()
@@ -60,7 +60,8 @@ class NativeGateway:
         cert, key, client_ca = tls
         self.handle = self.lib.fg_start(address.encode(), max_message_bytes, slow_address.encode(),
                                         internal_token.encode(), default_deadline_ms, max_deadline_ms, max_samples,
-                                        eject_after, max_pending, cert, key, client_ca, C.byref(port))
+                                        eject_after, max_pending, threads, cert, key, client_ca,
+                                        C.byref(port))
         self._log_buf = C.create_string_buffer(1 << 20)
         if not self.handle:
             raise OSError(f"gateway fast port cannot listen on {address}")

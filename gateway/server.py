@@ -206,7 +206,7 @@ def start_native(config: GatewayConfig, port: int, keys: KeyCache, metrics: Metr
     native = NativeGateway(f"{config.host}:{config.fast_port}", config.max_message_bytes, f"127.0.0.1:{port}",
                            config.internal_token, config.default_deadline_ms, config.max_deadline_ms,
                            config.max_images_per_call, config.eject_after_failures,
-                           config.max_pending_calls, _tls_files(config))
+                           config.max_pending_calls, _tls_files(config), config.fast_threads)
 
     def on_verified(digest: bytes, record: registry_pb2.ApiKey) -> None:
         if Limits.of(record).unlimited:  # limited keys stay on the Python path, which charges Redis

@@ -87,6 +87,24 @@ def identity_model(width: int = 4) -> bytes:
     return model.SerializeToString()
 
 
+def sink_model(shape: tuple[int, int, int] = (3, 224, 224), keep: int = 1000) -> bytes:
+    """Almost no compute: [N, *shape] FP32 in, the first `keep` values of each sample out. With the
+    default shape it moves the bytes of an ImageNet-sized request and a 1000-class answer, so that a
+    benchmark sees only what serving the call costs."""
+    size = int(np.prod(shape))
+    const = [helper.make_node("Constant", [], [n], value=helper.make_tensor(n, TensorProto.INT64, [len(v)], v))
+             for n, v in (("flat_shape", [0, size]), ("starts", [0]), ("ends", [keep]), ("axes", [1]))]
+    graph = helper.make_graph(
+        [*const, helper.make_node("Reshape", ["input", "flat_shape"], ["flat"]),
+         helper.make_node("Slice", ["flat", "starts", "ends", "axes"], ["output"])], "sink",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *shape])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", keep])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
 def png(color: tuple[int, int, int], size: int = 16) -> bytes:
     import io
 

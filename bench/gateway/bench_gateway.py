@@ -58,6 +58,10 @@ def build_model(name: str, data_dir: pathlib.Path) -> tuple[bytes, model_pb2.Mod
         from tests.tinymodels import identity_model
 
         return identity_model(), model_pb2.ModelVersion(name="ident"), np.arange(4, dtype=np.float32).tobytes()
+    if name == "sink":  # 600 KB FP32 tensors in, 4 KB out, no compute: only what serving costs (perf_analyzer)
+        from tests.tinymodels import sink_model
+
+        return sink_model(), model_pb2.ModelVersion(name="sink"), b""
     if name == "colors":
         from tests.tinymodels import color_model, png
 
@@ -74,7 +78,7 @@ def build_model(name: str, data_dir: pathlib.Path) -> tuple[bytes, model_pb2.Mod
         buf = io.BytesIO()
         Image.fromarray(data.coffee()).convert("RGB").resize((256, 171)).save(buf, format="JPEG", quality=90)
         return path.read_bytes(), model_pb2.ModelVersion(name=name), buf.getvalue()
-    raise SystemExit(f"unknown model {name!r}: ident, colors or efficientnet-lite0")
+    raise SystemExit(f"unknown model {name!r}: ident, sink, colors or efficientnet-lite0")
 
 
 def make_request(model: str, payload: bytes) -> pb.ModelInferRequest:
@@ -264,7 +268,7 @@ def pin(proc: subprocess.Popen[bytes], cpus: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="ident", help="ident, colors or efficientnet-lite0")
+    ap.add_argument("--model", default="ident", help="ident, sink (with --client perf_analyzer), colors or efficientnet-lite0")
     ap.add_argument("--requests", type=int, default=2000, help="calls per target in the latency phase")
     ap.add_argument("--concurrency", type=int, default=32, help="calls in flight in the throughput phase")
     ap.add_argument("--clients", type=int, default=2, help="client processes in the throughput phase")
@@ -285,6 +289,8 @@ def main() -> None:
                     help="the gateway's native fast port (default) or its Python main port")
     ap.add_argument("--json", default=str(ROOT / "bench" / "gateway" / "results.json"))
     args = ap.parse_args()
+    if args.model == "sink" and args.client != "perf_analyzer":
+        raise SystemExit("--model sink needs --client perf_analyzer")
 
     data_dir = pathlib.Path(args.data_dir or tempfile.mkdtemp(prefix="fovea-bench-gw-"))
     bare: subprocess.Popen[bytes] | None = None

@@ -24,6 +24,7 @@
 #include <shared_mutex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -223,9 +224,9 @@ bool parse_version(const std::string& s, int64_t* v) {
   return out > 0;
 }
 
-std::string header(const grpc::GenericCallbackServerContext* ctx, const char* name) {
-  auto it = ctx->client_metadata().find(name);
-  return it == ctx->client_metadata().end() ? std::string() : std::string(it->second.data(), it->second.size());
+std::string header(const grpc::GenericServerContext& ctx, const char* name) {
+  auto it = ctx.client_metadata().find(name);
+  return it == ctx.client_metadata().end() ? std::string() : std::string(it->second.data(), it->second.size());
 }
 
 bool reserved(const std::string& k) {
@@ -243,32 +244,66 @@ std::string new_request_id() {
 
 class Front;
 
-class Call final : public grpc::ServerGenericBidiReactor {
+// One call on the fast port, from its arrival to its end, driven by the completion queue it was
+// requested on: every operation it starts, on its own side or upstream, reports to that queue, and
+// only that queue's thread runs it, so it needs no lock. A unary call is answered natively or passed
+// to the Python port; a streaming call is relayed message by message to the Python port in both
+// directions (one message in flight each way, so flow control reaches from the client to Python and back).
+class Call {
  public:
-  Call(Front* f, grpc::GenericCallbackServerContext* ctx);
-  void OnReadDone(bool ok) override;
-  void OnDone() override;
-  void OnCancel() override {
-    std::lock_guard lock(mu_);
-    cancelled_ = true;
-    if (up_) up_->TryCancel();
+  enum Event { kNew, kRead, kUp, kFinish, kDone, kUpStart, kUpRead, kUpWrite, kUpWritesDone, kUpFinish, kWrite,
+               kEvents };
+  struct Tag {
+    Call* call;
+    Event event;
+  };
+
+  Call(Front* f, grpc::ServerCompletionQueue* cq);
+  // Runs one event, then frees the call once no operation of it is outstanding.
+  static void run(Tag* tag, bool ok) {
+    Call* c = tag->call;
+    c->ops_--;
+    c->on(tag->event, ok);
+    if (c->ops_ == 0) delete c;
   }
+  ~Call();
 
  private:
+  void* start(Event e) {  // an operation reports e when it completes
+    ops_++;
+    return &tags_[e];
+  }
+  void on(Event e, bool ok);
+  void arrived();
   void handle();
   void forward_native(const Head& head, std::vector<grpc::Slice>& slices);
   void attempt();
   void forward_slow();
+  void up_answered();
   void done(const Status& st);
-  bool start_upstream(std::unique_ptr<grpc::ClientContext> ctx);
+  void finish(const Status& st);
+  void copy_upstream_metadata(bool trailing);
+  // the streaming relay
+  void relay();
+  void relay_event(Event e, bool ok);
 
   Front* f_;
-  grpc::GenericCallbackServerContext* ctx_;
+  grpc::ServerCompletionQueue* cq_;
+  Tag tags_[kEvents];
+  int ops_ = 0;  // operations started whose event has not come back yet
+  grpc::GenericServerContext ctx_;
+  grpc::GenericServerAsyncReaderWriter stream_{&ctx_};
   ByteBuffer req_, fwd_, resp_;
-  std::mutex mu_;
-  bool cancelled_ = false;
   std::unique_ptr<grpc::ClientContext> up_;
-  std::unique_ptr<grpc::ClientContext> spent_;  // a failed attempt's context, kept until the call ends
+  std::unique_ptr<grpc::GenericClientAsyncResponseReader> unary_;
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> bidi_;
+  Status up_status_;
+  bool up_pending_ = false;  // an upstream call is in flight (cancel it if the caller goes)
+  bool cancelled_ = false;
+  bool finishing_ = false;
+  bool streaming_ = false;
+  bool up_closed_ = false;  // the relay's upstream sent its last message
+  bool initial_copied_ = false;
   std::shared_ptr<const Routes> routes_;  // kept alive for the workers the call uses
   std::string model_, rid_;
   int64_t version_ = 0;
@@ -278,68 +313,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
   std::string tried_;
   int attempt_ = 0;
   bool counted_ = false;  // holds one of the front's pending-call slots
-  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
-};
-
-
-// A streaming call, relayed message by message to the Python port in both directions (one message in
-// flight each way, so flow control reaches from the client to the Python gateway and back).
-class StreamCall final : public grpc::ServerGenericBidiReactor {
- public:
-  StreamCall(Front* f, grpc::GenericCallbackServerContext* ctx);
-  // client -> here
-  void OnReadDone(bool ok) override;
-  void OnWriteDone(bool ok) override;
-  void OnCancel() override { up_.ctx.TryCancel(); }
-  void OnDone() override { release(); }
-
- private:
-  class Up final : public grpc::ClientBidiReactor<ByteBuffer, ByteBuffer> {
-   public:
-    explicit Up(StreamCall* s) : s_(s) {}
-    void OnReadDone(bool ok) override { s_->up_read(ok); }
-    void OnWriteDone(bool ok) override { s_->up_wrote(ok); }
-    void OnWritesDoneDone(bool) override { RemoveHold(); }
-    void OnDone(const Status& st) override { s_->up_done(st); }
-    grpc::ClientContext ctx;
-
-   private:
-    StreamCall* s_;
-  };
-
-  bool hold_upstream();
-  void up_read(bool ok);
-  void up_wrote(bool ok);
-  void up_done(const Status& st);
-  void copy_initial_metadata();
-  void release() {
-    std::unique_lock lock(mu_);
-    if (--refs_ == 0) {
-      lock.unlock();
-      delete this;
-    }
-  }
-
-  Front* f_;
-  grpc::GenericCallbackServerContext* ctx_;
-  Up up_{this};
-  ByteBuffer in_, out_;
-  std::mutex mu_;
-  int refs_ = 2;  // the server side's OnDone and the upstream's OnDone
-  bool initial_copied_ = false;
-  bool up_closing_ = false;  // the upstream sent its last message
-};
-
-class Service final : public grpc::CallbackGenericService {
- public:
-  explicit Service(Front* f) : f_(f) {}
-  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
-    if (kStreams.count(ctx->method())) return new StreamCall(f_, ctx);
-    return new Call(f_, ctx);
-  }
-
- private:
-  Front* f_;
+  std::chrono::steady_clock::time_point start_;
 };
 
 grpc::ChannelArguments channel_args(int max_message_bytes) {
@@ -358,8 +332,15 @@ grpc::ChannelArguments channel_args(int max_message_bytes) {
 
 class Front {
  public:
-  std::unique_ptr<Service> service;
+  grpc::AsyncGenericService service;
   std::unique_ptr<grpc::Server> server;
+  // One thread per completion queue runs every call on it, both sides: with one queue (the default) a
+  // call passes between no threads inside the front, which is what its latency at low load is made of.
+  std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs;
+  std::vector<std::thread> threads;
+  static constexpr int kRequested = 16;  // calls each queue waits for at a time
+  bool stopped = false;
+  void serve(grpc::ServerCompletionQueue* cq);
   std::unique_ptr<grpc::GenericStub> slow;
   std::string internal_auth;
   int max_message_bytes = 0;
@@ -506,122 +487,67 @@ class Front {
   }
 };
 
-Call::Call(Front* f, grpc::GenericCallbackServerContext* ctx) : f_(f), ctx_(ctx) {
-  if (!f->accepting) {
-    Finish(Status(StatusCode::UNAVAILABLE, "gateway is draining; retry on another replica"));
+Call::Call(Front* f, grpc::ServerCompletionQueue* cq) : f_(f), cq_(cq) {
+  for (int e = 0; e < kEvents; ++e) tags_[e] = {this, Event(e)};
+  f->service.RequestCall(&ctx_, &stream_, cq, cq, start(kNew));
+}
+
+Call::~Call() {
+  if (counted_) f_->pending--;
+}
+
+void Call::on(Event e, bool ok) {
+  switch (e) {
+    case kNew:
+      if (ok) arrived();  // else the server is shutting down: nothing to do
+      return;
+    case kDone:
+      // The call ended; if the caller cancelled it, so is its upstream call.
+      cancelled_ = ctx_.IsCancelled();
+      if (cancelled_ && up_pending_) up_->TryCancel();
+      return;
+    case kFinish:
+      return;
+    default:
+      break;
+  }
+  if (streaming_) {
+    relay_event(e, ok);
+  } else if (e == kRead) {
+    if (ok) {
+      handle();
+    } else {
+      finish(Status(StatusCode::INVALID_ARGUMENT, "no request message"));
+    }
+  } else if (e == kUp) {
+    up_answered();
+  }
+}
+
+void Call::arrived() {
+  start_ = std::chrono::steady_clock::now();
+  ctx_.AsyncNotifyWhenDone(start(kDone));
+  new Call(f_, cq_);  // the next call this queue will take
+  if (!f_->accepting) {
+    finish(Status(StatusCode::UNAVAILABLE, "gateway is draining; retry on another replica"));
     return;
   }
-  if (++f->pending > f->max_pending) {
-    f->pending--;
-    Finish(Status(StatusCode::RESOURCE_EXHAUSTED, "gateway is at its limit of " + std::to_string(f->max_pending) +
+  if (kStreams.count(ctx_.method())) {
+    relay();
+    return;
+  }
+  if (++f_->pending > f_->max_pending) {
+    f_->pending--;
+    finish(Status(StatusCode::RESOURCE_EXHAUSTED, "gateway is at its limit of " + std::to_string(f_->max_pending) +
                                                       " calls in progress; retry shortly"));
     return;
   }
   counted_ = true;
-  StartRead(&req_);
-}
-
-
-StreamCall::StreamCall(Front* f, grpc::GenericCallbackServerContext* ctx) : f_(f), ctx_(ctx) {
-  if (!f->accepting) {
-    refs_ = 1;  // no upstream call
-    Finish(Status(StatusCode::UNAVAILABLE, "gateway is draining; retry on another replica"));
-    return;
-  }
-  f->slow_calls++;
-  if (ctx->deadline() != SysClock::time_point::max()) up_.ctx.set_deadline(ctx->deadline());
-  for (const auto& [k, v] : ctx->client_metadata()) {
-    std::string key(k.data(), k.size());
-    if (!reserved(key)) up_.ctx.AddMetadata(key, std::string(v.data(), v.size()));
-  }
-  f->slow->PrepareBidiStreamingCall(&up_.ctx, ctx->method(), grpc::StubOptions(), &up_);
-  // The client side starts upstream operations from outside the upstream's own callbacks. A base hold
-  // keeps the upstream from finishing before its last read has told us so (up_read with !ok), and each
-  // such operation holds it too; holds are taken under mu_, operations started outside it.
-  up_.AddHold();  // base
-  up_.AddHold();  // the first read
-  up_.StartRead(&out_);
-  up_.StartCall();
-  StartRead(&in_);
-}
-
-bool StreamCall::hold_upstream() {
-  std::lock_guard lock(mu_);
-  if (up_closing_) return false;  // the upstream ended: the call finishes with its status
-  up_.AddHold();
-  return true;
-}
-
-void StreamCall::OnReadDone(bool ok) {
-  if (!hold_upstream()) return;
-  if (ok) {
-    up_.StartWrite(&in_);  // the next read from the client waits for this write
-  } else {
-    up_.StartWritesDone();  // the client half-closed
-  }
-}
-
-void StreamCall::up_wrote(bool ok) {
-  if (ok) StartRead(&in_);  // else the upstream broke: its status finishes the call
-  up_.RemoveHold();
-}
-
-void StreamCall::copy_initial_metadata() {
-  std::lock_guard lock(mu_);
-  if (initial_copied_) return;
-  initial_copied_ = true;
-  for (const auto& [k, v] : up_.ctx.GetServerInitialMetadata()) {
-    std::string key(k.data(), k.size());
-    if (!reserved(key)) ctx_->AddInitialMetadata(key, std::string(v.data(), v.size()));
-  }
-}
-
-void StreamCall::up_read(bool ok) {
-  if (ok) {
-    copy_initial_metadata();
-    StartWrite(&out_);
-  } else {
-    {
-      std::lock_guard lock(mu_);  // from now on the client side leaves the upstream alone
-      up_closing_ = true;
-    }
-    up_.RemoveHold();  // base
-  }
-  up_.RemoveHold();  // this read
-}
-
-void StreamCall::OnWriteDone(bool ok) {
-  if (!ok) up_.ctx.TryCancel();  // the client is gone; the next read ends the upstream
-  if (hold_upstream()) up_.StartRead(&out_);
-}
-
-void StreamCall::up_done(const Status& st) {
-  copy_initial_metadata();
-  for (const auto& [k, v] : up_.ctx.GetServerTrailingMetadata()) {
-    std::string key(k.data(), k.size());
-    if (!reserved(key)) ctx_->AddTrailingMetadata(key, std::string(v.data(), v.size()));
-  }
-  int code = int(st.error_code());
-  f_->codes[code >= 0 && code < 17 ? code : 2]++;
-  Finish(st);
-  release();
-}
-
-void Call::OnDone() {
-  if (counted_) f_->pending--;
-  delete this;
-}
-
-void Call::OnReadDone(bool ok) {
-  if (!ok) {
-    Finish(Status(StatusCode::INVALID_ARGUMENT, "no request message"));
-    return;
-  }
-  handle();
+  stream_.Read(&req_, start(kRead));
 }
 
 void Call::handle() {
-  if (ctx_->method() == kModelInfer) {
+  if (ctx_.method() == kModelInfer) {
     std::string auth = header(ctx_, "authorization");
     std::vector<grpc::Slice> slices;
     if (auth.size() > 7 && strncasecmp(auth.c_str(), "bearer ", 7) == 0 && req_.Dump(&slices).ok()) {
@@ -660,19 +586,11 @@ void Call::forward_native(const Head& head, std::vector<grpc::Slice>& slices) {
   for (char c : rid_) printable &= c >= 0x20 && c < 0x7f;
   if (rid_.empty() || !printable) rid_ = new_request_id();
   auto limit = SysClock::now() + std::chrono::milliseconds(f_->max_deadline_ms);
-  deadline_ = ctx_->deadline() == SysClock::time_point::max()
+  deadline_ = ctx_.deadline() == SysClock::time_point::max()
                   ? SysClock::now() + std::chrono::milliseconds(f_->default_deadline_ms)
-                  : std::min(ctx_->deadline(), limit);
+                  : std::min(ctx_.deadline(), limit);
   f_->native_calls++;
   attempt();
-}
-
-bool Call::start_upstream(std::unique_ptr<grpc::ClientContext> ctx) {
-  std::lock_guard lock(mu_);
-  if (cancelled_) return false;
-  spent_ = std::move(up_);  // never destroyed inside its own completion callback
-  up_ = std::move(ctx);
-  return true;
 }
 
 void Call::attempt() {
@@ -682,72 +600,88 @@ void Call::attempt() {
                                              " ready; retry shortly"));
     return;
   }
+  if (cancelled_) {
+    done(Status(StatusCode::CANCELLED, "cancelled by the caller"));
+    return;
+  }
   if (SysClock::now() >= deadline_) {
     done(Status(StatusCode::DEADLINE_EXCEEDED, "deadline passed before a worker could answer"));
     return;
   }
-  auto ctx = std::make_unique<grpc::ClientContext>();
-  ctx->set_deadline(deadline_);
-  ctx->AddMetadata("authorization", f_->internal_auth);
-  ctx->AddMetadata("x-request-id", rid_);
-  grpc::ClientContext* raw = ctx.get();
-  if (!start_upstream(std::move(ctx))) {
-    done(Status(StatusCode::CANCELLED, "cancelled by the caller"));
-    return;
-  }
+  up_ = std::make_unique<grpc::ClientContext>();
+  up_->set_deadline(deadline_);
+  up_->AddMetadata("authorization", f_->internal_auth);
+  up_->AddMetadata("x-request-id", rid_);
   worker_->in_flight++;
   grpc::GenericStub* stub = tensors_ ? worker_->stub.get() : worker_->main.get();
-  stub->UnaryCall(raw, kModelInfer, grpc::StubOptions(), &fwd_, &resp_, [this](Status st) {
-    worker_->in_flight--;
-    bool retryable = st.error_code() == StatusCode::UNAVAILABLE;
-    f_->record(*worker_, !retryable);
-    if (retryable && attempt_ == 0 && SysClock::now() + std::chrono::milliseconds(1) < deadline_) {
-      attempt_ = 1;
-      tried_ = worker_->address;
-      f_->retries++;
-      resp_.Clear();
-      attempt();
-      return;
-    }
-    done(st);
-  });
+  unary_ = stub->PrepareUnaryCall(up_.get(), kModelInfer, fwd_, cq_);
+  unary_->StartCall();
+  up_pending_ = true;
+  unary_->Finish(&resp_, &up_status_, start(kUp));
 }
 
 void Call::forward_slow() {
   f_->slow_calls++;
-  auto ctx = std::make_unique<grpc::ClientContext>();
-  if (ctx_->deadline() != SysClock::time_point::max()) ctx->set_deadline(ctx_->deadline());
-  for (const auto& [k, v] : ctx_->client_metadata()) {
+  up_ = std::make_unique<grpc::ClientContext>();
+  if (ctx_.deadline() != SysClock::time_point::max()) up_->set_deadline(ctx_.deadline());
+  for (const auto& [k, v] : ctx_.client_metadata()) {
     std::string key(k.data(), k.size());
-    if (!reserved(key)) ctx->AddMetadata(key, std::string(v.data(), v.size()));
+    if (!reserved(key)) up_->AddMetadata(key, std::string(v.data(), v.size()));
   }
-  grpc::ClientContext* raw = ctx.get();
-  if (!start_upstream(std::move(ctx))) {
-    done(Status(StatusCode::CANCELLED, "cancelled by the caller"));
+  if (cancelled_) {
+    finish(Status(StatusCode::CANCELLED, "cancelled by the caller"));
     return;
   }
-  f_->slow->UnaryCall(raw, ctx_->method(), grpc::StubOptions(), &req_, &resp_, [this](Status st) {
-    // The Python gateway's metadata (request id, retry-after hints) goes back as it came.
-    for (const auto& [k, v] : up_->GetServerInitialMetadata()) {
-      std::string key(k.data(), k.size());
-      if (!reserved(key)) ctx_->AddInitialMetadata(key, std::string(v.data(), v.size()));
+  unary_ = f_->slow->PrepareUnaryCall(up_.get(), ctx_.method(), req_, cq_);
+  unary_->StartCall();
+  up_pending_ = true;
+  unary_->Finish(&resp_, &up_status_, start(kUp));
+}
+
+void Call::up_answered() {
+  up_pending_ = false;
+  Status st = up_status_;
+  if (rid_.empty()) {  // the Python port answered: its metadata (request id, retry-after hints) goes back as it came
+    copy_upstream_metadata(false);
+    copy_upstream_metadata(true);
+    finish(st);
+    return;
+  }
+  worker_->in_flight--;
+  bool retryable = st.error_code() == StatusCode::UNAVAILABLE;
+  f_->record(*worker_, !retryable);
+  if (retryable && attempt_ == 0 && !cancelled_ && SysClock::now() + std::chrono::milliseconds(1) < deadline_) {
+    attempt_ = 1;
+    tried_ = worker_->address;
+    f_->retries++;
+    resp_.Clear();
+    attempt();
+    return;
+  }
+  done(st);
+}
+
+void Call::copy_upstream_metadata(bool trailing) {
+  const auto& md = trailing ? up_->GetServerTrailingMetadata() : up_->GetServerInitialMetadata();
+  for (const auto& [k, v] : md) {
+    std::string key(k.data(), k.size());
+    if (reserved(key)) continue;
+    if (trailing) {
+      ctx_.AddTrailingMetadata(key, std::string(v.data(), v.size()));
+    } else {
+      ctx_.AddInitialMetadata(key, std::string(v.data(), v.size()));
     }
-    for (const auto& [k, v] : up_->GetServerTrailingMetadata()) {
-      std::string key(k.data(), k.size());
-      if (!reserved(key)) ctx_->AddTrailingMetadata(key, std::string(v.data(), v.size()));
-    }
-    done(st);
-  });
+  }
 }
 
 void Call::done(const Status& st) {
   int code = int(st.error_code());
   f_->codes[code >= 0 && code < 17 ? code : 2]++;
-  if (!rid_.empty()) {  // a native call: rid_ is set only there
-    ctx_->AddTrailingMetadata("x-request-id", rid_);
-    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-    char head[96];
-    snprintf(head, sizeof head, "%.3f\t%d\t%.6f\t", double(now_ns()) / 1e9, code, seconds);
+  ctx_.AddTrailingMetadata("x-request-id", rid_);
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  char head[96];
+  snprintf(head, sizeof head, "%.3f\t%d\t%.6f\t", double(now_ns()) / 1e9, code, seconds);
+  {
     std::lock_guard lock(f_->log_mu);
     if (f_->log_lines >= Front::kMaxLogLines) {
       f_->log_dropped++;
@@ -758,11 +692,90 @@ void Call::done(const Status& st) {
       f_->log.push_back('\n');
     }
   }
-  if (st.ok()) {
-    StartWriteAndFinish(&resp_, grpc::WriteOptions(), st);
+  finish(st);
+}
+
+void Call::finish(const Status& st) {
+  if (finishing_) return;
+  finishing_ = true;
+  if (st.ok() && !streaming_) {
+    stream_.WriteAndFinish(resp_, grpc::WriteOptions(), st, start(kFinish));
   } else {
-    Finish(st);
+    stream_.Finish(st, start(kFinish));
   }
+}
+
+// The streaming relay. Client side: kRead (a message or its half-close) and kWrite; upstream side:
+// kUpStart, kUpWrite, kUpWritesDone, kUpRead and kUpFinish. The upstream's status ends the call.
+void Call::relay() {
+  streaming_ = true;
+  f_->slow_calls++;
+  up_ = std::make_unique<grpc::ClientContext>();
+  if (ctx_.deadline() != SysClock::time_point::max()) up_->set_deadline(ctx_.deadline());
+  for (const auto& [k, v] : ctx_.client_metadata()) {
+    std::string key(k.data(), k.size());
+    if (!reserved(key)) up_->AddMetadata(key, std::string(v.data(), v.size()));
+  }
+  bidi_ = f_->slow->PrepareCall(up_.get(), ctx_.method(), cq_);
+  up_pending_ = true;
+  bidi_->StartCall(start(kUpStart));
+}
+
+void Call::relay_event(Event e, bool ok) {
+  switch (e) {
+    case kUpStart:
+      if (!ok) {
+        bidi_->Finish(&up_status_, start(kUpFinish));
+        return;
+      }
+      bidi_->Read(&resp_, start(kUpRead));
+      stream_.Read(&req_, start(kRead));
+      return;
+    case kRead:  // from the client
+      if (up_closed_) return;  // the upstream ended: its status finishes the call
+      if (ok) {
+        bidi_->Write(req_, start(kUpWrite));  // the next read from the client waits for this write
+      } else {
+        bidi_->WritesDone(start(kUpWritesDone));  // the client half-closed
+      }
+      return;
+    case kUpWrite:
+      if (ok && !up_closed_) stream_.Read(&req_, start(kRead));  // else its status finishes the call
+      return;
+    case kUpRead:
+      if (ok) {
+        if (!initial_copied_) copy_upstream_metadata(false);
+        initial_copied_ = true;
+        stream_.Write(resp_, start(kWrite));
+      } else {
+        up_closed_ = true;
+        bidi_->Finish(&up_status_, start(kUpFinish));
+      }
+      return;
+    case kWrite:
+      if (!ok) up_->TryCancel();  // the client is gone; the next read ends the upstream
+      bidi_->Read(&resp_, start(kUpRead));
+      return;
+    case kUpFinish: {
+      up_pending_ = false;
+      if (!initial_copied_) copy_upstream_metadata(false);
+      initial_copied_ = true;
+      copy_upstream_metadata(true);
+      int code = int(up_status_.error_code());
+      f_->codes[code >= 0 && code < 17 ? code : 2]++;
+      finish(up_status_);
+      return;
+    }
+    default:
+      return;
+  }
+}
+
+void Front::serve(grpc::ServerCompletionQueue* cq) {
+  for (int i = 0; i < kRequested; ++i) new Call(this, cq);
+  void* tag;
+  bool ok;
+  while (cq->Next(&tag, &ok)) Call::run(static_cast<Call::Tag*>(tag), ok);
 }
 
 }  // namespace
@@ -774,7 +787,7 @@ extern "C" {
 // on loopback). With cert_pem and key_pem it serves TLS; with client_ca_pem too, it requires client certificates.
 void* fg_start(const char* address, int max_message_bytes, const char* slow_address, const char* internal_token,
                int64_t default_deadline_ms, int64_t max_deadline_ms, int64_t max_samples, int eject_after,
-               int64_t max_pending, const char* cert_pem, const char* key_pem,
+               int64_t max_pending, int threads, const char* cert_pem, const char* key_pem,
                const char* client_ca_pem, int* port) {
   // Keep freed buffers in the heap: gRPC allocates a fresh buffer for every large message, and
   // returning each to the kernel costs a page fault and a zeroed page per 4 KiB on the next one
@@ -793,7 +806,6 @@ void* fg_start(const char* address, int max_message_bytes, const char* slow_addr
   f->eject_after = eject_after;
   f->slow = std::make_unique<grpc::GenericStub>(
       grpc::CreateCustomChannel(slow_address, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
-  f->service = std::make_unique<Service>(f);
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
   if (cert_pem && *cert_pem) {
     grpc::SslServerCredentialsOptions ssl(client_ca_pem && *client_ca_pem
@@ -809,12 +821,21 @@ void* fg_start(const char* address, int max_message_bytes, const char* slow_addr
   builder.SetMaxSendMessageSize(max_message_bytes);
   builder.AddChannelArgument("grpc.http2.max_frame_size", 1 << 20);
   builder.AddChannelArgument("grpc.http2.lookahead_bytes", 8 << 20);
-  builder.RegisterCallbackGenericService(f->service.get());
+  builder.RegisterAsyncGenericService(&f->service);
+  for (int i = 0; i < std::max(threads, 1); ++i) f->cqs.push_back(builder.AddCompletionQueue());
   f->server = builder.BuildAndStart();
   if (!f->server || *port == 0) {
+    f->server.reset();
+    for (auto& cq : f->cqs) cq->Shutdown();
+    void* tag;
+    bool ok;
+    for (auto& cq : f->cqs)
+      while (cq->Next(&tag, &ok)) {
+      }
     delete f;
     return nullptr;
   }
+  for (auto& cq : f->cqs) f->threads.emplace_back([f, q = cq.get()] { f->serve(q); });
   return f;
 }
 
@@ -896,13 +917,20 @@ void fg_set_accepting(void* fp, int accepting) { static_cast<Front*>(fp)->accept
 
 void fg_shutdown(void* fp, double grace_s) {
   auto* f = static_cast<Front*>(fp);
+  if (f->stopped) return;
+  f->stopped = true;
   f->accepting = false;
+  // Calls still running at the deadline are cancelled. Shutdown returns once every call is over, which
+  // needs the queues' threads; after it no call asks a queue for anything, so they can be closed.
   f->server->Shutdown(SysClock::now() + std::chrono::microseconds(int64_t(grace_s * 1e6)));
   f->server->Wait();
+  for (auto& cq : f->cqs) cq->Shutdown();
+  for (auto& t : f->threads) t.join();
 }
 
 void fg_free(void* fp) {
   auto* f = static_cast<Front*>(fp);
+  fg_shutdown(fp, 0);
   f->server.reset();
   delete f;
 }

@@ -28,9 +28,10 @@ def fast_stub(gw) -> tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]: 
     return channel, pb_grpc.GRPCInferenceServiceStub(channel)
 
 
-async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(stack: Stack,
-                                                                            gateways: GatewayFactory) -> None:
-    gw = await gateways()
+@pytest.mark.parametrize("threads", [1, 3])
+async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(stack: Stack, gateways: GatewayFactory,
+                                                                            threads: int) -> None:
+    gw = await gateways(fast_threads=threads)
     await wait_routable(gw, "ident")
     assert gw.fast_port > 0
     secret = await asyncio.to_thread(stack.key)
