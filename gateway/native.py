@@ -95,10 +95,11 @@ class NativeGateway:
             self.lib.fg_set_routes(self.handle, text.encode())
 
     def counts(self) -> dict[str, Any]:
-        out = (C.c_int64 * 20)()
+        out = (C.c_int64 * 22)()
         if self.handle:
             self.lib.fg_counts(self.handle, out)
-        return {"codes": list(out[:17]), "native": out[17], "python": out[18], "retries": out[19]}
+        return {"codes": list(out[:17]), "native": out[17], "python": out[18], "retries": out[19],
+                "in_progress": out[20], "call_objects": out[21]}
 
     def drain_log(self) -> tuple[list[tuple[float, int, float, str, str, str, str]], int]:
         """Native calls finished since the last drain: (epoch s, code, seconds, request id, model, version,

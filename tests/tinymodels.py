@@ -87,6 +87,27 @@ def identity_model(width: int = 4) -> bytes:
     return model.SerializeToString()
 
 
+def slow_model(size: int = 3072) -> bytes:
+    """[N, 4] FP32 in, the same out, after multiplying two size x size matrices made from the input
+    (not foldable at load time): a call that stays in flight long enough for a test to act on it."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["input"], ["total"], keepdims=0),
+         helper.make_node("Constant", [], ["square"],
+                          value=helper.make_tensor("square", TensorProto.INT64, [2], [size, size])),
+         helper.make_node("Expand", ["total", "square"], ["matrix"]),
+         helper.make_node("MatMul", ["matrix", "matrix"], ["product"]),
+         helper.make_node("ReduceMax", ["product"], ["peak"], keepdims=0),
+         helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])),
+         helper.make_node("Mul", ["peak", "zero"], ["nothing"]),
+         helper.make_node("Add", ["input", "nothing"], ["output"])], "slow",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
 def sink_model(shape: tuple[int, int, int] = (3, 224, 224), keep: int = 1000) -> bytes:
     """Almost no compute: [N, *shape] FP32 in, the first `keep` values of each sample out. With the
     default shape it moves the bytes of an ImageNet-sized request and a 1000-class answer, so that a

@@ -349,6 +349,7 @@ class Front {
   std::atomic<bool> accepting{true};
   int64_t max_pending = 4096;
   std::atomic<int64_t> pending{0};
+  std::atomic<int64_t> live_calls{0};  // Call objects: those in progress and those waiting for a call
   // Finished native calls, for Python's access log and metrics (calls passed to Python are logged there).
   std::mutex log_mu;
   std::string log;
@@ -489,11 +490,15 @@ class Front {
 
 Call::Call(Front* f, grpc::ServerCompletionQueue* cq) : f_(f), cq_(cq) {
   for (int e = 0; e < kEvents; ++e) tags_[e] = {this, Event(e)};
+  f->live_calls++;
+  // Before the call starts, or gRPC never reports its end; it reports it only for a call that started.
+  ctx_.AsyncNotifyWhenDone(&tags_[kDone]);
   f->service.RequestCall(&ctx_, &stream_, cq, cq, start(kNew));
 }
 
 Call::~Call() {
   if (counted_) f_->pending--;
+  f_->live_calls--;
 }
 
 void Call::on(Event e, bool ok) {
@@ -526,7 +531,7 @@ void Call::on(Event e, bool ok) {
 
 void Call::arrived() {
   start_ = std::chrono::steady_clock::now();
-  ctx_.AsyncNotifyWhenDone(start(kDone));
+  ops_++;  // the end of the call (kDone), asked for in the constructor
   new Call(f_, cq_);  // the next call this queue will take
   if (!f_->accepting) {
     finish(Status(StatusCode::UNAVAILABLE, "gateway is draining; retry on another replica"));
@@ -872,13 +877,16 @@ void fg_clear_keys(void* fp) {
 // "W model version worker_fast_address worker_main_address queue_depth" (a worker with that version ready).
 void fg_set_routes(void* fp, const char* text) { static_cast<Front*>(fp)->set_routes(text); }
 
-// Calls answered by status code (17), then calls served natively, sent to Python, and retried.
+// Calls answered by status code (17), then calls served natively, sent to Python, and retried, then unary
+// calls in progress and the front's call objects (in progress, streams, and those waiting for a call).
 void fg_counts(void* fp, int64_t* out) {
   auto* f = static_cast<Front*>(fp);
   for (int i = 0; i < 17; ++i) out[i] = f->codes[i].load();
   out[17] = f->native_calls.load();
   out[18] = f->slow_calls.load();
   out[19] = f->retries.load();
+  out[20] = f->pending.load();
+  out[21] = f->live_calls.load();
 }
 
 // Takes the finished native calls' lines ("epoch_s\tcode\tseconds\trequest_id\tmodel\tversion\tworker\n",

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from inference import grpc_predict_v2_pb2 as pb
+from fovea.v1 import model_pb2
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.gateway.conftest import GatewayFactory, Stack, auth, gateway_over_workers, status_of, wait_routable
 from tests.gateway.test_routing import RED, _fast_port_successes
+from tests.tinymodels import slow_model
 
 
 def ident_request(i: int = 0, version: str = "") -> pb.ModelInferRequest:
@@ -78,6 +80,13 @@ async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(sta
     assert answers[0].infer_response.id == "r7" and answers[0].error_message == ""
     assert "not found" in answers[1].error_message.lower() or "9" in answers[1].error_message, answers[1]
     await channel.close()
+    # Every call object is freed once its call ends: each thread keeps only the 16 waiting for the next call
+    # (kRequested in front.cc).
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and gw.native.counts()["call_objects"] != 16 * threads:
+        await asyncio.sleep(0.05)
+    counts = gw.native.counts()
+    assert counts["in_progress"] == 0 and counts["call_objects"] == 16 * threads, counts
 
 
 async def test_model_patterns_and_limits_keep_keys_on_the_python_path(stack: Stack, gateways: GatewayFactory) -> None:
@@ -356,3 +365,45 @@ async def test_stopping_answers_every_accepted_call(stack: Stack, gateways: Gate
     assert codes.count(grpc.StatusCode.OK) > 20
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(codes)
     await channel.close()
+
+
+async def test_pending_limit_and_cancelled_calls_give_their_slots_back(stack: Stack, gateways: GatewayFactory) -> None:
+    """Past FOVEA_GATEWAY_MAX_PENDING_CALLS the fast port answers RESOURCE_EXHAUSTED at once. A call its client
+    cancels gives its slot back when it is cancelled (its upstream call is cancelled too), not when the worker
+    would have answered it."""
+    mv = await asyncio.to_thread(stack.rc.register, slow_model(), model_pb2.ModelVersion(name="slow"))
+    await asyncio.to_thread(stack.rc.set_alias, "slow", "production", [(mv.version, 100)])
+    worker = await asyncio.to_thread(stack.cluster.start_worker, stack.registry.address, ["slow"], name="slow-worker",
+                                     FOVEA_WORKER_INTRA_OP_THREADS="1")
+    try:
+        gw = await gateways(max_pending_calls=2)
+        await wait_routable(gw, "slow", timeout_s=60)
+        secret = await asyncio.to_thread(stack.key)
+        channel, stub = fast_stub(gw)
+
+        def slow_request(i: int) -> pb.ModelInferRequest:
+            req = pb.ModelInferRequest(model_name="slow", id=f"r{i}")
+            req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+            req.raw_input_contents.append(np.full(4, 0.25, np.float32).tobytes())
+            return req
+
+        started = time.monotonic()
+        await stub.ModelInfer(slow_request(0), metadata=auth(secret), timeout=60)  # the key is now cached natively
+        one_call_s = time.monotonic() - started
+        held = [stub.ModelInfer(slow_request(i), metadata=auth(secret), timeout=60) for i in (1, 2)]
+        await asyncio.sleep(0.2)  # both are in the front, waiting for the worker
+        code, msg = await status_of(stub.ModelInfer(slow_request(3), metadata=auth(secret), timeout=60))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 2" in msg, (code, msg)
+        for call in held:
+            call.cancel()
+        await asyncio.sleep(0.05)
+        cancelled_at = time.monotonic()
+        # The held calls reached the worker after call 0 was answered, so it answers them no sooner than
+        # started + 2 * one_call_s; a slot held until then would refuse this call.
+        assert cancelled_at < started + 2 * one_call_s - 0.1, ("the slow model is too fast here", one_call_s)
+        code, msg = await status_of(stub.ModelInfer(slow_request(4), metadata=auth(secret), timeout=60))
+        assert code == grpc.StatusCode.OK, (code, msg)
+        assert gw.native.counts()["native"] >= 3
+        await channel.close()
+    finally:
+        await asyncio.to_thread(worker.stop)
