@@ -26,6 +26,13 @@ run() {  # name, extra bench_gateway arguments...
     --no-floor --trials "$trials" --window-ms "$window" --data-dir /tmp/gwdata --json "$OUT/$name.json" "$@" 2>&1 \
     | grep -v '^\s*$' | tail -40 | tee "$OUT/$name.log"
 }
+# With SINK_ROUNDS=N: first the hop alone, on a model with no compute (600 KB in, 4 KB out), N rounds at c=1
+# through the worker directly and two gateways (one fast-port thread, and two), in turn.
+if [ "${SINK_ROUNDS:-0}" -gt 0 ]; then
+  timeout "${RUN_TIMEOUT:-250}" "$PY" bench/gateway/ab_gateways.py --model sink --b FOVEA_GATEWAY_FAST_THREADS=2 \
+    --c1-rounds "$SINK_ROUNDS" --rounds 2 --window-ms 2000 --out "$OUT/sink_ab.json" 2>&1 \
+    | grep -v '^\s*$' | tail -16 | tee "$OUT/sink_ab.log"
+fi
 # Worker: 4 intra-op threads on cores 0-3; gateway: cores 4-5; perf_analyzer: cores 6-11.
 run pinned --cpus 0,1,2,3:4,5 --client-cpus 6,7,8,9,10,11 --worker-env FOVEA_WORKER_INTRA_OP_THREADS=4
 # The same processes, every one free to run on any core.

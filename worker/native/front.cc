@@ -118,15 +118,18 @@ struct Model {
     out.set_version(version);
     out.set_last_inference(stats[kLastMs]);
     out.set_inference_count(stats[kSamples]);
-    out.set_execution_count(stats[kInferCount]);
+    // Read once: a batch finishing between reads would make the three compute counts differ, which
+    // perf_analyzer rejects ("Server side statistics compute counts must be the same").
+    const int64_t batches = stats[kInferCount];
+    out.set_execution_count(batches);
     auto* is = out.mutable_inference_stats();
     auto put = [](inference::StatisticDuration* d, int64_t count, int64_t ns) { d->set_count(count); d->set_ns(ns); };
     put(is->mutable_success(), stats[kOkCount], stats[kOkNs]);
     put(is->mutable_fail(), stats[kFailCount], stats[kFailNs]);
     put(is->mutable_queue(), stats[kQueueCount], stats[kQueueNs]);
-    put(is->mutable_compute_input(), stats[kInferCount], stats[kInputNs]);
-    put(is->mutable_compute_infer(), stats[kInferCount], stats[kInferNs]);
-    put(is->mutable_compute_output(), stats[kInferCount], stats[kOutputNs]);
+    put(is->mutable_compute_input(), batches, stats[kInputNs]);
+    put(is->mutable_compute_infer(), batches, stats[kInferNs]);
+    put(is->mutable_compute_output(), batches, stats[kOutputNs]);
     std::lock_guard lock(mu);
     for (const auto& [size, cn] : by_batch) {
       auto* b = out.add_batch_stats();
