@@ -17,7 +17,8 @@ class GatewayConfig(BaseConfig):
     main port. 0 picks a free port, -1 turns it off. It serves TLS (and mutual TLS) like the main port."""
     fast_threads: int = 1
     """Threads of the fast port, each running its calls from start to end. One adds the least latency per
-    call and forwards about 3,000 600 KB tensors a second here; add one per further core's worth of load."""
+    call and forwarded about 2,700 600 KB tensors a second on a 16-core machine; two, about 4,500, with
+    calls then passing between threads (docs/bench/README.md)."""
     registry_address: str = "127.0.0.1:8501"
     """Registry host:port."""
     redis_url: str = ""

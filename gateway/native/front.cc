@@ -279,6 +279,7 @@ class Call {
   void forward_native(const Head& head, std::vector<grpc::Slice>& slices);
   void attempt();
   void forward_slow();
+  void start_slow();
   void up_answered();
   void done(const Status& st);
   void finish(const Status& st);
@@ -625,7 +626,8 @@ void Call::attempt() {
   unary_->Finish(&resp_, &up_status_, start(kUp));
 }
 
-void Call::forward_slow() {
+// The upstream context of a call passed to the Python port: the caller's deadline and metadata as they came.
+void Call::start_slow() {
   f_->slow_calls++;
   up_ = std::make_unique<grpc::ClientContext>();
   if (ctx_.deadline() != SysClock::time_point::max()) up_->set_deadline(ctx_.deadline());
@@ -633,6 +635,10 @@ void Call::forward_slow() {
     std::string key(k.data(), k.size());
     if (!reserved(key)) up_->AddMetadata(key, std::string(v.data(), v.size()));
   }
+}
+
+void Call::forward_slow() {
+  start_slow();
   if (cancelled_) {
     finish(Status(StatusCode::CANCELLED, "cancelled by the caller"));
     return;
@@ -714,13 +720,7 @@ void Call::finish(const Status& st) {
 // kUpStart, kUpWrite, kUpWritesDone, kUpRead and kUpFinish. The upstream's status ends the call.
 void Call::relay() {
   streaming_ = true;
-  f_->slow_calls++;
-  up_ = std::make_unique<grpc::ClientContext>();
-  if (ctx_.deadline() != SysClock::time_point::max()) up_->set_deadline(ctx_.deadline());
-  for (const auto& [k, v] : ctx_.client_metadata()) {
-    std::string key(k.data(), k.size());
-    if (!reserved(key)) up_->AddMetadata(key, std::string(v.data(), v.size()));
-  }
+  start_slow();
   bidi_ = f_->slow->PrepareCall(up_.get(), ctx_.method(), cq_);
   up_pending_ = true;
   bidi_->StartCall(start(kUpStart));
