@@ -295,7 +295,7 @@ class Call {
   grpc::GenericServerContext ctx_;
   grpc::GenericServerAsyncReaderWriter stream_{&ctx_};
   ByteBuffer req_, fwd_, resp_;
-  std::unique_ptr<grpc::ClientContext> up_;
+  std::unique_ptr<grpc::ClientContext> up_;  // declared before the readers, so destroyed after them
   std::unique_ptr<grpc::GenericClientAsyncResponseReader> unary_;
   std::unique_ptr<grpc::GenericClientAsyncReaderWriter> bidi_;
   Status up_status_;
@@ -614,6 +614,7 @@ void Call::attempt() {
     done(Status(StatusCode::DEADLINE_EXCEEDED, "deadline passed before a worker could answer"));
     return;
   }
+  unary_.reset();  // a retry: the last attempt's reader lives in its call's arena, freed with its context
   up_ = std::make_unique<grpc::ClientContext>();
   up_->set_deadline(deadline_);
   up_->AddMetadata("authorization", f_->internal_auth);
