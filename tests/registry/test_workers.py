@@ -31,7 +31,8 @@ async def test_worker_whose_heartbeats_stop_leaves_within_ttl_plus_one_second(
     reg = Reg(f"127.0.0.1:{server.port}", token)
     assert await reg.heartbeat("w-stops", (("colors", 1),)) == TTL_S
     keeper = asyncio.create_task(_beat_forever(reg, "w-keeps", (("colors", 1),), 0.3))
-    await poll(lambda: _ids(reg, "colors"), timeout_s=5)
+    # Wait for both: the keeper's first beat may land after w-stops is already listed.
+    await poll(lambda: _both_listed(reg), timeout_s=5)
     watch = Watch(reg.stub.WatchWorkers(registry_pb2.WatchWorkersRequest(), metadata=reg.md))
     _, snap = await watch.next()
     assert snap.snapshot and sorted(w.worker_id for w in snap.workers) == ["w-keeps", "w-stops"]
@@ -51,6 +52,10 @@ async def test_worker_whose_heartbeats_stop_leaves_within_ttl_plus_one_second(
         await keeper
     watch.close()
     await reg.close()
+
+
+async def _both_listed(reg: Reg) -> bool:
+    return sorted(await _ids(reg, "colors")) == ["w-keeps", "w-stops"]
 
 
 async def _ids(reg: Reg, model: str = "", ready_only: bool = True) -> list[str]:
