@@ -37,6 +37,7 @@ def _grpc_errors(fn: Any) -> Any:
 
 # ---- classify ------------------------------------------------------------
 
+
 @_grpc_errors
 def cmd_classify(args: argparse.Namespace) -> int:
     from fovea.client import Client
@@ -44,15 +45,16 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if not args.api_key:
         return _fail("no API key: pass --api-key or set FOVEA_API_KEY")
     images = [pathlib.Path(p).read_bytes() for p in args.images]
-    with Client(args.address, args.api_key, timeout_s=args.timeout_s,
-                tls_ca_file=args.tls_ca if args.tls else None) as client:
+    with Client(
+        args.address, args.api_key, timeout_s=args.timeout_s, tls_ca_file=args.tls_ca if args.tls else None
+    ) as client:
         resp = client.classify(images, model=args.model, top_k=args.top_k, version=args.version, alias=args.alias)
     if args.json:
         from google.protobuf.json_format import MessageToDict
 
         print(json.dumps(MessageToDict(resp), indent=2))
         return 0
-    for path, result in zip(args.images, resp.results):
+    for path, result in zip(args.images, resp.results, strict=False):
         print(f"{path}  ({resp.model} v{resp.version})")
         for label in result.labels:
             print(f"  {label.score:7.4f}  {label.label}")
@@ -67,24 +69,40 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return _fail("no API key: pass --api-key or set FOVEA_API_KEY")
     image = pathlib.Path(args.image).read_bytes()
     out = args.out or str(pathlib.Path(args.image).with_suffix("")) + ".saliency.png"
-    with Client(args.address, args.api_key, timeout_s=args.timeout_s,
-                tls_ca_file=args.tls_ca if args.tls else None) as client:
+    with Client(
+        args.address, args.api_key, timeout_s=args.timeout_s, tls_ca_file=args.tls_ca if args.tls else None
+    ) as client:
         sal = explain(client, image, args.model, version=args.version, alias=args.alias, grid=args.grid)
     save_overlay(out, image, sal)
     peak_y, peak_x = (int(v) for v in divmod(int(sal.heat.argmax()), sal.heat.shape[1]))
     if args.json:
-        print(json.dumps({"model": sal.model, "version": sal.version, "label": sal.label, "index": sal.index,
-                          "score": sal.score, "windows": sal.windows, "max_drop": float(sal.heat.max()),
-                          "peak_xy": [peak_x, peak_y], "overlay": out}))
+        print(
+            json.dumps(
+                {
+                    "model": sal.model,
+                    "version": sal.version,
+                    "label": sal.label,
+                    "index": sal.index,
+                    "score": sal.score,
+                    "windows": sal.windows,
+                    "max_drop": float(sal.heat.max()),
+                    "peak_xy": [peak_x, peak_y],
+                    "overlay": out,
+                }
+            )
+        )
         return 0
     print(f"{args.image}: {sal.label} ({sal.score:.4f}), {sal.model} v{sal.version}")
-    print(f"hiding the area around x={peak_x}, y={peak_y} lowers that score most, by {sal.heat.max():.4f} "
-          f"({sal.windows} occluded copies)")
+    print(
+        f"hiding the area around x={peak_x}, y={peak_y} lowers that score most, by {sal.heat.max():.4f} "
+        f"({sal.windows} occluded copies)"
+    )
     print(f"saliency overlay: {out}")
     return 0
 
 
 # ---- models and keys -----------------------------------------------------
+
 
 def _registry(args: argparse.Namespace) -> Any:
     from fovea.client import RegistryClient
@@ -96,9 +114,10 @@ def _registry(args: argparse.Namespace) -> Any:
 
 
 def _print_table(rows: list[list[Any]], header: list[str]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    columns = zip(header, *rows, strict=False) if rows else ([h] for h in header)
+    widths = [max(len(str(x)) for x in col) for col in columns]
     for row in [header, *rows]:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip())
 
 
 def _dict(message: Any) -> Any:
@@ -109,6 +128,7 @@ def _dict(message: Any) -> Any:
 
 def _dump(data: Any) -> int:
     """Print messages (or lists and dicts of them) as JSON with the proto's field names."""
+
     def convert(x: Any) -> Any:
         if isinstance(x, list):
             return [convert(i) for i in x]
@@ -151,19 +171,34 @@ def cmd_model(args: argparse.Namespace) -> int:
         models = rc.list_models()
         if args.json:
             return _dump(models)
-        _print_table([[m.name, m.latest_version, "; ".join(f"{a.name} -> {_targets(a)}" for a in m.aliases) or "-"]
-                      for m in models], ["MODEL", "LATEST", "ALIASES"])
+        _print_table(
+            [
+                [m.name, m.latest_version, "; ".join(f"{a.name} -> {_targets(a)}" for a in m.aliases) or "-"]
+                for m in models
+            ],
+            ["MODEL", "LATEST", "ALIASES"],
+        )
     elif args.action == "show":
         versions = rc.list_versions(args.name)
         aliases: Any = next((m.aliases for m in rc.list_models() if m.name == args.name), [])
         if args.json:
             return _dump({"name": args.name, "versions": versions, "aliases": list(aliases)})
-        _print_table([[v.version, model_pb2.VersionState.Name(v.state).removeprefix("VERSION_STATE_").lower(),
-                       v.sha256[:12], v.size_bytes, len(v.labels),
-                       " ".join(f"{k}={val:.4g}" for k, val in sorted(v.metrics.items())) or "-",
-                       v.published_by, _when(v.created_at)]
-                      for v in versions],
-                     ["VERSION", "STATE", "SHA256", "BYTES", "LABELS", "METRICS", "PUBLISHED BY", "CREATED"])
+        _print_table(
+            [
+                [
+                    v.version,
+                    model_pb2.VersionState.Name(v.state).removeprefix("VERSION_STATE_").lower(),
+                    v.sha256[:12],
+                    v.size_bytes,
+                    len(v.labels),
+                    " ".join(f"{k}={val:.4g}" for k, val in sorted(v.metrics.items())) or "-",
+                    v.published_by,
+                    _when(v.created_at),
+                ]
+                for v in versions
+            ],
+            ["VERSION", "STATE", "SHA256", "BYTES", "LABELS", "METRICS", "PUBLISHED BY", "CREATED"],
+        )
         if aliases:
             print()
             _print_table([[a.name, _targets(a), _when(a.updated_at)] for a in aliases], ["ALIAS", "TARGETS", "UPDATED"])
@@ -186,11 +221,16 @@ def cmd_model(args: argparse.Namespace) -> int:
             return _dump({"model": out, **({"alias": promoted.alias} if promoted else {})})
         print(f"registered {out.name} v{out.version} sha256={out.sha256} ({out.size_bytes} bytes)")
         if promoted:
-            print(f"{out.name}/{args.promote}: {_targets(promoted.previous if promoted.HasField('previous') else None)}"
-                  f" -> {_targets(promoted.alias)}")
+            print(
+                f"{out.name}/{args.promote}: {_targets(promoted.previous if promoted.HasField('previous') else None)}"
+                f" -> {_targets(promoted.alias)}"
+            )
     elif args.action == "promote":
-        targets = [(args.version, 100)] if not args.canary else [
-            (args.version, 100 - args.canary_weight), (args.canary, args.canary_weight)]
+        targets = (
+            [(args.version, 100)]
+            if not args.canary
+            else [(args.version, 100 - args.canary_weight), (args.canary, args.canary_weight)]
+        )
         resp = rc.set_alias(args.name, args.alias, targets)
         if args.json:
             return _dump(resp)
@@ -228,8 +268,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     rc = _registry(args)
     if args.action == "create":
-        key, secret = rc.create_key(args.role, args.model or [], args.ttl_s, args.description,
-                                    args.rps, args.ips, args.burst)
+        key, secret = rc.create_key(
+            args.role, args.model or [], args.ttl_s, args.description, args.rps, args.ips, args.burst
+        )
         if args.json:
             return _dump({"key_id": key.key_id, "secret": secret, "key": key})
         print(f"key id: {key.key_id}\nsecret: {secret}\n(the secret is shown only once; store it now)")
@@ -241,13 +282,25 @@ def cmd_keys(args: argparse.Namespace) -> int:
         def state(k: Any) -> str:
             if k.revoked:
                 return "revoked"
-            return "expired" if k.HasField("expires_at") and k.expires_at.ToNanoseconds() <= time.time_ns() else "active"
+            return (
+                "expired" if k.HasField("expires_at") and k.expires_at.ToNanoseconds() <= time.time_ns() else "active"
+            )
 
-        _print_table([[k.key_id, registry_pb2.Role.Name(k.role).removeprefix("ROLE_").lower(),
-                       ",".join(k.model_patterns) or "*", state(k),
-                       _when(k.expires_at) if k.HasField("expires_at") else "never", _when(k.created_at),
-                       k.description or "-"] for k in keys],
-                     ["KEY ID", "ROLE", "MODELS", "STATE", "EXPIRES", "CREATED", "DESCRIPTION"])
+        _print_table(
+            [
+                [
+                    k.key_id,
+                    registry_pb2.Role.Name(k.role).removeprefix("ROLE_").lower(),
+                    ",".join(k.model_patterns) or "*",
+                    state(k),
+                    _when(k.expires_at) if k.HasField("expires_at") else "never",
+                    _when(k.created_at),
+                    k.description or "-",
+                ]
+                for k in keys
+            ],
+            ["KEY ID", "ROLE", "MODELS", "STATE", "EXPIRES", "CREATED", "DESCRIPTION"],
+        )
     elif args.action == "revoke":
         k = rc.revoke_key(args.key_id)
         if args.json:
@@ -257,6 +310,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 # ---- local cluster -------------------------------------------------------
+
 
 def cmd_up(args: argparse.Namespace) -> int:
     from fovea.up import up
@@ -293,13 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the whole cluster locally (Redis, registry, worker, gateway)")
     up.add_argument("--data-dir", default="var/fovea", help="where Redis data, artifacts and logs live")
     up.add_argument("--gateway-port", type=int, default=8500)
-    up.add_argument("--gateway-fast-port", type=int, default=0,
-                    help="the gateway's native fast port (raw-tensor ModelInfer in C++); 0 picks a free one, -1 off")
+    up.add_argument(
+        "--gateway-fast-port",
+        type=int,
+        default=0,
+        help="the gateway's native fast port (raw-tensor ModelInfer in C++); 0 picks a free one, -1 off",
+    )
     up.add_argument("--registry-port", type=int, default=8501)
     up.add_argument("--workers", type=int, default=1, help="number of worker processes")
     up.add_argument("--model", default="efficientnet-lite0", help="model the workers serve")
-    up.add_argument("--demo", action="store_true",
-                    help="classify the sample photos once the cluster is ready, then stop")
+    up.add_argument(
+        "--demo", action="store_true", help="classify the sample photos once the cluster is ready, then stop"
+    )
     up.set_defaults(func=cmd_up)
 
     def gateway_flags(q: argparse.ArgumentParser) -> None:
@@ -331,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--token", default="", help="API key with the publish or admin role (or FOVEA_API_KEY)")
         q.add_argument("--json", action="store_true")
 
-    m = sub.add_parser("model", help="register, list, show, promote, rollback, archive, reencrypt, export, "
-                                     "import-pretrained")
+    m = sub.add_parser(
+        "model", help="register, list, show, promote, rollback, archive, reencrypt, export, import-pretrained"
+    )
     msub = m.add_subparsers(dest="action", required=True)
     registry_flags(msub.add_parser("list", help="models with their latest version and aliases"))
     s = msub.add_parser("show", help="a model's versions and aliases")
@@ -361,8 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("version", type=int)
     registry_flags(a)
-    registry_flags(msub.add_parser("reencrypt", help="rewrite every artifact under the registry's current "
-                                                      "encryption key (the end of a key rotation; admin)"))
+    registry_flags(
+        msub.add_parser(
+            "reencrypt",
+            help="rewrite every artifact under the registry's current "
+            "encryption key (the end of a key rotation; admin)",
+        )
+    )
     for name in ("import-pretrained", "export"):
         q = msub.add_parser(name, add_help=False)
         q.add_argument("rest", nargs=argparse.REMAINDER)

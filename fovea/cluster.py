@@ -69,15 +69,17 @@ class Cluster:
         env.update(self.env)
         return env
 
-    def start(self, name: str, module: str, env: dict[str, str], timeout_s: float = 120.0,
-              argv: list[str] | None = None) -> Service:
+    def start(
+        self, name: str, module: str, env: dict[str, str], timeout_s: float = 120.0, argv: list[str] | None = None
+    ) -> Service:
         """Run `python -m module` (or argv, e.g. a manifest's command), wait for its 'NAME: host:port' line."""
         log_path = self.data_dir / f"{name}.log"
         full_env = self._base_env()
         full_env.update(env)
         log = open(log_path, "ab")
-        proc = subprocess.Popen(argv or [sys.executable, "-m", module], cwd=ROOT, env=full_env,
-                                stdout=subprocess.PIPE, stderr=log)
+        proc = subprocess.Popen(
+            argv or [sys.executable, "-m", module], cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=log
+        )
         assert proc.stdout is not None
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
@@ -100,30 +102,43 @@ class Cluster:
 
     def start_registry(self, port: int = 0, **env: str) -> Service:
         self.start_redis()
-        return self.start("registry", "registry", {
-            "FOVEA_REGISTRY_PORT": str(port or free_port()),
-            "FOVEA_REGISTRY_REDIS_URL": self.redis_url,
-            "FOVEA_REGISTRY_ARTIFACT_DIR": str(self.data_dir / "artifacts"),
-            **env,
-        })
+        return self.start(
+            "registry",
+            "registry",
+            {
+                "FOVEA_REGISTRY_PORT": str(port or free_port()),
+                "FOVEA_REGISTRY_REDIS_URL": self.redis_url,
+                "FOVEA_REGISTRY_ARTIFACT_DIR": str(self.data_dir / "artifacts"),
+                **env,
+            },
+        )
 
-    def start_worker(self, registry: str, models: list[str], name: str = "worker", port: int = 0,
-                     **env: str) -> Service:
+    def start_worker(
+        self, registry: str, models: list[str], name: str = "worker", port: int = 0, **env: str
+    ) -> Service:
         port = port or free_port()
-        return self.start(name, "worker", {
-            "FOVEA_WORKER_PORT": str(port),
-            "FOVEA_WORKER_REGISTRY_ADDRESS": registry,
-            "FOVEA_WORKER_MODELS": ",".join(models),
-            "FOVEA_WORKER_WORKER_ID": f"{name}-{port}",
-            **env,
-        })
+        return self.start(
+            name,
+            "worker",
+            {
+                "FOVEA_WORKER_PORT": str(port),
+                "FOVEA_WORKER_REGISTRY_ADDRESS": registry,
+                "FOVEA_WORKER_MODELS": ",".join(models),
+                "FOVEA_WORKER_WORKER_ID": f"{name}-{port}",
+                **env,
+            },
+        )
 
     def start_gateway(self, registry: str, port: int = 0, name: str = "gateway", **env: str) -> Service:
-        return self.start(name, "gateway", {
-            "FOVEA_GATEWAY_PORT": str(port or free_port()),
-            "FOVEA_GATEWAY_REGISTRY_ADDRESS": registry,
-            **env,
-        })
+        return self.start(
+            name,
+            "gateway",
+            {
+                "FOVEA_GATEWAY_PORT": str(port or free_port()),
+                "FOVEA_GATEWAY_REGISTRY_ADDRESS": registry,
+                **env,
+            },
+        )
 
     def stop(self) -> None:
         for service in reversed(self.services):

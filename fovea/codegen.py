@@ -28,8 +28,8 @@ def is_stale() -> bool:
 
 
 def generate() -> None:
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     args = [

@@ -15,9 +15,7 @@ class BaseConfig(BaseSettings):
     """Address to listen on."""
     port: int = 0
     """Port to listen on; 0 picks a free one (tests)."""
-    internal_token: str = Field(
-        default="", validation_alias=AliasChoices("FOVEA_INTERNAL_TOKEN", "internal_token")
-    )
+    internal_token: str = Field(default="", validation_alias=AliasChoices("FOVEA_INTERNAL_TOKEN", "internal_token"))
     """Shared secret for service-to-service calls; empty disables internal calls."""
     accepted_internal_token: str = Field(
         default="", validation_alias=AliasChoices("FOVEA_ACCEPTED_INTERNAL_TOKEN", "accepted_internal_token")
@@ -37,6 +35,7 @@ class BaseConfig(BaseSettings):
 
     def accepted_internal_tokens(self) -> list[str]:
         return [t for t in (self.internal_token, self.accepted_internal_token) if t]
+
     max_pending_calls: int = 20_000
     """Calls that have arrived but not yet started, before gRPC cancels new ones. gRPC's own limit
     (1000) cancels a burst's excess with a bare CANCELLED that clients do not retry: lost requests.

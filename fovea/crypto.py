@@ -62,12 +62,13 @@ def decrypt(keys: bytes | Sequence[bytes] | None, blob: bytes, sha256: str) -> b
         return blob
     candidates = [keys] if isinstance(keys, bytes) else list(keys or [])
     if not candidates:
-        raise IntegrityError("artifact is encrypted at rest and this process has no decryption key "
-                             "(set the encryption key file)")
-    nonce = blob[len(MAGIC): len(MAGIC) + NONCE_BYTES]
+        raise IntegrityError(
+            "artifact is encrypted at rest and this process has no decryption key (set the encryption key file)"
+        )
+    nonce = blob[len(MAGIC) : len(MAGIC) + NONCE_BYTES]
     for key in candidates:
         try:
-            return AESGCM(key).decrypt(nonce, blob[len(MAGIC) + NONCE_BYTES:], sha256.encode())
+            return AESGCM(key).decrypt(nonce, blob[len(MAGIC) + NONCE_BYTES :], sha256.encode())
         except InvalidTag:
             continue
     raise IntegrityError("artifact decryption failed: wrong key or tampered file")

@@ -40,8 +40,7 @@ def windows(height: int, width: int, grid: int) -> list[tuple[int, int, int, int
     """(top, bottom, left, right) of each occluding window: 2x2 cells, stepping one cell."""
     ys = np.linspace(0, height, grid + 1).round().astype(int)
     xs = np.linspace(0, width, grid + 1).round().astype(int)
-    return [(int(ys[i]), int(ys[i + 2]), int(xs[j]), int(xs[j + 2]))
-            for i in range(grid - 1) for j in range(grid - 1)]
+    return [(int(ys[i]), int(ys[i + 2]), int(xs[j]), int(xs[j + 2])) for i in range(grid - 1) for j in range(grid - 1)]
 
 
 def score_of(labels: Sequence[Any], index: int) -> float:
@@ -53,8 +52,16 @@ def score_of(labels: Sequence[Any], index: int) -> float:
     return min((float(label.score) for label in labels), default=0.0)
 
 
-def explain(client: Any, image: bytes, model: str, version: int = 0, alias: str = "", grid: int = 8,
-            per_call: int = 16, top_k: int = 100) -> Saliency:
+def explain(
+    client: Any,
+    image: bytes,
+    model: str,
+    version: int = 0,
+    alias: str = "",
+    grid: int = 8,
+    per_call: int = 16,
+    top_k: int = 100,
+) -> Saliency:
     """Occlusion saliency of the model's top class for one encoded image, through a fovea Client."""
     if grid < 2:
         raise ValueError("grid must be at least 2")
@@ -68,7 +75,7 @@ def explain(client: Any, image: bytes, model: str, version: int = 0, alias: str 
     drops = []
     for start in range(0, len(boxes), per_call):
         batch = []
-        for top_y, bottom, left, right in boxes[start: start + per_call]:
+        for top_y, bottom, left, right in boxes[start : start + per_call]:
             hidden = pixels.copy()
             hidden[top_y:bottom, left:right] = fill
             batch.append(png(hidden))
@@ -76,18 +83,25 @@ def explain(client: Any, image: bytes, model: str, version: int = 0, alias: str 
         drops += [top.score - score_of(r.labels, top.index) for r in resp.results]
     heat = np.zeros((height, width), np.float64)
     cover = np.zeros((height, width), np.float64)
-    for (top_y, bottom, left, right), drop in zip(boxes, drops):
+    for (top_y, bottom, left, right), drop in zip(boxes, drops, strict=False):
         heat[top_y:bottom, left:right] += drop
         cover[top_y:bottom, left:right] += 1
     heat /= np.maximum(cover, 1)
-    return Saliency(model=base.model, version=version, label=top.label, index=top.index, score=top.score,
-                    heat=heat.astype(np.float32), windows=len(boxes), grid=grid)
+    return Saliency(
+        model=base.model,
+        version=version,
+        label=top.label,
+        index=top.index,
+        score=top.score,
+        heat=heat.astype(np.float32),
+        windows=len(boxes),
+        grid=grid,
+    )
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
     """0..1 -> RGB uint8 along blue, cyan, yellow, red (a small 'jet' without matplotlib)."""
-    stops = np.array([[0, 0, 128], [0, 128, 255], [0, 255, 255], [255, 255, 0], [255, 64, 0], [200, 0, 0]],
-                     np.float32)
+    stops = np.array([[0, 0, 128], [0, 128, 255], [0, 255, 255], [255, 255, 0], [255, 64, 0], [200, 0, 0]], np.float32)
     pos = np.clip(values, 0, 1) * (len(stops) - 1)
     lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
     frac = (pos - lo)[..., None]
@@ -99,8 +113,9 @@ def smooth(heat: np.ndarray, grid: int) -> np.ndarray:
     height, width = heat.shape
     ys = np.linspace(0, height, grid + 1).round().astype(int)
     xs = np.linspace(0, width, grid + 1).round().astype(int)
-    cells = np.array([[heat[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].mean() for j in range(grid)] for i in range(grid)],
-                     np.float32)
+    cells = np.array(
+        [[heat[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].mean() for j in range(grid)] for i in range(grid)], np.float32
+    )
     return np.asarray(Image.fromarray(cells, mode="F").resize((width, height), Image.Resampling.BILINEAR))
 
 

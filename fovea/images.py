@@ -35,7 +35,7 @@ class Preprocess:
     """The model takes integer pixels 0-255 (a UINT8 input): no scaling or normalisation."""
 
     @classmethod
-    def from_proto(cls, pre: object, input_spec: object = None) -> "Preprocess":
+    def from_proto(cls, pre: object, input_spec: object = None) -> Preprocess:
         """From fovea.v1.Preprocessing; input_spec (a TensorSpec) supplies layout and data type."""
         from fovea.v1 import model_pb2
 
@@ -89,8 +89,11 @@ def decode(data: bytes, max_pixels: int, grayscale: bool = False) -> np.ndarray:
         if data[:3] == JPEG_MAGIC:
             import simplejpeg
 
-            return simplejpeg.decode_jpeg(data, colorspace="GRAY" if grayscale else "RGB")[..., 0] if grayscale \
+            return (
+                simplejpeg.decode_jpeg(data, colorspace="GRAY" if grayscale else "RGB")[..., 0]
+                if grayscale
                 else simplejpeg.decode_jpeg(data, colorspace="RGB")
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
@@ -120,7 +123,7 @@ def preprocess(pixels: np.ndarray, spec: Preprocess) -> np.ndarray:
     if (nh, nw) != (h, w):
         pixels = np.asarray(Image.fromarray(pixels).resize((nw, nh), Image.Resampling.BILINEAR))
     top, left = (nh - ch) // 2, (nw - cw) // 2
-    pixels = pixels[top: top + ch, left: left + cw]
+    pixels = pixels[top : top + ch, left : left + cw]
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     hwc = spec.layout == "NHWC"

@@ -11,15 +11,33 @@ import numpy as np
 from fovea.errors import InvalidArgument
 
 OIP_TO_NUMPY: dict[str, Any] = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
 }
 NUMPY_TO_OIP = {np.dtype(v).str: k for k, v in OIP_TO_NUMPY.items()}
 TYPED_FIELD = {
-    "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
 }
 
 
@@ -42,7 +60,7 @@ def decode_bytes(raw: bytes, count: int) -> list[bytes]:
         pos += 4
         if pos + size > len(raw):
             raise InvalidArgument("BYTES tensor is truncated: an element is shorter than its length prefix")
-        out.append(bytes(view[pos: pos + size]))
+        out.append(bytes(view[pos : pos + size]))
         pos += size
     if len(out) != count:
         raise InvalidArgument(f"BYTES tensor holds {len(out)} elements but its shape says {count}")
@@ -80,7 +98,8 @@ def array_input(tensor: Any, raw: bytes | None, dtype: Any, shape: list[int]) ->
         expected = count * np_dtype.itemsize
         if len(raw) != expected:
             raise InvalidArgument(
-                f"input {tensor.name!r}: {len(raw)} bytes of raw data, but {tensor.datatype} {shape} needs {expected}")
+                f"input {tensor.name!r}: {len(raw)} bytes of raw data, but {tensor.datatype} {shape} needs {expected}"
+            )
         return np.frombuffer(raw, dtype=np_dtype).reshape(shape)
     if tensor.datatype == "FP16":
         raise InvalidArgument(f"input {tensor.name!r}: FP16 data must be sent as raw_input_contents")
@@ -107,8 +126,15 @@ def model_metadata(mv: Any, versions: list[str]) -> Any:
     return resp
 
 
-def model_config(mv: Any, max_batch_size: int, *, preferred_batch_sizes: list[int] | None = None,
-                 max_queue_delay_us: int = 0, instances: int = 0, gpu_id: int | None = None) -> Any:
+def model_config(
+    mv: Any,
+    max_batch_size: int,
+    *,
+    preferred_batch_sizes: list[int] | None = None,
+    max_queue_delay_us: int = 0,
+    instances: int = 0,
+    gpu_id: int | None = None,
+) -> Any:
     """Triton's ModelConfig for a model version, for the tools that ask for one (perf_analyzer,
     tritonclient's get_model_config). Triton leaves the batch dimension out of dims when
     max_batch_size > 0; a model whose tensors have no leading -1 is reported as unbatched."""
@@ -116,13 +142,21 @@ def model_config(mv: Any, max_batch_size: int, *, preferred_batch_sizes: list[in
 
     batched = max_batch_size > 0 and all(s.shape and s.shape[0] == -1 for s in [*mv.inputs, *mv.outputs])
     skip = 1 if batched else 0
-    cfg = mc.ModelConfig(name=mv.name, platform="onnxruntime_onnx", backend="onnxruntime",
-                         max_batch_size=max_batch_size if batched else 0)
+    cfg = mc.ModelConfig(
+        name=mv.name,
+        platform="onnxruntime_onnx",
+        backend="onnxruntime",
+        max_batch_size=max_batch_size if batched else 0,
+    )
     for spec in mv.inputs:
         cfg.input.add(name=spec.name, data_type=config_type(spec.datatype), dims=list(spec.shape)[skip:])
     for spec in mv.outputs:
-        cfg.output.add(name=spec.name, data_type=config_type(spec.datatype), dims=list(spec.shape)[skip:],
-                       label_filename="labels.txt" if mv.labels else "")
+        cfg.output.add(
+            name=spec.name,
+            data_type=config_type(spec.datatype),
+            dims=list(spec.shape)[skip:],
+            label_filename="labels.txt" if mv.labels else "",
+        )
     if preferred_batch_sizes is not None:
         cfg.dynamic_batching.preferred_batch_size.extend(preferred_batch_sizes)
         cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us

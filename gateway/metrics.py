@@ -28,21 +28,37 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 
 
 class Metrics:
-    def __init__(self, access_log: "AccessLog | None" = None) -> None:
+    def __init__(self, access_log: AccessLog | None = None) -> None:
         self.registry = CollectorRegistry()
         self.access_log = access_log
-        self.requests = Counter("fovea_gateway_requests", "Calls by method, model and status code.",
-                                ["method", "model", "code"], registry=self.registry)
-        self.latency = Histogram("fovea_gateway_request_seconds", "Call latency at the gateway, by method.",
-                                 ["method"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
-        self.upstream = Counter("fovea_gateway_upstream_requests", "Calls sent to each worker, by status code.",
-                                ["worker", "code"], registry=self.registry)
-        self.retries = Counter("fovea_gateway_upstream_retries", "Calls retried on another worker.",
-                               registry=self.registry)
-        self.ejections = Counter("fovea_gateway_worker_ejections", "Workers set aside after repeated failures.",
-                                 registry=self.registry)
-        self.rate_limited = Counter("fovea_gateway_rate_limited", "Calls refused by a per-key rate limit.",
-                                    registry=self.registry)
+        self.requests = Counter(
+            "fovea_gateway_requests",
+            "Calls by method, model and status code.",
+            ["method", "model", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "fovea_gateway_request_seconds",
+            "Call latency at the gateway, by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.upstream = Counter(
+            "fovea_gateway_upstream_requests",
+            "Calls sent to each worker, by status code.",
+            ["worker", "code"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "fovea_gateway_upstream_retries", "Calls retried on another worker.", registry=self.registry
+        )
+        self.ejections = Counter(
+            "fovea_gateway_worker_ejections", "Workers set aside after repeated failures.", registry=self.registry
+        )
+        self.rate_limited = Counter(
+            "fovea_gateway_rate_limited", "Calls refused by a per-key rate limit.", registry=self.registry
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
         self._http: Any = None
 
@@ -62,8 +78,12 @@ class Metrics:
         if self.access_log is not None:
             self.access_log.add(name, code.name, seconds, model)
 
-    def on_native(self, rows: list[tuple[float, int, float, str, str, str, str]], dropped: int,
-                  worker_ids: dict[str, str] | None = None) -> None:
+    def on_native(
+        self,
+        rows: list[tuple[float, int, float, str, str, str, str]],
+        dropped: int,
+        worker_ids: dict[str, str] | None = None,
+    ) -> None:
         """Native fast-port ModelInfer calls, drained from the front in batches: the same metrics and
         access-log lines as calls on the Python port. worker_ids maps fast addresses to worker ids."""
         for ts, value, seconds, rid, model, version, worker in rows:
@@ -99,13 +119,19 @@ class Metrics:
         class FastPort:
             def collect(self) -> Any:
                 now = counts()
-                codes = CounterMetricFamily("fovea_gateway_fast_port_requests",
-                                            "Calls answered on the fast port, by status code", labels=["code"])
+                codes = CounterMetricFamily(
+                    "fovea_gateway_fast_port_requests",
+                    "Calls answered on the fast port, by status code",
+                    labels=["code"],
+                )
                 for value, count in enumerate(now["codes"]):
                     if count:
                         codes.add_metric([grpc.StatusCode(STATUS_BY_VALUE[value]).name], count)
-                paths = CounterMetricFamily("fovea_gateway_fast_port_calls",
-                                            "Fast-port calls answered natively or passed to Python", labels=["path"])
+                paths = CounterMetricFamily(
+                    "fovea_gateway_fast_port_calls",
+                    "Fast-port calls answered natively or passed to Python",
+                    labels=["path"],
+                )
                 paths.add_metric(["native"], now["native"])
                 paths.add_metric(["python"], now["python"])
                 yield from (codes, paths)
@@ -130,8 +156,9 @@ class Metrics:
 class AccessLog:
     """One line per finished call, written in batches (see the module docstring)."""
 
-    def __init__(self, as_json: bool = True, stream: TextIO | None = None, flush_s: float = 0.2,
-                 max_pending: int = 100_000) -> None:
+    def __init__(
+        self, as_json: bool = True, stream: TextIO | None = None, flush_s: float = 0.2, max_pending: int = 100_000
+    ) -> None:
         self.as_json = as_json
         self.stream = stream
         self.flush_s = flush_s
@@ -144,8 +171,7 @@ class AccessLog:
         if len(self.pending) >= self.max_pending:
             self.dropped += 1
             return
-        self.pending.append((time.time(), method, code, seconds, log.request_id.get(), model,
-                             log.model_version.get()))
+        self.pending.append((time.time(), method, code, seconds, log.request_id.get(), model, log.model_version.get()))
 
     def lines(self, entries: list[tuple[float, str, str, float, str, str, str]]) -> list[str]:
         out = []
@@ -155,7 +181,13 @@ class AccessLog:
             if not self.as_json:
                 out.append(f"{stamp} gateway INFO gateway.access: {msg} request_id={rid} model={model}")
                 continue
-            record: dict[str, object] = {"ts": stamp, "level": "INFO", "service": "gateway", "logger": "gateway.access", "msg": msg}
+            record: dict[str, object] = {
+                "ts": stamp,
+                "level": "INFO",
+                "service": "gateway",
+                "logger": "gateway.access",
+                "msg": msg,
+            }
             for k, v in (("request_id", rid), ("model", model), ("version", version)):
                 if v:
                     record[k] = v
@@ -169,8 +201,16 @@ class AccessLog:
         entries, self.pending = self.pending, []
         text = self.lines(entries)
         if self.dropped:
-            text.append(json.dumps({"level": "WARNING", "service": "gateway", "logger": "gateway.access",
-                                    "msg": f"access log dropped {self.dropped} lines (writer too slow)"}))
+            text.append(
+                json.dumps(
+                    {
+                        "level": "WARNING",
+                        "service": "gateway",
+                        "logger": "gateway.access",
+                        "msg": f"access log dropped {self.dropped} lines (writer too slow)",
+                    }
+                )
+            )
             self.dropped = 0
         stream = self.stream or sys.stderr
         try:

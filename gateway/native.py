@@ -50,18 +50,41 @@ def _load() -> C.CDLL:
 
 
 class NativeGateway:
-    def __init__(self, address: str, max_message_bytes: int, slow_address: str, internal_token: str,
-                 default_deadline_ms: int, max_deadline_ms: int, max_samples: int, eject_after: int,
-                 max_pending: int, tls: tuple[bytes, bytes, bytes] = (b"", b"", b""), threads: int = 1) -> None:
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int,
+        slow_address: str,
+        internal_token: str,
+        default_deadline_ms: int,
+        max_deadline_ms: int,
+        max_samples: int,
+        eject_after: int,
+        max_pending: int,
+        tls: tuple[bytes, bytes, bytes] = (b"", b"", b""),
+        threads: int = 1,
+    ) -> None:
         """tls: (certificate chain, private key, client CA) in PEM; empty serves plaintext, an empty CA
         asks for no client certificate."""
         self.lib = _load()
         port = C.c_int(0)
         cert, key, client_ca = tls
-        self.handle = self.lib.fg_start(address.encode(), max_message_bytes, slow_address.encode(),
-                                        internal_token.encode(), default_deadline_ms, max_deadline_ms, max_samples,
-                                        eject_after, max_pending, threads, cert, key, client_ca,
-                                        C.byref(port))
+        self.handle = self.lib.fg_start(
+            address.encode(),
+            max_message_bytes,
+            slow_address.encode(),
+            internal_token.encode(),
+            default_deadline_ms,
+            max_deadline_ms,
+            max_samples,
+            eject_after,
+            max_pending,
+            threads,
+            cert,
+            key,
+            client_ca,
+            C.byref(port),
+        )
         self._log_buf = C.create_string_buffer(1 << 20)
         if not self.handle:
             raise OSError(f"gateway fast port cannot listen on {address}")
@@ -77,8 +100,14 @@ class NativeGateway:
         expires = time.time_ns() + int(ttl_s * 1e9)
         if record.HasField("expires_at"):
             expires = min(expires, record.expires_at.ToNanoseconds())
-        self.lib.fg_put_key(self.handle, digest, record.key_id.encode(), int(record.role),
-                            "\n".join(record.model_patterns).encode(), expires)
+        self.lib.fg_put_key(
+            self.handle,
+            digest,
+            record.key_id.encode(),
+            int(record.role),
+            "\n".join(record.model_patterns).encode(),
+            expires,
+        )
 
     def drop_keys(self, key_ids: list[str]) -> None:
         for key_id in key_ids:
@@ -98,8 +127,14 @@ class NativeGateway:
         out = (C.c_int64 * 22)()
         if self.handle:
             self.lib.fg_counts(self.handle, out)
-        return {"codes": list(out[:17]), "native": out[17], "python": out[18], "retries": out[19],
-                "in_progress": out[20], "call_objects": out[21]}
+        return {
+            "codes": list(out[:17]),
+            "native": out[17],
+            "python": out[18],
+            "retries": out[19],
+            "in_progress": out[20],
+            "call_objects": out[21],
+        }
 
     def drain_log(self) -> tuple[list[tuple[float, int, float, str, str, str, str]], int]:
         """Native calls finished since the last drain: (epoch s, code, seconds, request id, model, version,
@@ -112,7 +147,7 @@ class NativeGateway:
             self._log_buf = C.create_string_buffer(2 * -n)
             n = self.lib.fg_drain_log(self.handle, self._log_buf, len(self._log_buf), C.byref(dropped))
         rows = []
-        for line in self._log_buf.raw[:max(0, n)].decode(errors="replace").splitlines():
+        for line in self._log_buf.raw[: max(0, n)].decode(errors="replace").splitlines():
             ts, code, seconds, rid, model, version, worker = line.split("\t")
             rows.append((float(ts), int(code), float(seconds), rid, model, version, worker))
         return rows, dropped.value
@@ -144,8 +179,9 @@ class NativeGateway:
             self.lib.fg_free(handle)
 
 
-def routes_text(aliases: dict[tuple[str, str], model_pb2.Alias], versions: dict[tuple[str, int], Any],
-                endpoints: dict[str, Any]) -> str:
+def routes_text(
+    aliases: dict[tuple[str, str], model_pb2.Alias], versions: dict[tuple[str, int], Any], endpoints: dict[str, Any]
+) -> str:
     """The front's routing table: production alias targets, and which workers (fast and main port) serve what."""
     archived = {key for key, mv in versions.items() if mv.state == model_pb2.VERSION_STATE_ARCHIVED}
     lines = []
@@ -156,6 +192,9 @@ def routes_text(aliases: dict[tuple[str, str], model_pb2.Alias], versions: dict[
         st = ep.status
         if not st.fast_address or ep.ejected or st.state != registry_pb2.WORKER_STATE_READY:
             continue
-        lines += [f"W {m.name} {m.version} {st.fast_address} {st.address} {st.queue_depth}" for m in st.models
-                  if m.ready and (m.name, m.version) not in archived]
+        lines += [
+            f"W {m.name} {m.version} {st.fast_address} {st.address} {st.queue_depth}"
+            for m in st.models
+            if m.ready and (m.name, m.version) not in archived
+        ]
     return "\n".join(lines) + "\n"

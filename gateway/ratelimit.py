@@ -72,7 +72,7 @@ class Limits:
     image_burst: float
 
     @classmethod
-    def of(cls, record: registry_pb2.ApiKey) -> "Limits":
+    def of(cls, record: registry_pb2.ApiKey) -> Limits:
         rps, ips = max(0.0, record.rate_limit_rps), max(0.0, record.rate_limit_ips)
         burst = max(0.0, record.rate_burst)
         # a burst below one call would refuse everything; 0 means one second's worth
@@ -134,8 +134,9 @@ class RateLimiter:
             wait_s = self.local.take(keys, limits, images)
         else:
             try:
-                ok, wait_ms = await self.script(keys=list(keys), args=[
-                    limits.rps, limits.ips, limits.request_burst, limits.image_burst, images])
+                ok, wait_ms = await self.script(
+                    keys=list(keys), args=[limits.rps, limits.ips, limits.request_burst, limits.image_burst, images]
+                )
             except (RedisError, OSError) as exc:
                 now = time.monotonic()
                 if now - self._warned_at > 10:
@@ -148,8 +149,10 @@ class RateLimiter:
             what = f"{limits.rps:g} requests/s" if limits.rps else f"{limits.ips:g} images/s"
             if limits.rps and limits.ips:
                 what = f"{limits.rps:g} requests/s and {limits.ips:g} images/s"
-            raise RateLimited(f"API key {record.key_id} is over its rate limit ({what}); "
-                              f"retry after {math.ceil(wait_s * 1000)} ms", wait_s)
+            raise RateLimited(
+                f"API key {record.key_id} is over its rate limit ({what}); retry after {math.ceil(wait_s * 1000)} ms",
+                wait_s,
+            )
 
     async def close(self) -> None:
         if self.redis is not None:

@@ -123,8 +123,13 @@ class Workers:
     it answers SERVING, trying after eject_s and then at doubling intervals.
     """
 
-    def __init__(self, max_message_bytes: int, eject_after_failures: int, eject_s: float,
-                 on_eject: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int,
+        eject_after_failures: int,
+        eject_s: float,
+        on_eject: Callable[[], None] | None = None,
+    ) -> None:
         self.endpoints: dict[str, Endpoint] = {}
         self.max_message_bytes = max_message_bytes
         self.eject_after_failures = eject_after_failures
@@ -142,21 +147,22 @@ class Workers:
                     self._drop(wid)
         for status in event.workers:
             ep = self.endpoints.get(status.worker_id)
-            if ep is not None and ep.status.address == status.address and \
-                    ep.status.fast_address == status.fast_address:
+            if ep is not None and ep.status.address == status.address and ep.status.fast_address == status.fast_address:
                 ep.status = status
                 continue
             if ep is not None:
                 self._drop(status.worker_id)
             options = channel_options(self.max_message_bytes) + RECONNECT_OPTIONS
             channel = grpc.aio.insecure_channel(status.address, options=options)
-            infer_bytes = channel.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None,
-                                              _registered_method=True)
+            infer_bytes = channel.unary_unary(
+                MODEL_INFER, request_serializer=None, response_deserializer=None, _registered_method=True
+            )
             ep = Endpoint(status, channel, pb_grpc.GRPCInferenceServiceStub(channel), infer_bytes)
             if status.fast_address:
                 ep.fast_channel = grpc.aio.insecure_channel(status.fast_address, options=options)
                 ep.fast_infer_bytes = ep.fast_channel.unary_unary(
-                    MODEL_INFER, request_serializer=None, response_deserializer=None, _registered_method=True)
+                    MODEL_INFER, request_serializer=None, response_deserializer=None, _registered_method=True
+                )
             self.endpoints[status.worker_id] = ep
             logger.info("worker %s at %s joined", status.worker_id, status.address)
         for wid in event.removed_worker_ids:
@@ -241,8 +247,9 @@ async def probe(channel: grpc.aio.Channel, timeout_s: float) -> bool:
     """True when the worker's health service says its inference service is SERVING."""
     stub = health_pb2_grpc.HealthStub(channel)
     try:
-        resp = await stub.Check(health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=timeout_s,
-                                wait_for_ready=True)
+        resp = await stub.Check(
+            health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=timeout_s, wait_for_ready=True
+        )
     except grpc.aio.AioRpcError:
         return False
     return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)

@@ -101,8 +101,9 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     versions = Versions(link, config.latest_cache_s)
     access_log = AccessLog(config.log_json) if config.access_log else None
     metrics = Metrics(access_log)
-    workers = Workers(config.max_message_bytes, config.eject_after_failures, config.eject_s,
-                      on_eject=metrics.ejections.inc)
+    workers = Workers(
+        config.max_message_bytes, config.eject_after_failures, config.eject_s, on_eject=metrics.ejections.inc
+    )
     limiter = RateLimiter(config.redis_url, config.rate_limit_timeout_s)
     gateway = Gateway(config, versions, workers, limiter, metrics)
     keys = KeyCache(link, config.key_cache_ttl_s, config.refused_key_cache_s, role_of(config.min_role))
@@ -117,10 +118,16 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     interceptor = ServiceInterceptor(admit, on_done=metrics.on_done)
     server = grpc.aio.server(options=server_options(config.max_message_bytes, config.max_pending_calls))
     inference = InferenceServicer(gateway)
-    await add_wrapped(server, interceptor, image_pb2_grpc.add_ImageServiceServicer_to_server,
-                      ImageServicer(gateway, link))
-    await add_wrapped(server, interceptor, pb_grpc.add_GRPCInferenceServiceServicer_to_server, inference,
-                      {"ModelInfer": grpc.unary_unary_rpc_method_handler(inference.ModelInferBytes)})
+    await add_wrapped(
+        server, interceptor, image_pb2_grpc.add_ImageServiceServicer_to_server, ImageServicer(gateway, link)
+    )
+    await add_wrapped(
+        server,
+        interceptor,
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server,
+        inference,
+        {"ModelInfer": grpc.unary_unary_rpc_method_handler(inference.ModelInferBytes)},
+    )
     health_servicer = add_health(server, SERVICES)
     await set_serving(health_servicer, SERVICES, False)
     address = f"{config.host}:{config.port}"
@@ -152,6 +159,7 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     def on_workers(event: registry_pb2.WatchWorkersResponse) -> None:
         workers.on_event(event)
         sync_routes()
+
     tasks = [
         asyncio.create_task(link.follow("models", link.watch_models, on_models, stop)),
         asyncio.create_task(link.follow("workers", link.watch_workers, on_workers, stop)),
@@ -165,15 +173,33 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     await server.start()
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else -1
     await set_serving(health_servicer, SERVICES, True)
-    logger.info("gateway listening on %s (%s)%s%s", f"{config.host}:{port}", "TLS" if creds else "plaintext",
-                f", fast port on {config.host}:{native.port}" if native is not None else "",
-                f", metrics on {config.metrics_host}:{metrics_port}" if metrics_port >= 0 else "")
-    return GatewayServer(server, port, gateway, keys, link, health_servicer, stop, metrics, metrics_port, tasks,
-                         native, native.port if native is not None else -1, draining)
+    logger.info(
+        "gateway listening on %s (%s)%s%s",
+        f"{config.host}:{port}",
+        "TLS" if creds else "plaintext",
+        f", fast port on {config.host}:{native.port}" if native is not None else "",
+        f", metrics on {config.metrics_host}:{metrics_port}" if metrics_port >= 0 else "",
+    )
+    return GatewayServer(
+        server,
+        port,
+        gateway,
+        keys,
+        link,
+        health_servicer,
+        stop,
+        metrics,
+        metrics_port,
+        tasks,
+        native,
+        native.port if native is not None else -1,
+        draining,
+    )
 
 
-async def drain_native(native: NativeGateway, metrics: Metrics, workers: Workers, stop: asyncio.Event,
-                       every_s: float = 0.2) -> None:
+async def drain_native(
+    native: NativeGateway, metrics: Metrics, workers: Workers, stop: asyncio.Event, every_s: float = 0.2
+) -> None:
     """Feed the native calls' records to the metrics and the access log, in batches."""
     retried = 0
 
@@ -200,13 +226,24 @@ async def drain_native(native: NativeGateway, metrics: Metrics, workers: Workers
 def start_native(config: GatewayConfig, port: int, keys: KeyCache, metrics: Metrics) -> NativeGateway | None:
     """The native fast port, fed with verified unlimited keys; None when it cannot run here."""
     if not native_available():
-        logger.error("fast port asked for but %s is not built (run gateway/native/build.sh); serving the main "
-                     "port only", NATIVE_LIBRARY)
+        logger.error(
+            "fast port asked for but %s is not built (run gateway/native/build.sh); serving the main port only",
+            NATIVE_LIBRARY,
+        )
         return None
-    native = NativeGateway(f"{config.host}:{config.fast_port}", config.max_message_bytes, f"127.0.0.1:{port}",
-                           config.internal_token, config.default_deadline_ms, config.max_deadline_ms,
-                           config.max_images_per_call, config.eject_after_failures,
-                           config.max_pending_calls, _tls_files(config), config.fast_threads)
+    native = NativeGateway(
+        f"{config.host}:{config.fast_port}",
+        config.max_message_bytes,
+        f"127.0.0.1:{port}",
+        config.internal_token,
+        config.default_deadline_ms,
+        config.max_deadline_ms,
+        config.max_images_per_call,
+        config.eject_after_failures,
+        config.max_pending_calls,
+        _tls_files(config),
+        config.fast_threads,
+    )
 
     def on_verified(digest: bytes, record: registry_pb2.ApiKey) -> None:
         if Limits.of(record).unlimited:  # limited keys stay on the Python path, which charges Redis
@@ -242,8 +279,13 @@ class _Details(grpc.HandlerCallDetails):
         self.invocation_metadata = ()
 
 
-async def add_wrapped(server: grpc.aio.Server, interceptor: ServiceInterceptor, add: Any, servicer: Any,
-                      replace: dict[str, grpc.RpcMethodHandler] | None = None) -> None:
+async def add_wrapped(
+    server: grpc.aio.Server,
+    interceptor: ServiceInterceptor,
+    add: Any,
+    servicer: Any,
+    replace: dict[str, grpc.RpcMethodHandler] | None = None,
+) -> None:
     """Register a servicer's handlers with the interceptor's work built in, once.
 
     The interceptor wraps a method's handler the same way for every call, so the
@@ -257,6 +299,7 @@ async def add_wrapped(server: grpc.aio.Server, interceptor: ServiceInterceptor, 
         handlers.update(replace or {})
         wrapped = {}
         for name, handler in handlers.items():
+
             async def continuation(details: Any, handler: grpc.RpcMethodHandler = handler) -> grpc.RpcMethodHandler:
                 return handler
 

@@ -30,8 +30,9 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, versions: Versions, workers: Workers, limiter: RateLimiter,
-                 metrics: Metrics) -> None:
+    def __init__(
+        self, config: GatewayConfig, versions: Versions, workers: Workers, limiter: RateLimiter, metrics: Metrics
+    ) -> None:
         self.config = config
         self.versions = versions
         self.workers = workers
@@ -58,14 +59,16 @@ class Gateway:
         """Send a ModelInfer for a resolved version; on UNAVAILABLE retry once on another worker."""
         return await self._forward(request.model_name, int(request.model_version), request, timeout_s, False)  # type: ignore[no-any-return]
 
-    async def forward_bytes(self, model: str, version: int, request: bytes, timeout_s: float,
-                            tensors: bool = False) -> bytes:
+    async def forward_bytes(
+        self, model: str, version: int, request: bytes, timeout_s: float, tensors: bool = False
+    ) -> bytes:
         """forward() for a serialized ModelInferRequest; returns the serialized response. tensors: the
         request carries only raw tensors, which a worker's fast port takes."""
         return await self._forward(model, version, request, timeout_s, True, tensors)  # type: ignore[no-any-return]
 
-    async def _forward(self, model: str, version: int, request: Any, timeout_s: float, raw: bool,
-                       tensors: bool = False) -> Any:
+    async def _forward(
+        self, model: str, version: int, request: Any, timeout_s: float, raw: bool, tensors: bool = False
+    ) -> Any:
         deadline = time.monotonic() + timeout_s
         tried: frozenset[str] = frozenset()
         md = self.internal_metadata()
@@ -125,7 +128,9 @@ class Gateway:
         if not req.images:
             raise InvalidArgument("no images: send at least one encoded image")
         if len(req.images) > self.config.max_images_per_call:
-            raise InvalidArgument(f"{len(req.images)} images in one call; the limit is {self.config.max_images_per_call}")
+            raise InvalidArgument(
+                f"{len(req.images)} images in one call; the limit is {self.config.max_images_per_call}"
+            )
         top_k = req.top_k or self.config.default_top_k
         if top_k > self.config.max_top_k:
             raise InvalidArgument(f"top_k {top_k} exceeds the limit of {self.config.max_top_k}")
@@ -134,11 +139,14 @@ class Gateway:
                 raise InvalidArgument(f"image {i} is {len(img.data)} bytes; the limit is {self.config.max_image_bytes}")
             w, h = image_size(img.data)  # rejects non-images and bombs before any worker sees them
             if w * h > self.config.max_image_pixels:
-                raise InvalidArgument(f"image {i} is {w}x{h} = {w * h} pixels; the limit is {self.config.max_image_pixels}")
+                raise InvalidArgument(
+                    f"image {i} is {w}x{h} = {w * h} pixels; the limit is {self.config.max_image_pixels}"
+                )
         return top_k
 
-    async def classify(self, key: registry_pb2.ApiKey, req: image_pb2.ClassifyRequest,
-                       timeout_s: float) -> image_pb2.ClassifyResponse:
+    async def classify(
+        self, key: registry_pb2.ApiKey, req: image_pb2.ClassifyRequest, timeout_s: float
+    ) -> image_pb2.ClassifyResponse:
         check_model_access(key, req.model)
         top_k = self.check_images(req)
         await self.quota(key, len(req.images))
@@ -147,17 +155,18 @@ class Gateway:
             raise InvalidArgument(f"model {mv.name} v{mv.version} takes tensors, not images; use ModelInfer")
         out = image_pb2.ClassifyResponse(model=mv.name, version=mv.version)
         step = self.config.max_images_per_forward
-        chunks = [list(req.images[i:i + step]) for i in range(0, len(req.images), step)]
+        chunks = [list(req.images[i : i + step]) for i in range(0, len(req.images), step)]
         # Large calls go to the workers in chunks no bigger than a worker batch, in parallel.
         answers = await asyncio.gather(*(self._classify_chunk(mv, chunk, top_k, timeout_s) for chunk in chunks))
-        for chunk, (version, labels) in zip(chunks, answers):
+        for chunk, (version, labels) in zip(chunks, answers, strict=False):
             out.version = version
-            for img, image_labels in zip(chunk, labels):
+            for img, image_labels in zip(chunk, labels, strict=False):
                 out.results.add(image_id=img.id, labels=image_labels)
         return out
 
-    async def _classify_chunk(self, mv: model_pb2.ModelVersion, images: list[image_pb2.Image], top_k: int,
-                              timeout_s: float) -> tuple[int, list[list[image_pb2.Label]]]:
+    async def _classify_chunk(
+        self, mv: model_pb2.ModelVersion, images: list[image_pb2.Image], top_k: int, timeout_s: float
+    ) -> tuple[int, list[list[image_pb2.Label]]]:
         infer = pb.ModelInferRequest(model_name=mv.name, model_version=str(mv.version))
         infer.inputs.add(name=mv.inputs[0].name, datatype="BYTES", shape=[len(images)])
         infer.raw_input_contents.append(oip.encode_bytes([img.data for img in images]))
@@ -170,15 +179,16 @@ class Gateway:
         labels = []
         for i in range(len(images)):
             row = []
-            for item in items[i * k:(i + 1) * k]:
+            for item in items[i * k : (i + 1) * k]:
                 score, index, *rest = item.decode().split(":", 2)
                 row.append(image_pb2.Label(label=rest[0] if rest else "", index=int(index), score=float(score)))
             labels.append(row)
         return int(resp.model_version or mv.version), labels
 
-    async def infer(self, key: registry_pb2.ApiKey, request: pb.ModelInferRequest,
-                    timeout_s: float) -> pb.ModelInferResponse:
-        """The public ModelInfer: check access and quota, resolve an empty version through the production alias, forward."""
+    async def infer(
+        self, key: registry_pb2.ApiKey, request: pb.ModelInferRequest, timeout_s: float
+    ) -> pb.ModelInferResponse:
+        """The public ModelInfer: check access and quota, resolve an empty version through production, forward."""
         mv = await self._admit_infer(key, request)
         request.model_version = str(mv.version)
         return await self.forward(request, timeout_s)
@@ -207,8 +217,10 @@ class Gateway:
         samples = 1
         for tensor in request.inputs:
             if tensor.shape and tensor.shape[0] > self.config.max_images_per_call:
-                raise InvalidArgument(f"input {tensor.name[:40]!r} has a batch of {tensor.shape[0]}; "
-                                      f"the limit is {self.config.max_images_per_call} per call")
+                raise InvalidArgument(
+                    f"input {tensor.name[:40]!r} has a batch of {tensor.shape[0]}; "
+                    f"the limit is {self.config.max_images_per_call} per call"
+                )
             if tensor.shape:
                 samples = max(samples, int(tensor.shape[0]))
         await self.quota(key, samples)
@@ -228,6 +240,7 @@ def version_field(version: str) -> bytes:
 
 
 def raw_tensors_only(request: pb.ModelInferRequest) -> bool:
-    """Whether every input is a raw numeric tensor: what a worker's fast port serves (not images, not typed contents)."""
-    return len(request.raw_input_contents) == len(request.inputs) > 0 and \
-        all(t.datatype != "BYTES" for t in request.inputs)
+    """Whether every input is a raw numeric tensor: what a worker's fast port serves (not images or typed contents)."""
+    return len(request.raw_input_contents) == len(request.inputs) > 0 and all(
+        t.datatype != "BYTES" for t in request.inputs
+    )

@@ -9,13 +9,13 @@ import grpc
 
 from fovea import oip
 from fovea.errors import FoveaError
+from fovea.names import check_name
 from fovea.registry_link import RegistryLink, upstream
 from fovea.rpc import call_metadata, principal
-from fovea.names import check_name
 from fovea.v1 import image_pb2, image_pb2_grpc, model_pb2, registry_pb2
+from gateway import statistics
 from gateway.auth import check_model_access
 from gateway.service import Gateway
-from gateway import statistics
 from gateway.streams import ordered
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -40,7 +40,9 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
     async def Classify(self, request: image_pb2.ClassifyRequest, context: Any) -> image_pb2.ClassifyResponse:
         return await self.gateway.classify(principal.get(), request, self.gateway.timeout_s(context))
 
-    async def ClassifyStream(self, request_iterator: AsyncIterator[image_pb2.ClassifyStreamRequest], context: Any) -> AsyncIterator[image_pb2.ClassifyStreamResponse]:
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[image_pb2.ClassifyStreamRequest], context: Any
+    ) -> AsyncIterator[image_pb2.ClassifyStreamResponse]:
         """Answers in request order with at most stream_window requests in flight.
 
         While the window is full the gateway stops reading the stream, so gRPC's
@@ -55,8 +57,9 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
                 resp = await self.gateway.classify(key, item.request, self.gateway.timeout_s(context))
                 return image_pb2.ClassifyStreamResponse(sequence=item.sequence, response=resp)
             except FoveaError as exc:
-                return image_pb2.ClassifyStreamResponse(sequence=item.sequence, error_code=exc.code.value[0],
-                                                        error_message=str(exc))
+                return image_pb2.ClassifyStreamResponse(
+                    sequence=item.sequence, error_code=exc.code.value[0], error_message=str(exc)
+                )
 
         async for answer in ordered(request_iterator, self.gateway.config.stream_window, one):
             yield answer
@@ -84,8 +87,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=any(
-            ep.status.state == registry_pb2.WORKER_STATE_READY for ep in self.gateway.workers.endpoints.values()))
+        return pb.ServerReadyResponse(
+            ready=any(
+                ep.status.state == registry_pb2.WORKER_STATE_READY for ep in self.gateway.workers.endpoints.values()
+            )
+        )
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         check_model_access(principal.get(), request.name)
@@ -99,7 +105,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         from fovea import __version__
 
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=["classification", "model_configuration", "statistics"])
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=__version__, extensions=["classification", "model_configuration", "statistics"]
+        )
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         check_model_access(principal.get(), request.name)
@@ -123,16 +131,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name:
             check_model_access(key, request.name)
             await self.gateway.resolve(request.name, int(request.version) if request.version.isdigit() else 0, "")
-        serving = [ep for ep in self.gateway.workers.endpoints.values()
-                   if not request.name or any(m.name == request.name for m in ep.status.models)]
-        reports = await statistics.gather(serving, request, self.gateway.internal_metadata(),
-                                          min(self.gateway.timeout_s(context), 10.0))
+        serving = [
+            ep
+            for ep in self.gateway.workers.endpoints.values()
+            if not request.name or any(m.name == request.name for m in ep.status.models)
+        ]
+        reports = await statistics.gather(
+            serving, request, self.gateway.internal_metadata(), min(self.gateway.timeout_s(context), 10.0)
+        )
         merged = statistics.merge(reports)
         allowed = [st for st in merged.model_stats if may_use(key, st.name)]
         return pb.ModelStatisticsResponse(model_stats=allowed)
 
-    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
-                               context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Triton's streaming call: answers in request order (each carries its request's id), with
         at most stream_window requests in flight; a failed request is answered with its status and
         message in error_message, and the stream goes on."""

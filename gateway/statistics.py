@@ -20,8 +20,9 @@ from inference import grpc_predict_v2_pb2 as pb
 logger = logging.getLogger(__name__)
 
 
-async def gather(endpoints: Iterable[Any], request: pb.ModelStatisticsRequest, metadata: Any,
-                 timeout_s: float) -> list[pb.ModelStatisticsResponse]:
+async def gather(
+    endpoints: Iterable[Any], request: pb.ModelStatisticsRequest, metadata: Any, timeout_s: float
+) -> list[pb.ModelStatisticsResponse]:
     """Each worker's report; a worker that cannot answer (gone, NOT_FOUND) is left out."""
 
     async def one(ep: Any) -> pb.ModelStatisticsResponse | None:

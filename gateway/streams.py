@@ -15,7 +15,9 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 
-async def ordered(requests: AsyncIterator[In], window: int, one: Callable[[In], Coroutine[object, None, Out]]) -> AsyncIterator[Out]:
+async def ordered(
+    requests: AsyncIterator[In], window: int, one: Callable[[In], Coroutine[object, None, Out]]
+) -> AsyncIterator[Out]:
     slots = asyncio.Semaphore(window)
     answers: asyncio.Queue[asyncio.Task[Out] | None] = asyncio.Queue()
 

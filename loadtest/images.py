@@ -34,7 +34,9 @@ def generate(count: int = 16, width: int = 224, height: int = 224, fmt: str = "j
     out = []
     for _ in range(count):
         a, b, c = rng.uniform(0, 2 * np.pi, 3)
-        base = np.stack([np.sin(x / width * 3 + a), np.cos(y / height * 4 + b), np.sin((x + y) / (width + height) * 5 + c)], -1)
+        base = np.stack(
+            [np.sin(x / width * 3 + a), np.cos(y / height * 4 + b), np.sin((x + y) / (width + height) * 5 + c)], -1
+        )
         pixels = (base * 90 + 128 + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8)
         buf = io.BytesIO()
         if fmt == "png":

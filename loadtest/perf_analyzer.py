@@ -53,7 +53,8 @@ def check() -> None:
     if missing:
         raise PerfAnalyzerMissing(
             f"perf_analyzer cannot load {', '.join(missing)}: pip install nvidia-cuda-runtime-cu12 "
-            "for libcudart.so.12, apt-get install libb64-0d for libb64.so.0d")
+            "for libcudart.so.12, apt-get install libb64-0d for libb64.so.0d"
+        )
 
 
 @dataclass
@@ -66,12 +67,35 @@ class Result:
     output: str
 
 
-def run(address: str, model: str, token: str, concurrency: int = 1, window_ms: int = 2000,
-        batch: int = 1, extra: tuple[str, ...] = (), timeout_s: float = 300) -> Result:
+def run(
+    address: str,
+    model: str,
+    token: str,
+    concurrency: int = 1,
+    window_ms: int = 2000,
+    batch: int = 1,
+    extra: tuple[str, ...] = (),
+    timeout_s: float = 300,
+) -> Result:
     """One perf_analyzer measurement at one concurrency; raises RuntimeError when it fails."""
-    argv = [binary(), "-i", "grpc", "-u", address, "-m", model, "-b", str(batch),
-            "-H", f"authorization:Bearer {token}", "--concurrency-range", str(concurrency),
-            "--measurement-interval", str(window_ms), *extra]
+    argv = [
+        binary(),
+        "-i",
+        "grpc",
+        "-u",
+        address,
+        "-m",
+        model,
+        "-b",
+        str(batch),
+        "-H",
+        f"authorization:Bearer {token}",
+        "--concurrency-range",
+        str(concurrency),
+        "--measurement-interval",
+        str(window_ms),
+        *extra,
+    ]
     proc = subprocess.run(argv, capture_output=True, text=True, env=library_env(), timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"perf_analyzer exited {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}")
@@ -85,9 +109,14 @@ def parse(text: str, concurrency: int) -> Result:
             raise RuntimeError(f"perf_analyzer output has no {pattern!r}:\n{text[-2000:]}")
         return float(m.group(1))
 
-    return Result(concurrency=concurrency, infer_per_s=number(r"Throughput: ([\d.]+) infer/sec"),
-                  p50_us=number(r"p50 latency: ([\d.]+) usec"), p99_us=number(r"p99 latency: ([\d.]+) usec"),
-                  requests=int(number(r"Request count: (\d+)")), output=text)
+    return Result(
+        concurrency=concurrency,
+        infer_per_s=number(r"Throughput: ([\d.]+) infer/sec"),
+        p50_us=number(r"p50 latency: ([\d.]+) usec"),
+        p99_us=number(r"p99 latency: ([\d.]+) usec"),
+        requests=int(number(r"Request count: (\d+)")),
+        output=text,
+    )
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ def latency_over_time(runs: list[dict[str, Any]], path: pathlib.Path, title: str
     """p50/p90/p99 per time window, one panel per run."""
     plt = _pyplot()
     fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.6 * len(runs) + 0.6), squeeze=False, sharex=True)
-    for ax, run in zip(axes[:, 0], runs):
+    for ax, run in zip(axes[:, 0], runs, strict=False):
         rows = run["timeline"]
         if not rows:
             continue
@@ -62,8 +62,12 @@ def latency_histogram(runs: list[dict[str, Any]], path: pathlib.Path, title: str
     return path
 
 
-def throughput_sweep(series: dict[str, list[tuple[float, float, float]]], path: pathlib.Path,
-                     xlabel: str = "concurrency", title: str = "") -> pathlib.Path:
+def throughput_sweep(
+    series: dict[str, list[tuple[float, float, float]]],
+    path: pathlib.Path,
+    xlabel: str = "concurrency",
+    title: str = "",
+) -> pathlib.Path:
     """Throughput (left) and p99 latency (right) against load; series name -> [(x, rps, p99_ms)]."""
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -88,15 +92,26 @@ def throughput_sweep(series: dict[str, list[tuple[float, float, float]]], path: 
 def write_all(runs: list[dict[str, Any]], out_dir: pathlib.Path, title: str = "") -> list[pathlib.Path]:
     """The three standard plots of one harness invocation (the sweep plot only for 2+ runs)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [latency_over_time(runs, out_dir / "latency_over_time.png", title),
-             latency_histogram(runs, out_dir / "latency_histogram.png", title)]
+    paths = [
+        latency_over_time(runs, out_dir / "latency_over_time.png", title),
+        latency_histogram(runs, out_dir / "latency_histogram.png", title),
+    ]
     if len(runs) > 1:
         closed = all(r["mode"] == "closed" for r in runs)
         key = "concurrency" if closed else "rate_rps"
-        points = [(float(r[key]), r["throughput_rps"], r["latency_ms"]["p99"]) for r in runs
-                  if not math.isnan(r["latency_ms"]["p99"])]
-        paths.append(throughput_sweep({title or "target": points}, out_dir / "throughput_sweep.png",
-                                      "concurrency" if closed else "offered rate (req/s)", title))
+        points = [
+            (float(r[key]), r["throughput_rps"], r["latency_ms"]["p99"])
+            for r in runs
+            if not math.isnan(r["latency_ms"]["p99"])
+        ]
+        paths.append(
+            throughput_sweep(
+                {title or "target": points},
+                out_dir / "throughput_sweep.png",
+                "concurrency" if closed else "offered rate (req/s)",
+                title,
+            )
+        )
     return paths
 
 

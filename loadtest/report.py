@@ -48,8 +48,7 @@ def _f(x: float | None, digits: int = 2) -> str:
 
 def table(summaries: list[dict[str, Any]]) -> str:
     """One row per run: load, throughput, latency percentiles, errors, client CPU."""
-    header = ["mode", "load", "req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "ok", "errors",
-              "client cpu"]
+    header = ["mode", "load", "req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "ok", "errors", "client cpu"]
     rows = []
     for s in summaries:
         load = f"c={s['concurrency']}" if s["mode"] == "closed" else f"{s['rate_rps']:g}/s"
@@ -59,14 +58,31 @@ def table(summaries: list[dict[str, Any]]) -> str:
         cpu = f"{client['cpu_fraction_max'] * 100:.0f}%x{len(client['processes'])}"
         if client["saturated"]:
             cpu += " SATURATED"
-        rows.append([s["mode"], load, _f(s["throughput_rps"], 1), _f(lat["p50"]), _f(lat["p90"]), _f(lat["p99"]),
-                     _f(lat["p99.9"]), _f(lat["max"]), str(s["ok"]), errors, cpu])
+        rows.append(
+            [
+                s["mode"],
+                load,
+                _f(s["throughput_rps"], 1),
+                _f(lat["p50"]),
+                _f(lat["p90"]),
+                _f(lat["p99"]),
+                _f(lat["p99.9"]),
+                _f(lat["max"]),
+                str(s["ok"]),
+                errors,
+                cpu,
+            ]
+        )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-             for r in [header, *rows]]
+    lines = [
+        "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))).rstrip()
+        for r in [header, *rows]
+    ]
     out = "\n".join(lines)
     if any(s["client"]["saturated"] for s in summaries):
-        out += ("\nSATURATED: a client process used more than "
-                f"{summaries[0]['client']['saturation_cpu_fraction'] * 100:.0f}% of a core or sent late; "
-                "these figures may measure the client. Add --processes.")
+        out += (
+            "\nSATURATED: a client process used more than "
+            f"{summaries[0]['client']['saturation_cpu_fraction'] * 100:.0f}% of a core or sent late; "
+            "these figures may measure the client. Add --processes."
+        )
     return out

@@ -25,8 +25,9 @@ import multiprocessing
 import os
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -86,11 +87,13 @@ class Samples:
     """gRPC status code value (0 = OK); CLIENT_OVERFLOW for dropped open-loop arrivals."""
 
     @staticmethod
-    def merge(parts: list["Samples"]) -> "Samples":
+    def merge(parts: list[Samples]) -> Samples:
         order = np.argsort(np.concatenate([p.start_s for p in parts]), kind="stable")
-        return Samples(np.concatenate([p.start_s for p in parts])[order],
-                       np.concatenate([p.latency_s for p in parts])[order],
-                       np.concatenate([p.code for p in parts])[order])
+        return Samples(
+            np.concatenate([p.start_s for p in parts])[order],
+            np.concatenate([p.latency_s for p in parts])[order],
+            np.concatenate([p.code for p in parts])[order],
+        )
 
 
 @dataclass
@@ -199,8 +202,9 @@ def _share(total: int | float, parts: int, index: int) -> Any:
     return total / parts
 
 
-async def _drive(target: Target, spec: LoadSpec, requests: list[bytes], index: int,
-                 start_at_fn: Callable[[], float]) -> tuple[Samples, ClientReport]:
+async def _drive(
+    target: Target, spec: LoadSpec, requests: list[bytes], index: int, start_at_fn: Callable[[], float]
+) -> tuple[Samples, ClientReport]:
     """One process's share of the load; returns its samples and what it spent."""
     channel = grpc.aio.insecure_channel(target.address, options=channel_options(target.max_message_bytes))
     try:
@@ -282,9 +286,16 @@ async def _drive(target: Target, spec: LoadSpec, requests: list[bytes], index: i
         if "end" not in cpu:
             snapshot("end")
         lags = np.frombuffer(lag, dtype=np.float64) * 1e3 if len(lag) else np.zeros(1)
-        report = ClientReport(index=index, cpu_s=cpu["end"] - cpu["start"], wall_s=cpu["end_wall"] - cpu["start_wall"],
-                              sent=rec.count, lag_p99_ms=float(np.percentile(lags, 99)),
-                              lag_max_ms=float(lags.max()), overflow=overflow, error_messages=report_messages)
+        report = ClientReport(
+            index=index,
+            cpu_s=cpu["end"] - cpu["start"],
+            wall_s=cpu["end_wall"] - cpu["start_wall"],
+            sent=rec.count,
+            lag_p99_ms=float(np.percentile(lags, 99)),
+            lag_max_ms=float(lags.max()),
+            overflow=overflow,
+            error_messages=report_messages,
+        )
         return rec.samples(), report
     finally:
         await channel.close()
@@ -310,5 +321,8 @@ class _Recorder:
             self.code.append(code)
 
     def samples(self) -> Samples:
-        return Samples(np.array(self.start, dtype=np.float64), np.array(self.latency, dtype=np.float64),
-                       np.array(self.code, dtype=np.int16))
+        return Samples(
+            np.array(self.start, dtype=np.float64),
+            np.array(self.latency, dtype=np.float64),
+            np.array(self.code, dtype=np.int16),
+        )

@@ -33,7 +33,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
     s, spec = result.samples, result.spec
     ok = s.code == 0
     errors: dict[str, int] = {}
-    for code, count in zip(*np.unique(s.code[~ok], return_counts=True)):
+    for code, count in zip(*np.unique(s.code[~ok], return_counts=True), strict=False):
         errors[code_name(int(code))] = int(count)
     limit = spec.saturation_cpu_fraction
     return {
@@ -66,8 +66,17 @@ def timeline(samples: Samples, duration_s: float, window_s: float = 1.0) -> list
         sel = (samples.start_s >= lo) & (samples.start_s < hi)
         ok = sel & (samples.code == 0)
         lat = latency_ms(samples.latency_s[ok])
-        rows.append({"t_s": lo, "rps": float(ok.sum() / window_s), "errors": int((sel & ~ok).sum()),
-                     "p50": lat["p50"], "p90": lat["p90"], "p99": lat["p99"], "max": lat["max"]})
+        rows.append(
+            {
+                "t_s": lo,
+                "rps": float(ok.sum() / window_s),
+                "errors": int((sel & ~ok).sum()),
+                "p50": lat["p50"],
+                "p90": lat["p90"],
+                "p99": lat["p99"],
+                "max": lat["max"],
+            }
+        )
     return rows
 
 

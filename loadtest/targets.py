@@ -86,10 +86,16 @@ def discover_input(target: Target, timeout_s: float = 10.0) -> None:
     if target.input_name and (target.payload == "images" or target.input_shape):
         return
     with grpc.insecure_channel(target.address) as channel:
-        call = channel.unary_unary(METADATA_METHOD, request_serializer=pb.ModelMetadataRequest.SerializeToString,
-                                   response_deserializer=pb.ModelMetadataResponse.FromString)
-        meta = call(pb.ModelMetadataRequest(name=target.model, version=target.version),
-                    metadata=target.call_metadata(), timeout=timeout_s)
+        call = channel.unary_unary(
+            METADATA_METHOD,
+            request_serializer=pb.ModelMetadataRequest.SerializeToString,
+            response_deserializer=pb.ModelMetadataResponse.FromString,
+        )
+        meta = call(
+            pb.ModelMetadataRequest(name=target.model, version=target.version),
+            metadata=target.call_metadata(),
+            timeout=timeout_s,
+        )
     if not meta.inputs:
         raise ValueError(f"model {target.model} reports no inputs")
     first = meta.inputs[0]
@@ -106,8 +112,10 @@ def build_requests(target: Target, images: list[bytes], count: int = 8, seed: in
     if target.payload == "images":
         if not images:
             raise ValueError("no images to send")
-        groups = [[images[(i * target.batch + j) % len(images)] for j in range(target.batch)]
-                  for i in range(min(count, max(1, len(images))))]
+        groups = [
+            [images[(i * target.batch + j) % len(images)] for j in range(target.batch)]
+            for i in range(min(count, max(1, len(images))))
+        ]
         return [_classify(target, g) if target.kind == "classify" else _infer_images(target, g) for g in groups]
     rng = np.random.default_rng(seed)
     return [_infer_tensor(target, rng) for _ in range(count)]

@@ -55,8 +55,9 @@ class ZeroComputeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def echo(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-    resp = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version or "1",
-                                 id=request.id)
+    resp = pb.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version or "1", id=request.id
+    )
     for tensor in request.inputs:
         resp.outputs.add(name="output", datatype=tensor.datatype, shape=list(tensor.shape))
     resp.raw_output_contents.extend(request.raw_input_contents)
@@ -70,25 +71,36 @@ async def raw_model_infer(request: bytes, context: Any) -> bytes:
     return ZERO_RESPONSE
 
 
-def build_server(servicer: pb_grpc.GRPCInferenceServiceServicer, host: str = "127.0.0.1",
-                 port: int = 0, raw_infer: bool = False) -> tuple[grpc.aio.Server, int]:
+def build_server(
+    servicer: pb_grpc.GRPCInferenceServiceServicer, host: str = "127.0.0.1", port: int = 0, raw_infer: bool = False
+) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server for an OIP servicer; returns it (not started) and its bound port.
 
     raw_infer routes ModelInfer to a handler that neither parses nor builds protobufs.
     """
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                                      ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+    )
     if raw_infer:
         # Registered first, so it wins over the servicer's ModelInfer.
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-            "ModelInfer": grpc.unary_unary_rpc_method_handler(raw_model_infer)}),))
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE, {"ModelInfer": grpc.unary_unary_rpc_method_handler(raw_model_infer)}
+                ),
+            )
+        )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     return server, bound
 
 
-async def serve(servicer: pb_grpc.GRPCInferenceServiceServicer, host: str, port: int, raw_infer: bool = False,
-                quiet: bool = False) -> None:
+async def serve(
+    servicer: pb_grpc.GRPCInferenceServiceServicer, host: str, port: int, raw_infer: bool = False, quiet: bool = False
+) -> None:
     """Serve until SIGTERM or SIGINT; print 'oip: host:port' once listening (fovea.cluster reads it)."""
     server, bound = build_server(servicer, host, port, raw_infer)
     await server.start()
@@ -116,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         from fovea.redis_server import free_port
 
         port = free_port(args.host)
-    children = [subprocess.Popen([sys.executable, "-m", "loadtest.zero_server", "--host", args.host,
-                                  "--port", str(port), "--quiet"]) for _ in range(args.processes - 1)]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "loadtest.zero_server", "--host", args.host, "--port", str(port), "--quiet"]
+        )
+        for _ in range(args.processes - 1)
+    ]
     try:
         asyncio.run(serve(ZeroComputeServicer(), args.host, port, raw_infer=True, quiet=args.quiet))
     finally:

@@ -31,7 +31,7 @@ class ArtifactStore(Protocol):
         """The stored bytes (ciphertext when encrypted); raises IntegrityError when missing."""
         ...
 
-    def reencrypt(self) -> "Reencrypted":
+    def reencrypt(self) -> Reencrypted:
         """Rewrite every artifact under the current key (the end of a key rotation)."""
         ...
 

@@ -84,7 +84,9 @@ class Catalog:
 
     # ---- versions -------------------------------------------------------
 
-    async def register(self, declared: model_pb2.ModelVersion, data: bytes, published_by: str) -> model_pb2.ModelVersion:
+    async def register(
+        self, declared: model_pb2.ModelVersion, data: bytes, published_by: str
+    ) -> model_pb2.ModelVersion:
         """Validate, store the artifact by digest, then number the version atomically.
 
         Nothing reaches Redis or the artifact store unless validation passed.
@@ -128,7 +130,9 @@ class Catalog:
             raise VersionNotFound(f"model {model!r} has no version {version}")
         return model_pb2.ModelVersion.FromString(raw)
 
-    async def resolve(self, model: str, version: int, alias: str) -> tuple[model_pb2.ModelVersion, model_pb2.Alias | None]:
+    async def resolve(
+        self, model: str, version: int, alias: str
+    ) -> tuple[model_pb2.ModelVersion, model_pb2.Alias | None]:
         """A version by number, or through an alias (default production, then the latest ready version)."""
         check_name(model)
         if version:
@@ -184,7 +188,8 @@ class Catalog:
                 if any(t.version == version for t in al.targets):
                     raise InvalidState(
                         f"alias {al.name!r} of {model!r} points at version {version}; "
-                        "promote another version or delete the alias first")
+                        "promote another version or delete the alias first"
+                    )
             mv = model_pb2.ModelVersion.FromString(raw)
             if mv.state == model_pb2.VERSION_STATE_ARCHIVED:
                 pipe.multi()
@@ -232,7 +237,9 @@ class Catalog:
             if model_pb2.ModelVersion.FromString(raw).state != model_pb2.VERSION_STATE_READY:
                 raise InvalidState(f"version {t.version} of {model!r} is archived and cannot be served")
 
-    async def set_alias(self, model: str, alias: str, targets: list[model_pb2.AliasTarget]) -> tuple[model_pb2.Alias, model_pb2.Alias | None]:
+    async def set_alias(
+        self, model: str, alias: str, targets: list[model_pb2.AliasTarget]
+    ) -> tuple[model_pb2.Alias, model_pb2.Alias | None]:
         """Point an alias at one version (weight 100) or two (weights summing to 100), atomically.
 
         The state it replaces goes on the alias's history, for rollback_alias().
@@ -302,8 +309,11 @@ class Catalog:
             pipe.hdel(alias_key, alias)
             pipe.lpush(history_key, raw)
             pipe.ltrim(history_key, 0, self.max_history - 1)
-            events.append(pipe, MODELS_STREAM,
-                          registry_pb2.WatchModelsResponse(removed_aliases=[f"{model}/{alias}"]).SerializeToString())
+            events.append(
+                pipe,
+                MODELS_STREAM,
+                registry_pb2.WatchModelsResponse(removed_aliases=[f"{model}/{alias}"]).SerializeToString(),
+            )
             return model_pb2.Alias.FromString(raw)
 
         removed = await self.redis.transaction(change, alias_key, history_key, value_from_callable=True)
@@ -320,8 +330,10 @@ class Catalog:
         if current is None and not history:
             await self._require_model(model)
             raise NotFound(f"model {model!r} has no alias {alias!r}")
-        return (model_pb2.Alias.FromString(current) if current else None,
-                [model_pb2.Alias.FromString(h) for h in history])
+        return (
+            model_pb2.Alias.FromString(current) if current else None,
+            [model_pb2.Alias.FromString(h) for h in history],
+        )
 
     # ---- watch ----------------------------------------------------------
 

@@ -86,8 +86,11 @@ async def follow(
                 entries = found[0][1] if found else []
                 # Only a watcher with a backlog (a full batch) can have been trimmed past.
                 if len(entries) == READ_BATCH and await trimmed_past(redis, stream, cursor):
-                    logger.warning("watch on %s fell more than %d events behind; starting over with a snapshot",
-                                   stream, STREAM_MAX_LEN)
+                    logger.warning(
+                        "watch on %s fell more than %d events behind; starting over with a snapshot",
+                        stream,
+                        STREAM_MAX_LEN,
+                    )
                     break
                 for entry_id, fields in entries:
                     cursor = entry_id

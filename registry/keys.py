@@ -21,7 +21,7 @@ def new_secret() -> tuple[str, str]:
 def key_id_of(secret: str) -> str | None:
     if not secret.startswith(SECRET_PREFIX) or len(secret) > 200:
         return None
-    key_id, sep, rest = secret[len(SECRET_PREFIX):].partition("_")
+    key_id, sep, rest = secret[len(SECRET_PREFIX) :].partition("_")
     if not sep or not rest or len(key_id) != KEY_ID_LEN or any(c not in KEY_ID_ALPHABET for c in key_id):
         return None
     return key_id

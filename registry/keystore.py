@@ -43,7 +43,8 @@ def check_create(req: registry_pb2.CreateApiKeyRequest) -> None:
     for pattern in req.model_patterns:
         if not PATTERN_RE.fullmatch(pattern):
             raise InvalidArgument(
-                f"invalid model pattern {pattern[:80]!r}: use model-name characters and the globs * ? [ ]")
+                f"invalid model pattern {pattern[:80]!r}: use model-name characters and the globs * ? [ ]"
+            )
     if req.ttl_s > MAX_TTL_S:
         raise InvalidArgument(f"ttl_s is limited to {MAX_TTL_S} s (ten years); 0 means no expiry")
     if len(req.description) > MAX_DESCRIPTION_CHARS:
@@ -64,18 +65,28 @@ class KeyStore:
         check_create(req)
         key_id, secret = secrets.new_secret()
         record = registry_pb2.ApiKey(
-            key_id=key_id, role=req.role, model_patterns=req.model_patterns, created_at=now_ts(),
-            description=req.description, rate_limit_rps=req.rate_limit_rps,
-            rate_limit_ips=req.rate_limit_ips, rate_burst=req.rate_burst,
+            key_id=key_id,
+            role=req.role,
+            model_patterns=req.model_patterns,
+            created_at=now_ts(),
+            description=req.description,
+            rate_limit_rps=req.rate_limit_rps,
+            rate_limit_ips=req.rate_limit_ips,
+            rate_burst=req.rate_burst,
         )
         if req.ttl_s:
             # Keep sub-second precision: a truncated expiry could end a 1 s key at once.
             record.expires_at.FromNanoseconds(time.time_ns() + int(req.ttl_s) * 1_000_000_000)
         salt = os.urandom(16)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key("apikey", key_id), mapping={
-                "record": record.SerializeToString(), "salt": salt, "digest": secrets.digest(salt, secret),
-            })
+            pipe.hset(
+                key("apikey", key_id),
+                mapping={
+                    "record": record.SerializeToString(),
+                    "salt": salt,
+                    "digest": secrets.digest(salt, secret),
+                },
+            )
             pipe.sadd(key("apikeys"), key_id)
             await pipe.execute()
         logger.info("created API key %s role=%s", key_id, registry_pb2.Role.Name(req.role))

@@ -64,8 +64,11 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         raise ValueError("sentinel URL path must be /service_name or /service_name/db")
     query = parse_qs(parsed.query)
     return SentinelTarget(
-        hosts=tuple(hosts), service=path[0], db=int(path[1]) if len(path) == 2 else 0,
-        username=username, password=password,
+        hosts=tuple(hosts),
+        service=path[0],
+        db=int(path[1]) if len(path) == 2 else 0,
+        username=username,
+        password=password,
         sentinel_password=query.get("sentinel_password", [None])[0],
     )
 
@@ -87,8 +90,7 @@ def connect(url: str) -> aioredis.Redis:
         from redis.asyncio.sentinel import Sentinel
 
         t = parse_sentinel_url(url)
-        sentinel = Sentinel(list(t.hosts), sentinel_kwargs={"password": t.sentinel_password, **_common()},
-                            **_common())
+        sentinel = Sentinel(list(t.hosts), sentinel_kwargs={"password": t.sentinel_password, **_common()}, **_common())
         return sentinel.master_for(t.service, db=t.db, username=t.username, password=t.password)
     if scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"unsupported Redis URL scheme {scheme!r}: use redis://, rediss:// or redis+sentinel://")

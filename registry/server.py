@@ -60,8 +60,14 @@ class RegistryServer:
 async def build_server(config: RegistryConfig) -> RegistryServer:
     keys = crypto.load_keys(config.encryption_key_file, config.previous_encryption_key_file)
     store = LocalArtifactStore(config.artifact_dir, keys[0] if keys else None, keys[1:])
-    registry = Registry(connect(config.redis_url), store, config.heartbeat_ttl_s,
-                        config.max_artifact_bytes, config.watch_poll_s, config.max_alias_history)
+    registry = Registry(
+        connect(config.redis_url),
+        store,
+        config.heartbeat_ttl_s,
+        config.max_artifact_bytes,
+        config.watch_poll_s,
+        config.max_alias_history,
+    )
     authenticate = make_authenticator(registry, config.accepted_internal_tokens())
     interceptor = ServiceInterceptor(authenticate, translate=_translate)
     options = server_options(config.max_message_bytes, config.max_pending_calls)
@@ -72,6 +78,11 @@ async def build_server(config: RegistryConfig) -> RegistryServer:
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     await set_serving(health_servicer, [SERVICE], True)
-    logger.info("registry listening on %s:%d (artifacts in %s, encryption %s)", config.host, port,
-                store.root, "on" if keys else "off")
+    logger.info(
+        "registry listening on %s:%d (artifacts in %s, encryption %s)",
+        config.host,
+        port,
+        store.root,
+        "on" if keys else "off",
+    )
     return RegistryServer(server, port, registry, health_servicer)

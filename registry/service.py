@@ -33,8 +33,15 @@ INTERNAL = "internal"
 
 
 class Registry:
-    def __init__(self, redis: aioredis.Redis, store: ArtifactStore, heartbeat_ttl_s: float,
-                 max_artifact_bytes: int, watch_poll_s: float = 0.2, max_alias_history: int = 20) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        store: ArtifactStore,
+        heartbeat_ttl_s: float,
+        max_artifact_bytes: int,
+        watch_poll_s: float = 0.2,
+        max_alias_history: int = 20,
+    ) -> None:
         self.redis = redis
         self.store = store
         self.max_artifact_bytes = max_artifact_bytes
@@ -48,6 +55,10 @@ class Registry:
 
 def model_allowed(patterns: list[str], model: str) -> bool:
     return not patterns or any(fnmatch.fnmatchcase(model, p) for p in patterns)
+
+
+def _role_name(role: int) -> str:
+    return registry_pb2.Role.Name(role).removeprefix("ROLE_").lower()
 
 
 def check_access(principal: Any, needed: int, model: str = "", all_models: bool = False) -> None:
@@ -64,11 +75,12 @@ def check_access(principal: Any, needed: int, model: str = "", all_models: bool 
         raise Unauthenticated("missing credentials")
     if principal.role < needed:
         raise PermissionDenied(
-            f"API key {principal.key_id} has role {registry_pb2.Role.Name(principal.role).removeprefix('ROLE_').lower()}; "
-            f"this call needs {registry_pb2.Role.Name(needed).removeprefix('ROLE_').lower()}")
+            f"API key {principal.key_id} has role {_role_name(principal.role)}; this call needs {_role_name(needed)}"
+        )
     if all_models and principal.model_patterns:
-        raise PermissionDenied(f"API key {principal.key_id} is limited to some models; "
-                               "this call needs an admin key without model patterns")
+        raise PermissionDenied(
+            f"API key {principal.key_id} is limited to some models; this call needs an admin key without model patterns"
+        )
     if model and not model_allowed(list(principal.model_patterns), model):
         raise PermissionDenied(f"API key {principal.key_id} may not use model {model!r}")
 

@@ -41,8 +41,9 @@ def _visible(event: registry_pb2.WatchModelsResponse, patterns: list[str]) -> re
     return None
 
 
-async def read_upload(requests: AsyncIterator[registry_pb2.RegisterModelRequest], max_bytes: int,
-                      on_metadata: Any) -> tuple[model_pb2.ModelVersion, bytes]:
+async def read_upload(
+    requests: AsyncIterator[registry_pb2.RegisterModelRequest], max_bytes: int, on_metadata: Any
+) -> tuple[model_pb2.ModelVersion, bytes]:
     """The metadata and artifact of a RegisterModel stream, refusing it once it passes max_bytes."""
     metadata: model_pb2.ModelVersion | None = None
     parts: list[bytes] = []
@@ -76,7 +77,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     # ---- models ---------------------------------------------------------
 
-    async def RegisterModel(self, request_iterator: AsyncIterator[registry_pb2.RegisterModelRequest], context: grpc.aio.ServicerContext) -> registry_pb2.RegisterModelResponse:
+    async def RegisterModel(
+        self, request_iterator: AsyncIterator[registry_pb2.RegisterModelRequest], context: grpc.aio.ServicerContext
+    ) -> registry_pb2.RegisterModelResponse:
         def on_metadata(mv: model_pb2.ModelVersion) -> None:
             check_name(mv.name)
             check_access(principal.get(), PUBLISH, mv.name)
@@ -86,7 +89,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             mv = await self.catalog.register(metadata, data, _caller_id())
         return registry_pb2.RegisterModelResponse(model=mv)
 
-    async def GetModelVersion(self, request: registry_pb2.GetModelVersionRequest, context: Any) -> registry_pb2.GetModelVersionResponse:
+    async def GetModelVersion(
+        self, request: registry_pb2.GetModelVersionRequest, context: Any
+    ) -> registry_pb2.GetModelVersionResponse:
         check_name(request.model)
         _alias(request.alias)
         check_access(principal.get(), INFER, request.model)
@@ -101,17 +106,23 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             models = [m for m in models if model_allowed(list(p.model_patterns), m.name)]
         return model_pb2.ListModelsResponse(models=models)
 
-    async def ListVersions(self, request: registry_pb2.ListVersionsRequest, context: Any) -> registry_pb2.ListVersionsResponse:
+    async def ListVersions(
+        self, request: registry_pb2.ListVersionsRequest, context: Any
+    ) -> registry_pb2.ListVersionsResponse:
         check_name(request.model)
         check_access(principal.get(), INFER, request.model)
         return registry_pb2.ListVersionsResponse(versions=await self.catalog.list_versions(request.model))
 
-    async def ArchiveVersion(self, request: registry_pb2.ArchiveVersionRequest, context: Any) -> registry_pb2.ArchiveVersionResponse:
+    async def ArchiveVersion(
+        self, request: registry_pb2.ArchiveVersionRequest, context: Any
+    ) -> registry_pb2.ArchiveVersionResponse:
         check_name(request.model)
         check_access(principal.get(), PUBLISH, request.model)
         return registry_pb2.ArchiveVersionResponse(model=await self.catalog.archive(request.model, request.version))
 
-    async def DownloadArtifact(self, request: registry_pb2.DownloadArtifactRequest, context: Any) -> AsyncIterator[registry_pb2.DownloadArtifactResponse]:
+    async def DownloadArtifact(
+        self, request: registry_pb2.DownloadArtifactRequest, context: Any
+    ) -> AsyncIterator[registry_pb2.DownloadArtifactResponse]:
         check_name(request.model)
         check_access(principal.get(), PUBLISH, request.model)
         mv = await self.catalog.get_version(request.model, request.version)
@@ -129,27 +140,35 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         new, previous = await self.catalog.set_alias(request.model, request.alias, list(request.targets))
         return registry_pb2.SetAliasResponse(alias=new, previous=previous)
 
-    async def RollbackAlias(self, request: registry_pb2.RollbackAliasRequest, context: Any) -> registry_pb2.RollbackAliasResponse:
+    async def RollbackAlias(
+        self, request: registry_pb2.RollbackAliasRequest, context: Any
+    ) -> registry_pb2.RollbackAliasResponse:
         check_name(request.model)
         _alias(request.alias)
         check_access(principal.get(), PUBLISH, request.model)
         restored, previous = await self.catalog.rollback_alias(request.model, request.alias)
         return registry_pb2.RollbackAliasResponse(alias=restored, previous=previous)
 
-    async def DeleteAlias(self, request: registry_pb2.DeleteAliasRequest, context: Any) -> registry_pb2.DeleteAliasResponse:
+    async def DeleteAlias(
+        self, request: registry_pb2.DeleteAliasRequest, context: Any
+    ) -> registry_pb2.DeleteAliasResponse:
         check_name(request.model)
         check_name(request.alias, "alias")
         check_access(principal.get(), PUBLISH, request.model)
         return registry_pb2.DeleteAliasResponse(alias=await self.catalog.delete_alias(request.model, request.alias))
 
-    async def GetAliasHistory(self, request: registry_pb2.GetAliasHistoryRequest, context: Any) -> registry_pb2.GetAliasHistoryResponse:
+    async def GetAliasHistory(
+        self, request: registry_pb2.GetAliasHistoryRequest, context: Any
+    ) -> registry_pb2.GetAliasHistoryResponse:
         check_name(request.model)
         _alias(request.alias)
         check_access(principal.get(), INFER, request.model)
         current, history = await self.catalog.alias_history(request.model, request.alias)
         return registry_pb2.GetAliasHistoryResponse(alias=current, history=history)
 
-    async def WatchModels(self, request: registry_pb2.WatchModelsRequest, context: Any) -> AsyncIterator[registry_pb2.WatchModelsResponse]:
+    async def WatchModels(
+        self, request: registry_pb2.WatchModelsRequest, context: Any
+    ) -> AsyncIterator[registry_pb2.WatchModelsResponse]:
         p = principal.get()
         check_access(p, INFER)
         patterns = list(p.model_patterns) if isinstance(p, registry_pb2.ApiKey) else []
@@ -160,41 +179,56 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     # ---- API keys -------------------------------------------------------
 
-    async def CreateApiKey(self, request: registry_pb2.CreateApiKeyRequest, context: Any) -> registry_pb2.CreateApiKeyResponse:
+    async def CreateApiKey(
+        self, request: registry_pb2.CreateApiKeyRequest, context: Any
+    ) -> registry_pb2.CreateApiKeyResponse:
         check_access(principal.get(), ADMIN, all_models=True)
         record, secret = await self.registry.keys.create(request)
         return registry_pb2.CreateApiKeyResponse(key=record, secret=secret)
 
-    async def ListApiKeys(self, request: registry_pb2.ListApiKeysRequest, context: Any) -> registry_pb2.ListApiKeysResponse:
+    async def ListApiKeys(
+        self, request: registry_pb2.ListApiKeysRequest, context: Any
+    ) -> registry_pb2.ListApiKeysResponse:
         check_access(principal.get(), ADMIN, all_models=True)
         return registry_pb2.ListApiKeysResponse(keys=await self.registry.keys.list())
 
-    async def RevokeApiKey(self, request: registry_pb2.RevokeApiKeyRequest, context: Any) -> registry_pb2.RevokeApiKeyResponse:
+    async def RevokeApiKey(
+        self, request: registry_pb2.RevokeApiKeyRequest, context: Any
+    ) -> registry_pb2.RevokeApiKeyResponse:
         check_access(principal.get(), ADMIN, all_models=True)
         return registry_pb2.RevokeApiKeyResponse(key=await self.registry.keys.revoke(request.key_id))
 
-    async def VerifyApiKey(self, request: registry_pb2.VerifyApiKeyRequest, context: Any) -> registry_pb2.VerifyApiKeyResponse:
+    async def VerifyApiKey(
+        self, request: registry_pb2.VerifyApiKeyRequest, context: Any
+    ) -> registry_pb2.VerifyApiKeyResponse:
         check_internal(principal.get(), "VerifyApiKey")
         return registry_pb2.VerifyApiKeyResponse(key=await self.registry.keys.verify(request.secret))
 
-    async def WatchApiKeys(self, request: registry_pb2.WatchApiKeysRequest, context: Any) -> AsyncIterator[registry_pb2.WatchApiKeysResponse]:
+    async def WatchApiKeys(
+        self, request: registry_pb2.WatchApiKeysRequest, context: Any
+    ) -> AsyncIterator[registry_pb2.WatchApiKeysResponse]:
         check_access(principal.get(), ADMIN, all_models=True)
         async for event in self.registry.keys.watch():
             yield event
 
-    async def ReencryptArtifacts(self, request: registry_pb2.ReencryptArtifactsRequest,
-                                 context: Any) -> registry_pb2.ReencryptArtifactsResponse:
+    async def ReencryptArtifacts(
+        self, request: registry_pb2.ReencryptArtifactsRequest, context: Any
+    ) -> registry_pb2.ReencryptArtifactsResponse:
         check_access(principal.get(), ADMIN, all_models=True)
         try:
             done = await asyncio.to_thread(self.registry.store.reencrypt)
         except ValueError as exc:
             raise InvalidState(str(exc)) from None
         if done.unreadable:
-            logger.warning("re-encryption left %d artifact(s) no configured key opens: %s",
-                           len(done.unreadable), ", ".join(d[:16] for d in done.unreadable))
+            logger.warning(
+                "re-encryption left %d artifact(s) no configured key opens: %s",
+                len(done.unreadable),
+                ", ".join(d[:16] for d in done.unreadable),
+            )
         logger.info("re-encrypted %d artifact(s); %d already under the current key", done.rewritten, done.unchanged)
-        return registry_pb2.ReencryptArtifactsResponse(rewritten=done.rewritten, unchanged=done.unchanged,
-                                                      unreadable=done.unreadable)
+        return registry_pb2.ReencryptArtifactsResponse(
+            rewritten=done.rewritten, unchanged=done.unchanged, unreadable=done.unreadable
+        )
 
     # ---- workers --------------------------------------------------------
 
@@ -202,14 +236,18 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         check_internal(principal.get(), "Heartbeat")
         return registry_pb2.HeartbeatResponse(ttl_s=await self.registry.workers.heartbeat(request.status))
 
-    async def ListWorkers(self, request: registry_pb2.ListWorkersRequest, context: Any) -> registry_pb2.ListWorkersResponse:
+    async def ListWorkers(
+        self, request: registry_pb2.ListWorkersRequest, context: Any
+    ) -> registry_pb2.ListWorkersResponse:
         if request.model:
             check_name(request.model)
         check_access(principal.get(), ADMIN, request.model, all_models=not request.model)
         workers = await self.registry.workers.list(request.model, request.version, request.ready_only)
         return registry_pb2.ListWorkersResponse(workers=workers)
 
-    async def WatchWorkers(self, request: registry_pb2.WatchWorkersRequest, context: Any) -> AsyncIterator[registry_pb2.WatchWorkersResponse]:
+    async def WatchWorkers(
+        self, request: registry_pb2.WatchWorkersRequest, context: Any
+    ) -> AsyncIterator[registry_pb2.WatchWorkersResponse]:
         check_access(principal.get(), ADMIN, all_models=True)
         async for event in self.registry.workers.watch():
             yield event

@@ -11,7 +11,7 @@ from fovea.spec import version_from_onnx
 def _dims_match(declared: list[int], actual: list[int]) -> bool:
     if len(declared) != len(actual):
         return False
-    return all(d == a or (d == -1 and a == -1) for d, a in zip(declared, actual))
+    return all(d == a or (d == -1 and a == -1) for d, a in zip(declared, actual, strict=False))
 
 
 def _check_tensors(kind: str, declared: Any, actual: Any) -> None:
@@ -20,7 +20,7 @@ def _check_tensors(kind: str, declared: Any, actual: Any) -> None:
             f"declared {len(declared)} {kind}s but the ONNX graph has {len(actual)}: "
             + ", ".join(t.name for t in actual)
         )
-    for d, a in zip(declared, actual):
+    for d, a in zip(declared, actual, strict=False):
         if d.name != a.name:
             raise InvalidArgument(f"declared {kind} {d.name!r} but the graph's {kind} is {a.name!r}")
         if d.datatype and d.datatype != a.datatype:
@@ -58,7 +58,7 @@ def validate_artifact(data: bytes, declared: Any) -> Any:
     result.CopyFrom(declared)
     if result.inputs:
         _check_tensors("input", result.inputs, graph_version.inputs)
-        for d, a in zip(result.inputs, graph_version.inputs):
+        for d, a in zip(result.inputs, graph_version.inputs, strict=False):
             d.datatype = d.datatype or a.datatype
             d.layout = d.layout or a.layout
             if not d.shape:
@@ -91,8 +91,17 @@ def validate_artifact(data: bytes, declared: Any) -> Any:
     return result
 
 
-NUMPY_DTYPES = {"FP32": "float32", "FP16": "float16", "FP64": "float64", "UINT8": "uint8", "INT8": "int8",
-                "INT16": "int16", "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+NUMPY_DTYPES = {
+    "FP32": "float32",
+    "FP16": "float16",
+    "FP64": "float64",
+    "UINT8": "uint8",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+}
 SMOKE_BATCH = 2
 
 
@@ -116,16 +125,21 @@ def _smoke_run(session: Any, mv: Any) -> None:
     try:
         outputs = session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - the model's failure is the caller's bad input
-        raise InvalidArgument(f"the model fails on a batch of {SMOKE_BATCH} (is the batch axis really "
-                              f"dynamic?): {str(exc)[:300]}") from None
-    for spec, out in zip(mv.outputs, outputs):
+        raise InvalidArgument(
+            f"the model fails on a batch of {SMOKE_BATCH} (is the batch axis really dynamic?): {str(exc)[:300]}"
+        ) from None
+    for spec, out in zip(mv.outputs, outputs, strict=False):
         if out.ndim == 0 or out.shape[0] != SMOKE_BATCH:
-            raise InvalidArgument(f"output {spec.name!r} has shape {list(out.shape)} for a batch of "
-                                  f"{SMOKE_BATCH}; its first axis must be the batch")
+            raise InvalidArgument(
+                f"output {spec.name!r} has shape {list(out.shape)} for a batch of "
+                f"{SMOKE_BATCH}; its first axis must be the batch"
+            )
         declared = list(spec.shape)[1:]
-        if len(declared) == out.ndim - 1 and any(d > 0 and d != a for d, a in zip(declared, out.shape[1:])):
-            raise InvalidArgument(f"output {spec.name!r} has shape {list(out.shape)[1:]} per sample, "
-                                  f"declared {declared}")
+        mismatch = any(d > 0 and d != a for d, a in zip(declared, out.shape[1:], strict=False))
+        if len(declared) == out.ndim - 1 and mismatch:
+            raise InvalidArgument(
+                f"output {spec.name!r} has shape {list(out.shape)[1:]} per sample, declared {declared}"
+            )
     first = outputs[0] if outputs else None
     if mv.labels and first is not None and first.ndim >= 2 and first.shape[-1] != len(mv.labels):
         raise InvalidArgument(f"{len(mv.labels)} labels, but the model scores {first.shape[-1]} classes")
@@ -143,8 +157,10 @@ def _check_preprocessing(mv: Any) -> None:
     if spec.datatype not in ("FP32", "FP16", "UINT8"):
         raise InvalidArgument(f"image preprocessing feeds FP32, FP16 or UINT8 inputs; {spec.name!r} is {spec.datatype}")
     if spec.datatype == "UINT8" and (any(m != 0 for m in pre.mean) or any(v != 1 for v in pre.std)):
-        raise InvalidArgument(f"input {spec.name!r} takes UINT8 pixels (0-255) as they are: "
-                              "preprocessing mean and std cannot apply; leave them unset")
+        raise InvalidArgument(
+            f"input {spec.name!r} takes UINT8 pixels (0-255) as they are: "
+            "preprocessing mean and std cannot apply; leave them unset"
+        )
     channels = 1 if pre.color_mode == model_pb2.COLOR_MODE_GRAYSCALE else 3
     if spec.layout == "NHWC":
         _, h, w, c = spec.shape

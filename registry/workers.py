@@ -41,7 +41,9 @@ def check_status(status: registry_pb2.WorkerStatus) -> None:
     for m in status.models:
         check_name(m.name)
         if m.version == 0 or len(m.provider) > 128:
-            raise InvalidArgument(f"loaded model {m.name!r} needs a version and a provider name of up to 128 characters")
+            raise InvalidArgument(
+                f"loaded model {m.name!r} needs a version and a provider name of up to 128 characters"
+            )
     if len(status.device.kind) > 64 or len(status.device.name) > 256:
         raise InvalidArgument("device kind and name are limited to 64 and 256 characters")
 

@@ -43,7 +43,8 @@ def load_checkpoint(path: str | pathlib.Path, map_location: str | torch.device =
 def model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the trained model (eval mode) from a loaded checkpoint."""
     meta = state["meta"]
-    model = build_model(meta["model"], in_channels=meta["in_channels"], num_classes=len(meta["labels"]),
-                        image_size=meta["image_size"])
+    model = build_model(
+        meta["model"], in_channels=meta["in_channels"], num_classes=len(meta["labels"]), image_size=meta["image_size"]
+    )
     model.load_state_dict(state["model"])
     return model.eval()

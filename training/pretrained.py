@@ -98,8 +98,12 @@ def import_efficientnet_lite0(out_dir: str | pathlib.Path, *, force: bool = Fals
     logger.info("loading EfficientNet-Lite0 weights")
     model = load_efficientnet_lite0()
     report = export_onnx(
-        model, torch.zeros(1, 3, 224, 224), onnx_path,
-        labels=meta["labels"], preprocessing=meta["preprocessing"], model_card=meta["model_card"],
+        model,
+        torch.zeros(1, 3, 224, 224),
+        onnx_path,
+        labels=meta["labels"],
+        preprocessing=meta["preprocessing"],
+        model_card=meta["model_card"],
     )
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     return onnx_path

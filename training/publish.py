@@ -25,9 +25,15 @@ def run_metrics(run_dir: pathlib.Path, variant: str) -> dict[str, float]:
     report_path = run_dir / report_name if report_name else None
     if report_path is not None and report_path.is_file():
         report = json.loads(report_path.read_text())
-        metrics.update({"top1": report["top1"], "top5": report["top5"],
-                        "macro_f1": report["macro avg"]["f1-score"], "weighted_f1": report["weighted avg"]["f1-score"],
-                        "test_samples": float(report["samples"])})
+        metrics.update(
+            {
+                "top1": report["top1"],
+                "top5": report["top5"],
+                "macro_f1": report["macro avg"]["f1-score"],
+                "weighted_f1": report["weighted avg"]["f1-score"],
+                "test_samples": float(report["samples"]),
+            }
+        )
     int8_report = run_dir / "model.int8.json"
     if variant == "int8" and int8_report.is_file():
         speed = json.loads(int8_report.read_text())
@@ -52,8 +58,15 @@ def prepare_run(run: str | pathlib.Path, variants: list[str]) -> list[tuple[str,
     return [(v, run_dir / f"model{VARIANT_SUFFIX[v]}.onnx", run_metrics(run_dir, v)) for v in variants]
 
 
-def publish(client: Any, name: str, artifacts: list[tuple[str, pathlib.Path, dict[str, float]]], *,
-            tags: dict[str, str] | None = None, promote: str = "", progress: bool = False) -> list[Any]:
+def publish(
+    client: Any,
+    name: str,
+    artifacts: list[tuple[str, pathlib.Path, dict[str, float]]],
+    *,
+    tags: dict[str, str] | None = None,
+    promote: str = "",
+    progress: bool = False,
+) -> list[Any]:
     """Register each (variant, path, metrics) as a new version of `name`; optionally point an alias
     at the first one. `client` is a fovea.client.RegistryClient. Returns the registered versions."""
     from fovea.v1 import model_pb2

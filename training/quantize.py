@@ -36,7 +36,7 @@ class ArrayCalibrationReader(CalibrationDataReader):
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.position >= len(self.images):
             return None
-        batch = self.images[self.position:self.position + self.batch_size]
+        batch = self.images[self.position : self.position + self.batch_size]
         self.position += self.batch_size
         return {self.input_name: batch}
 
@@ -44,7 +44,9 @@ class ArrayCalibrationReader(CalibrationDataReader):
         self.position = 0
 
 
-def quantize_int8(fp32_path: str | pathlib.Path, out_path: str | pathlib.Path, calibration: np.ndarray) -> dict[str, Any]:
+def quantize_int8(
+    fp32_path: str | pathlib.Path, out_path: str | pathlib.Path, calibration: np.ndarray
+) -> dict[str, Any]:
     """Write a static QDQ per-channel INT8 copy of fp32_path (metadata kept); return sizes and timing.
 
     Args:
@@ -60,14 +62,24 @@ def quantize_int8(fp32_path: str | pathlib.Path, out_path: str | pathlib.Path, c
         input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
         logger.info("calibrating INT8 on %d training images", len(calibration))
         quantize_static(
-            str(prepared), str(out_path), ArrayCalibrationReader(input_name, calibration),
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            str(prepared),
+            str(out_path),
+            ArrayCalibrationReader(input_name, calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
         )
     _copy_metadata(fp32_path, out_path, variant="int8 static QDQ per-channel")
-    report: dict[str, Any] = {"path": str(out_path), "size_bytes": out_path.stat().st_size,
-              "fp32_size_bytes": fp32_path.stat().st_size, "seconds": round(time.perf_counter() - started, 2)}
-    logger.info("wrote %s (%.2f MB from %.2f MB)", out_path, report["size_bytes"] / 1e6, report["fp32_size_bytes"] / 1e6)
+    report: dict[str, Any] = {
+        "path": str(out_path),
+        "size_bytes": out_path.stat().st_size,
+        "fp32_size_bytes": fp32_path.stat().st_size,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    logger.info(
+        "wrote %s (%.2f MB from %.2f MB)", out_path, report["size_bytes"] / 1e6, report["fp32_size_bytes"] / 1e6
+    )
     return report
 
 
@@ -118,8 +130,9 @@ def _copy_metadata(src: pathlib.Path, dst: pathlib.Path, variant: str) -> None:
     onnx.save(target, str(dst))
 
 
-def latency_ms(onnx_path: str | pathlib.Path, example: np.ndarray, *, threads: int = 2, runs: int = 200,
-               warmup: int = 20) -> dict[str, float]:
+def latency_ms(
+    onnx_path: str | pathlib.Path, example: np.ndarray, *, threads: int = 2, runs: int = 200, warmup: int = 20
+) -> dict[str, float]:
     """Median and p95 latency of one run on `example` (e.g. a batch of 1), ONNX Runtime CPU."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -136,16 +149,30 @@ def latency_ms(onnx_path: str | pathlib.Path, example: np.ndarray, *, threads: i
     return {"median_ms": statistics.median(times), "p95_ms": times[int(0.95 * (len(times) - 1))]}
 
 
-def compare_speed(fp32_path: str | pathlib.Path, int8_path: str | pathlib.Path, example: np.ndarray, *,
-                  threads: int = 2, rounds: int = 3, runs: int = 200) -> dict[str, Any]:
+def compare_speed(
+    fp32_path: str | pathlib.Path,
+    int8_path: str | pathlib.Path,
+    example: np.ndarray,
+    *,
+    threads: int = 2,
+    rounds: int = 3,
+    runs: int = 200,
+) -> dict[str, Any]:
     """Batch latency of both files, interleaved over `rounds` so machine noise hits both alike."""
     fp32, int8 = [], []
     for _ in range(rounds):
         fp32.append(latency_ms(fp32_path, example, threads=threads, runs=runs)["median_ms"])
         int8.append(latency_ms(int8_path, example, threads=threads, runs=runs)["median_ms"])
     f, i = min(fp32), min(int8)  # best of the rounds: the least disturbed measurement of each
-    return {"batch": int(example.shape[0]), "threads": threads, "fp32_ms": f, "int8_ms": i, "speedup": f / i,
-            "fp32_rounds_ms": fp32, "int8_rounds_ms": int8}
+    return {
+        "batch": int(example.shape[0]),
+        "threads": threads,
+        "fp32_ms": f,
+        "int8_ms": i,
+        "speedup": f / i,
+        "fp32_rounds_ms": fp32,
+        "int8_rounds_ms": int8,
+    }
 
 
 def quantize_pretrained(fp32_path: str | pathlib.Path, n_calibration: int = 64) -> dict[str, Any]:
@@ -158,14 +185,20 @@ def quantize_pretrained(fp32_path: str | pathlib.Path, n_calibration: int = 64) 
     fp32_path = pathlib.Path(fp32_path)
     pre = read_metadata(fp32_path)["preprocessing"]
     rng = np.random.default_rng(0)
-    photos = [samples.chelsea(), samples.coffee(), samples.astronaut(), samples.rocket(), samples.immunohistochemistry()]
+    photos = [
+        samples.chelsea(),
+        samples.coffee(),
+        samples.astronaut(),
+        samples.rocket(),
+        samples.immunohistochemistry(),
+    ]
     batches = []
     for i in range(n_calibration):
         photo = photos[i % len(photos)]
         h, w = photo.shape[:2]
         side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
         top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        crop = photo[top:top + side, left:left + side]
+        crop = photo[top : top + side, left : left + side]
         batches.append(preprocess(crop[:, ::-1] if rng.random() < 0.5 else crop, pre))
     out = fp32_path.with_name(fp32_path.stem + ".int8.onnx")
     report = quantize_int8(fp32_path, out, np.concatenate(batches))

@@ -43,8 +43,11 @@ DEFAULT_WEIGHT_DECAY = {"adamw": 0.05, "sgd": 5e-4}
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fovea train", description="Train an image classifier.")
     p.add_argument("--config", help="YAML file of defaults (keys are flag names, - or _)")
-    p.add_argument("--model", help=f"architecture from the model table ({', '.join(sorted(MODELS))}), "
-                   "optionally with options, e.g. vit:dim=96,depth=4")
+    p.add_argument(
+        "--model",
+        help=f"architecture from the model table ({', '.join(sorted(MODELS))}), "
+        "optionally with options, e.g. vit:dim=96,depth=4",
+    )
     p.add_argument("--dataset", choices=DATASETS, help="dataset name")
     p.add_argument("--data-dir", help="archive or folder for cifar10/cifar100/folder (never downloaded)")
     p.add_argument("--image-size", type=int, default=64, help="crop size for folder datasets")
@@ -59,15 +62,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--pad", type=int, help="random-crop padding in pixels (default 1/8 of the side)")
     p.add_argument("--no-augment", action="store_true", help="train on the images as they are")
-    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
-                   help="mixed precision on CUDA; auto = bf16 where supported, else fp16")
+    p.add_argument(
+        "--amp",
+        choices=("auto", "off", "bf16", "fp16"),
+        default="auto",
+        help="mixed precision on CUDA; auto = bf16 where supported, else fp16",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=0, help="use only the first N training images")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs")
-    p.add_argument("--stop-after", type=int, default=0,
-                   help="end this run after N epochs (the schedule still spans --epochs; continue with --resume)")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        help="end this run after N epochs (the schedule still spans --epochs; continue with --resume)",
+    )
     p.add_argument("--output-dir", default="", help="default runs/<dataset>-<model>")
     p.add_argument("--resume", help="checkpoint (or run directory) to continue; its saved arguments are used")
     return p
@@ -129,13 +140,15 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int
-                    ) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     total = max(1, args.epochs * steps_per_epoch)
     lr = args.lr or DEFAULT_LR[args.opt]
     if args.sched == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=0.25,
-                                                   div_factor=25.0, final_div_factor=1e3)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=total, pct_start=0.25, div_factor=25.0, final_div_factor=1e3
+        )
     warmup = min(total - 1, int(args.warmup_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:
@@ -151,16 +164,25 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
     """Shuffled index batches; a trailing batch of one is dropped (BatchNorm needs two)."""
     order = torch.randperm(n, generator=generator)
     for start in range(0, n, batch_size):
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         if len(index) > 1 or n == 1:
             yield index
 
 
-def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, images: torch.Tensor, labels: torch.Tensor,
-                    args: argparse.Namespace, data: Dataset, norm: tuple[torch.Tensor, torch.Tensor],
-                    generator: torch.Generator, scaler: torch.amp.GradScaler | None,
-                    dtype: torch.dtype | None, epoch: int) -> dict[str, float]:
+def train_one_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    args: argparse.Namespace,
+    data: Dataset,
+    norm: tuple[torch.Tensor, torch.Tensor],
+    generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None,
+    dtype: torch.dtype | None,
+    epoch: int,
+) -> dict[str, float]:
     model.train()
     device = images.device
     pad = default_pad(data.image_size) if args.pad is None else args.pad
@@ -170,8 +192,14 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     correct = torch.zeros((), device=device, dtype=torch.long)
     started = time.perf_counter()
     steps = math.ceil(len(images) / args.batch_size)
-    bar = tqdm(batches(len(images), args.batch_size, generator), total=steps, desc=f"epoch {epoch + 1}/{args.epochs}",
-               unit="batch", leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        batches(len(images), args.batch_size, generator),
+        total=steps,
+        desc=f"epoch {epoch + 1}/{args.epochs}",
+        unit="batch",
+        leave=False,
+        dynamic_ncols=True,
+    )
     for step, index in enumerate(bar):
         index = index.to(device)
         x = images[index]
@@ -197,12 +225,21 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         loss_sum += loss.detach() * n
         correct += (logits.detach().argmax(1) == y).sum()
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{int(correct) / seen:.2%}",
-                            lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            bar.set_postfix(
+                loss=f"{float(loss_sum) / seen:.4f}",
+                acc=f"{int(correct) / seen:.2%}",
+                lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                refresh=False,
+            )
     loss_total, correct_total = float(loss_sum), int(correct)
     seconds = time.perf_counter() - started
-    return {"train_loss": loss_total / max(1, seen), "train_acc": correct_total / max(1, seen),
-            "lr": float(scheduler.get_last_lr()[0]), "train_seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+    return {
+        "train_loss": loss_total / max(1, seen),
+        "train_acc": correct_total / max(1, seen),
+        "lr": float(scheduler.get_last_lr()[0]),
+        "train_seconds": seconds,
+        "images_per_s": seen / max(seconds, 1e-9),
+    }
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -231,15 +268,31 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     data = load_dataset(args.dataset, args.data_dir, args.image_size)
     if args.limit_train:
-        data.train.images, data.train.labels = data.train.images[:args.limit_train], data.train.labels[:args.limit_train]
+        data.train.images, data.train.labels = (
+            data.train.images[: args.limit_train],
+            data.train.labels[: args.limit_train],
+        )
     preprocessing = data.preprocessing()
-    meta = {"model": args.model, "dataset": args.dataset, "data_dir": args.data_dir, "in_channels": data.channels,
-            "image_size": data.image_size, "labels": list(data.classes), "preprocessing": preprocessing}
-    model = build_model(args.model, in_channels=data.channels, num_classes=len(data.classes),
-                        image_size=data.image_size).to(device)
+    meta = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "in_channels": data.channels,
+        "image_size": data.image_size,
+        "labels": list(data.classes),
+        "preprocessing": preprocessing,
+    }
+    model = build_model(
+        args.model, in_channels=data.channels, num_classes=len(data.classes), image_size=data.image_size
+    ).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("model %s: %.2fM parameters on %s%s", args.model, n_params / 1e6, device,
-                f" with {str(dtype).removeprefix('torch.')} autocast" if dtype else "")
+    logger.info(
+        "model %s: %.2fM parameters on %s%s",
+        args.model,
+        n_params / 1e6,
+        device,
+        f" with {str(dtype).removeprefix('torch.')} autocast" if dtype else "",
+    )
     images = torch.from_numpy(data.train.images).to(device)
     labels = torch.from_numpy(data.train.labels).to(device)
     norm = (torch.tensor(preprocessing["mean"], device=device), torch.tensor(preprocessing["std"], device=device))
@@ -265,30 +318,49 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     stop_after = getattr(args, "stop_after", 0)
     end_epoch = min(args.epochs, start_epoch + stop_after) if stop_after else args.epochs
     for epoch in range(start_epoch, end_epoch):
-        row = {"epoch": epoch + 1, **train_one_epoch(model, optimizer, scheduler, images, labels, args, data, norm,
-                                                     generator, scaler, dtype, epoch)}
+        row = {
+            "epoch": epoch + 1,
+            **train_one_epoch(
+                model, optimizer, scheduler, images, labels, args, data, norm, generator, scaler, dtype, epoch
+            ),
+        }
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             started = time.perf_counter()
             logits = predict_torch(model, data.test.images, preprocessing, device=device)
             row["test_acc"] = float(np.mean(logits.argmax(1) == data.test.labels))
             row["eval_seconds"] = time.perf_counter() - started
-        logger.info("epoch %d/%d: loss %.4f, train %.2f%%, test %s, %.0f img/s, %.1f s", epoch + 1, args.epochs,
-                    row["train_loss"], 100 * row["train_acc"],
-                    f"{100 * row['test_acc']:.2f}%" if "test_acc" in row else "-", row["images_per_s"],
-                    row["train_seconds"])
+        logger.info(
+            "epoch %d/%d: loss %.4f, train %.2f%%, test %s, %.0f img/s, %.1f s",
+            epoch + 1,
+            args.epochs,
+            row["train_loss"],
+            100 * row["train_acc"],
+            f"{100 * row['test_acc']:.2f}%" if "test_acc" in row else "-",
+            row["images_per_s"],
+            row["train_seconds"],
+        )
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        save_checkpoint(out_dir / "last.pt", {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "epoch": epoch, "args": saved_args, "meta": meta,
-        })
+        save_checkpoint(
+            out_dir / "last.pt",
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "epoch": epoch,
+                "args": saved_args,
+                "meta": meta,
+            },
+        )
 
     final = model_from_checkpoint(load_checkpoint(out_dir / "last.pt")).to(device)
-    metrics = classification_metrics(data.test.labels, predict_torch(final, data.test.images, preprocessing,
-                                                                      device=device), data.classes)
+    metrics = classification_metrics(
+        data.test.labels, predict_torch(final, data.test.images, preprocessing, device=device), data.classes
+    )
     write_report(metrics, data.classes, out_dir, "eval_torch", {"checkpoint": str(out_dir / "last.pt")})
     return {**row, "test_top1": metrics["top1"], "test_top5": metrics["top5"], "output_dir": str(out_dir)}
 

@@ -94,12 +94,16 @@ class Batcher:
         if not self.accepting or self.queue is None:
             raise ModelNotReady(f"model {self.name} is not accepting requests (loading or draining)")
         if n > self.max_batch_size:
-            raise InvalidArgument(f"request has {n} samples; this model takes at most {self.max_batch_size} per request")
+            raise InvalidArgument(
+                f"request has {n} samples; this model takes at most {self.max_batch_size} per request"
+            )
         fut: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait(Item(inputs, n, deadline, fut))
         except asyncio.QueueFull:
-            raise QueueFull(f"queue of model {self.name} is full ({self.max_queue_len} requests); retry later") from None
+            raise QueueFull(
+                f"queue of model {self.name} is full ({self.max_queue_len} requests); retry later"
+            ) from None
         return fut
 
     async def stop(self, timeout_s: float = 30.0) -> None:
@@ -176,8 +180,14 @@ class Batcher:
         if self.on_drop is not None:
             self.on_drop(reason)
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, run: RunFn, executor: ThreadPoolExecutor,
-                   live: list[Item], started: float) -> None:
+    async def _run(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        run: RunFn,
+        executor: ThreadPoolExecutor,
+        live: list[Item],
+        started: float,
+    ) -> None:
         n_inputs = len(live[0].inputs)
         if len(live) == 1:
             inputs = live[0].inputs
@@ -217,5 +227,5 @@ class Batcher:
         offset = 0
         for it in live:
             if not it.future.done():
-                it.future.set_result([o[offset: offset + it.n] for o in outputs])
+                it.future.set_result([o[offset : offset + it.n] for o in outputs])
             offset += it.n

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
-
-from pydantic import Field
-from pydantic_settings import NoDecode, SettingsConfigDict
-from pydantic import field_validator
 from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from fovea.config import BaseConfig
 
@@ -37,7 +36,7 @@ class WorkerConfig(BaseConfig):
     models: Annotated[list[str], NoDecode] = []
     """Models to serve, comma-separated: NAME (follows production), NAME:ALIAS or NAME@VERSION."""
     providers: Annotated[list[str], NoDecode] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    """Execution providers in priority order (TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider)."""
+    """Execution providers in priority order (Tensorrt-, CUDA-, CPUExecutionProvider)."""
     require_gpu: bool = False
     """Fail to start instead of falling back to the CPU when a GPU provider was asked for."""
     device_id: int = 0
@@ -55,7 +54,9 @@ class WorkerConfig(BaseConfig):
     trt_max_workspace_bytes: int = 0
     """TensorRT builder workspace; 0 keeps ONNX Runtime's default."""
     provider_options: dict[str, dict[str, str]] = {}
-    """Extra options per provider, as JSON, e.g. {"CUDAExecutionProvider": {"arena_extend_strategy": "kSameAsRequested"}}."""
+    """Extra options per provider, as JSON.
+
+    E.g. {"CUDAExecutionProvider": {"arena_extend_strategy": "kSameAsRequested"}}."""
     intra_op_threads: int = 0
     """ONNX Runtime intra-op threads; 0 lets it choose (one per core)."""
     inter_op_threads: int = 1
@@ -86,14 +87,18 @@ class WorkerConfig(BaseConfig):
         for name, settings in v.items():
             unknown = set(settings) - {"instances", "intra_op_threads", "alone_threads"}
             if unknown:
-                raise ValueError(f"model_settings[{name!r}]: unknown {sorted(unknown)}; "
-                                 "allowed: instances, intra_op_threads, alone_threads")
-            if settings.get("instances", 1) < 1 or min(settings.get("intra_op_threads", 0),
-                                                        settings.get("alone_threads", 0)) < 0:
+                raise ValueError(
+                    f"model_settings[{name!r}]: unknown {sorted(unknown)}; "
+                    "allowed: instances, intra_op_threads, alone_threads"
+                )
+            if (
+                settings.get("instances", 1) < 1
+                or min(settings.get("intra_op_threads", 0), settings.get("alone_threads", 0)) < 0
+            ):
                 raise ValueError(f"model_settings[{name!r}]: instances must be >= 1, threads >= 0")
         return v
 
-    def for_model(self, name: str) -> "WorkerConfig":
+    def for_model(self, name: str) -> WorkerConfig:
         """This config with the model's own instances and threads, if model_settings has any."""
         settings = {k: v for k, v in self.model_settings.get(name, {}).items() if k != "alone_threads"}
         return self.model_copy(update=settings) if settings else self
@@ -101,6 +106,7 @@ class WorkerConfig(BaseConfig):
     def alone_threads(self, name: str) -> int:
         """Threads of the session a lone batch of this model runs on (fast port); 0 = none."""
         return self.model_settings.get(name, {}).get("alone_threads", 0)
+
     max_batch_size: int = 32
     """Largest batch, counted in samples."""
     max_queue_delay_us: int = 0

@@ -47,32 +47,78 @@ class WorkerMetrics:
         self.before_scrape: list[Callable[[], None]] = []
         self.registry.register(_BeforeScrape(self.before_scrape))  # first, so it runs before the histograms are read
         labels = ("model", "version")
-        self.queue_s = Histogram("fovea_worker_queue_seconds", "Time a request waited in the batcher queue",
-                                 labels, buckets=TIME_BUCKETS_S, registry=self.registry)
-        self.preprocess_s = Histogram("fovea_worker_preprocess_seconds",
-                                      "Time to decode and preprocess the images of one request", labels,
-                                      buckets=TIME_BUCKETS_S, registry=self.registry)
-        self.compute_s = Histogram("fovea_worker_compute_seconds", "ONNX Runtime time of one batch", labels,
-                                   buckets=TIME_BUCKETS_S, registry=self.registry)
-        self.total_s = Histogram("fovea_worker_request_seconds", "Time from receiving a ModelInfer to answering it",
-                                 labels, buckets=TIME_BUCKETS_S, registry=self.registry)
-        self.batch_size = Histogram("fovea_worker_batch_size", "Samples per batch run by ONNX Runtime", labels,
-                                    buckets=BATCH_BUCKETS, registry=self.registry)
-        self.padding = Counter("fovea_worker_padding_samples", "Zero samples run to fill batches up to a "
-                               "session's batch size (pad_batches)", labels, registry=self.registry)
-        self.requests = Counter("fovea_worker_requests", "RPCs answered, by method and status code",
-                                ("method", "code"), registry=self.registry)
-        self.dropped = Counter("fovea_worker_dropped", "Requests dropped before compute, by reason (expired, cancelled)",
-                               ("model", "version", "reason"), registry=self.registry)
-        self.queue_depth = Gauge("fovea_worker_queue_depth", "Requests waiting in batcher queues",
-                                 registry=self.registry)
+        self.queue_s = Histogram(
+            "fovea_worker_queue_seconds",
+            "Time a request waited in the batcher queue",
+            labels,
+            buckets=TIME_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.preprocess_s = Histogram(
+            "fovea_worker_preprocess_seconds",
+            "Time to decode and preprocess the images of one request",
+            labels,
+            buckets=TIME_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.compute_s = Histogram(
+            "fovea_worker_compute_seconds",
+            "ONNX Runtime time of one batch",
+            labels,
+            buckets=TIME_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.total_s = Histogram(
+            "fovea_worker_request_seconds",
+            "Time from receiving a ModelInfer to answering it",
+            labels,
+            buckets=TIME_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "fovea_worker_batch_size",
+            "Samples per batch run by ONNX Runtime",
+            labels,
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.padding = Counter(
+            "fovea_worker_padding_samples",
+            "Zero samples run to fill batches up to a session's batch size (pad_batches)",
+            labels,
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "fovea_worker_requests",
+            "RPCs answered, by method and status code",
+            ("method", "code"),
+            registry=self.registry,
+        )
+        self.dropped = Counter(
+            "fovea_worker_dropped",
+            "Requests dropped before compute, by reason (expired, cancelled)",
+            ("model", "version", "reason"),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "fovea_worker_queue_depth", "Requests waiting in batcher queues", registry=self.registry
+        )
         self.in_flight = Gauge("fovea_worker_in_flight", "ModelInfer calls being served", registry=self.registry)
-        self.provider = Gauge("fovea_worker_provider", "1 for the execution provider each loaded version really got",
-                              ("model", "version", "provider"), registry=self.registry)
-        self.gpu_memory_used = Gauge("fovea_worker_gpu_memory_used_bytes", "GPU memory in use (GPU workers only)",
-                                     ("device",), registry=self.registry)
-        self.gpu_memory_total = Gauge("fovea_worker_gpu_memory_total_bytes", "GPU memory (GPU workers only)",
-                                      ("device",), registry=self.registry)
+        self.provider = Gauge(
+            "fovea_worker_provider",
+            "1 for the execution provider each loaded version really got",
+            ("model", "version", "provider"),
+            registry=self.registry,
+        )
+        self.gpu_memory_used = Gauge(
+            "fovea_worker_gpu_memory_used_bytes",
+            "GPU memory in use (GPU workers only)",
+            ("device",),
+            registry=self.registry,
+        )
+        self.gpu_memory_total = Gauge(
+            "fovea_worker_gpu_memory_total_bytes", "GPU memory (GPU workers only)", ("device",), registry=self.registry
+        )
         self._series: dict[tuple[str, str], tuple[Any, Any, Any, Any, Any]] = {}
         self._codes: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._server: Any = None
@@ -83,14 +129,19 @@ class WorkerMetrics:
         key = (model, version)
         children = self._series.get(key)
         if children is None:
-            children = (self.queue_s.labels(model, version), self.preprocess_s.labels(model, version),
-                        self.compute_s.labels(model, version), self.total_s.labels(model, version),
-                        self.batch_size.labels(model, version))
+            children = (
+                self.queue_s.labels(model, version),
+                self.preprocess_s.labels(model, version),
+                self.compute_s.labels(model, version),
+                self.total_s.labels(model, version),
+                self.batch_size.labels(model, version),
+            )
             self._series[key] = children
         return children
 
-    def batch_hook(self, model: str, version: str,
-                   padded_size: Callable[[int], int] | None = None) -> Callable[[int, list[float], float], None]:
+    def batch_hook(
+        self, model: str, version: str, padded_size: Callable[[int], int] | None = None
+    ) -> Callable[[int, list[float], float], None]:
         """The batcher's on_batch for one version; padded_size(n) is the batch size n runs at, if padded."""
         queue, _, compute, _, size = self.series(model, version)
         padding = self.padding.labels(model, version)
@@ -122,9 +173,12 @@ class WorkerMetrics:
         self.queue_depth.set_function(queue_depth)
         self.in_flight.set_function(in_flight)
 
-    def watch_fast_port(self, codes: Callable[[], list[int]],
-                        times: Callable[[], list[tuple[str, str, list[float], list[int], float]]],
-                        flush: Callable[[], None]) -> None:
+    def watch_fast_port(
+        self,
+        codes: Callable[[], list[int]],
+        times: Callable[[], list[tuple[str, str, list[float], list[int], float]]],
+        flush: Callable[[], None],
+    ) -> None:
         """ModelInfer calls answered on the native fast port, by status code, and the total time of those
         answered OK (the main port's fovea_worker_request_seconds), read from it at scrape time; flush()
         brings its batch histograms up to date before each scrape."""
@@ -132,18 +186,24 @@ class WorkerMetrics:
 
         class FastPort:
             def collect(self) -> Any:
-                family = CounterMetricFamily("fovea_worker_fast_port_requests",
-                                             "ModelInfer calls answered on the fast port, by status code", labels=["code"])
+                family = CounterMetricFamily(
+                    "fovea_worker_fast_port_requests",
+                    "ModelInfer calls answered on the fast port, by status code",
+                    labels=["code"],
+                )
                 for value, count in enumerate(codes()):
                     if count:
                         family.add_metric([grpc.StatusCode(STATUS_BY_VALUE[value]).name], count)
                 yield family
                 seconds = HistogramMetricFamily(
                     "fovea_worker_fast_port_request_seconds",
-                    "Time from receiving a ModelInfer on the fast port to answering it", labels=["model", "version"])
+                    "Time from receiving a ModelInfer on the fast port to answering it",
+                    labels=["model", "version"],
+                )
                 for model, version, bounds, counts, total in times():
                     cumulative = list(itertools.accumulate(counts))
-                    buckets = [(floatToGoString(b), c) for b, c in zip(bounds, cumulative)] + [("+Inf", cumulative[-1])]
+                    buckets = [(floatToGoString(b), c) for b, c in zip(bounds, cumulative, strict=False)]
+                    buckets.append(("+Inf", cumulative[-1]))
                     seconds.add_metric([model, version], buckets, total)
                 yield seconds
 

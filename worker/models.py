@@ -53,8 +53,9 @@ class Loaded:
         return self.mv.name, self.mv.version
 
 
-def warmup_sizes(config: WorkerConfig, provider: str, mv: model_pb2.ModelVersion,
-                 buckets: Sequence[int] = ()) -> list[int]:
+def warmup_sizes(
+    config: WorkerConfig, provider: str, mv: model_pb2.ModelVersion, buckets: Sequence[int] = ()
+) -> list[int]:
     """Batch sizes each instance runs before a version is ready (see WorkerConfig.warmup_batch_sizes);
     with a session per batch size (buckets), each size once."""
     top = config.max_batch_size
@@ -86,8 +87,14 @@ def parse_model_spec(text: str) -> Followed:
 
 
 class ModelManager:
-    def __init__(self, config: WorkerConfig, link: RegistryLink, keys: list[bytes],
-                 metrics: WorkerMetrics | None = None, native: NativeFront | None = None) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        link: RegistryLink,
+        keys: list[bytes],
+        metrics: WorkerMetrics | None = None,
+        native: NativeFront | None = None,
+    ) -> None:
         self.config = config
         self.native = native
         self.link = link
@@ -109,8 +116,9 @@ class ModelManager:
                 await self._sync_followed(f, initial=True)
             except FoveaError as exc:
                 logger.error("cannot load %s yet: %s", f.name, exc)
-        self._tasks.append(asyncio.create_task(
-            self.link.follow("models", self.link.watch_models, self._on_event, self._stop)))
+        self._tasks.append(
+            asyncio.create_task(self.link.follow("models", self.link.watch_models, self._on_event, self._stop))
+        )
         self._tasks.append(asyncio.create_task(self._janitor()))
 
     async def stop(self, timeout_s: float) -> None:
@@ -145,7 +153,7 @@ class ModelManager:
             f = self.followed.get(name)
             candidates = [self.loaded.get((name, t.version)) for t in f.targets] if f else []
             weights = [t.weight for t in f.targets] if f else []
-            pairs = [(c, w) for c, w in zip(candidates, weights) if c is not None and c.ready]
+            pairs = [(c, w) for c, w in zip(candidates, weights, strict=False) if c is not None and c.ready]
             if not pairs:
                 if f is None and not any(k[0] == name for k in self.loaded):
                     raise ModelNotFound(f"model {name!r} is not served by this worker")
@@ -156,8 +164,10 @@ class ModelManager:
         return lv
 
     def statuses(self) -> list[registry_pb2.LoadedModel]:
-        return [registry_pb2.LoadedModel(name=lv.mv.name, version=lv.mv.version, ready=lv.ready, provider=lv.provider)
-                for lv in self.loaded.values()]
+        return [
+            registry_pb2.LoadedModel(name=lv.mv.name, version=lv.mv.version, ready=lv.ready, provider=lv.provider)
+            for lv in self.loaded.values()
+        ]
 
     @property
     def queue_depth(self) -> int:
@@ -174,9 +184,16 @@ class ModelManager:
         from inference import grpc_predict_v2_pb2 as pb
 
         gpu = self.config.device_id if lv.provider in GPU_PROVIDERS else None
-        return pb.ModelConfigResponse(config=oip.model_config(
-            lv.mv, self.config.max_batch_size, preferred_batch_sizes=list(self.config.preferred_batch_sizes),
-            max_queue_delay_us=self.config.max_queue_delay_us, instances=len(lv.sessions), gpu_id=gpu))
+        return pb.ModelConfigResponse(
+            config=oip.model_config(
+                lv.mv,
+                self.config.max_batch_size,
+                preferred_batch_sizes=list(self.config.preferred_batch_sizes),
+                max_queue_delay_us=self.config.max_queue_delay_us,
+                instances=len(lv.sessions),
+                gpu_id=gpu,
+            )
+        )
 
     def fast_statistics(self, lv: Loaded) -> Any:
         """ModelStatistics of the calls this version answered on the fast port, or None."""
@@ -189,8 +206,11 @@ class ModelManager:
     def _route_fast(self, f: Followed) -> None:
         if self.native is None:
             return
-        targets = [(lv.slot, t.weight) for t in f.targets
-                   if (lv := self.loaded.get((f.name, t.version))) is not None and lv.slot]
+        targets = [
+            (lv.slot, t.weight)
+            for t in f.targets
+            if (lv := self.loaded.get((f.name, t.version))) is not None and lv.slot
+        ]
         self.native.route(f.name, targets)
 
     # ---- loading --------------------------------------------------------
@@ -217,8 +237,7 @@ class ModelManager:
 
         task.add_done_callback(done)
 
-    async def _sync_followed(self, f: Followed, initial: bool = False,
-                             alias: model_pb2.Alias | None = None) -> None:
+    async def _sync_followed(self, f: Followed, initial: bool = False, alias: model_pb2.Alias | None = None) -> None:
         async with self._lock:
             if f.pinned:
                 targets = [model_pb2.AliasTarget(version=f.pinned, weight=100)]
@@ -226,8 +245,11 @@ class ModelManager:
                 targets = list(alias.targets)
             else:
                 resp = await self.link.resolve(f.name, alias=f.alias if f.alias != "production" else "")
-                targets = list(resp.alias.targets) if resp.HasField("alias") else [
-                    model_pb2.AliasTarget(version=resp.model.version, weight=100)]
+                targets = (
+                    list(resp.alias.targets)
+                    if resp.HasField("alias")
+                    else [model_pb2.AliasTarget(version=resp.model.version, weight=100)]
+                )
             wanted = {t.version for t in targets}
             for v in wanted:
                 if (f.name, v) not in self.loaded:
@@ -243,7 +265,9 @@ class ModelManager:
             for (name, v), lv in self.loaded.items():
                 if name == f.name and v not in wanted and lv.unload_at is None:
                     lv.unload_at = now + (0 if initial else self.config.unload_delay_s)
-                    logger.info("%s v%d left alias %s; unloading in %.1fs", name, v, f.alias, self.config.unload_delay_s)
+                    logger.info(
+                        "%s v%d left alias %s; unloading in %.1fs", name, v, f.alias, self.config.unload_delay_s
+                    )
 
     async def _load(self, mv: model_pb2.ModelVersion) -> None:
         """Download, verify, load and warm up one version; it is listed at once but ready only after warm-up."""
@@ -252,16 +276,20 @@ class ModelManager:
         try:
             data = await self.link.download(mv, self.keys)
             config = self.config.for_model(mv.name)
-            sessions = await asyncio.gather(*(asyncio.to_thread(load_model, data, config)
-                                              for _ in range(max(1, config.instances))))
+            sessions = await asyncio.gather(
+                *(asyncio.to_thread(load_model, data, config) for _ in range(max(1, config.instances)))
+            )
             alone = None
             fast: list[NativeSession] = []
             fast_alone: NativeSession | None = None
             if self._runs_native(config, sessions[0]):
-                fast, fast_alone = await asyncio.to_thread(self._open_native, data, config, mv, sessions[0], len(sessions))
+                fast, fast_alone = await asyncio.to_thread(
+                    self._open_native, data, config, mv, sessions[0], len(sessions)
+                )
             if self.native is not None and self.config.alone_threads(mv.name) and not fast:
-                alone = await asyncio.to_thread(load_model, data, config.model_copy(
-                    update={"intra_op_threads": self.config.alone_threads(mv.name)}))
+                alone = await asyncio.to_thread(
+                    load_model, data, config.model_copy(update={"intra_op_threads": self.config.alone_threads(mv.name)})
+                )
         except Exception as exc:  # noqa: BLE001 - a bad artifact must not take the worker down
             self.errors[key] = str(exc)[:300]
             logger.error("refusing %s v%d: %s", mv.name, mv.version, exc)
@@ -274,7 +302,7 @@ class ModelManager:
 
         def runner(session: Session | Bucketed) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
             names = session.input_names
-            return lambda inputs: session.run(dict(zip(names, inputs)))
+            return lambda inputs: session.run(dict(zip(names, inputs, strict=False)))
 
         stats = ModelStats()
         first = sessions[0]
@@ -284,19 +312,33 @@ class ModelManager:
             metrics_hook(samples, waits_s, compute_s)
             stats.on_batch(samples, waits_s, compute_s)
 
-        batcher = Batcher([runner(s) for s in sessions], self.config.max_batch_size,
-                          self.config.max_queue_delay_us, self.config.preferred_batch_sizes,
-                          self.config.max_queue_len, on_batch=on_batch,
-                          name=name, on_drop=self.metrics.drop_hook(mv.name, version),
-                          inline_compute_us=self.config.inline_compute_us)
-        lv = Loaded(mv=mv, sessions=list(sessions), batcher=batcher, preprocess=pre,
-                    provider=sessions[0].provider, input_dtypes=sessions[0].input_dtypes, stats=stats)
+        batcher = Batcher(
+            [runner(s) for s in sessions],
+            self.config.max_batch_size,
+            self.config.max_queue_delay_us,
+            self.config.preferred_batch_sizes,
+            self.config.max_queue_len,
+            on_batch=on_batch,
+            name=name,
+            on_drop=self.metrics.drop_hook(mv.name, version),
+            inline_compute_us=self.config.inline_compute_us,
+        )
+        lv = Loaded(
+            mv=mv,
+            sessions=list(sessions),
+            batcher=batcher,
+            preprocess=pre,
+            provider=sessions[0].provider,
+            input_dtypes=sessions[0].input_dtypes,
+            stats=stats,
+        )
         self.loaded[key] = lv  # listed (heartbeats, ModelReady) but not ready until warmed up
         batcher.start()
         fast_all = [*fast, *([fast_alone] if fast_alone else [])]
         try:
-            await self._warm_up(lv, [runner(s) for s in [*sessions, *([alone] if alone else [])]] +
-                                [s.run for s in fast_all])
+            await self._warm_up(
+                lv, [runner(s) for s in [*sessions, *([alone] if alone else [])]] + [s.run for s in fast_all]
+            )
         except Exception as exc:  # noqa: BLE001
             for s in fast_all:
                 s.close()
@@ -309,12 +351,23 @@ class ModelManager:
         if self.native is not None:
             try:
                 lv.slot = self.native.add(
-                    mv.name, mv.version, list(mv.inputs), lv.input_dtypes, [o.name for o in mv.outputs],
-                    list(mv.labels), mv.preprocessing.outputs_probabilities, self.config,
-                    [runner(s) for s in sessions], metrics_hook, self.metrics.drop_hook(mv.name, version),
+                    mv.name,
+                    mv.version,
+                    list(mv.inputs),
+                    lv.input_dtypes,
+                    [o.name for o in mv.outputs],
+                    list(mv.labels),
+                    mv.preprocessing.outputs_probabilities,
+                    self.config,
+                    [runner(s) for s in sessions],
+                    metrics_hook,
+                    self.metrics.drop_hook(mv.name, version),
                     oip.model_metadata(mv, [version]).SerializeToString(),
-                    self.config_response(lv).SerializeToString(), alone=runner(alone) if alone else None,
-                    sessions=fast, alone_session=fast_alone)
+                    self.config_response(lv).SerializeToString(),
+                    alone=runner(alone) if alone else None,
+                    sessions=fast,
+                    alone_session=fast_alone,
+                )
             except ValueError as exc:
                 for s in fast_all:
                     s.close()
@@ -322,8 +375,15 @@ class ModelManager:
         lv.ready = True
         self.errors.pop(key, None)
         sizes = f", a session per batch size {first.sizes}" if first.sizes else ""
-        logger.info("loaded %s v%d on %s (%d instance(s)%s) in %.2fs", mv.name, mv.version, lv.provider,
-                    len(sessions), sizes, time.perf_counter() - t0)
+        logger.info(
+            "loaded %s v%d on %s (%d instance(s)%s) in %.2fs",
+            mv.name,
+            mv.version,
+            lv.provider,
+            len(sessions),
+            sizes,
+            time.perf_counter() - t0,
+        )
 
     def _runs_native(self, config: WorkerConfig, first: Session | Bucketed) -> bool:
         """Whether the fast port's batches of this model run in C++ (see WorkerConfig.native_compute)."""
@@ -334,19 +394,29 @@ class ModelManager:
             logger.warning("fast port batches run in Python: %s", why)
         return not why
 
-    def _open_native(self, data: bytes, config: WorkerConfig, mv: model_pb2.ModelVersion, first: Session | Bucketed,
-                     count: int) -> tuple[list[NativeSession], NativeSession | None]:
+    def _open_native(
+        self, data: bytes, config: WorkerConfig, mv: model_pb2.ModelVersion, first: Session | Bucketed, count: int
+    ) -> tuple[list[NativeSession], NativeSession | None]:
         """The C API sessions of the fast port's loops: one per instance, and the alone one if configured.
         ([], None) when they cannot be opened: Python then runs the batches, as before."""
         assert self.native is not None
-        inputs = [(n, t.datatype) for n, t in zip(first.input_names, mv.inputs)]
+        inputs = [(n, t.datatype) for n, t in zip(first.input_names, mv.inputs, strict=False)]
         made: list[NativeSession] = []
         try:
             for _ in range(count):
                 made.append(NativeSession(self.native, data, native_options(config), inputs, first.output_names))
             threads = self.config.alone_threads(mv.name)
-            alone = NativeSession(self.native, data, native_options(config.model_copy(update={"intra_op_threads": threads})),
-                                  inputs, first.output_names) if threads else None
+            alone = (
+                NativeSession(
+                    self.native,
+                    data,
+                    native_options(config.model_copy(update={"intra_op_threads": threads})),
+                    inputs,
+                    first.output_names,
+                )
+                if threads
+                else None
+            )
         except RuntimeError as exc:
             for s in made:
                 s.close()
@@ -358,7 +428,7 @@ class ModelManager:
     def _zeros(lv: Loaded, n: int = 1) -> list[np.ndarray]:
         """A one-sample input of zeros for each of the model's inputs."""
         inputs = []
-        for spec, dtype in zip(lv.mv.inputs, lv.input_dtypes):
+        for spec, dtype in zip(lv.mv.inputs, lv.input_dtypes, strict=False):
             shape = [n] + [d if d > 0 else 1 for d in list(spec.shape)[1:]]
             inputs.append(np.zeros(shape, dtype=dtype))
         return inputs
@@ -371,8 +441,13 @@ class ModelManager:
         for run in runners:
             for n in sizes:
                 await asyncio.to_thread(run, self._zeros(lv, n))
-        logger.info("warmed up %s v%d: batch sizes %s on %d instance(s) in %.2fs", *lv.key,
-                    sizes if len(sizes) < 4 else f"{sizes[0]}..{sizes[-1]}", len(runners), time.perf_counter() - t0)
+        logger.info(
+            "warmed up %s v%d: batch sizes %s on %d instance(s) in %.2fs",
+            *lv.key,
+            sizes if len(sizes) < 4 else f"{sizes[0]}..{sizes[-1]}",
+            len(runners),
+            time.perf_counter() - t0,
+        )
 
     async def _janitor(self) -> None:
         while not self._stop.is_set():

@@ -10,12 +10,12 @@ blocked waiting for a batch, or running the C++ loop, does not hold up the event
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 import ctypes as C
 import logging
 import pathlib
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -32,10 +32,19 @@ INTERNAL = 13
 
 
 class FvBatch(C.Structure):
-    _fields_ = [("id", C.c_int64), ("samples", C.c_int32), ("calls", C.c_int32), ("ninputs", C.c_int32),
-                ("expired", C.c_int32), ("cancelled", C.c_int32), ("queued", C.c_int32),
-                ("data", C.c_void_p * MAX_TENSORS), ("nbytes", C.c_int64 * MAX_TENSORS),
-                ("rank", C.c_int32 * MAX_TENSORS), ("dims", (C.c_int64 * MAX_RANK) * MAX_TENSORS)]
+    _fields_ = [
+        ("id", C.c_int64),
+        ("samples", C.c_int32),
+        ("calls", C.c_int32),
+        ("ninputs", C.c_int32),
+        ("expired", C.c_int32),
+        ("cancelled", C.c_int32),
+        ("queued", C.c_int32),
+        ("data", C.c_void_p * MAX_TENSORS),
+        ("nbytes", C.c_int64 * MAX_TENSORS),
+        ("rank", C.c_int32 * MAX_TENSORS),
+        ("dims", (C.c_int64 * MAX_RANK) * MAX_TENSORS),
+    ]
 
 
 def _strings(items: Sequence[str]) -> Any:
@@ -107,16 +116,35 @@ class NativeSession:
 
     It is a second session on the same verified model bytes as the Python one the main port uses."""
 
-    def __init__(self, front: "NativeFront", model: bytes, options: NativeOptions, inputs: Sequence[tuple[str, str]],
-                 outputs: Sequence[str]) -> None:
+    def __init__(
+        self,
+        front: NativeFront,
+        model: bytes,
+        options: NativeOptions,
+        inputs: Sequence[tuple[str, str]],
+        outputs: Sequence[str],
+    ) -> None:
         self.lib = front.lib
         err = C.create_string_buffer(512)
         keys, values = list(options.entries), list(options.entries.values())
         handle = self.lib.fv_ort_session(
-            model, len(model), options.intra_op_threads, options.inter_op_threads, options.optimization_level,
-            int(options.cpu_mem_arena), len(keys), _strings(keys), _strings(values), len(inputs),
-            _strings([n for n, _ in inputs]), _strings([d for _, d in inputs]), len(outputs), _strings(list(outputs)),
-            err, len(err))
+            model,
+            len(model),
+            options.intra_op_threads,
+            options.inter_op_threads,
+            options.optimization_level,
+            int(options.cpu_mem_arena),
+            len(keys),
+            _strings(keys),
+            _strings(values),
+            len(inputs),
+            _strings([n for n, _ in inputs]),
+            _strings([d for _, d in inputs]),
+            len(outputs),
+            _strings(list(outputs)),
+            err,
+            len(err),
+        )
         if not handle:
             raise RuntimeError(f"ONNX Runtime's C API could not open the model: {err.value.decode(errors='replace')}")
         self.handle: int | None = handle
@@ -214,12 +242,25 @@ class Slot:
 class NativeFront:
     """One C++ gRPC server on its own port, serving every model version the worker adds to it."""
 
-    def __init__(self, address: str, max_message_bytes: int, tokens: Sequence[str], default_deadline_ms: int,
-                 server_metadata: bytes) -> None:
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int,
+        tokens: Sequence[str],
+        default_deadline_ms: int,
+        server_metadata: bytes,
+    ) -> None:
         self.lib = _load()
         port = C.c_int(0)
-        handle = self.lib.fv_start(address.encode(), max_message_bytes, "\n".join(t for t in tokens if t).encode(),
-                                   default_deadline_ms, server_metadata, len(server_metadata), C.byref(port))
+        handle = self.lib.fv_start(
+            address.encode(),
+            max_message_bytes,
+            "\n".join(t for t in tokens if t).encode(),
+            default_deadline_ms,
+            server_metadata,
+            len(server_metadata),
+            C.byref(port),
+        )
         if not handle:
             raise OSError(f"native front cannot listen on {address}")
         self.handle = handle
@@ -243,8 +284,11 @@ class NativeFront:
                 self._ort = f"{path}: {err.value.decode(errors='replace')}"
             else:
                 self._ort = ""
-                logger.info("fast port runs batches on ONNX Runtime %s's C API (%s)",
-                            self.lib.fv_ort_version().decode(), path.name)
+                logger.info(
+                    "fast port runs batches on ONNX Runtime %s's C API (%s)",
+                    self.lib.fv_ort_version().decode(),
+                    path.name,
+                )
         return self._ort
 
     def _take_records(self, entry: Slot) -> None:
@@ -258,15 +302,19 @@ class NativeFront:
                 for _ in range(k):
                     entry.on_drop(kind)  # type: ignore[misc]
             if failed:
-                logger.warning("%d batch(es) of %s failed on the fast port; the last: %s", failed, entry.name,
-                               err.value.decode(errors="replace"))
+                logger.warning(
+                    "%d batch(es) of %s failed on the fast port; the last: %s",
+                    failed,
+                    entry.name,
+                    err.value.decode(errors="replace"),
+                )
             if lost:
                 logger.warning("%d fast-port batch record(s) of %s were lost (nobody read them)", lost, entry.name)
             i, values = 0, buf[:n]
             while i < n:
                 calls = int(values[i + 1])
                 try:
-                    entry.on_batch(int(values[i]), values[i + 3: i + 3 + calls], values[i + 2])  # type: ignore[misc]
+                    entry.on_batch(int(values[i]), values[i + 3 : i + 3 + calls], values[i + 2])  # type: ignore[misc]
                 except Exception:  # noqa: BLE001 - as in flush_metrics
                     logger.exception("fast-port batch metrics could not be recorded")
                 i += 3 + calls
@@ -293,11 +341,25 @@ class NativeFront:
         while not self._stop.wait(period_s):
             self.flush_metrics()
 
-    def add(self, name: str, version: int, inputs: Sequence[Any], input_dtypes: Sequence[Any],
-            outputs: Sequence[str], labels: Sequence[str], probabilities: bool, batching: Batching,
-            runners: Sequence[RunFn], on_batch: BatchHook, on_drop: DropHook, metadata: bytes, config: bytes,
-            alone: RunFn | None = None, sessions: Sequence[NativeSession] = (),
-            alone_session: NativeSession | None = None) -> int:
+    def add(
+        self,
+        name: str,
+        version: int,
+        inputs: Sequence[Any],
+        input_dtypes: Sequence[Any],
+        outputs: Sequence[str],
+        labels: Sequence[str],
+        probabilities: bool,
+        batching: Batching,
+        runners: Sequence[RunFn],
+        on_batch: BatchHook,
+        on_drop: DropHook,
+        metadata: bytes,
+        config: bytes,
+        alone: RunFn | None = None,
+        sessions: Sequence[NativeSession] = (),
+        alone_session: NativeSession | None = None,
+    ) -> int:
         """Register a warmed-up version and start one batch loop per runner (model instance).
 
         With sessions (NativeSession, warmed up), the loops run in C++ on them instead, and alone_session
@@ -307,11 +369,28 @@ class NativeFront:
         dims = [int(d) for t in inputs for d in t.shape]
         preferred = list(batching.preferred_batch_sizes)
         slot = self.lib.fv_add_model(
-            self.handle, name.encode(), str(version).encode(), batching.max_batch_size, batching.max_queue_len,
-            batching.max_queue_delay_us, len(preferred), (C.c_int32 * max(1, len(preferred)))(*preferred), len(inputs),
-            _strings([t.name for t in inputs]), _strings([t.datatype for t in inputs]), ranks,
-            (C.c_int64 * len(dims))(*dims), len(outputs), _strings(list(outputs)),
-            "\n".join(labels).encode(), int(probabilities), metadata, len(metadata), config, len(config))
+            self.handle,
+            name.encode(),
+            str(version).encode(),
+            batching.max_batch_size,
+            batching.max_queue_len,
+            batching.max_queue_delay_us,
+            len(preferred),
+            (C.c_int32 * max(1, len(preferred)))(*preferred),
+            len(inputs),
+            _strings([t.name for t in inputs]),
+            _strings([t.datatype for t in inputs]),
+            ranks,
+            (C.c_int64 * len(dims))(*dims),
+            len(outputs),
+            _strings(list(outputs)),
+            "\n".join(labels).encode(),
+            int(probabilities),
+            metadata,
+            len(metadata),
+            config,
+            len(config),
+        )
         if slot < 0:
             raise ValueError(f"the native front cannot serve {name} v{version} (inputs or outputs out of its limits)")
         entry = Slot(slot, f"{name}:{version}", on_batch=on_batch, on_drop=on_drop)
@@ -320,19 +399,24 @@ class NativeFront:
             entry.sessions = [*sessions, *([alone_session] if alone_session else [])]
             entry.instances = self.lib.fv_instances_new(alone_session.handle if alone_session else None)
             for i, session in enumerate(sessions):
-                t = threading.Thread(target=self.lib.fv_serve,
-                                     args=(self.handle, slot, session.handle, entry.instances, batching.max_batch_size),
-                                     name=f"fast-{name}-{version}-{i}", daemon=True)
+                t = threading.Thread(
+                    target=self.lib.fv_serve,
+                    args=(self.handle, slot, session.handle, entry.instances, batching.max_batch_size),
+                    name=f"fast-{name}-{version}-{i}",
+                    daemon=True,
+                )
                 entry.threads.append(t)
                 t.start()
             self.slots[slot] = entry
             return slot
         instances = Instances(alone)
         for i, run in enumerate(runners):
-            t = threading.Thread(target=self._loop,
-                                 args=(slot, run, instances, list(input_dtypes), on_batch, on_drop,
-                                       batching.max_batch_size),
-                                 name=f"fast-{name}-{version}-{i}", daemon=True)
+            t = threading.Thread(
+                target=self._loop,
+                args=(slot, run, instances, list(input_dtypes), on_batch, on_drop, batching.max_batch_size),
+                name=f"fast-{name}-{version}-{i}",
+                daemon=True,
+            )
             entry.threads.append(t)
             t.start()
         self.slots[slot] = entry
@@ -384,7 +468,7 @@ class NativeFront:
         return buf.raw[:size] if size > 0 else b""
 
     def set_accepting(self, accepting: bool) -> None:
-        """While not accepting, new calls get UNAVAILABLE (a gateway retries elsewhere); queued ones are still answered."""
+        """While not accepting, new calls get UNAVAILABLE (a gateway retries elsewhere); queued ones still answered."""
         self.lib.fv_set_accepting(self.handle, int(accepting))
 
     def shutdown(self, grace_s: float) -> None:
@@ -430,8 +514,16 @@ class NativeFront:
         self.lib.fv_codes(self.handle, out)
         return list(out)
 
-    def _loop(self, slot: int, run: RunFn, instances: Instances, dtypes: list[Any], on_batch: BatchHook,
-              on_drop: DropHook, max_batch: int) -> None:
+    def _loop(
+        self,
+        slot: int,
+        run: RunFn,
+        instances: Instances,
+        dtypes: list[Any],
+        on_batch: BatchHook,
+        on_drop: DropHook,
+        max_batch: int,
+    ) -> None:
         lib, handle = self.lib, self.handle
         batch = FvBatch()
         waits = (C.c_double * max_batch)()
@@ -469,9 +561,16 @@ class NativeFront:
             names = tuple(o.dtype.str for o in outputs)
             if names not in out_dtypes:
                 out_dtypes[names] = _strings([oip.oip_dtype(o) for o in outputs])
-            lib.fv_complete(handle, batch.id, int(compute_s * 1e9), n, out_dtypes[names],
-                            (C.c_void_p * n)(*[o.ctypes.data for o in outputs]),
-                            (C.c_int32 * n)(*[o.ndim for o in outputs]), (C.c_int64 * max(1, len(dims)))(*dims))
+            lib.fv_complete(
+                handle,
+                batch.id,
+                int(compute_s * 1e9),
+                n,
+                out_dtypes[names],
+                (C.c_void_p * n)(*[o.ctypes.data for o in outputs]),
+                (C.c_int32 * n)(*[o.ndim for o in outputs]),
+                (C.c_int64 * max(1, len(dims)))(*dims),
+            )
             # Metrics wait for flush_metrics (another thread, or a scrape): observing them here took
             # ~40 us of GIL per batch, which the next call's thread then waited for.
             self.batch_records.append((on_batch, batch.samples, list(waits[: batch.calls]), compute_s))

@@ -86,11 +86,15 @@ def session_options(config: WorkerConfig) -> ort.SessionOptions:
 def native_options(config: WorkerConfig) -> NativeOptions:
     """session_options' settings for a session opened through the C API (the fast port's C++ loop)."""
     return NativeOptions(
-        intra_op_threads=config.intra_op_threads, inter_op_threads=config.inter_op_threads,
+        intra_op_threads=config.intra_op_threads,
+        inter_op_threads=config.inter_op_threads,
         optimization_level=int(OPT_LEVELS.get(config.graph_optimization, OPT_LEVELS["all"])),
         cpu_mem_arena=config.cpu_mem_arena,
-        entries={"session.intra_op.allow_spinning": "1" if config.thread_spinning else "0",
-                 "session.force_spinning_stop": "1" if config.spin_only_in_run else "0"})
+        entries={
+            "session.intra_op.allow_spinning": "1" if config.thread_spinning else "0",
+            "session.force_spinning_stop": "1" if config.spin_only_in_run else "0",
+        },
+    )
 
 
 @dataclass
@@ -154,8 +158,9 @@ def load_session(model_bytes: bytes, config: WorkerConfig) -> Session:
         output_names=[o.name for o in session.get_outputs()],
         device_id=config.device_id,
         bind=config.io_binding and provider == "CUDAExecutionProvider",
-        dynamic_batch=all(t.shape and not isinstance(t.shape[0], int)
-                          for t in [*session.get_inputs(), *session.get_outputs()]),
+        dynamic_batch=all(
+            t.shape and not isinstance(t.shape[0], int) for t in [*session.get_inputs(), *session.get_outputs()]
+        ),
     )
 
 
@@ -171,7 +176,7 @@ def bucket_sizes(config: WorkerConfig, provider: str) -> list[int]:
 def pad(array: np.ndarray, size: int) -> np.ndarray:
     out = np.empty((size, *array.shape[1:]), array.dtype)
     out[: len(array)] = array
-    out[len(array):] = 0
+    out[len(array) :] = 0
     return out
 
 
@@ -210,8 +215,11 @@ def load_model(model_bytes: bytes, config: WorkerConfig) -> Session | Bucketed:
     if len(sizes) > 1 and not first.dynamic_batch:
         inputs = first.session.get_inputs()
         if inputs and inputs[0].shape and not isinstance(inputs[0].shape[0], int):
-            logger.warning("not padding batches: an output's first axis is fixed, so it is not per sample; "
-                           "batch sizes that change from run to run will be slow on %s", first.provider)
+            logger.warning(
+                "not padding batches: an output's first axis is fixed, so it is not per sample; "
+                "batch sizes that change from run to run will be slow on %s",
+                first.provider,
+            )
         sizes = []
     if len(sizes) < 2:
         return first
@@ -228,10 +236,22 @@ def device_info(provider: str, device_id: int) -> tuple[str, str, int]:
         try:
             import subprocess
 
-            out = subprocess.run(
-                ["nvidia-smi", f"--id={device_id}", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=5, check=True,
-            ).stdout.strip().split(", ")
+            out = (
+                subprocess.run(
+                    [
+                        "nvidia-smi",
+                        f"--id={device_id}",
+                        "--query-gpu=name,memory.total",
+                        "--format=csv,noheader,nounits",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                    check=True,
+                )
+                .stdout.strip()
+                .split(", ")
+            )
             return "GPU", out[0], int(float(out[1]) * 1024 * 1024)
         except Exception:  # noqa: BLE001 - report what we know
             return "GPU", f"cuda:{device_id}", 0

@@ -19,8 +19,8 @@ from fovea.v1 import registry_pb2
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from worker.config import WorkerConfig
-from worker.models import ModelManager
 from worker.metrics import WorkerMetrics
+from worker.models import ModelManager
 from worker.native import LIBRARY as NATIVE_LIBRARY
 from worker.native import NativeFront
 from worker.native import available as native_available
@@ -50,10 +50,15 @@ class WorkerServer:
         provider = next((lv.provider for lv in self.manager.loaded.values()), "")
         kind, name, mem = device_info(provider, self.config.device_id)
         return registry_pb2.WorkerStatus(
-            worker_id=self.config.worker_id, address=self.config.address(self.port), state=self.state,
-            models=self.manager.statuses(), device=registry_pb2.Device(kind=kind, name=name, memory_bytes=mem),
-            queue_depth=self.manager.queue_depth, in_flight=self.in_flight,
-            fast_address=self.config.fast_address(self.port, self.native.port) if self.native else "")
+            worker_id=self.config.worker_id,
+            address=self.config.address(self.port),
+            state=self.state,
+            models=self.manager.statuses(),
+            device=registry_pb2.Device(kind=kind, name=name, memory_bytes=mem),
+            queue_depth=self.manager.queue_depth,
+            in_flight=self.in_flight,
+            fast_address=self.config.fast_address(self.port, self.native.port) if self.native else "",
+        )
 
     @property
     def in_flight(self) -> int:
@@ -118,12 +123,18 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     metrics = WorkerMetrics()
     native = None
     if config.fast_port >= 0 and not native_available():
-        logger.error("fast port asked for but %s is not built (run worker/native/build.sh); serving the main "
-                     "port only", NATIVE_LIBRARY)
+        logger.error(
+            "fast port asked for but %s is not built (run worker/native/build.sh); serving the main port only",
+            NATIVE_LIBRARY,
+        )
     elif config.fast_port >= 0:
-        native = NativeFront(f"{config.host}:{config.fast_port}", config.max_message_bytes,
-                             config.accepted_internal_tokens(), config.default_deadline_ms,
-                             server_metadata().SerializeToString())
+        native = NativeFront(
+            f"{config.host}:{config.fast_port}",
+            config.max_message_bytes,
+            config.accepted_internal_tokens(),
+            config.default_deadline_ms,
+            server_metadata().SerializeToString(),
+        )
         logger.info("fast port (native ModelInfer) on %s:%d", config.host, native.port)
     manager = ModelManager(config, link, keys, metrics, native)
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")

@@ -22,8 +22,9 @@ SERVER_NAME = "fovea-worker"
 
 
 class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, manager: ModelManager, config: WorkerConfig, decode_pool: ThreadPoolExecutor,
-                 metrics: WorkerMetrics) -> None:
+    def __init__(
+        self, manager: ModelManager, config: WorkerConfig, decode_pool: ThreadPoolExecutor, metrics: WorkerMetrics
+    ) -> None:
         self.manager = manager
         self.config = config
         self.decode_pool = decode_pool
@@ -103,7 +104,8 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         if len(request.inputs) != len(specs):
             raise InvalidArgument(
                 f"model {lv.mv.name} takes {len(specs)} input(s) ({', '.join(s.name for s in specs)}); "
-                f"got {len(request.inputs)}")
+                f"got {len(request.inputs)}"
+            )
         raws = list(request.raw_input_contents)
         if raws and len(raws) != len(request.inputs):
             raise InvalidArgument("raw_input_contents must have one entry per input")
@@ -113,7 +115,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             images = await self._images(lv, tensor, raw)
             return [images], images.shape[0]
         out, n = [], -1
-        for spec, dtype in zip(specs, lv.input_dtypes):
+        for spec, dtype in zip(specs, lv.input_dtypes, strict=False):
             if spec.name not in by_name:
                 raise InvalidArgument(f"missing input {spec.name!r} of model {lv.mv.name}")
             tensor, raw = by_name[spec.name]
@@ -121,7 +123,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidArgument(f"input {spec.name!r} must be {spec.datatype}, got {tensor.datatype}")
             shape = list(tensor.shape)
             want = list(spec.shape)
-            if len(shape) != len(want) or any(w > 0 and s != w for s, w in zip(shape[1:], want[1:])):
+            if len(shape) != len(want) or any(w > 0 and s != w for s, w in zip(shape[1:], want[1:], strict=False)):
                 raise InvalidArgument(f"input {spec.name!r} must have shape {want} (-1 = any), got {shape}")
             if not shape or shape[0] < 1:
                 raise InvalidArgument(f"input {spec.name!r} needs a batch dimension of at least 1")
@@ -158,8 +160,9 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
 def server_metadata() -> pb.ServerMetadataResponse:
     from fovea import __version__
 
-    return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__,
-                                     extensions=["classification", "model_configuration", "statistics"])
+    return pb.ServerMetadataResponse(
+        name=SERVER_NAME, version=__version__, extensions=["classification", "model_configuration", "statistics"]
+    )
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -175,7 +178,7 @@ def classification(scores: np.ndarray, k: int, labels: list[str], probabilities:
     k = max(1, min(k, probs.shape[1]))
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     out = []
-    for row, idx in zip(probs, top):
+    for row, idx in zip(probs, top, strict=False):
         for i in idx:
             label = labels[i] if i < len(labels) else ""
             out.append(f"{row[i]:.6f}:{i}:{label}".encode() if label else f"{row[i]:.6f}:{i}".encode())

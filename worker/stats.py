@@ -57,12 +57,20 @@ class ModelStats:
         # requests and counted per batch.
         batches = self.compute_infer.count
         out = pb.ModelStatistics(
-            name=name, version=str(version), last_inference=self.last_inference_ms,
-            inference_count=self.inference_count, execution_count=self.execution_count,
-            inference_stats=pb.InferStatistics(success=d(self.success), fail=d(self.fail), queue=d(self.queue),
-                                               compute_input=d(self.compute_input, batches),
-                                               compute_infer=d(self.compute_infer),
-                                               compute_output=d(self.compute_output, batches)))
+            name=name,
+            version=str(version),
+            last_inference=self.last_inference_ms,
+            inference_count=self.inference_count,
+            execution_count=self.execution_count,
+            inference_stats=pb.InferStatistics(
+                success=d(self.success),
+                fail=d(self.fail),
+                queue=d(self.queue),
+                compute_input=d(self.compute_input, batches),
+                compute_infer=d(self.compute_infer),
+                compute_output=d(self.compute_output, batches),
+            ),
+        )
         for size in sorted(self.batches):
             out.batch_stats.add(batch_size=size, compute_infer=d(self.batches[size]))
         return out

@@ -73,8 +73,14 @@ def main() -> None:
         for r in range(args.c1_rounds):
             order = list(targets.items()) if r % 2 == 0 else list(targets.items())[::-1]
             for name, (address, token) in order:
-                res = perf_analyzer.run(address, mv.name, token, concurrency=1, window_ms=args.c1_window_ms,
-                                        extra=("--stability-percentage", "100"))
+                res = perf_analyzer.run(
+                    address,
+                    mv.name,
+                    token,
+                    concurrency=1,
+                    window_ms=args.c1_window_ms,
+                    extra=("--stability-percentage", "100"),
+                )
                 c1[name].append(res.p50_us / 1000)
             print(f"c=1 round {r + 1}: " + ", ".join(f"{n} {v[-1]:.3f} ms" for n, v in c1.items()), flush=True)
         for r in range(args.rounds):
@@ -82,21 +88,28 @@ def main() -> None:
             for name, (pid, address) in order:
                 g0, w0 = bg.cpu_s(pid), bg.cpu_s(worker.proc.pid)
                 n0 = bg.rc_worker_stats(worker.address, cluster.internal_token, mv.name)
-                res = perf_analyzer.run(address, mv.name, secret, concurrency=args.concurrency,
-                                        window_ms=args.window_ms, extra=stable)
+                res = perf_analyzer.run(
+                    address, mv.name, secret, concurrency=args.concurrency, window_ms=args.window_ms, extra=stable
+                )
                 calls = bg.rc_worker_stats(worker.address, cluster.internal_token, mv.name) - n0
-                row = {"gateway_cpu_ms": (bg.cpu_s(pid) - g0) * 1000 / calls,
-                       "worker_cpu_ms": (bg.cpu_s(worker.proc.pid) - w0) * 1000 / calls, "calls_per_s": res.infer_per_s}
+                row = {
+                    "gateway_cpu_ms": (bg.cpu_s(pid) - g0) * 1000 / calls,
+                    "worker_cpu_ms": (bg.cpu_s(worker.proc.pid) - w0) * 1000 / calls,
+                    "calls_per_s": res.infer_per_s,
+                }
                 rows[name].append(row)
-                print(f"round {r + 1} {name}: gateway {row['gateway_cpu_ms']:.3f} ms/call, worker "
-                      f"{row['worker_cpu_ms']:.3f} ms/call, {row['calls_per_s']:.0f} calls/s", flush=True)
+                print(
+                    f"round {r + 1} {name}: gateway {row['gateway_cpu_ms']:.3f} ms/call, worker "
+                    f"{row['worker_cpu_ms']:.3f} ms/call, {row['calls_per_s']:.0f} calls/s",
+                    flush=True,
+                )
     finally:
         cluster.stop()
     summary: dict[str, dict[str, float]] = {}
     if args.c1_rounds:
         print(f"\n{'':<3}{'p50 at c=1, ms':>16}{'hop (paired)':>14}   (medians over {args.c1_rounds} rounds)")
         for name in ("A", "B"):
-            hop = statistics.median(g - d for g, d in zip(c1[name], c1["direct"]))
+            hop = statistics.median(g - d for g, d in zip(c1[name], c1["direct"], strict=False))
             summary[f"{name}_c1"] = {"p50_ms": statistics.median(c1[name]), "hop_ms": hop}
             print(f"{name:<3}{statistics.median(c1[name]):>16.3f}{hop:>+14.3f}")
         print(f"{'direct':<7}{statistics.median(c1['direct']):>12.3f}")
@@ -104,15 +117,26 @@ def main() -> None:
     for name, rs in rows.items():
         if not rs:
             continue
-        med = {"gateway_cpu_ms": statistics.median(r["gateway_cpu_ms"] for r in rs),
-               "gateway_over_worker": statistics.median(r["gateway_cpu_ms"] / r["worker_cpu_ms"] for r in rs),
-               "calls_per_s": statistics.median(r["calls_per_s"] for r in rs)}
+        med = {
+            "gateway_cpu_ms": statistics.median(r["gateway_cpu_ms"] for r in rs),
+            "gateway_over_worker": statistics.median(r["gateway_cpu_ms"] / r["worker_cpu_ms"] for r in rs),
+            "calls_per_s": statistics.median(r["calls_per_s"] for r in rs),
+        }
         summary[name] = med
         label = " ".join(f"{k}={v}" for k, v in settings[name].items()) or "(defaults)"
-        print(f"{name:<3}{label[:39]:<40}{med['gateway_cpu_ms']:>16.3f}{med['gateway_over_worker']:>16.2%}"
-              f"{med['calls_per_s']:>9.0f}")
-    out = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": args.model,
-           "concurrency": args.concurrency, "settings": settings, "rounds": rows, "c1_p50_ms": c1, "medians": summary}
+        print(
+            f"{name:<3}{label[:39]:<40}{med['gateway_cpu_ms']:>16.3f}{med['gateway_over_worker']:>16.2%}"
+            f"{med['calls_per_s']:>9.0f}"
+        )
+    out = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": args.model,
+        "concurrency": args.concurrency,
+        "settings": settings,
+        "rounds": rows,
+        "c1_p50_ms": c1,
+        "medians": summary,
+    }
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")

@@ -45,8 +45,8 @@ import numpy as np  # noqa: E402
 
 from fovea.client import RegistryClient  # noqa: E402
 from fovea.cluster import Cluster  # noqa: E402
-from fovea.redis_server import free_port  # noqa: E402
 from fovea.config import channel_options  # noqa: E402
+from fovea.redis_server import free_port  # noqa: E402
 from fovea.v1 import model_pb2  # noqa: E402
 from inference import grpc_predict_v2_pb2 as pb  # noqa: E402
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
@@ -101,13 +101,20 @@ def fix_output_name(req: pb.ModelInferRequest, rc: RegistryClient, model: str) -
         req.inputs[0].name = mv.inputs[0].name
 
 
-def latency(targets: dict[str, tuple[str, tuple[tuple[str, str], ...]]], req: pb.ModelInferRequest,
-            n: int, block: int = 100) -> dict[str, list[float]]:
-    stubs = {name: (pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(addr.split(",")[0],
-                                                                           options=channel_options(1 << 26))), md)
-             for name, (addr, md) in targets.items()}
+def latency(
+    targets: dict[str, tuple[str, tuple[tuple[str, str], ...]]], req: pb.ModelInferRequest, n: int, block: int = 100
+) -> dict[str, list[float]]:
+    stubs = {
+        name: (
+            pb_grpc.GRPCInferenceServiceStub(
+                grpc.insecure_channel(addr.split(",")[0], options=channel_options(1 << 26))
+            ),
+            md,
+        )
+        for name, (addr, md) in targets.items()
+    }
     samples: dict[str, list[float]] = {name: [] for name in targets}
-    for name, (stub, md) in stubs.items():  # warm up channels, caches and the worker
+    for stub, md in stubs.values():  # warm up channels, caches and the worker
         for _ in range(200):
             stub.ModelInfer(req, metadata=md, timeout=30)
     done = 0
@@ -122,8 +129,15 @@ def latency(targets: dict[str, tuple[str, tuple[tuple[str, str], ...]]], req: pb
     return samples
 
 
-def _load_client(address: str, md: tuple[tuple[str, str], ...], req_bytes: bytes, concurrency: int,
-                 duration_s: float, start_at: float, queue: Any) -> None:
+def _load_client(
+    address: str,
+    md: tuple[tuple[str, str], ...],
+    req_bytes: bytes,
+    concurrency: int,
+    duration_s: float,
+    start_at: float,
+    queue: Any,
+) -> None:
     async def run() -> tuple[int, int]:
         req = pb.ModelInferRequest.FromString(req_bytes)
         channel = grpc.aio.insecure_channel(address, options=channel_options(1 << 26))
@@ -150,15 +164,26 @@ def _load_client(address: str, md: tuple[tuple[str, str], ...], req_bytes: bytes
     queue.put(asyncio.run(run()))
 
 
-def throughput(address: str, md: tuple[tuple[str, str], ...], req: pb.ModelInferRequest, concurrency: int,
-               clients: int, duration_s: float) -> tuple[float, int]:
+def throughput(
+    address: str,
+    md: tuple[tuple[str, str], ...],
+    req: pb.ModelInferRequest,
+    concurrency: int,
+    clients: int,
+    duration_s: float,
+) -> tuple[float, int]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     start_at = time.time() + 3.0  # every client connected and warm before the clock starts
     per = max(1, concurrency // clients)
     addresses = address.split(",")  # several gateway replicas: clients spread over them
-    procs = [ctx.Process(target=_load_client, args=(addresses[i % len(addresses)], md, req.SerializeToString(), per,
-                                                    duration_s, start_at, queue)) for i in range(clients)]
+    procs = [
+        ctx.Process(
+            target=_load_client,
+            args=(addresses[i % len(addresses)], md, req.SerializeToString(), per, duration_s, start_at, queue),
+        )
+        for i in range(clients)
+    ]
     for p in procs:
         p.start()
     results = [queue.get(timeout=duration_s + 120) for _ in procs]
@@ -167,9 +192,15 @@ def throughput(address: str, md: tuple[tuple[str, str], ...], req: pb.ModelInfer
     return sum(r[0] for r in results) / duration_s, sum(r[1] for r in results)
 
 
-def perf_analyzer_phase(targets: dict[str, tuple[str, str]], model: str, concurrency: int, trials: int,
-                        window_ms: int, pids: dict[str, int] | None = None,
-                        served: Any = None) -> dict[str, dict[str, list[float]]]:
+def perf_analyzer_phase(
+    targets: dict[str, tuple[str, str]],
+    model: str,
+    concurrency: int,
+    trials: int,
+    window_ms: int,
+    pids: dict[str, int] | None = None,
+    served: Any = None,
+) -> dict[str, dict[str, list[float]]]:
     """Both phases with Triton's perf_analyzer: p50 at concurrency 1 and calls/s at `concurrency`,
     targets alternating within each trial so that drift on a shared machine hits them all."""
     from loadtest import perf_analyzer
@@ -186,8 +217,11 @@ def perf_analyzer_phase(targets: dict[str, tuple[str, str]], model: str, concurr
             # CPU per call of each process under load: unlike rates, it hardly moves with the machine's noise
             cpu0 = {k: cpu_s(pid) for k, pid in (pids or {}).items()}
             n0 = served() if served else 0
-            out[name]["rps"].append(perf_analyzer.run(address, model, token, concurrency=concurrency,
-                                                      window_ms=window_ms, extra=stable).infer_per_s)
+            out[name]["rps"].append(
+                perf_analyzer.run(
+                    address, model, token, concurrency=concurrency, window_ms=window_ms, extra=stable
+                ).infer_per_s
+            )
             calls = (served() - n0) if served else 0
             for k, pid in (pids or {}).items():
                 if calls:
@@ -200,8 +234,11 @@ def report_perf_analyzer(args: argparse.Namespace, model: str, res: dict[str, di
     print(f"\nperf_analyzer, {args.trials} trial(s); medians (all trials)")
     print(f"{'target':<8} {'p50 ms c=1':>11} {'p99 ms c=1':>11} {'calls/s c=' + str(args.concurrency):>14}")
     for name, r in med.items():
-        print(f"{name:<8} {r['p50_ms']:>11.3f} {r['p99_ms']:>11.3f} {r['rps']:>14.0f}   "
-              f"({'/'.join(f'{x:.3f}' for x in res[name]['p50_ms'])} ms; {'/'.join(f'{x:.0f}' for x in res[name]['rps'])})")
+        print(
+            f"{name:<8} {r['p50_ms']:>11.3f} {r['p99_ms']:>11.3f} {r['rps']:>14.0f}   "
+            f"({'/'.join(f'{x:.3f}' for x in res[name]['p50_ms'])} ms; "
+            f"{'/'.join(f'{x:.0f}' for x in res[name]['rps'])})"
+        )
     hop = med["gateway"]["p50_ms"] - med["direct"]["p50_ms"]
     ratio = med["gateway"]["rps"] / med["direct"]["rps"]
     for name, r in med.items():
@@ -210,24 +247,44 @@ def report_perf_analyzer(args: argparse.Namespace, model: str, res: dict[str, di
             print(f"CPU ms per call at c={args.concurrency}, {name}: {cpu}")
     # Each trial measured both targets back to back: their differences show how far the verdict below
     # moves with the machine's state.
-    hops = [g - d for g, d in zip(res["gateway"]["p50_ms"], res["direct"]["p50_ms"])]
-    ratios = [g / d for g, d in zip(res["gateway"]["rps"], res["direct"]["rps"])]
-    print(f"per trial: hop {', '.join(f'{h:+.3f}' for h in hops)} ms (median {statistics.median(hops):+.3f}); "
-          f"throughput {', '.join(f'{r:.1%}' for r in ratios)} (median {statistics.median(ratios):.1%})")
+    hops = [g - d for g, d in zip(res["gateway"]["p50_ms"], res["direct"]["p50_ms"], strict=False)]
+    ratios = [g / d for g, d in zip(res["gateway"]["rps"], res["direct"]["rps"], strict=False)]
+    print(
+        f"per trial: hop {', '.join(f'{h:+.3f}' for h in hops)} ms (median {statistics.median(hops):+.3f}); "
+        f"throughput {', '.join(f'{r:.1%}' for r in ratios)} (median {statistics.median(ratios):.1%})"
+    )
     print(f"gateway hop at p50, concurrency 1: {hop:+.3f} ms (target <= 0.5 ms) {'PASS' if hop <= 0.5 else 'FAIL'}")
     if "floor" in med:
         print(f"floor (bare Python proxy) hop: {med['floor']['p50_ms'] - med['direct']['p50_ms']:+.3f} ms")
-    print(f"throughput through the gateway at concurrency {args.concurrency}: {ratio:.1%} of direct "
-          f"(target >= 95%) {'PASS' if ratio >= 0.95 else 'FAIL'}")
-    out = {"client": "perf_analyzer", "model": model, "gateway_port": args.gateway_port, "cpus": os.cpu_count(), "pinning": args.cpus, "client_pinning": args.client_cpus, "concurrency": args.concurrency,
-           "trials": args.trials, "window_ms": args.window_ms, "results": res, "medians": med, "hop_p50_ms": hop,
-           "throughput_ratio": ratio, "hop_per_trial_ms": hops, "throughput_ratio_per_trial": ratios, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print(
+        f"throughput through the gateway at concurrency {args.concurrency}: {ratio:.1%} of direct "
+        f"(target >= 95%) {'PASS' if ratio >= 0.95 else 'FAIL'}"
+    )
+    out = {
+        "client": "perf_analyzer",
+        "model": model,
+        "gateway_port": args.gateway_port,
+        "cpus": os.cpu_count(),
+        "pinning": args.cpus,
+        "client_pinning": args.client_cpus,
+        "concurrency": args.concurrency,
+        "trials": args.trials,
+        "window_ms": args.window_ms,
+        "results": res,
+        "medians": med,
+        "hop_p50_ms": hop,
+        "throughput_ratio": ratio,
+        "hop_per_trial_ms": hops,
+        "throughput_ratio_per_trial": ratios,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.json}")
 
 
-def start_stack(cluster: Cluster, artifact: bytes, meta: model_pb2.ModelVersion,
-                worker_env: dict[str, str]) -> tuple[Any, RegistryClient, Any, str, Any]:
+def start_stack(
+    cluster: Cluster, artifact: bytes, meta: model_pb2.ModelVersion, worker_env: dict[str, str]
+) -> tuple[Any, RegistryClient, Any, str, Any]:
     """A registry with the model in production and an "infer" key, and one worker that has it ready:
     (registry, its client, the model version, the key's secret, the worker)."""
     reg = cluster.start_registry()
@@ -245,7 +302,8 @@ def rc_worker_stats(address: str, token: str, model: str) -> int:
     """Calls the worker has answered for the model (both its ports)."""
     with grpc.insecure_channel(address) as ch:
         st = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
-            pb.ModelStatisticsRequest(name=model), metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+            pb.ModelStatisticsRequest(name=model), metadata=(("authorization", f"Bearer {token}"),), timeout=10
+        )
     return sum(s.inference_stats.success.count for s in st.model_stats)
 
 
@@ -274,7 +332,9 @@ def pin(proc: subprocess.Popen[bytes], cpus: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="ident", help="ident, sink (with --client perf_analyzer), colors or efficientnet-lite0")
+    ap.add_argument(
+        "--model", default="ident", help="ident, sink (with --client perf_analyzer), colors or efficientnet-lite0"
+    )
     ap.add_argument("--requests", type=int, default=2000, help="calls per target in the latency phase")
     ap.add_argument("--concurrency", type=int, default=32, help="calls in flight in the throughput phase")
     ap.add_argument("--clients", type=int, default=2, help="client processes in the throughput phase")
@@ -285,14 +345,26 @@ def main() -> None:
     ap.add_argument("--client-cpus", default="", help="with --cpus: the load clients' CPUs (default: those left)")
     ap.add_argument("--gateway-env", action="append", default=[], help="extra FOVEA_GATEWAY_X=Y settings")
     ap.add_argument("--worker-env", action="append", default=[], help="extra FOVEA_WORKER_X=Y settings")
-    ap.add_argument("--gateways", type=int, default=1,
-                    help="gateway replicas (processes) the throughput phase spreads its clients over")
+    ap.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="gateway replicas (processes) the throughput phase spreads its clients over",
+    )
     ap.add_argument("--no-floor", action="store_true", help="skip the bare proxy (bare_proxy.py) target")
-    ap.add_argument("--client", choices=["python", "perf_analyzer"], default="python",
-                    help="python: this script's gRPC clients; perf_analyzer: Triton's C++ tool for both phases")
+    ap.add_argument(
+        "--client",
+        choices=["python", "perf_analyzer"],
+        default="python",
+        help="python: this script's gRPC clients; perf_analyzer: Triton's C++ tool for both phases",
+    )
     ap.add_argument("--window-ms", type=int, default=3000, help="perf_analyzer measurement window")
-    ap.add_argument("--gateway-port", choices=["fast", "main"], default="fast",
-                    help="the gateway's native fast port (default) or its Python main port")
+    ap.add_argument(
+        "--gateway-port",
+        choices=["fast", "main"],
+        default="fast",
+        help="the gateway's native fast port (default) or its Python main port",
+    )
     ap.add_argument("--json", default=str(ROOT / "bench" / "gateway" / "results.json"))
     args = ap.parse_args()
     if args.model == "sink" and args.client != "perf_analyzer":
@@ -312,17 +384,24 @@ def main() -> None:
         upstream = fast if (args.model == "ident" or args.client == "perf_analyzer") and fast else worker.address
         extra = dict(kv.split("=", 1) for kv in args.gateway_env)
         fast_ports = [free_port() for _ in range(args.gateways)]
-        replicas = [cluster.start_gateway(reg.address, name=f"gateway{i}" if i else "gateway",
-                                          FOVEA_GATEWAY_FAST_PORT=str(fast_ports[i]), **extra)
-                    for i in range(args.gateways)]
+        replicas = [
+            cluster.start_gateway(
+                reg.address, name=f"gateway{i}" if i else "gateway", FOVEA_GATEWAY_FAST_PORT=str(fast_ports[i]), **extra
+            )
+            for i in range(args.gateways)
+        ]
         gateway = replicas[0]
-        # "gateway" is the port clients are told to use: the native fast port (gateway/native) unless --gateway-port main
-        addresses = [f"127.0.0.1:{p}" for p in fast_ports] if args.gateway_port == "fast" else \
-            [g.address for g in replicas]
+        # "gateway" is the port clients are told to use: the native fast port (gateway/native)
+        # unless --gateway-port main
+        addresses = (
+            [f"127.0.0.1:{p}" for p in fast_ports] if args.gateway_port == "fast" else [g.address for g in replicas]
+        )
         if not args.no_floor:
-            bare = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).with_name("bare_proxy.py")),
-                                     upstream, str(free_port())], stdout=subprocess.PIPE,
-                                    env={**os.environ, "FOVEA_INTERNAL_TOKEN": cluster.internal_token})
+            bare = subprocess.Popen(
+                [sys.executable, str(pathlib.Path(__file__).with_name("bare_proxy.py")), upstream, str(free_port())],
+                stdout=subprocess.PIPE,
+                env={**os.environ, "FOVEA_INTERNAL_TOKEN": cluster.internal_token},
+            )
             assert bare.stdout is not None
             bare_address = bare.stdout.readline().decode().split(": ", 1)[1].strip()
         if args.cpus:
@@ -331,8 +410,11 @@ def main() -> None:
             for g in replicas:
                 pin(g.proc, gateway_cpus)
             used = {int(c) for c in f"{worker_cpus},{gateway_cpus}".split(",")}
-            rest = {int(c) for c in args.client_cpus.split(",")} if args.client_cpus else \
-                set(os.sched_getaffinity(0)) - used
+            rest = (
+                {int(c) for c in args.client_cpus.split(",")}
+                if args.client_cpus
+                else set(os.sched_getaffinity(0)) - used
+            )
             if rest:
                 try:
                     os.sched_setaffinity(0, rest)  # this process and the load clients it spawns
@@ -346,11 +428,19 @@ def main() -> None:
             pa_targets = {"direct": (upstream, cluster.internal_token), "gateway": (addresses[0], secret)}
             if bare is not None:
                 pa_targets["floor"] = (bare_address, "unused")
+
             def served() -> int:
                 return rc_worker_stats(worker.address, cluster.internal_token, mv.name)
 
-            results = perf_analyzer_phase(pa_targets, mv.name, args.concurrency, args.trials, args.window_ms,
-                                          {"worker": worker.proc.pid, "gateway": gateway.proc.pid}, served)
+            results = perf_analyzer_phase(
+                pa_targets,
+                mv.name,
+                args.concurrency,
+                args.trials,
+                args.window_ms,
+                {"worker": worker.proc.pid, "gateway": gateway.proc.pid},
+                served,
+            )
             report_perf_analyzer(args, mv.name, results)
             return
         req = make_request(mv.name, payload)
@@ -361,8 +451,11 @@ def main() -> None:
         }
         if bare is not None:
             targets["floor"] = (bare_address, ())
-        print(f"model {mv.name}; worker {upstream}, gateway {addresses[0]} ({args.gateway_port} port); {os.cpu_count()} CPUs",
-              flush=True)
+        print(
+            f"model {mv.name}; worker {upstream}, gateway {addresses[0]} ({args.gateway_port} port); "
+            f"{os.cpu_count()} CPUs",
+            flush=True,
+        )
         pids = {"worker": worker.proc.pid, "gateway": gateway.proc.pid}
         if bare is not None:
             pids["floor"] = bare.pid
@@ -372,8 +465,10 @@ def main() -> None:
         # serves both targets' calls, the gateway only its own. CPU time per call does not
         # depend on how busy the machine is, unlike wall-clock latency on a shared machine.
         calls = 200 + args.requests
-        cpu_ms = {k: (cpu_s(v) - cpu_before[k]) * 1000 / (calls * (len(targets) if k == "worker" else 1))
-                  for k, v in pids.items()}
+        cpu_ms = {
+            k: (cpu_s(v) - cpu_before[k]) * 1000 / (calls * (len(targets) if k == "worker" else 1))
+            for k, v in pids.items()
+        }
         rates: dict[str, list[float]] = {name: [] for name in targets}
         failed = 0
         for _ in range(args.trials):
@@ -392,9 +487,16 @@ def main() -> None:
     rows = []
     for name in targets:
         rates.setdefault(name, [])
-        rows.append({"target": name, "p50_ms": pct(lat[name], 50), "p90_ms": pct(lat[name], 90),
-                     "p99_ms": pct(lat[name], 99), "rps": statistics.median(rates[name]) if rates[name] else 0.0,
-                     "rps_trials": rates[name]})
+        rows.append(
+            {
+                "target": name,
+                "p50_ms": pct(lat[name], 50),
+                "p90_ms": pct(lat[name], 90),
+                "p99_ms": pct(lat[name], 99),
+                "rps": statistics.median(rates[name]) if rates[name] else 0.0,
+                "rps_trials": rates[name],
+            }
+        )
     hop_ms = rows[1]["p50_ms"] - rows[0]["p50_ms"]
     ratio = rows[1]["rps"] / rows[0]["rps"] if rows[0]["rps"] else 0.0
     print(f"\n{'target':<8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'calls/s (median of trials)':>28}")
@@ -405,16 +507,37 @@ def main() -> None:
     print("\nCPU per call in the latency phase: " + ", ".join(f"{k} {v:.3f} ms" for k, v in cpu_ms.items()))
     if "floor" in lat:
         floor_hop = rows[2]["p50_ms"] - rows[0]["p50_ms"]
-        print(f"floor (a bare Python grpc.aio bytes proxy) adds {floor_hop:+.3f} ms at p50; "
-              f"the gateway adds {hop_ms - floor_hop:+.3f} ms on top of it")
-    print(f"gateway hop at p50, concurrency 1: {hop_ms:+.3f} ms (target <= 0.5 ms) "
-          f"{'PASS' if hop_ms <= 0.5 else 'FAIL'}")
-    print(f"throughput through {args.gateways} gateway process(es) at concurrency {args.concurrency}: {ratio * 100:.1f}% of direct "
-          f"(target >= 95%) {'PASS' if ratio >= 0.95 else 'FAIL'}; failed calls: {failed}")
-    out = {"model": mv.name, "gateway_port": args.gateway_port, "cpus": os.cpu_count(), "gateways": args.gateways, "pinning": args.cpus, "client_pinning": args.client_cpus, "requests": args.requests, "concurrency": args.concurrency,
-           "clients": args.clients, "duration_s": args.duration_s, "trials": args.trials, "rows": rows,
-           "hop_p50_ms": hop_ms, "cpu_ms_per_call": cpu_ms, "throughput_ratio": ratio, "failed": failed,
-           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        print(
+            f"floor (a bare Python grpc.aio bytes proxy) adds {floor_hop:+.3f} ms at p50; "
+            f"the gateway adds {hop_ms - floor_hop:+.3f} ms on top of it"
+        )
+    print(
+        f"gateway hop at p50, concurrency 1: {hop_ms:+.3f} ms (target <= 0.5 ms) {'PASS' if hop_ms <= 0.5 else 'FAIL'}"
+    )
+    print(
+        f"throughput through {args.gateways} gateway process(es) at concurrency {args.concurrency}: "
+        f"{ratio * 100:.1f}% of direct "
+        f"(target >= 95%) {'PASS' if ratio >= 0.95 else 'FAIL'}; failed calls: {failed}"
+    )
+    out = {
+        "model": mv.name,
+        "gateway_port": args.gateway_port,
+        "cpus": os.cpu_count(),
+        "gateways": args.gateways,
+        "pinning": args.cpus,
+        "client_pinning": args.client_cpus,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "clients": args.clients,
+        "duration_s": args.duration_s,
+        "trials": args.trials,
+        "rows": rows,
+        "hop_p50_ms": hop_ms,
+        "cpu_ms_per_call": cpu_ms,
+        "throughput_ratio": ratio,
+        "failed": failed,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.json}")
 

@@ -42,10 +42,11 @@ from loadtest import perf_analyzer as pa  # noqa: E402
 STEPS = ("send", "forward", "back", "answer")
 
 
-def steps(evs: list[tuple[float, str, int, int | None, str | None]], gateway: set[int],
-          worker: set[int]) -> dict[str, list[float]]:
+def steps(
+    evs: list[tuple[float, str, int, int | None, str | None]], gateway: set[int], worker: set[int]
+) -> dict[str, list[float]]:
     """Milliseconds between consecutive steps, per call."""
-    gaps: dict[str, list[float]] = {f"{a}->{b}": [] for a, b in zip(STEPS, STEPS[1:])}
+    gaps: dict[str, list[float]] = {f"{a}->{b}": [] for a, b in zip(STEPS, STEPS[1:], strict=False)}
     cur: dict[str, float] = {}
     for t, comm, tid, target, tcomm in evs:
         if comm.startswith("perf_analyzer") and target in gateway and "send" not in cur:
@@ -56,7 +57,7 @@ def steps(evs: list[tuple[float, str, int, int | None, str | None]], gateway: se
             cur["back"] = t  # the last one before the answer wins
         elif "back" in cur and tid in gateway and tcomm is not None and tcomm.startswith("perf_analyzer"):
             cur["answer"] = t
-            for a, b in zip(STEPS, STEPS[1:]):
+            for a, b in zip(STEPS, STEPS[1:], strict=False):
                 gaps[f"{a}->{b}"].append((cur[b] - cur[a]) * 1e3)
             cur = {}
     return gaps
@@ -77,18 +78,38 @@ def main() -> None:
     artifact, meta, _ = bg.build_model("efficientnet-lite0", data_dir)
     cluster = Cluster(data_dir / "cluster")
     try:
-        reg, _, mv, secret, worker = bg.start_stack(cluster, artifact, meta,
-                                                    dict(kv.split("=", 1) for kv in args.worker_env))
+        reg, _, mv, secret, worker = bg.start_stack(
+            cluster, artifact, meta, dict(kv.split("=", 1) for kv in args.worker_env)
+        )
         port = free_port()
-        gateway = cluster.start_gateway(reg.address, FOVEA_GATEWAY_FAST_PORT=str(port),
-                                        **dict(kv.split("=", 1) for kv in args.gateway_env))
+        gateway = cluster.start_gateway(
+            reg.address, FOVEA_GATEWAY_FAST_PORT=str(port), **dict(kv.split("=", 1) for kv in args.gateway_env)
+        )
         address = f"127.0.0.1:{port}"
         stable = ("--stability-percentage", "100")
         pa.run(address, mv.name, secret, 1, 1000, extra=stable)  # warm: routes, key cache, connections
-        load = subprocess.Popen([pa.binary(), "-i", "grpc", "-u", address, "-m", mv.name,
-                                 "-H", f"authorization:Bearer {secret}", "--concurrency-range", "1",
-                                 "--measurement-interval", str(int((args.seconds + 4) * 1000)), *stable],
-                                env=pa.library_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        load = subprocess.Popen(
+            [
+                pa.binary(),
+                "-i",
+                "grpc",
+                "-u",
+                address,
+                "-m",
+                mv.name,
+                "-H",
+                f"authorization:Bearer {secret}",
+                "--concurrency-range",
+                "1",
+                "--measurement-interval",
+                str(int((args.seconds + 4) * 1000)),
+                *stable,
+            ],
+            env=pa.library_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         time.sleep(1.5)
         data = data_dir / "sched.data"
         rec = record(args.seconds, data)
@@ -100,8 +121,14 @@ def main() -> None:
     n, result = summarize(steps(events(trace), gateway_tids, worker_tids), "calls", args.seconds)
     gw = result["send->forward"]["median_ms"] + result["back->answer"]["median_ms"]
     print(f"  {'gateway part':<16} {gw:7.3f}   (send->forward + back->answer)")
-    out = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": args.seconds,
-           "gateway_env": args.gateway_env, "worker_env": args.worker_env, "calls": n, "steps": result}
+    out = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": args.seconds,
+        "gateway_env": args.gateway_env,
+        "worker_env": args.worker_env,
+        "calls": n,
+        "steps": result,
+    }
     save(args.out, out)
 
 

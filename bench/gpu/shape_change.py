@@ -55,8 +55,12 @@ def timed(session: ort.InferenceSession, sizes: list[int], pad_to: Any = None) -
         else:
             session.run(None, {name: x(pad_to or n)})
         times.append(time.perf_counter() - t)
-    return {"mean_ms": round(1e3 * statistics.mean(times), 2), "p50_ms": round(1e3 * statistics.median(times), 2),
-            "max_ms": round(1e3 * max(times), 2), "runs": len(times)}
+    return {
+        "mean_ms": round(1e3 * statistics.mean(times), 2),
+        "p50_ms": round(1e3 * statistics.median(times), 2),
+        "max_ms": round(1e3 * max(times), 2),
+        "runs": len(times),
+    }
 
 
 def main() -> None:
@@ -75,9 +79,13 @@ def main() -> None:
         for n in range(12, 21):
             s.run(None, {s.get_inputs()[0].name: x(n)})
         warm = time.perf_counter() - t0
-        results[search] = {"providers": s.get_providers()[:1], "load_and_warm_s": round(warm, 1),
-                           "same": timed(s, [16] * args.runs), "two": timed(s, [16, 17] * (args.runs // 2)),
-                           "varying": timed(s, varying)}
+        results[search] = {
+            "providers": s.get_providers()[:1],
+            "load_and_warm_s": round(warm, 1),
+            "same": timed(s, [16] * args.runs),
+            "two": timed(s, [16, 17] * (args.runs // 2)),
+            "varying": timed(s, varying),
+        }
         if search == "EXHAUSTIVE":
             s.run(None, {s.get_inputs()[0].name: x(32)})
             results["pad_to_32"] = timed(s, varying, pad_to=32)

@@ -58,15 +58,23 @@ class Client:
         return int((await self.stub.RegisterModel(parts(), metadata=self.md, timeout=60)).model.version)
 
     async def promote(self, name: str, version: int) -> None:
-        await self.stub.SetAlias(registry_pb2.SetAliasRequest(
-            model=name, alias="production", targets=[model_pb2.AliasTarget(version=version, weight=100)]),
-            metadata=self.md, timeout=10)
+        await self.stub.SetAlias(
+            registry_pb2.SetAliasRequest(
+                model=name, alias="production", targets=[model_pb2.AliasTarget(version=version, weight=100)]
+            ),
+            metadata=self.md,
+            timeout=10,
+        )
 
 
 def summary(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
-    return {"n": len(values), "p50": statistics.median(ordered),
-            "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "max": ordered[-1]}
+    return {
+        "n": len(values),
+        "p50": statistics.median(ordered),
+        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "max": ordered[-1],
+    }
 
 
 async def bench_register(start: Any, token: str, n: int) -> dict[str, Any]:
@@ -150,8 +158,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         servers: list[RegistryServer] = []
 
         async def start(**overrides: Any) -> RegistryServer:
-            config = RegistryConfig(port=0, redis_url=redis.url, artifact_dir=pathlib.Path(tmp) / "artifacts",
-                                    internal_token=token, log_level="WARNING", **overrides)
+            config = RegistryConfig(
+                port=0,
+                redis_url=redis.url,
+                artifact_dir=pathlib.Path(tmp) / "artifacts",
+                internal_token=token,
+                log_level="WARNING",
+                **overrides,
+            )
             servers.append(await build_server(config))
             return servers[-1]
 
@@ -187,6 +201,17 @@ if __name__ == "__main__":
     print_table(results)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": {"python": platform.python_version(), "platform": platform.platform(),
-                                           "processor": platform.processor()}, "results": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "python": platform.python_version(),
+                    "platform": platform.platform(),
+                    "processor": platform.processor(),
+                },
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")

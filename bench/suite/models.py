@@ -36,9 +36,11 @@ def identity(models_dir: pathlib.Path, width: int = 4) -> BenchModel:
     path = models_dir / "identity.onnx"
     if not path.exists():
         graph = helper.make_graph(
-            [helper.make_node("Identity", ["input"], ["output"])], "identity",
+            [helper.make_node("Identity", ["input"], ["output"])],
+            "identity",
             [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", width])],
-            [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", width])])
+            [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", width])],
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
         onnx.checker.check_model(model)
@@ -56,11 +58,24 @@ def cifar_cnn(models_dir: pathlib.Path) -> BenchModel:
 
         torch.manual_seed(0)
         model = build_model("cnn", in_channels=3, num_classes=10, image_size=32)
-        pre = {"resize_short": 32, "crop_height": 32, "crop_width": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
-               "color_mode": "RGB"}
+        pre = {
+            "resize_short": 32,
+            "crop_height": 32,
+            "crop_width": 32,
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "color_mode": "RGB",
+        }
         # The TorchScript exporter: 0.1-0.6 s instead of dynamo's 2-8 s, which matters for --smoke.
-        export_onnx(model, torch.zeros(1, 3, 32, 32), path, labels=CIFAR10_LABELS, preprocessing=pre,
-                    model_card="Benchmark model: random weights, for speed only.", dynamo=False)
+        export_onnx(
+            model,
+            torch.zeros(1, 3, 32, 32),
+            path,
+            labels=CIFAR10_LABELS,
+            preprocessing=pre,
+            model_card="Benchmark model: random weights, for speed only.",
+            dynamo=False,
+        )
     return BenchModel("cifar-cnn", path, 32, [3, 32, 32])
 
 

@@ -57,9 +57,17 @@ def ort_ceiling(model: BenchModel, concurrency: int, duration_s: float, warmup_s
         times.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - start
     lat = stats.latency_ms(np.array(times))
-    return {"model": model.name, "hop": "onnxruntime", "concurrency": concurrency, "requests": len(times),
-            "ok": len(times), "errors": {}, "throughput_rps": len(times) * concurrency / elapsed,
-            "latency_ms": lat, "note": f"batch of {concurrency} per run"}
+    return {
+        "model": model.name,
+        "hop": "onnxruntime",
+        "concurrency": concurrency,
+        "requests": len(times),
+        "ok": len(times),
+        "errors": {},
+        "throughput_rps": len(times) * concurrency / elapsed,
+        "latency_ms": lat,
+        "note": f"batch of {concurrency} per run",
+    }
 
 
 def hop_target(model: BenchModel, hop: str, address: str, token: str) -> tuple[Target, list[bytes]]:
@@ -71,11 +79,25 @@ def hop_target(model: BenchModel, hop: str, address: str, token: str) -> tuple[T
             target = Target(kind="classify", address=address, model=model.name, token=token, top_k=5)
         else:
             input_name, output_name = _io_names(model)
-            target = Target(kind="worker", address=address, model=model.name, token=token, input_name=input_name,
-                            output_name=output_name, classification=5)
+            target = Target(
+                kind="worker",
+                address=address,
+                model=model.name,
+                token=token,
+                input_name=input_name,
+                output_name=output_name,
+                classification=5,
+            )
         return target, build_requests(target, images)
-    target = Target(kind="gateway" if hop == "gateway" else "worker", address=address, model=model.name,
-                    token=token, payload="tensor", input_name="input", input_shape=[1, *model.tensor_shape])
+    target = Target(
+        kind="gateway" if hop == "gateway" else "worker",
+        address=address,
+        model=model.name,
+        token=token,
+        payload="tensor",
+        input_name="input",
+        input_shape=[1, *model.tensor_shape],
+    )
     return target, build_requests(target, [])
 
 
@@ -101,13 +123,15 @@ def wait_until_served(targets: list[tuple[Target, list[bytes]]], timeout_s: floa
                     break
                 except grpc.RpcError as exc:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"{target.kind} never served {target.model}: {exc.code().name} "
-                                           f"{exc.details()}") from None
+                        raise RuntimeError(
+                            f"{target.kind} never served {target.model}: {exc.code().name} {exc.details()}"
+                        ) from None
                     time.sleep(0.2)
 
 
-def run_cluster(models: list[BenchModel], concurrency: list[int], spec: dict[str, Any],
-                work_dir: pathlib.Path) -> list[dict[str, Any]]:
+def run_cluster(
+    models: list[BenchModel], concurrency: list[int], spec: dict[str, Any], work_dir: pathlib.Path
+) -> list[dict[str, Any]]:
     """Start Valkey, registry, one worker and a gateway as processes; load each hop in turn."""
     from fovea.client import RegistryClient
     from fovea.cluster import Cluster
@@ -142,15 +166,18 @@ def run_cluster(models: list[BenchModel], concurrency: list[int], spec: dict[str
 def markdown(rows: list[dict[str, Any]], concurrency: list[int], doc: dict[str, Any]) -> str:
     m = doc["machine"]
     lines = [
-        "# Fovea benchmark results", "",
+        "# Fovea benchmark results",
+        "",
         f"Measured {doc['finished_at']} on {m['cpu']} ({m['cores']} cores), {m['platform']}, Python {m['python']}, "
         f"onnxruntime {m.get('onnxruntime', '?')}, grpcio {m['grpcio']}; 1-minute load average at the start "
-        f"{doc['load_avg_at_start']:.2f}. Command: `{doc['command']}`.", "",
+        f"{doc['load_avg_at_start']:.2f}. Command: `{doc['command']}`.",
+        "",
         "Throughput in requests/s (one image or one tensor row per request), then p50 / p99 latency in ms. "
         "`onnxruntime` is the in-process ceiling: one batch of *concurrency* samples per `run()`, no decoding, "
         "no RPC. `worker` is ModelInfer straight to the worker (JPEG decode + preprocessing + batching + ONNX "
         "Runtime); `gateway` adds the public hop (API key, routing, forwarding): Classify for image models, "
-        "ModelInfer for `identity`. Client and cluster share the same cores.", "",
+        "ModelInfer for `identity`. Client and cluster share the same cores.",
+        "",
         "| model | hop | " + " | ".join(f"c={c}" for c in concurrency) + " |",
         "|---|---|" + "---|" * len(concurrency),
     ]
@@ -173,8 +200,13 @@ def markdown(rows: list[dict[str, Any]], concurrency: list[int], doc: dict[str, 
             lines.append(f"| {model} | {hop} | " + " | ".join(cells) + " |")
     overhead = _hop_overhead(index)
     if overhead:
-        lines += ["", "Serving overhead of the zero-compute `identity` model at concurrency 1 (p50):", "",
-                  "| hop | p50 ms | added by this hop |", "|---|---|---|"]
+        lines += [
+            "",
+            "Serving overhead of the zero-compute `identity` model at concurrency 1 (p50):",
+            "",
+            "| hop | p50 ms | added by this hop |",
+            "|---|---|---|",
+        ]
         previous = None
         for hop, p50 in overhead:
             lines.append(f"| {hop} | {p50:.3f} | {'-' if previous is None else f'{p50 - previous:+.3f}'} |")
@@ -196,8 +228,9 @@ def write_plots(rows: list[dict[str, Any]], out: pathlib.Path) -> list[str]:
         for r in rows:
             if r["model"] == model and r["ok"]:
                 series.setdefault(r["hop"], []).append((r["concurrency"], r["throughput_rps"], r["latency_ms"]["p99"]))
-        path = plots.throughput_sweep(series, out / f"throughput_{model}.png", "concurrency",
-                                      f"{model}: throughput and p99 by hop")
+        path = plots.throughput_sweep(
+            series, out / f"throughput_{model}.png", "concurrency", f"{model}: throughput and p99 by hop"
+        )
         names.append(path.name)
     return names
 
@@ -242,9 +275,12 @@ def main(args: argparse.Namespace) -> int:
 
     doc: dict[str, Any] = {
         "command": "python bench/suite/run.py " + " ".join(sys.argv[1:]),
-        "machine": report.machine(), "load_avg_at_start": load_at_start,
-        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "seconds": round(time.monotonic() - started, 1),
-        "settings": {"models": names, "concurrency": concurrency, **spec}, "skipped": skipped,
+        "machine": report.machine(),
+        "load_avg_at_start": load_at_start,
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "seconds": round(time.monotonic() - started, 1),
+        "settings": {"models": names, "concurrency": concurrency, **spec},
+        "skipped": skipped,
         "results": rows,
     }
     doc["plots"] = write_plots(rows, out)

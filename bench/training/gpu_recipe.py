@@ -18,13 +18,42 @@ import time
 import torch
 
 from training.cli import configure_logging
-from training.train import main as train, parse_args
+from training.train import main as train
+from training.train import parse_args
 
 RUNS = [
-    ("resnet18-mnist-bf16", ["--model", "resnet18", "--dataset", "mnist", "--epochs", "3", "--batch-size", "512",
-                             "--opt", "sgd", "--lr", "0.2"]),
-    ("vit-mnist-bf16", ["--model", "vit:dim=192,depth=6,heads=6,patch=4", "--dataset", "mnist", "--epochs", "8",
-                        "--batch-size", "512", "--lr", "2e-3"]),
+    (
+        "resnet18-mnist-bf16",
+        [
+            "--model",
+            "resnet18",
+            "--dataset",
+            "mnist",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "512",
+            "--opt",
+            "sgd",
+            "--lr",
+            "0.2",
+        ],
+    ),
+    (
+        "vit-mnist-bf16",
+        [
+            "--model",
+            "vit:dim=192,depth=6,heads=6,patch=4",
+            "--dataset",
+            "mnist",
+            "--epochs",
+            "8",
+            "--batch-size",
+            "512",
+            "--lr",
+            "2e-3",
+        ],
+    ),
 ]
 
 
@@ -48,11 +77,20 @@ def main(argv: list[str] | None = None) -> int:
         result = train(parse_args(argv_run))
         wall = time.perf_counter() - started
         metrics = [json.loads(line) for line in (out.parent / key / "metrics.jsonl").read_text().splitlines()]
-        rows.append({"run": key, "wall_s": round(wall, 1), "test_top1": result["test_top1"],
-                     "images_per_s_last_epoch": round(metrics[-1]["images_per_s"]),
-                     "images_per_s_by_epoch": [round(m["images_per_s"]) for m in metrics]})
-        print(f"{key}: {rows[-1]['images_per_s_last_epoch']} img/s (last epoch), test top-1 "
-              f"{100 * result['test_top1']:.2f}%, {wall:.0f} s", flush=True)
+        rows.append(
+            {
+                "run": key,
+                "wall_s": round(wall, 1),
+                "test_top1": result["test_top1"],
+                "images_per_s_last_epoch": round(metrics[-1]["images_per_s"]),
+                "images_per_s_by_epoch": [round(m["images_per_s"]) for m in metrics],
+            }
+        )
+        print(
+            f"{key}: {rows[-1]['images_per_s_last_epoch']} img/s (last epoch), test top-1 "
+            f"{100 * result['test_top1']:.2f}%, {wall:.0f} s",
+            flush=True,
+        )
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "amp": args.amp, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -56,13 +56,14 @@ def events(trace: str) -> list[tuple[float, str, int, int | None, str | None]]:
     return out
 
 
-def steps(evs: list[tuple[float, str, int, int | None, str | None]], worker_tids: set[int],
-          python_tids: set[int]) -> dict[str, list[float]]:
+def steps(
+    evs: list[tuple[float, str, int, int | None, str | None]], worker_tids: set[int], python_tids: set[int]
+) -> dict[str, list[float]]:
     """Milliseconds between consecutive steps, per request."""
     # ONNX Runtime's pool thread: the Python thread that other Python threads wake most.
     woken = collections.Counter(t for _, comm, tid, t, _ in evs if tid in python_tids and t in python_tids)
     pool = woken.most_common(1)[0][0] if woken else -1
-    gaps: dict[str, list[float]] = {f"{a}->{b}": [] for a, b in zip(STEPS, STEPS[1:])}
+    gaps: dict[str, list[float]] = {f"{a}->{b}": [] for a, b in zip(STEPS, STEPS[1:], strict=False)}
     cur: dict[str, float] = {}
     for t, comm, tid, target, tcomm in evs:
         if comm.startswith("perf_analyzer") and target in worker_tids and "send" not in cur:
@@ -75,7 +76,7 @@ def steps(evs: list[tuple[float, str, int, int | None, str | None]], worker_tids
             cur["done"] = t  # the last switch-out before the answer wins
         elif "done" in cur and tid in worker_tids and tcomm is not None and tcomm.startswith("perf_analyzer"):
             cur["answer"] = t
-            for a, b in zip(STEPS, STEPS[1:]):
+            for a, b in zip(STEPS, STEPS[1:], strict=False):
                 gaps[f"{a}->{b}"].append((cur[b] - cur[a]) * 1e3)
             cur = {}
     return gaps
@@ -83,8 +84,9 @@ def steps(evs: list[tuple[float, str, int, int | None, str | None]], worker_tids
 
 def record(seconds: float, data: pathlib.Path) -> subprocess.CompletedProcess[str]:
     """`perf sched record` of the whole machine for `seconds`, into data."""
-    return subprocess.run(["perf", "sched", "record", "-o", str(data), "--", "sleep", str(seconds)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        ["perf", "sched", "record", "-o", str(data), "--", "sleep", str(seconds)], capture_output=True, text=True
+    )
 
 
 def timehist(rec: subprocess.CompletedProcess[str], data: pathlib.Path) -> str:
@@ -131,19 +133,42 @@ def main() -> None:
     args = ap.parse_args()
     path = bw.efficientnet_file()
     settings = {"efficientnet": {"instances": 2, "intra_op_threads": 1, "alone_threads": args.threads}}
-    extra = {"FAST": "1", "FOVEA_WORKER_MODEL_SETTINGS": json.dumps(settings),
-             **dict(kv.split("=", 1) for kv in args.worker_env)}
+    extra = {
+        "FAST": "1",
+        "FOVEA_WORKER_MODEL_SETTINGS": json.dumps(settings),
+        **dict(kv.split("=", 1) for kv in args.worker_env),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(pathlib.Path(tmp))
         try:
             address, pid = bw.start_stack(cluster, "efficientnet", path, args.threads, 8, extra)
-            pa.run(address, "efficientnet", cluster.internal_token, 1, 1000, extra=("--stability-percentage", "100"))  # warm
+            pa.run(
+                address, "efficientnet", cluster.internal_token, 1, 1000, extra=("--stability-percentage", "100")
+            )  # warm
             window_ms = int((args.seconds + 4) * 1000)
-            load = subprocess.Popen([pa.binary(), "-i", "grpc", "-u", address, "-m", "efficientnet",
-                                     "-H", f"authorization:Bearer {cluster.internal_token}",
-                                     "--concurrency-range", "1", "--measurement-interval", str(window_ms),
-                                     "--stability-percentage", "100"],
-                                    env=pa.library_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            load = subprocess.Popen(
+                [
+                    pa.binary(),
+                    "-i",
+                    "grpc",
+                    "-u",
+                    address,
+                    "-m",
+                    "efficientnet",
+                    "-H",
+                    f"authorization:Bearer {cluster.internal_token}",
+                    "--concurrency-range",
+                    "1",
+                    "--measurement-interval",
+                    str(window_ms),
+                    "--stability-percentage",
+                    "100",
+                ],
+                env=pa.library_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             time.sleep(1.5)
             data = pathlib.Path(tmp) / "sched.data"
             rec = record(args.seconds, data)
@@ -155,8 +180,13 @@ def main() -> None:
     n, result = summarize(steps(events(trace), worker_tids, python_tids), "requests", args.seconds)
     total = sum(r["median_ms"] for r in result.values())
     print(f"  {'sum of medians':<16} {total:7.3f}")
-    out = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": args.seconds,
-           "worker_env": args.worker_env, "requests": n, "steps": result}
+    out = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": args.seconds,
+        "worker_env": args.worker_env,
+        "requests": n,
+        "steps": result,
+    }
     save(args.out, out)
 
 

@@ -40,8 +40,14 @@ from fovea.v1 import model_pb2  # noqa: E402
 
 CUDA = [("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
 # --cpu-rehearsal runs every step on the CPU provider, so the script can be tried here before a GPU is lent.
-WANT = {"provider": "CUDAExecutionProvider", "providers": CUDA, "worker_env": {
-    "FOVEA_WORKER_PROVIDERS": "CUDAExecutionProvider,CPUExecutionProvider", "FOVEA_WORKER_REQUIRE_GPU": "true"}}
+WANT = {
+    "provider": "CUDAExecutionProvider",
+    "providers": CUDA,
+    "worker_env": {
+        "FOVEA_WORKER_PROVIDERS": "CUDAExecutionProvider,CPUExecutionProvider",
+        "FOVEA_WORKER_REQUIRE_GPU": "true",
+    },
+}
 
 
 def model_file() -> tuple[pathlib.Path, tuple[int, ...], str]:
@@ -76,8 +82,11 @@ def raw_cuda(path: pathlib.Path, shape: tuple[int, ...], seconds: float, batch: 
         session.run_with_iobinding(binding)
         binding.copy_outputs_to_cpu()
         times.append(time.perf_counter() - t)
-    out["batch_iobinding"] = {"batch": batch, "img_s": batch * len(times) / sum(times),
-                              "p50_ms": 1e3 * statistics.median(times)}
+    out["batch_iobinding"] = {
+        "batch": batch,
+        "img_s": batch * len(times) / sum(times),
+        "p50_ms": 1e3 * statistics.median(times),
+    }
     return out
 
 
@@ -106,8 +115,15 @@ def perf_analyzer_side(ports: dict[str, str], name: str, token: str, conc: int) 
     for prefix, address in reversed(ports.items()):
         for c in (1, conc):
             try:
-                r = pa.run(address, name, token, concurrency=c, window_ms=2000,
-                           extra=("--stability-percentage", "25", "--max-trials", "6"), timeout_s=90)
+                r = pa.run(
+                    address,
+                    name,
+                    token,
+                    concurrency=c,
+                    window_ms=2000,
+                    extra=("--stability-percentage", "25", "--max-trials", "6"),
+                    timeout_s=90,
+                )
                 out[f"{prefix}pa_c{c}"] = {"infer_per_s": r.infer_per_s, "p50_ms": r.p50_us / 1e3}
             except Exception as exc:  # noqa: BLE001 - record it and go on
                 out[f"{prefix}pa_c{c}"] = {"error": str(exc)[-500:]}
@@ -135,13 +151,18 @@ def start_variants(cluster: Cluster, reg_address: str, name: str, max_batch: int
 
     def one(key: str) -> tuple[Any, int]:
         metrics_port = free_port()
-        settings = {**WANT["worker_env"], "FOVEA_WORKER_MAX_BATCH_SIZE": str(max_batch),
-                    "FOVEA_WORKER_MAX_QUEUE_LEN": "8192", "FOVEA_WORKER_LOG_LEVEL": "WARNING",
-                    "FOVEA_WORKER_METRICS_PORT": str(metrics_port), **VARIANTS[key]}
+        settings = {
+            **WANT["worker_env"],
+            "FOVEA_WORKER_MAX_BATCH_SIZE": str(max_batch),
+            "FOVEA_WORKER_MAX_QUEUE_LEN": "8192",
+            "FOVEA_WORKER_LOG_LEVEL": "WARNING",
+            "FOVEA_WORKER_METRICS_PORT": str(metrics_port),
+            **VARIANTS[key],
+        }
         return cluster.start_worker(reg_address, [name], name=f"variant-{key}", **settings), metrics_port
 
     with ThreadPoolExecutor(len(VARIANTS)) as pool:
-        started = dict(zip(VARIANTS, pool.map(one, VARIANTS)))
+        started = dict(zip(VARIANTS, pool.map(one, VARIANTS), strict=False))
     fast: dict[str, str] = {}
     with RegistryClient(reg_address, cluster.internal_token, timeout_s=120) as rc:
         deadline = time.monotonic() + 120
@@ -154,8 +175,17 @@ def start_variants(cluster: Cluster, reg_address: str, name: str, max_batch: int
     return {key: (w, port, fast[key]) for key, (w, port) in started.items()}
 
 
-def probed_load(address: str, token: str, payload: bytes, seconds: float, procs: int, conc: int,
-                pid: int, metrics_port: int, stacks: pathlib.Path | None = None) -> dict[str, Any]:
+def probed_load(
+    address: str,
+    token: str,
+    payload: bytes,
+    seconds: float,
+    procs: int,
+    conc: int,
+    pid: int,
+    metrics_port: int,
+    stacks: pathlib.Path | None = None,
+) -> dict[str, Any]:
     """The closed-loop load from `procs` client processes, with what the worker did meanwhile."""
     from load_probe import Probe
 
@@ -166,15 +196,29 @@ def probed_load(address: str, token: str, payload: bytes, seconds: float, procs:
         if stacks is not None:
             stacks.parent.mkdir(parents=True, exist_ok=True)
             stacks.write_text(probe.stacks)
-        return {"concurrency": conc, "client_procs": procs, "img_s": sum(p["img_s"] for p in parts),
-                "p50_ms": statistics.median(p["p50_ms"] for p in parts), "worker": probe.summary()}
+        return {
+            "concurrency": conc,
+            "client_procs": procs,
+            "img_s": sum(p["img_s"] for p in parts),
+            "p50_ms": statistics.median(p["p50_ms"] for p in parts),
+            "worker": probe.summary(),
+        }
     except Exception as exc:  # noqa: BLE001 - record it and go on
         return {"error": repr(exc)[:500]}
 
 
-def worker_side(path: pathlib.Path, shape: tuple[int, ...], name: str, seconds: float, procs: int,
-                conc: int, max_batch: int, logs: pathlib.Path, variants: bool = False,
-                perf_analyzer: bool = True) -> dict[str, Any]:
+def worker_side(
+    path: pathlib.Path,
+    shape: tuple[int, ...],
+    name: str,
+    seconds: float,
+    procs: int,
+    conc: int,
+    max_batch: int,
+    logs: pathlib.Path,
+    variants: bool = False,
+    perf_analyzer: bool = True,
+) -> dict[str, Any]:
     out: dict[str, Any] = {"fast_port": fast_front_loads()}
     fast_port = free_port() if out["fast_port"] else -1
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,10 +230,15 @@ def worker_side(path: pathlib.Path, shape: tuple[int, ...], name: str, seconds: 
                 rc.set_alias(name, "production", [(mv.version, 100)])
                 metrics_port = free_port()
                 worker = cluster.start_worker(
-                    reg.address, [name], **WANT["worker_env"], FOVEA_WORKER_MAX_BATCH_SIZE=str(max_batch),
-                    FOVEA_WORKER_MAX_QUEUE_LEN="8192", FOVEA_WORKER_METRICS_PORT=str(metrics_port),
+                    reg.address,
+                    [name],
+                    **WANT["worker_env"],
+                    FOVEA_WORKER_MAX_BATCH_SIZE=str(max_batch),
+                    FOVEA_WORKER_MAX_QUEUE_LEN="8192",
+                    FOVEA_WORKER_METRICS_PORT=str(metrics_port),
                     FOVEA_WORKER_FAST_PORT=str(fast_port),
-                    FOVEA_WORKER_LOG_LEVEL="WARNING")
+                    FOVEA_WORKER_LOG_LEVEL="WARNING",
+                )
                 # CUDA start-up, cuDNN's algorithm search and warm-up take a while on a fresh machine.
                 deadline = time.monotonic() + 90
                 workers = []
@@ -211,20 +260,47 @@ def worker_side(path: pathlib.Path, shape: tuple[int, ...], name: str, seconds: 
             started = start_variants(cluster, reg.address, name, max_batch) if variants else {}
             for prefix, address in ports.items():
                 out[prefix + "c1"] = _client((address, cluster.internal_token, payload, 1, seconds))
-                out[prefix + "load"] = probed_load(address, cluster.internal_token, payload, seconds, procs, conc,
-                                                   worker.proc.pid, metrics_port,
-                                                   logs / f"stacks-{prefix or 'main_'}load.txt")
+                out[prefix + "load"] = probed_load(
+                    address,
+                    cluster.internal_token,
+                    payload,
+                    seconds,
+                    procs,
+                    conc,
+                    worker.proc.pid,
+                    metrics_port,
+                    logs / f"stacks-{prefix or 'main_'}load.txt",
+                )
             if perf_analyzer:
                 out["perf_analyzer"] = perf_analyzer_side(ports, name, cluster.internal_token, conc)
             out["main_port_variants"] = {}
             for key, (variant, variant_metrics, variant_fast) in started.items():
-                out["main_port_variants"][key] = {"env": VARIANTS[key], **probed_load(
-                    variant.address, cluster.internal_token, payload, seconds, procs, conc, variant.proc.pid,
-                    variant_metrics, logs / f"stacks-variant-{key}.txt")}
+                out["main_port_variants"][key] = {
+                    "env": VARIANTS[key],
+                    **probed_load(
+                        variant.address,
+                        cluster.internal_token,
+                        payload,
+                        seconds,
+                        procs,
+                        conc,
+                        variant.proc.pid,
+                        variant_metrics,
+                        logs / f"stacks-variant-{key}.txt",
+                    ),
+                }
                 if key in FAST_TOO and variant_fast:
                     out["main_port_variants"][key]["fast_port"] = probed_load(
-                        variant_fast, cluster.internal_token, payload, seconds, procs, conc, variant.proc.pid,
-                        variant_metrics, logs / f"stacks-variant-{key}-fast.txt")
+                        variant_fast,
+                        cluster.internal_token,
+                        payload,
+                        seconds,
+                        procs,
+                        conc,
+                        variant.proc.pid,
+                        variant_metrics,
+                        logs / f"stacks-variant-{key}-fast.txt",
+                    )
                 variant.stop()
         finally:
             cluster.stop()
@@ -243,34 +319,51 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--model-file", default="", help="another ONNX model (input 'input', FP32) instead")
     parser.add_argument("--input-shape", default="3,224,224", help="its input shape without the batch axis")
-    parser.add_argument("--main-port-variants", action="store_true",
-                        help="also load the main port of workers with one setting changed (VARIANTS)")
+    parser.add_argument(
+        "--main-port-variants",
+        action="store_true",
+        help="also load the main port of workers with one setting changed (VARIANTS)",
+    )
     parser.add_argument("--no-perf-analyzer", action="store_true", help="skip perf_analyzer's runs")
     parser.add_argument("--cpu-rehearsal", action="store_true", help="use the CPU provider (to try the script)")
     args = parser.parse_args()
     if args.cpu_rehearsal:
-        WANT.update(provider="CPUExecutionProvider", providers=["CPUExecutionProvider"],
-                    worker_env={"FOVEA_WORKER_PROVIDERS": "CPUExecutionProvider"})
+        WANT.update(
+            provider="CPUExecutionProvider",
+            providers=["CPUExecutionProvider"],
+            worker_env={"FOVEA_WORKER_PROVIDERS": "CPUExecutionProvider"},
+        )
     if args.model_file:
         path = pathlib.Path(args.model_file)
         shape, name = tuple(int(d) for d in args.input_shape.split(",")), path.stem
     else:
         path, shape, name = model_file()
-    result: dict[str, Any] = {"model": name, "onnxruntime": ort.__version__,
-                              "available_providers": ort.get_available_providers()}
+    result: dict[str, Any] = {
+        "model": name,
+        "onnxruntime": ort.__version__,
+        "available_providers": ort.get_available_providers(),
+    }
     result["raw"] = raw_cuda(path, shape, args.seconds, args.batch)
     ok_raw = result["raw"]["providers"][0] == WANT["provider"]
     if ok_raw:
         try:
-            result["worker"] = worker_side(path, shape, name, args.seconds, args.client_procs, args.concurrency,
-                                           args.batch, pathlib.Path(args.out), args.main_port_variants,
-                                           not args.no_perf_analyzer)
+            result["worker"] = worker_side(
+                path,
+                shape,
+                name,
+                args.seconds,
+                args.client_procs,
+                args.concurrency,
+                args.batch,
+                pathlib.Path(args.out),
+                args.main_port_variants,
+                not args.no_perf_analyzer,
+            )
         except Exception as exc:  # noqa: BLE001 - keep the raw figures and say what broke
             result["worker_error"] = repr(exc)
             print(f"worker side failed: {exc!r}", flush=True)
     w = result.get("worker", {})
-    ok_worker = bool(w.get("heartbeat_providers")) and all(p == WANT["provider"]
-                                                          for p in w["heartbeat_providers"])
+    ok_worker = bool(w.get("heartbeat_providers")) and all(p == WANT["provider"] for p in w["heartbeat_providers"])
     result["status"] = "ok" if ok_raw and ok_worker else "cuda-not-used"
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -286,8 +379,10 @@ def main() -> None:
         print(f"\n{'':<34}{'p50 ms':>9}{'img/s':>10}")
         print(f"{f'raw ORT {tag} b1':<34}{r['b1']['p50_ms']:>9.2f}{r['b1']['img_s']:>10.0f}")
         print(f"{f'raw ORT {tag} b' + str(args.batch):<34}{r['batch']['p50_ms']:>9.2f}{r['batch']['img_s']:>10.0f}")
-        print(f"{f'raw ORT {tag} b' + str(args.batch) + ' I/O binding':<34}{r['batch_iobinding']['p50_ms']:>9.2f}"
-              f"{r['batch_iobinding']['img_s']:>10.0f}")
+        print(
+            f"{f'raw ORT {tag} b' + str(args.batch) + ' I/O binding':<34}{r['batch_iobinding']['p50_ms']:>9.2f}"
+            f"{r['batch_iobinding']['img_s']:>10.0f}"
+        )
         best = max(r["batch"]["img_s"], r["batch_iobinding"]["img_s"])
         for prefix, port in (("", "main port"), ("fast_", "fast port")):
             if prefix + "c1" not in w:
@@ -295,28 +390,38 @@ def main() -> None:
                 continue
             c1, load = w[prefix + "c1"], w[prefix + "load"]
             print(f"{'worker ' + port + ' c1':<34}{c1['p50_ms']:>9.2f}{c1['img_s']:>10.0f}")
-            print(f"{'worker ' + port + ' c' + str(args.concurrency) + ' (' + str(args.client_procs) + ' procs)':<34}"
-                  f"{load.get('p50_ms', float('nan')):>9.2f}{load.get('img_s', 0):>10.0f}")
-            print(f"  {port}: worker / raw throughput {load.get('img_s', 0) / best:.1%}; "
-                  f"c1 p50 - raw b1 p50 {c1['p50_ms'] - r['b1']['p50_ms']:+.2f} ms")
+            print(
+                f"{'worker ' + port + ' c' + str(args.concurrency) + ' (' + str(args.client_procs) + ' procs)':<34}"
+                f"{load.get('p50_ms', float('nan')):>9.2f}{load.get('img_s', 0):>10.0f}"
+            )
+            print(
+                f"  {port}: worker / raw throughput {load.get('img_s', 0) / best:.1%}; "
+                f"c1 p50 - raw b1 p50 {c1['p50_ms'] - r['b1']['p50_ms']:+.2f} ms"
+            )
             print(f"  {port} under load: {load.get('worker', load)}")
         for key, value in w.get("main_port_variants", {}).items():
             if "img_s" in value:
-                print(f"{'main port c' + str(args.concurrency) + ', ' + key:<34}{value['p50_ms']:>9.2f}"
-                      f"{value['img_s']:>10.0f}")
+                print(
+                    f"{'main port c' + str(args.concurrency) + ', ' + key:<34}{value['p50_ms']:>9.2f}"
+                    f"{value['img_s']:>10.0f}"
+                )
                 print(f"  {value['worker']}")
                 fast = value.get("fast_port", {})
                 if "img_s" in fast:
-                    print(f"{'fast port c' + str(args.concurrency) + ', ' + key:<34}{fast['p50_ms']:>9.2f}"
-                          f"{fast['img_s']:>10.0f}")
+                    print(
+                        f"{'fast port c' + str(args.concurrency) + ', ' + key:<34}{fast['p50_ms']:>9.2f}"
+                        f"{fast['img_s']:>10.0f}"
+                    )
                     print(f"  {fast['worker']}")
             else:
                 print(f"main port variant {key}: {value}")
         for key, value in w.get("perf_analyzer", {}).items():
             if isinstance(value, dict) and "infer_per_s" in value:
                 port = "fast port" if key.startswith("fast_") else "main port"
-                print(f"{'perf_analyzer ' + port + ' ' + key.rsplit('_', 1)[1]:<34}{value['p50_ms']:>9.2f}"
-                      f"{value['infer_per_s']:>10.0f}   ({value['infer_per_s'] / best:.1%} of raw)")
+                print(
+                    f"{'perf_analyzer ' + port + ' ' + key.rsplit('_', 1)[1]:<34}{value['p50_ms']:>9.2f}"
+                    f"{value['infer_per_s']:>10.0f}   ({value['infer_per_s'] / best:.1%} of raw)"
+                )
             else:
                 print(f"perf_analyzer {key}: {value}")
     print(f"wrote {out / 'gpu_check.json'}")

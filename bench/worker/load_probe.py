@@ -43,8 +43,8 @@ def thread_times(pid: int) -> dict[str, tuple[str, float]]:
             stat = (task / "stat").read_text()
         except OSError:
             continue
-        name = stat[stat.index("(") + 1: stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
         out[task.name] = (name, (int(fields[11]) + int(fields[12])) / TICK)
     return out
 
@@ -53,8 +53,7 @@ def stack_dump(pid: int) -> str:
     spy = shutil.which("py-spy")
     if spy:
         try:
-            r = subprocess.run([spy, "dump", "--pid", str(pid), "--native"], capture_output=True, text=True,
-                               timeout=20)
+            r = subprocess.run([spy, "dump", "--pid", str(pid), "--native"], capture_output=True, text=True, timeout=20)
             if r.returncode == 0:
                 return r.stdout[-30_000:]
             text = f"py-spy failed ({r.returncode}): {r.stderr[-500:]}\n"
@@ -94,8 +93,11 @@ class Probe:
         time.sleep(self.seconds / 3)
         dt, b = time.perf_counter() - t0, thread_times(self.pid)
         busy = sorted(((b[t][1] - a[t][1]) / dt, b[t][0], t) for t in b if t in a)[::-1]
-        self.cpu = {"process_cores": round(sum(x[0] for x in busy), 2), "threads": len(b),
-                    "top_threads": [f"{name}/{tid}: {share:.0%}" for share, name, tid in busy[:8]]}
+        self.cpu = {
+            "process_cores": round(sum(x[0] for x in busy), 2),
+            "threads": len(b),
+            "top_threads": [f"{name}/{tid}: {share:.0%}" for share, name, tid in busy[:8]],
+        }
         if self.dump:
             self.stacks = stack_dump(self.pid)
 

@@ -32,15 +32,19 @@ def render(work_dir: pathlib.Path, overlay: str, components: tuple[str, ...] = (
     copy = work_dir / f"k8s-{overlay}-{len(components)}"
     shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("secrets"))
     if overlay == "gpu-prod":
-        subprocess.run(["sh", str(copy / "make-secrets.sh"), str(copy / "overlays" / overlay / "secrets")],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["sh", str(copy / "make-secrets.sh"), str(copy / "overlays" / overlay / "secrets")],
+            check=True,
+            capture_output=True,
+        )
     kustomization = copy / "overlays" / overlay / "kustomization.yaml"
     if components:
         doc = yaml.safe_load(kustomization.read_text())
         doc["components"] = [*doc.get("components", []), *(f"../../components/{c}" for c in components)]
         kustomization.write_text(yaml.safe_dump(doc))
-    out = subprocess.run(["kubectl", "kustomize", str(kustomization.parent)], check=True, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(kustomization.parent)], check=True, capture_output=True, text=True, timeout=60
+    )
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
@@ -87,6 +91,7 @@ _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
 def expand(value: str, env: dict[str, str]) -> str:
     """Kubernetes' $(VAR) expansion: defined names are replaced, others kept, $$ escapes."""
+
     def sub(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
             return "$"

@@ -17,10 +17,22 @@ from fovea.cluster import ROOT
 from tests.deploy.manifests import Obj, find, labels_match, secret_data, workloads
 
 README = ROOT / "deploy" / "README.md"
-KINDS = {"deployment": "Deployment", "deployments": "Deployment", "deploy": "Deployment", "svc": "Service",
-         "service": "Service", "secret": "Secret", "statefulset": "StatefulSet", "sts": "StatefulSet",
-         "hpa": "HorizontalPodAutoscaler", "pvc": "PersistentVolumeClaim", "pdb": "PodDisruptionBudget",
-         "configmap": "ConfigMap", "cm": "ConfigMap", "networkpolicy": "NetworkPolicy"}
+KINDS = {
+    "deployment": "Deployment",
+    "deployments": "Deployment",
+    "deploy": "Deployment",
+    "svc": "Service",
+    "service": "Service",
+    "secret": "Secret",
+    "statefulset": "StatefulSet",
+    "sts": "StatefulSet",
+    "hpa": "HorizontalPodAutoscaler",
+    "pvc": "PersistentVolumeClaim",
+    "pdb": "PodDisruptionBudget",
+    "configmap": "ConfigMap",
+    "cm": "ConfigMap",
+    "networkpolicy": "NetworkPolicy",
+}
 
 
 def commands() -> list[list[str]]:
@@ -50,8 +62,13 @@ def commands() -> list[list[str]]:
 
 def test_the_guide_has_the_required_sections() -> None:
     text = README.read_text()
-    for heading in ("## Install on a GPU cluster", "## Scale workers", "## Redis high availability",
-                    "## Rotate keys", "## Roll out a new model version as a canary"):
+    for heading in (
+        "## Install on a GPU cluster",
+        "## Scale workers",
+        "## Redis high availability",
+        "## Rotate keys",
+        "## Roll out a new model version as a canary",
+    ):
         assert heading in text
     tools = {c[0] for c in commands()}
     assert {"kubectl", "fovea", "docker", "helm"} <= tools
@@ -89,8 +106,9 @@ def test_kubectl_commands_name_real_paths_namespaces_and_objects(rendered: dict[
                 checked += 1
             if token == "-l":
                 selector = dict(kv.split("=", 1) for kv in cmd[i + 1].split(","))
-                assert any(labels_match(selector, w["spec"]["template"]["metadata"]["labels"])
-                           for w in workloads(objs)), cmd
+                assert any(
+                    labels_match(selector, w["spec"]["template"]["metadata"]["labels"]) for w in workloads(objs)
+                ), cmd
         refs = []
         values = {i + 1 for i, t in enumerate(cmd) if t in ("-k", "-f", "-p", "-o", "-l", "-n", "--namespace")}
         for i, token in enumerate(cmd[1:], 1):

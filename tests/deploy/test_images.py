@@ -97,8 +97,11 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root(image: str) -> None:
 @pytest.mark.parametrize("image", IMAGES)
 def test_dockerfile_copies_only_what_its_dockerignore_lets_in(image: str) -> None:
     _, stages = parse(f"{image}.Dockerfile")
-    allowed = [line[1:].rstrip("/") for line in (DOCKER / f"{image}.Dockerfile.dockerignore").read_text().splitlines()
-               if line.startswith("!")]
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (DOCKER / f"{image}.Dockerfile.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
     assert (DOCKER / f"{image}.Dockerfile.dockerignore").read_text().splitlines()[1] == "*"
     for stage in stages:
         for op, rest in stage.lines:
@@ -121,11 +124,17 @@ def test_requirements_are_complete_pinned_and_torch_free(image: str) -> None:
         assert name in pins, f"{name} (a dependency in pyproject.toml) is not pinned for {image}"
         assert req.specifier.contains(pins[name], prereleases=True), (name, pins[name], str(req.specifier))
     runtimes = {p for p in pins if p in ("onnxruntime", "onnxruntime-gpu")}
-    want = {"gateway": set(), "registry": {"onnxruntime"}, "worker-cpu": {"onnxruntime"},
-            "worker-gpu": {"onnxruntime-gpu"}}[image]
+    want = {
+        "gateway": set(),
+        "registry": {"onnxruntime"},
+        "worker-cpu": {"onnxruntime"},
+        "worker-gpu": {"onnxruntime-gpu"},
+    }[image]
     assert runtimes == want, "exactly one ONNX Runtime package: both share one import folder"
     for extra in runtimes:
-        spec = next(Requirement(r) for r in project["optional-dependencies"]["cpu" if extra == "onnxruntime" else "gpu"])
+        spec = next(
+            Requirement(r) for r in project["optional-dependencies"]["cpu" if extra == "onnxruntime" else "gpu"]
+        )
         assert spec.specifier.contains(pins[extra])
 
 
@@ -175,7 +184,7 @@ def test_compose_file_matches_the_images_and_settings() -> None:
         prefix = SERVICES[name]
         for var in svc["environment"]:
             if var != "FOVEA_INTERNAL_TOKEN":
-                assert var.startswith(prefix) and var[len(prefix):].lower() in config.model_fields, var
+                assert var.startswith(prefix) and var[len(prefix) :].lower() in config.model_fields, var
         assert svc["environment"]["FOVEA_INTERNAL_TOKEN"].startswith("${FOVEA_INTERNAL_TOKEN:?")
     for svc in compose["services"].values():
         for port in svc.get("ports", []):

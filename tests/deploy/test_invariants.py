@@ -10,10 +10,23 @@ from typing import Any
 
 import pytest
 
-from fovea.crypto import load_key
-from tests.deploy.manifests import (SERVICES, Obj, config_data, container_env, container_ports, containers, find,
-                                    fovea_workload, labels_match, one, pod_spec, prestop_sleep_s, workloads)
 from fovea.cluster import ROOT
+from fovea.crypto import load_key
+from tests.deploy.manifests import (
+    SERVICES,
+    Obj,
+    config_data,
+    container_env,
+    container_ports,
+    containers,
+    find,
+    fovea_workload,
+    labels_match,
+    one,
+    pod_spec,
+    prestop_sleep_s,
+    workloads,
+)
 
 VARIANTS = ["cpu-dev", "gpu-prod", "gpu-prod+external-redis"]
 FIELDS = {"status.podIP": "10.0.0.7", "metadata.name": "pod-0"}
@@ -145,8 +158,9 @@ def test_every_secret_configmap_and_volume_reference_resolves(objs: list[Obj]) -
             if "secret" in v:
                 check("Secret", v["secret"]["secretName"], [i["key"] for i in v["secret"].get("items", [])], v["name"])
             if "configMap" in v:
-                check("ConfigMap", v["configMap"]["name"], [i["key"] for i in v["configMap"].get("items", [])],
-                      v["name"])
+                check(
+                    "ConfigMap", v["configMap"]["name"], [i["key"] for i in v["configMap"].get("items", [])], v["name"]
+                )
             if "persistentVolumeClaim" in v:
                 assert find(objs, "PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"])
         assert spec["serviceAccountName"] in {o["metadata"]["name"] for o in find(objs, "ServiceAccount")}
@@ -171,8 +185,9 @@ def test_encryption_keys_load(rendered: dict[str, list[Obj]], tmp_path: Any) -> 
         assert len(load_key(path)) == 32
 
 
-def test_every_fovea_setting_is_a_real_config_field_with_a_valid_value(objs: list[Obj],
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_fovea_setting_is_a_real_config_field_with_a_valid_value(
+    objs: list[Obj], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A misspelt FOVEA_* name would be ignored silently (extra="ignore"); a bad value would crash."""
     from gateway.config import GatewayConfig
     from registry.config import RegistryConfig
@@ -185,7 +200,7 @@ def test_every_fovea_setting_is_a_real_config_field_with_a_valid_value(objs: lis
         for name in env:
             if name.startswith("FOVEA_") and name not in ("FOVEA_INTERNAL_TOKEN", "FOVEA_ACCEPTED_INTERNAL_TOKEN"):
                 assert name.startswith(prefix), f"{service} sets {name}, which only another service reads"
-                assert name[len(prefix):].lower() in fields, f"{service}: {name} is not a setting"
+                assert name[len(prefix) :].lower() in fields, f"{service}: {name} is not a setting"
         for name in list(os.environ):
             if name.startswith("FOVEA_") or name == "REDIS_URL":
                 monkeypatch.delenv(name)
@@ -210,7 +225,9 @@ def test_services_select_pods_and_name_their_ports(objs: list[Obj]) -> None:
         ports = {name: n for c in containers(matched[0]) for name, n in container_ports(c).items()}
         for port in svc["spec"]["ports"]:
             assert port["targetPort"] in ports, (svc["metadata"]["name"], port)
-    exposed = [s["metadata"]["name"] for s in find(objs, "Service") if s["spec"].get("type") in ("LoadBalancer", "NodePort")]
+    exposed = [
+        s["metadata"]["name"] for s in find(objs, "Service") if s["spec"].get("type") in ("LoadBalancer", "NodePort")
+    ]
     assert exposed in ([], ["fovea-gateway"])
 
 
@@ -260,16 +277,20 @@ def test_metrics_are_scraped_from_the_port_the_services_serve_them_on(objs: list
 
 def test_registry_replicas_share_a_readwritemany_volume(objs: list[Obj]) -> None:
     registry = fovea_workload(objs, "registry")
-    claim = next(v["persistentVolumeClaim"]["claimName"] for v in pod_spec(registry)["volumes"]
-                 if "persistentVolumeClaim" in v)
+    claim = next(
+        v["persistentVolumeClaim"]["claimName"] for v in pod_spec(registry)["volumes"] if "persistentVolumeClaim" in v
+    )
     modes = one(objs, "PersistentVolumeClaim", claim)["spec"]["accessModes"]
     if registry["spec"].get("replicas", 1) > 1:
         assert modes == ["ReadWriteMany"]
     else:
         assert registry["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0, "RWO cannot attach twice"
     env = container_env(objs, pod_spec(registry)["containers"][0], FIELDS)
-    mount = next(m for m in pod_spec(registry)["containers"][0]["volumeMounts"]
-                 if m["name"] == next(v["name"] for v in pod_spec(registry)["volumes"] if "persistentVolumeClaim" in v))
+    mount = next(
+        m
+        for m in pod_spec(registry)["containers"][0]["volumeMounts"]
+        if m["name"] == next(v["name"] for v in pod_spec(registry)["volumes"] if "persistentVolumeClaim" in v)
+    )
     assert env["FOVEA_REGISTRY_ARTIFACT_DIR"] == mount["mountPath"]
 
 
@@ -313,15 +334,22 @@ def test_images_are_pinned(objs: list[Obj]) -> None:
 
 # ---- network policies -------------------------------------------------------------------------
 
+
 def _allowed(objs: list[Obj], dest: str, port: int, source: dict[str, str] | None, source_ns: str) -> bool:
     """NetworkPolicy semantics for ingress: allowed when no policy selects the pod, or any rule of
     any selecting policy admits the source on that port. source None: outside the cluster."""
-    dest_labels = fovea_workload(objs, dest)["spec"]["template"]["metadata"]["labels"] if dest != "redis" else \
-        one(objs, "StatefulSet", "fovea-redis")["spec"]["template"]["metadata"]["labels"]
+    dest_labels = (
+        fovea_workload(objs, dest)["spec"]["template"]["metadata"]["labels"]
+        if dest != "redis"
+        else one(objs, "StatefulSet", "fovea-redis")["spec"]["template"]["metadata"]["labels"]
+    )
     namespace = one(objs, "Namespace", "fovea")["metadata"]["name"]
-    policies = [p for p in find(objs, "NetworkPolicy")
-                if labels_match(p["spec"]["podSelector"].get("matchLabels", {}), dest_labels)
-                and "Ingress" in p["spec"]["policyTypes"]]
+    policies = [
+        p
+        for p in find(objs, "NetworkPolicy")
+        if labels_match(p["spec"]["podSelector"].get("matchLabels", {}), dest_labels)
+        and "Ingress" in p["spec"]["policyTypes"]
+    ]
     if not policies:
         return True
     for policy in policies:
@@ -336,8 +364,11 @@ def _allowed(objs: list[Obj], dest: str, port: int, source: dict[str, str] | Non
                         return True
                     continue
                 ns_ok = ("namespaceSelector" not in peer and source_ns == namespace) or (
-                    "namespaceSelector" in peer and labels_match(
-                        peer["namespaceSelector"].get("matchLabels", {}), {"kubernetes.io/metadata.name": source_ns}))
+                    "namespaceSelector" in peer
+                    and labels_match(
+                        peer["namespaceSelector"].get("matchLabels", {}), {"kubernetes.io/metadata.name": source_ns}
+                    )
+                )
                 pod_ok = "podSelector" not in peer or labels_match(peer["podSelector"].get("matchLabels", {}), source)
                 if ns_ok and pod_ok:
                     return True
@@ -349,13 +380,21 @@ def test_network_policies_admit_exactly_the_intended_paths(objs: list[Obj]) -> N
         return {"app.kubernetes.io/name": app, "app.kubernetes.io/part-of": "fovea"}
 
     sources: dict[str, tuple[dict[str, str] | None, str]] = {
-        "outside": (None, ""), "gateway": (labels("gateway"), "fovea"), "worker": (labels("worker"), "fovea"),
-        "registry": (labels("registry"), "fovea"), "redis": (labels("redis"), "fovea"),
-        "other-namespace": ({"app": "x"}, "default"), "prometheus": ({"app": "prometheus"}, "monitoring"),
+        "outside": (None, ""),
+        "gateway": (labels("gateway"), "fovea"),
+        "worker": (labels("worker"), "fovea"),
+        "registry": (labels("registry"), "fovea"),
+        "redis": (labels("redis"), "fovea"),
+        "other-namespace": ({"app": "x"}, "default"),
+        "prometheus": ({"app": "prometheus"}, "monitoring"),
     }
     grpc = {"gateway": 8500, "registry": 8501, "worker": 8502, "redis": 6379}
-    want = {"gateway": {"outside", "gateway", "worker", "registry", "redis", "other-namespace", "prometheus"},
-            "worker": {"gateway"}, "registry": {"gateway", "worker"}, "redis": {"registry", "gateway"}}
+    want = {
+        "gateway": {"outside", "gateway", "worker", "registry", "redis", "other-namespace", "prometheus"},
+        "worker": {"gateway"},
+        "registry": {"gateway", "worker"},
+        "redis": {"registry", "gateway"},
+    }
     has_redis = bool(find(objs, "StatefulSet", "fovea-redis"))
     for dest, port in grpc.items():
         if dest == "redis" and not has_redis:

@@ -31,8 +31,17 @@ from fovea.client import Client, RegistryClient
 from fovea.cluster import ROOT, Cluster, Service
 from fovea.redis_server import free_port, server_binary
 from fovea.v1 import model_pb2
-from tests.deploy.manifests import (Obj, container_env, container_ports, containers, expand, find, one, pod_spec,
-                                    prestop_sleep_s)
+from tests.deploy.manifests import (
+    Obj,
+    container_env,
+    container_ports,
+    containers,
+    expand,
+    find,
+    one,
+    pod_spec,
+    prestop_sleep_s,
+)
 from tests.tinymodels import color_model, png
 
 LABELS = ("red", "green", "blue")
@@ -52,16 +61,24 @@ class Loopback:
                 for number in container_ports(c).values():
                     self.ports[(w["metadata"]["name"], number)] = free_port()
         for svc in find(objs, "Service"):
-            w = next(w for w in [*find(objs, "Deployment"), *find(objs, "StatefulSet")]
-                     if all(w["spec"]["template"]["metadata"]["labels"].get(k) == v
-                            for k, v in svc["spec"]["selector"].items()))
+            w = next(
+                w
+                for w in [*find(objs, "Deployment"), *find(objs, "StatefulSet")]
+                if all(
+                    w["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in svc["spec"]["selector"].items()
+                )
+            )
             ports = {n: p for c in containers(w) for n, p in container_ports(c).items()}
             for port in svc["spec"]["ports"]:
                 target = port["targetPort"]
                 number = ports[target] if isinstance(target, str) else target
                 name = svc["metadata"]["name"]
-                for host in (name, f"{name}.{namespace}", f"{name}.{namespace}.svc",
-                             f"{name}.{namespace}.svc.cluster.local"):
+                for host in (
+                    name,
+                    f"{name}.{namespace}",
+                    f"{name}.{namespace}.svc",
+                    f"{name}.{namespace}.svc.cluster.local",
+                ):
                     self.services[f"{host}:{port['port']}"] = (w["metadata"]["name"], number)
 
     def address(self, workload: str, port: int) -> str:
@@ -105,7 +122,7 @@ class Loopback:
         value = re.sub(r"[a-z0-9][a-z0-9.-]*:\d+", service, value)
         for path, folder in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
             if value == path or value.startswith(path + "/"):
-                return str(folder) + value[len(path):]
+                return str(folder) + value[len(path) :]
         return value
 
     def command(self, workload: Obj, container: Obj, fields: dict[str, str]) -> tuple[list[str], dict[str, str]]:
@@ -120,7 +137,9 @@ class Loopback:
 
 def _health(address: str, service: str = "") -> int:
     with grpc.insecure_channel(address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        )
 
 
 def _start_redis(loop: Loopback, fields: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
@@ -130,8 +149,11 @@ def _start_redis(loop: Loopback, fields: dict[str, str]) -> tuple[subprocess.Pop
     assert argv[0] == "valkey-server"
     port = loop.ports[("fovea-redis", container_ports(c)["redis"])]
     # The image listens on 6379 on the pod IP; here: a free loopback port.
-    proc = subprocess.Popen([server_binary(), *argv[1:], "--bind", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [server_binary(), *argv[1:], "--bind", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return proc, f"127.0.0.1:{port}", env
 
 
@@ -146,7 +168,7 @@ def _photo() -> tuple[bytes, str]:
     Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
     h, w, _ = pixels.shape
     side = min(h, w)
-    crop = pixels[(h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2].reshape(-1, 3).mean(0)
+    crop = pixels[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2].reshape(-1, 3).mean(0)
     assert np.sort(crop)[-1] - np.sort(crop)[-2] > 30, "the photo must have a clear dominant channel"
     return buf.getvalue(), LABELS[int(np.argmax(crop))]
 
@@ -167,14 +189,16 @@ def _wait(what: str, fn: Any, timeout_s: float = 60.0) -> Any:
 
 
 @pytest.mark.timeout(240)
-def test_cpu_dev_manifests_run_on_loopback_and_classify_a_photo(rendered: dict[str, list[Obj]],
-                                                                 tmp_path: pathlib.Path) -> None:
+def test_cpu_dev_manifests_run_on_loopback_and_classify_a_photo(
+    rendered: dict[str, list[Obj]], tmp_path: pathlib.Path
+) -> None:
     objs = rendered["cpu-dev"]
     loop = Loopback(objs, tmp_path / "volumes")
     cluster = Cluster(tmp_path / "cluster", redis_url="unused: Redis comes from the manifest")
     started: dict[str, Service] = {}
-    redis_proc, redis_address, redis_env = _start_redis(loop, {"status.podIP": "127.0.0.1",
-                                                               "metadata.name": "fovea-redis-0"})
+    redis_proc, redis_address, redis_env = _start_redis(
+        loop, {"status.podIP": "127.0.0.1", "metadata.name": "fovea-redis-0"}
+    )
     try:
         # Redis as the StatefulSet runs it: password required, append-only on.
         password = redis_env["REDIS_PASSWORD"]
@@ -221,8 +245,10 @@ def test_cpu_dev_manifests_run_on_loopback_and_classify_a_photo(rendered: dict[s
         _, secret = rc.create_key("infer", [model])
         photo, expected = _photo()
         with Client(gateway.address, secret, timeout_s=10) as api:
-            resp = _wait("a classification", lambda: api.classify(
-                [photo, png((240, 20, 20)), png((10, 10, 220))], model=model, top_k=3))
+            resp = _wait(
+                "a classification",
+                lambda: api.classify([photo, png((240, 20, 20)), png((10, 10, 220))], model=model, top_k=3),
+            )
         assert resp.model == model and resp.version == mv.version
         assert [r.labels[0].label for r in resp.results] == [expected, "red", "blue"]
 
@@ -243,8 +269,12 @@ def test_cpu_dev_manifests_run_on_loopback_and_classify_a_photo(rendered: dict[s
                 assert metric in page.read().decode(), (service, metric)
         # The images' HEALTHCHECK script agrees (it dials 127.0.0.1:PORT).
         port = gateway.address.rsplit(":", 1)[1]
-        check = subprocess.run([sys.executable, str(ROOT / "deploy" / "docker" / "healthcheck.py"), port],
-                               capture_output=True, text=True, timeout=30)
+        check = subprocess.run(
+            [sys.executable, str(ROOT / "deploy" / "docker" / "healthcheck.py"), port],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert check.returncode == 0, check.stderr
 
         # SIGTERM, as the kubelet sends after preStop: the worker drains and exits well within

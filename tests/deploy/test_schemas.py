@@ -34,8 +34,18 @@ def validate(obj: Obj, version: str) -> None:
 def test_every_object_validates_against_the_kubernetes_schemas(rendered: dict[str, list[Obj]], variant: str) -> None:
     objs = rendered[variant]
     kinds = {o["kind"] for o in objs}
-    assert {"Namespace", "Deployment", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim",
-            "PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor"} <= kinds
+    assert {
+        "Namespace",
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "Secret",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "ServiceMonitor",
+    } <= kinds
     assert ("StatefulSet" in kinds) == (variant != "gpu-prod+external-redis")
     errors = []
     for obj in objs:

@@ -48,9 +48,26 @@ def test_saliency_finds_the_region_the_model_uses(cluster: Cluster, tmp_path: pa
     # the CLI writes the overlay: reddest where the heat is, the photo's own colours where it is not
     image = tmp_path / "corner.png"
     image.write_bytes(photo)
-    out = subprocess.run([sys.executable, "-m", "fovea.cli", "explain", str(image), "--model", "corner",
-                          "--address", gw.address, "--api-key", secret, "--json"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fovea.cli",
+            "explain",
+            str(image),
+            "--model",
+            "corner",
+            "--address",
+            gw.address,
+            "--api-key",
+            secret,
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["label"] == "red" and report["peak_xy"][0] < 32 and report["peak_xy"][1] < 32

@@ -95,12 +95,29 @@ def test_fovea_up_demo_classifies_sample_photos(tmp_path: object, redis_url: str
     env = {k: v for k, v in os.environ.items() if not k.startswith("FOVEA_")}
     env["REDIS_URL"] = redis_url
     out = subprocess.run(
-        [sys.executable, "-m", "fovea.cli", "up", "--demo", "--data-dir", str(tmp_path),
-         "--gateway-port", "0", "--registry-port", "0"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        [
+            sys.executable,
+            "-m",
+            "fovea.cli",
+            "up",
+            "--demo",
+            "--data-dir",
+            str(tmp_path),
+            "--gateway-port",
+            "0",
+            "--registry-port",
+            "0",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
     assert lines["gateway"].startswith("127.0.0.1:") and lines["api key"].startswith("fv_")
+
     def labels(name: str) -> list[str]:
         return [item.rsplit(" (", 1)[0] for item in lines[name].split(" | ")]
 

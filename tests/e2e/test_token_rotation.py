@@ -35,7 +35,8 @@ def worker_call(address: str, token: str) -> grpc.StatusCode:
         req.raw_input_contents.append(np.zeros((1, 3, 8, 8), np.float32).tobytes())
         try:
             pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
-                req, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+                req, metadata=(("authorization", f"Bearer {token}"),), timeout=10
+            )
             return grpc.StatusCode.OK
         except grpc.RpcError as exc:
             return exc.code()  # type: ignore[no-any-return]
@@ -74,8 +75,9 @@ def test_rolling_rotation_of_the_internal_token(cluster: Cluster) -> None:
             if old_service is reg:
                 reg = cluster.start_registry(port=int(reg.address.rsplit(":", 1)[1]), **tokens(send, accept))
             elif old_service is worker:
-                worker = cluster.start_worker(reg.address, ["colors"], name=f"worker-{send[:3]}-{accept[:3]}",
-                                              **tokens(send, accept))
+                worker = cluster.start_worker(
+                    reg.address, ["colors"], name=f"worker-{send[:3]}-{accept[:3]}", **tokens(send, accept)
+                )
             else:
                 gw = cluster.start_gateway(reg.address, **tokens(send, accept))
                 client.close()

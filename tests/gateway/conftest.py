@@ -45,9 +45,16 @@ def start_stack(tmp: pathlib.Path, redis_url: str, n_workers: int = 2, **registr
     for name, artifact in (("colors", color_model()), ("ident", identity_model())):
         mv = rc.register(artifact, model_pb2.ModelVersion(name=name))
         rc.set_alias(name, "production", [(mv.version, 100)])
-    workers = [cluster.start_worker(reg.address, ["colors", "ident"], name=f"worker{i}",
-                                    FOVEA_WORKER_INTRA_OP_THREADS="1", FOVEA_WORKER_DECODE_THREADS="1")
-               for i in range(n_workers)]
+    workers = [
+        cluster.start_worker(
+            reg.address,
+            ["colors", "ident"],
+            name=f"worker{i}",
+            FOVEA_WORKER_INTRA_OP_THREADS="1",
+            FOVEA_WORKER_DECODE_THREADS="1",
+        )
+        for i in range(n_workers)
+    ]
     stack = Stack(cluster, reg, workers, rc, redis_url)
     wait_ready_workers(stack, n_workers)
     return stack
@@ -99,8 +106,9 @@ async def gateways(stack: Stack) -> AsyncIterator[GatewayFactory]:
     started: list[GatewayServer] = []
 
     async def start(**overrides: Any) -> GatewayServer:
-        fields: dict[str, Any] = dict(port=0, registry_address=stack.registry.address,
-                                      internal_token=stack.cluster.internal_token, log_json=True)
+        fields: dict[str, Any] = dict(
+            port=0, registry_address=stack.registry.address, internal_token=stack.cluster.internal_token, log_json=True
+        )
         fields.update(overrides)
         srv = await build_server(GatewayConfig(**fields))
         started.append(srv)
@@ -117,8 +125,7 @@ async def wait_routable(srv: GatewayServer, model: str, timeout_s: float = 20.0)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while loop.time() < deadline:
-        if any(m.name == model and m.ready for ep in srv.gateway.workers.endpoints.values()
-               for m in ep.status.models):
+        if any(m.name == model and m.ready for ep in srv.gateway.workers.endpoints.values() for m in ep.status.models):
             # and the fast port's table has the model's alias and a worker for it
             if srv.native is None or (f"A {model} " in srv.native.routes and f"W {model} " in srv.native.routes):
                 return
@@ -128,8 +135,11 @@ async def wait_routable(srv: GatewayServer, model: str, timeout_s: float = 20.0)
 
 async def gateway_over_workers(stack: Stack, model: str, n: int = 2, **overrides: Any) -> GatewayServer:
     """A gateway of its own (the caller stops it) that sees n workers and can route the model."""
-    gw = await build_server(GatewayConfig(port=0, registry_address=stack.registry.address,
-                                          internal_token=stack.cluster.internal_token, **overrides))
+    gw = await build_server(
+        GatewayConfig(
+            port=0, registry_address=stack.registry.address, internal_token=stack.cluster.internal_token, **overrides
+        )
+    )
     await wait_routable(gw, model)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 20
@@ -152,8 +162,9 @@ def image_stub(srv: GatewayServer | str) -> tuple[grpc.aio.Channel, image_pb2_gr
 
 
 def classify_request(*images: bytes, model: str = "colors", top_k: int = 1) -> image_pb2.ClassifyRequest:
-    return image_pb2.ClassifyRequest(model=model, top_k=top_k,
-                                     images=[image_pb2.Image(data=d, id=str(i)) for i, d in enumerate(images)])
+    return image_pb2.ClassifyRequest(
+        model=model, top_k=top_k, images=[image_pb2.Image(data=d, id=str(i)) for i, d in enumerate(images)]
+    )
 
 
 async def status_of(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:

@@ -104,13 +104,16 @@ async def test_list_and_get_models_follow_key_patterns(stack: Stack, gateways: G
     assert {m.name for m in listed.models} >= {"colors", "ident"}
     got = await stub.GetModel(image_pb2.GetModelRequest(model="colors"), metadata=auth(only_colors), timeout=10)
     assert got.model.name == "colors" and list(got.model.labels) == ["red", "green", "blue"]
-    code, message = await status_of(stub.GetModel(image_pb2.GetModelRequest(model="ident"),
-                                                  metadata=auth(only_colors), timeout=10))
+    code, message = await status_of(
+        stub.GetModel(image_pb2.GetModelRequest(model="ident"), metadata=auth(only_colors), timeout=10)
+    )
     assert code == PERMISSION_DENIED and "ident" in message
-    code, _ = await status_of(stub.GetModel(image_pb2.GetModelRequest(model="no-such"),
-                                            metadata=auth(everything), timeout=10))
+    code, _ = await status_of(
+        stub.GetModel(image_pb2.GetModelRequest(model="no-such"), metadata=auth(everything), timeout=10)
+    )
     assert code == grpc.StatusCode.NOT_FOUND
-    code, _ = await status_of(stub.GetModel(image_pb2.GetModelRequest(model="Bad Name!"),
-                                            metadata=auth(everything), timeout=10))
+    code, _ = await status_of(
+        stub.GetModel(image_pb2.GetModelRequest(model="Bad Name!"), metadata=auth(everything), timeout=10)
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     await channel.close()

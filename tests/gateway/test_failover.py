@@ -32,8 +32,7 @@ async def test_kill_9_one_worker_under_load(own_stack: Stack) -> None:
     clients = [asyncio.create_task(client()) for _ in range(4)]
     await asyncio.sleep(1.5)
     victim = stack.workers[0]
-    victim_id = next(wid for wid, ep in gw.gateway.workers.endpoints.items()
-                     if ep.status.address == victim.address)
+    victim_id = next(wid for wid, ep in gw.gateway.workers.endpoints.items() if ep.status.address == victim.address)
     before_kill = ok
     victim.kill()  # SIGKILL: no draining heartbeat, connections drop mid-call
     await asyncio.sleep(1.5)
@@ -41,8 +40,10 @@ async def test_kill_9_one_worker_under_load(own_stack: Stack) -> None:
     await asyncio.sleep(2.5)
     stop.set()
     await asyncio.gather(*clients)
-    print(f"{ok} calls ({ok - before_kill} after the kill), {len(failures)} failed, "
-          f"{gw.gateway.retries} retried; attempts on the dead worker {chosen_after_ejection}")
+    print(
+        f"{ok} calls ({ok - before_kill} after the kill), {len(failures)} failed, "
+        f"{gw.gateway.retries} retried; attempts on the dead worker {chosen_after_ejection}"
+    )
     assert failures == [], failures[:3]
     assert gw.gateway.retries >= 1  # calls that met the dead worker went on to the live one
     assert f"fovea_gateway_upstream_retries_total {float(gw.gateway.retries)}" in gw.metrics.exposition().decode()

@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from inference import grpc_predict_v2_pb2 as pb
 from fovea.v1 import model_pb2
+from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.gateway.conftest import GatewayFactory, Stack, auth, gateway_over_workers, status_of, wait_routable
 from tests.gateway.test_routing import RED, _fast_port_successes
@@ -42,8 +42,9 @@ def fast_stub(gw) -> tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]: 
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(stack: Stack, gateways: GatewayFactory,
-                                                                            threads: int) -> None:
+async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(
+    stack: Stack, gateways: GatewayFactory, threads: int
+) -> None:
     gw = await gateways(fast_threads=threads)
     await wait_routable(gw, "ident")
     assert gw.fast_port > 0
@@ -54,8 +55,9 @@ async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(sta
         call = stub.ModelInfer(ident_request(i), metadata=auth(secret, rid=f"rid-{i}"), timeout=10)
         resp = await call
         assert resp.id == f"r{i}" and resp.model_version == "1"
-        np.testing.assert_array_equal(np.frombuffer(resp.raw_output_contents[0], np.float32),
-                                      np.arange(8, dtype=np.float32) + i)
+        np.testing.assert_array_equal(
+            np.frombuffer(resp.raw_output_contents[0], np.float32), np.arange(8, dtype=np.float32) + i
+        )
         assert ("x-request-id", f"rid-{i}") in tuple(await call.trailing_metadata())
     explicit = await stub.ModelInfer(ident_request(0, version="1"), metadata=auth(secret), timeout=10)
     assert explicit.model_version == "1"
@@ -86,8 +88,12 @@ async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(sta
     code, msg = await status_of(stub.ModelInfer(ident_request(0, version="7"), metadata=auth(secret), timeout=10))
     assert code == grpc.StatusCode.NOT_FOUND, msg
     # streams are relayed message by message to the Python port
-    answers = [r async for r in stub.ModelStreamInfer(iter([ident_request(7), ident_request(8, version="9")]),
-                                                     metadata=auth(secret), timeout=10)]
+    answers = [
+        r
+        async for r in stub.ModelStreamInfer(
+            iter([ident_request(7), ident_request(8, version="9")]), metadata=auth(secret), timeout=10
+        )
+    ]
     assert answers[0].infer_response.id == "r7" and answers[0].error_message == ""
     assert "not found" in answers[1].error_message.lower() or "9" in answers[1].error_message, answers[1]
     await channel.close()
@@ -109,8 +115,9 @@ async def test_model_patterns_and_limits_keep_keys_on_the_python_path(stack: Sta
     for _ in range(3):  # verified once, then refused in C++ would be wrong: the pattern check must run each time
         code, msg = await status_of(stub.ModelInfer(ident_request(), metadata=auth(colors_only), timeout=10))
         assert code == grpc.StatusCode.PERMISSION_DENIED, msg
-    codes = [(await status_of(stub.ModelInfer(ident_request(), metadata=auth(limited), timeout=10)))[0]
-             for _ in range(5)]
+    codes = [
+        (await status_of(stub.ModelInfer(ident_request(), metadata=auth(limited), timeout=10)))[0] for _ in range(5)
+    ]
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 2, codes  # the limit is charged in Redis
     try:
         await stub.ModelInfer(ident_request(), metadata=auth(limited), timeout=10)
@@ -122,8 +129,9 @@ async def test_model_patterns_and_limits_keep_keys_on_the_python_path(stack: Sta
     await channel.close()
 
 
-async def test_a_revoked_key_stops_working_on_the_fast_port_within_a_second(stack: Stack,
-                                                                             gateways: GatewayFactory) -> None:
+async def test_a_revoked_key_stops_working_on_the_fast_port_within_a_second(
+    stack: Stack, gateways: GatewayFactory
+) -> None:
     gw1, gw2 = await gateways(), await gateways()
     for gw in (gw1, gw2):
         await wait_routable(gw, "ident")
@@ -215,7 +223,8 @@ async def _per_worker_successes(stack: Stack) -> list[tuple[object, int]]:
     for w in await asyncio.to_thread(lambda: stack.rc.list_workers("ident", ready_only=True)):
         async with grpc.aio.insecure_channel(w.fast_address) as ch:
             st = await pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
-                pb.ModelStatisticsRequest(name="ident"), metadata=md, timeout=10)
+                pb.ModelStatisticsRequest(name="ident"), metadata=md, timeout=10
+            )
             out.append((w, sum(s.inference_stats.success.count for s in st.model_stats)))
     return out
 
@@ -293,15 +302,22 @@ async def test_a_worker_the_fast_port_ejects_is_probed_and_readmitted(own_stack:
     assert "fovea_gateway_worker_ejections_total 1.0" in gw.metrics.exposition().decode()
     main_port = int(dead.address.rsplit(":", 1)[1])
     stack.workers[0] = await asyncio.to_thread(
-        stack.cluster.start_worker, stack.registry.address, ["colors", "ident"], name="worker0", port=main_port,
-        FOVEA_WORKER_FAST_PORT=fast_address.rsplit(":", 1)[1], FOVEA_WORKER_INTRA_OP_THREADS="1",
-        FOVEA_WORKER_DECODE_THREADS="1")
+        stack.cluster.start_worker,
+        stack.registry.address,
+        ["colors", "ident"],
+        name="worker0",
+        port=main_port,
+        FOVEA_WORKER_FAST_PORT=fast_address.rsplit(":", 1)[1],
+        FOVEA_WORKER_INTRA_OP_THREADS="1",
+        FOVEA_WORKER_DECODE_THREADS="1",
+    )
     assert await until(lambda: not ep.ejected, 20.0), "the probe never re-admitted the restarted worker"
     assert gw.gateway.workers.endpoints.get(wid) is ep  # the same endpoint: re-admitted, not re-joined
     assert await until(lambda: fast_address in gw.native.routes, 2.0)
     before = gw.metrics.served_by_worker().get(wid, 0.0)
-    assert await until(lambda: gw.metrics.served_by_worker().get(wid, 0.0) > before + 20, 5.0), \
+    assert await until(lambda: gw.metrics.served_by_worker().get(wid, 0.0) > before + 20, 5.0), (
         "native calls did not reach the re-admitted worker"
+    )
     stop.set()
     await asyncio.gather(*clients)
     assert failures == [], failures[:3]
@@ -370,8 +386,13 @@ async def test_pending_limit_and_cancelled_calls_give_their_slots_back(stack: St
     would have answered it."""
     mv = await asyncio.to_thread(stack.rc.register, slow_model(), model_pb2.ModelVersion(name="slow"))
     await asyncio.to_thread(stack.rc.set_alias, "slow", "production", [(mv.version, 100)])
-    worker = await asyncio.to_thread(stack.cluster.start_worker, stack.registry.address, ["slow"], name="slow-worker",
-                                     FOVEA_WORKER_INTRA_OP_THREADS="1")
+    worker = await asyncio.to_thread(
+        stack.cluster.start_worker,
+        stack.registry.address,
+        ["slow"],
+        name="slow-worker",
+        FOVEA_WORKER_INTRA_OP_THREADS="1",
+    )
     try:
         gw = await gateways(max_pending_calls=2)
         await wait_routable(gw, "slow", timeout_s=60)

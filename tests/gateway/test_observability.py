@@ -79,7 +79,8 @@ async def test_metrics_endpoint_and_request_ids(stack: Stack, gateways: GatewayF
     assert secret not in access.getvalue() + json.dumps(handler.lines)  # keys are never logged
 
     text = await asyncio.to_thread(
-        lambda: urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode())
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
+    )
     assert 'fovea_gateway_requests_total{code="OK",method="Classify",model="colors"} 2.0' in text
     assert 'fovea_gateway_requests_total{code="INVALID_ARGUMENT",method="Classify",model=""} 1.0' in text
     assert 'fovea_gateway_request_seconds_bucket{le="+Inf",method="Classify"} 3.0' in text
@@ -98,8 +99,9 @@ async def test_health_and_reflection(stack: Stack, gateways: GatewayFactory) -> 
     refl = reflection_pb2_grpc.ServerReflectionStub(channel)
 
     async def ask() -> reflection_pb2.ServerReflectionResponse:
-        async for resp in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                                    timeout=10):
+        async for resp in refl.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        ):
             return resp
         raise AssertionError("no reflection answer")
 
@@ -110,28 +112,40 @@ async def test_health_and_reflection(stack: Stack, gateways: GatewayFactory) -> 
 
 def _certs(tmp: pathlib.Path) -> dict[str, pathlib.Path]:
     """A CA, a server certificate for 127.0.0.1/localhost, and a client certificate, all made here."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
-    def make(name: str, issuer_key: object, issuer: x509.Name | None, ca: bool, san: list[x509.GeneralName]) -> tuple[object, x509.Certificate]:
+    def make(
+        name: str, issuer_key: object, issuer: x509.Name | None, ca: bool, san: list[x509.GeneralName]
+    ) -> tuple[object, x509.Certificate]:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer or subject)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer or subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if san:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return key, builder.sign(issuer_key or key, hashes.SHA256())  # type: ignore[arg-type]
 
     ca_key, ca_cert = make("fovea test CA", None, None, True, [])
     files = {}
-    for name, san in (("server", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                      ("client", [x509.DNSName("client")])):
+    for name, san in (
+        ("server", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+        ("client", [x509.DNSName("client")]),
+    ):
         key, cert = make(name, ca_key, ca_cert.subject, False, san)
         files[f"{name}_key"] = tmp / f"{name}.key"
-        files[f"{name}_key"].write_bytes(key.private_bytes(  # type: ignore[attr-defined]
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        files[f"{name}_key"].write_bytes(
+            key.private_bytes(  # type: ignore[attr-defined]
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         files[f"{name}_cert"] = tmp / f"{name}.pem"
         files[f"{name}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     files["ca"] = tmp / "ca.pem"
@@ -144,15 +158,18 @@ async def test_tls_and_mutual_tls(stack: Stack, gateways: GatewayFactory, tmp_pa
     secret = await asyncio.to_thread(stack.key)
     req = classify_request(RED)
     tls = await gateways(tls_cert_file=str(f["server_cert"]), tls_key_file=str(f["server_key"]))
-    mtls = await gateways(tls_cert_file=str(f["server_cert"]), tls_key_file=str(f["server_key"]),
-                          tls_client_ca_file=str(f["ca"]))
+    mtls = await gateways(
+        tls_cert_file=str(f["server_cert"]), tls_key_file=str(f["server_key"]), tls_client_ca_file=str(f["ca"])
+    )
     ca = f["ca"].read_bytes()
     client_pair = dict(private_key=f["client_key"].read_bytes(), certificate_chain=f["client_cert"].read_bytes())
 
     async def classify(port: int, creds: grpc.ChannelCredentials | None) -> grpc.StatusCode:
         address = f"127.0.0.1:{port}"
         channel = grpc.aio.secure_channel(address, creds) if creds else grpc.aio.insecure_channel(address)
-        code, _ = await status_of(image_pb2_grpc.ImageServiceStub(channel).Classify(req, metadata=auth(secret), timeout=5))
+        code, _ = await status_of(
+            image_pb2_grpc.ImageServiceStub(channel).Classify(req, metadata=auth(secret), timeout=5)
+        )
         await channel.close()
         return code
 
@@ -163,15 +180,22 @@ async def test_tls_and_mutual_tls(stack: Stack, gateways: GatewayFactory, tmp_pa
     assert await classify(mtls.port, grpc.ssl_channel_credentials(ca)) == grpc.StatusCode.UNAVAILABLE  # no client cert
 
     def python_client() -> str:  # fovea.client with a client certificate (blocking: runs in a thread)
-        with Client(f"127.0.0.1:{mtls.port}", secret, timeout_s=10, tls_ca_file=str(f["ca"]),
-                    tls_cert_file=str(f["client_cert"]), tls_key_file=str(f["client_key"])) as c:
+        with Client(
+            f"127.0.0.1:{mtls.port}",
+            secret,
+            timeout_s=10,
+            tls_ca_file=str(f["ca"]),
+            tls_cert_file=str(f["client_cert"]),
+            tls_key_file=str(f["client_key"]),
+        ) as c:
             return c.classify([RED], model="colors", top_k=1).results[0].labels[0].label
 
     assert await asyncio.to_thread(python_client) == "red"
 
 
-async def test_the_fast_port_serves_tls_and_mutual_tls_too(stack: Stack, gateways: GatewayFactory,
-                                                          tmp_path: pathlib.Path) -> None:
+async def test_the_fast_port_serves_tls_and_mutual_tls_too(
+    stack: Stack, gateways: GatewayFactory, tmp_path: pathlib.Path
+) -> None:
     import numpy as np
 
     from inference import grpc_predict_v2_pb2 as pb
@@ -179,8 +203,9 @@ async def test_the_fast_port_serves_tls_and_mutual_tls_too(stack: Stack, gateway
 
     f = _certs(tmp_path)
     secret = await asyncio.to_thread(stack.key)
-    mtls = await gateways(tls_cert_file=str(f["server_cert"]), tls_key_file=str(f["server_key"]),
-                          tls_client_ca_file=str(f["ca"]))
+    mtls = await gateways(
+        tls_cert_file=str(f["server_cert"]), tls_key_file=str(f["server_key"]), tls_client_ca_file=str(f["ca"])
+    )
     assert mtls.fast_port > 0
     ca = f["ca"].read_bytes()
     client_pair = dict(private_key=f["client_key"].read_bytes(), certificate_chain=f["client_cert"].read_bytes())
@@ -194,8 +219,11 @@ async def test_the_fast_port_serves_tls_and_mutual_tls_too(stack: Stack, gateway
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         code, _ = await status_of(stub.ModelInfer(req, metadata=auth(secret), timeout=5))
         if code == grpc.StatusCode.OK:  # and the Python path behind it (images) through the same port
-            code, _ = await status_of(image_pb2_grpc.ImageServiceStub(channel).Classify(
-                classify_request(RED), metadata=auth(secret), timeout=5))
+            code, _ = await status_of(
+                image_pb2_grpc.ImageServiceStub(channel).Classify(
+                    classify_request(RED), metadata=auth(secret), timeout=5
+                )
+            )
         await channel.close()
         return code
 

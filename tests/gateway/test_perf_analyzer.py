@@ -17,7 +17,6 @@ from inference import model_config_pb2 as mc
 from loadtest import perf_analyzer
 from tests.gateway.conftest import GatewayFactory, Stack
 
-
 # This checks compatibility, not speed: a noisy machine must not fail it on perf_analyzer's
 # stability rule (3 windows within 10% of each other by default).
 LOOSE = ("--stability-percentage", "1000", "--max-trials", "20")
@@ -28,18 +27,53 @@ async def test_perf_analyzer_through_gateway_and_worker(stack: Stack, gateways: 
     gw = await gateways()
     secret = await asyncio.to_thread(stack.key)
     # the gateway runs in this event loop, so perf_analyzer runs on a thread
-    through_gw = await asyncio.to_thread(perf_analyzer.run, f"127.0.0.1:{gw.port}", "ident", secret,
-                                         concurrency=2, window_ms=500, batch=2, extra=LOOSE, timeout_s=120)
-    streaming = await asyncio.to_thread(perf_analyzer.run, f"127.0.0.1:{gw.port}", "ident", secret,
-                                        concurrency=2, window_ms=500, extra=("--streaming", *LOOSE), timeout_s=120)
+    through_gw = await asyncio.to_thread(
+        perf_analyzer.run,
+        f"127.0.0.1:{gw.port}",
+        "ident",
+        secret,
+        concurrency=2,
+        window_ms=500,
+        batch=2,
+        extra=LOOSE,
+        timeout_s=120,
+    )
+    streaming = await asyncio.to_thread(
+        perf_analyzer.run,
+        f"127.0.0.1:{gw.port}",
+        "ident",
+        secret,
+        concurrency=2,
+        window_ms=500,
+        extra=("--streaming", *LOOSE),
+        timeout_s=120,
+    )
     worker = stack.workers[0].address
-    direct = await asyncio.to_thread(perf_analyzer.run, worker, "ident", stack.cluster.internal_token,
-                                     concurrency=2, window_ms=500, extra=LOOSE, timeout_s=120)
+    direct = await asyncio.to_thread(
+        perf_analyzer.run,
+        worker,
+        "ident",
+        stack.cluster.internal_token,
+        concurrency=2,
+        window_ms=500,
+        extra=LOOSE,
+        timeout_s=120,
+    )
     # and against a worker's native fast port, which answers the metadata, config and statistics calls it makes
-    fast_address = next(w.fast_address for w in await asyncio.to_thread(stack.rc.list_workers, "ident")
-                        if w.address == worker)
-    fast = await asyncio.to_thread(perf_analyzer.run, fast_address, "ident", stack.cluster.internal_token,
-                                   concurrency=2, window_ms=500, batch=2, extra=LOOSE, timeout_s=120)
+    fast_address = next(
+        w.fast_address for w in await asyncio.to_thread(stack.rc.list_workers, "ident") if w.address == worker
+    )
+    fast = await asyncio.to_thread(
+        perf_analyzer.run,
+        fast_address,
+        "ident",
+        stack.cluster.internal_token,
+        concurrency=2,
+        window_ms=500,
+        batch=2,
+        extra=LOOSE,
+        timeout_s=120,
+    )
     for r in (through_gw, streaming, direct, fast):
         assert r.requests > 0 and r.infer_per_s > 0 and 0 < r.p50_us <= r.p99_us, r.output[-1500:]
     assert "Batch size: 2" in through_gw.output
@@ -47,11 +81,16 @@ async def test_perf_analyzer_through_gateway_and_worker(stack: Stack, gateways: 
     # or through a gateway the sum over the workers
     for r in (direct, through_gw, fast):
         assert "Server:" in r.output and "Inference count:" in r.output, r.output[-1500:]
+
     # the --streaming run really went over Triton's ModelStreamInfer call (counted when a stream ends,
     # which the gateway may see a moment after perf_analyzer has exited)
     def streams() -> float:
-        return sum(sample.value for metric in gw.metrics.registry.collect() for sample in metric.samples
-                   if sample.name == "fovea_gateway_requests_total" and sample.labels["method"] == "ModelStreamInfer")
+        return sum(
+            sample.value
+            for metric in gw.metrics.registry.collect()
+            for sample in metric.samples
+            if sample.name == "fovea_gateway_requests_total" and sample.labels["method"] == "ModelStreamInfer"
+        )
 
     for _ in range(100):
         if streams() >= 1:
@@ -107,10 +146,11 @@ async def test_gateway_statistics_sum_the_workers_and_follow_the_key(stack: Stac
         for _ in range(20):  # spread over both workers by the gateway's routing
             await stub.ModelInfer(infer, metadata=(("authorization", f"Bearer {secret}"),), timeout=10)
         before = await per_worker()
-        total = (await stub.ModelStatistics(req, metadata=(("authorization", f"Bearer {secret}"),), timeout=10))
+        total = await stub.ModelStatistics(req, metadata=(("authorization", f"Bearer {secret}"),), timeout=10)
         after = await per_worker()
-        everything = await stub.ModelStatistics(pb.ModelStatisticsRequest(),
-                                                metadata=(("authorization", f"Bearer {only_colors}"),), timeout=10)
+        everything = await stub.ModelStatistics(
+            pb.ModelStatisticsRequest(), metadata=(("authorization", f"Bearer {only_colors}"),), timeout=10
+        )
         try:
             await stub.ModelStatistics(req, metadata=(("authorization", f"Bearer {only_colors}"),), timeout=10)
             raise AssertionError("a key limited to colors read ident's statistics")

@@ -45,8 +45,10 @@ async def test_rate_limit_shared_by_two_replicas(stack: Stack, gateways: Gateway
 
     await asyncio.gather(*(client(i % 2) for i in range(8)))
     total = sum(accepted.values())
-    print(f"accepted {total} in {WINDOW_S:.0f} s (limit {R:g}/s: {R * WINDOW_S:.0f}), "
-          f"per replica {accepted}, refused {refused}")
+    print(
+        f"accepted {total} in {WINDOW_S:.0f} s (limit {R:g}/s: {R * WINDOW_S:.0f}), "
+        f"per replica {accepted}, refused {refused}"
+    )
     assert abs(total - R * WINDOW_S) <= 0.15 * R * WINDOW_S
     assert accepted[0] > 0 and accepted[1] > 0
     assert refused > 0 and all(0 < h <= 1000 / R + 1 for h in hints)

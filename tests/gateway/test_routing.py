@@ -44,8 +44,11 @@ async def test_two_equal_workers_share_the_load(stack: Stack, gateways: GatewayF
 
 def _status(worker_id: str, address: str) -> registry_pb2.WorkerStatus:
     return registry_pb2.WorkerStatus(
-        worker_id=worker_id, address=address, state=registry_pb2.WORKER_STATE_READY,
-        models=[registry_pb2.LoadedModel(name="colors", version=1, ready=True)])
+        worker_id=worker_id,
+        address=address,
+        state=registry_pb2.WORKER_STATE_READY,
+        models=[registry_pb2.LoadedModel(name="colors", version=1, ready=True)],
+    )
 
 
 async def _health_only_server(port: int) -> grpc.aio.Server:
@@ -65,8 +68,12 @@ async def test_failing_worker_is_ejected_and_readmitted_after_a_probe() -> None:
     down_port, up_port = free_port(), free_port()
     up = await _health_only_server(up_port)
     workers = Workers(4 * 1024 * 1024, eject_after_failures=2, eject_s=0.3)
-    workers.on_event(registry_pb2.WatchWorkersResponse(snapshot=True, workers=[
-        _status("flaky", f"127.0.0.1:{down_port}"), _status("steady", f"127.0.0.1:{up_port}")]))
+    workers.on_event(
+        registry_pb2.WatchWorkersResponse(
+            snapshot=True,
+            workers=[_status("flaky", f"127.0.0.1:{down_port}"), _status("steady", f"127.0.0.1:{up_port}")],
+        )
+    )
     flaky = workers.endpoints["flaky"]
     for _ in range(2):  # nothing listens on the flaky worker's port: real connection failures
         try:
@@ -152,13 +159,15 @@ async def _fast_port_successes(stack: Stack, model: str) -> int:
         assert w.fast_address, "workers advertise their fast port"
         async with grpc.aio.insecure_channel(w.fast_address) as ch:
             st = await pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
-                pb.ModelStatisticsRequest(name=model), metadata=md, timeout=10)
+                pb.ModelStatisticsRequest(name=model), metadata=md, timeout=10
+            )
             total += sum(s.inference_stats.success.count for s in st.model_stats)
     return total
 
 
-async def test_raw_tensors_go_to_the_fast_port_and_images_to_the_main_port(stack: Stack,
-                                                                           gateways: GatewayFactory) -> None:
+async def test_raw_tensors_go_to_the_fast_port_and_images_to_the_main_port(
+    stack: Stack, gateways: GatewayFactory
+) -> None:
     gw = await gateways()
     await wait_routable(gw, "ident")
     assert all(ep.fast_infer_bytes is not None for ep in gw.gateway.workers.endpoints.values())

@@ -56,7 +56,6 @@ async def test_stream_answers_in_order_with_errors_per_item(stack: Stack, gatewa
     await channel.close()
 
 
-
 async def test_python_client_stream(stack: Stack, gateways: GatewayFactory) -> None:
     gw = await gateways()
     secret = await asyncio.to_thread(stack.key)

@@ -21,8 +21,9 @@ PROBE = pathlib.Path(__file__).with_name("triton_probe.py")
 
 
 @pytest.mark.parametrize("port", ["main", "fast"])
-async def test_tritonclient_against_gateway(stack: Stack, gateways: GatewayFactory, tmp_path: pathlib.Path,
-                                            port: str) -> None:
+async def test_tritonclient_against_gateway(
+    stack: Stack, gateways: GatewayFactory, tmp_path: pathlib.Path, port: str
+) -> None:
     gw = await gateways()
     secret = await asyncio.to_thread(stack.key)
     image = tmp_path / "blue.png"
@@ -30,8 +31,16 @@ async def test_tritonclient_against_gateway(stack: Stack, gateways: GatewayFacto
     env = {**os.environ, "FOVEA_API_KEY": secret}
     # the gateway runs in this event loop, so the client must be a non-blocking subprocess
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(PROBE), f"127.0.0.1:{gw.port if port == 'main' else gw.fast_port}", "colors", str(image),
-        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        str(PROBE),
+        f"127.0.0.1:{gw.port if port == 'main' else gw.fast_port}",
+        "colors",
+        str(image),
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, stderr.decode()[-3000:]
     out = json.loads(stdout.decode().strip().splitlines()[-1])

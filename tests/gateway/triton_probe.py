@@ -19,17 +19,27 @@ import tritonclient.grpc as triton
 def main(address: str, model: str, image_path: str) -> None:
     headers = {"authorization": f"Bearer {os.environ['FOVEA_API_KEY']}"}
     client = triton.InferenceServerClient(address)
-    out: dict[str, object] = {"live": client.is_server_live(headers=headers),
-                              "ready": client.is_server_ready(headers=headers),
-                              "model_ready": client.is_model_ready(model, headers=headers)}
+    out: dict[str, object] = {
+        "live": client.is_server_live(headers=headers),
+        "ready": client.is_server_ready(headers=headers),
+        "model_ready": client.is_model_ready(model, headers=headers),
+    }
     meta = client.get_model_metadata(model, headers=headers)
-    out["metadata"] = {"name": meta.name, "versions": list(meta.versions), "platform": meta.platform,
-                       "inputs": [[t.name, t.datatype, list(t.shape)] for t in meta.inputs],
-                       "outputs": [[t.name, t.datatype, list(t.shape)] for t in meta.outputs]}
+    out["metadata"] = {
+        "name": meta.name,
+        "versions": list(meta.versions),
+        "platform": meta.platform,
+        "inputs": [[t.name, t.datatype, list(t.shape)] for t in meta.inputs],
+        "outputs": [[t.name, t.datatype, list(t.shape)] for t in meta.outputs],
+    }
     config = client.get_model_config(model, headers=headers).config
-    out["config"] = {"name": config.name, "platform": config.platform, "max_batch_size": config.max_batch_size,
-                     "inputs": [[t.name, int(t.data_type), list(t.dims)] for t in config.input],
-                     "outputs": [[t.name, int(t.data_type), list(t.dims), t.label_filename] for t in config.output]}
+    out["config"] = {
+        "name": config.name,
+        "platform": config.platform,
+        "max_batch_size": config.max_batch_size,
+        "inputs": [[t.name, int(t.data_type), list(t.dims)] for t in config.input],
+        "outputs": [[t.name, int(t.data_type), list(t.dims), t.label_filename] for t in config.output],
+    }
     server = client.get_server_metadata(headers=headers)
     out["server"] = {"name": server.name, "extensions": list(server.extensions)}
     with open(image_path, "rb") as f:

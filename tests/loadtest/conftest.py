@@ -23,8 +23,9 @@ def oip_server() -> Iterator[StartServer]:
 
     def start(kind: str, *flags: str) -> str:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen([sys.executable, "-m", "tests.loadtest.servers", kind, *flags], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.loadtest.servers", kind, *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE
+        )
         procs.append(proc)
         assert proc.stdout is not None
         sel = selectors.DefaultSelector()

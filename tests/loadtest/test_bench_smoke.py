@@ -14,13 +14,20 @@ from fovea.cluster import ROOT
 
 def test_bench_suite_smoke(tmp_path: pathlib.Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FOVEA_")}
-    out = subprocess.run([sys.executable, "bench/suite/run.py", "--smoke", "--out", str(tmp_path)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    out = subprocess.run(
+        [sys.executable, "bench/suite/run.py", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads((tmp_path / "results.json").read_text())
     points = {(r["model"], r["hop"], r["concurrency"]) for r in doc["results"]}
-    assert points == {(m, h, c) for m in ("identity", "cifar-cnn") for h in ("onnxruntime", "worker", "gateway")
-                      for c in (1, 8)}
+    assert points == {
+        (m, h, c) for m in ("identity", "cifar-cnn") for h in ("onnxruntime", "worker", "gateway") for c in (1, 8)
+    }
     for r in doc["results"]:
         assert r["ok"] > 0 and r["errors"] == {}, r
         assert r["latency_ms"]["p50"] > 0 and r["throughput_rps"] > 0

@@ -14,8 +14,15 @@ from tests.loadtest.conftest import StartServer
 
 
 def _tensor_target(address: str) -> tuple[Target, list[bytes]]:
-    target = Target(kind="oip", address=address, model="zero", payload="tensor", input_name="input",
-                    input_shape=[1, 4], input_dtype="FP32")
+    target = Target(
+        kind="oip",
+        address=address,
+        model="zero",
+        payload="tensor",
+        input_name="input",
+        input_shape=[1, 4],
+        input_dtype="FP32",
+    )
     return target, build_requests(target, [])
 
 
@@ -30,8 +37,9 @@ def test_p50_matches_a_known_20ms_delay(oip_server: StartServer) -> None:
     target, requests = _tensor_target(oip_server("sleeping", "--delay-ms", "20"))
     seen = []
     for _ in range(5):
-        result = stats.summarize(run(target, LoadSpec(mode="closed", concurrency=1, duration_s=2.0, warmup_s=0.3),
-                                     requests))
+        result = stats.summarize(
+            run(target, LoadSpec(mode="closed", concurrency=1, duration_s=2.0, warmup_s=0.3), requests)
+        )
         assert result["errors"] == {} and result["ok"] > 40
         assert result["latency_ms"]["p50"] >= 20.0  # never faster than the injected delay
         seen.append(result["latency_ms"]["p50"])
@@ -86,12 +94,29 @@ def test_client_cpu_report_and_saturation_flag(oip_server: StartServer) -> None:
     assert "SATURATED" in report.table([flagged])
 
 
-def test_cli_writes_table_json_and_plots(oip_server: StartServer, tmp_path: pathlib.Path,
-                                         capsys: object) -> None:
+def test_cli_writes_table_json_and_plots(oip_server: StartServer, tmp_path: pathlib.Path, capsys: object) -> None:
     address = oip_server("zero")
     out = tmp_path / "lt"
-    rc = loadtest_main(["oip", address, "--model", "zero", "--concurrency", "1,4", "--duration-s", "0.6",
-                        "--warmup-s", "0.2", "--image-size", "64x48", "--image-count", "3", "--out", str(out)])
+    rc = loadtest_main(
+        [
+            "oip",
+            address,
+            "--model",
+            "zero",
+            "--concurrency",
+            "1,4",
+            "--duration-s",
+            "0.6",
+            "--warmup-s",
+            "0.2",
+            "--image-size",
+            "64x48",
+            "--image-count",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out  # type: ignore[attr-defined]
     assert "req/s" in text and "p99.9 ms" in text and "c=4" in text
@@ -99,7 +124,9 @@ def test_cli_writes_table_json_and_plots(oip_server: StartServer, tmp_path: path
     assert [r["concurrency"] for r in doc["runs"]] == [1, 4]
     assert doc["machine"]["cores"] >= 1 and doc["target"]["payload"] == "images"
     run0 = doc["runs"][0]
-    assert set(run0["latency_ms"]) >= {"p50", "p90", "p99", "p99.9"} and run0["timeline"] and run0["histogram"]["counts"]
+    assert (
+        set(run0["latency_ms"]) >= {"p50", "p90", "p99", "p99.9"} and run0["timeline"] and run0["histogram"]["counts"]
+    )
     for name in ("latency_over_time.png", "latency_histogram.png", "throughput_sweep.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

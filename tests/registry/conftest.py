@@ -27,8 +27,14 @@ async def start_registry(redis_url: str, tmp_path: pathlib.Path, token: str) -> 
     servers: list[RegistryServer] = []
 
     async def start(**overrides: Any) -> RegistryServer:
-        fields: dict[str, Any] = dict(port=0, redis_url=redis_url, artifact_dir=tmp_path / "artifacts",
-                                      internal_token=token, log_json=False, grace_s=0.5)
+        fields: dict[str, Any] = dict(
+            port=0,
+            redis_url=redis_url,
+            artifact_dir=tmp_path / "artifacts",
+            internal_token=token,
+            log_json=False,
+            grace_s=0.5,
+        )
         fields.update(overrides)
         server = await build_server(RegistryConfig(**fields))
         servers.append(server)

@@ -29,18 +29,19 @@ class Reg:
     async def close(self) -> None:
         await self.channel.close()
 
-    def with_token(self, token: str) -> "Reg":
+    def with_token(self, token: str) -> Reg:
         return Reg(self.address, token, self.timeout_s)
 
-    async def register(self, name: str, data: bytes | None = None, chunk: int = CHUNK,
-                       **fields: Any) -> model_pb2.ModelVersion:
+    async def register(
+        self, name: str, data: bytes | None = None, chunk: int = CHUNK, **fields: Any
+    ) -> model_pb2.ModelVersion:
         data = color_model() if data is None else data
         meta = model_pb2.ModelVersion(name=name, **fields)
 
         async def parts() -> AsyncIterator[registry_pb2.RegisterModelRequest]:
             yield registry_pb2.RegisterModelRequest(metadata=meta)
             for i in range(0, len(data), chunk):
-                yield registry_pb2.RegisterModelRequest(chunk=data[i:i + chunk])
+                yield registry_pb2.RegisterModelRequest(chunk=data[i : i + chunk])
 
         resp = await self.stub.RegisterModel(parts(), metadata=self.md, timeout=self.timeout_s)
         return resp.model
@@ -49,33 +50,45 @@ class Reg:
         return await getattr(self.stub, method)(request, metadata=self.md, timeout=self.timeout_s)
 
     async def set_alias(self, model: str, alias: str, *targets: tuple[int, int]) -> registry_pb2.SetAliasResponse:
-        req = registry_pb2.SetAliasRequest(model=model, alias=alias,
-                                           targets=[model_pb2.AliasTarget(version=v, weight=w) for v, w in targets])
+        req = registry_pb2.SetAliasRequest(
+            model=model, alias=alias, targets=[model_pb2.AliasTarget(version=v, weight=w) for v, w in targets]
+        )
         return await self.call("SetAlias", req)
 
     async def resolve(self, model: str, version: int = 0, alias: str = "") -> registry_pb2.GetModelVersionResponse:
-        return await self.call("GetModelVersion", registry_pb2.GetModelVersionRequest(
-            model=model, version=version, alias=alias))
+        return await self.call(
+            "GetModelVersion", registry_pb2.GetModelVersionRequest(model=model, version=version, alias=alias)
+        )
 
-    async def create_key(self, role: int, patterns: tuple[str, ...] = (), ttl_s: int = 0) -> tuple[registry_pb2.ApiKey, str]:
-        resp = await self.call("CreateApiKey", registry_pb2.CreateApiKeyRequest(
-            role=role, model_patterns=patterns, ttl_s=ttl_s))
+    async def create_key(
+        self, role: int, patterns: tuple[str, ...] = (), ttl_s: int = 0
+    ) -> tuple[registry_pb2.ApiKey, str]:
+        resp = await self.call(
+            "CreateApiKey", registry_pb2.CreateApiKeyRequest(role=role, model_patterns=patterns, ttl_s=ttl_s)
+        )
         return resp.key, resp.secret
 
-    async def heartbeat(self, worker_id: str, models: tuple[tuple[str, int], ...] = (),
-                        state: int = registry_pb2.WORKER_STATE_READY) -> float:
+    async def heartbeat(
+        self, worker_id: str, models: tuple[tuple[str, int], ...] = (), state: int = registry_pb2.WORKER_STATE_READY
+    ) -> float:
         status = registry_pb2.WorkerStatus(
-            worker_id=worker_id, address=f"127.0.0.1:{abs(hash(worker_id)) % 50000 + 1024}", state=state,
-            models=[registry_pb2.LoadedModel(name=n, version=v, ready=True, provider="CPUExecutionProvider")
-                    for n, v in models],
-            device=registry_pb2.Device(kind="CPU", name="test cpu"))
+            worker_id=worker_id,
+            address=f"127.0.0.1:{abs(hash(worker_id)) % 50000 + 1024}",
+            state=state,
+            models=[
+                registry_pb2.LoadedModel(name=n, version=v, ready=True, provider="CPUExecutionProvider")
+                for n, v in models
+            ],
+            device=registry_pb2.Device(kind="CPU", name="test cpu"),
+        )
         resp = await self.call("Heartbeat", registry_pb2.HeartbeatRequest(status=status))
         return resp.ttl_s
 
     async def download(self, model: str, version: int) -> bytes:
         parts = []
-        async for r in self.stub.DownloadArtifact(registry_pb2.DownloadArtifactRequest(model=model, version=version),
-                                                  metadata=self.md, timeout=self.timeout_s):
+        async for r in self.stub.DownloadArtifact(
+            registry_pb2.DownloadArtifactRequest(model=model, version=version), metadata=self.md, timeout=self.timeout_s
+        ):
             parts.append(r.chunk)
         return b"".join(parts)
 
@@ -154,4 +167,4 @@ def files_under(root: Any) -> list[str]:
 
 def chunks_of(data: bytes, size: int) -> Iterator[bytes]:
     for i in range(0, len(data), size):
-        yield data[i:i + size]
+        yield data[i : i + size]

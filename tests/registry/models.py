@@ -11,9 +11,11 @@ def fixed_batch_model() -> bytes:
     """Like tinymodels.color_model but with batch fixed at 1 (no dynamic batch axis)."""
     w = np.eye(3, dtype=np.float32)
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+        ],
         "fixed",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])],
@@ -27,8 +29,10 @@ def fixed_batch_model() -> bytes:
 def batch_one_reshape_model() -> bytes:
     """Declares a dynamic batch axis, but a Reshape inside assumes batch 1: fails on a batch of 2."""
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-         helper.make_node("Reshape", ["pooled", "shape"], ["logits"])],
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Reshape", ["pooled", "shape"], ["logits"]),
+        ],
         "batch1",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
@@ -48,7 +52,6 @@ def unloadable_model() -> bytes:
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.example", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     model.ir_version = 8
     return model.SerializeToString()

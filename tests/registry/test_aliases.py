@@ -83,8 +83,9 @@ async def test_archive_is_refused_while_an_alias_points_at_the_version(reg: Reg)
     await reg.set_alias("colors", "production", (2, 90), (3, 10))
     await reg.set_alias("colors", "staging", (1, 100))
     for version, alias in ((3, "production"), (1, "staging")):
-        code, msg = await status_of(reg.call("ArchiveVersion", registry_pb2.ArchiveVersionRequest(
-            model="colors", version=version)))
+        code, msg = await status_of(
+            reg.call("ArchiveVersion", registry_pb2.ArchiveVersionRequest(model="colors", version=version))
+        )
         assert code == PRECONDITION and f"alias {alias!r}" in msg
     await reg.set_alias("colors", "production", (2, 100))
     archived = (await reg.call("ArchiveVersion", registry_pb2.ArchiveVersionRequest(model="colors", version=3))).model
@@ -99,11 +100,16 @@ async def test_archive_is_refused_while_an_alias_points_at_the_version(reg: Reg)
     # Deleting the alias frees its version; a rollback brings the alias back.
     removed = (await reg.call("DeleteAlias", registry_pb2.DeleteAliasRequest(model="colors", alias="staging"))).alias
     assert targets(removed) == [(1, 100)]
-    assert (await reg.call("ArchiveVersion", registry_pb2.ArchiveVersionRequest(model="colors", version=1))).model.state \
-        == model_pb2.VERSION_STATE_ARCHIVED
-    code, msg = await status_of(reg.call("DeleteAlias", registry_pb2.DeleteAliasRequest(model="colors", alias="staging")))
+    assert (
+        await reg.call("ArchiveVersion", registry_pb2.ArchiveVersionRequest(model="colors", version=1))
+    ).model.state == model_pb2.VERSION_STATE_ARCHIVED
+    code, msg = await status_of(
+        reg.call("DeleteAlias", registry_pb2.DeleteAliasRequest(model="colors", alias="staging"))
+    )
     assert code == grpc.StatusCode.NOT_FOUND and "no alias 'staging'" in msg
-    code, msg = await status_of(reg.call("ArchiveVersion", registry_pb2.ArchiveVersionRequest(model="colors", version=8)))
+    code, msg = await status_of(
+        reg.call("ArchiveVersion", registry_pb2.ArchiveVersionRequest(model="colors", version=8))
+    )
     assert code == grpc.StatusCode.NOT_FOUND
     # Latest-version fallback skips archived versions.
     await reg.call("DeleteAlias", registry_pb2.DeleteAliasRequest(model="colors", alias="production"))

@@ -22,8 +22,14 @@ class Cli:
 
     async def run(self, *args: str, ok: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
         out = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "fovea.cli", *args], cwd=ROOT, env={**self.env, **env},
-            capture_output=True, text=True, timeout=60)
+            subprocess.run,
+            [sys.executable, "-m", "fovea.cli", *args],
+            cwd=ROOT,
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if ok:
             assert out.returncode == 0, (args, out.stdout, out.stderr)
         else:
@@ -38,16 +44,18 @@ def _rows(text: str) -> list[list[str]]:
     return [line.split() for line in text.strip().splitlines()]
 
 
-async def test_model_commands_print_tables_and_json(start_registry: StartRegistry, token: str,
-                                                    tmp_path: pathlib.Path) -> None:
+async def test_model_commands_print_tables_and_json(
+    start_registry: StartRegistry, token: str, tmp_path: pathlib.Path
+) -> None:
     server = await start_registry()
     cli = Cli(f"127.0.0.1:{server.port}", token)
     v1_file, v2_file = tmp_path / "v1.onnx", tmp_path / "v2.onnx"
     v1_file.write_bytes(color_model())
     v2_file.write_bytes(color_model(bias=1.0))
 
-    registered = await cli.json("model", "register", "colors", str(v1_file), "--metric", "top1=0.91",
-                                "--tag", "team=vision")
+    registered = await cli.json(
+        "model", "register", "colors", str(v1_file), "--metric", "top1=0.91", "--tag", "team=vision"
+    )
     assert registered["model"]["version"] == "1" and registered["model"]["metrics"] == {"top1": 0.91}
     out = (await cli.run("model", "register", "colors", str(v2_file), "--promote", "production")).stdout
     assert out.startswith("registered colors v2 sha256=") and "colors/production: none -> v2" in out
@@ -55,7 +63,9 @@ async def test_model_commands_print_tables_and_json(start_registry: StartRegistr
     out = (await cli.run("model", "promote", "colors", "1", "--canary", "2", "--canary-weight", "10")).stdout
     assert out.strip() == "colors/production: v2 -> v1 90%, v2 10%"
     assert _rows((await cli.run("model", "list")).stdout) == [
-        ["MODEL", "LATEST", "ALIASES"], ["colors", "2", "production", "->", "v1", "90%,", "v2", "10%"]]
+        ["MODEL", "LATEST", "ALIASES"],
+        ["colors", "2", "production", "->", "v1", "90%,", "v2", "10%"],
+    ]
     listed = await cli.json("model", "list")
     assert listed[0]["name"] == "colors" and len(listed[0]["aliases"][0]["targets"]) == 2
 
@@ -89,8 +99,9 @@ async def test_model_commands_print_tables_and_json(start_registry: StartRegistr
 async def test_keys_commands_show_the_secret_once(start_registry: StartRegistry, token: str) -> None:
     server = await start_registry()
     cli = Cli(f"127.0.0.1:{server.port}", token)
-    created = await cli.json("keys", "create", "--role", "publish", "--model", "colors*", "--ttl-s", "3600",
-                             "--description", "ci")
+    created = await cli.json(
+        "keys", "create", "--role", "publish", "--model", "colors*", "--ttl-s", "3600", "--description", "ci"
+    )
     key_id, secret = created["key_id"], created["secret"]
     assert secret.startswith(f"fv_{key_id}_") and created["key"]["role"] == "ROLE_PUBLISH"
     out = (await cli.run("keys", "create", "--role", "infer")).stdout

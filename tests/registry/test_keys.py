@@ -77,8 +77,11 @@ async def test_revoked_wrong_and_expired_keys_are_unauthenticated(reg: Reg) -> N
     assert listed[key.key_id].revoked and not listed[short.key_id].revoked
 
     forged = secret[:-4] + ("aaaa" if not secret.endswith("aaaa") else "bbbb")
-    for token, expected in ((forged, "unknown API key"), ("fv_short", "malformed API key"),
-                            ("not-a-key", "not an API key or the internal token")):
+    for token, expected in (
+        (forged, "unknown API key"),
+        ("fv_short", "malformed API key"),
+        ("not-a-key", "not an API key or the internal token"),
+    ):
         code, msg = await status_of(reg.with_token(token).call("ListModels", list_models))
         assert code == UNAUTH and expected in msg, token
 
@@ -94,7 +97,9 @@ async def test_revoked_wrong_and_expired_keys_are_unauthenticated(reg: Reg) -> N
     assert code == grpc.StatusCode.NOT_FOUND
     code, msg = await status_of(reg.call("CreateApiKey", registry_pb2.CreateApiKeyRequest()))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "role is required" in msg
-    code, msg = await status_of(reg.call("CreateApiKey", registry_pb2.CreateApiKeyRequest(role=INFER, rate_limit_rps=-1)))
+    code, msg = await status_of(
+        reg.call("CreateApiKey", registry_pb2.CreateApiKeyRequest(role=INFER, rate_limit_rps=-1))
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "rate_limit_rps" in msg
     watch.close()
 
@@ -125,8 +130,14 @@ async def test_roles_allow_exactly_their_calls(reg: Reg) -> None:
         "SetAlias": (registry_pb2.SetAliasRequest(model="colors", alias="staging", targets=target), PUBLISH),
         "ListApiKeys": (registry_pb2.ListApiKeysRequest(), ADMIN),
         "ListWorkers": (registry_pb2.ListWorkersRequest(), ADMIN),
-        "Heartbeat": (registry_pb2.HeartbeatRequest(status=registry_pb2.WorkerStatus(
-            worker_id="rogue", address="evil.example:1", state=registry_pb2.WORKER_STATE_READY)), None),
+        "Heartbeat": (
+            registry_pb2.HeartbeatRequest(
+                status=registry_pb2.WorkerStatus(
+                    worker_id="rogue", address="evil.example:1", state=registry_pb2.WORKER_STATE_READY
+                )
+            ),
+            None,
+        ),
         "VerifyApiKey": (registry_pb2.VerifyApiKeyRequest(secret="fv_x"), None),
     }
     for method, (request, least) in calls.items():

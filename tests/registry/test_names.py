@@ -13,8 +13,23 @@ from fovea.v1 import model_pb2, registry_pb2
 from tests.registry.helpers import Reg, files_under, redis_state, status_of
 
 BAD_NAMES = [
-    "..", "a..b", "../etc", "a/b", "/abs", "a\x00b", "\x00", "x" * 64, "", "UPPER", "-lead", ".hidden",
-    "a b", "a:b", "a*", "name\n", "caf\u00e9",
+    "..",
+    "a..b",
+    "../etc",
+    "a/b",
+    "/abs",
+    "a\x00b",
+    "\x00",
+    "x" * 64,
+    "",
+    "UPPER",
+    "-lead",
+    ".hidden",
+    "a b",
+    "a:b",
+    "a*",
+    "name\n",
+    "caf\u00e9",
 ]
 
 
@@ -39,9 +54,18 @@ def _rpcs(model: str, alias: str) -> list[tuple[str, str, object]]:
         ("DeleteAlias", "DeleteAlias", registry_pb2.DeleteAliasRequest(model=model, alias=alias)),
         ("GetAliasHistory", "GetAliasHistory", registry_pb2.GetAliasHistoryRequest(model=model, alias=alias)),
         ("ListWorkers", "ListWorkers", registry_pb2.ListWorkersRequest(model=model) if model else None),
-        ("Heartbeat", "Heartbeat", registry_pb2.HeartbeatRequest(status=registry_pb2.WorkerStatus(
-            worker_id="w1", address="127.0.0.1:9", state=registry_pb2.WORKER_STATE_READY,
-            models=[registry_pb2.LoadedModel(name=model, version=1)]))),
+        (
+            "Heartbeat",
+            "Heartbeat",
+            registry_pb2.HeartbeatRequest(
+                status=registry_pb2.WorkerStatus(
+                    worker_id="w1",
+                    address="127.0.0.1:9",
+                    state=registry_pb2.WORKER_STATE_READY,
+                    models=[registry_pb2.LoadedModel(name=model, version=1)],
+                )
+            ),
+        ),
     ]
 
 
@@ -57,7 +81,9 @@ async def test_bad_names_are_invalid_argument_everywhere(reg: Reg, redis_url: st
             assert "invalid model name" in msg
         for model, alias, what in ((bad, "production", "model name"), ("good", bad, "alias")):
             for desc, method, request in _rpcs(model, alias):
-                if request is None or (what == "alias" and method in ("ListVersions", "ArchiveVersion", "ListWorkers", "Heartbeat")):
+                if request is None or (
+                    what == "alias" and method in ("ListVersions", "ArchiveVersion", "ListWorkers", "Heartbeat")
+                ):
                     continue  # the RPC has no such field
                 if not bad and (what == "alias" and method in ("GetModelVersion", "RollbackAlias", "GetAliasHistory")):
                     continue  # an empty alias means production there
@@ -75,14 +101,24 @@ async def test_bad_names_are_invalid_argument_everywhere(reg: Reg, redis_url: st
 
 async def test_bad_key_patterns_and_ids_are_invalid_argument(reg: Reg) -> None:
     for pattern in ("../x", "a/b", "a\x00", "A*", "x" * 129, ""):
-        code, msg = await status_of(reg.call("CreateApiKey", registry_pb2.CreateApiKeyRequest(
-            role=registry_pb2.ROLE_INFER, model_patterns=[pattern])))
+        code, msg = await status_of(
+            reg.call(
+                "CreateApiKey", registry_pb2.CreateApiKeyRequest(role=registry_pb2.ROLE_INFER, model_patterns=[pattern])
+            )
+        )
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "invalid model pattern" in msg, pattern
     for key_id in ("../x", "a" * 40, "ABCDEFGHIJKL", "abc\x00defghij", ""):
         code, msg = await status_of(reg.call("RevokeApiKey", registry_pb2.RevokeApiKeyRequest(key_id=key_id)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "invalid key id" in msg
     for worker_id in ("../w", "w/1", "", "w\x00", "w" * 129):
-        code, msg = await status_of(reg.call("Heartbeat", registry_pb2.HeartbeatRequest(
-            status=registry_pb2.WorkerStatus(worker_id=worker_id, address="127.0.0.1:9",
-                                             state=registry_pb2.WORKER_STATE_READY))))
+        code, msg = await status_of(
+            reg.call(
+                "Heartbeat",
+                registry_pb2.HeartbeatRequest(
+                    status=registry_pb2.WorkerStatus(
+                        worker_id=worker_id, address="127.0.0.1:9", state=registry_pb2.WORKER_STATE_READY
+                    )
+                ),
+            )
+        )
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "invalid worker id" in msg

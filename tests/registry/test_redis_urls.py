@@ -22,15 +22,18 @@ from tests.registry.helpers import Reg
 
 def test_sentinel_urls_parse() -> None:
     assert parse_sentinel_url("redis+sentinel://s1:26380,s2,10.0.0.3:5000/mymaster/2") == SentinelTarget(
-        hosts=(("s1", 26380), ("s2", 26379), ("10.0.0.3", 5000)), service="mymaster", db=2)
+        hosts=(("s1", 26380), ("s2", 26379), ("10.0.0.3", 5000)), service="mymaster", db=2
+    )
     t = parse_sentinel_url("redis+sentinel://user:p%40ss@s1:26379/cache?sentinel_password=sp")
     assert (t.username, t.password, t.sentinel_password, t.db) == ("user", "p@ss", "sp", 0)
     assert parse_sentinel_url("redis+sentinel://:secret@s1/m").password == "secret"
-    for bad, expected in (("redis+sentinel://s1:26379", "needs a service name"),
-                          ("redis+sentinel://s1:x/m", "bad port"),
-                          ("redis+sentinel://s1/m/notadb", "path must be"),
-                          ("redis+sentinel://s1,,s2/m", "empty host"),
-                          ("redis://s1/m", "not a redis\\+sentinel")):
+    for bad, expected in (
+        ("redis+sentinel://s1:26379", "needs a service name"),
+        ("redis+sentinel://s1:x/m", "bad port"),
+        ("redis+sentinel://s1/m/notadb", "path must be"),
+        ("redis+sentinel://s1,,s2/m", "empty host"),
+        ("redis://s1/m", "not a redis\\+sentinel"),
+    ):
         with pytest.raises(ValueError, match=expected):
             parse_sentinel_url(bad)
 
@@ -58,10 +61,12 @@ def sentinel(tmp_path: pathlib.Path) -> Iterator[tuple[RedisServer, int]]:
     master = RedisServer(tmp_path / "master", appendonly=False).start()
     port = free_port()
     conf = tmp_path / "sentinel.conf"  # Sentinel rewrites its config file, so it gets its own
-    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-                    f"sentinel monitor fovea 127.0.0.1 {master.port} 1\n")
-    proc = subprocess.Popen([server_binary(), str(conf), "--sentinel", "--logfile", str(tmp_path / "sentinel.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\nsentinel monitor fovea 127.0.0.1 {master.port} 1\n")
+    proc = subprocess.Popen(
+        [server_binary(), str(conf), "--sentinel", "--logfile", str(tmp_path / "sentinel.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         probe = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
         for _ in range(200):
@@ -81,11 +86,16 @@ def sentinel(tmp_path: pathlib.Path) -> Iterator[tuple[RedisServer, int]]:
         master.stop()
 
 
-async def test_registry_runs_through_a_sentinel_url(sentinel: tuple[RedisServer, int], token: str,
-                                                    tmp_path: pathlib.Path) -> None:
+async def test_registry_runs_through_a_sentinel_url(
+    sentinel: tuple[RedisServer, int], token: str, tmp_path: pathlib.Path
+) -> None:
     master, sentinel_port = sentinel
-    config = RegistryConfig(port=0, redis_url=f"redis+sentinel://127.0.0.1:{sentinel_port}/fovea/2",
-                            artifact_dir=tmp_path / "artifacts", internal_token=token)
+    config = RegistryConfig(
+        port=0,
+        redis_url=f"redis+sentinel://127.0.0.1:{sentinel_port}/fovea/2",
+        artifact_dir=tmp_path / "artifacts",
+        internal_token=token,
+    )
     server = await build_server(config)
     reg = Reg(f"127.0.0.1:{server.port}", token)
     assert (await reg.register("colors")).version == 1

@@ -45,8 +45,9 @@ async def _state(reg: Reg) -> dict[str, Any]:
     for m in models:
         versions = (await reg.call("ListVersions", registry_pb2.ListVersionsRequest(model=m.name))).versions
         out[f"versions:{m.name}"] = [v.SerializeToString(deterministic=True) for v in versions]
-        out[f"artifacts:{m.name}"] = [await reg.download(m.name, v.version) for v in versions
-                                      if v.state == model_pb2.VERSION_STATE_READY]
+        out[f"artifacts:{m.name}"] = [
+            await reg.download(m.name, v.version) for v in versions if v.state == model_pb2.VERSION_STATE_READY
+        ]
         for a in m.aliases:
             h = await reg.call("GetAliasHistory", registry_pb2.GetAliasHistoryRequest(model=m.name, alias=a.name))
             out[f"history:{m.name}/{a.name}"] = h.SerializeToString(deterministic=True)
@@ -67,8 +68,9 @@ async def test_kill_9_registry_and_restart_keeps_everything(tmp_path: pathlib.Pa
         link = RegistryLink(first.address, cluster.internal_token)
         events: asyncio.Queue[tuple[float, registry_pb2.WatchModelsResponse]] = asyncio.Queue()
         stop = asyncio.Event()
-        follower = asyncio.create_task(link.follow(
-            "models", link.watch_models, lambda e: events.put_nowait((time.monotonic(), e)), stop))
+        follower = asyncio.create_task(
+            link.follow("models", link.watch_models, lambda e: events.put_nowait((time.monotonic(), e)), stop)
+        )
         assert (await asyncio.wait_for(events.get(), 10))[1].snapshot
 
         first.kill()  # SIGKILL
@@ -103,7 +105,8 @@ async def test_kill_9_registry_and_restart_keeps_everything(tmp_path: pathlib.Pa
 
 
 async def test_registry_serves_within_two_seconds_of_redis_coming_back(
-        start_registry: StartRegistry, token: str, tmp_path: pathlib.Path) -> None:
+    start_registry: StartRegistry, token: str, tmp_path: pathlib.Path
+) -> None:
     """Acceptance 4: restart an append-only Valkey under a running registry; nothing is lost."""
     redis = RedisServer(tmp_path / "aof", appendonly=True).start()
     try:
@@ -139,9 +142,13 @@ async def test_registry_serves_within_two_seconds_of_redis_coming_back(
         # The streams stayed open: after Redis returns they resync, and changes arrive within a second.
         t1 = time.monotonic()
         await reg.set_alias("colors", "production", (3, 100))
-        at, _ = await models_watch.until(lambda e: any(
-            a.name == "production" and a.model == "colors" and [t.version for t in a.targets] == [3]
-            for a in e.aliases), timeout_s=5)
+        at, _ = await models_watch.until(
+            lambda e: any(
+                a.name == "production" and a.model == "colors" and [t.version for t in a.targets] == [3]
+                for a in e.aliases
+            ),
+            timeout_s=5,
+        )
         assert at - t1 < 1.0
         t2 = time.monotonic()
         await reg.heartbeat("w-after", (("colors", 3),))

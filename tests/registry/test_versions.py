@@ -18,7 +18,8 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_twenty_concurrent_registrations_get_twenty_consecutive_versions(
-        start_registry: StartRegistry, token: str) -> None:
+    start_registry: StartRegistry, token: str
+) -> None:
     """Acceptance 1, through two replicas at once so that two processes race for the numbers."""
     a, b = await start_registry(), await start_registry()
     clients = [Reg(f"127.0.0.1:{a.port}", token), Reg(f"127.0.0.1:{b.port}", token)]
@@ -26,7 +27,7 @@ async def test_twenty_concurrent_registrations_get_twenty_consecutive_versions(
     results = await asyncio.gather(*(clients[i % 2].register("race", artifacts[i]) for i in range(20)))
 
     assert sorted(mv.version for mv in results) == list(range(1, 21))
-    for data, mv in zip(artifacts, results):
+    for data, mv in zip(artifacts, results, strict=False):
         assert mv.sha256 == hashlib.sha256(data).hexdigest()
         stored = (await clients[0].resolve("race", version=mv.version)).model
         assert stored.sha256 == mv.sha256 and stored.version == mv.version
@@ -41,8 +42,9 @@ async def test_twenty_concurrent_registrations_get_twenty_consecutive_versions(
 
 async def test_registration_records_metadata_and_computes_the_digest(reg: Reg) -> None:
     data = color_model()
-    mv = await reg.register("colors", data, chunk=7, metrics={"top1": 0.91}, tags={"team": "vision"},
-                            model_card="# colors")
+    mv = await reg.register(
+        "colors", data, chunk=7, metrics={"top1": 0.91}, tags={"team": "vision"}, model_card="# colors"
+    )
     assert mv.version == 1 and mv.sha256 == hashlib.sha256(data).hexdigest() and mv.size_bytes == len(data)
     assert list(mv.labels) == ["red", "green", "blue"]  # from the file's fovea.labels
     assert mv.inputs[0].name == "input" and list(mv.inputs[0].shape) == [-1, 3, 8, 8]
@@ -57,8 +59,10 @@ async def test_registration_records_metadata_and_computes_the_digest(reg: Reg) -
     assert forged.version == 2 and forged.sha256 == mv.sha256 and forged.published_by == "internal"
 
 
-async def test_invalid_artifacts_are_refused_and_change_nothing(reg: Reg, redis_url: str, tmp_path: pathlib.Path) -> None:
-    """Acceptance 2: corrupt files and spec mismatches get INVALID_ARGUMENT; Redis and the artifact dir are untouched."""
+async def test_invalid_artifacts_are_refused_and_change_nothing(
+    reg: Reg, redis_url: str, tmp_path: pathlib.Path
+) -> None:
+    """Acceptance 2: corrupt files and spec mismatches get INVALID_ARGUMENT; Redis and artifacts are untouched."""
     await reg.register("colors")
     before = redis_state(redis_url)
     files_before = files_under(tmp_path / "artifacts")
@@ -73,12 +77,20 @@ async def test_invalid_artifacts_are_refused_and_change_nothing(reg: Reg, redis_
         ("input name", good, spec(name="image"), "declared input 'image' but the graph's input is 'input'"),
         ("input dtype", good, spec(datatype="FP16"), "declared FP16, graph has FP32"),
         ("input shape", good, spec(shape=(-1, 3, 16, 16)), "declared shape [-1, 3, 16, 16]"),
-        ("input count", good, {"inputs": [model_pb2.TensorSpec(name="input"), model_pb2.TensorSpec(name="extra")]},
-         "declared 2 inputs but the ONNX graph has 1"),
+        (
+            "input count",
+            good,
+            {"inputs": [model_pb2.TensorSpec(name="input"), model_pb2.TensorSpec(name="extra")]},
+            "declared 2 inputs but the ONNX graph has 1",
+        ),
         ("output", good, {"outputs": [model_pb2.TensorSpec(name="probs")]}, "declared output 'probs'"),
         ("labels", good, {"labels": ["a", "b"]}, "2 labels for an output of 3 classes"),
-        ("preprocessing", good, {"preprocessing": model_pb2.Preprocessing(crop_height=16, crop_width=16)},
-         "preprocessing makes 3x16x16"),
+        (
+            "preprocessing",
+            good,
+            {"preprocessing": model_pb2.Preprocessing(crop_height=16, crop_width=16)},
+            "preprocessing makes 3x16x16",
+        ),
         ("layout", good, {"inputs": [model_pb2.TensorSpec(name="input", layout="CHWN")]}, "feeds NCHW or NHWC tensors"),
         ("fixed batch", fixed_batch_model(), {}, "needs a dynamic batch axis"),
         ("batch-1 reshape", batch_one_reshape_model(), {}, "fails on a batch of 2"),
@@ -96,7 +108,8 @@ async def test_invalid_artifacts_are_refused_and_change_nothing(reg: Reg, redis_
 
 
 async def test_upload_over_the_size_limit_is_refused_and_stores_nothing(
-        start_registry: StartRegistry, token: str, redis_url: str, tmp_path: pathlib.Path) -> None:
+    start_registry: StartRegistry, token: str, redis_url: str, tmp_path: pathlib.Path
+) -> None:
     data = color_model()
     server = await start_registry(max_artifact_bytes=len(data) - 1, artifact_dir=tmp_path / "small")
     client = Reg(f"127.0.0.1:{server.port}", token)
@@ -123,9 +136,11 @@ async def test_malformed_upload_streams_are_refused(reg: Reg) -> None:
         return
         yield
 
-    for stream, expected in ((chunk_first, "first RegisterModel message must carry the metadata"),
-                             (metadata_twice, "metadata may only be sent once"),
-                             (nothing, "empty RegisterModel stream")):
+    for stream, expected in (
+        (chunk_first, "first RegisterModel message must carry the metadata"),
+        (metadata_twice, "metadata may only be sent once"),
+        (nothing, "empty RegisterModel stream"),
+    ):
         code, msg = await status_of(reg.stub.RegisterModel(stream(), metadata=reg.md, timeout=10))
         assert code == INVALID and expected in msg
 
@@ -135,8 +150,12 @@ async def test_download_streams_chunks_of_the_configured_size(start_registry: St
     client = Reg(f"127.0.0.1:{server.port}", token)
     data = identity_model(width=64)
     await client.register("ident", data)
-    sizes = [len(r.chunk) async for r in client.stub.DownloadArtifact(
-        registry_pb2.DownloadArtifactRequest(model="ident", version=1), metadata=client.md, timeout=10)]
+    sizes = [
+        len(r.chunk)
+        async for r in client.stub.DownloadArtifact(
+            registry_pb2.DownloadArtifactRequest(model="ident", version=1), metadata=client.md, timeout=10
+        )
+    ]
     assert sum(sizes) == len(data) and max(sizes) == 64 and len(sizes) == -(-len(data) // 64)
     code, msg = await status_of(client.download("ident", 2))
     assert code == grpc.StatusCode.NOT_FOUND and "has no version 2" in msg
@@ -175,7 +194,13 @@ def test_config_limits_must_be_positive() -> None:
 
     from registry.config import RegistryConfig
 
-    for field in ("max_artifact_bytes", "chunk_bytes", "heartbeat_ttl_s", "watch_poll_s", "max_concurrent_uploads",
-                  "max_alias_history"):
+    for field in (
+        "max_artifact_bytes",
+        "chunk_bytes",
+        "heartbeat_ttl_s",
+        "watch_poll_s",
+        "max_concurrent_uploads",
+        "max_alias_history",
+    ):
         with pytest.raises(ValidationError):
             RegistryConfig(**{field: 0})

@@ -25,7 +25,8 @@ async def _beat_forever(reg: Reg, worker_id: str, models: tuple[tuple[str, int],
 
 
 async def test_worker_whose_heartbeats_stop_leaves_within_ttl_plus_one_second(
-        start_registry: StartRegistry, token: str) -> None:
+    start_registry: StartRegistry, token: str
+) -> None:
     """Acceptance 5, with heartbeats sent over the real RPC."""
     server = await start_registry(heartbeat_ttl_s=TTL_S)
     reg = Reg(f"127.0.0.1:{server.port}", token)
@@ -71,8 +72,12 @@ async def test_list_workers_filters_by_model_version_and_readiness(reg: Reg) -> 
     await reg.heartbeat("a", (("colors", 1),))
     await reg.heartbeat("b", (("colors", 2), ("digits", 1)))
     await reg.heartbeat("c", (("colors", 1),), state=registry_pb2.WORKER_STATE_DRAINING)
-    status = registry_pb2.WorkerStatus(worker_id="d", address="127.0.0.1:7", state=registry_pb2.WORKER_STATE_READY,
-                                       models=[registry_pb2.LoadedModel(name="colors", version=1, ready=False)])
+    status = registry_pb2.WorkerStatus(
+        worker_id="d",
+        address="127.0.0.1:7",
+        state=registry_pb2.WORKER_STATE_READY,
+        models=[registry_pb2.LoadedModel(name="colors", version=1, ready=False)],
+    )
     await reg.call("Heartbeat", registry_pb2.HeartbeatRequest(status=status))
     assert await _ids(reg, ready_only=False) == ["a", "b", "c", "d"]
     assert await _ids(reg, ready_only=True) == ["a", "b", "d"]
@@ -107,8 +112,9 @@ async def test_bad_heartbeats_are_invalid_argument(reg: Reg) -> None:
     ]
     for change, expected in bad:
         fields = {**base, **change}
-        code, msg = await status_of(reg.call("Heartbeat", registry_pb2.HeartbeatRequest(
-            status=registry_pb2.WorkerStatus(**fields))))
+        code, msg = await status_of(
+            reg.call("Heartbeat", registry_pb2.HeartbeatRequest(status=registry_pb2.WorkerStatus(**fields)))
+        )
         assert code == grpc.StatusCode.INVALID_ARGUMENT and expected in msg, (change, msg)
     assert await _ids(reg, ready_only=False) == []
 

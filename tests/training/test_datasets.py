@@ -17,8 +17,9 @@ from training.datasets import load_cifar10, load_cifar100, load_folder, load_mni
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def cifar_records(rng: np.random.Generator, n: int, label_columns: int, n_classes: int
-                  ) -> tuple[bytes, np.ndarray, np.ndarray]:
+def cifar_records(
+    rng: np.random.Generator, n: int, label_columns: int, n_classes: int
+) -> tuple[bytes, np.ndarray, np.ndarray]:
     """n records in the official layout: label byte(s), then the R, G and B planes (32x32 each)."""
     labels = rng.integers(0, n_classes, (n, label_columns), dtype=np.uint8)
     images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
@@ -78,8 +79,11 @@ def test_cifar10_refuses_an_incomplete_archive(tmp_path: pathlib.Path) -> None:
 
 def test_cifar_refuses_a_truncated_file(tmp_path: pathlib.Path) -> None:
     blob, _, _ = cifar_records(np.random.default_rng(0), 2, 2, 100)
-    write_tar(tmp_path / "c.tar.gz", "cifar-100-binary",
-              {"train.bin": blob[:-5], "test.bin": blob, "fine_label_names.txt": b"a\n"})
+    write_tar(
+        tmp_path / "c.tar.gz",
+        "cifar-100-binary",
+        {"train.bin": blob[:-5], "test.bin": blob, "fine_label_names.txt": b"a\n"},
+    )
     with pytest.raises(ValueError, match="record"):
         load_cifar100(tmp_path / "c.tar.gz")
 
@@ -90,10 +94,16 @@ def test_cifar100_fine_and_coarse_labels(tmp_path: pathlib.Path) -> None:
     test, x_test, y_test = cifar_records(rng, 2, 2, 20)
     fine = [f"fine{i}" for i in range(100)]
     coarse = [f"coarse{i}" for i in range(20)]
-    write_tar(tmp_path / "cifar-100-binary.tar.gz", "cifar-100-binary", {
-        "train.bin": train, "test.bin": test,
-        "fine_label_names.txt": "\n".join(fine).encode(), "coarse_label_names.txt": "\n".join(coarse).encode(),
-    })
+    write_tar(
+        tmp_path / "cifar-100-binary.tar.gz",
+        "cifar-100-binary",
+        {
+            "train.bin": train,
+            "test.bin": test,
+            "fine_label_names.txt": "\n".join(fine).encode(),
+            "coarse_label_names.txt": "\n".join(coarse).encode(),
+        },
+    )
     ds = load_cifar100(tmp_path / "cifar-100-binary.tar.gz")
     assert ds.classes == fine
     np.testing.assert_array_equal(ds.train.labels, y_train[:, 1])

@@ -26,8 +26,9 @@ def assert_matches_sklearn(y: np.ndarray, logits: np.ndarray) -> None:
     ours = classification_metrics(y, logits, CLASSES)
     pred = logits.argmax(1)
     present = sorted(set(y) | set(pred))
-    theirs = classification_report(y, pred, labels=present, target_names=[CLASSES[i] for i in present],
-                                    output_dict=True, zero_division=0)
+    theirs = classification_report(
+        y, pred, labels=present, target_names=[CLASSES[i] for i in present], output_dict=True, zero_division=0
+    )
     for i in present:
         for key in ("precision", "recall", "f1-score", "support"):
             assert ours["per_class"][CLASSES[i]][key] == pytest.approx(theirs[CLASSES[i]][key], abs=1e-12)

@@ -43,8 +43,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module,
     # The TorchScript exporter keeps the module fast; test_dynamo_export covers the default path.
     model = tiny_model()
     path = tmp_path_factory.mktemp("export") / "tiny.onnx"
-    report = export_onnx(model, torch.zeros(1, 3, 8, 8), path, labels=LABELS, preprocessing=PRE,
-                         model_card="# tiny", dynamo=False)
+    report = export_onnx(
+        model, torch.zeros(1, 3, 8, 8), path, labels=LABELS, preprocessing=PRE, model_card="# tiny", dynamo=False
+    )
     return model, path, report
 
 
@@ -126,13 +127,13 @@ def test_export_refuses_metadata_the_worker_would_misread(
     labels: list[str], pre: dict, message: str, tmp_path: pathlib.Path
 ) -> None:
     with pytest.raises(ExportError, match=message):
-        export_onnx(tiny_model(), torch.zeros(1, 3, 8, 8), tmp_path / "m.onnx", labels=labels, preprocessing=pre,
-                    dynamo=False)
+        export_onnx(
+            tiny_model(), torch.zeros(1, 3, 8, 8), tmp_path / "m.onnx", labels=labels, preprocessing=pre, dynamo=False
+        )
 
 
 def test_dynamo_export_is_one_file(tmp_path: pathlib.Path) -> None:
-    report = export_onnx(tiny_model(), torch.zeros(1, 3, 8, 8), tmp_path / "m.onnx", labels=LABELS,
-                         preprocessing=PRE)
+    report = export_onnx(tiny_model(), torch.zeros(1, 3, 8, 8), tmp_path / "m.onnx", labels=LABELS, preprocessing=PRE)
     assert report["exporter"] == "dynamo"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     assert list(version_from_onnx((tmp_path / "m.onnx").read_bytes(), "m").labels) == LABELS

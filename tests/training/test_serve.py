@@ -27,8 +27,22 @@ def png(image: np.ndarray) -> bytes:
 
 def test_gateway_accuracy_equals_offline_onnx_evaluation(cluster: Cluster, tmp_path: pathlib.Path) -> None:
     run = tmp_path / "run"
-    main(parse_args(["--model", "cnn", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "32",
-                     "--output-dir", str(run)]))
+    main(
+        parse_args(
+            [
+                "--model",
+                "cnn",
+                "--dataset",
+                "synthetic",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--output-dir",
+                str(run),
+            ]
+        )
+    )
     artifacts = prepare_run(run, ["fp32", "int8"])
     offline = json.loads((run / "eval_onnx.json").read_text())
 
@@ -46,12 +60,12 @@ def test_gateway_accuracy_equals_offline_onnx_evaluation(cluster: Cluster, tmp_p
     served = []
     with Client(gateway.address, secret, timeout_s=30) as client:
         for start in range(0, len(test), 16):
-            images = [png(x) for x in test.images[start:start + 16]]
+            images = [png(x) for x in test.images[start : start + 16]]
             resp = client.classify(images, model="quadrants", alias="production", top_k=1)
             assert resp.version == fp32.version
             served += [r.labels[0].label for r in resp.results]
     classes = list(fp32.labels)
-    gateway_top1 = float(np.mean([classes.index(label) == y for label, y in zip(served, test.labels)]))
+    gateway_top1 = float(np.mean([classes.index(label) == y for label, y in zip(served, test.labels, strict=False)]))
     assert gateway_top1 == offline["top1"]
     # Stronger than equal accuracy: every image gets the class ONNX Runtime gave it offline.
     pre = read_metadata(run / "model.onnx")["preprocessing"]

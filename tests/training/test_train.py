@@ -90,8 +90,16 @@ def test_every_model_exports_with_a_dynamic_batch(name: str, tmp_path: pathlib.P
     from training.models import build_model
 
     model = build_model(name, in_channels=1, num_classes=3, image_size=8)
-    pre = {"resize_short": 0, "crop_height": 8, "crop_width": 8, "mean": [0.5], "std": [0.5],
-           "color_mode": "GRAYSCALE", "outputs_probabilities": False}
-    report = export_onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / f"{name}.onnx", labels=["a", "b", "c"],
-                         preprocessing=pre, atol=1e-4)
+    pre = {
+        "resize_short": 0,
+        "crop_height": 8,
+        "crop_width": 8,
+        "mean": [0.5],
+        "std": [0.5],
+        "color_mode": "GRAYSCALE",
+        "outputs_probabilities": False,
+    }
+    report = export_onnx(
+        model, torch.zeros(1, 1, 8, 8), tmp_path / f"{name}.onnx", labels=["a", "b", "c"], preprocessing=pre, atol=1e-4
+    )
     assert report["max_abs_diff"] <= 1e-4

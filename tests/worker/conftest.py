@@ -43,8 +43,9 @@ class LocalRegistry:
 
 @pytest.fixture
 async def registry(redis_url: str, tmp_path: pathlib.Path) -> AsyncIterator[LocalRegistry]:
-    config = RegistryConfig(port=0, redis_url=redis_url, artifact_dir=tmp_path / "artifacts", internal_token=TOKEN,
-                            log_json=False)
+    config = RegistryConfig(
+        port=0, redis_url=redis_url, artifact_dir=tmp_path / "artifacts", internal_token=TOKEN, log_json=False
+    )
     server = await build_registry(config)
     address = f"127.0.0.1:{server.port}"
     client = RegistryClient(address, TOKEN, timeout_s=20)
@@ -62,9 +63,17 @@ async def start_worker(registry: LocalRegistry) -> AsyncIterator[StartWorker]:
     started: list[WorkerServer] = []
 
     async def start(models: list[str], **fields: Any) -> WorkerServer:
-        config = WorkerConfig(port=0, registry_address=registry.address, models=models, internal_token=TOKEN,
-                              providers=["CPUExecutionProvider"], intra_op_threads=1, heartbeat_interval_s=0.5,
-                              log_json=False, **fields)
+        config = WorkerConfig(
+            port=0,
+            registry_address=registry.address,
+            models=models,
+            internal_token=TOKEN,
+            providers=["CPUExecutionProvider"],
+            intra_op_threads=1,
+            heartbeat_interval_s=0.5,
+            log_json=False,
+            **fields,
+        )
         ws = await build_server(config)
         started.append(ws)
         return ws
@@ -79,8 +88,9 @@ def stub(port: int) -> tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]
     return channel, pb_grpc.GRPCInferenceServiceStub(channel)
 
 
-def tensor_request(model: str, array: np.ndarray, datatype: str = "FP32", version: str = "",
-                   name: str = "input") -> pb.ModelInferRequest:
+def tensor_request(
+    model: str, array: np.ndarray, datatype: str = "FP32", version: str = "", name: str = "input"
+) -> pb.ModelInferRequest:
     """A ModelInfer with one input sent as raw_input_contents."""
     req = pb.ModelInferRequest(model_name=model, model_version=version)
     req.inputs.add(name=name, datatype=datatype, shape=list(array.shape))

@@ -34,11 +34,15 @@ def busy_model(scale: float = 2.0) -> bytes:
             helper.make_node("Tanh", ["mm"], ["state_out"]),
         ],
         "busy_step",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("state_in", TensorProto.FLOAT, [1, LOOP_STATE])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [1, LOOP_STATE])],
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, [1, LOOP_STATE]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [1, LOOP_STATE]),
+        ],
     )
     nodes = [
         helper.make_node("Slice", ["input", "zero1", "one1", "one1"], ["first_col"]),
@@ -60,7 +64,8 @@ def busy_model(scale: float = 2.0) -> bytes:
         numpy_helper.from_array(w, "w"),
     ]
     graph = helper.make_graph(
-        nodes, "busy",
+        nodes,
+        "busy",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", WIDTH])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", WIDTH])],
         inits,
@@ -71,8 +76,10 @@ def busy_model(scale: float = 2.0) -> bytes:
 def cast_model(dtype: int, width: int = WIDTH) -> bytes:
     """input [N, width] of `dtype` (FLOAT16 or UINT8) -> output = float(input) * 2 as FP32."""
     graph = helper.make_graph(
-        [helper.make_node("Cast", ["input"], ["as_float"], to=TensorProto.FLOAT),
-         helper.make_node("Add", ["as_float", "as_float"], ["output"])],
+        [
+            helper.make_node("Cast", ["input"], ["as_float"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["as_float", "as_float"], ["output"]),
+        ],
         "cast",
         [helper.make_tensor_value_info("input", dtype, ["N", width])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", width])],

@@ -53,8 +53,9 @@ class Stack:
 
 
 @pytest.fixture(scope="module", params=["main", "fast"])
-def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory,
-          request: pytest.FixtureRequest) -> Iterator[Stack]:
+def stack(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
     client = redis.Redis.from_url(redis_server.url)
     client.flushdb()
     client.close()
@@ -67,11 +68,18 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory,
             rc.set_alias(name, "production", [(mv.version, 100)])
         metrics_port, fast_port = free_port(), free_port()
         worker = cluster.start_worker(
-            reg.address, ["busy", "colors", "switch"],
-            FOVEA_WORKER_PROVIDERS="CPUExecutionProvider", FOVEA_WORKER_INTRA_OP_THREADS="1",
-            FOVEA_WORKER_MAX_BATCH_SIZE=str(MAX_BATCH), FOVEA_WORKER_MAX_QUEUE_LEN=str(MAX_QUEUE),
-            FOVEA_WORKER_MAX_QUEUE_DELAY_US="2000", FOVEA_WORKER_METRICS_PORT=str(metrics_port),
-            FOVEA_WORKER_UNLOAD_DELAY_S="1", FOVEA_WORKER_LOG_JSON="false", FOVEA_WORKER_FAST_PORT=str(fast_port))
+            reg.address,
+            ["busy", "colors", "switch"],
+            FOVEA_WORKER_PROVIDERS="CPUExecutionProvider",
+            FOVEA_WORKER_INTRA_OP_THREADS="1",
+            FOVEA_WORKER_MAX_BATCH_SIZE=str(MAX_BATCH),
+            FOVEA_WORKER_MAX_QUEUE_LEN=str(MAX_QUEUE),
+            FOVEA_WORKER_MAX_QUEUE_DELAY_US="2000",
+            FOVEA_WORKER_METRICS_PORT=str(metrics_port),
+            FOVEA_WORKER_UNLOAD_DELAY_S="1",
+            FOVEA_WORKER_LOG_JSON="false",
+            FOVEA_WORKER_FAST_PORT=str(fast_port),
+        )
         port = fast_port if request.param == "fast" else int(worker.address.rsplit(":", 1)[1])
         md = (("authorization", f"Bearer {cluster.internal_token}"),)
         yield Stack(cluster, rc, port, f"http://127.0.0.1:{metrics_port}/metrics", md, request.param)
@@ -104,8 +112,10 @@ async def test_batches_fill_up_to_max_batch_size_and_never_exceed_it(stack: Stac
     m = stack.metrics()
 
     def bucket(le: float) -> float:
-        key = ("fovea_worker_batch_size_bucket", tuple(sorted({"le": str(float(le)), "model": "busy",
-                                                                "version": "1"}.items())))
+        key = (
+            "fovea_worker_batch_size_bucket",
+            tuple(sorted({"le": str(float(le)), "model": "busy", "version": "1"}.items())),
+        )
         return m[key]
 
     count = m[("fovea_worker_batch_size_count", (("model", "busy"), ("version", "1")))]
@@ -120,10 +130,13 @@ async def test_full_queue_answers_resource_exhausted_at_once(stack: Stack) -> No
     channel, s = stub(stack.port)
     # Hold the single model instance busy with real compute, then overflow its queue.
     blocker = asyncio.ensure_future(
-        s.ModelInfer(tensor_request("busy", busy_input(40_000)), metadata=stack.md, timeout=60))
+        s.ModelInfer(tensor_request("busy", busy_input(40_000)), metadata=stack.md, timeout=60)
+    )
     await poll(lambda: _depth_or_compute(stack), timeout_s=20, every_s=0.01)
-    calls = [s.ModelInfer(tensor_request("busy", busy_input(1, tag=i)), metadata=stack.md, timeout=60)
-             for i in range(3 * MAX_QUEUE)]
+    calls = [
+        s.ModelInfer(tensor_request("busy", busy_input(1, tag=i)), metadata=stack.md, timeout=60)
+        for i in range(3 * MAX_QUEUE)
+    ]
     t0 = time.perf_counter()
     results = await asyncio.gather(*calls, return_exceptions=True)
     refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
@@ -144,18 +157,30 @@ async def _depth_or_compute(stack: Stack) -> bool:
 async def test_expired_deadline_is_dropped_before_compute(stack: Stack) -> None:
     channel, s = stub(stack.port)
     batches = stack.sample("fovea_worker_batch_size_count", model="busy", version="1")
-    expired = sum(stack.sample("fovea_worker_dropped_total", model="busy", version="1", reason=r)
-                  for r in ("expired", "cancelled"))
+    expired = sum(
+        stack.sample("fovea_worker_dropped_total", model="busy", version="1", reason=r)
+        for r in ("expired", "cancelled")
+    )
     blocker = asyncio.ensure_future(
-        s.ModelInfer(tensor_request("busy", busy_input(40_000)), metadata=stack.md, timeout=60))
+        s.ModelInfer(tensor_request("busy", busy_input(40_000)), metadata=stack.md, timeout=60)
+    )
     await poll(lambda: _depth_or_compute(stack), timeout_s=20, every_s=0.01)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await s.ModelInfer(tensor_request("busy", busy_input(1, tag=7)), metadata=stack.md, timeout=0.05)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await blocker
-    await poll(lambda: asyncio.to_thread(
-        lambda: sum(stack.sample("fovea_worker_dropped_total", model="busy", version="1", reason=r)
-                    for r in ("expired", "cancelled")) == expired + 1), timeout_s=20)
+    await poll(
+        lambda: asyncio.to_thread(
+            lambda: (
+                sum(
+                    stack.sample("fovea_worker_dropped_total", model="busy", version="1", reason=r)
+                    for r in ("expired", "cancelled")
+                )
+                == expired + 1
+            )
+        ),
+        timeout_s=20,
+    )
     # Only the blocker was computed.
     assert stack.sample("fovea_worker_batch_size_count", model="busy", version="1") == batches + 1
     await _ok(stack, s)
@@ -176,8 +201,15 @@ async def test_bad_tensors_and_images_are_invalid_argument(stack: Stack) -> None
     bomb.inputs.add(name="input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(bomb_png())
     garbage = pb.ModelInferRequest(model_name="colors")
     garbage.inputs.add(name="input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"\x89PNG nope")
-    cases = {"shape": wrong_shape, "rank": wrong_rank, "dtype": wrong_dtype, "bytes": short_bytes,
-             "batch": huge_claim, "pixels": bomb, "image": garbage}
+    cases = {
+        "shape": wrong_shape,
+        "rank": wrong_rank,
+        "dtype": wrong_dtype,
+        "bytes": short_bytes,
+        "batch": huge_claim,
+        "pixels": bomb,
+        "image": garbage,
+    }
     for what, req in cases.items():
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await s.ModelInfer(req, metadata=stack.md, timeout=30)
@@ -195,8 +227,9 @@ async def test_bad_tensors_and_images_are_invalid_argument(stack: Stack) -> None
 
 
 async def test_moving_production_under_load_fails_nothing_and_switches_within_2s(stack: Stack) -> None:
-    v2 = (await asyncio.to_thread(stack.rc.register, busy_model(scale=2.0),
-                                  model_pb2.ModelVersion(name="switch"))).version
+    v2 = (
+        await asyncio.to_thread(stack.rc.register, busy_model(scale=2.0), model_pb2.ModelVersion(name="switch"))
+    ).version
     channel, s = stub(stack.port)
     seen: list[tuple[float, str, float]] = []  # (time answered, version, output scale)
     errors: list[BaseException] = []
@@ -205,8 +238,9 @@ async def test_moving_production_under_load_fails_nothing_and_switches_within_2s
     async def client(i: int) -> None:
         while not stop.is_set():
             try:
-                resp = await s.ModelInfer(tensor_request("switch", busy_input(50, tag=1.0)), metadata=stack.md,
-                                          timeout=30)
+                resp = await s.ModelInfer(
+                    tensor_request("switch", busy_input(50, tag=1.0)), metadata=stack.md, timeout=30
+                )
                 seen.append((time.monotonic(), resp.model_version, float(output_array(resp)[0, 1])))
             except grpc.aio.AioRpcError as exc:
                 errors.append(exc)

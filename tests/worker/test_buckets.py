@@ -30,8 +30,13 @@ def test_bucket_sizes_follow_the_provider_and_the_settings() -> None:
 
 
 def test_each_session_only_ever_runs_its_own_batch_size() -> None:
-    config = WorkerConfig(providers=["CPUExecutionProvider"], intra_op_threads=1, max_batch_size=8,
-                          pad_batches="always", batch_buckets=[1, 4])
+    config = WorkerConfig(
+        providers=["CPUExecutionProvider"],
+        intra_op_threads=1,
+        max_batch_size=8,
+        pad_batches="always",
+        batch_buckets=[1, 4],
+    )
     model = load_model(busy_model(), config)
     assert isinstance(model, Bucketed) and model.sizes == [1, 4, 8]
     seen: dict[int, set[int]] = {size: set() for size in model.sizes}
@@ -50,22 +55,29 @@ def test_each_session_only_ever_runs_its_own_batch_size() -> None:
     assert seen == {1: {1}, 4: {4}, 8: {8}}
     assert isinstance(load_model(busy_model(), config.model_copy(update={"pad_batches": "never"})), Session)
     # a model whose batch axis is fixed only ever runs that size: one session
-    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "fixed",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])],
+        "fixed",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])],
+    )
     fixed = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     assert isinstance(load_model(fixed.SerializeToString(), config), Session)
     # nor does one with an output that is not per sample: cutting it back would return the wrong rows
-    graph = helper.make_graph([helper.make_node("ReduceSum", ["input", "axes"], ["output"], keepdims=0)], "total",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [4])],
-                              [helper.make_tensor("axes", TensorProto.INT64, [1], [0])])
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["input", "axes"], ["output"], keepdims=0)],
+        "total",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [4])],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [0])],
+    )
     total = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     assert isinstance(load_model(total.SerializeToString(), config), Session)
 
 
-async def test_a_padded_worker_answers_every_request_with_its_own_rows(registry: LocalRegistry,
-                                                                      start_worker: StartWorker) -> None:
+async def test_a_padded_worker_answers_every_request_with_its_own_rows(
+    registry: LocalRegistry, start_worker: StartWorker
+) -> None:
     await registry.publish("busy", busy_model())
     ws = await start_worker(["busy"], metrics_port=0, max_batch_size=8, pad_batches="always", batch_buckets=[1, 4])
     lv = ws.manager.get("busy", "")
@@ -76,10 +88,13 @@ async def test_a_padded_worker_answers_every_request_with_its_own_rows(registry:
         # 1- to 3-row requests at once, so batches of many sizes form and most need padding
         xs = [busy_input(200, rows=1 + i % 3, tag=100 * i) for i in range(40)]
         replies = await asyncio.gather(*(s.ModelInfer(tensor_request("busy", x), metadata=MD, timeout=30) for x in xs))
-        for x, reply in zip(xs, replies):
+        for x, reply in zip(xs, replies, strict=False):
             np.testing.assert_allclose(output_array(reply), x * 2)
         await channel.close()
-    page = (await asyncio.to_thread(
-        lambda: urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics.port}/metrics", timeout=10).read())).decode()
+    page = (
+        await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics.port}/metrics", timeout=10).read()
+        )
+    ).decode()
     padding = [ln for ln in page.splitlines() if ln.startswith('fovea_worker_padding_samples_total{model="busy"')]
     assert padding and float(padding[0].split()[-1]) > 0, padding

@@ -18,8 +18,9 @@ def test_advertise_address_placeholders_let_replicas_share_one_setting() -> None
 
 
 def test_model_settings_override_instances_and_threads_per_model() -> None:
-    config = WorkerConfig(instances=1, intra_op_threads=2,
-                          model_settings={"cifar": {"instances": 2, "intra_op_threads": 1}})
+    config = WorkerConfig(
+        instances=1, intra_op_threads=2, model_settings={"cifar": {"instances": 2, "intra_op_threads": 1}}
+    )
     small = config.for_model("cifar")
     assert (small.instances, small.intra_op_threads) == (2, 1)
     assert config.for_model("efficientnet") is config

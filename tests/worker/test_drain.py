@@ -27,10 +27,17 @@ async def test_sigterm_under_load_answers_accepted_requests_and_exits_within_gra
     mv = await asyncio.to_thread(rc.register, busy_model(), model_pb2.ModelVersion(name="busy"))
     await asyncio.to_thread(rc.set_alias, "busy", "production", [(mv.version, 100)])
     fast_port = free_port()
-    worker = cluster.start_worker(reg.address, ["busy"], FOVEA_WORKER_PROVIDERS="CPUExecutionProvider",
-                                  FOVEA_WORKER_INTRA_OP_THREADS="1", FOVEA_WORKER_MAX_BATCH_SIZE="4",
-                                  FOVEA_WORKER_GRACE_S=str(GRACE_S), FOVEA_WORKER_HEARTBEAT_INTERVAL_S="0.3",
-                                  FOVEA_WORKER_LOG_JSON="false", FOVEA_WORKER_FAST_PORT=str(fast_port))
+    worker = cluster.start_worker(
+        reg.address,
+        ["busy"],
+        FOVEA_WORKER_PROVIDERS="CPUExecutionProvider",
+        FOVEA_WORKER_INTRA_OP_THREADS="1",
+        FOVEA_WORKER_MAX_BATCH_SIZE="4",
+        FOVEA_WORKER_GRACE_S=str(GRACE_S),
+        FOVEA_WORKER_HEARTBEAT_INTERVAL_S="0.3",
+        FOVEA_WORKER_LOG_JSON="false",
+        FOVEA_WORKER_FAST_PORT=str(fast_port),
+    )
     md = (("authorization", f"Bearer {cluster.internal_token}"),)
     channel, s = stub(fast_port if via == "fast" else int(worker.address.rsplit(":", 1)[1]))
     results: list[tuple[float, float, str]] = []  # (sent, answered, status)
@@ -42,8 +49,9 @@ async def test_sigterm_under_load_answers_accepted_requests_and_exits_within_gra
             n += 1
             sent = time.monotonic()
             try:
-                resp = await s.ModelInfer(tensor_request("busy", busy_input(1500, tag=1000 * i + n)), metadata=md,
-                                          timeout=30)
+                resp = await s.ModelInfer(
+                    tensor_request("busy", busy_input(1500, tag=1000 * i + n)), metadata=md, timeout=30
+                )
                 assert output_array(resp)[0, 1] == 2 * (1000 * i + n)
                 results.append((sent, time.monotonic(), "OK"))
             except grpc.aio.AioRpcError as exc:
@@ -67,7 +75,9 @@ async def test_sigterm_under_load_answers_accepted_requests_and_exits_within_gra
     statuses = {r[2] for r in results}
     # Calls that reached the worker before the drain are answered; later ones are refused as UNAVAILABLE
     # (the gateway retries those on another worker). Nothing is cut off, nothing is INTERNAL.
-    assert statuses <= {"OK", "UNAVAILABLE"}, [(round(s - term, 3), round(a - term, 3), st) for s, a, st in results if st not in ("OK", "UNAVAILABLE")]
+    assert statuses <= {"OK", "UNAVAILABLE"}, [
+        (round(s - term, 3), round(a - term, 3), st) for s, a, st in results if st not in ("OK", "UNAVAILABLE")
+    ]
     assert all(st == "OK" for sent, _, st in results if sent < term - 0.2)
     assert any(st == "OK" and answered > term for _, answered, st in results), "nothing in flight was answered"
     log = worker.log_path.read_text()

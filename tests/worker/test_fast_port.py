@@ -13,9 +13,8 @@ import pytest
 
 from inference import grpc_predict_v2_pb2 as pb
 from tests.tinymodels import color_model
-from tests.worker.conftest import MD, LocalRegistry, StartWorker, output_array, stub, tensor_request
+from tests.worker.conftest import MD, LocalRegistry, StartWorker, busy_input, output_array, stub, tensor_request
 from tests.worker.slowmodels import busy_model
-from tests.worker.conftest import busy_input
 
 
 def _colors(n: int) -> np.ndarray:
@@ -33,8 +32,7 @@ async def _both(start_worker: StartWorker, registry: LocalRegistry, **fields: ob
     return ws, ws.port, ws.native.port
 
 
-async def test_fast_port_answers_what_the_main_port_answers(registry: LocalRegistry,
-                                                            start_worker: StartWorker) -> None:
+async def test_fast_port_answers_what_the_main_port_answers(registry: LocalRegistry, start_worker: StartWorker) -> None:
     ws, main, fast = await _both(start_worker, registry)
     (cm, m), (cf, f) = stub(main), stub(fast)
     x = _colors(5)
@@ -46,8 +44,9 @@ async def test_fast_port_answers_what_the_main_port_answers(registry: LocalRegis
         a = await m.ModelInfer(req, metadata=MD, timeout=10)
         b = await f.ModelInfer(req, metadata=MD, timeout=10)
         assert (b.model_name, b.model_version, b.id) == (a.model_name, a.model_version, a.id)
-        assert [(o.name, o.datatype, list(o.shape)) for o in b.outputs] == \
-            [(o.name, o.datatype, list(o.shape)) for o in a.outputs]
+        assert [(o.name, o.datatype, list(o.shape)) for o in b.outputs] == [
+            (o.name, o.datatype, list(o.shape)) for o in a.outputs
+        ]
         if req is plain:
             np.testing.assert_allclose(output_array(b), output_array(a), rtol=1e-6)
             assert b.id == "req-7"
@@ -65,8 +64,9 @@ async def test_fast_port_answers_what_the_main_port_answers(registry: LocalRegis
     assert not (await f.ModelReady(pb.ModelReadyRequest(name="nope"), metadata=MD, timeout=10)).ready
     assert (await f.ServerReady(pb.ServerReadyRequest(), metadata=MD, timeout=10)).ready
     assert (await f.ServerLive(pb.ServerLiveRequest(), metadata=MD, timeout=10)).live
-    assert (await f.ServerMetadata(pb.ServerMetadataRequest(), metadata=MD, timeout=10)) == \
-        await m.ServerMetadata(pb.ServerMetadataRequest(), metadata=MD, timeout=10)
+    assert (await f.ServerMetadata(pb.ServerMetadataRequest(), metadata=MD, timeout=10)) == await m.ServerMetadata(
+        pb.ServerMetadataRequest(), metadata=MD, timeout=10
+    )
     await cm.close()
     await cf.close()
 
@@ -83,14 +83,22 @@ async def test_fast_port_refuses_with_the_right_status(registry: LocalRegistry, 
     bad_k.outputs.add(name="logits").parameters["classification"].int64_param = 0
     cases = [
         ((), tensor_request("colors", x), grpc.StatusCode.UNAUTHENTICATED, "missing credentials"),
-        ((("authorization", "Bearer wrong"),), tensor_request("colors", x), grpc.StatusCode.UNAUTHENTICATED,
-         "invalid internal credentials"),
+        (
+            (("authorization", "Bearer wrong"),),
+            tensor_request("colors", x),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "invalid internal credentials",
+        ),
         ((("authorization", "Basic abc"),), tensor_request("colors", x), grpc.StatusCode.UNAUTHENTICATED, "malformed"),
         (MD, tensor_request("nope", x), grpc.StatusCode.NOT_FOUND, "not served"),
         (MD, tensor_request("colors", x, version="9"), grpc.StatusCode.NOT_FOUND, "v9 is not loaded"),
         (MD, tensor_request("colors", np.zeros((1, 3, 4, 4), np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "shape"),
-        (MD, tensor_request("colors", x.astype(np.float16), datatype="FP16"), grpc.StatusCode.INVALID_ARGUMENT,
-         "must be FP32"),
+        (
+            MD,
+            tensor_request("colors", x.astype(np.float16), datatype="FP16"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "must be FP32",
+        ),
         (MD, tensor_request("colors", x, name="pixels"), grpc.StatusCode.INVALID_ARGUMENT, "missing input 'input'"),
         (MD, tensor_request("colors", _colors(5)), grpc.StatusCode.INVALID_ARGUMENT, "exceeds max_batch_size 4"),
         (MD, typed, grpc.StatusCode.INVALID_ARGUMENT, "main port"),
@@ -105,12 +113,15 @@ async def test_fast_port_refuses_with_the_right_status(registry: LocalRegistry, 
             await f.ModelInfer(req, metadata=md, timeout=10)
         assert err.value.code() == code and words in err.value.details(), (words, err.value.details())
     # Every call needs the internal token, as on the main port.
-    for call, req in ((f.ModelMetadata, pb.ModelMetadataRequest(name="colors")),
-                      (f.ModelConfig, pb.ModelConfigRequest(name="colors")),
-                      (f.ModelStatistics, pb.ModelStatisticsRequest()),
-                      (f.ModelReady, pb.ModelReadyRequest(name="colors")),
-                      (f.ServerReady, pb.ServerReadyRequest()), (f.ServerLive, pb.ServerLiveRequest()),
-                      (f.ServerMetadata, pb.ServerMetadataRequest())):
+    for call, req in (
+        (f.ModelMetadata, pb.ModelMetadataRequest(name="colors")),
+        (f.ModelConfig, pb.ModelConfigRequest(name="colors")),
+        (f.ModelStatistics, pb.ModelStatisticsRequest()),
+        (f.ModelReady, pb.ModelReadyRequest(name="colors")),
+        (f.ServerReady, pb.ServerReadyRequest()),
+        (f.ServerLive, pb.ServerLiveRequest()),
+        (f.ServerMetadata, pb.ServerMetadataRequest()),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(req, timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, call
@@ -119,8 +130,9 @@ async def test_fast_port_refuses_with_the_right_status(registry: LocalRegistry, 
     await channel.close()
 
 
-async def test_fast_port_calls_show_in_statistics_and_metrics(registry: LocalRegistry,
-                                                              start_worker: StartWorker) -> None:
+async def test_fast_port_calls_show_in_statistics_and_metrics(
+    registry: LocalRegistry, start_worker: StartWorker
+) -> None:
     ws, main, fast = await _both(start_worker, registry)
     (cm, m), (cf, f) = stub(main), stub(fast)
     for _ in range(3):
@@ -128,8 +140,9 @@ async def test_fast_port_calls_show_in_statistics_and_metrics(registry: LocalReg
     await m.ModelInfer(tensor_request("colors", _colors(1)), metadata=MD, timeout=10)
     with pytest.raises(grpc.aio.AioRpcError):
         await f.ModelInfer(tensor_request("colors", _colors(1)), timeout=10)
-    fast_stats = (await f.ModelStatistics(pb.ModelStatisticsRequest(name="colors"), metadata=MD,
-                                          timeout=10)).model_stats[0]
+    fast_stats = (
+        await f.ModelStatistics(pb.ModelStatisticsRequest(name="colors"), metadata=MD, timeout=10)
+    ).model_stats[0]
     assert fast_stats.inference_stats.success.count == 3 and fast_stats.inference_count == 6
     assert fast_stats.execution_count == fast_stats.inference_stats.compute_infer.count == 3
     assert {b.batch_size for b in fast_stats.batch_stats} == {2}
@@ -138,25 +151,40 @@ async def test_fast_port_calls_show_in_statistics_and_metrics(registry: LocalReg
     assert both.inference_stats.success.count == 3 + 1
     assert both.inference_count >= 6 + 1
     page = await asyncio.to_thread(
-        lambda: urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics.port}/metrics", timeout=10).read().decode())
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics.port}/metrics", timeout=10).read().decode()
+    )
     assert 'fovea_worker_fast_port_requests_total{code="OK"} 3.0' in page
     assert 'fovea_worker_fast_port_requests_total{code="UNAUTHENTICATED"} 1.0' in page
     # the fast port's OK calls by total time, in the main port's buckets
     assert 'fovea_worker_fast_port_request_seconds_count{model="colors",version="1"} 3.0' in page
     assert 'fovea_worker_fast_port_request_seconds_bucket{le="10.0",model="colors",version="1"} 3.0' in page
-    main_les = {ln.split('le="')[1].split('"')[0] for ln in page.splitlines()
-                if ln.startswith("fovea_worker_request_seconds_bucket")}
-    fast_les = {ln.split('le="')[1].split('"')[0] for ln in page.splitlines()
-                if ln.startswith("fovea_worker_fast_port_request_seconds_bucket")}
+    main_les = {
+        ln.split('le="')[1].split('"')[0]
+        for ln in page.splitlines()
+        if ln.startswith("fovea_worker_request_seconds_bucket")
+    }
+    fast_les = {
+        ln.split('le="')[1].split('"')[0]
+        for ln in page.splitlines()
+        if ln.startswith("fovea_worker_fast_port_request_seconds_bucket")
+    }
     assert fast_les == main_les and len(main_les) == 17
-    total = float(next(ln.split()[-1] for ln in page.splitlines()
-                       if ln.startswith("fovea_worker_fast_port_request_seconds_sum")))
+    total = float(
+        next(ln.split()[-1] for ln in page.splitlines() if ln.startswith("fovea_worker_fast_port_request_seconds_sum"))
+    )
     assert 0 < total < 3 * 10
+
     # The fast port's three batches of 2 are in the batch-size histogram at once (its metrics are
     # recorded off the answer path and flushed before every scrape).
     def bucket(le: str) -> float:
-        return float(next(ln.split()[-1] for ln in page.splitlines()
-                          if ln.startswith(f'fovea_worker_batch_size_bucket{{le="{le}",model="colors",version="1"}}')))
+        return float(
+            next(
+                ln.split()[-1]
+                for ln in page.splitlines()
+                if ln.startswith(f'fovea_worker_batch_size_bucket{{le="{le}",model="colors",version="1"}}')
+            )
+        )
+
     assert bucket("2.0") - bucket("1.0") == 3
     # Heartbeats advertise the fast port next to the main one.
     status = ws.status()
@@ -165,8 +193,9 @@ async def test_fast_port_calls_show_in_statistics_and_metrics(registry: LocalReg
     await cf.close()
 
 
-async def test_fast_port_batches_concurrent_calls_up_to_max_batch_size(registry: LocalRegistry,
-                                                                       start_worker: StartWorker) -> None:
+async def test_fast_port_batches_concurrent_calls_up_to_max_batch_size(
+    registry: LocalRegistry, start_worker: StartWorker
+) -> None:
     await registry.publish("busy", busy_model())
     ws = await start_worker(["busy"], max_batch_size=4, max_queue_delay_us=20_000)
     channel, f = stub(ws.native.port)
@@ -184,16 +213,18 @@ async def test_fast_port_batches_concurrent_calls_up_to_max_batch_size(registry:
     await channel.close()
 
 
-async def test_model_settings_give_a_model_its_own_instances(registry: LocalRegistry,
-                                                             start_worker: StartWorker) -> None:
+async def test_model_settings_give_a_model_its_own_instances(
+    registry: LocalRegistry, start_worker: StartWorker
+) -> None:
     await registry.publish("colors", color_model())
     ws = await start_worker(["colors"], model_settings={"colors": {"instances": 2, "intra_op_threads": 1}})
     channel, f = stub(ws.native.port)
     config = (await f.ModelConfig(pb.ModelConfigRequest(name="colors"), metadata=MD, timeout=10)).config
     assert [g.count for g in config.instance_group] == [2]
     assert len(ws.native.slots[ws.manager.loaded[("colors", 1)].slot].threads) == 2  # one batch loop each
-    results = await asyncio.gather(*(f.ModelInfer(tensor_request("colors", _colors(1)), metadata=MD, timeout=10)
-                                     for _ in range(16)))
+    results = await asyncio.gather(
+        *(f.ModelInfer(tensor_request("colors", _colors(1)), metadata=MD, timeout=10) for _ in range(16))
+    )
     assert all(output_array(r).argmax() == 0 for r in results)
     await channel.close()
 
@@ -203,9 +234,11 @@ def _any_width_model() -> bytes:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["input"], ["output"])], "anywidth",
+        [helper.make_node("Identity", ["input"], ["output"])],
+        "anywidth",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "W"])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "W"])])
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "W"])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
@@ -233,10 +266,15 @@ async def test_shapes_whose_size_wraps_around_are_refused(registry: LocalRegistr
 
 @pytest.mark.parametrize("native_compute", [True, False], ids=["c++-loop", "python-loop"])
 async def test_a_lone_batch_runs_on_the_alone_session_and_batches_under_load_on_the_instances(
-        registry: LocalRegistry, start_worker: StartWorker, native_compute: bool) -> None:
+    registry: LocalRegistry, start_worker: StartWorker, native_compute: bool
+) -> None:
     await registry.publish("busy", busy_model())
-    ws = await start_worker(["busy"], max_batch_size=2, native_compute=native_compute,
-                            model_settings={"busy": {"instances": 2, "intra_op_threads": 1, "alone_threads": 2}})
+    ws = await start_worker(
+        ["busy"],
+        max_batch_size=2,
+        native_compute=native_compute,
+        model_settings={"busy": {"instances": 2, "intra_op_threads": 1, "alone_threads": 2}},
+    )
     lv = ws.manager.loaded[("busy", 1)]
     assert len(lv.sessions) == 2
     native = ws.native.slots[lv.slot].sessions  # the C++ loops' sessions: two instances, then the alone one
@@ -257,8 +295,9 @@ async def test_a_lone_batch_runs_on_the_alone_session_and_batches_under_load_on_
     assert ran() == [], "a lone batch runs on the alone session, not on an instance"
     if native_compute:
         assert native[2].runs == before[2] + 3
-    await asyncio.gather(*(f.ModelInfer(tensor_request("busy", busy_input(3000, tag=i)), metadata=MD, timeout=60)
-                           for i in range(12)))
+    await asyncio.gather(
+        *(f.ModelInfer(tensor_request("busy", busy_input(3000, tag=i)), metadata=MD, timeout=60) for i in range(12))
+    )
     assert {"instance0", "instance1"} <= set(ran()), ran()  # under load both one-thread instances compute
     await channel.close()
 
@@ -269,11 +308,15 @@ def _lookup_model() -> bytes:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Cast", ["input"], ["index"], to=TensorProto.INT64),
-         helper.make_node("Gather", ["table", "index"], ["output"], axis=0)], "lookup",
+        [
+            helper.make_node("Cast", ["input"], ["index"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "index"], ["output"], axis=0),
+        ],
+        "lookup",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor("table", TensorProto.FLOAT, [10], [float(i) for i in range(10)])])
+        [helper.make_tensor("table", TensorProto.FLOAT, [10], [float(i) for i in range(10)])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
@@ -281,8 +324,8 @@ def _lookup_model() -> bytes:
 
 @pytest.mark.parametrize("native_compute", [True, False], ids=["c++-loop", "python-loop"])
 async def test_a_batch_that_fails_in_onnx_runtime_fails_only_its_calls(
-        registry: LocalRegistry, start_worker: StartWorker, native_compute: bool,
-        caplog: pytest.LogCaptureFixture) -> None:
+    registry: LocalRegistry, start_worker: StartWorker, native_compute: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     await registry.publish("lookup", _lookup_model())
     ws = await start_worker(["lookup"], max_batch_size=4, native_compute=native_compute)
     channel, f = stub(ws.native.port)
@@ -298,8 +341,11 @@ async def test_a_batch_that_fails_in_onnx_runtime_fails_only_its_calls(
 
 
 async def test_without_onnx_runtimes_c_library_python_runs_the_batches(
-        registry: LocalRegistry, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    registry: LocalRegistry,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     import worker.native
 
     monkeypatch.setattr(worker.native, "ort_library", lambda: None)  # as with a build that ships none
@@ -308,15 +354,25 @@ async def test_without_onnx_runtimes_c_library_python_runs_the_batches(
     assert ws.native.slots[lv.slot].sessions == []
     assert any("run in Python" in r.getMessage() and "libonnxruntime" in r.getMessage() for r in caplog.records)
     channel, f = stub(fast)
-    assert output_array(await f.ModelInfer(tensor_request("colors", _colors(2)), metadata=MD, timeout=10)).shape == (2, 3)
+    assert output_array(await f.ModelInfer(tensor_request("colors", _colors(2)), metadata=MD, timeout=10)).shape == (
+        2,
+        3,
+    )
     await channel.close()
 
 
-async def test_c_api_sessions_take_the_workers_session_options(registry: LocalRegistry,
-                                                             start_worker: StartWorker) -> None:
+async def test_c_api_sessions_take_the_workers_session_options(
+    registry: LocalRegistry, start_worker: StartWorker
+) -> None:
     """The options that are not the defaults reach the C++ loop's sessions, which still answer right."""
-    ws, main, fast = await _both(start_worker, registry, cpu_mem_arena=False, graph_optimization="disable",
-                                 thread_spinning=False, spin_only_in_run=False)
+    ws, main, fast = await _both(
+        start_worker,
+        registry,
+        cpu_mem_arena=False,
+        graph_optimization="disable",
+        thread_spinning=False,
+        spin_only_in_run=False,
+    )
     lv = ws.manager.loaded[("colors", 1)]
     assert len(ws.native.slots[lv.slot].sessions) == 1
     (cm, m), (cf, f) = stub(main), stub(fast)

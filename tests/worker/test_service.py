@@ -17,8 +17,9 @@ from tests.worker.conftest import MD, LocalRegistry, StartWorker, output_array, 
 from tests.worker.slowmodels import cast_model
 
 
-async def test_direct_call_without_internal_token_is_unauthenticated(registry: LocalRegistry,
-                                                                      start_worker: StartWorker) -> None:
+async def test_direct_call_without_internal_token_is_unauthenticated(
+    registry: LocalRegistry, start_worker: StartWorker
+) -> None:
     await registry.publish("colors", color_model())
     ws = await start_worker(["colors"])
     channel, s = stub(ws.port)
@@ -32,8 +33,9 @@ async def test_direct_call_without_internal_token_is_unauthenticated(registry: L
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     # Health stays open for Kubernetes probes; the real call works with the token.
     health = health_pb2_grpc.HealthStub(channel)
-    assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status == \
-        health_pb2.HealthCheckResponse.SERVING
+    assert (
+        await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+    ).status == health_pb2.HealthCheckResponse.SERVING
     resp = await s.ModelInfer(req, metadata=MD, timeout=10)
     assert resp.model_name == "colors" and resp.model_version == "1"
     await channel.close()
@@ -92,14 +94,14 @@ async def test_fp16_and_uint8_inputs_raw_and_typed(registry: LocalRegistry, star
     await channel.close()
 
 
-async def test_encoded_images_with_classification_extension(registry: LocalRegistry,
-                                                            start_worker: StartWorker) -> None:
+async def test_encoded_images_with_classification_extension(registry: LocalRegistry, start_worker: StartWorker) -> None:
     await registry.publish("colors", color_model())
     ws = await start_worker(["colors"])
     channel, s = stub(ws.port)
     req = pb.ModelInferRequest(model_name="colors")
     req.inputs.add(name="input", datatype="BYTES", shape=[3]).contents.bytes_contents.extend(
-        [png((10, 10, 230)), png((230, 10, 10), size=40), png((10, 230, 10))])
+        [png((10, 10, 230)), png((230, 10, 10), size=40), png((10, 230, 10))]
+    )
     req.outputs.add(name="logits").parameters["classification"].int64_param = 2
     resp = await s.ModelInfer(req, metadata=MD, timeout=10)
     assert resp.outputs[0].datatype == "BYTES" and list(resp.outputs[0].shape) == [3, 2]
@@ -120,11 +122,19 @@ async def test_metrics_endpoint(registry: LocalRegistry, start_worker: StartWork
         await s.ModelInfer(tensor_request("colors", np.zeros((2, 3, 8, 9), np.float32)), metadata=MD, timeout=10)
     import asyncio
 
-    text = (await asyncio.to_thread(
-        lambda: urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics.port}/metrics", timeout=10).read())).decode()
-    for name in ("fovea_worker_queue_seconds_bucket", "fovea_worker_compute_seconds_bucket",
-                 "fovea_worker_request_seconds_bucket", "fovea_worker_batch_size_bucket", "fovea_worker_queue_depth",
-                 "fovea_worker_preprocess_seconds"):
+    text = (
+        await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics.port}/metrics", timeout=10).read()
+        )
+    ).decode()
+    for name in (
+        "fovea_worker_queue_seconds_bucket",
+        "fovea_worker_compute_seconds_bucket",
+        "fovea_worker_request_seconds_bucket",
+        "fovea_worker_batch_size_bucket",
+        "fovea_worker_queue_depth",
+        "fovea_worker_preprocess_seconds",
+    ):
         assert name in text, name
     assert 'fovea_worker_requests_total{code="OK",method="ModelInfer"} 1.0' in text
     assert 'fovea_worker_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"} 1.0' in text
@@ -139,8 +149,9 @@ def image_request(model: str, data: bytes) -> pb.ModelInferRequest:
     return req
 
 
-async def test_images_feed_uint8_and_nhwc_models_as_they_expect(registry: LocalRegistry,
-                                                                start_worker: StartWorker) -> None:
+async def test_images_feed_uint8_and_nhwc_models_as_they_expect(
+    registry: LocalRegistry, start_worker: StartWorker
+) -> None:
     """A UINT8 input gets the pixels as they are; NHWC inputs get channels last. Before, every image
     model was fed normalised NCHW floats, which a cast turned into garbage for UINT8 models."""
     await registry.publish("u8hwc", pixel_mean_model(TensorProto.UINT8, "NHWC"))
@@ -166,8 +177,9 @@ async def test_uint8_model_with_normalisation_is_refused_at_registration(registr
     assert "UINT8 pixels" in err.value.details()
 
 
-async def test_model_statistics_count_requests_samples_batches_and_failures(registry: LocalRegistry,
-                                                                            start_worker: StartWorker) -> None:
+async def test_model_statistics_count_requests_samples_batches_and_failures(
+    registry: LocalRegistry, start_worker: StartWorker
+) -> None:
     """Triton's ModelStatistics (perf_analyzer reads it for the server-side split of a request)."""
     await registry.publish("colors", color_model())
     ws = await start_worker(["colors"])
