@@ -34,6 +34,32 @@ RECONNECT_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 MAX_PROBE_INTERVAL_S = 30.0
+UNSERVED_HEADER = "fovea-unserved"
+"""Trailing metadata a worker adds to a deliberate UNAVAILABLE (draining, not accepting, model not ready)."""
+CONNECT_FAILED = "failed to connect to all addresses"
+"""gRPC's text when no connection to the worker could be made, so the call was never sent. gRPC's Python API
+has no per-call flag for "reached a transport", and the channel's state before or after a call cannot tell a
+refused connection from one that dropped mid-call, so the status text is what marks it (gRPC core, 1.51 to 1.85)."""
+
+
+def never_served(code: grpc.StatusCode, details: str, trailing: Any) -> bool:
+    """Whether a failed call certainly never ran on the worker, so another worker may take it.
+
+    Only these are retried: a call that crashes a worker must not crash a second one.
+    """
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return False
+    if any(k == UNSERVED_HEADER and v in ("1", b"1") for k, v in trailing or ()):
+        return True
+    return CONNECT_FAILED in details
+
+
+def dropped_message(address: str, details: str) -> str:
+    """The answer to a call that was sent to a worker and lost with its connection (the fast port says the same)."""
+    return (
+        f"worker at {address} dropped the connection while running this call; it was not retried because it "
+        f"may have caused the failure ({details})"
+    )
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Gateway logic: admit the call (model access, limits, quota), resolve the version,
-pick a worker, forward with the caller's deadline, and retry once on UNAVAILABLE."""
+pick a worker, forward with the caller's deadline, and retry once on another worker a call that never ran."""
 
 from __future__ import annotations
 
@@ -21,12 +21,10 @@ from gateway.auth import check_model_access
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
-from gateway.routing import Versions, Workers
+from gateway.routing import Versions, Workers, dropped_message, never_served
 from inference import grpc_predict_v2_pb2 as pb
 
 logger = logging.getLogger(__name__)
-
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 
 
 class Gateway:
@@ -56,7 +54,9 @@ class Gateway:
         return min(remaining, limit)
 
     async def forward(self, request: pb.ModelInferRequest, timeout_s: float) -> pb.ModelInferResponse:
-        """Send a ModelInfer for a resolved version; on UNAVAILABLE retry once on another worker."""
+        """Send a ModelInfer for a resolved version; retry once on another worker if the first never ran it
+        (no connection, or a deliberate refusal): a call in flight when a worker's connection dropped is not
+        retried, since it may be what broke the worker."""
         return await self._forward(request.model_name, int(request.model_version), request, timeout_s, False)  # type: ignore[no-any-return]
 
     async def forward_bytes(
@@ -78,9 +78,10 @@ class Gateway:
             if remaining <= 0:
                 raise DeadlineExpired("deadline passed before a worker could answer")
             ep.in_flight += 1
+            fast = raw and tensors and ep.fast_infer_bytes is not None
             try:
                 if raw:
-                    call = ep.fast_infer_bytes if tensors and ep.fast_infer_bytes is not None else ep.infer_bytes
+                    call = ep.fast_infer_bytes if fast else ep.infer_bytes
                 else:
                     call = ep.stub.ModelInfer
                 response = await call(request, timeout=remaining, metadata=md)
@@ -89,11 +90,14 @@ class Gateway:
                 self.metrics.upstream_call(wid, grpc.StatusCode.OK)
                 return response
             except grpc.aio.AioRpcError as exc:
-                code = exc.code()
+                code, details = exc.code(), exc.details() or exc.code().name
                 self.metrics.upstream_call(wid, code)
-                if code not in RETRYABLE:
-                    raise UpstreamError(code, exc.details() or code.name) from None
+                if code != grpc.StatusCode.UNAVAILABLE:
+                    raise UpstreamError(code, details) from None
                 self.workers.record(ep, False)
+                if not never_served(code, details, exc.trailing_metadata()):  # it may have run: a poison call?
+                    address = ep.status.fast_address if fast else ep.status.address
+                    raise UpstreamError(code, dropped_message(address, details)) from None
                 if attempt == 0 and deadline - time.monotonic() > 0.001:
                     self.retries += 1
                     self.metrics.retries.inc()
