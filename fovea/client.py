@@ -106,7 +106,9 @@ class Client(_Base):
 
     def list_models(self) -> list[model_pb2.ModelSummary]:
         return list(
-            self.stub.ListModels(model_pb2.ListModelsRequest(), metadata=self.metadata, timeout=self.timeout_s).models
+            self.stub.ListModels(
+                image_pb2.ImageServiceListModelsRequest(), metadata=self.metadata, timeout=self.timeout_s
+            ).models
         )
 
     def get_model(self, model: str, version: int = 0, alias: str = "") -> model_pb2.ModelVersion:

@@ -64,13 +64,17 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
         async for answer in ordered(request_iterator, self.gateway.config.stream_window, one):
             yield answer
 
-    async def ListModels(self, request: model_pb2.ListModelsRequest, context: Any) -> model_pb2.ListModelsResponse:
+    async def ListModels(
+        self, request: image_pb2.ImageServiceListModelsRequest, context: Any
+    ) -> image_pb2.ImageServiceListModelsResponse:
         try:
-            resp = await self.link.stub.ListModels(request, metadata=call_metadata(self.link.token), timeout=10)
+            resp = await self.link.stub.ListModels(
+                model_pb2.ListModelsRequest(), metadata=call_metadata(self.link.token), timeout=10
+            )
         except grpc.aio.AioRpcError as exc:
             raise upstream(exc) from None
         key = principal.get()
-        return model_pb2.ListModelsResponse(models=[m for m in resp.models if may_use(key, m.name)])
+        return image_pb2.ImageServiceListModelsResponse(models=[m for m in resp.models if may_use(key, m.name)])
 
     async def GetModel(self, request: image_pb2.GetModelRequest, context: Any) -> image_pb2.GetModelResponse:
         check_name(request.model)

@@ -8,7 +8,7 @@ import time
 
 import grpc
 
-from fovea.v1 import image_pb2, model_pb2
+from fovea.v1 import image_pb2
 from tests.gateway.conftest import GatewayFactory, Stack, auth, classify_request, image_stub, status_of
 from tests.tinymodels import png
 
@@ -98,9 +98,9 @@ async def test_list_and_get_models_follow_key_patterns(stack: Stack, gateways: G
     only_colors = await asyncio.to_thread(lambda: stack.key(model_patterns=["col*"]))
     everything = await asyncio.to_thread(stack.key)
     channel, stub = image_stub(gw)
-    listed = await stub.ListModels(model_pb2.ListModelsRequest(), metadata=auth(only_colors), timeout=10)
+    listed = await stub.ListModels(image_pb2.ImageServiceListModelsRequest(), metadata=auth(only_colors), timeout=10)
     assert [m.name for m in listed.models] == ["colors"]
-    listed = await stub.ListModels(model_pb2.ListModelsRequest(), metadata=auth(everything), timeout=10)
+    listed = await stub.ListModels(image_pb2.ImageServiceListModelsRequest(), metadata=auth(everything), timeout=10)
     assert {m.name for m in listed.models} >= {"colors", "ident"}
     got = await stub.GetModel(image_pb2.GetModelRequest(model="colors"), metadata=auth(only_colors), timeout=10)
     assert got.model.name == "colors" and list(got.model.labels) == ["red", "green", "blue"]
