@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+import pathlib
+
+import grpc
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -15,13 +18,22 @@ class BaseConfig(BaseSettings):
     """Address to listen on."""
     port: int = 0
     """Port to listen on; 0 picks a free one (tests)."""
-    internal_token: str = Field(default="", validation_alias=AliasChoices("FOVEA_INTERNAL_TOKEN", "internal_token"))
-    """Shared secret for service-to-service calls; empty disables internal calls."""
-    accepted_internal_token: str = Field(
-        default="", validation_alias=AliasChoices("FOVEA_ACCEPTED_INTERNAL_TOKEN", "accepted_internal_token")
+    legacy_internal_token: str = Field(default="", validation_alias="FOVEA_INTERNAL_TOKEN", repr=False)
+    """Read only to refuse it: the one shared token gave every service every right (see check_no_shared_token)."""
+    legacy_accepted_internal_token: str = Field(
+        default="", validation_alias="FOVEA_ACCEPTED_INTERNAL_TOKEN", repr=False
     )
-    """A second internal token this service accepts but never sends: rotates internal_token with no
-    downtime (deploy/README.md, "Rotating the internal token")."""
+    """Read only to refuse it, like legacy_internal_token."""
+    tls_cert_file: str = ""
+    """Certificate chain (PEM) this service serves TLS with; set with tls_key_file. It is also the client
+    certificate this service presents when it dials with TLS (tls_ca_file) and the other side asks for one."""
+    tls_key_file: str = ""
+    """Private key (PEM) of tls_cert_file."""
+    tls_client_ca_file: str = ""
+    """CA bundle (PEM) for client certificates; set, every caller must present one it signed (mutual TLS)."""
+    tls_ca_file: str = ""
+    """CA bundle (PEM) that signed the certificates of the Fovea services this one dials (the registry,
+    workers); set, those hops use TLS and check the certificate against the address dialed."""
     log_level: str = "INFO"
     """Python logging level."""
     log_json: bool = True
@@ -33,13 +45,44 @@ class BaseConfig(BaseSettings):
     metrics_port: int = -1
     """Port of the Prometheus endpoint; -1 disables it, 0 picks a free one."""
 
-    def accepted_internal_tokens(self) -> list[str]:
-        return [t for t in (self.internal_token, self.accepted_internal_token) if t]
+    @model_validator(mode="after")
+    def check_no_shared_token(self) -> BaseConfig:
+        if self.legacy_internal_token or self.legacy_accepted_internal_token:
+            raise ValueError(
+                "FOVEA_INTERNAL_TOKEN and FOVEA_ACCEPTED_INTERNAL_TOKEN are no longer read: each kind of service "
+                "has its own token, with only the rights it needs (deploy/README.md, 'Service tokens'); unset them"
+            )
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file are set together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        return self
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS for this service's port, mutual when tls_client_ca_file is set; None serves plaintext."""
+        if not self.tls_cert_file:
+            return None
+        pair = [(_read(self.tls_key_file), _read(self.tls_cert_file))]
+        if self.tls_client_ca_file:
+            return grpc.ssl_server_credentials(pair, root_certificates=_read(self.tls_client_ca_file), require_client_auth=True)
+        return grpc.ssl_server_credentials(pair)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS for the hops this service dials (registry, workers); None dials plaintext."""
+        if not self.tls_ca_file:
+            return None
+        cert = _read(self.tls_cert_file) if self.tls_cert_file else None
+        key = _read(self.tls_key_file) if self.tls_key_file else None
+        return grpc.ssl_channel_credentials(_read(self.tls_ca_file), private_key=key, certificate_chain=cert)
 
     max_pending_calls: int = 20_000
     """Calls that have arrived but not yet started, before gRPC cancels new ones. gRPC's own limit
     (1000) cancels a burst's excess with a bare CANCELLED that clients do not retry: lost requests.
     Past it, calls wait; the services' own limits (queue lengths, rate limits) answer with reasons."""
+
+
+def _read(path: str) -> bytes:
+    return pathlib.Path(path).read_bytes()
 
 
 def server_options(max_message_bytes: int, max_pending_calls: int = 20_000) -> list[tuple[str, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from fovea.config import BaseConfig
@@ -21,6 +22,12 @@ class GatewayConfig(BaseConfig):
     calls then passing between threads (docs/bench/README.md)."""
     registry_address: str = "127.0.0.1:8501"
     """Registry host:port."""
+    registry_token: str = Field(default="", repr=False)
+    """This gateway's token on its calls to the registry (listed in the registry's gateway_tokens): API key
+    checks, watches of keys, workers and models, model metadata; no downloads, aliases or keys."""
+    worker_token: str = Field(default="", repr=False)
+    """The token this gateway presents to workers (listed in their accepted_tokens). A token of its own, so
+    that no worker holds the gateway's registry token."""
     redis_url: str = ""
     """Redis for rate limits shared by all replicas; empty keeps limits per replica."""
     max_images_per_call: int = 64

@@ -8,6 +8,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from fovea.config import BaseConfig
+from fovea.tokens import TokenTable
 
 
 class RegistryConfig(BaseConfig):
@@ -37,5 +38,18 @@ class RegistryConfig(BaseConfig):
     """How often a worker watch looks for expired heartbeats."""
     max_alias_history: int = Field(default=20, ge=1)
     """Earlier states kept per alias for rollback."""
+    worker_tokens: str = Field(default="", repr=False)
+    """Tokens workers present, comma-separated, each the token or sha256:HEX (its SHA-256); list the old and
+    the new one while rotating. A worker may heartbeat, read models and aliases, watch them and download."""
+    gateway_tokens: str = Field(default="", repr=False)
+    """Tokens gateways present, as worker_tokens. A gateway may verify API keys, watch keys, workers, models
+    and aliases, and read models; it may not download artifacts."""
+    admin_tokens: str = Field(default="", repr=False)
+    """Operators' tokens, as worker_tokens: the rights of an admin API key without model patterns (create the
+    first API key with one). No service holds one."""
     max_concurrent_uploads: int = Field(default=4, ge=1)
     """Uploads received and validated at once; more wait their turn (memory: this times max_artifact_bytes)."""
+
+    def token_table(self) -> TokenTable:
+        """The accepted service and operator tokens; raises ValueError for a malformed or shared entry."""
+        return TokenTable({"worker": self.worker_tokens, "gateway": self.gateway_tokens, "admin": self.admin_tokens})

@@ -13,13 +13,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from fovea import crypto
 from fovea.config import server_options
 from fovea.errors import FoveaError, RegistryUnavailable, Unauthenticated
-from fovea.rpc import ServiceInterceptor, bearer_token, matches_any
+from fovea.rpc import ServiceInterceptor, bearer_token
 from fovea.serve import add_health, set_serving
 from fovea.v1 import registry_pb2, registry_pb2_grpc
 from registry.artifacts import LocalArtifactStore
 from registry.config import RegistryConfig
 from registry.redis_conn import connect
-from registry.service import INTERNAL, Registry
+from fovea.tokens import API_KEY_PREFIX, TokenTable
+from registry.service import Registry, principal_of
 from registry.servicer import RegistryServicer
 
 logger = logging.getLogger(__name__)
@@ -32,14 +33,17 @@ def _translate(exc: BaseException) -> FoveaError | None:
     return None
 
 
-def make_authenticator(registry: Registry, internal_tokens: list[str]) -> Any:
+def make_authenticator(registry: Registry, tokens: TokenTable) -> Any:
+    """Who the caller is, from the metadata alone, before any request body is read."""
+
     async def authenticate(method: str, metadata: dict[str, Any]) -> Any:
         token = bearer_token(metadata)
-        if matches_any(token, internal_tokens):
-            return INTERNAL
-        if not token.startswith("fv_"):
-            raise Unauthenticated("invalid credentials: not an API key or the internal token")
-        return await registry.authenticate(token)
+        if token.startswith(API_KEY_PREFIX):
+            return await registry.authenticate(token)
+        kind = tokens.kind_of(token)
+        if kind is None:
+            raise Unauthenticated("invalid credentials: not an API key or a current service token")
+        return principal_of(kind)
 
     return authenticate
 
@@ -58,6 +62,7 @@ class RegistryServer:
 
 
 async def build_server(config: RegistryConfig) -> RegistryServer:
+    tokens = config.token_table()  # a malformed entry stops the start, before anything is opened
     keys = crypto.load_keys(config.encryption_key_file, config.previous_encryption_key_file)
     store = LocalArtifactStore(config.artifact_dir, keys[0] if keys else None, keys[1:])
     registry = Registry(
@@ -68,21 +73,25 @@ async def build_server(config: RegistryConfig) -> RegistryServer:
         config.watch_poll_s,
         config.max_alias_history,
     )
-    authenticate = make_authenticator(registry, config.accepted_internal_tokens())
+    authenticate = make_authenticator(registry, tokens)
     interceptor = ServiceInterceptor(authenticate, translate=_translate)
     options = server_options(config.max_message_bytes, config.max_pending_calls)
     server = grpc.aio.server(interceptors=[interceptor], options=options)
     servicer = RegistryServicer(registry, config.chunk_bytes, config.max_concurrent_uploads)
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
     health_servicer = add_health(server, [SERVICE])
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    creds = config.server_credentials()
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     await server.start()
     await set_serving(health_servicer, [SERVICE], True)
     logger.info(
-        "registry listening on %s:%d (artifacts in %s, encryption %s)",
+        "registry listening on %s:%d (%s; artifacts in %s, encryption %s; service tokens %s)",
         config.host,
         port,
+        "mutual TLS" if config.tls_client_ca_file else "TLS" if creds else "plaintext",
         store.root,
         "on" if keys else "off",
+        tokens.counts() or "none",
     )
     return RegistryServer(server, port, registry, health_servicer)

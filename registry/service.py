@@ -4,20 +4,26 @@ Registry holds no state of its own beside Redis and the store, so any number of
 replicas can serve the same cluster.
 
 Access rules (see check_access):
-  internal token   every call (gateways and workers)
   role infer       read models, versions and aliases; watch aliases
   role publish     also register, alias (promote, rollback, delete), archive, download
   role admin       also manage API keys and see workers
   model patterns   a key limited to some models sees and touches only those;
                    managing keys needs an admin key without patterns, so no key
                    can mint a key wider than itself
-  internal only    Heartbeat and VerifyApiKey: a heartbeat names an address the
-                   gateways send traffic (and the internal token) to
+  admin token      an operator's token (admin_tokens): an admin key without patterns
+  worker token     read models, versions and aliases, watch them, download artifacts,
+                   and Heartbeat, which only workers may send: a heartbeat names an
+                   address the gateways send traffic (and their token) to
+  gateway token    read models, versions and aliases, watch them, watch workers and
+                   API keys, and VerifyApiKey, which only gateways may send
+A service token never registers, moves aliases or manages keys: a stolen one
+cannot mint a key or send traffic to another model.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -29,7 +35,20 @@ from registry.catalog import Catalog
 from registry.keystore import KeyStore
 from registry.workers import WorkerTable
 
-INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class Service:
+    """The caller is a Fovea service of this kind, by the token it presented."""
+
+    kind: str
+
+
+WORKER = Service("worker")
+GATEWAY = Service("gateway")
+READERS = frozenset({WORKER, GATEWAY})
+# An operator's token acts as an admin key without model patterns; its id names it in logs and records.
+OPERATOR = registry_pb2.ApiKey(key_id="admin-token", role=registry_pb2.ROLE_ADMIN, description="admin_tokens")
 
 
 class Registry:
@@ -61,15 +80,25 @@ def _role_name(role: int) -> str:
     return registry_pb2.Role.Name(role).removeprefix("ROLE_").lower()
 
 
-def check_access(principal: Any, needed: int, model: str = "", all_models: bool = False) -> None:
+def principal_of(kind: str) -> Service | registry_pb2.ApiKey:
+    """The principal a service or admin token stands for (kinds as in RegistryConfig.token_table)."""
+    return OPERATOR if kind == "admin" else Service(kind)
+
+
+def check_access(
+    principal: Any, needed: int, model: str = "", all_models: bool = False, services: frozenset[Service] = frozenset()
+) -> None:
     """Raise PermissionDenied unless the caller's role and model patterns allow the call.
 
     Args:
         needed: the least role, e.g. registry_pb2.ROLE_PUBLISH.
         model: the model the call touches; checked against the key's patterns.
         all_models: the call reaches beyond single models (key management).
+        services: the kinds of service that may make this call with their token; none by default.
     """
-    if principal == INTERNAL:
+    if isinstance(principal, Service):
+        if principal not in services:
+            raise PermissionDenied(f"a {principal.kind} token may not make this call")
         return
     if not isinstance(principal, registry_pb2.ApiKey):
         raise Unauthenticated("missing credentials")
@@ -85,6 +114,9 @@ def check_access(principal: Any, needed: int, model: str = "", all_models: bool 
         raise PermissionDenied(f"API key {principal.key_id} may not use model {model!r}")
 
 
-def check_internal(principal: Any, what: str) -> None:
-    if principal != INTERNAL:
-        raise PermissionDenied(f"{what} is only for Fovea services (the internal token), not API keys")
+def check_service(principal: Any, service: Service, what: str) -> None:
+    """Raise unless the caller is this kind of service: calls no key or other service may make."""
+    if principal is None:
+        raise Unauthenticated("missing credentials")
+    if principal != service:
+        raise PermissionDenied(f"{what} is only for {service.kind}s (a {service.kind} token)")

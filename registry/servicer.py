@@ -13,7 +13,7 @@ from fovea.errors import InvalidArgument, InvalidState
 from fovea.names import check_name
 from fovea.rpc import principal
 from fovea.v1 import model_pb2, registry_pb2, registry_pb2_grpc
-from registry.service import INTERNAL, Registry, check_access, check_internal, model_allowed
+from registry.service import GATEWAY, READERS, WORKER, Registry, check_access, check_service, model_allowed
 
 logger = logging.getLogger(__name__)
 INFER, PUBLISH, ADMIN = registry_pb2.ROLE_INFER, registry_pb2.ROLE_PUBLISH, registry_pb2.ROLE_ADMIN
@@ -21,7 +21,7 @@ INFER, PUBLISH, ADMIN = registry_pb2.ROLE_INFER, registry_pb2.ROLE_PUBLISH, regi
 
 def _caller_id() -> str:
     p = principal.get()
-    return p.key_id if isinstance(p, registry_pb2.ApiKey) else INTERNAL
+    return p.key_id if isinstance(p, registry_pb2.ApiKey) else getattr(p, "kind", "")
 
 
 def _alias(name: str) -> str:
@@ -94,13 +94,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> registry_pb2.GetModelVersionResponse:
         check_name(request.model)
         _alias(request.alias)
-        check_access(principal.get(), INFER, request.model)
+        check_access(principal.get(), INFER, request.model, services=READERS)
         mv, alias = await self.catalog.resolve(request.model, request.version, request.alias)
         return registry_pb2.GetModelVersionResponse(model=mv, alias=alias)
 
     async def ListModels(self, request: model_pb2.ListModelsRequest, context: Any) -> model_pb2.ListModelsResponse:
         p = principal.get()
-        check_access(p, INFER)
+        check_access(p, INFER, services=READERS)
         models = await self.catalog.list_models()
         if isinstance(p, registry_pb2.ApiKey):
             models = [m for m in models if model_allowed(list(p.model_patterns), m.name)]
@@ -110,7 +110,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.ListVersionsRequest, context: Any
     ) -> registry_pb2.ListVersionsResponse:
         check_name(request.model)
-        check_access(principal.get(), INFER, request.model)
+        check_access(principal.get(), INFER, request.model, services=READERS)
         return registry_pb2.ListVersionsResponse(versions=await self.catalog.list_versions(request.model))
 
     async def ArchiveVersion(
@@ -124,7 +124,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.DownloadArtifactRequest, context: Any
     ) -> AsyncIterator[registry_pb2.DownloadArtifactResponse]:
         check_name(request.model)
-        check_access(principal.get(), PUBLISH, request.model)
+        check_access(principal.get(), PUBLISH, request.model, services=frozenset({WORKER}))
         mv = await self.catalog.get_version(request.model, request.version)
         chunks = self.catalog.artifact_chunks(mv, self.chunk_bytes)
         # File reads may block (a network volume), so they run off the event loop.
@@ -162,7 +162,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> registry_pb2.GetAliasHistoryResponse:
         check_name(request.model)
         _alias(request.alias)
-        check_access(principal.get(), INFER, request.model)
+        check_access(principal.get(), INFER, request.model, services=READERS)
         current, history = await self.catalog.alias_history(request.model, request.alias)
         return registry_pb2.GetAliasHistoryResponse(alias=current, history=history)
 
@@ -170,7 +170,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.WatchModelsRequest, context: Any
     ) -> AsyncIterator[registry_pb2.WatchModelsResponse]:
         p = principal.get()
-        check_access(p, INFER)
+        check_access(p, INFER, services=READERS)
         patterns = list(p.model_patterns) if isinstance(p, registry_pb2.ApiKey) else []
         async for event in self.catalog.watch():
             visible = _visible(event, patterns)
@@ -201,13 +201,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def VerifyApiKey(
         self, request: registry_pb2.VerifyApiKeyRequest, context: Any
     ) -> registry_pb2.VerifyApiKeyResponse:
-        check_internal(principal.get(), "VerifyApiKey")
+        check_service(principal.get(), GATEWAY, "VerifyApiKey")
         return registry_pb2.VerifyApiKeyResponse(key=await self.registry.keys.verify(request.secret))
 
     async def WatchApiKeys(
         self, request: registry_pb2.WatchApiKeysRequest, context: Any
     ) -> AsyncIterator[registry_pb2.WatchApiKeysResponse]:
-        check_access(principal.get(), ADMIN, all_models=True)
+        check_access(principal.get(), ADMIN, all_models=True, services=frozenset({GATEWAY}))
         async for event in self.registry.keys.watch():
             yield event
 
@@ -233,7 +233,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     # ---- workers --------------------------------------------------------
 
     async def Heartbeat(self, request: registry_pb2.HeartbeatRequest, context: Any) -> registry_pb2.HeartbeatResponse:
-        check_internal(principal.get(), "Heartbeat")
+        check_service(principal.get(), WORKER, "Heartbeat")
         return registry_pb2.HeartbeatResponse(ttl_s=await self.registry.workers.heartbeat(request.status))
 
     async def ListWorkers(
@@ -248,6 +248,6 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def WatchWorkers(
         self, request: registry_pb2.WatchWorkersRequest, context: Any
     ) -> AsyncIterator[registry_pb2.WatchWorkersResponse]:
-        check_access(principal.get(), ADMIN, all_models=True)
+        check_access(principal.get(), ADMIN, all_models=True, services=frozenset({GATEWAY}))
         async for event in self.registry.workers.watch():
             yield event

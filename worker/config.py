@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from fovea.config import BaseConfig
+from fovea.tokens import check_plain_token, token_list
 
 
 def _default_id() -> str:
@@ -33,6 +34,12 @@ class WorkerConfig(BaseConfig):
     (compose: "{ip}:8502")."""
     registry_address: str = "127.0.0.1:8501"
     """Registry host:port."""
+    registry_token: str = Field(default="", repr=False)
+    """This worker's token on its calls to the registry (listed in the registry's worker_tokens): heartbeats,
+    model metadata and watches, artifact downloads, nothing else."""
+    accepted_tokens: str = Field(default="", repr=False)
+    """Tokens of the callers this worker serves (the gateways' worker_token), comma-separated: the old and the
+    new one while rotating. Plain tokens, not hashes: the fast port compares them as sent."""
     models: Annotated[list[str], NoDecode] = []
     """Models to serve, comma-separated: NAME (follows production), NAME:ALIAS or NAME@VERSION."""
     providers: Annotated[list[str], NoDecode] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -169,6 +176,16 @@ class WorkerConfig(BaseConfig):
         if isinstance(v, str):
             return [int(p) for p in v.split(",") if p.strip()]
         return v
+
+    @field_validator("accepted_tokens")
+    @classmethod
+    def _check_accepted(cls, v: str) -> str:
+        for token in token_list(v):
+            check_plain_token(token, "accepted_tokens")
+        return v
+
+    def accepted_token_list(self) -> list[str]:
+        return token_list(self.accepted_tokens)
 
     def fast_address(self, port: int, fast_port: int) -> str:
         """The fast port at the same host as the advertised address."""
