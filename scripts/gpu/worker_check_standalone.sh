@@ -2,7 +2,7 @@
 # GPU check for a lent H100/H200 machine (no internet, maybe no PyPI): proves the CUDA provider is really used
 # by ONNX Runtime and by the worker, and times the worker against raw ONNX Runtime on CUDA. About 3-4 minutes.
 #
-#   bash bench/worker/gpu_check.sh            # from the repository root; results in $OUT (default /tmp/gpu-check)
+#   bash scripts/gpu/worker_check_standalone.sh            # from the repository root; results in $OUT (default /tmp/gpu-check)
 #
 # Carry runs/bench-worker/efficientnet-lite0.onnx with the repo copy (run bench/worker/bench_worker.py once
 # here, or `python -m training.cli import-pretrained`); without it the check falls back to the CIFAR-sized CNN

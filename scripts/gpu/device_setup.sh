@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine: install the carried wheels and libraries into /tmp (once, after every part of the
 # onnxruntime-gpu wheel arrived), then set the environment. Later calls on the same warm machine only set it.
-# Usage: source bench/gpu/device_setup.sh
+# Usage: source scripts/gpu/device_setup.sh
 set -e
 if [ ! -d /tmp/site/onnxruntime ]; then
   want=$(cat .whl/parts/ort.sha256)

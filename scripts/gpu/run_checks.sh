@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# On the lent GPU machine, after every wheel part arrived (README.md): install, then run the worker's CUDA check
+# On the lent GPU machine, after every wheel part arrived (scripts/gpu/README.md): install, then run the worker's CUDA check
 # (issue 4) and the mixed-precision training recipe (issue 6). Results and logs go to $OUT.
 # The call that runs it carries fovea/v1 inference runs/bench-worker/efficientnet-lite0.onnx (runs/mnist for train).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-source bench/gpu/device_setup.sh || exit 3
+source scripts/gpu/device_setup.sh || exit 3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
 what=${1:-all}
 if [ "$what" = all ] || [ "$what" = worker ]; then

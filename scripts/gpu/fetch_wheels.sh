@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download, here, the cp312 wheels a lent GPU machine lacks (see README.md), and split the big one.
+# Download, here, the cp312 wheels a lent GPU machine lacks (see scripts/gpu/README.md), and split the big one.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -q '^/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Here: make .devcarry (ignored by git) for bench/gpu/gateway_check.sh, after fetch_wheels.sh filled .whl/.
+# Here: make .devcarry (ignored by git) for scripts/gpu/gateway_check.sh, after fetch_wheels.sh filled .whl/.
 # It must stay under the device call's 64 MiB with the working tree, so it leaves out the onnxruntime-gpu
 # wheel, py-spy and grpcio-tools, and packs the native libraries with xz.
 set -euo pipefail
