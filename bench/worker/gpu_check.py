@@ -1,4 +1,6 @@
-"""GPU check (run by scripts/gpu/run_checks.sh on a lent machine): the CUDA provider is really used, and the worker is timed against raw ORT.
+"""GPU check: the CUDA provider is really used, and the worker is timed against raw ORT.
+
+On a lent machine scripts/gpu/run_checks.sh runs it (scripts/gpu/README.md).
 
 1. A raw session asked for CUDA must report CUDAExecutionProvider first in session.get_providers()
    (ONNX Runtime silently falls back to the CPU when CUDA libraries are missing).
