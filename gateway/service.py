@@ -22,6 +22,7 @@ from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.routing import Versions, Workers, dropped_message, never_served
+from gateway.validate import check_infer, check_version
 from inference import grpc_predict_v2_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -211,12 +212,8 @@ class Gateway:
         return await self.forward_bytes(mv.name, mv.version, raw, timeout_s, raw_tensors_only(request))
 
     async def _admit_infer(self, key: registry_pb2.ApiKey, request: pb.ModelInferRequest) -> model_pb2.ModelVersion:
-        version = 0
-        if request.model_version:
-            try:
-                version = int(request.model_version)
-            except ValueError:
-                raise InvalidArgument(f"model_version must be a number, got {request.model_version[:40]!r}") from None
+        check_infer(request, self.config.max_top_k)  # malformed calls never reach a worker
+        version = check_version(request.model_version)
         check_model_access(key, request.model_name)
         samples = 1
         for tensor in request.inputs:
