@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import importlib
 
-    codegen.ensure()
+    codegen.require()
     argv = sys.argv[1:] if argv is None else argv
     # argparse's REMAINDER drops a leading --help, so delegated commands skip it entirely.
     if argv and argv[0] in DELEGATED:

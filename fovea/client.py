@@ -15,7 +15,7 @@ import grpc
 
 from fovea import codegen
 
-codegen.ensure()
+codegen.require()
 
 from fovea.config import channel_options  # noqa: E402
 from fovea.v1 import image_pb2, image_pb2_grpc, model_pb2, registry_pb2, registry_pb2_grpc  # noqa: E402

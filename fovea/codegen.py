@@ -1,7 +1,9 @@
 """Generate Python code from protos/ with grpcio-tools.
 
 Generated modules land beside the hand-written code (fovea/v1/, inference/)
-and are never committed or edited. Run: python -m fovea.codegen
+and are never committed or edited. Set-up (scripts/setup.sh) and the image
+builds run `python -m fovea.codegen`; importing Fovea never writes files, it
+only checks (`require`) and says what to run.
 """
 
 from __future__ import annotations
@@ -50,10 +52,17 @@ def generate() -> None:
             pkg = pkg.parent
 
 
-def ensure() -> None:
-    """Generate when stale; cheap enough to call at every start."""
+class StubsMissing(ImportError):
+    """The generated gRPC modules are missing or older than protos/."""
+
+
+def require() -> None:
+    """Raise StubsMissing, saying what to run, unless the generated modules are current."""
     if is_stale():
-        generate()
+        raise StubsMissing(
+            f"the Python code generated from {PROTOS} is missing or older than the protos; "
+            f"run `python -m fovea.codegen` in {ROOT} (scripts/setup.sh does)"
+        )
 
 
 if __name__ == "__main__":

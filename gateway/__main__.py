@@ -6,7 +6,7 @@ from fovea import codegen
 
 
 def main() -> None:
-    codegen.ensure()
+    codegen.require()
     from fovea.serve import serve_forever
     from gateway.config import GatewayConfig
     from gateway.server import build_server

@@ -14,7 +14,7 @@ import numpy as np
 
 from fovea import codegen, oip
 
-codegen.ensure()
+codegen.require()
 
 from fovea.v1 import image_pb2  # noqa: E402
 from inference import grpc_predict_v2_pb2 as pb  # noqa: E402

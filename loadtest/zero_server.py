@@ -23,7 +23,7 @@ import grpc
 
 from fovea import codegen
 
-codegen.ensure()
+codegen.require()
 
 from inference import grpc_predict_v2_pb2 as pb  # noqa: E402
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402

@@ -6,7 +6,7 @@ from fovea import codegen
 
 
 def main() -> None:
-    codegen.ensure()
+    codegen.require()
     from fovea.serve import serve_forever
     from registry.config import RegistryConfig
     from registry.server import build_server

@@ -12,8 +12,11 @@ fi
 python -m pip install -q -U pip
 # The CPU wheel first: a bare torch requirement would pull a multi-GB CUDA build.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[cpu,train,test]"
+# Generate the stubs before the editable install: setuptools maps only the packages that exist
+# when it runs, so the generated top-level `inference` package must be there first.
+python -m pip install -q "grpcio-tools>=1.85"
 python -m fovea.codegen
+python -m pip install -q -e ".[cpu,train,test]"
 # Debian packages: libb64 for Triton's perf_analyzer (from the tritonclient wheel); a C++ compiler,
 # gRPC C++ and protoc for the native fast ports of workers and gateways (worker/native, gateway/native).
 DEBS="libb64-0d g++ make pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc libssl-dev"
@@ -36,6 +39,10 @@ fi
 # The worker's native fast port; without it workers serve their main port only (and say so in their log).
 worker/native/build.sh >/dev/null || echo "warning: the worker's fast port did not build (worker/native/build.sh)" >&2
 gateway/native/build.sh >/dev/null || echo "warning: the gateway's fast port did not build (gateway/native/build.sh)" >&2
+# buf, for the protos check (scripts/check.sh protos); optional: that check installs it too.
+if command -v npm >/dev/null 2>&1 && [ ! -x protos/node_modules/.bin/buf ]; then
+  (cd protos && npm ci --no-audit --no-fund --loglevel=error) || echo "warning: npm ci failed in protos" >&2
+fi
 # The TypeScript client example (tests/gateway/test_typescript_client.py runs it); optional: skipped without npm.
 if command -v npm >/dev/null 2>&1 && [ ! -d clients/typescript/node_modules/@grpc/grpc-js ]; then
   (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error) || echo "warning: npm ci failed in clients/typescript" >&2

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 
 from fovea import codegen  # noqa: E402
 
-codegen.ensure()
+codegen.require()
 
 from fovea.cluster import Cluster  # noqa: E402
 from fovea.redis_server import RedisServer  # noqa: E402

@@ -6,7 +6,7 @@ from fovea import codegen
 
 
 def main() -> None:
-    codegen.ensure()
+    codegen.require()
     from fovea.serve import serve_forever
     from worker.config import WorkerConfig
     from worker.server import build_server

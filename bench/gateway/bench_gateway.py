@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from fovea import codegen  # noqa: E402
 
-codegen.ensure()
+codegen.require()
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402

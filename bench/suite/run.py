@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from fovea import codegen  # noqa: E402
 
-codegen.ensure()
+codegen.require()
 
 import numpy as np  # noqa: E402
 

@@ -41,7 +41,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 # A named volume mounted here starts with this directory's owner, so the registry can write.
 VOLUME /var/lib/fovea/artifacts
 WORKDIR /app
-# codegen.ensure() runs at every start and would try to write into /app if the stubs looked stale.
+# codegen.require() runs at every start and would refuse to start if the stubs looked stale.
 RUN python -c "from fovea import codegen; assert not codegen.is_stale(), 'generated code is stale'"
 USER 10001:10001
 EXPOSE 8501
