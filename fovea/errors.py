@@ -60,7 +60,11 @@ class RateLimited(FoveaError):
 
 
 class ModelNotReady(FoveaError):
+    """A worker refused the call before running any of it (draining, model not loaded or not ready): the
+    answer carries `fovea-unserved: 1`, so a gateway can tell it from a call that dropped while it ran."""
+
     code = grpc.StatusCode.UNAVAILABLE
+    unserved = True
 
 
 class NoHealthyWorker(FoveaError):

@@ -24,6 +24,8 @@ Authenticator = Callable[[str, dict[str, Any]], Awaitable[Any]]
 principal: contextvars.ContextVar[Any] = contextvars.ContextVar("principal", default=None)
 
 REQUEST_ID_HEADER = "x-request-id"
+UNSERVED_HEADER = "fovea-unserved"
+"""Trailing metadata on an answer refused before any of the call ran (see ModelNotReady)."""
 MAX_REQUEST_ID_LEN = 128
 
 
@@ -203,6 +205,8 @@ async def _abort(context: Any, exc: BaseException, method: str, rid: str) -> Non
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         trailing.append(("retry-after-ms", str(int(retry_after * 1000) + 1)))
+    if getattr(exc, "unserved", False):
+        trailing.append((UNSERVED_HEADER, "1"))
     if code == grpc.StatusCode.INTERNAL and not isinstance(exc, FoveaError):
         logger.error("internal error in %s", method, exc_info=exc)
         message = f"internal error, request id {rid}"
