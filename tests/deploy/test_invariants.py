@@ -302,7 +302,8 @@ def test_redis_is_append_only_and_password_protected(rendered: dict[str, list[Ob
         args = c["args"]
         assert args[args.index("--appendonly") + 1] == "yes"
         assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
-        assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+        # The password goes to the server on stdin (test_hardening.py), never in its args.
+        assert 'requirepass "$REDIS_PASSWORD"' in c["command"][2]
         mount = next(m for m in c["volumeMounts"] if m["name"] == "data")
         assert args[args.index("--dir") + 1] == mount["mountPath"]
         assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"

