@@ -63,7 +63,9 @@ def test_every_metrics_endpoint_listens_where_prometheus_can_reach_it(
     selects points at it."""
     monitor = one(objs, "ServiceMonitor", "fovea")
     monitored = [
-        s for s in find(objs, "Service") if labels_match(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+        s
+        for s in find(objs, "Service")
+        if labels_match(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
     ]
     assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics"}
     serving = set()
