@@ -1,13 +1,18 @@
-"""Decode encoded images (JPEG, PNG, WebP) safely and turn them into model input.
+"""Decode encoded images (JPEG, PNG, WebP; GIF and BMP too) safely and turn them into model input.
 
 The pixel limit is checked from the header, before any pixel is decoded, so a
 decompression bomb costs nothing.
+
+Odd but valid photos come out as the same upright 8-bit RGB a plain JPEG would: the EXIF
+orientation is applied (JPEG, PNG, WebP), 16-bit grayscale is scaled to 8 bits, transparency
+is composited over white, CMYK and YCCK JPEGs are converted (libjpeg-turbo, Adobe's inverted
+convention), and animated GIF and WebP give their first frame. Plain JPEGs keep the fast path:
+libjpeg-turbo through simplejpeg, plus a walk over the few marker segments before the image data.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +22,15 @@ from fovea.errors import InvalidImage
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PILLOW_FORMATS = ("PNG", "WEBP", "JPEG", "BMP", "GIF")
+ORIENTATION_TAG = 0x0112
+MAX_JPEG_SEGMENTS = 64
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+MAX_ASPECT = 64
+"""Images longer than this many times their width (or wider than their height) resize only the crop."""
+BACKGROUND = (255, 255, 255)
+"""Transparent pixels are shown on white, as browsers and image viewers show them."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,7 @@ def image_size(data: bytes) -> tuple[int, int]:
         except ValueError as exc:
             raise InvalidImage(f"corrupt JPEG: {exc}") from None
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as im:
             return im.size
     except Image.DecompressionBombError as exc:
         # Pillow refuses on its own past twice its MAX_IMAGE_PIXELS, before our limit is even asked.
@@ -77,7 +91,8 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 
 def decode(data: bytes, max_pixels: int, grayscale: bool = False) -> np.ndarray:
-    """HxWx3 (or HxW) uint8 pixels; refuses images over max_pixels before decoding them."""
+    """HxWx3 (or HxW) uint8 pixels, upright as the EXIF orientation says; refuses images over max_pixels
+    before decoding them."""
     if not data:
         raise InvalidImage("empty image")
     w, h = image_size(data)
@@ -87,23 +102,126 @@ def decode(data: bytes, max_pixels: int, grayscale: bool = False) -> np.ndarray:
         raise InvalidImage(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
     try:
         if data[:3] == JPEG_MAGIC:
-            import simplejpeg
-
-            return (
-                simplejpeg.decode_jpeg(data, colorspace="GRAY" if grayscale else "RGB")[..., 0]
-                if grayscale
-                else simplejpeg.decode_jpeg(data, colorspace="RGB")
-            )
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                if im.format not in ("PNG", "WEBP", "JPEG", "BMP", "GIF"):
-                    raise InvalidImage(f"unsupported image format {im.format}; send JPEG, PNG or WebP")
-                return np.asarray(im.convert("L" if grayscale else "RGB"))
+            pixels, orientation = _decode_jpeg(data, grayscale), jpeg_orientation(data)
+        else:
+            pixels, orientation = _decode_pillow(data, grayscale)
     except InvalidImage:
         raise
     except Exception as exc:  # noqa: BLE001
         raise InvalidImage(f"corrupt image: {str(exc)[:200]}") from None
+    return upright(pixels, orientation)
+
+
+def _decode_jpeg(data: bytes, grayscale: bool) -> np.ndarray:
+    # libjpeg-turbo converts CMYK and YCCK (Adobe's inverted convention) to RGB or gray itself.
+    import simplejpeg
+
+    if grayscale:
+        return simplejpeg.decode_jpeg(data, colorspace="GRAY")[..., 0]
+    return simplejpeg.decode_jpeg(data, colorspace="RGB")
+
+
+def _decode_pillow(data: bytes, grayscale: bool) -> tuple[np.ndarray, int]:
+    """Pixels of the first frame, 8 bits, transparency flattened, and the EXIF orientation."""
+    with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as im:
+        im.load()  # the first frame only, for animated GIF and WebP
+        orientation = _pillow_orientation(im)
+        flat = _flatten(_eight_bit(im))
+        return np.asarray(flat.convert("L" if grayscale else "RGB")), orientation
+
+
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grayscale scaled to 8 bits; Pillow's own conversion clips it at 255."""
+    if im.mode not in WIDE_GRAY_MODES:
+        return im
+    values = np.asarray(im)
+    if im.mode == "I":
+        values = np.clip(values, 0, 65535)  # PNG, the only source here, never goes past 16 bits
+    gray = Image.fromarray(((values.astype(np.uint32) + 128) // 257).astype(np.uint8))
+    key = im.info.get("transparency")
+    if not isinstance(key, int):
+        return gray
+    # tRNS on 16-bit gray names one 16-bit value as transparent; compare before scaling.
+    alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8))
+    return Image.merge("LA", (gray, alpha))
+
+
+def _flatten(im: Image.Image) -> Image.Image:
+    """Images with an alpha channel or a transparent colour, composited over BACKGROUND."""
+    if im.mode not in ALPHA_MODES and "transparency" not in im.info:
+        return im
+    rgba = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba)
+
+
+def _pillow_orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block does not make the photo unreadable
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) from a JPEG's APP1 segment, 1 when there is none.
+
+    Walks the marker segments before the image data (a handful, each skipped by its length), so the
+    fast path stays fast.
+    """
+    pos = 2
+    for _ in range(MAX_JPEG_SEGMENTS):
+        if pos + 4 > len(data) or data[pos] != 0xFF:
+            return 1
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in (0xD9, 0xDA) or 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return 1  # the frame or the scan starts: EXIF comes before both
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\0\0":
+            return tiff_orientation(data[pos + 10 : pos + 2 + length])
+        pos += 2 + max(length, 2)
+    return 1
+
+
+def tiff_orientation(tiff: bytes) -> int:
+    """The orientation tag of a TIFF header's first IFD (EXIF's layout), 1 when absent or malformed."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+
+    def number(offset: int, size: int) -> int:
+        return int.from_bytes(tiff[offset : offset + size], order)  # type: ignore[arg-type]
+
+    ifd = number(4, 4)
+    if ifd + 2 > len(tiff):
+        return 1
+    entries = min(number(ifd, 2), (len(tiff) - ifd - 2) // 12)
+    for i in range(entries):
+        entry = ifd + 2 + 12 * i
+        if number(entry, 2) != ORIENTATION_TAG:
+            continue
+        kind = number(entry + 2, 2)  # 3 = SHORT, 4 = LONG; the value sits in the entry itself
+        value = number(entry + 8, 2 if kind == 3 else 4) if kind in (3, 4) else 1
+        return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn pixels stored with EXIF orientation 1-8 upright (as Pillow's ImageOps.exif_transpose does)."""
+    if orientation == 1:
+        return pixels
+    turned = {
+        2: lambda p: p[:, ::-1],  # mirrored left to right
+        3: lambda p: p[::-1, ::-1],  # upside down
+        4: lambda p: p[::-1],  # mirrored top to bottom
+        5: lambda p: p.swapaxes(0, 1),  # transposed
+        6: lambda p: np.rot90(p, -1),  # stored turned left: turn it right
+        7: lambda p: p[::-1, ::-1].swapaxes(0, 1),  # transversed
+        8: lambda p: np.rot90(p, 1),  # stored turned right: turn it left
+    }[orientation](pixels)
+    return np.ascontiguousarray(turned)
 
 
 def preprocess(pixels: np.ndarray, spec: Preprocess) -> np.ndarray:
@@ -120,10 +238,17 @@ def preprocess(pixels: np.ndarray, spec: Preprocess) -> np.ndarray:
         nh, nw = max(ch, round(h * scale)), max(cw, round(w * scale))
     else:
         nh, nw = ch, cw
-    if (nh, nw) != (h, w):
-        pixels = np.asarray(Image.fromarray(pixels).resize((nw, nh), Image.Resampling.BILINEAR))
     top, left = (nh - ch) // 2, (nw - cw) // 2
-    pixels = pixels[top : top + ch, left : left + cw]
+    if nh * nw > MAX_ASPECT * max(ch, cw, spec.resize_short) ** 2:
+        # A long thin image (1x40M pixels would be scaled to 10^10): resize only the box the crop
+        # keeps. The same pixels up to rounding (one level in some), with memory bounded by the crop.
+        sy, sx = h / nh, w / nw
+        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+        pixels = np.asarray(Image.fromarray(pixels).resize((cw, ch), Image.Resampling.BILINEAR, box=box))
+    else:
+        if (nh, nw) != (h, w):
+            pixels = np.asarray(Image.fromarray(pixels).resize((nw, nh), Image.Resampling.BILINEAR))
+        pixels = pixels[top : top + ch, left : left + cw]
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     hwc = spec.layout == "NHWC"
