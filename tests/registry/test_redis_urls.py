@@ -61,7 +61,10 @@ def sentinel(tmp_path: pathlib.Path) -> Iterator[tuple[RedisServer, int]]:
     master = RedisServer(tmp_path / "master", appendonly=False).start()
     port = free_port()
     conf = tmp_path / "sentinel.conf"  # Sentinel rewrites its config file, so it gets its own
-    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\nsentinel monitor fovea 127.0.0.1 {master.port} 1\n")
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\nsentinel monitor fovea 127.0.0.1 {master.port} 1\n"
+        f"sentinel auth-pass fovea {master.password}\n"  # the master requires its password
+    )
     proc = subprocess.Popen(
         [server_binary(), str(conf), "--sentinel", "--logfile", str(tmp_path / "sentinel.log")],
         stdout=subprocess.DEVNULL,
@@ -92,15 +95,15 @@ async def test_registry_runs_through_a_sentinel_url(
     master, sentinel_port = sentinel
     config = RegistryConfig(
         port=0,
-        redis_url=f"redis+sentinel://127.0.0.1:{sentinel_port}/fovea/2",
+        redis_url=f"redis+sentinel://:{master.password}@127.0.0.1:{sentinel_port}/fovea/2",
         artifact_dir=tmp_path / "artifacts",
-        internal_token=token,
+        admin_tokens=token,
     )
     server = await build_server(config)
     reg = Reg(f"127.0.0.1:{server.port}", token)
     assert (await reg.register("colors")).version == 1
     assert [m.name for m in (await reg.call("ListModels", model_pb2.ListModelsRequest())).models] == ["colors"]
-    direct = redis.Redis(host="127.0.0.1", port=master.port, db=2)
+    direct = redis.Redis(host="127.0.0.1", port=master.port, db=2, password=master.password)
     assert direct.get("fovea:model:colors:seq") == b"1"  # it really went to the master Sentinel named, db 2
     direct.close()
     await reg.close()
