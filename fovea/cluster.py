@@ -46,8 +46,16 @@ class Cluster:
 
     data_dir: pathlib.Path
     redis_url: str = ""
-    # hex, so that a token never starts with "-", which a command line would take for an option
-    internal_token: str = field(default_factory=lambda: secrets.token_hex(24))
+    # One token per kind of caller, each with only its own rights (registry/service.py). Hex, so that a
+    # token never starts with "-", which a command line would take for an option.
+    admin_token: str = field(default_factory=lambda: secrets.token_hex(24))
+    """The operator's: publishes models and creates API keys; no service holds it."""
+    worker_token: str = field(default_factory=lambda: secrets.token_hex(24))
+    """The workers' token at the registry."""
+    gateway_token: str = field(default_factory=lambda: secrets.token_hex(24))
+    """The gateways' token at the registry."""
+    worker_call_token: str = field(default_factory=lambda: secrets.token_hex(24))
+    """What gateways present to workers (and tests that call a worker directly)."""
     env: dict[str, str] = field(default_factory=dict)
     redis: RedisServer | None = None
     services: list[Service] = field(default_factory=list)
@@ -64,7 +72,7 @@ class Cluster:
 
     def _base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FOVEA_")}
-        env.update(FOVEA_INTERNAL_TOKEN=self.internal_token, PYTHONUNBUFFERED="1")
+        env.update(PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env.update(self.env)
         return env
@@ -109,6 +117,9 @@ class Cluster:
                 "FOVEA_REGISTRY_PORT": str(port or free_port()),
                 "FOVEA_REGISTRY_REDIS_URL": self.redis_url,
                 "FOVEA_REGISTRY_ARTIFACT_DIR": str(self.data_dir / "artifacts"),
+                "FOVEA_REGISTRY_ADMIN_TOKENS": self.admin_token,
+                "FOVEA_REGISTRY_WORKER_TOKENS": self.worker_token,
+                "FOVEA_REGISTRY_GATEWAY_TOKENS": self.gateway_token,
                 **env,
             },
         )
@@ -125,6 +136,8 @@ class Cluster:
                 "FOVEA_WORKER_REGISTRY_ADDRESS": registry,
                 "FOVEA_WORKER_MODELS": ",".join(models),
                 "FOVEA_WORKER_WORKER_ID": f"{name}-{port}",
+                "FOVEA_WORKER_REGISTRY_TOKEN": self.worker_token,
+                "FOVEA_WORKER_ACCEPTED_TOKENS": self.worker_call_token,
                 **env,
             },
         )
@@ -136,6 +149,8 @@ class Cluster:
             {
                 "FOVEA_GATEWAY_PORT": str(port or free_port()),
                 "FOVEA_GATEWAY_REGISTRY_ADDRESS": registry,
+                "FOVEA_GATEWAY_REGISTRY_TOKEN": self.gateway_token,
+                "FOVEA_GATEWAY_WORKER_TOKEN": self.worker_call_token,
                 **env,
             },
         )

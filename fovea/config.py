@@ -64,7 +64,9 @@ class BaseConfig(BaseSettings):
             return None
         pair = [(_read(self.tls_key_file), _read(self.tls_cert_file))]
         if self.tls_client_ca_file:
-            return grpc.ssl_server_credentials(pair, root_certificates=_read(self.tls_client_ca_file), require_client_auth=True)
+            return grpc.ssl_server_credentials(
+                pair, root_certificates=_read(self.tls_client_ca_file), require_client_auth=True
+            )
         return grpc.ssl_server_credentials(pair)
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:

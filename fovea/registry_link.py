@@ -1,4 +1,4 @@
-"""The async registry client that workers and gateways use (internal token, deadlines, reconnects)."""
+"""The async registry client that workers and gateways use (their service token, TLS, deadlines, reconnects)."""
 
 from __future__ import annotations
 
@@ -27,12 +27,22 @@ def upstream(exc: grpc.aio.AioRpcError) -> Exception:
 
 class RegistryLink:
     def __init__(
-        self, address: str, token: str, max_message_bytes: int = 64 * 1024 * 1024, timeout_s: float = 10.0
+        self,
+        address: str,
+        token: str,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        timeout_s: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        """credentials: TLS for the hop (BaseConfig.channel_credentials()); None dials plaintext."""
         self.address = address
         self.token = token
         self.timeout_s = timeout_s
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+        options = channel_options(max_message_bytes)
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self.channel = grpc.aio.secure_channel(address, credentials, options=options)
         self.stub = registry_pb2_grpc.RegistryServiceStub(self.channel)
 
     def _md(self) -> Any:

@@ -70,14 +70,14 @@ def up(args: argparse.Namespace) -> int:
         where = "embedded Valkey" if cluster.redis else "REDIS_URL"
         print(f"redis: {redis_url.split('@')[-1]} ({where})", file=sys.stderr)
         registry = cluster.start_registry(port=args.registry_port)
-        publish_default_model(registry.address, cluster.internal_token, data_dir, args.model)
+        publish_default_model(registry.address, cluster.admin_token, data_dir, args.model)
         for i in range(args.workers):
             cluster.start_worker(registry.address, [args.model], name=f"worker{i}")
         fast_port = args.gateway_fast_port if args.gateway_fast_port != 0 else free_port()
         gateway = cluster.start_gateway(
             registry.address, port=args.gateway_port, FOVEA_GATEWAY_FAST_PORT=str(fast_port)
         )
-        with RegistryClient(registry.address, cluster.internal_token) as rc:
+        with RegistryClient(registry.address, cluster.admin_token) as rc:
             _, secret = rc.create_key("admin", description="created by fovea up")
         print(f"gateway: {gateway.address}", flush=True)
         print(f"api key: {secret}", flush=True)

@@ -155,8 +155,11 @@ class Workers:
         eject_after_failures: int,
         eject_s: float,
         on_eject: Callable[[], None] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        """credentials: TLS to the workers; None dials plaintext."""
         self.endpoints: dict[str, Endpoint] = {}
+        self.credentials = credentials
         self.max_message_bytes = max_message_bytes
         self.eject_after_failures = eject_after_failures
         self.eject_s = eject_s
@@ -179,12 +182,12 @@ class Workers:
             if ep is not None:
                 self._drop(status.worker_id)
             options = channel_options(self.max_message_bytes) + RECONNECT_OPTIONS
-            channel = grpc.aio.insecure_channel(status.address, options=options)
+            channel = self._dial(status.address, options)
             infer_bytes = channel.unary_unary(
                 MODEL_INFER, request_serializer=None, response_deserializer=None, _registered_method=True
             )
             ep = Endpoint(status, channel, pb_grpc.GRPCInferenceServiceStub(channel), infer_bytes)
-            if status.fast_address:
+            if status.fast_address and self.credentials is None:  # a fast port serves plaintext only
                 ep.fast_channel = grpc.aio.insecure_channel(status.fast_address, options=options)
                 ep.fast_infer_bytes = ep.fast_channel.unary_unary(
                     MODEL_INFER, request_serializer=None, response_deserializer=None, _registered_method=True
@@ -194,6 +197,11 @@ class Workers:
         for wid in event.removed_worker_ids:
             self._drop(wid)
         self.ready.set()
+
+    def _dial(self, address: str, options: list[tuple[str, int]]) -> grpc.aio.Channel:
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(address, options=options)
+        return grpc.aio.secure_channel(address, self.credentials, options=options)
 
     def _drop(self, wid: str) -> None:
         ep = self.endpoints.pop(wid, None)

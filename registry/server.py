@@ -15,11 +15,11 @@ from fovea.config import server_options
 from fovea.errors import FoveaError, RegistryUnavailable, Unauthenticated
 from fovea.rpc import ServiceInterceptor, bearer_token
 from fovea.serve import add_health, set_serving
+from fovea.tokens import API_KEY_PREFIX, TokenTable
 from fovea.v1 import registry_pb2, registry_pb2_grpc
 from registry.artifacts import LocalArtifactStore
 from registry.config import RegistryConfig
 from registry.redis_conn import connect
-from fovea.tokens import API_KEY_PREFIX, TokenTable
 from registry.service import Registry, principal_of
 from registry.servicer import RegistryServicer
 

@@ -36,7 +36,6 @@ from registry.keystore import KeyStore
 from registry.workers import WorkerTable
 
 
-
 @dataclass(frozen=True)
 class Service:
     """The caller is a Fovea service of this kind, by the token it presented."""

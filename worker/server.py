@@ -119,7 +119,13 @@ class WorkerServer:
 
 async def build_server(config: WorkerConfig) -> WorkerServer:
     keys = crypto.load_keys(config.encryption_key_file, config.previous_encryption_key_file)
-    link = RegistryLink(config.registry_address, config.internal_token, config.max_message_bytes)
+    link = RegistryLink(
+        config.registry_address,
+        config.registry_token,
+        config.max_message_bytes,
+        credentials=config.channel_credentials(),
+    )
+    creds = config.server_credentials()
     metrics = WorkerMetrics()
     native = None
     if config.fast_port >= 0 and not native_available():
@@ -127,11 +133,14 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
             "fast port asked for but %s is not built (run worker/native/build.sh); serving the main port only",
             NATIVE_LIBRARY,
         )
+    elif config.fast_port >= 0 and creds is not None:
+        # The fast port (worker/native/front.cc) serves plaintext only: with TLS on, no hop may stay plaintext.
+        logger.warning("TLS is on, and the fast port serves plaintext only: it stays off; all calls use the main port")
     elif config.fast_port >= 0:
         native = NativeFront(
             f"{config.host}:{config.fast_port}",
             config.max_message_bytes,
-            config.accepted_internal_tokens(),
+            config.accepted_token_list(),
             config.default_deadline_ms,
             server_metadata().SerializeToString(),
         )
@@ -139,14 +148,15 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     manager = ModelManager(config, link, keys, metrics, native)
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
     servicer = WorkerServicer(manager, config, decode_pool, metrics)
-    authenticate = internal_authenticator(config.accepted_internal_tokens())
+    authenticate = internal_authenticator(config.accepted_token_list())
     interceptor = ServiceInterceptor(authenticate, on_done=metrics.on_done)
     options = server_options(config.max_message_bytes, config.max_pending_calls)
     server = grpc.aio.server(interceptors=[interceptor], options=options)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_servicer = add_health(server, [SERVICE])
     await set_serving(health_servicer, [SERVICE], False)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     await server.start()
     if config.metrics_port >= 0:
         metrics.serve(config.host, config.metrics_port)

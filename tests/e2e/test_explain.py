@@ -31,7 +31,7 @@ def _photo() -> bytes:
 
 def test_saliency_finds_the_region_the_model_uses(cluster: Cluster, tmp_path: pathlib.Path) -> None:
     reg = cluster.start_registry()
-    rc = RegistryClient(reg.address, cluster.internal_token)
+    rc = RegistryClient(reg.address, cluster.admin_token)
     mv = rc.register(corner_model(), model_pb2.ModelVersion(name="corner"))
     rc.set_alias("corner", "production", [(mv.version, 100)])
     _, secret = rc.create_key("infer")

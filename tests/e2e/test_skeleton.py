@@ -17,7 +17,7 @@ from tests.tinymodels import color_model, png
 
 def _up(cluster: Cluster) -> tuple[Client, RegistryClient, str]:
     reg = cluster.start_registry()
-    rc = RegistryClient(reg.address, cluster.internal_token)
+    rc = RegistryClient(reg.address, cluster.admin_token)
     mv = rc.register(color_model(), model_pb2.ModelVersion(name="colors"))
     rc.set_alias("colors", "production", [(mv.version, 100)])
     _, secret = rc.create_key("infer")
@@ -71,7 +71,7 @@ def test_bad_calls_get_clear_status_and_cluster_keeps_serving(cluster: Cluster) 
 
 def test_worker_refuses_artifact_whose_digest_does_not_match(cluster: Cluster) -> None:
     reg = cluster.start_registry()
-    rc = RegistryClient(reg.address, cluster.internal_token)
+    rc = RegistryClient(reg.address, cluster.admin_token)
     mv = rc.register(color_model(), model_pb2.ModelVersion(name="colors"))
     # Fault injection: tamper with the stored file behind the registry's back.
     path = cluster.data_dir / "artifacts" / mv.sha256[:2] / mv.sha256

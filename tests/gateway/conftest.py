@@ -41,7 +41,7 @@ class Stack:
 def start_stack(tmp: pathlib.Path, redis_url: str, n_workers: int = 2, **registry_env: str) -> Stack:
     cluster = Cluster(tmp, redis_url=redis_url)
     reg = cluster.start_registry(**registry_env)
-    rc = RegistryClient(reg.address, cluster.internal_token, timeout_s=30)
+    rc = RegistryClient(reg.address, cluster.admin_token, timeout_s=30)
     for name, artifact in (("colors", color_model()), ("ident", identity_model())):
         mv = rc.register(artifact, model_pb2.ModelVersion(name=name))
         rc.set_alias(name, "production", [(mv.version, 100)])
@@ -107,7 +107,11 @@ async def gateways(stack: Stack) -> AsyncIterator[GatewayFactory]:
 
     async def start(**overrides: Any) -> GatewayServer:
         fields: dict[str, Any] = dict(
-            port=0, registry_address=stack.registry.address, internal_token=stack.cluster.internal_token, log_json=True
+            port=0,
+            registry_address=stack.registry.address,
+            registry_token=stack.cluster.gateway_token,
+            worker_token=stack.cluster.worker_call_token,
+            log_json=True,
         )
         fields.update(overrides)
         srv = await build_server(GatewayConfig(**fields))
@@ -137,7 +141,11 @@ async def gateway_over_workers(stack: Stack, model: str, n: int = 2, **overrides
     """A gateway of its own (the caller stops it) that sees n workers and can route the model."""
     gw = await build_server(
         GatewayConfig(
-            port=0, registry_address=stack.registry.address, internal_token=stack.cluster.internal_token, **overrides
+            port=0,
+            registry_address=stack.registry.address,
+            registry_token=stack.cluster.gateway_token,
+            worker_token=stack.cluster.worker_call_token,
+            **overrides,
         )
     )
     await wait_routable(gw, model)

@@ -49,7 +49,7 @@ async def burst(address: str, md: tuple[tuple[str, str], ...]) -> collections.Co
 
 
 async def test_burst_at_a_worker_is_answered_not_cancelled(stack: Stack) -> None:
-    md = (("authorization", f"Bearer {stack.cluster.internal_token}"),)
+    md = (("authorization", f"Bearer {stack.cluster.worker_call_token}"),)
     codes = await burst(stack.workers[0].address, md)
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and codes["OK"] > 0, codes
 

@@ -218,7 +218,7 @@ async def test_native_calls_spread_over_two_equal_workers(stack: Stack, gateways
 
 
 async def _per_worker_successes(stack: Stack) -> list[tuple[object, int]]:
-    md = (("authorization", f"Bearer {stack.cluster.internal_token}"),)
+    md = (("authorization", f"Bearer {stack.cluster.worker_call_token}"),)
     out = []
     for w in await asyncio.to_thread(lambda: stack.rc.list_workers("ident", ready_only=True)):
         async with grpc.aio.insecure_channel(w.fast_address) as ch:

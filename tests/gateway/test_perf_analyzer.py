@@ -53,7 +53,7 @@ async def test_perf_analyzer_through_gateway_and_worker(stack: Stack, gateways: 
         perf_analyzer.run,
         worker,
         "ident",
-        stack.cluster.internal_token,
+        stack.cluster.worker_call_token,
         concurrency=2,
         window_ms=500,
         extra=LOOSE,
@@ -67,7 +67,7 @@ async def test_perf_analyzer_through_gateway_and_worker(stack: Stack, gateways: 
         perf_analyzer.run,
         fast_address,
         "ident",
-        stack.cluster.internal_token,
+        stack.cluster.worker_call_token,
         concurrency=2,
         window_ms=500,
         batch=2,
@@ -100,7 +100,7 @@ async def test_perf_analyzer_through_gateway_and_worker(stack: Stack, gateways: 
 
 
 async def test_model_config_reports_what_the_worker_runs(stack: Stack) -> None:
-    md = (("authorization", f"Bearer {stack.cluster.internal_token}"),)
+    md = (("authorization", f"Bearer {stack.cluster.worker_call_token}"),)
     async with grpc.aio.insecure_channel(stack.workers[0].address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         cfg = (await stub.ModelConfig(pb.ModelConfigRequest(name="ident"), metadata=md, timeout=10)).config
@@ -125,7 +125,7 @@ async def test_model_config_reports_what_the_worker_runs(stack: Stack) -> None:
 async def test_gateway_statistics_sum_the_workers_and_follow_the_key(stack: Stack, gateways: GatewayFactory) -> None:
     """ModelStatistics through the gateway adds up every worker's figures for the model."""
     gw = await gateways()
-    md = (("authorization", f"Bearer {stack.cluster.internal_token}"),)
+    md = (("authorization", f"Bearer {stack.cluster.worker_call_token}"),)
     req = pb.ModelStatisticsRequest(name="ident")
 
     async def per_worker() -> list[pb.ModelStatistics]:

@@ -154,7 +154,7 @@ async def test_limits(stack: Stack, gateways: GatewayFactory) -> None:
 async def _fast_port_successes(stack: Stack, model: str) -> int:
     """Calls each worker's fast port answered for a model, from its own ModelStatistics."""
     total = 0
-    md = (("authorization", f"Bearer {stack.cluster.internal_token}"),)
+    md = (("authorization", f"Bearer {stack.cluster.worker_call_token}"),)
     for w in await asyncio.to_thread(lambda: stack.rc.list_workers(model, ready_only=True)):
         assert w.fast_address, "workers advertise their fast port"
         async with grpc.aio.insecure_channel(w.fast_address) as ch:

@@ -18,11 +18,24 @@ StartRegistry = Callable[..., Awaitable[RegistryServer]]
 
 @pytest.fixture
 def token() -> str:
+    """An admin token (an operator's): publishes, moves aliases, manages keys."""
     return secrets.token_hex(24)
 
 
 @pytest.fixture
-async def start_registry(redis_url: str, tmp_path: pathlib.Path, token: str) -> AsyncIterator[StartRegistry]:
+def worker_token() -> str:
+    return secrets.token_hex(24)
+
+
+@pytest.fixture
+def gateway_token() -> str:
+    return secrets.token_hex(24)
+
+
+@pytest.fixture
+async def start_registry(
+    redis_url: str, tmp_path: pathlib.Path, token: str, worker_token: str, gateway_token: str
+) -> AsyncIterator[StartRegistry]:
     """Start registries on the clean test database; all share one artifact dir unless told otherwise."""
     servers: list[RegistryServer] = []
 
@@ -31,7 +44,9 @@ async def start_registry(redis_url: str, tmp_path: pathlib.Path, token: str) -> 
             port=0,
             redis_url=redis_url,
             artifact_dir=tmp_path / "artifacts",
-            internal_token=token,
+            admin_tokens=token,
+            worker_tokens=worker_token,
+            gateway_tokens=gateway_token,
             log_json=False,
             grace_s=0.5,
         )
@@ -46,9 +61,9 @@ async def start_registry(redis_url: str, tmp_path: pathlib.Path, token: str) -> 
 
 
 @pytest.fixture
-async def reg(start_registry: StartRegistry, token: str) -> AsyncIterator[Reg]:
-    """A registry and a client that holds the internal token."""
+async def reg(start_registry: StartRegistry, token: str, worker_token: str) -> AsyncIterator[Reg]:
+    """A registry and a client that holds an admin token (and a worker's, for heartbeats)."""
     server = await start_registry()
-    client = Reg(f"127.0.0.1:{server.port}", token)
+    client = Reg(f"127.0.0.1:{server.port}", token, worker_token=worker_token)
     yield client
     await client.close()

@@ -17,14 +17,16 @@ CHUNK = 64 * 1024
 
 
 class Reg:
-    """An async registry client with one token; every call has a deadline."""
+    """An async registry client with one token (and a worker's token for heartbeats); every call has a deadline."""
 
-    def __init__(self, address: str, token: str, timeout_s: float = 20.0) -> None:
+    def __init__(self, address: str, token: str, timeout_s: float = 20.0, worker_token: str = "") -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = registry_pb2_grpc.RegistryServiceStub(self.channel)
         self.md = (("authorization", f"Bearer {token}"),)
+        # Only workers may heartbeat (registry/service.py), so heartbeats go with a worker's token.
+        self.worker_md = (("authorization", f"Bearer {worker_token}"),) if worker_token else self.md
 
     async def close(self) -> None:
         await self.channel.close()
@@ -47,7 +49,8 @@ class Reg:
         return resp.model
 
     async def call(self, method: str, request: Any) -> Any:
-        return await getattr(self.stub, method)(request, metadata=self.md, timeout=self.timeout_s)
+        md = self.worker_md if method == "Heartbeat" else self.md
+        return await getattr(self.stub, method)(request, metadata=md, timeout=self.timeout_s)
 
     async def set_alias(self, model: str, alias: str, *targets: tuple[int, int]) -> registry_pb2.SetAliasResponse:
         req = registry_pb2.SetAliasRequest(

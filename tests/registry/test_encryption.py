@@ -70,7 +70,7 @@ def test_encrypted_artifacts_reveal_no_model_and_only_keyed_workers_serve(
     registry = cluster.start_registry(
         FOVEA_REGISTRY_ENCRYPTION_KEY_FILE=str(key_path), FOVEA_REGISTRY_HEARTBEAT_TTL_S="2"
     )
-    rc = RegistryClient(registry.address, cluster.internal_token, timeout_s=10)
+    rc = RegistryClient(registry.address, cluster.admin_token, timeout_s=10)
     plain = color_model(labels=("red", "green", "blue"))
     mv = rc.register(plain, model_pb2.ModelVersion(name="colors"))
     rc.set_alias("colors", "production", [(mv.version, 100)])
@@ -102,7 +102,7 @@ def test_encrypted_artifacts_reveal_no_model_and_only_keyed_workers_serve(
         assert time.monotonic() < deadline, keyed.log_path.read_text()[-2000:]
         time.sleep(0.05)
 
-    resp = _infer(keyed.address, cluster.internal_token)
+    resp = _infer(keyed.address, cluster.worker_call_token)
     logits = np.frombuffer(resp.raw_output_contents[0], np.float32)
     assert resp.model_version == "1" and int(np.argmax(logits)) == 0  # red
 
@@ -111,11 +111,11 @@ def test_encrypted_artifacts_reveal_no_model_and_only_keyed_workers_serve(
         time.sleep(0.05)
     assert "no decryption key" in keyless.log_path.read_text()
     with pytest.raises(grpc.RpcError) as err:
-        _infer(keyless.address, cluster.internal_token, version="1")
+        _infer(keyless.address, cluster.worker_call_token, version="1")
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "encrypted at rest and this process has no decryption key" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
-        _infer(keyless.address, cluster.internal_token)
+        _infer(keyless.address, cluster.worker_call_token)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no ready version" in err.value.details()
     rc.close()
 
@@ -186,7 +186,7 @@ def test_key_rotation_reencrypts_every_artifact_and_models_keep_serving(
     empty.write_text("")
     registry = cluster.start_registry(FOVEA_REGISTRY_ENCRYPTION_KEY_FILE=str(old_file))
     port = int(registry.address.rsplit(":", 1)[1])
-    rc = RegistryClient(registry.address, cluster.internal_token, timeout_s=10)
+    rc = RegistryClient(registry.address, cluster.admin_token, timeout_s=10)
     versions = [rc.register(color_model(bias=b), model_pb2.ModelVersion(name="colors")) for b in (0.0, 0.5)]
     rc.set_alias("colors", "production", [(versions[0].version, 100)])
     files = [cluster.data_dir / "artifacts" / mv.sha256[:2] / mv.sha256 for mv in versions]
@@ -205,7 +205,7 @@ def test_key_rotation_reencrypts_every_artifact_and_models_keep_serving(
         FOVEA_WORKER_ENCRYPTION_KEY_FILE=str(new_file),
         FOVEA_WORKER_PREVIOUS_ENCRYPTION_KEY_FILE=str(old_file),
     )
-    _wait_serving(worker.address, cluster.internal_token)  # still under the old key: previous opens it
+    _wait_serving(worker.address, cluster.worker_call_token)  # still under the old key: previous opens it
 
     # 2. re-encrypt, through the CLI as an operator would
     out = subprocess.run(
@@ -217,7 +217,7 @@ def test_key_rotation_reencrypts_every_artifact_and_models_keep_serving(
             "reencrypt",
             "--registry",
             registry.address,
-            f"--token={cluster.internal_token}",
+            f"--token={cluster.admin_token}",
             "--json",
         ],
         capture_output=True,
@@ -244,7 +244,7 @@ def test_key_rotation_reencrypts_every_artifact_and_models_keep_serving(
         FOVEA_WORKER_PREVIOUS_ENCRYPTION_KEY_FILE=str(empty),
     )
     for v in versions:
-        _wait_serving(worker.address, cluster.internal_token, str(v.version))
+        _wait_serving(worker.address, cluster.worker_call_token, str(v.version))
 
 
 def test_reencrypt_reports_artifacts_no_key_opens_and_needs_admin(cluster: Cluster, tmp_path: pathlib.Path) -> None:
@@ -252,7 +252,7 @@ def test_reencrypt_reports_artifacts_no_key_opens_and_needs_admin(cluster: Clust
     _key_at(first), _key_at(second)
     registry = cluster.start_registry(FOVEA_REGISTRY_ENCRYPTION_KEY_FILE=str(first))
     port = int(registry.address.rsplit(":", 1)[1])
-    rc = RegistryClient(registry.address, cluster.internal_token, timeout_s=10)
+    rc = RegistryClient(registry.address, cluster.admin_token, timeout_s=10)
     mv = rc.register(color_model(), model_pb2.ModelVersion(name="colors"))
     _, publisher = rc.create_key("publish")
     registry.stop()

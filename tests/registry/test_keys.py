@@ -80,7 +80,7 @@ async def test_revoked_wrong_and_expired_keys_are_unauthenticated(reg: Reg) -> N
     for token, expected in (
         (forged, "unknown API key"),
         ("fv_short", "malformed API key"),
-        ("not-a-key", "not an API key or the internal token"),
+        ("not-a-key", "not an API key or a current service token"),
     ):
         code, msg = await status_of(reg.with_token(token).call("ListModels", list_models))
         assert code == UNAUTH and expected in msg, token
@@ -122,7 +122,7 @@ async def test_roles_allow_exactly_their_calls(reg: Reg) -> None:
         record, secret = await reg.create_key(role)
         keys[role], key_ids[role] = reg.with_token(secret), record.key_id
     target = [model_pb2.AliasTarget(version=1, weight=100)]
-    calls = {  # method -> (request, least role); None means internal token only
+    calls = {  # method -> (request, least role); None means a service token only
         "ListModels": (model_pb2.ListModelsRequest(), INFER),
         "GetModelVersion": (registry_pb2.GetModelVersionRequest(model="colors"), INFER),
         "ListVersions": (registry_pb2.ListVersionsRequest(model="colors"), INFER),
@@ -147,7 +147,7 @@ async def test_roles_allow_exactly_their_calls(reg: Reg) -> None:
             else:
                 code, msg = await status_of(client.call(method, request))
                 assert code == DENIED, (method, role, msg)
-                assert ("only for Fovea services" in msg) if least is None else ("this call needs" in msg)
+                assert ("is only for" in msg) if least is None else ("this call needs" in msg)
     # Streaming and upload calls.
     for role, client in keys.items():
         if role >= PUBLISH:

@@ -12,9 +12,12 @@ from tests.registry.helpers import Reg, Watch, status_of
 from tests.tinymodels import color_model
 
 
-async def test_register_through_one_read_and_watch_through_the_other(start_registry: StartRegistry, token: str) -> None:
+async def test_register_through_one_read_and_watch_through_the_other(
+    start_registry: StartRegistry, token: str, worker_token: str
+) -> None:
     a_server, b_server = await start_registry(), await start_registry()
-    a, b = Reg(f"127.0.0.1:{a_server.port}", token), Reg(f"127.0.0.1:{b_server.port}", token)
+    a = Reg(f"127.0.0.1:{a_server.port}", token, worker_token=worker_token)
+    b = Reg(f"127.0.0.1:{b_server.port}", token)
     models_b = Watch(b.stub.WatchModels(registry_pb2.WatchModelsRequest(), metadata=b.md))
     workers_b = Watch(b.stub.WatchWorkers(registry_pb2.WatchWorkersRequest(), metadata=b.md))
     keys_a = Watch(a.stub.WatchApiKeys(registry_pb2.WatchApiKeysRequest(), metadata=a.md))

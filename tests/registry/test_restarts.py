@@ -61,11 +61,11 @@ async def test_kill_9_registry_and_restart_keeps_everything(tmp_path: pathlib.Pa
     cluster = Cluster(tmp_path / "c")  # no redis_url: its own Valkey with appendonly yes
     try:
         first = await asyncio.to_thread(cluster.start_registry)
-        reg = Reg(first.address, cluster.internal_token)
+        reg = Reg(first.address, cluster.admin_token, worker_token=cluster.worker_token)
         before = await _populate(reg)
         assert len(before["state"]["versions:colors"]) == 3 and len(before["state"]["keys"]) == 2
         # How gateways and workers watch: RegistryLink.follow reopens the stream after losing it.
-        link = RegistryLink(first.address, cluster.internal_token)
+        link = RegistryLink(first.address, cluster.gateway_token)
         events: asyncio.Queue[tuple[float, registry_pb2.WatchModelsResponse]] = asyncio.Queue()
         stop = asyncio.Event()
         follower = asyncio.create_task(

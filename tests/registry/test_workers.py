@@ -25,11 +25,11 @@ async def _beat_forever(reg: Reg, worker_id: str, models: tuple[tuple[str, int],
 
 
 async def test_worker_whose_heartbeats_stop_leaves_within_ttl_plus_one_second(
-    start_registry: StartRegistry, token: str
+    start_registry: StartRegistry, token: str, worker_token: str
 ) -> None:
     """Acceptance 5, with heartbeats sent over the real RPC."""
     server = await start_registry(heartbeat_ttl_s=TTL_S)
-    reg = Reg(f"127.0.0.1:{server.port}", token)
+    reg = Reg(f"127.0.0.1:{server.port}", token, worker_token=worker_token)
     assert await reg.heartbeat("w-stops", (("colors", 1),)) == TTL_S
     keeper = asyncio.create_task(_beat_forever(reg, "w-keeps", (("colors", 1),), 0.3))
     # Wait for both: the keeper's first beat may land after w-stops is already listed.
@@ -122,7 +122,7 @@ async def test_bad_heartbeats_are_invalid_argument(reg: Reg) -> None:
 def test_killed_worker_process_leaves_the_healthy_list(cluster: Cluster) -> None:
     """Acceptance 5 with a real worker process, killed with SIGKILL so it cannot say goodbye."""
     registry = cluster.start_registry(FOVEA_REGISTRY_HEARTBEAT_TTL_S=str(TTL_S))
-    rc = RegistryClient(registry.address, cluster.internal_token, timeout_s=10)
+    rc = RegistryClient(registry.address, cluster.admin_token, timeout_s=10)
     mv = rc.register(color_model(), model_pb2.ModelVersion(name="colors"))
     rc.set_alias("colors", "production", [(mv.version, 100)])
     worker = cluster.start_worker(registry.address, ["colors"], FOVEA_WORKER_HEARTBEAT_INTERVAL_S="0.2")

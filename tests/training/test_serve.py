@@ -47,7 +47,7 @@ def test_gateway_accuracy_equals_offline_onnx_evaluation(cluster: Cluster, tmp_p
     offline = json.loads((run / "eval_onnx.json").read_text())
 
     registry = cluster.start_registry()
-    with RegistryClient(registry.address, cluster.internal_token) as rc:
+    with RegistryClient(registry.address, cluster.admin_token) as rc:
         fp32, int8 = publish(rc, "quadrants", artifacts, tags={"dataset": "synthetic"}, promote="production")
         _, secret = rc.create_key("infer")
     assert (fp32.tags["variant"], int8.tags["variant"]) == ("fp32", "int8")

@@ -21,8 +21,10 @@ from registry.server import build_server as build_registry
 from worker.config import WorkerConfig
 from worker.server import WorkerServer, build_server
 
-TOKEN = "worker-tests-internal-token"
+TOKEN = "worker-tests-gateway-call-token"  # what gateways present to workers
 MD = (("authorization", f"Bearer {TOKEN}"),)
+ADMIN_TOKEN = "worker-tests-admin-token"  # publishes the models
+REGISTRY_TOKEN = "worker-tests-worker-registry-token"  # the workers' own, at the registry
 
 
 @dataclass
@@ -44,11 +46,16 @@ class LocalRegistry:
 @pytest.fixture
 async def registry(redis_url: str, tmp_path: pathlib.Path) -> AsyncIterator[LocalRegistry]:
     config = RegistryConfig(
-        port=0, redis_url=redis_url, artifact_dir=tmp_path / "artifacts", internal_token=TOKEN, log_json=False
+        port=0,
+        redis_url=redis_url,
+        artifact_dir=tmp_path / "artifacts",
+        log_json=False,
+        admin_tokens=ADMIN_TOKEN,
+        worker_tokens=REGISTRY_TOKEN,
     )
     server = await build_registry(config)
     address = f"127.0.0.1:{server.port}"
-    client = RegistryClient(address, TOKEN, timeout_s=20)
+    client = RegistryClient(address, ADMIN_TOKEN, timeout_s=20)
     yield LocalRegistry(address, client)
     client.close()
     await server.stop(1.0)
@@ -67,7 +74,8 @@ async def start_worker(registry: LocalRegistry) -> AsyncIterator[StartWorker]:
             port=0,
             registry_address=registry.address,
             models=models,
-            internal_token=TOKEN,
+            registry_token=REGISTRY_TOKEN,
+            accepted_tokens=TOKEN,
             providers=["CPUExecutionProvider"],
             intra_op_threads=1,
             heartbeat_interval_s=0.5,

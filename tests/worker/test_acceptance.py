@@ -62,7 +62,7 @@ def stack(
     cluster = Cluster(tmp_path_factory.mktemp("worker-acceptance"), redis_url=redis_server.url)
     try:
         reg = cluster.start_registry()
-        rc = RegistryClient(reg.address, cluster.internal_token, timeout_s=30)
+        rc = RegistryClient(reg.address, cluster.admin_token, timeout_s=30)
         for name, model in (("busy", busy_model()), ("colors", color_model()), ("switch", busy_model(scale=1.0))):
             mv = rc.register(model, model_pb2.ModelVersion(name=name))
             rc.set_alias(name, "production", [(mv.version, 100)])
@@ -81,7 +81,7 @@ def stack(
             FOVEA_WORKER_FAST_PORT=str(fast_port),
         )
         port = fast_port if request.param == "fast" else int(worker.address.rsplit(":", 1)[1])
-        md = (("authorization", f"Bearer {cluster.internal_token}"),)
+        md = (("authorization", f"Bearer {cluster.worker_call_token}"),)
         yield Stack(cluster, rc, port, f"http://127.0.0.1:{metrics_port}/metrics", md, request.param)
         rc.close()
     finally:

@@ -23,7 +23,7 @@ GRACE_S = 8.0
 @pytest.mark.parametrize("via", ["main", "fast"])
 async def test_sigterm_under_load_answers_accepted_requests_and_exits_within_grace(cluster: Cluster, via: str) -> None:
     reg = cluster.start_registry()
-    rc = RegistryClient(reg.address, cluster.internal_token, timeout_s=30)
+    rc = RegistryClient(reg.address, cluster.admin_token, timeout_s=30)
     mv = await asyncio.to_thread(rc.register, busy_model(), model_pb2.ModelVersion(name="busy"))
     await asyncio.to_thread(rc.set_alias, "busy", "production", [(mv.version, 100)])
     fast_port = free_port()
@@ -38,7 +38,7 @@ async def test_sigterm_under_load_answers_accepted_requests_and_exits_within_gra
         FOVEA_WORKER_LOG_JSON="false",
         FOVEA_WORKER_FAST_PORT=str(fast_port),
     )
-    md = (("authorization", f"Bearer {cluster.internal_token}"),)
+    md = (("authorization", f"Bearer {cluster.worker_call_token}"),)
     channel, s = stub(fast_port if via == "fast" else int(worker.address.rsplit(":", 1)[1]))
     results: list[tuple[float, float, str]] = []  # (sent, answered, status)
     stop = asyncio.Event()

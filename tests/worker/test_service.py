@@ -13,7 +13,16 @@ from onnx import TensorProto
 
 from inference import grpc_predict_v2_pb2 as pb
 from tests.tinymodels import color_model, pixel_mean_model, png
-from tests.worker.conftest import MD, LocalRegistry, StartWorker, output_array, stub, tensor_request
+from tests.worker.conftest import (
+    ADMIN_TOKEN,
+    MD,
+    REGISTRY_TOKEN,
+    LocalRegistry,
+    StartWorker,
+    output_array,
+    stub,
+    tensor_request,
+)
 from tests.worker.slowmodels import cast_model
 
 
@@ -24,7 +33,9 @@ async def test_direct_call_without_internal_token_is_unauthenticated(
     ws = await start_worker(["colors"])
     channel, s = stub(ws.port)
     req = tensor_request("colors", np.zeros((1, 3, 8, 8), np.float32))
-    for md in [(), (("authorization", "Bearer not-the-token"),), (("authorization", "Basic abc"),)]:
+    # Nor the worker's own registry token or an admin token: only the gateways' token opens a worker.
+    wrong = ("not-the-token", REGISTRY_TOKEN, ADMIN_TOKEN)
+    for md in [(), *((("authorization", f"Bearer {t}"),) for t in wrong), (("authorization", "Basic abc"),)]:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await s.ModelInfer(req, metadata=md, timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
