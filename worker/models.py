@@ -355,7 +355,7 @@ class ModelManager:
                     mv.version,
                     list(mv.inputs),
                     lv.input_dtypes,
-                    [o.name for o in mv.outputs],
+                    list(mv.outputs),
                     list(mv.labels),
                     mv.preprocessing.outputs_probabilities,
                     self.config,

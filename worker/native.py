@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes as C
 import logging
+import os
 import pathlib
 import threading
 import time
@@ -26,7 +27,9 @@ from fovea import oip
 
 logger = logging.getLogger(__name__)
 
-LIBRARY = pathlib.Path(__file__).parent / "native" / "build" / "libfovea_front.so"
+# FOVEA_NATIVE_BUILD picks another build folder: build-asan is the sanitizer build (scripts/sanitize.sh).
+BUILD = os.environ.get("FOVEA_NATIVE_BUILD", "") or "build"
+LIBRARY = pathlib.Path(__file__).parent / "native" / BUILD / "libfovea_front.so"
 MAX_TENSORS, MAX_RANK = 8, 8
 INTERNAL = 13
 
@@ -62,7 +65,7 @@ def _load() -> C.CDLL:
     p, i, i64, s = C.c_void_p, C.c_int, C.c_int64, C.c_char_p
     lib.fv_start.restype = p
     lib.fv_start.argtypes = [s, i, s, i64, s, i, C.POINTER(i)]
-    lib.fv_add_model.argtypes = [p, s, s, i, i, i64, i, p, i, p, p, p, p, i, p, s, i, s, i, s, i]
+    lib.fv_add_model.argtypes = [p, s, s, i, i, i64, i, p, i, p, p, p, p, i, p, p, p, p, s, i, s, i, s, i]
     lib.fv_codes.argtypes = [p, p]
     lib.fv_route.argtypes = [p, s, i, p, p]
     lib.fv_close_model.argtypes = [p, i]
@@ -347,7 +350,7 @@ class NativeFront:
         version: int,
         inputs: Sequence[Any],
         input_dtypes: Sequence[Any],
-        outputs: Sequence[str],
+        outputs: Sequence[Any],
         labels: Sequence[str],
         probabilities: bool,
         batching: Batching,
@@ -364,9 +367,12 @@ class NativeFront:
 
         With sessions (NativeSession, warmed up), the loops run in C++ on them instead, and alone_session
         takes the place of alone; the slot owns them from here on. metadata and config are its
-        serialized ModelMetadataResponse and ModelConfigResponse."""
+        serialized ModelMetadataResponse and ModelConfigResponse. inputs and outputs are the model's
+        tensor specs (name, datatype, shape), as declared in the model file."""
         ranks = (C.c_int32 * len(inputs))(*[len(t.shape) for t in inputs])
         dims = [int(d) for t in inputs for d in t.shape]
+        out_ranks = (C.c_int32 * len(outputs))(*[len(t.shape) for t in outputs])
+        out_dims = [int(d) for t in outputs for d in t.shape]
         preferred = list(batching.preferred_batch_sizes)
         slot = self.lib.fv_add_model(
             self.handle,
@@ -383,7 +389,10 @@ class NativeFront:
             ranks,
             (C.c_int64 * len(dims))(*dims),
             len(outputs),
-            _strings(list(outputs)),
+            _strings([t.name for t in outputs]),
+            _strings([t.datatype for t in outputs]),
+            out_ranks,
+            (C.c_int64 * max(1, len(out_dims)))(*out_dims),
             "\n".join(labels).encode(),
             int(probabilities),
             metadata,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -75,6 +76,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         lv = self.manager.get(request.model_name, request.model_version)
         self.in_flight += 1
         try:
+            wanted = requested_outputs(lv, request)  # before any decoding or compute
             inputs, n = await self._inputs(lv, request)
             t_input = time.perf_counter()
             lv.stats.compute_input.add(t_input - t0)
@@ -87,7 +89,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                 fut.cancel()
                 raise
             t_output = time.perf_counter()
-            response = build_response(lv, request, outputs)
+            response = build_response(lv, request, outputs, wanted)
             done = time.perf_counter()
             lv.stats.compute_output.add(done - t_output)
             lv.stats.success.add(done - t0)
@@ -171,11 +173,61 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+FLOAT_TYPES = ("FP16", "FP32", "FP64")
+
+
+def row_width(shape: list[int]) -> int | None:
+    """Elements per sample of an output declared with this shape; None when a dimension is dynamic."""
+    if not shape or any(d < 0 for d in shape[1:]):
+        return None
+    return math.prod(shape[1:])
+
+
+def classification_k(want: Any, spec: Any) -> int:
+    """The classification k an output request asks for (0: none), checked against the declared output."""
+    param = want.parameters.get("classification")
+    if param is None:
+        return 0
+    if param.WhichOneof("parameter_choice") != "int64_param":
+        raise InvalidArgument("classification parameter must be a positive integer (int64_param)")
+    if spec.datatype not in FLOAT_TYPES:
+        raise InvalidArgument(f"classification needs a floating-point output; {spec.name!r} is {spec.datatype}")
+    k, width = param.int64_param, row_width(list(spec.shape))
+    if k < 1 or (width is not None and k > width):
+        most = "the width" if width is None else str(width)
+        raise InvalidArgument(
+            f"classification parameter must be a positive integer, at most {most} (the width of output {spec.name!r});"
+            f" got {k}"
+        )
+    return k
+
+
+def requested_outputs(lv: Loaded, request: pb.ModelInferRequest) -> list[tuple[int, int]]:
+    """(output index, classification k or 0) for each output to answer, checked before any compute."""
+    specs = list(lv.mv.outputs)
+    names = [s.name for s in specs]
+    if not request.outputs:
+        return [(i, 0) for i in range(len(specs))]
+    if len(request.outputs) > len(specs):
+        raise InvalidArgument(f"model {lv.mv.name} has {len(specs)} output(s); {len(request.outputs)} requested")
+    out: list[tuple[int, int]] = []
+    for want in request.outputs:
+        if want.name not in names:
+            raise InvalidArgument(f"model {lv.mv.name} has no output {want.name[:64]!r}; outputs: {', '.join(names)}")
+        i = names.index(want.name)
+        if any(j == i for j, _ in out):
+            raise InvalidArgument(f"output {want.name!r} is requested twice")
+        out.append((i, classification_k(want, specs[i])))
+    return out
+
+
 def classification(scores: np.ndarray, k: int, labels: list[str], probabilities: bool) -> list[bytes]:
     """Triton's classification extension: per sample, the top k as 'score:index:label'."""
     flat = scores.reshape(scores.shape[0], -1)
+    if not 1 <= k <= flat.shape[1]:
+        # The declared output had a dynamic dimension; the computed one is narrower than k.
+        raise InvalidArgument(f"classification parameter must be at most {flat.shape[1]} (the output's width); got {k}")
     probs = flat if probabilities else softmax(flat)
-    k = max(1, min(k, probs.shape[1]))
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     out = []
     for row, idx in zip(probs, top, strict=False):
@@ -185,24 +237,18 @@ def classification(scores: np.ndarray, k: int, labels: list[str], probabilities:
     return out
 
 
-def build_response(lv: Loaded, request: pb.ModelInferRequest, outputs: list[np.ndarray]) -> pb.ModelInferResponse:
+def build_response(
+    lv: Loaded, request: pb.ModelInferRequest, outputs: list[np.ndarray], wanted: list[tuple[int, int]]
+) -> pb.ModelInferResponse:
+    """The answer, for the outputs requested_outputs() checked."""
     resp = pb.ModelInferResponse(model_name=lv.mv.name, model_version=str(lv.mv.version), id=request.id)
-    specs = list(lv.mv.outputs)
-    names = [s.name for s in specs]
-    wanted = list(request.outputs) or [pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in names]
-    for req_out in wanted:
-        if req_out.name not in names:
-            raise InvalidArgument(f"model {lv.mv.name} has no output {req_out.name!r}; outputs: {', '.join(names)}")
-        array = outputs[names.index(req_out.name)]
-        k_param = req_out.parameters.get("classification")
-        if k_param is not None:
-            k = int(oip.parameter_value(k_param) or 0)
-            if k < 1:
-                raise InvalidArgument("classification parameter must be a positive integer")
+    for i, k in wanted:
+        name, array = lv.mv.outputs[i].name, outputs[i]
+        if k:
             items = classification(array, k, list(lv.mv.labels), lv.mv.preprocessing.outputs_probabilities)
-            resp.outputs.add(name=req_out.name, datatype="BYTES", shape=[array.shape[0], len(items) // array.shape[0]])
+            resp.outputs.add(name=name, datatype="BYTES", shape=[array.shape[0], k])
             resp.raw_output_contents.append(oip.encode_bytes(items))
         else:
-            resp.outputs.add(name=req_out.name, datatype=oip.oip_dtype(array), shape=list(array.shape))
+            resp.outputs.add(name=name, datatype=oip.oip_dtype(array), shape=list(array.shape))
             resp.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
     return resp

@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# Builds the native inference front (libfovea_front.so) from front.cc, ort_loop.cc and the inference protos.
-# Needs g++, pkg-config and Debian's libgrpc++-dev, protobuf-compiler-grpc (scripts/setup.sh installs them).
+# Builds the native inference front (libfovea_front.so) from front.cc, check.cc, ort_loop.cc and the
+# inference protos. Needs g++, pkg-config and Debian's libgrpc++-dev, protobuf-compiler-grpc
+# (scripts/setup.sh installs them).
+#
+# FOVEA_NATIVE_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer into build-asan/
+# instead of build/; FOVEA_NATIVE_BUILD=build-asan makes worker/native.py load that one
+# (scripts/sanitize.sh does both, and preloads the sanitizer runtimes Python needs for it).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
+flags=(-O2)
 out="$here/build"
+if [[ "${FOVEA_NATIVE_SANITIZE:-0}" == 1 ]]; then
+  flags=(-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer)
+  out="$here/build-asan"
+fi
 mkdir -p "$out/gen"
 stamp="$out/gen/inference/grpc_predict_v2.grpc.pb.h"
 if [[ ! -f "$stamp" || "$root/protos/inference/grpc_predict_v2.proto" -nt "$stamp" \
@@ -13,19 +23,22 @@ if [[ ! -f "$stamp" || "$root/protos/inference/grpc_predict_v2.proto" -nt "$stam
     --plugin=protoc-gen-grpc="$(command -v grpc_cpp_plugin)" \
     inference/grpc_predict_v2.proto inference/model_config.proto
 fi
-srcs=("$here/front.cc" "$here/ort_loop.cc" "$out"/gen/inference/*.cc)
+srcs=("$here/front.cc" "$here/check.cc" "$here/ort_loop.cc" "$out"/gen/inference/*.cc)
 objs=()
+pids=()
 for src in "${srcs[@]}"; do
   obj="$out/$(basename "$src" .cc).o"
   objs+=("$obj")
-  if [[ ! -f "$obj" || "$src" -nt "$obj" || "$here/front.h" -nt "$obj" ]]; then
-    g++ -std=c++17 -O2 -fPIC -fvisibility=hidden -I"$out/gen" $(pkg-config --cflags grpc++ protobuf) \
+  if [[ ! -f "$obj" || "$src" -nt "$obj" || "$here/front.h" -nt "$obj" || "$here/check.h" -nt "$obj" \
+        || "$0" -nt "$obj" ]]; then
+    g++ -std=c++17 "${flags[@]}" -fPIC -fvisibility=hidden -I"$out/gen" $(pkg-config --cflags grpc++ protobuf) \
       -c "$src" -o "$obj" &
+    pids+=($!)
   fi
 done
-wait
+for pid in "${pids[@]}"; do wait "$pid"; done  # a failed compile fails the build
 # Only the fv_* functions are exported: this library shares a process with grpcio's own gRPC core.
-g++ -shared -o "$out/libfovea_front.so.tmp" "${objs[@]}" -Wl,--exclude-libs,ALL \
+g++ -shared "${flags[@]}" -o "$out/libfovea_front.so.tmp" "${objs[@]}" -Wl,--exclude-libs,ALL \
   $(pkg-config --libs grpc++ protobuf absl_synchronization)
 mv "$out/libfovea_front.so.tmp" "$out/libfovea_front.so"
 echo "built $out/libfovea_front.so"

@@ -31,6 +31,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "check.h"
 #include "front.h"
 #include "inference/grpc_predict_v2.grpc.pb.h"
 
@@ -42,38 +43,21 @@ using Clock = std::chrono::steady_clock;
 using SysClock = std::chrono::system_clock;
 using grpc::Status;
 using grpc::StatusCode;
+using fovea::dtype_size;
+
+// Trailing metadata on a call this worker refused without running it.
+constexpr char kUnserved[] = "fovea-unserved";
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
 }
 
-size_t dtype_size(const std::string& d) {
-  static const std::map<std::string, size_t> sizes = {
-      {"BOOL", 1}, {"UINT8", 1}, {"INT8", 1}, {"UINT16", 2}, {"INT16", 2}, {"FP16", 2},
-      {"UINT32", 4}, {"INT32", 4}, {"FP32", 4}, {"UINT64", 8}, {"INT64", 8}, {"FP64", 8}};
-  auto it = sizes.find(d);
-  return it == sizes.end() ? 0 : it->second;
-}
-
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
-struct Spec {
-  std::string name, dtype;
-  std::vector<int64_t> shape;  // -1 = any; dimension 0 is the batch
-  size_t elem = 0;
-};
-
-struct Call {
-  grpc::CallbackServerContext* ctx;
-  const ModelInferRequest* req;
-  ModelInferResponse* resp;
-  grpc::ServerUnaryReactor* reactor;
-  int n = 0;
-  int order[kMaxTensors];  // request input index for each model input
+// A call validate accepted (n and order come from it).
+struct Call : fovea::Checked {
+  grpc::CallbackServerContext* ctx = nullptr;
+  const ModelInferRequest* req = nullptr;
+  ModelInferResponse* resp = nullptr;
+  grpc::ServerUnaryReactor* reactor = nullptr;
   int64_t enqueued_ns = 0, started_ns = 0;
   SysClock::time_point deadline;
 };
@@ -88,14 +72,13 @@ constexpr int kTimeBuckets = sizeof(kTimeBoundsNs) / sizeof(kTimeBoundsNs[0]) + 
 enum StatIndex { kOkCount, kOkNs, kFailCount, kFailNs, kQueueCount, kQueueNs, kInputNs, kOutputNs, kInferCount,
                  kInferNs, kSamples, kLastMs, kStats };
 
-struct Model {
-  std::string name, version;
-  int max_batch = 1;
+// A version's spec (name, max_batch, inputs, outputs) and its queue.
+struct Model : fovea::ModelSpec {
+  std::string version;
   size_t max_queue = 1024;
   int64_t max_queue_delay_us = 0;
   std::set<int> preferred;  // batch sizes to stop collecting at
   std::atomic<int64_t>* codes = nullptr;  // the front's counts by status code
-  std::vector<Spec> inputs, outputs;
   std::vector<std::string> labels;
   bool probabilities = false;
   inference::ModelMetadataResponse metadata;  // made by Python, answered as they are
@@ -257,71 +240,6 @@ class Front {
     return Status::OK;
   }
 
-  Status validate(const Model& m, const ModelInferRequest& req, Call* call) {
-    const int nin = int(m.inputs.size());
-    if (req.inputs_size() != nin)
-      return Status(StatusCode::INVALID_ARGUMENT, "model " + m.name + " takes " + std::to_string(nin) +
-                                                      " input(s); got " + std::to_string(req.inputs_size()));
-    if (req.raw_input_contents_size() != nin)
-      return Status(StatusCode::INVALID_ARGUMENT,
-                    "the fast port takes raw_input_contents, one entry per input; send typed contents or "
-                    "encoded images to the worker's main port");
-    int n = -1;
-    for (int s = 0; s < nin; ++s) {
-      const Spec& spec = m.inputs[s];
-      int found = -1;
-      for (int i = 0; i < nin; ++i)
-        if (req.inputs(i).name() == spec.name) found = i;
-      if (found < 0) return Status(StatusCode::INVALID_ARGUMENT, "missing input '" + spec.name + "' of model " + m.name);
-      const auto& t = req.inputs(found);
-      if (t.datatype() != spec.dtype)
-        return Status(StatusCode::INVALID_ARGUMENT,
-                      "input '" + spec.name + "' must be " + spec.dtype + ", got " + t.datatype().substr(0, 16));
-      std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
-      bool ok = shape.size() == spec.shape.size();
-      for (size_t d = 1; ok && d < shape.size(); ++d) ok = spec.shape[d] <= 0 ? shape[d] >= 0 : shape[d] == spec.shape[d];
-      if (!ok)
-        return Status(StatusCode::INVALID_ARGUMENT, "input '" + spec.name + "' must have shape " + shape_str(spec.shape) +
-                                                        " (-1 = any), got " + shape_str(shape));
-      if (shape.empty() || shape[0] < 1)
-        return Status(StatusCode::INVALID_ARGUMENT, "input '" + spec.name + "' needs a batch dimension of at least 1");
-      if (n != -1 && shape[0] != n) return Status(StatusCode::INVALID_ARGUMENT, "all inputs must have the same batch size");
-      if (shape[0] > m.max_batch)
-        return Status(StatusCode::INVALID_ARGUMENT, "batch of " + std::to_string(shape[0]) +
-                                                        " exceeds max_batch_size " + std::to_string(m.max_batch));
-      n = int(shape[0]);
-      // Byte size before anything else touches the data. No product may wrap around: a shape whose
-      // size passes 2^40 bytes can never match a message, so it is refused as it stands.
-      constexpr uint64_t kLimit = uint64_t(1) << 40;
-      uint64_t expected = spec.elem;
-      for (int64_t d : shape) {
-        if (d != 0 && expected > kLimit / uint64_t(d)) {
-          expected = kLimit + 1;
-          break;
-        }
-        expected *= uint64_t(d);
-      }
-      const size_t got = req.raw_input_contents(found).size();
-      if (got != expected)
-        return Status(StatusCode::INVALID_ARGUMENT,
-                      "input '" + spec.name + "' has " + std::to_string(got) + " bytes; shape " + shape_str(shape) +
-                          " of " + spec.dtype + " needs " +
-                          (expected > kLimit ? std::string("more than 2^40") : std::to_string(expected)));
-      call->order[s] = found;
-    }
-    call->n = n;
-    for (const auto& o : req.outputs()) {
-      bool known = false;
-      for (const auto& spec : m.outputs) known |= spec.name == o.name();
-      if (!known) return Status(StatusCode::INVALID_ARGUMENT, "model " + m.name + " has no output '" + o.name().substr(0, 64) + "'");
-      auto k = o.parameters().find("classification");
-      if (k != o.parameters().end() && (k->second.parameter_choice_case() != inference::InferParameter::kInt64Param ||
-                                        k->second.int64_param() < 1))
-        return Status(StatusCode::INVALID_ARGUMENT, "classification parameter must be a positive integer");
-    }
-    return Status::OK;
-  }
-
   // Same trailing shape for every input, so that calls can share one batch.
   static bool same_shape(const Call* a, const Call* b, int nin) {
     for (int s = 0; s < nin; ++s) {
@@ -448,6 +366,9 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
   int64_t t0 = now_ns();
   auto reject = [&](StatusCode code, const std::string& msg) {
     front_->codes[std::min<int>(code, 16)] += 1;
+    // Every UNAVAILABLE here is a refusal before any work: a gateway may send the call elsewhere,
+    // which it must not do for a call that dropped while it ran (it could kill the next worker too).
+    if (code == StatusCode::UNAVAILABLE) ctx->AddTrailingMetadata(kUnserved, "1");
     reactor->Finish(Status(code, msg));
     return reactor;
   };
@@ -458,13 +379,17 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
   std::shared_ptr<Model> m;
   Status st = front_->lookup(req->model_name(), req->model_version(), &m);
   if (!st.ok()) return reject(st.error_code(), st.error_message());
-  auto* call = new Call{ctx, req, resp, reactor};
-  st = front_->validate(*m, *req, call);
+  auto* call = new Call;
+  st = fovea::validate(*m, *req, call);
   if (!st.ok()) {
     delete call;
     m->stats[kFailCount] += 1;
     return reject(st.error_code(), st.error_message());
   }
+  call->ctx = ctx;
+  call->req = req;
+  call->resp = resp;
+  call->reactor = reactor;
   call->deadline = ctx->deadline();
   if (call->deadline == SysClock::time_point::max())
     call->deadline = SysClock::now() + std::chrono::milliseconds(front_->default_deadline_ms);
@@ -486,31 +411,6 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
   }
   m->cv.notify_one();
   return reactor;
-}
-
-void top_k(const float* row, int64_t width, int k, bool probabilities, const std::vector<std::string>& labels,
-           std::string* out, uint32_t* count) {
-  std::vector<float> p(row, row + width);
-  if (!probabilities) {
-    float mx = *std::max_element(p.begin(), p.end());
-    double sum = 0;
-    for (auto& v : p) sum += (v = std::exp(v - mx));
-    for (auto& v : p) v = float(v / sum);
-  }
-  std::vector<int> idx(width);
-  for (int i = 0; i < width; ++i) idx[i] = i;
-  k = std::min<int64_t>(k, width);
-  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
-  char buf[64];
-  for (int j = 0; j < k; ++j) {
-    int i = idx[j];
-    std::string item = (snprintf(buf, sizeof buf, "%.6f:%d", p[i], i), buf);
-    if (i < int(labels.size()) && !labels[i].empty()) item += ":" + labels[i];
-    uint32_t len = uint32_t(item.size());
-    out->append(reinterpret_cast<const char*>(&len), 4);  // BYTES framing: little-endian length
-    out->append(item);
-  }
-  *count = uint32_t(k);
 }
 
 }  // namespace
@@ -574,10 +474,11 @@ void* fv_start(const char* address, int max_message_bytes, const char* tokens, i
 int fv_add_model(void* fp, const char* name, const char* version, int max_batch, int max_queue,
                  int64_t max_queue_delay_us, int npreferred, const int32_t* preferred, int ninputs,
                  const char** in_names, const char** in_dtypes, const int32_t* in_ranks, const int64_t* in_dims,
-                 int noutputs, const char** out_names, const char* labels, int probabilities,
+                 int noutputs, const char** out_names, const char** out_dtypes, const int32_t* out_ranks,
+                 const int64_t* out_dims, const char* labels, int probabilities,
                  const char* metadata, int metadata_len, const char* config, int config_len) {
   auto* f = static_cast<Front*>(fp);
-  if (ninputs < 1 || ninputs > kMaxTensors || noutputs < 1 || noutputs > kMaxTensors) return -1;
+  if (ninputs < 1 || ninputs > kMaxTensors || noutputs < 1 || noutputs > kMaxTensors || max_batch < 1) return -1;
   auto m = std::make_shared<Model>();
   m->name = name;
   m->version = version;
@@ -590,12 +491,19 @@ int fv_add_model(void* fp, const char* name, const char* version, int max_batch,
   const int64_t* d = in_dims;
   for (int i = 0; i < ninputs; ++i) {
     if (in_ranks[i] < 1 || in_ranks[i] > kMaxRank) return -1;
-    Spec s{in_names[i], in_dtypes[i], std::vector<int64_t>(d, d + in_ranks[i]), dtype_size(in_dtypes[i])};
+    fovea::TensorSpec s{in_names[i], in_dtypes[i], std::vector<int64_t>(d, d + in_ranks[i]), dtype_size(in_dtypes[i])};
     if (s.elem == 0) return -1;
     d += in_ranks[i];
     m->inputs.push_back(std::move(s));
   }
-  for (int i = 0; i < noutputs; ++i) m->outputs.push_back(Spec{out_names[i], "", {}, 0});
+  // Outputs as the model declares them: validate bounds a classification k by their width.
+  d = out_dims;
+  for (int i = 0; i < noutputs; ++i) {
+    if (out_ranks[i] < 0 || out_ranks[i] > kMaxRank) return -1;
+    m->outputs.push_back(fovea::TensorSpec{out_names[i], out_dtypes[i], std::vector<int64_t>(d, d + out_ranks[i]),
+                                           dtype_size(out_dtypes[i])});
+    d += out_ranks[i];
+  }
   std::string all(labels);
   size_t pos = 0;
   while (!all.empty() && pos <= all.size()) {
@@ -832,26 +740,28 @@ static void answer(Batch* b) {
     Status st = Status::OK;
     auto emit = [&](int o, const inference::ModelInferRequest::InferRequestedOutputTensor* want) {
       const char* base = b->outputs[o].data() + size_t(offset) * b->row_bytes[o];
-      int64_t k = 0;
-      if (want) {
-        auto p = want->parameters().find("classification");
-        if (p != want->parameters().end()) k = p->second.int64_param();
-      }
+      const int64_t k = want ? fovea::requested_k(*want) : 0;
       auto* t = resp->add_outputs();
       t->set_name(m->outputs[o].name);
       if (k > 0) {
+        // validate checked k against the model's declared output; the output computed may still
+        // differ (a dynamic dimension), so k is checked again, as an int64, against the real width.
         if (b->dtypes[o] != "FP32") {
           st = Status(StatusCode::INVALID_ARGUMENT, "classification needs an FP32 output; '" + m->outputs[o].name + "' is " + b->dtypes[o]);
           return;
         }
-        int64_t width = int64_t(b->row_bytes[o] / 4);
+        const int64_t width = int64_t(b->row_bytes[o] / 4);
+        if (k > width) {
+          st = Status(StatusCode::INVALID_ARGUMENT, "classification parameter must be at most " + std::to_string(width) +
+                                                        " (the width of output '" + m->outputs[o].name + "'); got " + std::to_string(k));
+          return;
+        }
         std::string* raw = resp->add_raw_output_contents();
-        uint32_t per = 0;
         for (int i = 0; i < c->n; ++i)
-          top_k(reinterpret_cast<const float*>(base) + i * width, width, int(k), m->probabilities, m->labels, raw, &per);
+          fovea::top_k(reinterpret_cast<const float*>(base) + i * width, width, k, m->probabilities, m->labels, raw);
         t->set_datatype("BYTES");
         t->add_shape(c->n);
-        t->add_shape(per);
+        t->add_shape(k);
         return;
       }
       t->set_datatype(b->dtypes[o]);

@@ -1,0 +1,182 @@
+// Request checks and the classification encoding of the fast port (see check.h).
+
+#include "check.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <map>
+
+namespace fovea {
+
+using grpc::Status;
+using grpc::StatusCode;
+using inference::ModelInferRequest;
+
+namespace {
+
+constexpr uint64_t kMaxBytes = uint64_t(1) << 40;  // no tensor this big can be in a message
+
+Status invalid(const std::string& message) { return Status(StatusCode::INVALID_ARGUMENT, message); }
+
+// A request's name, cut short for a message.
+std::string quoted(const std::string& s) { return "'" + s.substr(0, 64) + (s.size() > 64 ? "...'" : "'"); }
+
+Status check_input(const ModelSpec& m, const TensorSpec& spec, const ModelInferRequest& req, int found, int* n) {
+  const auto& t = req.inputs(found);
+  if (t.datatype() != spec.dtype)
+    return invalid("input '" + spec.name + "' must be " + spec.dtype + ", got " + t.datatype().substr(0, 16));
+  const auto& dims = t.shape();
+  bool ok = size_t(dims.size()) == spec.shape.size();
+  for (int d = 1; ok && d < dims.size(); ++d) ok = spec.shape[d] <= 0 ? dims[d] >= 0 : dims[d] == spec.shape[d];
+  if (!ok) {
+    // The request's shape is only printed once its rank is known to be small.
+    std::vector<int64_t> shape(dims.begin(), dims.begin() + std::min(dims.size(), kMaxRank + 1));
+    return invalid("input '" + spec.name + "' must have shape " + shape_str(spec.shape) + " (-1 = any), got " +
+                   shape_str(shape) + (dims.size() > kMaxRank + 1 ? " ..." : ""));
+  }
+  const std::vector<int64_t> shape(dims.begin(), dims.end());
+  if (shape.empty() || shape[0] < 1) return invalid("input '" + spec.name + "' needs a batch dimension of at least 1");
+  if (*n != -1 && shape[0] != *n) return invalid("all inputs must have the same batch size");
+  if (shape[0] > m.max_batch)
+    return invalid("batch of " + std::to_string(shape[0]) + " exceeds max_batch_size " + std::to_string(m.max_batch));
+  *n = int(shape[0]);  // in [1, max_batch]
+  // Byte size before anything else touches the data; no product may wrap around.
+  uint64_t expected = spec.elem;
+  for (int64_t d : shape) {
+    if (d != 0 && expected > kMaxBytes / uint64_t(d)) {
+      expected = kMaxBytes + 1;
+      break;
+    }
+    expected *= uint64_t(d);
+  }
+  const size_t got = req.raw_input_contents(found).size();
+  if (got != expected)
+    return invalid("input '" + spec.name + "' has " + std::to_string(got) + " bytes; shape " + shape_str(shape) +
+                   " of " + spec.dtype + " needs " +
+                   (expected > kMaxBytes ? std::string("more than 2^40") : std::to_string(expected)));
+  return Status::OK;
+}
+
+Status check_output(const ModelSpec& m, const ModelInferRequest::InferRequestedOutputTensor& o) {
+  const TensorSpec* spec = nullptr;
+  for (const auto& s : m.outputs)
+    if (s.name == o.name()) spec = &s;
+  if (!spec) return invalid("model " + m.name + " has no output " + quoted(o.name()));
+  auto p = o.parameters().find("classification");
+  if (p == o.parameters().end()) return Status::OK;
+  if (p->second.parameter_choice_case() != inference::InferParameter::kInt64Param)
+    return invalid("classification parameter must be a positive integer (int64_param)");
+  const int64_t k = p->second.int64_param();
+  if (!spec->dtype.empty() && spec->dtype != "FP32")
+    return invalid("classification needs an FP32 output; '" + spec->name + "' is " + spec->dtype);
+  const int64_t width = row_width(spec->shape);
+  if (k < 1 || (width >= 0 && k > width))
+    return invalid("classification parameter must be a positive integer, at most " +
+                   (width >= 0 ? std::to_string(width) : std::string("the width")) + " (the width of output '" +
+                   spec->name + "'); got " + std::to_string(k));
+  return Status::OK;
+}
+
+}  // namespace
+
+size_t dtype_size(const std::string& d) {
+  static const std::map<std::string, size_t> sizes = {
+      {"BOOL", 1}, {"UINT8", 1}, {"INT8", 1}, {"UINT16", 2}, {"INT16", 2}, {"FP16", 2},
+      {"UINT32", 4}, {"INT32", 4}, {"FP32", 4}, {"UINT64", 8}, {"INT64", 8}, {"FP64", 8}};
+  auto it = sizes.find(d);
+  return it == sizes.end() ? 0 : it->second;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+int64_t row_width(const std::vector<int64_t>& shape) {
+  if (shape.empty()) return -1;
+  int64_t width = 1;
+  for (size_t d = 1; d < shape.size(); ++d) {
+    if (shape[d] < 0) return -1;
+    if (shape[d] != 0 && width > int64_t(kMaxBytes) / shape[d]) return -1;
+    width *= shape[d];
+  }
+  return width;
+}
+
+int64_t requested_k(const ModelInferRequest::InferRequestedOutputTensor& want) {
+  auto p = want.parameters().find("classification");
+  return p == want.parameters().end() ? 0 : p->second.int64_param();
+}
+
+Status validate(const ModelSpec& m, const ModelInferRequest& req, Checked* out) {
+  const int nin = int(m.inputs.size());
+  if (req.inputs_size() != nin)
+    return invalid("model " + m.name + " takes " + std::to_string(nin) + " input(s); got " +
+                   std::to_string(req.inputs_size()));
+  if (req.raw_input_contents_size() != nin)
+    return invalid(
+        "the fast port takes raw_input_contents, one entry per input; send typed contents or encoded images to the "
+        "worker's main port");
+  int n = -1;
+  for (int s = 0; s < nin; ++s) {
+    const TensorSpec& spec = m.inputs[s];
+    int found = -1;
+    for (int i = 0; i < nin; ++i)
+      if (req.inputs(i).name() == spec.name) found = i;
+    if (found < 0) return invalid("missing input '" + spec.name + "' of model " + m.name);
+    Status st = check_input(m, spec, req, found, &n);
+    if (!st.ok()) return st;
+    out->order[s] = found;
+  }
+  out->n = n;
+  // Each output at most once: a request cannot make the answer bigger than the model's outputs.
+  if (size_t(req.outputs_size()) > m.outputs.size())
+    return invalid("model " + m.name + " has " + std::to_string(m.outputs.size()) + " output(s); " +
+                   std::to_string(req.outputs_size()) + " requested");
+  for (int i = 0; i < req.outputs_size(); ++i) {
+    for (int j = 0; j < i; ++j)
+      if (req.outputs(j).name() == req.outputs(i).name())
+        return invalid("output " + quoted(req.outputs(i).name()) + " is requested twice");
+    Status st = check_output(m, req.outputs(i));
+    if (!st.ok()) return st;
+  }
+  return Status::OK;
+}
+
+bool top_k(const float* row, int64_t width, int64_t k, bool probabilities, const std::vector<std::string>& labels,
+           std::string* out) {
+  if (width < 1 || k < 1 || k > width) return false;
+  std::vector<float> p(row, row + width);
+  if (!probabilities) {
+    float mx = *std::max_element(p.begin(), p.end());
+    double sum = 0;
+    for (auto& v : p) sum += (v = std::exp(v - mx));
+    for (auto& v : p) v = float(v / sum);
+  }
+  std::vector<int64_t> idx(size_t(width), 0);
+  for (int64_t i = 0; i < width; ++i) idx[i] = i;
+  // Highest first, ties by index, NaN last (as NumPy's stable argsort on the main port): a strict weak
+  // order even with NaN, which partial_sort needs.
+  auto before = [&](int64_t a, int64_t b) {
+    bool na = std::isnan(p[a]), nb = std::isnan(p[b]);
+    if (na != nb) return nb;
+    if (!na && p[a] != p[b]) return p[a] > p[b];
+    return a < b;
+  };
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), before);
+  char buf[128];  // "%.6f" of any float is at most 47 characters, an index at most 19 more
+  for (int64_t j = 0; j < k; ++j) {
+    int64_t i = idx[j];
+    std::snprintf(buf, sizeof buf, "%.6f:%lld", double(p[i]), static_cast<long long>(i));
+    std::string item = buf;
+    if (i < int64_t(labels.size()) && !labels[i].empty()) item += ":" + labels[i];
+    uint32_t len = uint32_t(item.size());
+    out->append(reinterpret_cast<const char*>(&len), 4);  // BYTES framing: little-endian length
+    out->append(item);
+  }
+  return true;
+}
+
+}  // namespace fovea
