@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes as C
 import logging
+import os
 import pathlib
 import time
 from typing import Any
@@ -19,7 +20,9 @@ from fovea.v1 import model_pb2, registry_pb2
 
 logger = logging.getLogger(__name__)
 
-LIBRARY = pathlib.Path(__file__).parent / "native" / "build" / "libfovea_gateway_front.so"
+# FOVEA_NATIVE_BUILD picks another build folder: build-asan is the sanitizer build (scripts/sanitize.sh).
+BUILD = os.environ.get("FOVEA_NATIVE_BUILD", "") or "build"
+LIBRARY = pathlib.Path(__file__).parent / "native" / BUILD / "libfovea_gateway_front.so"
 
 
 def available() -> bool:
