@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] && PATH="$PWD/.venv/bin:$PATH"
-BUF=${FOVEA_BUF:-protos/node_modules/.bin/buf}
+BUF=$(realpath -m "${FOVEA_BUF:-protos/node_modules/.bin/buf}")
 
 lint() { ruff check .; }
 format() { ruff format --check .; }
@@ -15,7 +15,7 @@ protos() {
   if [ ! -x "$BUF" ]; then
     (cd protos && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
   fi
-  (cd protos && "../$BUF" lint)
+  (cd protos && "$BUF" lint)
   local against=${FOVEA_BUF_AGAINST:-}
   if [ -z "$against" ]; then
     if ! git rev-parse -q --verify HEAD~1 >/dev/null; then
@@ -36,7 +36,12 @@ for step in "${steps[@]}"; do
   esac
   start=$(date +%s)
   echo "== $step"
-  if ! "$step"; then
+  # Not `if ! "$step"`: inside a condition bash ignores `set -e`, and a step would go on past a failure.
+  set +e
+  (set -e; "$step")
+  rc=$?
+  set -e
+  if [ "$rc" != 0 ]; then
     echo "== $step FAILED after $(($(date +%s) - start)) s" >&2
     exit 1
   fi
