@@ -20,7 +20,7 @@ from fovea.v1 import image_pb2, model_pb2, registry_pb2
 from gateway.auth import check_model_access
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import RateLimiter, call_images
 from gateway.routing import Versions, Workers, dropped_message, never_served
 from gateway.validate import check_infer, check_version
 from inference import grpc_predict_v2_pb2 as pb
@@ -215,16 +215,8 @@ class Gateway:
         check_infer(request, self.config.max_top_k)  # malformed calls never reach a worker
         version = check_version(request.model_version)
         check_model_access(key, request.model_name)
-        samples = 1
-        for tensor in request.inputs:
-            if tensor.shape and tensor.shape[0] > self.config.max_images_per_call:
-                raise InvalidArgument(
-                    f"input {tensor.name[:40]!r} has a batch of {tensor.shape[0]}; "
-                    f"the limit is {self.config.max_images_per_call} per call"
-                )
-            if tensor.shape:
-                samples = max(samples, int(tensor.shape[0]))
-        await self.quota(key, samples)
+        # charged as the workers compute: an encoded image per element of a BYTES tensor, else a batch row
+        await self.quota(key, call_images(request.inputs, self.config.max_images_per_call))
         return await self.resolve(request.model_name, version, "")
 
     async def wait_for_workers(self, timeout_s: float) -> None:

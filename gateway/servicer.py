@@ -32,6 +32,13 @@ def may_use(key: Any, model: str) -> bool:
         return False
 
 
+async def charged(gateway: Gateway) -> registry_pb2.ApiKey:
+    """The caller's key, charged one request: for calls that reach the registry or every worker."""
+    key = principal.get()
+    await gateway.quota(key, 0)
+    return key
+
+
 class ImageServicer(image_pb2_grpc.ImageServiceServicer):
     def __init__(self, gateway: Gateway, link: RegistryLink) -> None:
         self.gateway = gateway
@@ -67,18 +74,18 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
     async def ListModels(
         self, request: image_pb2.ImageServiceListModelsRequest, context: Any
     ) -> image_pb2.ImageServiceListModelsResponse:
+        key = await charged(self.gateway)
         try:
             resp = await self.link.stub.ListModels(
                 model_pb2.ListModelsRequest(), metadata=call_metadata(self.link.token), timeout=10
             )
         except grpc.aio.AioRpcError as exc:
             raise upstream(exc) from None
-        key = principal.get()
         return image_pb2.ImageServiceListModelsResponse(models=[m for m in resp.models if may_use(key, m.name)])
 
     async def GetModel(self, request: image_pb2.GetModelRequest, context: Any) -> image_pb2.GetModelResponse:
         check_name(request.model)
-        check_model_access(principal.get(), request.model)
+        check_model_access(await charged(self.gateway), request.model)
         mv = await self.gateway.resolve(request.model, request.version, request.alias)
         return image_pb2.GetModelResponse(model=mv)
 
@@ -98,7 +105,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        check_model_access(principal.get(), request.name)
+        check_model_access(await charged(self.gateway), request.name)
         try:
             mv = await self.gateway.resolve(request.name, int(request.version or 0), "")
             self.gateway.workers.choose(mv.name, mv.version)
@@ -114,13 +121,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        check_model_access(principal.get(), request.name)
+        check_model_access(await charged(self.gateway), request.name)
         version = int(request.version) if request.version.isdigit() else 0
         mv = await self.gateway.resolve(request.name, version, "")
         return oip.model_metadata(mv, [str(mv.version)])
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        check_model_access(principal.get(), request.name)
+        check_model_access(await charged(self.gateway), request.name)
         version = int(request.version) if request.version.isdigit() else 0
         mv = await self.gateway.resolve(request.name, version, "")
         # Workers batch and enforce their own limit; a call the gateway forwards carries at most this many.
@@ -131,7 +138,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         """The sum of the workers' statistics, for the models this key may use."""
-        key = principal.get()
+        key = await charged(self.gateway)
         if request.name:
             check_model_access(key, request.name)
             await self.gateway.resolve(request.name, int(request.version) if request.version.isdigit() else 0, "")

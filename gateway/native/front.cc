@@ -154,6 +154,20 @@ struct Head {
   std::string model, version;
 };
 
+// What one input costs, as the Python port counts it (gateway/ratelimit.py, tensor_images): an encoded image
+// per element of a BYTES tensor, else a row of its batch dimension (1 without a shape).
+struct Count {
+  static constexpr uint64_t kMax = uint64_t(1) << 62;  // the element count stops growing here
+  bool any = false, negative = false;
+  uint64_t rows = 1, elements = 1;
+  void add(uint64_t dim) {
+    negative |= int64_t(dim) < 0;
+    if (!any) rows = dim, any = true;
+    elements = dim == 0 ? 0 : (elements > kMax / dim ? kMax : elements * dim);
+  }
+  uint64_t images(bool bytes) const { return bytes ? elements : rows; }
+};
+
 Head scan_request(const std::vector<grpc::Slice>& slices, int64_t max_samples) {
   Head h;
   Reader r(slices);
@@ -172,28 +186,29 @@ Head scan_request(const std::vector<grpc::Slice>& slices, int64_t max_samples) {
       ++inputs;
       std::vector<grpc::Slice> one{grpc::Slice(tensor.data(), tensor.size())};
       Reader t(one);
-      bool first_dim = true;
+      bool bytes = false;
+      Count count;
       while (!t.done()) {
         uint64_t ttag, tlen, dim;
         if (!t.varint(&ttag)) return h;
         uint32_t tf = uint32_t(ttag >> 3), tw = uint32_t(ttag & 7);
         if (tf == 2 && tw == 2) {  // datatype: images (BYTES) go through Python
           if (!t.varint(&tlen) || tlen > 16 || !t.read(tlen, &text)) return h;
-          if (text == "BYTES") h.tensors = false;  // encoded images: the worker's main port decodes them
+          bytes = text == "BYTES";
+          if (bytes) h.tensors = false;  // encoded images: the worker's main port decodes them
         } else if (tf == 3 && tw == 2) {  // packed shape
           if (!t.varint(&tlen)) return h;
           std::string packed;
           if (!t.read(tlen, &packed)) return h;
           std::vector<grpc::Slice> ps{grpc::Slice(packed.data(), packed.size())};
           Reader p(ps);
-          if (!p.done() && first_dim) {
-            if (!p.varint(&dim) || int64_t(dim) > max_samples) return h;
-            first_dim = false;
+          while (!p.done()) {
+            if (!p.varint(&dim)) return h;
+            count.add(dim);
           }
         } else if (tf == 3 && tw == 0) {
           if (!t.varint(&dim)) return h;
-          if (first_dim && int64_t(dim) > max_samples) return h;
-          first_dim = false;
+          count.add(dim);
         } else if (tf == 5) {  // typed contents (small: the header limit above): the worker's main port
           h.tensors = false;
           if (!t.skip_field(tw)) return h;
@@ -201,6 +216,8 @@ Head scan_request(const std::vector<grpc::Slice>& slices, int64_t max_samples) {
           return h;
         }
       }
+      // Over the per-call limit (or with a negative dimension) Python refuses the call with the reason.
+      if (count.negative || count.images(bytes) > uint64_t(max_samples)) return h;
     } else if (field == 7 && wire == 2) {
       if (!r.varint(&len) || !r.skip(len)) return h;
       ++raws;

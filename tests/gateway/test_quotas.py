@@ -1,0 +1,141 @@
+"""Issue #18, fixes 4 and 8: quotas count what the workers compute, on every port.
+
+A BYTES tensor holds one encoded image per element, so the gateway charges its element count (as
+Classify charges its images), refuses a call over the per-call image limit before any worker decodes
+it, and charges the calls that fan out to the registry or to every worker against the key's
+requests/s limit. The fast port passes limited keys to Python, so both ports are tested."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from fovea.v1 import image_pb2, image_pb2_grpc
+from inference import grpc_predict_v2_pb2 as pb
+from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from tests.gateway.conftest import GatewayFactory, Stack, auth, status_of, wait_routable
+from tests.gateway.test_routing import RED
+
+PORTS = ["main", "fast"]
+
+
+def images_request(rows: int, per_row: int) -> pb.ModelInferRequest:
+    """A ModelInfer of rows x per_row encoded images, as a BYTES tensor of that shape."""
+    req = pb.ModelInferRequest(model_name="colors")
+    tensor = req.inputs.add(name="input", datatype="BYTES", shape=[rows, per_row])
+    tensor.contents.bytes_contents.extend([RED] * (rows * per_row))
+    req.outputs.add(name="logits").parameters["classification"].int64_param = 1
+    return req
+
+
+def infer_stub(gw: Any, port: str) -> tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port if port == 'main' else gw.fast_port}")
+    return channel, pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+async def worker_calls(stack: Stack, model: str) -> int:
+    """Calls the workers' main ports have seen for a model (answered or failed), from their own statistics."""
+    total = 0
+    md = auth(stack.cluster.worker_call_token)
+    for w in await asyncio.to_thread(lambda: stack.rc.list_workers(model, ready_only=True)):
+        async with grpc.aio.insecure_channel(w.address) as ch:
+            st = await pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
+                pb.ModelStatisticsRequest(name=model), metadata=md, timeout=10
+            )
+            total += sum(s.inference_stats.success.count + s.inference_stats.fail.count for s in st.model_stats)
+    return total
+
+
+@pytest.mark.parametrize("port", PORTS)
+async def test_bytes_tensor_of_shape_1x4_is_charged_four_images(
+    stack: Stack, gateways: GatewayFactory, port: str
+) -> None:
+    gw = await gateways(redis_url=stack.redis_url)
+    _, secret = await asyncio.to_thread(lambda: stack.rc.create_key("infer", rate_limit_ips=4, rate_burst=4))
+    channel, stub = infer_stub(gw, port)
+    resp = await stub.ModelInfer(images_request(1, 4), metadata=auth(secret), timeout=10)
+    assert resp.outputs[0].shape[0] == 4, resp.outputs[0].shape  # the worker decoded four images
+    # the bucket (4 images, 4 a second) is empty now: a one-image call must wait about 250 ms
+    code, message = await status_of(stub.ModelInfer(images_request(1, 1), metadata=auth(secret), timeout=10))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "images/s" in message, (code, message)
+    await channel.close()
+
+
+@pytest.mark.parametrize("port", PORTS)
+async def test_sixteen_images_in_a_third_of_a_second_are_refused(
+    stack: Stack, gateways: GatewayFactory, port: str
+) -> None:
+    """The attack of the issue: a key limited to 4 images/s sends four [1,4] BYTES calls at once."""
+    gw = await gateways(redis_url=stack.redis_url)
+    _, secret = await asyncio.to_thread(lambda: stack.rc.create_key("infer", rate_limit_ips=4, rate_burst=4))
+    channel, stub = infer_stub(gw, port)
+    start = time.monotonic()
+    results = [
+        await status_of(stub.ModelInfer(images_request(1, 4), metadata=auth(secret), timeout=10)) for _ in "abcd"
+    ]
+    elapsed = time.monotonic() - start
+    accepted = sum(4 for code, _ in results if code == grpc.StatusCode.OK)
+    # a full bucket of 4, plus what 4 images/s refills while the calls ran
+    assert accepted <= 4 + 4 * elapsed, (accepted, elapsed, results)
+    assert any(code == grpc.StatusCode.RESOURCE_EXHAUSTED for code, _ in results), results
+    await channel.close()
+
+
+@pytest.mark.parametrize("port", PORTS)
+async def test_bytes_tensor_over_the_per_call_limit_is_refused_before_a_worker(
+    stack: Stack, gateways: GatewayFactory, port: str
+) -> None:
+    gw = await gateways(max_images_per_call=4)
+    secret = await asyncio.to_thread(stack.key)  # no limits: the fast port answers this key itself
+    channel, stub = infer_stub(gw, port)
+    for _ in range(2):  # the second call finds the key in the fast port's own table
+        resp = await stub.ModelInfer(images_request(2, 2), metadata=auth(secret), timeout=10)
+        assert resp.outputs[0].shape[0] == 4, resp.outputs[0].shape
+    before = await worker_calls(stack, "colors")
+    for rows, per_row in ((1, 5), (5, 1), (3, 2)):
+        code, message = await status_of(
+            stub.ModelInfer(images_request(rows, per_row), metadata=auth(secret), timeout=10)
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (rows, per_row, code, message)
+        assert f"{rows * per_row} images" in message and "limit is 4" in message, message
+    assert await worker_calls(stack, "colors") == before, "a worker saw a call over the limit"
+    await channel.close()
+
+
+FANOUT_CALLS = [
+    pytest.param("ImageService", "ListModels", image_pb2.ImageServiceListModelsRequest(), id="ListModels"),
+    pytest.param("ImageService", "GetModel", image_pb2.GetModelRequest(model="colors"), id="GetModel"),
+    pytest.param("GRPCInferenceService", "ModelStatistics", pb.ModelStatisticsRequest(), id="ModelStatistics-all"),
+    pytest.param(
+        "GRPCInferenceService", "ModelStatistics", pb.ModelStatisticsRequest(name="colors"), id="ModelStatistics-one"
+    ),
+    pytest.param("GRPCInferenceService", "ModelMetadata", pb.ModelMetadataRequest(name="colors"), id="ModelMetadata"),
+    pytest.param("GRPCInferenceService", "ModelConfig", pb.ModelConfigRequest(name="colors"), id="ModelConfig"),
+    pytest.param("GRPCInferenceService", "ModelReady", pb.ModelReadyRequest(name="colors"), id="ModelReady"),
+]
+
+
+@pytest.mark.parametrize("port", PORTS)
+@pytest.mark.parametrize(("service", "method", "request_message"), FANOUT_CALLS)
+async def test_calls_that_fan_out_are_charged_to_the_key(
+    stack: Stack, gateways: GatewayFactory, port: str, service: str, method: str, request_message: Any
+) -> None:
+    gw = await gateways(redis_url=stack.redis_url)
+    await wait_routable(gw, "colors")
+    _, secret = await asyncio.to_thread(lambda: stack.rc.create_key("infer", rate_limit_rps=2, rate_burst=2))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port if port == 'main' else gw.fast_port}")
+    stub_class = image_pb2_grpc.ImageServiceStub if service == "ImageService" else pb_grpc.GRPCInferenceServiceStub
+    call = getattr(stub_class(channel), method)
+    codes = []
+    for _ in range(8):
+        code, message = await status_of(call(request_message, metadata=auth(secret), timeout=10))
+        codes.append(code)
+        if code != grpc.StatusCode.OK:
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in message, (code, message)
+    # a burst of 2 and 2 a second: 8 quick calls cannot all pass
+    assert codes[:2] == [grpc.StatusCode.OK] * 2 and codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 3, codes
+    await channel.close()
