@@ -4,7 +4,9 @@ The cache is keyed by a SHA-256 of the secret (the secret itself is never kept
 or logged); the registry compares secrets against salted digests in constant
 time, and a dict lookup on a SHA-256 leaks nothing usable about the secret. The
 registry's key watch drops revoked keys within a second on every replica;
-expiry is checked on every call. Refused secrets are remembered briefly, so a
+expiry is checked on every call. An answer of the registry that a key event
+overtook (a revocation arriving while the key was being verified) is asked
+again and never cached, so a revoked key cannot sit in the cache as valid. Refused secrets are remembered briefly, so a
 client retrying a bad key does not turn into a stream of registry calls.
 """
 
@@ -25,6 +27,7 @@ from fovea.v1 import registry_pb2
 
 MAX_SECRET_LEN = 200
 MAX_REFUSED_ENTRIES = 10_000
+MAX_CHANGED_ENTRIES = 10_000
 
 
 class KeyCache:
@@ -37,6 +40,10 @@ class KeyCache:
         self.min_role = min_role
         self.entries: dict[bytes, tuple[registry_pb2.ApiKey, float]] = {}
         self.refused: dict[bytes, tuple[str, float]] = {}
+        # Key watch events, counted: a verification cached only if no event for its key came while it ran.
+        self.epoch = 0
+        self.changed: dict[str, int] = {}  # key id -> epoch of its last event
+        self.cleared_at = 0  # epoch of the last snapshot, or of forgetting `changed`
         # Told of each key verified at the registry (by the SHA-256 of its secret) and of each watch event:
         # the native fast port's cache.
         self.on_verified: Callable[[bytes, registry_pb2.ApiKey], None] | None = None
@@ -50,21 +57,14 @@ class KeyCache:
         if hit is not None and hit[1] > now:
             record = hit[0]
         else:
-            fresh = True
             if not secret.startswith("fv_") or len(secret) > MAX_SECRET_LEN:
                 raise Unauthenticated("malformed API key: expected 'authorization: Bearer fv_...'")
             no = self.refused.get(digest)
             if no is not None and no[1] > now:
                 raise Unauthenticated(no[0])
-            try:
-                record = await self.link.verify_key(secret)  # raises UNAUTHENTICATED as the registry says
-            except FoveaError as exc:
-                if exc.code == grpc.StatusCode.UNAUTHENTICATED:
-                    if len(self.refused) >= MAX_REFUSED_ENTRIES:
-                        self.refused.clear()
-                    self.refused[digest] = (str(exc), now + self.refused_ttl_s)
-                raise
-            self.entries[digest] = (record, now + self.ttl_s)
+            record, fresh = await self.verify(secret, digest)
+            if fresh:
+                self.entries[digest] = (record, now + self.ttl_s)
         if record.revoked:
             raise Unauthenticated("API key revoked")
         if record.HasField("expires_at") and record.expires_at.ToNanoseconds() <= time.time_ns():
@@ -78,7 +78,34 @@ class KeyCache:
             self.on_verified(digest, record)
         return record
 
+    async def verify(self, secret: str, digest: bytes) -> tuple[registry_pb2.ApiKey, bool]:
+        """The registry's record of the key, and whether it may be cached: not when a watch event for the key
+        (a revocation, say) came while the registry was asked, since the answer may predate it. Then the
+        registry is asked once more, and that answer serves this call only."""
+        for _ in range(2):
+            start = self.epoch
+            record = await self.ask(secret, digest)
+            if self.cleared_at <= start and self.changed.get(record.key_id, -1) <= start:
+                return record, True
+        return record, False
+
+    async def ask(self, secret: str, digest: bytes) -> registry_pb2.ApiKey:
+        try:
+            return await self.link.verify_key(secret)  # raises UNAUTHENTICATED as the registry says
+        except FoveaError as exc:
+            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                if len(self.refused) >= MAX_REFUSED_ENTRIES:
+                    self.refused.clear()
+                self.refused[digest] = (str(exc), time.monotonic() + self.refused_ttl_s)
+            raise
+
     def on_event(self, event: registry_pb2.WatchApiKeysResponse) -> None:
+        self.epoch += 1
+        if event.snapshot or len(self.changed) >= MAX_CHANGED_ENTRIES:
+            self.changed.clear()
+            self.cleared_at = self.epoch
+        for key_id in event.key_ids:
+            self.changed[key_id] = self.epoch
         if self.on_change is not None:
             self.on_change(event)
         if event.snapshot:
