@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from fovea import log
-from fovea.errors import FoveaError, Unauthenticated
+from fovea.errors import FoveaError, InvalidArgument, Unauthenticated
 
 logger = logging.getLogger(__name__)
 
@@ -104,26 +104,26 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             wrapped = handler
         elif handler.unary_unary:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.unary_unary, method, False),
+                request_deserializer=tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         elif handler.unary_stream:
             wrapped = grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(handler.unary_stream, method, False),
+                request_deserializer=tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         elif handler.stream_unary:
             wrapped = grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.stream_unary, method, True),
+                request_deserializer=tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         else:
             wrapped = grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(handler.stream_stream, method, True),
+                request_deserializer=tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         # Handlers are fixed per method, so each is wrapped once; per-call data
@@ -144,7 +144,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return self._translate(exc) or exc
         return exc
 
-    def _wrap_unary(self, behavior: Any, method: str) -> Any:
+    def _wrap_unary(self, behavior: Any, method: str, streamed: bool) -> Any:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             loop = asyncio.get_running_loop()
             start = loop.time()
@@ -152,7 +152,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             rid = ""
             try:
                 rid = await self._enter(method, context)
-                response = await behavior(request, context)
+                response = await behavior(checked_stream(request) if streamed else checked(request), context)
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
                 return response
             except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
@@ -165,7 +165,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         return run
 
-    def _wrap_stream(self, behavior: Any, method: str) -> Any:
+    def _wrap_stream(self, behavior: Any, method: str, streamed: bool) -> Any:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             loop = asyncio.get_running_loop()
             start = loop.time()
@@ -173,7 +173,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             rid = ""
             try:
                 rid = await self._enter(method, context)
-                async for item in behavior(request, context):
+                async for item in behavior(checked_stream(request) if streamed else checked(request), context):
                     yield item
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
             except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
@@ -185,6 +185,40 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     self._on_done(method, code, loop.time() - start)
 
         return run
+
+
+class _Malformed:
+    """What a tolerant deserializer returns for bytes that are not the method's request message."""
+
+
+MALFORMED = _Malformed()
+
+
+def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The deserializer, returning MALFORMED where it would raise: grpc.aio answers a deserializer's exception
+    itself, before any interceptor code runs, with UNKNOWN and the exception's type in the message."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - any bytes that do not parse are the caller's error
+            return MALFORMED
+
+    return parse
+
+
+def checked(request: Any) -> Any:
+    """The request, or INVALID_ARGUMENT (after authentication) when its bytes did not parse."""
+    if request is MALFORMED:
+        raise InvalidArgument("the request is not a valid protobuf message for this method")
+    return request
+
+
+async def checked_stream(requests: Any) -> Any:
+    async for request in requests:
+        yield checked(request)
 
 
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
