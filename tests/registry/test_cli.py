@@ -74,7 +74,7 @@ async def test_model_commands_print_tables_and_json(
     rows = _rows(table)
     assert rows[0][:6] == ["VERSION", "STATE", "SHA256", "BYTES", "LABELS", "METRICS"]
     assert [r[:2] for r in rows[1:]] == [["1", "ready"], ["2", "ready"]]
-    assert rows[1][5] == "top1=0.91" and rows[1][6] == "internal"
+    assert rows[1][5] == "top1=0.91" and rows[1][6] == "admin-token"
     assert _rows(aliases)[1][:5] == ["production", "v1", "90%,", "v2", "10%"]
     shown = await cli.json("model", "show", "colors")
     assert [v["version"] for v in shown["versions"]] == ["1", "2"] and shown["aliases"][0]["name"] == "production"

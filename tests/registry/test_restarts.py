@@ -105,13 +105,13 @@ async def test_kill_9_registry_and_restart_keeps_everything(tmp_path: pathlib.Pa
 
 
 async def test_registry_serves_within_two_seconds_of_redis_coming_back(
-    start_registry: StartRegistry, token: str, tmp_path: pathlib.Path
+    start_registry: StartRegistry, token: str, worker_token: str, tmp_path: pathlib.Path
 ) -> None:
     """Acceptance 4: restart an append-only Valkey under a running registry; nothing is lost."""
     redis = RedisServer(tmp_path / "aof", appendonly=True).start()
     try:
         server = await start_registry(redis_url=redis.url, heartbeat_ttl_s=30.0)
-        reg = Reg(f"127.0.0.1:{server.port}", token, timeout_s=10)
+        reg = Reg(f"127.0.0.1:{server.port}", token, timeout_s=10, worker_token=worker_token)
         before = await _populate(reg)
         models_watch = Watch(reg.stub.WatchModels(registry_pb2.WatchModelsRequest(), metadata=reg.md))
         workers_watch = Watch(reg.stub.WatchWorkers(registry_pb2.WatchWorkersRequest(), metadata=reg.md))

@@ -52,11 +52,11 @@ async def test_registration_records_metadata_and_computes_the_digest(reg: Reg) -
     assert mv.outputs[0].name == "logits" and list(mv.outputs[0].shape) == [-1, 3]
     assert mv.preprocessing.crop_height == 8
     assert mv.metrics["top1"] == 0.91 and mv.tags["team"] == "vision" and mv.model_card == "# colors"
-    assert mv.published_by == "internal" and mv.state == model_pb2.VERSION_STATE_READY
+    assert mv.published_by == "admin-token" and mv.state == model_pb2.VERSION_STATE_READY
     assert mv.created_at.seconds > 0 and not mv.encrypted
     # Fields only the registry sets are ignored when a client sends them.
     forged = await reg.register("colors", data, version=99, sha256="0" * 64, published_by="someone-else")
-    assert forged.version == 2 and forged.sha256 == mv.sha256 and forged.published_by == "internal"
+    assert forged.version == 2 and forged.sha256 == mv.sha256 and forged.published_by == "admin-token"
 
 
 async def test_invalid_artifacts_are_refused_and_change_nothing(
