@@ -17,6 +17,7 @@ from gateway import statistics
 from gateway.auth import check_model_access
 from gateway.service import Gateway
 from gateway.streams import ordered
+from gateway.validate import check_version
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -106,8 +107,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         check_model_access(await charged(self.gateway), request.name)
+        version = check_version(request.version)
         try:
-            mv = await self.gateway.resolve(request.name, int(request.version or 0), "")
+            mv = await self.gateway.resolve(request.name, version, "")
             self.gateway.workers.choose(mv.name, mv.version)
             return pb.ModelReadyResponse(ready=True)
         except (FoveaError, ValueError):
@@ -122,14 +124,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         check_model_access(await charged(self.gateway), request.name)
-        version = int(request.version) if request.version.isdigit() else 0
-        mv = await self.gateway.resolve(request.name, version, "")
+        mv = await self.gateway.resolve(request.name, check_version(request.version), "")
         return oip.model_metadata(mv, [str(mv.version)])
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         check_model_access(await charged(self.gateway), request.name)
-        version = int(request.version) if request.version.isdigit() else 0
-        mv = await self.gateway.resolve(request.name, version, "")
+        mv = await self.gateway.resolve(request.name, check_version(request.version), "")
         # Workers batch and enforce their own limit; a call the gateway forwards carries at most this many.
         return pb.ModelConfigResponse(config=oip.model_config(mv, self.gateway.config.max_images_per_forward))
 
@@ -139,9 +139,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         """The sum of the workers' statistics, for the models this key may use."""
         key = await charged(self.gateway)
+        version = check_version(request.version)
         if request.name:
             check_model_access(key, request.name)
-            await self.gateway.resolve(request.name, int(request.version) if request.version.isdigit() else 0, "")
+            await self.gateway.resolve(request.name, version, "")
         serving = [
             ep
             for ep in self.gateway.workers.endpoints.values()

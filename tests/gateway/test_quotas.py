@@ -139,3 +139,57 @@ async def test_calls_that_fan_out_are_charged_to_the_key(
     # a burst of 2 and 2 a second: 8 quick calls cannot all pass
     assert codes[:2] == [grpc.StatusCode.OK] * 2 and codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 3, codes
     await channel.close()
+
+
+BAD_VERSIONS = ["99999999999999999999", "\u00b2", "-1", "abc", "0"]
+VERSIONED_CALLS = [
+    pytest.param("ModelMetadata", pb.ModelMetadataRequest, id="ModelMetadata"),
+    pytest.param("ModelConfig", pb.ModelConfigRequest, id="ModelConfig"),
+    pytest.param("ModelStatistics", pb.ModelStatisticsRequest, id="ModelStatistics"),
+    pytest.param("ModelReady", pb.ModelReadyRequest, id="ModelReady"),
+]
+
+
+@pytest.mark.parametrize("port", PORTS)
+@pytest.mark.parametrize(("method", "message_class"), VERSIONED_CALLS)
+async def test_a_version_that_is_not_a_positive_number_is_refused(
+    stack: Stack, gateways: GatewayFactory, port: str, method: str, message_class: Any
+) -> None:
+    """Item 4 of the brief: every number the gateway parses from a request is bounded, with a clear
+    INVALID_ARGUMENT (a version past uint64 used to end as INTERNAL, '\u00b2' too)."""
+    gw = await gateways()
+    secret = await asyncio.to_thread(stack.key)
+    channel, stub = infer_stub(gw, port)
+    for version in BAD_VERSIONS:
+        request = message_class(name="colors", version=version)
+        code, message = await status_of(getattr(stub, method)(request, metadata=auth(secret), timeout=10))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "version" in message, (version, code, message)
+    await channel.close()
+
+
+CLASSIFY_BOUNDS = [
+    pytest.param({"top_k": 101}, "top_k", id="top_k-over-max"),
+    pytest.param({"top_k": 2**32 - 1}, "top_k", id="top_k-uint32-max"),
+    pytest.param({"images": 65}, "images in one call", id="images-over-max"),
+    pytest.param({"images": 0}, "no images", id="no-images"),
+]
+
+
+@pytest.mark.parametrize("port", PORTS)
+@pytest.mark.parametrize(("fields", "words"), CLASSIFY_BOUNDS)
+async def test_classify_numbers_out_of_bounds_are_refused(
+    stack: Stack, gateways: GatewayFactory, port: str, fields: dict[str, int], words: str
+) -> None:
+    gw = await gateways()
+    secret = await asyncio.to_thread(stack.key)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port if port == 'main' else gw.fast_port}")
+    stub = image_pb2_grpc.ImageServiceStub(channel)
+    images = [image_pb2.Image(data=RED, id=str(i)) for i in range(fields.get("images", 1))]
+    request = image_pb2.ClassifyRequest(model="colors", top_k=fields.get("top_k", 1), images=images)
+    code, message = await status_of(stub.Classify(request, metadata=auth(secret), timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and words in message, (code, message)
+    # the same item in a stream is answered with the same code, and the stream goes on
+    items = [image_pb2.ClassifyStreamRequest(sequence=1, request=request)]
+    answers = [a async for a in stub.ClassifyStream(iter(items), metadata=auth(secret), timeout=10)]
+    assert [a.error_code for a in answers] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]], answers
+    await channel.close()
