@@ -60,7 +60,7 @@ def main() -> None:
     c1: dict[str, list[float]] = {"direct": [], "A": [], "B": []}
     try:
         reg, rc, mv, secret, worker = bg.start_stack(cluster, artifact, meta, {})
-        gateways = {}
+        gateways: dict[str, tuple[int, str]] = {}
         for name, env in settings.items():
             port = free_port()
             g = cluster.start_gateway(reg.address, name=f"gateway-{name}", FOVEA_GATEWAY_FAST_PORT=str(port), **env)
@@ -68,8 +68,11 @@ def main() -> None:
         stable = ("--stability-percentage", "50")
         for _, address in gateways.values():  # warm both: routes, key cache, connections
             perf_analyzer.run(address, mv.name, secret, concurrency=args.concurrency, window_ms=1000, extra=stable)
-        direct = (rc.list_workers(mv.name, ready_only=True)[0].fast_address, cluster.internal_token)
-        targets = {"direct": direct, **{name: (address, secret) for name, (_, address) in gateways.items()}}
+        direct = (rc.list_workers(mv.name, ready_only=True)[0].fast_address, cluster.worker_call_token)
+        targets: dict[str, tuple[str, str]] = {
+            "direct": direct,
+            **{name: (address, secret) for name, (_, address) in gateways.items()},
+        }
         for r in range(args.c1_rounds):
             order = list(targets.items()) if r % 2 == 0 else list(targets.items())[::-1]
             for name, (address, token) in order:
@@ -84,14 +87,14 @@ def main() -> None:
                 c1[name].append(res.p50_us / 1000)
             print(f"c=1 round {r + 1}: " + ", ".join(f"{n} {v[-1]:.3f} ms" for n, v in c1.items()), flush=True)
         for r in range(args.rounds):
-            order = list(gateways.items()) if r % 2 == 0 else list(gateways.items())[::-1]
-            for name, (pid, address) in order:
+            gateway_order = list(gateways.items()) if r % 2 == 0 else list(gateways.items())[::-1]
+            for name, (pid, address) in gateway_order:
                 g0, w0 = bg.cpu_s(pid), bg.cpu_s(worker.proc.pid)
-                n0 = bg.rc_worker_stats(worker.address, cluster.internal_token, mv.name)
+                n0 = bg.rc_worker_stats(worker.address, cluster.worker_call_token, mv.name)
                 res = perf_analyzer.run(
                     address, mv.name, secret, concurrency=args.concurrency, window_ms=args.window_ms, extra=stable
                 )
-                calls = bg.rc_worker_stats(worker.address, cluster.internal_token, mv.name) - n0
+                calls = bg.rc_worker_stats(worker.address, cluster.worker_call_token, mv.name) - n0
                 row = {
                     "gateway_cpu_ms": (bg.cpu_s(pid) - g0) * 1000 / calls,
                     "worker_cpu_ms": (bg.cpu_s(worker.proc.pid) - w0) * 1000 / calls,

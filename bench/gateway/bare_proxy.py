@@ -3,7 +3,8 @@ inference call (ModelInfer, and the metadata calls perf_analyzer makes first) to
 back, with no authentication, routing, limits or metrics. bench_gateway.py runs it beside the
 gateway so that the gateway's own cost can be told apart from the cost of any Python hop.
 
-    python bench/gateway/bare_proxy.py WORKER_HOST:PORT LISTEN_PORT   (internal token in FOVEA_INTERNAL_TOKEN)
+    python bench/gateway/bare_proxy.py WORKER_HOST:PORT LISTEN_PORT
+    (the token it presents to the worker in FOVEA_GATEWAY_WORKER_TOKEN, as a gateway's)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ SERVICE = "/inference.GRPCInferenceService/"
 class Forward(grpc.GenericRpcHandler):
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.channel = channel
-        self.md = (("authorization", f"Bearer {os.environ['FOVEA_INTERNAL_TOKEN']}"),)
+        self.md = (("authorization", f"Bearer {os.environ['FOVEA_GATEWAY_WORKER_TOKEN']}"),)
         self.handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:

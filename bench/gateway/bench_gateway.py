@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -288,11 +288,11 @@ def start_stack(
     """A registry with the model in production and an "infer" key, and one worker that has it ready:
     (registry, its client, the model version, the key's secret, the worker)."""
     reg = cluster.start_registry()
-    rc = RegistryClient(reg.address, cluster.internal_token, timeout_s=600)
+    rc = RegistryClient(reg.address, cluster.admin_token, timeout_s=600)
     mv = rc.register(artifact, meta)
     rc.set_alias(mv.name, "production", [(mv.version, 100)])
     _, secret = rc.create_key("infer")
-    worker = cluster.start_worker(reg.address, [mv.name], **worker_env)
+    worker = cluster.start_worker(reg.address, [mv.name], name="worker", port=0, **worker_env)
     while not rc.list_workers(mv.name, ready_only=True):
         time.sleep(0.1)
     return reg, rc, mv, secret, worker
@@ -305,6 +305,17 @@ def rc_worker_stats(address: str, token: str, model: str) -> int:
             pb.ModelStatisticsRequest(name=model), metadata=(("authorization", f"Bearer {token}"),), timeout=10
         )
     return sum(s.inference_stats.success.count for s in st.model_stats)
+
+
+class Row(TypedDict):
+    """One target's figures in the report."""
+
+    target: str
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    rps: float
+    rps_trials: list[float]
 
 
 def cpu_s(pid: int) -> float:
@@ -400,7 +411,7 @@ def main() -> None:
             bare = subprocess.Popen(
                 [sys.executable, str(pathlib.Path(__file__).with_name("bare_proxy.py")), upstream, str(free_port())],
                 stdout=subprocess.PIPE,
-                env={**os.environ, "FOVEA_INTERNAL_TOKEN": cluster.internal_token},
+                env={**os.environ, "FOVEA_GATEWAY_WORKER_TOKEN": cluster.worker_call_token},
             )
             assert bare.stdout is not None
             bare_address = bare.stdout.readline().decode().split(": ", 1)[1].strip()
@@ -425,12 +436,12 @@ def main() -> None:
         while not rc.list_workers(mv.name, ready_only=True):
             time.sleep(0.1)
         if args.client == "perf_analyzer":
-            pa_targets = {"direct": (upstream, cluster.internal_token), "gateway": (addresses[0], secret)}
+            pa_targets = {"direct": (upstream, cluster.worker_call_token), "gateway": (addresses[0], secret)}
             if bare is not None:
                 pa_targets["floor"] = (bare_address, "unused")
 
             def served() -> int:
-                return rc_worker_stats(worker.address, cluster.internal_token, mv.name)
+                return rc_worker_stats(worker.address, cluster.worker_call_token, mv.name)
 
             results = perf_analyzer_phase(
                 pa_targets,
@@ -445,8 +456,8 @@ def main() -> None:
             return
         req = make_request(mv.name, payload)
         fix_output_name(req, rc, mv.name)
-        targets = {
-            "direct": (upstream, (("authorization", f"Bearer {cluster.internal_token}"),)),
+        targets: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+            "direct": (upstream, (("authorization", f"Bearer {cluster.worker_call_token}"),)),
             "gateway": (",".join(addresses), (("authorization", f"Bearer {secret}"),)),
         }
         if bare is not None:
@@ -484,7 +495,7 @@ def main() -> None:
             bare.wait()
         cluster.stop()
 
-    rows = []
+    rows: list[Row] = []
     for name in targets:
         rates.setdefault(name, [])
         rows.append(
@@ -502,8 +513,8 @@ def main() -> None:
     print(f"\n{'target':<8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'calls/s (median of trials)':>28}")
     for r in rows:
         trials = "/".join(f"{x:.0f}" for x in r["rps_trials"])
-        rate = f"{r['rps']:>10.0f} ({trials})" if trials else f"{'-':>10}"
-        print(f"{r['target']:<8} {r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} {rate}")
+        rate_text = f"{r['rps']:>10.0f} ({trials})" if trials else f"{'-':>10}"
+        print(f"{r['target']:<8} {r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} {rate_text}")
     print("\nCPU per call in the latency phase: " + ", ".join(f"{k} {v:.3f} ms" for k, v in cpu_ms.items()))
     if "floor" in lat:
         floor_hop = rows[2]["p50_ms"] - rows[0]["p50_ms"]

@@ -130,9 +130,10 @@ async def bench_redis_restart(start: Any, token: str, redis: RedisServer, trials
     return summary(recoveries)
 
 
-async def bench_expiry(start: Any, token: str, trials: int, ttl_s: float = 1.0) -> dict[str, float]:
+async def bench_expiry(start: Any, token: str, worker_token: str, trials: int, ttl_s: float = 1.0) -> dict[str, float]:
     server = await start(heartbeat_ttl_s=ttl_s)
     client = Client(server.port, token)
+    worker_md = (("authorization", f"Bearer {worker_token}"),)  # only workers may heartbeat
     stream = client.stub.WatchWorkers(registry_pb2.WatchWorkersRequest(), metadata=client.md)
     it = stream.__aiter__()
     await it.__anext__()
@@ -141,7 +142,7 @@ async def bench_expiry(start: Any, token: str, trials: int, ttl_s: float = 1.0) 
         wid = f"w{i}"
         status = registry_pb2.WorkerStatus(worker_id=wid, address="127.0.0.1:1", state=registry_pb2.WORKER_STATE_READY)
         sent = time.perf_counter()
-        await client.stub.Heartbeat(registry_pb2.HeartbeatRequest(status=status), metadata=client.md, timeout=5)
+        await client.stub.Heartbeat(registry_pb2.HeartbeatRequest(status=status), metadata=worker_md, timeout=5)
         while True:
             event = await it.__anext__()
             if wid in event.removed_worker_ids:
@@ -152,7 +153,8 @@ async def bench_expiry(start: Any, token: str, trials: int, ttl_s: float = 1.0) 
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    token = secrets.token_urlsafe(16)
+    token = secrets.token_hex(24)  # an operator's (admin) token
+    worker_token = secrets.token_hex(24)
     with tempfile.TemporaryDirectory() as tmp:
         redis = RedisServer(pathlib.Path(tmp) / "redis", appendonly=True).start()
         servers: list[RegistryServer] = []
@@ -162,7 +164,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 port=0,
                 redis_url=redis.url,
                 artifact_dir=pathlib.Path(tmp) / "artifacts",
-                internal_token=token,
+                admin_tokens=token,
+                worker_tokens=worker_token,
                 log_level="WARNING",
                 **overrides,
             )
@@ -174,7 +177,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "register": await bench_register(start, token, args.registrations),
                 "watch": await bench_watch(start, token, args.trials),
                 "redis-restart": await bench_redis_restart(start, token, redis, max(3, args.trials // 4)),
-                "expiry": await bench_expiry(start, token, max(3, args.trials // 4)),
+                "expiry": await bench_expiry(start, token, worker_token, max(3, args.trials // 4)),
             }
         finally:
             for s in servers:

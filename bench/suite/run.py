@@ -142,14 +142,14 @@ def run_cluster(
     rows = []
     try:
         reg = cluster.start_registry()
-        rc = RegistryClient(reg.address, cluster.internal_token, timeout_s=60)
+        rc = RegistryClient(reg.address, cluster.admin_token, timeout_s=60)
         for m in models:
             mv = rc.register(m.path.read_bytes(), model_pb2.ModelVersion(name=m.name))
             rc.set_alias(m.name, "production", [(mv.version, 100)])
         _, api_key = rc.create_key("infer", description="bench suite")
         worker = cluster.start_worker(reg.address, [m.name for m in models])
         gateway = cluster.start_gateway(reg.address)
-        addresses = {"worker": (worker.address, cluster.internal_token), "gateway": (gateway.address, api_key)}
+        addresses = {"worker": (worker.address, cluster.worker_call_token), "gateway": (gateway.address, api_key)}
         plan = [(m, hop, *hop_target(m, hop, *addresses[hop])) for m in models for hop in ("worker", "gateway")]
         wait_until_served([(t, r) for _, _, t, r in plan])
         for m, hop, target, requests in plan:

@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
@@ -153,9 +153,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class LoadResult(TypedDict):
+    """One load window against the worker, from either client."""
+
+    concurrency: int
+    img_s: float
+    p50_ms: float
+    p99_ms: float
+    worker_cpu_ms_per_request: NotRequired[float]
+    """grpc_load: the worker's CPU time per request"""
+    worker_cpu_ms_per_request_upper: NotRequired[float]
+    """perf_analyzer_load: the worker's CPU time over all of perf_analyzer's windows, per request it counted"""
+    client: NotRequired[str]
+
+
 async def grpc_load(
     address: str, token: str, payload: bytes, concurrency: int, seconds: float, pid: int = 0
-) -> dict[str, float]:
+) -> LoadResult:
     """Closed loop: `concurrency` callers each send one request at a time for `seconds`."""
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
@@ -185,9 +199,7 @@ async def grpc_load(
     }
 
 
-def perf_analyzer_load(
-    address: str, token: str, model: str, concurrency: int, seconds: float, pid: int
-) -> dict[str, float]:
+def perf_analyzer_load(address: str, token: str, model: str, concurrency: int, seconds: float, pid: int) -> LoadResult:
     """The same measurement with Triton's perf_analyzer (C++) as the client: its own CPU per call
     is a few microseconds, so it takes almost nothing from the two cores the worker needs."""
     from loadtest import perf_analyzer
@@ -218,7 +230,7 @@ def start_stack(
     cluster: Cluster, name: str, path: pathlib.Path, threads: int, max_batch: int, extra: dict[str, str]
 ) -> tuple[str, int]:
     reg = cluster.start_registry(FOVEA_REGISTRY_LOG_JSON="false")
-    with RegistryClient(reg.address, cluster.internal_token, timeout_s=120) as rc:
+    with RegistryClient(reg.address, cluster.admin_token, timeout_s=120) as rc:
         mv = rc.register(path.read_bytes(), model_pb2.ModelVersion(name=name))
         rc.set_alias(name, "production", [(mv.version, 100)])
     env = {
@@ -232,7 +244,7 @@ def start_stack(
     fast = extra.pop("FAST", "")
     if fast:
         env["FOVEA_WORKER_FAST_PORT"] = str(free_port())
-    worker = cluster.start_worker(reg.address, [name], **env)
+    worker = cluster.start_worker(reg.address, [name], name="worker", port=0, **env)
     address = f"127.0.0.1:{env['FOVEA_WORKER_FAST_PORT']}" if fast else worker.address
     return address, worker.proc.pid
 
@@ -262,13 +274,13 @@ def bench_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         try:
             address, pid = start_stack(cluster, case, path, args.threads, max_batch, extra)
             payload = request_bytes(case, shape)
-            asyncio.run(grpc_load(address, cluster.internal_token, payload, 1, 1.0, pid))  # warm up
+            asyncio.run(grpc_load(address, cluster.worker_call_token, payload, 1, 1.0, pid))  # warm up
             session = raw_session(path, args.threads)
 
-            def load(concurrency: int, seconds: float = args.seconds) -> dict[str, float]:
+            def load(concurrency: int, seconds: float = args.seconds) -> LoadResult:
                 if args.client == "perf_analyzer":
-                    return perf_analyzer_load(address, cluster.internal_token, case, concurrency, seconds, pid)
-                return asyncio.run(grpc_load(address, cluster.internal_token, payload, concurrency, seconds, pid))
+                    return perf_analyzer_load(address, cluster.worker_call_token, case, concurrency, seconds, pid)
+                return asyncio.run(grpc_load(address, cluster.worker_call_token, payload, concurrency, seconds, pid))
 
             for _ in range(args.rounds):
                 raw1 = raw_run(session, shape, 1, args.seconds)

@@ -143,7 +143,7 @@ def main() -> None:
         try:
             address, pid = bw.start_stack(cluster, "efficientnet", path, args.threads, 8, extra)
             pa.run(
-                address, "efficientnet", cluster.internal_token, 1, 1000, extra=("--stability-percentage", "100")
+                address, "efficientnet", cluster.worker_call_token, 1, 1000, extra=("--stability-percentage", "100")
             )  # warm
             window_ms = int((args.seconds + 4) * 1000)
             load = subprocess.Popen(
@@ -156,7 +156,7 @@ def main() -> None:
                     "-m",
                     "efficientnet",
                     "-H",
-                    f"authorization:Bearer {cluster.internal_token}",
+                    f"authorization:Bearer {cluster.worker_call_token}",
                     "--concurrency-range",
                     "1",
                     "--measurement-interval",

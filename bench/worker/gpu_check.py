@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -38,11 +38,24 @@ import onnxruntime as ort  # noqa: E402
 from fovea.client import RegistryClient  # noqa: E402
 from fovea.cluster import Cluster  # noqa: E402
 from fovea.redis_server import free_port  # noqa: E402
-from fovea.v1 import model_pb2  # noqa: E402
+from fovea.v1 import model_pb2, registry_pb2  # noqa: E402
 
-CUDA = [("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
+CUDA: list[str | tuple[str, dict[str, object]]] = [
+    ("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}),
+    "CPUExecutionProvider",
+]
+
+
+class Want(TypedDict):
+    provider: str
+    """The provider the session and the worker must end up on."""
+    providers: list[str | tuple[str, dict[str, object]]]
+    """What the raw session asks ONNX Runtime for."""
+    worker_env: dict[str, str]
+
+
 # --cpu-rehearsal runs every step on the CPU provider, so the script can be tried here before a GPU is lent.
-WANT = {
+WANT: Want = {
     "provider": "CUDAExecutionProvider",
     "providers": CUDA,
     "worker_env": {
@@ -100,7 +113,7 @@ def fast_front_loads() -> bool:
     return LIBRARY.exists() and subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
-def _client(args: tuple[str, str, bytes, int, float]) -> dict[str, float]:
+def _client(args: tuple[str, str, bytes, int, float]) -> bw.LoadResult:
     address, token, payload, conc, seconds = args
     return asyncio.run(bw.grpc_load(address, token, payload, conc, seconds))
 
@@ -161,12 +174,12 @@ def start_variants(cluster: Cluster, reg_address: str, name: str, max_batch: int
             "FOVEA_WORKER_METRICS_PORT": str(metrics_port),
             **VARIANTS[key],
         }
-        return cluster.start_worker(reg_address, [name], name=f"variant-{key}", **settings), metrics_port
+        return cluster.start_worker(reg_address, [name], name=f"variant-{key}", port=0, **settings), metrics_port
 
     with ThreadPoolExecutor(len(VARIANTS)) as pool:
         started = dict(zip(VARIANTS, pool.map(one, VARIANTS), strict=False))
     fast: dict[str, str] = {}
-    with RegistryClient(reg_address, cluster.internal_token, timeout_s=120) as rc:
+    with RegistryClient(reg_address, cluster.admin_token, timeout_s=120) as rc:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             ready = {w.address: w.fast_address for w in rc.list_workers(name) if w.models and w.models[0].ready}
@@ -227,13 +240,15 @@ def worker_side(
         cluster = Cluster(pathlib.Path(tmp))
         try:
             reg = cluster.start_registry()
-            with RegistryClient(reg.address, cluster.internal_token, timeout_s=120) as rc:
+            with RegistryClient(reg.address, cluster.admin_token, timeout_s=120) as rc:
                 mv = rc.register(path.read_bytes(), model_pb2.ModelVersion(name=name))
                 rc.set_alias(name, "production", [(mv.version, 100)])
                 metrics_port = free_port()
                 worker = cluster.start_worker(
                     reg.address,
                     [name],
+                    name="worker",
+                    port=0,
                     **WANT["worker_env"],
                     FOVEA_WORKER_MAX_BATCH_SIZE=str(max_batch),
                     FOVEA_WORKER_MAX_QUEUE_LEN="8192",
@@ -243,7 +258,7 @@ def worker_side(
                 )
                 # CUDA start-up, cuDNN's algorithm search and warm-up take a while on a fresh machine.
                 deadline = time.monotonic() + 90
-                workers = []
+                workers: list[registry_pb2.WorkerStatus] = []
                 while time.monotonic() < deadline and not workers:
                     workers = [w for w in rc.list_workers(name) if w.models and w.models[0].ready]
                     time.sleep(0.2)
@@ -261,10 +276,10 @@ def worker_side(
                 ports["fast_"] = f"127.0.0.1:{fast_port}"
             started = start_variants(cluster, reg.address, name, max_batch) if variants else {}
             for prefix, address in ports.items():
-                out[prefix + "c1"] = _client((address, cluster.internal_token, payload, 1, seconds))
+                out[prefix + "c1"] = _client((address, cluster.worker_call_token, payload, 1, seconds))
                 out[prefix + "load"] = probed_load(
                     address,
-                    cluster.internal_token,
+                    cluster.worker_call_token,
                     payload,
                     seconds,
                     procs,
@@ -274,14 +289,14 @@ def worker_side(
                     logs / f"stacks-{prefix or 'main_'}load.txt",
                 )
             if perf_analyzer:
-                out["perf_analyzer"] = perf_analyzer_side(ports, name, cluster.internal_token, conc)
+                out["perf_analyzer"] = perf_analyzer_side(ports, name, cluster.worker_call_token, conc)
             out["main_port_variants"] = {}
             for key, (variant, variant_metrics, variant_fast) in started.items():
                 out["main_port_variants"][key] = {
                     "env": VARIANTS[key],
                     **probed_load(
                         variant.address,
-                        cluster.internal_token,
+                        cluster.worker_call_token,
                         payload,
                         seconds,
                         procs,
@@ -294,7 +309,7 @@ def worker_side(
                 if key in FAST_TOO and variant_fast:
                     out["main_port_variants"][key]["fast_port"] = probed_load(
                         variant_fast,
-                        cluster.internal_token,
+                        cluster.worker_call_token,
                         payload,
                         seconds,
                         procs,
@@ -331,9 +346,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.cpu_rehearsal:
         WANT.update(
-            provider="CPUExecutionProvider",
-            providers=["CPUExecutionProvider"],
-            worker_env={"FOVEA_WORKER_PROVIDERS": "CPUExecutionProvider"},
+            {
+                "provider": "CPUExecutionProvider",
+                "providers": ["CPUExecutionProvider"],
+                "worker_env": {"FOVEA_WORKER_PROVIDERS": "CPUExecutionProvider"},
+            }
         )
     if args.model_file:
         path = pathlib.Path(args.model_file)
