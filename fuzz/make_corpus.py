@@ -39,7 +39,7 @@ def pillow_seeds(rgb: Image.Image) -> dict[str, bytes]:
     rgba = rgb.copy()
     rgba.putalpha(Image.linear_gradient("L").resize(rgb.size))
     frames = [rgb, rgb.transpose(Image.Transpose.FLIP_TOP_BOTTOM)]
-    wide = Image.fromarray((np.asarray(gray).astype(np.uint16) * 257))
+    wide = Image.fromarray(np.asarray(gray).astype(np.uint16) * 257)
     return {
         "baseline.jpg": save(rgb, "JPEG", quality=80),
         "progressive.jpg": save(rgb, "JPEG", quality=80, progressive=True),

@@ -170,7 +170,8 @@ def test_palette_png_with_transparency_is_composited_over_white(coffee: np.ndarr
     photo = coffee.copy()
     photo[:, :60] = 0  # a black band, the only pure black in the palette
     palette = Image.fromarray(photo).quantize(64)
-    black = min(range(64), key=lambda i: sum(palette.getpalette()[3 * i : 3 * i + 3]))
+    colours = palette.getpalette() or []
+    black = min(range(64), key=lambda i: sum(colours[3 * i : 3 * i + 3]))
     alpha = bytes(0 if i == black else 255 for i in range(64))
     encoded = encode(palette, "PNG", transparency=alpha)
     with Image.open(io.BytesIO(encoded)) as im:
@@ -207,7 +208,7 @@ def test_animation_gives_its_first_frame(coffee: np.ndarray, chelsea: np.ndarray
     options = {"quality": 95} if fmt == "WEBP" else {}
     encoded = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, **options)
     with Image.open(io.BytesIO(encoded)) as im:
-        assert im.n_frames == 3
+        assert getattr(im, "n_frames", 1) == 3
     got = decode(encoded, LIMIT)
     assert difference(got, coffee) < 4  # GIF: 256 colours
     assert difference(got, np.asarray(frames[1])) > 30
@@ -218,7 +219,7 @@ def test_animated_gif_with_a_transparent_first_frame(coffee: np.ndarray) -> None
     pixels = np.asarray(quantized).copy()
     pixels[:50] = 255
     first = Image.fromarray(pixels)
-    first.putpalette(quantized.getpalette()[: 255 * 3] + [0, 0, 0])  # L -> P; index 255 is black
+    first.putpalette((quantized.getpalette() or [])[: 255 * 3] + [0, 0, 0])  # L -> P; index 255 is black
     encoded = encode(first, "GIF", save_all=True, append_images=[Image.new("RGB", first.size)], transparency=255)
     got = decode(encoded, LIMIT)
     assert (got[:50] == 255).all() and difference(got[50:], coffee[50:]) < 6

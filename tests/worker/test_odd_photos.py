@@ -52,12 +52,14 @@ def palette_with_transparency(pixels: np.ndarray) -> bytes:
     framed = pixels.copy()
     framed[:20], framed[-20:], framed[:, :20], framed[:, -20:] = 0, 0, 0, 0
     palette = Image.fromarray(framed).quantize(128)
-    black = min(range(128), key=lambda i: sum(palette.getpalette()[3 * i : 3 * i + 3]))
+    colours = palette.getpalette() or []
+    black = min(range(128), key=lambda i: sum(colours[3 * i : 3 * i + 3]))
     return encode(palette, "PNG", transparency=bytes(0 if i == black else 255 for i in range(128)))
 
 
 def animation(first: np.ndarray, fmt: str) -> bytes:
-    frames = [Image.fromarray(first), Image.fromarray(data.astronaut()).resize(first.shape[1::-1])]
+    size = (first.shape[1], first.shape[0])
+    frames = [Image.fromarray(first), Image.fromarray(data.astronaut()).resize(size)]
     options = {"quality": 95} if fmt == "WEBP" else {}
     return encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, **options)
 
