@@ -109,9 +109,9 @@ def call_images(inputs: Any, limit: int) -> int:
     for tensor in inputs:
         n = tensor_images(tensor)
         if n > limit:
-            what = "images" if tensor.datatype == "BYTES" else "samples in its batch"
             shown = f"{n}" if n < MAX_COUNT else f"at least {MAX_COUNT}"
-            raise InvalidArgument(f"input {tensor.name[:40]!r} holds {shown} {what}; the limit is {limit} per call")
+            what = f"holds {shown} images" if tensor.datatype == "BYTES" else f"has a batch of {shown}"
+            raise InvalidArgument(f"input {tensor.name[:40]!r} {what}; the limit is {limit} per call")
         images = max(images, n)  # the inputs of one call share their batch
     return images
 
