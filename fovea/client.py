@@ -129,8 +129,21 @@ class RegistryClient(_Base):
     def register(
         self, artifact: bytes | str | pathlib.Path, metadata: model_pb2.ModelVersion, progress: bool = False
     ) -> model_pb2.ModelVersion:
-        """Upload an ONNX file in chunks with its metadata; returns the new version."""
-        data = artifact if isinstance(artifact, bytes) else pathlib.Path(artifact).read_bytes()
+        """Upload an ONNX file in chunks with its metadata; returns the new version.
+
+        A path is read a chunk at a time as the upload goes, so a large model is never held whole.
+        """
+
+        def chunks() -> Iterator[bytes]:
+            if isinstance(artifact, bytes):
+                for i in range(0, len(artifact), CHUNK_BYTES):
+                    yield artifact[i : i + CHUNK_BYTES]
+                return
+            with open(artifact, "rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    yield chunk
+
+        size = len(artifact) if isinstance(artifact, bytes) else pathlib.Path(artifact).stat().st_size
 
         def parts() -> Iterator[registry_pb2.RegisterModelRequest]:
             yield registry_pb2.RegisterModelRequest(metadata=metadata)
@@ -138,9 +151,8 @@ class RegistryClient(_Base):
             if progress:
                 from tqdm import tqdm
 
-                bar = tqdm(total=len(data), unit="B", unit_scale=True, desc=f"upload {metadata.name}")
-            for i in range(0, len(data), CHUNK_BYTES):
-                chunk = data[i : i + CHUNK_BYTES]
+                bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"upload {metadata.name}")
+            for chunk in chunks():
                 yield registry_pb2.RegisterModelRequest(chunk=chunk)
                 if bar is not None:
                     bar.update(len(chunk))

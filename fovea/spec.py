@@ -63,9 +63,13 @@ def version_from_onnx(model_bytes: bytes, name: str) -> Any:
     """A ModelVersion (without number or digest) read from an ONNX file's graph and metadata."""
     import onnx
 
+    return version_from_model(onnx.load_from_string(model_bytes), name)
+
+
+def version_from_model(model: Any, name: str) -> Any:
+    """version_from_onnx of a parsed onnx.ModelProto."""
     from fovea.v1 import model_pb2
 
-    model = onnx.load_from_string(model_bytes)
     props = {p.key: p.value for p in model.metadata_props}
     mv = model_pb2.ModelVersion(name=name)
     if META_LABELS in props:

@@ -17,7 +17,6 @@ collisions, and an alias moves from one whole state to another.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import random
@@ -31,8 +30,8 @@ from fovea.errors import InvalidArgument, InvalidState, ModelNotFound, NotFound,
 from fovea.names import check_name, key
 from fovea.v1 import model_pb2, registry_pb2
 from registry import events
-from registry.artifacts import ArtifactStore
-from registry.validate import validate_artifact
+from registry.artifacts import ArtifactStore, Upload
+from registry.validate import check_labels_and_card, validate_upload
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +39,6 @@ DEFAULT_ALIAS = "production"
 MODELS_STREAM = key("events", "models")
 MAX_TAGS = 64
 MAX_METRICS = 64
-MAX_LABELS = 100_000
-MAX_LABEL_CHARS = 256
-MAX_MODEL_CARD_CHARS = 64 * 1024
 
 
 def now_ts() -> Timestamp:
@@ -69,10 +65,8 @@ def check_metadata(mv: model_pb2.ModelVersion) -> None:
         raise InvalidArgument(f"at most {MAX_TAGS} tags, keys up to 128 characters and values up to 1024")
     if len(mv.metrics) > MAX_METRICS or any(len(k) > 128 or not math.isfinite(v) for k, v in mv.metrics.items()):
         raise InvalidArgument(f"at most {MAX_METRICS} metrics, names up to 128 characters, finite values")
-    if len(mv.labels) > MAX_LABELS or any(len(label) > MAX_LABEL_CHARS for label in mv.labels):
-        raise InvalidArgument(f"at most {MAX_LABELS} labels of up to {MAX_LABEL_CHARS} characters")
-    if len(mv.model_card) > MAX_MODEL_CARD_CHARS:
-        raise InvalidArgument(f"model card is limited to {MAX_MODEL_CARD_CHARS} characters")
+    # Checked again once the ONNX file's own labels and card are filled in (validate_artifact).
+    check_labels_and_card(mv, "declared")
 
 
 class Catalog:
@@ -85,20 +79,22 @@ class Catalog:
     # ---- versions -------------------------------------------------------
 
     async def register(
-        self, declared: model_pb2.ModelVersion, data: bytes, published_by: str
+        self, declared: model_pb2.ModelVersion, upload: Upload, published_by: str
     ) -> model_pb2.ModelVersion:
-        """Validate, store the artifact by digest, then number the version atomically.
+        """Validate the received upload, store it by digest, then number the version atomically.
 
-        Nothing reaches Redis or the artifact store unless validation passed.
+        Nothing reaches Redis or the artifact store unless validation passed. The upload's file
+        becomes the stored artifact (or is removed by the caller's Upload.discard()).
         """
         check_metadata(declared)
-        if not data:
+        upload.finish()
+        if not upload.size:
             raise InvalidArgument("empty artifact: send the ONNX file as chunks after the metadata")
-        mv = await asyncio.to_thread(validate_artifact, data, declared)
-        sha = hashlib.sha256(data).hexdigest()
-        mv.encrypted = await asyncio.to_thread(self.store.put, data, sha)
+        mv = await asyncio.to_thread(validate_upload, upload.path, declared)
+        sha, size = upload.sha256, upload.size
+        mv.encrypted = await asyncio.to_thread(self.store.put_upload, upload)
         mv.sha256 = sha
-        mv.size_bytes = len(data)
+        mv.size_bytes = size
         mv.created_at.CopyFrom(now_ts())
         mv.published_by = published_by
         mv.state = model_pb2.VERSION_STATE_READY
@@ -113,7 +109,7 @@ class Catalog:
             events.append(pipe, MODELS_STREAM, registry_pb2.WatchModelsResponse(versions=[mv]).SerializeToString())
 
         await self.redis.transaction(commit, seq_key)
-        logger.info("registered %s v%d sha256=%s (%d bytes)", mv.name, mv.version, sha[:12], len(data))
+        logger.info("registered %s v%d sha256=%s (%d bytes)", mv.name, mv.version, sha[:12], size)
         return mv
 
     async def _require_model(self, model: str) -> None:

@@ -13,6 +13,7 @@ from fovea.errors import InvalidArgument, InvalidState
 from fovea.names import check_name
 from fovea.rpc import principal
 from fovea.v1 import model_pb2, registry_pb2, registry_pb2_grpc
+from registry.artifacts import Upload
 from registry.service import GATEWAY, READERS, WORKER, Registry, check_access, check_service, model_allowed
 
 logger = logging.getLogger(__name__)
@@ -42,12 +43,11 @@ def _visible(event: registry_pb2.WatchModelsResponse, patterns: list[str]) -> re
 
 
 async def read_upload(
-    requests: AsyncIterator[registry_pb2.RegisterModelRequest], max_bytes: int, on_metadata: Any
-) -> tuple[model_pb2.ModelVersion, bytes]:
-    """The metadata and artifact of a RegisterModel stream, refusing it once it passes max_bytes."""
+    requests: AsyncIterator[registry_pb2.RegisterModelRequest], max_bytes: int, on_metadata: Any, upload: Upload
+) -> model_pb2.ModelVersion:
+    """The metadata of a RegisterModel stream; its chunks go to upload's file as they arrive (only
+    one is in memory at a time), and the stream is refused once it passes max_bytes."""
     metadata: model_pb2.ModelVersion | None = None
-    parts: list[bytes] = []
-    size = 0
     async for req in requests:
         which = req.WhichOneof("part")
         if metadata is None:
@@ -58,13 +58,13 @@ async def read_upload(
             continue
         if which != "chunk":
             raise InvalidArgument("metadata may only be sent once, first")
-        size += len(req.chunk)
-        if size > max_bytes:
+        if upload.size + len(req.chunk) > max_bytes:
             raise InvalidArgument(f"artifact exceeds the limit of {max_bytes} bytes (max_artifact_bytes)")
-        parts.append(req.chunk)
+        # Disk writes may block (a network volume), so they run off the event loop.
+        await asyncio.to_thread(upload.write, req.chunk)
     if metadata is None:
         raise InvalidArgument("empty RegisterModel stream: send the metadata, then the artifact in chunks")
-    return metadata, b"".join(parts)
+    return metadata
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
@@ -72,7 +72,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self.registry = registry
         self.catalog = registry.catalog
         self.chunk_bytes = chunk_bytes
-        # Each upload is held in memory while it is validated; this bounds how many at once.
+        # Each upload is validated by a child process that holds the model in memory; this bounds how many at once.
         self.uploads = asyncio.Semaphore(max_concurrent_uploads)
 
     # ---- models ---------------------------------------------------------
@@ -85,8 +85,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             check_access(principal.get(), PUBLISH, mv.name)
 
         async with self.uploads:
-            metadata, data = await read_upload(request_iterator, self.registry.max_artifact_bytes, on_metadata)
-            mv = await self.catalog.register(metadata, data, _caller_id())
+            with self.registry.store.begin_upload() as upload:
+                metadata = await read_upload(request_iterator, self.registry.max_artifact_bytes, on_metadata, upload)
+                mv = await self.catalog.register(metadata, upload, _caller_id())
         return registry_pb2.RegisterModelResponse(model=mv)
 
     async def GetModelVersion(

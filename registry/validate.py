@@ -1,11 +1,47 @@
-"""Checks an uploaded ONNX artifact against its declared metadata before anything is stored."""
+"""Checks an uploaded ONNX artifact against its declared metadata before anything is stored.
+
+Validation reads the upload's temporary file in a child process (validate_upload): parsing,
+checking and loading the graph in ONNX Runtime hold the model in memory several times over,
+and a hostile file may crash a parser. The registry process itself then holds no more than the
+upload's current chunk, and gets back the completed ModelVersion or the reason for refusing.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
+import pathlib
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from fovea.errors import InvalidArgument
-from fovea.spec import version_from_onnx
+from fovea.onnxfile import refuse_external_data
+from fovea.spec import META_LABELS, META_MODEL_CARD, version_from_model
+
+MAX_LABELS = 100_000
+MAX_LABEL_CHARS = 256
+MAX_LABELS_BYTES = 2 * 1024 * 1024
+"""All labels together, UTF-8 (ImageNet-21k's 21,843 labels take under 1 MiB)."""
+MAX_MODEL_CARD_CHARS = 64 * 1024
+MAX_VERSION_BYTES = 4 * 1024 * 1024
+"""The whole ModelVersion as stored in Redis and sent to every worker and gateway."""
+CHILD_PRELOAD = ["registry.validate", "onnx", "onnxruntime", "numpy"]
+
+
+def check_labels_and_card(mv: Any, source: str) -> None:
+    """Bounds on labels and the model card, wherever they came from (source says where, for the message)."""
+    count = len(mv.labels)
+    total = sum(len(label.encode()) for label in mv.labels)
+    longest = max((len(label) for label in mv.labels), default=0)
+    if count > MAX_LABELS or longest > MAX_LABEL_CHARS or total > MAX_LABELS_BYTES:
+        raise InvalidArgument(
+            f"{source}: {count} labels, the longest {longest} characters, {total} bytes in all; "
+            f"at most {MAX_LABELS} labels of up to {MAX_LABEL_CHARS} characters and {MAX_LABELS_BYTES} bytes in all"
+        )
+    if len(mv.model_card) > MAX_MODEL_CARD_CHARS:
+        raise InvalidArgument(
+            f"{source}: the model card has {len(mv.model_card)} characters; the limit is {MAX_MODEL_CARD_CHARS}"
+        )
 
 
 def _dims_match(declared: list[int], actual: list[int]) -> bool:
@@ -18,7 +54,7 @@ def _check_tensors(kind: str, declared: Any, actual: Any) -> None:
     if len(declared) != len(actual):
         raise InvalidArgument(
             f"declared {len(declared)} {kind}s but the ONNX graph has {len(actual)}: "
-            + ", ".join(t.name for t in actual)
+            + ", ".join(t.name for t in actual[:20])
         )
     for d, a in zip(declared, actual, strict=False):
         if d.name != a.name:
@@ -31,26 +67,63 @@ def _check_tensors(kind: str, declared: Any, actual: Any) -> None:
             )
 
 
-def validate_artifact(data: bytes, declared: Any) -> Any:
+def validate_upload(path: pathlib.Path, declared: Any) -> Any:
+    """validate_artifact of the file at path, in a fresh child process; blocks (run it in a thread).
+
+    The child forks from a server that has onnx and onnxruntime imported already, so it starts in
+    milliseconds, and it exits when done, giving its memory back.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(CHILD_PRELOAD)
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            result, refusal = pool.submit(_validate_in_child, str(path), declared.SerializeToString()).result()
+        except BrokenProcessPool:
+            raise InvalidArgument(
+                "the model could not be validated: the validating process died loading it (crash or out of memory)"
+            ) from None
+    if refusal:
+        raise InvalidArgument(refusal)
+    return type(declared).FromString(result)
+
+
+def _validate_in_child(path: str, declared_bytes: bytes) -> tuple[bytes, str]:
+    """The child's side: (ModelVersion bytes, "") or (b"", the reason it is refused)."""
+    from fovea.v1 import model_pb2
+
+    try:
+        return validate_artifact(path, model_pb2.ModelVersion.FromString(declared_bytes)).SerializeToString(), ""
+    except InvalidArgument as exc:
+        return b"", str(exc)
+
+
+def validate_artifact(path: str, declared: Any) -> Any:
     """Return the declared ModelVersion completed from the graph, or raise InvalidArgument.
 
-    Runs onnx.checker and a CPU load in ONNX Runtime; declared inputs, outputs,
-    labels and preprocessing must agree with the graph. Blank fields are filled
-    from the graph and its fovea.* metadata.
+    Refuses external-data tensors before anything else reads the file, then runs onnx.checker
+    and a CPU load in ONNX Runtime; declared inputs, outputs, labels and preprocessing must
+    agree with the graph. Blank fields are filled from the graph and its fovea.* metadata, and
+    what is filled in must pass the same bounds as what a caller declares.
     """
     import onnx
     import onnxruntime as ort
 
     try:
-        graph_version = version_from_onnx(data, declared.name)
-        onnx.checker.check_model(onnx.load_from_string(data))
+        model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's bad input
         raise InvalidArgument(f"not a valid ONNX model: {str(exc)[:300]}") from None
+    refuse_external_data(model)
+    try:
+        graph_version = version_from_model(model, declared.name)
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidArgument(f"not a valid ONNX model: {str(exc)[:300]}") from None
+    del model  # before ONNX Runtime loads its own copy
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 4  # a bad upload is the caller's error, not a log line
         options.intra_op_num_threads = 1
-        session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
         raise InvalidArgument(f"ONNX Runtime cannot load the model: {str(exc)[:300]}") from None
 
@@ -69,12 +142,21 @@ def validate_artifact(data: bytes, declared: Any) -> Any:
         _check_tensors("output", result.outputs, graph_version.outputs)
     else:
         result.outputs.extend(graph_version.outputs)
-    if not result.labels:
+    from_file = []
+    if not result.labels and graph_version.labels:
         result.labels.extend(graph_version.labels)
+        from_file.append(META_LABELS)
     if not result.HasField("preprocessing") and graph_version.HasField("preprocessing"):
         result.preprocessing.CopyFrom(graph_version.preprocessing)
-    if not result.model_card:
+    if not result.model_card and graph_version.model_card:
         result.model_card = graph_version.model_card
+        from_file.append(META_MODEL_CARD)
+    check_labels_and_card(result, f"read from the ONNX file ({', '.join(from_file)})" if from_file else "declared")
+    if result.ByteSize() > MAX_VERSION_BYTES:
+        raise InvalidArgument(
+            f"the model's metadata takes {result.ByteSize()} bytes (inputs, outputs, labels, card, tags); "
+            f"the limit is {MAX_VERSION_BYTES}"
+        )
 
     for spec in [*result.inputs, *result.outputs]:
         if len(spec.layout) > 16 or (spec.layout and not spec.layout.isalpha()):

@@ -20,6 +20,7 @@ import numpy as np
 from fovea import oip
 from fovea.errors import FoveaError, InvalidArgument, ModelNotFound, ModelNotReady
 from fovea.images import Preprocess
+from fovea.onnxfile import refuse_external_data_bytes
 from fovea.registry_link import RegistryLink
 from fovea.v1 import model_pb2, registry_pb2
 from worker.batcher import Batcher
@@ -275,6 +276,8 @@ class ModelManager:
         t0 = time.perf_counter()
         try:
             data = await self.link.download(mv, self.keys)
+            # Before any session: ONNX Runtime would read the files that external-data tensors name.
+            await asyncio.to_thread(refuse_external_data_bytes, data)
             config = self.config.for_model(mv.name)
             sessions = await asyncio.gather(
                 *(asyncio.to_thread(load_model, data, config) for _ in range(max(1, config.instances)))
