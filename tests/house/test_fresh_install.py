@@ -49,6 +49,7 @@ def installed(fresh_clone: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # the first test also runs the set-up (a few minutes on 2 cores)
 def test_every_subcommand_has_help_from_outside_the_repository(installed: pathlib.Path, tmp_path: pathlib.Path) -> None:
     failures = []
     for args in SUBCOMMANDS:
@@ -61,6 +62,7 @@ def test_every_subcommand_has_help_from_outside_the_repository(installed: pathli
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # the first test also runs the set-up (a few minutes on 2 cores)
 def test_loadtest_runs_against_a_live_cluster_from_outside_the_repository(
     installed: pathlib.Path, cluster: Cluster, tmp_path: pathlib.Path
 ) -> None:
