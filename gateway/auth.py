@@ -6,8 +6,9 @@ time, and a dict lookup on a SHA-256 leaks nothing usable about the secret. The
 registry's key watch drops revoked keys within a second on every replica;
 expiry is checked on every call. An answer of the registry that a key event
 overtook (a revocation arriving while the key was being verified) is asked
-again and never cached, so a revoked key cannot sit in the cache as valid. Refused secrets are remembered briefly, so a
-client retrying a bad key does not turn into a stream of registry calls.
+again and never cached, so a revoked key cannot sit in the cache as valid.
+Refused secrets are remembered briefly, so a client retrying a bad key does
+not turn into a stream of registry calls.
 """
 
 from __future__ import annotations
