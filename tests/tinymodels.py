@@ -58,7 +58,7 @@ def pixel_mean_model(
     """Scores red/green/blue by the mean of each channel of what it is fed, as fed: it shows what the
     worker's preprocessing produced (raw 0-255 pixels for UINT8, normalised values for floats)."""
     axes = [1, 2] if layout == "NHWC" else [2, 3]
-    shape = ["N", size, size, 3] if layout == "NHWC" else ["N", 3, size, size]
+    shape: list[str | int] = ["N", size, size, 3] if layout == "NHWC" else ["N", 3, size, size]
     nodes = [
         helper.make_node("Cast", ["input"], ["x"], to=TensorProto.FLOAT),
         helper.make_node("ReduceMean", ["x"], ["logits"], axes=axes, keepdims=0),

@@ -168,12 +168,17 @@ def test_manifests_run_the_command_their_image_declares(rendered: dict[str, list
 
 
 def test_compose_file_matches_the_images_and_settings() -> None:
+    from fovea.config import BaseConfig
     from gateway.config import GatewayConfig
     from registry.config import RegistryConfig
     from worker.config import WorkerConfig
 
     compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
-    classes = {"registry": RegistryConfig, "worker": WorkerConfig, "gateway": GatewayConfig}
+    classes: dict[str, type[BaseConfig]] = {
+        "registry": RegistryConfig,
+        "worker": WorkerConfig,
+        "gateway": GatewayConfig,
+    }
     for name, config in classes.items():
         svc = compose["services"][name]
         dockerfile = ROOT / "deploy" / svc["build"]["context"] / svc["build"]["dockerfile"]

@@ -98,11 +98,16 @@ def test_gpu_prod_workers_request_a_gpu_on_gpu_nodes(rendered: dict[str, list[Ob
 
 
 def test_termination_grace_covers_prestop_and_drain_grace(objs: list[Obj]) -> None:
+    from fovea.config import BaseConfig
     from gateway.config import GatewayConfig
     from registry.config import RegistryConfig
     from worker.config import WorkerConfig
 
-    defaults = {"registry": RegistryConfig, "worker": WorkerConfig, "gateway": GatewayConfig}
+    defaults: dict[str, type[BaseConfig]] = {
+        "registry": RegistryConfig,
+        "worker": WorkerConfig,
+        "gateway": GatewayConfig,
+    }
     for service, prefix in SERVICES.items():
         w = fovea_workload(objs, service)
         c = pod_spec(w)["containers"][0]

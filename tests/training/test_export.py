@@ -26,7 +26,7 @@ PRE = {
 }
 
 
-def tiny_model() -> torch.nn.Module:
+def tiny_model() -> torch.nn.Sequential:
     torch.manual_seed(0)
     return torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3, padding=1),
@@ -97,8 +97,10 @@ def test_parity_fails_on_a_tampered_graph(exported: tuple, tmp_path: pathlib.Pat
 def test_parity_fails_when_the_model_changes_after_export(exported: tuple, tmp_path: pathlib.Path) -> None:
     _, path, _ = exported
     changed = tiny_model()
+    head = changed[-1]
+    assert isinstance(head, torch.nn.Linear)
     with torch.no_grad():
-        changed[-1].bias += 1e-3
+        head.bias.add_(1e-3)
     with pytest.raises(ExportError):
         check_parity(changed, path, torch.zeros(1, 3, 8, 8), atol=1e-4)
     # The same drift passes once the tolerance allows it: the check really compares against atol.

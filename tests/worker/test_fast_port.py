@@ -15,6 +15,8 @@ from inference import grpc_predict_v2_pb2 as pb
 from tests.tinymodels import color_model
 from tests.worker.conftest import MD, LocalRegistry, StartWorker, busy_input, output_array, stub, tensor_request
 from tests.worker.slowmodels import busy_model
+from worker.runtime import Bucketed, Session
+from worker.server import WorkerServer
 
 
 def _colors(n: int) -> np.ndarray:
@@ -25,7 +27,7 @@ def _colors(n: int) -> np.ndarray:
     return x
 
 
-async def _both(start_worker: StartWorker, registry: LocalRegistry, **fields: object) -> tuple[object, int, int]:
+async def _both(start_worker: StartWorker, registry: LocalRegistry, **fields: object) -> tuple[WorkerServer, int, int]:
     await registry.publish("colors", color_model())
     ws = await start_worker(["colors"], metrics_port=0, **fields)
     assert ws.native is not None, "the fast port is on by default"
@@ -198,6 +200,7 @@ async def test_fast_port_batches_concurrent_calls_up_to_max_batch_size(
 ) -> None:
     await registry.publish("busy", busy_model())
     ws = await start_worker(["busy"], max_batch_size=4, max_queue_delay_us=20_000)
+    assert ws.native is not None, "the fast port is on by default"
     channel, f = stub(ws.native.port)
 
     async def one(i: int) -> None:
@@ -218,6 +221,7 @@ async def test_model_settings_give_a_model_its_own_instances(
 ) -> None:
     await registry.publish("colors", color_model())
     ws = await start_worker(["colors"], model_settings={"colors": {"instances": 2, "intra_op_threads": 1}})
+    assert ws.native is not None, "the fast port is on by default"
     channel, f = stub(ws.native.port)
     config = (await f.ModelConfig(pb.ModelConfigRequest(name="colors"), metadata=MD, timeout=10)).config
     assert [g.count for g in config.instance_group] == [2]
@@ -249,6 +253,7 @@ async def test_shapes_whose_size_wraps_around_are_refused(registry: LocalRegistr
     computed. (4 bytes x 2 x 2^63 wraps to 0, and this request sends 0 bytes.)"""
     await registry.publish("wide", _any_width_model())
     ws = await start_worker(["wide"], max_batch_size=4)
+    assert ws.native is not None, "the fast port is on by default"
     channel, f = stub(ws.native.port)
     ok = tensor_request("wide", np.ones((2, 5), np.float32))
     assert output_array(await f.ModelInfer(ok, metadata=MD, timeout=10)).shape == (2, 5)
@@ -277,13 +282,23 @@ async def test_a_lone_batch_runs_on_the_alone_session_and_batches_under_load_on_
     )
     lv = ws.manager.loaded[("busy", 1)]
     assert len(lv.sessions) == 2
+    assert ws.native is not None, "the fast port is on by default"
     native = ws.native.slots[lv.slot].sessions  # the C++ loops' sessions: two instances, then the alone one
     assert len(native) == (3 if native_compute else 0)
     # Which session ran each batch: counted in C++, or seen by wrapping the sessions Python's loops call.
     seen: list[str] = []
-    for i, session in enumerate(lv.sessions):
+
+    def spy(i: int, session: Session | Bucketed) -> None:
         real = session.run
-        session.run = lambda inputs, real=real, i=i: (seen.append(f"instance{i}"), real(inputs))[1]  # type: ignore[method-assign]
+
+        def run(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+            seen.append(f"instance{i}")
+            return real(inputs)
+
+        session.run = run  # type: ignore[method-assign]  # a spy on this one session's runs
+
+    for i, session in enumerate(lv.sessions):
+        spy(i, session)
     before = [s.runs for s in native]
 
     def ran() -> list[str]:
@@ -328,6 +343,7 @@ async def test_a_batch_that_fails_in_onnx_runtime_fails_only_its_calls(
 ) -> None:
     await registry.publish("lookup", _lookup_model())
     ws = await start_worker(["lookup"], max_batch_size=4, native_compute=native_compute)
+    assert ws.native is not None, "the fast port is on by default"
     channel, f = stub(ws.native.port)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await f.ModelInfer(tensor_request("lookup", np.full((2, 4), 12, np.float32)), metadata=MD, timeout=10)
@@ -351,6 +367,7 @@ async def test_without_onnx_runtimes_c_library_python_runs_the_batches(
     monkeypatch.setattr(worker.native, "ort_library", lambda: None)  # as with a build that ships none
     ws, _, fast = await _both(start_worker, registry)
     lv = ws.manager.loaded[("colors", 1)]
+    assert ws.native is not None, "the fast port is on by default"
     assert ws.native.slots[lv.slot].sessions == []
     assert any("run in Python" in r.getMessage() and "libonnxruntime" in r.getMessage() for r in caplog.records)
     channel, f = stub(fast)
@@ -374,6 +391,7 @@ async def test_c_api_sessions_take_the_workers_session_options(
         spin_only_in_run=False,
     )
     lv = ws.manager.loaded[("colors", 1)]
+    assert ws.native is not None, "the fast port is on by default"
     assert len(ws.native.slots[lv.slot].sessions) == 1
     (cm, m), (cf, f) = stub(main), stub(fast)
     req = tensor_request("colors", _colors(3))
