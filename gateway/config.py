@@ -60,6 +60,10 @@ class GatewayConfig(BaseConfig):
     """Consecutive connection failures before a worker is set aside."""
     eject_s: float = 5.0
     """How long an ejected worker is set aside before the first health probe (then doubling, up to 30 s)."""
+    unread_window_bytes: int = 64 * 1024
+    """What a caller may send on one call before the gateway reads its body (the HTTP/2 stream window, on
+    both ports): bodies are read only after the credentials are checked, so this bounds the memory an
+    unauthenticated call costs, besides its metadata."""
     stream_window: int = 8
     """Requests of one ClassifyStream in flight at once."""
     tls_cert_file: str = ""

@@ -66,10 +66,13 @@ class NativeGateway:
         max_pending: int,
         tls: tuple[bytes, bytes, bytes] = (b"", b"", b""),
         threads: int = 1,
+        unread_window_bytes: int = 64 * 1024,
     ) -> None:
         """tls: (certificate chain, private key, client CA) in PEM; empty serves plaintext, an empty CA
         asks for no client certificate."""
         self.lib = _load()
+        self.lib.fg_set_unread_window.argtypes = [C.c_int64]
+        self.lib.fg_set_unread_window(unread_window_bytes)
         port = C.c_int(0)
         cert, key, client_ca = tls
         self.handle = self.lib.fg_start(
@@ -93,6 +96,14 @@ class NativeGateway:
             raise OSError(f"gateway fast port cannot listen on {address}")
         self.port = port.value
         self.routes = ""
+        # Functions added for issue 18 declare their arguments here, apart from the loader.
+        self.lib.fg_put_limited_key.argtypes = [C.c_void_p, C.c_char_p, C.c_char_p, C.c_int64]
+        self.lib.fg_set_max_top_k.argtypes = [C.c_void_p, C.c_int64]
+
+    def set_max_top_k(self, k: int) -> None:
+        """The most classes a call's classification parameter may ask for; larger asks go to the Python port,
+        which refuses them (gateway/validate.py)."""
+        self.lib.fg_set_max_top_k(self.handle, k)
 
     def put_key(self, digest: bytes, record: registry_pb2.ApiKey, ttl_s: float) -> None:
         """Let the front answer this key's calls itself (only keys without rate limits: see ratelimit.py),
@@ -111,6 +122,16 @@ class NativeGateway:
             "\n".join(record.model_patterns).encode(),
             expires,
         )
+
+    def put_limited_key(self, digest: bytes, record: registry_pb2.ApiKey, ttl_s: float) -> None:
+        """A verified key with rate limits: the front reads its calls' bodies (an unknown key's call is held
+        unread until the Python port has verified it) and passes them to the Python port, which charges them."""
+        if not self.handle:
+            return
+        expires = time.time_ns() + int(ttl_s * 1e9)
+        if record.HasField("expires_at"):
+            expires = min(expires, record.expires_at.ToNanoseconds())
+        self.lib.fg_put_limited_key(self.handle, digest, record.key_id.encode(), expires)
 
     def drop_keys(self, key_ids: list[str]) -> None:
         for key_id in key_ids:

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from fovea.config import server_options
-from fovea.errors import Draining
+from fovea.errors import Draining, InvalidArgument
 from fovea.registry_link import RegistryLink
 from fovea.rpc import ServiceInterceptor
 from fovea.serve import add_health, set_serving
@@ -116,7 +116,8 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
         return await authenticate(method, metadata)
 
     interceptor = ServiceInterceptor(admit, on_done=metrics.on_done)
-    server = grpc.aio.server(options=server_options(config.max_message_bytes, config.max_pending_calls))
+    options = server_options(config.max_message_bytes, config.max_pending_calls) + window_options(config)
+    server = grpc.aio.server(options=options)
     inference = InferenceServicer(gateway)
     await add_wrapped(
         server, interceptor, image_pb2_grpc.add_ImageServiceServicer_to_server, ImageServicer(gateway, link)
@@ -246,13 +247,16 @@ def start_native(config: GatewayConfig, port: int, keys: KeyCache, metrics: Metr
     )
 
     def on_verified(digest: bytes, record: registry_pb2.ApiKey) -> None:
-        if Limits.of(record).unlimited:  # limited keys stay on the Python path, which charges Redis
+        if Limits.of(record).unlimited:
             native.put_key(digest, record, config.key_cache_ttl_s)
+        config.unread_window_bytes,
 
     def on_change(event: registry_pb2.WatchApiKeysResponse) -> None:
         if event.snapshot:
             native.clear_keys()
         else:
+        else:  # limited keys stay on the Python path, which charges Redis; known, so their bodies are read
+            native.put_limited_key(digest, record, config.key_cache_ttl_s)
             native.drop_keys(list(event.key_ids))
 
     keys.on_verified, keys.on_change = on_verified, on_change
@@ -261,6 +265,7 @@ def start_native(config: GatewayConfig, port: int, keys: KeyCache, metrics: Metr
 
 
 class _Collect:
+    native.set_max_top_k(config.max_top_k)
     """Stands in for a server so that a generated add_*_to_server() hands over its method handlers."""
 
     def __init__(self) -> None:
@@ -298,7 +303,8 @@ async def add_wrapped(
     for service, handlers in collect.services.items():
         handlers.update(replace or {})
         wrapped = {}
-        for name, handler in handlers.items():
+        for name, unary in handlers.items():
+            handler = read_after_admission(unary)
 
             async def continuation(details: Any, handler: grpc.RpcMethodHandler = handler) -> grpc.RpcMethodHandler:
                 return handler
@@ -313,3 +319,39 @@ def role_of(name: str) -> int:
     if name not in roles:
         raise ValueError(f"min_role must be one of {', '.join(roles)}, got {name!r}")
     return roles[name]
+def window_options(config: GatewayConfig) -> list[tuple[str, int]]:
+    """What a caller may send on a call before the gateway asks for its body: the HTTP/2 stream window,
+    fixed (no bandwidth probing, which grows every stream's window to megabytes on a fast link). A call's
+    body is asked for only once its credentials are checked, so this bounds an unauthenticated call's cost."""
+    return [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", config.unread_window_bytes)]
+
+
+def read_after_admission(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The same method with a request stream of one message, so that its body is read after the interceptor
+    has checked the caller's credentials. grpc.aio reads a unary request's whole message before any handler
+    or interceptor code runs: an unauthenticated 48 MiB call would cost 48 MiB before its UNAUTHENTICATED.
+    A stream-request handler reads only when asked. Clients see no difference on the wire."""
+    if handler.unary_unary is not None:
+        behavior = handler.unary_unary
+
+        async def unary(requests: Any, context: Any) -> Any:
+            return await behavior(await one_message(requests), context)
+
+        return grpc.stream_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream is not None:
+        stream_behavior = handler.unary_stream
+
+        async def stream(requests: Any, context: Any) -> Any:
+            async for answer in stream_behavior(await one_message(requests), context):
+                yield answer
+
+        return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
+    return handler
+
+
+async def one_message(requests: Any) -> Any:
+    async for request in requests:
+        return request
+    raise InvalidArgument("no request message")
+
+

@@ -71,10 +71,12 @@ struct Key {
   int role = 0;
   std::vector<std::string> patterns;
   int64_t expires_ns = 0;  // the key's expiry or the end of its time in this cache, whichever is first
+  bool native = true;      // false: a key with rate limits, verified but served by the Python port
 };
 
 struct Worker {
   std::string address;                      // its fast port
+  std::string main_address;                 // its main port
   std::unique_ptr<grpc::GenericStub> stub;  // to the fast port
   std::unique_ptr<grpc::GenericStub> main;  // to its main port, for images and typed contents
   std::atomic<int> in_flight{0};
@@ -241,14 +243,204 @@ bool parse_version(const std::string& s, int64_t* v) {
   return out > 0;
 }
 
+// The gateway's rules for a ModelInferRequest (gateway/validate.py, which has the messages), without messages:
+// a request that breaks one is passed to the Python port, which refuses it with the reason. So nothing
+// malformed reaches a worker from here, and each refusal reads the same on both ports.
+constexpr int kMaxInputs = 16, kMaxRank = 8;
+constexpr uint64_t kMaxElements = uint64_t(1) << 40;
+
+int element_bytes(const std::string& datatype) {  // -1: unknown; 0: BYTES (length-prefixed items)
+  static const std::unordered_map<std::string, int> sizes = {
+      {"BOOL", 1}, {"UINT8", 1}, {"INT8", 1},  {"UINT16", 2}, {"INT16", 2}, {"FP16", 2}, {"BF16", 2},
+      {"UINT32", 4}, {"INT32", 4}, {"FP32", 4}, {"UINT64", 8}, {"INT64", 8}, {"FP64", 8}, {"BYTES", 0}};
+  auto it = sizes.find(datatype);
+  return it == sizes.end() ? -1 : it->second;
+}
+
+bool valid_name(const std::string& s) {  // fovea/names.py NAME_RE, and no ".."
+  if (s.empty() || s.size() > 63 || s.find("..") != std::string::npos) return false;
+  for (size_t i = 0; i < s.size(); ++i) {
+    char c = s[i];
+    bool ok = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || (i > 0 && (c == '.' || c == '_' || c == '-'));
+    if (!ok) return false;
+  }
+  return true;
+}
+
+// Bytes of one length-delimited field as its own reader's input.
+bool sub(Reader& r, uint64_t max, std::string* out) {
+  uint64_t len;
+  return r.varint(&len) && len <= max && r.read(len, out);
+}
+
+// An input's header: a known datatype, 1 to 8 dimensions, none negative, a product that cannot overflow.
+// *elements gets the product, *size the datatype's element size.
+bool valid_tensor(const std::string& tensor, uint64_t* elements, int* size) {
+  std::vector<grpc::Slice> one{grpc::Slice(tensor.data(), tensor.size())};
+  Reader t(one);
+  std::string datatype, packed;
+  std::vector<uint64_t> dims;
+  while (!t.done()) {
+    uint64_t tag, dim;
+    if (!t.varint(&tag)) return false;
+    uint32_t f = uint32_t(tag >> 3), w = uint32_t(tag & 7);
+    if (f == 2 && w == 2) {
+      if (!sub(t, 64, &datatype)) return false;
+    } else if (f == 3 && w == 2) {
+      if (!sub(t, 4096, &packed)) return false;
+      std::vector<grpc::Slice> ps{grpc::Slice(packed.data(), packed.size())};
+      Reader p(ps);
+      while (!p.done()) {
+        if (!p.varint(&dim)) return false;
+        dims.push_back(dim);
+      }
+    } else if (f == 3 && w == 0) {
+      if (!t.varint(&dim)) return false;
+      dims.push_back(dim);
+    } else if (!t.skip_field(w)) {
+      return false;
+    }
+  }
+  *size = element_bytes(datatype);
+  if (*size < 0 || dims.empty() || dims.size() > size_t(kMaxRank)) return false;
+  uint64_t n = 1;
+  for (uint64_t d : dims) {
+    if (int64_t(d) < 0 || (d != 0 && n > kMaxElements / d)) return false;  // checked before it can overflow
+    n *= d;
+  }
+  *elements = n;
+  return true;
+}
+
+// A requested output: its classification parameter, if any, is an int64_param from 1 to max_top_k.
+bool valid_output(const std::string& output, int64_t max_top_k) {
+  std::vector<grpc::Slice> one{grpc::Slice(output.data(), output.size())};
+  Reader o(one);
+  std::string entry, key, value;
+  while (!o.done()) {
+    uint64_t tag;
+    if (!o.varint(&tag)) return false;
+    uint32_t f = uint32_t(tag >> 3), w = uint32_t(tag & 7);
+    if (f != 2 || w != 2) {
+      if (!o.skip_field(w)) return false;
+      continue;
+    }
+    if (!sub(o, 4096, &entry)) return false;  // a map entry: key (1), InferParameter (2)
+    std::vector<grpc::Slice> es{grpc::Slice(entry.data(), entry.size())};
+    Reader e(es);
+    key.clear();
+    value.clear();
+    while (!e.done()) {
+      uint64_t etag;
+      if (!e.varint(&etag)) return false;
+      uint32_t ef = uint32_t(etag >> 3), ew = uint32_t(etag & 7);
+      if (ef == 1 && ew == 2) {
+        if (!sub(e, 256, &key)) return false;
+      } else if (ef == 2 && ew == 2) {
+        if (!sub(e, 4096, &value)) return false;
+      } else if (!e.skip_field(ew)) {
+        return false;
+      }
+    }
+    if (key != "classification") continue;
+    std::vector<grpc::Slice> vs{grpc::Slice(value.data(), value.size())};
+    Reader v(vs);
+    bool is_int64 = false;
+    uint64_t k = 0;
+    while (!v.done()) {  // the last field of the oneof wins, as in protobuf
+      uint64_t vtag;
+      if (!v.varint(&vtag)) return false;
+      uint32_t vf = uint32_t(vtag >> 3), vw = uint32_t(vtag & 7);
+      is_int64 = vf == 2 && vw == 0;
+      if (is_int64 ? !v.varint(&k) : !v.skip_field(vw)) return false;
+    }
+    if (!is_int64 || int64_t(k) < 1 || int64_t(k) > max_top_k) return false;
+  }
+  return true;
+}
+
+bool valid_request(const std::vector<grpc::Slice>& slices, int64_t max_top_k) {
+  Reader r(slices);
+  std::string model, version, part;
+  std::vector<std::pair<uint64_t, int>> inputs;  // elements, element size
+  std::vector<uint64_t> raws;
+  while (!r.done()) {
+    uint64_t tag, len;
+    if (!r.varint(&tag)) return false;
+    uint32_t field = uint32_t(tag >> 3), wire = uint32_t(tag & 7);
+    if (field == 1 && wire == 2) {
+      if (!sub(r, 256, &model)) return false;
+    } else if (field == 2 && wire == 2) {
+      if (!sub(r, 32, &version)) return false;
+    } else if (field == 5 && wire == 2) {
+      uint64_t elements = 0;
+      int size = 0;
+      if (!sub(r, 4096, &part) || !valid_tensor(part, &elements, &size)) return false;
+      inputs.emplace_back(elements, size);
+    } else if (field == 6 && wire == 2) {
+      if (!sub(r, 4096, &part) || !valid_output(part, max_top_k)) return false;
+    } else if (field == 7 && wire == 2) {
+      if (!r.varint(&len) || !r.skip(len)) return false;
+      raws.push_back(len);
+    } else if (!r.skip_field(wire)) {
+      return false;
+    }
+  }
+  int64_t v = 0;
+  if (!valid_name(model) || (!version.empty() && !parse_version(version, &v))) return false;
+  if (inputs.empty() || inputs.size() > size_t(kMaxInputs)) return false;
+  if (raws.empty()) return true;
+  if (raws.size() != inputs.size()) return false;
+  for (size_t i = 0; i < raws.size(); ++i)
+    if (inputs[i].second > 0 && raws[i] != inputs[i].first * uint64_t(inputs[i].second)) return false;
+  return true;
+}
+
 std::string header(const grpc::GenericServerContext& ctx, const char* name) {
   auto it = ctx.client_metadata().find(name);
   return it == ctx.client_metadata().end() ? std::string() : std::string(it->second.data(), it->second.size());
 }
 
+// The caller's API key from 'authorization: Bearer <key>', or why it cannot be one. The messages are the
+// Python port's (fovea/rpc.py bearer_token, gateway/auth.py KeyCache.check): checked here from the metadata
+// alone, so an unauthenticated call is answered before its body is read.
+std::string credentials_problem(const grpc::GenericServerContext& ctx, std::string* secret) {
+  auto it = ctx.client_metadata().find("authorization");
+  if (it == ctx.client_metadata().end())
+    return "missing credentials: send metadata 'authorization: Bearer <api key>'";
+  std::string value(it->second.data(), it->second.size());
+  auto first = value.find_first_not_of(" \t"), last = value.find_last_not_of(" \t");
+  value = first == std::string::npos ? std::string() : value.substr(first, last - first + 1);
+  auto space = value.find(' ');
+  std::string scheme = value.substr(0, space), token;
+  if (space != std::string::npos) {
+    token = value.substr(space + 1);
+    auto b = token.find_first_not_of(" \t"), e = token.find_last_not_of(" \t");
+    token = b == std::string::npos ? std::string() : token.substr(b, e - b + 1);
+  }
+  if (strcasecmp(scheme.c_str(), "bearer") != 0 || token.empty())
+    return "malformed credentials: expected 'authorization: Bearer <api key>'";
+  if (token.rfind("fv_", 0) != 0 || token.size() > 200)
+    return "malformed API key: expected 'authorization: Bearer fv_...'";
+  *secret = token;
+  return "";
+}
+
+// Methods the Python port serves without a key.
+bool open_method(const std::string& m) {
+  return m.rfind("/grpc.health.v1.", 0) == 0 || m.rfind("/grpc.reflection.", 0) == 0;
+}
+
 bool reserved(const std::string& k) {
   return k.empty() || k[0] == ':' || k.rfind("grpc-", 0) == 0 || k == "te" || k == "content-type" ||
          k == "user-agent";
+}
+
+// The answer to a call sent to a worker and lost with its connection (gateway/routing.py says the same).
+std::string dropped_message(const std::string& address, const std::string& details) {
+  return "worker at " + address +
+         " dropped the connection while running this call; it was not retried because it may have caused "
+         "the failure (" + details + ")";
 }
 
 std::string new_request_id() {
@@ -292,12 +484,16 @@ class Call {
   }
   void on(Event e, bool ok);
   void arrived();
+  void proceed();
+  void verify();
+  void verified();
   void handle();
   void forward_native(const Head& head, std::vector<grpc::Slice>& slices);
   void attempt();
   void forward_slow();
   void start_slow();
   void up_answered();
+  bool never_served();
   void done(const Status& st);
   void finish(const Status& st);
   void copy_upstream_metadata(bool trailing);
@@ -320,10 +516,11 @@ class Call {
   bool cancelled_ = false;
   bool finishing_ = false;
   bool streaming_ = false;
+  bool verifying_ = false;  // asking the Python port whether an unknown key is valid, before reading the body
   bool up_closed_ = false;  // the relay's upstream sent its last message
   bool initial_copied_ = false;
   std::shared_ptr<const Routes> routes_;  // kept alive for the workers the call uses
-  std::string model_, rid_;
+  std::string model_, rid_, secret_;
   int64_t version_ = 0;
   bool tensors_ = true;
   SysClock::time_point deadline_;
@@ -333,6 +530,8 @@ class Call {
   bool counted_ = false;  // holds one of the front's pending-call slots
   std::chrono::steady_clock::time_point start_;
 };
+
+int64_t unread_window_bytes = 64 * 1024;
 
 grpc::ChannelArguments channel_args(int max_message_bytes) {
   grpc::ChannelArguments args;
@@ -362,7 +561,7 @@ class Front {
   std::unique_ptr<grpc::GenericStub> slow;
   std::string internal_auth;
   int max_message_bytes = 0;
-  int64_t default_deadline_ms = 30000, max_deadline_ms = 300000, max_samples = 64;
+  int64_t default_deadline_ms = 30000, max_deadline_ms = 300000, max_samples = 64, max_top_k = 100;
   int eject_after = 3;
   std::atomic<bool> accepting{true};
   int64_t max_pending = 4096;
@@ -400,11 +599,20 @@ class Front {
     auto it = keys.find(std::string(reinterpret_cast<char*>(digest), sizeof digest));
     if (it == keys.end()) return false;
     const Key& k = it->second;
-    if (k.role < kRoleInfer || (k.expires_ns && k.expires_ns <= now_ns())) return false;
+    if (!k.native || k.role < kRoleInfer || (k.expires_ns && k.expires_ns <= now_ns())) return false;
     if (k.patterns.empty()) return true;
     for (const auto& p : k.patterns)
       if (fnmatch(p.c_str(), model.c_str(), FNM_NOESCAPE) == 0) return true;
     return false;
+  }
+
+  // Whether Python verified this secret and it has not expired here: its call's body may be read.
+  bool known(const std::string& secret) {
+    unsigned char digest[SHA256_DIGEST_LENGTH];
+    sha256(secret, digest);
+    std::shared_lock lock(keys_mu);
+    auto it = keys.find(std::string(reinterpret_cast<char*>(digest), sizeof digest));
+    return it != keys.end() && (!it->second.expires_ns || it->second.expires_ns > now_ns());
   }
 
   // Power of two choices over the workers serving model/version, skipping those tried or ejected.
@@ -485,6 +693,7 @@ class Front {
         if (!w) {
           w = std::make_shared<Worker>();
           w->address = address;
+          w->main_address = main;
           w->stub = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
               address, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
           w->main = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
@@ -543,7 +752,11 @@ void Call::on(Event e, bool ok) {
       finish(Status(StatusCode::INVALID_ARGUMENT, "no request message"));
     }
   } else if (e == kUp) {
-    up_answered();
+    if (verifying_) {
+      verified();
+    } else {
+      up_answered();
+    }
   }
 }
 
@@ -555,18 +768,73 @@ void Call::arrived() {
     finish(Status(StatusCode::UNAVAILABLE, "gateway is draining; retry on another replica"));
     return;
   }
-  if (kStreams.count(ctx_.method())) {
-    relay();
-    return;
-  }
-  if (++f_->pending > f_->max_pending) {
+  if (++f_->pending > f_->max_pending) {  // streams too: each holds a call's worth of the front
     f_->pending--;
     finish(Status(StatusCode::RESOURCE_EXHAUSTED, "gateway is at its limit of " + std::to_string(f_->max_pending) +
                                                       " calls in progress; retry shortly"));
     return;
   }
   counted_ = true;
-  stream_.Read(&req_, start(kRead));
+  if (open_method(ctx_.method())) {
+    proceed();
+    return;
+  }
+  // Credentials before the body: an unauthenticated call costs no more than its metadata here.
+  std::string problem = credentials_problem(ctx_, &secret_);
+  if (!problem.empty()) {
+    finish(Status(StatusCode::UNAUTHENTICATED, problem));
+    return;
+  }
+  if (f_->known(secret_)) {
+    proceed();
+  } else {
+    verify();
+  }
+}
+
+void Call::proceed() {
+  if (kStreams.count(ctx_.method())) {
+    relay();
+  } else {
+    stream_.Read(&req_, start(kRead));
+  }
+}
+
+// A key this front has not seen: ask the Python port (ServerLive with the caller's metadata, which its
+// interceptor authenticates) before reading the body. Python caches the answer and, for a valid key,
+// hands it to this front, so a key's later calls skip this.
+void Call::verify() {
+  static const std::string kServerLive = "/inference.GRPCInferenceService/ServerLive";
+  start_slow();
+  if (cancelled_) {
+    finish(Status(StatusCode::CANCELLED, "cancelled by the caller"));
+    return;
+  }
+  verifying_ = true;
+  grpc::Slice empty;
+  unary_ = f_->slow->PrepareUnaryCall(up_.get(), kServerLive, ByteBuffer(&empty, 1), cq_);
+  unary_->StartCall();
+  up_pending_ = true;
+  unary_->Finish(&resp_, &up_status_, start(kUp));
+}
+
+void Call::verified() {
+  verifying_ = false;
+  up_pending_ = false;
+  if (!up_status_.ok()) {  // refused: its status and metadata, as the Python port answers
+    copy_upstream_metadata(false);
+    copy_upstream_metadata(true);
+    finish(up_status_);
+    return;
+  }
+  resp_.Clear();
+  unary_.reset();  // lives in the verification call's arena: freed before its context
+  up_.reset();
+  if (cancelled_) {
+    finish(Status(StatusCode::CANCELLED, "cancelled by the caller"));
+    return;
+  }
+  proceed();
 }
 
 void Call::handle() {
@@ -575,7 +843,7 @@ void Call::handle() {
     std::vector<grpc::Slice> slices;
     if (auth.size() > 7 && strncasecmp(auth.c_str(), "bearer ", 7) == 0 && req_.Dump(&slices).ok()) {
       Head head = scan_request(slices, f_->max_samples);
-      if (head.ok && f_->admit(auth.substr(7), head.model)) {
+      if (head.ok && f_->admit(auth.substr(7), head.model) && valid_request(slices, f_->max_top_k)) {
         forward_native(head, slices);
         return;
       }
@@ -646,7 +914,6 @@ void Call::attempt() {
 
 // The upstream context of a call passed to the Python port: the caller's deadline and metadata as they came.
 void Call::start_slow() {
-  f_->slow_calls++;
   up_ = std::make_unique<grpc::ClientContext>();
   if (ctx_.deadline() != SysClock::time_point::max()) up_->set_deadline(ctx_.deadline());
   for (const auto& [k, v] : ctx_.client_metadata()) {
@@ -656,6 +923,7 @@ void Call::start_slow() {
 }
 
 void Call::forward_slow() {
+  f_->slow_calls++;
   start_slow();
   if (cancelled_) {
     finish(Status(StatusCode::CANCELLED, "cancelled by the caller"));
@@ -677,9 +945,14 @@ void Call::up_answered() {
     return;
   }
   worker_->in_flight--;
-  bool retryable = st.error_code() == StatusCode::UNAVAILABLE;
-  f_->record(*worker_, !retryable);
-  if (retryable && attempt_ == 0 && !cancelled_ && SysClock::now() + std::chrono::milliseconds(1) < deadline_) {
+  bool unavailable = st.error_code() == StatusCode::UNAVAILABLE;
+  f_->record(*worker_, !unavailable);
+  if (unavailable && !never_served()) {  // it may have run when the connection dropped: a poison call?
+    std::string address = tensors_ ? worker_->address : worker_->main_address;
+    done(Status(StatusCode::UNAVAILABLE, dropped_message(address, st.error_message())));
+    return;
+  }
+  if (unavailable && attempt_ == 0 && !cancelled_ && SysClock::now() + std::chrono::milliseconds(1) < deadline_) {
     attempt_ = 1;
     tried_ = worker_->address;
     f_->retries++;
@@ -688,6 +961,17 @@ void Call::up_answered() {
     return;
   }
   done(st);
+}
+
+// Whether the worker certainly never ran the call that failed with UNAVAILABLE, so another may take it: it
+// refused it deliberately (trailing 'fovea-unserved: 1'), or no connection to it could be made. gRPC's API
+// tells neither whether the call reached a transport nor (from the channel's state) a refused connection from
+// one that dropped mid-call, so its text for "never connected" marks it, as on the Python port (gateway/routing.py).
+bool Call::never_served() {
+  const auto& md = up_->GetServerTrailingMetadata();
+  auto it = md.find("fovea-unserved");
+  if (it != md.end() && it->second == "1") return true;
+  return up_status_.error_message().find("failed to connect to all addresses") != std::string::npos;
 }
 
 void Call::copy_upstream_metadata(bool trailing) {
@@ -738,6 +1022,7 @@ void Call::finish(const Status& st) {
 // kUpStart, kUpWrite, kUpWritesDone, kUpRead and kUpFinish. The upstream's status ends the call.
 void Call::relay() {
   streaming_ = true;
+  f_->slow_calls++;
   start_slow();
   bidi_ = f_->slow->PrepareCall(up_.get(), ctx_.method(), cq_);
   up_pending_ = true;
@@ -806,6 +1091,9 @@ void Front::serve(grpc::ServerCompletionQueue* cq) {
 extern "C" {
 #pragma GCC visibility push(default)
 
+// The fast port's HTTP/2 stream window (gateway/config.py unread_window_bytes), for the fg_start calls after it.
+void fg_set_unread_window(int64_t bytes) { unread_window_bytes = bytes; }
+
 // Starts the fast port; *port gets the bound port. slow_address is the Python gateway's own port (plaintext,
 // on loopback). With cert_pem and key_pem it serves TLS; with client_ca_pem too, it requires client certificates.
 void* fg_start(const char* address, int max_message_bytes, const char* slow_address, const char* internal_token,
@@ -843,7 +1131,10 @@ void* fg_start(const char* address, int max_message_bytes, const char* slow_addr
   builder.SetMaxReceiveMessageSize(max_message_bytes);
   builder.SetMaxSendMessageSize(max_message_bytes);
   builder.AddChannelArgument("grpc.http2.max_frame_size", 1 << 20);
-  builder.AddChannelArgument("grpc.http2.lookahead_bytes", 8 << 20);
+  // What a caller may send before the front asks for a call's body, which it does only after checking the
+  // credentials: a fixed HTTP/2 stream window (bandwidth probing grows it to megabytes on a fast link).
+  builder.AddChannelArgument("grpc.http2.bdp_probe", 0);
+  builder.AddChannelArgument("grpc.http2.lookahead_bytes", int(unread_window_bytes));
   builder.RegisterAsyncGenericService(&f->service);
   for (int i = 0; i < std::max(threads, 1); ++i) f->cqs.push_back(builder.AddCompletionQueue());
   f->server = builder.BuildAndStart();
@@ -876,6 +1167,22 @@ void fg_put_key(void* fp, const char* digest, const char* key_id, int role, cons
   std::unique_lock lock(f->keys_mu);
   f->keys[std::string(digest, SHA256_DIGEST_LENGTH)] = std::move(k);
 }
+
+// A verified key with rate limits: its calls' bodies may be read here, and they go to the Python port, which
+// charges the limits. Until expires_ns, like fg_put_key's.
+void fg_put_limited_key(void* fp, const char* digest, const char* key_id, int64_t expires_ns) {
+  auto* f = static_cast<Front*>(fp);
+  Key k;
+  k.key_id = key_id;
+  k.expires_ns = expires_ns;
+  k.native = false;
+  std::unique_lock lock(f->keys_mu);
+  f->keys[std::string(digest, SHA256_DIGEST_LENGTH)] = std::move(k);
+}
+
+// The most classes a request's classification parameter may ask for (gateway/config.py max_top_k); set
+// before the first call.
+void fg_set_max_top_k(void* fp, int64_t k) { static_cast<Front*>(fp)->max_top_k = k; }
 
 // Forgets a key (revoked, changed or deleted): its next call goes through Python again.
 void fg_drop_key(void* fp, const char* key_id) {

@@ -1,9 +1,11 @@
-"""Acceptance 2: two workers under steady load, kill -9 one: no request fails, and the dead
-worker is no longer chosen."""
+"""Acceptance 2: two workers under steady load, kill -9 one: only the calls in flight on it fail (they may be
+what killed it, so they are not retried: issue 18), and the dead worker is no longer chosen."""
 
 from __future__ import annotations
 
 import asyncio
+
+import grpc
 
 from tests.gateway.conftest import Stack, auth, classify_request, gateway_over_workers, image_stub
 from tests.tinymodels import png
@@ -44,8 +46,10 @@ async def test_kill_9_one_worker_under_load(own_stack: Stack) -> None:
         f"{ok} calls ({ok - before_kill} after the kill), {len(failures)} failed, "
         f"{gw.gateway.retries} retried; attempts on the dead worker {chosen_after_ejection}"
     )
-    assert failures == [], failures[:3]
-    assert gw.gateway.retries >= 1  # calls that met the dead worker went on to the live one
+    assert len(failures) <= 4, failures  # at most the calls in flight on the killed worker, one per client
+    for exc in failures:
+        assert isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+        assert "dropped the connection while running this call" in (exc.details() or ""), exc
     assert f"fovea_gateway_upstream_retries_total {float(gw.gateway.retries)}" in gw.metrics.exposition().decode()
     assert ok - before_kill > 20
     assert _attempts(gw, victim_id) == chosen_after_ejection, "the dead worker was still chosen"

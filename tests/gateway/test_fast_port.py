@@ -62,8 +62,9 @@ async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(
     explicit = await stub.ModelInfer(ident_request(0, version="1"), metadata=auth(secret), timeout=10)
     assert explicit.model_version == "1"
     counts = gw.native.counts()
-    # the first call verified the key through Python; the other ten ran in C++ to the workers' fast ports
-    assert counts["python"] == 1 and counts["native"] == 10, counts
+    # the first call's key was verified by Python (ServerLive with its metadata) before its body was read;
+    # then all eleven ran in C++ to the workers' fast ports
+    assert counts["python"] == 0 and counts["native"] == 11, counts
     assert await _fast_port_successes(stack, "ident") == before + 11
     # other methods and errors: passed to Python, answered as on the main port
     image = pb.ModelInferRequest(model_name="colors")
@@ -73,7 +74,7 @@ async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(
     resp = await stub.ModelInfer(image, metadata=auth(secret), timeout=10)
     assert b"red" in resp.raw_output_contents[0]
     # images are also forwarded natively, to a worker's main port, which decodes them
-    assert gw.native.counts()["native"] == 11
+    assert gw.native.counts()["native"] == 12
     assert await _fast_port_successes(stack, "colors") == colors_fast
     live = await stub.ServerLive(pb.ServerLiveRequest(), metadata=auth(secret), timeout=10)
     assert live.live
@@ -82,7 +83,7 @@ async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(
     code, msg = await status_of(stub.ModelInfer(ident_request(), metadata=auth("fv_nope"), timeout=10))
     assert code == grpc.StatusCode.UNAUTHENTICATED
     bad = ident_request()
-    bad.inputs[0].shape[:] = [3, 4]  # the bytes hold two rows: the worker refuses it
+    bad.inputs[0].shape[:] = [3, 4]  # the bytes hold two rows: the gateway refuses it
     code, msg = await status_of(stub.ModelInfer(bad, metadata=auth(secret), timeout=10))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, msg
     code, msg = await status_of(stub.ModelInfer(ident_request(0, version="7"), metadata=auth(secret), timeout=10))
@@ -175,16 +176,16 @@ async def test_native_calls_reach_the_metrics_and_the_access_log(stack: Stack, g
     channel, stub = fast_stub(gw)
     for i in range(4):
         await stub.ModelInfer(ident_request(i), metadata=auth(secret, rid=f"native-{i}"), timeout=10)
-    assert gw.native.counts()["native"] == 3
+    assert gw.native.counts()["native"] == 4  # the first call's key was verified (ServerLive) before its body
     await asyncio.sleep(0.5)  # drained every 0.2 s
     gw.metrics.access_log.flush()
     lines = {line.get("request_id"): line for line in map(json.loads, access.getvalue().splitlines())}
-    for i in range(1, 4):  # the first call went through Python, and is logged there
+    for i in range(4):
         line = lines[f"native-{i}"]
         assert (line["method"], line["code"], line["model"], line["version"]) == ("ModelInfer", "OK", "ident", "1")
     text = gw.metrics.exposition().decode()
     assert 'fovea_gateway_requests_total{code="OK",method="ModelInfer",model="ident"} 4.0' in text
-    assert 'fovea_gateway_fast_port_calls_total{path="native"} 3.0' in text
+    assert 'fovea_gateway_fast_port_calls_total{path="native"} 4.0' in text
     assert secret not in access.getvalue()
     await channel.close()
 
@@ -199,14 +200,15 @@ async def test_native_calls_spread_over_two_equal_workers(stack: Stack, gateways
     secret = await asyncio.to_thread(stack.key)
     before = {w.worker_id: n for w, n in await _per_worker_successes(stack)}
     channel, stub = fast_stub(gw)
-    await stub.ModelInfer(ident_request(), metadata=auth(secret), timeout=10)  # verifies the key through Python
+    # its key is verified by Python (ServerLive) before its body is read; then it runs natively too
+    await stub.ModelInfer(ident_request(), metadata=auth(secret), timeout=10)
 
     async def client(c: int) -> None:
         for i in range(40):
             await stub.ModelInfer(ident_request(c * 100 + i), metadata=auth(secret), timeout=10)
 
     await asyncio.gather(*(client(c) for c in range(6)))
-    assert gw.native.counts()["native"] == 240
+    assert gw.native.counts()["native"] == 241
     served = {w.worker_id: n - before.get(w.worker_id, 0) for w, n in await _per_worker_successes(stack)}
     total = sum(served.values())
     assert total == 241 and len(served) == 2, served
@@ -260,8 +262,12 @@ async def test_kill_9_one_worker_under_native_load(own_stack: Stack) -> None:
     await asyncio.gather(*clients)
     counts = gw.native.counts()
     print(f"{ok} calls ({ok - before_kill} after the kill), {len(failures)} failed; native {counts}")
-    assert failures == [], failures[:3]
-    assert counts["retries"] >= 1  # calls that met the dead worker went on to the live one
+    # Calls in flight on the killed worker fail (at most one per client): they may be what killed it, so
+    # they are not retried (issue 18). Calls that met its refused connection went on to the live one.
+    assert len(failures) <= 4, failures
+    for exc in failures:
+        assert isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+        assert "dropped the connection while running this call" in (exc.details() or ""), exc
     await asyncio.sleep(0.3)  # drained into the metrics every 0.2 s
     assert f"fovea_gateway_upstream_retries_total {float(counts['retries'])}" in gw.metrics.exposition().decode()
     assert counts["native"] > ok * 0.9

@@ -1,0 +1,235 @@
+"""Issue 18 on every gateway port: malformed ModelInfer calls are refused by the gateway itself (fix 1), and a
+call that kills its worker is not retried on another (fix 2). Behind the gateway are fault-injection stand-ins
+(tests/gateway/fault_worker.py), registered through the registry's real Heartbeat: a worker that dies on the
+first call it receives, and a healthy one that records every call it receives."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import grpc
+import numpy as np
+import pytest
+import redis
+
+from fovea.cluster import Service
+from fovea.redis_server import RedisServer
+from fovea.registry_link import RegistryLink
+from fovea.v1 import model_pb2
+from gateway.config import GatewayConfig
+from gateway.server import GatewayServer, build_server
+from inference import grpc_predict_v2_pb2 as pb
+from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from tests.gateway.conftest import Stack, auth, start_stack, status_of
+from tests.gateway.fault_worker import CountingWorker, heartbeat_forever, status
+from tests.tinymodels import identity_model
+
+
+
+@pytest.fixture(scope="module")
+def registry(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A registry with no real workers: only the stand-ins serve the models here."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/13"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    stack = start_stack(tmp_path_factory.mktemp("poison"), url, n_workers=0)
+    yield stack
+    stack.cluster.stop()
+
+
+def register(stack: Stack, model: str) -> int:
+    mv = stack.rc.register(identity_model(), model_pb2.ModelVersion(name=model))
+    stack.rc.set_alias(model, "production", [(mv.version, 100)])
+    return int(mv.version)
+
+
+def start_dying_worker(stack: Stack) -> Service:
+    """Fault injection: a process that os._exit()s on the first ModelInfer it receives."""
+    return stack.cluster.start(
+        "dying-worker", "tests.gateway.fault_worker", {}, argv=[sys.executable, "-m", "tests.gateway.fault_worker"]
+    )
+
+
+async def gateway_seeing(stack: Stack, model: str, workers: int) -> GatewayServer:
+    gw = await build_server(
+        GatewayConfig(
+            port=0,
+            registry_address=stack.registry.address,
+            registry_token=stack.cluster.gateway_token,
+            worker_token=stack.cluster.worker_call_token,
+            log_json=True,
+        )
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while loop.time() < deadline:
+        listed = [ep for ep in gw.gateway.workers.endpoints.values() if any(m.name == model for m in ep.status.models)]
+        if len(listed) == workers and gw.native is not None and gw.native.routes.count(f"W {model} ") == workers:
+            if f"A {model} " in gw.native.routes:
+                return gw
+        await asyncio.sleep(0.05)
+    await gw.stop(0)
+    raise AssertionError(f"the gateway never saw {workers} workers with {model}")
+
+
+@pytest.fixture
+async def stand_ins(registry: Stack) -> AsyncIterator[Callable[..., object]]:
+    """start(model, [(worker_id, address, queue_depth)]) keeps the stand-ins listed until the test ends."""
+    link = RegistryLink(registry.registry.address, registry.cluster.worker_token)
+    beats: list[asyncio.Task[None]] = []
+
+    async def start(model: str, version: int, workers: list[tuple[str, str, int]]) -> None:
+        statuses = [status(wid, address, model, version, depth) for wid, address, depth in workers]
+        for st in statuses:
+            await link.heartbeat(st)
+        beats.append(asyncio.create_task(heartbeat_forever(link, statuses)))
+
+    yield start
+    for beat in beats:
+        beat.cancel()
+    await asyncio.gather(*beats, return_exceptions=True)
+    await link.close()
+
+
+def tensor_request(model: str, k: int | None = None) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model, id="r1")
+    req.inputs.add(name="input", datatype="FP32", shape=[2, 4])
+    req.raw_input_contents.append(np.arange(8, dtype=np.float32).tobytes())
+    if k is not None:
+        req.outputs.add(name="logits").parameters["classification"].int64_param = k
+    return req
+
+
+def stub_for(gw: GatewayServer, port: str) -> tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port if port == 'main' else gw.fast_port}")
+    return channel, pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def retries(gw: GatewayServer, port: str) -> int:
+    return gw.gateway.retries if port == "main" else int(gw.native.counts()["retries"])  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("port", ["main", "fast"])
+async def test_a_call_that_kills_its_worker_is_not_retried_on_another(
+    registry: Stack, stand_ins: Callable[..., object], port: str
+) -> None:
+    """The dying worker looks idle and the healthy one busy, so the gateway sends the call to the dying one
+    first. Its connection drops with the call in flight: the caller gets UNAVAILABLE saying so, and the healthy
+    worker never sees the call. The next call meets a refused connection (the dead worker is still listed as
+    ready), which it may retry: the healthy worker answers it."""
+    model = f"poison-{port}"
+    version = await asyncio.to_thread(register, registry, model)
+    dying = await asyncio.to_thread(start_dying_worker, registry)
+    healthy = await CountingWorker().start()
+    await stand_ins(  # type: ignore[operator]
+        model, version, [(f"dying-{port}", dying.address, 0), (f"healthy-{port}", f"127.0.0.1:{healthy.port}", 100)]
+    )
+    gw = await gateway_seeing(registry, model, 2)
+    secret = await asyncio.to_thread(registry.key)
+    channel, stub = stub_for(gw, port)
+    try:
+        code, msg = await status_of(stub.ModelInfer(tensor_request(model), metadata=auth(secret), timeout=10))
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, msg)
+        assert f"worker at {dying.address} dropped the connection while running this call" in msg, msg
+        assert "not retried because it may have caused the failure" in msg, msg
+        assert await asyncio.to_thread(dying.proc.wait, 10) == 3  # it died of that call
+        assert healthy.received == [], "the call that killed one worker was sent to a second"
+        assert retries(gw, port) == 0
+        resp = await stub.ModelInfer(tensor_request(model), metadata=auth(secret), timeout=10)
+        assert resp.id == "r1" and len(healthy.received) == 1
+        assert retries(gw, port) == 1  # the refused connection, retried on the healthy worker
+        if port == "fast":
+            assert gw.native is not None and gw.native.counts()["native"] == 2  # both ran in C++
+    finally:
+        await channel.close()
+        await gw.stop(0)
+        await healthy.stop()
+
+
+K_RANGE = "expected 1 to 100"
+# (case, change to a valid request, the gateway's message): one table for both ports, whose answers must be
+# the same word for word (the fast port passes what it finds invalid to the Python port, which words it).
+REFUSALS: list[tuple[str, Callable[[pb.ModelInferRequest], None], str]] = [
+    ("k = 2^31", lambda r: _k(r, 2**31), f"output 'logits': classification asks for 2147483648 classes; {K_RANGE}"),
+    ("k = 2^63-1", lambda r: _k(r, 2**63 - 1), f"classification asks for 9223372036854775807 classes; {K_RANGE}"),
+    ("k = 0", lambda r: _k(r, 0), f"output 'logits': classification asks for 0 classes; {K_RANGE}"),
+    ("k = -1", lambda r: _k(r, -1), f"output 'logits': classification asks for -1 classes; {K_RANGE}"),
+    ("k = 101", lambda r: _k(r, 101), f"classification asks for 101 classes; {K_RANGE}"),
+    (
+        "k as a string",
+        lambda r: _k_text(r),
+        "the classification parameter must be an int64_param",
+    ),
+    ("negative dimension", lambda r: _shape(r, [-1, 4]), "input 'input' has a negative dimension in its shape [-1, 4]"),
+    ("rank 9", lambda r: _shape(r, [1] * 9), "input 'input' has 9 dimensions; expected 1 to 8"),
+    ("rank 0", lambda r: _shape(r, []), "input 'input' has 0 dimensions; expected 1 to 8"),
+    ("overflowing shape", lambda r: _shape(r, [2**40, 2**40]), "input 'input' has too many elements in its shape"),
+    ("unknown datatype", lambda r: setattr(r.inputs[0], "datatype", "FP128"), "unknown datatype 'FP128'"),
+    (
+        "raw size",
+        lambda r: _shape(r, [3, 4]),
+        "input 'input' has 32 bytes of raw contents; shape [3, 4] of FP32 needs 48",
+    ),
+    ("raw count", lambda r: r.raw_input_contents.append(b"\0" * 4), "2 raw_input_contents for 1 inputs"),
+    ("no inputs", lambda r: (r.ClearField("inputs"), r.ClearField("raw_input_contents")), "no inputs"),
+    ("17 inputs", lambda r: _inputs(r, 17), "17 inputs; the limit is 16"),
+    ("model name", lambda r: setattr(r, "model_name", "Bad Name"), "invalid model name 'Bad Name'"),
+    ("version text", lambda r: setattr(r, "model_version", "1x"), "model_version must be a positive number, got '1x'"),
+    ("version 0", lambda r: setattr(r, "model_version", "0"), "model_version must be a positive number, got '0'"),
+]
+
+
+def _k(r: pb.ModelInferRequest, k: int) -> None:
+    r.outputs.add(name="logits").parameters["classification"].int64_param = k
+
+
+def _k_text(r: pb.ModelInferRequest) -> None:
+    r.outputs.add(name="logits").parameters["classification"].string_param = "5"
+
+
+def _shape(r: pb.ModelInferRequest, shape: list[int]) -> None:
+    r.inputs[0].ClearField("shape")
+    r.inputs[0].shape.extend(shape)
+
+
+def _inputs(r: pb.ModelInferRequest, n: int) -> None:
+    r.ClearField("inputs")
+    r.ClearField("raw_input_contents")
+    for i in range(n):
+        r.inputs.add(name=f"in{i}", datatype="FP32", shape=[1])
+        r.raw_input_contents.append(b"\0" * 4)
+
+
+async def test_malformed_calls_are_refused_by_the_gateway_on_every_port(
+    registry: Stack, stand_ins: Callable[..., object]
+) -> None:
+    """Each case gets INVALID_ARGUMENT with the same message on both ports, and the worker never sees it;
+    the same call without the fault goes through (so the worker is reachable and the test can fail)."""
+    model = "refusals"
+    version = await asyncio.to_thread(register, registry, model)
+    worker = await CountingWorker().start()
+    await stand_ins(model, version, [("counting-refusals", f"127.0.0.1:{worker.port}", 0)])  # type: ignore[operator]
+    gw = await gateway_seeing(registry, model, 1)
+    secret = await asyncio.to_thread(registry.key)
+    stubs = {port: stub_for(gw, port) for port in ("main", "fast")}
+    try:
+        for _, stub in stubs.values():  # each port takes a good call (and caches the key)
+            await stub.ModelInfer(tensor_request(model, k=3), metadata=auth(secret), timeout=10)
+        assert len(worker.received) == 2
+        native_before = gw.native.counts()["native"]  # type: ignore[union-attr]
+        for case, fault, expected in REFUSALS:
+            for port, (_, stub) in stubs.items():
+                req = tensor_request(model)
+                fault(req)
+                code, msg = await status_of(stub.ModelInfer(req, metadata=auth(secret), timeout=10))
+                assert (code, expected in msg) == (grpc.StatusCode.INVALID_ARGUMENT, True), (case, port, code, msg)
+        assert len(worker.received) == 2, "a malformed call reached the worker"
+        assert gw.native.counts()["native"] == native_before  # type: ignore[union-attr]
+    finally:
+        for channel, _ in stubs.values():
+            await channel.close()
+        await gw.stop(0)
+        await worker.stop()
