@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -62,7 +62,7 @@ async def follow(
     decode: Callable[[bytes], T],
     block_ms: int = 1000,
     retry_max_s: float = 0.5,
-) -> AsyncIterator[T]:
+) -> AsyncGenerator[T, None]:
     """Yield snapshot(), then every event appended to the stream, forever.
 
     Redis errors never end the stream: it waits with backoff and starts over

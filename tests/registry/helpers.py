@@ -64,7 +64,7 @@ class Reg:
         )
 
     async def create_key(
-        self, role: int, patterns: tuple[str, ...] = (), ttl_s: int = 0
+        self, role: registry_pb2.Role, patterns: tuple[str, ...] = (), ttl_s: int = 0
     ) -> tuple[registry_pb2.ApiKey, str]:
         resp = await self.call(
             "CreateApiKey", registry_pb2.CreateApiKeyRequest(role=role, model_patterns=patterns, ttl_s=ttl_s)
@@ -72,7 +72,10 @@ class Reg:
         return resp.key, resp.secret
 
     async def heartbeat(
-        self, worker_id: str, models: tuple[tuple[str, int], ...] = (), state: int = registry_pb2.WORKER_STATE_READY
+        self,
+        worker_id: str,
+        models: tuple[tuple[str, int], ...] = (),
+        state: registry_pb2.WorkerState = registry_pb2.WORKER_STATE_READY,
     ) -> float:
         status = registry_pb2.WorkerStatus(
             worker_id=worker_id,
@@ -150,8 +153,9 @@ class Watch:
         self.task.cancel()
 
 
-def redis_state(url: str) -> dict[bytes, bytes]:
-    """Every key of the database with its DUMP, to prove nothing changed."""
+def redis_state(url: str) -> dict[bytes | str, bytes | None]:
+    """Every key of the database with its DUMP, to prove nothing changed (redis-py's types allow str keys and
+    a None DUMP, for a client that decodes and a key that went away)."""
     import redis
 
     client = redis.Redis.from_url(url)

@@ -18,20 +18,23 @@ UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 
 def _all_redis_bytes(url: str) -> bytes:
     client = redis.Redis.from_url(url)
-    out = []
+    out: list[bytes | str | None] = []
     for k in client.keys("*"):
         kind = client.type(k)
         if kind == b"string":
             out.append(client.get(k))
         elif kind == b"hash":
-            out.extend(v for pair in client.hgetall(k).items() for v in pair)
+            out.extend(v for pair in (client.hgetall(k) or {}).items() for v in pair)
         elif kind == b"set":
             out.extend(client.smembers(k))
         elif kind == b"stream":
-            out.extend(v for _, fields in client.xrange(k) for v in fields.values())
+            out.extend(v for _, fields in client.xrange(k) or [] for v in (fields or {}).values())
         out.append(k)
     client.close()
-    return b"\n".join(out)
+    # redis-py's types allow str (decode_responses) and None; this client decodes nothing
+    values = [v for v in out if isinstance(v, bytes)]
+    assert len(values) == len(out), out
+    return b"\n".join(values)
 
 
 async def test_secret_is_shown_once_and_stored_only_as_a_salted_digest(reg: Reg, redis_url: str) -> None:
@@ -51,7 +54,7 @@ async def test_secret_is_shown_once_and_stored_only_as_a_salted_digest(reg: Reg,
     client = redis.Redis.from_url(redis_url)
     salts = [client.hget(f"fovea:apikey:{k}", "salt") for k in (key.key_id, other.key_id)]
     client.close()
-    assert len(set(salts)) == 2 and all(len(s) == 16 for s in salts)
+    assert len(set(salts)) == 2 and all(isinstance(s, bytes) and len(s) == 16 for s in salts)
     # The secret works as a credential.
     as_key = reg.with_token(secret)
     assert (await as_key.call("ListModels", model_pb2.ListModelsRequest())).models == []

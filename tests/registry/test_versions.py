@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import pathlib
+from typing import Any
 
 import grpc
 
@@ -202,5 +203,6 @@ def test_config_limits_must_be_positive() -> None:
         "max_concurrent_uploads",
         "max_alias_history",
     ):
+        zero: dict[str, Any] = {field: 0}  # any of the fields above
         with pytest.raises(ValidationError):
-            RegistryConfig(**{field: 0})
+            RegistryConfig(**zero)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import TypedDict
 
 import grpc
 
@@ -102,16 +103,26 @@ async def test_watch_workers_reports_joins_and_state_changes(reg: Reg) -> None:
     watch.close()
 
 
+class _StatusFields(TypedDict, total=False):
+    """Some of a WorkerStatus's fields, as keyword arguments."""
+
+    worker_id: str
+    address: str
+    state: registry_pb2.WorkerState
+    models: list[registry_pb2.LoadedModel]
+    device: registry_pb2.Device
+
+
 async def test_bad_heartbeats_are_invalid_argument(reg: Reg) -> None:
-    base = dict(worker_id="w", address="127.0.0.1:1", state=registry_pb2.WORKER_STATE_READY)
-    bad = [
+    base: _StatusFields = dict(worker_id="w", address="127.0.0.1:1", state=registry_pb2.WORKER_STATE_READY)
+    bad: list[tuple[_StatusFields, str]] = [
         ({"address": ""}, "host:port address"),
         ({"state": registry_pb2.WORKER_STATE_UNSPECIFIED}, "needs a state"),
         ({"models": [registry_pb2.LoadedModel(name="colors", version=0)]}, "needs a version"),
         ({"device": registry_pb2.Device(kind="x" * 65)}, "device kind"),
     ]
     for change, expected in bad:
-        fields = {**base, **change}
+        fields: _StatusFields = {**base, **change}
         code, msg = await status_of(
             reg.call("Heartbeat", registry_pb2.HeartbeatRequest(status=registry_pb2.WorkerStatus(**fields)))
         )
