@@ -17,12 +17,11 @@ import fnmatch
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from fovea.errors import FoveaError, PermissionDenied, Unauthenticated
-from fovea.registry_link import RegistryLink
 from fovea.rpc import bearer_token
 from fovea.v1 import registry_pb2
 
@@ -31,9 +30,15 @@ MAX_REFUSED_ENTRIES = 10_000
 MAX_CHANGED_ENTRIES = 10_000
 
 
+class KeyVerifier(Protocol):
+    """What the cache asks: the registry's record of a secret (fovea.registry_link.RegistryLink)."""
+
+    async def verify_key(self, secret: str) -> registry_pb2.ApiKey: ...
+
+
 class KeyCache:
     def __init__(
-        self, link: RegistryLink, ttl_s: float, refused_ttl_s: float = 1.0, min_role: int = registry_pb2.ROLE_INFER
+        self, link: KeyVerifier, ttl_s: float, refused_ttl_s: float = 1.0, min_role: int = registry_pb2.ROLE_INFER
     ) -> None:
         self.link = link
         self.ttl_s = ttl_s

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import grpc
 import pytest
 
 from fovea.v1 import registry_pb2
+from gateway.auth import KeyVerifier
 from tests.gateway.conftest import GatewayFactory, Stack, auth, status_of, wait_routable
 from tests.gateway.test_fast_port import ident_request, until
 from tests.gateway.test_quotas import infer_stub
@@ -22,7 +22,7 @@ from tests.gateway.test_quotas import infer_stub
 class DelayedVerifications:
     """Fault injection: the registry's real VerifyApiKey answer, handed to the gateway only once released."""
 
-    def __init__(self, link: Any) -> None:
+    def __init__(self, link: KeyVerifier) -> None:
         self.link = link
         self.answered = asyncio.Event()
         self.release = asyncio.Event()

@@ -22,6 +22,7 @@ from fovea.cluster import Cluster
 from fovea.redis_server import RedisServer, free_port
 from fovea.v1 import model_pb2
 from inference import grpc_predict_v2_pb2 as pb
+from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.tinymodels import color_model, png
 from tests.worker.conftest import busy_input, output_array, poll, stub, tensor_request
 from tests.worker.slowmodels import bomb_png, busy_model
@@ -88,7 +89,7 @@ def stack(
         cluster.stop()
 
 
-async def _ok(s: Stack, stub_: object) -> None:
+async def _ok(s: Stack, stub_: pb_grpc.GRPCInferenceServiceStub) -> None:
     """The worker still serves: a plain request answers correctly."""
     resp = await stub_.ModelInfer(tensor_request("busy", busy_input(1, rows=2, tag=5)), metadata=s.md, timeout=30)
     np.testing.assert_allclose(output_array(resp)[:, 1], [10.0, 12.0])
@@ -232,7 +233,7 @@ async def test_moving_production_under_load_fails_nothing_and_switches_within_2s
     ).version
     channel, s = stub(stack.port)
     seen: list[tuple[float, str, float]] = []  # (time answered, version, output scale)
-    errors: list[BaseException] = []
+    errors: list[grpc.aio.AioRpcError] = []
     stop = asyncio.Event()
 
     async def client(i: int) -> None:
