@@ -97,7 +97,7 @@ def test_other_public_calls(fuzzer: Fuzzer) -> None:
 
 
 def test_registry_requests(fuzzer: Fuzzer) -> None:
-    run(fuzzer, registry_calls(), 700)
+    run(fuzzer, registry_calls(), 800)
     assert_clean(fuzzer, REGISTRY)
 
 
