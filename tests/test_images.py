@@ -262,6 +262,15 @@ def test_truncated_files_are_invalid_image(coffee: np.ndarray, fmt: str) -> None
             decode(encoded[:cut], LIMIT)
 
 
+def test_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
+    """Each progressive scan is a pass over the whole image: a CPU bomb in a small file (fixture: cjpeg -scans)."""
+    encoded = (FIXTURES / "many-scans.jpg").read_bytes()
+    with pytest.raises(InvalidImage, match="JPEG has 99 scans; the limit is 64"):
+        decode(encoded, LIMIT)
+    progressive = encode(Image.fromarray(data.coffee()), "JPEG", quality=95, progressive=True)
+    assert difference(decode(progressive, LIMIT), data.coffee()) < 4  # an ordinary progressive JPEG still decodes
+
+
 def test_pixel_limit_applies_to_jpeg_headers() -> None:
     encoded = encode(Image.new("RGB", (300, 200)), "JPEG")
     assert image_size(encoded) == (300, 200)
