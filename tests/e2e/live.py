@@ -55,7 +55,7 @@ def start_live(
     aliases, workers serving both, gateways with their native fast port on, and one key per role."""
     cluster = Cluster(data_dir, redis_url=redis_url)
     try:
-        registry = cluster.start_registry(**(registry_env or {}))
+        registry = cluster.start_registry(port=0, **(registry_env or {}))
         rc = RegistryClient(registry.address, cluster.admin_token, timeout_s=30)
         live = Live(cluster, registry, rc)
         for name, artifact in (("colors", color_model()), ("ident", identity_model())):
@@ -65,10 +65,10 @@ def start_live(
             live.keys[role] = rc.create_key(role)[1]
         live.keys["ident-only"] = rc.create_key("infer", model_patterns=["ident"])[1]
         for i in range(workers):
-            live.workers.append(start_worker(live, f"worker{i}", **(worker_env or {})))
+            live.workers.append(start_worker(live, f"worker{i}", port=0, **(worker_env or {})))
         wait_ready(live, workers)
         for i in range(gateways):
-            gateway, fast = start_gateway(live, f"gateway{i}", **(gateway_env or {}))
+            gateway, fast = start_gateway(live, f"gateway{i}", port=0, fast_port=0, **(gateway_env or {}))
             live.gateways.append(gateway)
             live.gateway_fast.append(fast)
         return live

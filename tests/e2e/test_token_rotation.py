@@ -89,14 +89,14 @@ def classify_blue(client: Client, within_s: float = 20.0) -> None:
 
 
 def test_rolling_rotation_of_every_service_token(cluster: Cluster) -> None:
-    reg = cluster.start_registry(**registry_env(OLD))
+    reg = cluster.start_registry(port=0, **registry_env(OLD))
     rc = RegistryClient(reg.address, OLD["admin"])
     mv = rc.register(color_model(), model_pb2.ModelVersion(name="colors"))
     rc.set_alias("colors", "production", [(mv.version, 100)])
     _, secret = rc.create_key("infer")
     rc.close()
-    worker = cluster.start_worker(reg.address, ["colors"], **worker_env(OLD, OLD))
-    gw = cluster.start_gateway(reg.address, **gateway_env(OLD))
+    worker = cluster.start_worker(reg.address, ["colors"], name="worker", port=0, **worker_env(OLD, OLD))
+    gw = cluster.start_gateway(reg.address, port=0, name="gateway", **gateway_env(OLD))
     client = Client(gw.address, secret, timeout_s=10)
     classify_blue(client)
     assert worker_call(worker.address, NEW["call"]) == grpc.StatusCode.UNAUTHENTICATED  # not yet rolled out
@@ -110,9 +110,9 @@ def test_rolling_rotation_of_every_service_token(cluster: Cluster) -> None:
         if old.name == "registry":
             new = cluster.start_registry(port=int(old.address.rsplit(":", 1)[1]), **env)
         elif old.name.startswith("worker"):
-            new = cluster.start_worker(reg.address, ["colors"], name=f"worker{step}", **env)
+            new = cluster.start_worker(reg.address, ["colors"], name=f"worker{step}", port=0, **env)
         else:
-            new = cluster.start_gateway(reg.address, **env)
+            new = cluster.start_gateway(reg.address, port=0, name="gateway", **env)
             client.close()
             client = Client(new.address, secret, timeout_s=10)
         classify_blue(client)  # mixed settings serve at every step of the roll

@@ -40,7 +40,7 @@ class Stack:
 
 def start_stack(tmp: pathlib.Path, redis_url: str, n_workers: int = 2, **registry_env: str) -> Stack:
     cluster = Cluster(tmp, redis_url=redis_url)
-    reg = cluster.start_registry(**registry_env)
+    reg = cluster.start_registry(port=0, **registry_env)
     rc = RegistryClient(reg.address, cluster.admin_token, timeout_s=30)
     for name, artifact in (("colors", color_model()), ("ident", identity_model())):
         mv = rc.register(artifact, model_pb2.ModelVersion(name=name))
