@@ -59,6 +59,7 @@ def pillow_seeds(rgb: Image.Image) -> dict[str, bytes]:
         "lossy.webp": save(rgb, "WEBP", quality=50),
         "lossless.webp": save(rgba, "WEBP", lossless=True),
         "animated.webp": save(frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=50),
+        "animated.png": save(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=50),
         "animated.gif": save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0),
         "transparent.gif": save(palette, "GIF", transparency=0),
         "rgb.bmp": save(rgb, "BMP"),
@@ -75,8 +76,9 @@ def imagemagick_seeds(rgb: Image.Image) -> dict[str, bytes]:
         rgb.save(src)
         commands = {
             "ycck.jpg": ["-colorspace", "CMYK", "jpg:{out}"],
-            "rgb16.png": ["-depth", "16", "PNG48:{out}"],
-            "interlaced.png": ["-interlace", "PNG", "png:{out}"],
+            # no date chunks, so running this again writes the same bytes
+            "rgb16.png": ["-depth", "16", "-define", "png:exclude-chunks=date,time", "PNG48:{out}"],
+            "interlaced.png": ["-interlace", "PNG", "-define", "png:exclude-chunks=date,time", "png:{out}"],
         }
         seeds = {}
         for name, args in commands.items():

@@ -202,7 +202,7 @@ def test_rgb_png_with_a_transparent_colour_is_white_there(coffee: np.ndarray) ->
     assert (got[:30] == 255).all() and np.array_equal(got[30:], coffee[30:])
 
 
-@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])  # PNG: APNG
 def test_animation_gives_its_first_frame(coffee: np.ndarray, chelsea: np.ndarray, fmt: str) -> None:
     frames = [Image.fromarray(coffee), Image.fromarray(chelsea).resize((600, 400)), Image.new("RGB", (600, 400))]
     options = {"quality": 95} if fmt == "WEBP" else {}
