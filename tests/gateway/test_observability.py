@@ -115,8 +115,12 @@ def _certs(tmp: pathlib.Path) -> dict[str, pathlib.Path]:
     now = datetime.datetime.now(datetime.UTC)
 
     def make(
-        name: str, issuer_key: object, issuer: x509.Name | None, ca: bool, san: list[x509.GeneralName]
-    ) -> tuple[object, x509.Certificate]:
+        name: str,
+        issuer_key: ec.EllipticCurvePrivateKey | None,
+        issuer: x509.Name | None,
+        ca: bool,
+        san: list[x509.GeneralName],
+    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         builder = (
@@ -131,18 +135,19 @@ def _certs(tmp: pathlib.Path) -> dict[str, pathlib.Path]:
         )
         if san:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return key, builder.sign(issuer_key or key, hashes.SHA256())  # type: ignore[arg-type]
+        return key, builder.sign(issuer_key or key, hashes.SHA256())
 
     ca_key, ca_cert = make("fovea test CA", None, None, True, [])
     files = {}
-    for name, san in (
+    leaves: list[tuple[str, list[x509.GeneralName]]] = [
         ("server", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
         ("client", [x509.DNSName("client")]),
-    ):
+    ]
+    for name, san in leaves:
         key, cert = make(name, ca_key, ca_cert.subject, False, san)
         files[f"{name}_key"] = tmp / f"{name}.key"
         files[f"{name}_key"].write_bytes(
-            key.private_bytes(  # type: ignore[attr-defined]
+            key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
         )
@@ -230,6 +235,7 @@ async def test_the_fast_port_serves_tls_and_mutual_tls_too(
     await wait_routable(mtls, "ident")
     for _ in range(2):  # the first call verifies the key through Python, the second runs natively
         assert await infer(grpc.ssl_channel_credentials(ca, **client_pair)) == grpc.StatusCode.OK
+    assert mtls.native is not None, "the gateway's fast port is on"
     assert mtls.native.counts()["native"] >= 1
     assert await infer(grpc.ssl_channel_credentials(ca)) == grpc.StatusCode.UNAVAILABLE  # no client cert
     assert await infer(None) == grpc.StatusCode.UNAVAILABLE  # plaintext to a TLS port
