@@ -146,6 +146,10 @@ def image_data(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
+# Any number for a protobuf enum field (proto3 enums are open: a receiver sees unknown values as they are).
+open_enums: st.SearchStrategy[Any] = st.integers(-3, 6)
+
+
 # --- the call and its target ---------------------------------------------------------------------------------
 
 
@@ -446,7 +450,7 @@ def model_versions(draw: st.DrawFn) -> model_pb2.ModelVersion:
         pre.resize_short, pre.crop_height, pre.crop_width = draw(uint32s), draw(uint32s), draw(uint32s)
         pre.mean.extend(draw(st.lists(st.floats(width=32), max_size=4)))
         pre.std.extend(draw(st.lists(st.floats(width=32), max_size=4)))
-        pre.color_mode = draw(st.integers(-5, 5))
+        pre.color_mode = draw(open_enums)
     if draw(st.booleans()):
         mv.inputs.add(name=draw(names), datatype=draw(datatypes), shape=draw(st.lists(int64s, max_size=4)))
     return mv
@@ -507,7 +511,7 @@ def registry_calls(draw: st.DrawFn) -> Call:
         return Call(("registry",), REGISTRY + "DownloadArtifact", auth, [req.SerializeToString()], True, describe(req))
     if kind == 6:
         req = r.CreateApiKeyRequest(
-            role=draw(st.integers(-3, 6)),
+            role=draw(open_enums),
             model_patterns=draw(
                 st.lists(st.one_of(names, st.sampled_from(["*", "ident*", "**", "[", "a" * 3000])), max_size=3)
             ),
@@ -536,7 +540,7 @@ def registry_calls(draw: st.DrawFn) -> Call:
                 st.one_of(st.sampled_from(["fuzz-worker", "", "a" * 200, "../w", "w:1"]), st.text(max_size=20))
             ),
             address=draw(st.sampled_from(["127.0.0.1:1", "", "nohost", "[::1]:99999", "a" * 3000])),
-            state=draw(st.integers(-2, 6)),
+            state=draw(open_enums),
             queue_depth=draw(uint32s),
             in_flight=draw(uint32s),
             fast_address=draw(st.sampled_from(["", "127.0.0.1:2", "x"])),
@@ -597,21 +601,21 @@ def raw_byte_calls(draw: st.DrawFn) -> Call:
     if kind == 0:
         data = draw(st.binary(max_size=200))
     else:  # a valid request for the method, then truncated, with bytes flipped, or with garbage appended
-        data = bytearray(draw(model_infer_requests()).SerializeToString() if "Model" in method else b"")
-        if not data:
-            data = bytearray(
+        buf = bytearray(draw(model_infer_requests()).SerializeToString() if "Model" in method else b"")
+        if not buf:
+            buf = bytearray(
                 image_pb2.ClassifyRequest(
                     model="colors", images=[image_pb2.Image(data=IMAGE_SAMPLES[0])]
                 ).SerializeToString()
             )
         if kind == 1:
-            data = data[: draw(st.integers(0, len(data)))]
+            buf = buf[: draw(st.integers(0, len(buf)))]
         elif kind == 2:
             for _ in range(draw(st.integers(1, 6))):
-                data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+                buf[draw(st.integers(0, len(buf) - 1))] = draw(st.integers(0, 255))
         else:
-            data += draw(st.binary(min_size=1, max_size=40))
-        data = bytes(data)
+            buf += draw(st.binary(min_size=1, max_size=40))
+        data = bytes(buf)
     if target.startswith("worker"):
         auth = "internal"
     else:

@@ -193,7 +193,14 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         registry_env={"FOVEA_REGISTRY_HEARTBEAT_TTL_S": HEARTBEAT_TTL_S},
     )
     yield c
-    c.stop()
+    quick_stop(c)
+
+
+def quick_stop(live: Live) -> None:
+    """Kill every service (these drills test faults, not shutdown; a graceful stop of each takes seconds)."""
+    for service in live.services():
+        service.kill()
+    live.stop()
 
 
 @pytest.fixture
@@ -481,7 +488,7 @@ def poison_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoisonC
         pc.track_pids()
         yield pc
     finally:
-        c.stop()
+        quick_stop(c)
         for p in proxies.values():
             p.stop()
 

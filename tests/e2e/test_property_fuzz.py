@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.strategies import SearchStrategy
 
 from tests.e2e.fuzzing import (
     IMAGE,
@@ -66,7 +67,7 @@ def fuzzer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzer]:
     live.stop()
 
 
-def run(fuzzer: Fuzzer, strategy: object, examples: int) -> None:
+def run(fuzzer: Fuzzer, strategy: SearchStrategy[Call], examples: int) -> None:
     @fuzz_settings(examples)
     @given(call=strategy)
     def send(call: Call) -> None:
