@@ -187,10 +187,10 @@ def test_compose_file_matches_the_images_and_settings() -> None:
         assert svc["command"] == yaml.safe_load([r for op, r in stages[-1].lines if op == "CMD"][-1])
         assert svc["read_only"] is True and svc["user"] != "0" and svc["cap_drop"] == ["ALL"]
         prefix = SERVICES[name]
-        for var in svc["environment"]:
-            if var != "FOVEA_INTERNAL_TOKEN":
-                assert var.startswith(prefix) and var[len(prefix) :].lower() in config.model_fields, var
-        assert svc["environment"]["FOVEA_INTERNAL_TOKEN"].startswith("${FOVEA_INTERNAL_TOKEN:?")
+        for var, value in svc["environment"].items():
+            assert var.startswith(prefix) and var[len(prefix) :].lower() in config.model_fields, var
+            if var.endswith(("_TOKEN", "_TOKENS")):  # no default: compose refuses to start without one
+                assert value.startswith("${FOVEA_TOKEN_") and ":?" in value, var
     for svc in compose["services"].values():
         for port in svc.get("ports", []):
             assert port.startswith("127.0.0.1:"), "published on loopback only"

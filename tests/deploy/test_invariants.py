@@ -12,6 +12,7 @@ import pytest
 
 from fovea.cluster import ROOT
 from fovea.crypto import load_key
+from fovea.tokens import TokenTable
 from tests.deploy.manifests import (
     SERVICES,
     Obj,
@@ -129,7 +130,8 @@ def test_every_object_lives_in_the_fovea_namespace(objs: list[Obj]) -> None:
 
 
 # Secret keys that hold a value only while a rotation is under way (deploy/README.md, "Rotate keys").
-ROTATION_KEYS = {"accepted-internal-token", "previous-encryption-key"}
+ROTATION_KEYS = {"previous-encryption-key"}
+TOKEN_KEYS = ["admin-token", "worker-token", "gateway-token", "worker-call-token"]
 
 
 def test_every_secret_configmap_and_volume_reference_resolves(objs: list[Obj]) -> None:
@@ -175,11 +177,19 @@ def test_secrets_are_usable_by_the_services(rendered: dict[str, list[Obj]]) -> N
     """The generated (gpu-prod) and committed (cpu-dev) secrets hold what the services expect."""
     for variant in VARIANTS:
         data = config_data(rendered[variant], "Secret", "fovea-secrets")
-        assert len(data["internal-token"]) >= 32 and data["internal-token"].strip() == data["internal-token"]
+        for key in TOKEN_KEYS:
+            assert len(data[key]) >= 32 and data[key].strip() == data[key], key
+        # each kind of caller has its own token, and the registry and workers accept exactly those
+        assert len({data[key] for key in TOKEN_KEYS}) == len(TOKEN_KEYS)
+        for kind in ("admin", "worker", "gateway"):
+            assert TokenTable({kind: data[f"registry-{kind}-tokens"]}).kind_of(data[f"{kind}-token"]) == kind
+        assert data["worker-accepted-tokens"] == data["worker-call-token"]
         assert re.match(r"^(redis|rediss|redis\+sentinel)://", data["redis-url"])
     for variant in ("gpu-prod", "gpu-prod+external-redis"):
         data = config_data(rendered[variant], "Secret", "fovea-secrets")
-        assert "dev-only" not in data["internal-token"] + data["encryption-key"]
+        assert not any("dev-only" in data[key] for key in [*TOKEN_KEYS, "encryption-key"])
+        # the registry holds digests only, not the tokens themselves
+        assert all(data[f"registry-{k}-tokens"].startswith("sha256:") for k in ("admin", "worker", "gateway"))
         assert data["redis-password"] in data["redis-url"]
 
 
@@ -203,7 +213,7 @@ def test_every_fovea_setting_is_a_real_config_field_with_a_valid_value(
         env = container_env(objs, containers(fovea_workload(objs, service))[0], FIELDS)
         fields = set(classes[service].model_fields)
         for name in env:
-            if name.startswith("FOVEA_") and name not in ("FOVEA_INTERNAL_TOKEN", "FOVEA_ACCEPTED_INTERNAL_TOKEN"):
+            if name.startswith("FOVEA_"):
                 assert name.startswith(prefix), f"{service} sets {name}, which only another service reads"
                 assert name[len(prefix) :].lower() in fields, f"{service}: {name} is not a setting"
         for name in list(os.environ):
@@ -212,8 +222,10 @@ def test_every_fovea_setting_is_a_real_config_field_with_a_valid_value(
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         config = classes[service]()
-        assert config.internal_token == env["FOVEA_INTERNAL_TOKEN"]
-        assert config.accepted_internal_token == env["FOVEA_ACCEPTED_INTERNAL_TOKEN"]
+        if service == "registry":
+            config.token_table()  # every list parses, and no token is listed for two kinds
+        else:
+            assert config.registry_token, f"{service} has no token for the registry"
         assert config.host == "0.0.0.0"
         if service == "worker":
             assert config.address(config.port) == f"{FIELDS['status.podIP']}:{config.port}"

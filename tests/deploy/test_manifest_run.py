@@ -34,6 +34,7 @@ from fovea.redis_server import free_port, server_binary
 from fovea.v1 import model_pb2
 from tests.deploy.manifests import (
     Obj,
+    config_data,
     container_env,
     container_ports,
     containers,
@@ -228,7 +229,8 @@ def test_cpu_dev_manifests_run_on_loopback_and_classify_a_photo(
             return started[service], c, env
 
         registry, registry_c, registry_env = start("registry")
-        token = registry_env["FOVEA_INTERNAL_TOKEN"]
+        # An operator's admin token, from the Secret: no pod holds it, the registry holds its digest.
+        token = config_data(objs, "Secret", "fovea-secrets")["admin-token"]
         rc = RegistryClient(registry.address, token, timeout_s=30)
         worker_w = one(objs, "Deployment", "fovea-worker")
         worker_c = pod_spec(worker_w)["containers"][0]
