@@ -97,12 +97,17 @@ def _credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
 
 
 async def build_server(config: GatewayConfig) -> GatewayServer:
-    link = RegistryLink(config.registry_address, config.internal_token, config.max_message_bytes)
+    dial = config.channel_credentials()  # TLS to the registry and the workers, when tls_ca_file is set
+    link = RegistryLink(config.registry_address, config.registry_token, config.max_message_bytes, credentials=dial)
     versions = Versions(link, config.latest_cache_s)
     access_log = AccessLog(config.log_json) if config.access_log else None
     metrics = Metrics(access_log)
     workers = Workers(
-        config.max_message_bytes, config.eject_after_failures, config.eject_s, on_eject=metrics.ejections.inc
+        config.max_message_bytes,
+        config.eject_after_failures,
+        config.eject_s,
+        on_eject=metrics.ejections.inc,
+        credentials=dial,
     )
     limiter = RateLimiter(config.redis_url, config.rate_limit_timeout_s)
     gateway = Gateway(config, versions, workers, limiter, metrics)
@@ -236,7 +241,7 @@ def start_native(config: GatewayConfig, port: int, keys: KeyCache, metrics: Metr
         f"{config.host}:{config.fast_port}",
         config.max_message_bytes,
         f"127.0.0.1:{port}",
-        config.internal_token,
+        config.worker_token,
         config.default_deadline_ms,
         config.max_deadline_ms,
         config.max_images_per_call,
@@ -244,28 +249,28 @@ def start_native(config: GatewayConfig, port: int, keys: KeyCache, metrics: Metr
         config.max_pending_calls,
         _tls_files(config),
         config.fast_threads,
+        config.unread_window_bytes,
     )
 
     def on_verified(digest: bytes, record: registry_pb2.ApiKey) -> None:
         if Limits.of(record).unlimited:
             native.put_key(digest, record, config.key_cache_ttl_s)
-        config.unread_window_bytes,
+        else:  # limited keys stay on the Python path, which charges Redis; known, so their bodies are read
+            native.put_limited_key(digest, record, config.key_cache_ttl_s)
 
     def on_change(event: registry_pb2.WatchApiKeysResponse) -> None:
         if event.snapshot:
             native.clear_keys()
         else:
-        else:  # limited keys stay on the Python path, which charges Redis; known, so their bodies are read
-            native.put_limited_key(digest, record, config.key_cache_ttl_s)
             native.drop_keys(list(event.key_ids))
 
     keys.on_verified, keys.on_change = on_verified, on_change
+    native.set_max_top_k(config.max_top_k)
     metrics.watch_fast_port(native.counts)
     return native
 
 
 class _Collect:
-    native.set_max_top_k(config.max_top_k)
     """Stands in for a server so that a generated add_*_to_server() hands over its method handlers."""
 
     def __init__(self) -> None:
@@ -314,11 +319,6 @@ async def add_wrapped(
         server.add_registered_method_handlers(service, wrapped)
 
 
-def role_of(name: str) -> int:
-    roles = {"infer": registry_pb2.ROLE_INFER, "publish": registry_pb2.ROLE_PUBLISH, "admin": registry_pb2.ROLE_ADMIN}
-    if name not in roles:
-        raise ValueError(f"min_role must be one of {', '.join(roles)}, got {name!r}")
-    return roles[name]
 def window_options(config: GatewayConfig) -> list[tuple[str, int]]:
     """What a caller may send on a call before the gateway asks for its body: the HTTP/2 stream window,
     fixed (no bandwidth probing, which grows every stream's window to megabytes on a fast link). A call's
@@ -355,3 +355,8 @@ async def one_message(requests: Any) -> Any:
     raise InvalidArgument("no request message")
 
 
+def role_of(name: str) -> int:
+    roles = {"infer": registry_pb2.ROLE_INFER, "publish": registry_pb2.ROLE_PUBLISH, "admin": registry_pb2.ROLE_ADMIN}
+    if name not in roles:
+        raise ValueError(f"min_role must be one of {', '.join(roles)}, got {name!r}")
+    return roles[name]
