@@ -36,7 +36,6 @@ if "--seconds" not in sys.argv:  # the fuzzing process itself (the runner below 
     MAX_PIXELS = WorkerConfig.model_fields["max_image_pixels"].default
     MODEL = Preprocess(resize_short=256, crop_height=224, crop_width=224, mean=(0.5,), std=(0.5,), grayscale=False)
     GRAY_MODEL = Preprocess(resize_short=32, crop_height=28, crop_width=28, mean=(0.5,), std=(0.5,), grayscale=True)
-    warnings.simplefilter("ignore")  # Pillow's chatter about odd files is not a finding
 
 
 def test_one_input(data: bytes) -> None:
@@ -91,6 +90,7 @@ def main() -> None:
     if "--seconds" in sys.argv:
         at = sys.argv.index("--seconds")
         sys.exit(run(int(sys.argv[at + 1]), sys.argv[1:at] + sys.argv[at + 2 :]))
+    warnings.simplefilter("ignore")  # Pillow's chatter about odd files is not a finding
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()
 
