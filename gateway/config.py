@@ -28,12 +28,6 @@ class GatewayConfig(BaseConfig):
     worker_token: str = Field(default="", repr=False)
     """The token this gateway presents to workers (listed in their accepted_tokens). A token of its own, so
     that no worker holds the gateway's registry token."""
-
-    @property
-    def internal_token(self) -> str:
-        """worker_token, by the name gateway/service.py reads it."""
-        return self.worker_token
-
     redis_url: str = ""
     """Redis for rate limits shared by all replicas; empty keeps limits per replica."""
     max_images_per_call: int = 64

@@ -39,7 +39,7 @@ class Gateway:
         self.metrics = metrics
         self.retries = 0
         # built once: the hot path only appends the request id
-        self._auth_md = ("authorization", f"Bearer {config.internal_token}")
+        self._auth_md = ("authorization", f"Bearer {config.worker_token}")
 
     def internal_metadata(self) -> tuple[tuple[str, str], ...]:
         """Credentials for calls to workers, with the current request id."""
