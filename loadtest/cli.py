@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", default=os.environ.get("FOVEA_API_KEY", ""), help="for classify/gateway (default $FOVEA_API_KEY)"
     )
     p.add_argument(
-        "--token", default="", help="bearer token for worker/oip targets (worker default $FOVEA_INTERNAL_TOKEN)"
+        "--token", default="", help="bearer token for worker/oip targets (worker default $FOVEA_GATEWAY_WORKER_TOKEN)"
     )
 
     g = p.add_argument_group("payload")
@@ -118,7 +118,7 @@ def target_from_args(args: argparse.Namespace) -> Target:
     if args.target in ("classify", "gateway"):
         token = args.api_key
     elif args.target == "worker" and not token:
-        token = os.environ.get("FOVEA_INTERNAL_TOKEN", "")
+        token = os.environ.get("FOVEA_GATEWAY_WORKER_TOKEN", "")
     payload = args.payload or ("tensor" if args.input_shape else "images")
     return Target(
         kind=args.target,

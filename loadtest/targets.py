@@ -58,7 +58,7 @@ class Target:
         if self.kind == "classify" and self.payload != "images":
             raise ValueError("Classify takes encoded images; use payload 'images'")
         if self.kind in ("classify", "gateway", "worker") and not self.token:
-            who = "an API key" if self.kind != "worker" else "the internal token (FOVEA_INTERNAL_TOKEN)"
+            who = "an API key" if self.kind != "worker" else "a gateway's worker token (FOVEA_GATEWAY_WORKER_TOKEN)"
             raise ValueError(f"target {self.kind} needs {who}")
         if self.batch < 1:
             raise ValueError("batch must be at least 1")
