@@ -107,7 +107,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def _registry(args: argparse.Namespace) -> Any:
     from fovea.client import RegistryClient
 
-    token = args.token or os.environ.get("FOVEA_API_KEY") or os.environ.get("FOVEA_INTERNAL_TOKEN", "")
+    token = args.token or os.environ.get("FOVEA_API_KEY") or os.environ.get("FOVEA_ADMIN_TOKEN", "")
     if not token:
         raise SystemExit(_fail("no credentials: pass --token (an admin or publish API key) or set FOVEA_API_KEY"))
     return RegistryClient(args.registry, token)
