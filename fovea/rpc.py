@@ -52,7 +52,8 @@ def matches_any(presented: str, accepted: Sequence[str]) -> bool:
 
 
 def internal_authenticator(tokens: str | Sequence[str], open_methods: frozenset[str] = frozenset()) -> Authenticator:
-    """Accept only callers that present an internal token: the current one, or the one being rotated."""
+    """Accept only callers that present one of these tokens (a worker: its accepted_tokens, the gateways'
+    worker token; a list, so that one can rotate with no stop)."""
     accepted = [tokens] if isinstance(tokens, str) else list(tokens)
 
     async def authenticate(method: str, metadata: dict[str, Any]) -> Any:
