@@ -1,4 +1,4 @@
-"""The Python packages type-check with mypy (settings in pyproject.toml's [tool.mypy])."""
+"""Everything, tests and benchmarks included, type-checks with mypy (pyproject.toml's [tool.mypy])."""
 
 from __future__ import annotations
 
