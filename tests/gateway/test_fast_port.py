@@ -11,7 +11,9 @@ import grpc
 import numpy as np
 import pytest
 
-from fovea.v1 import model_pb2
+from fovea.v1 import model_pb2, registry_pb2
+from gateway.native import NativeGateway
+from gateway.server import GatewayServer
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.gateway.conftest import GatewayFactory, Stack, auth, gateway_over_workers, status_of, wait_routable
@@ -45,6 +47,12 @@ def lost_in_flight_only(failures: list[Exception], clients: int) -> None:
         assert "dropped the connection while running this call" in (exc.details() or ""), exc
 
 
+def fast_front(gw: GatewayServer) -> NativeGateway:
+    """The gateway's native fast port (on in the gateways these tests start)."""
+    assert gw.native is not None, "the gateway's fast port is off"
+    return gw.native
+
+
 def fast_stub(gw) -> tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]:  # type: ignore[no-untyped-def]
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.fast_port}")
     return channel, pb_grpc.GRPCInferenceServiceStub(channel)
@@ -70,7 +78,7 @@ async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(
         assert ("x-request-id", f"rid-{i}") in tuple(await call.trailing_metadata())
     explicit = await stub.ModelInfer(ident_request(0, version="1"), metadata=auth(secret), timeout=10)
     assert explicit.model_version == "1"
-    counts = gw.native.counts()
+    counts = fast_front(gw).counts()
     # the first call's key was verified by Python (ServerLive with its metadata) before its body was read;
     # then all eleven ran in C++ to the workers' fast ports
     assert counts["python"] == 0 and counts["native"] == 11, counts
@@ -83,7 +91,7 @@ async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(
     resp = await stub.ModelInfer(image, metadata=auth(secret), timeout=10)
     assert b"red" in resp.raw_output_contents[0]
     # images are also forwarded natively, to a worker's main port, which decodes them
-    assert gw.native.counts()["native"] == 12
+    assert fast_front(gw).counts()["native"] == 12
     assert await _fast_port_successes(stack, "colors") == colors_fast
     live = await stub.ServerLive(pb.ServerLiveRequest(), metadata=auth(secret), timeout=10)
     assert live.live
@@ -110,9 +118,9 @@ async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(
     # Every call object is freed once its call ends: each thread keeps only the 16 waiting for the next call
     # (kRequested in front.cc).
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and gw.native.counts()["call_objects"] != 16 * threads:
+    while time.monotonic() < deadline and fast_front(gw).counts()["call_objects"] != 16 * threads:
         await asyncio.sleep(0.05)
-    counts = gw.native.counts()
+    counts = fast_front(gw).counts()
     assert counts["in_progress"] == 0 and counts["call_objects"] == 16 * threads, counts
 
 
@@ -135,7 +143,7 @@ async def test_model_patterns_and_limits_keep_keys_on_the_python_path(stack: Sta
     except grpc.aio.AioRpcError as exc:  # the retry-after hint in the trailing metadata comes through
         assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "retry-after-ms" in dict(exc.trailing_metadata() or ()), exc.trailing_metadata()
-    assert gw.native.counts()["native"] == 0
+    assert fast_front(gw).counts()["native"] == 0
     await channel.close()
 
 
@@ -149,7 +157,7 @@ async def test_a_revoked_key_stops_working_on_the_fast_port_within_a_second(
     channel, stub = fast_stub(gw2)
     for _ in range(3):
         await stub.ModelInfer(ident_request(), metadata=auth(secret), timeout=10)
-    assert gw2.native.counts()["native"] >= 2  # the key is in the native cache
+    assert fast_front(gw2).counts()["native"] >= 2  # the key is in the native cache
     await asyncio.to_thread(stack.rc.revoke_key, record.key_id)
     revoked_at = time.monotonic()
     while True:
@@ -163,9 +171,9 @@ async def test_a_revoked_key_stops_working_on_the_fast_port_within_a_second(
     record, short = await asyncio.to_thread(stack.rc.create_key, "infer", ttl_s=2)
     for _ in range(2):
         await stub.ModelInfer(ident_request(), metadata=auth(short), timeout=10)
-    native = gw2.native.counts()["native"]
+    native = fast_front(gw2).counts()["native"]
     await stub.ModelInfer(ident_request(), metadata=auth(short), timeout=10)
-    assert gw2.native.counts()["native"] == native + 1
+    assert fast_front(gw2).counts()["native"] == native + 1
     await asyncio.sleep(max(0.0, record.expires_at.ToNanoseconds() / 1e9 - time.time()) + 0.05)
     code, msg = await status_of(stub.ModelInfer(ident_request(), metadata=auth(short), timeout=10))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "expired" in msg, msg
@@ -185,7 +193,7 @@ async def test_native_calls_reach_the_metrics_and_the_access_log(stack: Stack, g
     channel, stub = fast_stub(gw)
     for i in range(4):
         await stub.ModelInfer(ident_request(i), metadata=auth(secret, rid=f"native-{i}"), timeout=10)
-    assert gw.native.counts()["native"] == 4  # the first call's key was verified (ServerLive) before its body
+    assert fast_front(gw).counts()["native"] == 4  # the first call's key was verified (ServerLive) before its body
     await asyncio.sleep(0.5)  # drained every 0.2 s
     gw.metrics.access_log.flush()
     lines = {line.get("request_id"): line for line in map(json.loads, access.getvalue().splitlines())}
@@ -203,7 +211,7 @@ async def test_native_calls_spread_over_two_equal_workers(stack: Stack, gateways
     gw = await gateways()
     await wait_routable(gw, "ident")
     for _ in range(200):  # both workers in the fast port's table
-        if gw.native.routes.count("W ident ") == 2:
+        if fast_front(gw).routes.count("W ident ") == 2:
             break
         await asyncio.sleep(0.05)
     secret = await asyncio.to_thread(stack.key)
@@ -217,7 +225,7 @@ async def test_native_calls_spread_over_two_equal_workers(stack: Stack, gateways
             await stub.ModelInfer(ident_request(c * 100 + i), metadata=auth(secret), timeout=10)
 
     await asyncio.gather(*(client(c) for c in range(6)))
-    assert gw.native.counts()["native"] == 241
+    assert fast_front(gw).counts()["native"] == 241
     served = {w.worker_id: n - before.get(w.worker_id, 0) for w, n in await _per_worker_successes(stack)}
     total = sum(served.values())
     assert total == 241 and len(served) == 2, served
@@ -228,7 +236,7 @@ async def test_native_calls_spread_over_two_equal_workers(stack: Stack, gateways
     await channel.close()
 
 
-async def _per_worker_successes(stack: Stack) -> list[tuple[object, int]]:
+async def _per_worker_successes(stack: Stack) -> list[tuple[registry_pb2.WorkerStatus, int]]:
     md = (("authorization", f"Bearer {stack.cluster.worker_call_token}"),)
     out = []
     for w in await asyncio.to_thread(lambda: stack.rc.list_workers("ident", ready_only=True)):
@@ -265,11 +273,11 @@ async def test_kill_9_one_worker_under_native_load(own_stack: Stack) -> None:
     before_kill = ok
     stack.workers[0].kill()  # SIGKILL: no draining heartbeat, connections drop mid-call
     await asyncio.sleep(1.5)
-    retries_after_ejection = gw.native.counts()["retries"]
+    retries_after_ejection = fast_front(gw).counts()["retries"]
     await asyncio.sleep(2.0)
     stop.set()
     await asyncio.gather(*clients)
-    counts = gw.native.counts()
+    counts = fast_front(gw).counts()
     print(f"{ok} calls ({ok - before_kill} after the kill), {len(failures)} failed; native {counts}")
     lost_in_flight_only(failures, clients=4)
     await asyncio.sleep(0.3)  # drained into the metrics every 0.2 s
@@ -308,7 +316,7 @@ async def test_a_worker_the_fast_port_ejects_is_probed_and_readmitted(own_stack:
     await asyncio.sleep(0.5)
     dead.kill()
     assert await until(lambda: ep.ejected, 2.0), "the front's ejection never reached Python"
-    assert fast_address not in gw.native.routes
+    assert fast_address not in fast_front(gw).routes
     assert "fovea_gateway_worker_ejections_total 1.0" in gw.metrics.exposition().decode()
     main_port = int(dead.address.rsplit(":", 1)[1])
     stack.workers[0] = await asyncio.to_thread(
@@ -323,7 +331,7 @@ async def test_a_worker_the_fast_port_ejects_is_probed_and_readmitted(own_stack:
     )
     assert await until(lambda: not ep.ejected, 20.0), "the probe never re-admitted the restarted worker"
     assert gw.gateway.workers.endpoints.get(wid) is ep  # the same endpoint: re-admitted, not re-joined
-    assert await until(lambda: fast_address in gw.native.routes, 2.0)
+    assert await until(lambda: fast_address in fast_front(gw).routes, 2.0)
     before = gw.metrics.served_by_worker().get(wid, 0.0)
     assert await until(lambda: gw.metrics.served_by_worker().get(wid, 0.0) > before + 20, 5.0), (
         "native calls did not reach the re-admitted worker"
@@ -353,11 +361,11 @@ async def test_bad_or_unusual_requests_get_the_python_ports_answers(stack: Stack
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit is 8" in msg, msg
     typed = pb.ModelInferRequest(model_name="ident")
     typed.inputs.add(name="input", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([1, 2, 3, 4])
-    counts = gw.native.counts()
+    counts = fast_front(gw).counts()
     assert counts["native"] == 1 and counts["python"] == 4, counts  # none of the bad ones was answered natively
     resp = await stub.ModelInfer(typed, metadata=auth(secret), timeout=10)  # typed contents: a worker's main port
     assert np.frombuffer(resp.raw_output_contents[0], np.float32).tolist() == [1, 2, 3, 4]
-    assert gw.native.counts()["native"] == 2
+    assert fast_front(gw).counts()["native"] == 2
     await channel.close()
 
 
@@ -432,12 +440,12 @@ async def test_pending_limit_and_cancelled_calls_give_their_slots_back(stack: St
         assert cancelled_at < started + 2 * one_call_s - 0.1, ("the slow model is too fast here", one_call_s)
         code, msg = await status_of(stub.ModelInfer(slow_request(4), metadata=auth(secret), timeout=60))
         assert code == grpc.StatusCode.OK, (code, msg)
-        assert gw.native.counts()["native"] >= 3
+        assert fast_front(gw).counts()["native"] >= 3
         # A deadline that runs out while the worker computes: DEADLINE_EXCEEDED, and the slot comes back.
         # (The deadline is a third of one call, so it cannot be met; a 1 µs deadline raced the answer.)
         code, msg = await status_of(stub.ModelInfer(slow_request(5), metadata=auth(secret), timeout=one_call_s / 3))
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED, (code, msg)
-        assert await until(lambda: gw.native.counts()["in_progress"] == 0, 10.0), gw.native.counts()
+        assert await until(lambda: fast_front(gw).counts()["in_progress"] == 0, 10.0), fast_front(gw).counts()
         code, msg = await status_of(stub.ModelInfer(slow_request(6), metadata=auth(secret), timeout=60))
         assert code == grpc.StatusCode.OK, (code, msg)
         await channel.close()
@@ -461,7 +469,7 @@ async def test_streams_count_against_the_pending_limit(stack: Stack, gateways: G
     streams = [stub.ModelStreamInfer(one_then_wait(), metadata=auth(secret), timeout=30) for _ in range(2)]
     for stream in streams:
         assert (await stream.read()).infer_response.id == "r1"  # open, answered, and held open
-    assert gw.native.counts()["in_progress"] == 2
+    assert fast_front(gw).counts()["in_progress"] == 2
     code, msg = await status_of(stub.ModelInfer(ident_request(), metadata=auth(secret), timeout=10))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 2" in msg, (code, msg)
     third = stub.ModelStreamInfer(one_then_wait(), metadata=auth(secret), timeout=30)
@@ -470,7 +478,7 @@ async def test_streams_count_against_the_pending_limit(stack: Stack, gateways: G
     release.set()
     for stream in streams:
         assert await stream.code() == grpc.StatusCode.OK
-    assert await until(lambda: gw.native.counts()["in_progress"] == 0, 5.0), gw.native.counts()
+    assert await until(lambda: fast_front(gw).counts()["in_progress"] == 0, 5.0), fast_front(gw).counts()
     code, msg = await status_of(stub.ModelInfer(ident_request(), metadata=auth(secret), timeout=10))
     assert code == grpc.StatusCode.OK, (code, msg)
     await channel.close()
