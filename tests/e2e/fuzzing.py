@@ -159,7 +159,9 @@ class Call:
 
     targets: tuple[str, ...]  # each of gateway, gateway_fast, worker, worker_fast, registry: the call goes to all
     method: str
-    auth: str  # a name in Fuzzer.credentials, or "raw:<header value>", or "none"
+    auth: (
+        str  # a name in Fuzzer.credentials, "raw:<header value>", "twice:<name>" (a garbage header, then it), or "none"
+    )
     requests: list[bytes]  # one for a unary call, several for a client stream
     stream_out: bool = False
     described: str = ""
@@ -176,7 +178,7 @@ REGISTRY_AUTHS = [
     "internal",
     "none",
 ]
-AUTHS = ["infer", "infer", "infer", "publish", "admin", "ident-only", "internal", "none"]
+AUTHS = ["twice:infer", "bin:infer", "infer", "infer", "infer", "publish", "admin", "ident-only", "internal", "none"]
 GARBAGE_AUTH = [
     "Bearer",
     "Bearer ",
@@ -676,7 +678,7 @@ class Fuzzer:
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         self.channels = {t: grpc.insecure_channel(a, options=options) for t, a in addresses.items()}
 
-    def metadata(self, auth: str, target: str) -> tuple[tuple[str, str], ...]:
+    def metadata(self, auth: str, target: str) -> tuple[tuple[str, str | bytes], ...]:
         """The call's credentials; a worker gets the token gateways present (unless the call has none at all)."""
         if target.startswith("worker") and auth != "none":
             auth = "internal"
@@ -684,6 +686,10 @@ class Fuzzer:
             return ()
         if auth.startswith("raw:"):
             return (("authorization", auth[4:]),)
+        if auth.startswith("twice:"):  # two authorization headers: a garbage one first
+            return (("authorization", "Bearer fv_garbage"), self.credentials[auth[6:]])
+        if auth.startswith("bin:"):  # the key in a binary header, which is not where credentials go
+            return (("authorization-bin", self.credentials[auth[4:]][1].encode()),)
         return (self.credentials[auth],)
 
     def send(self, call: Call) -> None:

@@ -18,8 +18,12 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.strategies import SearchStrategy
 
+from fovea.v1 import image_pb2
+from inference import grpc_predict_v2_pb2 as pb
 from tests.e2e.fuzzing import (
+    GATEWAY_PORTS,
     IMAGE,
+    IMAGE_SAMPLES,
     OIP,
     REGISTRY,
     Call,
@@ -29,6 +33,7 @@ from tests.e2e.fuzzing import (
     other_public_calls,
     raw_byte_calls,
     registry_calls,
+    unary,
 )
 from tests.e2e.live import service_stats, start_live
 
@@ -106,6 +111,33 @@ def test_random_protobuf_bytes(fuzzer: Fuzzer) -> None:
     run(fuzzer, raw_byte_calls(), 1000)
     raw = [f for f in fuzzer.findings.values() if "raw bytes" in f.call.described]
     assert not raw, f"{len(raw)} findings:\n" + fuzzer.report(raw)
+
+
+def test_oversized_messages(fuzzer: Fuzzer) -> None:
+    """Fields past every limit, as explicit calls: a 21 MiB image (over max_image_bytes), 65 images, a raw
+    tensor past the 64 MiB message limit; with and without credentials, on both gateway ports."""
+    big_image = IMAGE_SAMPLES[0] + bytes(21 * 2**20)
+    many = image_pb2.ClassifyRequest(model="colors", images=[image_pb2.Image(data=IMAGE_SAMPLES[0])] * 65)
+    huge = pb.ModelInferRequest(model_name="ident")
+    huge.inputs.add(name="input", datatype="FP32", shape=[2**22 + 1, 4])
+    huge.raw_input_contents.append(bytes(16 * (2**22 + 1)))
+    calls = [
+        unary(
+            GATEWAY_PORTS,
+            IMAGE + "Classify",
+            "infer",
+            image_pb2.ClassifyRequest(model="colors", images=[image_pb2.Image(data=big_image)]),
+        ),
+        unary(GATEWAY_PORTS, IMAGE + "Classify", "infer", many),
+        unary(GATEWAY_PORTS, OIP + "ModelInfer", "infer", huge),
+        unary(GATEWAY_PORTS, OIP + "ModelInfer", "none", huge),
+    ]
+    counts = {group: f.count for group, f in fuzzer.findings.items()}
+    for call in calls:
+        fuzzer.send(call)
+    del big_image, huge, calls
+    new = [f for group, f in fuzzer.findings.items() if f.count > counts.get(group, 0)]
+    assert not new, fuzzer.report(new)
 
 
 def test_no_restarts_and_memory_bounded(fuzzer: Fuzzer) -> None:
