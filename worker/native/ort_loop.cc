@@ -370,7 +370,7 @@ int fv_take_records(void* instances, double* out, int cap, int64_t* counts, char
     if (n + len > size_t(cap)) break;
     n += len;
   }
-  std::memcpy(out, in->records.data(), n * sizeof(double));
+  if (n > 0) std::memcpy(out, in->records.data(), n * sizeof(double));  // data() may be null when empty
   in->records.erase(in->records.begin(), in->records.begin() + long(n));
   counts[0] = in->expired;
   counts[1] = in->cancelled;
