@@ -9,10 +9,13 @@ status code's name. The accounting, checked after every drill:
   call ends); must be none;
 - answered twice: an id with more than one answer, or an answer for an id never sent; must be none;
 - wrong: must be none;
-- failed: every other non-OK answer. Where a healthy replica remains, a call may fail only if it was in flight
-  on the worker at the moment of the fault (at most one per client, since each client has one call in flight),
-  with UNAVAILABLE for a worker that died (such a call is not retried: it may be what killed the worker) or
-  DEADLINE_EXCEEDED for one that hangs; where none remains, every call gets a prompt, clear UNAVAILABLE.
+- failed: every other non-OK answer. Where a healthy replica remains: for a worker that dies, only calls in
+  flight on it may fail, with UNAVAILABLE (such a call is not retried: it may be what killed the worker), at
+  most two per client (each client has one call in flight; its next call may leave in the instant before the
+  gateway sees the connection drop), all sent before the fault + 0.5 s; for a worker that hangs, only calls
+  sent to it before the registry forgets it (its heartbeat TTL + 2 s), each ending at its deadline with
+  DEADLINE_EXCEEDED. Where no worker remains, every call gets a prompt, clear UNAVAILABLE. Where only the
+  registry or Valkey fails, no call may fail.
 
 Recovery is measured from the fault (or from the repair, where the service must come back) to the first
 successful call, and to the end of the last failed one; each bound is asserted and every time printed.
@@ -239,9 +242,9 @@ async def test_kill_9_a_worker(live: Live, steady: str) -> None:
     failures = ledger.failures()
     last = max((a.done_at - fault_at for a in failures), default=0.0)
     report("kill -9 a worker", ledger, first_ok=ledger.first_ok_after(fault_at), last_failure_ends=last)
-    assert all(a.status == "UNAVAILABLE" for a in failures), failures
-    assert all(a.sent_at < fault_at + 0.2 for a in failures), "a call sent after the kill failed"
-    assert len(failures) <= len(live.gateways) * 2, failures  # one in flight per client at most
+    assert all(a.status == "UNAVAILABLE" for a in failures), listing(failures, fault_at)
+    assert all(a.sent_at < fault_at + 0.5 for a in failures), listing(failures, fault_at)
+    assert len(failures) <= 2 * len(Load(live, steady).ports), listing(failures, fault_at)
     assert last < 2.0
 
 
@@ -532,4 +535,4 @@ async def test_poison_call_costs_one_worker(poison_cluster: PoisonCluster, port:
     assert poison["answer"][0] == "UNAVAILABLE", poison
     assert sum(p.kills for p in pc.proxies.values()) - kills_before == 1 and len(dead) == 1, dead
     assert all(a.status == "UNAVAILABLE" and a.sent_at < fault_at + 0.5 for a in failures), listing(failures, fault_at)
-    assert len(failures) <= len(Load(live, key).ports), listing(failures, fault_at)
+    assert len(failures) <= 2 * len(Load(live, key).ports), listing(failures, fault_at)
