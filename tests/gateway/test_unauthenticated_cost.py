@@ -92,18 +92,27 @@ async def test_50_unauthenticated_48_mib_calls_cost_under_64_mib(gateway_process
     body = big_request()
     record, revoked = await asyncio.to_thread(gw.rc.create_key, "infer")
     await asyncio.to_thread(gw.rc.revoke_key, record.key_id)
+    # (metadata, the answer's words): the same on both ports, though the fast port answers the first three itself
     cases = {
-        "no key": (),
-        "not a bearer token": (("authorization", "Basic abc"),),
-        "wrong key": (("authorization", "Bearer fv_not_a_key_at_all_0123456789"),),
-        "revoked key": (("authorization", f"Bearer {revoked}"),),
+        "no key": ((), "missing credentials: send metadata 'authorization: Bearer <api key>'"),
+        "not a bearer token": (
+            (("authorization", "Basic abc"),),
+            "malformed credentials: expected 'authorization: Bearer <api key>'",
+        ),
+        "not an API key": (
+            (("authorization", "Bearer abc"),),
+            "malformed API key: expected 'authorization: Bearer fv_...'",
+        ),
+        "wrong key": ((("authorization", "Bearer fv_not_a_key_at_all_0123456789"),), "API key"),
+        "revoked key": ((("authorization", f"Bearer {revoked}"),), "revoked"),
     }
-    for case, metadata in cases.items():
+    for case, (metadata, words) in cases.items():
         before = gw.peak_rss_kib()
         answers = await refusals(gw.ports[port], body, metadata)
         grown_mib = (gw.peak_rss_kib() - before) / 1024
         print(f"{port} port, {case}: peak RSS grew {grown_mib:.1f} MiB; {answers[0]}")
         assert {code for code, _ in answers} == {grpc.StatusCode.UNAUTHENTICATED}, (case, set(answers))
+        assert all(words in message for _, message in answers), (case, answers[0])
         assert grown_mib < LIMIT_MIB, f"{case}: {CALLS} unauthenticated {BODY_MIB} MiB calls cost {grown_mib:.1f} MiB"
 
 
