@@ -35,7 +35,6 @@ from fovea.v1 import image_pb2, image_pb2_grpc  # noqa: E402
 from inference import grpc_predict_v2_pb2 as pb  # noqa: E402
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
 from tests.e2e.live import Live, service_stats, start_live  # noqa: E402
-from tests.tinymodels import png  # noqa: E402
 
 S = grpc.StatusCode
 # What a bad call may be answered with (the error table of ../shared/STYLE.md section 5, less OK).
@@ -82,6 +81,19 @@ class Recorder:
         return dict(out)
 
 
+def noisy_png(color: tuple[int, int, int], size: int = 48, seed: int = 0) -> bytes:
+    """A photo-like PNG (about 5 KB: noise does not compress) whose dominant channel is still the colour's."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(color) + rng.integers(-15, 16, (size, size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def infer_request(seq: int) -> pb.ModelInferRequest:
     req = pb.ModelInferRequest(model_name="ident", id=str(seq))
     req.inputs.add(name="input", datatype="FP32", shape=[2, 4])
@@ -122,7 +134,7 @@ class Soak:
         self.sample_s = sample_s
         self.recorder = Recorder()
         self.samples: list[dict[str, Any]] = []
-        self.images = [png(c, size=64) for c in COLORS]
+        self.images = [noisy_png(c) for c in COLORS]
 
     def md(self, who: str = "key") -> tuple[tuple[str, str], ...]:
         if who == "none":
@@ -219,6 +231,17 @@ class Soak:
             await asyncio.sleep(min(self.sample_s, max(0.0, self.until - time.monotonic())))
 
 
+def rss_slope(samples: list[dict[str, Any]], name: str) -> float:
+    """RSS growth in MB per minute over the last two thirds of the run (a leak shows here; warm-up does not)."""
+    end = samples[-1]["t_s"]
+    later = [x for x in samples if x["t_s"] >= end / 3]
+    if len(later) < 2:
+        return 0.0
+    t = np.array([x["t_s"] / 60 for x in later])
+    rss = np.array([x["services"][name]["rss_mb"] for x in later])
+    return round(float(np.polyfit(t, rss, 1)[0]), 2)
+
+
 def summarize(soak: Soak, minutes: float) -> dict[str, Any]:
     first, last = soak.samples[0]["services"], soak.samples[-1]["services"]
     services = {
@@ -227,6 +250,7 @@ def summarize(soak: Soak, minutes: float) -> dict[str, Any]:
             "alive_at_end": last[name]["alive"],
             "rss_mb": [round(first[name]["rss_mb"], 1), round(last[name]["rss_mb"], 1)],
             "rss_mb_max": round(max(x["services"][name]["rss_mb"] for x in soak.samples), 1),
+            "rss_mb_per_min_after_warmup": rss_slope(soak.samples, name),
             "threads": [first[name]["threads"], last[name]["threads"]],
             "open_files": [first[name]["open_files"], last[name]["open_files"]],
         }
@@ -248,12 +272,14 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"\nsoak, {result['minutes']} minutes: calls {result['calls']}")
     print(f"errors: { {k: v['count'] for k, v in result['errors'].items()} or 'none' }")
     print(
-        f"\n{'service':<10} {'alive':>5} {'RSS MB start':>12} {'end':>7} {'max':>7} {'threads':>9} {'open files':>11}"
+        f"\n{'service':<10} {'alive':>5} {'RSS MB start':>12} {'end':>7} {'max':>7} {'MB/min':>7} "
+        f"{'threads':>9} {'open files':>11}"
     )
     for name, s in result["services"].items():
         print(
             f"{name:<10} {str(s['alive_at_end']):>5} {s['rss_mb'][0]:>12.1f} {s['rss_mb'][1]:>7.1f} "
-            f"{s['rss_mb_max']:>7.1f} {s['threads'][0]:>4}->{s['threads'][1]:<4} "
+            f"{s['rss_mb_max']:>7.1f} {s['rss_mb_per_min_after_warmup']:>7.2f} "
+            f"{s['threads'][0]:>4}->{s['threads'][1]:<4} "
             f"{s['open_files'][0]:>5}->{s['open_files'][1]:<5}"
         )
     print(
