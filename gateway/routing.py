@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fovea.config import channel_options
 from fovea.errors import InvalidState, NoHealthyWorker
 from fovea.registry_link import RegistryLink
+from fovea.rpc import UNSERVED_HEADER  # a worker's mark on a deliberate UNAVAILABLE: it never ran the call
 from fovea.v1 import model_pb2, registry_pb2
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -34,8 +35,6 @@ RECONNECT_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 MAX_PROBE_INTERVAL_S = 30.0
-UNSERVED_HEADER = "fovea-unserved"
-"""Trailing metadata a worker adds to a deliberate UNAVAILABLE (draining, not accepting, model not ready)."""
 CONNECT_FAILED = "failed to connect to all addresses"
 """gRPC's text when no connection to the worker could be made, so the call was never sent. gRPC's Python API
 has no per-call flag for "reached a transport", and the channel's state before or after a call cannot tell a

@@ -34,15 +34,21 @@ def _server(answer: Any, port: int = 0) -> tuple[grpc.aio.Server, int]:
 
 
 class CountingWorker:
-    """A healthy stand-in worker: every ModelInfer it receives is kept in `received` and answered."""
+    """A stand-in worker: every ModelInfer it receives is kept in `received` and answered, or with
+    refuse=True refused as a draining worker refuses a call it will not run (UNAVAILABLE, `fovea-unserved: 1`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, refuse: bool = False) -> None:
         self.received: list[pb.ModelInferRequest] = []
+        self.refuse = refuse
         self.server, self.port = _server(self._infer)
 
     async def _infer(self, request: bytes, context: Any) -> bytes:
         req = pb.ModelInferRequest.FromString(request)
         self.received.append(req)
+        if self.refuse:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "worker is draining; retry on another worker", (("fovea-unserved", "1"),)
+            )
         resp = pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version, id=req.id)
         return resp.SerializeToString()
 

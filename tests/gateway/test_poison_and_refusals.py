@@ -27,7 +27,6 @@ from tests.gateway.fault_worker import CountingWorker, heartbeat_forever, status
 from tests.tinymodels import identity_model
 
 
-
 @pytest.fixture(scope="module")
 def registry(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A registry with no real workers: only the stand-ins serve the models here."""
@@ -146,6 +145,33 @@ async def test_a_call_that_kills_its_worker_is_not_retried_on_another(
     finally:
         await channel.close()
         await gw.stop(0)
+        await healthy.stop()
+
+
+@pytest.mark.parametrize("port", ["main", "fast"])
+async def test_a_call_a_worker_refused_unserved_is_retried_on_another(
+    registry: Stack, stand_ins: Callable[..., object], port: str
+) -> None:
+    """A worker's deliberate UNAVAILABLE with `fovea-unserved: 1` (it never ran the call) may go to another."""
+    model = f"refused-{port}"
+    version = await asyncio.to_thread(register, registry, model)
+    refusing, healthy = await CountingWorker(refuse=True).start(), await CountingWorker().start()
+    await stand_ins(  # type: ignore[operator]
+        model,
+        version,
+        [(f"refusing-{port}", f"127.0.0.1:{refusing.port}", 0), (f"ok-{port}", f"127.0.0.1:{healthy.port}", 100)],
+    )
+    gw = await gateway_seeing(registry, model, 2)
+    secret = await asyncio.to_thread(registry.key)
+    channel, stub = stub_for(gw, port)
+    try:
+        resp = await stub.ModelInfer(tensor_request(model), metadata=auth(secret), timeout=10)
+        assert resp.id == "r1"
+        assert (len(refusing.received), len(healthy.received), retries(gw, port)) == (1, 1, 1)
+    finally:
+        await channel.close()
+        await gw.stop(0)
+        await refusing.stop()
         await healthy.stop()
 
 
