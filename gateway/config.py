@@ -41,7 +41,8 @@ class GatewayConfig(BaseConfig):
     default_top_k: int = 5
     """Labels per image when the caller asks for none."""
     max_top_k: int = 100
-    """Most labels per image."""
+    """Most labels per image: Classify's top_k, and the k of a ModelInfer's classification parameter (both ports
+    refuse more; the worker also checks k against the model's output width)."""
     default_deadline_ms: int = 30_000
     """Deadline for calls that carry none."""
     max_deadline_ms: int = 300_000
