@@ -46,7 +46,8 @@ async def test_kill_9_one_worker_under_load(own_stack: Stack) -> None:
         f"{ok} calls ({ok - before_kill} after the kill), {len(failures)} failed, "
         f"{gw.gateway.retries} retried; attempts on the dead worker {chosen_after_ejection}"
     )
-    assert len(failures) <= 4, failures  # at most the calls in flight on the killed worker, one per client
+    # only calls sent on the killed worker's connection: the one in flight and one sent before the drop was seen
+    assert len(failures) <= 2 * 4, failures
     for exc in failures:
         assert isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE, exc
         assert "dropped the connection while running this call" in (exc.details() or ""), exc
