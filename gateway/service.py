@@ -176,7 +176,10 @@ class Gateway:
         infer.inputs.add(name=mv.inputs[0].name, datatype="BYTES", shape=[len(images)])
         infer.raw_input_contents.append(oip.encode_bytes([img.data for img in images]))
         requested = infer.outputs.add(name=mv.outputs[0].name)
-        requested.parameters["classification"].int64_param = top_k
+        # Classify's top_k means "at most": the default 5 on a 3-class model answers 3 labels, where
+        # the classification extension's k must fit the output's width.
+        width = mv.outputs[0].shape[-1] if mv.outputs[0].shape else 0
+        requested.parameters["classification"].int64_param = min(top_k, width) if width > 0 else top_k
         resp = await self.forward(infer, timeout_s)
         shape = resp.outputs[0].shape
         items = oip.decode_bytes(resp.raw_output_contents[0], int(shape[0] * shape[1]))
