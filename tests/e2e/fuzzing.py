@@ -694,12 +694,25 @@ class Fuzzer:
 
     def send(self, call: Call) -> None:
         """Send the call to each of its targets, judge each answer, and check that no service died."""
+        codes: dict[str, tuple[grpc.StatusCode, str]] = {}
         for target in call.targets:
             self.sent += 1
             self.recent = (self.recent + [(call, target)])[-5:]
             code, detail = self._invoke(call, target)
+            codes[target] = (code, detail)
             self.judge(call, target, code, detail)
             self.check_alive()
+        self.compare_ports(call, codes)
+
+    def compare_ports(self, call: Call, codes: dict[str, tuple[grpc.StatusCode, str]]) -> None:
+        """The gateway's two ports are one service: the same call gets the same status on both (quota and
+        availability aside, which depend on the moment)."""
+        if "gateway" not in codes or "gateway_fast" not in codes:
+            return
+        (main, text), (fast, fast_text) = codes["gateway"], codes["gateway_fast"]
+        if main != fast and not {main, fast} & {S.RESOURCE_EXHAUSTED, S.UNAVAILABLE}:
+            detail = f"main port {main.name} {text[:150]!r}; fast port {fast.name} {fast_text[:150]!r}"
+            self.record("ports disagree", call, "gateway/gateway_fast", f"{main.name}/{fast.name}", detail)
 
     def _invoke(self, call: Call, target: str) -> tuple[grpc.StatusCode, str]:
         channel = self.channels[target]
@@ -795,7 +808,8 @@ class Fuzzer:
             time.sleep(0.2)
 
     def findings_for(self, methods: Callable[[str], bool]) -> list[Finding]:
-        return [f for f in self.findings.values() if methods(f.call.method)]
+        """Answers outside the table, hangs and deaths for these methods (the ports' agreement is apart)."""
+        return [f for f in self.findings.values() if methods(f.call.method) and f.kind != "ports disagree"]
 
     def report(self, findings: list[Finding] | None = None) -> str:
         chosen = list(self.findings.values()) if findings is None else findings
