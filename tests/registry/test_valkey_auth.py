@@ -40,7 +40,9 @@ def test_embedded_valkey_refuses_clients_without_its_generated_password(tmp_path
         assert f":{server.password}@" in server.url
         assert redis.Redis.from_url(server.url).ping()
         # Valkey rewrites its process title, so check the argv it was started with as well.
-        assert server.password not in " ".join(map(str, server.proc.args))
+        argv = server.proc.args
+        assert isinstance(argv, list), argv  # started from a list, not a shell string
+        assert server.password not in " ".join(map(str, argv))
         assert server.password.encode() not in _cmdline(server.proc.pid)
         # A restart on the same data keeps the password the clients hold.
         server.stop()
