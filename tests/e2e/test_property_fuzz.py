@@ -67,7 +67,7 @@ def fuzzer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzer]:
     # the whole list of findings, for whoever reads the run
     out = pathlib.Path(__file__).resolve().parents[2] / ".pytest_cache" / "fuzz_findings.txt"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(f"{f.sent} requests, {f.restarts} restarts\n{f.report()}\n")
+    out.write_text(f"{f.sent} requests, {f.restarts} restarts\n{f.report()}\n\nanswers:\n{f.histogram()}\n")
     f.close()
     live.stop()
 
