@@ -145,6 +145,15 @@ Status validate(const ModelSpec& m, const ModelInferRequest& req, Checked* out) 
   return Status::OK;
 }
 
+Status classify(const float* rows, int n, int64_t width, int64_t k, bool probabilities,
+                const std::vector<std::string>& labels, const std::string& output, std::string* out) {
+  if (k < 1 || k > width)
+    return invalid("classification parameter must be a positive integer, at most " + std::to_string(width) +
+                   " (the width of output '" + output + "'); got " + std::to_string(k));
+  for (int i = 0; i < n; ++i) top_k(rows + int64_t(i) * width, width, k, probabilities, labels, out);
+  return Status::OK;
+}
+
 bool top_k(const float* row, int64_t width, int64_t k, bool probabilities, const std::vector<std::string>& labels,
            std::string* out) {
   if (width < 1 || k < 1 || k > width) return false;

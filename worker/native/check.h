@@ -47,6 +47,12 @@ int64_t requested_k(const inference::ModelInferRequest::InferRequestedOutputTens
 // outputs (known, each once, classification k an int64 in [1, the output's width] on an FP32 output).
 grpc::Status validate(const ModelSpec& m, const inference::ModelInferRequest& req, Checked* out);
 
+// The classification extension on n samples of an FP32 output, width scores each (rows holds n * width):
+// the top k of each, appended to out. INVALID_ARGUMENT when k is not in [1, width] (validate checked k
+// against the declared output; the computed one can be narrower where a dimension is dynamic).
+grpc::Status classify(const float* rows, int n, int64_t width, int64_t k, bool probabilities,
+                      const std::vector<std::string>& labels, const std::string& output, std::string* out);
+
 // The classification extension for one sample's row of scores: the top k as BYTES elements
 // "score:index[:label]" appended to out. Needs 1 <= k <= width; returns false (and appends
 // nothing) otherwise.

@@ -744,21 +744,15 @@ static void answer(Batch* b) {
       auto* t = resp->add_outputs();
       t->set_name(m->outputs[o].name);
       if (k > 0) {
-        // validate checked k against the model's declared output; the output computed may still
-        // differ (a dynamic dimension), so k is checked again, as an int64, against the real width.
+        // validate checked k against the model's declared output; classify checks it again, as an
+        // int64, against the computed one (narrower where a dimension is dynamic).
         if (b->dtypes[o] != "FP32") {
           st = Status(StatusCode::INVALID_ARGUMENT, "classification needs an FP32 output; '" + m->outputs[o].name + "' is " + b->dtypes[o]);
           return;
         }
-        const int64_t width = int64_t(b->row_bytes[o] / 4);
-        if (k > width) {
-          st = Status(StatusCode::INVALID_ARGUMENT, "classification parameter must be at most " + std::to_string(width) +
-                                                        " (the width of output '" + m->outputs[o].name + "'); got " + std::to_string(k));
-          return;
-        }
-        std::string* raw = resp->add_raw_output_contents();
-        for (int i = 0; i < c->n; ++i)
-          fovea::top_k(reinterpret_cast<const float*>(base) + i * width, width, k, m->probabilities, m->labels, raw);
+        st = fovea::classify(reinterpret_cast<const float*>(base), c->n, int64_t(b->row_bytes[o] / 4), k,
+                             m->probabilities, m->labels, m->outputs[o].name, resp->add_raw_output_contents());
+        if (!st.ok()) return;
         t->set_datatype("BYTES");
         t->add_shape(c->n);
         t->add_shape(k);
