@@ -350,9 +350,21 @@ def read_after_admission(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandle
 
 
 async def one_message(requests: Any) -> Any:
-    async for request in requests:
-        return request
-    raise InvalidArgument("no request message")
+    """The call's one request message. The stream is read to its end (a unary client half-closes right after
+    its message) and closed: a receiver left waiting keeps its last message, the whole body, alive."""
+    found: list[Any] = []
+    try:
+        async for request in requests:
+            if found:
+                raise InvalidArgument("more than one request message in a unary call")
+            found.append(request)
+    finally:
+        aclose = getattr(requests, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    if not found:
+        raise InvalidArgument("no request message")
+    return found[0]
 
 
 def role_of(name: str) -> int:
