@@ -401,14 +401,21 @@ std::string header(const grpc::GenericServerContext& ctx, const char* name) {
   return it == ctx.client_metadata().end() ? std::string() : std::string(it->second.data(), it->second.size());
 }
 
+// The last value of a header sent more than once, as the Python port reads metadata (a dict of them).
+bool last_header(const grpc::GenericServerContext& ctx, const char* name, std::string* out) {
+  auto range = ctx.client_metadata().equal_range(name);
+  if (range.first == range.second) return false;
+  for (auto it = range.first; it != range.second; ++it) out->assign(it->second.data(), it->second.size());
+  return true;
+}
+
 // The caller's API key from 'authorization: Bearer <key>', or why it cannot be one. The messages are the
 // Python port's (fovea/rpc.py bearer_token, gateway/auth.py KeyCache.check): checked here from the metadata
 // alone, so an unauthenticated call is answered before its body is read.
 std::string credentials_problem(const grpc::GenericServerContext& ctx, std::string* secret) {
-  auto it = ctx.client_metadata().find("authorization");
-  if (it == ctx.client_metadata().end())
+  std::string value;
+  if (!last_header(ctx, "authorization", &value))
     return "missing credentials: send metadata 'authorization: Bearer <api key>'";
-  std::string value(it->second.data(), it->second.size());
   auto first = value.find_first_not_of(" \t"), last = value.find_last_not_of(" \t");
   value = first == std::string::npos ? std::string() : value.substr(first, last - first + 1);
   auto space = value.find(' ');
@@ -839,7 +846,8 @@ void Call::verified() {
 
 void Call::handle() {
   if (ctx_.method() == kModelInfer) {
-    std::string auth = header(ctx_, "authorization");
+    std::string auth;
+    last_header(ctx_, "authorization", &auth);  // the key credentials_problem checked
     std::vector<grpc::Slice> slices;
     if (auth.size() > 7 && strncasecmp(auth.c_str(), "bearer ", 7) == 0 && req_.Dump(&slices).ok()) {
       Head head = scan_request(slices, f_->max_samples);

@@ -259,3 +259,31 @@ async def test_malformed_calls_are_refused_by_the_gateway_on_every_port(
             await channel.close()
         await gw.stop(0)
         await worker.stop()
+
+
+async def test_a_key_sent_twice_counts_as_the_last_one_on_every_port(
+    registry: Stack, stand_ins: Callable[..., object]
+) -> None:
+    """With two authorization headers the last one counts, on both ports (the Python port reads metadata into a
+    dict; the fast port read the first, so a known key first and garbage last was served natively)."""
+    model = "twice"
+    version = await asyncio.to_thread(register, registry, model)
+    worker = await CountingWorker().start()
+    await stand_ins(model, version, [("counting-twice", f"127.0.0.1:{worker.port}", 0)])  # type: ignore[operator]
+    gw = await gateway_seeing(registry, model, 1)
+    secret = await asyncio.to_thread(registry.key)
+    valid, garbage = ("authorization", f"Bearer {secret}"), ("authorization", "Bearer fv_garbage_0123456789")
+    stubs = {port: stub_for(gw, port) for port in ("main", "fast")}
+    try:
+        for port, (_, stub) in stubs.items():
+            await stub.ModelInfer(tensor_request(model), metadata=(valid,), timeout=10)  # the key is known now
+            code, _ = await status_of(stub.ModelInfer(tensor_request(model), metadata=(valid, garbage), timeout=10))
+            assert code == grpc.StatusCode.UNAUTHENTICATED, (port, code)
+            code, msg = await status_of(stub.ModelInfer(tensor_request(model), metadata=(garbage, valid), timeout=10))
+            assert code == grpc.StatusCode.OK, (port, code, msg)
+        assert len(worker.received) == 4
+    finally:
+        for channel, _ in stubs.values():
+            await channel.close()
+        await gw.stop(0)
+        await worker.stop()
