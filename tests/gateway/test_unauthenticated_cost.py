@@ -133,3 +133,31 @@ async def test_a_valid_key_new_to_the_gateway_gets_its_48_mib_body_read(gateway_
         await channel.close()
     assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()
     assert "ident" in (info.value.details() or "")
+
+
+async def test_refused_large_calls_do_not_stay_in_memory(gateway_process: Gateway) -> None:
+    """12 authenticated Classify calls with a 21 MiB image, each refused INVALID_ARGUMENT (over the image
+    size limit): the gateway's RSS grows by less than 64 MiB. Answering through context.abort kept each
+    refused request alive in a reference cycle, about 21 MiB a call, until a garbage collection."""
+    from fovea.v1 import image_pb2
+
+    gw = gateway_process
+    _, secret = await asyncio.to_thread(gw.rc.create_key, "infer")
+    image = b"\x89PNG\r\n\x1a\n" + bytes(21 << 20)
+    body = image_pb2.ClassifyRequest(model="colors", images=[image_pb2.Image(data=image)]).SerializeToString()
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{gw.ports['main']}", options=[("grpc.max_send_message_length", 64 << 20)]
+    )
+    call = channel.unary_unary("/fovea.v1.ImageService/Classify", request_serializer=None)
+    metadata = (("authorization", f"Bearer {secret}"),)
+    codes = []
+    before = gw.rss_kib()
+    for _ in range(12):
+        try:
+            await call(body, metadata=metadata, timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            codes.append(exc.code())
+    grown_mib = (gw.rss_kib() - before) >> 10
+    await channel.close()
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 12
+    assert grown_mib < 64, f"RSS grew {grown_mib} MiB over 12 refused 21 MiB calls"
