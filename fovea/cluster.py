@@ -71,7 +71,8 @@ class Cluster:
         return self.redis_url
 
     def _base_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FOVEA_")}
+        # FOVEA_NATIVE_BUILD picks the native build every service loads (scripts/sanitize.sh: build-asan).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FOVEA_") or k == "FOVEA_NATIVE_BUILD"}
         env.update(PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env.update(self.env)
