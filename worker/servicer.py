@@ -126,7 +126,8 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             shape = list(tensor.shape)
             want = list(spec.shape)
             if len(shape) != len(want) or any(w > 0 and s != w for s, w in zip(shape[1:], want[1:], strict=False)):
-                raise InvalidArgument(f"input {spec.name!r} must have shape {want} (-1 = any), got {shape}")
+                got = f"{shape[:9]}{' ...' if len(shape) > 9 else ''}"  # a request's rank is unbounded
+                raise InvalidArgument(f"input {spec.name!r} must have shape {want} (-1 = any), got {got}")
             if not shape or shape[0] < 1:
                 raise InvalidArgument(f"input {spec.name!r} needs a batch dimension of at least 1")
             if n not in (-1, shape[0]):

@@ -210,3 +210,17 @@ async def test_deliberate_refusals_are_marked_unserved(
     ws.native.set_accepting(True)
     await f.ModelInfer(tensor_request("colors", _colors(1)), metadata=MD, timeout=10)
     await channel.close()
+
+
+@pytest.mark.parametrize("port", ["main", "fast"])
+async def test_a_shape_of_a_million_dimensions_gets_a_short_answer(
+    registry: LocalRegistry, start_worker: StartWorker, port: str
+) -> None:
+    """The refusal quotes the start of the shape, not all of it (a status message has to fit in a header)."""
+    ws = await _worker(registry, start_worker, ("colors", color_model()))
+    channel, f = stub(_port(ws, port))
+    req = tensor_request("colors", _colors(1))
+    req.inputs[0].shape[:] = [1] * 1_000_000
+    err = await _refused(f.ModelInfer, req)
+    assert err.code() == INVALID and "must have shape" in err.details() and len(err.details()) < 200, err.details()
+    await channel.close()
