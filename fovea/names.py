@@ -45,7 +45,7 @@ def check_key_id(value: str) -> str:
     return value
 
 
-def key(*parts: str | int) -> str:
+def redis_key(*parts: str | int) -> str:
     """Build a Redis key such as fovea:model:NAME:versions from validated parts.
 
     Callers pass names through check_name() first; this refuses separators anyway
@@ -55,6 +55,6 @@ def key(*parts: str | int) -> str:
     for part in parts:
         text = str(part)
         if not text or ":" in text or "\x00" in text or "\n" in text or "/" in text or "*" in text:
-            raise InvalidArgument(f"invalid key part {text[:80]!r}")
+            raise InvalidArgument(f"invalid Redis key part {text[:80]!r}")
         out.append(text)
     return ":".join(out)

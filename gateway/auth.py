@@ -130,10 +130,10 @@ class KeyCache:
         return authenticate
 
 
-def check_model_access(key: registry_pb2.ApiKey, model: str) -> None:
+def check_model_access(api_key: registry_pb2.ApiKey, model: str) -> None:
     """Raise PermissionDenied unless the key may call inference on this model."""
-    if key.role < registry_pb2.ROLE_INFER:
-        raise PermissionDenied(f"API key {key.key_id} has no inference role")
-    patterns = list(key.model_patterns)
+    if api_key.role < registry_pb2.ROLE_INFER:
+        raise PermissionDenied(f"API key {api_key.key_id} has no inference role")
+    patterns = list(api_key.model_patterns)
     if patterns and not any(fnmatch.fnmatchcase(model, p) for p in patterns):
-        raise PermissionDenied(f"API key {key.key_id} may not use model {model!r}")
+        raise PermissionDenied(f"API key {api_key.key_id} may not use model {model!r}")

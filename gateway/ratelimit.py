@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from fovea.errors import InvalidArgument, RateLimited
-from fovea.names import key as redis_key
+from fovea.names import redis_key
 from fovea.v1 import registry_pb2
 
 logger = logging.getLogger(__name__)

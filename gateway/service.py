@@ -120,10 +120,10 @@ class Gateway:
         log.model_version.set(str(mv.version))
         return mv
 
-    async def quota(self, key: registry_pb2.ApiKey, images: int) -> None:
+    async def quota(self, api_key: registry_pb2.ApiKey, images: int) -> None:
         """Charge the call to the key's rate limits; RESOURCE_EXHAUSTED when over."""
         try:
-            await self.limiter.admit(key, images)
+            await self.limiter.admit(api_key, images)
         except Exception:
             self.metrics.rate_limited.inc()
             raise
@@ -150,11 +150,11 @@ class Gateway:
         return top_k
 
     async def classify(
-        self, key: registry_pb2.ApiKey, req: image_pb2.ClassifyRequest, timeout_s: float
+        self, api_key: registry_pb2.ApiKey, req: image_pb2.ClassifyRequest, timeout_s: float
     ) -> image_pb2.ClassifyResponse:
-        check_model_access(key, req.model)
+        check_model_access(api_key, req.model)
         top_k = self.check_images(req)
-        await self.quota(key, len(req.images))
+        await self.quota(api_key, len(req.images))
         mv = await self.resolve(req.model, req.version, req.alias)
         if not mv.HasField("preprocessing"):
             raise InvalidArgument(f"model {mv.name} v{mv.version} takes tensors, not images; use ModelInfer")
@@ -194,32 +194,32 @@ class Gateway:
         return int(resp.model_version or mv.version), labels
 
     async def infer(
-        self, key: registry_pb2.ApiKey, request: pb.ModelInferRequest, timeout_s: float
+        self, api_key: registry_pb2.ApiKey, request: pb.ModelInferRequest, timeout_s: float
     ) -> pb.ModelInferResponse:
         """The public ModelInfer: check access and quota, resolve an empty version through production, forward."""
-        mv = await self._admit_infer(key, request)
+        mv = await self._admit_infer(api_key, request)
         request.model_version = str(mv.version)
         return await self.forward(request, timeout_s)
 
-    async def infer_bytes(self, key: registry_pb2.ApiKey, raw: bytes, timeout_s: float) -> bytes:
+    async def infer_bytes(self, api_key: registry_pb2.ApiKey, raw: bytes, timeout_s: float) -> bytes:
         """infer() on the serialized request, which is forwarded as it came (plus the resolved
         version when it named none): the gateway parses it once and never serializes it again."""
         try:
             request = pb.ModelInferRequest.FromString(raw)
         except DecodeError:
             raise InvalidArgument("the request is not a valid ModelInferRequest message") from None
-        mv = await self._admit_infer(key, request)
+        mv = await self._admit_infer(api_key, request)
         version = str(mv.version)
         if request.model_version != version:
             raw = raw + version_field(version)  # a later value of a field replaces an earlier one
         return await self.forward_bytes(mv.name, mv.version, raw, timeout_s, raw_tensors_only(request))
 
-    async def _admit_infer(self, key: registry_pb2.ApiKey, request: pb.ModelInferRequest) -> model_pb2.ModelVersion:
+    async def _admit_infer(self, api_key: registry_pb2.ApiKey, request: pb.ModelInferRequest) -> model_pb2.ModelVersion:
         check_infer(request, self.config.max_top_k)  # malformed calls never reach a worker
         version = check_version(request.model_version)
-        check_model_access(key, request.model_name)
+        check_model_access(api_key, request.model_name)
         # charged as the workers compute: an encoded image per element of a BYTES tensor, else a batch row
-        await self.quota(key, call_images(request.inputs, self.config.max_images_per_call))
+        await self.quota(api_key, call_images(request.inputs, self.config.max_images_per_call))
         return await self.resolve(request.model_name, version, "")
 
     async def wait_for_workers(self, timeout_s: float) -> None:

@@ -24,10 +24,10 @@ from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 SERVER_NAME = "fovea-gateway"
 
 
-def may_use(key: Any, model: str) -> bool:
+def may_use(api_key: Any, model: str) -> bool:
     """Whether the key's role and model patterns allow this model (for filtering lists)."""
     try:
-        check_model_access(key, model)
+        check_model_access(api_key, model)
         return True
     except FoveaError:
         return False
@@ -35,9 +35,9 @@ def may_use(key: Any, model: str) -> bool:
 
 async def charged(gateway: Gateway) -> registry_pb2.ApiKey:
     """The caller's key, charged one request: for calls that reach the registry or every worker."""
-    key = principal.get()
-    await gateway.quota(key, 0)
-    return key
+    api_key = principal.get()
+    await gateway.quota(api_key, 0)
+    return api_key
 
 
 class ImageServicer(image_pb2_grpc.ImageServiceServicer):
@@ -58,11 +58,11 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
         its status code and message; the stream goes on. Each item gets the
         stream's remaining deadline, or the default one when the stream has none.
         """
-        key = principal.get()
+        api_key = principal.get()
 
         async def one(item: image_pb2.ClassifyStreamRequest) -> image_pb2.ClassifyStreamResponse:
             try:
-                resp = await self.gateway.classify(key, item.request, self.gateway.timeout_s(context))
+                resp = await self.gateway.classify(api_key, item.request, self.gateway.timeout_s(context))
                 return image_pb2.ClassifyStreamResponse(sequence=item.sequence, response=resp)
             except FoveaError as exc:
                 return image_pb2.ClassifyStreamResponse(
@@ -75,14 +75,14 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
     async def ListModels(
         self, request: image_pb2.ImageServiceListModelsRequest, context: Any
     ) -> image_pb2.ImageServiceListModelsResponse:
-        key = await charged(self.gateway)
+        api_key = await charged(self.gateway)
         try:
             resp = await self.link.stub.ListModels(
                 model_pb2.ListModelsRequest(), metadata=call_metadata(self.link.token), timeout=10
             )
         except grpc.aio.AioRpcError as exc:
             raise upstream(exc) from None
-        return image_pb2.ImageServiceListModelsResponse(models=[m for m in resp.models if may_use(key, m.name)])
+        return image_pb2.ImageServiceListModelsResponse(models=[m for m in resp.models if may_use(api_key, m.name)])
 
     async def GetModel(self, request: image_pb2.GetModelRequest, context: Any) -> image_pb2.GetModelResponse:
         check_name(request.model)
@@ -138,10 +138,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         """The sum of the workers' statistics, for the models this key may use."""
-        key = await charged(self.gateway)
+        api_key = await charged(self.gateway)
         version = check_version(request.version)
         if request.name:
-            check_model_access(key, request.name)
+            check_model_access(api_key, request.name)
             await self.gateway.resolve(request.name, version, "")
         serving = [
             ep
@@ -152,7 +152,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             serving, request, self.gateway.internal_metadata(), min(self.gateway.timeout_s(context), 10.0)
         )
         merged = statistics.merge(reports)
-        allowed = [st for st in merged.model_stats if may_use(key, st.name)]
+        allowed = [st for st in merged.model_stats if may_use(api_key, st.name)]
         return pb.ModelStatisticsResponse(model_stats=allowed)
 
     async def ModelStreamInfer(
@@ -161,11 +161,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Triton's streaming call: answers in request order (each carries its request's id), with
         at most stream_window requests in flight; a failed request is answered with its status and
         message in error_message, and the stream goes on."""
-        key = principal.get()
+        api_key = principal.get()
 
         async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                resp = await self.gateway.infer(key, request, self.gateway.timeout_s(context))
+                resp = await self.gateway.infer(api_key, request, self.gateway.timeout_s(context))
                 return pb.ModelStreamInferResponse(infer_response=resp)
             except FoveaError as exc:
                 return pb.ModelStreamInferResponse(error_message=f"{exc.code.name}: {exc}")

@@ -1,6 +1,6 @@
 """Model versions and aliases in Redis.
 
-Redis layout (every key built by fovea.names.key from validated names):
+Redis layout (every Redis key built by fovea.names.redis_key from validated names):
   models                          set of model names
   model:NAME:seq                  last version number
   model:NAME:v:N                  ModelVersion, protobuf bytes
@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from fovea.errors import InvalidArgument, InvalidState, ModelNotFound, NotFound, VersionNotFound
-from fovea.names import check_name, key
+from fovea.names import check_name, redis_key
 from fovea.v1 import model_pb2, registry_pb2
 from registry import events
 from registry.artifacts import ArtifactStore, Upload
@@ -36,7 +36,7 @@ from registry.validate import check_labels_and_card, validate_upload
 logger = logging.getLogger(__name__)
 
 DEFAULT_ALIAS = "production"
-MODELS_STREAM = key("events", "models")
+MODELS_STREAM = redis_key("events", "models")
 MAX_TAGS = 64
 MAX_METRICS = 64
 
@@ -98,14 +98,14 @@ class Catalog:
         mv.created_at.CopyFrom(now_ts())
         mv.published_by = published_by
         mv.state = model_pb2.VERSION_STATE_READY
-        seq_key = key("model", mv.name, "seq")
+        seq_key = redis_key("model", mv.name, "seq")
 
         async def commit(pipe: Any) -> None:
             mv.version = int(await pipe.get(seq_key) or 0) + 1
             pipe.multi()
             pipe.set(seq_key, mv.version)
-            pipe.set(key("model", mv.name, "v", mv.version), mv.SerializeToString())
-            pipe.sadd(key("models"), mv.name)
+            pipe.set(redis_key("model", mv.name, "v", mv.version), mv.SerializeToString())
+            pipe.sadd(redis_key("models"), mv.name)
             events.append(pipe, MODELS_STREAM, registry_pb2.WatchModelsResponse(versions=[mv]).SerializeToString())
 
         await self.redis.transaction(commit, seq_key)
@@ -113,14 +113,14 @@ class Catalog:
         return mv
 
     async def _require_model(self, model: str) -> None:
-        if not await self.redis.sismember(key("models"), model):
+        if not await self.redis.sismember(redis_key("models"), model):
             raise ModelNotFound(f"unknown model {model!r}")
 
     async def get_version(self, model: str, version: int) -> model_pb2.ModelVersion:
         check_name(model)
         if version <= 0:
             raise InvalidArgument("version numbers start at 1")
-        raw = await self.redis.get(key("model", model, "v", version))
+        raw = await self.redis.get(redis_key("model", model, "v", version))
         if raw is None:
             await self._require_model(model)
             raise VersionNotFound(f"model {model!r} has no version {version}")
@@ -134,7 +134,7 @@ class Catalog:
         if version:
             return await self.get_version(model, version), None
         name = check_name(alias or DEFAULT_ALIAS, "alias")
-        raw = await self.redis.hget(key("model", model, "aliases"), name)
+        raw = await self.redis.hget(redis_key("model", model, "aliases"), name)
         if raw is not None:
             al = model_pb2.Alias.FromString(raw)
             return await self.get_version(model, pick_target(al)), al
@@ -148,19 +148,19 @@ class Catalog:
 
     async def list_versions(self, model: str) -> list[model_pb2.ModelVersion]:
         check_name(model)
-        latest = await self.redis.get(key("model", model, "seq"))
+        latest = await self.redis.get(redis_key("model", model, "seq"))
         if latest is None:
             raise ModelNotFound(f"unknown model {model!r}")
-        keys = [key("model", model, "v", v) for v in range(1, int(latest) + 1)]
+        keys = [redis_key("model", model, "v", v) for v in range(1, int(latest) + 1)]
         raws = await self.redis.mget(keys) if keys else []
         return [model_pb2.ModelVersion.FromString(r) for r in raws if r is not None]
 
     async def list_models(self) -> list[model_pb2.ModelSummary]:
-        names = sorted(n.decode() for n in await self.redis.smembers(key("models")))
+        names = sorted(n.decode() for n in await self.redis.smembers(redis_key("models")))
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.get(key("model", name, "seq"))
-                pipe.hgetall(key("model", name, "aliases"))
+                pipe.get(redis_key("model", name, "seq"))
+                pipe.hgetall(redis_key("model", name, "aliases"))
             replies = await pipe.execute()
         out = []
         for i, name in enumerate(names):
@@ -172,8 +172,8 @@ class Catalog:
     async def archive(self, model: str, version: int) -> model_pb2.ModelVersion:
         """Mark a version archived; refused while any alias points at it."""
         check_name(model)
-        alias_key = key("model", model, "aliases")
-        vkey = key("model", model, "v", version)
+        alias_key = redis_key("model", model, "aliases")
+        vkey = redis_key("model", model, "v", version)
 
         async def change(pipe: Any) -> model_pb2.ModelVersion:
             raw = await pipe.get(vkey)
@@ -225,9 +225,9 @@ class Catalog:
 
     async def _check_servable(self, pipe: Any, model: str, targets: Any) -> None:
         # Watched too, so that an archive racing with this change makes one of them retry.
-        await pipe.watch(*[key("model", model, "v", t.version) for t in targets])
+        await pipe.watch(*[redis_key("model", model, "v", t.version) for t in targets])
         for t in targets:
-            raw = await pipe.get(key("model", model, "v", t.version))
+            raw = await pipe.get(redis_key("model", model, "v", t.version))
             if raw is None:
                 await self.get_version(model, t.version)  # raises the right NOT_FOUND
             if model_pb2.ModelVersion.FromString(raw).state != model_pb2.VERSION_STATE_READY:
@@ -243,8 +243,8 @@ class Catalog:
         check_name(model)
         check_name(alias, "alias")
         targets = self._check_targets(targets)
-        alias_key = key("model", model, "aliases")
-        history_key = key("model", model, "history", alias)
+        alias_key = redis_key("model", model, "aliases")
+        history_key = redis_key("model", model, "history", alias)
 
         async def change(pipe: Any) -> tuple[model_pb2.Alias, model_pb2.Alias | None]:
             await self._check_servable(pipe, model, targets)
@@ -267,8 +267,8 @@ class Catalog:
         """Restore the alias's state before its last change (or deletion), atomically."""
         check_name(model)
         alias = check_name(alias or DEFAULT_ALIAS, "alias")
-        alias_key = key("model", model, "aliases")
-        history_key = key("model", model, "history", alias)
+        alias_key = redis_key("model", model, "aliases")
+        history_key = redis_key("model", model, "history", alias)
 
         async def change(pipe: Any) -> tuple[model_pb2.Alias, model_pb2.Alias | None]:
             earlier_raw = await pipe.lindex(history_key, 0)
@@ -293,8 +293,8 @@ class Catalog:
         """Remove an alias; its last state goes on the history, so a rollback brings it back."""
         check_name(model)
         check_name(alias, "alias")
-        alias_key = key("model", model, "aliases")
-        history_key = key("model", model, "history", alias)
+        alias_key = redis_key("model", model, "aliases")
+        history_key = redis_key("model", model, "history", alias)
 
         async def change(pipe: Any) -> model_pb2.Alias:
             raw = await pipe.hget(alias_key, alias)
@@ -320,8 +320,8 @@ class Catalog:
         check_name(model)
         alias = check_name(alias or DEFAULT_ALIAS, "alias")
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(key("model", model, "aliases"), alias)
-            pipe.lrange(key("model", model, "history", alias), 0, -1)
+            pipe.hget(redis_key("model", model, "aliases"), alias)
+            pipe.lrange(redis_key("model", model, "history", alias), 0, -1)
             current, history = await pipe.execute()
         if current is None and not history:
             await self._require_model(model)

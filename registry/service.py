@@ -30,9 +30,9 @@ import redis.asyncio as aioredis
 
 from fovea.errors import PermissionDenied, Unauthenticated
 from fovea.v1 import registry_pb2
+from registry.api_keys import KeyStore
 from registry.artifacts import ArtifactStore
 from registry.catalog import Catalog
-from registry.keystore import KeyStore
 from registry.workers import WorkerTable
 
 
@@ -64,11 +64,11 @@ class Registry:
         self.store = store
         self.max_artifact_bytes = max_artifact_bytes
         self.catalog = Catalog(redis, store, max_alias_history)
-        self.keys = KeyStore(redis)
+        self.api_keys = KeyStore(redis)
         self.workers = WorkerTable(redis, heartbeat_ttl_s, watch_poll_s)
 
     async def authenticate(self, secret: str) -> registry_pb2.ApiKey:
-        return await self.keys.verify(secret)
+        return await self.api_keys.verify(secret)
 
 
 def model_allowed(patterns: list[str], model: str) -> bool:

@@ -184,32 +184,32 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.CreateApiKeyRequest, context: Any
     ) -> registry_pb2.CreateApiKeyResponse:
         check_access(principal.get(), ADMIN, all_models=True)
-        record, secret = await self.registry.keys.create(request)
+        record, secret = await self.registry.api_keys.create(request)
         return registry_pb2.CreateApiKeyResponse(key=record, secret=secret)
 
     async def ListApiKeys(
         self, request: registry_pb2.ListApiKeysRequest, context: Any
     ) -> registry_pb2.ListApiKeysResponse:
         check_access(principal.get(), ADMIN, all_models=True)
-        return registry_pb2.ListApiKeysResponse(keys=await self.registry.keys.list())
+        return registry_pb2.ListApiKeysResponse(keys=await self.registry.api_keys.list())
 
     async def RevokeApiKey(
         self, request: registry_pb2.RevokeApiKeyRequest, context: Any
     ) -> registry_pb2.RevokeApiKeyResponse:
         check_access(principal.get(), ADMIN, all_models=True)
-        return registry_pb2.RevokeApiKeyResponse(key=await self.registry.keys.revoke(request.key_id))
+        return registry_pb2.RevokeApiKeyResponse(key=await self.registry.api_keys.revoke(request.key_id))
 
     async def VerifyApiKey(
         self, request: registry_pb2.VerifyApiKeyRequest, context: Any
     ) -> registry_pb2.VerifyApiKeyResponse:
         check_service(principal.get(), GATEWAY, "VerifyApiKey")
-        return registry_pb2.VerifyApiKeyResponse(key=await self.registry.keys.verify(request.secret))
+        return registry_pb2.VerifyApiKeyResponse(key=await self.registry.api_keys.verify(request.secret))
 
     async def WatchApiKeys(
         self, request: registry_pb2.WatchApiKeysRequest, context: Any
     ) -> AsyncIterator[registry_pb2.WatchApiKeysResponse]:
         check_access(principal.get(), ADMIN, all_models=True, services=frozenset({GATEWAY}))
-        async for event in self.registry.keys.watch():
+        async for event in self.registry.api_keys.watch():
             yield event
 
     async def ReencryptArtifacts(

@@ -19,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from fovea.errors import InvalidArgument
-from fovea.names import check_name, check_worker_id, key
+from fovea.names import check_name, check_worker_id, redis_key
 from fovea.v1 import registry_pb2
 from registry.catalog import now_ts
 from registry.events import REDIS_DOWN
@@ -70,18 +70,18 @@ class WorkerTable:
         check_status(status)
         status.updated_at.CopyFrom(now_ts())
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(key("worker", status.worker_id), status.SerializeToString(), px=int(self.ttl_s * 1000))
-            pipe.zadd(key("workers"), {status.worker_id: time.time() + self.ttl_s})
+            pipe.set(redis_key("worker", status.worker_id), status.SerializeToString(), px=int(self.ttl_s * 1000))
+            pipe.zadd(redis_key("workers"), {status.worker_id: time.time() + self.ttl_s})
             await pipe.execute()
         return self.ttl_s
 
     async def live(self) -> list[registry_pb2.WorkerStatus]:
-        ids = [i.decode() for i in await self.redis.zrange(key("workers"), 0, -1)]
+        ids = [i.decode() for i in await self.redis.zrange(redis_key("workers"), 0, -1)]
         if not ids:
             return []
-        raws = await self.redis.mget([key("worker", i) for i in ids])
+        raws = await self.redis.mget([redis_key("worker", i) for i in ids])
         # Index entries long past their expiry (by any replica's clock, give or take a minute) go.
-        await self.redis.zremrangebyscore(key("workers"), "-inf", time.time() - INDEX_GRACE_S)
+        await self.redis.zremrangebyscore(redis_key("workers"), "-inf", time.time() - INDEX_GRACE_S)
         return [registry_pb2.WorkerStatus.FromString(r) for r in raws if r is not None]
 
     async def list(self, model: str, version: int, ready_only: bool) -> list[registry_pb2.WorkerStatus]:

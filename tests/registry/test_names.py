@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from fovea.errors import InvalidArgument
-from fovea.names import check_name, key
+from fovea.names import check_name, redis_key
 from fovea.v1 import model_pb2, registry_pb2
 from tests.registry.helpers import Reg, files_under, redis_state, status_of
 
@@ -39,7 +39,7 @@ def test_name_rules() -> None:
         with pytest.raises(InvalidArgument):
             check_name(bad)
     with pytest.raises(InvalidArgument):
-        key("model", "a:b")
+        redis_key("model", "a:b")
 
 
 def _rpcs(model: str, alias: str) -> list[tuple[str, str, object]]:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import redis
 
-from fovea.names import key
+from fovea.names import redis_key
 from fovea.onnxfile import EXTERNAL_DATA_REFUSED
 from fovea.spec import version_from_onnx
 from fovea.v1 import model_pb2
@@ -37,10 +37,10 @@ def plant_version_bypassing_validation(redis_url: str, artifact_dir: pathlib.Pat
     alias = model_pb2.Alias(model=name, name="production", targets=[model_pb2.AliasTarget(version=1, weight=100)])
     client = redis.Redis.from_url(redis_url)
     try:
-        client.set(key("model", name, "seq"), 1)
-        client.set(key("model", name, "v", 1), mv.SerializeToString())
-        client.sadd(key("models"), name)
-        client.hset(key("model", name, "aliases"), "production", alias.SerializeToString())
+        client.set(redis_key("model", name, "seq"), 1)
+        client.set(redis_key("model", name, "v", 1), mv.SerializeToString())
+        client.sadd(redis_key("models"), name)
+        client.hset(redis_key("model", name, "aliases"), "production", alias.SerializeToString())
     finally:
         client.close()
 

@@ -19,15 +19,15 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from fovea.errors import InvalidArgument, NotFound, Unauthenticated
-from fovea.names import check_key_id, key
+from fovea.names import check_key_id, redis_key
 from fovea.v1 import registry_pb2
+from registry import api_key_secrets as secrets
 from registry import events
-from registry import keys as secrets
 from registry.catalog import now_ts
 
 logger = logging.getLogger(__name__)
 
-KEYS_STREAM = key("events", "keys")
+KEYS_STREAM = redis_key("events", "keys")
 # Model-name globs: name characters plus the fnmatch wildcards * ? [ ] (and ! inside brackets).
 PATTERN_RE = re.compile(r"[a-z0-9._*?\[\]!-]{1,128}")
 MAX_PATTERNS = 64
@@ -80,29 +80,29 @@ class KeyStore:
         salt = os.urandom(16)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(
-                key("apikey", key_id),
+                redis_key("apikey", key_id),
                 mapping={
                     "record": record.SerializeToString(),
                     "salt": salt,
                     "digest": secrets.digest(salt, secret),
                 },
             )
-            pipe.sadd(key("apikeys"), key_id)
+            pipe.sadd(redis_key("apikeys"), key_id)
             await pipe.execute()
         logger.info("created API key %s role=%s", key_id, registry_pb2.Role.Name(req.role))
         return record, secret
 
     async def list(self) -> list[registry_pb2.ApiKey]:
-        ids = sorted(i.decode() for i in await self.redis.smembers(key("apikeys")))
+        ids = sorted(i.decode() for i in await self.redis.smembers(redis_key("apikeys")))
         async with self.redis.pipeline(transaction=False) as pipe:
             for key_id in ids:
-                pipe.hget(key("apikey", key_id), "record")
+                pipe.hget(redis_key("apikey", key_id), "record")
             raws = await pipe.execute()
         return [registry_pb2.ApiKey.FromString(r) for r in raws if r]
 
     async def revoke(self, key_id: str) -> registry_pb2.ApiKey:
         check_key_id(key_id)
-        k = key("apikey", key_id)
+        k = redis_key("apikey", key_id)
 
         async def change(pipe: Any) -> registry_pb2.ApiKey:
             raw = await pipe.hget(k, "record")
@@ -124,7 +124,7 @@ class KeyStore:
         key_id = secrets.key_id_of(secret)
         if key_id is None:
             raise Unauthenticated("malformed API key")
-        record_raw, salt, stored = await self.redis.hmget(key("apikey", key_id), ["record", "salt", "digest"])
+        record_raw, salt, stored = await self.redis.hmget(redis_key("apikey", key_id), ["record", "salt", "digest"])
         if record_raw is None or salt is None or stored is None or not secrets.matches(salt, stored, secret):
             raise Unauthenticated("unknown API key")
         record = registry_pb2.ApiKey.FromString(record_raw)
