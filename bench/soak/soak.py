@@ -259,6 +259,7 @@ def summarize(soak: Soak, minutes: float) -> dict[str, Any]:
     return {
         "minutes": minutes,
         "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cluster": "Valkey, registry, 2 workers, 1 gateway (fast port on) on loopback; tiny colors and ident models",
         "calls": dict(soak.recorder.calls),
         "errors": {k: {"count": len(v), "first": v[:5]} for k, v in soak.recorder.errors.items()},
