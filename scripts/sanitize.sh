@@ -25,7 +25,9 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=lib
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:log_path=$logs/asan"
 export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1"
 status=0
-python -m pytest -q -p no:cacheprovider --capture=sys --basetemp="$logs/tmp" "${tests[@]}" \
+# A time limit: a test that fails can leave a server thread that keeps the interpreter from exiting.
+timeout -k 10 "${FOVEA_SANITIZE_TIMEOUT_S:-900}" \
+  python -m pytest -q -p no:cacheprovider --capture=sys --basetemp="$logs/tmp" "${tests[@]}" \
   2> >(tee "$logs/stderr" >&2) || status=$?
 unset LD_PRELOAD
 pattern='runtime error:|ERROR: AddressSanitizer|SUMMARY: [A-Za-z]+Sanitizer'
