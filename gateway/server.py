@@ -18,10 +18,10 @@ from fovea.serve import add_health, set_serving
 from fovea.v1 import image_pb2, image_pb2_grpc, registry_pb2
 from gateway.auth import KeyCache
 from gateway.config import GatewayConfig
+from gateway.fast_port import LIBRARY as NATIVE_LIBRARY
+from gateway.fast_port import NativeGateway, routes_text
+from gateway.fast_port import available as native_available
 from gateway.metrics import AccessLog, Metrics
-from gateway.native import LIBRARY as NATIVE_LIBRARY
-from gateway.native import NativeGateway, routes_text
-from gateway.native import available as native_available
 from gateway.ratelimit import Limits, RateLimiter
 from gateway.routing import Endpoint, Versions, Workers
 from gateway.service import Gateway
@@ -50,7 +50,7 @@ class GatewayServer:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     native: NativeGateway | None = None
     fast_port: int = -1
-    """The native fast port (gateway/native.py); -1 when off."""
+    """The native fast port (gateway/fast_port.py); -1 when off."""
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set by stop(): new calls on the main port get UNAVAILABLE."""
 

@@ -25,8 +25,8 @@ from fovea.registry_link import RegistryLink
 from fovea.v1 import model_pb2, registry_pb2
 from worker.batcher import Batcher
 from worker.config import WorkerConfig
+from worker.fast_port import NativeFront, NativeSession
 from worker.metrics import WorkerMetrics
-from worker.native import NativeFront, NativeSession
 from worker.runtime import GPU_PROVIDERS, Bucketed, Session, load_model, native_options
 from worker.stats import ModelStats
 

@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from fovea.errors import ModelNotReady
 from worker.config import WorkerConfig
-from worker.native import NativeOptions
+from worker.fast_port import NativeOptions
 
 logger = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from fovea.v1 import registry_pb2
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from worker.config import WorkerConfig
+from worker.fast_port import LIBRARY as NATIVE_LIBRARY
+from worker.fast_port import NativeFront
+from worker.fast_port import available as native_available
 from worker.metrics import WorkerMetrics
 from worker.models import ModelManager
-from worker.native import LIBRARY as NATIVE_LIBRARY
-from worker.native import NativeFront
-from worker.native import available as native_available
 from worker.runtime import GPU_PROVIDERS, device_info
 from worker.servicer import WorkerServicer, server_metadata
 

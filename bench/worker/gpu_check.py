@@ -107,7 +107,7 @@ def raw_cuda(path: pathlib.Path, shape: tuple[int, ...], seconds: float, batch: 
 
 def fast_front_loads() -> bool:
     """The worker's native fast port needs its gRPC C++ libraries; try loading it in a child first."""
-    from worker.native import LIBRARY
+    from worker.fast_port import LIBRARY
 
     code = f"import ctypes; ctypes.CDLL({str(LIBRARY)!r})"
     return LIBRARY.exists() and subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

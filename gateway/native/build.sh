@@ -3,7 +3,7 @@
 # Needs g++, pkg-config, Debian's libgrpc++-dev and libssl-dev (scripts/setup.sh installs them).
 #
 # FOVEA_NATIVE_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer into build-asan/
-# instead of build/; FOVEA_NATIVE_BUILD=build-asan makes gateway/native.py load that one (scripts/sanitize.sh).
+# instead of build/; FOVEA_NATIVE_BUILD=build-asan makes gateway/fast_port.py load that one (scripts/sanitize.sh).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 flags=(-O2)

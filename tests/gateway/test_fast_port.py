@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fovea.v1 import model_pb2, registry_pb2
-from gateway.native import NativeGateway
+from gateway.fast_port import NativeGateway
 from gateway.server import GatewayServer
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc

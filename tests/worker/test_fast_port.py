@@ -362,9 +362,9 @@ async def test_without_onnx_runtimes_c_library_python_runs_the_batches(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import worker.native
+    import worker.fast_port
 
-    monkeypatch.setattr(worker.native, "ort_library", lambda: None)  # as with a build that ships none
+    monkeypatch.setattr(worker.fast_port, "ort_library", lambda: None)  # as with a build that ships none
     ws, _, fast = await _both(start_worker, registry)
     lv = ws.manager.loaded[("colors", 1)]
     assert ws.native is not None, "the fast port is on by default"
@@ -406,7 +406,7 @@ async def test_c_api_sessions_take_the_workers_session_options(
 def test_batch_metrics_flush_past_a_failing_hook() -> None:
     """The batch threads only queue their metrics; a hook that raises is logged and the rest still
     get recorded, so the queue cannot grow without bound."""
-    from worker.native import NativeFront
+    from worker.fast_port import NativeFront
 
     front = NativeFront("127.0.0.1:0", 1 << 20, ["t"], 1000, b"")
     seen: list[tuple[int, list[float], float]] = []

@@ -4,7 +4,7 @@
 # (scripts/setup.sh installs them).
 #
 # FOVEA_NATIVE_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer into build-asan/
-# instead of build/; FOVEA_NATIVE_BUILD=build-asan makes worker/native.py load that one
+# instead of build/; FOVEA_NATIVE_BUILD=build-asan makes worker/fast_port.py load that one
 # (scripts/sanitize.sh does both, and preloads the sanitizer runtimes Python needs for it).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
