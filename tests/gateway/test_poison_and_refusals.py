@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -74,8 +74,12 @@ async def gateway_seeing(stack: Stack, model: str, workers: int) -> GatewayServe
     raise AssertionError(f"the gateway never saw {workers} workers with {model}")
 
 
+StandIns = Callable[[str, int, list[tuple[str, str, int]]], Awaitable[None]]
+"""start(model, version, [(worker_id, address, queue_depth)]): heartbeats for stand-in workers."""
+
+
 @pytest.fixture
-async def stand_ins(registry: Stack) -> AsyncIterator[Callable[..., object]]:
+async def stand_ins(registry: Stack) -> AsyncIterator[StandIns]:
     """start(model, [(worker_id, address, queue_depth)]) keeps the stand-ins listed until the test ends."""
     link = RegistryLink(registry.registry.address, registry.cluster.worker_token)
     beats: list[asyncio.Task[None]] = []
@@ -113,7 +117,7 @@ def retries(gw: GatewayServer, port: str) -> int:
 
 @pytest.mark.parametrize("port", ["main", "fast"])
 async def test_a_call_that_kills_its_worker_is_not_retried_on_another(
-    registry: Stack, stand_ins: Callable[..., object], port: str
+    registry: Stack, stand_ins: StandIns, port: str
 ) -> None:
     """The dying worker looks idle and the healthy one busy, so the gateway sends the call to the dying one
     first. Its connection drops with the call in flight: the caller gets UNAVAILABLE saying so, and the healthy
@@ -123,7 +127,7 @@ async def test_a_call_that_kills_its_worker_is_not_retried_on_another(
     version = await asyncio.to_thread(register, registry, model)
     dying = await asyncio.to_thread(start_dying_worker, registry)
     healthy = await CountingWorker().start()
-    await stand_ins(  # type: ignore[operator]
+    await stand_ins(
         model, version, [(f"dying-{port}", dying.address, 0), (f"healthy-{port}", f"127.0.0.1:{healthy.port}", 100)]
     )
     gw = await gateway_seeing(registry, model, 2)
@@ -150,13 +154,13 @@ async def test_a_call_that_kills_its_worker_is_not_retried_on_another(
 
 @pytest.mark.parametrize("port", ["main", "fast"])
 async def test_a_call_a_worker_refused_unserved_is_retried_on_another(
-    registry: Stack, stand_ins: Callable[..., object], port: str
+    registry: Stack, stand_ins: StandIns, port: str
 ) -> None:
     """A worker's deliberate UNAVAILABLE with `fovea-unserved: 1` (it never ran the call) may go to another."""
     model = f"refused-{port}"
     version = await asyncio.to_thread(register, registry, model)
     refusing, healthy = await CountingWorker(refuse=True).start(), await CountingWorker().start()
-    await stand_ins(  # type: ignore[operator]
+    await stand_ins(
         model,
         version,
         [(f"refusing-{port}", f"127.0.0.1:{refusing.port}", 0), (f"ok-{port}", f"127.0.0.1:{healthy.port}", 100)],
@@ -178,7 +182,7 @@ async def test_a_call_a_worker_refused_unserved_is_retried_on_another(
 K_RANGE = "expected 1 to 100"
 # (case, change to a valid request, the gateway's message): one table for both ports, whose answers must be
 # the same word for word (the fast port passes what it finds invalid to the Python port, which words it).
-REFUSALS: list[tuple[str, Callable[[pb.ModelInferRequest], None], str]] = [
+REFUSALS: list[tuple[str, Callable[[pb.ModelInferRequest], object], str]] = [
     ("k = 2^31", lambda r: _k(r, 2**31), f"output 'logits': classification asks for 2147483648 classes; {K_RANGE}"),
     ("k = 2^63-1", lambda r: _k(r, 2**63 - 1), f"classification asks for 9223372036854775807 classes; {K_RANGE}"),
     ("k = 0", lambda r: _k(r, 0), f"output 'logits': classification asks for 0 classes; {K_RANGE}"),
@@ -229,15 +233,13 @@ def _inputs(r: pb.ModelInferRequest, n: int) -> None:
         r.raw_input_contents.append(b"\0" * 4)
 
 
-async def test_malformed_calls_are_refused_by_the_gateway_on_every_port(
-    registry: Stack, stand_ins: Callable[..., object]
-) -> None:
+async def test_malformed_calls_are_refused_by_the_gateway_on_every_port(registry: Stack, stand_ins: StandIns) -> None:
     """Each case gets INVALID_ARGUMENT with the same message on both ports, and the worker never sees it;
     the same call without the fault goes through (so the worker is reachable and the test can fail)."""
     model = "refusals"
     version = await asyncio.to_thread(register, registry, model)
     worker = await CountingWorker().start()
-    await stand_ins(model, version, [("counting-refusals", f"127.0.0.1:{worker.port}", 0)])  # type: ignore[operator]
+    await stand_ins(model, version, [("counting-refusals", f"127.0.0.1:{worker.port}", 0)])
     gw = await gateway_seeing(registry, model, 1)
     secret = await asyncio.to_thread(registry.key)
     stubs = {port: stub_for(gw, port) for port in ("main", "fast")}
@@ -261,15 +263,13 @@ async def test_malformed_calls_are_refused_by_the_gateway_on_every_port(
         await worker.stop()
 
 
-async def test_a_key_sent_twice_counts_as_the_last_one_on_every_port(
-    registry: Stack, stand_ins: Callable[..., object]
-) -> None:
+async def test_a_key_sent_twice_counts_as_the_last_one_on_every_port(registry: Stack, stand_ins: StandIns) -> None:
     """With two authorization headers the last one counts, on both ports (the Python port reads metadata into a
     dict; the fast port read the first, so a known key first and garbage last was served natively)."""
     model = "twice"
     version = await asyncio.to_thread(register, registry, model)
     worker = await CountingWorker().start()
-    await stand_ins(model, version, [("counting-twice", f"127.0.0.1:{worker.port}", 0)])  # type: ignore[operator]
+    await stand_ins(model, version, [("counting-twice", f"127.0.0.1:{worker.port}", 0)])
     gw = await gateway_seeing(registry, model, 1)
     secret = await asyncio.to_thread(registry.key)
     valid, garbage = ("authorization", f"Bearer {secret}"), ("authorization", "Bearer fv_garbage_0123456789")
