@@ -20,6 +20,14 @@ BUF = ROOT / "protos" / "node_modules" / ".bin" / "buf"
 
 def check(tree: pathlib.Path, step: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}", "FOVEA_BUF": str(BUF)}
+    cache = ROOT / ".mypy_cache"
+    if step == "types" and cache.is_dir():
+        # A copy of the tree's own cache (CI's types step leaves one): mypy then checks only what differs,
+        # seconds instead of a minute or two from cold.
+        copy = tree.parent / "mypy_cache"
+        if not copy.exists():
+            shutil.copytree(cache, copy)
+        env["MYPY_CACHE_DIR"] = str(copy)
     return subprocess.run(
         ["bash", "scripts/check.sh", step], cwd=tree, env=env, capture_output=True, text=True, timeout=600
     )
