@@ -224,3 +224,58 @@ async def test_a_shape_of_a_million_dimensions_gets_a_short_answer(
     err = await _refused(f.ModelInfer, req)
     assert err.code() == INVALID and "must have shape" in err.details() and len(err.details()) < 200, err.details()
     await channel.close()
+
+
+NOT_A_REQUEST = "the request is not a valid protobuf message for this method"
+
+
+def _raw_infer(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable:
+    """ModelInfer on bytes as they are (no serializer): what a client with another schema, or none, sends."""
+    return channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+
+@pytest.mark.parametrize("port", ["main", "fast"])
+async def test_bytes_that_are_no_request_get_invalid_argument(
+    registry: LocalRegistry, start_worker: StartWorker, port: str
+) -> None:
+    """The fast port answered bytes that do not parse (0x0a: a field with no length) with a bare UNIMPLEMENTED,
+    gRPC C++'s answer; both ports say INVALID_ARGUMENT in the same words, after authentication."""
+    ws = await _worker(registry, start_worker, ("colors", color_model()))
+    channel, f = stub(_port(ws, port))
+    infer = _raw_infer(channel)
+    valid = tensor_request("colors", _colors(1)).SerializeToString()
+    for data in (b"\x0a", b"\xb9", b"\xff" * 16, b"\x0a\x05col", valid[:-1], valid + b"\x0a"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await infer(data, metadata=MD, timeout=10)
+        assert (err.value.code(), err.value.details()) == (INVALID, NOT_A_REQUEST), (data[:8], err.value)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await infer(data, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (data[:8], err.value)
+    resp = pb.ModelInferResponse.FromString(await infer(valid, metadata=MD, timeout=10))
+    assert output_array(resp).argmax() == 0, "the worker goes on serving"
+    await channel.close()
+
+
+@pytest.mark.parametrize("port", ["main", "fast"])
+async def test_invalid_utf8_names_do_not_flood_the_log(
+    registry: LocalRegistry, start_worker: StartWorker, port: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """libprotobuf logged an ERROR line to stderr for every request with a name that is not UTF-8 (the worker runs
+    in this process, so its stderr is this test's): any caller could flood the worker's log. Each such call is
+    still refused (the bytes do not parse as the proto3 message)."""
+    ws = await _worker(registry, start_worker, ("colors", color_model()))
+    channel, f = stub(_port(ws, port))
+    infer = _raw_infer(channel)
+    nameless = tensor_request("", _colors(1)).SerializeToString()
+    bad_name = b"\x0a\x07col\xffors" + nameless  # field 1 (model_name): "col\xffors"
+    capfd.readouterr()
+    answers = set()
+    for _ in range(200):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await infer(bad_name, metadata=MD, timeout=10)
+        answers.add((err.value.code(), err.value.details()))
+    logged = [line for line in capfd.readouterr().err.splitlines() if "UTF-8" in line]
+    assert len(logged) <= 2, f"{len(logged)} lines, the first: {logged[:1]}"
+    assert answers == {(INVALID, NOT_A_REQUEST)}, answers
+    await f.ModelInfer(tensor_request("colors", _colors(1)), metadata=MD, timeout=10)
+    await channel.close()

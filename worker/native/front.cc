@@ -8,6 +8,7 @@
 // worker/native.py calls through ctypes, which releases the GIL around each call.
 
 #include <absl/synchronization/mutex.h>
+#include <google/protobuf/stubs/logging.h>
 #include <grpcpp/grpcpp.h>
 #include <malloc.h>
 
@@ -52,11 +53,16 @@ int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
 }
 
-// A call validate accepted (n and order come from it).
+// A call validate accepted (n and order come from it). ModelInfer takes its bytes raw and parses them
+// into request itself (gRPC's typed handler answers bytes that do not parse with a bare UNIMPLEMENTED);
+// finish serializes response into out.
 struct Call : fovea::Checked {
   grpc::CallbackServerContext* ctx = nullptr;
-  const ModelInferRequest* req = nullptr;
-  ModelInferResponse* resp = nullptr;
+  ModelInferRequest request;
+  ModelInferResponse response;
+  const ModelInferRequest* req = &request;
+  ModelInferResponse* resp = &response;
+  grpc::ByteBuffer* out = nullptr;
   grpc::ServerUnaryReactor* reactor = nullptr;
   int64_t enqueued_ns = 0, started_ns = 0;
   SysClock::time_point deadline;
@@ -148,11 +154,13 @@ bool token_matches(const std::string& presented, const std::vector<std::string>&
 
 class Front;
 
-class Service final : public inference::GRPCInferenceService::CallbackService {
+// ModelInfer is registered raw (ByteBuffers), the rest typed.
+class Service final
+    : public inference::GRPCInferenceService::WithRawCallbackMethod_ModelInfer<inference::GRPCInferenceService::CallbackService> {
  public:
   explicit Service(Front* f) : front_(f) {}
-  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx, const ModelInferRequest* req,
-                                       ModelInferResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* bytes,
+                                       grpc::ByteBuffer* out) override;
   grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* ctx, const inference::ServerLiveRequest*,
                                        inference::ServerLiveResponse* resp) override;
   grpc::ServerUnaryReactor* ServerReady(grpc::CallbackServerContext* ctx, const inference::ServerReadyRequest*,
@@ -264,8 +272,13 @@ class Front {
         m->ok_times[b] += 1;
       }
     }
-    if (m) m->codes[std::min<int>(st.error_code(), 16)] += 1;
-    c->reactor->Finish(st);
+    Status sent = st;
+    if (st.ok()) {  // what gRPC's typed handler would do in Finish
+      bool own_buffer;
+      sent = grpc::SerializationTraits<ModelInferResponse>::Serialize(*c->resp, c->out, &own_buffer);
+    }
+    if (m) m->codes[std::min<int>(sent.error_code(), 16)] += 1;
+    c->reactor->Finish(sent);
     delete c;
   }
 };
@@ -360,8 +373,8 @@ grpc::ServerUnaryReactor* Service::ModelStatistics(grpc::CallbackServerContext* 
   return done(ctx, Status::OK);
 }
 
-grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, const ModelInferRequest* req,
-                                              ModelInferResponse* resp) {
+grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* bytes,
+                                              grpc::ByteBuffer* out) {
   auto* reactor = ctx->DefaultReactor();
   int64_t t0 = now_ns();
   auto reject = [&](StatusCode code, const std::string& msg) {
@@ -374,21 +387,26 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
   };
   Status auth = authenticate(ctx, front_->tokens);
   if (!auth.ok()) return reject(auth.error_code(), auth.error_message());
+  // The bytes are parsed as gRPC's typed handler parses them (the same call, which also frees them; the
+  // handler owns the buffer, and nothing reads it after this), but after authentication, and bytes that
+  // are no ModelInferRequest get the Python ports' answer.
+  std::unique_ptr<Call> owned(new Call);
+  if (!grpc::SerializationTraits<ModelInferRequest>::Deserialize(const_cast<grpc::ByteBuffer*>(bytes), &owned->request).ok())
+    return reject(StatusCode::INVALID_ARGUMENT, "the request is not a valid protobuf message for this method");
   if (!front_->accepting) return reject(StatusCode::UNAVAILABLE, "worker is draining; retry on another worker");
+  const ModelInferRequest* req = owned->req;
 
   std::shared_ptr<Model> m;
   Status st = front_->lookup(req->model_name(), req->model_version(), &m);
   if (!st.ok()) return reject(st.error_code(), st.error_message());
-  auto* call = new Call;
-  st = fovea::validate(*m, *req, call);
+  st = fovea::validate(*m, *req, owned.get());
   if (!st.ok()) {
-    delete call;
     m->stats[kFailCount] += 1;
     return reject(st.error_code(), st.error_message());
   }
+  auto* call = owned.release();
   call->ctx = ctx;
-  call->req = req;
-  call->resp = resp;
+  call->out = out;
   call->reactor = reactor;
   call->deadline = ctx->deadline();
   if (call->deadline == SysClock::time_point::max())
@@ -413,6 +431,26 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
   return reactor;
 }
 
+// libprotobuf logs an ERROR for every string field that is not UTF-8 (and the parse fails, which the
+// caller is told): any caller could flood the worker's log with them at no cost. Its log goes here
+// instead: at most one line a minute, with a count of those left out; FATAL ones always.
+void protobuf_log(google::protobuf::LogLevel level, const char* file, int line, const std::string& message) {
+  static std::atomic<int64_t> next_ns{0}, left_out{0};
+  constexpr int64_t kEveryNs = 60'000'000'000;
+  if (level < google::protobuf::LOGLEVEL_FATAL) {
+    int64_t now = now_ns(), next = next_ns.load();
+    if (now < next || !next_ns.compare_exchange_strong(next, now + kEveryNs)) {
+      left_out += 1;
+      return;
+    }
+  }
+  static const char* const kLevels[] = {"INFO", "WARNING", "ERROR", "FATAL"};
+  const int64_t n = left_out.exchange(0);
+  std::string more = n ? " (" + std::to_string(n) + " more since the last line shown were left out)" : "";
+  std::fprintf(stderr, "[libprotobuf %s %s:%d] %s%s\n", kLevels[std::clamp<int>(level, 0, 3)], file, line,
+               message.c_str(), more.c_str());
+}
+
 }  // namespace
 
 extern "C" {
@@ -430,6 +468,8 @@ void* fv_start(const char* address, int max_message_bytes, const char* tokens, i
   if (!getenv("MALLOC_TRIM_THRESHOLD_")) mallopt(M_TRIM_THRESHOLD, 128 << 20);
   // Debian builds Abseil with mutex deadlock detection on: a cycle check on every lock gRPC takes.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  static std::once_flag log_once;  // SetLogHandler is not thread-safe
+  std::call_once(log_once, [] { google::protobuf::SetLogHandler(protobuf_log); });
   auto* f = new Front();
   f->server_metadata.ParseFromArray(server_metadata, server_metadata_len);
   std::string all(tokens);
