@@ -1261,10 +1261,16 @@ void fg_shutdown(void* fp, double grace_s) {
   if (f->stopped) return;
   f->stopped = true;
   f->accepting = false;
-  // Calls still running at the deadline are cancelled. Shutdown returns once every call is over, which
-  // needs the queues' threads; after it no call asks a queue for anything, so they can be closed.
+  // Calls still running at the deadline are cancelled; the queues' threads run them to their end meanwhile.
   f->server->Shutdown(SysClock::now() + std::chrono::microseconds(int64_t(grace_s * 1e6)));
   f->server->Wait();
+  // Wait does not wait for the call objects: a call cancelled at the deadline (a relayed stream, say) still
+  // has events to come on its queue (its end, its upstream call's failed read), and handling them starts
+  // operations (the upstream's Finish, the request for the next call). gRPC aborts the process on an
+  // operation started on a queue that is shut down (call.cc: grpc_cq_begin_op), so the queues close only
+  // after the last call object is freed. Each one ends: the server cancelled its call, a call's end cancels
+  // its upstream call, and a request for a call after Shutdown fails at once.
+  while (f->live_calls.load() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   for (auto& cq : f->cqs) cq->Shutdown();
   for (auto& t : f->threads) t.join();
 }
