@@ -5,7 +5,7 @@
 // version, hands whole batches as contiguous buffers to the batch loops (ort_loop.cc on
 // the CPU, Python otherwise) and splits the outputs back. A Python gRPC server costs about 0.2 ms of CPU per call here,
 // more than a small model's compute; this costs a few µs. The C ABI (fv_*) is what
-// worker/native.py calls through ctypes, which releases the GIL around each call.
+// worker/fast_port.py calls through ctypes, which releases the GIL around each call.
 
 #include <absl/synchronization/mutex.h>
 #include <google/protobuf/stubs/logging.h>

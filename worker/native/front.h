@@ -1,4 +1,4 @@
-// The fast port's C ABI (front.cc), as used by worker/native.py through ctypes and by ort_loop.cc.
+// The fast port's C ABI (front.cc), as used by worker/fast_port.py through ctypes and by ort_loop.cc.
 #pragma once
 
 #include <cstdint>

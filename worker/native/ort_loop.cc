@@ -9,7 +9,7 @@
 // The C API is a table of function pointers (OrtApi) that only ever grows. This file calls the
 // entries it needs by their position in that table, so that it builds without ONNX Runtime's
 // headers, which the onnxruntime wheel does not ship. The library is opened at run time, from the
-// onnxruntime package Python uses (worker/native.py finds it).
+// onnxruntime package Python uses (worker/fast_port.py finds it).
 
 #include <dlfcn.h>
 
@@ -188,7 +188,7 @@ int64_t now_ns() {
       .count();
 }
 
-// A model version's instances, as worker/native.py's Instances: a batch that would run by itself (no
+// A model version's instances, as worker/fast_port.py's Instances: a batch that would run by itself (no
 // other instance computing, nothing queued) runs on the alone session, and the others wait for it.
 // Also where each batch's figures wait for Python's metrics.
 struct Instances {
