@@ -162,3 +162,8 @@ def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
         if op == "DoesNotExist" and key in labels:
             return False
     return True
+
+
+# The rendered variants the invariant tests check, and the downward-API values used to expand them.
+VARIANTS = ["cpu-dev", "gpu-prod", "gpu-prod+external-redis"]
+FIELDS = {"status.podIP": "10.0.0.7", "metadata.name": "pod-0"}

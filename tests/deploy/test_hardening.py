@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from tests.deploy.manifests import (
+    FIELDS,
     SERVICES,
+    VARIANTS,
     Obj,
     config_data,
     container_env,
@@ -25,8 +27,6 @@ from tests.deploy.manifests import (
     workloads,
 )
 
-VARIANTS = ["cpu-dev", "gpu-prod", "gpu-prod+external-redis"]
-FIELDS = {"status.podIP": "10.0.0.7", "metadata.name": "pod-0"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 

@@ -14,7 +14,9 @@ from fovea.cluster import ROOT
 from fovea.crypto import load_key
 from fovea.tokens import TokenTable
 from tests.deploy.manifests import (
+    FIELDS,
     SERVICES,
+    VARIANTS,
     Obj,
     config_data,
     container_env,
@@ -28,9 +30,6 @@ from tests.deploy.manifests import (
     prestop_sleep_s,
     workloads,
 )
-
-VARIANTS = ["cpu-dev", "gpu-prod", "gpu-prod+external-redis"]
-FIELDS = {"status.podIP": "10.0.0.7", "metadata.name": "pod-0"}
 
 
 @pytest.fixture(params=VARIANTS)
