@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -400,27 +402,43 @@ async def test_stopping_answers_every_accepted_call(stack: Stack, gateways: Gate
     await channel.close()
 
 
+@dataclass
+class HeldStreams:
+    """Streams on a gateway's fast port, each answered once and then held open until `release` is set."""
+
+    channel: grpc.aio.Channel
+    stub: pb_grpc.GRPCInferenceServiceStub
+    secret: str
+    release: asyncio.Event
+    streams: list[Any]
+
+    @classmethod
+    async def open(cls, stack: Stack, gw: Any, count: int) -> HeldStreams:
+        await wait_routable(gw, "ident")
+        secret = await asyncio.to_thread(stack.key)
+        channel, stub = fast_stub(gw)
+        release = asyncio.Event()
+
+        async def one_then_wait() -> AsyncIterator[pb.ModelInferRequest]:
+            yield ident_request(1)
+            await release.wait()
+
+        streams = [stub.ModelStreamInfer(one_then_wait(), metadata=auth(secret), timeout=30) for _ in range(count)]
+        for stream in streams:
+            assert (await stream.read()).infer_response.id == "r1"  # open, answered, and held open
+        return cls(channel, stub, secret, release, streams)
+
+
 async def test_stopping_with_streams_open_cancels_them(stack: Stack, gateways: GatewayFactory) -> None:
     """Stop at once with streams held open: the front cancels them and closes its queues only once their calls
     are over (an operation started on a closed queue aborts the process in gRPC: call.cc grpc_cq_begin_op)."""
     gw = await gateways()
-    await wait_routable(gw, "ident")
-    secret = await asyncio.to_thread(stack.key)
-    channel, stub = fast_stub(gw)
-    release = asyncio.Event()
-
-    async def one_then_wait() -> AsyncIterator[pb.ModelInferRequest]:
-        yield ident_request(1)
-        await release.wait()
-
-    streams = [stub.ModelStreamInfer(one_then_wait(), metadata=auth(secret), timeout=30) for _ in range(4)]
-    for stream in streams:
-        assert (await stream.read()).infer_response.id == "r1"
+    held = await HeldStreams.open(stack, gw, 4)
     await gw.stop(0)
-    for stream in streams:
+    for stream in held.streams:
         assert await stream.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
-    release.set()
-    await channel.close()
+    held.release.set()
+    await held.channel.close()
 
 
 async def test_pending_limit_and_cancelled_calls_give_their_slots_back(stack: Stack, gateways: GatewayFactory) -> None:
@@ -481,18 +499,8 @@ async def test_streams_count_against_the_pending_limit(stack: Stack, gateways: G
     """Issue 18, fix 8: an open stream holds one of the fast port's FOVEA_GATEWAY_MAX_PENDING_CALLS slots until
     it ends, so streams cannot pile up past the limit; unary calls and further streams are refused meanwhile."""
     gw = await gateways(max_pending_calls=2)
-    await wait_routable(gw, "ident")
-    secret = await asyncio.to_thread(stack.key)
-    channel, stub = fast_stub(gw)
-    release = asyncio.Event()
-
-    async def one_then_wait() -> AsyncIterator[pb.ModelInferRequest]:
-        yield ident_request(1)
-        await release.wait()
-
-    streams = [stub.ModelStreamInfer(one_then_wait(), metadata=auth(secret), timeout=30) for _ in range(2)]
-    for stream in streams:
-        assert (await stream.read()).infer_response.id == "r1"  # open, answered, and held open
+    held = await HeldStreams.open(stack, gw, 2)
+    channel, stub, secret, release, streams = held.channel, held.stub, held.secret, held.release, held.streams
     assert fast_front(gw).counts()["in_progress"] == 2
     code, msg = await status_of(stub.ModelInfer(ident_request(), metadata=auth(secret), timeout=10))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 2" in msg, (code, msg)
