@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fovea.redis_server import RedisServer, free_port
@@ -109,10 +110,11 @@ class Cluster:
         self.services.append(service)
         return service
 
-    def start_registry(self, port: int = 0, **env: str) -> Service:
+    def start_registry(self, port: int = 0, name: str = "registry", **env: str) -> Service:
+        """A registry on this cluster's Redis; replicas (another name) share its Redis and artifact folder."""
         self.start_redis()
         return self.start(
-            "registry",
+            name,
             "registry",
             {
                 "FOVEA_REGISTRY_PORT": str(port or free_port()),
@@ -126,8 +128,11 @@ class Cluster:
         )
 
     def start_worker(
-        self, registry: str, models: list[str], name: str = "worker", port: int = 0, **env: str
+        self, registry: str, models: Sequence[str] = (), name: str = "worker", port: int = 0, **env: str
     ) -> Service:
+        """A worker serving `models` (FOVEA_WORKER_MODELS), or with none a pool worker, which serves what the
+        registry's placement assigns it. Pool labels and budgets go in env, e.g. FOVEA_WORKER_LABELS="zone=a",
+        FOVEA_WORKER_MEMORY_BUDGET_BYTES="300000000"."""
         port = port or free_port()
         return self.start(
             name,
