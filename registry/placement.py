@@ -1,0 +1,370 @@
+"""The placement planner: which pool worker serves which model. Pure: no Redis, no I/O, no clock.
+
+`plan(needs, workers, current)` takes each model's target this tick (`Need`), the live pool workers'
+budgets (`Capacity`) and the current assignments (model -> worker ids), and returns new assignments
+with a reason for every model that got fewer replicas than its target. The same input always gives
+the same output: every tie is broken by worker id or model name.
+
+The rules, in the order they are applied:
+
+1. **Keep.** A model keeps the current workers that still exist and carry its pool's labels. With
+   more of them than its target it keeps those on the workers with the most free memory (counted
+   over the whole current assignment; ties by worker id), so a scale-down takes replicas off the
+   fullest workers. Where a worker's kept models no longer fit its budget (the budget shrank, or a
+   model's measured size grew), its models are kept in priority order while they fit: models that
+   are not evictable first, then the most recently used, then by name; the rest are placed anew.
+2. **Place.** Missing replicas are placed in rounds (every model's first replica, then every
+   model's second, ...) so that one model's many replicas cannot crowd out another's only one.
+   Within a round: models that are not evictable first, then the largest, then by name. A replica
+   goes to the matching worker that does not serve the model yet, fits it, and has the most free
+   host memory (ties by worker id): that spreads load, and largest-first packs well.
+3. **Evict.** When a replica fits no matching worker, evictable models (scaled to zero) on one
+   matching worker may be unassigned to make room, least recently used first, and only if that frees
+   enough on that worker. A model that is not evictable may evict any evictable one; an evictable
+   one only those used strictly less recently than itself. Among workers where eviction works, the
+   one whose most recently used victim is oldest wins (then fewer victims, then worker id).
+4. **Repeat** until a pass changes nothing. Each change puts a replica of a higher-priority model in
+   place of lower-priority ones only, so this ends; and it makes the planner idempotent:
+   `plan(needs, workers, plan(needs, workers, current).assignments)` returns the same assignments.
+
+Budgets: a worker's models' `memory_bytes` plus its `reserved_bytes` never exceed its `memory_bytes`;
+device memory is checked the same way on workers with a device budget (`device_memory_bytes > 0`).
+
+Sizes in reasons are in MB (10^6 bytes), as `mb()` writes them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+# Bounds on the input: anything beyond them is a caller's bug (a unit mix-up, a negative count),
+# so plan() raises ValueError instead of planning with it.
+MAX_MODELS = 100_000
+MAX_WORKERS = 10_000
+MAX_REPLICAS = 10_000
+MAX_BYTES = 1 << 50  # 1 PiB: larger than any machine's memory
+MAX_LABELS = 64
+
+
+@dataclass(frozen=True)
+class Need:
+    model: str
+    replicas: int  # target replicas this tick (>= 0)
+    memory_bytes: int  # host memory one replica costs
+    device_memory_bytes: int = 0  # device memory one replica costs (checked only on workers with a device budget)
+    pool: Mapping[str, str] = field(default_factory=dict)  # labels a worker must carry, all of them
+    evictable: bool = False  # scaled to zero (min_replicas == 0): may be unloaded to make room
+    last_used: float = 0.0  # unix time of its last call or demand; the least recent evictable model goes first
+
+
+@dataclass(frozen=True)
+class Capacity:
+    worker_id: str
+    labels: Mapping[str, str]
+    memory_bytes: int  # budget for models
+    device_memory_bytes: int = 0  # 0: no device budget (a CPU worker)
+    reserved_bytes: int = 0  # host memory of models it serves outside placement (a fixed list)
+
+
+@dataclass
+class Decision:
+    assignments: dict[str, list[str]]  # every model in needs -> its worker ids, sorted
+    reasons: dict[str, str]  # model -> why fewer than its target are assigned; absent when all are
+    # models that got no replica while wanting some: too big, no worker in the pool, or every one full
+    unplaceable: set[str]
+    evicted: list[tuple[str, str]]  # (model, worker_id) unassigned to make room for another model
+
+
+def mb(n: int) -> str:
+    """Bytes as an operator reads them: '310 MB', '0.5 MB'."""
+    value = n / 1e6
+    if value >= 10 or value == 0:
+        return f"{round(value)} MB"
+    return f"{value:.1f} MB"
+
+
+def pool_text(pool: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={pool[k]}" for k in sorted(pool))
+
+
+def plan(needs: Sequence[Need], workers: Sequence[Capacity], current: Mapping[str, Sequence[str]]) -> Decision:
+    _check(needs, workers, current)
+    return _Planner(needs, workers).run(current)
+
+
+def by_worker(decision: Decision, workers: Sequence[Capacity]) -> dict[str, list[str]]:
+    """worker_id -> its model names, sorted; every worker given appears, possibly with [].
+
+    Assignments to a worker not given are left out: plan() never makes them."""
+    out: dict[str, list[str]] = {w.worker_id: [] for w in workers}
+    for model, ids in decision.assignments.items():
+        for wid in ids:
+            if wid in out:
+                out[wid].append(model)
+    for models in out.values():
+        models.sort()
+    return out
+
+
+# --- input checks -----------------------------------------------------------------------------
+
+
+def _check_int(what: str, value: object, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+        raise ValueError(f"{what} must be an int in [0, {high}], got {value!r}")
+
+
+def _check_labels(what: str, labels: object) -> None:
+    if not isinstance(labels, Mapping) or len(labels) > MAX_LABELS:
+        raise ValueError(f"{what} must be a mapping of at most {MAX_LABELS} labels, got {labels!r}")
+    for k, v in labels.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k:
+            raise ValueError(f"{what}: labels are non-empty str -> str, got {k!r}={v!r}")
+
+
+def _check(needs: Sequence[Need], workers: Sequence[Capacity], current: Mapping[str, Sequence[str]]) -> None:
+    if len(needs) > MAX_MODELS:
+        raise ValueError(f"{len(needs)} models; at most {MAX_MODELS}")
+    if len(workers) > MAX_WORKERS:
+        raise ValueError(f"{len(workers)} workers; at most {MAX_WORKERS}")
+    names: set[str] = set()
+    for n in needs:
+        if not isinstance(n.model, str) or not n.model:
+            raise ValueError(f"a model name must be a non-empty str, got {n.model!r}")
+        if n.model in names:
+            raise ValueError(f"model {n.model} is listed twice")
+        names.add(n.model)
+        _check_int(f"{n.model}: replicas", n.replicas, MAX_REPLICAS)
+        _check_int(f"{n.model}: memory_bytes", n.memory_bytes, MAX_BYTES)
+        _check_int(f"{n.model}: device_memory_bytes", n.device_memory_bytes, MAX_BYTES)
+        _check_labels(f"{n.model}: pool", n.pool)
+        if not isinstance(n.last_used, int | float) or not math.isfinite(n.last_used) or n.last_used < 0:
+            raise ValueError(f"{n.model}: last_used must be a finite unix time >= 0, got {n.last_used!r}")
+    ids: set[str] = set()
+    for w in workers:
+        if not isinstance(w.worker_id, str) or not w.worker_id:
+            raise ValueError(f"a worker id must be a non-empty str, got {w.worker_id!r}")
+        if w.worker_id in ids:
+            raise ValueError(f"worker {w.worker_id} is listed twice")
+        ids.add(w.worker_id)
+        _check_int(f"{w.worker_id}: memory_bytes", w.memory_bytes, MAX_BYTES)
+        _check_int(f"{w.worker_id}: device_memory_bytes", w.device_memory_bytes, MAX_BYTES)
+        _check_int(f"{w.worker_id}: reserved_bytes", w.reserved_bytes, MAX_BYTES)
+        _check_labels(f"{w.worker_id}: labels", w.labels)
+    for model, assigned in current.items():
+        # a bare string would be read as a list of one-letter worker ids
+        if isinstance(assigned, str | bytes):
+            raise ValueError(f"current[{model!r}] must be a sequence of worker ids, not {type(assigned).__name__}")
+
+
+# --- the planner --------------------------------------------------------------------------------
+
+
+def _priority(n: Need) -> tuple[bool, float, str]:
+    """Lower sorts first and is kept first: not evictable, then the most recently used, then by name."""
+    return (n.evictable, -n.last_used, n.model)
+
+
+def _may_evict(n: Need, victim: Need) -> bool:
+    if not victim.evictable:
+        return False
+    return not n.evictable or victim.last_used < n.last_used
+
+
+class _Planner:
+    def __init__(self, needs: Sequence[Need], workers: Sequence[Capacity]) -> None:
+        self.needs = {n.model: n for n in needs}
+        self.caps = {w.worker_id: w for w in workers}
+        self.ids = sorted(self.caps)
+        # free host and device memory per worker; a worker without a device budget never runs short
+        self.free = {w.worker_id: w.memory_bytes - w.reserved_bytes for w in workers}
+        self.free_dev = {w.worker_id: w.device_memory_bytes if w.device_memory_bytes else math.inf for w in workers}
+        self.hosted: dict[str, set[str]] = {wid: set() for wid in self.ids}
+        self.placed: dict[str, set[str]] = {m: set() for m in self.needs}
+        self._matching: dict[tuple[tuple[str, str], ...], list[str]] = {}
+        self._matching_sets: dict[tuple[tuple[str, str], ...], frozenset[str]] = {}
+        self.evicted: list[tuple[str, str]] = []
+
+    def matching(self, n: Need) -> list[str]:
+        """Worker ids carrying all of the model's pool labels, sorted; cached per distinct pool."""
+        key = tuple(sorted(n.pool.items()))
+        found = self._matching.get(key)
+        if found is None:
+            found = [wid for wid in self.ids if all(self.caps[wid].labels.get(k) == v for k, v in key)]
+            self._matching[key] = found
+        return found
+
+    def matching_set(self, n: Need) -> frozenset[str]:
+        key = tuple(sorted(n.pool.items()))
+        found = self._matching_sets.get(key)
+        if found is None:
+            found = self._matching_sets[key] = frozenset(self.matching(n))
+        return found
+
+    def add(self, n: Need, wid: str) -> None:
+        self.placed[n.model].add(wid)
+        self.hosted[wid].add(n.model)
+        self.free[wid] -= n.memory_bytes
+        self.free_dev[wid] -= n.device_memory_bytes
+
+    def remove(self, n: Need, wid: str) -> None:
+        self.placed[n.model].discard(wid)
+        self.hosted[wid].discard(n.model)
+        self.free[wid] += n.memory_bytes
+        self.free_dev[wid] += n.device_memory_bytes
+
+    def fits(self, n: Need, wid: str) -> bool:
+        return self.free[wid] >= n.memory_bytes and self.free_dev[wid] >= n.device_memory_bytes
+
+    # rule 1: keep
+    def keep(self, current: Mapping[str, Sequence[str]]) -> None:
+        valid: dict[str, list[str]] = {}
+        load = dict(self.free)
+        for model, n in self.needs.items():
+            match = self.matching_set(n)
+            ids = sorted({wid for wid in current.get(model, ()) if wid in match})
+            valid[model] = ids
+            for wid in ids:
+                load[wid] -= n.memory_bytes
+        per_worker: dict[str, list[Need]] = {wid: [] for wid in self.ids}
+        for model, ids in valid.items():
+            n = self.needs[model]
+            # scale-down: keep the replicas on the workers with the most free memory
+            ids.sort(key=lambda wid: (-load[wid], wid))
+            for wid in ids[: n.replicas]:
+                per_worker[wid].append(n)
+        for wid, models in per_worker.items():
+            for n in sorted(models, key=_priority):
+                if self.fits(n, wid):
+                    self.add(n, wid)
+
+    # rules 2 and 3: place, evicting when nothing fits
+    def best_fit(self, n: Need) -> str | None:
+        best: str | None = None
+        best_free = -1
+        mem, dev = n.memory_bytes, n.device_memory_bytes
+        placed = self.placed[n.model]
+        free, free_dev = self.free, self.free_dev
+        for wid in self.matching(n):
+            f = free[wid]
+            if f > best_free and f >= mem and free_dev[wid] >= dev and wid not in placed:
+                best, best_free = wid, f
+        return best
+
+    def best_eviction(self, n: Need) -> tuple[str, list[Need]] | None:
+        best: tuple[tuple[float, int, str], str, list[Need]] | None = None
+        placed = self.placed[n.model]
+        for wid in self.matching(n):
+            if wid in placed:
+                continue
+            candidates = sorted(
+                (v for v in (self.needs[m] for m in self.hosted[wid]) if _may_evict(n, v)),
+                key=lambda v: (v.last_used, v.model),
+            )
+            free, free_dev = self.free[wid], self.free_dev[wid]
+            victims: list[Need] = []
+            for v in candidates:
+                if free >= n.memory_bytes and free_dev >= n.device_memory_bytes:
+                    break
+                victims.append(v)
+                free += v.memory_bytes
+                free_dev += v.device_memory_bytes
+            if not victims or free < n.memory_bytes or free_dev < n.device_memory_bytes:
+                continue
+            rank = (victims[-1].last_used, len(victims), wid)
+            if best is None or rank < best[0]:
+                best = (rank, wid, victims)
+        return None if best is None else (best[1], best[2])
+
+    def place_one(self, n: Need) -> bool:
+        wid = self.best_fit(n)
+        if wid is None:
+            found = self.best_eviction(n)
+            if found is None:
+                return False
+            wid, victims = found
+            for v in victims:
+                self.remove(v, wid)
+                self.evicted.append((v.model, wid))
+        self.add(n, wid)
+        return True
+
+    def place_pass(self) -> bool:
+        order = sorted(
+            (n for n in self.needs.values() if len(self.placed[n.model]) < n.replicas),
+            key=lambda n: (n.evictable, -n.memory_bytes, -n.device_memory_bytes, n.model),
+        )
+        changed = False
+        blocked: set[str] = set()
+        rounds = min(max((n.replicas for n in order), default=0), len(self.ids))
+        for k in range(1, rounds + 1):
+            for n in order:
+                if n.model in blocked or len(self.placed[n.model]) >= min(k, n.replicas):
+                    continue
+                if self.place_one(n):
+                    changed = True
+                else:
+                    blocked.add(n.model)
+        return changed
+
+    def run(self, current: Mapping[str, Sequence[str]]) -> Decision:
+        self.keep(current)
+        original = {(m, wid) for m, ids in self.placed.items() for wid in ids}
+        # each change raises the placed replicas' priority (see the module's docstring), so this ends;
+        # the bound only guards against a bug turning into a hang
+        for _ in range(2 + sum(min(n.replicas, len(self.ids)) for n in self.needs.values())):
+            if not self.place_pass():
+                break
+        else:
+            raise AssertionError("placement did not settle")
+        # report an eviction only of a replica that was assigned before, and is not assigned again
+        evicted = sorted({(m, w) for m, w in self.evicted if (m, w) in original and w not in self.placed[m]})
+        reasons: dict[str, str] = {}
+        unplaceable: set[str] = set()
+        for model, n in self.needs.items():
+            if len(self.placed[model]) < n.replicas:
+                reasons[model] = self.reason(n)
+                if not self.placed[model]:
+                    unplaceable.add(model)
+        return Decision(
+            assignments={m: sorted(ids) for m, ids in self.placed.items()},
+            reasons=reasons,
+            unplaceable=unplaceable,
+            evicted=evicted,
+        )
+
+    # rule 7: reasons an operator can act on
+    def reason(self, n: Need) -> str:
+        match = self.matching(n)
+        where = f"in pool {pool_text(n.pool)}" if n.pool else "in the pool"
+        if not match:
+            if n.pool:
+                return f"no live worker carries the labels {pool_text(n.pool)}"
+            return "no live pool worker"
+        # too big for every matching worker even when it is empty
+        host = {w: self.caps[w].memory_bytes - self.caps[w].reserved_bytes for w in match}
+        largest = max(host.values())
+        if largest < n.memory_bytes:
+            return f"needs {mb(n.memory_bytes)} per replica; the largest worker {where} has {mb(largest)}"
+        sized = [w for w in match if host[w] >= n.memory_bytes]
+        if n.device_memory_bytes and all(0 < self.caps[w].device_memory_bytes < n.device_memory_bytes for w in sized):
+            largest = max(self.caps[w].device_memory_bytes for w in sized)
+            return (
+                f"needs {mb(n.device_memory_bytes)} of device memory per replica; "
+                f"the largest device budget {where} is {mb(largest)}"
+            )
+        placed = len(self.placed[n.model])
+        head = f"{placed} of {n.replicas} replicas placed"
+        if placed >= len(match):
+            labels = f"carry the labels {pool_text(n.pool)}" if n.pool else "are in the pool"
+            return f"{head}: only {len(match)} live workers {labels}, and replicas need different workers"
+        others = [w for w in match if w not in self.placed[n.model]]
+        needs = mb(n.memory_bytes)
+        free = f"the largest free is {mb(max(self.free[w] for w in others))}"
+        devs = [self.free_dev[w] for w in others if self.free_dev[w] != math.inf]
+        if n.device_memory_bytes and devs:
+            needs += f" and {mb(n.device_memory_bytes)} of device memory"
+            free += f" and {mb(int(max(devs)))} of device memory"
+        return f"{head}: every worker {where} is full (needs {needs}; {free})"
