@@ -71,6 +71,12 @@ class NoHealthyWorker(FoveaError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unplaceable(FoveaError):
+    """No worker can hold a model (too big, or none in its pool): retrying does not help until that changes."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class RegistryUnavailable(FoveaError):
     code = grpc.StatusCode.UNAVAILABLE
 

@@ -77,3 +77,13 @@ class GatewayConfig(BaseConfig):
     """Address of the Prometheus endpoint (metrics_port enables it)."""
     rate_limit_timeout_s: float = 0.25
     """Longest wait for Redis when checking a rate limit; past it the call is let through."""
+
+    # Cold starts (gateway/placement.py): a call whose model has no ready worker waits for placement to load it.
+    cold_start_wait_s: float = Field(default=60.0, ge=0, le=3600)
+    """Longest a call waits for a worker to load its model (within its own deadline); 0 never waits."""
+    max_cold_waiters: int = Field(default=1024, ge=0, le=1_000_000)
+    """Most calls waiting for cold starts at once, over all models; more get RESOURCE_EXHAUSTED."""
+    demand_cache_s: float = Field(default=0.5, ge=0, le=60)
+    """How long the registry's answer to a DemandModel is reused for the other calls waiting for the model."""
+    demand_refresh_s: float = Field(default=1.0, gt=0, le=60)
+    """While calls wait, how often the demand is renewed (which also tells whether the model became unplaceable)."""

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,13 @@ class Versions:
             self.versions[(mv.name, mv.version)] = mv
             self.latest.pop(mv.name, None)
 
+    def aliased(self, model: str, version: int) -> bool:
+        """Whether an alias of the model points at the version (workers that follow the alias will load it)."""
+        return any(
+            name == model and any(t.version == version for t in alias.targets)
+            for (name, _), alias in self.aliases.items()
+        )
+
     async def resolve(self, model: str, version: int, alias: str) -> model_pb2.ModelVersion:
         """The version that answers: the one asked for, an alias target by weight, or the latest."""
         if not version:
@@ -166,6 +173,29 @@ class Workers:
         self.on_change: Callable[[Endpoint], None] | None = None
         """Called after a worker is ejected or re-admitted (the fast port's table follows)."""
         self.ready = asyncio.Event()
+        self._awaited: dict[tuple[str, int], asyncio.Event] = {}
+        """Versions calls are waiting for (cold starts): set when a heartbeat shows one ready."""
+
+    def when_ready(self, model: str, version: int) -> asyncio.Event:
+        """An event set once a worker's heartbeat in the watch shows the version ready."""
+        event = self._awaited.get((model, version))
+        if event is None:
+            event = self._awaited[(model, version)] = asyncio.Event()
+        return event
+
+    def forget_ready(self, model: str, version: int) -> None:
+        """No call waits for the version any more."""
+        self._awaited.pop((model, version), None)
+
+    def _wake(self, workers: Sequence[registry_pb2.WorkerStatus]) -> None:
+        for status in workers:
+            if status.state != registry_pb2.WORKER_STATE_READY:
+                continue
+            for m in status.models:
+                if m.ready:
+                    event = self._awaited.pop((m.name, m.version), None)
+                    if event is not None:
+                        event.set()
 
     def on_event(self, event: registry_pb2.WatchWorkersResponse) -> None:
         if event.snapshot:
@@ -196,6 +226,8 @@ class Workers:
         for wid in event.removed_worker_ids:
             self._drop(wid)
         self.ready.set()
+        if self._awaited:
+            self._wake(event.workers)
 
     def _dial(self, address: str, options: list[tuple[str, int]]) -> grpc.aio.Channel:
         if self.credentials is None:

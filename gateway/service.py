@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from fovea import log, oip
-from fovea.errors import DeadlineExpired, InvalidArgument, UpstreamError
+from fovea.errors import DeadlineExpired, InvalidArgument, NoHealthyWorker, UpstreamError
 from fovea.images import image_size
 from fovea.names import check_name
 from fovea.rpc import REQUEST_ID_HEADER
@@ -20,6 +20,7 @@ from fovea.v1 import image_pb2, model_pb2, registry_pb2
 from gateway.auth import check_model_access
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
+from gateway.placement import ColdStarts
 from gateway.ratelimit import RateLimiter, call_images
 from gateway.routing import Versions, Workers, dropped_message, never_served
 from gateway.validate import check_infer, check_version
@@ -38,6 +39,15 @@ class Gateway:
         self.limiter = limiter
         self.metrics = metrics
         self.retries = 0
+        self.cold_starts = ColdStarts(
+            versions,
+            workers,
+            config.cold_start_wait_s,
+            config.max_cold_waiters,
+            config.demand_cache_s,
+            config.demand_refresh_s,
+            metrics.registry,
+        )
         # built once: the hot path only appends the request id
         self._auth_md = ("authorization", f"Bearer {config.worker_token}")
 
@@ -74,7 +84,13 @@ class Gateway:
         tried: frozenset[str] = frozenset()
         md = self.internal_metadata()
         for attempt in range(2):
-            wid, ep = self.workers.choose(model, version, tried)
+            try:
+                wid, ep = self.workers.choose(model, version, tried)
+            except NoHealthyWorker:
+                if tried:  # a retry goes only where the version is ready already
+                    raise
+                # no worker has it ready: placement may be loading it (a cold start, or an alias just moved)
+                wid, ep = await self.cold_starts.wait(model, version, deadline)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExpired("deadline passed before a worker could answer")
