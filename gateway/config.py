@@ -87,3 +87,23 @@ class GatewayConfig(BaseConfig):
     """How long the registry's answer to a DemandModel is reused for the other calls waiting for the model."""
     demand_refresh_s: float = Field(default=1.0, gt=0, le=60)
     """While calls wait, how often the demand is renewed (which also tells whether the model became unplaceable)."""
+
+    # HTTP/REST (gateway/http): the Open Inference Protocol's REST binding and the curl image endpoint.
+    http_port: int = -1
+    """HTTP port (KServe v2 REST and /v1/models/NAME:classify), on `host`, beside the gRPC port. -1 turns it off
+    (the default: replicas and tests on one host would otherwise fight over one port), 0 picks a free one;
+    8000 is Triton's HTTP port. It serves TLS with the gRPC port's certificate when tls_cert_file is set."""
+    http_max_body_bytes: int = 64 * 1024 * 1024
+    """Largest request body; a larger Content-Length gets 413 before any of the body is read."""
+    http_max_json_bytes: int = 16 * 1024 * 1024
+    """Largest JSON part of an inference request (the whole body for a JSON-only one, the header for the binary
+    data extension): parsed JSON numbers cost several times their text."""
+    http_max_concurrent: int = 256
+    """Most HTTP requests handled at once; more get 503 at once."""
+    http_client_timeout_s: float = 30.0
+    """Longest a client may take to send a request's body, or to take its answer; then the connection closes."""
+    http_idle_timeout_s: float = 30.0
+    """Longest a connection may wait between requests, or take to send a request's headers (slow senders)."""
+    http_lingering_s: float = 2.0
+    """After an answer sent before the body was read (a refusal), how long the rest is read and dropped so that
+    the client sees the answer rather than a reset; then the connection closes."""

@@ -21,6 +21,7 @@ from gateway.config import GatewayConfig
 from gateway.fast_port import LIBRARY as NATIVE_LIBRARY
 from gateway.fast_port import NativeGateway, routes_text
 from gateway.fast_port import available as native_available
+from gateway.http.app import HttpPort, start_http
 from gateway.metrics import AccessLog, Metrics
 from gateway.ratelimit import Limits, RateLimiter
 from gateway.routing import Endpoint, Versions, Workers
@@ -53,6 +54,12 @@ class GatewayServer:
     """The native fast port (gateway/fast_port.py); -1 when off."""
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set by stop(): new calls on the main port get UNAVAILABLE."""
+    http: HttpPort | None = None
+    """The HTTP/REST port (gateway/http); None when off."""
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port if self.http is not None else -1
 
     async def stop(self, grace_s: float) -> None:
         await set_serving(self.health, SERVICES, False)
@@ -67,6 +74,8 @@ class GatewayServer:
         if self.native is not None:
             # First: calls it passed to Python need the main port to answer them.
             await asyncio.to_thread(self.native.shutdown, grace_s)
+        if self.http is not None:
+            await self.http.stop(grace_s)
         await self.server.stop(grace_s)
         for t in self.tasks:
             t.cancel()
@@ -124,9 +133,8 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     options = server_options(config.max_message_bytes, config.max_pending_calls) + window_options(config)
     server = grpc.aio.server(options=options)
     inference = InferenceServicer(gateway)
-    await add_wrapped(
-        server, interceptor, image_pb2_grpc.add_ImageServiceServicer_to_server, ImageServicer(gateway, link)
-    )
+    image = ImageServicer(gateway, link)
+    await add_wrapped(server, interceptor, image_pb2_grpc.add_ImageServiceServicer_to_server, image)
     await add_wrapped(
         server,
         interceptor,
@@ -177,6 +185,7 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
         tasks.append(asyncio.create_task(drain_native(native, metrics, workers, stop)))
     await gateway.wait_for_workers(5.0)
     await server.start()
+    http = await start_http(config, inference, image, admit, metrics, draining) if config.http_port >= 0 else None
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else -1
     await set_serving(health_servicer, SERVICES, True)
     logger.info(
@@ -200,6 +209,7 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
         native,
         native.port if native is not None else -1,
         draining,
+        http,
     )
 
 
