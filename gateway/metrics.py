@@ -22,8 +22,15 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
 
 from fovea import log
+from fovea.v1 import registry_pb2
 
 STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+WORKER_STATES = {value: name.removeprefix("WORKER_STATE_").lower() for name, value in registry_pb2.WorkerState.items()}
+KEY_REFUSALS = {
+    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
+    grpc.StatusCode.PERMISSION_DENIED: "permission_denied",
+}
+KEY_REFUSAL_NAMES = {code.name: reason for code, reason in KEY_REFUSALS.items()}
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -59,6 +66,13 @@ class Metrics:
         self.rate_limited = Counter(
             "fovea_gateway_rate_limited", "Calls refused by a per-key rate limit.", registry=self.registry
         )
+        self.key_refusals = Counter(
+            "fovea_gateway_key_refusals",
+            "Calls refused for their API key: unauthenticated (missing, malformed, unknown, revoked or expired) "
+            "or permission_denied (role or model not allowed).",
+            ["reason"],
+            registry=self.registry,
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
         self._http: Any = None
 
@@ -75,6 +89,8 @@ class Metrics:
         model = log.model_name.get()
         self._child(self.requests, name, model, code.name).inc()
         self._child(self.latency, name).observe(seconds)
+        if code in KEY_REFUSALS:
+            self._child(self.key_refusals, KEY_REFUSALS[code]).inc()
         if self.access_log is not None:
             self.access_log.add(name, code.name, seconds, model)
 
@@ -90,6 +106,8 @@ class Metrics:
             code = STATUS_BY_VALUE.get(value, grpc.StatusCode.UNKNOWN).name
             self._child(self.requests, "ModelInfer", model, code).inc()
             self._child(self.latency, "ModelInfer").observe(seconds)
+            if code in KEY_REFUSAL_NAMES:
+                self._child(self.key_refusals, KEY_REFUSAL_NAMES[code]).inc()
             if worker and worker_ids and worker in worker_ids:  # the worker that answered (or failed last)
                 self._child(self.upstream, worker_ids[worker], code).inc()
             if self.access_log is not None:
@@ -137,6 +155,61 @@ class Metrics:
                 yield from (codes, paths)
 
         self.registry.register(FastPort())
+
+    def watch_cluster(self, workers: Any, keys: Any = None, cert_files: dict[str, str] | None = None) -> None:
+        """Gauges read at scrape time from the gateway's own view: ready workers per model (gateway.routing.Workers),
+        the earliest expiry among the API keys it has cached (gateway.auth.KeyCache), and the expiry of its TLS
+        certificate files (role -> path)."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        from fovea.cert_expiry import CertificateExpiry
+
+        class ClusterView:
+            def describe(self) -> list[Any]:
+                return []
+
+            def collect(self) -> Any:
+                ready = GaugeMetricFamily(
+                    "fovea_gateway_ready_workers",
+                    "Workers this gateway would route a model to (ready, not ejected), by model",
+                    labels=["model"],
+                )
+                states = GaugeMetricFamily(
+                    "fovea_gateway_workers", "Workers this gateway knows, by state", labels=["state"]
+                )
+                per_model: dict[str, int] = {}
+                per_state: dict[str, int] = {}
+                for ep in list(workers.endpoints.values()):
+                    state = "ejected" if ep.ejected else WORKER_STATES.get(ep.status.state, "unknown")
+                    per_state[state] = per_state.get(state, 0) + 1
+                    if ep.ejected or state != "ready":
+                        continue
+                    for name in {m.name for m in ep.status.models if m.ready}:
+                        per_model[name] = per_model.get(name, 0) + 1
+                for name, n in sorted(per_model.items()):
+                    ready.add_metric([name], n)
+                for state, n in sorted(per_state.items()):
+                    states.add_metric([state], n)
+                yield from (ready, states)
+                if keys is None:
+                    return
+                expiries = [
+                    record.expires_at.ToNanoseconds() / 1e9
+                    for record, _ in list(keys.entries.values())
+                    if record.HasField("expires_at") and not record.revoked
+                ]
+                soonest = GaugeMetricFamily(
+                    "fovea_gateway_api_key_soonest_expiry_timestamp_seconds",
+                    "Unix time at which the first of the API keys this gateway has cached (in use) expires; "
+                    "absent when none of them expires",
+                )
+                if expiries:
+                    soonest.add_metric([], min(expiries))
+                yield soonest
+
+        self.registry.register(ClusterView())
+        if cert_files and any(cert_files.values()):
+            self.registry.register(CertificateExpiry("fovea_gateway_certificate_expiry_timestamp_seconds", cert_files))
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint; returns its port (0 picks a free one)."""

@@ -121,6 +121,8 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     limiter = RateLimiter(config.redis_url, config.rate_limit_timeout_s)
     gateway = Gateway(config, versions, workers, limiter, metrics)
     keys = KeyCache(link, config.key_cache_ttl_s, config.refused_key_cache_s, role_of(config.min_role))
+    certs = {"server": config.tls_cert_file, "client_ca": config.tls_client_ca_file, "ca": config.tls_ca_file}
+    metrics.watch_cluster(workers, keys, certs)  # ready workers per model, key and certificate expiry
     draining = asyncio.Event()
     authenticate = keys.authenticator()
 

@@ -119,6 +119,12 @@ class WorkerMetrics:
         self.gpu_memory_total = Gauge(
             "fovea_worker_gpu_memory_total_bytes", "GPU memory (GPU workers only)", ("device",), registry=self.registry
         )
+        self.gpu_utilization = Gauge(
+            "fovea_worker_gpu_utilization_ratio",
+            "Share of the last sample period in which a kernel ran on the GPU, 0 to 1 (NVML; GPU workers only)",
+            ("device",),
+            registry=self.registry,
+        )
         self._series: dict[tuple[str, str], tuple[Any, Any, Any, Any, Any]] = {}
         self._codes: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._server: Any = None
@@ -173,6 +179,47 @@ class WorkerMetrics:
         self.queue_depth.set_function(queue_depth)
         self.in_flight.set_function(in_flight)
 
+    def watch_models(self, manager: Any, max_queue_len: int, cert_files: dict[str, str] | None = None) -> None:
+        """Per loaded version, read at scrape time from the ModelManager: requests queued (batcher and fast port),
+        the queue's capacity (max_queue_len, each queue's bound), and readiness; plus certificate expiry."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        from fovea.cert_expiry import CertificateExpiry
+
+        class Models:
+            def describe(self) -> list[Any]:
+                return []
+
+            def collect(self) -> Any:
+                depth = GaugeMetricFamily(
+                    "fovea_worker_model_queue_depth",
+                    "Requests waiting in one version's queues (batcher and fast port)",
+                    labels=["model", "version"],
+                )
+                capacity = GaugeMetricFamily(
+                    "fovea_worker_queue_capacity",
+                    "Most requests one version's queue holds (max_queue_len); more are refused",
+                    labels=["model", "version"],
+                )
+                ready = GaugeMetricFamily(
+                    "fovea_worker_model_ready",
+                    "1 once a loaded version is warmed up and serving",
+                    labels=["model", "version"],
+                )
+                for lv in list(manager.loaded.values()):
+                    labels = [lv.mv.name, str(lv.mv.version)]
+                    queued = lv.batcher.depth
+                    if manager.native is not None and lv.slot:
+                        queued += manager.native.depth(lv.slot)[0]
+                    depth.add_metric(labels, queued)
+                    capacity.add_metric(labels, max_queue_len)
+                    ready.add_metric(labels, 1 if lv.ready else 0)
+                yield from (depth, capacity, ready)
+
+        self.registry.register(Models())
+        if cert_files and any(cert_files.values()):
+            self.registry.register(CertificateExpiry("fovea_worker_certificate_expiry_timestamp_seconds", cert_files))
+
     def watch_fast_port(
         self,
         codes: Callable[[], list[int]],
@@ -225,8 +272,13 @@ class WorkerMetrics:
             with lock:
                 return float(getattr(pynvml.nvmlDeviceGetMemoryInfo(handle), field))
 
+        def utilization() -> float:
+            with lock:
+                return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu) / 100.0
+
         self.gpu_memory_used.labels(str(device_id)).set_function(lambda: read("used"))
         self.gpu_memory_total.labels(str(device_id)).set_function(lambda: read("total"))
+        self.gpu_utilization.labels(str(device_id)).set_function(utilization)
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint (a daemon thread); returns its port."""

@@ -163,6 +163,8 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
         logger.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
     ws = WorkerServer(config, server, port, manager, servicer, link, health_servicer, decode_pool, metrics, native)
     metrics.watch(lambda: manager.queue_depth, lambda: ws.in_flight)  # the same count the heartbeats carry
+    certs = {"server": config.tls_cert_file, "client_ca": config.tls_client_ca_file, "ca": config.tls_ca_file}
+    metrics.watch_models(manager, config.max_queue_len, certs)  # per-model queues and readiness, cert expiry
     if native is not None:
         metrics.watch_fast_port(native.codes, native.request_times, native.flush_metrics)
     await ws.start()
