@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from fovea import log
+from fovea import log, tracing
 from fovea.errors import FoveaError, InvalidArgument, Unauthenticated
 
 logger = logging.getLogger(__name__)
@@ -132,12 +132,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._handlers[method] = wrapped
         return wrapped
 
-    async def _enter(self, method: str, context: Any) -> str:
-        metadata = {m[0]: m[1] for m in context.invocation_metadata() or ()}
+    async def _enter(self, method: str, metadata: dict[str, Any], traced: bool) -> str:
         rid = new_request_id(metadata)
         log.request_id.set(rid)
         if self._authenticate is not None:
-            principal.set(await self._authenticate(method, metadata))
+            if traced and tracing.recording():
+                with tracing.span("authenticate"):
+                    principal.set(await self._authenticate(method, metadata))
+            else:
+                principal.set(await self._authenticate(method, metadata))
         return rid
 
     def _answer(self, context: Any, exc: BaseException, method: str, rid: str) -> grpc.StatusCode:
@@ -157,13 +160,19 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return exc
 
     def _wrap_unary(self, behavior: Any, method: str, streamed: bool) -> Any:
+        traced = tracing.tracer is not None  # set up before the servers are built; off, calls skip it all
+
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             loop = asyncio.get_running_loop()
             start = loop.time()
             code = grpc.StatusCode.OK
             rid = ""
+            server = None
             try:
-                rid = await self._enter(method, context)
+                metadata = {m[0]: m[1] for m in context.invocation_metadata() or ()}
+                if traced:
+                    server = tracing.start_server(method, metadata)
+                rid = await self._enter(method, metadata, traced)
                 response = await behavior(checked_stream(request) if streamed else checked(request), context)
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
                 return response
@@ -171,29 +180,45 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 code = self._answer(context, exc, method, rid)
                 return None
             finally:
+                if server is not None:
+                    tracing.end_server(server, code, rid, call_attributes())
                 if self._on_done is not None:
                     self._on_done(method, code, loop.time() - start)
 
         return run
 
     def _wrap_stream(self, behavior: Any, method: str, streamed: bool) -> Any:
+        traced = tracing.tracer is not None  # set up before the servers are built; off, calls skip it all
+
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             loop = asyncio.get_running_loop()
             start = loop.time()
             code = grpc.StatusCode.OK
             rid = ""
+            server = None
             try:
-                rid = await self._enter(method, context)
+                metadata = {m[0]: m[1] for m in context.invocation_metadata() or ()}
+                if traced:
+                    server = tracing.start_server(method, metadata)
+                rid = await self._enter(method, metadata, traced)
                 async for item in behavior(checked_stream(request) if streamed else checked(request), context):
                     yield item
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
             except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
                 code = self._answer(context, exc, method, rid)
             finally:
+                if server is not None:
+                    tracing.end_server(server, code, rid, call_attributes())
                 if self._on_done is not None:
                     self._on_done(method, code, loop.time() - start)
 
         return run
+
+
+def call_attributes() -> dict[str, str]:
+    """The model and version a call resolved (the gateway sets them for its logs), for its server span."""
+    model = log.model_name.get()
+    return {"fovea.model": model, "fovea.model_version": log.model_version.get()} if model else {}
 
 
 class _Malformed:
@@ -271,4 +296,6 @@ def call_metadata(token: str, rid: str | None = None) -> tuple[tuple[str, str], 
     md: list[tuple[str, str]] = [("authorization", f"Bearer {token}")]
     if rid:
         md.append((REQUEST_ID_HEADER, rid))
+    if tracing.tracer is not None:
+        md.extend(tracing.headers())  # the callee's span joins the current trace
     return tuple(md)

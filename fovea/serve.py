@@ -67,9 +67,16 @@ def serve_forever(
     # `kill -USR1 PID` writes every thread's Python stack to stderr: how to see where a stuck service is.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
+    from fovea import tracing
+
+    tracing.setup(name)  # off unless OTEL_* configure an exporter; before the build, which wraps the handlers
+
     async def run() -> None:
         srv = await build(config)
         print(f"{name}: {address(srv)}", flush=True)
         await run_until_signal(lambda: srv.stop(config.grace_s))
 
-    run_service(run)
+    try:
+        run_service(run)
+    finally:
+        tracing.shutdown()  # exports the spans still buffered

@@ -99,11 +99,16 @@ class NativeGateway:
         # Functions added for issue 18 declare their arguments here, apart from the loader.
         self.lib.fg_put_limited_key.argtypes = [C.c_void_p, C.c_char_p, C.c_char_p, C.c_int64]
         self.lib.fg_set_max_top_k.argtypes = [C.c_void_p, C.c_int64]
+        self.lib.fg_set_trace_sampled.argtypes = [C.c_void_p, C.c_int]
 
     def set_max_top_k(self, k: int) -> None:
         """The most classes a call's classification parameter may ask for; larger asks go to the Python port,
         which refuses them (gateway/validate.py)."""
         self.lib.fg_set_max_top_k(self.handle, k)
+
+    def set_trace_sampled(self, on: bool) -> None:
+        """Send calls whose traceparent is sampled to the Python port, which traces them (issue 21)."""
+        self.lib.fg_set_trace_sampled(self.handle, int(on))
 
     def put_key(self, digest: bytes, record: registry_pb2.ApiKey, ttl_s: float) -> None:
         """Let the front answer this key's calls itself (only keys without rate limits: see ratelimit.py),

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from fovea import tracing
 from fovea.config import server_options
 from fovea.errors import Draining, InvalidArgument
 from fovea.registry_link import RegistryLink
@@ -278,6 +279,7 @@ def start_native(config: GatewayConfig, port: int, keys: KeyCache, metrics: Metr
 
     keys.on_verified, keys.on_change = on_verified, on_change
     native.set_max_top_k(config.max_top_k)
+    native.set_trace_sampled(tracing.tracer is not None)
     metrics.watch_fast_port(native.counts)
     return native
 

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from fovea import log, oip
+from fovea import log, oip, tracing
 from fovea.errors import DeadlineExpired, InvalidArgument, NoHealthyWorker, UpstreamError
 from fovea.images import image_size
 from fovea.names import check_name
@@ -27,6 +27,7 @@ from gateway.validate import check_infer, check_version
 from inference import grpc_predict_v2_pb2 as pb
 
 logger = logging.getLogger(__name__)
+WORKER_INFER = "inference.GRPCInferenceService/ModelInfer"
 
 
 class Gateway:
@@ -54,7 +55,8 @@ class Gateway:
     def internal_metadata(self) -> tuple[tuple[str, str], ...]:
         """Credentials for calls to workers, with the current request id."""
         rid = log.request_id.get()
-        return (self._auth_md, (REQUEST_ID_HEADER, rid)) if rid else (self._auth_md,)
+        md = (self._auth_md, (REQUEST_ID_HEADER, rid)) if rid else (self._auth_md,)
+        return md + tracing.headers() if tracing.tracer is not None else md  # the worker's span joins the trace
 
     def timeout_s(self, context: Any) -> float:
         """The caller's remaining deadline, or the default when it set none, never above the maximum."""
@@ -68,6 +70,8 @@ class Gateway:
         """Send a ModelInfer for a resolved version; retry once on another worker if the first never ran it
         (no connection, or a deliberate refusal): a call in flight when a worker's connection dropped is not
         retried, since it may be what broke the worker."""
+        if tracing.recording():
+            return await self._traced(request.model_name, int(request.model_version), request, timeout_s, False)  # type: ignore[no-any-return]
         return await self._forward(request.model_name, int(request.model_version), request, timeout_s, False)  # type: ignore[no-any-return]
 
     async def forward_bytes(
@@ -75,7 +79,14 @@ class Gateway:
     ) -> bytes:
         """forward() for a serialized ModelInferRequest; returns the serialized response. tensors: the
         request carries only raw tensors, which a worker's fast port takes."""
+        if tracing.recording():  # to the worker's main port, which traces the call (its fast port does not)
+            return await self._traced(model, version, request, timeout_s, True)  # type: ignore[no-any-return]
         return await self._forward(model, version, request, timeout_s, True, tensors)  # type: ignore[no-any-return]
+
+    async def _traced(self, model: str, version: int, request: Any, timeout_s: float, raw: bool) -> Any:
+        """_forward() in a client span (the worker's choice, its call, a retry): the worker's span's parent."""
+        with tracing.client(WORKER_INFER, {"fovea.model": model, "fovea.model_version": str(version)}):
+            return await self._forward(model, version, request, timeout_s, raw)
 
     async def _forward(
         self, model: str, version: int, request: Any, timeout_s: float, raw: bool, tensors: bool = False
@@ -130,7 +141,9 @@ class Gateway:
         check_name(model)
         if alias:
             check_name(alias, "alias")
-        mv = await self.versions.resolve(model, version, alias)
+        with tracing.span("route"):  # which version the name, alias or production alias means
+            mv = await self.versions.resolve(model, version, alias)
+            tracing.annotate(model=mv.name, model_version=str(mv.version), alias=alias)
         # only resolved names reach the metrics labels, so callers cannot blow up their cardinality
         log.model_name.set(mv.name)
         log.model_version.set(str(mv.version))

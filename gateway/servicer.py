@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from fovea import oip
+from fovea import oip, tracing
 from fovea.errors import FoveaError
 from fovea.names import check_name
 from fovea.registry_link import RegistryLink, upstream
@@ -46,6 +46,7 @@ class ImageServicer(image_pb2_grpc.ImageServiceServicer):
         self.link = link
 
     async def Classify(self, request: image_pb2.ClassifyRequest, context: Any) -> image_pb2.ClassifyResponse:
+        tracing.annotate(images=len(request.images))
         return await self.gateway.classify(principal.get(), request, self.gateway.timeout_s(context))
 
     async def ClassifyStream(

@@ -32,12 +32,29 @@ DropHook = Callable[[str], None]
 
 
 @dataclass
+class Timing:
+    """When a request's batch left the queue and ran (time.perf_counter()), filled in for calls that are traced."""
+
+    enqueued: float = 0.0
+    taken: float = 0.0
+    compute_start: float = 0.0
+    compute_end: float = 0.0
+    batch_size: int = 0
+    """Samples in the batch the request ran in."""
+    batch_calls: int = 0
+    """Requests in that batch."""
+    batch: int = 0
+    """The batch's number on this model's batcher, the same for every request in it."""
+
+
+@dataclass
 class Item:
     inputs: list[np.ndarray]
     n: int
     deadline: float
     future: asyncio.Future[list[np.ndarray]]
     enqueued: float = field(default_factory=time.perf_counter)
+    timing: Timing | None = None
 
 
 class BatchFailed(FoveaError):
@@ -75,6 +92,7 @@ class Batcher:
         self.executors: list[ThreadPoolExecutor] = []
         self.accepting = False
         self.in_compute = 0
+        self.batches = 0
 
     def start(self) -> None:
         # The queue must be made inside the running loop that will use it.
@@ -89,8 +107,11 @@ class Batcher:
     def depth(self) -> int:
         return self.queue.qsize() if self.queue else 0
 
-    def submit(self, inputs: list[np.ndarray], n: int, deadline: float) -> asyncio.Future[list[np.ndarray]]:
-        """Queue n samples; deadline is a time.perf_counter() value. Raises QueueFull at once when full."""
+    def submit(
+        self, inputs: list[np.ndarray], n: int, deadline: float, timing: Timing | None = None
+    ) -> asyncio.Future[list[np.ndarray]]:
+        """Queue n samples; deadline is a time.perf_counter() value. Raises QueueFull at once when full.
+        timing, when given, is filled in with the batch's times before the future is done."""
         if not self.accepting or self.queue is None:
             raise ModelNotReady(f"model {self.name} is not accepting requests (loading or draining)")
         if n > self.max_batch_size:
@@ -99,7 +120,7 @@ class Batcher:
             )
         fut: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
         try:
-            self.queue.put_nowait(Item(inputs, n, deadline, fut))
+            self.queue.put_nowait(Item(inputs, n, deadline, fut, timing=timing))
         except asyncio.QueueFull:
             raise QueueFull(
                 f"queue of model {self.name} is full ({self.max_queue_len} requests); retry later"
@@ -211,7 +232,14 @@ class Batcher:
             return
         finally:
             self.in_compute -= 1
-        compute_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        compute_s = t1 - t0
+        self.batches += 1
+        for it in live:
+            if it.timing is not None:
+                it.timing.enqueued, it.timing.taken = it.enqueued, started
+                it.timing.compute_start, it.timing.compute_end = t0, t1
+                it.timing.batch_size, it.timing.batch_calls, it.timing.batch = total, len(live), self.batches
         if self.compute_ewma_s == float("inf"):
             self.compute_ewma_s = compute_s
         else:

@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from fovea import oip
+from fovea import oip, tracing
 from fovea.errors import InvalidArgument, ModelNotReady
 from fovea.images import decode, preprocess
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from worker.batcher import Timing
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 from worker.models import Loaded, ModelManager
@@ -74,6 +75,9 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise ModelNotReady("worker is draining; retry on another worker")
         t0 = time.perf_counter()
         lv = self.manager.get(request.model_name, request.model_version)
+        timing = Timing() if tracing.recording() else None  # the batcher notes its times for the trace
+        t_input = t_output = 0.0
+        n = 0
         self.in_flight += 1
         try:
             wanted = requested_outputs(lv, request)  # before any decoding or compute
@@ -82,7 +86,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             lv.stats.compute_input.add(t_input - t0)
             remaining = context.time_remaining()
             timeout_s = remaining if remaining is not None else self.config.default_deadline_ms / 1000
-            fut = lv.batcher.submit(inputs, n, t0 + timeout_s)
+            fut = lv.batcher.submit(inputs, n, t0 + timeout_s, timing)
             try:
                 outputs = await fut
             except asyncio.CancelledError:
@@ -100,6 +104,44 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             self.in_flight -= 1
+            if timing is not None:
+                self._trace(lv, request, timing, n, t0, t_input, t_output)
+
+    def _trace(
+        self,
+        lv: Loaded,
+        request: pb.ModelInferRequest,
+        timing: Timing,
+        n: int,
+        t0: float,
+        t_input: float,
+        t_output: float,
+    ) -> None:
+        """The traced call's steps as children of its server span, from the times measured: preprocessing
+        (decoding and resizing images, or reading tensors), the wait in the queue, the compute of the batch it
+        ran in (a span of its own in each call's trace, with the batch's times and number), and the answer."""
+        done = time.perf_counter()
+        clock = tracing.Clock()
+        images = request.inputs[0].datatype == "BYTES" if request.inputs else False
+        tracing.annotate(
+            model=lv.mv.name,
+            model_version=str(lv.mv.version),
+            worker_id=self.config.worker_id,
+        )
+        if timing.batch_size:
+            tracing.annotate(batch_size=timing.batch_size)
+        if images:
+            tracing.annotate(images=n)
+        if t_input:
+            tracing.past("preprocess", clock, t0, t_input, {"fovea.images": n} if images else None)
+        if timing.compute_end:
+            tracing.past("queue wait", clock, timing.enqueued, timing.taken)
+            batch = {"fovea.batch_size": timing.batch_size, "fovea.batch_calls": timing.batch_calls}
+            tracing.past(
+                "compute", clock, timing.compute_start, timing.compute_end, {**batch, "fovea.batch": timing.batch}
+            )
+        if t_output:
+            tracing.past("answer", clock, t_output, done)
 
     async def _inputs(self, lv: Loaded, request: pb.ModelInferRequest) -> tuple[list[np.ndarray], int]:
         specs = list(lv.mv.inputs)

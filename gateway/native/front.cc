@@ -433,6 +433,17 @@ std::string credentials_problem(const grpc::GenericServerContext& ctx, std::stri
   return "";
 }
 
+// Whether the caller's W3C traceparent ('00-<32 hex>-<16 hex>-<2 hex flags>', 55 characters in version 00)
+// asks for this call to be traced: flags bit 0. Only well-formed values count; Python parses them again.
+bool sampled(const grpc::GenericServerContext& ctx) {
+  std::string tp;
+  if (!last_header(ctx, "traceparent", &tp) || tp.size() < 55 || tp.size() > 128) return false;
+  if (tp[2] != '-' || tp[35] != '-' || tp[52] != '-' || (tp.size() > 55 && tp[55] != '-')) return false;
+  char c = tp[54];
+  int low = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+  return low >= 0 && (low & 1);
+}
+
 // Methods the Python port serves without a key.
 bool open_method(const std::string& m) {
   return m.rfind("/grpc.health.v1.", 0) == 0 || m.rfind("/grpc.reflection.", 0) == 0;
@@ -570,6 +581,7 @@ class Front {
   int max_message_bytes = 0;
   int64_t default_deadline_ms = 30000, max_deadline_ms = 300000, max_samples = 64, max_top_k = 100;
   int eject_after = 3;
+  bool trace_sampled = false;  // pass calls with a sampled traceparent to Python, which traces them
   std::atomic<bool> accepting{true};
   int64_t max_pending = 4096;
   std::atomic<int64_t> pending{0};
@@ -845,7 +857,7 @@ void Call::verified() {
 }
 
 void Call::handle() {
-  if (ctx_.method() == kModelInfer) {
+  if (ctx_.method() == kModelInfer && !(f_->trace_sampled && sampled(ctx_))) {
     std::string auth;
     last_header(ctx_, "authorization", &auth);  // the key credentials_problem checked
     std::vector<grpc::Slice> slices;
@@ -1191,6 +1203,10 @@ void fg_put_limited_key(void* fp, const char* digest, const char* key_id, int64_
 // The most classes a request's classification parameter may ask for (gateway/config.py max_top_k); set
 // before the first call.
 void fg_set_max_top_k(void* fp, int64_t k) { static_cast<Front*>(fp)->max_top_k = k; }
+
+// Whether calls with a sampled traceparent go to the Python port, which traces them (this front does not):
+// on when the gateway's tracing is (fovea/tracing.py); set before the first call.
+void fg_set_trace_sampled(void* fp, int on) { static_cast<Front*>(fp)->trace_sampled = on != 0; }
 
 // Forgets a key (revoked, changed or deleted): its next call goes through Python again.
 void fg_drop_key(void* fp, const char* key_id) {

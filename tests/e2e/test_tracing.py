@@ -1,0 +1,307 @@
+"""Traces across the hops (issue #21): a live cluster exports over OTLP to a real receiver in this test, a gRPC
+server speaking the OpenTelemetry collector protocol from its published protos (opentelemetry-proto)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from fovea import tracing
+from fovea.cluster import ROOT
+from fovea.v1 import image_pb2, image_pb2_grpc
+from inference import grpc_predict_v2_pb2 as pb
+from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from tests.e2e.live import Live, start_gateway, start_live
+from tests.tinymodels import png
+
+SERVER = trace_pb2.Span.SPAN_KIND_SERVER
+CLIENT = trace_pb2.Span.SPAN_KIND_CLIENT
+INFER = "inference.GRPCInferenceService/ModelInfer"
+
+
+@dataclass
+class Received:
+    service: str
+    span: trace_pb2.Span
+
+    def attr(self, key: str) -> Any:
+        for kv in self.span.attributes:
+            if kv.key == key:
+                value = kv.value
+                return getattr(value, value.WhichOneof("value"))
+        return None
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """Keeps every span exported to it, with its resource's service.name."""
+
+    def __init__(self) -> None:
+        self.spans: list[Received] = []
+        self.lock = threading.Lock()
+
+    def Export(self, request: Any, context: Any) -> Any:
+        with self.lock:
+            for resource_spans in request.resource_spans:
+                service = next(
+                    (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"), ""
+                )
+                for scope in resource_spans.scope_spans:
+                    self.spans.extend(Received(service, s) for s in scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def trace(self, trace_id: bytes) -> list[Received]:
+        with self.lock:
+            return [r for r in self.spans if r.span.trace_id == trace_id]
+
+    def wait(self, trace_id: bytes, done: Callable[[list[Received]], bool], timeout_s: float = 30.0) -> list[Received]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            spans = self.trace(trace_id)
+            if done(spans):
+                return spans
+            time.sleep(0.05)
+        names = [(r.service, r.span.name) for r in self.trace(trace_id)]
+        raise AssertionError(f"trace {trace_id.hex()} incomplete after {timeout_s} s: {names}")
+
+
+@dataclass
+class Traced:
+    live: Live
+    receiver: Receiver
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterator[Traced]:
+    receiver = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+    }
+    live = start_live(
+        tmp_path_factory.mktemp("tracing"),
+        redis_server.url,
+        registry_env=otel,
+        worker_env=otel,
+        gateway_env=otel,
+    )
+    try:
+        yield Traced(live, receiver)
+    finally:
+        live.stop()
+        server.stop(0)
+
+
+def new_parent(sampled: bool = True) -> tuple[str, bytes, bytes]:
+    """A client's traceparent and its trace and span ids."""
+    trace_id, span_id = secrets.token_bytes(16), secrets.token_bytes(8)
+    return f"00-{trace_id.hex()}-{span_id.hex()}-{'01' if sampled else '00'}", trace_id, span_id
+
+
+def one(spans: list[Received], service: str, name: str, kind: int | None = None) -> Received:
+    found = [r for r in spans if r.service == service and r.span.name == name and kind in (None, r.span.kind)]
+    assert len(found) == 1, f"{service} {name}: {len(found)} spans in {[(r.service, r.span.name) for r in spans]}"
+    return found[0]
+
+
+def within(child: Received, parent: Received) -> bool:
+    return (
+        child.span.parent_span_id == parent.span.span_id
+        and parent.span.start_time_unix_nano <= child.span.start_time_unix_nano
+        and child.span.end_time_unix_nano <= parent.span.end_time_unix_nano
+    )
+
+
+def test_one_classify_call_is_one_trace_across_gateway_worker_and_registry(traced: Traced) -> None:
+    live, receiver = traced.live, traced.receiver
+    key = live.rc.create_key("infer")[1]  # a key the gateway has not seen: it asks the registry
+    parent, trace_id, client_span = new_parent()
+    rid = "trace-classify-1"
+    with grpc.insecure_channel(live.gateways[0].address) as channel:
+        stub = image_pb2_grpc.ImageServiceStub(channel)
+        request = image_pb2.ClassifyRequest(
+            model="colors", images=[image_pb2.Image(data=png((240, 20, 20))), image_pb2.Image(data=png((10, 10, 220)))]
+        )
+        metadata = (("authorization", f"Bearer {key}"), ("traceparent", parent), ("x-request-id", rid))
+        answer = stub.Classify(request, metadata=metadata, timeout=30)
+    assert [r.labels[0].label for r in answer.results] == ["red", "blue"]
+
+    def complete(spans: list[Received]) -> bool:
+        names = {(r.service, r.span.name) for r in spans}
+        return {
+            ("fovea-worker", "answer"),
+            ("fovea-gateway", "fovea.v1.ImageService/Classify"),
+            ("fovea-registry", "fovea.v1.RegistryService/VerifyApiKey"),
+        } <= names
+
+    spans = receiver.wait(trace_id, complete)
+    server = one(spans, "fovea-gateway", "fovea.v1.ImageService/Classify", SERVER)
+    assert server.span.parent_span_id == client_span
+    assert server.attr("fovea.model") == "colors" and server.attr("fovea.model_version") == "1"
+    assert server.attr("fovea.images") == 2 and server.attr("rpc.grpc.status_code") == 0
+    assert server.attr("fovea.request_id") == rid and server.attr("rpc.system") == "grpc"
+
+    authenticate = one(spans, "fovea-gateway", "authenticate")
+    route = one(spans, "fovea-gateway", "route")
+    call = one(spans, "fovea-gateway", INFER, CLIENT)
+    assert within(authenticate, server) and within(route, server) and within(call, server)
+    assert route.attr("fovea.model") == "colors" and route.attr("fovea.model_version") == "1"
+    assert call.attr("rpc.grpc.status_code") == 0 and call.attr("fovea.model") == "colors"
+    # The key's check at the registry is the authentication span's child, in the registry's own span.
+    verify = one(spans, "fovea-registry", "fovea.v1.RegistryService/VerifyApiKey", SERVER)
+    assert verify.span.parent_span_id == authenticate.span.span_id
+
+    worker = one(spans, "fovea-worker", INFER, SERVER)
+    assert worker.span.parent_span_id == call.span.span_id
+    assert call.span.start_time_unix_nano <= worker.span.start_time_unix_nano
+    assert worker.attr("fovea.request_id") == rid and worker.attr("rpc.grpc.status_code") == 0
+    assert worker.attr("fovea.model") == "colors" and worker.attr("fovea.model_version") == "1"
+    assert worker.attr("fovea.batch_size") == 2 and worker.attr("fovea.images") == 2
+    assert worker.attr("fovea.worker_id").startswith("worker0")
+    steps = {name: one(spans, "fovea-worker", name) for name in ("preprocess", "queue wait", "compute", "answer")}
+    assert all(within(step, worker) for step in steps.values()), "the worker's steps lie inside its server span"
+    assert steps["preprocess"].attr("fovea.images") == 2
+    assert steps["compute"].attr("fovea.batch_size") == 2 and steps["compute"].attr("fovea.batch_calls") == 1
+    order = [steps[n].span for n in ("preprocess", "queue wait", "compute", "answer")]
+    assert all(a.end_time_unix_nano <= b.start_time_unix_nano for a, b in zip(order, order[1:], strict=False))
+    # one trace: every span of this request id is in it
+    with receiver.lock:
+        tagged = [
+            r
+            for r in receiver.spans
+            if any(kv.key == "fovea.request_id" and kv.value.string_value == rid for kv in r.span.attributes)
+        ]
+    assert {r.span.trace_id for r in tagged} == {trace_id}
+
+
+def ident_request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="ident")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(np.arange(4, dtype=np.float32).tobytes())
+    return request
+
+
+def test_a_sampled_call_on_the_fast_port_is_traced_and_an_unsampled_one_is_not(traced: Traced) -> None:
+    live, receiver = traced.live, traced.receiver
+    key = live.keys["infer"]
+    quiet, quiet_trace, _ = new_parent(sampled=False)
+    parent, trace_id, client_span = new_parent()
+    with grpc.insecure_channel(live.gateway_fast[0]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for traceparent in (quiet, parent):
+            metadata = (("authorization", f"Bearer {key}"), ("traceparent", traceparent))
+            answer = stub.ModelInfer(ident_request(), metadata=metadata, timeout=30)
+            assert np.frombuffer(answer.raw_output_contents[0], np.float32).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+    def complete(spans: list[Received]) -> bool:
+        names = {(r.service, r.span.name, r.span.kind) for r in spans}
+        return {("fovea-worker", "answer", 1), ("fovea-gateway", INFER, SERVER), ("fovea-gateway", INFER, CLIENT)} <= {
+            (service, name, kind if name == INFER else 1) for service, name, kind in names
+        }
+
+    spans = receiver.wait(trace_id, complete)
+    server = one(spans, "fovea-gateway", INFER, SERVER)
+    assert server.span.parent_span_id == client_span
+    assert server.attr("fovea.model") == "ident" and server.attr("rpc.grpc.status_code") == 0
+    call = one(spans, "fovea-gateway", INFER, CLIENT)
+    worker = one(spans, "fovea-worker", INFER, SERVER)  # the worker's main port, which traces; not its fast port
+    assert call.span.parent_span_id == server.span.span_id and worker.span.parent_span_id == call.span.span_id
+    assert one(spans, "fovea-worker", "compute").attr("fovea.batch_size") == 1
+    time.sleep(0.5)  # several export periods: the unsampled call's spans, had there been any, would be here
+    assert receiver.trace(quiet_trace) == []
+
+
+def test_a_gateway_with_tracing_off_exports_nothing(traced: Traced) -> None:
+    live, receiver = traced.live, traced.receiver
+    # Off: no OTEL_* variables for this one, though the worker behind it traces.
+    gateway, _ = start_gateway(live, "untraced-gateway")
+    try:
+        assert "tracing on" not in gateway.log_path.read_text()
+        parent, trace_id, _ = new_parent()
+        with grpc.insecure_channel(gateway.address) as channel:
+            stub = image_pb2_grpc.ImageServiceStub(channel)
+            request = image_pb2.ClassifyRequest(model="colors", images=[image_pb2.Image(data=png((240, 20, 20)))])
+            metadata = (("authorization", f"Bearer {live.keys['infer']}"), ("traceparent", parent))
+            assert stub.Classify(request, metadata=metadata, timeout=30).results[0].labels[0].label == "red"
+        time.sleep(1.0)
+        # The gateway passed no traceparent on: nothing of this trace reached the receiver.
+        assert receiver.trace(trace_id) == []
+    finally:
+        gateway.stop()
+        live.cluster.services.remove(gateway)
+
+
+def test_tracing_is_off_unless_configured_and_then_no_sdk_is_loaded() -> None:
+    assert not tracing.configured({})
+    assert not tracing.configured({"OTEL_SERVICE_NAME": "x", "OTEL_TRACES_SAMPLER": "always_on"})
+    assert not tracing.configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_SDK_DISABLED": "true"})
+    assert not tracing.configured({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"})
+    assert tracing.configured({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317"})
+    assert tracing.configured({"OTEL_TRACES_EXPORTER": "console"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    script = (
+        "import sys; from fovea import tracing; "
+        "assert not tracing.setup('gateway') and tracing.tracer is None; "
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk') or 'exporter' in m))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", "with tracing off neither the SDK nor an exporter is loaded"
+
+
+def test_a_protocol_fovea_cannot_export_is_refused_at_start(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ValueError, match="OTLP over gRPC only"):
+        tracing.setup(
+            "gateway", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+        )
+    with pytest.raises(ValueError, match="otlp, console and none"):
+        tracing.setup("gateway", {"OTEL_TRACES_EXPORTER": "zipkin"})
+    assert tracing.tracer is None
+
+
+async def test_the_calls_of_one_batch_share_its_times_and_number() -> None:
+    """Each traced call gets a compute span of its own with its batch's times (worker/servicer.py): the batcher
+    notes the same times and batch number in every call's Timing."""
+    from worker.batcher import Batcher, Timing
+
+    batcher = Batcher([lambda inputs: [inputs[0] * 2]], max_batch_size=8, max_queue_delay_us=200_000, name="double")
+    batcher.start()
+    try:
+        timings = [Timing(), Timing(), None]
+        deadline = time.perf_counter() + 30
+        calls = [batcher.submit([np.full((1, 4), i, np.float32)], 1, deadline, t) for i, t in enumerate(timings)]
+        outputs = [await call for call in calls]
+        assert [float(o[0][0, 0]) for o in outputs] == [0.0, 2.0, 4.0]
+        first, second = timings[0], timings[1]
+        assert first is not None and second is not None
+        assert (first.batch, first.batch_size, first.batch_calls) == (1, 3, 3)
+        assert (first.taken, first.compute_start, first.compute_end) == (
+            second.taken,
+            second.compute_start,
+            second.compute_end,
+        )
+        assert first.enqueued <= second.enqueued <= first.taken <= first.compute_start < first.compute_end
+        later = Timing()
+        await batcher.submit([np.zeros((2, 4), np.float32)], 2, time.perf_counter() + 30, later)
+        assert (later.batch, later.batch_size, later.batch_calls) == (2, 2, 1)
+    finally:
+        await batcher.stop()
