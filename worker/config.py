@@ -10,7 +10,11 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from fovea.config import BaseConfig
+from fovea.names import NAME_RE
 from fovea.tokens import check_plain_token, token_list
+
+MAX_LABELS = 16
+"""Labels a worker may carry, device= included."""
 
 
 def _default_id() -> str:
@@ -151,7 +155,66 @@ class WorkerConfig(BaseConfig):
     heartbeat_interval_s: float = 1.0
     """Time between heartbeats to the registry."""
     unload_delay_s: float = 5.0
-    """How long a version that left its alias keeps serving before it is unloaded."""
+    """How long a version that left its alias (or a model no longer assigned) keeps serving before it is unloaded."""
+
+    # ---- the pool (issue #22): models placement assigns ------------------------------------------
+    join_pool: bool | None = None
+    """Take the models the registry's placement assigns (a pool worker). Unset: true exactly when models is
+    empty, so a worker started with a fixed list keeps serving only that list."""
+    labels: Annotated[dict[str, str], NoDecode] = {}
+    """Labels a model's pool is matched against, "k=v,k=v" (e.g. "gpu=h100,zone=a"); device=cpu or device=gpu
+    is added from the providers this worker can run."""
+    memory_budget_bytes: int = Field(default=0, ge=0, le=1 << 50)
+    """Host memory the worker offers placement for models; 0: 80% of the container's limit
+    (/sys/fs/cgroup/memory.max) or of MemTotal, less the process's resident size at start."""
+    device_memory_budget_bytes: int = Field(default=0, ge=0, le=1 << 50)
+    """GPU memory offered for models; 0: 90% of the device's memory on a GPU worker (always 0 on the CPU)."""
+    load_retry_s: float = Field(default=1.0, gt=0, le=3600)
+    """After an assigned model fails to load, the wait before the next try; doubled per failure."""
+    load_retry_max_s: float = Field(default=60.0, gt=0, le=86400)
+    """Longest wait between tries of a model that keeps failing to load."""
+    max_assigned_models: int = Field(default=256, ge=1, le=100_000)
+    """Most models a heartbeat answer may assign; the rest are ignored (and logged)."""
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _parse_labels(cls, v: object) -> object:
+        if not isinstance(v, str):
+            return v
+        out: dict[str, str] = {}
+        for part in (p.strip() for p in v.split(",")):
+            if not part:
+                continue
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise ValueError(f"labels: {part[:40]!r} is not KEY=VALUE (e.g. gpu=h100,zone=a)")
+            out[key.strip()] = value.strip()
+        return out
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_LABELS - 1:
+            raise ValueError(f"labels: at most {MAX_LABELS - 1} (device= is added to them), got {len(v)}")
+        for key, value in v.items():
+            for what, text in (("name", key), ("value", value)):
+                if not NAME_RE.fullmatch(text) or ".." in text:
+                    raise ValueError(
+                        f"labels: invalid {what} {text[:40]!r}: use 1-63 lowercase letters, digits, '.', '_' or '-'"
+                    )
+        if "device" in v:
+            raise ValueError("labels: device= is set by the worker itself (cpu or gpu, from its providers)")
+        return v
+
+    @property
+    def pooled(self) -> bool:
+        """Whether this worker joins the pool (see join_pool)."""
+        return not self.models if self.join_pool is None else self.join_pool
+
+    def label_map(self, gpu: bool) -> dict[str, str]:
+        """The labels heartbeats carry: the configured ones and device=cpu|gpu."""
+        return {**self.labels, "device": "gpu" if gpu else "cpu"}
+
     encryption_key_file: str = ""
     """AES-256 key for artifacts encrypted at rest; decrypted in memory only."""
     previous_encryption_key_file: str = ""

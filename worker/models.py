@@ -26,6 +26,7 @@ from fovea.v1 import model_pb2, registry_pb2
 from worker.batcher import Batcher
 from worker.config import WorkerConfig
 from worker.fast_port import NativeFront, NativeSession
+from worker.memory import rss_bytes
 from worker.metrics import WorkerMetrics
 from worker.runtime import GPU_PROVIDERS, Bucketed, Session, load_model, native_options
 from worker.stats import ModelStats
@@ -48,6 +49,15 @@ class Loaded:
     stats: ModelStats = field(default_factory=ModelStats)
     slot: int = 0
     """This version's slot on the native fast port; 0 when it is not served there."""
+    leaving: bool = False
+    """Its model is no longer assigned here: heartbeats report it not ready (gateways stop routing to it),
+    but it keeps answering until unload_at."""
+    memory_bytes: int = 0
+    """Host memory it cost: the process's RSS growth across its load (loads are serialized), at least the
+    artifact's size."""
+    requests: int = 0
+    """Main-port calls handed out by ModelManager.get() (the fast port counts its own)."""
+    last_used: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -77,6 +87,8 @@ class Followed:
     alias: str = "production"
     pinned: int = 0
     targets: list[model_pb2.AliasTarget] = field(default_factory=list)
+    leaving: bool = False
+    """No longer assigned (pool workers): its versions are on their way out."""
 
 
 def parse_model_spec(text: str) -> Followed:
@@ -103,6 +115,10 @@ class ModelManager:
         self.metrics = metrics or WorkerMetrics()
         self.loaded: dict[tuple[str, int], Loaded] = {}
         self.followed = {f.name: f for f in map(parse_model_spec, config.models)}
+        self.fixed = set(self.followed)
+        """The models of config.models: placement never adds to them nor takes them away."""
+        self.changed = asyncio.Event()
+        """Set when a version becomes ready, starts leaving or unloads: the next heartbeat goes at once."""
         self.errors: dict[tuple[str, int], str] = {}
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -162,13 +178,41 @@ class ModelManager:
             lv = random.choices([p[0] for p in pairs], [max(p[1], 1) for p in pairs])[0]
         if not lv.ready:
             raise ModelNotReady(f"model {name} v{lv.mv.version} is still loading")
+        lv.requests += 1
+        lv.last_used = time.monotonic()
         return lv
 
     def statuses(self) -> list[registry_pb2.LoadedModel]:
-        return [
-            registry_pb2.LoadedModel(name=lv.mv.name, version=lv.mv.version, ready=lv.ready, provider=lv.provider)
-            for lv in self.loaded.values()
-        ]
+        """What heartbeats say of each version: a leaving one is not ready, so gateways stop routing to it."""
+        now_mono, now = time.monotonic(), time.time()
+        out = []
+        for lv in self.loaded.values():
+            queued, busy = self.native.depth(lv.slot) if self.native is not None and lv.slot else (0, 0)
+            fast_calls, fast_last = self._fast_usage(lv)
+            idle = now_mono - lv.last_used
+            if fast_last:
+                idle = min(idle, max(0.0, now - fast_last))
+            out.append(
+                registry_pb2.LoadedModel(
+                    name=lv.mv.name,
+                    version=lv.mv.version,
+                    ready=lv.ready and not lv.leaving,
+                    provider=lv.provider,
+                    memory_bytes=lv.memory_bytes,
+                    queue_depth=lv.batcher.depth + queued + busy,
+                    idle_s=round(idle, 3),
+                    requests=lv.requests + fast_calls,
+                )
+            )
+        return out
+
+    def _fast_usage(self, lv: Loaded) -> tuple[int, float]:
+        """(calls answered, unix time of the last batch) of a version on the fast port; (0, 0) off it."""
+        stats = self.fast_statistics(lv)
+        if stats is None:
+            return 0, 0.0
+        s = stats.inference_stats
+        return s.success.count + s.fail.count, stats.last_inference / 1000.0
 
     @property
     def queue_depth(self) -> int:
@@ -219,7 +263,7 @@ class ModelManager:
     async def _on_event(self, event: registry_pb2.WatchModelsResponse) -> None:
         names = {a.model for a in event.aliases} | {r.split("/")[0] for r in event.removed_aliases}
         for f in self.followed.values():
-            if f.pinned:
+            if f.pinned or f.leaving:
                 continue
             if event.snapshot or f.name in names:
                 alias = next((a for a in event.aliases if a.model == f.name and a.name == f.alias), None)
@@ -238,8 +282,61 @@ class ModelManager:
 
         task.add_done_callback(done)
 
+    # ---- placement: models assigned and unassigned (pool workers) ---------------------------------
+
+    async def follow(self, name: str) -> None:
+        """Serve a model placement assigned: its production alias, else its latest version, as a
+        FOVEA_WORKER_MODELS entry NAME does. A model assigned again while leaving is kept."""
+        f = self.followed.get(name)
+        if f is None:
+            f = self.followed[name] = Followed(name=name)
+        elif f.leaving:
+            f.leaving = False
+            for t in f.targets:
+                lv = self.loaded.get((name, t.version))
+                if lv is not None and lv.leaving:
+                    lv.leaving, lv.unload_at = False, None
+            self.changed.set()
+            logger.info("%s is assigned here again; keeping it", name)
+        await self._sync_followed(f)
+
+    def leave(self, name: str) -> None:
+        """Stop serving a model placement took away: heartbeats report its versions not ready at once,
+        they keep answering for unload_delay_s (while gateways learn), then drain and unload."""
+        f = self.followed.get(name)
+        if f is None or f.leaving or name in self.fixed:
+            return
+        f.leaving = True
+        if not any(n == name for n, _ in self.loaded):
+            del self.followed[name]
+            return
+        # A version still warming up is left to its load, which marks it when it ends (_sync_followed).
+        self._mark_leaving(f)
+        logger.info("%s is no longer assigned here; unloading in %.1fs", name, self.config.unload_delay_s)
+
+    def serving(self, name: str) -> bool:
+        """Whether a model is followed, not leaving, and every version of its alias is loaded."""
+        f = self.followed.get(name)
+        return (
+            f is not None
+            and not f.leaving
+            and bool(f.targets)
+            and all((name, t.version) in self.loaded for t in f.targets)
+        )
+
+    def _mark_leaving(self, f: Followed) -> None:
+        """Its ready versions report not ready from now on and unload after unload_delay_s."""
+        unload_at = time.monotonic() + self.config.unload_delay_s
+        for (n, _), lv in self.loaded.items():
+            if n == f.name and lv.ready and not lv.leaving:
+                lv.leaving = True
+                lv.unload_at = unload_at if lv.unload_at is None else min(lv.unload_at, unload_at)
+        self.changed.set()
+
     async def _sync_followed(self, f: Followed, initial: bool = False, alias: model_pb2.Alias | None = None) -> None:
         async with self._lock:
+            if f.leaving:
+                return
             if f.pinned:
                 targets = [model_pb2.AliasTarget(version=f.pinned, weight=100)]
             elif alias is not None:
@@ -258,10 +355,14 @@ class ModelManager:
                     await self._load(resp.model)
                 else:
                     self.loaded[(f.name, v)].unload_at = None
+                    self.loaded[(f.name, v)].leaving = False
             # Switch traffic only once every wanted version is ready.
             if all((f.name, v) in self.loaded for v in wanted):
                 f.targets = targets
                 self._route_fast(f)
+            if f.leaving:  # unassigned while it loaded
+                self._mark_leaving(f)
+                return
             now = time.monotonic()
             for (name, v), lv in self.loaded.items():
                 if name == f.name and v not in wanted and lv.unload_at is None:
@@ -274,8 +375,11 @@ class ModelManager:
         """Download, verify, load and warm up one version; it is listed at once but ready only after warm-up."""
         key = (mv.name, mv.version)
         t0 = time.perf_counter()
+        rss0 = rss_bytes()  # loads are serialized (self._lock), so the growth is this version's
         try:
             data = await self.link.download(mv, self.keys)
+            size = len(data)
+            t_download = time.perf_counter()
             # Before any session: ONNX Runtime would read the files that external-data tensors name.
             await asyncio.to_thread(refuse_external_data_bytes, data)
             config = self.config.for_model(mv.name)
@@ -293,6 +397,7 @@ class ModelManager:
                 alone = await asyncio.to_thread(
                     load_model, data, config.model_copy(update={"intra_op_threads": self.config.alone_threads(mv.name)})
                 )
+            del data  # the sessions hold their own copies; the artifact's bytes must not count as the model's
         except Exception as exc:  # noqa: BLE001 - a bad artifact must not take the worker down
             self.errors[key] = str(exc)[:300]
             logger.error("refusing %s v%d: %s", mv.name, mv.version, exc)
@@ -338,6 +443,7 @@ class ModelManager:
         self.loaded[key] = lv  # listed (heartbeats, ModelReady) but not ready until warmed up
         batcher.start()
         fast_all = [*fast, *([fast_alone] if fast_alone else [])]
+        t_sessions = time.perf_counter()
         try:
             await self._warm_up(
                 lv, [runner(s) for s in [*sessions, *([alone] if alone else [])]] + [s.run for s in fast_all]
@@ -375,17 +481,26 @@ class ModelManager:
                 for s in fast_all:
                     s.close()
                 logger.warning("%s v%d is served on the main port only: %s", mv.name, mv.version, exc)
+        lv.memory_bytes = max(rss_bytes() - rss0, mv.size_bytes, size)
+        lv.last_used = time.monotonic()
         lv.ready = True
+        self.changed.set()
         self.errors.pop(key, None)
         sizes = f", a session per batch size {first.sizes}" if first.sizes else ""
+        t_end = time.perf_counter()
         logger.info(
-            "loaded %s v%d on %s (%d instance(s)%s) in %.2fs",
+            "cold start: loaded %s v%d in %.2f s (download %.2f s, sessions %.2f s, warm-up %.2f s) on %s "
+            "(%d instance(s)%s), %.1f MB",
             mv.name,
             mv.version,
+            t_end - t0,
+            t_download - t0,
+            t_sessions - t_download,
+            t_end - t_sessions,
             lv.provider,
             len(sessions),
             sizes,
-            time.perf_counter() - t0,
+            lv.memory_bytes / 1e6,
         )
 
     def _runs_native(self, config: WorkerConfig, first: Session | Bucketed) -> bool:
@@ -460,7 +575,11 @@ class ModelManager:
                 if lv.unload_at is not None and lv.unload_at <= now:
                     lv.ready = False
                     del self.loaded[key]
+                    self.changed.set()
                     if self.native is not None and lv.slot:
                         await self.native.remove(lv.slot)
                     await lv.batcher.stop()
                     logger.info("unloaded %s v%d", *key)
+            for name, f in list(self.followed.items()):
+                if f.leaving and not any(n == name for n, _ in self.loaded):
+                    del self.followed[name]

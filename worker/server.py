@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import onnxruntime as ort
 
 from fovea import crypto
 from fovea.config import server_options
@@ -18,10 +19,12 @@ from fovea.serve import add_health, set_serving
 from fovea.v1 import registry_pb2
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from worker.assignments import Assignments
 from worker.config import WorkerConfig
 from worker.fast_port import LIBRARY as NATIVE_LIBRARY
 from worker.fast_port import NativeFront
 from worker.fast_port import available as native_available
+from worker.memory import device_budget, host_budget
 from worker.metrics import WorkerMetrics
 from worker.models import ModelManager
 from worker.runtime import GPU_PROVIDERS, device_info
@@ -45,6 +48,11 @@ class WorkerServer:
     native: NativeFront | None = None
     state: Any = registry_pb2.WORKER_STATE_STARTING  # a registry_pb2.WorkerState value
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    assignments: Assignments | None = None
+    """What placement assigns (pool workers only); None on a worker with a fixed model list."""
+    labels: dict[str, str] = field(default_factory=dict)
+    memory_budget_bytes: int = 0
+    device_memory_budget_bytes: int = 0
 
     def status(self) -> registry_pb2.WorkerStatus:
         provider = next((lv.provider for lv in self.manager.loaded.values()), "")
@@ -58,6 +66,10 @@ class WorkerServer:
             queue_depth=self.manager.queue_depth,
             in_flight=self.in_flight,
             fast_address=self.config.fast_address(self.port, self.native.port) if self.native else "",
+            pooled=self.assignments is not None,
+            labels=self.labels,
+            memory_budget_bytes=self.memory_budget_bytes,
+            device_memory_budget_bytes=self.device_memory_budget_bytes,
         )
 
     @property
@@ -65,12 +77,20 @@ class WorkerServer:
         return self.servicer.in_flight + sum(self.manager.fast_pending())
 
     async def _heartbeats(self) -> None:
+        changed = self.manager.changed
         while True:
+            changed.clear()
             try:
-                await self.link.heartbeat(self.status())
+                answer = await self.link.heartbeat(self.status())
+                if self.assignments is not None and answer is not None and answer.assignment_known:
+                    self.assignments.apply(answer.assigned_models)
             except grpc.aio.AioRpcError as exc:
                 logger.warning("heartbeat failed: %s", exc.code().name)
-            await asyncio.sleep(self.config.heartbeat_interval_s)
+            # A version that became ready, started leaving or unloaded is told at once, not a beat later.
+            try:
+                await asyncio.wait_for(changed.wait(), self.config.heartbeat_interval_s)
+            except TimeoutError:
+                pass
 
     async def start(self) -> None:
         await self.manager.start()
@@ -91,6 +111,8 @@ class WorkerServer:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.assignments is not None:
+            await self.assignments.stop()
         await self._heartbeat_once()  # gateways stop routing here at once
         linger_until = loop.time() + min(self.config.drain_linger_s, grace_s / 2)
         while (self.in_flight or loop.time() < linger_until) and loop.time() < deadline:
@@ -118,6 +140,17 @@ class WorkerServer:
 
 
 async def build_server(config: WorkerConfig) -> WorkerServer:
+    # What the worker offers placement, first: a pool worker without a budget must not start at all.
+    gpu = any(p in GPU_PROVIDERS and p in ort.get_available_providers() for p in config.providers)
+    gpu_labels = config.label_map(gpu)
+    budget = host_budget(config.memory_budget_bytes)  # before any model: the process's own RSS is left out
+    total = device_info(GPU_PROVIDERS[1], config.device_id)[2] if gpu and not config.device_memory_budget_bytes else 0
+    device_budget_bytes = device_budget(config.device_memory_budget_bytes, gpu, total)
+    if config.pooled and not budget:
+        raise ValueError(
+            "a pool worker needs a memory budget and none could be computed (no cgroup limit or MemTotal "
+            "readable, or the process already holds 80% of it): set FOVEA_WORKER_MEMORY_BUDGET_BYTES"
+        )
     keys = crypto.load_keys(config.encryption_key_file, config.previous_encryption_key_file)
     link = RegistryLink(
         config.registry_address,
@@ -162,6 +195,15 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
         metrics.serve(config.host, config.metrics_port)
         logger.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
     ws = WorkerServer(config, server, port, manager, servicer, link, health_servicer, decode_pool, metrics, native)
+    ws.labels, ws.memory_budget_bytes, ws.device_memory_budget_bytes = gpu_labels, budget, device_budget_bytes
+    if config.pooled:
+        ws.assignments = Assignments(manager)
+        logger.info(
+            "joining the pool: labels %s, memory budget %.0f MB%s",
+            ",".join(f"{k}={v}" for k, v in sorted(ws.labels.items())),
+            ws.memory_budget_bytes / 1e6,
+            f", device memory budget {ws.device_memory_budget_bytes / 1e6:.0f} MB" if gpu else "",
+        )
     metrics.watch(lambda: manager.queue_depth, lambda: ws.in_flight)  # the same count the heartbeats carry
     certs = {"server": config.tls_cert_file, "client_ca": config.tls_client_ca_file, "ca": config.tls_ca_file}
     metrics.watch_models(manager, config.max_queue_len, certs)  # per-model queues and readiness, cert expiry
