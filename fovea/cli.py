@@ -309,6 +309,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- status --------------------------------------------------------------
+
+
+@_grpc_errors
+def cmd_status(args: argparse.Namespace) -> int:
+    from fovea.status import run
+
+    return run(args)
+
+
 # ---- local cluster -------------------------------------------------------
 
 
@@ -449,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("key_id")
     registry_flags(kr)
     k.set_defaults(func=cmd_keys)
+
+    from fovea import status
+
+    st = sub.add_parser("status", help="one screen of the cluster's state: models, aliases, workers, the gateway")
+    status.add_arguments(st, DEFAULT_REGISTRY, DEFAULT_GATEWAY)
+    st.set_defaults(func=cmd_status)
 
     for name, (module, func, text) in DELEGATED.items():
         q = sub.add_parser(name, help=text, add_help=False)
