@@ -146,17 +146,21 @@ class Calls:
             )
 
     async def body(self, request: web.Request, limit: int) -> bytes:
-        """The body, after the checks on the headers: Content-Length against the limit, then 100 Continue."""
+        """The body, after the checks on the headers: Content-Length against the limit, then 100 Continue; a
+        body without a length (chunked) is refused as soon as it passes the limit."""
         if request.content_length is not None and request.content_length > limit:
             raise BodyTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
         await continue_if_expected(request)
+        data = bytearray()
         try:
             async with asyncio.timeout(self.config.http_client_timeout_s):
-                return await request.read()
-        except web.HTTPRequestEntityTooLarge:  # a chunked body past client_max_size
-            raise BodyTooLarge(f"the body is over {request.client_max_size} bytes, the limit") from None
+                while chunk := await request.content.readany():
+                    if len(data) + len(chunk) > limit:
+                        raise BodyTooLarge(f"the body is over {limit} bytes, the limit")
+                    data.extend(chunk)
         except TimeoutError:
             raise SlowClient(f"the body took over {self.config.http_client_timeout_s:.0f} s to arrive") from None
+        return bytes(data)
 
     # --- health and metadata (the servicers' methods, as the gRPC port calls them)
 
@@ -221,7 +225,11 @@ class Calls:
         try:
             async with asyncio.timeout(self.config.http_client_timeout_s):
                 req = await images.read_request(
-                    request, model, self.config.max_images_per_call, self.config.max_image_bytes
+                    request,
+                    model,
+                    self.config.max_images_per_call,
+                    self.config.max_image_bytes,
+                    self.config.http_max_body_bytes,
                 )
         except TimeoutError:
             raise SlowClient(f"the images took over {self.config.http_client_timeout_s:.0f} s to arrive") from None

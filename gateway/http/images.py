@@ -20,19 +20,20 @@ CHUNK = 64 * 1024
 
 
 async def read_request(
-    request: web.Request, model: str, max_images: int, max_image_bytes: int
+    request: web.Request, model: str, max_images: int, max_image_bytes: int, max_body: int
 ) -> image_pb2.ClassifyRequest:
     """The ClassifyRequest from the body: images counted and sized as they arrive, so that a call over the
-    limits is refused before the rest of it is read."""
+    limits (per image, and max_body in all: a chunked body has no Content-Length to check first) is refused
+    before the rest of it is read."""
     options: dict[str, str] = {k: v for k, v in request.query.items() if k in OPTION_FIELDS}
     unknown = sorted(set(request.query) - set(OPTION_FIELDS))
     if unknown:
         raise InvalidArgument(f"unknown query parameter {unknown[0][:40]!r}; expected {', '.join(OPTION_FIELDS)}")
     req = image_pb2.ClassifyRequest(model=model)
     if request.content_type.startswith("multipart/"):
-        await _read_form(request, req, options, max_images, max_image_bytes)
+        await _read_form(request, req, options, max_images, max_image_bytes, max_body)
     elif request.content_type.startswith("image/") or request.content_type == "application/octet-stream":
-        req.images.add(id="0", data=await _read_part(request.content, max_image_bytes, "the image"))
+        req.images.add(id="0", data=await _read_part(request.content, min(max_image_bytes, max_body), "the image"))
     else:
         raise InvalidArgument(
             "send images as multipart/form-data fields named 'image' (curl -F image=@cat.jpg), or one image as "
@@ -47,9 +48,15 @@ async def read_request(
 
 
 async def _read_form(
-    request: web.Request, req: image_pb2.ClassifyRequest, options: dict[str, str], max_images: int, max_bytes: int
+    request: web.Request,
+    req: image_pb2.ClassifyRequest,
+    options: dict[str, str],
+    max_images: int,
+    max_bytes: int,
+    max_body: int,
 ) -> None:
     reader = await request.multipart()
+    total = 0
     while True:
         part = await reader.next()
         if part is None:
@@ -60,10 +67,15 @@ async def _read_form(
             if len(req.images) >= max_images:
                 raise InvalidArgument(f"more than {max_images} images in one call; the limit is {max_images}")
             index = len(req.images)
-            data = await _read_part(part, max_bytes, f"image {index}")
+            if total + max_bytes > max_body:  # this image may not take the call past the body limit
+                data = await _read_part(part, max_body - total, f"the body (at image {index})")
+            else:
+                data = await _read_part(part, max_bytes, f"image {index}")
+            total += len(data)
             req.images.add(id=(part.filename or str(index))[:MAX_FILENAME], data=data)
         elif part.name in OPTION_FIELDS:
             value = await _read_part(part, MAX_OPTION_BYTES, f"field {part.name}")
+            total += len(value)
             options[part.name] = value.decode("utf-8", "replace").strip()
         else:
             raise InvalidArgument(
