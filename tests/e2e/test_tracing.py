@@ -3,6 +3,8 @@ server speaking the OpenTelemetry collector protocol from its published protos (
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import os
 import pathlib
 import secrets
@@ -305,3 +307,96 @@ async def test_the_calls_of_one_batch_share_its_times_and_number() -> None:
         assert (later.batch, later.batch_size, later.batch_calls) == (2, 2, 1)
     finally:
         await batcher.stop()
+
+
+@pytest.fixture
+def console_tracing() -> Iterator[Callable[[dict[str, str]], None]]:
+    """Tracing set up in this process with the console exporter (pytest captures what it prints)."""
+
+    def start(env: dict[str, str]) -> None:
+        assert tracing.setup("gateway", {"OTEL_TRACES_EXPORTER": "console", **env})
+
+    try:
+        yield start
+    finally:
+        tracing.shutdown()
+
+
+def in_call(fn: Callable[[], Any]) -> Any:
+    """Run fn in a context of its own, as each gRPC call runs in a task of its own."""
+    return contextvars.copy_context().run(fn)
+
+
+def test_the_quick_decision_follows_the_callers_flag_and_passes_unsampled_traces_on(
+    console_tracing: Callable[[dict[str, str]], None],
+) -> None:
+    console_tracing({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"})
+    method = "/inference.GRPCInferenceService/ModelInfer"
+
+    def call(metadata: dict[str, str]) -> tuple[Any, tuple[tuple[str, str], ...]]:
+        server = tracing.start_server(method, metadata)
+        return server, tracing.headers()
+
+    server, headers = in_call(lambda: call({}))  # a new trace, which ratio 0 never samples
+    assert server is None and len(headers) == 1 and headers[0][1].endswith("-00")
+    parent, trace_id, span_id = new_parent(sampled=False)
+    server, headers = in_call(lambda: call({"traceparent": parent, "tracestate": "vendor=1"}))
+    assert server is None  # the caller's "no" is followed, and its trace id goes on with its tracestate
+    assert headers[0][1].startswith(f"00-{trace_id.hex()}-") and headers[0][1].endswith("-00")
+    assert headers[0][1][36:52] != span_id.hex() and headers[1] == ("tracestate", "vendor=1")
+    parent, trace_id, span_id = new_parent(sampled=True)
+    server, headers = in_call(lambda: call({"traceparent": parent, "tracestate": "vendor=1"}))
+    assert server is not None and server.is_recording()  # the caller's "yes" too
+    context = server.get_span_context()
+    assert context.trace_id == int.from_bytes(trace_id, "big") and server.parent.span_id == int.from_bytes(
+        span_id, "big"
+    )
+    assert headers[0][1] == f"00-{trace_id.hex()}-{context.span_id:016x}-01" and headers[1] == (
+        "tracestate",
+        "vendor=1",
+    )
+    server.end()
+    for bad in (
+        f"ff-{trace_id.hex()}-{span_id.hex()}-01",  # version ff
+        f"00-{'0' * 32}-{span_id.hex()}-01",  # all-zero trace id
+        f"00-{trace_id.hex().upper()}-{span_id.hex()}-01",  # upper case
+        f"00-{trace_id.hex()}-{span_id.hex()}-01-extra",  # version 00 has no more fields
+        "00-" + "a" * 200,
+    ):
+        server, headers = in_call(functools.partial(call, {"traceparent": bad}))
+        assert server is None and trace_id.hex() not in headers[0][1], bad  # a new trace instead
+
+
+def test_the_quick_decision_samples_a_ratio_of_new_traces_as_the_sdk_would(
+    console_tracing: Callable[[dict[str, str]], None],
+) -> None:
+    console_tracing({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"})
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    bound = TraceIdRatioBased(0.5).bound
+    sampled = []
+    for _ in range(1000):
+        server = in_call(lambda: tracing.start_server("/a.B/C", {}))
+        if server is not None:
+            # the SDK kept the trace id the decision was taken on, and its own sampler agreed
+            assert server.is_recording() and server.get_span_context().trace_id & ((1 << 64) - 1) < bound
+            server.end()
+            sampled.append(server)
+    assert 400 < len(sampled) < 600
+    # not parent-based: the ratio applies to the caller's trace id too, whatever its flag says
+    low, high = "0" * 16, "f" * 16
+    kept = in_call(lambda: tracing.start_server("/a.B/C", {"traceparent": f"00-{'1' * 16}{low}-{'2' * 16}-00"}))
+    dropped = in_call(lambda: tracing.start_server("/a.B/C", {"traceparent": f"00-{'1' * 16}{high}-{'2' * 16}-01"}))
+    assert kept is not None and dropped is None
+    kept.end()
+
+
+def test_sampler_settings_fovea_cannot_follow_are_refused() -> None:
+    with pytest.raises(ValueError, match="Fovea knows"):
+        tracing.setup("gateway", {"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "jaeger_remote"})
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        tracing.setup(
+            "gateway",
+            {"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"},
+        )
+    assert tracing.tracer is None
