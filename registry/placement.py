@@ -23,8 +23,9 @@ The rules, in the order they are applied:
    enough on that worker. A model that is not evictable may evict any evictable one; an evictable
    one only those used strictly less recently than itself. Among workers where eviction works, the
    one whose most recently used victim is oldest wins (then fewer victims, then worker id).
-4. **Repeat** until a pass changes nothing. Each change puts a replica of a higher-priority model in
-   place of lower-priority ones only, so this ends; and it makes the planner idempotent:
+4. **Repeat** while a pass evicted (which frees memory a failed model might use, and leaves the
+   victim to be placed again). Each change puts a replica of a higher-priority model
+   in place of lower-priority ones only, so this ends; and it makes the planner idempotent:
    `plan(needs, workers, plan(needs, workers, current).assignments)` returns the same assignments.
 
 Budgets: a worker's models' `memory_bytes` plus its `reserved_bytes` never exceed its `memory_bytes`;
@@ -35,6 +36,7 @@ Sizes in reasons are in MB (10^6 bytes), as `mb()` writes them.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -173,6 +175,9 @@ def _may_evict(n: Need, victim: Need) -> bool:
     return not n.evictable or victim.last_used < n.last_used
 
 
+Pool = tuple[tuple[str, str], ...]
+
+
 class _Planner:
     def __init__(self, needs: Sequence[Need], workers: Sequence[Capacity]) -> None:
         self.needs = {n.model: n for n in needs}
@@ -181,39 +186,63 @@ class _Planner:
         # free host and device memory per worker; a worker without a device budget never runs short
         self.free = {w.worker_id: w.memory_bytes - w.reserved_bytes for w in workers}
         self.free_dev = {w.worker_id: w.device_memory_bytes if w.device_memory_bytes else math.inf for w in workers}
-        self.hosted: dict[str, set[str]] = {wid: set() for wid in self.ids}
+        # the evictable models each worker serves, and what they hold: a worker whose free memory plus
+        # all of that cannot fit a replica is skipped without looking at its models
+        self.evictable: dict[str, set[str]] = {wid: set() for wid in self.ids}
+        self.evictable_bytes = dict.fromkeys(self.ids, 0)
+        self.evictable_dev = dict.fromkeys(self.ids, 0)
         self.placed: dict[str, set[str]] = {m: set() for m in self.needs}
-        self._matching: dict[tuple[tuple[str, str], ...], list[str]] = {}
-        self._matching_sets: dict[tuple[tuple[str, str], ...], frozenset[str]] = {}
         self.evicted: list[tuple[str, str]] = []
+        # the matching workers of each distinct pool (there are few), sorted by id
+        self.pool: dict[str, Pool] = {m: tuple(sorted(n.pool.items())) for m, n in self.needs.items()}
+        self.members: dict[Pool, list[str]] = {}
+        self.worker_pools: dict[str, list[Pool]] = {wid: [] for wid in self.ids}
+        for key in sorted(set(self.pool.values())):
+            self.members[key] = [wid for wid in self.ids if all(self.caps[wid].labels.get(k) == v for k, v in key)]
+            for wid in self.members[key]:
+                self.worker_pools[wid].append(key)
+        self.member_sets = {key: frozenset(ids) for key, ids in self.members.items()}
+        # per pool, a max-heap of (free host memory, worker id), built after the keep phase; an entry
+        # is current while its stamp is the worker's, stale ones are dropped as they surface
+        self.heaps: dict[Pool, list[tuple[int, str, int]]] = {}
+        self.stamp = dict.fromkeys(self.ids, 0)
 
     def matching(self, n: Need) -> list[str]:
-        """Worker ids carrying all of the model's pool labels, sorted; cached per distinct pool."""
-        key = tuple(sorted(n.pool.items()))
-        found = self._matching.get(key)
-        if found is None:
-            found = [wid for wid in self.ids if all(self.caps[wid].labels.get(k) == v for k, v in key)]
-            self._matching[key] = found
-        return found
+        """Worker ids carrying all of the model's pool labels, sorted."""
+        return self.members[self.pool[n.model]]
 
-    def matching_set(self, n: Need) -> frozenset[str]:
-        key = tuple(sorted(n.pool.items()))
-        found = self._matching_sets.get(key)
-        if found is None:
-            found = self._matching_sets[key] = frozenset(self.matching(n))
-        return found
+    def build_heaps(self) -> None:
+        for key, ids in self.members.items():
+            heap = [(-self.free[wid], wid, self.stamp[wid]) for wid in ids]
+            heapq.heapify(heap)
+            self.heaps[key] = heap
+
+    def changed(self, wid: str) -> None:
+        self.stamp[wid] += 1
+        if self.heaps:
+            entry = (-self.free[wid], wid, self.stamp[wid])
+            for key in self.worker_pools[wid]:
+                heapq.heappush(self.heaps[key], entry)
 
     def add(self, n: Need, wid: str) -> None:
         self.placed[n.model].add(wid)
-        self.hosted[wid].add(n.model)
+        if n.evictable:
+            self.evictable[wid].add(n.model)
+            self.evictable_bytes[wid] += n.memory_bytes
+            self.evictable_dev[wid] += n.device_memory_bytes
         self.free[wid] -= n.memory_bytes
         self.free_dev[wid] -= n.device_memory_bytes
+        self.changed(wid)
 
     def remove(self, n: Need, wid: str) -> None:
         self.placed[n.model].discard(wid)
-        self.hosted[wid].discard(n.model)
+        if n.evictable:
+            self.evictable[wid].discard(n.model)
+            self.evictable_bytes[wid] -= n.memory_bytes
+            self.evictable_dev[wid] -= n.device_memory_bytes
         self.free[wid] += n.memory_bytes
         self.free_dev[wid] += n.device_memory_bytes
+        self.changed(wid)
 
     def fits(self, n: Need, wid: str) -> bool:
         return self.free[wid] >= n.memory_bytes and self.free_dev[wid] >= n.device_memory_bytes
@@ -223,7 +252,7 @@ class _Planner:
         valid: dict[str, list[str]] = {}
         load = dict(self.free)
         for model, n in self.needs.items():
-            match = self.matching_set(n)
+            match = self.member_sets[self.pool[model]]
             ids = sorted({wid for wid in current.get(model, ()) if wid in match})
             valid[model] = ids
             for wid in ids:
@@ -242,15 +271,25 @@ class _Planner:
 
     # rules 2 and 3: place, evicting when nothing fits
     def best_fit(self, n: Need) -> str | None:
-        best: str | None = None
-        best_free = -1
-        mem, dev = n.memory_bytes, n.device_memory_bytes
+        """The matching worker with the most free host memory (then the lowest id) that fits one more
+        replica and does not serve the model yet; None when there is none."""
+        heap = self.heaps[self.pool[n.model]]
         placed = self.placed[n.model]
-        free, free_dev = self.free, self.free_dev
-        for wid in self.matching(n):
-            f = free[wid]
-            if f > best_free and f >= mem and free_dev[wid] >= dev and wid not in placed:
-                best, best_free = wid, f
+        aside: list[tuple[int, str, int]] = []
+        best: str | None = None
+        while heap:
+            negfree, wid, stamp = heap[0]
+            if stamp != self.stamp[wid]:
+                heapq.heappop(heap)
+            elif -negfree < n.memory_bytes:
+                break  # the freest worker is too full: all are
+            elif wid in placed or self.free_dev[wid] < n.device_memory_bytes:
+                aside.append(heapq.heappop(heap))
+            else:
+                best = wid
+                break
+        for entry in aside:
+            heapq.heappush(heap, entry)
         return best
 
     def best_eviction(self, n: Need) -> tuple[str, list[Need]] | None:
@@ -259,8 +298,13 @@ class _Planner:
         for wid in self.matching(n):
             if wid in placed:
                 continue
+            if (
+                self.free[wid] + self.evictable_bytes[wid] < n.memory_bytes
+                or self.free_dev[wid] + self.evictable_dev[wid] < n.device_memory_bytes
+            ):
+                continue
             candidates = sorted(
-                (v for v in (self.needs[m] for m in self.hosted[wid]) if _may_evict(n, v)),
+                (v for v in (self.needs[m] for m in self.evictable[wid]) if _may_evict(n, v)),
                 key=lambda v: (v.last_used, v.model),
             )
             free, free_dev = self.free[wid], self.free_dev[wid]
@@ -278,39 +322,49 @@ class _Planner:
                 best = (rank, wid, victims)
         return None if best is None else (best[1], best[2])
 
-    def place_one(self, n: Need) -> bool:
+    def place_one(self, n: Need) -> str:
+        """'placed', 'evicted' (placed by evicting), or 'failed'."""
         wid = self.best_fit(n)
-        if wid is None:
-            found = self.best_eviction(n)
-            if found is None:
-                return False
-            wid, victims = found
-            for v in victims:
-                self.remove(v, wid)
-                self.evicted.append((v.model, wid))
+        if wid is not None:
+            self.add(n, wid)
+            return "placed"
+        found = self.best_eviction(n)
+        if found is None:
+            return "failed"
+        wid, victims = found
+        for v in victims:
+            self.remove(v, wid)
+            self.evicted.append((v.model, wid))
         self.add(n, wid)
-        return True
+        return "evicted"
 
     def place_pass(self) -> bool:
+        """One pass over the models short of their target; True when another pass could place more."""
         order = sorted(
             (n for n in self.needs.values() if len(self.placed[n.model]) < n.replicas),
             key=lambda n: (n.evictable, -n.memory_bytes, -n.device_memory_bytes, n.model),
         )
-        changed = False
+        again = False
         blocked: set[str] = set()
         rounds = min(max((n.replicas for n in order), default=0), len(self.ids))
         for k in range(1, rounds + 1):
             for n in order:
                 if n.model in blocked or len(self.placed[n.model]) >= min(k, n.replicas):
                     continue
-                if self.place_one(n):
-                    changed = True
-                else:
+                outcome = self.place_one(n)
+                if outcome == "failed":
                     blocked.add(n.model)
-        return changed
+                elif outcome == "evicted":
+                    # an eviction frees memory and leaves its victim short: a model that failed this
+                    # pass may fit in the next. Nothing else can help one: placements only shrink a
+                    # worker's free memory, and an evictable model placed after a failure takes at
+                    # least as much as it would give back if the failed model evicted it.
+                    again = True
+        return again
 
     def run(self, current: Mapping[str, Sequence[str]]) -> Decision:
         self.keep(current)
+        self.build_heaps()
         original = {(m, wid) for m, ids in self.placed.items() for wid in ids}
         # each change raises the placed replicas' priority (see the module's docstring), so this ends;
         # the bound only guards against a bug turning into a hang
@@ -358,8 +412,13 @@ class _Planner:
         placed = len(self.placed[n.model])
         head = f"{placed} of {n.replicas} replicas placed"
         if placed >= len(match):
-            labels = f"carry the labels {pool_text(n.pool)}" if n.pool else "are in the pool"
-            return f"{head}: only {len(match)} live workers {labels}, and replicas need different workers"
+            one = len(match) == 1
+            workers = f"{len(match)} live worker{'' if one else 's'}"
+            if n.pool:
+                labels = f"carr{'ies' if one else 'y'} the labels {pool_text(n.pool)}"
+            else:
+                labels = f"{'is' if one else 'are'} in the pool"
+            return f"{head}: only {workers} {labels}, and replicas need different workers"
         others = [w for w in match if w not in self.placed[n.model]]
         needs = mb(n.memory_bytes)
         free = f"the largest free is {mb(max(self.free[w] for w in others))}"

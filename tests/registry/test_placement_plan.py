@@ -107,6 +107,10 @@ def test_never_more_replicas_than_matching_workers() -> None:
         "a": "2 of 3 replicas placed: only 2 live workers carry the labels zone=a, and replicas need different workers"
     }
     assert not d.unplaceable
+    d = plan([need("a", 2, 100)], [cpu("w1", 1000)], {})
+    assert d.reasons == {
+        "a": "1 of 2 replicas placed: only 1 live worker is in the pool, and replicas need different workers"
+    }
 
 
 # --- rule 4: budgets -------------------------------------------------------------------------------
