@@ -37,6 +37,7 @@ _LOW64 = (1 << 64) - 1
 _quiet: contextvars.ContextVar[tuple[str | int, str] | None] = contextvars.ContextVar("fovea_unsampled", default=None)
 """An unsampled call's trace id (the caller's, in hex, or one drawn here) and tracestate, to pass on: such calls
 make no span at all."""
+_token: contextvars.ContextVar[Any] = contextvars.ContextVar("fovea_span_token", default=None)
 _TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 
 TRACEPARENT = "traceparent"
@@ -231,8 +232,25 @@ def headers() -> tuple[tuple[str, str], ...]:
 
 
 def start_server(method: str, metadata: Mapping[str, Any]) -> Span | None:
-    """The server span of a call (method: '/package.Service/Method'), made current for the rest of the call;
-    its parent is the caller's traceparent when it sent a valid one. None when the sampler declines the call.
+    """The server span of a gRPC call (method: '/package.Service/Method'), current until end_server(); its parent
+    is the caller's traceparent when it sent a valid one. None when the sampler declines the call."""
+    server = _start(method[1:], metadata)
+    if server is not None:
+        service, _, name = method[1:].partition("/")
+        server.set_attributes({"rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
+    return server
+
+
+def start_http(method: str, route: str, path: str, headers: Mapping[str, Any]) -> Span | None:
+    """start_server() for an HTTP request (route: the path's pattern, e.g. /v2/models/{model}/infer)."""
+    server = _start(f"{method} {route}", headers)
+    if server is not None:
+        server.set_attributes({"http.request.method": method, "http.route": route, "url.path": path[:256]})
+    return server
+
+
+def _start(name: str, metadata: Mapping[str, Any]) -> Span | None:
+    """A server span named name, made current, when the sampler takes the call.
 
     The decision is the sampler's rule taken here, on the caller's flag or a newly drawn trace id, before the
     SDK is asked: an unsampled call makes no span and attaches no context (the SDK's start_span costs tens of
@@ -264,11 +282,9 @@ def start_server(method: str, metadata: Mapping[str, Any]) -> Span | None:
     else:
         parent_context = otel_context.Context()  # a root, whatever this task's context holds
         _ids.next_trace_id = trace_id  # the id this decision was taken on
-    server = tracer.start_span(method[1:], context=parent_context, kind=SpanKind.SERVER)
-    service, _, name = method[1:].partition("/")
-    server.set_attributes({"rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
-    # Each gRPC call runs in a task of its own, whose context ends with it: nothing to detach.
-    otel_context.attach(trace.set_span_in_context(server))
+    server = tracer.start_span(name, context=parent_context, kind=SpanKind.SERVER)
+    # detached by end_server(): an HTTP connection's requests may share one task, and so one context
+    _token.set(otel_context.attach(trace.set_span_in_context(server)))
     return server
 
 
@@ -280,16 +296,24 @@ def _valid(found: re.Match[str]) -> bool:
     return not (version == "00" and found.group(5))
 
 
-def end_server(server: Span, code: Any, request_id: str, attributes: Mapping[str, Any]) -> None:
-    """Close a call's server span with its status code (a grpc.StatusCode) and request id."""
+def end_server(server: Span, code: Any, request_id: str, attributes: Mapping[str, Any], http_status: int = 0) -> None:
+    """Close a call's server span with its status code (a grpc.StatusCode: the error table's, also for HTTP,
+    where http_status is the answer's) and request id, and make it no longer current."""
+    token = _token.get()
+    if token is not None:
+        _token.set(None)
+        otel_context.detach(token)
     if server.is_recording():
         number = code.value[0]
-        server.set_attribute("rpc.grpc.status_code", number)
+        if http_status:
+            server.set_attributes({"http.response.status_code": http_status, "fovea.status": code.name})
+        else:
+            server.set_attribute("rpc.grpc.status_code", number)
         if request_id:
             server.set_attribute("fovea.request_id", request_id)
         if attributes:
             server.set_attributes(attributes)
-        if number in SERVER_ERRORS:
+        if http_status >= 500 if http_status else number in SERVER_ERRORS:
             server.set_status(Status(StatusCode.ERROR, code.name))
     server.end()
 

@@ -19,9 +19,9 @@ import grpc
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
 
-from fovea import log
+from fovea import log, tracing
 from fovea.errors import FoveaError, InvalidArgument
-from fovea.rpc import Authenticator, new_request_id, principal
+from fovea.rpc import Authenticator, call_attributes, new_request_id, principal
 from gateway.auth import check_model_access
 from gateway.config import GatewayConfig
 from gateway.http import images, oip_rest
@@ -92,7 +92,7 @@ class Calls:
         return run
 
     async def call(self, request: web.Request, name: str, handler: Handler, key: bool) -> web.StreamResponse:
-        """One HTTP call from start to end (a tracing span would wrap this)."""
+        """One HTTP call from start to end, in a server span when tracing is on (fovea/tracing.py)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         rid = new_request_id({"x-request-id": request.headers.get("x-request-id", "")})
@@ -105,12 +105,20 @@ class Calls:
             response.headers["Retry-After"] = "1"
             return await self.refuse(request, response, name, code, start)
         self.in_flight += 1
+        span, status = None, 0
         try:
+            if tracing.tracer is not None:
+                route = request.match_info.route.resource
+                span = tracing.start_http(
+                    request.method, route.canonical if route else name, request.path, request.headers
+                )
             if key:  # authenticate is the gRPC port's admission: draining, then the key
                 credentials = {"authorization": request.headers.get(hdrs.AUTHORIZATION)}
-                principal.set(await self.authenticate(name, credentials))
+                with tracing.span("authenticate"):
+                    principal.set(await self.authenticate(name, credentials))
             answer = await handler(request)
             answer.headers["x-request-id"] = rid
+            status = answer.status
             await self.send(request, answer)
             return answer
         except asyncio.CancelledError:
@@ -118,9 +126,12 @@ class Calls:
             raise
         except Exception as exc:  # noqa: BLE001 - the one place HTTP errors are mapped
             code, response = error_response(exc, request.path, rid)
+            status = response.status
             return await self.refuse(request, response, name, code, start)
         finally:
             self.in_flight -= 1
+            if span is not None:
+                tracing.end_server(span, code, rid, call_attributes(), status or 499)  # 499: the client hung up
             if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
                 self.metrics.on_done(f"http.{name}", code, loop.time() - start)
 

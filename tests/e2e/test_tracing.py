@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from fovea import tracing
 from fovea.cluster import ROOT
+from fovea.redis_server import free_port
 from fovea.v1 import image_pb2, image_pb2_grpc
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -85,6 +87,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 class Traced:
     live: Live
     receiver: Receiver
+    http_port: int
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +102,16 @@ def traced(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Itera
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "OTEL_TRACES_SAMPLER": "parentbased_always_on",
     }
+    http_port = free_port()
     live = start_live(
         tmp_path_factory.mktemp("tracing"),
         redis_server.url,
         registry_env=otel,
         worker_env=otel,
-        gateway_env=otel,
+        gateway_env={**otel, "FOVEA_GATEWAY_HTTP_PORT": str(http_port)},
     )
     try:
-        yield Traced(live, receiver)
+        yield Traced(live, receiver, http_port)
     finally:
         live.stop()
         server.stop(0)
@@ -193,6 +197,39 @@ def test_one_classify_call_is_one_trace_across_gateway_worker_and_registry(trace
             if any(kv.key == "fovea.request_id" and kv.value.string_value == rid for kv in r.span.attributes)
         ]
     assert {r.span.trace_id for r in tagged} == {trace_id}
+
+
+def test_an_http_classify_call_is_traced_like_a_grpc_one(traced: Traced) -> None:
+    live, receiver = traced.live, traced.receiver
+    parent, trace_id, client_span = new_parent()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{traced.http_port}/v1/models/colors:classify",
+        data=png((10, 10, 220)),
+        method="POST",
+        headers={
+            "Authorization": f"Bearer {live.keys['infer']}",
+            "Content-Type": "image/png",
+            "traceparent": parent,
+            "x-request-id": "trace-http-1",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.status == 200 and b"blue" in answer.read()
+    name = "POST /v1/models/{model}:classify"
+
+    def complete(spans: list[Received]) -> bool:
+        return {("fovea-worker", "answer"), ("fovea-gateway", name)} <= {(r.service, r.span.name) for r in spans}
+
+    spans = receiver.wait(trace_id, complete)
+    server = one(spans, "fovea-gateway", name, SERVER)
+    assert server.span.parent_span_id == client_span
+    assert server.attr("http.response.status_code") == 200 and server.attr("fovea.status") == "OK"
+    assert server.attr("fovea.request_id") == "trace-http-1" and server.attr("fovea.model") == "colors"
+    assert server.attr("url.path") == "/v1/models/colors:classify"
+    assert within(one(spans, "fovea-gateway", "authenticate"), server)
+    call = one(spans, "fovea-gateway", INFER, CLIENT)
+    assert within(call, server)
+    assert one(spans, "fovea-worker", INFER, SERVER).span.parent_span_id == call.span.span_id
 
 
 def ident_request() -> pb.ModelInferRequest:
