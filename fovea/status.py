@@ -20,6 +20,7 @@ DEFAULT_WATCH_S = 2.0
 MIN_WATCH_S = 0.2
 MAX_WATCH_S = 3600.0
 MAX_TIMEOUT_S = 300.0
+MAX_REASON = 60  # characters of a placement's reason in the table (--json has all of it)
 CLEAR = "\x1b[2J\x1b[H"
 GATEWAY_NOTE = "gateways do not heartbeat to the registry: only the gateway named by --address is checked"
 
@@ -220,7 +221,8 @@ def _placement(m: dict[str, Any], placement_on: bool) -> str:
     if p is None:
         return "-" if placement_on else "n/a"
     text = f"{p['state']} {len(p['ready_worker_ids'])}/{p['target_replicas']}"
-    return f"{text} ({p['reason']})" if p["reason"] else text
+    reason = p["reason"] if len(p["reason"]) <= MAX_REASON else p["reason"][: MAX_REASON - 3] + "..."
+    return f"{text} ({reason})" if reason else text
 
 
 def render(doc: dict[str, Any]) -> str:

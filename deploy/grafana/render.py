@@ -196,10 +196,13 @@ def legend(fmt: str, labels: promql.Labels) -> str:
     return " ".join(out.split()) or "value"
 
 
-def series(panel: dict[str, Any], data: promql.Scrapes, window_s: float) -> dict[str, list[tuple[float, float]]]:
-    """Each target's series over the scrapes, by legend."""
+def series(
+    panel: dict[str, Any], data: promql.Scrapes, window_s: float, start: float | None = None
+) -> dict[str, list[tuple[float, float]]]:
+    """Each target's series over the scrapes from start (default: once a whole window is scraped), by legend."""
     out: dict[str, list[tuple[float, float]]] = {}
-    start = data.points[0][0] + window_s if data.points else 0
+    if start is None:
+        start = data.points[0][0] + window_s if data.points else 0
     for target in panel.get("targets", []):
         node = promql.parse(interpolate(target["expr"], window_s))
         for t, _ in data.points:

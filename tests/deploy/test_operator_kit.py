@@ -28,13 +28,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.grafana import promql
+from deploy.grafana import promql, render
 from fovea.cert_expiry import CertificateExpiry
 from fovea.client import Client
 from fovea.redis_server import free_port
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.deploy.manifests import find, render
+from tests.deploy.manifests import find
+from tests.deploy.manifests import render as kustomize
 from tests.e2e.live import Live, start_gateway, start_live
 from tests.tinymodels import png
 
@@ -165,7 +166,7 @@ def test_prometheusrule_carries_the_same_groups_and_renders() -> None:
 
 
 def test_alert_rules_component_renders_into_an_overlay(tmp_path: pathlib.Path) -> None:
-    objs = render(tmp_path, "cpu-dev", ("alert-rules",))
+    objs = kustomize(tmp_path, "cpu-dev", ("alert-rules",))
     (rule,) = find(objs, "PrometheusRule")
     assert rule["metadata"]["namespace"] == "fovea"
     assert rule["metadata"]["labels"]["app.kubernetes.io/part-of"] == "fovea"
@@ -332,38 +333,67 @@ def test_every_metric_in_the_dashboard_and_rules_exists_on_live_services(
     )
     limited = rc.create_key("infer", rate_limit_rps=1, rate_burst=1)[1]
     expiring = rc.create_key("infer", ttl_s=3600)[1]
-    with Client(gateway, cluster.keys["infer"], timeout_s=20) as client:
-        for color in ((220, 10, 10), (10, 220, 10), (10, 10, 220)):
-            assert client.classify([png(color)] * 3, model="colors", top_k=1).results
-    with Client(gateway, expiring, timeout_s=20) as client:
-        client.classify([png((10, 10, 220))], model="colors", top_k=1)
-    refusals = [
-        ("fv_" + "0" * 40, "colors", grpc.StatusCode.UNAUTHENTICATED),  # an unknown key
-        (cluster.keys["ident-only"], "colors", grpc.StatusCode.PERMISSION_DENIED),  # a model the key may not use
-    ]
-    for secret, model, code in refusals:
-        with Client(gateway, secret, timeout_s=20) as client, pytest.raises(grpc.RpcError) as err:
-            client.classify([png((1, 2, 3))], model=model)
-        assert err.value.code() == code
-    codes = []
-    with Client(gateway, limited, timeout_s=20) as client:
-        for _ in range(4):
-            try:
-                client.classify([png((1, 2, 3))], model="colors")
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as exc:
-                codes.append(exc.code())
-    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-    # Raw tensors on the gateway's fast port reach the worker's fast port (its own latency histogram).
-    req = pb.ModelInferRequest(model_name="ident")
-    req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
-    req.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
-    with grpc.insecure_channel(cluster.gateway_fast[0]) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        stub.ModelInfer(req, metadata=(("authorization", f"Bearer {cluster.keys['infer']}"),), timeout=20)
-    time.sleep(0.5)  # the gateway drains its fast port's records every 0.2 s
+
+    def drive() -> None:
+        """Good calls, an unknown key, a model the key may not use, a rate-limited burst, raw tensors."""
+        with Client(gateway, cluster.keys["infer"], timeout_s=20) as client:
+            for color in ((220, 10, 10), (10, 220, 10), (10, 10, 220)):
+                assert client.classify([png(color)] * 3, model="colors", top_k=1).results
+        with Client(gateway, expiring, timeout_s=20) as client:
+            client.classify([png((10, 10, 220))], model="colors", top_k=1)
+        refusals = [
+            ("fv_" + "0" * 40, "colors", grpc.StatusCode.UNAUTHENTICATED),  # an unknown key
+            (cluster.keys["ident-only"], "colors", grpc.StatusCode.PERMISSION_DENIED),  # a model the key may not use
+        ]
+        for secret, model, code in refusals:
+            with Client(gateway, secret, timeout_s=20) as client, pytest.raises(grpc.RpcError) as err:
+                client.classify([png((1, 2, 3))], model=model)
+            assert err.value.code() == code
+        codes = []
+        with Client(gateway, limited, timeout_s=20) as client:
+            for _ in range(4):
+                try:
+                    client.classify([png((1, 2, 3))], model="colors")
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        # Raw tensors on the gateway's fast port reach the worker's fast port (its own latency histogram).
+        req = pb.ModelInferRequest(model_name="ident")
+        req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+        req.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+        with grpc.insecure_channel(cluster.gateway_fast[0]) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            stub.ModelInfer(req, metadata=(("authorization", f"Bearer {cluster.keys['infer']}"),), timeout=20)
+        time.sleep(0.5)  # the gateway drains its fast port's records every 0.2 s
+
+    drive()  # every series exists from here: rates need two scrapes of it
+    before = time.time(), [x for port in ports.values() for x in render.scrape(f"http://127.0.0.1:{port}/metrics")]
+    drive()
 
     texts = {name: scrape(port) for name, port in ports.items()}
+    # Every panel's queries, evaluated over the scrapes before and after the calls, give the series they should.
+    after = time.time(), [x for port in ports.values() for x in render.scrape(f"http://127.0.0.1:{port}/metrics")]
+    data = promql.Scrapes([before, after])
+    window = math.ceil(after[0] - before[0]) + 1
+    drawn = {p["title"]: render.series(p, data, window, after[0]) for p in dashboard()["panels"] if p["type"] != "row"}
+    for title, legend in [
+        ("Requests by model and code", "colors OK"),
+        ("Errors by model and code", "UNAUTHENTICATED"),
+        ("Errors by model and code", "RESOURCE_EXHAUSTED"),
+        ("Client → gateway (gateway's whole call)", "p99 Classify"),
+        ("Gateway → worker (worker's whole call)", "p50 colors"),
+        ("Worker queue wait", "p99 colors"),
+        ("Worker preprocessing", "p50 colors"),
+        ("Worker compute per batch", "p50 colors"),
+        ("Batch size", "mean colors"),
+        ("Ready workers per model", "colors"),
+        ("Key refusals", "unauthenticated"),
+        ("Key refusals", "permission_denied"),
+        ("Rate-limit hits", "rate limited"),
+        ("Time to expiry", "API key in use"),
+    ]:
+        assert drawn[title].get(legend), (title, legend, sorted(drawn[title]))
     samples: set[str] = set()
     declared: set[str] = set()
     for text in texts.values():
