@@ -98,7 +98,7 @@ class Calls:
         rid = new_request_id({"x-request-id": request.headers.get("x-request-id", "")})
         log.request_id.set(rid)
         code = grpc.StatusCode.OK
-        if self.in_flight >= self.config.http_max_concurrent:
+        if key and self.in_flight >= self.config.http_max_concurrent:  # health stays answered: probes restart pods
             code, response = error_response(
                 Overloaded(f"{self.in_flight} HTTP requests in flight, the limit; retry shortly"), request.path, rid
             )
