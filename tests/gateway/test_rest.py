@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import pathlib
+import ssl
 import sys
 from typing import Any
 
@@ -117,3 +118,38 @@ async def test_health_needs_no_key_and_metadata_does(stack: Stack, gateways: Gat
             async with session.get(base + path) as resp:
                 assert resp.status == 401 and "missing credentials" in (await resp.json())["error"], path
                 assert resp.headers["WWW-Authenticate"] == "Bearer"
+
+
+async def test_https_and_mutual_tls(stack: Stack, gateways: GatewayFactory, tmp_path: pathlib.Path) -> None:
+    """The HTTP port serves TLS with the gRPC port's certificate, and asks for client certificates as it does."""
+    from tests.gateway.test_observability import _certs
+
+    f = _certs(tmp_path)
+    tls = await gateways(http_port=0, tls_cert_file=str(f["server_cert"]), tls_key_file=str(f["server_key"]))
+    mtls = await gateways(
+        http_port=0,
+        tls_cert_file=str(f["server_cert"]),
+        tls_key_file=str(f["server_key"]),
+        tls_client_ca_file=str(f["ca"]),
+    )
+    secret = await asyncio.to_thread(stack.key)
+    trusting = ssl.create_default_context(cafile=str(f["ca"]))
+    with_cert = ssl.create_default_context(cafile=str(f["ca"]))
+    with_cert.load_cert_chain(str(f["client_cert"]), str(f["client_key"]))
+
+    async def classify_over(port: int, context: ssl.SSLContext | None, scheme: str = "https") -> int | str:
+        url = f"{scheme}://127.0.0.1:{port}/v1/models/colors:classify"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+                headers = {"Authorization": f"Bearer {secret}"}
+                async with session.post(url, data=form(("x.png", BLUE)), headers=headers, ssl=context or True) as resp:
+                    body = await resp.json()
+                    assert resp.status != 200 or body["results"][0]["labels"][0]["label"] == "blue", body
+                    return resp.status
+        except aiohttp.ClientError as exc:
+            return type(exc).__name__
+
+    assert await classify_over(tls.http_port, trusting) == 200
+    assert isinstance(await classify_over(tls.http_port, None, "http"), str)  # plaintext to a TLS port: no answer
+    assert await classify_over(mtls.http_port, with_cert) == 200
+    assert isinstance(await classify_over(mtls.http_port, trusting), str)  # no client certificate: no answer
