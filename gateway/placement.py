@@ -207,6 +207,8 @@ class ColdStarts:
         loading = self._loading_on(model, version, placement)
         if loading:
             return f"{model} v{version} is loading on {_names(loading)} (cold start); {ran_out}"
+        if _unplaceable(placement) and self._fixed_list_serves(model):
+            placement = None  # fixed-list workers serve it: what placement says of its pool is beside the point
         if placement is not None and placement.worker_ids:
             return (
                 f"{model} v{version} is assigned to {_names(placement.worker_ids)}, which had not started "
@@ -215,7 +217,7 @@ class ColdStarts:
         if placement is not None:
             why = f": {placement.reason}" if placement.reason else ""
             return f"{model} v{version} is waiting to be placed{why}; {ran_out}"
-        return f"no healthy worker has {model} v{version} ready; {ran_out}"
+        return f"no worker has started loading {model} v{version} yet; {ran_out}"
 
 
 def _unplaceable(placement: registry_pb2.ModelPlacement | None) -> bool:
