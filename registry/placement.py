@@ -205,7 +205,11 @@ class _Planner:
         # per pool, a max-heap of (free host memory, worker id), built after the keep phase; an entry
         # is current while its stamp is the worker's, stale ones are dropped as they surface
         self.heaps: dict[Pool, list[tuple[int, str, int]]] = {}
+        # and one of free plus evictable memory, to give up on eviction at once where no worker has enough
+        self.reclaim: dict[Pool, list[tuple[int, str, int]]] = {}
         self.stamp = dict.fromkeys(self.ids, 0)
+        self._room: dict[Pool, int] = {}
+        self._freest: dict[Pool, list[str]] = {}
 
     def matching(self, n: Need) -> list[str]:
         """Worker ids carrying all of the model's pool labels, sorted."""
@@ -216,13 +220,26 @@ class _Planner:
             heap = [(-self.free[wid], wid, self.stamp[wid]) for wid in ids]
             heapq.heapify(heap)
             self.heaps[key] = heap
+            heap = [(-self.free[wid] - self.evictable_bytes[wid], wid, self.stamp[wid]) for wid in ids]
+            heapq.heapify(heap)
+            self.reclaim[key] = heap
 
     def changed(self, wid: str) -> None:
         self.stamp[wid] += 1
         if self.heaps:
-            entry = (-self.free[wid], wid, self.stamp[wid])
+            stamp = self.stamp[wid]
+            entry = (-self.free[wid], wid, stamp)
+            reclaim = (-self.free[wid] - self.evictable_bytes[wid], wid, stamp)
             for key in self.worker_pools[wid]:
                 heapq.heappush(self.heaps[key], entry)
+                heapq.heappush(self.reclaim[key], reclaim)
+
+    def most_reclaimable(self, key: Pool) -> int:
+        """The most host memory one worker of the pool would have if all its evictable models left."""
+        heap = self.reclaim[key]
+        while heap and heap[0][2] != self.stamp[heap[0][1]]:
+            heapq.heappop(heap)
+        return -heap[0][0] if heap else -1
 
     def add(self, n: Need, wid: str) -> None:
         self.placed[n.model].add(wid)
@@ -293,6 +310,8 @@ class _Planner:
         return best
 
     def best_eviction(self, n: Need) -> tuple[str, list[Need]] | None:
+        if self.most_reclaimable(self.pool[n.model]) < n.memory_bytes:
+            return None
         best: tuple[tuple[float, int, str], str, list[Need]] | None = None
         placed = self.placed[n.model]
         for wid in self.matching(n):
@@ -390,28 +409,47 @@ class _Planner:
         )
 
     # rule 7: reasons an operator can act on
+    def largest_room(self, key: Pool) -> int:
+        """The most host memory any worker of the pool offers models when empty (cached: it never changes)."""
+        found = self._room.get(key)
+        if found is None:
+            found = self._room[key] = max(
+                self.caps[w].memory_bytes - self.caps[w].reserved_bytes for w in self.members[key]
+            )
+        return found
+
+    def freest(self, key: Pool) -> list[str]:
+        """The pool's workers by free host memory, most first (cached: reasons are written after the last change)."""
+        found = self._freest.get(key)
+        if found is None:
+            found = self._freest[key] = sorted(self.members[key], key=lambda w: (-self.free[w], w))
+        return found
+
     def reason(self, n: Need) -> str:
-        match = self.matching(n)
+        key = self.pool[n.model]
+        match = self.members[key]
         where = f"in pool {pool_text(n.pool)}" if n.pool else "in the pool"
         if not match:
             if n.pool:
                 return f"no live worker carries the labels {pool_text(n.pool)}"
             return "no live pool worker"
         # too big for every matching worker even when it is empty
-        host = {w: self.caps[w].memory_bytes - self.caps[w].reserved_bytes for w in match}
-        largest = max(host.values())
+        largest = self.largest_room(key)
         if largest < n.memory_bytes:
+            if largest <= 0:
+                return f"no worker {where} has room for models: what they serve outside placement fills their budgets"
             return f"needs {mb(n.memory_bytes)} per replica; the largest worker {where} has {mb(largest)}"
-        sized = [w for w in match if host[w] >= n.memory_bytes]
-        if n.device_memory_bytes and all(0 < self.caps[w].device_memory_bytes < n.device_memory_bytes for w in sized):
-            largest = max(self.caps[w].device_memory_bytes for w in sized)
-            return (
-                f"needs {mb(n.device_memory_bytes)} of device memory per replica; "
-                f"the largest device budget {where} is {mb(largest)}"
-            )
-        placed = len(self.placed[n.model])
-        head = f"{placed} of {n.replicas} replicas placed"
-        if placed >= len(match):
+        if n.device_memory_bytes:
+            sized = [w for w in match if self.caps[w].memory_bytes - self.caps[w].reserved_bytes >= n.memory_bytes]
+            if all(0 < self.caps[w].device_memory_bytes < n.device_memory_bytes for w in sized):
+                largest = max(self.caps[w].device_memory_bytes for w in sized)
+                return (
+                    f"needs {mb(n.device_memory_bytes)} of device memory per replica; "
+                    f"the largest device budget {where} is {mb(largest)}"
+                )
+        placed = self.placed[n.model]
+        head = f"{len(placed)} of {n.replicas} replicas placed"
+        if len(placed) >= len(match):
             one = len(match) == 1
             workers = f"{len(match)} live worker{'' if one else 's'}"
             if n.pool:
@@ -419,11 +457,12 @@ class _Planner:
             else:
                 labels = f"{'is' if one else 'are'} in the pool"
             return f"{head}: only {workers} {labels}, and replicas need different workers"
-        others = [w for w in match if w not in self.placed[n.model]]
+        most = next(self.free[w] for w in self.freest(key) if w not in placed)
         needs = mb(n.memory_bytes)
-        free = f"the largest free is {mb(max(self.free[w] for w in others))}"
-        devs = [self.free_dev[w] for w in others if self.free_dev[w] != math.inf]
-        if n.device_memory_bytes and devs:
-            needs += f" and {mb(n.device_memory_bytes)} of device memory"
-            free += f" and {mb(int(max(devs)))} of device memory"
+        free = f"the largest free is {mb(max(0, most))}"
+        if n.device_memory_bytes:
+            devs = [self.free_dev[w] for w in match if w not in placed and self.free_dev[w] != math.inf]
+            if devs:
+                needs += f" and {mb(n.device_memory_bytes)} of device memory"
+                free += f" and {mb(int(max(devs)))} of device memory"
         return f"{head}: every worker {where} is full (needs {needs}; {free})"

@@ -268,6 +268,10 @@ def test_reason_too_big_for_any_matching_worker() -> None:
     assert d.unplaceable == {"digits-cnn"}
     d = plan([need("a", 1, 310)], [cpu("c1", 120, reserved_mb=20)], {})
     assert d.reasons == {"a": "needs 310 MB per replica; the largest worker in the pool has 100 MB"}
+    d = plan([need("a", 1, 0)], [cpu("c1", 120, reserved_mb=150)], {})
+    assert d.reasons == {
+        "a": "no worker in the pool has room for models: what they serve outside placement fills their budgets"
+    }
 
 
 def test_reason_too_big_for_any_device_budget() -> None:
@@ -353,7 +357,9 @@ POOLS = [{}, {"zone": "a"}, {"device": "gpu"}, {"zone": "b", "device": "cpu"}]
 
 @st.composite
 def clusters(draw: st.DrawFn) -> tuple[list[Need], list[Capacity], dict[str, list[str]]]:
-    n_workers = draw(st.integers(0, 8))
+    # a crowded cluster (one pool, few workers, most models already placed) makes evictions common
+    crowded = draw(st.booleans())
+    n_workers = draw(st.integers(1, 3) if crowded else st.integers(0, 8))
     workers = []
     for i in range(n_workers):
         is_gpu = draw(st.booleans())
@@ -375,13 +381,17 @@ def clusters(draw: st.DrawFn) -> tuple[list[Need], list[Capacity], dict[str, lis
                 draw(st.integers(0, 4)),
                 draw(st.integers(0, 900)) * MB,
                 device_memory_bytes=draw(st.integers(0, 900)) * MB,
-                pool=draw(st.sampled_from(POOLS)),
+                pool={} if crowded else draw(st.sampled_from(POOLS)),
                 evictable=draw(st.booleans()),
                 last_used=float(draw(st.integers(0, 5))),
             )
         )
     ids = [w.worker_id for w in workers] + ["gone"]
-    current = {n.model: draw(st.lists(st.sampled_from(ids), max_size=4)) for n in needs if draw(st.booleans())}
+    current = {
+        n.model: draw(st.lists(st.sampled_from(ids), min_size=1, max_size=4))
+        for n in needs
+        if crowded or draw(st.booleans())
+    }
     return needs, workers, current
 
 
@@ -405,9 +415,35 @@ def check_invariants(needs: list[Need], workers: list[Capacity], current: dict[s
     for model, wid in d.evicted:
         assert by_model[model].evictable, "only evictable models are evicted"
         assert wid in current.get(model, ()) and wid not in d.assignments[model]
+    # nothing is left short that could have been placed, with or without eviction
+    hosted = by_worker(d, workers)
+    free = {
+        w.worker_id: w.memory_bytes - w.reserved_bytes - sum(by_model[m].memory_bytes for m in hosted[w.worker_id])
+        for w in workers
+    }
+    free_dev = {
+        w.worker_id: w.device_memory_bytes - sum(by_model[m].device_memory_bytes for m in hosted[w.worker_id])
+        if w.device_memory_bytes
+        else math.inf
+        for w in workers
+    }
+    for model in d.reasons:
+        n = by_model[model]
+        for w in workers:
+            wid = w.worker_id
+            if wid in d.assignments[model] or any(w.labels.get(k) != v for k, v in n.pool.items()):
+                continue
+            victims = [
+                by_model[m]
+                for m in hosted[wid]
+                if by_model[m].evictable and (not n.evictable or by_model[m].last_used < n.last_used)
+            ]
+            room = free[wid] + sum(v.memory_bytes for v in victims)
+            room_dev = free_dev[wid] + sum(v.device_memory_bytes for v in victims)
+            assert room < n.memory_bytes or room_dev < n.device_memory_bytes, f"{model} fits on {wid}"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(clusters())
 def test_invariants_over_random_clusters(cluster: tuple[list[Need], list[Capacity], dict[str, list[str]]]) -> None:
     needs, workers, current = cluster
