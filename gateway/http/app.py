@@ -215,7 +215,9 @@ class Calls:
         body = await self.body(request, limit)
         infer, wanted = oip_rest.parse_request(body, header_length, model, version)
         del body
-        resp = await self.inference.ModelInfer(infer, None)
+        # The gRPC port's ModelInfer: forwarded as bytes, raw numeric tensors to a worker's fast port
+        answer = await self.inference.ModelInferBytes(infer.SerializeToString(), None)
+        resp = pb.ModelInferResponse.FromString(answer)
         data, json_length = oip_rest.render_response(resp, wanted)
         if json_length is None:
             return web.Response(body=data, content_type="application/json")
