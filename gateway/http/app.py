@@ -48,7 +48,7 @@ class HttpPort:
     port: int
 
     async def stop(self, grace_s: float) -> None:
-        await self.runner.cleanup()  # stops listening, then waits up to grace_s for calls in flight
+        await self.runner.cleanup()  # stops listening, then waits up to the config's grace_s for calls in flight
 
 
 class Calls:
@@ -73,10 +73,12 @@ class Calls:
 
     def routes(self, app: web.Application) -> None:
         add = app.router.add_route
+        add("GET", "/v2/models/stats", self.wrap("ModelStatistics", self.statistics))  # before {model} matches it
         for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             add("GET", base, self.wrap("ModelMetadata", self.model_metadata))
             add("GET", f"{base}/ready", self.wrap("ModelReady", self.model_ready))
             add("GET", f"{base}/config", self.wrap("ModelConfig", self.model_config))
+            add("GET", f"{base}/stats", self.wrap("ModelStatistics", self.statistics))
             add("POST", f"{base}/infer", self.wrap("ModelInfer", self.infer), expect_handler=no_expect)
         add("GET", "/v2/health/live", self.wrap("ServerLive", self.live, key=False))
         add("GET", "/v2/health/ready", self.wrap("ServerReady", self.ready, key=False))
@@ -197,13 +199,14 @@ class Calls:
         return web.json_response({"name": model, "ready": ready}, status=200 if ready else 400)
 
     async def model_config(self, request: web.Request) -> web.Response:
-        from google.protobuf import json_format
-
         model, version = names(request)
         resp = await self.inference.ModelConfig(pb.ModelConfigRequest(name=model, version=version), None)
-        # Triton's HTTP model configuration: the ModelConfig message in JSON with its proto field names
-        config = json_format.MessageToDict(resp.config, preserving_proto_field_name=True)
-        return web.json_response(config)
+        return web.json_response(oip_rest.message_json(resp.config))  # Triton's HTTP model configuration
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        model, version = request.match_info.get("model", ""), request.match_info.get("version", "")
+        stats = await self.inference.ModelStatistics(pb.ModelStatisticsRequest(name=model, version=version), None)
+        return web.json_response(oip_rest.message_json(stats))
 
     # --- inference
 

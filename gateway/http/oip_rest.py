@@ -232,3 +232,29 @@ def metadata_json(meta: pb.ModelMetadataResponse) -> dict[str, Any]:
         "inputs": tensors(meta.inputs),
         "outputs": tensors(meta.outputs),
     }
+
+
+def message_json(message: Any) -> dict[str, Any]:
+    """A protobuf message as Triton writes it in JSON: proto field names, enums by name, and 64-bit integers as
+    numbers (protobuf's own JSON mapping writes them as strings: a model configuration's dims ["3", "8", "8"])."""
+    out: dict[str, Any] = {}
+    for field, value in message.ListFields():
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            out[field.name] = {str(k): _field_value(value_field, v) for k, v in value.items()}
+        elif field.is_repeated:
+            out[field.name] = [_field_value(field, v) for v in value]
+        else:
+            out[field.name] = _field_value(field, value)
+    return out
+
+
+def _field_value(field: Any, value: Any) -> Any:
+    if field.message_type is not None:
+        return message_json(value)
+    if field.enum_type is not None:
+        number = field.enum_type.values_by_number.get(value)
+        return number.name if number is not None else value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value

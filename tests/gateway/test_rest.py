@@ -49,7 +49,10 @@ async def test_tritonclient_http_against_gateway(
     assert meta["name"] == "colors" and meta["versions"] == ["1"] and out["metadata_v1"] == meta
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 8, 8]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}]
-    assert out["config"]["name"] == "colors" and out["config"]["max_batch_size"] > 0
+    config = out["config"]  # Triton's JSON model configuration: the batch dimension in max_batch_size
+    assert config["name"] == "colors" and config["platform"] == "onnxruntime_onnx" and config["max_batch_size"] > 0
+    assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [3, 8, 8]}]
+    assert config["output"][0]["dims"] == [3] and config["output"][0]["label_filename"] == "labels.txt"
     for form in ("binary", "json_output"):  # two encoded images in; the classification extension's k=2 out
         answer = out[form]
         assert answer["shape"] == [2, 2] and answer["model_version"] == "1" and answer["id"] == f"call-{form}"
@@ -59,6 +62,8 @@ async def test_tritonclient_http_against_gateway(
     score, index, label = out["json"][0].split(":", 2)  # a JSON pixel tensor, answered in JSON
     assert (label, index) == ("blue", "2") and float(score) > 0.9
     assert out["logits"] == [[0.0, 0.0, 10.0]]
+    (stats,) = out["statistics"]["model_stats"]  # the workers' statistics, summed, in Triton's JSON
+    assert stats["name"] == "colors" and stats["inference_count"] >= 6 and stats["inference_stats"]["success"]["count"]
     assert out["unknown_key"][0] == "401" and "API key" in out["unknown_key"][1]
     assert out["no_key"][0] == "401" and "missing credentials" in out["no_key"][1]
     assert out["unknown_model"][0] == "404" and "no-such-model" in out["unknown_model"][1]
@@ -114,10 +119,13 @@ async def test_health_needs_no_key_and_metadata_does(stack: Stack, gateways: Gat
         for path in ("/v2/health/live", "/v2/health/ready"):
             async with session.get(base + path) as resp:
                 assert resp.status == 200, path
-        for path in ("/v2", "/v2/models/colors", "/v2/models/colors/ready"):
+        for path in ("/v2", "/v2/models/colors", "/v2/models/colors/ready", "/v2/models/stats"):
             async with session.get(base + path) as resp:
                 assert resp.status == 401 and "missing credentials" in (await resp.json())["error"], path
                 assert resp.headers["WWW-Authenticate"] == "Bearer"
+        secret = await asyncio.to_thread(stack.key)
+        async with session.get(base + "/v2/models/stats", headers={"Authorization": f"Bearer {secret}"}) as resp:
+            assert resp.status == 200 and {s["name"] for s in (await resp.json())["model_stats"]} >= {"colors"}
 
 
 async def test_https_and_mutual_tls(stack: Stack, gateways: GatewayFactory, tmp_path: pathlib.Path) -> None:

@@ -59,6 +59,7 @@ def main(address: str, model: str, image_path: str) -> None:
     raw = triton.InferRequestedOutput(out_name, binary_data=True)  # the logits themselves, in binary
     result = client.infer(model, [tensor], outputs=[raw], headers=dict(headers))
     out["logits"] = result.as_numpy(out_name).tolist()
+    out["statistics"] = client.get_inference_statistics(model, headers=headers)
     for name, call in (
         ("unknown_key", lambda: client.get_model_metadata(model, headers={"Authorization": "Bearer fv_x_" + "y" * 40})),
         ("no_key", lambda: client.infer(model, [image])),
