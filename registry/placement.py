@@ -113,9 +113,15 @@ def by_worker(decision: Decision, workers: Sequence[Capacity]) -> dict[str, list
 # --- input checks -----------------------------------------------------------------------------
 
 
-def _check_int(what: str, value: object, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
-        raise ValueError(f"{what} must be an int in [0, {high}], got {value!r}")
+def _bad_int(value: object, high: int) -> bool:
+    return not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high
+
+
+def _int_error(owner: str, fields: dict[str, tuple[object, int]]) -> ValueError:
+    for name, (value, high) in fields.items():
+        if _bad_int(value, high):
+            return ValueError(f"{owner}: {name} must be an int in [0, {high}], got {value!r}")
+    raise AssertionError("no bad field")
 
 
 def _check_labels(what: str, labels: object) -> None:
@@ -123,10 +129,11 @@ def _check_labels(what: str, labels: object) -> None:
         raise ValueError(f"{what} must be a mapping of at most {MAX_LABELS} labels, got {labels!r}")
     for k, v in labels.items():
         if not isinstance(k, str) or not isinstance(v, str) or not k:
-            raise ValueError(f"{what}: labels are non-empty str -> str, got {k!r}={v!r}")
+            raise ValueError(f"{what} must map non-empty str keys to str values, got {k!r}={v!r}")
 
 
 def _check(needs: Sequence[Need], workers: Sequence[Capacity], current: Mapping[str, Sequence[str]]) -> None:
+    # messages are built only on failure: this runs for every model on every tick
     if len(needs) > MAX_MODELS:
         raise ValueError(f"{len(needs)} models; at most {MAX_MODELS}")
     if len(workers) > MAX_WORKERS:
@@ -138,11 +145,22 @@ def _check(needs: Sequence[Need], workers: Sequence[Capacity], current: Mapping[
         if n.model in names:
             raise ValueError(f"model {n.model} is listed twice")
         names.add(n.model)
-        _check_int(f"{n.model}: replicas", n.replicas, MAX_REPLICAS)
-        _check_int(f"{n.model}: memory_bytes", n.memory_bytes, MAX_BYTES)
-        _check_int(f"{n.model}: device_memory_bytes", n.device_memory_bytes, MAX_BYTES)
-        _check_labels(f"{n.model}: pool", n.pool)
-        if not isinstance(n.last_used, int | float) or not math.isfinite(n.last_used) or n.last_used < 0:
+        if (
+            _bad_int(n.replicas, MAX_REPLICAS)
+            or _bad_int(n.memory_bytes, MAX_BYTES)
+            or _bad_int(n.device_memory_bytes, MAX_BYTES)
+        ):
+            raise _int_error(
+                n.model,
+                {
+                    "replicas": (n.replicas, MAX_REPLICAS),
+                    "memory_bytes": (n.memory_bytes, MAX_BYTES),
+                    "device_memory_bytes": (n.device_memory_bytes, MAX_BYTES),
+                },
+            )
+        if n.pool or not isinstance(n.pool, Mapping):
+            _check_labels(f"{n.model}: pool", n.pool)
+        if not isinstance(n.last_used, int | float) or not 0 <= n.last_used < math.inf:  # also refuses NaN
             raise ValueError(f"{n.model}: last_used must be a finite unix time >= 0, got {n.last_used!r}")
     ids: set[str] = set()
     for w in workers:
@@ -151,9 +169,19 @@ def _check(needs: Sequence[Need], workers: Sequence[Capacity], current: Mapping[
         if w.worker_id in ids:
             raise ValueError(f"worker {w.worker_id} is listed twice")
         ids.add(w.worker_id)
-        _check_int(f"{w.worker_id}: memory_bytes", w.memory_bytes, MAX_BYTES)
-        _check_int(f"{w.worker_id}: device_memory_bytes", w.device_memory_bytes, MAX_BYTES)
-        _check_int(f"{w.worker_id}: reserved_bytes", w.reserved_bytes, MAX_BYTES)
+        if (
+            _bad_int(w.memory_bytes, MAX_BYTES)
+            or _bad_int(w.device_memory_bytes, MAX_BYTES)
+            or _bad_int(w.reserved_bytes, MAX_BYTES)
+        ):
+            raise _int_error(
+                w.worker_id,
+                {
+                    "memory_bytes": (w.memory_bytes, MAX_BYTES),
+                    "device_memory_bytes": (w.device_memory_bytes, MAX_BYTES),
+                    "reserved_bytes": (w.reserved_bytes, MAX_BYTES),
+                },
+            )
         _check_labels(f"{w.worker_id}: labels", w.labels)
     for model, assigned in current.items():
         # a bare string would be read as a list of one-letter worker ids
@@ -277,12 +305,18 @@ class _Planner:
         per_worker: dict[str, list[Need]] = {wid: [] for wid in self.ids}
         for model, ids in valid.items():
             n = self.needs[model]
-            # scale-down: keep the replicas on the workers with the most free memory
-            ids.sort(key=lambda wid: (-load[wid], wid))
-            for wid in ids[: n.replicas]:
+            if len(ids) > n.replicas:
+                # scale-down: keep the replicas on the workers with the most free memory
+                ids.sort(key=lambda wid: (-load[wid], wid))
+                del ids[n.replicas :]
+            for wid in ids:
                 per_worker[wid].append(n)
         for wid, models in per_worker.items():
-            for n in sorted(models, key=_priority):
+            host = sum(n.memory_bytes for n in models)
+            dev = sum(n.device_memory_bytes for n in models)
+            if host > self.free[wid] or dev > self.free_dev[wid]:
+                models.sort(key=_priority)  # over budget: keep in priority order while they fit
+            for n in models:
                 if self.fits(n, wid):
                     self.add(n, wid)
 

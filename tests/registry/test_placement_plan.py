@@ -344,6 +344,15 @@ def test_absurd_input_is_refused(
         plan(needs, workers, current)
 
 
+def test_refusals_name_the_field() -> None:
+    with pytest.raises(ValueError, match=r"digits: device_memory_bytes must be an int in \[0, \d+\], got -1"):
+        plan([Need("digits", 1, 5, device_memory_bytes=-1)], [], {})
+    with pytest.raises(ValueError, match="w1: reserved_bytes"):
+        plan([], [Capacity("w1", {}, 10, reserved_bytes=MAX_BYTES + 1)], {})
+    with pytest.raises(ValueError, match="w1: labels must map non-empty str keys to str values"):
+        plan([], [Capacity("w1", {"": "x"}, 10)], {})
+
+
 def test_by_worker_lists_every_worker() -> None:
     workers = [cpu("w1", 1000), cpu("w2", 1000), cpu("w3", 10)]
     d = plan([need("b", 2, 100), need("a", 1, 100)], workers, {})
