@@ -264,3 +264,16 @@ class RegistryClient(_Base):
                 timeout=self.timeout_s,
             ).workers
         )
+
+    def scale(self, scale: registry_pb2.ModelScale) -> registry_pb2.ModelPlacement:
+        """Set a model's desired replicas (publish role); returns its placement as it stands."""
+        return self.stub.SetModelScale(
+            registry_pb2.SetModelScaleRequest(scale=scale), metadata=self.metadata, timeout=self.timeout_s
+        ).placement
+
+    def list_placements(self, model: str = "") -> tuple[list[registry_pb2.ModelPlacement], str]:
+        """Each model's placement (or one model's), and the id of the registry replica leading placement."""
+        resp = self.stub.ListPlacements(
+            registry_pb2.ListPlacementsRequest(model=model), metadata=self.metadata, timeout=self.timeout_s
+        )
+        return list(resp.placements), resp.leader

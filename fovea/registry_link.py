@@ -82,10 +82,32 @@ class RegistryLink:
             )
         return data
 
-    async def heartbeat(self, status: registry_pb2.WorkerStatus) -> None:
-        await self.stub.Heartbeat(
+    async def heartbeat(self, status: registry_pb2.WorkerStatus) -> registry_pb2.HeartbeatResponse:
+        """Send the status; the answer carries the TTL and, to a pool worker, its assigned models."""
+        resp: registry_pb2.HeartbeatResponse = await self.stub.Heartbeat(
             registry_pb2.HeartbeatRequest(status=status), metadata=self._md(), timeout=min(self.timeout_s, 3.0)
         )
+        return resp
+
+    async def demand(self, model: str) -> registry_pb2.ModelPlacement:
+        """Ask for a model with no ready replica to be placed now (gateways); its placement says whether
+        waiting can help (UNPLACEABLE: it cannot)."""
+        try:
+            resp = await self.stub.DemandModel(
+                registry_pb2.DemandModelRequest(model=model), metadata=self._md(), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise upstream(exc) from None
+        return resp.placement
+
+    async def list_placements(self, model: str = "") -> list[registry_pb2.ModelPlacement]:
+        try:
+            resp = await self.stub.ListPlacements(
+                registry_pb2.ListPlacementsRequest(model=model), metadata=self._md(), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise upstream(exc) from None
+        return list(resp.placements)
 
     async def list_workers(
         self, model: str = "", version: int = 0, ready_only: bool = False

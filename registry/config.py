@@ -50,6 +50,35 @@ class RegistryConfig(BaseConfig):
     max_concurrent_uploads: int = Field(default=4, ge=1)
     """Uploads received and validated at once; more wait their turn (memory: this times max_artifact_bytes)."""
 
+    # ---- placement (registry/placements.py) ----
+    placement: bool = True
+    """Run the placement loop on this replica (one replica leads at a time; off: this one never leads)."""
+    placement_interval_s: float = Field(default=0.5, gt=0, le=60)
+    """How often the placement leader reads heartbeats and models and writes assignments."""
+    leader_ttl_s: float = Field(default=3.0, gt=0, le=600)
+    """The leader's lease in Redis, renewed every tick: a successor takes over at most this long after a
+    leader dies (at once when it stops cleanly)."""
+    default_replicas: int = Field(default=1, ge=0, le=64)
+    """Replicas of a model that was never scaled (`fovea model scale`)."""
+    default_idle_unload_s: float = Field(default=300.0, gt=0, le=7 * 86400)
+    """Seconds without calls before a model scaled to zero is unloaded, when its scale does not say."""
+    scale_up_queue_per_replica: float = Field(default=4.0, gt=0, le=1e6)
+    """Calls queued or running per ready replica that, held for scale_up_after_s, add a replica."""
+    scale_up_after_s: float = Field(default=5.0, ge=0, le=86400)
+    """How long the queue per replica must stay at or above scale_up_queue_per_replica."""
+    scale_down_after_s: float = Field(default=30.0, ge=0, le=86400)
+    """How long a model's queues must stay empty with no new calls before it loses a replica."""
+    demand_ttl_s: float = Field(default=60.0, gt=0, le=86400)
+    """How long a gateway's demand for a model (a call that found no ready replica) is remembered."""
+    max_replicas_limit: int = Field(default=64, ge=1, le=10000)
+    """The most replicas SetModelScale accepts for one model."""
+    memory_estimate_factor: float = Field(default=6.0, gt=0, le=1000)
+    """Host memory of a model no worker has measured yet: artifact size x this + memory_estimate_overhead_bytes.
+    Measured here with ONNX Runtime 1 thread, after a batch-8 run: EfficientNet-Lite0 (18.7 MB file) took
+    127 MB (6.8x), the tests' 450-byte models 0.2-0.4 MB; workers report the real figure once loaded."""
+    memory_estimate_overhead_bytes: int = Field(default=16 * 1024 * 1024, ge=0, le=1 << 40)
+    """The fixed part of the estimate above: session, arena and batcher buffers of even a tiny model."""
+
     def token_table(self) -> TokenTable:
         """The accepted service and operator tokens; raises ValueError for a malformed or shared entry."""
         return TokenTable({"worker": self.worker_tokens, "gateway": self.gateway_tokens, "admin": self.admin_tokens})

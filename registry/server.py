@@ -19,6 +19,7 @@ from fovea.tokens import API_KEY_PREFIX, TokenTable
 from fovea.v1 import registry_pb2, registry_pb2_grpc
 from registry.artifacts import LocalArtifactStore
 from registry.config import RegistryConfig
+from registry.placements import Placements
 from registry.redis_conn import connect
 from registry.service import Registry, principal_of
 from registry.servicer import RegistryServicer
@@ -54,9 +55,11 @@ class RegistryServer:
     port: int
     registry: Registry
     health: Any
+    placements: Placements
 
     async def stop(self, grace_s: float) -> None:
         await set_serving(self.health, [SERVICE], False)
+        await self.placements.stop()  # gives up leadership first, so another replica takes over at once
         await self.server.stop(grace_s)
         await self.registry.redis.aclose()
 
@@ -77,7 +80,8 @@ async def build_server(config: RegistryConfig) -> RegistryServer:
     interceptor = ServiceInterceptor(authenticate, translate=_translate)
     options = server_options(config.max_message_bytes, config.max_pending_calls)
     server = grpc.aio.server(interceptors=[interceptor], options=options)
-    servicer = RegistryServicer(registry, config.chunk_bytes, config.max_concurrent_uploads)
+    placements = Placements(registry.redis, config)
+    servicer = RegistryServicer(registry, placements, config.chunk_bytes, config.max_concurrent_uploads)
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
     health_servicer = add_health(server, [SERVICE])
     creds = config.server_credentials()
@@ -85,6 +89,7 @@ async def build_server(config: RegistryConfig) -> RegistryServer:
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     await server.start()
     await set_serving(health_servicer, [SERVICE], True)
+    placements.start()
     logger.info(
         "registry listening on %s:%d (%s; artifacts in %s, encryption %s; service tokens %s)",
         config.host,
@@ -94,4 +99,4 @@ async def build_server(config: RegistryConfig) -> RegistryServer:
         "on" if keys else "off",
         tokens.counts() or "none",
     )
-    return RegistryServer(server, port, registry, health_servicer)
+    return RegistryServer(server, port, registry, health_servicer, placements)

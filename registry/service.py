@@ -4,18 +4,22 @@ Registry holds no state of its own beside Redis and the store, so any number of
 replicas can serve the same cluster.
 
 Access rules (see check_access):
-  role infer       read models, versions and aliases; watch aliases
-  role publish     also register, alias (promote, rollback, delete), archive, download
+  role infer       read models, versions and aliases; watch aliases; list placements
+  role publish     also register, alias (promote, rollback, delete), archive, download,
+                   and scale models (SetModelScale)
   role admin       also manage API keys and see workers
-  model patterns   a key limited to some models sees and touches only those;
+  model patterns   a key limited to some models sees and touches only those (placements too);
                    managing keys needs an admin key without patterns, so no key
                    can mint a key wider than itself
   admin token      an operator's token (admin_tokens): an admin key without patterns
   worker token     read models, versions and aliases, watch them, download artifacts,
-                   and Heartbeat, which only workers may send: a heartbeat names an
-                   address the gateways send traffic (and their token) to
+                   list placements, and Heartbeat, which only workers may send: a
+                   heartbeat names an address the gateways send traffic (and their
+                   token) to, and its answer is the worker's assigned models
   gateway token    read models, versions and aliases, watch them, watch workers and
-                   API keys, and VerifyApiKey, which only gateways may send
+                   API keys, list placements, and VerifyApiKey and DemandModel, which
+                   only gateways may send (a demand makes the placement leader load
+                   a model scaled to zero)
 A service token never registers, moves aliases or manages keys: a stolen one
 cannot mint a key or send traffic to another model.
 """

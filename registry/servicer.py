@@ -14,6 +14,7 @@ from fovea.names import check_name
 from fovea.rpc import principal
 from fovea.v1 import model_pb2, registry_pb2, registry_pb2_grpc
 from registry.artifacts import Upload
+from registry.placements import Placements
 from registry.service import GATEWAY, READERS, WORKER, Registry, check_access, check_service, model_allowed
 
 logger = logging.getLogger(__name__)
@@ -68,8 +69,11 @@ async def read_upload(
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, registry: Registry, chunk_bytes: int, max_concurrent_uploads: int = 4) -> None:
+    def __init__(
+        self, registry: Registry, placements: Placements, chunk_bytes: int, max_concurrent_uploads: int = 4
+    ) -> None:
         self.registry = registry
+        self.placements = placements
         self.catalog = registry.catalog
         self.chunk_bytes = chunk_bytes
         # Each upload is validated by a child process that holds the model in memory; this bounds how many at once.
@@ -235,7 +239,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def Heartbeat(self, request: registry_pb2.HeartbeatRequest, context: Any) -> registry_pb2.HeartbeatResponse:
         check_service(principal.get(), WORKER, "Heartbeat")
-        return registry_pb2.HeartbeatResponse(ttl_s=await self.registry.workers.heartbeat(request.status))
+        ttl_s = await self.registry.workers.heartbeat(request.status)
+        assigned, known = await self.placements.on_heartbeat(request.status, ttl_s)
+        return registry_pb2.HeartbeatResponse(ttl_s=ttl_s, assigned_models=assigned, assignment_known=known)
 
     async def ListWorkers(
         self, request: registry_pb2.ListWorkersRequest, context: Any
@@ -252,3 +258,31 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         check_access(principal.get(), ADMIN, all_models=True, services=frozenset({GATEWAY}))
         async for event in self.registry.workers.watch():
             yield event
+
+    # ---- placement ------------------------------------------------------
+
+    async def SetModelScale(
+        self, request: registry_pb2.SetModelScaleRequest, context: Any
+    ) -> registry_pb2.SetModelScaleResponse:
+        check_name(request.scale.model)
+        check_access(principal.get(), PUBLISH, request.scale.model)
+        return registry_pb2.SetModelScaleResponse(placement=await self.placements.set_scale(request.scale))
+
+    async def ListPlacements(
+        self, request: registry_pb2.ListPlacementsRequest, context: Any
+    ) -> registry_pb2.ListPlacementsResponse:
+        if request.model:
+            check_name(request.model)
+        p = principal.get()
+        check_access(p, INFER, request.model, services=READERS)
+        placements, leader = await self.placements.list_placements(request.model)
+        if isinstance(p, registry_pb2.ApiKey):
+            placements = [x for x in placements if model_allowed(list(p.model_patterns), x.scale.model)]
+        return registry_pb2.ListPlacementsResponse(placements=placements, leader=leader)
+
+    async def DemandModel(
+        self, request: registry_pb2.DemandModelRequest, context: Any
+    ) -> registry_pb2.DemandModelResponse:
+        check_service(principal.get(), GATEWAY, "DemandModel")
+        check_name(request.model)
+        return registry_pb2.DemandModelResponse(placement=await self.placements.demand(request.model))

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 MAX_LOADED_MODELS = 1024
 INDEX_GRACE_S = 60.0
+MAX_LABELS = 32
+MAX_BYTES = 1 << 50  # 1 PiB: larger memory figures are a bug or a lie, and would skew placement
+MAX_IDLE_S = 10 * 365 * 86400.0
 
 
 def check_status(status: registry_pb2.WorkerStatus) -> None:
@@ -44,8 +47,29 @@ def check_status(status: registry_pb2.WorkerStatus) -> None:
             raise InvalidArgument(
                 f"loaded model {m.name!r} needs a version and a provider name of up to 128 characters"
             )
+        if m.memory_bytes > MAX_BYTES or m.device_memory_bytes > MAX_BYTES:
+            raise InvalidArgument(f"loaded model {m.name!r}: memory figures are limited to {MAX_BYTES} bytes")
+        if not 0 <= m.idle_s <= MAX_IDLE_S:  # also refuses NaN
+            raise InvalidArgument(f"loaded model {m.name!r}: idle_s must be between 0 and {MAX_IDLE_S:.0f}")
+    check_capacity(status)
     if len(status.device.kind) > 64 or len(status.device.name) > 256:
         raise InvalidArgument("device kind and name are limited to 64 and 256 characters")
+
+
+def check_capacity(status: registry_pb2.WorkerStatus) -> None:
+    """Bounds on what a pool worker offers placement: its labels and budgets."""
+    if len(status.labels) > MAX_LABELS:
+        raise InvalidArgument(f"a heartbeat carries at most {MAX_LABELS} labels, not {len(status.labels)}")
+    for k, v in status.labels.items():
+        check_name(k, "label key")
+        check_name(v, "label value")
+    if status.memory_budget_bytes > MAX_BYTES or status.device_memory_budget_bytes > MAX_BYTES:
+        raise InvalidArgument(f"memory budgets are limited to {MAX_BYTES} bytes")
+    if status.pooled and status.memory_budget_bytes == 0:
+        raise InvalidArgument(
+            "a pool worker's heartbeat needs memory_budget_bytes (the host memory it offers models; "
+            "FOVEA_WORKER_MEMORY_BUDGET_BYTES, 0 there computes one)"
+        )
 
 
 def _signature(w: registry_pb2.WorkerStatus) -> bytes:
@@ -55,6 +79,10 @@ def _signature(w: registry_pb2.WorkerStatus) -> bytes:
     c.ClearField("updated_at")
     c.queue_depth = 0
     c.in_flight = 0
+    for m in c.models:  # per-model load changes with every heartbeat too
+        m.queue_depth = 0
+        m.idle_s = 0.0
+        m.requests = 0
     return c.SerializeToString(deterministic=True)
 
 
