@@ -31,7 +31,10 @@ The rules, in the order they are applied:
 Budgets: a worker's models' `memory_bytes` plus its `reserved_bytes` never exceed its `memory_bytes`;
 device memory is checked the same way on workers with a device budget (`device_memory_bytes > 0`).
 
-Sizes in reasons are in MB (10^6 bytes), as `mb()` writes them.
+`Decision.evicted` lists only replicas that were in `current` and lost their worker to a model of
+higher priority; `Decision.unplaceable` holds every model that got no replica while wanting some,
+whatever the reason (too big, no worker carries its labels, every worker full), and its reason says
+which. Sizes in reasons are in MB (10^6 bytes), as `mb()` writes them.
 """
 
 from __future__ import annotations
