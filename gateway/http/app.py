@@ -43,6 +43,17 @@ class SlowClient(FoveaError):
 
 
 @dataclass
+class Deadline:
+    """Stands in for a gRPC call's context where a servicer asks for the time left (Gateway.timeout_s, which
+    applies the default deadline to None and cuts anything above the maximum)."""
+
+    seconds: float | None
+
+    def time_remaining(self) -> float | None:
+        return self.seconds
+
+
+@dataclass
 class HttpPort:
     runner: web.AppRunner
     port: int
@@ -219,7 +230,7 @@ class Calls:
         infer, wanted = oip_rest.parse_request(body, header_length, model, version)
         del body
         # The gRPC port's ModelInfer: forwarded as bytes, raw numeric tensors to a worker's fast port
-        answer = await self.inference.ModelInferBytes(infer.SerializeToString(), None)
+        answer = await self.inference.ModelInferBytes(infer.SerializeToString(), Deadline(wanted.timeout_s))
         resp = pb.ModelInferResponse.FromString(answer)
         data, json_length = oip_rest.render_response(resp, wanted)
         if json_length is None:

@@ -29,10 +29,12 @@ MAX_NAME_LEN = 256
 
 @dataclass
 class Outputs:
-    """How the caller wants each output: binary or JSON (by name; `binary` for the rest)."""
+    """How the caller wants each output: binary or JSON (by name; `binary` for the rest), and the call's
+    deadline from Triton's `timeout` request parameter (microseconds), if it set one."""
 
     binary: bool
     by_name: dict[str, bool]
+    timeout_s: float | None = None
 
     def wants_binary(self, name: str) -> bool:
         return self.by_name.get(name, self.binary)
@@ -143,6 +145,11 @@ def _outputs(request: pb.ModelInferRequest, doc: dict[str, Any]) -> Outputs:
     if not isinstance(params, dict):
         raise InvalidArgument("'parameters' must be an object")
     wanted = Outputs(_flag(params, "binary_data_output", "the request"), {})
+    timeout = params.get("timeout")
+    if timeout is not None:
+        if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 < timeout < 2**63:
+            raise InvalidArgument("parameter timeout must be a positive number of microseconds")
+        wanted.timeout_s = timeout / 1e6
     outputs = doc.get("outputs") or []
     if not isinstance(outputs, list) or len(outputs) > MAX_OUTPUTS:
         raise InvalidArgument(f"'outputs' must be a list of at most {MAX_OUTPUTS} objects")

@@ -40,7 +40,9 @@ def main(address: str, model: str, image_path: str) -> None:
     image.set_data_from_numpy(np.array([data, data], dtype=np.object_), binary_data=True)
     for form, binary in (("binary", True), ("json_output", False)):
         wanted = triton.InferRequestedOutput(out_name, binary_data=binary, class_count=2)
-        result = client.infer(model, [image], outputs=[wanted], headers=dict(headers), request_id=f"call-{form}")
+        result = client.infer(
+            model, [image], outputs=[wanted], headers=dict(headers), request_id=f"call-{form}", timeout=30_000_000
+        )
         response = result.get_response()
         out[form] = {
             "labels": [text(item) for item in result.as_numpy(out_name).reshape(-1)],
