@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from fovea import tracing
 from fovea.config import server_options
 from fovea.errors import Draining, InvalidArgument
 from fovea.registry_link import RegistryLink
@@ -121,6 +122,8 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     limiter = RateLimiter(config.redis_url, config.rate_limit_timeout_s)
     gateway = Gateway(config, versions, workers, limiter, metrics)
     keys = KeyCache(link, config.key_cache_ttl_s, config.refused_key_cache_s, role_of(config.min_role))
+    certs = {"server": config.tls_cert_file, "client_ca": config.tls_client_ca_file, "ca": config.tls_ca_file}
+    metrics.watch_cluster(workers, keys, certs)  # ready workers per model, key and certificate expiry
     draining = asyncio.Event()
     authenticate = keys.authenticator()
 
@@ -276,6 +279,7 @@ def start_native(config: GatewayConfig, port: int, keys: KeyCache, metrics: Metr
 
     keys.on_verified, keys.on_change = on_verified, on_change
     native.set_max_top_k(config.max_top_k)
+    native.set_trace_sampled(tracing.tracer is not None)
     metrics.watch_fast_port(native.counts)
     return native
 
