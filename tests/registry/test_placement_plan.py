@@ -464,3 +464,12 @@ def test_invariants_over_random_clusters(cluster: tuple[list[Need], list[Capacit
     # the same input in another order gives the same decision
     shuffled = plan(list(reversed(needs)), list(reversed(workers)), current)
     assert shuffled.assignments == d.assignments and shuffled.reasons == d.reasons
+    # a worker leaves: only its replicas move (and whatever is evicted to make room for them)
+    if workers:
+        gone = workers[0].worker_id
+        after = plan(needs, workers[1:], d.assignments)
+        check_invariants(needs, workers[1:], d.assignments, after)
+        evicted = set(after.evicted)
+        for model, ids in d.assignments.items():
+            stays = {wid for wid in ids if wid != gone and (model, wid) not in evicted}
+            assert stays <= set(after.assignments[model]), f"{model} moved off a worker that stayed"
