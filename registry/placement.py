@@ -469,7 +469,7 @@ class _Planner:
         if not match:
             if n.pool:
                 return f"no live worker carries the labels {pool_text(n.pool)}"
-            return "no live pool worker"
+            return "no pool worker is alive (workers started without FOVEA_WORKER_MODELS join the pool)"
         # too big for every matching worker even when it is empty
         largest = self.largest_room(key)
         if largest < n.memory_bytes:
@@ -486,14 +486,14 @@ class _Planner:
                 )
         placed = self.placed[n.model]
         head = f"{len(placed)} of {n.replicas} replicas placed"
+        one = len(match) == 1
+        workers = f"{len(match)} live worker{'' if one else 's'}"
+        if n.pool:
+            few = f"only {workers} carr{'ies' if one else 'y'} the labels {pool_text(n.pool)}"
+        else:
+            few = f"only {workers} {'is' if one else 'are'} in the pool"
         if len(placed) >= len(match):
-            one = len(match) == 1
-            workers = f"{len(match)} live worker{'' if one else 's'}"
-            if n.pool:
-                labels = f"carr{'ies' if one else 'y'} the labels {pool_text(n.pool)}"
-            else:
-                labels = f"{'is' if one else 'are'} in the pool"
-            return f"{head}: only {workers} {labels}, and replicas need different workers"
+            return f"{head}: {few}, and replicas need different workers"
         most = next(self.free[w] for w in self.freest(key) if w not in placed)
         needs = mb(n.memory_bytes)
         free = f"the largest free is {mb(max(0, most))}"
@@ -502,4 +502,5 @@ class _Planner:
             if devs:
                 needs += f" and {mb(n.device_memory_bytes)} of device memory"
                 free += f" and {mb(int(max(devs)))} of device memory"
-        return f"{head}: every worker {where} is full (needs {needs}; {free})"
+        full = f"{head}: every worker {where} is full (needs {needs}; {free})"
+        return f"{full}; {few}" if n.replicas > len(match) else full

@@ -286,7 +286,8 @@ def test_reason_no_worker_carries_the_labels() -> None:
     d = plan([need("a", 2, 10, pool={"gpu": "h100", "zone": "a"})], [gpu("g1", 1000, 1000, gpu="h100")], {})
     assert d.reasons == {"a": "no live worker carries the labels gpu=h100,zone=a"} and d.unplaceable == {"a"}
     d = plan([need("a", 1, 10)], [], {"a": ["w1"]})
-    assert d.reasons == {"a": "no live pool worker"} and d.assignments == {"a": []}
+    assert d.reasons == {"a": "no pool worker is alive (workers started without FOVEA_WORKER_MODELS join the pool)"}
+    assert d.assignments == {"a": []}
 
 
 def test_reason_every_worker_full() -> None:
@@ -298,6 +299,15 @@ def test_reason_every_worker_full() -> None:
         "a": "2 of 3 replicas placed: every worker in pool zone=a is full (needs 310 MB; the largest free is 200 MB)"
     }
     assert not d.unplaceable
+
+
+def test_reason_full_and_too_few_workers() -> None:
+    d = plan([need("a", 4, 300), need("b", 1, 200)], [cpu("w1", 400), cpu("w2", 400), cpu("w3", 300)], {"b": ["w3"]})
+    assert d.assignments == {"a": ["w1", "w2"], "b": ["w3"]}
+    assert d.reasons == {
+        "a": "2 of 4 replicas placed: every worker in the pool is full (needs 300 MB; the largest free is 100 MB); "
+        "only 3 live workers are in the pool"
+    }
 
 
 def test_mb() -> None:
