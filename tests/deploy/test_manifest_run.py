@@ -1,6 +1,7 @@
 """Acceptance 3: start Redis, the registry, a worker and a gateway with the exact command, arguments
 and environment the rendered cpu-dev manifests give their containers, on loopback, and classify a
-photo through them.
+photo through them. The manifests name no model: the worker is a pool worker, and models published
+after it started are served through the registry's placement (issue #22).
 
 What is rewritten, and only that, is what a container has and a test process cannot: a Service
 name becomes 127.0.0.1 with a free port, a listening port becomes a free port, 0.0.0.0 becomes
@@ -234,9 +235,14 @@ def test_cpu_dev_manifests_run_on_loopback_and_classify_a_photo(
         rc = RegistryClient(registry.address, token, timeout_s=30)
         worker_w = one(objs, "Deployment", "fovea-worker")
         worker_c = pod_spec(worker_w)["containers"][0]
-        model = container_env(objs, worker_c, {"status.podIP": "", "metadata.name": ""})["FOVEA_WORKER_MODELS"]
-        model = model.split(",")[0]
-        # The tiny colour model stands in for the model the manifest's workers serve.
+        # A generic pool: the manifests name no model; the worker serves what the registry's placement assigns.
+        assert "FOVEA_WORKER_MODELS" not in container_env(objs, worker_c, {"status.podIP": "", "metadata.name": ""})
+        worker, _, worker_env = start("worker")
+        advertised = worker_env["FOVEA_WORKER_ADVERTISE_ADDRESS"]
+        assert advertised == loop.address("fovea-worker", container_ports(worker_c)["grpc"])
+
+        # Published after the worker started: placement assigns it to the running worker, which loads it.
+        model = "efficientnet-lite0"  # the name the README's install steps publish; the tiny colour model stands in
         mv = rc.register(color_model(LABELS), model_pb2.ModelVersion(name=model))
         rc.set_alias(model, "production", [(mv.version, 100)])
         # The artifact lands on the registry's volume, encrypted with the key from the Secret.
@@ -246,22 +252,25 @@ def test_cpu_dev_manifests_run_on_loopback_and_classify_a_photo(
         key = crypto.load_key(registry_env["FOVEA_REGISTRY_ENCRYPTION_KEY_FILE"])
         assert crypto.decrypt(key, blob, mv.sha256) == color_model(LABELS)
 
-        worker, _, worker_env = start("worker")
-        advertised = worker_env["FOVEA_WORKER_ADVERTISE_ADDRESS"]
-        assert advertised == loop.address("fovea-worker", container_ports(worker_c)["grpc"])
-        ready = _wait("the worker's heartbeat", lambda: rc.list_workers(model, ready_only=True))
+        ready = _wait("placement to load the model on the worker", lambda: rc.list_workers(model, ready_only=True))
         assert [(w.worker_id, w.address) for w in ready] == [("fovea-worker-0", advertised)]
 
         gateway, _, _ = start("gateway")
-        _, secret = rc.create_key("infer", [model])
+        _, secret = rc.create_key("infer", [model, "colors-reversed"])
         photo, expected = _photo()
         with Client(gateway.address, secret, timeout_s=10) as api:
             resp = _wait(
                 "a classification",
                 lambda: api.classify([photo, png((240, 20, 20)), png((10, 10, 220))], model=model, top_k=3),
             )
-        assert resp.model == model and resp.version == mv.version
-        assert [r.labels[0].label for r in resp.results] == [expected, "red", "blue"]
+            assert resp.model == model and resp.version == mv.version
+            assert [r.labels[0].label for r in resp.results] == [expected, "red", "blue"]
+            # A second model, with no configuration anywhere: the same worker is assigned it too.
+            second = rc.register(color_model(LABELS[::-1]), model_pb2.ModelVersion(name="colors-reversed"))
+            rc.set_alias("colors-reversed", "production", [(second.version, 100)])
+            _wait("the second model", lambda: rc.list_workers("colors-reversed", ready_only=True))
+            resp = api.classify([png((240, 20, 20))], model="colors-reversed", top_k=1)
+            assert resp.results[0].labels[0].label == "blue"  # its labels are in the other order
 
         # Every probe the manifests declare answers SERVING, as the kubelet would ask it.
         for service in ("registry", "worker", "gateway"):
