@@ -18,7 +18,7 @@ import numpy as np
 
 from fovea import oip
 from fovea.errors import InvalidArgument
-from gateway.validate import MAX_INPUTS, check_tensor
+from gateway.validate import MAX_INPUTS, MAX_RANK, check_tensor
 from inference import grpc_predict_v2_pb2 as pb
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -51,6 +51,8 @@ def parse_request(
         doc = json.loads(json_part)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"the inference request is not valid JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise InvalidArgument("the inference request's JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise InvalidArgument("the inference request must be a JSON object with an 'inputs' list")
     request = pb.ModelInferRequest(model_name=model, model_version=version)
@@ -87,6 +89,8 @@ def _input(request: pb.ModelInferRequest, item: Any, binary: memoryview, offset:
         raise InvalidArgument(f"input {name[:40]!r}: 'shape' must be a list of integers")
     if not isinstance(datatype, str):
         raise InvalidArgument(f"input {name[:40]!r}: 'datatype' must be a string such as FP32 or BYTES")
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(f"input {name[:40]!r} has {len(shape)} dimensions; expected 1 to {MAX_RANK}")
     tensor = request.inputs.add(name=name, datatype=datatype)
     try:
         tensor.shape.extend(shape)
@@ -114,7 +118,7 @@ def _input(request: pb.ModelInferRequest, item: Any, binary: memoryview, offset:
 def _json_data(name: str, datatype: str, count: int, data: Any) -> bytes:
     """A JSON tensor's values (flat or nested, row-major) as the protocol's raw bytes."""
     if datatype == "BYTES":
-        items = list(_flat(data))
+        items = _flat(data)
         if not all(isinstance(s, str) for s in items):
             raise InvalidArgument(f"input {name[:40]!r}: BYTES data in JSON must be strings")
         if len(items) != count:
@@ -132,12 +136,22 @@ def _json_data(name: str, datatype: str, count: int, data: Any) -> bytes:
     return array.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tobytes()
 
 
-def _flat(data: Any) -> Any:
-    if isinstance(data, list):
-        for item in data:
-            yield from _flat(item)
-    else:
-        yield data
+def _flat(data: Any) -> list[Any]:
+    """Nested lists' leaves in row-major order; a loop, not recursion, however deep the nesting."""
+    out: list[Any] = []
+    stack = [iter([data])]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            stack.append(iter(item))
+        else:
+            out.append(item)
+    return out
+
+
+_END = object()
 
 
 def _outputs(request: pb.ModelInferRequest, doc: dict[str, Any]) -> Outputs:

@@ -76,6 +76,7 @@ async def test_refusals_get_their_status_and_a_json_error(stack: Stack, gateways
         ("bad version", "GET", "/v2/models/colors/versions/x1", secret, {}, 400, "positive number"),
         ("no such version", "GET", "/v2/models/colors/versions/7", secret, {}, 404, "7"),
         ("not JSON", "POST", infer_path, secret, {"data": b"{nope"}, 400, "not valid JSON"),
+        ("JSON nested too deeply", "POST", infer_path, secret, {"data": b"[" * 100_000}, 400, "nested too deeply"),
         ("shape and data disagree", "POST", infer_path, secret, short, 400, "192"),
         ("no inputs", "POST", infer_path, secret, {"json": {"inputs": []}}, 400, "inputs"),
         ("k over the limit", "POST", infer_path, secret, big_k, 400, "classification"),
