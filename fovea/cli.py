@@ -169,20 +169,36 @@ def cmd_model(args: argparse.Namespace) -> int:
     rc = _registry(args)
     if args.action == "list":
         models = rc.list_models()
+        placed = _placements(rc)
         if args.json:
-            return _dump(models)
+            return _dump([{**_dict(m), "placement": _dict(placed[m.name])} if m.name in placed else m for m in models])
         _print_table(
             [
-                [m.name, m.latest_version, "; ".join(f"{a.name} -> {_targets(a)}" for a in m.aliases) or "-"]
+                [
+                    m.name,
+                    m.latest_version,
+                    *_placed_columns(placed.get(m.name)),
+                    "; ".join(f"{a.name} -> {_targets(a)}" for a in m.aliases) or "-",
+                ]
                 for m in models
             ],
-            ["MODEL", "LATEST", "ALIASES"],
+            ["MODEL", "LATEST", "READY", "STATE", "WORKERS", "ALIASES"],
         )
+    elif args.action == "scale":
+        return _scale(rc, args)
     elif args.action == "show":
         versions = rc.list_versions(args.name)
         aliases: Any = next((m.aliases for m in rc.list_models() if m.name == args.name), [])
+        placement = _placements(rc, args.name).get(args.name)
         if args.json:
-            return _dump({"name": args.name, "versions": versions, "aliases": list(aliases)})
+            return _dump(
+                {
+                    "name": args.name,
+                    "versions": versions,
+                    "aliases": list(aliases),
+                    **({"placement": placement} if placement is not None else {}),
+                }
+            )
         _print_table(
             [
                 [
@@ -202,6 +218,9 @@ def cmd_model(args: argparse.Namespace) -> int:
         if aliases:
             print()
             _print_table([[a.name, _targets(a), _when(a.updated_at)] for a in aliases], ["ALIAS", "TARGETS", "UPDATED"])
+        if placement is not None:
+            print()
+            _print_placement(placement)
     elif args.action == "register":
         mv = model_pb2.ModelVersion(name=args.name)
         for item in args.metric or []:
@@ -257,6 +276,76 @@ def cmd_model(args: argparse.Namespace) -> int:
             for digest in done.unreadable:
                 print(f"  {digest}", file=sys.stderr)
             return 1
+    return 0
+
+
+# ---- placement (issue 22) --------------------------------------------------
+
+
+def _placements(rc: Any, model: str = "") -> dict[str, Any]:
+    """Each model's placement by name; empty when the registry has no placement (an older one)."""
+    import grpc
+
+    try:
+        placements, _leader = rc.list_placements(model)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+            return {}
+        raise
+    return {p.scale.model: p for p in placements}
+
+
+def _state(placement: Any) -> str:
+    from fovea.v1 import registry_pb2
+
+    return registry_pb2.PlacementState.Name(placement.state).removeprefix("PLACEMENT_STATE_").lower()
+
+
+def _placed_columns(placement: Any) -> list[str]:
+    """READY (ready replicas / target), STATE, WORKERS of `model list`."""
+    if placement is None:
+        return ["-", "-", "-"]
+    workers = ",".join(placement.worker_ids) or "-"
+    return [f"{len(placement.ready_worker_ids)}/{placement.target_replicas}", _state(placement), workers]
+
+
+def _print_placement(p: Any) -> None:
+    s = p.scale
+    pool = ",".join(f"{k}={v}" for k, v in sorted(s.pool.items())) or "any worker"
+    ready = set(p.ready_worker_ids)
+    print(f"placement: {_state(p)}, {len(ready)} of {p.target_replicas} replica(s) ready")
+    print(f"  scale: replicas {s.replicas} (min {s.min_replicas}, max {s.max_replicas}), pool {pool}", end="")
+    print(f", idle unload {s.idle_unload_s:g} s" if s.idle_unload_s else "")
+    if p.memory_bytes:
+        print(f"  memory per replica: {p.memory_bytes / 1e6:.1f} MB")
+    for wid in p.worker_ids:
+        print(f"  {wid}: {'ready' if wid in ready else 'loading'}")
+    if p.reason:
+        print(f"  reason: {p.reason}")
+
+
+def _scale(rc: Any, args: argparse.Namespace) -> int:
+    from fovea.v1 import registry_pb2
+
+    if args.replicas < 0 or (args.min is not None and args.min < 0) or (args.max is not None and args.max < 0):
+        return _fail("--replicas, --min and --max take whole numbers of replicas, 0 or more")
+    low = args.replicas if args.min is None else args.min
+    high = max(args.replicas, low, 1) if args.max is None else args.max
+    if not low <= args.replicas <= high:
+        return _fail(f"--min {low} <= --replicas {args.replicas} <= --max {high} does not hold")
+    scale = registry_pb2.ModelScale(
+        model=args.name, replicas=args.replicas, min_replicas=low, max_replicas=high, idle_unload_s=args.idle_unload
+    )
+    for item in args.pool or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k or not v:
+            return _fail(f"--pool takes LABEL=VALUE, got {item!r}")
+        scale.pool[k] = v
+    placement = rc.scale(scale)
+    if args.json:
+        return _dump(placement)
+    print(f"{args.name}: {args.replicas} replica(s) wanted (min {low}, max {high})")
+    _print_placement(placement)
     return 0
 
 
@@ -401,11 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--json", action="store_true")
 
     m = sub.add_parser(
-        "model", help="register, list, show, promote, rollback, archive, reencrypt, export, import-pretrained"
+        "model",
+        help="register, list, show, promote, rollback, scale, archive, reencrypt, export, import-pretrained",
     )
     msub = m.add_subparsers(dest="action", required=True)
-    registry_flags(msub.add_parser("list", help="models with their latest version and aliases"))
-    s = msub.add_parser("show", help="a model's versions and aliases")
+    registry_flags(msub.add_parser("list", help="models with their latest version, placement and aliases"))
+    s = msub.add_parser("show", help="a model's versions, aliases and placement")
     s.add_argument("name")
     registry_flags(s)
     r = msub.add_parser("register", help="upload an ONNX file as the model's next version")
@@ -427,6 +517,16 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("name")
     rb.add_argument("--alias", default="production")
     registry_flags(rb)
+    sc = msub.add_parser("scale", help="how many ready replicas of a model the cluster keeps, and on which workers")
+    sc.add_argument("name")
+    sc.add_argument("--replicas", type=int, required=True, help="ready replicas wanted; 0 loads it on first use")
+    sc.add_argument("--min", type=int, default=None, help="fewest replicas when idle (default: --replicas)")
+    sc.add_argument("--max", type=int, default=None, help="most replicas under load (default: --replicas, at least 1)")
+    sc.add_argument("--pool", action="append", help="LABEL=VALUE a worker must carry (repeatable), e.g. gpu=h100")
+    sc.add_argument(
+        "--idle-unload", type=float, default=0.0, help="seconds idle before a 0-replica model unloads (0: default)"
+    )
+    registry_flags(sc)
     a = msub.add_parser("archive", help="archive a version no alias points at")
     a.add_argument("name")
     a.add_argument("version", type=int)

@@ -79,7 +79,7 @@ class ColdStarts:
         self.demands_sent += 1
         self.demands.labels(model).inc()
         try:
-            placement: registry_pb2.ModelPlacement | None = await self._ask(model)
+            placement: registry_pb2.ModelPlacement | None = await self.link.demand(model)
         except (FoveaError, grpc.aio.AioRpcError) as exc:
             logger.warning("DemandModel for %s failed (%s); waiting on the worker view alone", model, exc)
             placement = None
@@ -90,12 +90,6 @@ class ColdStarts:
             now = time.monotonic()
             self._answers = {m: a for m, a in self._answers.items() if a[0] > now}
         return placement
-
-    async def _ask(self, model: str) -> registry_pb2.ModelPlacement:
-        resp = await self.link.stub.DemandModel(
-            registry_pb2.DemandModelRequest(model=model), metadata=self.link._md(), timeout=self.link.timeout_s
-        )
-        return resp.placement
 
     async def wait(self, model: str, version: int, deadline: float) -> tuple[str, Endpoint]:
         """A ready worker for the version, once one is; the true reason when none will be in time.

@@ -62,15 +62,16 @@ async def test_model_commands_print_tables_and_json(
 
     out = (await cli.run("model", "promote", "colors", "1", "--canary", "2", "--canary-weight", "10")).stdout
     assert out.strip() == "colors/production: v2 -> v1 90%, v2 10%"
-    assert _rows((await cli.run("model", "list")).stdout) == [
-        ["MODEL", "LATEST", "ALIASES"],
-        ["colors", "2", "production", "->", "v1", "90%,", "v2", "10%"],
-    ]
+    rows = _rows((await cli.run("model", "list")).stdout)
+    assert rows[0] == ["MODEL", "LATEST", "READY", "STATE", "WORKERS", "ALIASES"]
+    # no worker here, so no replica is ready (where models are placed: test_cli_placement.py)
+    assert len(rows) == 2 and rows[1][:3] == ["colors", "2", "0/1"] and rows[1][4] == "-", rows
+    assert rows[1][5:] == ["production", "->", "v1", "90%,", "v2", "10%"], rows
     listed = await cli.json("model", "list")
     assert listed[0]["name"] == "colors" and len(listed[0]["aliases"][0]["targets"]) == 2
 
     show = (await cli.run("model", "show", "colors")).stdout
-    table, aliases = show.split("\n\n")
+    table, aliases, _placement = show.split("\n\n")
     rows = _rows(table)
     assert rows[0][:6] == ["VERSION", "STATE", "SHA256", "BYTES", "LABELS", "METRICS"]
     assert [r[:2] for r in rows[1:]] == [["1", "ready"], ["2", "ready"]]
@@ -117,7 +118,7 @@ async def test_keys_commands_show_the_secret_once(start_registry: StartRegistry,
     # The new key works for what its role and patterns allow.
     as_key = {"FOVEA_API_KEY": secret}
     out = (await cli.run("model", "list", **as_key)).stdout
-    assert out.strip() == "MODEL  LATEST  ALIASES"
+    assert out.strip() == "MODEL  LATEST  READY  STATE  WORKERS  ALIASES"
     failed = await cli.run("keys", "list", ok=False, **as_key)
     assert failed.stderr.startswith("fovea: PERMISSION_DENIED")
 
