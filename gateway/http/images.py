@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from fovea.errors import InvalidArgument
 from fovea.v1 import image_pb2
@@ -31,7 +32,10 @@ async def read_request(
         raise InvalidArgument(f"unknown query parameter {unknown[0][:40]!r}; expected {', '.join(OPTION_FIELDS)}")
     req = image_pb2.ClassifyRequest(model=model)
     if request.content_type.startswith("multipart/"):
-        await _read_form(request, req, options, max_images, max_image_bytes, max_body)
+        try:
+            await _read_form(request, req, options, max_images, max_image_bytes, max_body)
+        except (ValueError, TypeError, RuntimeError, HttpProcessingError) as exc:  # aiohttp's multipart parser
+            raise InvalidArgument(f"the multipart body is malformed: {str(exc)[:200]}") from None
     elif request.content_type.startswith("image/") or request.content_type == "application/octet-stream":
         req.images.add(id="0", data=await _read_part(request.content, min(max_image_bytes, max_body), "the image"))
     else:

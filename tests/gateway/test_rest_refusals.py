@@ -53,6 +53,10 @@ async def test_refusals_get_their_status_and_a_json_error(stack: Stack, gateways
     short = {"json": {"inputs": [{**tensor, "data": [1.0]}]}}
     big_k = {"json": {**infer, "outputs": [{"name": "logits", "parameters": {"classification": 10**6}}]}}
     text_body = {"data": b"x", "headers": {"Content-Type": "text/plain"}}
+
+    def bad_form(content_type: str) -> dict[str, Any]:
+        return {"data": b"garbage\r\n--c--\r\n", "headers": {"Content-Type": content_type}}
+
     no_time = {"json": {**infer, "parameters": {"timeout": 1}}}  # Triton's timeout parameter: 1 microsecond
     one, four, junk = {"images": [BLUE]}, {"images": [BLUE] * 4}, {"images": [b"not an image"]}
     classify, infer_path = "/v1/models/colors:classify", "/v2/models/colors/infer"
@@ -83,6 +87,8 @@ async def test_refusals_get_their_status_and_a_json_error(stack: Stack, gateways
         ("unknown path", "GET", "/v2/nothing/here", secret, {}, 404, "no route"),
         ("wrong method", "DELETE", "/v2/models/colors", secret, {}, 405, "no route"),
         ("not a form", "POST", classify, secret, text_body, 400, "multipart/form-data"),
+        ("no boundary", "POST", classify, secret, bad_form("multipart/form-data"), 400, "multipart body is malformed"),
+        ("bad form", "POST", classify, secret, bad_form("multipart/form-data; boundary=b"), 400, "malformed"),
         ("deadline", "POST", infer_path, secret, no_time, 504, "deadline"),
         (
             "bad timeout",
