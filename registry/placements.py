@@ -51,6 +51,7 @@ MAX_IDLE_UNLOAD_S = 7 * 86400.0
 # is not counted against the worker as a model held outside placement until this long has passed.
 UNLOAD_GRACE_S = 120.0
 S = registry_pb2  # short name for the enum values below
+Loaded = dict[str, dict[str, list[registry_pb2.LoadedModel]]]  # worker -> model -> its loaded versions
 
 # Take or renew the lease. KEYS: leader, pool, assigned. ARGV: id, ttl ms. Contend only while there is a pool.
 ACQUIRE = """
@@ -85,6 +86,17 @@ for i = 1, #KEYS do
   if v > cur then redis.call('HSET', KEYS[i], ARGV[2 * i - 1], ARGV[2 * i]) end
 end
 return 1
+"""
+
+# One field of each of n hashes, then the whole of n more. KEYS: the 2n hashes; ARGV: the field.
+READ_HASHES = """
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+  out[i] = redis.call('HGET', KEYS[i], ARGV[1])
+  out[n + i] = redis.call('HGETALL', KEYS[n + i])
+end
+return out
 """
 
 
@@ -168,10 +180,13 @@ class Placements:
         self._release = self.redis.register_script(RELEASE)
         self._fenced = self.redis.register_script(FENCED_WRITE)
         self._keep_max = self.redis.register_script(KEEP_MAX)
+        self._read_hashes = self.redis.register_script(READ_HASHES)
         self._windows: dict[str, Window] = {}
         self._unassigned_at: dict[tuple[str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._keys: tuple[list[str], dict[str, list[str]]] | None = None
+        self._decided: dict[str, registry_pb2.ModelPlacement] | None = None  # as last written, while leading
         self._kick = asyncio.Event()
         self._started = 0
         self._finished = 0
@@ -299,12 +314,17 @@ class Placements:
                 task.cancel()
                 await asyncio.wait({task}, timeout=1.0)
         if self.leading:
-            self.leading = False
+            self._lose()
             try:
                 await self._release(keys=[LEADER], args=[self.id])
                 logger.info("placement: %s gave up leadership", self.id)
             except REDIS_DOWN:
                 pass  # the lease runs out by itself
+
+    def _lose(self) -> None:
+        """Forget what only a leader may assume: that its own last writes are what Redis holds."""
+        self.leading = False
+        self._decided = None
 
     async def tick_soon(self, timeout_s: float = 5.0) -> None:
         """If this replica leads, run a tick now (one that starts after this call) and wait for it."""
@@ -330,9 +350,10 @@ class Placements:
                 await self.step()
             except REDIS_DOWN as exc:
                 logger.warning("placement: Redis unavailable (%s); retrying", exc)
-                self.leading = False
+                self._lose()
             except Exception:
                 logger.exception("placement tick failed")
+                self._decided = None
             finally:
                 async with self._done:
                     self._finished = self._started
@@ -346,6 +367,7 @@ class Placements:
             logger.info("placement: %s %s", self.id, "leads" if leads else "no longer leads")
             self.leading = leads
             self._windows.clear()
+            self._decided = None
         if leads:
             t0 = time.perf_counter()
             await self.tick()
@@ -364,38 +386,45 @@ class Placements:
         names = sorted(n.decode() for n in names_raw)
         worker_ids = [w.decode() for w in worker_ids_raw]
         assigned_ids = sorted(w.decode() for w in assigned_raw)
+        # Whole columns at once (MGET, and one script for the hashes): a command per model and key
+        # costs far more in the client than the bytes do. The leader's own last decisions come from
+        # memory while it leads (no one else writes them).
+        decided = self._decided
+        k = self._keys_of(names)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.get(redis_key("model", name, "seq"))
-                pipe.hget(redis_key("model", name, "aliases"), DEFAULT_ALIAS)
-                pipe.get(redis_key("scale", name))
-                pipe.get(redis_key("placement", "model", name))
-                pipe.get(redis_key("placement", "demand", name))
-                pipe.hgetall(redis_key("placement", "memory", name))
+            for col in (k["seq"], k["scale"], k["placement"] if decided is None else [], k["demand"]):
+                pipe.mget(col or [LEADER])
+            await self._read_hashes(keys=k["aliases"] + k["memory"], args=[DEFAULT_ALIAS], client=pipe)
             pipe.mget([redis_key("worker", w) for w in worker_ids] or [LEADER])
             pipe.mget([assign_key(w) for w in assigned_ids] or [LEADER])
-            replies = await pipe.execute()
+            seqs, scales, prevs, demands, hash_replies, worker_raws, assign_raws = await pipe.execute()
         workers: dict[str, registry_pb2.WorkerStatus] = {}
-        for raw in replies[-2] if worker_ids else []:
+        for raw in worker_raws if worker_ids else []:
             if raw is not None:
                 st = registry_pb2.WorkerStatus.FromString(raw)
                 workers[st.worker_id] = st
-        assign_raws = replies[-1] if assigned_ids else []
-        current = {w: _names(raw) for w, raw in zip(assigned_ids, assign_raws, strict=True) if raw is not None}
+        current = {
+            w: _names(raw)
+            for w, raw in zip(assigned_ids, assign_raws if assigned_ids else [], strict=True)
+            if raw is not None
+        }
         # The versions each model serves: its production alias's, else its latest version that is not archived.
         wanted: list[tuple[str, int]] = []
         rows = []
+        n = len(names)
         for i, name in enumerate(names):
-            seq, alias_raw, scale_raw, prev_raw, demand_raw, memory = replies[6 * i : 6 * i + 6]
+            alias_raw, flat = hash_replies[i], hash_replies[n + i]
             if alias_raw is not None:
                 versions = [t.version for t in model_pb2.Alias.FromString(alias_raw).targets]
             else:
-                versions = [int(seq)] if seq else []
+                versions = [int(seqs[i])] if seqs[i] else []
             wanted += [(name, v) for v in versions]
-            rows.append((name, versions, scale_raw, prev_raw, demand_raw, memory))
+            memory = dict(zip(flat[::2], flat[1::2], strict=True))
+            prev = (decided or {}).get(name) if decided is not None else _placement_of(prevs[i])
+            rows.append((name, versions, scales[i], prev, demands[i], memory))
         records = await self._versions(wanted)
         views = []
-        for name, versions, scale_raw, prev_raw, demand_raw, memory in rows:
+        for name, versions, scale_raw, prev, demand_raw, memory in rows:
             mvs = [records[(name, v)] for v in versions if (name, v) in records]
             if mvs and len(mvs) == 1 and mvs[0].state == model_pb2.VERSION_STATE_ARCHIVED:
                 mvs = await self._latest_servable(name, mvs[0].version)
@@ -403,13 +432,27 @@ class Placements:
                 ModelView(
                     name=name,
                     scale=self.effective(name, scale_raw),
-                    previous=registry_pb2.ModelPlacement.FromString(prev_raw) if prev_raw else None,
+                    previous=prev,
                     versions=[mv for mv in mvs if mv.state != model_pb2.VERSION_STATE_ARCHIVED],
                     memory=memory,
                     demand_at=float(demand_raw) if demand_raw else 0.0,
                 )
             )
         return views, workers, current
+
+    def _keys_of(self, names: list[str]) -> dict[str, list[str]]:
+        """Each model's keys by column, built again only when the set of models changes."""
+        if self._keys is None or self._keys[0] != names:
+            columns = {
+                "seq": [redis_key("model", n, "seq") for n in names],
+                "scale": [redis_key("scale", n) for n in names],
+                "placement": [redis_key("placement", "model", n) for n in names],
+                "demand": [redis_key("placement", "demand", n) for n in names],
+                "aliases": [redis_key("model", n, "aliases") for n in names],
+                "memory": [redis_key("placement", "memory", n) for n in names],
+            }
+            self._keys = (names, columns)
+        return self._keys[1]
 
     async def _versions(self, wanted: Sequence[tuple[str, int]]) -> dict[tuple[str, int], model_pb2.ModelVersion]:
         if not wanted:
@@ -437,15 +480,24 @@ class Placements:
             device += int(view.memory.get(f"{mv.version}:device".encode(), 0)) or estimate
         return min(host, MAX_BYTES), min(device, MAX_BYTES)
 
-    def load_of(self, view: ModelView, workers: Sequence[str], live: Mapping[str, registry_pb2.WorkerStatus]) -> Load:
+    @staticmethod
+    def loaded_index(live: Mapping[str, registry_pb2.WorkerStatus]) -> Loaded:
+        """worker -> model -> its loaded versions, for the workers that are ready."""
+        index: Loaded = {}
+        for wid, st in live.items():
+            if st.state == S.WORKER_STATE_READY:
+                models = index.setdefault(wid, {})
+                for m in st.models:
+                    models.setdefault(m.name, []).append(m)
+        return index
+
+    @staticmethod
+    def load_of(view: ModelView, workers: Sequence[str], loaded: Loaded) -> Load:
         """The model's ready replicas among `workers`, and their queues and idle time."""
         load = Load()
         wanted = {mv.version for mv in view.versions}
         for wid in workers:
-            st = live.get(wid)
-            if st is None or st.state != S.WORKER_STATE_READY:
-                continue
-            mine = [m for m in st.models if m.name == view.name]
+            mine = loaded.get(wid, {}).get(view.name, [])
             if not wanted or not wanted <= {m.version for m in mine if m.ready}:
                 continue
             load.ready.append(wid)
@@ -491,6 +543,7 @@ class Placements:
         now = time.time()
         views, live, current = await self._read()
         pool = {w: st for w, st in live.items() if st.pooled and st.state == S.WORKER_STATE_READY}
+        loaded = self.loaded_index(live)
         for key in [k for k, at in self._unassigned_at.items() if now - at > UNLOAD_GRACE_S]:
             del self._unassigned_at[key]
         needs, targets, loads = [], {}, {}
@@ -501,7 +554,7 @@ class Placements:
         for view in views:
             if not view.versions:
                 continue  # nothing servable: it is placed nowhere
-            load = self.load_of(view, current_by_model.get(view.name, []), live)
+            load = self.load_of(view, current_by_model.get(view.name, []), loaded)
             target, last_used = self.target_of(view, load, now)
             host, device = self.memory_of(view)
             targets[view.name], loads[view.name] = target, (host, device)
@@ -521,7 +574,7 @@ class Placements:
         assignments = by_worker(decision, capacities)
         placements = {}
         for view in views:
-            placements[view.name] = self._placement(view, decision, targets, loads, live, now)
+            placements[view.name] = self._placement(view, decision, targets, loads, loaded)
         return await self._write(assignments, current, placements, {v.name: v.previous for v in views}, decision, now)
 
     def _capacity(self, st: registry_pb2.WorkerStatus, assigned: Sequence[str]) -> Capacity:
@@ -545,8 +598,7 @@ class Placements:
         decision: Decision,
         targets: Mapping[str, int],
         loads: Mapping[str, tuple[int, int]],
-        live: Mapping[str, registry_pb2.WorkerStatus],
-        now: float,
+        loaded: Loaded,
     ) -> registry_pb2.ModelPlacement:
         p = registry_pb2.ModelPlacement(scale=view.scale)
         if view.name not in targets:
@@ -555,7 +607,7 @@ class Placements:
             return p
         target = targets[view.name]
         workers = decision.assignments.get(view.name, [])
-        ready = self.load_of(view, workers, live).ready
+        ready = self.load_of(view, workers, loaded).ready
         p.target_replicas = target
         p.worker_ids.extend(workers)
         p.ready_worker_ids.extend(sorted(ready))
@@ -596,20 +648,26 @@ class Placements:
                 sets[assign_key(wid)] = ",".join(models).encode()
         gone = sorted(set(current) - set(assignments))
         deletes += [assign_key(w) for w in gone]
+        decided: dict[str, registry_pb2.ModelPlacement] = {}
         for name, p in placements.items():
             prev = previous.get(name)
             if prev is None or _without_time(prev) != _without_time(p):
                 p.updated_at.CopyFrom(now_ts())
                 sets[redis_key("placement", "model", name)] = p.SerializeToString()
+                decided[name] = p
+            else:
+                decided[name] = prev
         if not sets and not deletes:
+            self._decided = decided
             return True
         adds = [w for w in assignments if w not in current]
         keys = [LEADER, ASSIGNED, *sets, *deletes]
         args: list[Any] = [self.id, len(sets), *sets.values(), len(adds), *adds, *gone]
         if not await self._fenced(keys=keys, args=args):
             logger.warning("placement: %s lost the lease before writing; its decision is dropped", self.id)
-            self.leading = False
+            self._lose()
             return False
+        self._decided = decided
         self._log_changes(assignments, current, placements, decision, now)
         return True
 
@@ -638,6 +696,10 @@ class Placements:
                     else "scaled down"
                 )
                 logger.info("unassigned %s from %s (%s)", m, wid, why)
+
+
+def _placement_of(raw: bytes | None) -> registry_pb2.ModelPlacement | None:
+    return registry_pb2.ModelPlacement.FromString(raw) if raw else None
 
 
 def _without_time(p: registry_pb2.ModelPlacement) -> bytes:
