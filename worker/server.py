@@ -82,7 +82,7 @@ class WorkerServer:
             changed.clear()
             try:
                 answer = await self.link.heartbeat(self.status())
-                if self.assignments is not None and answer is not None and answer.assignment_known:
+                if self.assignments is not None and answer.assignment_known:
                     self.assignments.apply(answer.assigned_models)
             except grpc.aio.AioRpcError as exc:
                 logger.warning("heartbeat failed: %s", exc.code().name)

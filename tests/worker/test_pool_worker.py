@@ -1,24 +1,75 @@
 """Pool workers (issue #22): the models placement assigns are loaded, served, and unloaded when taken away,
-on real in-process workers against a real in-process registry."""
+on real in-process workers against a real in-process registry.
+
+Most tests apply assignments by hand (Assignments.apply, as a heartbeat answer does) on a registry whose
+placement loop is off, so that nothing else assigns; the end-to-end tests (placing=True) let the registry's
+placement loop decide, with an in-process gateway in front where calls must not fail."""
 
 from __future__ import annotations
 
 import asyncio
 import pathlib
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from fovea.client import RegistryClient
+from fovea.v1 import registry_pb2
+from gateway.config import GatewayConfig
+from gateway.server import build_server as build_gateway
+from inference import grpc_predict_v2_pb2 as pb
+from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from registry.config import RegistryConfig
+from registry.server import build_server as build_registry
 from tests.tinymodels import color_model
-from tests.worker.conftest import MD, LocalRegistry, StartWorker, poll, stub, tensor_request
+from tests.worker.conftest import (
+    ADMIN_TOKEN,
+    MD,
+    REGISTRY_TOKEN,
+    TOKEN,
+    LocalRegistry,
+    StartWorker,
+    poll,
+    stub,
+    tensor_request,
+)
 from worker.assignments import Assignments
 from worker.config import WorkerConfig
 from worker.memory import device_budget, host_budget, machine_bytes, rss_bytes
 from worker.server import WorkerServer
 
 POOL = {"unload_delay_s": 1.5, "fast_port": -1}
+GATEWAY_TOKEN = "worker-tests-gateway-registry-token"  # the gateway's own, at the registry
+placing = pytest.mark.parametrize("registry", [True], indirect=True)
+"""Run the registry's placement loop (every 0.2 s) for this test."""
+
+
+@pytest.fixture
+async def registry(
+    request: pytest.FixtureRequest, redis_url: str, tmp_path: pathlib.Path
+) -> AsyncIterator[LocalRegistry]:
+    """The worker tests' registry (it replaces conftest's here), with a gateway token, and its placement
+    loop off unless the test is marked `placing`."""
+    config = RegistryConfig(
+        port=0,
+        redis_url=redis_url,
+        artifact_dir=tmp_path / "artifacts",
+        log_json=False,
+        admin_tokens=ADMIN_TOKEN,
+        worker_tokens=REGISTRY_TOKEN,
+        gateway_tokens=GATEWAY_TOKEN,
+        placement=getattr(request, "param", False),
+        placement_interval_s=0.2,
+    )
+    server = await build_registry(config)
+    address = f"127.0.0.1:{server.port}"
+    client = RegistryClient(address, ADMIN_TOKEN, timeout_s=20)
+    yield LocalRegistry(address, client)
+    client.close()
+    await server.stop(1.0)
 
 
 def test_pool_is_the_default_exactly_without_models() -> None:
@@ -104,6 +155,26 @@ async def test_assigned_model_loads_serves_and_counts_calls(registry: LocalRegis
     # The registry hears of the new version at once (the extra heartbeat), not only every interval.
     await poll(lambda: _registry_ready(registry, ws, "colors"), 20)
     await channel.close()
+
+
+async def test_calls_on_the_fast_port_count_too(registry: LocalRegistry, start_worker: StartWorker) -> None:
+    await registry.publish("colors", color_model())
+    ws = await start_worker([], unload_delay_s=1.5)
+    if ws.native is None:
+        pytest.fail("the fast port is not built: run worker/native/build.sh")
+    await follow(ws, ["colors"])
+    await poll(lambda: _ready(ws, "colors"), 30)
+    req = tensor_request("colors", np.zeros((1, 3, 8, 8), np.float32))
+    channel, fast = stub(ws.native.port)
+    main_channel, main = stub(ws.port)
+    for _ in range(4):
+        await fast.ModelInfer(req, metadata=MD, timeout=10)
+    for _ in range(3):
+        await main.ModelInfer(req, metadata=MD, timeout=10)
+    [m] = ws.status().models
+    assert m.requests == 7 and m.idle_s < 5 and m.queue_depth == 0
+    await channel.close()
+    await main_channel.close()
 
 
 async def test_unassigned_model_reports_not_ready_at_once_answers_then_unloads(
@@ -212,3 +283,110 @@ async def _registry_ready(registry: LocalRegistry, ws: WorkerServer, name: str) 
     return any(
         w.worker_id == ws.config.worker_id and any(m.name == name and m.ready for m in w.models) for w in workers
     )
+
+
+# ---- end to end: the registry's placement loop assigns ----------------------------------------------
+
+
+@placing
+async def test_published_model_is_served_by_a_pool_worker_without_restart(
+    registry: LocalRegistry, start_worker: StartWorker
+) -> None:
+    ws = await start_worker([], **POOL)
+    await registry.publish("colors", color_model())
+    channel, s = stub(ws.port)
+    req = tensor_request("colors", np.zeros((1, 3, 8, 8), np.float32))
+
+    async def answers() -> bool:
+        try:
+            return (await s.ModelInfer(req, metadata=MD, timeout=10)).model_version == "1"
+        except grpc.aio.AioRpcError:
+            return False
+
+    await poll(answers, 30, 0.1)
+    placements, _ = await asyncio.to_thread(registry.client.list_placements, "colors")
+    [p] = placements
+    assert list(p.worker_ids) == [ws.config.worker_id]
+    await poll(lambda: _placement_ready(registry, "colors", [ws.config.worker_id]), 20)
+    # Scaled to zero with a short idle time: unassigned once idle, then unloaded.
+    scale = registry_pb2.ModelScale(model="colors", replicas=0, min_replicas=0, max_replicas=1, idle_unload_s=1.0)
+    await asyncio.to_thread(registry.client.scale, scale)
+    await poll(lambda: _gone(ws, "colors"), 30)
+    placements, _ = await asyncio.to_thread(registry.client.list_placements, "colors")
+    [p] = placements
+    assert p.target_replicas == 0 and not p.worker_ids
+    await channel.close()
+
+
+@placing
+async def test_model_moved_between_workers_loses_no_call(registry: LocalRegistry, start_worker: StartWorker) -> None:
+    """`colors` sits on pool zone=a; moved to zone=b while a client calls it through a gateway in a loop, the
+    old worker reports it not ready at once but answers for unload_delay_s: no call fails."""
+    # Two workers in one process: the default id (host-pid) would be the same.
+    a = await start_worker([], labels={"zone": "a"}, worker_id="pool-a", **POOL)
+    b = await start_worker([], labels={"zone": "b"}, worker_id="pool-b", **POOL)
+    await registry.publish("colors", color_model())
+    scale = registry_pb2.ModelScale(model="colors", replicas=1, pool={"zone": "a"})
+    await asyncio.to_thread(registry.client.scale, scale)
+    await poll(lambda: _ready(a, "colors"), 30)
+    _, secret = await asyncio.to_thread(registry.client.create_key, "infer")
+    gw = await build_gateway(
+        GatewayConfig(
+            port=0,
+            fast_port=-1,
+            registry_address=registry.address,
+            registry_token=GATEWAY_TOKEN,
+            worker_token=TOKEN,
+            log_json=False,
+        )
+    )
+    channel, s = stub(gw.port)
+    md = (("authorization", f"Bearer {secret}"),)
+    req = tensor_request("colors", np.zeros((1, 3, 8, 8), np.float32))
+    answered: dict[str, int] = {}
+    failures: list[str] = []
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        while not stop.is_set():
+            try:
+                await s.ModelInfer(req, metadata=md, timeout=30)
+                answered["calls"] = answered.get("calls", 0) + 1
+            except grpc.aio.AioRpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}")
+                await asyncio.sleep(0.05)
+
+    try:
+        await poll(lambda: _one_call(s, req, md), 30, 0.1)  # the gateway has heard of worker a
+        tasks = [asyncio.create_task(client()) for _ in range(2)]
+        await poll(lambda: _async(lambda: answered.get("calls", 0) > 20), 30)
+        scale = registry_pb2.ModelScale(model="colors", replicas=1, pool={"zone": "b"})
+        await asyncio.to_thread(registry.client.scale, scale)
+        await poll(lambda: _ready(b, "colors"), 30)
+        await poll(lambda: _gone(a, "colors"), 30)
+        before = answered["calls"]
+        await poll(lambda: _async(lambda: answered["calls"] > before + 20), 30)  # now all on b
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        stop.set()
+        await channel.close()
+        await gw.stop(0)
+    assert not failures, failures[:5]
+    assert b.status().models[0].requests > 20  # the calls after the move went to b
+
+
+async def _one_call(
+    s: pb_grpc.GRPCInferenceServiceStub, req: pb.ModelInferRequest, md: tuple[tuple[str, str], ...]
+) -> bool:
+    try:
+        await s.ModelInfer(req, metadata=md, timeout=10)
+    except grpc.aio.AioRpcError:
+        return False
+    return True
+
+
+async def _placement_ready(registry: LocalRegistry, name: str, workers: list[str]) -> bool:
+    placements, _ = await asyncio.to_thread(registry.client.list_placements, name)
+    [p] = placements
+    return sorted(p.ready_worker_ids) == sorted(workers) and p.state == registry_pb2.PLACEMENT_STATE_READY
