@@ -378,3 +378,45 @@ async def _replicas(reg: Reg, model: str, n: int) -> Any:
 
 async def _memory(reg: Reg, model: str, n: int) -> bool:
     return (await placement(reg, model)).memory_bytes == n
+
+
+async def test_the_served_version_follows_the_alias_and_skips_archived_ones(fast: Reg) -> None:
+    """No alias: the latest version that is not archived; an alias: its version; all archived: nothing."""
+    for _ in range(2):
+        await fast.register("multi")
+    await fast.register("gone")
+    await fast.call("ArchiveVersion", P.ArchiveVersionRequest(model="multi", version=2))
+    await fast.call("ArchiveVersion", P.ArchiveVersionRequest(model="gone", version=1))
+    w = SimWorker(fast, "w1")
+    async with beating(w):
+        await poll(functools.partial(_state, fast, "multi", P.PLACEMENT_STATE_READY))
+        assert w.versions == {"multi": 1}
+        p = await poll(functools.partial(_state, fast, "gone", P.PLACEMENT_STATE_UNPLACEABLE, leader=True))
+        assert "no version to serve" in p.reason and not p.worker_ids
+        # A version that reports ready but is not the one wanted does not count: promote v3, and the
+        # replica that still has v1 loaded is LOADING until it reports v3.
+        await fast.register("multi")
+        await fast.set_alias("multi", "production", (3, 100))
+        p = await poll(functools.partial(_state, fast, "multi", P.PLACEMENT_STATE_LOADING))
+        assert "multi v3 is loading on w1" in p.reason, p.reason
+        w.versions.clear()  # the simulated worker follows the alias
+        await poll(functools.partial(_state, fast, "multi", P.PLACEMENT_STATE_READY))
+        assert w.versions == {"multi": 3}
+
+
+async def test_a_replica_with_placement_off_never_leads(
+    start_registry: StartRegistry, token: str, worker_token: str
+) -> None:
+    off = await start_registry(placement=False, **FAST)
+    reg = Reg(f"127.0.0.1:{off.port}", token, worker_token=worker_token)
+    await reg.register("colors")
+    w = SimWorker(reg, "w1")
+    async with beating(w):
+        await asyncio.sleep(1.0)
+        assert not off.placements.leading and not w.known
+        listing = await reg.call("ListPlacements", P.ListPlacementsRequest())
+        assert listing.leader == "" and listing.placements[0].reason == "no placement leader yet"
+        on = await start_registry(**FAST)  # a replica that places: it leads, and w1 gets colors
+        await poll(lambda: _true(w.assigned == ["colors"]))
+        assert on.placements.leading and not off.placements.leading
+    await reg.close()
