@@ -243,20 +243,17 @@ class Placements:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(LEADER)
             pipe.exists(POOL)
-            for name in names:
-                pipe.get(redis_key("placement", "model", name))
-                pipe.get(redis_key("scale", name))
-            replies = await pipe.execute()
-        leader = replies[0].decode() if replies[0] else ""
-        pool_alive = bool(replies[1])
+            pipe.mget([redis_key("placement", "model", n) for n in names] or [LEADER])
+            pipe.mget([redis_key("scale", n) for n in names] or [LEADER])
+            leader_raw, pool_alive, placed, scales = await pipe.execute()
+        leader = leader_raw.decode() if leader_raw else ""
         out = []
-        for i, name in enumerate(names):
-            raw, stored = replies[2 + 2 * i], replies[3 + 2 * i]
+        for name, raw, stored in zip(names, placed[: len(names)], scales[: len(names)], strict=True):
             scale = self.effective(name, stored)
             if raw is not None:
                 p = registry_pb2.ModelPlacement.FromString(raw)
             else:
-                p = self._unplaced(scale, leader, pool_alive)
+                p = self._unplaced(scale, leader, bool(pool_alive))
             p.scale.CopyFrom(scale)  # a scale set since the last decision shows at once
             out.append(p)
         return out, leader
