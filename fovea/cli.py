@@ -453,8 +453,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the gateway's native fast port (raw-tensor ModelInfer in C++); 0 picks a free one, -1 off",
     )
     up.add_argument("--registry-port", type=int, default=8501)
-    up.add_argument("--workers", type=int, default=1, help="number of worker processes")
-    up.add_argument("--model", default="efficientnet-lite0", help="model the workers serve")
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=-1,
+        help="the gateway's HTTP/REST port (KServe v2 REST, /v1/models/NAME:classify); 0 picks a free one, -1 off",
+    )
+    up.add_argument("--workers", type=int, default=1, help="pool workers: each serves what placement assigns it")
+    up.add_argument(
+        "--model",
+        default="efficientnet-lite0",
+        help="model published when the registry lacks it (only the default can be) and used by --demo; "
+        "the workers serve every published model",
+    )
     up.add_argument(
         "--demo", action="store_true", help="classify the sample photos once the cluster is ready, then stop"
     )

@@ -3,7 +3,8 @@
 Starts an embedded Valkey server when REDIS_URL is unset, then the registry,
 the workers and the gateway; publishes the default model when the registry has
 none; prints the gateway address and a fresh API key; stops everything on
-Ctrl-C or SIGTERM.
+Ctrl-C or SIGTERM. The workers are pool workers: the registry's placement loop
+assigns them every published model, so a model published later is served too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import threading
 
 DEFAULT_MODEL = "efficientnet-lite0"
 SAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut")
+# How long `fovea up` waits for the default model to be loaded before saying the cluster is up.
+READY_WAIT_S = 300.0
 
 
 def sample_photos() -> dict[str, bytes]:
@@ -56,6 +59,38 @@ def publish_default_model(registry_address: str, token: str, data_dir: pathlib.P
         print(f"published {name} v{mv.version} as production", file=sys.stderr)
 
 
+def http_address(gateway_log: pathlib.Path, timeout_s: float = 5.0) -> str:
+    """The URL the gateway's HTTP port listens on, from its log line "http on http://HOST:PORT"."""
+    import re
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = re.search(r"http on (https?://[^\s\"]+)", gateway_log.read_text(errors="replace"))
+        if found or time.monotonic() > deadline:
+            return found.group(1) if found else ""
+        time.sleep(0.1)
+
+
+def wait_until_served(registry_address: str, token: str, model: str, timeout_s: float) -> bool:
+    """Waits until a worker has `model` ready (placement loads it on a pool worker), so that the first
+    call does not pay the cold start. Gives up after timeout_s with a note: calls still wait for it."""
+    import time
+
+    from fovea.client import RegistryClient
+
+    deadline = time.monotonic() + timeout_s
+    with RegistryClient(registry_address, token) as rc:
+        print(f"waiting for a worker to load {model}...", file=sys.stderr)
+        while time.monotonic() < deadline:
+            if rc.list_workers(model, ready_only=True):
+                print(f"{model} is ready", file=sys.stderr)
+                return True
+            time.sleep(0.2)
+    print(f"{model} is not ready after {timeout_s:.0f} s; calls will wait for it (see the logs)", file=sys.stderr)
+    return False
+
+
 def up(args: argparse.Namespace) -> int:
     from fovea.client import Client, RegistryClient
     from fovea.cluster import Cluster
@@ -72,10 +107,13 @@ def up(args: argparse.Namespace) -> int:
         registry = cluster.start_registry(port=args.registry_port)
         publish_default_model(registry.address, cluster.admin_token, data_dir, args.model)
         for i in range(args.workers):
-            cluster.start_worker(registry.address, [args.model], name=f"worker{i}")
+            cluster.start_worker(registry.address, name=f"worker{i}")  # no model list: a pool worker
         fast_port = args.gateway_fast_port if args.gateway_fast_port != 0 else free_port()
         gateway = cluster.start_gateway(
-            registry.address, port=args.gateway_port, FOVEA_GATEWAY_FAST_PORT=str(fast_port)
+            registry.address,
+            port=args.gateway_port,
+            FOVEA_GATEWAY_FAST_PORT=str(fast_port),
+            FOVEA_GATEWAY_HTTP_PORT=str(args.http_port),
         )
         with RegistryClient(registry.address, cluster.admin_token) as rc:
             _, secret = rc.create_key("admin", description="created by fovea up")
@@ -85,6 +123,10 @@ def up(args: argparse.Namespace) -> int:
         if fast_port > 0:
             host = gateway.address.rsplit(":", 1)[0]
             print(f"gateway fast port: {host}:{fast_port} (every call; raw-tensor ModelInfer in C++)", file=sys.stderr)
+        if args.http_port >= 0:
+            http = http_address(gateway.log_path)
+            print(f"gateway http: {http or '(not in its log yet: see ' + str(gateway.log_path) + ')'}", file=sys.stderr)
+        wait_until_served(registry.address, cluster.admin_token, args.model, READY_WAIT_S)
         if args.demo:
             from fovea.explain import explain, save_overlay
 
