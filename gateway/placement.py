@@ -16,14 +16,18 @@ from collections.abc import Sequence
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from fovea.errors import FoveaError, NoHealthyWorker, QueueFull, Unplaceable
+from fovea.errors import FoveaError, InvalidState, NoHealthyWorker, QueueFull, Unplaceable
 from fovea.registry_link import RegistryLink
-from fovea.v1 import registry_pb2
+from fovea.v1 import model_pb2, registry_pb2
 from gateway.routing import Endpoint, Versions, Workers
 
 logger = logging.getLogger(__name__)
 
 LOADING_STATES = (registry_pb2.WORKER_STATE_STARTING, registry_pb2.WORKER_STATE_READY)
+# A wait ends this much before the call's deadline (at most this share of it), so that the answer, with its
+# reason, reaches the caller before the caller's own clock says DEADLINE_EXCEEDED.
+ANSWER_MARGIN_S = 0.25
+ANSWER_MARGIN_SHARE = 0.2
 WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 
 
@@ -99,7 +103,7 @@ class ColdStarts:
         """
         start = time.monotonic()
         budget = deadline - start
-        margin = min(0.1, max(0.0, budget) * 0.1)  # time for the answer to reach the caller
+        margin = min(ANSWER_MARGIN_S, max(0.0, budget) * ANSWER_MARGIN_SHARE)
         capped = self.wait_s < budget - margin
         until = start + min(self.wait_s, budget - margin)
         placement = await self._demand_within(model, until)
@@ -162,9 +166,23 @@ class ColdStarts:
         version nobody will load must not hold the call until its deadline."""
         if self._loading_on(model, version, placement):
             return True
+        if self._fixed_list_serves(model) and self.versions.aliased(model, version):
+            return True
         if placement is None or _unplaceable(placement):
-            return self._fixed_list_serves(model) and self.versions.aliased(model, version)
-        return True
+            return False
+        return self._pool_serves(model, version)
+
+    def _pool_serves(self, model: str, version: int) -> bool:
+        """Whether pool workers load the version: they serve a model's production alias, else its latest."""
+        production = self.versions.aliases.get((model, "production"))
+        if production is not None:
+            return any(t.version == version for t in production.targets)
+        known = [
+            v
+            for (name, v), mv in self.versions.versions.items()
+            if name == model and mv.state != model_pb2.VERSION_STATE_ARCHIVED
+        ]
+        return not known or version >= max(known)
 
     def _loading_on(self, model: str, version: int, placement: registry_pb2.ModelPlacement | None) -> list[str]:
         """Workers that list the version as not ready yet and are meant to serve it: a fixed-list worker, or
@@ -188,6 +206,16 @@ class ColdStarts:
         if placement is not None and _unplaceable(placement) and not self._fixed_list_serves(model):
             reason = placement.reason or "no pool worker can hold it"
             return Unplaceable(f"{model} has no replicas and none can be placed: {reason}")
+        if placement is not None and not _unplaceable(placement) and not self._pool_serves(model, version):
+            production = self.versions.aliases.get((model, "production"))
+            serves = (
+                f"its production alias ({', '.join(f'v{t.version}' for t in production.targets)})"
+                if production is not None
+                else "its latest version"
+            )
+            return InvalidState(
+                f"{model} v{version} is not served: pool workers load {serves}; promote v{version} to serve it"
+            )
         return NoHealthyWorker(f"no healthy worker has {model} v{version} ready; retry shortly")
 
     def _timeout_message(

@@ -158,7 +158,7 @@ async def test_calls_after_a_promote_wait_for_the_new_version(
 
     messages = []
     while True:  # the first may end before the worker's heartbeat listed v2; it warms up for seconds after
-        code, msg = await status_of(api.ModelInfer(slow_request(), metadata=md, timeout=1.0))
+        code, msg = await status_of(api.ModelInfer(slow_request(), metadata=md, timeout=2.0))
         assert code == grpc.StatusCode.UNAVAILABLE and "slow v2 " in msg, (code, msg)
         assert msg.endswith("the call's deadline ran out first"), msg
         messages.append(msg)
@@ -269,7 +269,7 @@ async def test_first_calls_of_a_model_scaled_to_zero_wait_for_its_cold_start(
 
 
 async def test_a_short_deadline_ends_with_the_model_loading(pool: Pool, gateways: Any) -> None:
-    """`lazy` warms up for seconds: a call with a 1 s deadline gets UNAVAILABLE saying why, a patient one its
+    """`lazy` warms up for seconds: a call with a 2 s deadline gets UNAVAILABLE saying why, a patient one its
     answer."""
     gw = await pool_gateway(pool, gateways)
     channel, api = stub(gw)
@@ -278,7 +278,7 @@ async def test_a_short_deadline_ends_with_the_model_loading(pool: Pool, gateways
     request.model_name = "lazy"
     messages = []
     while True:  # the first may end before the worker listed the version; it is loading for seconds after
-        code, msg = await status_of(api.ModelInfer(request, metadata=md, timeout=1.0))
+        code, msg = await status_of(api.ModelInfer(request, metadata=md, timeout=2.0))
         assert code == grpc.StatusCode.UNAVAILABLE and "lazy v1 " in msg, (code, msg)
         assert msg.endswith("the call's deadline ran out first"), msg
         messages.append(msg)
@@ -300,4 +300,21 @@ async def test_an_unplaceable_model_fails_at_once_with_the_reason(pool: Pool, ga
     assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, msg)
     assert msg.startswith("huge has no replicas and none can be placed: ") and "gpu=h100" in msg, msg
     assert cold_count(gw, "huge", "deadline") == 0
+    await channel.close()
+
+
+async def test_a_version_pool_workers_do_not_load_is_refused_at_once(pool: Pool, gateways: Any) -> None:
+    """Pool workers load a model's production alias: a call pinned to another version would wait in vain, so it
+    gets FAILED_PRECONDITION saying so."""
+    mv = await asyncio.to_thread(pool.rc.register, color_model(bias=0.5), model_pb2.ModelVersion(name="cold"))
+    gw = await pool_gateway(pool, gateways)
+    channel, images = image_stub(gw)
+    request = classify_request(png((20, 240, 20)), model="cold")
+    request.version = mv.version
+    code, msg = await asyncio.wait_for(status_of(images.Classify(request, metadata=auth(pool.secret), timeout=300)), 60)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, msg)
+    assert (
+        msg == f"cold v{mv.version} is not served: pool workers load its production alias (v1); promote v2 to serve it"
+    )
+    assert gw.gateway.cold_starts.waiting == 0 and cold_count(gw, "cold", "deadline") == 0
     await channel.close()
