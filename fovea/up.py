@@ -74,10 +74,12 @@ def http_address(gateway_log: pathlib.Path, timeout_s: float = 5.0) -> str:
 
 def wait_until_served(registry_address: str, token: str, model: str, timeout_s: float) -> bool:
     """Waits until a worker has `model` ready (placement loads it on a pool worker), so that the first
-    call does not pay the cold start. Gives up after timeout_s with a note: calls still wait for it."""
+    call does not pay the cold start. Gives up after timeout_s with a note: calls still wait for it. Does not
+    wait for a model scaled to zero (it loads on its first call) or one placement says cannot be placed."""
     import time
 
     from fovea.client import RegistryClient
+    from fovea.v1 import registry_pb2
 
     deadline = time.monotonic() + timeout_s
     with RegistryClient(registry_address, token) as rc:
@@ -86,6 +88,13 @@ def wait_until_served(registry_address: str, token: str, model: str, timeout_s: 
             if rc.list_workers(model, ready_only=True):
                 print(f"{model} is ready", file=sys.stderr)
                 return True
+            placement = next((p for p in rc.list_placements(model)[0] if p.scale.model == model), None)
+            if placement is not None and placement.state == registry_pb2.PLACEMENT_STATE_IDLE:
+                print(f"{model} is scaled to zero: it loads on its first call", file=sys.stderr)
+                return False
+            if placement is not None and placement.state == registry_pb2.PLACEMENT_STATE_UNPLACEABLE:
+                print(f"{model} cannot be placed: {placement.reason}", file=sys.stderr)
+                return False
             time.sleep(0.2)
     print(f"{model} is not ready after {timeout_s:.0f} s; calls will wait for it (see the logs)", file=sys.stderr)
     return False
