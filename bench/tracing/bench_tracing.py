@@ -225,6 +225,7 @@ def main() -> None:
             "p50_c1_delta_ms": medians[s]["p50_c1_ms"] - medians["off"]["p50_c1_ms"],
             "p50_c1_delta_ms_paired": paired(rounds, s, "p50_c1_ms", False),
             "cpu_per_call_ratio": medians[s]["cpu_ms_per_call"] / medians["off"]["cpu_ms_per_call"],
+            "cpu_per_call_ratio_paired": paired(rounds, s, "cpu_ms_per_call", True),
         }
         for s in SETTINGS[1:]
     }
@@ -232,7 +233,7 @@ def main() -> None:
     noise = {k: spread([r["off"][k] for r in rounds]) for k in ("calls_per_s", "p50_c1_ms", "cpu_ms_per_call")}
     print(
         f"\n{'tracing':<8}{'calls/s c=' + str(args.concurrency):>15}{'x off':>7}{'paired':>8}"
-        f"{'p50 c=1 ms':>12}{'- off':>8}{'paired':>8}{'CPU ms/call':>13}{'x off':>7}"
+        f"{'p50 c=1 ms':>12}{'- off':>8}{'paired':>8}{'CPU ms/call':>13}{'x off':>7}{'paired':>8}"
     )
     for s in SETTINGS:
         m, c = medians[s], costs.get(s)
@@ -240,10 +241,10 @@ def main() -> None:
             (
                 f"{c['throughput_ratio']:>7.3f}{c['throughput_ratio_paired']:>8.3f}",
                 f"{c['p50_c1_delta_ms']:>+8.3f}{c['p50_c1_delta_ms_paired']:>+8.3f}",
-                f"{c['cpu_per_call_ratio']:>7.3f}",
+                f"{c['cpu_per_call_ratio']:>7.3f}{c['cpu_per_call_ratio_paired']:>8.3f}",
             )
             if c
-            else (" " * 15, " " * 16, " " * 7)
+            else (" " * 15, " " * 16, " " * 15)
         )
         print(
             f"{s:<8}{m['calls_per_s']:>15.0f}{cells[0]}{m['p50_c1_ms']:>12.3f}{cells[1]}"
