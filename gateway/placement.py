@@ -108,7 +108,11 @@ class ColdStarts:
         until = start + min(self.wait_s, budget - margin)
         placement = await self._demand_within(model, until)
         if not self._should_wait(model, version, placement):
-            raise self._refusal(model, version, placement)
+            refusal = self._refusal(model, version, placement)
+            if isinstance(refusal, Unplaceable):
+                self.waits.labels(model, "unplaceable").observe(time.monotonic() - start)
+                logger.info("cold start: %s v%s refused: %s", model, version, refusal)
+            raise refusal
         if self.waiting >= self.max_waiters:
             raise QueueFull(
                 f"{self.waiting} calls are already waiting for models to load (the gateway's limit, "

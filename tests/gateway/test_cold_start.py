@@ -299,7 +299,7 @@ async def test_an_unplaceable_model_fails_at_once_with_the_reason(pool: Pool, ga
     code, msg = await asyncio.wait_for(status_of(call), 60)
     assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, msg)
     assert msg.startswith("huge has no replicas and none can be placed: ") and "gpu=h100" in msg, msg
-    assert cold_count(gw, "huge", "deadline") == 0
+    assert cold_count(gw, "huge", "deadline") == 0 and cold_count(gw, "huge", "unplaceable") == 1
     await channel.close()
 
 
