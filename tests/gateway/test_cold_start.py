@@ -318,3 +318,24 @@ async def test_a_version_pool_workers_do_not_load_is_refused_at_once(pool: Pool,
     )
     assert gw.gateway.cold_starts.waiting == 0 and cold_count(gw, "cold", "deadline") == 0
     await channel.close()
+
+
+async def test_a_wait_ends_when_the_model_becomes_unplaceable(pool: Pool, gateways: Any) -> None:
+    """While a call waits for `drifting` to load, its scale moves it to a pool no worker is in: the renewed demand
+    says UNPLACEABLE and the call gets FAILED_PRECONDITION with the reason, long before its deadline."""
+    mv = await asyncio.to_thread(pool.rc.register, slow_model(2051), model_pb2.ModelVersion(name="drifting"))
+    await asyncio.to_thread(pool.rc.set_alias, "drifting", "production", [(mv.version, 100)])
+    await asyncio.to_thread(pool.rc.scale, registry_pb2.ModelScale(model="drifting", replicas=0, max_replicas=1))
+    gw = await pool_gateway(pool, gateways)
+    channel, api = stub(gw)
+    request = slow_request()
+    request.model_name = "drifting"
+    call = asyncio.ensure_future(status_of(api.ModelInfer(request, metadata=auth(pool.secret), timeout=300)))
+    await until(lambda: gw.gateway.cold_starts.waiting == 1, 30, "the call waiting")
+    moved = registry_pb2.ModelScale(model="drifting", replicas=0, max_replicas=1, pool={"gpu": "h100"})
+    await asyncio.to_thread(pool.rc.scale, moved)
+    code, msg = await asyncio.wait_for(call, 60)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, msg)
+    assert msg.startswith("drifting has no replicas and none can be placed: ") and "gpu=h100" in msg, msg
+    assert cold_count(gw, "drifting", "unplaceable") == 1
+    await channel.close()
