@@ -50,6 +50,10 @@ MAX_IDLE_UNLOAD_S = 7 * 86400.0
 # A model unassigned from a worker keeps serving there a while (the worker's unload_delay_s); its memory
 # is not counted against the worker as a model held outside placement until this long has passed.
 UNLOAD_GRACE_S = 120.0
+LOADING_GRACE_S = 600.0
+"""A model scaled to zero whose replica is still loading is not unloaded for idleness before this long
+after its last use: a slow load (a big model, an engine build) must not be cut off by a short idle_unload_s
+and then demanded again, over and over."""
 S = registry_pb2  # short name for the enum values below
 Loaded = dict[str, dict[str, list[registry_pb2.LoadedModel]]]  # worker -> model -> its loaded versions
 
@@ -527,7 +531,8 @@ class Placements:
             w.last_step = now
         # Scale to zero: unload after idle_unload_s without calls; a recent demand brings one replica back.
         if s.min_replicas == 0:
-            if target > 0 and load.queue == 0 and now - last_used >= s.idle_unload_s:
+            idle_limit = s.idle_unload_s if load.ready else max(s.idle_unload_s, LOADING_GRACE_S)
+            if target > 0 and load.queue == 0 and now - last_used >= idle_limit:
                 target = 0
             elif target == 0 and view.demand_at and now - view.demand_at < s.idle_unload_s:
                 target = 1

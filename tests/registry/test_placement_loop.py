@@ -276,6 +276,26 @@ async def test_scale_to_zero_loads_on_demand_and_unloads_when_idle(
     await reg.close()
 
 
+async def test_a_model_loading_on_demand_is_not_unloaded_for_idleness(
+    start_registry: StartRegistry, token: str, worker_token: str, gateway_token: str
+) -> None:
+    """A replica that takes longer to load than idle_unload_s keeps its assignment until it is ready."""
+    server = await start_registry(**FAST)
+    reg = Reg(f"127.0.0.1:{server.port}", token, worker_token=worker_token)
+    gw = reg.with_token(gateway_token)
+    await reg.register("slow-load")
+    await scale(reg, "slow-load", 0, idle_unload_s=0.5)
+    w = SimWorker(reg, "w1", ready=False)  # reports the model loading, never ready
+    async with beating(w):
+        await poll(lambda: _state(reg, "slow-load", P.PLACEMENT_STATE_IDLE, leader=True))
+        await gw.call("DemandModel", P.DemandModelRequest(model="slow-load"))
+        await poll(lambda: _true(w.assigned == ["slow-load"]))
+        await asyncio.sleep(2.0)  # four idle times, twenty ticks
+        assert w.assigned == ["slow-load"]
+        assert (await placement(reg, "slow-load")).state == P.PLACEMENT_STATE_LOADING
+    await reg.close()
+
+
 async def test_access_rules_and_validation(fast: Reg, worker_token: str, gateway_token: str, redis_url: str) -> None:
     await fast.register("alpha")
     await fast.register("beta")
