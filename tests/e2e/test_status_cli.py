@@ -21,9 +21,11 @@ from tests.e2e.live import Live, start_live
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def live(tmp_path: pathlib.Path, redis_url: str) -> Iterator[Live]:
-    cluster = start_live(tmp_path / "live", redis_url)
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """One cluster for the module, with its own Valkey (the shared one is flushed before each test); no test
+    here changes the cluster's state."""
+    cluster = start_live(tmp_path_factory.mktemp("status") / "live")
     try:
         yield cluster
     finally:

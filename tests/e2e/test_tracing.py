@@ -91,7 +91,9 @@ class Traced:
 
 
 @pytest.fixture(scope="module")
-def traced(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterator[Traced]:
+def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    """A cluster with its own Valkey: the shared one's database 0 holds what earlier tests left, and later
+    tests flush it."""
     receiver = Receiver()
     server = grpc.server(futures.ThreadPoolExecutor(2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
@@ -105,7 +107,6 @@ def traced(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Itera
     http_port = free_port()
     live = start_live(
         tmp_path_factory.mktemp("tracing"),
-        redis_server.url,
         registry_env=otel,
         worker_env=otel,
         gateway_env={**otel, "FOVEA_GATEWAY_HTTP_PORT": str(http_port)},

@@ -4,6 +4,7 @@ and gateways built in-process with the same build_server() that main() uses."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import pathlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from tests.tinymodels import color_model, identity_model
 
 # Each module-scoped stack gets its own Redis database, so the function-scoped
 # `redis_url` fixture (FLUSHDB on database 0) of other tests cannot wipe it.
-_next_db = iter(range(1, 16))
+_next_db = itertools.cycle(range(1, 16))  # a module's stack is stopped before the next module's starts
 
 
 @dataclass
