@@ -19,7 +19,8 @@ python -m fovea.codegen
 python -m pip install -q -e ".[cpu,train,test]"
 # Debian packages: libb64 for Triton's perf_analyzer (from the tritonclient wheel); a C++ compiler,
 # gRPC C++ and protoc for the native fast ports of workers and gateways (worker/native, gateway/native).
-DEBS="libb64-0d g++ make pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc libssl-dev"
+# ccache makes the native builds of a second clone (tests/house/test_fresh_install.py) cache hits.
+DEBS="libb64-0d g++ make pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc libssl-dev ccache"
 missing=""
 for deb in $DEBS; do
   dpkg -s "$deb" >/dev/null 2>&1 || missing="$missing $deb"

@@ -18,8 +18,17 @@ if [[ -f "$lib" && "$lib" -nt "$here/front.cc" && "$lib" -nt "$0" ]]; then
   echo "up to date: $lib"
   exit 0
 fi
+# With ccache installed (scripts/setup.sh), compiling unchanged sources again (another clone, a second set-up)
+# is a cache hit; CCACHE_BASEDIR makes this clone's absolute paths relative, so clones elsewhere share entries.
+cxx=(g++)
+if command -v ccache >/dev/null 2>&1; then
+  cxx=(ccache g++)
+  export CCACHE_BASEDIR="$(cd "$here/../.." && pwd)"
+fi
+"${cxx[@]}" -std=c++17 "${flags[@]}" -fPIC -fvisibility=hidden -Wall $(pkg-config --cflags grpc++) \
+  -c "$here/front.cc" -o "$out/front.o"
 # Only the fg_* functions are exported: this library shares a process with grpcio's own gRPC core.
-g++ -std=c++17 "${flags[@]}" -fPIC -fvisibility=hidden -Wall $(pkg-config --cflags grpc++) -shared \
-  -o "$lib.tmp" "$here/front.cc" -Wl,--exclude-libs,ALL $(pkg-config --libs grpc++ absl_synchronization) -lcrypto
+g++ -shared "${flags[@]}" -o "$lib.tmp" "$out/front.o" -Wl,--exclude-libs,ALL \
+  $(pkg-config --libs grpc++ absl_synchronization) -lcrypto
 mv "$lib.tmp" "$lib"
 echo "built $lib"

@@ -24,6 +24,13 @@ if [[ ! -f "$stamp" || "$root/protos/inference/grpc_predict_v2.proto" -nt "$stam
     inference/grpc_predict_v2.proto inference/model_config.proto
 fi
 srcs=("$here/front.cc" "$here/check.cc" "$here/ort_loop.cc" "$out"/gen/inference/*.cc)
+# With ccache installed (scripts/setup.sh), compiling unchanged sources again (another clone, a second set-up)
+# is a cache hit; CCACHE_BASEDIR makes this clone's absolute paths relative, so clones elsewhere share entries.
+cxx=(g++)
+if command -v ccache >/dev/null 2>&1; then
+  cxx=(ccache g++)
+  export CCACHE_BASEDIR="$root"
+fi
 objs=()
 pids=()
 for src in "${srcs[@]}"; do
@@ -31,7 +38,7 @@ for src in "${srcs[@]}"; do
   objs+=("$obj")
   if [[ ! -f "$obj" || "$src" -nt "$obj" || "$here/front.h" -nt "$obj" || "$here/check.h" -nt "$obj" \
         || "$0" -nt "$obj" ]]; then
-    g++ -std=c++17 "${flags[@]}" -fPIC -fvisibility=hidden -I"$out/gen" $(pkg-config --cflags grpc++ protobuf) \
+    "${cxx[@]}" -std=c++17 "${flags[@]}" -fPIC -fvisibility=hidden -I"$out/gen" $(pkg-config --cflags grpc++ protobuf) \
       -c "$src" -o "$obj" &
     pids+=($!)
   fi
