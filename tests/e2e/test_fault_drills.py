@@ -45,7 +45,8 @@ from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.e2e.live import WORKER_ENV, Live, restart, start_gateway, start_live, wait_ready
 
-pytestmark = pytest.mark.timeout(300)
+# serial: recovery bounds are a heartbeat TTL; scripts/test.sh runs these alone, after the parallel part
+pytestmark = [pytest.mark.timeout(300), pytest.mark.serial]
 
 DEADLINE_S = 2.0
 PAUSE_S = 0.01  # between one client's calls: about 4 x 60 calls a second, leaving CPU for the services

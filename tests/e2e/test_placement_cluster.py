@@ -38,6 +38,9 @@ from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.tinymodels import _image_model, color_model, png, slow_model
 
+# serial: throughput must rise with a second replica; scripts/test.sh runs these alone, after the parallel part
+pytestmark = pytest.mark.serial
+
 T = TypeVar("T")
 READY, IDLE, UNPLACEABLE = (
     registry_pb2.PLACEMENT_STATE_READY,
