@@ -6,11 +6,17 @@ from __future__ import annotations
 import json
 import pathlib
 
+import pytest
+
 from loadtest import report, stats
 from loadtest.cli import main as loadtest_main
 from loadtest.runner import ClientReport, LoadSpec, run
 from loadtest.targets import Target, build_requests
 from tests.loadtest.conftest import StartServer
+
+# serial: the harness's latencies are checked against known delays to a millisecond or two; scripts/test.sh runs
+# these alone, after the parallel part
+pytestmark = pytest.mark.serial
 
 
 def _tensor_target(address: str) -> tuple[Target, list[bytes]]:
