@@ -28,6 +28,7 @@ LOADING_STATES = (registry_pb2.WORKER_STATE_STARTING, registry_pb2.WORKER_STATE_
 # reason, reaches the caller before the caller's own clock says DEADLINE_EXCEEDED.
 ANSWER_MARGIN_S = 0.25
 ANSWER_MARGIN_SHARE = 0.2
+FIXED_LEFT_MEMORY_S = 30.0
 WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 
 
@@ -201,6 +202,9 @@ class ColdStarts:
         )
 
     def _fixed_list_serves(self, model: str) -> bool:
+        left = self.workers.fixed_left.get(model)
+        if left is not None and time.monotonic() - left < FIXED_LEFT_MEMORY_S:
+            return True  # a fixed-list worker served it moments ago: it may be back with its next heartbeat
         return any(
             not ep.status.pooled and any(m.name == model for m in ep.status.models)
             for ep in self.workers.endpoints.values()

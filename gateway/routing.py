@@ -173,6 +173,9 @@ class Workers:
         self.on_change: Callable[[Endpoint], None] | None = None
         """Called after a worker is ejected or re-admitted (the fast port's table follows)."""
         self.ready = asyncio.Event()
+        self.fixed_left: dict[str, float] = {}
+        """Model -> when a fixed-list worker serving it last left the view (a registry restart can empty the view
+        for a heartbeat: calls for those models wait for it to come back rather than fail)."""
         self._awaited: dict[tuple[str, int], asyncio.Event] = {}
         """Versions calls are waiting for (cold starts): set when a heartbeat shows one ready."""
 
@@ -238,6 +241,9 @@ class Workers:
         ep = self.endpoints.pop(wid, None)
         if ep is not None:
             logger.info("worker %s left", wid)
+            if not ep.status.pooled:
+                for m in ep.status.models:
+                    self.fixed_left[m.name] = time.monotonic()
             if ep.probe is not None:
                 ep.probe.cancel()
             asyncio.get_running_loop().create_task(ep.channel.close(grace=30))
