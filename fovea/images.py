@@ -32,6 +32,10 @@ WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 MAX_ASPECT = 64
 """Images longer than this many times their width (or wider than their height) resize only the crop."""
+MAX_RLE_BMP_PIXELS = 1 << 21
+"""Pixel limit of a run-length-encoded BMP (compression 1 or 2). Pillow decodes those in Python, byte by byte
+(about 85 ns a pixel here), so the general limit would let one small file hold a worker for seconds; real
+photos are never RLE BMPs (they are palette images)."""
 BACKGROUND = (255, 255, 255)
 """Transparent pixels are shown on white, as browsers and image viewers show them."""
 
@@ -103,6 +107,11 @@ def decode(data: bytes, max_pixels: int, grayscale: bool = False) -> np.ndarray:
         raise InvalidImage("image has no pixels")
     if w * h > max_pixels:
         raise InvalidImage(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    if w * h > MAX_RLE_BMP_PIXELS and _rle_bmp(data):
+        raise InvalidImage(
+            f"run-length-encoded BMP is {w}x{h} = {w * h} pixels; the limit for RLE BMPs is {MAX_RLE_BMP_PIXELS} "
+            "(send PNG or an uncompressed BMP)"
+        )
     try:
         if data[:3] == JPEG_MAGIC:
             orientation, progressive = jpeg_header(data)
@@ -114,6 +123,14 @@ def decode(data: bytes, max_pixels: int, grayscale: bool = False) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001
         raise InvalidImage(f"corrupt image: {str(exc)[:200]}") from None
     return upright(pixels, orientation)
+
+
+def _rle_bmp(data: bytes) -> bool:
+    """Whether a BMP's info header (40 bytes or more; the 12-byte OS/2 one has no compression field) says RLE8
+    (1) or RLE4 (2)."""
+    if data[:2] != b"BM" or len(data) < 34:
+        return False
+    return int.from_bytes(data[14:18], "little") >= 40 and int.from_bytes(data[30:34], "little") in (1, 2)
 
 
 def _decode_jpeg(data: bytes, grayscale: bool, progressive: bool) -> np.ndarray:

@@ -311,3 +311,32 @@ def test_preprocess_of_ordinary_images_is_unchanged_by_the_thin_image_path(coffe
         expected = resized[top : top + 224, left : left + 224].transpose(2, 0, 1) / np.float32(255)
         levels = np.abs(preprocess(pixels, spec) - expected).max() * 255
         assert levels < 1e-3 if max(h, w) / min(h, w) <= 64 else levels <= 1.001
+
+
+def _rle8_bmp(width: int, height: int, rows: list[bytes]) -> bytes:
+    """An 8-bit palette BMP compressed with RLE8 (compression 1), gray palette; rows are RLE data, bottom first."""
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    body = b"".join(rows) + b"\x00\x01"  # end of bitmap
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(body), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body
+
+
+def test_small_rle_bmp_decodes() -> None:
+    # two rows of 4: bottom row 4 x level 10, top row 2 x 200 then 2 x 50
+    bmp = _rle8_bmp(4, 2, [b"\x04\x0a\x00\x00", b"\x02\xc8\x02\x32\x00\x00"])
+    pixels = decode(bmp, 40_000_000)
+    assert pixels.shape == (2, 4, 3)
+    assert pixels[0, :, 0].tolist() == [200, 200, 50, 50]
+    assert pixels[1, :, 0].tolist() == [10, 10, 10, 10]
+
+
+def test_large_rle_bmp_is_refused_before_pillow_decodes_it_in_python() -> None:
+    # Found by fuzz/fuzz_images.py in CI: 556 bytes, 1572864x16 pixels, each end-of-line marker padding a row
+    # one byte at a time in Pillow's Python RLE decoder: seconds of a worker's CPU for one call.
+    wide = 1572864
+    bmp = _rle8_bmp(wide, 16, [b"\x00\x00"] * 16)
+    with pytest.raises(InvalidImage, match="run-length-encoded BMP is 1572864x16"):
+        decode(bmp, 40_000_000)
+    # an uncompressed BMP of the same size is not an RLE one: the general limit governs it
+    assert image_size(bmp) == (wide, 16)
