@@ -17,6 +17,7 @@ instead of a full one and a large resize.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,11 @@ class Needs:
 
     def met_by(self, width: int, height: int) -> bool:
         return min(width, height) >= self.short and height >= self.height and width >= self.width
+
+    def times(self, margin: float) -> Needs:
+        """These needs with margin: a reduced decode at least margin times the size the resize goes to, so
+        that the resize's own filtering does part of the reduction."""
+        return Needs(*(math.ceil(v * margin) for v in (self.short, self.height, self.width)))
 
 
 @dataclass(frozen=True)

@@ -128,3 +128,25 @@ def test_refusals_are_unchanged_at_reduced_scale() -> None:
             decode(encoded[:cut], LIMIT, needs=needs)
     with pytest.raises(InvalidImage, match="empty image"):
         decode(b"", LIMIT, needs=needs)
+
+
+def test_a_margin_keeps_more_pixels_for_the_resize() -> None:
+    """The worker's default margin of 2: a 12 MP photo decodes at 1/4 (1000x750, resized to 341x256 by
+    preprocessing), and a 1 MP one in full, since half of it would be under twice the 256 pixels."""
+    twice = EFFNET.needs.times(2)
+    assert twice == Needs(512, 448, 448)
+    assert EFFNET.needs.times(1.5) == Needs(384, 336, 336)
+    assert jpeg_scale(4000, 3000, 1, twice) == 4
+    assert jpeg_scale(1155, 866, 1, twice) == 1
+    assert decode(encode(photo(4000, 3000)), LIMIT, needs=twice).shape == (750, 1000, 3)
+
+
+def test_the_worker_setting_refuses_a_margin_that_would_enlarge() -> None:
+    from pydantic import ValidationError
+
+    from worker.config import WorkerConfig
+
+    assert WorkerConfig().jpeg_decode_margin == 2.0
+    assert WorkerConfig(jpeg_decode_margin=0).jpeg_decode_margin == 0
+    with pytest.raises(ValidationError, match="at least 1"):
+        WorkerConfig(jpeg_decode_margin=0.5)

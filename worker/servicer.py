@@ -189,7 +189,8 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         pre = lv.preprocess
         loop = asyncio.get_running_loop()
 
-        needs = pre.needs if self.config.scaled_jpeg_decode else None
+        margin = self.config.jpeg_decode_margin
+        needs = pre.needs.times(margin) if margin > 0 else None
 
         def one(data: bytes) -> np.ndarray:
             return preprocess(decode(data, self.config.max_image_pixels, pre.grayscale, needs), pre)
