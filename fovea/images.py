@@ -9,9 +9,9 @@ is composited over white, CMYK and YCCK JPEGs are converted (libjpeg-turbo, Adob
 convention), and animated GIF and WebP give their first frame. Plain JPEGs keep the fast path:
 libjpeg-turbo through simplejpeg, plus a walk over the few marker segments before the image data.
 
-Given the size preprocessing needs (Needs), a JPEG is decoded at the smallest of libjpeg-turbo's DCT
-scales 1/2, 1/4, 1/8 that still leaves that size: a 12-megapixel photo costs a few megapixels' decode
-instead of a full one and a large resize.
+Given the size preprocessing needs (Needs; the worker adds a margin, jpeg_decode_margin), a JPEG is
+decoded at the smallest of libjpeg-turbo's DCT scales 1/2, 1/4, 1/8 that still leaves that size: a
+12-megapixel photo costs a fraction of a full decode and no large resize.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ BACKGROUND = (255, 255, 255)
 
 
 JPEG_SCALES = (8, 4, 2)
-"""Reduced-scale JPEG decodes tried, as divisors, largest first: libjpeg-turbo's DCT scaling. Its other
-factors (3/8, 5/8, ...) cost a full-size IDCT for little gain."""
+"""Reduced-scale JPEG decodes tried, as divisors, largest first: libjpeg-turbo's DCT scaling, powers of two
+only (1/8 keeps each 8x8 block's DC value; the 1/4 and 1/2 IDCTs have SIMD code; its other factors, 3/8,
+5/8 and so on, run plain C)."""
 
 
 @dataclass(frozen=True)
