@@ -8,11 +8,16 @@ orientation is applied (JPEG, PNG, WebP), 16-bit grayscale is scaled to 8 bits, 
 is composited over white, CMYK and YCCK JPEGs are converted (libjpeg-turbo, Adobe's inverted
 convention), and animated GIF and WebP give their first frame. Plain JPEGs keep the fast path:
 libjpeg-turbo through simplejpeg, plus a walk over the few marker segments before the image data.
+
+Given the size preprocessing needs (Needs; the worker adds a margin, jpeg_decode_margin), a JPEG is
+decoded at the smallest of libjpeg-turbo's DCT scales 1/2, 1/4, 1/8 that still leaves that size: a
+12-megapixel photo costs a fraction of a full decode and no large resize.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +43,30 @@ MAX_RLE_BMP_PIXELS = 1 << 21
 photos are never RLE BMPs (they are palette images)."""
 BACKGROUND = (255, 255, 255)
 """Transparent pixels are shown on white, as browsers and image viewers show them."""
+
+
+JPEG_SCALES = (8, 4, 2)
+"""Reduced-scale JPEG decodes tried, as divisors, largest first: libjpeg-turbo's DCT scaling, powers of two
+only (1/8 keeps each 8x8 block's DC value; the 1/4 and 1/2 IDCTs have SIMD code; its other factors, 3/8,
+5/8 and so on, run plain C)."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """The smallest upright image preprocessing can use without enlarging it: the short side at least
+    short, the height at least height and the width at least width."""
+
+    short: int
+    height: int
+    width: int
+
+    def met_by(self, width: int, height: int) -> bool:
+        return min(width, height) >= self.short and height >= self.height and width >= self.width
+
+    def times(self, margin: float) -> Needs:
+        """These needs with margin: a reduced decode at least margin times the size the resize goes to, so
+        that the resize's own filtering does part of the reduction."""
+        return Needs(*(math.ceil(v * margin) for v in (self.short, self.height, self.width)))
 
 
 @dataclass(frozen=True)
@@ -76,6 +105,12 @@ class Preprocess:
     def channels(self) -> int:
         return 1 if self.grayscale else 3
 
+    @property
+    def needs(self) -> Needs:
+        """What preprocess() needs of a decoded image: it resizes the short side to resize_short (or the
+        whole image to the crop when that is 0), then crops."""
+        return Needs(self.resize_short, self.crop_height, self.crop_width)
+
 
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the header alone; raises InvalidImage when it is not an image."""
@@ -97,9 +132,10 @@ def image_size(data: bytes) -> tuple[int, int]:
         raise InvalidImage("not an image: expected JPEG, PNG or WebP bytes") from None
 
 
-def decode(data: bytes, max_pixels: int, grayscale: bool = False) -> np.ndarray:
+def decode(data: bytes, max_pixels: int, grayscale: bool = False, needs: Needs | None = None) -> np.ndarray:
     """HxWx3 (or HxW) uint8 pixels, upright as the EXIF orientation says; refuses images over max_pixels
-    before decoding them."""
+    (the full size, whatever the scale) before decoding them. With needs, a JPEG may come out smaller than
+    stored: at 1/2, 1/4 or 1/8 scale, the smallest that still meets needs once upright."""
     if not data:
         raise InvalidImage("empty image")
     w, h = image_size(data)
@@ -115,7 +151,8 @@ def decode(data: bytes, max_pixels: int, grayscale: bool = False) -> np.ndarray:
     try:
         if data[:3] == JPEG_MAGIC:
             orientation, progressive = jpeg_header(data)
-            pixels = _decode_jpeg(data, grayscale, progressive)
+            scale = jpeg_scale(w, h, orientation, needs)
+            pixels = _decode_jpeg(data, grayscale, progressive, w, h, scale)
         else:
             pixels, orientation = _decode_pillow(data, grayscale)
     except InvalidImage:
@@ -133,7 +170,21 @@ def _rle_bmp(data: bytes) -> bool:
     return int.from_bytes(data[14:18], "little") >= 40 and int.from_bytes(data[30:34], "little") in (1, 2)
 
 
-def _decode_jpeg(data: bytes, grayscale: bool, progressive: bool) -> np.ndarray:
+def jpeg_scale(width: int, height: int, orientation: int, needs: Needs | None) -> int:
+    """The largest divisor of JPEG_SCALES (1 for none) at which a stored width x height image still meets
+    needs once turned upright (orientations 5-8 swap width and height)."""
+    if needs is None:
+        return 1
+    if orientation >= 5:
+        width, height = height, width
+    for divisor in JPEG_SCALES:
+        # libjpeg-turbo rounds scaled sizes up (TJSCALED).
+        if needs.met_by(-(-width // divisor), -(-height // divisor)):
+            return divisor
+    return 1
+
+
+def _decode_jpeg(data: bytes, grayscale: bool, progressive: bool, w: int, h: int, scale: int) -> np.ndarray:
     # libjpeg-turbo converts CMYK and YCCK (Adobe's inverted convention) to RGB or gray itself.
     import simplejpeg
 
@@ -144,9 +195,12 @@ def _decode_jpeg(data: bytes, grayscale: bool, progressive: bool) -> np.ndarray:
     scans = data.count(b"\xff\xda") if progressive else 1
     if scans > MAX_JPEG_SCANS:
         raise InvalidImage(f"JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS} (a progressive JPEG needs about 10)")
+    # simplejpeg picks the smallest scale whose output is at least min_width x min_height: the scaled
+    # size itself picks exactly 1/scale.
+    sizes = {"min_width": -(-w // scale), "min_height": -(-h // scale)} if scale > 1 else {}
     if grayscale:
-        return simplejpeg.decode_jpeg(data, colorspace="GRAY")[..., 0]
-    return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        return simplejpeg.decode_jpeg(data, colorspace="GRAY", **sizes)[..., 0]
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", **sizes)
 
 
 def _decode_pillow(data: bytes, grayscale: bool) -> tuple[np.ndarray, int]:

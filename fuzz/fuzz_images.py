@@ -1,7 +1,8 @@
 """Coverage-guided fuzzing of Fovea's image decoders (atheris, libFuzzer's engine for Python).
 
 Arbitrary bytes go through what a worker does with one encoded image: fovea.images.decode with the
-worker's real pixel limit, then preprocess for a 224x224 model. Anything but InvalidArgument (the
+worker's real pixel limit (half the inputs at the reduced JPEG scale the worker would pick), then
+preprocess for a 224x224 model. Anything but InvalidArgument (the
 project's InvalidImage is one) is a finding, and so are a hang (-timeout) and memory past -rss_limit_mb.
 
     python fuzz/fuzz_images.py --seconds 60          # a time-boxed run; prints executions and coverage
@@ -34,18 +35,22 @@ if "--seconds" not in sys.argv:  # the fuzzing process itself (the runner below 
     from worker.config import WorkerConfig
 
     MAX_PIXELS = WorkerConfig.model_fields["max_image_pixels"].default
+    MARGIN = WorkerConfig.model_fields["jpeg_decode_margin"].default
     MODEL = Preprocess(resize_short=256, crop_height=224, crop_width=224, mean=(0.5,), std=(0.5,), grayscale=False)
     GRAY_MODEL = Preprocess(resize_short=32, crop_height=28, crop_width=28, mean=(0.5,), std=(0.5,), grayscale=True)
 
 
 def test_one_input(data: bytes) -> None:
     grayscale = len(data) % 2 == 1  # both decoder outputs, chosen by the input itself
+    model = GRAY_MODEL if grayscale else MODEL
+    # Half the inputs decode as the worker does for this model (a JPEG at reduced scale), half in full.
+    needs = model.needs.times(MARGIN) if len(data) % 4 >= 2 else None
     try:
-        pixels = decode(data, MAX_PIXELS, grayscale=grayscale)
+        pixels = decode(data, MAX_PIXELS, grayscale=grayscale, needs=needs)
     except InvalidArgument:
         return
     check(pixels, grayscale)
-    x = preprocess(pixels, GRAY_MODEL if grayscale else MODEL)
+    x = preprocess(pixels, model)
     assert x.shape == ((1, 28, 28) if grayscale else (3, 224, 224)), x.shape
     assert np.isfinite(x).all()
 

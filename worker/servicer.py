@@ -189,8 +189,11 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         pre = lv.preprocess
         loop = asyncio.get_running_loop()
 
+        margin = self.config.jpeg_decode_margin
+        needs = pre.needs.times(margin) if margin > 0 else None
+
         def one(data: bytes) -> np.ndarray:
-            return preprocess(decode(data, self.config.max_image_pixels, pre.grayscale), pre)
+            return preprocess(decode(data, self.config.max_image_pixels, pre.grayscale, needs), pre)
 
         t0 = time.perf_counter()
         if len(items) == 1:

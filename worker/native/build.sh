@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the native inference front (libfovea_front.so) from front.cc, check.cc, ort_loop.cc and the
-# inference protos. Needs g++, pkg-config and Debian's libgrpc++-dev, protobuf-compiler-grpc
+# inference protos, and ort_probe, which proves ort_api.h's entries against the real ONNX Runtime. Needs g++, pkg-config and Debian's libgrpc++-dev, protobuf-compiler-grpc
 # (scripts/setup.sh installs them).
 #
 # FOVEA_NATIVE_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer into build-asan/
@@ -37,7 +37,7 @@ for src in "${srcs[@]}"; do
   obj="$out/$(basename "$src" .cc).o"
   objs+=("$obj")
   if [[ ! -f "$obj" || "$src" -nt "$obj" || "$here/front.h" -nt "$obj" || "$here/check.h" -nt "$obj" \
-        || "$0" -nt "$obj" ]]; then
+        || "$here/ort_api.h" -nt "$obj" || "$0" -nt "$obj" ]]; then
     "${cxx[@]}" -std=c++17 "${flags[@]}" -fPIC -fvisibility=hidden -I"$out/gen" $(pkg-config --cflags grpc++ protobuf) \
       -c "$src" -o "$obj" &
     pids+=($!)
@@ -48,4 +48,9 @@ for pid in "${pids[@]}"; do wait "$pid"; done  # a failed compile fails the buil
 g++ -shared "${flags[@]}" -o "$out/libfovea_front.so.tmp" "${objs[@]}" -Wl,--exclude-libs,ALL \
   $(pkg-config --libs grpc++ protobuf absl_synchronization)
 mv "$out/libfovea_front.so.tmp" "$out/libfovea_front.so"
-echo "built $out/libfovea_front.so"
+# The probe that proves each entry of ort_api.h against the real library (tests/worker/test_ort_api.py).
+if [[ ! -f "$out/ort_probe" || "$here/ort_probe.cc" -nt "$out/ort_probe" || "$here/ort_api.h" -nt "$out/ort_probe" \
+      || "$0" -nt "$out/ort_probe" ]]; then
+  "${cxx[@]}" -std=c++17 "${flags[@]}" -Wall -Wextra -o "$out/ort_probe" "$here/ort_probe.cc" -ldl
+fi
+echo "built $out/libfovea_front.so and $out/ort_probe"

@@ -7,9 +7,10 @@
 // reads each batch's figures (size, queue waits, compute) from here for its metrics.
 //
 // The C API is a table of function pointers (OrtApi) that only ever grows. This file calls the
-// entries it needs by their position in that table, so that it builds without ONNX Runtime's
-// headers, which the onnxruntime wheel does not ship. The library is opened at run time, from the
-// onnxruntime package Python uses (worker/fast_port.py finds it).
+// entries it needs by their position in that table (ort_api.h names them, and tests prove each one
+// against the real library), so that it builds without ONNX Runtime's headers, which the onnxruntime
+// wheel does not ship. The library is opened at run time, from the onnxruntime package Python uses
+// (worker/fast_port.py finds it), and must be the release the table was checked against.
 
 #include <dlfcn.h>
 
@@ -23,53 +24,11 @@
 #include <vector>
 
 #include "front.h"
+#include "ort_api.h"
 
 namespace {
 
-struct OrtStatus;
-struct OrtEnv;
-struct OrtSession;
-struct OrtSessionOptions;
-struct OrtValue;
-struct OrtMemoryInfo;
-struct OrtRunOptions;
-struct OrtTensorTypeAndShapeInfo;
-
-// Positions in struct OrtApi (include/onnxruntime/core/session/onnxruntime_c_api.h).
-enum Entry {
-  kGetErrorMessage = 2,
-  kCreateEnv = 3,
-  kCreateSessionFromArray = 8,
-  kRun = 9,
-  kCreateSessionOptions = 10,
-  kEnableCpuMemArena = 18,
-  kDisableCpuMemArena = 19,
-  kSetSessionGraphOptimizationLevel = 23,
-  kSetIntraOpNumThreads = 24,
-  kSetInterOpNumThreads = 25,
-  kCreateTensorWithDataAsOrtValue = 49,
-  kGetTensorMutableData = 51,
-  kGetTensorElementType = 60,
-  kGetDimensionsCount = 61,
-  kGetDimensions = 62,
-  kGetTensorTypeAndShape = 65,
-  kCreateCpuMemoryInfo = 69,
-  kReleaseStatus = 93,
-  kReleaseSession = 95,
-  kReleaseValue = 96,
-  kReleaseTensorTypeAndShapeInfo = 99,
-  kReleaseSessionOptions = 100,
-  kAddSessionConfigEntry = 130,
-};
-constexpr uint32_t kApiVersion = 16;  // every entry above is in version 16 and later
-constexpr int kLogError = 3;           // ORT_LOGGING_LEVEL_ERROR
-constexpr int kArenaAllocator = 1;     // OrtArenaAllocator
-constexpr int kMemTypeDefault = 0;     // OrtMemTypeDefault
-
-struct ApiBase {
-  const void* (*GetApi)(uint32_t version);
-  const char* (*GetVersionString)();
-};
+using namespace fv_ort;  // NOLINT: the table's types and entries (ort_api.h)
 
 const ApiBase* g_base = nullptr;
 const void* const* g_api = nullptr;
@@ -77,17 +36,15 @@ OrtEnv* g_env = nullptr;
 OrtMemoryInfo* g_cpu = nullptr;
 std::mutex g_init_mu;
 
-template <typename F>
-F api(Entry e) {
-  return reinterpret_cast<F>(const_cast<void*>(g_api[e]));
-}
+// An entry of the table by its name in ort_api.h, typed as declared there.
+#define ORT(name) FV_ORT(g_api, name)
 
 // The message of a failed call ("" for success); frees the status.
 std::string error(OrtStatus* st) {
   if (!st) return {};
-  const char* m = api<const char* (*)(const OrtStatus*)>(kGetErrorMessage)(st);
+  const char* m = ORT(GetErrorMessage)(st);
   std::string out = m && *m ? m : "ONNX Runtime failed without a message";
-  api<void (*)(OrtStatus*)>(kReleaseStatus)(st);
+  ORT(ReleaseStatus)(st);
   return out;
 }
 
@@ -120,7 +77,7 @@ struct Session {
 
 void release_values(std::vector<OrtValue*>& values) {
   for (auto*& v : values)
-    if (v) api<void (*)(OrtValue*)>(kReleaseValue)(v), v = nullptr;
+    if (v) ORT(ReleaseValue)(v), v = nullptr;
 }
 
 // Runs one batch; outs gets one value per output (the caller releases them).
@@ -130,16 +87,13 @@ std::string run(Session* s, const fv_batch& b, std::vector<OrtValue*>& outs) {
   s->runs++;
   std::vector<OrtValue*> ins(size_t(b.ninputs), nullptr);
   std::string err;
-  using Create = OrtStatus* (*)(const OrtMemoryInfo*, void*, size_t, const int64_t*, size_t, int, OrtValue**);
   for (int i = 0; i < b.ninputs && err.empty(); ++i)
-    err = error(api<Create>(kCreateTensorWithDataAsOrtValue)(g_cpu, const_cast<void*>(b.data[i]), size_t(b.nbytes[i]),
-                                                             b.dims[i], size_t(b.rank[i]), s->in_types[i], &ins[i]));
+    err = error(ORT(CreateTensorWithDataAsOrtValue)(g_cpu, const_cast<void*>(b.data[i]), size_t(b.nbytes[i]),
+                                                    b.dims[i], size_t(b.rank[i]), s->in_types[i], &ins[i]));
   outs.assign(s->out_c.size(), nullptr);
-  using RunFn = OrtStatus* (*)(OrtSession*, const OrtRunOptions*, const char* const*, const OrtValue* const*, size_t,
-                               const char* const*, size_t, OrtValue**);
   if (err.empty())
-    err = error(api<RunFn>(kRun)(s->s, nullptr, s->in_c.data(), ins.data(), ins.size(), s->out_c.data(), outs.size(),
-                                 outs.data()));
+    err = error(ORT(Run)(s->s, nullptr, s->in_c.data(), ins.data(), ins.size(), s->out_c.data(), outs.size(),
+                         outs.data()));
   release_values(ins);
   return err;
 }
@@ -153,26 +107,24 @@ std::string complete(void* front, int64_t id, int64_t compute_ns, const std::vec
   std::vector<int64_t> dims;
   for (int o = 0; o < n; ++o) {
     OrtTensorTypeAndShapeInfo* info = nullptr;
-    std::string err = error(api<OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**)>(kGetTensorTypeAndShape)(
-        outs[o], &info));
+    std::string err = error(ORT(GetTensorTypeAndShape)(outs[o], &info));
     int type = 0;
     size_t rank = 0;
     if (err.empty())
-      err = error(api<OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int*)>(kGetTensorElementType)(info, &type));
+      err = error(ORT(GetTensorElementType)(info, &type));
     if (err.empty())
-      err = error(api<OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, size_t*)>(kGetDimensionsCount)(info, &rank));
+      err = error(ORT(GetDimensionsCount)(info, &rank));
     if (err.empty() && (rank < 1 || rank > size_t(kMaxRank))) err = "an output of rank " + std::to_string(rank);
     if (err.empty()) {
       size_t at = dims.size();
       dims.resize(at + rank);
-      err = error(api<OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t)>(kGetDimensions)(
-          info, dims.data() + at, rank));
+      err = error(ORT(GetDimensions)(info, dims.data() + at, rank));
     }
-    if (info) api<void (*)(OrtTensorTypeAndShapeInfo*)>(kReleaseTensorTypeAndShapeInfo)(info);
+    if (info) ORT(ReleaseTensorTypeAndShapeInfo)(info);
     if (err.empty() && (type <= 0 || type >= kNumDtypes || !kDtypes[type]))
       err = "an output of ONNX element type " + std::to_string(type) + ", which the protocol cannot carry";
     void* p = nullptr;
-    if (err.empty()) err = error(api<OrtStatus* (*)(OrtValue*, void**)>(kGetTensorMutableData)(outs[o], &p));
+    if (err.empty()) err = error(ORT(GetTensorMutableData)(outs[o], &p));
     if (!err.empty()) return err;
     dtypes[o] = kDtypes[type];
     data[o] = p;
@@ -236,13 +188,22 @@ int fv_ort_init(const char* path, char* err, int cap) {
   if (!lib) return put_error(err, cap, dlerror());
   auto get_base = reinterpret_cast<const ApiBase* (*)()>(dlsym(lib, "OrtGetApiBase"));
   const ApiBase* base = get_base ? get_base() : nullptr;
-  const void* table = base ? base->GetApi(kApiVersion) : nullptr;
+  if (!base) return put_error(err, cap, std::string(path) + " has no OrtGetApiBase: not ONNX Runtime's library");
+  // The positions in ort_api.h were proven against one release; another could have moved none of them,
+  // but nothing has checked that, so it is refused rather than called.
+  const char* version = base->GetVersionString();
+  if (!checked(version))
+    return put_error(err, cap,
+                     std::string(path) + " is ONNX Runtime " + (version ? version : "(no version)") +
+                         "; the native part's C API table was checked against " + checked_list() +
+                         " only (install the release pyproject.toml pins: onnxruntime==" + kCpuRelease +
+                         " or onnxruntime-gpu==" + kGpuRelease + ")");
+  const void* table = base->GetApi(kApiVersion);
   if (!table) return put_error(err, cap, std::string(path) + " does not offer ONNX Runtime's C API version 16");
   g_base = base;
   g_api = static_cast<const void* const*>(table);
-  std::string e = error(api<OrtStatus* (*)(int, const char*, OrtEnv**)>(kCreateEnv)(kLogError, "fovea-fast-port", &g_env));
-  if (e.empty())
-    e = error(api<OrtStatus* (*)(int, int, OrtMemoryInfo**)>(kCreateCpuMemoryInfo)(kArenaAllocator, kMemTypeDefault, &g_cpu));
+  std::string e = error(ORT(CreateEnv)(kLogError, "fovea-fast-port", &g_env));
+  if (e.empty()) e = error(ORT(CreateCpuMemoryInfo)(kArenaAllocator, kMemTypeDefault, &g_cpu));
   if (!e.empty()) {
     g_api = nullptr;
     return put_error(err, cap, e);
@@ -275,18 +236,14 @@ void* fv_ort_session(const char* model, int64_t len, int intra_threads, int inte
   for (auto& n : s->out_names) s->out_c.push_back(n.c_str());
 
   OrtSessionOptions* so = nullptr;
-  std::string e = error(api<OrtStatus* (*)(OrtSessionOptions**)>(kCreateSessionOptions)(&so));
-  using SetInt = OrtStatus* (*)(OrtSessionOptions*, int);
-  if (e.empty()) e = error(api<SetInt>(kSetIntraOpNumThreads)(so, intra_threads));
-  if (e.empty()) e = error(api<SetInt>(kSetInterOpNumThreads)(so, inter_threads));
-  if (e.empty()) e = error(api<SetInt>(kSetSessionGraphOptimizationLevel)(so, opt_level));
-  if (e.empty())
-    e = error(api<OrtStatus* (*)(OrtSessionOptions*)>(arena ? kEnableCpuMemArena : kDisableCpuMemArena)(so));
-  using AddEntry = OrtStatus* (*)(OrtSessionOptions*, const char*, const char*);
-  for (int i = 0; i < nconfig && e.empty(); ++i) e = error(api<AddEntry>(kAddSessionConfigEntry)(so, keys[i], values[i]));
-  using Create = OrtStatus* (*)(const OrtEnv*, const void*, size_t, const OrtSessionOptions*, OrtSession**);
-  if (e.empty()) e = error(api<Create>(kCreateSessionFromArray)(g_env, model, size_t(len), so, &s->s));
-  if (so) api<void (*)(OrtSessionOptions*)>(kReleaseSessionOptions)(so);
+  std::string e = error(ORT(CreateSessionOptions)(&so));
+  if (e.empty()) e = error(ORT(SetIntraOpNumThreads)(so, intra_threads));
+  if (e.empty()) e = error(ORT(SetInterOpNumThreads)(so, inter_threads));
+  if (e.empty()) e = error(ORT(SetSessionGraphOptimizationLevel)(so, opt_level));
+  if (e.empty()) e = error(arena ? ORT(EnableCpuMemArena)(so) : ORT(DisableCpuMemArena)(so));
+  for (int i = 0; i < nconfig && e.empty(); ++i) e = error(ORT(AddSessionConfigEntry)(so, keys[i], values[i]));
+  if (e.empty()) e = error(ORT(CreateSessionFromArray)(g_env, model, size_t(len), so, &s->s));
+  if (so) ORT(ReleaseSessionOptions)(so);
   if (!e.empty()) return put_error(err, cap, e), nullptr;
   return s.release();
 }
@@ -304,7 +261,7 @@ int64_t fv_ort_runs(void* session) { return static_cast<Session*>(session)->runs
 void fv_ort_free(void* session) {
   auto* s = static_cast<Session*>(session);
   if (!s) return;
-  if (s->s) api<void (*)(OrtSession*)>(kReleaseSession)(s->s);
+  if (s->s) ORT(ReleaseSession)(s->s);
   delete s;
 }
 
