@@ -54,7 +54,7 @@ def never_served(code: grpc.StatusCode, details: str, trailing: Any) -> bool:
 
 
 def dropped_message(address: str, details: str) -> str:
-    """The answer to a call that was sent to a worker and lost with its connection (the fast port says the same)."""
+    """The answer to a call that was sent to a worker and lost with its connection (the native front says the same)."""
     return (
         f"worker at {address} dropped the connection while running this call; it was not retried because it "
         f"may have caused the failure ({details})"
@@ -171,7 +171,7 @@ class Workers:
         self.eject_s = eject_s
         self.on_eject = on_eject
         self.on_change: Callable[[Endpoint], None] | None = None
-        """Called after a worker is ejected or re-admitted (the fast port's table follows)."""
+        """Called after a worker is ejected or re-admitted (the native front's table follows)."""
         self.ready = asyncio.Event()
         self.fixed_left: dict[str, float] = {}
         """Model -> when a fixed-list worker serving it last left the view (a registry restart can empty the view

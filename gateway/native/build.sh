@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the gateway's native fast port (libfovea_gateway_front.so) from front.cc.
+# Builds the gateway's native front (libfovea_gateway_front.so), the server of its one gRPC port, from front.cc.
 # Needs g++, pkg-config, Debian's libgrpc++-dev and libssl-dev (scripts/setup.sh installs them).
 #
 # FOVEA_NATIVE_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer into build-asan/

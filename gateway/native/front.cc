@@ -1,8 +1,9 @@
-// The gateway's fast port: a native gRPC front that answers the hot call, ModelInfer on raw tensors
+// The gateway's native front, the server of its one public gRPC port: it answers the hot call, ModelInfer
 // with an API key the Python gateway has already verified, by forwarding the request's bytes as they
-// came to a worker's fast port. Everything else (unknown or limited keys, errors, images, other
-// methods) goes, bytes and metadata unchanged, to the Python gateway on loopback, which answers as
-// it always does. So every call works on this port, and the common one never enters Python.
+// came to a worker. Everything else (unknown or limited keys, errors, other methods) goes, bytes and
+// metadata unchanged, to the gateway's Python server over a unix socket in a private directory (it has
+// no TCP port), which answers as it always does. So every call works on this port, and the common one
+// never enters Python.
 //
 // Python keeps the tables current: verified unlimited keys (by SHA-256 of the secret, never the
 // secret), production aliases and which workers serve which version (from the registry's watches).
@@ -71,7 +72,7 @@ struct Key {
   int role = 0;
   std::vector<std::string> patterns;
   int64_t expires_ns = 0;  // the key's expiry or the end of its time in this cache, whichever is first
-  bool native = true;      // false: a key with rate limits, verified but served by the Python port
+  bool native = true;      // false: a key with rate limits, verified but served by the Python server
 };
 
 struct Worker {
@@ -156,7 +157,7 @@ struct Head {
   std::string model, version;
 };
 
-// What one input costs, as the Python port counts it (gateway/ratelimit.py, tensor_images): an encoded image
+// What one input costs, as the Python server counts it (gateway/ratelimit.py, tensor_images): an encoded image
 // per element of a BYTES tensor, else a row of its batch dimension (1 without a shape).
 struct Count {
   static constexpr uint64_t kMax = uint64_t(1) << 62;  // the element count stops growing here
@@ -244,7 +245,7 @@ bool parse_version(const std::string& s, int64_t* v) {
 }
 
 // The gateway's rules for a ModelInferRequest (gateway/validate.py, which has the messages), without messages:
-// a request that breaks one is passed to the Python port, which refuses it with the reason. So nothing
+// a request that breaks one is passed to the Python server, which refuses it with the reason. So nothing
 // malformed reaches a worker from here, and each refusal reads the same on both ports.
 constexpr int kMaxInputs = 16, kMaxRank = 8;
 constexpr uint64_t kMaxElements = uint64_t(1) << 40;
@@ -401,7 +402,7 @@ std::string header(const grpc::GenericServerContext& ctx, const char* name) {
   return it == ctx.client_metadata().end() ? std::string() : std::string(it->second.data(), it->second.size());
 }
 
-// The last value of a header sent more than once, as the Python port reads metadata (a dict of them).
+// The last value of a header sent more than once, as the Python server reads metadata (a dict of them).
 bool last_header(const grpc::GenericServerContext& ctx, const char* name, std::string* out) {
   auto range = ctx.client_metadata().equal_range(name);
   if (range.first == range.second) return false;
@@ -410,7 +411,7 @@ bool last_header(const grpc::GenericServerContext& ctx, const char* name, std::s
 }
 
 // The caller's API key from 'authorization: Bearer <key>', or why it cannot be one. The messages are the
-// Python port's (fovea/rpc.py bearer_token, gateway/auth.py KeyCache.check): checked here from the metadata
+// Python server's (fovea/rpc.py bearer_token, gateway/auth.py KeyCache.check): checked here from the metadata
 // alone, so an unauthenticated call is answered before its body is read.
 std::string credentials_problem(const grpc::GenericServerContext& ctx, std::string* secret) {
   std::string value;
@@ -444,7 +445,7 @@ bool sampled(const grpc::GenericServerContext& ctx) {
   return low >= 0 && (low & 1);
 }
 
-// Methods the Python port serves without a key.
+// Methods the Python server serves without a key.
 bool open_method(const std::string& m) {
   return m.rfind("/grpc.health.v1.", 0) == 0 || m.rfind("/grpc.reflection.", 0) == 0;
 }
@@ -471,10 +472,10 @@ std::string new_request_id() {
 
 class Front;
 
-// One call on the fast port, from its arrival to its end, driven by the completion queue it was
+// One call on the front, from its arrival to its end, driven by the completion queue it was
 // requested on: every operation it starts, on its own side or upstream, reports to that queue, and
 // only that queue's thread runs it, so it needs no lock. A unary call is answered natively or passed
-// to the Python port; a streaming call is relayed message by message to the Python port in both
+// to the Python server; a streaming call is relayed message by message to the Python server in both
 // directions (one message in flight each way, so flow control reaches from the client to Python and back).
 class Call {
  public:
@@ -534,7 +535,7 @@ class Call {
   bool cancelled_ = false;
   bool finishing_ = false;
   bool streaming_ = false;
-  bool verifying_ = false;  // asking the Python port whether an unknown key is valid, before reading the body
+  bool verifying_ = false;  // asking the Python server whether an unknown key is valid, before reading the body
   bool up_closed_ = false;  // the relay's upstream sent its last message
   bool initial_copied_ = false;
   std::shared_ptr<const Routes> routes_;  // kept alive for the workers the call uses
@@ -819,7 +820,7 @@ void Call::proceed() {
   }
 }
 
-// A key this front has not seen: ask the Python port (ServerLive with the caller's metadata, which its
+// A key this front has not seen: ask the Python server (ServerLive with the caller's metadata, which its
 // interceptor authenticates) before reading the body. Python caches the answer and, for a valid key,
 // hands it to this front, so a key's later calls skip this.
 void Call::verify() {
@@ -840,7 +841,7 @@ void Call::verify() {
 void Call::verified() {
   verifying_ = false;
   up_pending_ = false;
-  if (!up_status_.ok()) {  // refused: its status and metadata, as the Python port answers
+  if (!up_status_.ok()) {  // refused: its status and metadata, as the Python server answers
     copy_upstream_metadata(false);
     copy_upstream_metadata(true);
     finish(up_status_);
@@ -932,7 +933,7 @@ void Call::attempt() {
   unary_->Finish(&resp_, &up_status_, start(kUp));
 }
 
-// The upstream context of a call passed to the Python port: the caller's deadline and metadata as they came.
+// The upstream context of a call passed to the Python server: the caller's deadline and metadata as they came.
 void Call::start_slow() {
   up_ = std::make_unique<grpc::ClientContext>();
   if (ctx_.deadline() != SysClock::time_point::max()) up_->set_deadline(ctx_.deadline());
@@ -958,7 +959,7 @@ void Call::forward_slow() {
 void Call::up_answered() {
   up_pending_ = false;
   Status st = up_status_;
-  if (rid_.empty()) {  // the Python port answered: its metadata (request id, retry-after hints) goes back as it came
+  if (rid_.empty()) {  // the Python server answered: its metadata (request id, retry-after hints) goes back as it came
     copy_upstream_metadata(false);
     copy_upstream_metadata(true);
     finish(st);
@@ -986,7 +987,7 @@ void Call::up_answered() {
 // Whether the worker certainly never ran the call that failed with UNAVAILABLE, so another may take it: it
 // refused it deliberately (trailing 'fovea-unserved: 1'), or no connection to it could be made. gRPC's API
 // tells neither whether the call reached a transport nor (from the channel's state) a refused connection from
-// one that dropped mid-call, so its text for "never connected" marks it, as on the Python port (gateway/routing.py).
+// one that dropped mid-call, so its text for "never connected" marks it, as on the Python path (gateway/routing.py).
 bool Call::never_served() {
   const auto& md = up_->GetServerTrailingMetadata();
   auto it = md.find("fovea-unserved");
@@ -1111,11 +1112,11 @@ void Front::serve(grpc::ServerCompletionQueue* cq) {
 extern "C" {
 #pragma GCC visibility push(default)
 
-// The fast port's HTTP/2 stream window (gateway/config.py unread_window_bytes), for the fg_start calls after it.
+// The front's HTTP/2 stream window (gateway/config.py unread_window_bytes), for the fg_start calls after it.
 void fg_set_unread_window(int64_t bytes) { unread_window_bytes = bytes; }
 
-// Starts the fast port; *port gets the bound port. slow_address is the Python gateway's own port (plaintext,
-// on loopback). With cert_pem and key_pem it serves TLS; with client_ca_pem too, it requires client certificates.
+// Starts the front on the public address; *port gets the bound port. slow_address is the Python server's
+// (plaintext: "unix:PATH", a socket in a directory only this user may enter). With cert_pem and key_pem it serves TLS; with client_ca_pem too, it requires client certificates.
 void* fg_start(const char* address, int max_message_bytes, const char* slow_address, const char* internal_token,
                int64_t default_deadline_ms, int64_t max_deadline_ms, int64_t max_samples, int eject_after,
                int64_t max_pending, int threads, const char* cert_pem, const char* key_pem,
@@ -1188,7 +1189,7 @@ void fg_put_key(void* fp, const char* digest, const char* key_id, int role, cons
   f->keys[std::string(digest, SHA256_DIGEST_LENGTH)] = std::move(k);
 }
 
-// A verified key with rate limits: its calls' bodies may be read here, and they go to the Python port, which
+// A verified key with rate limits: its calls' bodies may be read here, and they go to the Python server, which
 // charges the limits. Until expires_ns, like fg_put_key's.
 void fg_put_limited_key(void* fp, const char* digest, const char* key_id, int64_t expires_ns) {
   auto* f = static_cast<Front*>(fp);
@@ -1204,7 +1205,7 @@ void fg_put_limited_key(void* fp, const char* digest, const char* key_id, int64_
 // before the first call.
 void fg_set_max_top_k(void* fp, int64_t k) { static_cast<Front*>(fp)->max_top_k = k; }
 
-// Whether calls with a sampled traceparent go to the Python port, which traces them (this front does not):
+// Whether calls with a sampled traceparent go to the Python server, which traces them (this front does not):
 // on when the gateway's tracing is (fovea/tracing.py); set before the first call.
 void fg_set_trace_sampled(void* fp, int on) { static_cast<Front*>(fp)->trace_sampled = on != 0; }
 

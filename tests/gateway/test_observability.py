@@ -198,9 +198,11 @@ async def test_tls_and_mutual_tls(stack: Stack, gateways: GatewayFactory, tmp_pa
     assert await asyncio.to_thread(python_client) == "red"
 
 
-async def test_the_fast_port_serves_tls_and_mutual_tls_too(
+async def test_mutual_tls_covers_the_native_and_the_relayed_path_of_the_one_port(
     stack: Stack, gateways: GatewayFactory, tmp_path: pathlib.Path
 ) -> None:
+    """Raw-tensor ModelInfer (answered by the front) and Classify (relayed to the Python server's unix socket)
+    through the same mutual-TLS port; without a client certificate, or in plaintext, neither gets through."""
     import numpy as np
 
     from inference import grpc_predict_v2_pb2 as pb
@@ -211,7 +213,7 @@ async def test_the_fast_port_serves_tls_and_mutual_tls_too(
     mtls = await gateways(
         tls_cert_file=str(f["server_cert"]), tls_key_file=str(f["server_key"]), tls_client_ca_file=str(f["ca"])
     )
-    assert mtls.fast_port > 0
+    assert mtls.port > 0
     ca = f["ca"].read_bytes()
     client_pair = dict(private_key=f["client_key"].read_bytes(), certificate_chain=f["client_cert"].read_bytes())
     req = pb.ModelInferRequest(model_name="ident")
@@ -219,7 +221,7 @@ async def test_the_fast_port_serves_tls_and_mutual_tls_too(
     req.raw_input_contents.append(np.arange(4, dtype=np.float32).tobytes())
 
     async def infer(creds: grpc.ChannelCredentials | None) -> grpc.StatusCode:
-        address = f"127.0.0.1:{mtls.fast_port}"
+        address = f"127.0.0.1:{mtls.port}"
         channel = grpc.aio.secure_channel(address, creds) if creds else grpc.aio.insecure_channel(address)
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         code, _ = await status_of(stub.ModelInfer(req, metadata=auth(secret), timeout=5))
@@ -235,7 +237,8 @@ async def test_the_fast_port_serves_tls_and_mutual_tls_too(
     await wait_routable(mtls, "ident")
     for _ in range(2):  # the first call verifies the key through Python, the second runs natively
         assert await infer(grpc.ssl_channel_credentials(ca, **client_pair)) == grpc.StatusCode.OK
-    assert mtls.native is not None, "the gateway's fast port is on"
-    assert mtls.native.counts()["native"] >= 1
+    assert mtls.native is not None
+    counts = mtls.native.counts()
+    assert counts["native"] >= 1 and counts["python"] >= 2, counts  # both Classify calls were relayed
     assert await infer(grpc.ssl_channel_credentials(ca)) == grpc.StatusCode.UNAVAILABLE  # no client cert
     assert await infer(None) == grpc.StatusCode.UNAVAILABLE  # plaintext to a TLS port
