@@ -100,6 +100,12 @@ class NativeGateway:
         self.lib.fg_put_limited_key.argtypes = [C.c_void_p, C.c_char_p, C.c_char_p, C.c_int64]
         self.lib.fg_set_max_top_k.argtypes = [C.c_void_p, C.c_int64]
         self.lib.fg_set_trace_sampled.argtypes = [C.c_void_p, C.c_int]
+        self.lib.fg_set_classify_limits.argtypes = [C.c_void_p, C.c_int64, C.c_int64, C.c_int64, C.c_int64]
+
+    def set_classify_limits(self, default_top_k: int, per_forward: int, image_bytes: int, image_pixels: int) -> None:
+        """Classify's limits (gateway/config.py): a call past one goes to the Python server, which says which, or
+        (more images than one worker batch) splits it."""
+        self.lib.fg_set_classify_limits(self.handle, default_top_k, per_forward, image_bytes, image_pixels)
 
     def set_max_top_k(self, k: int) -> None:
         """The most classes a call's classification parameter may ask for; larger asks go to the Python server,
@@ -165,9 +171,9 @@ class NativeGateway:
             "call_objects": out[21],
         }
 
-    def drain_log(self) -> tuple[list[tuple[float, int, float, str, str, str, str]], int]:
+    def drain_log(self) -> tuple[list[tuple[float, int, float, str, str, str, str, str]], int]:
         """Native calls finished since the last drain: (epoch s, code, seconds, request id, model, version,
-        worker fast address) each, and how many were dropped because nobody drained them in time."""
+        worker fast address, method) each, and how many were dropped because nobody drained them in time."""
         if not self.handle:
             return [], 0
         dropped = C.c_int64(0)
@@ -177,8 +183,8 @@ class NativeGateway:
             n = self.lib.fg_drain_log(self.handle, self._log_buf, len(self._log_buf), C.byref(dropped))
         rows = []
         for line in self._log_buf.raw[: max(0, n)].decode(errors="replace").splitlines():
-            ts, code, seconds, rid, model, version, worker = line.split("\t")
-            rows.append((float(ts), int(code), float(seconds), rid, model, version, worker))
+            ts, code, seconds, rid, model, version, worker, method = line.split("\t")
+            rows.append((float(ts), int(code), float(seconds), rid, model, version, worker, method))
         return rows, dropped.value
 
     def take_ejected(self) -> list[str]:
@@ -211,9 +217,17 @@ class NativeGateway:
 def routes_text(
     aliases: dict[tuple[str, str], model_pb2.Alias], versions: dict[tuple[str, int], Any], endpoints: dict[str, Any]
 ) -> str:
-    """The front's routing table: production alias targets, and which workers (fast and main port) serve what."""
+    """The front's routing table: production alias targets, which workers (fast and main port) serve what, and the
+    tensors of the versions that take images (for Classify: input, output, the output's width)."""
     archived = {key for key, mv in versions.items() if mv.state == model_pb2.VERSION_STATE_ARCHIVED}
     lines = []
+    for (model, version), mv in versions.items():
+        if (model, version) in archived or not mv.HasField("preprocessing") or not mv.inputs or not mv.outputs:
+            continue
+        names = (mv.inputs[0].name, mv.outputs[0].name)
+        if all(name and name.isprintable() and not any(c.isspace() for c in name) for name in names):
+            width = mv.outputs[0].shape[-1] if mv.outputs[0].shape else 0
+            lines.append(f"I {model} {version} {names[0]} {names[1]} {max(0, width)}")
     for (model, name), alias in aliases.items():
         if name == "production":
             lines += [f"A {model} {t.version} {t.weight}" for t in alias.targets if (model, t.version) not in archived]

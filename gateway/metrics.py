@@ -96,22 +96,22 @@ class Metrics:
 
     def on_native(
         self,
-        rows: list[tuple[float, int, float, str, str, str, str]],
+        rows: list[tuple[float, int, float, str, str, str, str, str]],
         dropped: int,
         worker_ids: dict[str, str] | None = None,
     ) -> None:
-        """Native fast-port ModelInfer calls, drained from the front in batches: the same metrics and
+        """Native calls (ModelInfer, Classify), drained from the front in batches: the same metrics and
         access-log lines as the calls the Python server answers. worker_ids maps fast addresses to worker ids."""
-        for ts, value, seconds, rid, model, version, worker in rows:
+        for ts, value, seconds, rid, model, version, worker, method in rows:
             code = STATUS_BY_VALUE.get(value, grpc.StatusCode.UNKNOWN).name
-            self._child(self.requests, "ModelInfer", model, code).inc()
-            self._child(self.latency, "ModelInfer").observe(seconds)
+            self._child(self.requests, method, model, code).inc()
+            self._child(self.latency, method).observe(seconds)
             if code in KEY_REFUSAL_NAMES:
                 self._child(self.key_refusals, KEY_REFUSAL_NAMES[code]).inc()
             if worker and worker_ids and worker in worker_ids:  # the worker that answered (or failed last)
                 self._child(self.upstream, worker_ids[worker], code).inc()
             if self.access_log is not None:
-                self.access_log.pending.append((ts, "ModelInfer", code, seconds, rid, model, version))
+                self.access_log.pending.append((ts, method, code, seconds, rid, model, version))
         if dropped and self.access_log is not None:
             self.access_log.dropped += dropped
 

@@ -96,6 +96,8 @@ class Versions:
     aliases: dict[tuple[str, str], model_pb2.Alias] = field(default_factory=dict)
     versions: dict[tuple[str, int], model_pb2.ModelVersion] = field(default_factory=dict)
     latest: dict[str, tuple[int, float]] = field(default_factory=dict)
+    on_learned: Callable[[], None] | None = None
+    """Called when resolve() learns a version from the registry (the native front's table lists it then)."""
 
     def on_event(self, event: registry_pb2.WatchModelsResponse) -> None:
         if event.snapshot:
@@ -135,7 +137,10 @@ class Versions:
                 return mv
         resp = await self.link.resolve(model, version, alias)
         mv = resp.model
+        learned = (mv.name, mv.version) not in self.versions
         self.versions[(mv.name, mv.version)] = mv
+        if learned and self.on_learned is not None:
+            self.on_learned()
         if not version and not alias and not resp.HasField("alias"):
             self.latest[model] = (mv.version, time.monotonic() + self.latest_cache_s)
         return mv

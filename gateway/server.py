@@ -201,6 +201,7 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
         sync_routes()
 
     workers.on_change = on_worker_change
+    versions.on_learned = sync_routes  # a version resolved through the registry: Classify can go native
 
     def on_models(event: registry_pb2.WatchModelsResponse) -> None:
         versions.on_event(event)
@@ -306,6 +307,9 @@ def start_native(config: GatewayConfig, python_address: str, keys: KeyCache, met
 
     keys.on_verified, keys.on_change = on_verified, on_change
     native.set_max_top_k(config.max_top_k)
+    native.set_classify_limits(
+        config.default_top_k, config.max_images_per_forward, config.max_image_bytes, config.max_image_pixels
+    )
     native.set_trace_sampled(tracing.tracer is not None)
     metrics.watch_fast_port(native.counts)
     return native

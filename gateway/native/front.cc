@@ -34,6 +34,8 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include "classify.h"
+
 using grpc::ByteBuffer;
 using grpc::Status;
 using grpc::StatusCode;
@@ -42,6 +44,7 @@ using SysClock = std::chrono::system_clock;
 namespace {
 
 const std::string kModelInfer = "/inference.GRPCInferenceService/ModelInfer";
+const std::string kClassify = "/fovea.v1.ImageService/Classify";
 const std::set<std::string> kStreams = {
     "/inference.GRPCInferenceService/ModelStreamInfer", "/fovea.v1.ImageService/ClassifyStream",
     "/grpc.health.v1.Health/Watch", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
@@ -86,9 +89,17 @@ struct Worker {
   std::atomic<int64_t> ejected_until_ns{0};
 };
 
+// What Classify needs of a model version that takes images: its input and output tensors' names and the
+// output's width (the classes; 0 when unknown).
+struct ImageModel {
+  std::string input, output;
+  int64_t width = 0;
+};
+
 struct Routes {
   std::unordered_map<std::string, std::vector<std::pair<int64_t, double>>> production;  // model -> versions, weights
   std::unordered_map<std::string, std::vector<std::shared_ptr<Worker>>> serving;         // "model\nversion" -> workers
+  std::unordered_map<std::string, ImageModel> images;  // "model\nversion" -> its tensors, for Classify
 };
 
 // Reads protobuf wire format across a ByteBuffer's slices without copying them.
@@ -508,10 +519,13 @@ class Call {
   void verified();
   void handle();
   void forward_native(const Head& head, std::vector<grpc::Slice>& slices);
+  bool classify_native(const std::string& secret, const std::vector<grpc::Slice>& slices);
+  void start_native();
   void attempt();
   void forward_slow();
   void start_slow();
   void up_answered();
+  bool classify_answer();
   bool never_served();
   void done(const Status& st);
   void finish(const Status& st);
@@ -540,6 +554,9 @@ class Call {
   bool initial_copied_ = false;
   std::shared_ptr<const Routes> routes_;  // kept alive for the workers the call uses
   std::string model_, rid_, secret_;
+  const char* method_ = "ModelInfer";  // for the access log and metrics of native calls
+  std::vector<std::string> image_ids_;  // a native Classify's: its answer names each image
+  bool classify_ = false;
   int64_t version_ = 0;
   bool tensors_ = true;
   SysClock::time_point deadline_;
@@ -581,6 +598,8 @@ class Front {
   std::string internal_auth;
   int max_message_bytes = 0;
   int64_t default_deadline_ms = 30000, max_deadline_ms = 300000, max_samples = 64, max_top_k = 100;
+  // Classify's limits (gateway/config.py); a call past one goes to the Python server, which says which.
+  int64_t default_top_k = 5, max_images_per_forward = 32, max_image_bytes = 20 << 20, max_image_pixels = 40000000;
   int eject_after = 3;
   bool trace_sampled = false;  // pass calls with a sampled traceparent to Python, which traces them
   std::atomic<bool> accepting{true};
@@ -704,6 +723,11 @@ class Front {
         double weight;
         in >> model >> version >> weight;
         r->production[model].emplace_back(version, weight);
+      } else if (kind == "I") {
+        std::string model, input, output;
+        int64_t version, width;
+        in >> model >> version >> input >> output >> width;
+        r->images[model + "\n" + std::to_string(version)] = ImageModel{input, output, width};
       } else if (kind == "W") {
         std::string model, address, main;
         int64_t version;
@@ -858,17 +882,19 @@ void Call::verified() {
 }
 
 void Call::handle() {
-  if (ctx_.method() == kModelInfer && !(f_->trace_sampled && sampled(ctx_))) {
-    std::string auth;
-    last_header(ctx_, "authorization", &auth);  // the key credentials_problem checked
-    std::vector<grpc::Slice> slices;
-    if (auth.size() > 7 && strncasecmp(auth.c_str(), "bearer ", 7) == 0 && req_.Dump(&slices).ok()) {
-      Head head = scan_request(slices, f_->max_samples);
-      if (head.ok && f_->admit(auth.substr(7), head.model) && valid_request(slices, f_->max_top_k)) {
-        forward_native(head, slices);
-        return;
-      }
+  bool traced = f_->trace_sampled && sampled(ctx_);  // the Python server traces it
+  std::string auth;
+  last_header(ctx_, "authorization", &auth);  // the key credentials_problem checked
+  std::vector<grpc::Slice> slices;
+  bool bearer = auth.size() > 7 && strncasecmp(auth.c_str(), "bearer ", 7) == 0;
+  if (!traced && bearer && ctx_.method() == kModelInfer && req_.Dump(&slices).ok()) {
+    Head head = scan_request(slices, f_->max_samples);
+    if (head.ok && f_->admit(auth.substr(7), head.model) && valid_request(slices, f_->max_top_k)) {
+      forward_native(head, slices);
+      return;
     }
+  } else if (!traced && bearer && ctx_.method() == kClassify && req_.Dump(&slices).ok()) {
+    if (classify_native(auth.substr(7), slices)) return;
   }
   forward_slow();
 }
@@ -893,6 +919,50 @@ void Call::forward_native(const Head& head, std::vector<grpc::Slice>& slices) {
     slices.emplace_back(extra.data(), extra.size());
   }
   fwd_ = ByteBuffer(slices.data(), slices.size());
+  start_native();
+}
+
+// Classify answered here when the Python server would answer it the same way (gateway/service.py classify): a
+// key without limits that may use the model, the production alias or a version this front routes, a model that
+// takes images, images within every limit (PNG or JPEG whose header gives the size), no more than one worker
+// batch. The images go to a worker's main port as one BYTES ModelInfer; its answer is turned into the
+// ClassifyResponse. False: the call goes to Python, which answers, refuses with the reason, or splits it.
+bool Call::classify_native(const std::string& secret, const std::vector<grpc::Slice>& slices) {
+  std::string body;
+  for (const auto& s : slices) body.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  classify::Request req;
+  if (!classify::read_request(body, &req) || !req.alias.empty() || !valid_name(req.model)) return false;
+  int64_t n = int64_t(req.images.size());
+  if (n == 0 || n > f_->max_samples || n > f_->max_images_per_forward) return false;
+  uint64_t top_k = req.top_k ? req.top_k : uint64_t(f_->default_top_k);
+  if (top_k > uint64_t(f_->max_top_k) || req.version > (uint64_t(1) << 62)) return false;
+  for (const auto& img : req.images) {
+    uint64_t w = 0, h = 0;
+    if (int64_t(img.size) > f_->max_image_bytes || !classify::image_dims(img.data, img.size, &w, &h)) return false;
+    if (w * h > uint64_t(f_->max_image_pixels)) return false;
+  }
+  if (!f_->admit(secret, req.model)) return false;
+  routes_ = f_->current_routes();
+  model_ = req.model;
+  version_ = req.version ? int64_t(req.version) : f_->pick_version(*routes_, model_);
+  auto it = routes_->images.find(model_ + "\n" + std::to_string(version_));
+  if (version_ == 0 || it == routes_->images.end() || !f_->choose(*routes_, model_, version_, "")) return false;
+  const ImageModel& m = it->second;
+  // Classify's top_k means "at most": k never past the output's width, which the classification extension needs.
+  uint64_t k = m.width > 0 ? std::min(top_k, uint64_t(m.width)) : top_k;
+  std::string fwd = classify::infer_request(model_, version_, m.input, m.output, req.images, k);
+  grpc::Slice slice(fwd.data(), fwd.size());
+  fwd_ = ByteBuffer(&slice, 1);
+  for (auto& img : req.images) image_ids_.push_back(std::move(img.id));
+  classify_ = true;
+  method_ = "Classify";
+  tensors_ = false;  // encoded images: a worker's main port decodes them
+  start_native();
+  return true;
+}
+
+// The common start of a native call: its request id, its deadline (the caller's, capped; else the default).
+void Call::start_native() {
   rid_ = header(ctx_, "x-request-id");
   bool printable = rid_.size() <= 128;
   for (char c : rid_) printable &= c >= 0x20 && c < 0x7f;
@@ -927,7 +997,7 @@ void Call::attempt() {
   up_->AddMetadata("x-request-id", rid_);
   worker_->in_flight++;
   grpc::GenericStub* stub = tensors_ ? worker_->stub.get() : worker_->main.get();
-  unary_ = stub->PrepareUnaryCall(up_.get(), kModelInfer, fwd_, cq_);
+  unary_ = stub->PrepareUnaryCall(up_.get(), kModelInfer, fwd_, cq_);  // Classify too: a BYTES ModelInfer
   unary_->StartCall();
   up_pending_ = true;
   unary_->Finish(&resp_, &up_status_, start(kUp));
@@ -981,7 +1051,24 @@ void Call::up_answered() {
     attempt();
     return;
   }
+  if (st.ok() && classify_ && !classify_answer()) {
+    done(Status(StatusCode::INTERNAL, "worker at " + worker_->main_address +
+                                          " answered a classification the gateway cannot read"));
+    return;
+  }
   done(st);
+}
+
+// A native Classify's worker answer (a ModelInferResponse) becomes its ClassifyResponse, in resp_.
+bool Call::classify_answer() {
+  std::vector<grpc::Slice> slices;
+  if (!resp_.Dump(&slices).ok()) return false;
+  std::string answer, out;
+  for (const auto& s : slices) answer.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  if (!classify::classify_response(answer, model_, version_, image_ids_, &out)) return false;
+  grpc::Slice slice(out.data(), out.size());
+  resp_ = ByteBuffer(&slice, 1);
+  return true;
 }
 
 // Whether the worker certainly never ran the call that failed with UNAVAILABLE, so another may take it: it
@@ -1023,6 +1110,7 @@ void Call::done(const Status& st) {
       f_->log_lines++;
       f_->log.append(head).append(rid_).append("\t").append(model_).append("\t").append(std::to_string(version_));
       f_->log.append("\t").append(worker_ ? worker_->address : std::string());
+      f_->log.append("\t").append(method_);
       f_->log.push_back('\n');
     }
   }
@@ -1204,6 +1292,17 @@ void fg_put_limited_key(void* fp, const char* digest, const char* key_id, int64_
 // The most classes a request's classification parameter may ask for (gateway/config.py max_top_k); set
 // before the first call.
 void fg_set_max_top_k(void* fp, int64_t k) { static_cast<Front*>(fp)->max_top_k = k; }
+
+// Classify's limits (gateway/config.py default_top_k, max_images_per_forward, max_image_bytes, max_image_pixels);
+// set before the first call. A call past one goes to the Python server.
+void fg_set_classify_limits(void* fp, int64_t default_top_k, int64_t per_forward, int64_t image_bytes,
+                            int64_t image_pixels) {
+  auto* f = static_cast<Front*>(fp);
+  f->default_top_k = default_top_k;
+  f->max_images_per_forward = per_forward;
+  f->max_image_bytes = image_bytes;
+  f->max_image_pixels = image_pixels;
+}
 
 // Whether calls with a sampled traceparent go to the Python server, which traces them (this front does not):
 // on when the gateway's tracing is (fovea/tracing.py); set before the first call.

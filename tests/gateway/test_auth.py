@@ -23,8 +23,8 @@ PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 @pytest.mark.parametrize("method", ["Classify", "ModelInfer"])
 async def test_authentication_matrix(stack: Stack, gateways: GatewayFactory, method: str) -> None:
-    """Through the gateway's one port: Classify (relayed by the native front to the Python server) and raw-tensor
-    ModelInfer (answered by the front itself once the key is verified and cached)."""
+    """Through the gateway's one port: Classify and raw-tensor ModelInfer, each answered by the native front itself
+    once the key is verified and cached (its refusals worded by the Python server behind it)."""
     gw = await gateways()
     staging = await gateways(min_role="publish")  # a gateway that takes only publish (or admin) keys
     good = await asyncio.to_thread(stack.key)
@@ -71,8 +71,8 @@ async def test_authentication_matrix(stack: Stack, gateways: GatewayFactory, met
     # the gateway keeps serving the good key after all that
     assert (await call(auth(good)))[0] == grpc.StatusCode.OK
     assert gw.native is not None
-    # raw tensors ran in C++ (the good key's calls after its first, and the expiring key's while cached)
-    assert (gw.native.counts()["native"] >= 2) == (method == "ModelInfer"), gw.native.counts()
+    # the good key's calls after its first, and the expiring key's while cached, ran in C++
+    assert gw.native.counts()["native"] >= 2, gw.native.counts()
     await channel.close()
     await staging_channel.close()
 
