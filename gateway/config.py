@@ -13,8 +13,8 @@ class GatewayConfig(BaseConfig):
 
     port: int = 8500
     """The one public gRPC port (0 picks a free one), served by the native front (gateway/native) with TLS or
-    mutual TLS from the tls_* settings. It answers ModelInfer itself and relays every other call to the
-    Python server, which listens on no TCP port, only on a unix socket in a private directory."""
+    mutual TLS from the tls_* settings. It answers ModelInfer and Classify itself and relays every other call to
+    the Python server, which listens on no TCP port, only on a unix socket in a private directory."""
     fast_threads: int = 1
     """Threads of the native front, each running its calls from start to end. One adds the least latency per
     call and forwarded about 2,700 600 KB tensors a second on a 16-core machine; two, about 4,500, with
