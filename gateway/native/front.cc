@@ -520,6 +520,7 @@ class Call {
   void handle();
   void forward_native(const Head& head, std::vector<grpc::Slice>& slices);
   bool classify_native(const std::string& secret, const std::vector<grpc::Slice>& slices);
+  bool classify_sizes_ok(const std::vector<grpc::Slice>& slices);
   void start_native();
   void attempt();
   void forward_slow();
@@ -643,6 +644,18 @@ class Front {
     for (const auto& p : k.patterns)
       if (fnmatch(p.c_str(), model.c_str(), FNM_NOESCAPE) == 0) return true;
     return false;
+  }
+
+  // Whether this secret's calls may be answered here (a key without limits, not expired, allowed to infer),
+  // before its model is known: a Classify of any other key goes to Python without its body being copied.
+  bool native_key(const std::string& secret) {
+    unsigned char digest[SHA256_DIGEST_LENGTH];
+    sha256(secret, digest);
+    std::shared_lock lock(keys_mu);
+    auto it = keys.find(std::string(reinterpret_cast<char*>(digest), sizeof digest));
+    if (it == keys.end()) return false;
+    const Key& k = it->second;
+    return k.native && k.role >= kRoleInfer && (!k.expires_ns || k.expires_ns > now_ns());
   }
 
   // Whether Python verified this secret and it has not expired here: its call's body may be read.
@@ -928,6 +941,7 @@ void Call::forward_native(const Head& head, std::vector<grpc::Slice>& slices) {
 // batch. The images go to a worker's main port as one BYTES ModelInfer; its answer is turned into the
 // ClassifyResponse. False: the call goes to Python, which answers, refuses with the reason, or splits it.
 bool Call::classify_native(const std::string& secret, const std::vector<grpc::Slice>& slices) {
+  if (!f_->native_key(secret) || !classify_sizes_ok(slices)) return false;  // before any copy of the body
   std::string body;
   for (const auto& s : slices) body.append(reinterpret_cast<const char*>(s.begin()), s.size());
   classify::Request req;
@@ -958,6 +972,26 @@ bool Call::classify_native(const std::string& secret, const std::vector<grpc::Sl
   method_ = "Classify";
   tensors_ = false;  // encoded images: a worker's main port decodes them
   start_native();
+  return true;
+}
+
+// A Classify's images, counted and sized in place across the request's slices: one over max_image_bytes, or more
+// than a worker batch, sends the call to Python before its body is copied (a 21 MiB image costs no second copy).
+bool Call::classify_sizes_ok(const std::vector<grpc::Slice>& slices) {
+  Reader r(slices);
+  int64_t images = 0;
+  while (!r.done()) {
+    uint64_t tag, len;
+    if (!r.varint(&tag)) return false;
+    uint32_t field = uint32_t(tag >> 3), wire = uint32_t(tag & 7);
+    if (field == 4 && wire == 2) {
+      // an Image message: its data, its id (at most 4 KB here) and their tags and lengths
+      if (!r.varint(&len) || len > uint64_t(f_->max_image_bytes) + 4096 + 32 || !r.skip(len)) return false;
+      if (++images > std::min(f_->max_samples, f_->max_images_per_forward)) return false;
+    } else if (!r.skip_field(wire)) {
+      return false;
+    }
+  }
   return true;
 }
 
