@@ -445,13 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run the whole cluster locally (Redis, registry, worker, gateway)")
     up.add_argument("--data-dir", default="var/fovea", help="where Redis data, artifacts and logs live")
-    up.add_argument("--gateway-port", type=int, default=8500)
-    up.add_argument(
-        "--gateway-fast-port",
-        type=int,
-        default=0,
-        help="the gateway's native fast port (raw-tensor ModelInfer in C++); 0 picks a free one, -1 off",
-    )
+    up.add_argument("--gateway-port", type=int, default=8500, help="the gateway's one gRPC port, for every call")
     up.add_argument("--registry-port", type=int, default=8501)
     up.add_argument(
         "--http-port",

@@ -103,7 +103,6 @@ def wait_until_served(registry_address: str, token: str, model: str, timeout_s: 
 def up(args: argparse.Namespace) -> int:
     from fovea.client import Client, RegistryClient
     from fovea.cluster import Cluster
-    from fovea.redis_server import free_port
 
     data_dir = pathlib.Path(args.data_dir).resolve()
     cluster = Cluster(data_dir, redis_url=os.environ.get("REDIS_URL", ""))
@@ -117,21 +116,14 @@ def up(args: argparse.Namespace) -> int:
         publish_default_model(registry.address, cluster.admin_token, data_dir, args.model)
         for i in range(args.workers):
             cluster.start_worker(registry.address, name=f"worker{i}")  # no model list: a pool worker
-        fast_port = args.gateway_fast_port if args.gateway_fast_port != 0 else free_port()
         gateway = cluster.start_gateway(
-            registry.address,
-            port=args.gateway_port,
-            FOVEA_GATEWAY_FAST_PORT=str(fast_port),
-            FOVEA_GATEWAY_HTTP_PORT=str(args.http_port),
+            registry.address, port=args.gateway_port, FOVEA_GATEWAY_HTTP_PORT=str(args.http_port)
         )
         with RegistryClient(registry.address, cluster.admin_token) as rc:
             _, secret = rc.create_key("admin", description="created by fovea up")
         print(f"gateway: {gateway.address}", flush=True)
         print(f"api key: {secret}", flush=True)
         print(f"registry: {registry.address}   logs: {data_dir}", file=sys.stderr)
-        if fast_port > 0:
-            host = gateway.address.rsplit(":", 1)[0]
-            print(f"gateway fast port: {host}:{fast_port} (every call; raw-tensor ModelInfer in C++)", file=sys.stderr)
         if args.http_port >= 0:
             http = http_address(gateway.log_path)
             print(f"gateway http: {http or '(not in its log yet: see ' + str(gateway.log_path) + ')'}", file=sys.stderr)

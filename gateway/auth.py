@@ -51,7 +51,7 @@ class KeyCache:
         self.changed: dict[str, int] = {}  # key id -> epoch of its last event
         self.cleared_at = 0  # epoch of the last snapshot, or of forgetting `changed`
         # Told of each key verified at the registry (by the SHA-256 of its secret) and of each watch event:
-        # the native fast port's cache.
+        # the native front's cache.
         self.on_verified: Callable[[bytes, registry_pb2.ApiKey], None] | None = None
         self.on_change: Callable[[registry_pb2.WatchApiKeysResponse], None] | None = None
 

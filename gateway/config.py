@@ -12,12 +12,11 @@ class GatewayConfig(BaseConfig):
     model_config = SettingsConfigDict(env_prefix="FOVEA_GATEWAY_", extra="ignore", populate_by_name=True)
 
     port: int = 8500
-    """Public gRPC port."""
-    fast_port: int = 0
-    """The native fast port (gateway/native): raw-tensor ModelInfer in C++, every other call passed to the
-    main port. 0 picks a free port, -1 turns it off. It serves TLS (and mutual TLS) like the main port."""
+    """The one public gRPC port (0 picks a free one), served by the native front (gateway/native) with TLS or
+    mutual TLS from the tls_* settings. It answers ModelInfer and Classify itself and relays every other call to
+    the Python server, which listens on no TCP port, only on a unix socket in a private directory."""
     fast_threads: int = 1
-    """Threads of the fast port, each running its calls from start to end. One adds the least latency per
+    """Threads of the native front, each running its calls from start to end. One adds the least latency per
     call and forwarded about 2,700 600 KB tensors a second on a 16-core machine; two, about 4,500, with
     calls then passing between threads (docs/bench/README.md)."""
     registry_address: str = "127.0.0.1:8501"
@@ -41,8 +40,8 @@ class GatewayConfig(BaseConfig):
     default_top_k: int = 5
     """Labels per image when the caller asks for none."""
     max_top_k: int = 100
-    """Most labels per image: Classify's top_k, and the k of a ModelInfer's classification parameter (both ports
-    refuse more; the worker also checks k against the model's output width)."""
+    """Most labels per image: Classify's top_k, and the k of a ModelInfer's classification parameter (the gateway
+    refuses more; the worker also checks k against the model's output width)."""
     default_deadline_ms: int = 30_000
     """Deadline for calls that carry none."""
     max_deadline_ms: int = 300_000
@@ -56,9 +55,9 @@ class GatewayConfig(BaseConfig):
     eject_s: float = 5.0
     """How long an ejected worker is set aside before the first health probe (then doubling, up to 30 s)."""
     unread_window_bytes: int = 64 * 1024
-    """What a caller may send on one call before the gateway reads its body (the HTTP/2 stream window, on
-    both ports): bodies are read only after the credentials are checked, so this bounds the memory an
-    unauthenticated call costs, besides its metadata."""
+    """What a caller may send on one call before the gateway reads its body (the HTTP/2 stream window, at the
+    front and at the Python server behind it): bodies are read only after the credentials are checked, so this
+    bounds the memory an unauthenticated call costs, besides its metadata."""
     stream_window: int = 8
     """Requests of one ClassifyStream in flight at once."""
     tls_cert_file: str = ""

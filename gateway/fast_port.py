@@ -1,10 +1,10 @@
-"""The gateway's fast port: a C++ gRPC front (gateway/native/front.cc) for the hot call.
+"""The bindings of the gateway's native front (gateway/native/front.cc), which serves the one public port.
 
-ModelInfer on raw tensors, with an API key this gateway has already verified and that has no rate
-limits, is answered in C++: the request's bytes go to a worker's fast port as they came. Every
-other call (unknown, limited, revoked or expired keys, images, other methods, anything that fails)
-is passed, bytes and metadata unchanged, to this gateway's own Python port on loopback, which
-answers it as usual. Python keeps the front's tables current from the registry's watch streams.
+ModelInfer with an API key this gateway has already verified and that has no rate limits is answered
+in C++: the request's bytes go to a worker as they came. Every other call (unknown, limited, revoked or
+expired keys, other methods, anything that fails) is passed, bytes and metadata unchanged, to this
+gateway's Python server over a unix socket in a private directory, which answers it as usual. Python
+keeps the front's tables current from the registry's watch streams.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def available() -> bool:
     return LIBRARY.exists()
 
 
-def _load() -> C.CDLL:
+def load() -> C.CDLL:
     if not LIBRARY.exists():
         raise RuntimeError(f"{LIBRARY} is missing: run gateway/native/build.sh (scripts/setup.sh does)")
     lib = C.CDLL(str(LIBRARY))
@@ -57,7 +57,7 @@ class NativeGateway:
         self,
         address: str,
         max_message_bytes: int,
-        slow_address: str,
+        python_address: str,
         worker_token: str,
         default_deadline_ms: int,
         max_deadline_ms: int,
@@ -70,7 +70,7 @@ class NativeGateway:
     ) -> None:
         """tls: (certificate chain, private key, client CA) in PEM; empty serves plaintext, an empty CA
         asks for no client certificate."""
-        self.lib = _load()
+        self.lib = load()
         self.lib.fg_set_unread_window.argtypes = [C.c_int64]
         self.lib.fg_set_unread_window(unread_window_bytes)
         port = C.c_int(0)
@@ -78,7 +78,7 @@ class NativeGateway:
         self.handle = self.lib.fg_start(
             address.encode(),
             max_message_bytes,
-            slow_address.encode(),
+            python_address.encode(),
             worker_token.encode(),
             default_deadline_ms,
             max_deadline_ms,
@@ -93,21 +93,27 @@ class NativeGateway:
         )
         self._log_buf = C.create_string_buffer(1 << 20)
         if not self.handle:
-            raise OSError(f"gateway fast port cannot listen on {address}")
+            raise OSError(f"the gateway cannot listen on {address} (in use, or not an address of this host)")
         self.port = port.value
         self.routes = ""
         # Functions added for issue 18 declare their arguments here, apart from the loader.
         self.lib.fg_put_limited_key.argtypes = [C.c_void_p, C.c_char_p, C.c_char_p, C.c_int64]
         self.lib.fg_set_max_top_k.argtypes = [C.c_void_p, C.c_int64]
         self.lib.fg_set_trace_sampled.argtypes = [C.c_void_p, C.c_int]
+        self.lib.fg_set_classify_limits.argtypes = [C.c_void_p, C.c_int64, C.c_int64, C.c_int64, C.c_int64]
+
+    def set_classify_limits(self, default_top_k: int, per_forward: int, image_bytes: int, image_pixels: int) -> None:
+        """Classify's limits (gateway/config.py): a call past one goes to the Python server, which says which, or
+        (more images than one worker batch) splits it."""
+        self.lib.fg_set_classify_limits(self.handle, default_top_k, per_forward, image_bytes, image_pixels)
 
     def set_max_top_k(self, k: int) -> None:
-        """The most classes a call's classification parameter may ask for; larger asks go to the Python port,
+        """The most classes a call's classification parameter may ask for; larger asks go to the Python server,
         which refuses them (gateway/validate.py)."""
         self.lib.fg_set_max_top_k(self.handle, k)
 
     def set_trace_sampled(self, on: bool) -> None:
-        """Send calls whose traceparent is sampled to the Python port, which traces them (issue 21)."""
+        """Send calls whose traceparent is sampled to the Python server, which traces them (issue 21)."""
         self.lib.fg_set_trace_sampled(self.handle, int(on))
 
     def put_key(self, digest: bytes, record: registry_pb2.ApiKey, ttl_s: float) -> None:
@@ -130,7 +136,7 @@ class NativeGateway:
 
     def put_limited_key(self, digest: bytes, record: registry_pb2.ApiKey, ttl_s: float) -> None:
         """A verified key with rate limits: the front reads its calls' bodies (an unknown key's call is held
-        unread until the Python port has verified it) and passes them to the Python port, which charges them."""
+        unread until the Python server has verified it) and passes them to the Python server, which charges them."""
         if not self.handle:
             return
         expires = time.time_ns() + int(ttl_s * 1e9)
@@ -165,9 +171,9 @@ class NativeGateway:
             "call_objects": out[21],
         }
 
-    def drain_log(self) -> tuple[list[tuple[float, int, float, str, str, str, str]], int]:
+    def drain_log(self) -> tuple[list[tuple[float, int, float, str, str, str, str, str]], int]:
         """Native calls finished since the last drain: (epoch s, code, seconds, request id, model, version,
-        worker fast address) each, and how many were dropped because nobody drained them in time."""
+        worker fast address, method) each, and how many were dropped because nobody drained them in time."""
         if not self.handle:
             return [], 0
         dropped = C.c_int64(0)
@@ -177,8 +183,8 @@ class NativeGateway:
             n = self.lib.fg_drain_log(self.handle, self._log_buf, len(self._log_buf), C.byref(dropped))
         rows = []
         for line in self._log_buf.raw[: max(0, n)].decode(errors="replace").splitlines():
-            ts, code, seconds, rid, model, version, worker = line.split("\t")
-            rows.append((float(ts), int(code), float(seconds), rid, model, version, worker))
+            ts, code, seconds, rid, model, version, worker, method = line.split("\t")
+            rows.append((float(ts), int(code), float(seconds), rid, model, version, worker, method))
         return rows, dropped.value
 
     def take_ejected(self) -> list[str]:
@@ -211,9 +217,17 @@ class NativeGateway:
 def routes_text(
     aliases: dict[tuple[str, str], model_pb2.Alias], versions: dict[tuple[str, int], Any], endpoints: dict[str, Any]
 ) -> str:
-    """The front's routing table: production alias targets, and which workers (fast and main port) serve what."""
+    """The front's routing table: production alias targets, which workers (fast and main port) serve what, and the
+    tensors of the versions that take images (for Classify: input, output, the output's width)."""
     archived = {key for key, mv in versions.items() if mv.state == model_pb2.VERSION_STATE_ARCHIVED}
     lines = []
+    for (model, version), mv in versions.items():
+        if (model, version) in archived or not mv.HasField("preprocessing") or not mv.inputs or not mv.outputs:
+            continue
+        names = (mv.inputs[0].name, mv.outputs[0].name)
+        if all(name and name.isprintable() and not any(c.isspace() for c in name) for name in names):
+            width = mv.outputs[0].shape[-1] if mv.outputs[0].shape else 0
+            lines.append(f"I {model} {version} {names[0]} {names[1]} {max(0, width)}")
     for (model, name), alias in aliases.items():
         if name == "production":
             lines += [f"A {model} {t.version} {t.weight}" for t in alias.targets if (model, t.version) not in archived]

@@ -96,22 +96,22 @@ class Metrics:
 
     def on_native(
         self,
-        rows: list[tuple[float, int, float, str, str, str, str]],
+        rows: list[tuple[float, int, float, str, str, str, str, str]],
         dropped: int,
         worker_ids: dict[str, str] | None = None,
     ) -> None:
-        """Native fast-port ModelInfer calls, drained from the front in batches: the same metrics and
-        access-log lines as calls on the Python port. worker_ids maps fast addresses to worker ids."""
-        for ts, value, seconds, rid, model, version, worker in rows:
+        """Native calls (ModelInfer, Classify), drained from the front in batches: the same metrics and
+        access-log lines as the calls the Python server answers. worker_ids maps fast addresses to worker ids."""
+        for ts, value, seconds, rid, model, version, worker, method in rows:
             code = STATUS_BY_VALUE.get(value, grpc.StatusCode.UNKNOWN).name
-            self._child(self.requests, "ModelInfer", model, code).inc()
-            self._child(self.latency, "ModelInfer").observe(seconds)
+            self._child(self.requests, method, model, code).inc()
+            self._child(self.latency, method).observe(seconds)
             if code in KEY_REFUSAL_NAMES:
                 self._child(self.key_refusals, KEY_REFUSAL_NAMES[code]).inc()
             if worker and worker_ids and worker in worker_ids:  # the worker that answered (or failed last)
                 self._child(self.upstream, worker_ids[worker], code).inc()
             if self.access_log is not None:
-                self.access_log.pending.append((ts, "ModelInfer", code, seconds, rid, model, version))
+                self.access_log.pending.append((ts, method, code, seconds, rid, model, version))
         if dropped and self.access_log is not None:
             self.access_log.dropped += dropped
 
@@ -130,8 +130,9 @@ class Metrics:
         return generate_latest(self.registry)
 
     def watch_fast_port(self, counts: Any) -> None:
-        """Calls on the native fast port, read from it at scrape time: by status code, and how many it
-        answered itself (path="native") or passed to this gateway's Python port (path="python")."""
+        """Calls on the native front (the gateway's one port), read from it at scrape time: by status code, and how
+        many it answered itself (path="native") or relayed to this gateway's Python server (path="python"). The
+        names still say fast_port, from when the front was a second port (issue 19 kept them for dashboards)."""
         from prometheus_client.core import CounterMetricFamily
 
         class FastPort:
@@ -139,7 +140,7 @@ class Metrics:
                 now = counts()
                 codes = CounterMetricFamily(
                     "fovea_gateway_fast_port_requests",
-                    "Calls answered on the fast port, by status code",
+                    "Calls answered on the gateway's port (its native front), by status code",
                     labels=["code"],
                 )
                 for value, count in enumerate(now["codes"]):

@@ -54,7 +54,7 @@ def never_served(code: grpc.StatusCode, details: str, trailing: Any) -> bool:
 
 
 def dropped_message(address: str, details: str) -> str:
-    """The answer to a call that was sent to a worker and lost with its connection (the fast port says the same)."""
+    """The answer to a call that was sent to a worker and lost with its connection (the native front says the same)."""
     return (
         f"worker at {address} dropped the connection while running this call; it was not retried because it "
         f"may have caused the failure ({details})"
@@ -96,6 +96,8 @@ class Versions:
     aliases: dict[tuple[str, str], model_pb2.Alias] = field(default_factory=dict)
     versions: dict[tuple[str, int], model_pb2.ModelVersion] = field(default_factory=dict)
     latest: dict[str, tuple[int, float]] = field(default_factory=dict)
+    on_learned: Callable[[], None] | None = None
+    """Called when resolve() learns a version from the registry (the native front's table lists it then)."""
 
     def on_event(self, event: registry_pb2.WatchModelsResponse) -> None:
         if event.snapshot:
@@ -135,7 +137,10 @@ class Versions:
                 return mv
         resp = await self.link.resolve(model, version, alias)
         mv = resp.model
+        learned = (mv.name, mv.version) not in self.versions
         self.versions[(mv.name, mv.version)] = mv
+        if learned and self.on_learned is not None:
+            self.on_learned()
         if not version and not alias and not resp.HasField("alias"):
             self.latest[model] = (mv.version, time.monotonic() + self.latest_cache_s)
         return mv
@@ -171,7 +176,7 @@ class Workers:
         self.eject_s = eject_s
         self.on_eject = on_eject
         self.on_change: Callable[[Endpoint], None] | None = None
-        """Called after a worker is ejected or re-admitted (the fast port's table follows)."""
+        """Called after a worker is ejected or re-admitted (the native front's table follows)."""
         self.ready = asyncio.Event()
         self.fixed_left: dict[str, float] = {}
         """Model -> when a fixed-list worker serving it last left the view (a registry restart can empty the view

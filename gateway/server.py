@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pathlib
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +25,7 @@ from gateway.config import GatewayConfig
 from gateway.fast_port import LIBRARY as NATIVE_LIBRARY
 from gateway.fast_port import NativeGateway, routes_text
 from gateway.fast_port import available as native_available
+from gateway.fast_port import load as load_native
 from gateway.http.app import HttpPort, start_http
 from gateway.metrics import AccessLog, Metrics
 from gateway.ratelimit import Limits, RateLimiter
@@ -41,7 +45,9 @@ SERVICES = [
 @dataclass
 class GatewayServer:
     server: grpc.aio.Server
+    """The Python gRPC server: no TCP port, only a unix socket in `socket_dir`, which the front relays to."""
     port: int
+    """The one public gRPC port: the native front's (gateway/native)."""
     gateway: Gateway
     keys: KeyCache
     link: RegistryLink
@@ -51,10 +57,11 @@ class GatewayServer:
     metrics_port: int = -1
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     native: NativeGateway | None = None
-    fast_port: int = -1
-    """The native fast port (gateway/fast_port.py); -1 when off."""
+    """The native front on the public port (gateway/fast_port.py); None only after stop()."""
+    socket_dir: str = ""
+    """The private (0700) directory of the Python server's unix socket."""
     draining: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set by stop(): new calls on the main port get UNAVAILABLE."""
+    """Set by stop(): new calls that reach the Python server get UNAVAILABLE."""
     http: HttpPort | None = None
     """The HTTP/REST port (gateway/http); None when off."""
 
@@ -73,7 +80,7 @@ class GatewayServer:
         if grace_s > 0:
             await asyncio.sleep(min(0.5, grace_s))
         if self.native is not None:
-            # First: calls it passed to Python need the main port to answer them.
+            # First: calls it passed to Python need the Python server to answer them.
             await asyncio.to_thread(self.native.shutdown, grace_s)
         if self.http is not None:
             await self.http.stop(grace_s)
@@ -83,6 +90,8 @@ class GatewayServer:
         await asyncio.gather(*self.tasks, return_exceptions=True)  # the last native records are drained here
         if self.native is not None:
             self.native.close()
+        if self.socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
         await self.gateway.workers.close()
         await self.gateway.limiter.close()
         await self.link.close()
@@ -90,23 +99,42 @@ class GatewayServer:
 
 
 def _tls_files(config: GatewayConfig) -> tuple[bytes, bytes, bytes]:
-    """(certificate chain, private key, client CA) in PEM, for both ports; empty when plaintext."""
+    """(certificate chain, private key, client CA) in PEM, for the public port; empty when plaintext."""
     if not config.tls_cert_file:
         return b"", b"", b""
     ca = pathlib.Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else b""
     return pathlib.Path(config.tls_cert_file).read_bytes(), pathlib.Path(config.tls_key_file).read_bytes(), ca
 
 
-def _credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
-    cert, key, ca = _tls_files(config)
-    if not cert:
-        return None
-    if ca:
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
-    return grpc.ssl_server_credentials([(key, cert)])
+def require_native() -> None:
+    """The front is the gateway's only public port: without it there is nothing to serve, so the gateway
+    refuses to start rather than serve some other way."""
+    how = (
+        "run gateway/native/build.sh (scripts/setup.sh runs it; it needs the gRPC C++ and OpenSSL development "
+        "packages that set-up installs)"
+    )
+    if not native_available():
+        raise RuntimeError(
+            f"the gateway's native front {NATIVE_LIBRARY} is not built, and it serves the gateway's only public "
+            f"port: {how}"
+        )
+    try:
+        load_native()
+    except OSError as exc:
+        raise RuntimeError(f"the gateway's native front {NATIVE_LIBRARY} cannot be loaded ({exc}): {how}") from exc
+
+
+def private_socket() -> tuple[str, str]:
+    """A unix socket path in a fresh directory only this user may enter (0700), and the directory. The Python
+    server listens there and nowhere else, so that no other user on the host can skip the front's mutual TLS;
+    the same user could read the key files anyway."""
+    directory = tempfile.mkdtemp(prefix="fovea-gateway-")
+    os.chmod(directory, 0o700)  # mkdtemp makes it so; said here because the design depends on it
+    return directory, os.path.join(directory, "python.sock")
 
 
 async def build_server(config: GatewayConfig) -> GatewayServer:
+    require_native()  # before anything is started: without the front there is no public port
     dial = config.channel_credentials()  # TLS to the registry and the workers, when tls_ca_file is set
     link = RegistryLink(config.registry_address, config.registry_token, config.max_message_bytes, credentials=dial)
     versions = Versions(link, config.latest_cache_s)
@@ -147,27 +175,33 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     )
     health_servicer = add_health(server, SERVICES)
     await set_serving(health_servicer, SERVICES, False)
-    address = f"{config.host}:{config.port}"
-    creds = _credentials(config)
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    # The Python server has no TCP port: the front relays to it over a unix socket in a private directory.
+    # It starts first, so that the front never relays a call to a socket nobody answers yet.
+    socket_dir, socket_path = private_socket()
+    server.add_insecure_port(f"unix:{socket_path}")
+    await server.start()
+    try:
+        native = start_native(config, f"unix:{socket_path}", keys, metrics)
+    except BaseException:  # the public port is taken, say: nothing may be left behind
+        await server.stop(0)
+        shutil.rmtree(socket_dir, ignore_errors=True)
+        await workers.close()
+        await limiter.close()
+        await link.close()
+        metrics.close()
+        raise
     stop = asyncio.Event()
-    native = None
-    if config.fast_port >= 0:
-        # The fast port passes calls to a plaintext port of this server on loopback, its own: the main port may
-        # serve TLS or listen on another address. (The fast port checked TLS and client certificates itself.)
-        slow_port = server.add_insecure_port("127.0.0.1:0")
-        native = start_native(config, slow_port, keys, metrics)
 
-    def sync_routes() -> None:  # the fast port's routing table follows the watches and the ejections
-        if native is not None:
-            native.set_routes(routes_text(versions.aliases, versions.versions, workers.endpoints))
+    def sync_routes() -> None:  # the front's routing table follows the watches and the ejections
+        native.set_routes(routes_text(versions.aliases, versions.versions, workers.endpoints))
 
     def on_worker_change(ep: Endpoint) -> None:
-        if native is not None and not ep.ejected and ep.status.fast_address:
+        if not ep.ejected and ep.status.fast_address:
             native.readmit(ep.status.fast_address)
         sync_routes()
 
     workers.on_change = on_worker_change
+    versions.on_learned = sync_routes  # a version resolved through the registry: Classify can go native
 
     def on_models(event: registry_pb2.WatchModelsResponse) -> None:
         versions.on_event(event)
@@ -184,23 +218,21 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     ]
     if access_log is not None:
         tasks.append(asyncio.create_task(access_log.run()))
-    if native is not None:
-        tasks.append(asyncio.create_task(drain_native(native, metrics, workers, stop)))
+    tasks.append(asyncio.create_task(drain_native(native, metrics, workers, stop)))
     await gateway.wait_for_workers(5.0)
-    await server.start()
     http = await start_http(config, inference, image, admit, metrics, draining) if config.http_port >= 0 else None
     metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else -1
     await set_serving(health_servicer, SERVICES, True)
+    tls = "mutual TLS" if config.tls_client_ca_file and config.tls_cert_file else "TLS" if config.tls_cert_file else ""
     logger.info(
-        "gateway listening on %s (%s)%s%s",
-        f"{config.host}:{port}",
-        "TLS" if creds else "plaintext",
-        f", fast port on {config.host}:{native.port}" if native is not None else "",
+        "gateway listening on %s (%s)%s",
+        f"{config.host}:{native.port}",
+        tls or "plaintext",
         f", metrics on {config.metrics_host}:{metrics_port}" if metrics_port >= 0 else "",
     )
     return GatewayServer(
         server,
-        port,
+        native.port,
         gateway,
         keys,
         link,
@@ -210,7 +242,7 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
         metrics_port,
         tasks,
         native,
-        native.port if native is not None else -1,
+        socket_dir,
         draining,
         http,
     )
@@ -228,9 +260,9 @@ async def drain_native(
         metrics.on_native(*native.drain_log(), ids)
         for address in native.take_ejected():  # the front set them aside: probe them as the Python path does
             if address in ids:
-                workers.eject(workers.endpoints[ids[address]], "repeated failures on the fast port")
+                workers.eject(workers.endpoints[ids[address]], "repeated failures seen by the native front")
         now = native.counts()["retries"]
-        if now > retried:  # native retries count with the Python port's in fovea_gateway_upstream_retries
+        if now > retried:  # native retries count with the Python path's in fovea_gateway_upstream_retries
             metrics.retries.inc(now - retried)
             retried = now
 
@@ -242,18 +274,14 @@ async def drain_native(
         drain()
 
 
-def start_native(config: GatewayConfig, port: int, keys: KeyCache, metrics: Metrics) -> NativeGateway | None:
-    """The native fast port, fed with verified unlimited keys; None when it cannot run here."""
-    if not native_available():
-        logger.error(
-            "fast port asked for but %s is not built (run gateway/native/build.sh); serving the main port only",
-            NATIVE_LIBRARY,
-        )
-        return None
+def start_native(config: GatewayConfig, python_address: str, keys: KeyCache, metrics: Metrics) -> NativeGateway:
+    """The native front on the public port, fed with verified keys; what it does not answer itself goes to
+    python_address (the Python server's unix socket)."""
+    require_native()
     native = NativeGateway(
-        f"{config.host}:{config.fast_port}",
+        f"{config.host}:{config.port}",
         config.max_message_bytes,
-        f"127.0.0.1:{port}",
+        python_address,
         config.worker_token,
         config.default_deadline_ms,
         config.max_deadline_ms,
@@ -279,6 +307,9 @@ def start_native(config: GatewayConfig, port: int, keys: KeyCache, metrics: Metr
 
     keys.on_verified, keys.on_change = on_verified, on_change
     native.set_max_top_k(config.max_top_k)
+    native.set_classify_limits(
+        config.default_top_k, config.max_images_per_forward, config.max_image_bytes, config.max_image_pixels
+    )
     native.set_trace_sampled(tracing.tracer is not None)
     metrics.watch_fast_port(native.counts)
     return native

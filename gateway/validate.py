@@ -1,7 +1,7 @@
 """The gateway's checks of a ModelInferRequest, so that a malformed call never reaches a worker.
 
-One rule, one message, here. The fast port (gateway/native/front.cc, `valid_request`) applies the same
-rules without messages: a request it finds invalid is passed to this port, which answers with these.
+One rule, one message, here. The native front (gateway/native/front.cc, `valid_request`) applies the same
+rules without messages: a request it finds invalid is relayed to the Python server, which answers with these.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ if [ -n "$missing" ]; then
 fi
 # The worker's native fast port; without it workers serve their main port only (and say so in their log).
 worker/native/build.sh >/dev/null || echo "warning: the worker's fast port did not build (worker/native/build.sh)" >&2
-gateway/native/build.sh >/dev/null || echo "warning: the gateway's fast port did not build (gateway/native/build.sh)" >&2
+# The gateway's native front serves its one port: without it the gateway refuses to start, so set-up fails here.
+gateway/native/build.sh >/dev/null || { echo "error: the gateway's native front did not build (gateway/native/build.sh)" >&2; exit 1; }
 # buf, for the protos check (scripts/check.sh protos); optional: that check installs it too.
 if command -v npm >/dev/null 2>&1 && [ ! -x protos/node_modules/.bin/buf ]; then
   (cd protos && npm ci --no-audit --no-fund --loglevel=error) || echo "warning: npm ci failed in protos" >&2

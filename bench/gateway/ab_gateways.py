@@ -36,7 +36,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_gateway as bg  # noqa: E402
 
 from fovea.cluster import Cluster  # noqa: E402
-from fovea.redis_server import free_port  # noqa: E402
 from loadtest import perf_analyzer  # noqa: E402
 
 
@@ -62,9 +61,8 @@ def main() -> None:
         reg, rc, mv, secret, worker = bg.start_stack(cluster, artifact, meta, {})
         gateways: dict[str, tuple[int, str]] = {}
         for name, env in settings.items():
-            port = free_port()
-            g = cluster.start_gateway(reg.address, name=f"gateway-{name}", FOVEA_GATEWAY_FAST_PORT=str(port), **env)
-            gateways[name] = (g.proc.pid, f"127.0.0.1:{port}")
+            g = cluster.start_gateway(reg.address, name=f"gateway-{name}", **env)
+            gateways[name] = (g.proc.pid, g.address)
         stable = ("--stability-percentage", "50")
         for _, address in gateways.values():  # warm both: routes, key cache, connections
             perf_analyzer.run(address, mv.name, secret, concurrency=args.concurrency, window_ms=1000, extra=stable)

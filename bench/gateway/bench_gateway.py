@@ -263,7 +263,7 @@ def report_perf_analyzer(args: argparse.Namespace, model: str, res: dict[str, di
     out = {
         "client": "perf_analyzer",
         "model": model,
-        "gateway_port": args.gateway_port,
+        "gateway_port": "one port (native front)",
         "cpus": os.cpu_count(),
         "pinning": args.cpus,
         "client_pinning": args.client_cpus,
@@ -370,12 +370,6 @@ def main() -> None:
         help="python: this script's gRPC clients; perf_analyzer: Triton's C++ tool for both phases",
     )
     ap.add_argument("--window-ms", type=int, default=3000, help="perf_analyzer measurement window")
-    ap.add_argument(
-        "--gateway-port",
-        choices=["fast", "main"],
-        default="fast",
-        help="the gateway's native fast port (default) or its Python main port",
-    )
     ap.add_argument("--json", default=str(ROOT / "bench" / "gateway" / "results.json"))
     args = ap.parse_args()
     if args.model == "sink" and args.client != "perf_analyzer":
@@ -394,19 +388,12 @@ def main() -> None:
         # (perf_analyzer sends raw tensors whatever the model)
         upstream = fast if (args.model == "ident" or args.client == "perf_analyzer") and fast else worker.address
         extra = dict(kv.split("=", 1) for kv in args.gateway_env)
-        fast_ports = [free_port() for _ in range(args.gateways)]
         replicas = [
-            cluster.start_gateway(
-                reg.address, name=f"gateway{i}" if i else "gateway", FOVEA_GATEWAY_FAST_PORT=str(fast_ports[i]), **extra
-            )
+            cluster.start_gateway(reg.address, name=f"gateway{i}" if i else "gateway", **extra)
             for i in range(args.gateways)
         ]
         gateway = replicas[0]
-        # "gateway" is the port clients are told to use: the native fast port (gateway/native)
-        # unless --gateway-port main
-        addresses = (
-            [f"127.0.0.1:{p}" for p in fast_ports] if args.gateway_port == "fast" else [g.address for g in replicas]
-        )
+        addresses = [g.address for g in replicas]  # each gateway's one port (its native front, gateway/native)
         if not args.no_floor:
             bare = subprocess.Popen(
                 [sys.executable, str(pathlib.Path(__file__).with_name("bare_proxy.py")), upstream, str(free_port())],
@@ -463,8 +450,7 @@ def main() -> None:
         if bare is not None:
             targets["floor"] = (bare_address, ())
         print(
-            f"model {mv.name}; worker {upstream}, gateway {addresses[0]} ({args.gateway_port} port); "
-            f"{os.cpu_count()} CPUs",
+            f"model {mv.name}; worker {upstream}, gateway {addresses[0]}; {os.cpu_count()} CPUs",
             flush=True,
         )
         pids = {"worker": worker.proc.pid, "gateway": gateway.proc.pid}
@@ -532,7 +518,7 @@ def main() -> None:
     )
     out = {
         "model": mv.name,
-        "gateway_port": args.gateway_port,
+        "gateway_port": "one port (native front)",
         "cpus": os.cpu_count(),
         "gateways": args.gateways,
         "pinning": args.cpus,

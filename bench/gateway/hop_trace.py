@@ -1,9 +1,9 @@
-"""Where a c=1 call's time goes in the gateway's fast port, from a scheduler trace.
+"""Where a c=1 call's time goes in the gateway's native front (its one port), from a scheduler trace.
 
 The hop at p50 moves by more than the changes worth trying on this shared machine. As
 bench/worker/c1_trace.py does for the worker, this starts a registry, a worker and a gateway with
 EfficientNet-Lite0 (600 KB raw FP32 tensors), keeps perf_analyzer at concurrency 1 on the gateway's
-fast port, records `perf sched`, and prints the median time between the wake-ups that mark each step:
+one port, records `perf sched`, and prints the median time between the wake-ups that mark each step:
 
     send     perf_analyzer wakes a gateway thread (it starts sending the request)
     forward  a gateway thread wakes a worker thread (the request goes on to the worker)
@@ -36,7 +36,6 @@ import bench_gateway as bg  # noqa: E402
 from c1_trace import events, record, save, summarize, timehist  # noqa: E402
 
 from fovea.cluster import Cluster  # noqa: E402
-from fovea.redis_server import free_port  # noqa: E402
 from loadtest import perf_analyzer as pa  # noqa: E402
 
 STEPS = ("send", "forward", "back", "answer")
@@ -81,11 +80,8 @@ def main() -> None:
         reg, _, mv, secret, worker = bg.start_stack(
             cluster, artifact, meta, dict(kv.split("=", 1) for kv in args.worker_env)
         )
-        port = free_port()
-        gateway = cluster.start_gateway(
-            reg.address, FOVEA_GATEWAY_FAST_PORT=str(port), **dict(kv.split("=", 1) for kv in args.gateway_env)
-        )
-        address = f"127.0.0.1:{port}"
+        gateway = cluster.start_gateway(reg.address, **dict(kv.split("=", 1) for kv in args.gateway_env))
+        address = gateway.address
         stable = ("--stability-percentage", "100")
         pa.run(address, mv.name, secret, 1, 1000, extra=stable)  # warm: routes, key cache, connections
         load = subprocess.Popen(

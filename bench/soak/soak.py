@@ -3,8 +3,8 @@
     python bench/soak/soak.py --minutes 10
 
 Starts Valkey, a registry, two workers and a gateway on loopback (tests/e2e/live.py, the tiny colors and
-ident models), then runs, all at once: Classify with encoded images, ModelInfer with raw tensors on the
-gateway's main and fast ports, ClassifyStream, and bad calls (no key, a wrong key, a corrupt image, a wrong
+ident models), then runs, all at once: Classify with encoded images, ModelInfer with raw tensors (two
+clients), ClassifyStream, and bad calls (no key, a wrong key, a corrupt image, a wrong
 dtype, classification k out of range, bytes that are no message). Every --sample-s seconds it records each
 service's RSS, threads and open files; each call's latency goes into its minute. At the end it prints a
 table, writes JSON (--json) and a plot (--png): resources over time, and p50/p99 per minute per kind of call.
@@ -158,11 +158,9 @@ class Soak:
 
     async def run(self) -> None:
         gateway = self.live.gateways[0].address
-        fast = self.live.gateway_fast[0]
-        async with grpc.aio.insecure_channel(gateway) as main_ch, grpc.aio.insecure_channel(fast) as fast_ch:
+        async with grpc.aio.insecure_channel(gateway) as main_ch:  # the gateway's one port
             images = image_pb2_grpc.ImageServiceStub(main_ch)
-            infer_main = pb_grpc.GRPCInferenceServiceStub(main_ch)
-            infer_fast = pb_grpc.GRPCInferenceServiceStub(fast_ch)
+            infer_stub = pb_grpc.GRPCInferenceServiceStub(main_ch)
 
             async def classify(seq: int) -> str:
                 req = classify_request(seq, self.images)
@@ -203,8 +201,8 @@ class Soak:
                 self.sampler(),
                 self.loop("classify", classify),
                 self.loop("classify", classify),
-                self.loop("infer_main", lambda s: infer(infer_main, s)),
-                self.loop("infer_fast", lambda s: infer(infer_fast, s)),
+                self.loop("infer", lambda s: infer(infer_stub, s)),
+                self.loop("infer", lambda s: infer(infer_stub, s)),
                 self.loop("stream", stream),
                 self.loop("bad", bad),
             )
@@ -260,7 +258,7 @@ def summarize(soak: Soak, minutes: float) -> dict[str, Any]:
         "minutes": minutes,
         "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "cluster": "Valkey, registry, 2 workers, 1 gateway (fast port on) on loopback; tiny colors and ident models",
+        "cluster": "Valkey, registry, 2 workers, 1 gateway (one port) on loopback; tiny colors and ident models",
         "calls": dict(soak.recorder.calls),
         "errors": {k: {"count": len(v), "first": v[:5]} for k, v in soak.recorder.errors.items()},
         "services": services,

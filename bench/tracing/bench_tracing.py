@@ -5,9 +5,10 @@ its own copy of the identity model (zero compute: the serving path is all there 
     none  an OTLP exporter configured, sampler parentbased_traceidratio at 0: no call is sampled
     all   the same exporter, sampler parentbased_always_on: every call is traced and exported
 
-The load is perf_analyzer's ModelInfer with raw FP32 tensors on the gateway's main (Python) port, and the
-workers' fast ports are off, so that both hops run the Python code the tracing lives in (the native fast
-ports do not trace: calls with a sampled traceparent leave them for the Python ports). The spans go to an
+The load is perf_analyzer's ModelInfer with raw FP32 tensors through the gateway's one port with a key that
+has a rate limit never reached (the gateway's native front relays such a key's calls to its Python server),
+and the workers' fast ports are off, so that both hops run the Python code the tracing lives in (the native
+parts do not trace: calls with a sampled traceparent leave them for the Python code). The spans go to an
 OTLP receiver in this process, which counts them.
 
 Each round measures every setting, in an order that rotates from round to round: p50 at concurrency 1, then
@@ -160,7 +161,7 @@ def main() -> None:
     try:
         reg = cluster.start_registry()
         rc = RegistryClient(reg.address, cluster.admin_token, timeout_s=120)
-        _, secret = rc.create_key("infer")
+        _, secret = rc.create_key("infer", rate_limit_rps=1e6, rate_burst=1e6)  # the Python path (above)
         pairs: dict[str, tuple[str, Any, Any]] = {}  # setting -> (model, gateway, worker)
         for setting in SETTINGS:
             model = f"ident-{setting}"
@@ -170,7 +171,7 @@ def main() -> None:
             worker = cluster.start_worker(reg.address, [model], f"worker-{setting}", 0, **worker_env)
             while not rc.list_workers(model, ready_only=True):
                 time.sleep(0.1)
-            gateway_env = {"FOVEA_GATEWAY_FAST_PORT": "-1", **otel_env(setting, endpoint, "gateway")}
+            gateway_env = otel_env(setting, endpoint, "gateway")
             gateway = cluster.start_gateway(reg.address, 0, f"gateway-{setting}", **gateway_env)
             pairs[setting] = (model, gateway, worker)
         # any three windows in a row count: on this machine the load of other processes moves them by tens of %

@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1.7
-# The gateway image (public gRPC on 8500, its native fast port on 8504, metrics on 9090). Build from the repository root:
+# The gateway image (public gRPC on 8500, served by its native front; metrics on 9090). Build from the repository root:
 #   docker build -f deploy/docker/gateway.Dockerfile -t fovea-gateway:0.1.0 .
 # Base images are pinned by exact tag; pin digests too in your registry (see deploy/README.md).
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
@@ -23,8 +23,9 @@ COPY deploy/docker/healthcheck.py healthcheck.py
 # filesystem is read-only at run time.
 RUN python -m fovea.codegen \
  && python -m compileall -q /app
-# The native fast port (gateway/native/front.cc), built against the distribution's gRPC C++; the
-# shared libraries it needs travel with it, so the run stage needs no build tools or -dev packages.
+# The native front (gateway/native/front.cc), the gateway's one gRPC port, built against the
+# distribution's gRPC C++; the shared libraries it needs travel with it, so the run stage needs no
+# build tools or -dev packages.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends g++ pkg-config libgrpc++-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/* \
@@ -50,6 +51,6 @@ WORKDIR /app
 # codegen.require() runs at every start and would refuse to start if the stubs looked stale.
 RUN python -c "from fovea import codegen; assert not codegen.is_stale(), 'generated code is stale'"
 USER 10001:10001
-EXPOSE 8500 8504 9090
+EXPOSE 8500 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 CMD ["python", "/app/healthcheck.py", "8500"]
 CMD ["python", "-m", "gateway"]

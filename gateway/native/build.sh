@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the gateway's native fast port (libfovea_gateway_front.so) from front.cc.
+# Builds the gateway's native front (libfovea_gateway_front.so), the server of its one gRPC port, from front.cc
+# (and classify.h, which it includes).
 # Needs g++, pkg-config, Debian's libgrpc++-dev and libssl-dev (scripts/setup.sh installs them).
 #
 # FOVEA_NATIVE_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer into build-asan/
@@ -14,7 +15,7 @@ if [[ "${FOVEA_NATIVE_SANITIZE:-0}" == 1 ]]; then
 fi
 mkdir -p "$out"
 lib="$out/libfovea_gateway_front.so"
-if [[ -f "$lib" && "$lib" -nt "$here/front.cc" && "$lib" -nt "$0" ]]; then
+if [[ -f "$lib" && "$lib" -nt "$here/front.cc" && "$lib" -nt "$here/classify.h" && "$lib" -nt "$0" ]]; then
   echo "up to date: $lib"
   exit 0
 fi

@@ -1,8 +1,9 @@
-// The gateway's fast port: a native gRPC front that answers the hot call, ModelInfer on raw tensors
+// The gateway's native front, the server of its one public gRPC port: it answers the hot call, ModelInfer
 // with an API key the Python gateway has already verified, by forwarding the request's bytes as they
-// came to a worker's fast port. Everything else (unknown or limited keys, errors, images, other
-// methods) goes, bytes and metadata unchanged, to the Python gateway on loopback, which answers as
-// it always does. So every call works on this port, and the common one never enters Python.
+// came to a worker. Everything else (unknown or limited keys, errors, other methods) goes, bytes and
+// metadata unchanged, to the gateway's Python server over a unix socket in a private directory (it has
+// no TCP port), which answers as it always does. So every call works on this port, and the common one
+// never enters Python.
 //
 // Python keeps the tables current: verified unlimited keys (by SHA-256 of the secret, never the
 // secret), production aliases and which workers serve which version (from the registry's watches).
@@ -33,6 +34,8 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include "classify.h"
+
 using grpc::ByteBuffer;
 using grpc::Status;
 using grpc::StatusCode;
@@ -41,6 +44,7 @@ using SysClock = std::chrono::system_clock;
 namespace {
 
 const std::string kModelInfer = "/inference.GRPCInferenceService/ModelInfer";
+const std::string kClassify = "/fovea.v1.ImageService/Classify";
 const std::set<std::string> kStreams = {
     "/inference.GRPCInferenceService/ModelStreamInfer", "/fovea.v1.ImageService/ClassifyStream",
     "/grpc.health.v1.Health/Watch", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
@@ -71,7 +75,7 @@ struct Key {
   int role = 0;
   std::vector<std::string> patterns;
   int64_t expires_ns = 0;  // the key's expiry or the end of its time in this cache, whichever is first
-  bool native = true;      // false: a key with rate limits, verified but served by the Python port
+  bool native = true;      // false: a key with rate limits, verified but served by the Python server
 };
 
 struct Worker {
@@ -85,9 +89,17 @@ struct Worker {
   std::atomic<int64_t> ejected_until_ns{0};
 };
 
+// What Classify needs of a model version that takes images: its input and output tensors' names and the
+// output's width (the classes; 0 when unknown).
+struct ImageModel {
+  std::string input, output;
+  int64_t width = 0;
+};
+
 struct Routes {
   std::unordered_map<std::string, std::vector<std::pair<int64_t, double>>> production;  // model -> versions, weights
   std::unordered_map<std::string, std::vector<std::shared_ptr<Worker>>> serving;         // "model\nversion" -> workers
+  std::unordered_map<std::string, ImageModel> images;  // "model\nversion" -> its tensors, for Classify
 };
 
 // Reads protobuf wire format across a ByteBuffer's slices without copying them.
@@ -156,7 +168,7 @@ struct Head {
   std::string model, version;
 };
 
-// What one input costs, as the Python port counts it (gateway/ratelimit.py, tensor_images): an encoded image
+// What one input costs, as the Python server counts it (gateway/ratelimit.py, tensor_images): an encoded image
 // per element of a BYTES tensor, else a row of its batch dimension (1 without a shape).
 struct Count {
   static constexpr uint64_t kMax = uint64_t(1) << 62;  // the element count stops growing here
@@ -244,7 +256,7 @@ bool parse_version(const std::string& s, int64_t* v) {
 }
 
 // The gateway's rules for a ModelInferRequest (gateway/validate.py, which has the messages), without messages:
-// a request that breaks one is passed to the Python port, which refuses it with the reason. So nothing
+// a request that breaks one is passed to the Python server, which refuses it with the reason. So nothing
 // malformed reaches a worker from here, and each refusal reads the same on both ports.
 constexpr int kMaxInputs = 16, kMaxRank = 8;
 constexpr uint64_t kMaxElements = uint64_t(1) << 40;
@@ -401,7 +413,7 @@ std::string header(const grpc::GenericServerContext& ctx, const char* name) {
   return it == ctx.client_metadata().end() ? std::string() : std::string(it->second.data(), it->second.size());
 }
 
-// The last value of a header sent more than once, as the Python port reads metadata (a dict of them).
+// The last value of a header sent more than once, as the Python server reads metadata (a dict of them).
 bool last_header(const grpc::GenericServerContext& ctx, const char* name, std::string* out) {
   auto range = ctx.client_metadata().equal_range(name);
   if (range.first == range.second) return false;
@@ -410,7 +422,7 @@ bool last_header(const grpc::GenericServerContext& ctx, const char* name, std::s
 }
 
 // The caller's API key from 'authorization: Bearer <key>', or why it cannot be one. The messages are the
-// Python port's (fovea/rpc.py bearer_token, gateway/auth.py KeyCache.check): checked here from the metadata
+// Python server's (fovea/rpc.py bearer_token, gateway/auth.py KeyCache.check): checked here from the metadata
 // alone, so an unauthenticated call is answered before its body is read.
 std::string credentials_problem(const grpc::GenericServerContext& ctx, std::string* secret) {
   std::string value;
@@ -444,7 +456,7 @@ bool sampled(const grpc::GenericServerContext& ctx) {
   return low >= 0 && (low & 1);
 }
 
-// Methods the Python port serves without a key.
+// Methods the Python server serves without a key.
 bool open_method(const std::string& m) {
   return m.rfind("/grpc.health.v1.", 0) == 0 || m.rfind("/grpc.reflection.", 0) == 0;
 }
@@ -471,10 +483,10 @@ std::string new_request_id() {
 
 class Front;
 
-// One call on the fast port, from its arrival to its end, driven by the completion queue it was
+// One call on the front, from its arrival to its end, driven by the completion queue it was
 // requested on: every operation it starts, on its own side or upstream, reports to that queue, and
 // only that queue's thread runs it, so it needs no lock. A unary call is answered natively or passed
-// to the Python port; a streaming call is relayed message by message to the Python port in both
+// to the Python server; a streaming call is relayed message by message to the Python server in both
 // directions (one message in flight each way, so flow control reaches from the client to Python and back).
 class Call {
  public:
@@ -507,10 +519,14 @@ class Call {
   void verified();
   void handle();
   void forward_native(const Head& head, std::vector<grpc::Slice>& slices);
+  bool classify_native(const std::string& secret, const std::vector<grpc::Slice>& slices);
+  bool classify_sizes_ok(const std::vector<grpc::Slice>& slices);
+  void start_native();
   void attempt();
   void forward_slow();
   void start_slow();
   void up_answered();
+  bool classify_answer();
   bool never_served();
   void done(const Status& st);
   void finish(const Status& st);
@@ -534,11 +550,14 @@ class Call {
   bool cancelled_ = false;
   bool finishing_ = false;
   bool streaming_ = false;
-  bool verifying_ = false;  // asking the Python port whether an unknown key is valid, before reading the body
+  bool verifying_ = false;  // asking the Python server whether an unknown key is valid, before reading the body
   bool up_closed_ = false;  // the relay's upstream sent its last message
   bool initial_copied_ = false;
   std::shared_ptr<const Routes> routes_;  // kept alive for the workers the call uses
   std::string model_, rid_, secret_;
+  const char* method_ = "ModelInfer";  // for the access log and metrics of native calls
+  std::vector<std::string> image_ids_;  // a native Classify's: its answer names each image
+  bool classify_ = false;
   int64_t version_ = 0;
   bool tensors_ = true;
   SysClock::time_point deadline_;
@@ -580,6 +599,8 @@ class Front {
   std::string internal_auth;
   int max_message_bytes = 0;
   int64_t default_deadline_ms = 30000, max_deadline_ms = 300000, max_samples = 64, max_top_k = 100;
+  // Classify's limits (gateway/config.py); a call past one goes to the Python server, which says which.
+  int64_t default_top_k = 5, max_images_per_forward = 32, max_image_bytes = 20 << 20, max_image_pixels = 40000000;
   int eject_after = 3;
   bool trace_sampled = false;  // pass calls with a sampled traceparent to Python, which traces them
   std::atomic<bool> accepting{true};
@@ -623,6 +644,18 @@ class Front {
     for (const auto& p : k.patterns)
       if (fnmatch(p.c_str(), model.c_str(), FNM_NOESCAPE) == 0) return true;
     return false;
+  }
+
+  // Whether this secret's calls may be answered here (a key without limits, not expired, allowed to infer),
+  // before its model is known: a Classify of any other key goes to Python without its body being copied.
+  bool native_key(const std::string& secret) {
+    unsigned char digest[SHA256_DIGEST_LENGTH];
+    sha256(secret, digest);
+    std::shared_lock lock(keys_mu);
+    auto it = keys.find(std::string(reinterpret_cast<char*>(digest), sizeof digest));
+    if (it == keys.end()) return false;
+    const Key& k = it->second;
+    return k.native && k.role >= kRoleInfer && (!k.expires_ns || k.expires_ns > now_ns());
   }
 
   // Whether Python verified this secret and it has not expired here: its call's body may be read.
@@ -703,6 +736,11 @@ class Front {
         double weight;
         in >> model >> version >> weight;
         r->production[model].emplace_back(version, weight);
+      } else if (kind == "I") {
+        std::string model, input, output;
+        int64_t version, width;
+        in >> model >> version >> input >> output >> width;
+        r->images[model + "\n" + std::to_string(version)] = ImageModel{input, output, width};
       } else if (kind == "W") {
         std::string model, address, main;
         int64_t version;
@@ -819,7 +857,7 @@ void Call::proceed() {
   }
 }
 
-// A key this front has not seen: ask the Python port (ServerLive with the caller's metadata, which its
+// A key this front has not seen: ask the Python server (ServerLive with the caller's metadata, which its
 // interceptor authenticates) before reading the body. Python caches the answer and, for a valid key,
 // hands it to this front, so a key's later calls skip this.
 void Call::verify() {
@@ -840,7 +878,7 @@ void Call::verify() {
 void Call::verified() {
   verifying_ = false;
   up_pending_ = false;
-  if (!up_status_.ok()) {  // refused: its status and metadata, as the Python port answers
+  if (!up_status_.ok()) {  // refused: its status and metadata, as the Python server answers
     copy_upstream_metadata(false);
     copy_upstream_metadata(true);
     finish(up_status_);
@@ -857,17 +895,19 @@ void Call::verified() {
 }
 
 void Call::handle() {
-  if (ctx_.method() == kModelInfer && !(f_->trace_sampled && sampled(ctx_))) {
-    std::string auth;
-    last_header(ctx_, "authorization", &auth);  // the key credentials_problem checked
-    std::vector<grpc::Slice> slices;
-    if (auth.size() > 7 && strncasecmp(auth.c_str(), "bearer ", 7) == 0 && req_.Dump(&slices).ok()) {
-      Head head = scan_request(slices, f_->max_samples);
-      if (head.ok && f_->admit(auth.substr(7), head.model) && valid_request(slices, f_->max_top_k)) {
-        forward_native(head, slices);
-        return;
-      }
+  bool traced = f_->trace_sampled && sampled(ctx_);  // the Python server traces it
+  std::string auth;
+  last_header(ctx_, "authorization", &auth);  // the key credentials_problem checked
+  std::vector<grpc::Slice> slices;
+  bool bearer = auth.size() > 7 && strncasecmp(auth.c_str(), "bearer ", 7) == 0;
+  if (!traced && bearer && ctx_.method() == kModelInfer && req_.Dump(&slices).ok()) {
+    Head head = scan_request(slices, f_->max_samples);
+    if (head.ok && f_->admit(auth.substr(7), head.model) && valid_request(slices, f_->max_top_k)) {
+      forward_native(head, slices);
+      return;
     }
+  } else if (!traced && bearer && ctx_.method() == kClassify && req_.Dump(&slices).ok()) {
+    if (classify_native(auth.substr(7), slices)) return;
   }
   forward_slow();
 }
@@ -892,6 +932,71 @@ void Call::forward_native(const Head& head, std::vector<grpc::Slice>& slices) {
     slices.emplace_back(extra.data(), extra.size());
   }
   fwd_ = ByteBuffer(slices.data(), slices.size());
+  start_native();
+}
+
+// Classify answered here when the Python server would answer it the same way (gateway/service.py classify): a
+// key without limits that may use the model, the production alias or a version this front routes, a model that
+// takes images, images within every limit (PNG or JPEG whose header gives the size), no more than one worker
+// batch. The images go to a worker's main port as one BYTES ModelInfer; its answer is turned into the
+// ClassifyResponse. False: the call goes to Python, which answers, refuses with the reason, or splits it.
+bool Call::classify_native(const std::string& secret, const std::vector<grpc::Slice>& slices) {
+  if (!f_->native_key(secret) || !classify_sizes_ok(slices)) return false;  // before any copy of the body
+  std::string body;
+  for (const auto& s : slices) body.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  classify::Request req;
+  if (!classify::read_request(body, &req) || !req.alias.empty() || !valid_name(req.model)) return false;
+  int64_t n = int64_t(req.images.size());
+  if (n == 0 || n > f_->max_samples || n > f_->max_images_per_forward) return false;
+  uint64_t top_k = req.top_k ? req.top_k : uint64_t(f_->default_top_k);
+  if (top_k > uint64_t(f_->max_top_k) || req.version > (uint64_t(1) << 62)) return false;
+  for (const auto& img : req.images) {
+    uint64_t w = 0, h = 0;
+    if (int64_t(img.size) > f_->max_image_bytes || !classify::image_dims(img.data, img.size, &w, &h)) return false;
+    if (w * h > uint64_t(f_->max_image_pixels)) return false;
+  }
+  if (!f_->admit(secret, req.model)) return false;
+  routes_ = f_->current_routes();
+  model_ = req.model;
+  version_ = req.version ? int64_t(req.version) : f_->pick_version(*routes_, model_);
+  auto it = routes_->images.find(model_ + "\n" + std::to_string(version_));
+  if (version_ == 0 || it == routes_->images.end() || !f_->choose(*routes_, model_, version_, "")) return false;
+  const ImageModel& m = it->second;
+  // Classify's top_k means "at most": k never past the output's width, which the classification extension needs.
+  uint64_t k = m.width > 0 ? std::min(top_k, uint64_t(m.width)) : top_k;
+  std::string fwd = classify::infer_request(model_, version_, m.input, m.output, req.images, k);
+  grpc::Slice slice(fwd.data(), fwd.size());
+  fwd_ = ByteBuffer(&slice, 1);
+  for (auto& img : req.images) image_ids_.push_back(std::move(img.id));
+  classify_ = true;
+  method_ = "Classify";
+  tensors_ = false;  // encoded images: a worker's main port decodes them
+  start_native();
+  return true;
+}
+
+// A Classify's images, counted and sized in place across the request's slices: one over max_image_bytes, or more
+// than a worker batch, sends the call to Python before its body is copied (a 21 MiB image costs no second copy).
+bool Call::classify_sizes_ok(const std::vector<grpc::Slice>& slices) {
+  Reader r(slices);
+  int64_t images = 0;
+  while (!r.done()) {
+    uint64_t tag, len;
+    if (!r.varint(&tag)) return false;
+    uint32_t field = uint32_t(tag >> 3), wire = uint32_t(tag & 7);
+    if (field == 4 && wire == 2) {
+      // an Image message: its data, its id (at most 4 KB here) and their tags and lengths
+      if (!r.varint(&len) || len > uint64_t(f_->max_image_bytes) + 4096 + 32 || !r.skip(len)) return false;
+      if (++images > std::min(f_->max_samples, f_->max_images_per_forward)) return false;
+    } else if (!r.skip_field(wire)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The common start of a native call: its request id, its deadline (the caller's, capped; else the default).
+void Call::start_native() {
   rid_ = header(ctx_, "x-request-id");
   bool printable = rid_.size() <= 128;
   for (char c : rid_) printable &= c >= 0x20 && c < 0x7f;
@@ -926,13 +1031,13 @@ void Call::attempt() {
   up_->AddMetadata("x-request-id", rid_);
   worker_->in_flight++;
   grpc::GenericStub* stub = tensors_ ? worker_->stub.get() : worker_->main.get();
-  unary_ = stub->PrepareUnaryCall(up_.get(), kModelInfer, fwd_, cq_);
+  unary_ = stub->PrepareUnaryCall(up_.get(), kModelInfer, fwd_, cq_);  // Classify too: a BYTES ModelInfer
   unary_->StartCall();
   up_pending_ = true;
   unary_->Finish(&resp_, &up_status_, start(kUp));
 }
 
-// The upstream context of a call passed to the Python port: the caller's deadline and metadata as they came.
+// The upstream context of a call passed to the Python server: the caller's deadline and metadata as they came.
 void Call::start_slow() {
   up_ = std::make_unique<grpc::ClientContext>();
   if (ctx_.deadline() != SysClock::time_point::max()) up_->set_deadline(ctx_.deadline());
@@ -958,7 +1063,7 @@ void Call::forward_slow() {
 void Call::up_answered() {
   up_pending_ = false;
   Status st = up_status_;
-  if (rid_.empty()) {  // the Python port answered: its metadata (request id, retry-after hints) goes back as it came
+  if (rid_.empty()) {  // the Python server answered: its metadata (request id, retry-after hints) goes back as it came
     copy_upstream_metadata(false);
     copy_upstream_metadata(true);
     finish(st);
@@ -980,13 +1085,30 @@ void Call::up_answered() {
     attempt();
     return;
   }
+  if (st.ok() && classify_ && !classify_answer()) {
+    done(Status(StatusCode::INTERNAL, "worker at " + worker_->main_address +
+                                          " answered a classification the gateway cannot read"));
+    return;
+  }
   done(st);
+}
+
+// A native Classify's worker answer (a ModelInferResponse) becomes its ClassifyResponse, in resp_.
+bool Call::classify_answer() {
+  std::vector<grpc::Slice> slices;
+  if (!resp_.Dump(&slices).ok()) return false;
+  std::string answer, out;
+  for (const auto& s : slices) answer.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  if (!classify::classify_response(answer, model_, version_, image_ids_, &out)) return false;
+  grpc::Slice slice(out.data(), out.size());
+  resp_ = ByteBuffer(&slice, 1);
+  return true;
 }
 
 // Whether the worker certainly never ran the call that failed with UNAVAILABLE, so another may take it: it
 // refused it deliberately (trailing 'fovea-unserved: 1'), or no connection to it could be made. gRPC's API
 // tells neither whether the call reached a transport nor (from the channel's state) a refused connection from
-// one that dropped mid-call, so its text for "never connected" marks it, as on the Python port (gateway/routing.py).
+// one that dropped mid-call, so its text for "never connected" marks it, as on the Python path (gateway/routing.py).
 bool Call::never_served() {
   const auto& md = up_->GetServerTrailingMetadata();
   auto it = md.find("fovea-unserved");
@@ -1022,6 +1144,7 @@ void Call::done(const Status& st) {
       f_->log_lines++;
       f_->log.append(head).append(rid_).append("\t").append(model_).append("\t").append(std::to_string(version_));
       f_->log.append("\t").append(worker_ ? worker_->address : std::string());
+      f_->log.append("\t").append(method_);
       f_->log.push_back('\n');
     }
   }
@@ -1111,11 +1234,11 @@ void Front::serve(grpc::ServerCompletionQueue* cq) {
 extern "C" {
 #pragma GCC visibility push(default)
 
-// The fast port's HTTP/2 stream window (gateway/config.py unread_window_bytes), for the fg_start calls after it.
+// The front's HTTP/2 stream window (gateway/config.py unread_window_bytes), for the fg_start calls after it.
 void fg_set_unread_window(int64_t bytes) { unread_window_bytes = bytes; }
 
-// Starts the fast port; *port gets the bound port. slow_address is the Python gateway's own port (plaintext,
-// on loopback). With cert_pem and key_pem it serves TLS; with client_ca_pem too, it requires client certificates.
+// Starts the front on the public address; *port gets the bound port. slow_address is the Python server's
+// (plaintext: "unix:PATH", a socket in a directory only this user may enter). With cert_pem and key_pem it serves TLS; with client_ca_pem too, it requires client certificates.
 void* fg_start(const char* address, int max_message_bytes, const char* slow_address, const char* internal_token,
                int64_t default_deadline_ms, int64_t max_deadline_ms, int64_t max_samples, int eject_after,
                int64_t max_pending, int threads, const char* cert_pem, const char* key_pem,
@@ -1188,7 +1311,7 @@ void fg_put_key(void* fp, const char* digest, const char* key_id, int role, cons
   f->keys[std::string(digest, SHA256_DIGEST_LENGTH)] = std::move(k);
 }
 
-// A verified key with rate limits: its calls' bodies may be read here, and they go to the Python port, which
+// A verified key with rate limits: its calls' bodies may be read here, and they go to the Python server, which
 // charges the limits. Until expires_ns, like fg_put_key's.
 void fg_put_limited_key(void* fp, const char* digest, const char* key_id, int64_t expires_ns) {
   auto* f = static_cast<Front*>(fp);
@@ -1204,7 +1327,18 @@ void fg_put_limited_key(void* fp, const char* digest, const char* key_id, int64_
 // before the first call.
 void fg_set_max_top_k(void* fp, int64_t k) { static_cast<Front*>(fp)->max_top_k = k; }
 
-// Whether calls with a sampled traceparent go to the Python port, which traces them (this front does not):
+// Classify's limits (gateway/config.py default_top_k, max_images_per_forward, max_image_bytes, max_image_pixels);
+// set before the first call. A call past one goes to the Python server.
+void fg_set_classify_limits(void* fp, int64_t default_top_k, int64_t per_forward, int64_t image_bytes,
+                            int64_t image_pixels) {
+  auto* f = static_cast<Front*>(fp);
+  f->default_top_k = default_top_k;
+  f->max_images_per_forward = per_forward;
+  f->max_image_bytes = image_bytes;
+  f->max_image_pixels = image_pixels;
+}
+
+// Whether calls with a sampled traceparent go to the Python server, which traces them (this front does not):
 // on when the gateway's tracing is (fovea/tracing.py); set before the first call.
 void fg_set_trace_sampled(void* fp, int on) { static_cast<Front*>(fp)->trace_sampled = on != 0; }
 

@@ -358,14 +358,14 @@ def test_every_metric_in_the_dashboard_and_rules_exists_on_live_services(
                 except grpc.RpcError as exc:
                     codes.append(exc.code())
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-        # Raw tensors on the gateway's fast port reach the worker's fast port (its own latency histogram).
+        # Raw tensors, answered by the gateway's native front, reach the worker's fast port (its own histogram).
         req = pb.ModelInferRequest(model_name="ident")
         req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
         req.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
-        with grpc.insecure_channel(cluster.gateway_fast[0]) as channel:
+        with grpc.insecure_channel(gateway) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             stub.ModelInfer(req, metadata=(("authorization", f"Bearer {cluster.keys['infer']}"),), timeout=20)
-        time.sleep(0.5)  # the gateway drains its fast port's records every 0.2 s
+        time.sleep(0.5)  # the gateway drains its native front's records every 0.2 s
 
     drive()  # every series exists from here: rates need two scrapes of it
     before = time.time(), [x for port in ports.values() for x in render.scrape(f"http://127.0.0.1:{port}/metrics")]

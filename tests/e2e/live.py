@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from fovea.client import RegistryClient
 from fovea.cluster import Cluster, Service
-from fovea.redis_server import free_port
 from fovea.v1 import model_pb2
 from tests.tinymodels import color_model, identity_model
 
@@ -27,7 +26,6 @@ class Live:
     rc: RegistryClient
     workers: list[Service] = field(default_factory=list)
     gateways: list[Service] = field(default_factory=list)
-    gateway_fast: list[str] = field(default_factory=list)
     keys: dict[str, str] = field(default_factory=dict)
 
     def services(self) -> list[Service]:
@@ -52,7 +50,7 @@ def start_live(
     gateway_env: dict[str, str] | None = None,
 ) -> Live:
     """Registry (and Valkey unless redis_url is given), the tiny colors and ident models with production
-    aliases, workers serving both, gateways with their native fast port on, and one key per role."""
+    aliases, workers serving both, gateways (each one port, its native front), and one key per role."""
     cluster = Cluster(data_dir, redis_url=redis_url)
     try:
         registry = cluster.start_registry(port=0, **(registry_env or {}))
@@ -68,9 +66,7 @@ def start_live(
             live.workers.append(start_worker(live, f"worker{i}", port=0, **(worker_env or {})))
         wait_ready(live, workers)
         for i in range(gateways):
-            gateway, fast = start_gateway(live, f"gateway{i}", port=0, fast_port=0, **(gateway_env or {}))
-            live.gateways.append(gateway)
-            live.gateway_fast.append(fast)
+            live.gateways.append(start_gateway(live, f"gateway{i}", port=0, **(gateway_env or {})))
         return live
     except BaseException:
         cluster.stop()
@@ -92,13 +88,9 @@ def start_worker(live: Live, name: str, port: int = 0, **env: str) -> Service:
     return live.cluster.start_worker(live.registry.address, list(MODELS), name=name, port=port, **{**WORKER_ENV, **env})
 
 
-def start_gateway(live: Live, name: str, port: int = 0, fast_port: int = 0, **env: str) -> tuple[Service, str]:
-    """A gateway process and the address of its fast port (chosen here, so that the test knows it)."""
-    fast_port = fast_port or free_port()
-    gateway = live.cluster.start_gateway(
-        live.registry.address, port=port, name=name, FOVEA_GATEWAY_FAST_PORT=str(fast_port), **env
-    )
-    return gateway, f"127.0.0.1:{fast_port}"
+def start_gateway(live: Live, name: str, port: int = 0, **env: str) -> Service:
+    """A gateway process; its one port is its address."""
+    return live.cluster.start_gateway(live.registry.address, port=port, name=name, **env)
 
 
 def wait_ready(live: Live, n: int, timeout_s: float = 60.0) -> None:
@@ -146,8 +138,7 @@ def restart(live: Live, old: Service) -> Service:
         live.workers[live.workers.index(old)] = new
     elif old in live.gateways:
         i = live.gateways.index(old)
-        fast = int(live.gateway_fast[i].rsplit(":", 1)[1])
-        new, _ = start_gateway(live, old.name, port=port, fast_port=fast)
+        new = start_gateway(live, old.name, port=port)
         live.gateways[i] = new
     else:
         new = live.cluster.start_registry(port=port)

@@ -1,5 +1,5 @@
 """Fault drills (issue 18) on a real multi-process cluster on loopback: Valkey, a registry, two workers and
-two gateways, under steady load from clients on all four public ports (each gateway's main and fast port).
+two gateways, under steady load from four clients, two on each gateway's one public port.
 
 The ledger. Every call a client sends is entered under its own id before it is sent; its answer is entered
 when the call returns: "OK" (the answer carries the call's id and its own data back: the model echoes its
@@ -114,13 +114,14 @@ def ident_request(rid: str, value: float) -> pb.ModelInferRequest:
 
 
 class Load:
-    """One client per public port, each sending ident calls one after another, every call in the ledger."""
+    """Two clients per gateway (its one public port), each sending ident calls one after another, every call in
+    the ledger."""
 
     def __init__(self, live: Live, key: str) -> None:
         self.ports = {}
         for i, gateway in enumerate(live.gateways):
-            self.ports[f"gateway{i}"] = gateway.address
-            self.ports[f"gateway{i}-fast"] = live.gateway_fast[i]
+            for client in ("a", "b"):
+                self.ports[f"gateway{i}-{client}"] = gateway.address
         self.metadata = (("authorization", f"Bearer {key}"),)
         self.ledger = Ledger()
         self.stopping = False
@@ -486,9 +487,7 @@ def poison_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoisonC
             c.workers.append(pc.start_worker(name))
         wait_ready(c, 2)
         for i in range(2):
-            gateway, fast = start_gateway(c, f"gateway{i}")
-            c.gateways.append(gateway)
-            c.gateway_fast.append(fast)
+            c.gateways.append(start_gateway(c, f"gateway{i}"))
         pc.track_pids()
         yield pc
     finally:
@@ -497,10 +496,12 @@ def poison_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoisonC
             p.stop()
 
 
-@pytest.mark.parametrize("port", ["gateway0", "gateway1-fast"])
-async def test_poison_call_costs_one_worker(poison_cluster: PoisonCluster, port: str) -> None:
+@pytest.mark.parametrize("path", ["native", "relayed"])
+async def test_poison_call_costs_one_worker(poison_cluster: PoisonCluster, path: str) -> None:
     """A call that kills the worker it reaches (under load): it gets UNAVAILABLE and is not retried, so exactly
-    one worker dies; other calls fail only if they were in flight on that worker; the other worker serves on."""
+    one worker dies; other calls fail only if they were in flight on that worker; the other worker serves on.
+    The poison call's key decides who routes it: the gateway's native front (no rate limits, on gateway0), or
+    the Python server behind it (a limit never reached, on gateway1)."""
     pc = poison_cluster
     live = pc.live
     await asyncio.to_thread(pc.restart_dead)
@@ -509,7 +510,8 @@ async def test_poison_call_costs_one_worker(poison_cluster: PoisonCluster, port:
     key = live.keys["infer"]
     await wait_all_ports_ok(live, key, streak=20)
     kills_before = sum(p.kills for p in pc.proxies.values())
-    address = dict(Load(live, key).ports)[port]
+    address = live.gateways[0 if path == "native" else 1].address
+    poison_key = key if path == "native" else live.rc.create_key("infer", rate_limit_rps=10_000.0)[1]
     poison: dict[str, tuple[str, str]] = {}
 
     def send_poison() -> None:
@@ -517,7 +519,7 @@ async def test_poison_call_costs_one_worker(poison_cluster: PoisonCluster, port:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             req = ident_request("poison-" + POISON.decode(), 1.0)
             try:
-                stub.ModelInfer(req, metadata=(("authorization", f"Bearer {key}"),), timeout=DEADLINE_S)
+                stub.ModelInfer(req, metadata=(("authorization", f"Bearer {poison_key}"),), timeout=DEADLINE_S)
                 poison["answer"] = ("OK", "")
             except grpc.RpcError as exc:
                 poison["answer"] = (exc.code().name, exc.details() or "")
@@ -527,7 +529,7 @@ async def test_poison_call_costs_one_worker(poison_cluster: PoisonCluster, port:
     dead = [w.name for w in live.workers if w.proc.poll() is not None]
     failures = ledger.failures()
     report(
-        f"poison call on {port}",
+        f"poison call, {path} path",
         ledger,
         first_ok=ledger.first_ok_after(fault_at),
         last_failure_ends=max((a.done_at - fault_at for a in failures), default=0.0),

@@ -7,8 +7,12 @@ import asyncio
 import time
 
 import grpc
+import numpy as np
+import pytest
 
 from fovea.v1 import image_pb2
+from inference import grpc_predict_v2_pb2 as pb
+from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.gateway.conftest import GatewayFactory, Stack, auth, classify_request, image_stub, status_of
 from tests.tinymodels import png
 
@@ -17,7 +21,10 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_authentication_matrix(stack: Stack, gateways: GatewayFactory) -> None:
+@pytest.mark.parametrize("method", ["Classify", "ModelInfer"])
+async def test_authentication_matrix(stack: Stack, gateways: GatewayFactory, method: str) -> None:
+    """Through the gateway's one port: Classify and raw-tensor ModelInfer, each answered by the native front itself
+    once the key is verified and cached (its refusals worded by the Python server behind it)."""
     gw = await gateways()
     staging = await gateways(min_role="publish")  # a gateway that takes only publish (or admin) keys
     good = await asyncio.to_thread(stack.key)
@@ -26,12 +33,18 @@ async def test_authentication_matrix(stack: Stack, gateways: GatewayFactory) -> 
     key_id_of_revoked = revoked.split("_")[1]
     await asyncio.to_thread(stack.rc.revoke_key, key_id_of_revoked)
     expired = await asyncio.to_thread(lambda: stack.key(ttl_s=2))  # valid for at least 1 s more
-    req = classify_request(RED)
     channel, stub = image_stub(gw)
     staging_channel, staging_stub = image_stub(staging)
+    model = "colors" if method == "Classify" else "ident"
 
     async def call(md: tuple[tuple[str, str], ...] | None, s: object = stub) -> tuple[grpc.StatusCode, str]:
-        return await status_of(s.Classify(req, metadata=md, timeout=10))  # type: ignore[attr-defined]
+        if method == "Classify":
+            return await status_of(s.Classify(classify_request(RED), metadata=md, timeout=10))  # type: ignore[attr-defined]
+        infer = pb_grpc.GRPCInferenceServiceStub(channel if s is stub else staging_channel)
+        req = pb.ModelInferRequest(model_name="ident")
+        req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+        req.raw_input_contents.append(np.ones(4, np.float32).tobytes())
+        return await status_of(infer.ModelInfer(req, metadata=md, timeout=10))
 
     assert (await call(auth(good)))[0] == grpc.StatusCode.OK
     assert (await call(auth(expired)))[0] == grpc.StatusCode.OK  # now cached at the gateway
@@ -41,7 +54,7 @@ async def test_authentication_matrix(stack: Stack, gateways: GatewayFactory) -> 
         "malformed key": (auth("not-a-fovea-key"), UNAUTHENTICATED, "malformed API key"),
         "unknown key": (auth("fv_aaaaaaaaaaaa_" + "x" * 43), UNAUTHENTICATED, "unknown API key"),
         "revoked key": (auth(revoked), UNAUTHENTICATED, "revoked"),
-        "model outside patterns": (auth(other_models), PERMISSION_DENIED, "may not use model 'colors'"),
+        "model outside patterns": (auth(other_models), PERMISSION_DENIED, f"may not use model '{model}'"),
     }
     for name, (md, code, text) in cases.items():
         got, message = await call(md)
@@ -57,6 +70,9 @@ async def test_authentication_matrix(stack: Stack, gateways: GatewayFactory) -> 
     assert (await call(auth(publisher), staging_stub))[0] == grpc.StatusCode.OK
     # the gateway keeps serving the good key after all that
     assert (await call(auth(good)))[0] == grpc.StatusCode.OK
+    assert gw.native is not None
+    # the good key's calls after its first, and the expiring key's while cached, ran in C++
+    assert gw.native.counts()["native"] >= 2, gw.native.counts()
     await channel.close()
     await staging_channel.close()
 

@@ -72,7 +72,6 @@ async def gateways(slow: Slow) -> AsyncIterator[Any]:
     async def start(**overrides: Any) -> GatewayServer:
         fields: dict[str, Any] = dict(
             port=0,
-            fast_port=-1,
             registry_address=slow.registry.address,
             registry_token=slow.cluster.gateway_token,
             worker_token=slow.cluster.worker_call_token,

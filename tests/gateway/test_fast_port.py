@@ -1,9 +1,12 @@
-"""The gateway's native fast port (gateway/native): the hot call answered in C++, everything else passed
-to the gateway's Python port with the same answers, and the native key cache kept honest."""
+"""The gateway's one public port, served by its native front (gateway/native): the hot call answered in C++,
+everything else relayed to the gateway's Python server (on a private unix socket, no TCP port) with the same
+answers, and the native key cache kept honest."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -51,14 +54,73 @@ def lost_in_flight_only(failures: list[Exception], clients: int) -> None:
 
 
 def fast_front(gw: GatewayServer) -> NativeGateway:
-    """The gateway's native fast port (on in the gateways these tests start)."""
-    assert gw.native is not None, "the gateway's fast port is off"
+    """The gateway's native front (serving its one public port until the gateway stops)."""
+    assert gw.native is not None, "the gateway has stopped"
     return gw.native
 
 
 def fast_stub(gw) -> tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]:  # type: ignore[no-untyped-def]
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.fast_port}")
+    """A client of the gateway's one public port."""
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}")
     return channel, pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def listening_tcp_ports() -> set[int]:
+    """The TCP ports this process listens on (IPv4 and IPv6): the listening sockets of /proc/net/tcp* whose
+    inodes are among this process's open files."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def test_the_gateway_listens_on_one_tcp_port_and_python_on_a_private_unix_socket(
+    stack: Stack, gateways: GatewayFactory
+) -> None:
+    """The front's public port is the gateway's only gRPC TCP listener: the Python server has no TCP port (it
+    once had a plaintext loopback one that skipped mutual TLS), only a unix socket in a directory that only
+    this user may enter, and calls relayed to it work."""
+    before = listening_tcp_ports()  # whatever earlier tests in this process left listening is not this gateway's
+    gw = await gateways()
+    assert listening_tcp_ports() - before == {gw.port}
+    info = os.stat(gw.socket_dir)
+    assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid(), oct(info.st_mode)
+    assert os.listdir(gw.socket_dir) == ["python.sock"]
+    assert stat.S_ISSOCK(os.stat(os.path.join(gw.socket_dir, "python.sock")).st_mode)
+    secret = await asyncio.to_thread(stack.key)
+    channel, stub = fast_stub(gw)
+    live = await stub.ServerLive(pb.ServerLiveRequest(), metadata=auth(secret), timeout=10)  # relayed to Python
+    assert live.live and fast_front(gw).counts()["python"] >= 1
+    await channel.close()
+    socket_dir = gw.socket_dir
+    await gw.stop(0)
+    assert not os.path.exists(socket_dir)  # nothing left behind
+    assert gw.port not in listening_tcp_ports()
+
+
+async def test_without_its_native_front_the_gateway_refuses_to_start(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """No silent Python-only gateway: a missing front is an error that says how to build it."""
+    from gateway import server
+    from gateway.config import GatewayConfig
+
+    monkeypatch.setattr(server, "NATIVE_LIBRARY", tmp_path / "libfovea_gateway_front.so")
+    monkeypatch.setattr(server, "native_available", lambda: False)
+    with pytest.raises(RuntimeError, match="not built.*gateway/native/build.sh"):
+        await server.build_server(GatewayConfig(port=0, registry_address=stack.registry.address))
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -67,7 +129,7 @@ async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(
 ) -> None:
     gw = await gateways(fast_threads=threads)
     await wait_routable(gw, "ident")
-    assert gw.fast_port > 0
+    assert gw.port > 0
     secret = await asyncio.to_thread(stack.key)
     channel, stub = fast_stub(gw)
     before = await _fast_port_successes(stack, "ident")
@@ -86,7 +148,7 @@ async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(
     # then all eleven ran in C++ to the workers' fast ports
     assert counts["python"] == 0 and counts["native"] == 11, counts
     assert await _fast_port_successes(stack, "ident") == before + 11
-    # other methods and errors: passed to Python, answered as on the main port
+    # other methods and errors: relayed to Python, which answers them
     image = pb.ModelInferRequest(model_name="colors")
     image.inputs.add(name="input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(RED)
     image.outputs.add(name="logits").parameters["classification"].int64_param = 1
@@ -108,7 +170,7 @@ async def test_raw_tensor_calls_are_answered_natively_and_the_rest_by_python(
     assert code == grpc.StatusCode.INVALID_ARGUMENT, msg
     code, msg = await status_of(stub.ModelInfer(ident_request(0, version="7"), metadata=auth(secret), timeout=10))
     assert code == grpc.StatusCode.NOT_FOUND, msg
-    # streams are relayed message by message to the Python port
+    # streams are relayed message by message to the Python server
     answers = [
         r
         async for r in stub.ModelStreamInfer(
@@ -150,9 +212,7 @@ async def test_model_patterns_and_limits_keep_keys_on_the_python_path(stack: Sta
     await channel.close()
 
 
-async def test_a_revoked_key_stops_working_on_the_fast_port_within_a_second(
-    stack: Stack, gateways: GatewayFactory
-) -> None:
+async def test_a_revoked_key_stops_working_at_the_front_within_a_second(stack: Stack, gateways: GatewayFactory) -> None:
     gw1, gw2 = await gateways(), await gateways()
     for gw in (gw1, gw2):
         await wait_routable(gw, "ident")
@@ -213,7 +273,7 @@ async def test_native_calls_reach_the_metrics_and_the_access_log(stack: Stack, g
 async def test_native_calls_spread_over_two_equal_workers(stack: Stack, gateways: GatewayFactory) -> None:
     gw = await gateways()
     await wait_routable(gw, "ident")
-    for _ in range(200):  # both workers in the fast port's table
+    for _ in range(200):  # both workers in the front's table
         if fast_front(gw).routes.count("W ident ") == 2:
             break
         await asyncio.sleep(0.05)
@@ -293,7 +353,7 @@ async def test_kill_9_one_worker_under_native_load(own_stack: Stack) -> None:
     await gw.stop(0)
 
 
-async def test_a_worker_the_fast_port_ejects_is_probed_and_readmitted(own_stack: Stack) -> None:
+async def test_a_worker_the_front_ejects_is_probed_and_readmitted(own_stack: Stack) -> None:
     """kill -9 a worker under native load: the front sets it aside and tells Python, whose health probe
     re-admits it once a worker answers at its addresses again (restarted within the registry's TTL)."""
     stack = own_stack
@@ -346,7 +406,7 @@ async def test_a_worker_the_fast_port_ejects_is_probed_and_readmitted(own_stack:
     await gw.stop(0)
 
 
-async def test_bad_or_unusual_requests_get_the_python_ports_answers(stack: Stack, gateways: GatewayFactory) -> None:
+async def test_bad_or_unusual_requests_get_the_python_servers_answers(stack: Stack, gateways: GatewayFactory) -> None:
     gw = await gateways(max_images_per_call=8)
     await wait_routable(gw, "ident")
     secret = await asyncio.to_thread(stack.key)
@@ -372,22 +432,28 @@ async def test_bad_or_unusual_requests_get_the_python_ports_answers(stack: Stack
     await channel.close()
 
 
-@pytest.mark.parametrize("port", ["fast", "main"])
-async def test_stopping_answers_every_accepted_call(stack: Stack, gateways: GatewayFactory, port: str) -> None:
-    """Stop under load, on either port: calls in flight are answered; later ones get UNAVAILABLE, nothing else."""
+@pytest.mark.parametrize("path", ["native", "relayed"])
+async def test_stopping_answers_every_accepted_call(stack: Stack, gateways: GatewayFactory, path: str) -> None:
+    """Stop under load, for calls the front answers (ModelInfer) and calls it relays to Python (ModelMetadata,
+    which the front never answers): calls in flight are answered; later ones get UNAVAILABLE, nothing else."""
     gw = await gateways()
     await wait_routable(gw, "ident")
     secret = await asyncio.to_thread(stack.key)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.fast_port if port == 'fast' else gw.port}")
-    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    channel, stub = fast_stub(gw)
     await stub.ModelInfer(ident_request(), metadata=auth(secret), timeout=10)
+
+    def call(c: int, i: int) -> Any:
+        if path == "native":
+            return stub.ModelInfer(ident_request(c * 1000 + i), metadata=auth(secret), timeout=10)
+        return stub.ModelMetadata(pb.ModelMetadataRequest(name="ident"), metadata=auth(secret), timeout=10)
+
     codes: list[grpc.StatusCode] = []
 
     async def client(c: int) -> None:
         i = 0
         while True:  # until the port refuses: calls keep arriving during the stop
             i += 1
-            code, msg = await status_of(stub.ModelInfer(ident_request(c * 1000 + i), metadata=auth(secret), timeout=10))
+            code, msg = await status_of(call(c, i))
             codes.append(code)
             if code != grpc.StatusCode.OK:
                 assert code == grpc.StatusCode.UNAVAILABLE, (code, msg)
@@ -395,16 +461,19 @@ async def test_stopping_answers_every_accepted_call(stack: Stack, gateways: Gate
 
     clients = [asyncio.create_task(client(c)) for c in range(4)]
     await asyncio.sleep(0.5)
+    fast_front_counts = fast_front(gw).counts()
     await gw.stop(5)
     await asyncio.wait_for(asyncio.gather(*clients), 20)
     assert codes.count(grpc.StatusCode.OK) > 20
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(codes)
+    if path == "relayed":
+        assert fast_front_counts["python"] > 20, fast_front_counts
     await channel.close()
 
 
 @dataclass
 class HeldStreams:
-    """Streams on a gateway's fast port, each answered once and then held open until `release` is set."""
+    """Streams on a gateway's one port, each answered once and then held open until `release` is set."""
 
     channel: grpc.aio.Channel
     stub: pb_grpc.GRPCInferenceServiceStub
@@ -442,7 +511,7 @@ async def test_stopping_with_streams_open_cancels_them(stack: Stack, gateways: G
 
 
 async def test_pending_limit_and_cancelled_calls_give_their_slots_back(stack: Stack, gateways: GatewayFactory) -> None:
-    """Past FOVEA_GATEWAY_MAX_PENDING_CALLS the fast port answers RESOURCE_EXHAUSTED at once. A call its client
+    """Past FOVEA_GATEWAY_MAX_PENDING_CALLS the front answers RESOURCE_EXHAUSTED at once. A call its client
     cancels gives its slot back when it is cancelled (its upstream call is cancelled too), not when the worker
     would have answered it."""
     mv = await asyncio.to_thread(stack.rc.register, slow_model(), model_pb2.ModelVersion(name="slow"))
@@ -496,7 +565,7 @@ async def test_pending_limit_and_cancelled_calls_give_their_slots_back(stack: St
 
 
 async def test_streams_count_against_the_pending_limit(stack: Stack, gateways: GatewayFactory) -> None:
-    """Issue 18, fix 8: an open stream holds one of the fast port's FOVEA_GATEWAY_MAX_PENDING_CALLS slots until
+    """Issue 18, fix 8: an open stream holds one of the front's FOVEA_GATEWAY_MAX_PENDING_CALLS slots until
     it ends, so streams cannot pile up past the limit; unary calls and further streams are refused meanwhile."""
     gw = await gateways(max_pending_calls=2)
     held = await HeldStreams.open(stack, gw, 2)

@@ -1,5 +1,7 @@
-"""Issue 18 on every gateway port: malformed ModelInfer calls are refused by the gateway itself (fix 1), and a
-call that kills its worker is not retried on another (fix 2). Behind the gateway are fault-injection stand-ins
+"""Issue 18 on the gateway's one port, on both of its paths: malformed ModelInfer calls are refused by the gateway
+itself (fix 1), and a call that kills its worker is not retried on another (fix 2). The front answers calls of
+keys without rate limits itself ("native") and relays those of keys with rate limits to the Python server, which
+routes them ("relayed"); each test runs on both, through the same port. Behind the gateway are fault-injection stand-ins
 (tests/gateway/fault_worker.py), registered through the registry's real Heartbeat: a worker that dies on the
 first call it receives, and a healthy one that records every call it receives."""
 
@@ -106,33 +108,47 @@ def tensor_request(model: str, k: int | None = None) -> pb.ModelInferRequest:
     return req
 
 
-def stub_for(gw: GatewayServer, port: str) -> tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port if port == 'main' else gw.fast_port}")
+PATHS = ["native", "relayed"]
+
+
+def stub_for(gw: GatewayServer) -> tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]:
+    """A client of the gateway's one public port."""
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}")
     return channel, pb_grpc.GRPCInferenceServiceStub(channel)
 
 
-def retries(gw: GatewayServer, port: str) -> int:
-    return gw.gateway.retries if port == "main" else int(gw.native.counts()["retries"])  # type: ignore[union-attr]
+def key_for(stack: Stack, path: str) -> str:
+    """A key whose calls take the path: no rate limits (the front routes them) or a limit never reached (the
+    front relays them to the Python server, which charges and routes them)."""
+    return stack.key() if path == "native" else stack.key(rate_limit_rps=10_000.0)
 
 
-@pytest.mark.parametrize("port", ["main", "fast"])
+def retries(gw: GatewayServer, path: str) -> int:
+    return gw.gateway.retries if path == "relayed" else int(gw.native.counts()["retries"])  # type: ignore[union-attr]
+
+
+def native_calls(gw: GatewayServer) -> int:
+    return int(gw.native.counts()["native"])  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("path", PATHS)
 async def test_a_call_that_kills_its_worker_is_not_retried_on_another(
-    registry: Stack, stand_ins: StandIns, port: str
+    registry: Stack, stand_ins: StandIns, path: str
 ) -> None:
     """The dying worker looks idle and the healthy one busy, so the gateway sends the call to the dying one
     first. Its connection drops with the call in flight: the caller gets UNAVAILABLE saying so, and the healthy
     worker never sees the call. The next call meets a refused connection (the dead worker is still listed as
     ready), which it may retry: the healthy worker answers it."""
-    model = f"poison-{port}"
+    model = f"poison-{path}"
     version = await asyncio.to_thread(register, registry, model)
     dying = await asyncio.to_thread(start_dying_worker, registry)
     healthy = await CountingWorker().start()
     await stand_ins(
-        model, version, [(f"dying-{port}", dying.address, 0), (f"healthy-{port}", f"127.0.0.1:{healthy.port}", 100)]
+        model, version, [(f"dying-{path}", dying.address, 0), (f"healthy-{path}", f"127.0.0.1:{healthy.port}", 100)]
     )
     gw = await gateway_seeing(registry, model, 2)
-    secret = await asyncio.to_thread(registry.key)
-    channel, stub = stub_for(gw, port)
+    secret = await asyncio.to_thread(key_for, registry, path)
+    channel, stub = stub_for(gw)
     try:
         code, msg = await status_of(stub.ModelInfer(tensor_request(model), metadata=auth(secret), timeout=10))
         assert code == grpc.StatusCode.UNAVAILABLE, (code, msg)
@@ -140,38 +156,38 @@ async def test_a_call_that_kills_its_worker_is_not_retried_on_another(
         assert "not retried because it may have caused the failure" in msg, msg
         assert await asyncio.to_thread(dying.proc.wait, 10) == 3  # it died of that call
         assert healthy.received == [], "the call that killed one worker was sent to a second"
-        assert retries(gw, port) == 0
+        assert retries(gw, path) == 0
         resp = await stub.ModelInfer(tensor_request(model), metadata=auth(secret), timeout=10)
         assert resp.id == "r1" and len(healthy.received) == 1
-        assert retries(gw, port) == 1  # the refused connection, retried on the healthy worker
-        if port == "fast":
-            assert gw.native is not None and gw.native.counts()["native"] == 2  # both ran in C++
+        assert retries(gw, path) == 1  # the refused connection, retried on the healthy worker
+        assert native_calls(gw) == (2 if path == "native" else 0)  # both ran in C++, or both in Python
     finally:
         await channel.close()
         await gw.stop(0)
         await healthy.stop()
 
 
-@pytest.mark.parametrize("port", ["main", "fast"])
+@pytest.mark.parametrize("path", PATHS)
 async def test_a_call_a_worker_refused_unserved_is_retried_on_another(
-    registry: Stack, stand_ins: StandIns, port: str
+    registry: Stack, stand_ins: StandIns, path: str
 ) -> None:
     """A worker's deliberate UNAVAILABLE with `fovea-unserved: 1` (it never ran the call) may go to another."""
-    model = f"refused-{port}"
+    model = f"refused-{path}"
     version = await asyncio.to_thread(register, registry, model)
     refusing, healthy = await CountingWorker(refuse=True).start(), await CountingWorker().start()
     await stand_ins(
         model,
         version,
-        [(f"refusing-{port}", f"127.0.0.1:{refusing.port}", 0), (f"ok-{port}", f"127.0.0.1:{healthy.port}", 100)],
+        [(f"refusing-{path}", f"127.0.0.1:{refusing.port}", 0), (f"ok-{path}", f"127.0.0.1:{healthy.port}", 100)],
     )
     gw = await gateway_seeing(registry, model, 2)
-    secret = await asyncio.to_thread(registry.key)
-    channel, stub = stub_for(gw, port)
+    secret = await asyncio.to_thread(key_for, registry, path)
+    channel, stub = stub_for(gw)
     try:
         resp = await stub.ModelInfer(tensor_request(model), metadata=auth(secret), timeout=10)
         assert resp.id == "r1"
-        assert (len(refusing.received), len(healthy.received), retries(gw, port)) == (1, 1, 1)
+        assert (len(refusing.received), len(healthy.received), retries(gw, path)) == (1, 1, 1)
+        assert native_calls(gw) == (1 if path == "native" else 0)
     finally:
         await channel.close()
         await gw.stop(0)
@@ -180,8 +196,9 @@ async def test_a_call_a_worker_refused_unserved_is_retried_on_another(
 
 
 K_RANGE = "expected 1 to 100"
-# (case, change to a valid request, the gateway's message): one table for both ports, whose answers must be
-# the same word for word (the fast port passes what it finds invalid to the Python port, which words it).
+# (case, change to a valid request, the gateway's message): one table for both paths of the one port, whose
+# answers must be the same word for word (the front passes what it finds invalid to the Python server, which
+# words it; a limited key's calls are relayed whole).
 REFUSALS: list[tuple[str, Callable[[pb.ModelInferRequest], object], str]] = [
     ("k = 2^31", lambda r: _k(r, 2**31), f"output 'logits': classification asks for 2147483648 classes; {K_RANGE}"),
     ("k = 2^63-1", lambda r: _k(r, 2**63 - 1), f"classification asks for 9223372036854775807 classes; {K_RANGE}"),
@@ -233,57 +250,58 @@ def _inputs(r: pb.ModelInferRequest, n: int) -> None:
         r.raw_input_contents.append(b"\0" * 4)
 
 
-async def test_malformed_calls_are_refused_by_the_gateway_on_every_port(registry: Stack, stand_ins: StandIns) -> None:
-    """Each case gets INVALID_ARGUMENT with the same message on both ports, and the worker never sees it;
-    the same call without the fault goes through (so the worker is reachable and the test can fail)."""
+async def test_malformed_calls_are_refused_by_the_gateway_on_both_paths(registry: Stack, stand_ins: StandIns) -> None:
+    """Each case gets INVALID_ARGUMENT with the same message on both paths of the one port, and the worker never
+    sees it; the same call without the fault goes through (so the worker is reachable and the test can fail)."""
     model = "refusals"
     version = await asyncio.to_thread(register, registry, model)
     worker = await CountingWorker().start()
     await stand_ins(model, version, [("counting-refusals", f"127.0.0.1:{worker.port}", 0)])
     gw = await gateway_seeing(registry, model, 1)
-    secret = await asyncio.to_thread(registry.key)
-    stubs = {port: stub_for(gw, port) for port in ("main", "fast")}
+    secrets = {path: await asyncio.to_thread(key_for, registry, path) for path in PATHS}
+    channel, stub = stub_for(gw)
     try:
-        for _, stub in stubs.values():  # each port takes a good call (and caches the key)
+        for secret in secrets.values():  # each path takes a good call (and the key is cached)
             await stub.ModelInfer(tensor_request(model, k=3), metadata=auth(secret), timeout=10)
         assert len(worker.received) == 2
-        native_before = gw.native.counts()["native"]  # type: ignore[union-attr]
+        native_before = native_calls(gw)
+        assert native_before == 1  # the unlimited key's call ran in C++, the limited key's in Python
         for case, fault, expected in REFUSALS:
-            for port, (_, stub) in stubs.items():
+            for path, secret in secrets.items():
                 req = tensor_request(model)
                 fault(req)
                 code, msg = await status_of(stub.ModelInfer(req, metadata=auth(secret), timeout=10))
-                assert (code, expected in msg) == (grpc.StatusCode.INVALID_ARGUMENT, True), (case, port, code, msg)
+                assert (code, expected in msg) == (grpc.StatusCode.INVALID_ARGUMENT, True), (case, path, code, msg)
         assert len(worker.received) == 2, "a malformed call reached the worker"
-        assert gw.native.counts()["native"] == native_before  # type: ignore[union-attr]
+        assert native_calls(gw) == native_before
     finally:
-        for channel, _ in stubs.values():
-            await channel.close()
+        await channel.close()
         await gw.stop(0)
         await worker.stop()
 
 
-async def test_a_key_sent_twice_counts_as_the_last_one_on_every_port(registry: Stack, stand_ins: StandIns) -> None:
-    """With two authorization headers the last one counts, on both ports (the Python port reads metadata into a
-    dict; the fast port read the first, so a known key first and garbage last was served natively)."""
+async def test_a_key_sent_twice_counts_as_the_last_one_on_both_paths(registry: Stack, stand_ins: StandIns) -> None:
+    """With two authorization headers the last one counts, for the front and for the Python server behind it (which
+    reads metadata into a dict; the front once read the first, so a known key first and garbage last was served
+    natively)."""
     model = "twice"
     version = await asyncio.to_thread(register, registry, model)
     worker = await CountingWorker().start()
     await stand_ins(model, version, [("counting-twice", f"127.0.0.1:{worker.port}", 0)])
     gw = await gateway_seeing(registry, model, 1)
-    secret = await asyncio.to_thread(registry.key)
-    valid, garbage = ("authorization", f"Bearer {secret}"), ("authorization", "Bearer fv_garbage_0123456789")
-    stubs = {port: stub_for(gw, port) for port in ("main", "fast")}
+    channel, stub = stub_for(gw)
     try:
-        for port, (_, stub) in stubs.items():
+        for path in PATHS:
+            secret = await asyncio.to_thread(key_for, registry, path)
+            valid, garbage = ("authorization", f"Bearer {secret}"), ("authorization", "Bearer fv_garbage_0123456789")
             await stub.ModelInfer(tensor_request(model), metadata=(valid,), timeout=10)  # the key is known now
             code, _ = await status_of(stub.ModelInfer(tensor_request(model), metadata=(valid, garbage), timeout=10))
-            assert code == grpc.StatusCode.UNAUTHENTICATED, (port, code)
+            assert code == grpc.StatusCode.UNAUTHENTICATED, (path, code)
             code, msg = await status_of(stub.ModelInfer(tensor_request(model), metadata=(garbage, valid), timeout=10))
-            assert code == grpc.StatusCode.OK, (port, code, msg)
+            assert code == grpc.StatusCode.OK, (path, code, msg)
         assert len(worker.received) == 4
+        assert native_calls(gw) == 2  # the unlimited key's two good calls; the limited key's went to Python
     finally:
-        for channel, _ in stubs.values():
-            await channel.close()
+        await channel.close()
         await gw.stop(0)
         await worker.stop()

@@ -1,9 +1,11 @@
-"""Issue #18, fixes 4 and 8: quotas count what the workers compute, on every port.
+"""Issue #18, fixes 4 and 8: quotas count what the workers compute.
 
 A BYTES tensor holds one encoded image per element, so the gateway charges its element count (as
 Classify charges its images), refuses a call over the per-call image limit before any worker decodes
 it, and charges the calls that fan out to the registry or to every worker against the key's
-requests/s limit. The fast port passes limited keys to Python, so both ports are tested."""
+requests/s limit. All through the gateway's one port: its native front relays calls of keys with limits to the
+Python server, which charges them, and answers an unlimited key's ModelInfer itself, so the per-call image limit
+is tested with both kinds of key."""
 
 from __future__ import annotations
 
@@ -20,8 +22,6 @@ from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.gateway.conftest import GatewayFactory, Stack, auth, status_of, wait_routable
 from tests.gateway.test_routing import RED
 
-PORTS = ["main", "fast"]
-
 
 def images_request(rows: int, per_row: int) -> pb.ModelInferRequest:
     """A ModelInfer of rows x per_row encoded images, as a BYTES tensor of that shape."""
@@ -32,8 +32,8 @@ def images_request(rows: int, per_row: int) -> pb.ModelInferRequest:
     return req
 
 
-def infer_stub(gw: Any, port: str) -> tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port if port == 'main' else gw.fast_port}")
+def infer_stub(gw: Any) -> tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}")
     return channel, pb_grpc.GRPCInferenceServiceStub(channel)
 
 
@@ -50,13 +50,10 @@ async def worker_calls(stack: Stack, model: str) -> int:
     return total
 
 
-@pytest.mark.parametrize("port", PORTS)
-async def test_bytes_tensor_of_shape_1x4_is_charged_four_images(
-    stack: Stack, gateways: GatewayFactory, port: str
-) -> None:
+async def test_bytes_tensor_of_shape_1x4_is_charged_four_images(stack: Stack, gateways: GatewayFactory) -> None:
     gw = await gateways(redis_url=stack.redis_url)
     _, secret = await asyncio.to_thread(lambda: stack.rc.create_key("infer", rate_limit_ips=4, rate_burst=4))
-    channel, stub = infer_stub(gw, port)
+    channel, stub = infer_stub(gw)
     resp = await stub.ModelInfer(images_request(1, 4), metadata=auth(secret), timeout=10)
     assert resp.outputs[0].shape[0] == 4, resp.outputs[0].shape  # the worker decoded four images
     # the bucket (4 images, 4 a second) is empty now: a one-image call must wait about 250 ms
@@ -65,14 +62,11 @@ async def test_bytes_tensor_of_shape_1x4_is_charged_four_images(
     await channel.close()
 
 
-@pytest.mark.parametrize("port", PORTS)
-async def test_sixteen_images_in_a_third_of_a_second_are_refused(
-    stack: Stack, gateways: GatewayFactory, port: str
-) -> None:
+async def test_sixteen_images_in_a_third_of_a_second_are_refused(stack: Stack, gateways: GatewayFactory) -> None:
     """The attack of the issue: a key limited to 4 images/s sends four [1,4] BYTES calls at once."""
     gw = await gateways(redis_url=stack.redis_url)
     _, secret = await asyncio.to_thread(lambda: stack.rc.create_key("infer", rate_limit_ips=4, rate_burst=4))
-    channel, stub = infer_stub(gw, port)
+    channel, stub = infer_stub(gw)
     start = time.monotonic()
     results = [
         await status_of(stub.ModelInfer(images_request(1, 4), metadata=auth(secret), timeout=10)) for _ in "abcd"
@@ -85,19 +79,21 @@ async def test_sixteen_images_in_a_third_of_a_second_are_refused(
     await channel.close()
 
 
-@pytest.mark.parametrize("port", PORTS)
+@pytest.mark.parametrize("path", ["native", "relayed"])
 async def test_bytes_tensor_over_the_per_call_limit_is_refused_before_a_worker(
-    stack: Stack, gateways: GatewayFactory, port: str
+    stack: Stack, gateways: GatewayFactory, path: str
 ) -> None:
     gw = await gateways(max_images_per_call=4)
-    secret = await asyncio.to_thread(stack.key)  # no limits: the fast port answers this key itself
-    channel, stub = infer_stub(gw, port)
-    for _ in range(2):  # the second call finds the key in the fast port's own table
+    # no limits: the front answers this key itself; a limit never reached: the front relays it to Python
+    rps = 0.0 if path == "native" else 10_000.0
+    secret = await asyncio.to_thread(lambda: stack.key(rate_limit_rps=rps))
+    channel, stub = infer_stub(gw)
+    for _ in range(2):  # the second call finds the key in the front's own table
         resp = await stub.ModelInfer(images_request(2, 2), metadata=auth(secret), timeout=10)
         assert resp.outputs[0].shape[0] == 4, resp.outputs[0].shape
-    if port == "fast":  # the fast port answered this key's images itself, so its own count is what is tested
-        assert gw.native is not None
-        assert gw.native.counts()["native"] >= 1, gw.native.counts()
+    assert gw.native is not None
+    # the front answered the unlimited key's images itself, so its own count is what is tested
+    assert (gw.native.counts()["native"] >= 1) == (path == "native"), gw.native.counts()
     before = await worker_calls(stack, "colors")
     for rows, per_row in ((1, 5), (5, 1), (3, 2)):
         code, message = await status_of(
@@ -122,15 +118,14 @@ FANOUT_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("port", PORTS)
 @pytest.mark.parametrize(("service", "method", "request_message"), FANOUT_CALLS)
 async def test_calls_that_fan_out_are_charged_to_the_key(
-    stack: Stack, gateways: GatewayFactory, port: str, service: str, method: str, request_message: Any
+    stack: Stack, gateways: GatewayFactory, service: str, method: str, request_message: Any
 ) -> None:
     gw = await gateways(redis_url=stack.redis_url)
     await wait_routable(gw, "colors")
     _, secret = await asyncio.to_thread(lambda: stack.rc.create_key("infer", rate_limit_rps=2, rate_burst=2))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port if port == 'main' else gw.fast_port}")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}")
     stub_class = image_pb2_grpc.ImageServiceStub if service == "ImageService" else pb_grpc.GRPCInferenceServiceStub
     call = getattr(stub_class(channel), method)
     codes = []
@@ -153,16 +148,15 @@ VERSIONED_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("port", PORTS)
 @pytest.mark.parametrize(("method", "message_class"), VERSIONED_CALLS)
 async def test_a_version_that_is_not_a_positive_number_is_refused(
-    stack: Stack, gateways: GatewayFactory, port: str, method: str, message_class: Any
+    stack: Stack, gateways: GatewayFactory, method: str, message_class: Any
 ) -> None:
     """Item 4 of the brief: every number the gateway parses from a request is bounded, with a clear
     INVALID_ARGUMENT (a version past uint64 used to end as INTERNAL, '\u00b2' too)."""
     gw = await gateways()
     secret = await asyncio.to_thread(stack.key)
-    channel, stub = infer_stub(gw, port)
+    channel, stub = infer_stub(gw)
     for version in BAD_VERSIONS:
         request = message_class(name="colors", version=version)
         code, message = await status_of(getattr(stub, method)(request, metadata=auth(secret), timeout=10))
@@ -178,14 +172,13 @@ CLASSIFY_BOUNDS = [
 ]
 
 
-@pytest.mark.parametrize("port", PORTS)
 @pytest.mark.parametrize(("fields", "words"), CLASSIFY_BOUNDS)
 async def test_classify_numbers_out_of_bounds_are_refused(
-    stack: Stack, gateways: GatewayFactory, port: str, fields: dict[str, int], words: str
+    stack: Stack, gateways: GatewayFactory, fields: dict[str, int], words: str
 ) -> None:
     gw = await gateways()
     secret = await asyncio.to_thread(stack.key)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port if port == 'main' else gw.fast_port}")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}")
     stub = image_pb2_grpc.ImageServiceStub(channel)
     images = [image_pb2.Image(data=RED, id=str(i)) for i in range(fields.get("images", 1))]
     request = image_pb2.ClassifyRequest(model="colors", top_k=fields.get("top_k", 1), images=images)

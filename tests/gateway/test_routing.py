@@ -33,6 +33,10 @@ async def test_two_equal_workers_share_the_load(stack: Stack, gateways: GatewayF
             assert resp.results[0].labels[0].label == "red"
 
     await asyncio.gather(*(client() for _ in range(n_clients)))
+    for _ in range(50):  # the native front's records reach the counter every 0.2 s
+        if sum(gw.metrics.served_by_worker().values()) >= n_clients * per_client:
+            break
+        await asyncio.sleep(0.05)
     served = gw.metrics.served_by_worker()  # the gateway's per-worker counter (also on /metrics)
     total = sum(served.values())
     print(f"served per worker: {served}")

@@ -333,7 +333,6 @@ async def test_model_moved_between_workers_loses_no_call(registry: LocalRegistry
     gw = await build_gateway(
         GatewayConfig(
             port=0,
-            fast_port=-1,
             registry_address=registry.address,
             registry_token=GATEWAY_TOKEN,
             worker_token=TOKEN,
