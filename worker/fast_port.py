@@ -64,8 +64,8 @@ def _load() -> C.CDLL:
     lib = C.CDLL(str(LIBRARY))
     p, i, i64, s = C.c_void_p, C.c_int, C.c_int64, C.c_char_p
     lib.fv_start.restype = p
-    lib.fv_start.argtypes = [s, i, s, i64, s, i, C.POINTER(i)]
-    lib.fv_add_model.argtypes = [p, s, s, i, i, i64, i, p, i, p, p, p, p, i, p, p, p, p, s, i, s, i, s, i]
+    lib.fv_start.argtypes = [s, i, s, i64, s, s, s, s, C.POINTER(i)]
+    lib.fv_add_model.argtypes = [p, s, s, i, i, i64, i, p, i, p, p, p, p, i, p, p, p, p, s, i]
     lib.fv_codes.argtypes = [p, p]
     lib.fv_route.argtypes = [p, s, i, p, p]
     lib.fv_close_model.argtypes = [p, i]
@@ -251,17 +251,21 @@ class NativeFront:
         max_message_bytes: int,
         tokens: Sequence[str],
         default_deadline_ms: int,
-        server_metadata: bytes,
+        upstream: str,
+        tls: tuple[bytes, bytes, bytes] | None = None,
     ) -> None:
         self.lib = _load()
         port = C.c_int(0)
+        cert, key, client_ca = tls or (b"", b"", b"")
         handle = self.lib.fv_start(
             address.encode(),
             max_message_bytes,
             "\n".join(t for t in tokens if t).encode(),
             default_deadline_ms,
-            server_metadata,
-            len(server_metadata),
+            upstream.encode(),
+            cert,
+            key,
+            client_ca,
             C.byref(port),
         )
         if not handle:
@@ -357,8 +361,6 @@ class NativeFront:
         runners: Sequence[RunFn],
         on_batch: BatchHook,
         on_drop: DropHook,
-        metadata: bytes,
-        config: bytes,
         alone: RunFn | None = None,
         sessions: Sequence[NativeSession] = (),
         alone_session: NativeSession | None = None,
@@ -366,8 +368,7 @@ class NativeFront:
         """Register a warmed-up version and start one batch loop per runner (model instance).
 
         With sessions (NativeSession, warmed up), the loops run in C++ on them instead, and alone_session
-        takes the place of alone; the slot owns them from here on. metadata and config are its
-        serialized ModelMetadataResponse and ModelConfigResponse. inputs and outputs are the model's
+        takes the place of alone; the slot owns them from here on. inputs and outputs are the model's
         tensor specs (name, datatype, shape), as declared in the model file."""
         ranks = (C.c_int32 * len(inputs))(*[len(t.shape) for t in inputs])
         dims = [int(d) for t in inputs for d in t.shape]
@@ -395,10 +396,6 @@ class NativeFront:
             (C.c_int64 * max(1, len(out_dims)))(*out_dims),
             "\n".join(labels).encode(),
             int(probabilities),
-            metadata,
-            len(metadata),
-            config,
-            len(config),
         )
         if slot < 0:
             raise ValueError(f"the native front cannot serve {name} v{version} (inputs or outputs out of its limits)")

@@ -235,7 +235,7 @@ class WorkerMetrics:
             def collect(self) -> Any:
                 family = CounterMetricFamily(
                     "fovea_worker_fast_port_requests",
-                    "ModelInfer calls answered on the fast port, by status code",
+                    "ModelInfer calls on raw tensors the native front answered itself, by status code",
                     labels=["code"],
                 )
                 for value, count in enumerate(codes()):
@@ -244,7 +244,7 @@ class WorkerMetrics:
                 yield family
                 seconds = HistogramMetricFamily(
                     "fovea_worker_fast_port_request_seconds",
-                    "Time from receiving a ModelInfer on the fast port to answering it",
+                    "Time from receiving a raw-tensor ModelInfer on the native front to answering it",
                     labels=["model", "version"],
                 )
                 for model, version, bounds, counts, total in times():

@@ -471,8 +471,6 @@ class ModelManager:
                     [runner(s) for s in sessions],
                     metrics_hook,
                     self.metrics.drop_hook(mv.name, version),
-                    oip.model_metadata(mv, [version]).SerializeToString(),
-                    self.config_response(lv).SerializeToString(),
                     alone=runner(alone) if alone else None,
                     sessions=fast,
                     alone_session=fast_alone,
@@ -480,7 +478,7 @@ class ModelManager:
             except ValueError as exc:
                 for s in fast_all:
                     s.close()
-                logger.warning("%s v%d is served on the main port only: %s", mv.name, mv.version, exc)
+                logger.warning("%s v%d runs on Python's batcher only: %s", mv.name, mv.version, exc)
         lv.memory_bytes = max(rss_bytes() - rss0, mv.size_bytes, size)
         lv.last_used = time.monotonic()
         lv.ready = True

@@ -110,6 +110,13 @@ int64_t requested_k(const ModelInferRequest::InferRequestedOutputTensor& want) {
   return p == want.parameters().end() ? 0 : p->second.int64_param();
 }
 
+bool raw_tensors(const ModelInferRequest& req) {
+  if (req.inputs_size() == 0 || req.raw_input_contents_size() != req.inputs_size()) return false;
+  for (const auto& t : req.inputs())
+    if (t.has_contents() || t.datatype() == "BYTES") return false;
+  return true;
+}
+
 Status validate(const ModelSpec& m, const ModelInferRequest& req, Checked* out) {
   const int nin = int(m.inputs.size());
   if (req.inputs_size() != nin)

@@ -1,10 +1,11 @@
-// Fovea's native inference front: a C++ gRPC server for ModelInfer on raw tensors.
+// Fovea's native inference front: the worker's one public gRPC port.
 //
 // Python keeps everything but the hot path: it loads and warms up models and decides
-// routing. This file takes calls off the wire, validates them, queues them per model
+// routing. This file takes ModelInfer calls on raw tensors off the wire, validates them, queues them per model
 // version, hands whole batches as contiguous buffers to the batch loops (ort_loop.cc on
-// the CPU, Python otherwise) and splits the outputs back. A Python gRPC server costs about 0.2 ms of CPU per call here,
-// more than a small model's compute; this costs a few µs. The C ABI (fv_*) is what
+// the CPU, Python otherwise) and splits the outputs back. Every other call (typed contents, encoded
+// images, streams, health, metadata) goes to the worker's Python server through relay.cc. A Python
+// gRPC server costs about 0.2 ms of CPU per call here, more than a small model's compute; this costs a few µs. The C ABI (fv_*) is what
 // worker/fast_port.py calls through ctypes, which releases the GIL around each call.
 
 #include <absl/synchronization/mutex.h>
@@ -34,6 +35,7 @@
 
 #include "check.h"
 #include "front.h"
+#include "relay.h"
 #include "inference/grpc_predict_v2.grpc.pb.h"
 
 namespace {
@@ -87,8 +89,6 @@ struct Model : fovea::ModelSpec {
   std::atomic<int64_t>* codes = nullptr;  // the front's counts by status code
   std::vector<std::string> labels;
   bool probabilities = false;
-  inference::ModelMetadataResponse metadata;  // made by Python, answered as they are
-  inference::ModelConfigResponse config;
 
   std::mutex mu;
   std::condition_variable cv;
@@ -154,36 +154,17 @@ bool token_matches(const std::string& presented, const std::vector<std::string>&
 
 class Front;
 
-// ModelInfer is registered raw (ByteBuffers), the rest typed.
-class Service final
-    : public inference::GRPCInferenceService::WithRawCallbackMethod_ModelInfer<inference::GRPCInferenceService::CallbackService> {
+// ModelInfer is registered raw (ByteBuffers); every other method is left to the generic relay (relay.cc).
+using gen = inference::GRPCInferenceService;
+using Relayed = gen::WithGenericMethod_ServerLive<gen::WithGenericMethod_ServerReady<gen::WithGenericMethod_ModelReady<
+    gen::WithGenericMethod_ServerMetadata<gen::WithGenericMethod_ModelMetadata<gen::WithGenericMethod_ModelStreamInfer<
+        gen::WithGenericMethod_ModelStatistics<gen::WithGenericMethod_ModelConfig<gen::Service>>>>>>>>;
+
+class Service final : public gen::WithRawCallbackMethod_ModelInfer<Relayed> {
  public:
   explicit Service(Front* f) : front_(f) {}
   grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* bytes,
                                        grpc::ByteBuffer* out) override;
-  grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* ctx, const inference::ServerLiveRequest*,
-                                       inference::ServerLiveResponse* resp) override;
-  grpc::ServerUnaryReactor* ServerReady(grpc::CallbackServerContext* ctx, const inference::ServerReadyRequest*,
-                                        inference::ServerReadyResponse* resp) override;
-  grpc::ServerUnaryReactor* ServerMetadata(grpc::CallbackServerContext* ctx, const inference::ServerMetadataRequest*,
-                                           inference::ServerMetadataResponse* resp) override;
-  grpc::ServerUnaryReactor* ModelReady(grpc::CallbackServerContext* ctx, const inference::ModelReadyRequest* req,
-                                       inference::ModelReadyResponse* resp) override;
-  grpc::ServerUnaryReactor* ModelMetadata(grpc::CallbackServerContext* ctx, const inference::ModelMetadataRequest* req,
-                                          inference::ModelMetadataResponse* resp) override;
-  grpc::ServerUnaryReactor* ModelConfig(grpc::CallbackServerContext* ctx, const inference::ModelConfigRequest* req,
-                                        inference::ModelConfigResponse* resp) override;
-  grpc::ServerUnaryReactor* ModelStatistics(grpc::CallbackServerContext* ctx, const inference::ModelStatisticsRequest* req,
-                                            inference::ModelStatisticsResponse* resp) override;
-
-  Status find(grpc::CallbackServerContext* ctx, const std::string& name, const std::string& version,
-              std::shared_ptr<Model>* m);
-
-  static grpc::ServerUnaryReactor* done(grpc::CallbackServerContext* ctx, const Status& st) {
-    auto* r = ctx->DefaultReactor();
-    r->Finish(st);
-    return r;
-  }
 
  private:
   Front* front_;
@@ -192,11 +173,12 @@ class Service final
 class Front {
  public:
   std::vector<std::string> tokens;
-  inference::ServerMetadataResponse server_metadata;
   int64_t default_deadline_ms = 30000;
   std::atomic<bool> accepting{true};
+  std::unique_ptr<fovea::Relay> relay;  // declared before the server, so destroyed after it
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<Service> service;
+  bool stopped = false;
 
   std::shared_mutex routes_mu;
   std::unordered_map<std::string, std::shared_ptr<Model>> by_version;  // "name\nversion"
@@ -225,7 +207,7 @@ class Front {
     if (version.empty()) {
       auto it = by_name.find(name);
       if (it == by_name.end() || it->second.empty())
-        return Status(StatusCode::NOT_FOUND, "model '" + name + "' is not served by this worker's fast port");
+        return Status(StatusCode::NOT_FOUND, "model '" + name + "' has no version on the native front");
       const auto& targets = it->second;
       if (targets.size() == 1) {
         *out = targets[0].first;
@@ -262,24 +244,26 @@ class Front {
   std::atomic<int64_t> codes[17] = {};  // ModelInfer calls answered, by status code
 
   static void finish(Call* c, const Status& st, Model* m) {
-    int64_t spent = now_ns() - c->enqueued_ns;
-    if (m) {
-      m->stats[st.ok() ? kOkCount : kFailCount] += 1;
-      m->stats[st.ok() ? kOkNs : kFailNs] += spent;
-      if (st.ok()) {
-        int b = 0;
-        while (b < kTimeBuckets - 1 && spent > kTimeBoundsNs[b]) ++b;
-        m->ok_times[b] += 1;
-      }
-    }
     Status sent = st;
     if (st.ok()) {  // what gRPC's typed handler would do in Finish
       bool own_buffer;
       sent = grpc::SerializationTraits<ModelInferResponse>::Serialize(*c->resp, c->out, &own_buffer);
     }
-    if (m) m->codes[std::min<int>(sent.error_code(), 16)] += 1;
+    const int64_t enqueued_ns = c->enqueued_ns;
     c->reactor->Finish(sent);
     delete c;
+    // The whole call, its answer's encoding included: Triton's success time holds its compute output time.
+    int64_t spent = now_ns() - enqueued_ns;
+    if (m) {
+      m->stats[sent.ok() ? kOkCount : kFailCount] += 1;
+      m->stats[sent.ok() ? kOkNs : kFailNs] += spent;
+      if (sent.ok()) {
+        int b = 0;
+        while (b < kTimeBuckets - 1 && spent > kTimeBoundsNs[b]) ++b;
+        m->ok_times[b] += 1;
+      }
+      m->codes[std::min<int>(sent.error_code(), 16)] += 1;
+    }
   }
 };
 
@@ -298,81 +282,6 @@ Status authenticate(grpc::CallbackServerContext* ctx, const std::vector<std::str
   return Status::OK;
 }
 
-// Like every call on a worker, these take only callers with the internal token (gateways).
-grpc::ServerUnaryReactor* Service::ServerLive(grpc::CallbackServerContext* ctx, const inference::ServerLiveRequest*,
-                                              inference::ServerLiveResponse* resp) {
-  Status st = authenticate(ctx, front_->tokens);
-  resp->set_live(st.ok());
-  return done(ctx, st);
-}
-
-grpc::ServerUnaryReactor* Service::ServerReady(grpc::CallbackServerContext* ctx, const inference::ServerReadyRequest*,
-                                               inference::ServerReadyResponse* resp) {
-  Status st = authenticate(ctx, front_->tokens);
-  if (!st.ok()) return done(ctx, st);
-  std::shared_lock lock(front_->routes_mu);
-  resp->set_ready(front_->accepting && !front_->by_version.empty());
-  return done(ctx, Status::OK);
-}
-
-grpc::ServerUnaryReactor* Service::ServerMetadata(grpc::CallbackServerContext* ctx, const inference::ServerMetadataRequest*,
-                                                  inference::ServerMetadataResponse* resp) {
-  Status st = authenticate(ctx, front_->tokens);
-  if (st.ok()) *resp = front_->server_metadata;
-  return done(ctx, st);
-}
-
-grpc::ServerUnaryReactor* Service::ModelReady(grpc::CallbackServerContext* ctx, const inference::ModelReadyRequest* req,
-                                              inference::ModelReadyResponse* resp) {
-  Status st = authenticate(ctx, front_->tokens);
-  if (!st.ok()) return done(ctx, st);
-  std::shared_ptr<Model> m;
-  resp->set_ready(front_->accepting && front_->lookup(req->name(), req->version(), &m).ok());
-  return done(ctx, Status::OK);
-}
-
-// An authenticated caller's model version, for the calls that describe one.
-Status Service::find(grpc::CallbackServerContext* ctx, const std::string& name, const std::string& version,
-                     std::shared_ptr<Model>* m) {
-  Status st = authenticate(ctx, front_->tokens);
-  return st.ok() ? front_->lookup(name, version, m) : st;
-}
-
-grpc::ServerUnaryReactor* Service::ModelMetadata(grpc::CallbackServerContext* ctx, const inference::ModelMetadataRequest* req,
-                                                 inference::ModelMetadataResponse* resp) {
-  std::shared_ptr<Model> m;
-  Status st = find(ctx, req->name(), req->version(), &m);
-  if (st.ok()) *resp = m->metadata;
-  return done(ctx, st);
-}
-
-grpc::ServerUnaryReactor* Service::ModelConfig(grpc::CallbackServerContext* ctx, const inference::ModelConfigRequest* req,
-                                               inference::ModelConfigResponse* resp) {
-  std::shared_ptr<Model> m;
-  Status st = find(ctx, req->name(), req->version(), &m);
-  if (st.ok()) *resp = m->config;
-  return done(ctx, st);
-}
-
-grpc::ServerUnaryReactor* Service::ModelStatistics(grpc::CallbackServerContext* ctx,
-                                                   const inference::ModelStatisticsRequest* req,
-                                                   inference::ModelStatisticsResponse* resp) {
-  Status st = authenticate(ctx, front_->tokens);
-  if (!st.ok()) return done(ctx, st);
-  std::shared_ptr<Model> m;
-  if (!req->name().empty() && !(st = front_->lookup(req->name(), req->version(), &m)).ok()) return done(ctx, st);
-  std::vector<std::shared_ptr<Model>> models;
-  {
-    std::shared_lock lock(front_->routes_mu);
-    for (const auto& [key, model] : front_->by_version)
-      if ((req->name().empty() || req->name() == model->name) && (req->version().empty() || req->version() == model->version))
-        models.push_back(model);
-  }
-  std::sort(models.begin(), models.end(), [](auto& a, auto& b) { return std::tie(a->name, a->version) < std::tie(b->name, b->version); });
-  for (auto& model : models) *resp->add_model_stats() = model->statistics();
-  return done(ctx, Status::OK);
-}
-
 grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* bytes,
                                               grpc::ByteBuffer* out) {
   auto* reactor = ctx->DefaultReactor();
@@ -387,19 +296,25 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
   };
   Status auth = authenticate(ctx, front_->tokens);
   if (!auth.ok()) return reject(auth.error_code(), auth.error_message());
+  // The relay sends Python the bytes as they came: a copy that shares their slices (no data is copied).
+  grpc::ByteBuffer original(*bytes);
   // The bytes are parsed as gRPC's typed handler parses them (the same call, which also frees them; the
   // handler owns the buffer, and nothing reads it after this), but after authentication, and bytes that
-  // are no ModelInferRequest get the Python ports' answer.
+  // are no ModelInferRequest get the Python server's answer.
   std::unique_ptr<Call> owned(new Call);
   if (!grpc::SerializationTraits<ModelInferRequest>::Deserialize(const_cast<grpc::ByteBuffer*>(bytes), &owned->request).ok())
     return reject(StatusCode::INVALID_ARGUMENT, "the request is not a valid protobuf message for this method");
   if (!front_->accepting) return reject(StatusCode::UNAVAILABLE, "worker is draining; retry on another worker");
   const ModelInferRequest* req = owned->req;
 
+  // Typed contents, encoded images (BYTES) and versions this front does not hold (loading, not ready, not
+  // loaded, too many inputs for it) are Python's: it decodes them, or says why not.
   std::shared_ptr<Model> m;
-  Status st = front_->lookup(req->model_name(), req->model_version(), &m);
-  if (!st.ok()) return reject(st.error_code(), st.error_message());
-  st = fovea::validate(*m, *req, owned.get());
+  if (!fovea::raw_tensors(*req) || !front_->lookup(req->model_name(), req->model_version(), &m).ok()) {
+    front_->relay->unary(ctx, "/inference.GRPCInferenceService/ModelInfer", original, out, reactor);
+    return reactor;
+  }
+  Status st = fovea::validate(*m, *req, owned.get());
   if (!st.ok()) {
     m->stats[kFailCount] += 1;
     return reject(st.error_code(), st.error_message());
@@ -458,9 +373,13 @@ extern "C" {
 
 static void answer(Batch* b);
 
-// Starts the server; returns NULL on failure (the port taken, say). tokens: '\n'-separated.
+// Starts the worker's public port; returns NULL on failure (the port taken, say). tokens: '\n'-separated.
+// upstream: the Python server's address ("unix:/dir/socket"), where every call this front does not
+// answer itself goes. With cert_pem and key_pem it serves TLS; with client_ca_pem too, it requires client
+// certificates signed by it (mutual TLS).
 void* fv_start(const char* address, int max_message_bytes, const char* tokens, int64_t default_deadline_ms,
-               const char* server_metadata, int server_metadata_len, int* port_out) {
+               const char* upstream, const char* cert_pem, const char* key_pem, const char* client_ca_pem,
+               int* port_out) {
   // Keep freed buffers in the heap: gRPC allocates a fresh buffer for every large message, and
   // returning each to the kernel costs a page fault and a zeroed page per 4 KiB on the next one.
   // Only when the environment did not set them.
@@ -471,7 +390,6 @@ void* fv_start(const char* address, int max_message_bytes, const char* tokens, i
   static std::once_flag log_once;  // SetLogHandler is not thread-safe
   std::call_once(log_once, [] { google::protobuf::SetLogHandler(protobuf_log); });
   auto* f = new Front();
-  f->server_metadata.ParseFromArray(server_metadata, server_metadata_len);
   std::string all(tokens);
   size_t pos = 0;
   while (pos <= all.size()) {
@@ -482,19 +400,38 @@ void* fv_start(const char* address, int max_message_bytes, const char* tokens, i
   }
   f->default_deadline_ms = default_deadline_ms;
   f->service = std::make_unique<Service>(f);
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (cert_pem && *cert_pem) {
+    const bool mutual = client_ca_pem && *client_ca_pem;
+    grpc::SslServerCredentialsOptions ssl(mutual ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                                 : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    ssl.pem_key_cert_pairs.push_back({key_pem ? key_pem : "", cert_pem});
+    if (mutual) ssl.pem_root_certs = client_ca_pem;
+    creds = grpc::SslServerCredentials(ssl);
+  }
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), port_out);
+  builder.AddListeningPort(address, creds, port_out);
   builder.SetMaxReceiveMessageSize(max_message_bytes);
   builder.SetMaxSendMessageSize(max_message_bytes);
   // Let a peer send a whole tensor in big frames without waiting for window updates.
   builder.AddChannelArgument("grpc.http2.max_frame_size", 1 << 20);
   builder.AddChannelArgument("grpc.http2.lookahead_bytes", 8 << 20);
+  // Accept the gateways' keepalive pings (fovea/config.py channel_options: every 10 s, even when idle);
+  // the default policy answers them with GOAWAY "too_many_pings" and drops the connection.
+  builder.AddChannelArgument("grpc.keepalive_permit_without_calls", 1);
+  builder.AddChannelArgument("grpc.http2.min_recv_ping_interval_without_data_ms", 5000);
+  builder.AddChannelArgument("grpc.http2.max_ping_strikes", 0);
+  builder.AddChannelArgument("grpc.so_reuseport", 0);
   builder.RegisterService(f->service.get());
+  f->relay = std::make_unique<fovea::Relay>(&builder, upstream, max_message_bytes);
   f->server = builder.BuildAndStart();
   if (!f->server || *port_out == 0) {
+    f->server.reset();
+    f->relay->stop();
     delete f;
     return nullptr;
   }
+  f->relay->start();
   f->answerer = std::thread([f] {
     std::unique_lock lock(f->answers_mu);
     while (true) {
@@ -515,8 +452,7 @@ int fv_add_model(void* fp, const char* name, const char* version, int max_batch,
                  int64_t max_queue_delay_us, int npreferred, const int32_t* preferred, int ninputs,
                  const char** in_names, const char** in_dtypes, const int32_t* in_ranks, const int64_t* in_dims,
                  int noutputs, const char** out_names, const char** out_dtypes, const int32_t* out_ranks,
-                 const int64_t* out_dims, const char* labels, int probabilities,
-                 const char* metadata, int metadata_len, const char* config, int config_len) {
+                 const int64_t* out_dims, const char* labels, int probabilities) {
   auto* f = static_cast<Front*>(fp);
   if (ninputs < 1 || ninputs > kMaxTensors || noutputs < 1 || noutputs > kMaxTensors || max_batch < 1) return -1;
   auto m = std::make_shared<Model>();
@@ -527,7 +463,6 @@ int fv_add_model(void* fp, const char* name, const char* version, int max_batch,
   m->max_queue_delay_us = max_queue_delay_us;
   m->preferred.insert(preferred, preferred + npreferred);
   m->probabilities = probabilities != 0;
-  if (!m->metadata.ParseFromArray(metadata, metadata_len) || !m->config.ParseFromArray(config, config_len)) return -1;
   const int64_t* d = in_dims;
   for (int i = 0; i < ninputs; ++i) {
     if (in_ranks[i] < 1 || in_ranks[i] > kMaxRank) return -1;
@@ -874,13 +809,19 @@ void fv_set_accepting(void* fp, int accepting) { static_cast<Front*>(fp)->accept
 // meanwhile, since the server waits for every call it accepted to be answered.
 void fv_shutdown(void* fp, double grace_s) {
   auto* f = static_cast<Front*>(fp);
+  if (f->stopped) return;
+  f->stopped = true;
   f->accepting = false;
+  // Returns once every call is answered, or at the deadline, when gRPC cancels the calls still open.
   f->server->Shutdown(SysClock::now() + std::chrono::microseconds(int64_t(grace_s * 1e6)));
+  f->relay->cancel_all();  // a relayed ModelInfer still open upstream ends with its call
   f->server->Wait();
+  f->relay->stop();
 }
 
 void fv_free(void* fp) {
   auto* f = static_cast<Front*>(fp);
+  fv_shutdown(fp, 0);
   if (f->answerer.joinable()) {
     {
       std::lock_guard lock(f->answers_mu);
