@@ -77,6 +77,7 @@ def _load() -> C.CDLL:
     lib.fv_statistics.argtypes = [p, i, p, i]
     lib.fv_request_times.argtypes = [p, i, p, p, C.POINTER(i64)]
     lib.fv_set_accepting.argtypes = [p, i]
+    lib.fv_set_trace_sampled.argtypes = [p, i]
     lib.fv_shutdown.argtypes = [p, C.c_double]
     lib.fv_free.argtypes = [p]
     lib.fv_ort_init.argtypes = [s, s, i]
@@ -472,6 +473,10 @@ class NativeFront:
         buf = C.create_string_buffer(1 << 16)
         size = self.lib.fv_statistics(self.handle, slot, buf, len(buf))
         return buf.raw[:size] if size > 0 else b""
+
+    def set_trace_sampled(self, on: bool) -> None:
+        """Relay ModelInfer calls with a sampled traceparent to the Python server, which traces them."""
+        self.lib.fv_set_trace_sampled(self.handle, int(on))
 
     def set_accepting(self, accepting: bool) -> None:
         """While not accepting, new calls get UNAVAILABLE (a gateway retries elsewhere); queued ones still answered."""

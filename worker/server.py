@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import onnxruntime as ort
 
-from fovea import crypto
+from fovea import crypto, tracing
 from fovea.config import server_options
 from fovea.registry_link import RegistryLink
 from fovea.rpc import ServiceInterceptor, internal_authenticator
@@ -179,6 +179,7 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     except (OSError, RuntimeError) as exc:
         shutil.rmtree(private_dir, ignore_errors=True)
         raise RuntimeError(f"the worker cannot start its port: {exc}") from exc
+    native.set_trace_sampled(tracing.tracer is not None)
     manager = ModelManager(config, link, keys, metrics, native)
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
     servicer = WorkerServicer(manager, config, decode_pool, metrics)

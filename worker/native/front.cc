@@ -175,6 +175,7 @@ class Front {
   std::vector<std::string> tokens;
   int64_t default_deadline_ms = 30000;
   std::atomic<bool> accepting{true};
+  bool trace_sampled = false;  // relay calls with a sampled traceparent to Python, which traces them
   std::unique_ptr<fovea::Relay> relay;  // declared before the server, so destroyed after it
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<Service> service;
@@ -267,6 +268,20 @@ class Front {
   }
 };
 
+// Whether the caller's W3C traceparent ('00-<32 hex>-<16 hex>-<2 hex flags>', 55 characters in version 00)
+// asks for this call to be traced: flags bit 0 of the last value sent. Python parses it again and traces.
+bool sampled(const grpc::CallbackServerContext* ctx) {
+  auto range = ctx->client_metadata().equal_range("traceparent");
+  if (range.first == range.second) return false;
+  std::string tp;
+  for (auto it = range.first; it != range.second; ++it) tp.assign(it->second.data(), it->second.size());
+  if (tp.size() < 55 || tp.size() > 128) return false;
+  if (tp[2] != '-' || tp[35] != '-' || tp[52] != '-' || (tp.size() > 55 && tp[55] != '-')) return false;
+  char c = tp[54];
+  int low = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+  return low >= 0 && (low & 1);
+}
+
 Status authenticate(grpc::CallbackServerContext* ctx, const std::vector<std::string>& tokens) {
   const auto& md = ctx->client_metadata();
   auto auth = md.find("authorization");
@@ -307,10 +322,11 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
   if (!front_->accepting) return reject(StatusCode::UNAVAILABLE, "worker is draining; retry on another worker");
   const ModelInferRequest* req = owned->req;
 
-  // Typed contents, encoded images (BYTES) and versions this front does not hold (loading, not ready, not
-  // loaded, too many inputs for it) are Python's: it decodes them, or says why not.
+  // Typed contents, encoded images (BYTES), versions this front does not hold (loading, not ready, not
+  // loaded, too many inputs for it) and calls to trace are Python's: it decodes them, or says why not.
   std::shared_ptr<Model> m;
-  if (!fovea::raw_tensors(*req) || !front_->lookup(req->model_name(), req->model_version(), &m).ok()) {
+  if (!fovea::raw_tensors(*req) || (front_->trace_sampled && sampled(ctx)) ||
+      !front_->lookup(req->model_name(), req->model_version(), &m).ok()) {
     front_->relay->unary(ctx, "/inference.GRPCInferenceService/ModelInfer", original, out, reactor);
     return reactor;
   }
@@ -802,6 +818,10 @@ void fv_codes(void* fp, int64_t* out) {
   auto* f = static_cast<Front*>(fp);
   for (int i = 0; i < 17; ++i) out[i] = f->codes[i].load();
 }
+
+// Whether calls with a sampled traceparent go to Python, which traces them: on when the worker's tracing is
+// (fovea/tracing.py); set before the first call.
+void fv_set_trace_sampled(void* fp, int on) { static_cast<Front*>(fp)->trace_sampled = on != 0; }
 
 void fv_set_accepting(void* fp, int accepting) { static_cast<Front*>(fp)->accepting = accepting != 0; }
 
