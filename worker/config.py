@@ -138,9 +138,6 @@ class WorkerConfig(BaseConfig):
     """On the CPU provider, run the fast port's batches in C++ on ONNX Runtime's C API (each instance a second
     session on the same model bytes), so that no Python runs between a call's arrival and its answer.
     False: Python runs them on the main port's sessions."""
-    inline_compute_us: int = 1000
-    """Run a batch on the event loop thread, skipping the executor's two thread hops, while the model's average
-    batch takes less than this (one instance only); 0 always uses the executor."""
     max_queue_len: int = 1024
     """Queued requests per model version before RESOURCE_EXHAUSTED."""
     max_image_pixels: int = 40_000_000

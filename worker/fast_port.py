@@ -21,9 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import grpc
 import numpy as np
 
 from fovea import oip
+from fovea.errors import FoveaError
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,35 @@ BUILD = os.environ.get("FOVEA_NATIVE_BUILD", "") or "build"
 LIBRARY = pathlib.Path(__file__).parent / "native" / BUILD / "libfovea_front.so"
 MAX_TENSORS, MAX_RANK = 8, 8
 INTERNAL = 13
+
+
+CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class Refused(FoveaError):
+    """The native queue's answer to a submitted call that is not OK: its status code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        # The native queue answers UNAVAILABLE only before any compute (a version unloading).
+        self.unserved = code == grpc.StatusCode.UNAVAILABLE
+
+
+@dataclass
+class Timing:
+    """Where a submitted call's batch ran (time.perf_counter() seconds; both clocks are CLOCK_MONOTONIC)."""
+
+    enqueued: float = 0.0
+    taken: float = 0.0
+    compute_start: float = 0.0
+    compute_end: float = 0.0
+    batch_size: int = 0
+    """Samples in the batch the call ran in."""
+    batch_calls: int = 0
+    """Calls in that batch."""
+    batch: int = 0
+    """The batch's number on the native front, the same for every call in it."""
 
 
 class FvBatch(C.Structure):
@@ -78,6 +109,8 @@ def _load() -> C.CDLL:
     lib.fv_request_times.argtypes = [p, i, p, p, C.POINTER(i64)]
     lib.fv_set_accepting.argtypes = [p, i]
     lib.fv_set_trace_sampled.argtypes = [p, i]
+    lib.fv_submit.argtypes = [p, i, s, i64, i64, C.POINTER(p), C.POINTER(i64), C.POINTER(i64), s, i]
+    lib.fv_free_buffer.argtypes = [p]
     lib.fv_shutdown.argtypes = [p, C.c_double]
     lib.fv_free.argtypes = [p]
     lib.fv_ort_init.argtypes = [s, s, i]
@@ -473,6 +506,28 @@ class NativeFront:
         buf = C.create_string_buffer(1 << 16)
         size = self.lib.fv_statistics(self.handle, slot, buf, len(buf))
         return buf.raw[:size] if size > 0 else b""
+
+    def submit(self, slot: int, request: bytes, timeout_ms: int, timing: Timing | None = None) -> bytes:
+        """Queue a ModelInferRequest (raw tensors) made by the Python server for a version's slot, with the calls
+        the front takes itself; blocks until it is answered (ctypes releases the GIL), and returns the
+        serialized ModelInferResponse. Refused carries any other status, with the message of the one validator
+        (check.cc) or of the batch."""
+        out, size, times = C.c_void_p(), C.c_int64(0), (C.c_int64 * 6)()
+        message = C.create_string_buffer(1024)
+        code = self.lib.fv_submit(
+            self.handle, slot, request, len(request), timeout_ms, C.byref(out), C.byref(size), times, message, 1024
+        )
+        if code != 0:
+            raise Refused(CODES.get(code, grpc.StatusCode.UNKNOWN), message.value.decode(errors="replace"))
+        try:
+            body = C.string_at(out, size.value)
+        finally:
+            self.lib.fv_free_buffer(out)
+        if timing is not None:
+            timing.enqueued, timing.taken, timing.compute_end = (t / 1e9 for t in times[:3])
+            timing.compute_start = timing.taken
+            timing.batch_size, timing.batch_calls, timing.batch = times[3], times[4], times[5]
+        return body
 
     def set_trace_sampled(self, on: bool) -> None:
         """Relay ModelInfer calls with a sampled traceparent to the Python server, which traces them."""

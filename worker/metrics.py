@@ -208,9 +208,7 @@ class WorkerMetrics:
                 )
                 for lv in list(manager.loaded.values()):
                     labels = [lv.mv.name, str(lv.mv.version)]
-                    queued = lv.batcher.depth
-                    if manager.native is not None and lv.slot:
-                        queued += manager.native.depth(lv.slot)[0]
+                    queued = manager.native.depth(lv.slot)[0] if manager.native is not None and lv.slot else 0
                     depth.add_metric(labels, queued)
                     capacity.add_metric(labels, max_queue_len)
                     ready.add_metric(labels, 1 if lv.ready else 0)

@@ -58,10 +58,9 @@ async def test_raw_tensors_answered_natively_match_calls_relayed_to_python(
     top2.outputs.add(name="logits").parameters["classification"].int64_param = 2
     for req in (plain, top2):
         native_before = sum(ws.native.codes())
-        a = await f.ModelInfer(typed_request(req), metadata=MD, timeout=10)  # relayed: Python's batcher
-        assert sum(ws.native.codes()) == native_before
+        a = await f.ModelInfer(typed_request(req), metadata=MD, timeout=10)  # relayed: Python reads the contents
         b = await f.ModelInfer(req, metadata=MD, timeout=10)  # answered in C++
-        assert sum(ws.native.codes()) == native_before + 1
+        assert sum(ws.native.codes()) == native_before + 2, "both went through the one native queue"
         assert (b.model_name, b.model_version, b.id) == (a.model_name, a.model_version, a.id)
         assert [(o.name, o.datatype, list(o.shape)) for o in b.outputs] == [
             (o.name, o.datatype, list(o.shape)) for o in a.outputs
@@ -153,22 +152,22 @@ async def test_calls_show_in_statistics_and_metrics(registry: LocalRegistry, sta
     with pytest.raises(grpc.aio.AioRpcError):
         await f.ModelInfer(tensor_request("colors", _colors(1)), timeout=10)
     lv = ws.manager.loaded[("colors", 1)]
-    fast_stats = ws.manager.fast_statistics(lv)  # the calls the native front answered itself
-    assert fast_stats.inference_stats.success.count == 3 and fast_stats.inference_count == 6
-    assert fast_stats.execution_count == fast_stats.inference_stats.compute_infer.count == 3
-    assert {b.batch_size for b in fast_stats.batch_stats} == {2}
-    # ModelStatistics reports the native and the relayed calls together (plus Python's warm-up runs).
+    queued = ws.manager.fast_statistics(lv)  # the one native queue: raw tensors and the call Python decoded
+    assert queued.inference_stats.success.count == 4 and queued.inference_count == 7
+    assert queued.execution_count == queued.inference_stats.compute_infer.count == 4
+    assert {b.batch_size for b in queued.batch_stats} == {1, 2}
+    # ModelStatistics (answered by Python) reports them once.
     both = (await f.ModelStatistics(pb.ModelStatisticsRequest(name="colors"), metadata=MD, timeout=10)).model_stats[0]
     assert both.inference_stats.success.count == 3 + 1
-    assert both.inference_count >= 6 + 1
+    assert both.inference_count == 6 + 1
     page = await asyncio.to_thread(
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics.port}/metrics", timeout=10).read().decode()
     )
-    assert 'fovea_worker_fast_port_requests_total{code="OK"} 3.0' in page
+    assert 'fovea_worker_fast_port_requests_total{code="OK"} 4.0' in page
     assert 'fovea_worker_fast_port_requests_total{code="UNAUTHENTICATED"} 1.0' in page
-    # the fast port's OK calls by total time, in the main port's buckets
-    assert 'fovea_worker_fast_port_request_seconds_count{model="colors",version="1"} 3.0' in page
-    assert 'fovea_worker_fast_port_request_seconds_bucket{le="10.0",model="colors",version="1"} 3.0' in page
+    # the native queue's OK calls by total time, in the buckets of Python's fovea_worker_request_seconds
+    assert 'fovea_worker_fast_port_request_seconds_count{model="colors",version="1"} 4.0' in page
+    assert 'fovea_worker_fast_port_request_seconds_bucket{le="10.0",model="colors",version="1"} 4.0' in page
     main_les = {
         ln.split('le="')[1].split('"')[0]
         for ln in page.splitlines()
@@ -185,7 +184,7 @@ async def test_calls_show_in_statistics_and_metrics(registry: LocalRegistry, sta
     )
     assert 0 < total < 3 * 10
 
-    # The fast port's three batches of 2 are in the batch-size histogram at once (its metrics are
+    # The native queue's three batches of 2 are in the batch-size histogram at once (its metrics are
     # recorded off the answer path and flushed before every scrape).
     def bucket(le: str) -> float:
         return float(
@@ -435,3 +434,33 @@ async def test_a_worker_without_its_native_library_refuses_to_start(
     with pytest.raises(RuntimeError) as err:
         await start_worker([])
     assert "cannot start its port" in str(err.value) and "worker/native/build.sh" in str(err.value), err.value
+
+
+async def test_calls_python_submits_share_a_batch_and_its_times(
+    registry: LocalRegistry, start_worker: StartWorker
+) -> None:
+    """Calls the Python server hands to the native queue (decoded images, typed contents) are batched with each
+    other and with raw tensors; each traced call gets its batch's times and number (worker/servicer.py)."""
+    from worker.fast_port import Timing
+
+    ws, _ = await _colors_worker(start_worker, registry, max_queue_delay_us=200_000)
+    lv = ws.manager.loaded[("colors", 1)]
+    timings = [Timing(), Timing(), Timing()]
+    bodies = await asyncio.gather(
+        *(
+            asyncio.to_thread(
+                ws.manager.submit, lv, tensor_request("colors", _colors(1)).SerializeToString(), 30_000, t
+            )
+            for t in timings
+        )
+    )
+    assert [output_array(pb.ModelInferResponse.FromString(b)).argmax() for b in bodies] == [0, 0, 0]
+    first = timings[0]
+    assert all((t.batch, t.taken, t.compute_end) == (first.batch, first.taken, first.compute_end) for t in timings)
+    assert (first.batch_size, first.batch_calls) == (3, 3) and first.batch > 0
+    assert max(t.enqueued for t in timings) <= first.taken <= first.compute_start < first.compute_end
+    later = Timing()
+    await asyncio.to_thread(
+        ws.manager.submit, lv, tensor_request("colors", _colors(2)).SerializeToString(), 30_000, later
+    )
+    assert later.batch > first.batch and (later.batch_size, later.batch_calls) == (2, 1)

@@ -123,9 +123,7 @@ Status validate(const ModelSpec& m, const ModelInferRequest& req, Checked* out) 
     return invalid("model " + m.name + " takes " + std::to_string(nin) + " input(s); got " +
                    std::to_string(req.inputs_size()));
   if (req.raw_input_contents_size() != nin)
-    return invalid(
-        "the fast port takes raw_input_contents, one entry per input; send typed contents or encoded images to the "
-        "worker's main port");
+    return invalid("raw_input_contents must have one entry per input");
   int n = -1;
   for (int s = 0; s < nin; ++s) {
     const TensorSpec& spec = m.inputs[s];

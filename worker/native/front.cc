@@ -58,8 +58,21 @@ int64_t now_ns() {
 // A call validate accepted (n and order come from it). ModelInfer takes its bytes raw and parses them
 // into request itself (gRPC's typed handler answers bytes that do not parse with a bare UNIMPLEMENTED);
 // finish serializes response into out.
+// A call the worker's Python server submitted (fv_submit: images it decoded, typed contents it read): its
+// thread waits for the answer here instead of a reactor.
+struct Local {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  Status status;
+  std::string response;  // the serialized ModelInferResponse, when status is OK
+  // For a trace: enqueued, taken from the queue, computed (ns, steady clock), batch samples, calls, batch id.
+  int64_t timing[6] = {};
+};
+
 struct Call : fovea::Checked {
-  grpc::CallbackServerContext* ctx = nullptr;
+  grpc::CallbackServerContext* ctx = nullptr;  // null for a Local one
+  Local* local = nullptr;
   ModelInferRequest request;
   ModelInferResponse response;
   const ModelInferRequest* req = &request;
@@ -131,6 +144,7 @@ struct Model : fovea::ModelSpec {
 
 struct Batch {
   std::shared_ptr<Model> model;
+  int64_t id = 0, computed_ns = 0;
   std::vector<Call*> calls;
   std::vector<std::string> buffers;  // concatenated inputs when the batch holds several calls
   int samples = 0;
@@ -246,13 +260,28 @@ class Front {
 
   static void finish(Call* c, const Status& st, Model* m) {
     Status sent = st;
-    if (st.ok()) {  // what gRPC's typed handler would do in Finish
-      bool own_buffer;
-      sent = grpc::SerializationTraits<ModelInferResponse>::Serialize(*c->resp, c->out, &own_buffer);
-    }
     const int64_t enqueued_ns = c->enqueued_ns;
-    c->reactor->Finish(sent);
-    delete c;
+    if (c->local) {
+      Local* l = c->local;
+      std::string body;
+      if (st.ok() && !c->resp->SerializeToString(&body))
+        sent = Status(StatusCode::INTERNAL, "the answer could not be serialized");
+      {
+        std::lock_guard lock(l->mu);
+        l->status = sent;
+        l->response = std::move(body);
+        l->done = true;
+      }
+      l->cv.notify_one();
+      delete c;
+    } else {
+      if (st.ok()) {  // what gRPC's typed handler would do in Finish
+        bool own_buffer;
+        sent = grpc::SerializationTraits<ModelInferResponse>::Serialize(*c->resp, c->out, &own_buffer);
+      }
+      c->reactor->Finish(sent);
+      delete c;
+    }
     // The whole call, its answer's encoding included: Triton's success time holds its compute output time.
     int64_t spent = now_ns() - enqueued_ns;
     if (m) {
@@ -296,6 +325,8 @@ Status authenticate(grpc::CallbackServerContext* ctx, const std::vector<std::str
     return Status(StatusCode::UNAUTHENTICATED, "invalid internal credentials: this service only takes calls from Fovea services");
   return Status::OK;
 }
+
+Status enqueue(Model* m, Call* call);
 
 grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* bytes,
                                               grpc::ByteBuffer* out) {
@@ -344,22 +375,29 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
     call->deadline = SysClock::now() + std::chrono::milliseconds(front_->default_deadline_ms);
   call->enqueued_ns = t0;
   m->stats[kInputNs] += now_ns() - t0;
+  st = enqueue(m.get(), call);
+  if (!st.ok()) return reject(st.error_code(), st.error_message());
+  return reactor;
+}
+
+// Queues a validated call, or says why not (and frees it).
+Status enqueue(Model* m, Call* call) {
   {
     std::lock_guard lock(m->mu);
     if (!m->accepting) {
       delete call;
-      return reject(StatusCode::UNAVAILABLE, "model " + m->name + " v" + m->version + " is unloading; retry");
+      return Status(StatusCode::UNAVAILABLE, "model " + m->name + " v" + m->version + " is unloading; retry");
     }
     if (m->queue.size() >= m->max_queue) {
       delete call;
       m->stats[kFailCount] += 1;
-      return reject(StatusCode::RESOURCE_EXHAUSTED, "queue of model " + m->name + ":" + m->version + " is full (" +
+      return Status(StatusCode::RESOURCE_EXHAUSTED, "queue of model " + m->name + ":" + m->version + " is full (" +
                                                         std::to_string(m->max_queue) + " requests); retry later");
     }
     m->queue.push_back(call);
   }
   m->cv.notify_one();
-  return reactor;
+  return Status::OK;
 }
 
 // libprotobuf logs an ERROR for every string field that is not UTF-8 (and the parse fails, which the
@@ -574,7 +612,7 @@ int fv_next_batch(void* fp, int slot, int timeout_ms, fv_batch* out, double* wai
       auto sys_now = SysClock::now();
       while (!m->queue.empty()) {
         Call* c = m->queue.front();
-        if (c->ctx->IsCancelled() || c->deadline <= sys_now) {
+        if ((c->ctx && c->ctx->IsCancelled()) || c->deadline <= sys_now) {
           m->queue.pop_front();
           dropped.push_back(c);
           continue;
@@ -597,7 +635,7 @@ int fv_next_batch(void* fp, int slot, int timeout_ms, fv_batch* out, double* wai
     out->queued = int32_t(m->queue.size());
   }
   for (Call* c : dropped) {
-    bool cancelled = c->ctx->IsCancelled();
+    bool cancelled = c->ctx && c->ctx->IsCancelled();
     (cancelled ? out->cancelled : out->expired) += 1;
     Front::finish(c, cancelled ? Status(StatusCode::CANCELLED, "cancelled by the caller before compute")
                                : Status(StatusCode::DEADLINE_EXCEEDED, "deadline passed while queued; not computed"),
@@ -643,6 +681,7 @@ int fv_next_batch(void* fp, int slot, int timeout_ms, fv_batch* out, double* wai
   }
   std::lock_guard lock(f->batches_mu);
   out->id = f->next_batch++;
+  batch->id = out->id;
   f->batches[out->id] = std::move(batch);
   return 1;
 }
@@ -670,6 +709,7 @@ int fv_complete(void* fp, int64_t id, int64_t compute_ns, int noutputs, const ch
   if (!b) return -1;
   Model* m = b->model.get();
   int64_t t0 = now_ns();
+  b->computed_ns = t0;
   m->stats[kInferCount] += 1;
   m->stats[kInferNs] += compute_ns;
   m->stats[kSamples] += b->samples;
@@ -762,6 +802,11 @@ static void answer(Batch* b) {
           if (m->outputs[o].name == want.name()) emit(o, &want);
     }
     offset += c->n;
+    if (c->local) {  // for Python's trace of the call (finish frees c)
+      int64_t* t = c->local->timing;
+      t[0] = c->enqueued_ns, t[1] = c->started_ns, t[2] = b->computed_ns;
+      t[3] = b->samples, t[4] = int64_t(b->calls.size()), t[5] = b->id;
+    }
     Front::finish(c, st, m);
   }
   m->stats[kOutputNs] += now_ns() - t0;
@@ -818,6 +863,52 @@ void fv_codes(void* fp, int64_t* out) {
   auto* f = static_cast<Front*>(fp);
   for (int i = 0; i < 17; ++i) out[i] = f->codes[i].load();
 }
+
+// A ModelInfer the worker's Python server made (images it decoded, typed contents it read, as
+// raw_input_contents) for the version in slot: validated, queued and batched with the calls this front takes
+// itself, and answered by the same code. Blocks until answered (ctypes releases the GIL meanwhile). Returns
+// the gRPC status code; on OK, *out holds the serialized ModelInferResponse (free it with fv_free_buffer),
+// otherwise message gets the reason.
+int fv_submit(void* fp, int slot, const char* request, int64_t len, int64_t timeout_ms, char** out,
+              int64_t* out_len, int64_t* timing, char* message, int message_cap) {
+  auto* f = static_cast<Front*>(fp);
+  int64_t t0 = now_ns();
+  *out = nullptr;
+  *out_len = 0;
+  auto fail = [&](const Status& st) {
+    std::snprintf(message, size_t(message_cap), "%s", st.error_message().c_str());
+    return int(st.error_code());
+  };
+  std::shared_ptr<Model> m = f->model(slot);
+  if (!m) return fail(Status(StatusCode::UNAVAILABLE, "this model version is unloading; retry"));
+  std::unique_ptr<Call> owned(new Call);
+  if (len < 0 || !owned->request.ParseFromArray(request, int(len)))
+    return fail(Status(StatusCode::INVALID_ARGUMENT, "the request is not a valid protobuf message for this method"));
+  Status st = fovea::validate(*m, owned->request, owned.get());
+  if (!st.ok()) {
+    m->stats[kFailCount] += 1;
+    return fail(st);
+  }
+  Local local;
+  Call* call = owned.release();
+  call->local = &local;
+  call->deadline = SysClock::now() + std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0));
+  call->enqueued_ns = t0;
+  m->stats[kInputNs] += now_ns() - t0;
+  st = enqueue(m.get(), call);
+  if (!st.ok()) return fail(st);
+  std::unique_lock lock(local.mu);
+  local.cv.wait(lock, [&] { return local.done; });
+  if (!local.status.ok()) return fail(local.status);
+  *out = static_cast<char*>(std::malloc(std::max<size_t>(local.response.size(), 1)));
+  if (!*out) return fail(Status(StatusCode::RESOURCE_EXHAUSTED, "no memory for the answer"));
+  std::memcpy(*out, local.response.data(), local.response.size());
+  *out_len = int64_t(local.response.size());
+  std::memcpy(timing, local.timing, sizeof local.timing);
+  return 0;
+}
+
+void fv_free_buffer(char* buffer) { std::free(buffer); }
 
 // Whether calls with a sampled traceparent go to Python, which traces them: on when the worker's tracing is
 // (fovea/tracing.py); set before the first call.
