@@ -8,6 +8,7 @@ gateways learn of the move), then drains and unloads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -39,11 +40,15 @@ class Loaded:
 
     mv: model_pb2.ModelVersion
     sessions: list[Session | Bucketed]
+    """Python's sessions, for its batch loop (a GPU, batch buckets); none where the C++ loop runs the batches."""
     preprocess: Preprocess | None
     provider: str
     ready: bool = False
     unload_at: float | None = None
     input_dtypes: list[Any] = field(default_factory=list)
+    instances: int = 1
+    sizes: list[int] = field(default_factory=list)
+    """Batch sizes with a session each (pad_batches); empty: every size on one session."""
     stats: ModelStats = field(default_factory=ModelStats)
     slot: int = 0
     """This version's slot on the native front, whose queue and batcher take all of its calls; 0 until ready."""
@@ -241,7 +246,7 @@ class ModelManager:
                 self.config.max_batch_size,
                 preferred_batch_sizes=list(self.config.preferred_batch_sizes),
                 max_queue_delay_us=self.config.max_queue_delay_us,
-                instances=len(lv.sessions),
+                instances=lv.instances,
                 gpu_id=gpu,
             )
         )
@@ -389,16 +394,25 @@ class ModelManager:
             # Before any session: ONNX Runtime would read the files that external-data tensors name.
             await asyncio.to_thread(refuse_external_data_bytes, data)
             config = self.config.for_model(mv.name)
-            sessions = await asyncio.gather(
-                *(asyncio.to_thread(load_model, data, config) for _ in range(max(1, config.instances)))
-            )
+            count = max(1, config.instances)
+            first = await asyncio.to_thread(load_model, data, config)
+            sessions: list[Session | Bucketed] = [first]
             alone = None
             fast: list[NativeSession] = []
             fast_alone: NativeSession | None = None
-            if self._runs_native(config, sessions[0]):
-                fast, fast_alone = await asyncio.to_thread(
-                    self._open_native, data, config, mv, sessions[0], len(sessions)
-                )
+            if self._runs_native(config, first):
+                # One set of sessions: the C++ loop's. Python's first session only told the provider, the names
+                # and the types; its weights are freed before the C++ sessions open, so they exist once.
+                assert isinstance(first, Session)  # no batch buckets here (_runs_native)
+                first = dataclasses.replace(first, session=None)  # type: ignore[arg-type]
+                sessions = []
+                fast, fast_alone = await asyncio.to_thread(self._open_native, data, config, mv, first, count)
+            if not fast:  # Python runs the batches, on sessions of its own
+                sessions = [
+                    sessions[0] if sessions else await asyncio.to_thread(load_model, data, config),
+                    *await asyncio.gather(*(asyncio.to_thread(load_model, data, config) for _ in range(count - 1))),
+                ]
+                first = sessions[0]
             if self.native is not None and self.config.alone_threads(mv.name) and not fast:
                 alone = await asyncio.to_thread(
                     load_model, data, config.model_copy(update={"intra_op_threads": self.config.alone_threads(mv.name)})
@@ -417,14 +431,15 @@ class ModelManager:
             names = session.input_names
             return lambda inputs: session.run(dict(zip(names, inputs, strict=False)))
 
-        first = sessions[0]
         metrics_hook = self.metrics.batch_hook(mv.name, version, first.size_for if first.sizes else None)
         lv = Loaded(
             mv=mv,
             sessions=list(sessions),
             preprocess=pre,
-            provider=sessions[0].provider,
-            input_dtypes=sessions[0].input_dtypes,
+            provider=first.provider,
+            input_dtypes=first.input_dtypes,
+            instances=count,
+            sizes=list(first.sizes),
         )
         self.loaded[key] = lv  # listed (heartbeats, ModelReady) but not ready until warmed up
         fast_all = [*fast, *([fast_alone] if fast_alone else [])]
@@ -483,7 +498,7 @@ class ModelManager:
             t_sessions - t_download,
             t_end - t_sessions,
             lv.provider,
-            len(sessions),
+            count,
             sizes,
             lv.memory_bytes / 1e6,
         )
@@ -537,7 +552,7 @@ class ModelManager:
         return inputs
 
     async def _warm_up(self, lv: Loaded, runners: list[Any]) -> None:
-        sizes = warmup_sizes(self.config, lv.provider, lv.mv, lv.sessions[0].sizes)
+        sizes = warmup_sizes(self.config, lv.provider, lv.mv, lv.sizes)
         # Every instance, every size: each session keeps its own per-shape state (cuDNN's algorithm choices).
         t0 = time.perf_counter()
         for run in runners:

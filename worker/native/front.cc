@@ -258,33 +258,20 @@ class Front {
 
   std::atomic<int64_t> codes[17] = {};  // ModelInfer calls answered, by status code
 
+  // Answers a call and counts it. The counts come before the answer, so that a caller who got it finds them;
+  // its time includes encoding the answer, which Triton's success time holds (compute output does not).
   static void finish(Call* c, const Status& st, Model* m) {
     Status sent = st;
-    const int64_t enqueued_ns = c->enqueued_ns;
+    std::string body;
     if (c->local) {
-      Local* l = c->local;
-      std::string body;
       if (st.ok() && !c->resp->SerializeToString(&body))
         sent = Status(StatusCode::INTERNAL, "the answer could not be serialized");
-      {
-        std::lock_guard lock(l->mu);
-        l->status = sent;
-        l->response = std::move(body);
-        l->done = true;
-      }
-      l->cv.notify_one();
-      delete c;
-    } else {
-      if (st.ok()) {  // what gRPC's typed handler would do in Finish
-        bool own_buffer;
-        sent = grpc::SerializationTraits<ModelInferResponse>::Serialize(*c->resp, c->out, &own_buffer);
-      }
-      c->reactor->Finish(sent);
-      delete c;
+    } else if (st.ok()) {  // what gRPC's typed handler would do in Finish
+      bool own_buffer;
+      sent = grpc::SerializationTraits<ModelInferResponse>::Serialize(*c->resp, c->out, &own_buffer);
     }
-    // The whole call, its answer's encoding included: Triton's success time holds its compute output time.
-    int64_t spent = now_ns() - enqueued_ns;
     if (m) {
+      const int64_t spent = now_ns() - c->enqueued_ns;
       m->stats[sent.ok() ? kOkCount : kFailCount] += 1;
       m->stats[sent.ok() ? kOkNs : kFailNs] += spent;
       if (sent.ok()) {
@@ -294,6 +281,18 @@ class Front {
       }
       m->codes[std::min<int>(sent.error_code(), 16)] += 1;
     }
+    if (c->local) {
+      // Notified under the lock: once done is seen, fv_submit returns and its Local (on its stack) is gone.
+      Local* l = c->local;
+      std::lock_guard lock(l->mu);
+      l->status = sent;
+      l->response = std::move(body);
+      l->done = true;
+      l->cv.notify_one();
+    } else {
+      c->reactor->Finish(sent);
+    }
+    delete c;
   }
 };
 
@@ -760,10 +759,10 @@ int fv_complete(void* fp, int64_t id, int64_t compute_ns, int noutputs, const ch
 
 static void answer(Batch* b) {
   Model* m = b->model.get();
-  int64_t t0 = now_ns();
   const int noutputs = int(b->outputs.size());
-  int64_t offset = 0;
+  int64_t offset = 0, built_ns = 0;  // building the answers, not sending them (each call's success time does)
   for (Call* c : b->calls) {
+    const int64_t t0 = now_ns();
     auto* resp = c->resp;
     resp->set_model_name(m->name);
     resp->set_model_version(m->version);
@@ -807,9 +806,10 @@ static void answer(Batch* b) {
       t[0] = c->enqueued_ns, t[1] = c->started_ns, t[2] = b->computed_ns;
       t[3] = b->samples, t[4] = int64_t(b->calls.size()), t[5] = b->id;
     }
+    built_ns += now_ns() - t0;
     Front::finish(c, st, m);
   }
-  m->stats[kOutputNs] += now_ns() - t0;
+  m->stats[kOutputNs] += built_ns;
   batch_done(b);
 }
 
