@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import socket
 from typing import Annotated, Literal
 
@@ -25,11 +26,9 @@ class WorkerConfig(BaseConfig):
     model_config = SettingsConfigDict(env_prefix="FOVEA_WORKER_", extra="ignore", populate_by_name=True)
 
     port: int = 8502
-    """gRPC port."""
-    fast_port: int = 0
-    """Port of the native (C++) front that serves ModelInfer on raw tensors with a few µs of overhead per call
-    (gateways send raw-tensor calls there; images stay on the main port). 0 picks a free port and heartbeats
-    advertise it; -1 turns it off. Needs worker/native/build.sh to have run (scripts/setup.sh does)."""
+    """The worker's one gRPC port, served by its native (C++) front (worker/native/build.sh builds it;
+    scripts/setup.sh runs that): raw-tensor ModelInfer in C++, every other call relayed to the worker's
+    Python server on a private unix socket. 0 picks a free port."""
     worker_id: str = Field(default_factory=_default_id)
     """Id in heartbeats; defaults to host-pid."""
     advertise_address: str = ""
@@ -148,9 +147,6 @@ class WorkerConfig(BaseConfig):
     """On the CPU provider, run the fast port's batches in C++ on ONNX Runtime's C API (each instance a second
     session on the same model bytes), so that no Python runs between a call's arrival and its answer.
     False: Python runs them on the main port's sessions."""
-    inline_compute_us: int = 1000
-    """Run a batch on the event loop thread, skipping the executor's two thread hops, while the model's average
-    batch takes less than this (one instance only); 0 always uses the executor."""
     max_queue_len: int = 1024
     """Queued requests per model version before RESOURCE_EXHAUSTED."""
     max_image_pixels: int = 40_000_000
@@ -264,9 +260,13 @@ class WorkerConfig(BaseConfig):
     def accepted_token_list(self) -> list[str]:
         return token_list(self.accepted_tokens)
 
-    def fast_address(self, port: int, fast_port: int) -> str:
-        """The fast port at the same host as the advertised address."""
-        return f"{self.address(port).rsplit(':', 1)[0]}:{fast_port}"
+    def tls_pems(self) -> tuple[bytes, bytes, bytes] | None:
+        """(certificate chain, key, client CA or b"") for the native front's TLS, as server_credentials() reads
+        them (mutual TLS when a client CA is set); None serves plaintext."""
+        if not self.tls_cert_file:
+            return None
+        ca = pathlib.Path(self.tls_client_ca_file).read_bytes() if self.tls_client_ca_file else b""
+        return pathlib.Path(self.tls_cert_file).read_bytes(), pathlib.Path(self.tls_key_file).read_bytes(), ca
 
     def address(self, port: int) -> str:
         if not self.advertise_address:

@@ -21,9 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import grpc
 import numpy as np
 
 from fovea import oip
+from fovea.errors import FoveaError
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,35 @@ BUILD = os.environ.get("FOVEA_NATIVE_BUILD", "") or "build"
 LIBRARY = pathlib.Path(__file__).parent / "native" / BUILD / "libfovea_front.so"
 MAX_TENSORS, MAX_RANK = 8, 8
 INTERNAL = 13
+
+
+CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class Refused(FoveaError):
+    """The native queue's answer to a submitted call that is not OK: its status code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        # The native queue answers UNAVAILABLE only before any compute (a version unloading).
+        self.unserved = code == grpc.StatusCode.UNAVAILABLE
+
+
+@dataclass
+class Timing:
+    """Where a submitted call's batch ran (time.perf_counter() seconds; both clocks are CLOCK_MONOTONIC)."""
+
+    enqueued: float = 0.0
+    taken: float = 0.0
+    compute_start: float = 0.0
+    compute_end: float = 0.0
+    batch_size: int = 0
+    """Samples in the batch the call ran in."""
+    batch_calls: int = 0
+    """Calls in that batch."""
+    batch: int = 0
+    """The batch's number on the native front, the same for every call in it."""
 
 
 class FvBatch(C.Structure):
@@ -64,8 +95,8 @@ def _load() -> C.CDLL:
     lib = C.CDLL(str(LIBRARY))
     p, i, i64, s = C.c_void_p, C.c_int, C.c_int64, C.c_char_p
     lib.fv_start.restype = p
-    lib.fv_start.argtypes = [s, i, s, i64, s, i, C.POINTER(i)]
-    lib.fv_add_model.argtypes = [p, s, s, i, i, i64, i, p, i, p, p, p, p, i, p, p, p, p, s, i, s, i, s, i]
+    lib.fv_start.argtypes = [s, i, s, i64, s, s, s, s, C.POINTER(i)]
+    lib.fv_add_model.argtypes = [p, s, s, i, i, i64, i, p, i, p, p, p, p, i, p, p, p, p, s, i]
     lib.fv_codes.argtypes = [p, p]
     lib.fv_route.argtypes = [p, s, i, p, p]
     lib.fv_close_model.argtypes = [p, i]
@@ -77,6 +108,9 @@ def _load() -> C.CDLL:
     lib.fv_statistics.argtypes = [p, i, p, i]
     lib.fv_request_times.argtypes = [p, i, p, p, C.POINTER(i64)]
     lib.fv_set_accepting.argtypes = [p, i]
+    lib.fv_set_trace_sampled.argtypes = [p, i]
+    lib.fv_submit.argtypes = [p, i, s, i64, i64, C.POINTER(p), C.POINTER(i64), C.POINTER(i64), s, i]
+    lib.fv_free_buffer.argtypes = [p]
     lib.fv_shutdown.argtypes = [p, C.c_double]
     lib.fv_free.argtypes = [p]
     lib.fv_ort_init.argtypes = [s, s, i]
@@ -251,17 +285,21 @@ class NativeFront:
         max_message_bytes: int,
         tokens: Sequence[str],
         default_deadline_ms: int,
-        server_metadata: bytes,
+        upstream: str,
+        tls: tuple[bytes, bytes, bytes] | None = None,
     ) -> None:
         self.lib = _load()
         port = C.c_int(0)
+        cert, key, client_ca = tls or (b"", b"", b"")
         handle = self.lib.fv_start(
             address.encode(),
             max_message_bytes,
             "\n".join(t for t in tokens if t).encode(),
             default_deadline_ms,
-            server_metadata,
-            len(server_metadata),
+            upstream.encode(),
+            cert,
+            key,
+            client_ca,
             C.byref(port),
         )
         if not handle:
@@ -357,8 +395,6 @@ class NativeFront:
         runners: Sequence[RunFn],
         on_batch: BatchHook,
         on_drop: DropHook,
-        metadata: bytes,
-        config: bytes,
         alone: RunFn | None = None,
         sessions: Sequence[NativeSession] = (),
         alone_session: NativeSession | None = None,
@@ -366,8 +402,7 @@ class NativeFront:
         """Register a warmed-up version and start one batch loop per runner (model instance).
 
         With sessions (NativeSession, warmed up), the loops run in C++ on them instead, and alone_session
-        takes the place of alone; the slot owns them from here on. metadata and config are its
-        serialized ModelMetadataResponse and ModelConfigResponse. inputs and outputs are the model's
+        takes the place of alone; the slot owns them from here on. inputs and outputs are the model's
         tensor specs (name, datatype, shape), as declared in the model file."""
         ranks = (C.c_int32 * len(inputs))(*[len(t.shape) for t in inputs])
         dims = [int(d) for t in inputs for d in t.shape]
@@ -395,10 +430,6 @@ class NativeFront:
             (C.c_int64 * max(1, len(out_dims)))(*out_dims),
             "\n".join(labels).encode(),
             int(probabilities),
-            metadata,
-            len(metadata),
-            config,
-            len(config),
         )
         if slot < 0:
             raise ValueError(f"the native front cannot serve {name} v{version} (inputs or outputs out of its limits)")
@@ -475,6 +506,32 @@ class NativeFront:
         buf = C.create_string_buffer(1 << 16)
         size = self.lib.fv_statistics(self.handle, slot, buf, len(buf))
         return buf.raw[:size] if size > 0 else b""
+
+    def submit(self, slot: int, request: bytes, timeout_ms: int, timing: Timing | None = None) -> bytes:
+        """Queue a ModelInferRequest (raw tensors) made by the Python server for a version's slot, with the calls
+        the front takes itself; blocks until it is answered (ctypes releases the GIL), and returns the
+        serialized ModelInferResponse. Refused carries any other status, with the message of the one validator
+        (check.cc) or of the batch."""
+        out, size, times = C.c_void_p(), C.c_int64(0), (C.c_int64 * 6)()
+        message = C.create_string_buffer(1024)
+        code = self.lib.fv_submit(
+            self.handle, slot, request, len(request), timeout_ms, C.byref(out), C.byref(size), times, message, 1024
+        )
+        if code != 0:
+            raise Refused(CODES.get(code, grpc.StatusCode.UNKNOWN), message.value.decode(errors="replace"))
+        try:
+            body = C.string_at(out, size.value)
+        finally:
+            self.lib.fv_free_buffer(out)
+        if timing is not None:
+            timing.enqueued, timing.taken, timing.compute_end = (t / 1e9 for t in times[:3])
+            timing.compute_start = timing.taken
+            timing.batch_size, timing.batch_calls, timing.batch = times[3], times[4], times[5]
+        return body
+
+    def set_trace_sampled(self, on: bool) -> None:
+        """Relay ModelInfer calls with a sampled traceparent to the Python server, which traces them."""
+        self.lib.fv_set_trace_sampled(self.handle, int(on))
 
     def set_accepting(self, accepting: bool) -> None:
         """While not accepting, new calls get UNAVAILABLE (a gateway retries elsewhere); queued ones still answered."""

@@ -208,9 +208,7 @@ class WorkerMetrics:
                 )
                 for lv in list(manager.loaded.values()):
                     labels = [lv.mv.name, str(lv.mv.version)]
-                    queued = lv.batcher.depth
-                    if manager.native is not None and lv.slot:
-                        queued += manager.native.depth(lv.slot)[0]
+                    queued = manager.native.depth(lv.slot)[0] if manager.native is not None and lv.slot else 0
                     depth.add_metric(labels, queued)
                     capacity.add_metric(labels, max_queue_len)
                     ready.add_metric(labels, 1 if lv.ready else 0)
@@ -235,7 +233,7 @@ class WorkerMetrics:
             def collect(self) -> Any:
                 family = CounterMetricFamily(
                     "fovea_worker_fast_port_requests",
-                    "ModelInfer calls answered on the fast port, by status code",
+                    "ModelInfer calls on raw tensors the native front answered itself, by status code",
                     labels=["code"],
                 )
                 for value, count in enumerate(codes()):
@@ -244,7 +242,7 @@ class WorkerMetrics:
                 yield family
                 seconds = HistogramMetricFamily(
                     "fovea_worker_fast_port_request_seconds",
-                    "Time from receiving a ModelInfer on the fast port to answering it",
+                    "Time from receiving a raw-tensor ModelInfer on the native front to answering it",
                     labels=["model", "version"],
                 )
                 for model, version, bounds, counts, total in times():

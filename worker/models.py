@@ -8,6 +8,7 @@ gateways learn of the move), then drains and unloads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -23,7 +24,6 @@ from fovea.images import Preprocess
 from fovea.onnxfile import refuse_external_data_bytes
 from fovea.registry_link import RegistryLink
 from fovea.v1 import model_pb2, registry_pb2
-from worker.batcher import Batcher
 from worker.config import WorkerConfig
 from worker.fast_port import NativeFront, NativeSession
 from worker.memory import rss_bytes
@@ -40,15 +40,18 @@ class Loaded:
 
     mv: model_pb2.ModelVersion
     sessions: list[Session | Bucketed]
-    batcher: Batcher
+    """Python's sessions, for its batch loop (a GPU, batch buckets); none where the C++ loop runs the batches."""
     preprocess: Preprocess | None
     provider: str
     ready: bool = False
     unload_at: float | None = None
     input_dtypes: list[Any] = field(default_factory=list)
+    instances: int = 1
+    sizes: list[int] = field(default_factory=list)
+    """Batch sizes with a session each (pad_batches); empty: every size on one session."""
     stats: ModelStats = field(default_factory=ModelStats)
     slot: int = 0
-    """This version's slot on the native fast port; 0 when it is not served there."""
+    """This version's slot on the native front, whose queue and batcher take all of its calls; 0 until ready."""
     leaving: bool = False
     """Its model is no longer assigned here: heartbeats report it not ready (gateways stop routing to it),
     but it keeps answering until unload_at."""
@@ -56,7 +59,7 @@ class Loaded:
     """Host memory it cost: the process's RSS growth across its load (loads are serialized), at least the
     artifact's size."""
     requests: int = 0
-    """Main-port calls handed out by ModelManager.get() (the fast port counts its own)."""
+    """Calls handed out by ModelManager.get() that never reached the native queue, which counts the rest."""
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -139,12 +142,11 @@ class ModelManager:
         self._tasks.append(asyncio.create_task(self._janitor()))
 
     async def stop(self, timeout_s: float) -> None:
-        """Stop following aliases, then let every batcher finish what it has queued."""
+        """Stop following aliases, then let every native queue answer what it holds."""
         self._stop.set()
         for t in [*self._tasks, *self._syncs]:
             t.cancel()
         await asyncio.gather(*self._tasks, *self._syncs, return_exceptions=True)
-        await asyncio.gather(*(lv.batcher.stop(timeout_s) for lv in self.loaded.values()))
         if self.native is not None:
             await asyncio.gather(*(self.native.remove(lv.slot) for lv in self.loaded.values() if lv.slot))
             for lv in self.loaded.values():
@@ -152,8 +154,9 @@ class ModelManager:
 
     # ---- lookups --------------------------------------------------------
 
-    def get(self, name: str, version: str) -> Loaded:
-        """The loaded version a request asks for; an empty version follows the alias's weights."""
+    def get(self, name: str, version: str, count: bool = True) -> Loaded:
+        """The loaded version a request asks for; an empty version follows the alias's weights. count: add it to
+        the version's requests (ModelInfer counts its own: the native queue counts those that reach it)."""
         if version:
             try:
                 v = int(version)
@@ -178,9 +181,17 @@ class ModelManager:
             lv = random.choices([p[0] for p in pairs], [max(p[1], 1) for p in pairs])[0]
         if not lv.ready:
             raise ModelNotReady(f"model {name} v{lv.mv.version} is still loading")
-        lv.requests += 1
+        if count:
+            lv.requests += 1
         lv.last_used = time.monotonic()
         return lv
+
+    def submit(self, lv: Loaded, request: bytes, timeout_ms: int, timing: Any = None) -> bytes:
+        """Hands a raw-tensor ModelInferRequest to the version's native queue; blocks until answered."""
+        assert self.native is not None
+        if not lv.slot:
+            raise ModelNotReady(f"model {lv.mv.name} v{lv.mv.version} is unloading; retry")
+        return self.native.submit(lv.slot, request, timeout_ms, timing)
 
     def statuses(self) -> list[registry_pb2.LoadedModel]:
         """What heartbeats say of each version: a leaving one is not ready, so gateways stop routing to it."""
@@ -199,7 +210,7 @@ class ModelManager:
                     ready=lv.ready and not lv.leaving,
                     provider=lv.provider,
                     memory_bytes=lv.memory_bytes,
-                    queue_depth=lv.batcher.depth + queued + busy,
+                    queue_depth=queued + busy,
                     idle_s=round(idle, 3),
                     requests=lv.requests + fast_calls,
                 )
@@ -216,7 +227,7 @@ class ModelManager:
 
     @property
     def queue_depth(self) -> int:
-        return sum(lv.batcher.depth for lv in self.loaded.values()) + self.fast_pending()[0]
+        return self.fast_pending()[0]
 
     def fast_pending(self) -> tuple[int, int]:
         """(calls queued, batches in compute) on the fast port, over every version."""
@@ -235,7 +246,7 @@ class ModelManager:
                 self.config.max_batch_size,
                 preferred_batch_sizes=list(self.config.preferred_batch_sizes),
                 max_queue_delay_us=self.config.max_queue_delay_us,
-                instances=len(lv.sessions),
+                instances=lv.instances,
                 gpu_id=gpu,
             )
         )
@@ -383,16 +394,25 @@ class ModelManager:
             # Before any session: ONNX Runtime would read the files that external-data tensors name.
             await asyncio.to_thread(refuse_external_data_bytes, data)
             config = self.config.for_model(mv.name)
-            sessions = await asyncio.gather(
-                *(asyncio.to_thread(load_model, data, config) for _ in range(max(1, config.instances)))
-            )
+            count = max(1, config.instances)
+            first = await asyncio.to_thread(load_model, data, config)
+            sessions: list[Session | Bucketed] = [first]
             alone = None
             fast: list[NativeSession] = []
             fast_alone: NativeSession | None = None
-            if self._runs_native(config, sessions[0]):
-                fast, fast_alone = await asyncio.to_thread(
-                    self._open_native, data, config, mv, sessions[0], len(sessions)
-                )
+            if self._runs_native(config, first):
+                # One set of sessions: the C++ loop's. Python's first session only told the provider, the names
+                # and the types; its weights are freed before the C++ sessions open, so they exist once.
+                assert isinstance(first, Session)  # no batch buckets here (_runs_native)
+                first = dataclasses.replace(first, session=None)  # type: ignore[arg-type]
+                sessions = []
+                fast, fast_alone = await asyncio.to_thread(self._open_native, data, config, mv, first, count)
+            if not fast:  # Python runs the batches, on sessions of its own
+                sessions = [
+                    sessions[0] if sessions else await asyncio.to_thread(load_model, data, config),
+                    *await asyncio.gather(*(asyncio.to_thread(load_model, data, config) for _ in range(count - 1))),
+                ]
+                first = sessions[0]
             if self.native is not None and self.config.alone_threads(mv.name) and not fast:
                 alone = await asyncio.to_thread(
                     load_model, data, config.model_copy(update={"intra_op_threads": self.config.alone_threads(mv.name)})
@@ -405,43 +425,23 @@ class ModelManager:
                 raise
             raise ModelNotReady(f"model {mv.name} v{mv.version} failed to load: {str(exc)[:200]}") from None
         pre = Preprocess.from_proto(mv.preprocessing, mv.inputs[0]) if mv.HasField("preprocessing") else None
-        name = f"{mv.name}:{mv.version}"
         version = str(mv.version)
 
         def runner(session: Session | Bucketed) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
             names = session.input_names
             return lambda inputs: session.run(dict(zip(names, inputs, strict=False)))
 
-        stats = ModelStats()
-        first = sessions[0]
         metrics_hook = self.metrics.batch_hook(mv.name, version, first.size_for if first.sizes else None)
-
-        def on_batch(samples: int, waits_s: list[float], compute_s: float) -> None:
-            metrics_hook(samples, waits_s, compute_s)
-            stats.on_batch(samples, waits_s, compute_s)
-
-        batcher = Batcher(
-            [runner(s) for s in sessions],
-            self.config.max_batch_size,
-            self.config.max_queue_delay_us,
-            self.config.preferred_batch_sizes,
-            self.config.max_queue_len,
-            on_batch=on_batch,
-            name=name,
-            on_drop=self.metrics.drop_hook(mv.name, version),
-            inline_compute_us=self.config.inline_compute_us,
-        )
         lv = Loaded(
             mv=mv,
             sessions=list(sessions),
-            batcher=batcher,
             preprocess=pre,
-            provider=sessions[0].provider,
-            input_dtypes=sessions[0].input_dtypes,
-            stats=stats,
+            provider=first.provider,
+            input_dtypes=first.input_dtypes,
+            instances=count,
+            sizes=list(first.sizes),
         )
         self.loaded[key] = lv  # listed (heartbeats, ModelReady) but not ready until warmed up
-        batcher.start()
         fast_all = [*fast, *([fast_alone] if fast_alone else [])]
         t_sessions = time.perf_counter()
         try:
@@ -452,35 +452,35 @@ class ModelManager:
             for s in fast_all:
                 s.close()
             del self.loaded[key]
-            await batcher.stop(1.0)
             self.errors[key] = f"warm-up failed: {str(exc)[:300]}"
             logger.error("warm-up of %s v%d failed: %s", mv.name, mv.version, exc)
             raise ModelNotReady(f"model {mv.name} v{mv.version} failed its warm-up: {str(exc)[:200]}") from None
+        assert self.native is not None, "the native front is the worker's only queue and batcher"
+        try:
+            lv.slot = self.native.add(
+                mv.name,
+                mv.version,
+                list(mv.inputs),
+                lv.input_dtypes,
+                list(mv.outputs),
+                list(mv.labels),
+                mv.preprocessing.outputs_probabilities,
+                self.config,
+                [runner(s) for s in sessions],
+                metrics_hook,
+                self.metrics.drop_hook(mv.name, version),
+                alone=runner(alone) if alone else None,
+                sessions=fast,
+                alone_session=fast_alone,
+            )
+        except ValueError as exc:  # more inputs or outputs, or a higher rank, than the native front takes
+            for s in fast_all:
+                s.close()
+            del self.loaded[key]
+            self.errors[key] = str(exc)[:300]
+            logger.error("refusing %s v%d: %s", mv.name, mv.version, exc)
+            raise ModelNotReady(f"model {mv.name} v{mv.version} cannot be served: {str(exc)[:200]}") from None
         self.metrics.provider.labels(mv.name, version, lv.provider).set(1)
-        if self.native is not None:
-            try:
-                lv.slot = self.native.add(
-                    mv.name,
-                    mv.version,
-                    list(mv.inputs),
-                    lv.input_dtypes,
-                    list(mv.outputs),
-                    list(mv.labels),
-                    mv.preprocessing.outputs_probabilities,
-                    self.config,
-                    [runner(s) for s in sessions],
-                    metrics_hook,
-                    self.metrics.drop_hook(mv.name, version),
-                    oip.model_metadata(mv, [version]).SerializeToString(),
-                    self.config_response(lv).SerializeToString(),
-                    alone=runner(alone) if alone else None,
-                    sessions=fast,
-                    alone_session=fast_alone,
-                )
-            except ValueError as exc:
-                for s in fast_all:
-                    s.close()
-                logger.warning("%s v%d is served on the main port only: %s", mv.name, mv.version, exc)
         lv.memory_bytes = max(rss_bytes() - rss0, mv.size_bytes, size)
         lv.last_used = time.monotonic()
         lv.ready = True
@@ -498,7 +498,7 @@ class ModelManager:
             t_sessions - t_download,
             t_end - t_sessions,
             lv.provider,
-            len(sessions),
+            count,
             sizes,
             lv.memory_bytes / 1e6,
         )
@@ -552,8 +552,7 @@ class ModelManager:
         return inputs
 
     async def _warm_up(self, lv: Loaded, runners: list[Any]) -> None:
-        sizes = warmup_sizes(self.config, lv.provider, lv.mv, lv.sessions[0].sizes)
-        await lv.batcher.submit(self._zeros(lv), 1, time.perf_counter() + 120)  # also sets the batcher's timing
+        sizes = warmup_sizes(self.config, lv.provider, lv.mv, lv.sizes)
         # Every instance, every size: each session keeps its own per-shape state (cuDNN's algorithm choices).
         t0 = time.perf_counter()
         for run in runners:
@@ -578,7 +577,6 @@ class ModelManager:
                     self.changed.set()
                     if self.native is not None and lv.slot:
                         await self.native.remove(lv.slot)
-                    await lv.batcher.stop()
                     logger.info("unloaded %s v%d", *key)
             for name, f in list(self.followed.items()):
                 if f.leaving and not any(n == name for n, _ in self.loaded):

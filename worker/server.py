@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pathlib
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +14,7 @@ from typing import Any
 import grpc
 import onnxruntime as ort
 
-from fovea import crypto
+from fovea import crypto, tracing
 from fovea.config import server_options
 from fovea.registry_link import RegistryLink
 from fovea.rpc import ServiceInterceptor, internal_authenticator
@@ -21,14 +24,12 @@ from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from worker.assignments import Assignments
 from worker.config import WorkerConfig
-from worker.fast_port import LIBRARY as NATIVE_LIBRARY
 from worker.fast_port import NativeFront
-from worker.fast_port import available as native_available
 from worker.memory import device_budget, host_budget
 from worker.metrics import WorkerMetrics
 from worker.models import ModelManager
 from worker.runtime import GPU_PROVIDERS, device_info
-from worker.servicer import WorkerServicer, server_metadata
+from worker.servicer import WorkerServicer
 
 logger = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -45,7 +46,9 @@ class WorkerServer:
     health: Any
     decode_pool: ThreadPoolExecutor
     metrics: WorkerMetrics
-    native: NativeFront | None = None
+    native: NativeFront
+    private_dir: pathlib.Path
+    """Holds the Python server's unix socket (mode 0700): only this process's front reaches it."""
     state: Any = registry_pb2.WORKER_STATE_STARTING  # a registry_pb2.WorkerState value
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     assignments: Assignments | None = None
@@ -65,7 +68,9 @@ class WorkerServer:
             device=registry_pb2.Device(kind=kind, name=name, memory_bytes=mem),
             queue_depth=self.manager.queue_depth,
             in_flight=self.in_flight,
-            fast_address=self.config.fast_address(self.port, self.native.port) if self.native else "",
+            # The one port. Gateways built before the ports merged send raw tensors to fast_address, and dial it
+            # in plaintext: under TLS it stays empty, so that they send everything to address.
+            fast_address="" if self.config.tls_cert_file else self.config.address(self.port),
             pooled=self.assignments is not None,
             labels=self.labels,
             memory_budget_bytes=self.memory_budget_bytes,
@@ -106,8 +111,7 @@ class WorkerServer:
         await set_serving(self.health, [SERVICE], False)
         self.state = registry_pb2.WORKER_STATE_DRAINING
         self.servicer.accepting = False
-        if self.native is not None:
-            self.native.set_accepting(False)
+        self.native.set_accepting(False)
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -117,16 +121,16 @@ class WorkerServer:
         linger_until = loop.time() + min(self.config.drain_linger_s, grace_s / 2)
         while (self.in_flight or loop.time() < linger_until) and loop.time() < deadline:
             await asyncio.sleep(0.005)
-        if self.native is not None:
-            # Returns once every call the fast port accepted is answered; its batch loops run meanwhile.
-            await asyncio.to_thread(self.native.shutdown, max(0.0, deadline - loop.time()))
+        # Returns once every call the port accepted is answered (relayed ones too: Python's server is still
+        # up); the batch loops run meanwhile.
+        await asyncio.to_thread(self.native.shutdown, max(0.0, deadline - loop.time()))
         if self.in_flight:
             logger.warning("grace of %.1fs ran out with %d call(s) in flight", grace_s, self.in_flight)
         await self.manager.stop(max(0.0, deadline - loop.time()))
-        if self.native is not None:
-            self.native.close()
+        self.native.close()
         await self._heartbeat_once()
         await self.server.stop(max(0.0, deadline - loop.time()))
+        shutil.rmtree(self.private_dir, ignore_errors=True)
         await self.link.close()
         self.decode_pool.shutdown(wait=False)
         self.metrics.close()
@@ -158,26 +162,24 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
         config.max_message_bytes,
         credentials=config.channel_credentials(),
     )
-    creds = config.server_credentials()
     metrics = WorkerMetrics()
-    native = None
-    if config.fast_port >= 0 and not native_available():
-        logger.error(
-            "fast port asked for but %s is not built (run worker/native/build.sh); serving the main port only",
-            NATIVE_LIBRARY,
-        )
-    elif config.fast_port >= 0 and creds is not None:
-        # The fast port (worker/native/front.cc) serves plaintext only: with TLS on, no hop may stay plaintext.
-        logger.warning("TLS is on, and the fast port serves plaintext only: it stays off; all calls use the main port")
-    elif config.fast_port >= 0:
+    # The one public port is the native front; it relays what it does not answer to this process's Python
+    # server, which listens only on a unix socket in a directory that mkdtemp makes private (0700).
+    private_dir = pathlib.Path(tempfile.mkdtemp(prefix="fovea-worker-"))
+    socket = f"unix:{private_dir / 'python.sock'}"
+    try:
         native = NativeFront(
-            f"{config.host}:{config.fast_port}",
+            f"{config.host}:{config.port}",
             config.max_message_bytes,
             config.accepted_token_list(),
             config.default_deadline_ms,
-            server_metadata().SerializeToString(),
+            socket,
+            config.tls_pems(),
         )
-        logger.info("fast port (native ModelInfer) on %s:%d", config.host, native.port)
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(private_dir, ignore_errors=True)
+        raise RuntimeError(f"the worker cannot start its port: {exc}") from exc
+    native.set_trace_sampled(tracing.tracer is not None)
     manager = ModelManager(config, link, keys, metrics, native)
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
     servicer = WorkerServicer(manager, config, decode_pool, metrics)
@@ -188,13 +190,15 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_servicer = add_health(server, [SERVICE])
     await set_serving(health_servicer, [SERVICE], False)
-    address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    server.add_insecure_port(socket)
     await server.start()
+    port = native.port
     if config.metrics_port >= 0:
         metrics.serve(config.host, config.metrics_port)
         logger.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
-    ws = WorkerServer(config, server, port, manager, servicer, link, health_servicer, decode_pool, metrics, native)
+    ws = WorkerServer(
+        config, server, port, manager, servicer, link, health_servicer, decode_pool, metrics, native, private_dir
+    )
     ws.labels, ws.memory_budget_bytes, ws.device_memory_budget_bytes = gpu_labels, budget, device_budget_bytes
     if config.pooled:
         ws.assignments = Assignments(manager)
@@ -207,10 +211,11 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     metrics.watch(lambda: manager.queue_depth, lambda: ws.in_flight)  # the same count the heartbeats carry
     certs = {"server": config.tls_cert_file, "client_ca": config.tls_client_ca_file, "ca": config.tls_ca_file}
     metrics.watch_models(manager, config.max_queue_len, certs)  # per-model queues and readiness, cert expiry
-    if native is not None:
-        metrics.watch_fast_port(native.codes, native.request_times, native.flush_metrics)
+    metrics.watch_fast_port(native.codes, native.request_times, native.flush_metrics)
     await ws.start()
     if any(lv.provider in GPU_PROVIDERS for lv in manager.loaded.values()):
         metrics.watch_gpu(config.device_id)
-    logger.info("worker %s listening on %s:%d", config.worker_id, config.host, port)
+    logger.info(
+        "worker %s listening on %s:%d%s", config.worker_id, config.host, port, " (TLS)" if config.tls_cert_file else ""
+    )
     return ws

@@ -1,9 +1,9 @@
-"""The worker's Open Inference Protocol servicer: validate, submit to the batcher, shape the reply."""
+"""The worker's Open Inference Protocol servicer: the calls its native front relays to Python. Inference calls
+are decoded into raw tensors and handed back to the native front's queue (one queue, batcher and validator)."""
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -15,8 +15,8 @@ from fovea.errors import InvalidArgument, ModelNotReady
 from fovea.images import decode, preprocess
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from worker.batcher import Timing
 from worker.config import WorkerConfig
+from worker.fast_port import Timing
 from worker.metrics import WorkerMetrics
 from worker.models import Loaded, ModelManager
 
@@ -30,6 +30,9 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.manager = manager
         self.config = config
         self.decode_pool = decode_pool
+        # Threads that wait for the native queue's answers (the GIL released): one per call in flight, so that
+        # submitted calls can fill a batch; past this many, calls wait for a thread here.
+        self.submit_pool = ThreadPoolExecutor(max(64, config.max_batch_size * 4), thread_name_prefix="submit")
         self.metrics = metrics
         self.accepting = True
         self.in_flight = 0
@@ -71,37 +74,34 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         return oip.merge_statistics(reports)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        """A call the native front relayed here (encoded images, typed contents, a version it did not hold, a
+        call to trace): decoded into raw tensors here, then queued, checked (check.cc, the one validator),
+        batched, run and answered by the native front's queue, with the calls it takes itself."""
         if not self.accepting:
             raise ModelNotReady("worker is draining; retry on another worker")
         t0 = time.perf_counter()
-        lv = self.manager.get(request.model_name, request.model_version)
-        timing = Timing() if tracing.recording() else None  # the batcher notes its times for the trace
+        lv = self.manager.get(request.model_name, request.model_version, count=False)
+        timing = Timing() if tracing.recording() else None
         t_input = t_output = 0.0
         n = 0
         self.in_flight += 1
         try:
-            wanted = requested_outputs(lv, request)  # before any decoding or compute
-            inputs, n = await self._inputs(lv, request)
+            try:
+                raw, n = await self._raw_request(lv, request)
+            except BaseException:
+                lv.stats.fail.add(time.perf_counter() - t0)  # never reached the native queue, which counts the rest
+                lv.requests += 1
+                raise
             t_input = time.perf_counter()
-            lv.stats.compute_input.add(t_input - t0)
             remaining = context.time_remaining()
             timeout_s = remaining if remaining is not None else self.config.default_deadline_ms / 1000
-            fut = lv.batcher.submit(inputs, n, t0 + timeout_s, timing)
-            try:
-                outputs = await fut
-            except asyncio.CancelledError:
-                fut.cancel()
-                raise
+            body = await asyncio.get_running_loop().run_in_executor(
+                self.submit_pool, self.manager.submit, lv, raw.SerializeToString(), int(timeout_s * 1000), timing
+            )
             t_output = time.perf_counter()
-            response = build_response(lv, request, outputs, wanted)
-            done = time.perf_counter()
-            lv.stats.compute_output.add(done - t_output)
-            lv.stats.success.add(done - t0)
-            self.metrics.series(lv.mv.name, str(lv.mv.version))[3].observe(done - t0)
+            response = pb.ModelInferResponse.FromString(body)
+            self.metrics.series(lv.mv.name, str(lv.mv.version))[3].observe(time.perf_counter() - t0)
             return response
-        except BaseException:
-            lv.stats.fail.add(time.perf_counter() - t0)
-            raise
         finally:
             self.in_flight -= 1
             if timing is not None:
@@ -143,42 +143,32 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         if t_output:
             tracing.past("answer", clock, t_output, done)
 
-    async def _inputs(self, lv: Loaded, request: pb.ModelInferRequest) -> tuple[list[np.ndarray], int]:
+    async def _raw_request(self, lv: Loaded, request: pb.ModelInferRequest) -> tuple[pb.ModelInferRequest, int]:
+        """The call with every input as raw_input_contents, for the version get() chose: encoded images decoded
+        and preprocessed, typed contents read. Only decoding happens here; the native front checks the rest."""
+        raw = pb.ModelInferRequest()
+        raw.CopyFrom(request)
+        raw.model_version = str(lv.mv.version)
         specs = list(lv.mv.inputs)
-        if len(request.inputs) != len(specs):
-            raise InvalidArgument(
-                f"model {lv.mv.name} takes {len(specs)} input(s) ({', '.join(s.name for s in specs)}); "
-                f"got {len(request.inputs)}"
-            )
-        raws = list(request.raw_input_contents)
-        if raws and len(raws) != len(request.inputs):
-            raise InvalidArgument("raw_input_contents must have one entry per input")
-        by_name = {t.name: (t, raws[i] if raws else None) for i, t in enumerate(request.inputs)}
-        if len(specs) == 1 and request.inputs[0].datatype == "BYTES":
-            tensor, raw = request.inputs[0], (raws[0] if raws else None)
-            images = await self._images(lv, tensor, raw)
-            return [images], images.shape[0]
-        out, n = [], -1
-        for spec, dtype in zip(specs, lv.input_dtypes, strict=False):
-            if spec.name not in by_name:
-                raise InvalidArgument(f"missing input {spec.name!r} of model {lv.mv.name}")
-            tensor, raw = by_name[spec.name]
-            if tensor.datatype != spec.datatype:
-                raise InvalidArgument(f"input {spec.name!r} must be {spec.datatype}, got {tensor.datatype}")
-            shape = list(tensor.shape)
-            want = list(spec.shape)
-            if len(shape) != len(want) or any(w > 0 and s != w for s, w in zip(shape[1:], want[1:], strict=False)):
-                got = f"{shape[:9]}{' ...' if len(shape) > 9 else ''}"  # a request's rank is unbounded
-                raise InvalidArgument(f"input {spec.name!r} must have shape {want} (-1 = any), got {got}")
-            if not shape or shape[0] < 1:
-                raise InvalidArgument(f"input {spec.name!r} needs a batch dimension of at least 1")
-            if n not in (-1, shape[0]):
-                raise InvalidArgument("all inputs must have the same batch size")
-            n = shape[0]
-            if n > self.config.max_batch_size:
-                raise InvalidArgument(f"batch of {n} exceeds max_batch_size {self.config.max_batch_size}")
-            out.append(oip.array_input(tensor, raw, dtype, shape))
-        return out, n
+        if len(specs) == 1 and len(request.inputs) == 1 and request.inputs[0].datatype == "BYTES":
+            first = request.raw_input_contents[0] if request.raw_input_contents else None
+            images = await self._images(lv, request.inputs[0], first)
+            del raw.inputs[:]
+            del raw.raw_input_contents[:]
+            raw.inputs.add(name=specs[0].name, datatype=specs[0].datatype, shape=list(images.shape))
+            raw.raw_input_contents.append(images.tobytes())
+            return raw, images.shape[0]
+        if not request.raw_input_contents:
+            for t in raw.inputs:
+                dtype = oip.OIP_TO_NUMPY.get(t.datatype)
+                if dtype is None or not t.HasField("contents"):
+                    break  # the native front's check says what is wrong with it
+                raw.raw_input_contents.append(oip.array_input(t, None, dtype, list(t.shape)).tobytes())
+                t.ClearField("contents")
+            else:
+                return raw, request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 0
+            del raw.raw_input_contents[:]
+        return raw, request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 0
 
     async def _images(self, lv: Loaded, tensor: Any, raw: bytes | None) -> np.ndarray:
         if lv.preprocess is None:
@@ -211,90 +201,3 @@ def server_metadata() -> pb.ServerMetadataResponse:
     return pb.ServerMetadataResponse(
         name=SERVER_NAME, version=__version__, extensions=["classification", "model_configuration", "statistics"]
     )
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    z = x.astype(np.float32) - x.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-FLOAT_TYPES = ("FP16", "FP32", "FP64")
-
-
-def row_width(shape: list[int]) -> int | None:
-    """Elements per sample of an output declared with this shape; None when a dimension is dynamic."""
-    if not shape or any(d < 0 for d in shape[1:]):
-        return None
-    return math.prod(shape[1:])
-
-
-def classification_k(want: Any, spec: Any) -> int:
-    """The classification k an output request asks for (0: none), checked against the declared output."""
-    param = want.parameters.get("classification")
-    if param is None:
-        return 0
-    if param.WhichOneof("parameter_choice") != "int64_param":
-        raise InvalidArgument("classification parameter must be a positive integer (int64_param)")
-    if spec.datatype not in FLOAT_TYPES:
-        raise InvalidArgument(f"classification needs a floating-point output; {spec.name!r} is {spec.datatype}")
-    k, width = param.int64_param, row_width(list(spec.shape))
-    if k < 1 or (width is not None and k > width):
-        most = "the width" if width is None else str(width)
-        raise InvalidArgument(
-            f"classification parameter must be a positive integer, at most {most} (the width of output {spec.name!r});"
-            f" got {k}"
-        )
-    return k
-
-
-def requested_outputs(lv: Loaded, request: pb.ModelInferRequest) -> list[tuple[int, int]]:
-    """(output index, classification k or 0) for each output to answer, checked before any compute."""
-    specs = list(lv.mv.outputs)
-    names = [s.name for s in specs]
-    if not request.outputs:
-        return [(i, 0) for i in range(len(specs))]
-    if len(request.outputs) > len(specs):
-        raise InvalidArgument(f"model {lv.mv.name} has {len(specs)} output(s); {len(request.outputs)} requested")
-    out: list[tuple[int, int]] = []
-    for want in request.outputs:
-        if want.name not in names:
-            raise InvalidArgument(f"model {lv.mv.name} has no output {want.name[:64]!r}; outputs: {', '.join(names)}")
-        i = names.index(want.name)
-        if any(j == i for j, _ in out):
-            raise InvalidArgument(f"output {want.name!r} is requested twice")
-        out.append((i, classification_k(want, specs[i])))
-    return out
-
-
-def classification(scores: np.ndarray, k: int, labels: list[str], probabilities: bool) -> list[bytes]:
-    """Triton's classification extension: per sample, the top k as 'score:index:label'."""
-    flat = scores.reshape(scores.shape[0], -1)
-    if not 1 <= k <= flat.shape[1]:
-        # The declared output had a dynamic dimension; the computed one is narrower than k.
-        raise InvalidArgument(f"classification parameter must be at most {flat.shape[1]} (the output's width); got {k}")
-    probs = flat if probabilities else softmax(flat)
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    out = []
-    for row, idx in zip(probs, top, strict=False):
-        for i in idx:
-            label = labels[i] if i < len(labels) else ""
-            out.append(f"{row[i]:.6f}:{i}:{label}".encode() if label else f"{row[i]:.6f}:{i}".encode())
-    return out
-
-
-def build_response(
-    lv: Loaded, request: pb.ModelInferRequest, outputs: list[np.ndarray], wanted: list[tuple[int, int]]
-) -> pb.ModelInferResponse:
-    """The answer, for the outputs requested_outputs() checked."""
-    resp = pb.ModelInferResponse(model_name=lv.mv.name, model_version=str(lv.mv.version), id=request.id)
-    for i, k in wanted:
-        name, array = lv.mv.outputs[i].name, outputs[i]
-        if k:
-            items = classification(array, k, list(lv.mv.labels), lv.mv.preprocessing.outputs_probabilities)
-            resp.outputs.add(name=name, datatype="BYTES", shape=[array.shape[0], k])
-            resp.raw_output_contents.append(oip.encode_bytes(items))
-        else:
-            resp.outputs.add(name=name, datatype=oip.oip_dtype(array), shape=list(array.shape))
-            resp.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
-    return resp

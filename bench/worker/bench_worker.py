@@ -7,7 +7,6 @@ pre-serialised ModelInfer requests (raw FP32 tensors, internal token), so its ow
     python bench/worker/bench_worker.py                   # short run: ~1 min
     python bench/worker/bench_worker.py --seconds 10      # the figures to quote
     python bench/worker/bench_worker.py --seconds 10 --client perf_analyzer   # a C++ client instead
-    python bench/worker/bench_worker.py --seconds 5 --client perf_analyzer --fast   # through the fast port
 
 Cases:
   efficientnet  EfficientNet-Lite0 fp32 (3x224x224): throughput at saturation, p50 at concurrency 1
@@ -42,7 +41,6 @@ import onnxruntime as ort  # noqa: E402
 
 from fovea.client import RegistryClient  # noqa: E402
 from fovea.cluster import Cluster  # noqa: E402
-from fovea.redis_server import free_port  # noqa: E402
 from fovea.v1 import model_pb2  # noqa: E402
 from inference import grpc_predict_v2_pb2 as pb  # noqa: E402
 
@@ -241,12 +239,8 @@ def start_stack(
         "FOVEA_WORKER_LOG_LEVEL": "WARNING",
         **extra,
     }
-    fast = extra.pop("FAST", "")
-    if fast:
-        env["FOVEA_WORKER_FAST_PORT"] = str(free_port())
     worker = cluster.start_worker(reg.address, [name], name="worker", port=0, **env)
-    address = f"127.0.0.1:{env['FOVEA_WORKER_FAST_PORT']}" if fast else worker.address
-    return address, worker.proc.pid
+    return worker.address, worker.proc.pid
 
 
 def bench_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -257,8 +251,6 @@ def bench_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         path, shape, raw_batch, conc, max_batch = cifar_file(), (3, 32, 32), 32, 32, 32
     extra = dict(kv.split("=", 1) for kv in args.worker_env)
-    if args.fast:
-        extra["FAST"] = "1"
     settings = json.loads(args.cifar_settings if case == "cifar" else args.eff_settings)
     if settings:
         # Triton's instance_group: independent one-thread instances, as many threads in total as raw
@@ -323,11 +315,10 @@ def bench_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         "case": case,
         "client": args.client,
         "threads": args.threads,
-        "fast_port": args.fast,
         "concurrency": conc,
         "raw_batch_size": raw_batch,
         "rounds": rounds,
-        "worker_settings": {k: v for k, v in extra.items() if k != "FAST"},
+        "worker_settings": extra,
         "throughput_ratio": max(r["worker_load"]["img_s"] for r in rounds) / best_raw,
         "p50_c1_minus_raw_b1_ms": best_w1 - best_raw1,
         "worker_c1_p50_ms": best_w1,
@@ -358,7 +349,6 @@ def main() -> None:
         default=16,
         help="worker concurrency for EfficientNet saturation (two batches of max_batch_size 8)",
     )
-    parser.add_argument("--fast", action="store_true", help="load the worker through its native fast port")
     parser.add_argument(
         "--cifar-settings",
         default='{"instances": 2, "intra_op_threads": 1}',

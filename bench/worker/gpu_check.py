@@ -106,7 +106,8 @@ def raw_cuda(path: pathlib.Path, shape: tuple[int, ...], seconds: float, batch: 
 
 
 def fast_front_loads() -> bool:
-    """The worker's native fast port needs its gRPC C++ libraries; try loading it in a child first."""
+    """The worker's one port is its native front, which needs its gRPC C++ libraries (a worker that cannot load
+    them refuses to start); try loading it in a child first, to say so."""
     from worker.fast_port import LIBRARY
 
     code = f"import ctypes; ctypes.CDLL({str(LIBRARY)!r})"
@@ -156,8 +157,6 @@ VARIANTS = {
     # (host-to-device copies and waits): does a second instance, with its own thread, overlap them?
     "instances_2": {"FOVEA_WORKER_INSTANCES": "2"},
 }
-# Variants whose fast port is loaded too (the others: the main port only).
-FAST_TOO = {"instances_2"}
 
 
 def start_variants(cluster: Cluster, reg_address: str, name: str, max_batch: int) -> dict[str, Any]:
@@ -178,16 +177,14 @@ def start_variants(cluster: Cluster, reg_address: str, name: str, max_batch: int
 
     with ThreadPoolExecutor(len(VARIANTS)) as pool:
         started = dict(zip(VARIANTS, pool.map(one, VARIANTS), strict=False))
-    fast: dict[str, str] = {}
     with RegistryClient(reg_address, cluster.admin_token, timeout_s=120) as rc:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            ready = {w.address: w.fast_address for w in rc.list_workers(name) if w.models and w.models[0].ready}
-            fast = {key: ready.get(w.address, "") for key, (w, _) in started.items()}
+            ready = {w.address for w in rc.list_workers(name) if w.models and w.models[0].ready}
             if all(w.address in ready for w, _ in started.values()):
                 break
             time.sleep(0.5)
-    return {key: (w, port, fast[key]) for key, (w, port) in started.items()}
+    return started
 
 
 def probed_load(
@@ -234,8 +231,9 @@ def worker_side(
     variants: bool = False,
     perf_analyzer: bool = True,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"fast_port": fast_front_loads()}
-    fast_port = free_port() if out["fast_port"] else -1
+    out: dict[str, Any] = {"native_front": fast_front_loads()}
+    if not out["native_front"]:
+        return {**out, "error": "the worker's native front does not load here (worker/native/build.sh)"}
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(pathlib.Path(tmp))
         try:
@@ -253,7 +251,6 @@ def worker_side(
                     FOVEA_WORKER_MAX_BATCH_SIZE=str(max_batch),
                     FOVEA_WORKER_MAX_QUEUE_LEN="8192",
                     FOVEA_WORKER_METRICS_PORT=str(metrics_port),
-                    FOVEA_WORKER_FAST_PORT=str(fast_port),
                     FOVEA_WORKER_LOG_LEVEL="WARNING",
                 )
                 # CUDA start-up, cuDNN's algorithm search and warm-up take a while on a fresh machine.
@@ -272,8 +269,6 @@ def worker_side(
             out["metrics_gpu_memory"] = [ln for ln in text.splitlines() if ln.startswith("fovea_worker_gpu_memory")]
             payload = bw.request_bytes(name, shape)
             ports = {"": worker.address}
-            if fast_port > 0:
-                ports["fast_"] = f"127.0.0.1:{fast_port}"
             started = start_variants(cluster, reg.address, name, max_batch) if variants else {}
             for prefix, address in ports.items():
                 out[prefix + "c1"] = _client((address, cluster.worker_call_token, payload, 1, seconds))
@@ -291,7 +286,7 @@ def worker_side(
             if perf_analyzer:
                 out["perf_analyzer"] = perf_analyzer_side(ports, name, cluster.worker_call_token, conc)
             out["main_port_variants"] = {}
-            for key, (variant, variant_metrics, variant_fast) in started.items():
+            for key, (variant, variant_metrics) in started.items():
                 out["main_port_variants"][key] = {
                     "env": VARIANTS[key],
                     **probed_load(
@@ -306,18 +301,6 @@ def worker_side(
                         logs / f"stacks-variant-{key}.txt",
                     ),
                 }
-                if key in FAST_TOO and variant_fast:
-                    out["main_port_variants"][key]["fast_port"] = probed_load(
-                        variant_fast,
-                        cluster.worker_call_token,
-                        payload,
-                        seconds,
-                        procs,
-                        conc,
-                        variant.proc.pid,
-                        variant_metrics,
-                        logs / f"stacks-variant-{key}-fast.txt",
-                    )
                 variant.stop()
         finally:
             cluster.stop()
@@ -403,9 +386,9 @@ def main() -> None:
             f"{r['batch_iobinding']['img_s']:>10.0f}"
         )
         best = max(r["batch"]["img_s"], r["batch_iobinding"]["img_s"])
-        for prefix, port in (("", "main port"), ("fast_", "fast port")):
+        for prefix, port in (("", "port"),):
             if prefix + "c1" not in w:
-                print(f"worker {port}: not run (fast port library did not load)")
+                print(f"worker {port}: not run ({w.get('error', 'see the JSON')})")
                 continue
             c1, load = w[prefix + "c1"], w[prefix + "load"]
             print(f"{'worker ' + port + ' c1':<34}{c1['p50_ms']:>9.2f}{c1['img_s']:>10.0f}")

@@ -52,6 +52,6 @@ WORKDIR /app
 # codegen.require() runs at every start and would refuse to start if the stubs looked stale.
 RUN python -c "from fovea import codegen; assert not codegen.is_stale(), 'generated code is stale'"
 USER 10001:10001
-EXPOSE 8502 8503 9090
+EXPOSE 8502 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 CMD ["python", "/app/healthcheck.py", "8502"]
 CMD ["python", "-m", "worker"]

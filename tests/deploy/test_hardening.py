@@ -183,7 +183,6 @@ def test_egress_is_denied_except_for_the_paths_fovea_uses(objs: list[Obj]) -> No
         "gateway": (app("gateway"), 8500, "TCP"),
         "registry": (app("registry"), 8501, "TCP"),
         "worker": (app("worker"), 8502, "TCP"),
-        "worker-fast": (app("worker"), 8503, "TCP"),
         "redis": (app("redis") if in_cluster_redis else (None, ""), 6379, "TCP"),
         "dns-udp": (({"k8s-app": "kube-dns"}, "kube-system"), 53, "UDP"),
         "dns-tcp": (({"k8s-app": "kube-dns"}, "kube-system"), 53, "TCP"),
@@ -194,7 +193,7 @@ def test_egress_is_denied_except_for_the_paths_fovea_uses(objs: list[Obj]) -> No
     }
     dns = {"dns-udp", "dns-tcp"}
     want = {
-        "gateway": {"registry", "worker", "worker-fast", "redis"} | dns,
+        "gateway": {"registry", "worker", "redis"} | dns,
         "worker": {"registry"} | dns,
         "registry": {"redis"} | dns,
         "redis": set(),

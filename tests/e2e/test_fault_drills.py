@@ -453,7 +453,6 @@ class PoisonCluster:
             ["colors", "ident"],
             name=name,
             port=proxy.worker_port,
-            FOVEA_WORKER_FAST_PORT="-1",
             FOVEA_WORKER_ADVERTISE_ADDRESS=f"127.0.0.1:{proxy.port}",
             **WORKER_ENV,
         )
@@ -471,8 +470,8 @@ class PoisonCluster:
 
 @pytest.fixture(scope="module")
 def poison_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoisonCluster]:
-    """Two workers behind crash-on-poison proxies, with their fast ports off (so that every call goes through
-    the proxies), two gateways."""
+    """Two workers behind crash-on-poison proxies (each advertises its proxy as its one address, so that every
+    call goes through the proxies), two gateways."""
     ports = {f"worker{i}": free_port() for i in range(2)}
     proxies = {name: CrashOnPoisonProxyFaultInjection(port) for name, port in ports.items()}
     c = start_live(

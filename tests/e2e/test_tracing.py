@@ -328,35 +328,6 @@ def test_a_protocol_fovea_cannot_export_is_refused_at_start(tmp_path: pathlib.Pa
     assert tracing.tracer is None
 
 
-async def test_the_calls_of_one_batch_share_its_times_and_number() -> None:
-    """Each traced call gets a compute span of its own with its batch's times (worker/servicer.py): the batcher
-    notes the same times and batch number in every call's Timing."""
-    from worker.batcher import Batcher, Timing
-
-    batcher = Batcher([lambda inputs: [inputs[0] * 2]], max_batch_size=8, max_queue_delay_us=200_000, name="double")
-    batcher.start()
-    try:
-        timings = [Timing(), Timing(), None]
-        deadline = time.perf_counter() + 30
-        calls = [batcher.submit([np.full((1, 4), i, np.float32)], 1, deadline, t) for i, t in enumerate(timings)]
-        outputs = [await call for call in calls]
-        assert [float(o[0][0, 0]) for o in outputs] == [0.0, 2.0, 4.0]
-        first, second = timings[0], timings[1]
-        assert first is not None and second is not None
-        assert (first.batch, first.batch_size, first.batch_calls) == (1, 3, 3)
-        assert (first.taken, first.compute_start, first.compute_end) == (
-            second.taken,
-            second.compute_start,
-            second.compute_end,
-        )
-        assert first.enqueued <= second.enqueued <= first.taken <= first.compute_start < first.compute_end
-        later = Timing()
-        await batcher.submit([np.zeros((2, 4), np.float32)], 2, time.perf_counter() + 30, later)
-        assert (later.batch, later.batch_size, later.batch_calls) == (2, 2, 1)
-    finally:
-        await batcher.stop()
-
-
 @pytest.fixture
 def console_tracing() -> Iterator[Callable[[dict[str, str]], None]]:
     """Tracing set up in this process with the console exporter (pytest captures what it prints)."""

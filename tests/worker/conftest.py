@@ -106,6 +106,17 @@ def tensor_request(
     return req
 
 
+def typed_request(req: pb.ModelInferRequest) -> pb.ModelInferRequest:
+    """The same FP32 call with typed contents (fp32_contents), which the worker's native front relays to its
+    Python server: the same request through the other path."""
+    out = pb.ModelInferRequest()
+    out.CopyFrom(req)
+    del out.raw_input_contents[:]
+    for t, raw in zip(out.inputs, req.raw_input_contents, strict=True):
+        t.contents.fp32_contents.extend(np.frombuffer(raw, np.float32).tolist())
+    return out
+
+
 def output_array(resp: pb.ModelInferResponse, index: int = 0, dtype: Any = np.float32) -> np.ndarray:
     return np.frombuffer(resp.raw_output_contents[index], dtype=dtype).reshape(list(resp.outputs[index].shape))
 

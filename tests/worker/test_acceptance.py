@@ -1,7 +1,8 @@
 """Acceptance of the worker tier against real processes (registry, worker) via fovea.cluster.Cluster:
 batching limits, full queues, deadlines, bad inputs and bombs, and alias moves under load.
 
-Every test runs twice: through the worker's main port (Python) and through its native fast port (C++)."""
+Every test calls the worker's one port: raw tensors are answered by its native front (C++), encoded images
+are relayed to its Python server."""
 
 from __future__ import annotations
 
@@ -38,8 +39,6 @@ class Stack:
     port: int
     metrics_url: str
     md: tuple[tuple[str, str], ...]
-    via: str
-    """"main" or "fast": the port the tests call."""
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
@@ -53,10 +52,8 @@ class Stack:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-@pytest.fixture(scope="module", params=["main", "fast"])
-def stack(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[Stack]:
+@pytest.fixture(scope="module")
+def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     client = redis.Redis.from_url(redis_server.url)
     client.flushdb()
     client.close()
@@ -67,7 +64,7 @@ def stack(
         for name, model in (("busy", busy_model()), ("colors", color_model()), ("switch", busy_model(scale=1.0))):
             mv = rc.register(model, model_pb2.ModelVersion(name=name))
             rc.set_alias(name, "production", [(mv.version, 100)])
-        metrics_port, fast_port = free_port(), free_port()
+        metrics_port = free_port()
         worker = cluster.start_worker(
             reg.address,
             ["busy", "colors", "switch"],
@@ -79,11 +76,10 @@ def stack(
             FOVEA_WORKER_METRICS_PORT=str(metrics_port),
             FOVEA_WORKER_UNLOAD_DELAY_S="1",
             FOVEA_WORKER_LOG_JSON="false",
-            FOVEA_WORKER_FAST_PORT=str(fast_port),
         )
-        port = fast_port if request.param == "fast" else int(worker.address.rsplit(":", 1)[1])
+        port = int(worker.address.rsplit(":", 1)[1])
         md = (("authorization", f"Bearer {cluster.worker_call_token}"),)
-        yield Stack(cluster, rc, port, f"http://127.0.0.1:{metrics_port}/metrics", md, request.param)
+        yield Stack(cluster, rc, port, f"http://127.0.0.1:{metrics_port}/metrics", md)
         rc.close()
     finally:
         cluster.stop()
@@ -215,12 +211,7 @@ async def test_bad_tensors_and_images_are_invalid_argument(stack: Stack) -> None
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await s.ModelInfer(req, metadata=stack.md, timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, err.value.details())
-        if stack.via == "fast" and what in ("pixels", "image"):
-            assert "main port" in err.value.details()  # the fast port takes raw tensors only, and says so
         await _ok(stack, s)
-    if stack.via == "fast":
-        await channel.close()
-        return
     image = pb.ModelInferRequest(model_name="colors")
     image.inputs.add(name="input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(png((200, 0, 0)))
     assert output_array(await s.ModelInfer(image, metadata=stack.md, timeout=30)).argmax() == 0

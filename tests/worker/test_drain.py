@@ -12,21 +12,20 @@ import pytest
 
 from fovea.client import RegistryClient
 from fovea.cluster import Cluster
-from fovea.redis_server import free_port
 from fovea.v1 import model_pb2, registry_pb2
-from tests.worker.conftest import busy_input, output_array, stub, tensor_request
+from tests.worker.conftest import busy_input, output_array, stub, tensor_request, typed_request
 from tests.worker.slowmodels import busy_model
 
 GRACE_S = 8.0
 
 
-@pytest.mark.parametrize("via", ["main", "fast"])
+# "raw": tensors the native front batches itself; "typed": calls it relays to the worker's Python server.
+@pytest.mark.parametrize("via", ["raw", "typed"])
 async def test_sigterm_under_load_answers_accepted_requests_and_exits_within_grace(cluster: Cluster, via: str) -> None:
     reg = cluster.start_registry()
     rc = RegistryClient(reg.address, cluster.admin_token, timeout_s=30)
     mv = await asyncio.to_thread(rc.register, busy_model(), model_pb2.ModelVersion(name="busy"))
     await asyncio.to_thread(rc.set_alias, "busy", "production", [(mv.version, 100)])
-    fast_port = free_port()
     worker = cluster.start_worker(
         reg.address,
         ["busy"],
@@ -36,11 +35,11 @@ async def test_sigterm_under_load_answers_accepted_requests_and_exits_within_gra
         FOVEA_WORKER_GRACE_S=str(GRACE_S),
         FOVEA_WORKER_HEARTBEAT_INTERVAL_S="0.3",
         FOVEA_WORKER_LOG_JSON="false",
-        FOVEA_WORKER_FAST_PORT=str(fast_port),
     )
     md = (("authorization", f"Bearer {cluster.worker_call_token}"),)
-    channel, s = stub(fast_port if via == "fast" else int(worker.address.rsplit(":", 1)[1]))
+    channel, s = stub(int(worker.address.rsplit(":", 1)[1]))
     results: list[tuple[float, float, str]] = []  # (sent, answered, status)
+    unserved: list[bool] = []  # per UNAVAILABLE: whether it said the call never ran (fovea-unserved: 1)
     stop = asyncio.Event()
 
     async def client(i: int) -> None:
@@ -48,15 +47,16 @@ async def test_sigterm_under_load_answers_accepted_requests_and_exits_within_gra
         while not stop.is_set():
             n += 1
             sent = time.monotonic()
+            req = tensor_request("busy", busy_input(1500, tag=1000 * i + n))
             try:
-                resp = await s.ModelInfer(
-                    tensor_request("busy", busy_input(1500, tag=1000 * i + n)), metadata=md, timeout=30
-                )
+                resp = await s.ModelInfer(typed_request(req) if via == "typed" else req, metadata=md, timeout=30)
                 assert output_array(resp)[0, 1] == 2 * (1000 * i + n)
                 results.append((sent, time.monotonic(), "OK"))
             except grpc.aio.AioRpcError as exc:
                 results.append((sent, time.monotonic(), exc.code().name))
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    trailing = dict(exc.trailing_metadata() or ())
+                    unserved.append(trailing.get("fovea-unserved") == "1")
                     return  # a gateway would go to another worker now
 
     clients = [asyncio.ensure_future(client(i)) for i in range(12)]
@@ -79,6 +79,7 @@ async def test_sigterm_under_load_answers_accepted_requests_and_exits_within_gra
         (round(s - term, 3), round(a - term, 3), st) for s, a, st in results if st not in ("OK", "UNAVAILABLE")
     ]
     assert all(st == "OK" for sent, _, st in results if sent < term - 0.2)
+    assert all(unserved), "a refusal while draining must say the call never ran (fovea-unserved: 1)"
     assert any(st == "OK" and answered > term for _, answered, st in results), "nothing in flight was answered"
     log = worker.log_path.read_text()
     assert "drained" in log

@@ -1,10 +1,11 @@
-"""The worker's native fast port (worker/native/front.cc) against in-process workers: it answers exactly what
-the main port answers, refuses what it does not serve with a status that says where to go, and reports its
-calls in ModelStatistics and metrics."""
+"""The worker's one port, its native front (worker/native/front.cc), against in-process workers: raw tensors
+answered in C++ get exactly the answers that calls relayed to the worker's Python server get (typed contents),
+refusals carry the right status, and its calls show in ModelStatistics and metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import urllib.request
 
 import grpc
@@ -13,7 +14,16 @@ import pytest
 
 from inference import grpc_predict_v2_pb2 as pb
 from tests.tinymodels import color_model
-from tests.worker.conftest import MD, LocalRegistry, StartWorker, busy_input, output_array, stub, tensor_request
+from tests.worker.conftest import (
+    MD,
+    LocalRegistry,
+    StartWorker,
+    busy_input,
+    output_array,
+    stub,
+    tensor_request,
+    typed_request,
+)
 from tests.worker.slowmodels import busy_model
 from worker.runtime import Bucketed, Session
 from worker.server import WorkerServer
@@ -27,24 +37,30 @@ def _colors(n: int) -> np.ndarray:
     return x
 
 
-async def _both(start_worker: StartWorker, registry: LocalRegistry, **fields: object) -> tuple[WorkerServer, int, int]:
+async def _colors_worker(
+    start_worker: StartWorker, registry: LocalRegistry, **fields: object
+) -> tuple[WorkerServer, int]:
     await registry.publish("colors", color_model())
     ws = await start_worker(["colors"], metrics_port=0, **fields)
-    assert ws.native is not None, "the fast port is on by default"
-    return ws, ws.port, ws.native.port
+    assert ws.native.port == ws.port, "the native front is the worker's one port"
+    return ws, ws.port
 
 
-async def test_fast_port_answers_what_the_main_port_answers(registry: LocalRegistry, start_worker: StartWorker) -> None:
-    ws, main, fast = await _both(start_worker, registry)
-    (cm, m), (cf, f) = stub(main), stub(fast)
+async def test_raw_tensors_answered_natively_match_calls_relayed_to_python(
+    registry: LocalRegistry, start_worker: StartWorker
+) -> None:
+    ws, port = await _colors_worker(start_worker, registry)
+    cf, f = stub(port)
     x = _colors(5)
     plain = tensor_request("colors", x)
     plain.id = "req-7"
     top2 = tensor_request("colors", x)
     top2.outputs.add(name="logits").parameters["classification"].int64_param = 2
     for req in (plain, top2):
-        a = await m.ModelInfer(req, metadata=MD, timeout=10)
-        b = await f.ModelInfer(req, metadata=MD, timeout=10)
+        native_before = sum(ws.native.codes())
+        a = await f.ModelInfer(typed_request(req), metadata=MD, timeout=10)  # relayed: Python reads the contents
+        b = await f.ModelInfer(req, metadata=MD, timeout=10)  # answered in C++
+        assert sum(ws.native.codes()) == native_before + 2, "both went through the one native queue"
         assert (b.model_name, b.model_version, b.id) == (a.model_name, a.model_version, a.id)
         assert [(o.name, o.datatype, list(o.shape)) for o in b.outputs] == [
             (o.name, o.datatype, list(o.shape)) for o in a.outputs
@@ -55,30 +71,26 @@ async def test_fast_port_answers_what_the_main_port_answers(registry: LocalRegis
         else:
             assert list(b.raw_output_contents) == list(a.raw_output_contents)  # "score:index:label", byte for byte
             assert b"red" in b.raw_output_contents[0]
-    # A pinned version is served too; the metadata and config calls Triton's tools make before loading.
+    # A pinned version is served too; the metadata and config calls Triton's tools make before loading
+    # (relayed to Python, which made them).
     v = await f.ModelInfer(tensor_request("colors", x, version="1"), metadata=MD, timeout=10)
     assert v.model_version == "1"
     meta = await f.ModelMetadata(pb.ModelMetadataRequest(name="colors"), metadata=MD, timeout=10)
-    assert meta == await m.ModelMetadata(pb.ModelMetadataRequest(name="colors"), metadata=MD, timeout=10)
+    assert meta.name == "colors" and [t.name for t in meta.inputs] == ["input"]
     config = await f.ModelConfig(pb.ModelConfigRequest(name="colors"), metadata=MD, timeout=10)
-    assert config == await m.ModelConfig(pb.ModelConfigRequest(name="colors"), metadata=MD, timeout=10)
+    assert config.config.name == "colors"
     assert (await f.ModelReady(pb.ModelReadyRequest(name="colors"), metadata=MD, timeout=10)).ready
     assert not (await f.ModelReady(pb.ModelReadyRequest(name="nope"), metadata=MD, timeout=10)).ready
     assert (await f.ServerReady(pb.ServerReadyRequest(), metadata=MD, timeout=10)).ready
     assert (await f.ServerLive(pb.ServerLiveRequest(), metadata=MD, timeout=10)).live
-    assert (await f.ServerMetadata(pb.ServerMetadataRequest(), metadata=MD, timeout=10)) == await m.ServerMetadata(
-        pb.ServerMetadataRequest(), metadata=MD, timeout=10
-    )
-    await cm.close()
+    assert (await f.ServerMetadata(pb.ServerMetadataRequest(), metadata=MD, timeout=10)).name
     await cf.close()
 
 
-async def test_fast_port_refuses_with_the_right_status(registry: LocalRegistry, start_worker: StartWorker) -> None:
-    ws, main, fast = await _both(start_worker, registry, max_batch_size=4)
-    channel, f = stub(fast)
+async def test_refusals_carry_the_right_status(registry: LocalRegistry, start_worker: StartWorker) -> None:
+    ws, port = await _colors_worker(start_worker, registry, max_batch_size=4)
+    channel, f = stub(port)
     x = _colors(1)
-    typed = pb.ModelInferRequest(model_name="colors")
-    typed.inputs.add(name="input", datatype="FP32", shape=[1, 3, 8, 8]).contents.fp32_contents.extend(x.ravel())
     no_output = tensor_request("colors", x)
     no_output.outputs.add(name="probs")
     bad_k = tensor_request("colors", x)
@@ -103,7 +115,6 @@ async def test_fast_port_refuses_with_the_right_status(registry: LocalRegistry, 
         ),
         (MD, tensor_request("colors", x, name="pixels"), grpc.StatusCode.INVALID_ARGUMENT, "missing input 'input'"),
         (MD, tensor_request("colors", _colors(5)), grpc.StatusCode.INVALID_ARGUMENT, "exceeds max_batch_size 4"),
-        (MD, typed, grpc.StatusCode.INVALID_ARGUMENT, "main port"),
         (MD, no_output, grpc.StatusCode.INVALID_ARGUMENT, "no output 'probs'"),
         (MD, bad_k, grpc.StatusCode.INVALID_ARGUMENT, "positive integer"),
     ]
@@ -114,7 +125,7 @@ async def test_fast_port_refuses_with_the_right_status(registry: LocalRegistry, 
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await f.ModelInfer(req, metadata=md, timeout=10)
         assert err.value.code() == code and words in err.value.details(), (words, err.value.details())
-    # Every call needs the internal token, as on the main port.
+    # Every call needs the internal token, relayed ones too.
     for call, req in (
         (f.ModelMetadata, pb.ModelMetadataRequest(name="colors")),
         (f.ModelConfig, pb.ModelConfigRequest(name="colors")),
@@ -132,34 +143,31 @@ async def test_fast_port_refuses_with_the_right_status(registry: LocalRegistry, 
     await channel.close()
 
 
-async def test_fast_port_calls_show_in_statistics_and_metrics(
-    registry: LocalRegistry, start_worker: StartWorker
-) -> None:
-    ws, main, fast = await _both(start_worker, registry)
-    (cm, m), (cf, f) = stub(main), stub(fast)
+async def test_calls_show_in_statistics_and_metrics(registry: LocalRegistry, start_worker: StartWorker) -> None:
+    ws, port = await _colors_worker(start_worker, registry)
+    cf, f = stub(port)
     for _ in range(3):
         await f.ModelInfer(tensor_request("colors", _colors(2)), metadata=MD, timeout=10)
-    await m.ModelInfer(tensor_request("colors", _colors(1)), metadata=MD, timeout=10)
+    await f.ModelInfer(typed_request(tensor_request("colors", _colors(1))), metadata=MD, timeout=10)
     with pytest.raises(grpc.aio.AioRpcError):
         await f.ModelInfer(tensor_request("colors", _colors(1)), timeout=10)
-    fast_stats = (
-        await f.ModelStatistics(pb.ModelStatisticsRequest(name="colors"), metadata=MD, timeout=10)
-    ).model_stats[0]
-    assert fast_stats.inference_stats.success.count == 3 and fast_stats.inference_count == 6
-    assert fast_stats.execution_count == fast_stats.inference_stats.compute_infer.count == 3
-    assert {b.batch_size for b in fast_stats.batch_stats} == {2}
-    # The main port reports both ports' calls together (plus its own warm-up runs).
-    both = (await m.ModelStatistics(pb.ModelStatisticsRequest(name="colors"), metadata=MD, timeout=10)).model_stats[0]
+    lv = ws.manager.loaded[("colors", 1)]
+    queued = ws.manager.fast_statistics(lv)  # the one native queue: raw tensors and the call Python decoded
+    assert queued.inference_stats.success.count == 4 and queued.inference_count == 7
+    assert queued.execution_count == queued.inference_stats.compute_infer.count == 4
+    assert {b.batch_size for b in queued.batch_stats} == {1, 2}
+    # ModelStatistics (answered by Python) reports them once.
+    both = (await f.ModelStatistics(pb.ModelStatisticsRequest(name="colors"), metadata=MD, timeout=10)).model_stats[0]
     assert both.inference_stats.success.count == 3 + 1
-    assert both.inference_count >= 6 + 1
+    assert both.inference_count == 6 + 1
     page = await asyncio.to_thread(
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics.port}/metrics", timeout=10).read().decode()
     )
-    assert 'fovea_worker_fast_port_requests_total{code="OK"} 3.0' in page
+    assert 'fovea_worker_fast_port_requests_total{code="OK"} 4.0' in page
     assert 'fovea_worker_fast_port_requests_total{code="UNAUTHENTICATED"} 1.0' in page
-    # the fast port's OK calls by total time, in the main port's buckets
-    assert 'fovea_worker_fast_port_request_seconds_count{model="colors",version="1"} 3.0' in page
-    assert 'fovea_worker_fast_port_request_seconds_bucket{le="10.0",model="colors",version="1"} 3.0' in page
+    # the native queue's OK calls by total time, in the buckets of Python's fovea_worker_request_seconds
+    assert 'fovea_worker_fast_port_request_seconds_count{model="colors",version="1"} 4.0' in page
+    assert 'fovea_worker_fast_port_request_seconds_bucket{le="10.0",model="colors",version="1"} 4.0' in page
     main_les = {
         ln.split('le="')[1].split('"')[0]
         for ln in page.splitlines()
@@ -176,7 +184,7 @@ async def test_fast_port_calls_show_in_statistics_and_metrics(
     )
     assert 0 < total < 3 * 10
 
-    # The fast port's three batches of 2 are in the batch-size histogram at once (its metrics are
+    # The native queue's three batches of 2 are in the batch-size histogram at once (its metrics are
     # recorded off the answer path and flushed before every scrape).
     def bucket(le: str) -> float:
         return float(
@@ -188,10 +196,9 @@ async def test_fast_port_calls_show_in_statistics_and_metrics(
         )
 
     assert bucket("2.0") - bucket("1.0") == 3
-    # Heartbeats advertise the fast port next to the main one.
+    # Heartbeats advertise the one port, as fast_address too (for gateways built before the ports merged).
     status = ws.status()
-    assert status.fast_address == f"{status.address.rsplit(':', 1)[0]}:{fast}"
-    await cm.close()
+    assert status.fast_address == status.address == f"127.0.0.1:{port}"
     await cf.close()
 
 
@@ -200,7 +207,6 @@ async def test_fast_port_batches_concurrent_calls_up_to_max_batch_size(
 ) -> None:
     await registry.publish("busy", busy_model())
     ws = await start_worker(["busy"], max_batch_size=4, max_queue_delay_us=20_000)
-    assert ws.native is not None, "the fast port is on by default"
     channel, f = stub(ws.native.port)
 
     async def one(i: int) -> None:
@@ -209,7 +215,7 @@ async def test_fast_port_batches_concurrent_calls_up_to_max_batch_size(
         np.testing.assert_allclose(output_array(resp)[:, 1], 2 * x[:, 1])  # each call gets its own rows back
 
     await asyncio.gather(*(one(i) for i in range(24)))
-    st = (await f.ModelStatistics(pb.ModelStatisticsRequest(name="busy"), metadata=MD, timeout=10)).model_stats[0]
+    st = ws.manager.fast_statistics(ws.manager.loaded[("busy", 1)])  # the native front's batches alone
     sizes = {b.batch_size for b in st.batch_stats}
     assert max(sizes) <= 4 and 4 in sizes, sizes  # the queue delay lets batches fill, never past the limit
     assert st.inference_count == 36
@@ -221,7 +227,6 @@ async def test_model_settings_give_a_model_its_own_instances(
 ) -> None:
     await registry.publish("colors", color_model())
     ws = await start_worker(["colors"], model_settings={"colors": {"instances": 2, "intra_op_threads": 1}})
-    assert ws.native is not None, "the fast port is on by default"
     channel, f = stub(ws.native.port)
     config = (await f.ModelConfig(pb.ModelConfigRequest(name="colors"), metadata=MD, timeout=10)).config
     assert [g.count for g in config.instance_group] == [2]
@@ -253,7 +258,6 @@ async def test_shapes_whose_size_wraps_around_are_refused(registry: LocalRegistr
     computed. (4 bytes x 2 x 2^63 wraps to 0, and this request sends 0 bytes.)"""
     await registry.publish("wide", _any_width_model())
     ws = await start_worker(["wide"], max_batch_size=4)
-    assert ws.native is not None, "the fast port is on by default"
     channel, f = stub(ws.native.port)
     ok = tensor_request("wide", np.ones((2, 5), np.float32))
     assert output_array(await f.ModelInfer(ok, metadata=MD, timeout=10)).shape == (2, 5)
@@ -264,7 +268,7 @@ async def test_shapes_whose_size_wraps_around_are_refused(registry: LocalRegistr
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await f.ModelInfer(req, metadata=MD, timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (shape, err.value.details())
-    st = (await f.ModelStatistics(pb.ModelStatisticsRequest(name="wide"), metadata=MD, timeout=10)).model_stats[0]
+    st = ws.manager.fast_statistics(ws.manager.loaded[("wide", 1)])  # the native front's batches alone
     assert st.execution_count == 1  # only the good request was computed
     await channel.close()
 
@@ -281,8 +285,7 @@ async def test_a_lone_batch_runs_on_the_alone_session_and_batches_under_load_on_
         model_settings={"busy": {"instances": 2, "intra_op_threads": 1, "alone_threads": 2}},
     )
     lv = ws.manager.loaded[("busy", 1)]
-    assert len(lv.sessions) == 2
-    assert ws.native is not None, "the fast port is on by default"
+    assert len(lv.sessions) == (0 if native_compute else 2)  # with the C++ loop, Python opens no session
     native = ws.native.slots[lv.slot].sessions  # the C++ loops' sessions: two instances, then the alone one
     assert len(native) == (3 if native_compute else 0)
     # Which session ran each batch: counted in C++, or seen by wrapping the sessions Python's loops call.
@@ -343,7 +346,6 @@ async def test_a_batch_that_fails_in_onnx_runtime_fails_only_its_calls(
 ) -> None:
     await registry.publish("lookup", _lookup_model())
     ws = await start_worker(["lookup"], max_batch_size=4, native_compute=native_compute)
-    assert ws.native is not None, "the fast port is on by default"
     channel, f = stub(ws.native.port)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await f.ModelInfer(tensor_request("lookup", np.full((2, 4), 12, np.float32)), metadata=MD, timeout=10)
@@ -365,9 +367,8 @@ async def test_without_onnx_runtimes_c_library_python_runs_the_batches(
     import worker.fast_port
 
     monkeypatch.setattr(worker.fast_port, "ort_library", lambda: None)  # as with a build that ships none
-    ws, _, fast = await _both(start_worker, registry)
+    ws, fast = await _colors_worker(start_worker, registry)
     lv = ws.manager.loaded[("colors", 1)]
-    assert ws.native is not None, "the fast port is on by default"
     assert ws.native.slots[lv.slot].sessions == []
     assert any("run in Python" in r.getMessage() and "libonnxruntime" in r.getMessage() for r in caplog.records)
     channel, f = stub(fast)
@@ -382,7 +383,7 @@ async def test_c_api_sessions_take_the_workers_session_options(
     registry: LocalRegistry, start_worker: StartWorker
 ) -> None:
     """The options that are not the defaults reach the C++ loop's sessions, which still answer right."""
-    ws, main, fast = await _both(
+    ws, port = await _colors_worker(
         start_worker,
         registry,
         cpu_mem_arena=False,
@@ -391,15 +392,13 @@ async def test_c_api_sessions_take_the_workers_session_options(
         spin_only_in_run=False,
     )
     lv = ws.manager.loaded[("colors", 1)]
-    assert ws.native is not None, "the fast port is on by default"
     assert len(ws.native.slots[lv.slot].sessions) == 1
-    (cm, m), (cf, f) = stub(main), stub(fast)
+    cf, f = stub(port)
     req = tensor_request("colors", _colors(3))
-    a = await m.ModelInfer(req, metadata=MD, timeout=10)
+    a = await f.ModelInfer(typed_request(req), metadata=MD, timeout=10)  # decoded by Python
     b = await f.ModelInfer(req, metadata=MD, timeout=10)
     np.testing.assert_allclose(output_array(b), output_array(a), rtol=1e-6)
     assert list(output_array(b).argmax(axis=1)) == [0, 1, 2]
-    await cm.close()
     await cf.close()
 
 
@@ -408,7 +407,7 @@ def test_batch_metrics_flush_past_a_failing_hook() -> None:
     get recorded, so the queue cannot grow without bound."""
     from worker.fast_port import NativeFront
 
-    front = NativeFront("127.0.0.1:0", 1 << 20, ["t"], 1000, b"")
+    front = NativeFront("127.0.0.1:0", 1 << 20, ["t"], 1000, "unix:/nonexistent/python.sock")
     seen: list[tuple[int, list[float], float]] = []
 
     def broken(samples: int, waits_s: list[float], compute_s: float) -> None:
@@ -423,3 +422,45 @@ def test_batch_metrics_flush_past_a_failing_hook() -> None:
     finally:
         front.shutdown(1)
         front.close()
+
+
+async def test_a_worker_without_its_native_library_refuses_to_start(
+    registry: LocalRegistry, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    """No silent Python-only fallback: the native front is the worker's port, so without it there is no worker."""
+    import worker.fast_port
+
+    monkeypatch.setattr(worker.fast_port, "LIBRARY", tmp_path / "libfovea_front.so")  # as before build.sh ran
+    with pytest.raises(RuntimeError) as err:
+        await start_worker([])
+    assert "cannot start its port" in str(err.value) and "worker/native/build.sh" in str(err.value), err.value
+
+
+async def test_calls_python_submits_share_a_batch_and_its_times(
+    registry: LocalRegistry, start_worker: StartWorker
+) -> None:
+    """Calls the Python server hands to the native queue (decoded images, typed contents) are batched with each
+    other and with raw tensors; each traced call gets its batch's times and number (worker/servicer.py)."""
+    from worker.fast_port import Timing
+
+    ws, _ = await _colors_worker(start_worker, registry, max_queue_delay_us=200_000)
+    lv = ws.manager.loaded[("colors", 1)]
+    timings = [Timing(), Timing(), Timing()]
+    bodies = await asyncio.gather(
+        *(
+            asyncio.to_thread(
+                ws.manager.submit, lv, tensor_request("colors", _colors(1)).SerializeToString(), 30_000, t
+            )
+            for t in timings
+        )
+    )
+    assert [output_array(pb.ModelInferResponse.FromString(b)).argmax() for b in bodies] == [0, 0, 0]
+    first = timings[0]
+    assert all((t.batch, t.taken, t.compute_end) == (first.batch, first.taken, first.compute_end) for t in timings)
+    assert (first.batch_size, first.batch_calls) == (3, 3) and first.batch > 0
+    assert max(t.enqueued for t in timings) <= first.taken <= first.compute_start < first.compute_end
+    later = Timing()
+    await asyncio.to_thread(
+        ws.manager.submit, lv, tensor_request("colors", _colors(2)).SerializeToString(), 30_000, later
+    )
+    assert later.batch > first.batch and (later.batch_size, later.batch_calls) == (2, 1)

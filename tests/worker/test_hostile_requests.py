@@ -1,6 +1,7 @@
-"""Requests a hostile or broken client sends, against both worker ports (the Python main port and the native
-fast port): every number in a request is bounded before it is used, a bad call gets INVALID_ARGUMENT and the
-worker goes on serving; a call the worker refuses without running it says so (trailing `fovea-unserved: 1`)."""
+"""Requests a hostile or broken client sends, against the worker's one port (its native front, which checks
+raw tensors itself and relays the rest to the worker's Python server): every number in a request is bounded
+before it is used, a bad call gets INVALID_ARGUMENT and the worker goes on serving; a call the worker refuses
+without running it says so (trailing `fovea-unserved: 1`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from onnx import TensorProto, helper
 
 from inference import grpc_predict_v2_pb2 as pb
 from tests.tinymodels import color_model
-from tests.worker.conftest import MD, LocalRegistry, StartWorker, output_array, stub, tensor_request
+from tests.worker.conftest import MD, LocalRegistry, StartWorker, output_array, stub, tensor_request, typed_request
 from worker.server import WorkerServer
 
 WIDTH = 3  # color_model's logits: red, green, blue
@@ -48,11 +49,6 @@ async def _worker(registry: LocalRegistry, start_worker: StartWorker, *models: t
     return ws
 
 
-def _port(ws: WorkerServer, which: str) -> int:
-    assert ws.native is not None
-    return ws.native.port if which == "fast" else ws.port
-
-
 def _top(model: str, x: np.ndarray, k: pb.InferParameter | int, output: str = "logits") -> pb.ModelInferRequest:
     req = tensor_request(model, x)
     param = req.outputs.add(name=output).parameters["classification"]
@@ -75,13 +71,12 @@ async def _computed(f: object, model: str) -> int:
     return sum(s.execution_count for s in stats.model_stats)
 
 
-@pytest.mark.parametrize("port", ["main", "fast"])
 async def test_classification_k_out_of_range_is_refused_and_the_worker_keeps_serving(
-    registry: LocalRegistry, start_worker: StartWorker, port: str
+    registry: LocalRegistry, start_worker: StartWorker
 ) -> None:
     """k = 2^31 crashed the fast port (int(k) went negative in top_k and partial_sort wrote out of bounds)."""
     ws = await _worker(registry, start_worker, ("colors", color_model()))
-    channel, f = stub(_port(ws, port))
+    channel, f = stub(ws.port)
     pid = os.getpid()  # the worker runs in this process: it died with it
     before = await _computed(f, "colors")
     for k in (2**31, 2**63 - 1, 0, -1, -(2**63), WIDTH + 1, 2**32 + 2):
@@ -97,12 +92,11 @@ async def test_classification_k_out_of_range_is_refused_and_the_worker_keeps_ser
     await channel.close()
 
 
-@pytest.mark.parametrize("port", ["main", "fast"])
 async def test_classification_k_equal_to_the_width_answers_every_class(
-    registry: LocalRegistry, start_worker: StartWorker, port: str
+    registry: LocalRegistry, start_worker: StartWorker
 ) -> None:
     ws = await _worker(registry, start_worker, ("colors", color_model()))
-    channel, f = stub(_port(ws, port))
+    channel, f = stub(ws.port)
     resp = await f.ModelInfer(_top("colors", _colors(2), WIDTH), metadata=MD, timeout=10)
     assert (resp.outputs[0].datatype, list(resp.outputs[0].shape)) == ("BYTES", [2, WIDTH])
     raw = resp.raw_output_contents[0]
@@ -115,13 +109,12 @@ async def test_classification_k_equal_to_the_width_answers_every_class(
     await channel.close()
 
 
-@pytest.mark.parametrize("port", ["main", "fast"])
 async def test_k_past_a_dynamic_output_width_is_refused_after_compute(
-    registry: LocalRegistry, start_worker: StartWorker, port: str
+    registry: LocalRegistry, start_worker: StartWorker
 ) -> None:
     """An output declared [N, W] has no width before compute: k is checked against the computed one."""
     ws = await _worker(registry, start_worker, ("wide", _model("wide", TensorProto.FLOAT, ["N", "W"])))
-    channel, f = stub(_port(ws, port))
+    channel, f = stub(ws.port)
     x = np.arange(10, dtype=np.float32).reshape(2, 5)
     for k in (6, 2**31, 2**63 - 1):
         err = await _refused(f.ModelInfer, _top("wide", x, k, output="output"))
@@ -131,9 +124,8 @@ async def test_k_past_a_dynamic_output_width_is_refused_after_compute(
     await channel.close()
 
 
-@pytest.mark.parametrize("port", ["main", "fast"])
 async def test_classification_needs_an_int64_on_a_floating_point_output(
-    registry: LocalRegistry, start_worker: StartWorker, port: str
+    registry: LocalRegistry, start_worker: StartWorker
 ) -> None:
     ws = await _worker(
         registry,
@@ -141,7 +133,7 @@ async def test_classification_needs_an_int64_on_a_floating_point_output(
         ("colors", color_model()),
         ("ints", _model("ints", TensorProto.INT64, ["N", 4])),
     )
-    channel, f = stub(_port(ws, port))
+    channel, f = stub(ws.port)
     before = await _computed(f, "ints")
     cases = [
         (_top("colors", _colors(1), pb.InferParameter(string_param="2")), "int64_param"),
@@ -157,13 +149,10 @@ async def test_classification_needs_an_int64_on_a_floating_point_output(
     await channel.close()
 
 
-@pytest.mark.parametrize("port", ["main", "fast"])
-async def test_outputs_are_requested_at_most_once(
-    registry: LocalRegistry, start_worker: StartWorker, port: str
-) -> None:
+async def test_outputs_are_requested_at_most_once(registry: LocalRegistry, start_worker: StartWorker) -> None:
     """A request cannot make the answer bigger than the model's outputs (each copies a whole output)."""
     ws = await _worker(registry, start_worker, ("colors", color_model()))
-    channel, f = stub(_port(ws, port))
+    channel, f = stub(ws.port)
     before = await _computed(f, "colors")
     twice = tensor_request("colors", _colors(1))
     twice.outputs.add(name="logits")
@@ -182,24 +171,22 @@ def _unserved(err: grpc.aio.AioRpcError) -> bool:
     return ("fovea-unserved", "1") in tuple(err.trailing_metadata() or ())
 
 
-@pytest.mark.parametrize("port", ["main", "fast"])
-async def test_deliberate_refusals_are_marked_unserved(
-    registry: LocalRegistry, start_worker: StartWorker, port: str
-) -> None:
+async def test_deliberate_refusals_are_marked_unserved(registry: LocalRegistry, start_worker: StartWorker) -> None:
     """A gateway may retry elsewhere what a worker never ran, not what dropped while it ran."""
     ws = await _worker(registry, start_worker, ("colors", color_model()))
     assert ws.native is not None
-    channel, f = stub(_port(ws, port))
+    channel, f = stub(ws.port)
     # Answers that are not refusals of that kind carry no mark.
     for req in (_top("colors", _colors(1), 0), tensor_request("nope", _colors(1))):
         err = await _refused(f.ModelInfer, req)
         assert err.code() in (INVALID, grpc.StatusCode.NOT_FOUND) and not _unserved(err), err
-    if port == "main":  # a version still loading (the fast port only knows versions once they are ready)
-        lv = ws.manager.loaded[("colors", 1)]
-        lv.ready = False
-        err = await _refused(f.ModelInfer, tensor_request("colors", _colors(1)))
-        assert err.code() == grpc.StatusCode.UNAVAILABLE and _unserved(err), (err.code(), err.trailing_metadata())
-        lv.ready = True
+    # A version not ready, answered by the Python server (typed contents are relayed there): its mark
+    # survives the relay.
+    lv = ws.manager.loaded[("colors", 1)]
+    lv.ready = False
+    err = await _refused(f.ModelInfer, typed_request(tensor_request("colors", _colors(1))))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and _unserved(err), (err.code(), err.trailing_metadata())
+    lv.ready = True
     # Draining: the worker takes no new calls.
     ws.servicer.accepting = False
     ws.native.set_accepting(False)
@@ -212,13 +199,12 @@ async def test_deliberate_refusals_are_marked_unserved(
     await channel.close()
 
 
-@pytest.mark.parametrize("port", ["main", "fast"])
 async def test_a_shape_of_a_million_dimensions_gets_a_short_answer(
-    registry: LocalRegistry, start_worker: StartWorker, port: str
+    registry: LocalRegistry, start_worker: StartWorker
 ) -> None:
     """The refusal quotes the start of the shape, not all of it (a status message has to fit in a header)."""
     ws = await _worker(registry, start_worker, ("colors", color_model()))
-    channel, f = stub(_port(ws, port))
+    channel, f = stub(ws.port)
     req = tensor_request("colors", _colors(1))
     req.inputs[0].shape[:] = [1] * 1_000_000
     err = await _refused(f.ModelInfer, req)
@@ -234,14 +220,13 @@ def _raw_infer(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable:
     return channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
 
 
-@pytest.mark.parametrize("port", ["main", "fast"])
 async def test_bytes_that_are_no_request_get_invalid_argument(
-    registry: LocalRegistry, start_worker: StartWorker, port: str
+    registry: LocalRegistry, start_worker: StartWorker
 ) -> None:
     """The fast port answered bytes that do not parse (0x0a: a field with no length) with a bare UNIMPLEMENTED,
     gRPC C++'s answer; both ports say INVALID_ARGUMENT in the same words, after authentication."""
     ws = await _worker(registry, start_worker, ("colors", color_model()))
-    channel, f = stub(_port(ws, port))
+    channel, f = stub(ws.port)
     infer = _raw_infer(channel)
     valid = tensor_request("colors", _colors(1)).SerializeToString()
     for data in (b"\x0a", b"\xb9", b"\xff" * 16, b"\x0a\x05col", valid[:-1], valid + b"\x0a"):
@@ -256,15 +241,14 @@ async def test_bytes_that_are_no_request_get_invalid_argument(
     await channel.close()
 
 
-@pytest.mark.parametrize("port", ["main", "fast"])
 async def test_invalid_utf8_names_do_not_flood_the_log(
-    registry: LocalRegistry, start_worker: StartWorker, port: str, capfd: pytest.CaptureFixture[str]
+    registry: LocalRegistry, start_worker: StartWorker, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """libprotobuf logged an ERROR line to stderr for every request with a name that is not UTF-8 (the worker runs
     in this process, so its stderr is this test's): any caller could flood the worker's log. Each such call is
     still refused (the bytes do not parse as the proto3 message)."""
     ws = await _worker(registry, start_worker, ("colors", color_model()))
-    channel, f = stub(_port(ws, port))
+    channel, f = stub(ws.port)
     infer = _raw_infer(channel)
     nameless = tensor_request("", _colors(1)).SerializeToString()
     bad_name = b"\x0a\x07col\xffors" + nameless  # field 1 (model_name): "col\xffors"

@@ -35,13 +35,14 @@ from tests.worker.conftest import (
     poll,
     stub,
     tensor_request,
+    typed_request,
 )
 from worker.assignments import Assignments
 from worker.config import WorkerConfig
 from worker.memory import device_budget, host_budget, machine_bytes, rss_bytes
 from worker.server import WorkerServer
 
-POOL = {"unload_delay_s": 1.5, "fast_port": -1}
+POOL = {"unload_delay_s": 1.5}
 GATEWAY_TOKEN = "worker-tests-gateway-registry-token"  # the gateway's own, at the registry
 placing = pytest.mark.parametrize("registry", [True], indirect=True)
 """Run the registry's placement loop (every 0.2 s) for this test."""
@@ -157,24 +158,20 @@ async def test_assigned_model_loads_serves_and_counts_calls(registry: LocalRegis
     await channel.close()
 
 
-async def test_calls_on_the_fast_port_count_too(registry: LocalRegistry, start_worker: StartWorker) -> None:
+async def test_native_and_relayed_calls_count_too(registry: LocalRegistry, start_worker: StartWorker) -> None:
     await registry.publish("colors", color_model())
     ws = await start_worker([], unload_delay_s=1.5)
-    if ws.native is None:
-        pytest.fail("the fast port is not built: run worker/native/build.sh")
     await follow(ws, ["colors"])
     await poll(lambda: _ready(ws, "colors"), 30)
     req = tensor_request("colors", np.zeros((1, 3, 8, 8), np.float32))
-    channel, fast = stub(ws.native.port)
-    main_channel, main = stub(ws.port)
+    channel, s = stub(ws.port)
     for _ in range(4):
-        await fast.ModelInfer(req, metadata=MD, timeout=10)
+        await s.ModelInfer(req, metadata=MD, timeout=10)  # raw tensors: the native front's batcher
     for _ in range(3):
-        await main.ModelInfer(req, metadata=MD, timeout=10)
+        await s.ModelInfer(typed_request(req), metadata=MD, timeout=10)  # relayed to Python's
     [m] = ws.status().models
     assert m.requests == 7 and m.idle_s < 5 and m.queue_depth == 0
     await channel.close()
-    await main_channel.close()
 
 
 async def test_unassigned_model_reports_not_ready_at_once_answers_then_unloads(

@@ -147,8 +147,9 @@ async def test_metrics_endpoint(registry: LocalRegistry, start_worker: StartWork
         "fovea_worker_preprocess_seconds",
     ):
         assert name in text, name
-    assert 'fovea_worker_requests_total{code="OK",method="ModelInfer"} 1.0' in text
-    assert 'fovea_worker_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"} 1.0' in text
+    # Raw tensors are answered by the native front (worker/native), which counts its own calls.
+    assert 'fovea_worker_fast_port_requests_total{code="OK"} 1.0' in text
+    assert 'fovea_worker_fast_port_requests_total{code="INVALID_ARGUMENT"} 1.0' in text
     assert 'fovea_worker_provider{model="colors",provider="CPUExecutionProvider",version="1"} 1.0' in text
     await channel.close()
 

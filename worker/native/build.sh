@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the native inference front (libfovea_front.so) from front.cc, check.cc, ort_loop.cc and the
-# inference protos, and ort_probe, which proves ort_api.h's entries against the real ONNX Runtime. Needs g++, pkg-config and Debian's libgrpc++-dev, protobuf-compiler-grpc
+# Builds the native inference front (libfovea_front.so) from front.cc, check.cc, relay.cc, ort_loop.cc and the
+# inference protos. Needs g++, pkg-config and Debian's libgrpc++-dev, protobuf-compiler-grpc
 # (scripts/setup.sh installs them).
 #
 # FOVEA_NATIVE_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer into build-asan/
@@ -23,7 +23,7 @@ if [[ ! -f "$stamp" || "$root/protos/inference/grpc_predict_v2.proto" -nt "$stam
     --plugin=protoc-gen-grpc="$(command -v grpc_cpp_plugin)" \
     inference/grpc_predict_v2.proto inference/model_config.proto
 fi
-srcs=("$here/front.cc" "$here/check.cc" "$here/ort_loop.cc" "$out"/gen/inference/*.cc)
+srcs=("$here/front.cc" "$here/check.cc" "$here/relay.cc" "$here/ort_loop.cc" "$out"/gen/inference/*.cc)
 # With ccache installed (scripts/setup.sh), compiling unchanged sources again (another clone, a second set-up)
 # is a cache hit; CCACHE_BASEDIR makes this clone's absolute paths relative, so clones elsewhere share entries.
 cxx=(g++)
@@ -36,8 +36,8 @@ pids=()
 for src in "${srcs[@]}"; do
   obj="$out/$(basename "$src" .cc).o"
   objs+=("$obj")
-  if [[ ! -f "$obj" || "$src" -nt "$obj" || "$here/front.h" -nt "$obj" || "$here/check.h" -nt "$obj" \
-        || "$here/ort_api.h" -nt "$obj" || "$0" -nt "$obj" ]]; then
+  if [[ ! -f "$obj" || "$src" -nt "$obj" || "$here/front.h" -nt "$obj" || "$here/check.h" -nt "$obj" || "$here/relay.h" -nt "$obj" \
+        || "$0" -nt "$obj" ]]; then
     "${cxx[@]}" -std=c++17 "${flags[@]}" -fPIC -fvisibility=hidden -I"$out/gen" $(pkg-config --cflags grpc++ protobuf) \
       -c "$src" -o "$obj" &
     pids+=($!)

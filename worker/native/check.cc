@@ -110,15 +110,20 @@ int64_t requested_k(const ModelInferRequest::InferRequestedOutputTensor& want) {
   return p == want.parameters().end() ? 0 : p->second.int64_param();
 }
 
+bool raw_tensors(const ModelInferRequest& req) {
+  if (req.inputs_size() == 0 || req.raw_input_contents_size() != req.inputs_size()) return false;
+  for (const auto& t : req.inputs())
+    if (t.has_contents() || t.datatype() == "BYTES") return false;
+  return true;
+}
+
 Status validate(const ModelSpec& m, const ModelInferRequest& req, Checked* out) {
   const int nin = int(m.inputs.size());
   if (req.inputs_size() != nin)
     return invalid("model " + m.name + " takes " + std::to_string(nin) + " input(s); got " +
                    std::to_string(req.inputs_size()));
   if (req.raw_input_contents_size() != nin)
-    return invalid(
-        "the fast port takes raw_input_contents, one entry per input; send typed contents or encoded images to the "
-        "worker's main port");
+    return invalid("raw_input_contents must have one entry per input");
   int n = -1;
   for (int s = 0; s < nin; ++s) {
     const TensorSpec& spec = m.inputs[s];

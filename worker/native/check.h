@@ -43,6 +43,10 @@ int64_t row_width(const std::vector<int64_t>& shape);
 // validate accepted.
 int64_t requested_k(const inference::ModelInferRequest::InferRequestedOutputTensor& want);
 
+// Whether every input of a request comes as raw_input_contents and none is BYTES, the form the native
+// front batches; typed contents and encoded images (BYTES) are relayed to Python.
+bool raw_tensors(const inference::ModelInferRequest& req);
+
 // Checks a request against a model: inputs (names, types, shapes, byte sizes, batch) and requested
 // outputs (known, each once, classification k an int64 in [1, the output's width] on an FP32 output).
 grpc::Status validate(const ModelSpec& m, const inference::ModelInferRequest& req, Checked* out);

@@ -1,10 +1,11 @@
-// Fovea's native inference front: a C++ gRPC server for ModelInfer on raw tensors.
+// Fovea's native inference front: the worker's one public gRPC port.
 //
 // Python keeps everything but the hot path: it loads and warms up models and decides
-// routing. This file takes calls off the wire, validates them, queues them per model
+// routing. This file takes ModelInfer calls on raw tensors off the wire, validates them, queues them per model
 // version, hands whole batches as contiguous buffers to the batch loops (ort_loop.cc on
-// the CPU, Python otherwise) and splits the outputs back. A Python gRPC server costs about 0.2 ms of CPU per call here,
-// more than a small model's compute; this costs a few µs. The C ABI (fv_*) is what
+// the CPU, Python otherwise) and splits the outputs back. Every other call (typed contents, encoded
+// images, streams, health, metadata) goes to the worker's Python server through relay.cc. A Python
+// gRPC server costs about 0.2 ms of CPU per call here, more than a small model's compute; this costs a few µs. The C ABI (fv_*) is what
 // worker/fast_port.py calls through ctypes, which releases the GIL around each call.
 
 #include <absl/synchronization/mutex.h>
@@ -34,6 +35,7 @@
 
 #include "check.h"
 #include "front.h"
+#include "relay.h"
 #include "inference/grpc_predict_v2.grpc.pb.h"
 
 namespace {
@@ -56,8 +58,21 @@ int64_t now_ns() {
 // A call validate accepted (n and order come from it). ModelInfer takes its bytes raw and parses them
 // into request itself (gRPC's typed handler answers bytes that do not parse with a bare UNIMPLEMENTED);
 // finish serializes response into out.
+// A call the worker's Python server submitted (fv_submit: images it decoded, typed contents it read): its
+// thread waits for the answer here instead of a reactor.
+struct Local {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  Status status;
+  std::string response;  // the serialized ModelInferResponse, when status is OK
+  // For a trace: enqueued, taken from the queue, computed (ns, steady clock), batch samples, calls, batch id.
+  int64_t timing[6] = {};
+};
+
 struct Call : fovea::Checked {
-  grpc::CallbackServerContext* ctx = nullptr;
+  grpc::CallbackServerContext* ctx = nullptr;  // null for a Local one
+  Local* local = nullptr;
   ModelInferRequest request;
   ModelInferResponse response;
   const ModelInferRequest* req = &request;
@@ -87,8 +102,6 @@ struct Model : fovea::ModelSpec {
   std::atomic<int64_t>* codes = nullptr;  // the front's counts by status code
   std::vector<std::string> labels;
   bool probabilities = false;
-  inference::ModelMetadataResponse metadata;  // made by Python, answered as they are
-  inference::ModelConfigResponse config;
 
   std::mutex mu;
   std::condition_variable cv;
@@ -131,6 +144,7 @@ struct Model : fovea::ModelSpec {
 
 struct Batch {
   std::shared_ptr<Model> model;
+  int64_t id = 0, computed_ns = 0;
   std::vector<Call*> calls;
   std::vector<std::string> buffers;  // concatenated inputs when the batch holds several calls
   int samples = 0;
@@ -154,36 +168,17 @@ bool token_matches(const std::string& presented, const std::vector<std::string>&
 
 class Front;
 
-// ModelInfer is registered raw (ByteBuffers), the rest typed.
-class Service final
-    : public inference::GRPCInferenceService::WithRawCallbackMethod_ModelInfer<inference::GRPCInferenceService::CallbackService> {
+// ModelInfer is registered raw (ByteBuffers); every other method is left to the generic relay (relay.cc).
+using gen = inference::GRPCInferenceService;
+using Relayed = gen::WithGenericMethod_ServerLive<gen::WithGenericMethod_ServerReady<gen::WithGenericMethod_ModelReady<
+    gen::WithGenericMethod_ServerMetadata<gen::WithGenericMethod_ModelMetadata<gen::WithGenericMethod_ModelStreamInfer<
+        gen::WithGenericMethod_ModelStatistics<gen::WithGenericMethod_ModelConfig<gen::Service>>>>>>>>;
+
+class Service final : public gen::WithRawCallbackMethod_ModelInfer<Relayed> {
  public:
   explicit Service(Front* f) : front_(f) {}
   grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* bytes,
                                        grpc::ByteBuffer* out) override;
-  grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* ctx, const inference::ServerLiveRequest*,
-                                       inference::ServerLiveResponse* resp) override;
-  grpc::ServerUnaryReactor* ServerReady(grpc::CallbackServerContext* ctx, const inference::ServerReadyRequest*,
-                                        inference::ServerReadyResponse* resp) override;
-  grpc::ServerUnaryReactor* ServerMetadata(grpc::CallbackServerContext* ctx, const inference::ServerMetadataRequest*,
-                                           inference::ServerMetadataResponse* resp) override;
-  grpc::ServerUnaryReactor* ModelReady(grpc::CallbackServerContext* ctx, const inference::ModelReadyRequest* req,
-                                       inference::ModelReadyResponse* resp) override;
-  grpc::ServerUnaryReactor* ModelMetadata(grpc::CallbackServerContext* ctx, const inference::ModelMetadataRequest* req,
-                                          inference::ModelMetadataResponse* resp) override;
-  grpc::ServerUnaryReactor* ModelConfig(grpc::CallbackServerContext* ctx, const inference::ModelConfigRequest* req,
-                                        inference::ModelConfigResponse* resp) override;
-  grpc::ServerUnaryReactor* ModelStatistics(grpc::CallbackServerContext* ctx, const inference::ModelStatisticsRequest* req,
-                                            inference::ModelStatisticsResponse* resp) override;
-
-  Status find(grpc::CallbackServerContext* ctx, const std::string& name, const std::string& version,
-              std::shared_ptr<Model>* m);
-
-  static grpc::ServerUnaryReactor* done(grpc::CallbackServerContext* ctx, const Status& st) {
-    auto* r = ctx->DefaultReactor();
-    r->Finish(st);
-    return r;
-  }
 
  private:
   Front* front_;
@@ -192,11 +187,13 @@ class Service final
 class Front {
  public:
   std::vector<std::string> tokens;
-  inference::ServerMetadataResponse server_metadata;
   int64_t default_deadline_ms = 30000;
   std::atomic<bool> accepting{true};
+  bool trace_sampled = false;  // relay calls with a sampled traceparent to Python, which traces them
+  std::unique_ptr<fovea::Relay> relay;  // declared before the server, so destroyed after it
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<Service> service;
+  bool stopped = false;
 
   std::shared_mutex routes_mu;
   std::unordered_map<std::string, std::shared_ptr<Model>> by_version;  // "name\nversion"
@@ -225,7 +222,7 @@ class Front {
     if (version.empty()) {
       auto it = by_name.find(name);
       if (it == by_name.end() || it->second.empty())
-        return Status(StatusCode::NOT_FOUND, "model '" + name + "' is not served by this worker's fast port");
+        return Status(StatusCode::NOT_FOUND, "model '" + name + "' has no version on the native front");
       const auto& targets = it->second;
       if (targets.size() == 1) {
         *out = targets[0].first;
@@ -261,27 +258,57 @@ class Front {
 
   std::atomic<int64_t> codes[17] = {};  // ModelInfer calls answered, by status code
 
+  // Answers a call and counts it. The counts come before the answer, so that a caller who got it finds them;
+  // its time includes encoding the answer, which Triton's success time holds (compute output does not).
   static void finish(Call* c, const Status& st, Model* m) {
-    int64_t spent = now_ns() - c->enqueued_ns;
+    Status sent = st;
+    std::string body;
+    if (c->local) {
+      if (st.ok() && !c->resp->SerializeToString(&body))
+        sent = Status(StatusCode::INTERNAL, "the answer could not be serialized");
+    } else if (st.ok()) {  // what gRPC's typed handler would do in Finish
+      bool own_buffer;
+      sent = grpc::SerializationTraits<ModelInferResponse>::Serialize(*c->resp, c->out, &own_buffer);
+    }
     if (m) {
-      m->stats[st.ok() ? kOkCount : kFailCount] += 1;
-      m->stats[st.ok() ? kOkNs : kFailNs] += spent;
-      if (st.ok()) {
+      const int64_t spent = now_ns() - c->enqueued_ns;
+      m->stats[sent.ok() ? kOkCount : kFailCount] += 1;
+      m->stats[sent.ok() ? kOkNs : kFailNs] += spent;
+      if (sent.ok()) {
         int b = 0;
         while (b < kTimeBuckets - 1 && spent > kTimeBoundsNs[b]) ++b;
         m->ok_times[b] += 1;
       }
+      m->codes[std::min<int>(sent.error_code(), 16)] += 1;
     }
-    Status sent = st;
-    if (st.ok()) {  // what gRPC's typed handler would do in Finish
-      bool own_buffer;
-      sent = grpc::SerializationTraits<ModelInferResponse>::Serialize(*c->resp, c->out, &own_buffer);
+    if (c->local) {
+      // Notified under the lock: once done is seen, fv_submit returns and its Local (on its stack) is gone.
+      Local* l = c->local;
+      std::lock_guard lock(l->mu);
+      l->status = sent;
+      l->response = std::move(body);
+      l->done = true;
+      l->cv.notify_one();
+    } else {
+      c->reactor->Finish(sent);
     }
-    if (m) m->codes[std::min<int>(sent.error_code(), 16)] += 1;
-    c->reactor->Finish(sent);
     delete c;
   }
 };
+
+// Whether the caller's W3C traceparent ('00-<32 hex>-<16 hex>-<2 hex flags>', 55 characters in version 00)
+// asks for this call to be traced: flags bit 0 of the last value sent. Python parses it again and traces.
+bool sampled(const grpc::CallbackServerContext* ctx) {
+  auto range = ctx->client_metadata().equal_range("traceparent");
+  if (range.first == range.second) return false;
+  std::string tp;
+  for (auto it = range.first; it != range.second; ++it) tp.assign(it->second.data(), it->second.size());
+  if (tp.size() < 55 || tp.size() > 128) return false;
+  if (tp[2] != '-' || tp[35] != '-' || tp[52] != '-' || (tp.size() > 55 && tp[55] != '-')) return false;
+  char c = tp[54];
+  int low = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+  return low >= 0 && (low & 1);
+}
 
 Status authenticate(grpc::CallbackServerContext* ctx, const std::vector<std::string>& tokens) {
   const auto& md = ctx->client_metadata();
@@ -298,80 +325,7 @@ Status authenticate(grpc::CallbackServerContext* ctx, const std::vector<std::str
   return Status::OK;
 }
 
-// Like every call on a worker, these take only callers with the internal token (gateways).
-grpc::ServerUnaryReactor* Service::ServerLive(grpc::CallbackServerContext* ctx, const inference::ServerLiveRequest*,
-                                              inference::ServerLiveResponse* resp) {
-  Status st = authenticate(ctx, front_->tokens);
-  resp->set_live(st.ok());
-  return done(ctx, st);
-}
-
-grpc::ServerUnaryReactor* Service::ServerReady(grpc::CallbackServerContext* ctx, const inference::ServerReadyRequest*,
-                                               inference::ServerReadyResponse* resp) {
-  Status st = authenticate(ctx, front_->tokens);
-  if (!st.ok()) return done(ctx, st);
-  std::shared_lock lock(front_->routes_mu);
-  resp->set_ready(front_->accepting && !front_->by_version.empty());
-  return done(ctx, Status::OK);
-}
-
-grpc::ServerUnaryReactor* Service::ServerMetadata(grpc::CallbackServerContext* ctx, const inference::ServerMetadataRequest*,
-                                                  inference::ServerMetadataResponse* resp) {
-  Status st = authenticate(ctx, front_->tokens);
-  if (st.ok()) *resp = front_->server_metadata;
-  return done(ctx, st);
-}
-
-grpc::ServerUnaryReactor* Service::ModelReady(grpc::CallbackServerContext* ctx, const inference::ModelReadyRequest* req,
-                                              inference::ModelReadyResponse* resp) {
-  Status st = authenticate(ctx, front_->tokens);
-  if (!st.ok()) return done(ctx, st);
-  std::shared_ptr<Model> m;
-  resp->set_ready(front_->accepting && front_->lookup(req->name(), req->version(), &m).ok());
-  return done(ctx, Status::OK);
-}
-
-// An authenticated caller's model version, for the calls that describe one.
-Status Service::find(grpc::CallbackServerContext* ctx, const std::string& name, const std::string& version,
-                     std::shared_ptr<Model>* m) {
-  Status st = authenticate(ctx, front_->tokens);
-  return st.ok() ? front_->lookup(name, version, m) : st;
-}
-
-grpc::ServerUnaryReactor* Service::ModelMetadata(grpc::CallbackServerContext* ctx, const inference::ModelMetadataRequest* req,
-                                                 inference::ModelMetadataResponse* resp) {
-  std::shared_ptr<Model> m;
-  Status st = find(ctx, req->name(), req->version(), &m);
-  if (st.ok()) *resp = m->metadata;
-  return done(ctx, st);
-}
-
-grpc::ServerUnaryReactor* Service::ModelConfig(grpc::CallbackServerContext* ctx, const inference::ModelConfigRequest* req,
-                                               inference::ModelConfigResponse* resp) {
-  std::shared_ptr<Model> m;
-  Status st = find(ctx, req->name(), req->version(), &m);
-  if (st.ok()) *resp = m->config;
-  return done(ctx, st);
-}
-
-grpc::ServerUnaryReactor* Service::ModelStatistics(grpc::CallbackServerContext* ctx,
-                                                   const inference::ModelStatisticsRequest* req,
-                                                   inference::ModelStatisticsResponse* resp) {
-  Status st = authenticate(ctx, front_->tokens);
-  if (!st.ok()) return done(ctx, st);
-  std::shared_ptr<Model> m;
-  if (!req->name().empty() && !(st = front_->lookup(req->name(), req->version(), &m)).ok()) return done(ctx, st);
-  std::vector<std::shared_ptr<Model>> models;
-  {
-    std::shared_lock lock(front_->routes_mu);
-    for (const auto& [key, model] : front_->by_version)
-      if ((req->name().empty() || req->name() == model->name) && (req->version().empty() || req->version() == model->version))
-        models.push_back(model);
-  }
-  std::sort(models.begin(), models.end(), [](auto& a, auto& b) { return std::tie(a->name, a->version) < std::tie(b->name, b->version); });
-  for (auto& model : models) *resp->add_model_stats() = model->statistics();
-  return done(ctx, Status::OK);
-}
+Status enqueue(Model* m, Call* call);
 
 grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* bytes,
                                               grpc::ByteBuffer* out) {
@@ -387,19 +341,26 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
   };
   Status auth = authenticate(ctx, front_->tokens);
   if (!auth.ok()) return reject(auth.error_code(), auth.error_message());
+  // The relay sends Python the bytes as they came: a copy that shares their slices (no data is copied).
+  grpc::ByteBuffer original(*bytes);
   // The bytes are parsed as gRPC's typed handler parses them (the same call, which also frees them; the
   // handler owns the buffer, and nothing reads it after this), but after authentication, and bytes that
-  // are no ModelInferRequest get the Python ports' answer.
+  // are no ModelInferRequest get the Python server's answer.
   std::unique_ptr<Call> owned(new Call);
   if (!grpc::SerializationTraits<ModelInferRequest>::Deserialize(const_cast<grpc::ByteBuffer*>(bytes), &owned->request).ok())
     return reject(StatusCode::INVALID_ARGUMENT, "the request is not a valid protobuf message for this method");
   if (!front_->accepting) return reject(StatusCode::UNAVAILABLE, "worker is draining; retry on another worker");
   const ModelInferRequest* req = owned->req;
 
+  // Typed contents, encoded images (BYTES), versions this front does not hold (loading, not ready, not
+  // loaded, too many inputs for it) and calls to trace are Python's: it decodes them, or says why not.
   std::shared_ptr<Model> m;
-  Status st = front_->lookup(req->model_name(), req->model_version(), &m);
-  if (!st.ok()) return reject(st.error_code(), st.error_message());
-  st = fovea::validate(*m, *req, owned.get());
+  if (!fovea::raw_tensors(*req) || (front_->trace_sampled && sampled(ctx)) ||
+      !front_->lookup(req->model_name(), req->model_version(), &m).ok()) {
+    front_->relay->unary(ctx, "/inference.GRPCInferenceService/ModelInfer", original, out, reactor);
+    return reactor;
+  }
+  Status st = fovea::validate(*m, *req, owned.get());
   if (!st.ok()) {
     m->stats[kFailCount] += 1;
     return reject(st.error_code(), st.error_message());
@@ -413,22 +374,29 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
     call->deadline = SysClock::now() + std::chrono::milliseconds(front_->default_deadline_ms);
   call->enqueued_ns = t0;
   m->stats[kInputNs] += now_ns() - t0;
+  st = enqueue(m.get(), call);
+  if (!st.ok()) return reject(st.error_code(), st.error_message());
+  return reactor;
+}
+
+// Queues a validated call, or says why not (and frees it).
+Status enqueue(Model* m, Call* call) {
   {
     std::lock_guard lock(m->mu);
     if (!m->accepting) {
       delete call;
-      return reject(StatusCode::UNAVAILABLE, "model " + m->name + " v" + m->version + " is unloading; retry");
+      return Status(StatusCode::UNAVAILABLE, "model " + m->name + " v" + m->version + " is unloading; retry");
     }
     if (m->queue.size() >= m->max_queue) {
       delete call;
       m->stats[kFailCount] += 1;
-      return reject(StatusCode::RESOURCE_EXHAUSTED, "queue of model " + m->name + ":" + m->version + " is full (" +
+      return Status(StatusCode::RESOURCE_EXHAUSTED, "queue of model " + m->name + ":" + m->version + " is full (" +
                                                         std::to_string(m->max_queue) + " requests); retry later");
     }
     m->queue.push_back(call);
   }
   m->cv.notify_one();
-  return reactor;
+  return Status::OK;
 }
 
 // libprotobuf logs an ERROR for every string field that is not UTF-8 (and the parse fails, which the
@@ -458,9 +426,13 @@ extern "C" {
 
 static void answer(Batch* b);
 
-// Starts the server; returns NULL on failure (the port taken, say). tokens: '\n'-separated.
+// Starts the worker's public port; returns NULL on failure (the port taken, say). tokens: '\n'-separated.
+// upstream: the Python server's address ("unix:/dir/socket"), where every call this front does not
+// answer itself goes. With cert_pem and key_pem it serves TLS; with client_ca_pem too, it requires client
+// certificates signed by it (mutual TLS).
 void* fv_start(const char* address, int max_message_bytes, const char* tokens, int64_t default_deadline_ms,
-               const char* server_metadata, int server_metadata_len, int* port_out) {
+               const char* upstream, const char* cert_pem, const char* key_pem, const char* client_ca_pem,
+               int* port_out) {
   // Keep freed buffers in the heap: gRPC allocates a fresh buffer for every large message, and
   // returning each to the kernel costs a page fault and a zeroed page per 4 KiB on the next one.
   // Only when the environment did not set them.
@@ -471,7 +443,6 @@ void* fv_start(const char* address, int max_message_bytes, const char* tokens, i
   static std::once_flag log_once;  // SetLogHandler is not thread-safe
   std::call_once(log_once, [] { google::protobuf::SetLogHandler(protobuf_log); });
   auto* f = new Front();
-  f->server_metadata.ParseFromArray(server_metadata, server_metadata_len);
   std::string all(tokens);
   size_t pos = 0;
   while (pos <= all.size()) {
@@ -482,19 +453,38 @@ void* fv_start(const char* address, int max_message_bytes, const char* tokens, i
   }
   f->default_deadline_ms = default_deadline_ms;
   f->service = std::make_unique<Service>(f);
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (cert_pem && *cert_pem) {
+    const bool mutual = client_ca_pem && *client_ca_pem;
+    grpc::SslServerCredentialsOptions ssl(mutual ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                                 : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    ssl.pem_key_cert_pairs.push_back({key_pem ? key_pem : "", cert_pem});
+    if (mutual) ssl.pem_root_certs = client_ca_pem;
+    creds = grpc::SslServerCredentials(ssl);
+  }
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), port_out);
+  builder.AddListeningPort(address, creds, port_out);
   builder.SetMaxReceiveMessageSize(max_message_bytes);
   builder.SetMaxSendMessageSize(max_message_bytes);
   // Let a peer send a whole tensor in big frames without waiting for window updates.
   builder.AddChannelArgument("grpc.http2.max_frame_size", 1 << 20);
   builder.AddChannelArgument("grpc.http2.lookahead_bytes", 8 << 20);
+  // Accept the gateways' keepalive pings (fovea/config.py channel_options: every 10 s, even when idle);
+  // the default policy answers them with GOAWAY "too_many_pings" and drops the connection.
+  builder.AddChannelArgument("grpc.keepalive_permit_without_calls", 1);
+  builder.AddChannelArgument("grpc.http2.min_recv_ping_interval_without_data_ms", 5000);
+  builder.AddChannelArgument("grpc.http2.max_ping_strikes", 0);
+  builder.AddChannelArgument("grpc.so_reuseport", 0);
   builder.RegisterService(f->service.get());
+  f->relay = std::make_unique<fovea::Relay>(&builder, upstream, max_message_bytes);
   f->server = builder.BuildAndStart();
   if (!f->server || *port_out == 0) {
+    f->server.reset();
+    f->relay->stop();
     delete f;
     return nullptr;
   }
+  f->relay->start();
   f->answerer = std::thread([f] {
     std::unique_lock lock(f->answers_mu);
     while (true) {
@@ -515,8 +505,7 @@ int fv_add_model(void* fp, const char* name, const char* version, int max_batch,
                  int64_t max_queue_delay_us, int npreferred, const int32_t* preferred, int ninputs,
                  const char** in_names, const char** in_dtypes, const int32_t* in_ranks, const int64_t* in_dims,
                  int noutputs, const char** out_names, const char** out_dtypes, const int32_t* out_ranks,
-                 const int64_t* out_dims, const char* labels, int probabilities,
-                 const char* metadata, int metadata_len, const char* config, int config_len) {
+                 const int64_t* out_dims, const char* labels, int probabilities) {
   auto* f = static_cast<Front*>(fp);
   if (ninputs < 1 || ninputs > kMaxTensors || noutputs < 1 || noutputs > kMaxTensors || max_batch < 1) return -1;
   auto m = std::make_shared<Model>();
@@ -527,7 +516,6 @@ int fv_add_model(void* fp, const char* name, const char* version, int max_batch,
   m->max_queue_delay_us = max_queue_delay_us;
   m->preferred.insert(preferred, preferred + npreferred);
   m->probabilities = probabilities != 0;
-  if (!m->metadata.ParseFromArray(metadata, metadata_len) || !m->config.ParseFromArray(config, config_len)) return -1;
   const int64_t* d = in_dims;
   for (int i = 0; i < ninputs; ++i) {
     if (in_ranks[i] < 1 || in_ranks[i] > kMaxRank) return -1;
@@ -623,7 +611,7 @@ int fv_next_batch(void* fp, int slot, int timeout_ms, fv_batch* out, double* wai
       auto sys_now = SysClock::now();
       while (!m->queue.empty()) {
         Call* c = m->queue.front();
-        if (c->ctx->IsCancelled() || c->deadline <= sys_now) {
+        if ((c->ctx && c->ctx->IsCancelled()) || c->deadline <= sys_now) {
           m->queue.pop_front();
           dropped.push_back(c);
           continue;
@@ -646,7 +634,7 @@ int fv_next_batch(void* fp, int slot, int timeout_ms, fv_batch* out, double* wai
     out->queued = int32_t(m->queue.size());
   }
   for (Call* c : dropped) {
-    bool cancelled = c->ctx->IsCancelled();
+    bool cancelled = c->ctx && c->ctx->IsCancelled();
     (cancelled ? out->cancelled : out->expired) += 1;
     Front::finish(c, cancelled ? Status(StatusCode::CANCELLED, "cancelled by the caller before compute")
                                : Status(StatusCode::DEADLINE_EXCEEDED, "deadline passed while queued; not computed"),
@@ -692,6 +680,7 @@ int fv_next_batch(void* fp, int slot, int timeout_ms, fv_batch* out, double* wai
   }
   std::lock_guard lock(f->batches_mu);
   out->id = f->next_batch++;
+  batch->id = out->id;
   f->batches[out->id] = std::move(batch);
   return 1;
 }
@@ -719,6 +708,7 @@ int fv_complete(void* fp, int64_t id, int64_t compute_ns, int noutputs, const ch
   if (!b) return -1;
   Model* m = b->model.get();
   int64_t t0 = now_ns();
+  b->computed_ns = t0;
   m->stats[kInferCount] += 1;
   m->stats[kInferNs] += compute_ns;
   m->stats[kSamples] += b->samples;
@@ -769,10 +759,10 @@ int fv_complete(void* fp, int64_t id, int64_t compute_ns, int noutputs, const ch
 
 static void answer(Batch* b) {
   Model* m = b->model.get();
-  int64_t t0 = now_ns();
   const int noutputs = int(b->outputs.size());
-  int64_t offset = 0;
+  int64_t offset = 0, built_ns = 0;  // building the answers, not sending them (each call's success time does)
   for (Call* c : b->calls) {
+    const int64_t t0 = now_ns();
     auto* resp = c->resp;
     resp->set_model_name(m->name);
     resp->set_model_version(m->version);
@@ -811,9 +801,15 @@ static void answer(Batch* b) {
           if (m->outputs[o].name == want.name()) emit(o, &want);
     }
     offset += c->n;
+    if (c->local) {  // for Python's trace of the call (finish frees c)
+      int64_t* t = c->local->timing;
+      t[0] = c->enqueued_ns, t[1] = c->started_ns, t[2] = b->computed_ns;
+      t[3] = b->samples, t[4] = int64_t(b->calls.size()), t[5] = b->id;
+    }
+    built_ns += now_ns() - t0;
     Front::finish(c, st, m);
   }
-  m->stats[kOutputNs] += now_ns() - t0;
+  m->stats[kOutputNs] += built_ns;
   batch_done(b);
 }
 
@@ -868,19 +864,75 @@ void fv_codes(void* fp, int64_t* out) {
   for (int i = 0; i < 17; ++i) out[i] = f->codes[i].load();
 }
 
+// A ModelInfer the worker's Python server made (images it decoded, typed contents it read, as
+// raw_input_contents) for the version in slot: validated, queued and batched with the calls this front takes
+// itself, and answered by the same code. Blocks until answered (ctypes releases the GIL meanwhile). Returns
+// the gRPC status code; on OK, *out holds the serialized ModelInferResponse (free it with fv_free_buffer),
+// otherwise message gets the reason.
+int fv_submit(void* fp, int slot, const char* request, int64_t len, int64_t timeout_ms, char** out,
+              int64_t* out_len, int64_t* timing, char* message, int message_cap) {
+  auto* f = static_cast<Front*>(fp);
+  int64_t t0 = now_ns();
+  *out = nullptr;
+  *out_len = 0;
+  auto fail = [&](const Status& st) {
+    std::snprintf(message, size_t(message_cap), "%s", st.error_message().c_str());
+    return int(st.error_code());
+  };
+  std::shared_ptr<Model> m = f->model(slot);
+  if (!m) return fail(Status(StatusCode::UNAVAILABLE, "this model version is unloading; retry"));
+  std::unique_ptr<Call> owned(new Call);
+  if (len < 0 || !owned->request.ParseFromArray(request, int(len)))
+    return fail(Status(StatusCode::INVALID_ARGUMENT, "the request is not a valid protobuf message for this method"));
+  Status st = fovea::validate(*m, owned->request, owned.get());
+  if (!st.ok()) {
+    m->stats[kFailCount] += 1;
+    return fail(st);
+  }
+  Local local;
+  Call* call = owned.release();
+  call->local = &local;
+  call->deadline = SysClock::now() + std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0));
+  call->enqueued_ns = t0;
+  m->stats[kInputNs] += now_ns() - t0;
+  st = enqueue(m.get(), call);
+  if (!st.ok()) return fail(st);
+  std::unique_lock lock(local.mu);
+  local.cv.wait(lock, [&] { return local.done; });
+  if (!local.status.ok()) return fail(local.status);
+  *out = static_cast<char*>(std::malloc(std::max<size_t>(local.response.size(), 1)));
+  if (!*out) return fail(Status(StatusCode::RESOURCE_EXHAUSTED, "no memory for the answer"));
+  std::memcpy(*out, local.response.data(), local.response.size());
+  *out_len = int64_t(local.response.size());
+  std::memcpy(timing, local.timing, sizeof local.timing);
+  return 0;
+}
+
+void fv_free_buffer(char* buffer) { std::free(buffer); }
+
+// Whether calls with a sampled traceparent go to Python, which traces them: on when the worker's tracing is
+// (fovea/tracing.py); set before the first call.
+void fv_set_trace_sampled(void* fp, int on) { static_cast<Front*>(fp)->trace_sampled = on != 0; }
+
 void fv_set_accepting(void* fp, int accepting) { static_cast<Front*>(fp)->accepting = accepting != 0; }
 
 // Closes the port: calls still open after grace_s are cancelled. Batches must keep being served
 // meanwhile, since the server waits for every call it accepted to be answered.
 void fv_shutdown(void* fp, double grace_s) {
   auto* f = static_cast<Front*>(fp);
+  if (f->stopped) return;
+  f->stopped = true;
   f->accepting = false;
+  // Returns once every call is answered, or at the deadline, when gRPC cancels the calls still open.
   f->server->Shutdown(SysClock::now() + std::chrono::microseconds(int64_t(grace_s * 1e6)));
+  f->relay->cancel_all();  // a relayed ModelInfer still open upstream ends with its call
   f->server->Wait();
+  f->relay->stop();
 }
 
 void fv_free(void* fp) {
   auto* f = static_cast<Front*>(fp);
+  fv_shutdown(fp, 0);
   if (f->answerer.joinable()) {
     {
       std::lock_guard lock(f->answers_mu);
