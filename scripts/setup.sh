@@ -41,8 +41,8 @@ if [ -n "$missing" ]; then
     fi
   done
 fi
-# Generate the stubs before the editable install: the install maps only the packages that exist when it
-# runs, so the generated top-level `inference` package must be there first.
+# Generate the stubs before installing, the order every install keeps: a regular `pip install .` packs
+# them into the wheel (the editable install below imports them from the tree).
 python -m pip install -q "grpcio-tools>=1.85"
 python -m fovea.codegen
 # The editable install builds the native parts (scikit-build-core runs CMakeLists.txt) into
