@@ -4,8 +4,9 @@
 #   scripts/fuzz.sh [SECONDS]     each target runs SECONDS (default 60), one after the other
 #
 # Builds every worker/native/fuzz/fuzz_*.cc and gateway/native/fuzz/fuzz_*.cc (convention in
-# worker/native/fuzz/README.md) into that folder's build-fuzz/, runs each from its checked-in corpus
-# (fuzz/corpus/fuzz_NAME/; what it finds goes to a scratch folder, not into the tree), and prints its
+# worker/native/fuzz/README.md) into that folder's build-fuzz/ (scripts/native.sh fuzz, the CMake
+# build's fuzz variant), runs each from its checked-in corpus (fuzz/corpus/fuzz_NAME/; what it finds
+# goes to a scratch folder, not into the tree), and prints its
 # executions and coverage. Fails on any crash, sanitizer report, leak, timeout or out-of-memory;
 # the input that did it is kept and its path printed. Installs clang and libFuzzer (apt-get) if missing.
 set -euo pipefail
@@ -20,42 +21,9 @@ if ! command -v "$CXX" >/dev/null || [[ ! -e "$("$CXX" -print-file-name=libclang
   $SUDO apt-get install -y -q clang-14 libfuzzer-14-dev >/dev/null \
     || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q clang-14 libfuzzer-14-dev >/dev/null; }
 fi
-flags=(-std=c++17 -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined)
-libs=($(pkg-config --cflags --libs grpc++ protobuf absl_synchronization) -lcrypto)
 scratch="$(mktemp -d "${TMPDIR:-/tmp}/fovea-fuzz.XXXXXX")"
 failed=0
 summary=()
-
-# build_dir DIR: compiles DIR/fuzz/sources (once, kept while newer than their source) and every target.
-build_dir() {
-  local dir="$1" out="$1/build-fuzz" objs=() src obj pattern
-  mkdir -p "$out"
-  nice "$dir/build.sh" >/dev/null  # the protos' generated C++ that sources may name
-  if [[ -f "$dir/fuzz/sources" ]]; then
-    while read -r pattern; do
-      [[ -z "$pattern" || "$pattern" == \#* ]] && continue
-      for src in "$dir"/$pattern; do
-        obj="$out/$(basename "$src" .cc).o"
-        if [[ ! -f "$obj" || "$src" -nt "$obj" || "$0" -nt "$obj" ]] || newer_header "$dir" "$obj"; then
-          nice "$CXX" "${flags[@]/-fsanitize=fuzzer,/-fsanitize=fuzzer-no-link,}" -I"$dir" -I"$dir/build/gen" \
-            $(pkg-config --cflags grpc++ protobuf) -c "$src" -o "$obj"
-        fi
-        objs+=("$obj")
-      done
-    done < "$dir/fuzz/sources"
-  fi
-  for src in "$dir"/fuzz/fuzz_*.cc; do
-    nice "$CXX" "${flags[@]}" -I"$dir" -I"$dir/build/gen" "$src" "${objs[@]}" "${libs[@]}" \
-      -o "$out/$(basename "$src" .cc)"
-  done
-}
-
-# newer_header DIR OBJ: whether a header of DIR changed after OBJ was built.
-newer_header() {
-  local h
-  for h in "$1"/*.h; do [[ -e "$h" && "$h" -nt "$2" ]] && return 0; done
-  return 1
-}
 
 # run_target DIR NAME: fuzzes one target for $seconds and prints its figures.
 run_target() {
@@ -75,9 +43,10 @@ run_target() {
   fi
 }
 
+# The CMake build's fuzz variant (CMakeLists.txt): every fuzz/fuzz_*.cc of both parts into build-fuzz/.
+CXX_FUZZ="$CXX" nice scripts/native.sh fuzz
 for dir in worker/native gateway/native; do
   compgen -G "$dir/fuzz/fuzz_*.cc" >/dev/null || continue
-  build_dir "$dir"
   for src in "$dir"/fuzz/fuzz_*.cc; do run_target "$dir" "$(basename "$src" .cc)"; done
 done
 printf '%s\n' "${summary[@]}"

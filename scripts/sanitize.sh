@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the worker's and the gateway's native code with AddressSanitizer and UndefinedBehaviorSanitizer
-# (build-asan/ beside each build/) and runs the native tests against that build. Fails on a failing test
+# (the CMake build's asan variant: build-asan/ beside each build/) and runs the native tests against that build. Fails on a failing test
 # and on any sanitizer report, from this process or any it started (reports are logged to files).
 #
 #   scripts/sanitize.sh [pytest arguments]     (default: the native tests below)
@@ -10,8 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
-FOVEA_NATIVE_SANITIZE=1 nice worker/native/build.sh
-FOVEA_NATIVE_SANITIZE=1 nice gateway/native/build.sh
+nice scripts/native.sh asan  # the CMake build's asan variant (CMakeLists.txt), both parts
 tests=("$@")
 if [[ ${#tests[@]} -eq 0 ]]; then
   tests=(tests/worker/test_fast_port.py tests/worker/test_hostile_requests.py tests/worker/test_ort_api.py

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: a virtual environment with everything Fovea needs
-# (CPU ONNX Runtime, the CPU build of torch for training/export, test tools),
-# then the Python code generated from protos/. Safe to run again.
+# Set up a fresh machine: the Debian packages the native parts build with, a virtual environment with
+# everything Fovea needs (CPU ONNX Runtime, the CPU build of torch for training/export, test tools), the
+# Python code generated from protos/, then Fovea itself, installed editable with its native parts built.
+# Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,17 +13,14 @@ fi
 python -m pip install -q -U pip
 # The CPU wheel first: a bare torch requirement would pull a multi-GB CUDA build.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-# Generate the stubs before the editable install: setuptools maps only the packages that exist
-# when it runs, so the generated top-level `inference` package must be there first.
-python -m pip install -q "grpcio-tools>=1.85"
-python -m fovea.codegen
-python -m pip install -q -e ".[cpu,train,test]"
-# Debian packages: libb64 for Triton's perf_analyzer (from the tritonclient wheel); a C++ compiler,
-# gRPC C++ and protoc for the native fast ports of workers and gateways (worker/native, gateway/native).
-# ccache makes the native builds of a second clone (tests/house/test_fresh_install.py) cache hits.
-DEBS="libb64-0d g++ make pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc libssl-dev ccache"
+# Debian packages: what the native parts build with (the install below runs CMakeLists.txt: a C++
+# compiler, CMake, Ninja, pkg-config, gRPC C++, protoc and its gRPC plugin, OpenSSL; ccache makes a second
+# clone's build, tests/house/test_fresh_install.py, cache hits), then libb64 for Triton's perf_analyzer
+# (from the tritonclient wheel), which is optional.
+BUILD_DEBS="g++ make cmake ninja-build pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc libssl-dev ccache"
+OPTIONAL_DEBS="libb64-0d"
 missing=""
-for deb in $DEBS; do
+for deb in $BUILD_DEBS $OPTIONAL_DEBS; do
   dpkg -s "$deb" >/dev/null 2>&1 || missing="$missing $deb"
 done
 if [ -n "$missing" ]; then
@@ -32,15 +30,24 @@ if [ -n "$missing" ]; then
     # shellcheck disable=SC2086
     $SUDO apt-get install -y -q $missing >/dev/null 2>&1 \
       || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q $missing >/dev/null 2>&1; } \
-      || echo "warning: could not install$missing; perf_analyzer or the worker's fast port will be missing" >&2
+      || echo "warning: could not install$missing" >&2
   else
-    echo "warning: no apt-get; install$missing (or their equivalents) for perf_analyzer and the fast port" >&2
+    echo "warning: no apt-get; install$missing (or their equivalents)" >&2
   fi
+  for deb in $BUILD_DEBS; do
+    if command -v dpkg >/dev/null 2>&1 && ! dpkg -s "$deb" >/dev/null 2>&1; then
+      echo "error: $deb is missing; the native parts cannot be built without$BUILD_DEBS" >&2
+      exit 1
+    fi
+  done
 fi
-# The worker's native fast port; without it workers serve their main port only (and say so in their log).
-worker/native/build.sh >/dev/null || echo "warning: the worker's fast port did not build (worker/native/build.sh)" >&2
-# The gateway's native front serves its one port: without it the gateway refuses to start, so set-up fails here.
-gateway/native/build.sh >/dev/null || { echo "error: the gateway's native front did not build (gateway/native/build.sh)" >&2; exit 1; }
+# Generate the stubs before installing, the order every install keeps: a regular `pip install .` packs
+# them into the wheel (the editable install below imports them from the tree).
+python -m pip install -q "grpcio-tools>=1.85"
+python -m fovea.codegen
+# The editable install builds the native parts (scikit-build-core runs CMakeLists.txt) into
+# gateway/native/build/ and worker/native/build/; after editing C++, scripts/native.sh rebuilds them.
+python -m pip install -q -e ".[cpu,train,test]"
 # buf, for the protos check (scripts/check.sh protos); optional: that check installs it too.
 if command -v npm >/dev/null 2>&1 && [ ! -x protos/node_modules/.bin/buf ]; then
   (cd protos && npm ci --no-audit --no-fund --loglevel=error) || echo "warning: npm ci failed in protos" >&2

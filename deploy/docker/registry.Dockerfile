@@ -4,25 +4,34 @@
 # Base images are pinned by exact tag; pin digests too in your registry (see deploy/README.md).
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
-# ---- build: a virtual environment from the pinned list, and the generated gRPC code ----
+# ---- build: a virtual environment from the pinned list, then Fovea installed into it by `pip install .` ----
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# The registry has no native part, but the install runs CMakeLists.txt (which then builds nothing):
+# CMake and a generator, no compiler.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake ninja-build \
+ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY deploy/docker/requirements/ /tmp/requirements/
 # --no-deps: the pinned list is complete, so nothing unpinned (and never torch) gets in.
 RUN pip install --only-binary=:all: --no-deps -r /tmp/requirements/cpu.txt \
  && pip check \
- && if python -c "import torch" 2>/dev/null; then echo "torch must not be in a service image" >&2; exit 1; fi
-WORKDIR /app
+ && if python -c "import torch" 2>/dev/null; then echo "torch must not be in a service image" >&2; exit 1; fi \
+ && pip install --only-binary=:all: --no-deps --target /opt/build-backend -r /tmp/requirements/build.txt
+WORKDIR /src
+COPY pyproject.toml CMakeLists.txt README.md ./
 COPY protos/ protos/
 COPY fovea/ fovea/
 COPY registry/ registry/
-COPY deploy/docker/healthcheck.py healthcheck.py
-# Stubs are build output: generate them here, then compile everything, because the root
-# filesystem is read-only at run time.
+COPY deploy/docker/healthcheck.py /app/healthcheck.py
+# Stubs are build output: generate them first, since the install packs them; then compile
+# everything, because the root filesystem is read-only at run time.
 RUN python -m fovea.codegen \
- && python -m compileall -q /app
+ && PYTHONPATH=/opt/build-backend pip install --no-deps --no-build-isolation \
+      --config-settings=cmake.define.FOVEA_NATIVE_PARTS=none . \
+ && python -m compileall -q /opt/venv/lib /app
 
 # ---- run: the same base, a non-root user, no build tools ----
 FROM ${PYTHON_IMAGE}
@@ -34,7 +43,6 @@ RUN groupadd --system --gid 10001 fovea \
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app /app
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONPATH=/app \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     FOVEA_REGISTRY_ARTIFACT_DIR=/var/lib/fovea/artifacts

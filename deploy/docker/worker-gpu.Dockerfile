@@ -7,13 +7,15 @@
 # the CPU; the gpu-prod overlay sets FOVEA_WORKER_REQUIRE_GPU=true so that fails loudly instead.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
-# ---- build: a virtual environment from the pinned list, and the generated gRPC code ----
+# ---- build: a virtual environment from the pinned list, then Fovea installed into it by `pip install .` ----
 FROM ${CUDA_IMAGE} AS build
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# Ubuntu 24.04's own Python 3.12; the run stage installs the same package, so the venv's
-# interpreter link stays valid.
+# Ubuntu 24.04's own Python 3.12 (the run stage installs the same package, so the venv's interpreter
+# link stays valid), and what the native fast port (worker/native, CMakeLists.txt) builds with: the
+# distribution's gRPC C++ and protoc with its gRPC plugin.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
+ && apt-get install -y --no-install-recommends python3.12 python3.12-venv g++ make cmake ninja-build \
+      pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc \
  && rm -rf /var/lib/apt/lists/*
 RUN python3.12 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -23,28 +25,27 @@ COPY deploy/docker/requirements/ /tmp/requirements/
 RUN pip install --only-binary=:all: --no-deps -r /tmp/requirements/gpu.txt \
  && pip check \
  && if python -c "import torch" 2>/dev/null; then echo "torch must not be in a service image" >&2; exit 1; fi \
- && python -c "import onnxruntime as ort; assert 'CUDAExecutionProvider' in ort.get_available_providers()"
-WORKDIR /app
+ && python -c "import onnxruntime as ort; assert 'CUDAExecutionProvider' in ort.get_available_providers()" \
+ && pip install --only-binary=:all: --no-deps --target /opt/build-backend -r /tmp/requirements/build.txt
+WORKDIR /src
+COPY pyproject.toml CMakeLists.txt README.md ./
 COPY protos/ protos/
 COPY fovea/ fovea/
 COPY worker/ worker/
-COPY deploy/docker/healthcheck.py healthcheck.py
-# Stubs are build output: generate them here, then compile everything, because the root
-# filesystem is read-only at run time.
+COPY deploy/docker/healthcheck.py /app/healthcheck.py
+# Stubs are build output: generate them first, since the install packs them. The install builds the
+# worker's native part (scikit-build-core runs CMakeLists.txt) into the installed package; the shared
+# libraries it needs go beside the venv, so the run stage needs no build tools or -dev packages. Then
+# everything is compiled, because the root filesystem is read-only at run time.
 RUN python -m fovea.codegen \
- && python -m compileall -q /app
-# The native fast port (worker/native/front.cc), built against the distribution's gRPC C++; the
-# shared libraries it needs travel with it, so the run stage needs no build tools or -dev packages.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends g++ pkg-config libgrpc++-dev libprotobuf-dev \
-      protobuf-compiler protobuf-compiler-grpc \
- && rm -rf /var/lib/apt/lists/* \
- && worker/native/build.sh \
- && mkdir -p worker/native/build/lib \
- && ldd worker/native/build/libfovea_front.so | awk '/=> \// {print $3}' \
+ && PYTHONPATH=/opt/build-backend pip install --no-deps --no-build-isolation \
+      --config-settings=cmake.define.FOVEA_NATIVE_PARTS=worker . \
+ && lib="$(python -c 'import worker, pathlib; print(pathlib.Path(worker.__file__).parent / "native/build/libfovea_front.so")')" \
+ && mkdir -p /opt/venv/lib/fovea-native \
+ && ldd "$lib" | awk '/=> \// {print $3}' \
       | grep -E 'grpc|gpr|absl|protobuf|upb|re2|cares|address_sorting|ssl|crypto|libz' \
-      | xargs -r cp -L -t worker/native/build/lib/ \
- && rm -rf worker/native/build/gen worker/native/build/*.o
+      | xargs -r cp -L -t /opt/venv/lib/fovea-native/ \
+ && python -m compileall -q /opt/venv/lib /app
 
 # ---- run: the CUDA runtime, Python, a non-root user, no build tools ----
 FROM ${CUDA_IMAGE}
@@ -58,14 +59,15 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app /app
 ENV PATH=/opt/venv/bin:$PATH \
-    LD_LIBRARY_PATH=/app/worker/native/build/lib \
-    PYTHONPATH=/app \
+    LD_LIBRARY_PATH=/opt/venv/lib/fovea-native \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     FOVEA_WORKER_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider
 WORKDIR /app
-# codegen.require() runs at every start and would refuse to start if the stubs looked stale.
-RUN python -c "from fovea import codegen; assert not codegen.is_stale(), 'generated code is stale'"
+# codegen.require() runs at every start and would refuse to start if the stubs looked stale; the native
+# part must load here, without the build stage's packages.
+RUN python -c "from fovea import codegen; assert not codegen.is_stale(), 'generated code is stale'" \
+ && python -c "import ctypes, worker, pathlib; ctypes.CDLL(str(pathlib.Path(worker.__file__).parent / 'native/build/libfovea_front.so'))"
 USER 10001:10001
 EXPOSE 8502 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 CMD ["python", "/app/healthcheck.py", "8502"]
