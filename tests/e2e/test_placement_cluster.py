@@ -224,7 +224,12 @@ def test_scale_to_zero_cold_start_idle_unload_and_lru_eviction(pool: Pool) -> No
     measured = until("probe measured", lambda: pool.measured("probe"))
     estimate = pool.placement("zero-1").memory_bytes
     assert estimate > 0, "placement estimates a model no worker has measured from its artifact"
-    budget = max(measured + estimate, 2 * measured) + min(measured, estimate) // 2
+    # A load measures at least the artifact's size and at most about `measured` (a worker's first load pays
+    # one-time costs too). C must take a second model beside a first at the larger figure, and not a third
+    # beside two at the smaller one: between large + small and 3 * small.
+    small, large = min(measured, estimate), max(measured, estimate)
+    assert large < 2 * small, f"the two figures differ too much to size C: {measured} and {estimate}"
+    budget = (large + 4 * small) // 2
     print(f"heavy model: measured {measured / MB:.1f} MB, estimated {estimate / MB:.1f} MB; C: {budget / MB:.1f} MB")
     pool.workers["C"] = start_pool_worker(pool.cluster, pool.registry.address, "C", SMALL, budget)
 
