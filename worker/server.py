@@ -179,6 +179,13 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     except (OSError, RuntimeError) as exc:
         shutil.rmtree(private_dir, ignore_errors=True)
         raise RuntimeError(f"the worker cannot start its port: {exc}") from exc
+    why = native.ort_unavailable() if config.native_compute else ""
+    if why:
+        # A library whose C API table is unproven (another release) is refused, not worked around.
+        native.shutdown(0)
+        native.close()
+        shutil.rmtree(private_dir, ignore_errors=True)
+        raise RuntimeError(f"the worker cannot run models on ONNX Runtime's C API: {why}")
     native.set_trace_sampled(tracing.tracer is not None)
     manager = ModelManager(config, link, keys, metrics, native)
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")

@@ -369,3 +369,33 @@ def test_another_release_is_refused_at_start_naming_the_versions(tmp_path: pathl
     library = ort_library()
     assert library is not None
     assert fv_ort_init(library) == f"0 '{ort.__version__}'"
+
+
+START = """
+import asyncio, pathlib, sys
+import worker.fast_port
+from worker.config import WorkerConfig
+from worker.server import build_server
+
+worker.fast_port.ort_library = lambda: pathlib.Path(sys.argv[1])  # fault injection: the fake library
+try:
+    asyncio.run(build_server(WorkerConfig(port=0, models="m", registry_address="127.0.0.1:9")))
+except RuntimeError as exc:
+    print(exc)
+else:
+    print("started")
+"""
+
+
+def test_a_worker_on_another_release_refuses_to_start(tmp_path: pathlib.Path) -> None:
+    """The refusal reaches the service: a worker whose ONNX Runtime is not a checked release does not start
+    (no silent Python batch loop instead). In a fresh process, since the library is opened once per process."""
+    out = subprocess.run(
+        [sys.executable, "-c", START, str(fake_library(tmp_path, "1.31.9"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "the worker cannot run models on ONNX Runtime's C API" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "is ONNX Runtime 1.31.9" in out.stdout
