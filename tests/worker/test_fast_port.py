@@ -358,25 +358,18 @@ async def test_a_batch_that_fails_in_onnx_runtime_fails_only_its_calls(
     await channel.close()
 
 
-async def test_without_onnx_runtimes_c_library_python_runs_the_batches(
-    registry: LocalRegistry,
-    start_worker: StartWorker,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+async def test_without_onnx_runtimes_c_library_the_worker_refuses_to_start(
+    registry: LocalRegistry, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """No silent second path: without ONNX Runtime's C library there is no C++ batch loop, so no worker (it
+    used to run the batches in Python instead)."""
     import worker.fast_port
 
     monkeypatch.setattr(worker.fast_port, "ort_library", lambda: None)  # as with a build that ships none
-    ws, fast = await _colors_worker(start_worker, registry)
-    lv = ws.manager.loaded[("colors", 1)]
-    assert ws.native.slots[lv.slot].sessions == []
-    assert any("run in Python" in r.getMessage() and "libonnxruntime" in r.getMessage() for r in caplog.records)
-    channel, f = stub(fast)
-    assert output_array(await f.ModelInfer(tensor_request("colors", _colors(2)), metadata=MD, timeout=10)).shape == (
-        2,
-        3,
-    )
-    await channel.close()
+    with pytest.raises(RuntimeError) as err:
+        await start_worker([])
+    assert "cannot run models on ONNX Runtime's C API" in str(err.value), err.value
+    assert "ships no libonnxruntime.so" in str(err.value), err.value
 
 
 async def test_c_api_sessions_take_the_workers_session_options(
