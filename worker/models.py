@@ -575,6 +575,11 @@ class ModelManager:
                     lv.ready = False
                     del self.loaded[key]
                     self.changed.set()
+                    f = self.followed.get(key[0])
+                    if f is not None and f.leaving and not any(n == key[0] for n, _ in self.loaded):
+                        # Gone from the followed models with its last version, not after the native queue
+                        # drains below: a model listed nowhere but still followed would be half unloaded.
+                        del self.followed[key[0]]
                     if self.native is not None and lv.slot:
                         await self.native.remove(lv.slot)
                     logger.info("unloaded %s v%d", *key)

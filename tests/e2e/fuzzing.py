@@ -157,7 +157,7 @@ open_enums: st.SearchStrategy[Any] = st.integers(-3, 6)
 class Call:
     """One call to send: which port, which method, which credentials, and the request(s)."""
 
-    # each of gateway, gateway_relayed, worker, worker_fast, registry: the call goes to all. gateway_relayed is the
+    # each of gateway, gateway_relayed, worker, registry: the call goes to all. gateway_relayed is the
     # gateway's one port again, with a twin of the drawn key that has a rate limit never reached: the front relays
     # its calls to the Python server, which routes them, where it answers the plain key's itself
     targets: tuple[str, ...]
@@ -372,12 +372,12 @@ def unary(targets: tuple[str, ...], method: str, auth: str, msg: Message) -> Cal
 
 
 GATEWAY_PORTS = ("gateway", "gateway_relayed")
-ALL_OIP_PORTS = ("gateway", "gateway_relayed", "worker", "worker_fast")
+ALL_OIP_PORTS = ("gateway", "gateway_relayed", "worker")
 
 
 @st.composite
 def model_infer_calls(draw: st.DrawFn) -> Call:
-    """ModelInfer to both paths of the gateway (with the drawn credentials) and both ports of a worker (with the token
+    """ModelInfer to both paths of the gateway (with the drawn credentials) and a worker's one port (with the token
     gateways present, unless the drawn credentials are none at all)."""
     return unary(ALL_OIP_PORTS, OIP + "ModelInfer", draw(auths), draw(model_infer_requests()))
 
@@ -583,7 +583,6 @@ RAW_METHODS = [
     ("gateway", OIP + "ModelInfer", False),
     ("gateway_relayed", OIP + "ModelInfer", False),
     ("worker", OIP + "ModelInfer", False),
-    ("worker_fast", OIP + "ModelInfer", False),
     ("gateway", IMAGE + "Classify", False),
     ("gateway_relayed", IMAGE + "Classify", False),
     ("gateway", IMAGE + "GetModel", False),
@@ -691,7 +690,6 @@ class Fuzzer:
             "gateway": self.live.gateways[0].address,
             "gateway_relayed": self.live.gateways[0].address,
             "worker": self.live.workers[0].address,
-            "worker_fast": self.live.worker_fast_addresses()[0],
             "registry": self.live.registry.address,
         }
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]

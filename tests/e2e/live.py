@@ -31,10 +31,6 @@ class Live:
     def services(self) -> list[Service]:
         return [self.registry, *self.workers, *self.gateways]
 
-    def worker_fast_addresses(self) -> list[str]:
-        """The workers' native fast ports, as they announce them to the registry."""
-        return [w.fast_address for w in self.rc.list_workers("ident", ready_only=True) if w.fast_address]
-
     def stop(self) -> None:
         self.rc.close()
         self.cluster.stop()

@@ -29,7 +29,7 @@ from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.gateway.conftest import _next_db, auth, classify_request, image_stub, status_of
 from tests.tinymodels import color_model, png, slow_model
 
-SLOW_WARMUP = "1,2,3,4,5,6"  # batch sizes the worker runs before a version is ready: a warm-up of seconds
+SLOW_WARMUP = "1,2,3,4,5,6"  # batch sizes run before a version is ready: seconds, with the promote tests' 3072-wide v2
 
 
 @dataclass
@@ -143,7 +143,7 @@ async def test_calls_after_a_promote_wait_for_the_new_version(
     first = await api.ModelInfer(slow_request(), metadata=md, timeout=60)
     assert first.model_version == "1"
 
-    mv = await asyncio.to_thread(slow.rc.register, slow_model(2049), model_pb2.ModelVersion(name="slow"))
+    mv = await asyncio.to_thread(slow.rc.register, slow_model(3072), model_pb2.ModelVersion(name="slow"))
     assert mv.version == 2
     await asyncio.to_thread(slow.rc.set_alias, "slow", "production", [(2, 100)])
     await until(lambda: production(gw, "slow") == 2 and production(tight, "slow") == 2, what="the alias move")
@@ -179,7 +179,7 @@ async def test_a_version_no_worker_will_load_fails_at_once(slow: Slow, gateways:
     """A version no alias points at, on a model only fixed-list workers serve: nobody will load it, so the call
     fails at once with the old message rather than waiting out its deadline (behaviour before issue 22)."""
     gw = await gateways()
-    mv = await asyncio.to_thread(slow.rc.register, slow_model(2050), model_pb2.ModelVersion(name="slow"))
+    mv = await asyncio.to_thread(slow.rc.register, slow_model(3073), model_pb2.ModelVersion(name="slow"))
     await until(lambda: ready_in_view(gw, "slow", production(gw, "slow") or -1), what="slow ready")
     channel, api = stub(gw)
     code, msg = await status_of(api.ModelInfer(slow_request(str(mv.version)), metadata=auth(slow.secret), timeout=60))
