@@ -144,9 +144,9 @@ class WorkerConfig(BaseConfig):
     batch_buckets: Annotated[list[int], NoDecode] = []
     """Batch sizes for pad_batches; empty: the powers of two below max_batch_size, and max_batch_size."""
     native_compute: bool = True
-    """On the CPU provider, run the fast port's batches in C++ on ONNX Runtime's C API (each instance a second
-    session on the same model bytes), so that no Python runs between a call's arrival and its answer.
-    False: Python runs them on the main port's sessions."""
+    """On the CPU provider, run the batches in C++ on ONNX Runtime's C API (one C API session per instance, the
+    only copy of its weights), so that no Python runs between a call's arrival and its answer. False: Python
+    runs them on sessions of its own (a second batch loop, for comparison)."""
     max_queue_len: int = 1024
     """Queued requests per model version before RESOURCE_EXHAUSTED."""
     max_image_pixels: int = 40_000_000
