@@ -51,7 +51,7 @@ MB = 1_000_000
 HEARTBEAT_TTL_S = 3.0
 MAIN_BUDGET = 200 * MB  # workers A and B
 HUGE_WEIGHTS = 48 * MB  # estimated at 6x its artifact: bigger than any worker's budget
-HEAVY_WEIGHTS = 24 * MB  # the scale-to-zero models: C holds two of them, not three (half of one is the margin)
+HEAVY_WEIGHTS = 8 * MB  # the scale-to-zero models: C holds two of them, not three
 REGISTRY_ENV = {
     "FOVEA_REGISTRY_HEARTBEAT_TTL_S": str(HEARTBEAT_TTL_S),
     "FOVEA_REGISTRY_PLACEMENT_INTERVAL_S": "0.5",
@@ -214,22 +214,32 @@ def test_replicas_spread_budgets_kept_and_a_model_too_big_is_unplaceable(pool: P
 
 def test_scale_to_zero_cold_start_idle_unload_and_lru_eviction(pool: Pool) -> None:
     artifact = heavy_model(HEAVY_WEIGHTS)
-    # What one heavy replica costs, measured by a worker (probe, on A or B), and what placement estimates
-    # for one never loaded: C's budget holds two measured and not three, whichever figure placement uses.
-    pool.publish("probe", artifact, replicas=1, pool=MAIN)
     for name in ("zero-1", "zero-2", "zero-3"):
         pool.publish(name, artifact, replicas=0, pool=SMALL, idle_unload_s=120)
     pool.publish("zero-idle", color_model(), replicas=0, pool=MAIN, idle_unload_s=3)
-    until("probe ready", lambda: pool.ready_on("probe"))
-    measured = until("probe measured", lambda: pool.measured("probe"))
     estimate = pool.placement("zero-1").memory_bytes
     assert estimate > 0, "placement estimates a model no worker has measured from its artifact"
-    # Placement puts zero-2 beside zero-1 on C while zero-1's measured load plus zero-3's estimate fit, and zero-3
-    # beside both only if zero-2's load fits too. zero-1 is C's first load, which costs about what the probe's first
-    # load on A or B cost (`measured`, one-time costs included); any later load costs at least the artifact. So C
-    # gets half an artifact more than a first load and an estimate: two fit, three do not.
-    budget = measured + estimate + len(artifact) // 2
-    print(f"heavy model: measured {measured / MB:.1f} MB, estimated {estimate / MB:.1f} MB; C: {budget / MB:.1f} MB")
+    # Calibration: a worker's first load costs its one-time costs too, so what C will measure is learnt from a
+    # throwaway worker C0 that loads zero-1, then zero-2, as C will. Placement then knows both measured; zero-3
+    # it still estimates. C holds zero-1 with zero-3's estimate, and zero-2's half a load of margin either side:
+    # two fit, three do not, and evicting zero-2 makes room for zero-3.
+    pool.workers["C0"] = start_pool_worker(pool.cluster, pool.registry.address, "C0", SMALL, 1024 * MB)
+    with pool.client(timeout_s=60) as client:
+        for name in ("zero-1", "zero-2"):
+            client.classify([png((240, 20, 20))], model=name, top_k=1)
+    first = until("zero-1 measured", lambda: pool.measured("zero-1"))
+    second = until("zero-2 measured", lambda: pool.measured("zero-2"))
+    pool.workers["C0"].stop()
+    until("C0 gone", lambda: not pool.loaded_on("zero-1") and not pool.loaded_on("zero-2"))
+    gone = lambda: not any(w.worker_id.startswith("C0-") for w in pool.rc.list_workers())  # noqa: E731
+    until("C0 out of the registry's view", gone)
+    del pool.workers["C0"]
+    assert second < estimate, (second, estimate)
+    budget = first + estimate + second // 2
+    print(
+        f"heavy model: a first load {first / MB:.1f} MB, a second {second / MB:.1f} MB, "
+        f"estimated {estimate / MB:.1f} MB; C: {budget / MB:.1f} MB"
+    )
     pool.workers["C"] = start_pool_worker(pool.cluster, pool.registry.address, "C", SMALL, budget)
 
     with pool.client(timeout_s=60) as client:
