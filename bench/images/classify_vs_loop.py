@@ -115,34 +115,16 @@ def in_process(path: pathlib.Path, images: list[bytes], threads: int, seconds: f
 def cluster_runs(
     path: pathlib.Path, images: list[bytes], threads: int, concurrency: int, seconds: float
 ) -> dict[str, Any]:
-    from fovea.client import RegistryClient
-    from fovea.cluster import Cluster
-    from fovea.v1 import model_pb2
+    from bench.images import image_cluster
     from loadtest.runner import LoadSpec, run
     from loadtest.stats import summarize
     from loadtest.targets import Target, build_requests, discover_input
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cluster = Cluster(pathlib.Path(tmp))
+        ic = image_cluster.start(pathlib.Path(tmp), MODEL, path, threads)
+        cluster, rc, gateway, key = ic.cluster, ic.rc, ic.gateway, ic.key
         try:
-            registry = cluster.start_registry(port=0)
-            rc = RegistryClient(registry.address, cluster.admin_token, timeout_s=60)
-            mv = rc.register(path, model_pb2.ModelVersion(name=MODEL))
-            rc.set_alias(MODEL, "production", [(mv.version, 100)])
-            key = rc.create_key("infer")[1]
-            cluster.start_worker(
-                registry.address,
-                [MODEL],
-                FOVEA_WORKER_INTRA_OP_THREADS=str(threads),
-                FOVEA_WORKER_DECODE_THREADS=str(threads),
-            )
-            deadline = time.monotonic() + 120
-            while not rc.list_workers(MODEL, ready_only=True):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the worker did not become ready")
-                time.sleep(0.2)
-            gateway = cluster.start_gateway(registry.address, port=0)
             for kind, label in (("classify", "Classify"), ("gateway", "ModelInfer BYTES")):
                 target = Target(kind=kind, address=gateway.address, model=MODEL, token=key, classification=5)
                 if kind == "gateway":

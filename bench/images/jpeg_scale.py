@@ -177,34 +177,18 @@ def decode_times(spec: Preprocess, files: dict[str, bytes], reps: int) -> dict[s
 
 
 def end_to_end(path: pathlib.Path, files: dict[str, bytes], reps: int, threads: int) -> dict[str, Any]:
-    from fovea.client import Client, RegistryClient
-    from fovea.cluster import Cluster
-    from fovea.v1 import model_pb2
+    from bench.images import image_cluster
+    from fovea.client import Client
 
     out: dict[str, Any] = {}
     for margin in E2E_MARGINS:
         mode = f"margin {margin:g}"
         with tempfile.TemporaryDirectory() as tmp:
-            cluster = Cluster(pathlib.Path(tmp))
+            ic = image_cluster.start(
+                pathlib.Path(tmp), MODEL, path, threads, FOVEA_WORKER_JPEG_DECODE_MARGIN=str(margin)
+            )
+            cluster, rc, gateway, key = ic.cluster, ic.rc, ic.gateway, ic.key
             try:
-                registry = cluster.start_registry(port=0)
-                rc = RegistryClient(registry.address, cluster.admin_token, timeout_s=60)
-                mv = rc.register(path, model_pb2.ModelVersion(name=MODEL))
-                rc.set_alias(MODEL, "production", [(mv.version, 100)])
-                key = rc.create_key("infer")[1]
-                cluster.start_worker(
-                    registry.address,
-                    [MODEL],
-                    FOVEA_WORKER_INTRA_OP_THREADS=str(threads),
-                    FOVEA_WORKER_DECODE_THREADS=str(threads),
-                    FOVEA_WORKER_JPEG_DECODE_MARGIN=str(margin),
-                )
-                deadline = time.monotonic() + 120
-                while not rc.list_workers(MODEL, ready_only=True):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("the worker did not become ready")
-                    time.sleep(0.2)
-                gateway = cluster.start_gateway(registry.address, port=0)
                 client = Client(gateway.address, key, timeout_s=60)
                 for size, data in files.items():
                     for _ in range(5):
