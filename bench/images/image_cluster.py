@@ -30,7 +30,7 @@ def start(tmp: pathlib.Path, model: str, path: pathlib.Path, threads: int, **wor
         rc.set_alias(model, "production", [(mv.version, 100)])
         key = rc.create_key("infer")[1]
         env = {"FOVEA_WORKER_INTRA_OP_THREADS": str(threads), "FOVEA_WORKER_DECODE_THREADS": str(threads)}
-        cluster.start_worker(registry.address, [model], **(env | worker_env))
+        cluster.start_worker(registry.address, [model], "worker", 0, **(env | worker_env))
         deadline = time.monotonic() + 120
         while not rc.list_workers(model, ready_only=True):
             if time.monotonic() > deadline:
