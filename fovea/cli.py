@@ -317,11 +317,28 @@ def _print_placement(p: Any) -> None:
     print(f"  scale: replicas {s.replicas} (min {s.min_replicas}, max {s.max_replicas}), pool {pool}", end="")
     print(f", idle unload {s.idle_unload_s:g} s" if s.idle_unload_s else "")
     if p.memory_bytes:
-        print(f"  memory per replica: {p.memory_bytes / 1e6:.1f} MB")
+        declared = f" (declared {s.memory_bytes / 1e6:.1f} MB per version)" if s.memory_bytes else ""
+        print(f"  memory per replica: {p.memory_bytes / 1e6:.1f} MB{declared}")
     for wid in p.worker_ids:
         print(f"  {wid}: {'ready' if wid in ready else 'loading'}")
     if p.reason:
         print(f"  reason: {p.reason}")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _bytes(text: str) -> int | None:
+    """'300MB', '2GiB', '1.5GB' or '5000000' as bytes; None when it is not a size."""
+    number = text.strip().rstrip("bBiIkKmMgG")
+    unit = text.strip()[len(number) :].upper()
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    if unit not in _UNITS or not 0 <= value < 1e18:  # also refuses NaN and inf
+        return None
+    return int(value * _UNITS[unit])
 
 
 def _scale(rc: Any, args: argparse.Namespace) -> int:
@@ -333,8 +350,20 @@ def _scale(rc: Any, args: argparse.Namespace) -> int:
     high = max(args.replicas, low, 1) if args.max is None else args.max
     if not low <= args.replicas <= high:
         return _fail(f"--min {low} <= --replicas {args.replicas} <= --max {high} does not hold")
+    memory = {}
+    for flag, value in (("--memory", args.memory), ("--device-memory", args.device_memory)):
+        size = 0 if value is None else _bytes(value)
+        if size is None:
+            return _fail(f"{flag} takes a size such as 300MB, 2GiB or 5000000, got {value!r}")
+        memory[flag] = size
     scale = registry_pb2.ModelScale(
-        model=args.name, replicas=args.replicas, min_replicas=low, max_replicas=high, idle_unload_s=args.idle_unload
+        model=args.name,
+        replicas=args.replicas,
+        min_replicas=low,
+        max_replicas=high,
+        idle_unload_s=args.idle_unload,
+        memory_bytes=memory["--memory"],
+        device_memory_bytes=memory["--device-memory"],
     )
     for item in args.pool or []:
         k, sep, v = item.partition("=")
@@ -531,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument(
         "--idle-unload", type=float, default=0.0, help="seconds idle before a 0-replica model unloads (0: default)"
     )
+    sc.add_argument(
+        "--memory",
+        help="host memory to plan for per loaded version, e.g. 300MB or 2GiB (placement takes the larger of this "
+        "and what workers measure; default: measured, estimated from the artifact until then)",
+    )
+    sc.add_argument("--device-memory", help="the same for device memory, on workers with a device budget")
     registry_flags(sc)
     a = msub.add_parser("archive", help="archive a version no alias points at")
     a.add_argument("name")

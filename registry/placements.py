@@ -138,6 +138,9 @@ def check_scale(scale: registry_pb2.ModelScale, max_replicas_limit: int) -> regi
         raise InvalidArgument(
             f"idle_unload_s must be between 0 (the registry's default) and {MAX_IDLE_UNLOAD_S:.0f} (7 days)"
         )
+    for what, value in (("memory_bytes", s.memory_bytes), ("device_memory_bytes", s.device_memory_bytes)):
+        if value > MAX_BYTES:
+            raise InvalidArgument(f"{what} {value} is over {MAX_BYTES} (1 PiB): a unit mix-up?")
     return s
 
 
@@ -471,14 +474,17 @@ class Placements:
         return []
 
     def memory_of(self, view: ModelView) -> tuple[int, int]:
-        """Host and device memory of one replica: what workers measured for its versions, else an estimate."""
+        """Host and device memory of one replica, summed over the versions it loads. Per version: the larger of
+        the scale's declared figure and what workers measured; with neither, an estimate from the artifact."""
         host = device = 0
+        declared, declared_dev = view.scale.memory_bytes, view.scale.device_memory_bytes
         for mv in view.versions:
-            measured = int(view.memory.get(str(mv.version).encode(), 0))
             estimate = int(mv.size_bytes * self.config.memory_estimate_factor)
             estimate += self.config.memory_estimate_overhead_bytes
-            host += measured or estimate
-            device += int(view.memory.get(f"{mv.version}:device".encode(), 0)) or estimate
+            measured = int(view.memory.get(str(mv.version).encode(), 0))
+            measured_dev = int(view.memory.get(f"{mv.version}:device".encode(), 0))
+            host += max(declared, measured) or estimate
+            device += max(declared_dev, measured_dev) or estimate
         return min(host, MAX_BYTES), min(device, MAX_BYTES)
 
     @staticmethod

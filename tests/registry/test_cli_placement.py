@@ -64,6 +64,13 @@ async def test_scale_list_and_show_say_where_models_are(
 
         scaled = await cli.json("model", "scale", "colors", "--replicas", "0", "--max", "3", "--idle-unload", "120")
         assert scaled["scale"] == {"model": "colors", "max_replicas": 3, "idle_unload_s": 120.0}, scaled
+        args = ("model", "scale", "colors", "--replicas", "1", "--memory", "300MB", "--device-memory", "2GiB")
+        scaled = await cli.json(*args)
+        assert scaled["scale"]["memory_bytes"] == str(300 * 10**6), scaled  # uint64: a string in proto JSON
+        assert scaled["scale"]["device_memory_bytes"] == str(2 * 2**30), scaled
+        assert scaled["memory_bytes"] == str(300 * 10**6), scaled  # what placement plans for
+        show = (await cli.run("model", "show", "colors")).stdout
+        assert "memory per replica: 300.0 MB (declared 300.0 MB per version)" in show, show
     await reg.close()
 
 
@@ -74,6 +81,8 @@ async def test_scale_refuses_bad_input_with_a_reason(start_registry: StartRegist
         (["--replicas", "3", "--max", "2"], "--min 3 <= --replicas 3 <= --max 2 does not hold"),
         (["--replicas", "-1"], "0 or more"),
         (["--replicas", "1", "--pool", "gpu"], "--pool takes LABEL=VALUE, got 'gpu'"),
+        (["--replicas", "1", "--memory", "lots"], "--memory takes a size such as 300MB"),
+        (["--replicas", "1", "--device-memory=-5MB"], "--device-memory takes a size"),
     ):
         out = await cli.run("model", "scale", "colors", *args, ok=False)
         assert says in out.stderr, (args, out.stderr)

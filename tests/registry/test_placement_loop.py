@@ -162,6 +162,33 @@ async def test_replicas_land_on_different_workers_within_their_budgets(fast: Reg
         await poll(lambda: _memory(fast, measured, 3 * MB))
 
 
+async def test_a_declared_memory_figure_places_models_until_a_larger_one_is_measured(fast: Reg) -> None:
+    """A scale's memory_bytes replaces the artifact estimate (about 17 MB here) and is a floor under what workers
+    measure: two models declared at 30 MB do not share a 50 MB worker, and one measured at 45 MB costs 45."""
+    for name in ("d1", "d2"):
+        await fast.register(name)
+        p = await scale(fast, name, 1, memory_bytes=30 * MB)
+        assert p.scale.memory_bytes == 30 * MB
+    workers = [SimWorker(fast, f"w{i}", budget=50 * MB) for i in range(2)]
+    async with beating(*workers):
+        await poll(lambda: _true(holders(workers, "d1") and holders(workers, "d2")))
+        assert holders(workers, "d1") != holders(workers, "d2")  # 60 MB declared: not on one 50 MB worker
+        assert (await placement(fast, "d1")).memory_bytes == 30 * MB
+        # Measured below the declared figure: the declared one stands.
+        for w in workers:
+            w.memory.update({m: 10 * MB for m in w.assigned})
+        await asyncio.sleep(0.5)
+        assert (await placement(fast, "d1")).memory_bytes == 30 * MB
+        # Measured above it: the measured one.
+        for w in workers:
+            w.memory.update({m: 45 * MB for m in w.assigned})
+        await poll(lambda: _memory(fast, "d1", 45 * MB))
+    code, msg = await status_of(scale(fast, "d1", 1, memory_bytes=(1 << 50) + 1))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "memory_bytes" in msg and "1 PiB" in msg, msg
+    code, msg = await status_of(scale(fast, "d1", 1, device_memory_bytes=1 << 60))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "device_memory_bytes" in msg, msg
+
+
 async def test_a_model_too_big_for_every_worker_is_unplaceable_and_says_why(fast: Reg) -> None:
     await fast.register("big")
     w = SimWorker(fast, "small-1", budget=5 * MB)
