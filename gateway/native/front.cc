@@ -8,6 +8,8 @@
 // Python keeps the tables current: verified unlimited keys (by SHA-256 of the secret, never the
 // secret), production aliases and which workers serve which version (from the registry's watches).
 
+#include "api.h"
+
 #include <fnmatch.h>
 #include <malloc.h>
 #include <openssl/evp.h>
