@@ -115,7 +115,12 @@ def test_a_regular_install_carries_native_libraries_that_load(
     modules = {f for f in files if f.endswith(".py")}
     assert modules == expected_modules(fresh_clone)
     others = sorted(f for f in files if not f.endswith((".py", ".pyi")))
-    assert others == ["gateway/native/build/libfovea_gateway_front.so", "worker/native/build/libfovea_front.so"]
+    binding = f"gateway/native/build/_fovea_gateway{sysconfig.get_config_var('EXT_SUFFIX')}"
+    assert others == [
+        binding,
+        "gateway/native/build/libfovea_gateway_front.so",
+        "worker/native/build/libfovea_front.so",
+    ]
     assert not [f for f in files if f.endswith(".pyi") and not f.startswith(("fovea/v1/", "inference/"))]
 
     # The console script, run from outside the clone.
