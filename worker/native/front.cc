@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "check.h"
+#include "api.h"
 #include "front.h"
 #include "relay.h"
 #include "inference/grpc_predict_v2.grpc.pb.h"

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "api.h"
 #include "front.h"
 #include "ort_api.h"
 
