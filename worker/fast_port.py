@@ -3,16 +3,19 @@
 The front validates calls and batches them. On the CPU, each model instance's batch loop runs in C++
 on ONNX Runtime's C API (worker/native/ort_loop.cc, sessions from NativeSession); otherwise Python
 runs ONNX Runtime on each batch and hands the outputs back. Everything else (images, typed contents,
-the other calls) stays on the main port. ctypes releases the GIL around every fv_* call, so a thread
-blocked waiting for a batch, or running the C++ loop, does not hold up the event loop.
+the other calls) stays on the main port.
+
+Python reaches the C++ through one binding, _fovea_worker: cffi (API mode) generates it from
+worker/native/api.h, the one declaration of every fv_* function and of the structs they exchange, and the
+C compiler checks each call against it; a Python value of the wrong type is a TypeError, not a corrupted
+argument. cffi releases the GIL around every fv_* call, so a thread blocked waiting for a batch, or running
+the C++ loop, does not hold up the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes as C
 import logging
-import os
 import pathlib
 import threading
 import time
@@ -26,14 +29,14 @@ import numpy as np
 
 from fovea import oip
 from fovea.errors import FoveaError
+from fovea.native import binding_path, load_binding
 
 logger = logging.getLogger(__name__)
 
-# FOVEA_NATIVE_BUILD picks another build folder: build-asan is the sanitizer build (scripts/sanitize.sh).
-BUILD = os.environ.get("FOVEA_NATIVE_BUILD", "") or "build"
-LIBRARY = pathlib.Path(__file__).parent / "native" / BUILD / "libfovea_front.so"
-MAX_TENSORS, MAX_RANK = 8, 8
+PART = pathlib.Path(__file__).parent
+MODULE = "_fovea_worker"  # built into worker/native/<build folder>/ (fovea/native.py finds it)
 INTERNAL = 13
+ERROR_CAP = 512
 
 
 CODES = {c.value[0]: c for c in grpc.StatusCode}
@@ -65,68 +68,36 @@ class Timing:
     """The batch's number on the native front, the same for every call in it."""
 
 
-class FvBatch(C.Structure):
-    _fields_ = [
-        ("id", C.c_int64),
-        ("samples", C.c_int32),
-        ("calls", C.c_int32),
-        ("ninputs", C.c_int32),
-        ("expired", C.c_int32),
-        ("cancelled", C.c_int32),
-        ("queued", C.c_int32),
-        ("data", C.c_void_p * MAX_TENSORS),
-        ("nbytes", C.c_int64 * MAX_TENSORS),
-        ("rank", C.c_int32 * MAX_TENSORS),
-        ("dims", (C.c_int64 * MAX_RANK) * MAX_TENSORS),
-    ]
-
-
-def _strings(items: Sequence[str]) -> Any:
-    return (C.c_char_p * len(items))(*[s.encode() for s in items])
+def binding() -> tuple[Any, Any]:
+    """(ffi, lib) of the worker's binding; RuntimeError saying how to build it when it is missing."""
+    return load_binding(PART, MODULE)
 
 
 def available() -> bool:
-    return LIBRARY.exists()
+    return binding_path(PART, MODULE).exists()
 
 
-def _load() -> C.CDLL:
-    if not LIBRARY.exists():
-        raise RuntimeError(f"{LIBRARY} is missing: run worker/native/build.sh (scripts/setup.sh does)")
-    lib = C.CDLL(str(LIBRARY))
-    p, i, i64, s = C.c_void_p, C.c_int, C.c_int64, C.c_char_p
-    lib.fv_start.restype = p
-    lib.fv_start.argtypes = [s, i, s, i64, s, s, s, s, C.POINTER(i)]
-    lib.fv_add_model.argtypes = [p, s, s, i, i, i64, i, p, i, p, p, p, p, i, p, p, p, p, s, i]
-    lib.fv_codes.argtypes = [p, p]
-    lib.fv_route.argtypes = [p, s, i, p, p]
-    lib.fv_close_model.argtypes = [p, i]
-    lib.fv_release_model.argtypes = [p, i]
-    lib.fv_next_batch.argtypes = [p, i, i, C.POINTER(FvBatch), p]
-    lib.fv_complete.argtypes = [p, i64, i64, i, p, p, p, p]
-    lib.fv_fail.argtypes = [p, i64, i, s]
-    lib.fv_depth.argtypes = [p, i, C.POINTER(C.c_int32), C.POINTER(C.c_int32)]
-    lib.fv_statistics.argtypes = [p, i, p, i]
-    lib.fv_request_times.argtypes = [p, i, p, p, C.POINTER(i64)]
-    lib.fv_set_accepting.argtypes = [p, i]
-    lib.fv_set_trace_sampled.argtypes = [p, i]
-    lib.fv_submit.argtypes = [p, i, s, i64, i64, C.POINTER(p), C.POINTER(i64), C.POINTER(i64), s, i]
-    lib.fv_free_buffer.argtypes = [p]
-    lib.fv_shutdown.argtypes = [p, C.c_double]
-    lib.fv_free.argtypes = [p]
-    lib.fv_ort_init.argtypes = [s, s, i]
-    lib.fv_ort_version.restype = s
-    lib.fv_ort_session.restype = p
-    lib.fv_ort_session.argtypes = [s, i64, i, i, i, i, i, p, p, i, p, p, i, p, s, i]
-    lib.fv_ort_run.argtypes = [p, C.POINTER(FvBatch), s, i]
-    lib.fv_ort_free.argtypes = [p]
-    lib.fv_ort_runs.restype = i64
-    lib.fv_ort_runs.argtypes = [p]
-    lib.fv_instances_new.restype = p
-    lib.fv_instances_new.argtypes = [p]
-    lib.fv_instances_free.argtypes = [p]
-    lib.fv_serve.argtypes = [p, i, p, p, i]
-    lib.fv_take_records.argtypes = [p, p, i, C.POINTER(i64), s, i]
-    return lib
+class CStrings:
+    """C strings and arrays for the structs of one call: cffi frees each with its Python object, and a struct's
+    pointer field does not keep what it points to alive, so they are kept here until the call returns."""
+
+    def __init__(self, ffi: Any) -> None:
+        self.ffi = ffi
+        self.kept: list[Any] = []
+
+    def keep(self, cdata: Any) -> Any:
+        self.kept.append(cdata)
+        return cdata
+
+    def one(self, text: str | bytes) -> Any:
+        return self.keep(self.ffi.new("char[]", text.encode() if isinstance(text, str) else text))
+
+    def many(self, items: Sequence[str]) -> Any:
+        return self.keep(self.ffi.new("char *[]", [self.one(t) for t in items]))
+
+
+def error_text(ffi: Any, buf: Any) -> str:
+    return ffi.string(buf).decode(errors="replace")
 
 
 def ort_library() -> pathlib.Path | None:
@@ -161,47 +132,47 @@ class NativeSession:
         inputs: Sequence[tuple[str, str]],
         outputs: Sequence[str],
     ) -> None:
-        self.lib = front.lib
-        err = C.create_string_buffer(512)
-        keys, values = list(options.entries), list(options.entries.values())
-        handle = self.lib.fv_ort_session(
-            model,
-            len(model),
-            options.intra_op_threads,
-            options.inter_op_threads,
-            options.optimization_level,
-            int(options.cpu_mem_arena),
-            len(keys),
-            _strings(keys),
-            _strings(values),
-            len(inputs),
-            _strings([n for n, _ in inputs]),
-            _strings([d for _, d in inputs]),
-            len(outputs),
-            _strings(list(outputs)),
-            err,
-            len(err),
-        )
+        self.ffi, self.lib = front.ffi, front.lib
+        c = CStrings(self.ffi)
+        spec = self.ffi.new("fv_session_spec *")
+        spec.model = c.keep(self.ffi.from_buffer(model))
+        spec.model_len = len(model)
+        spec.intra_op_threads = options.intra_op_threads
+        spec.inter_op_threads = options.inter_op_threads
+        spec.optimization_level = options.optimization_level
+        spec.cpu_mem_arena = int(options.cpu_mem_arena)
+        spec.nentries = len(options.entries)
+        spec.keys = c.many(list(options.entries))
+        spec.values = c.many(list(options.entries.values()))
+        spec.ninputs = len(inputs)
+        spec.input_names = c.many([n for n, _ in inputs])
+        spec.input_dtypes = c.many([d for _, d in inputs])
+        spec.noutputs = len(outputs)
+        spec.output_names = c.many(list(outputs))
+        err = self.ffi.new("char[]", ERROR_CAP)
+        handle = self.lib.fv_ort_session(spec, err, ERROR_CAP)
         if not handle:
-            raise RuntimeError(f"ONNX Runtime's C API could not open the model: {err.value.decode(errors='replace')}")
-        self.handle: int | None = handle
+            raise RuntimeError(f"ONNX Runtime's C API could not open the model: {error_text(self.ffi, err)}")
+        self.handle: Any = handle
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Runs a batch and drops its outputs (warm-up; the fast port's loop gets them in C++)."""
-        if len(arrays) > MAX_TENSORS:
-            raise ValueError(f"at most {MAX_TENSORS} inputs")
-        batch = FvBatch()
+        max_tensors, max_rank = self.lib.FV_MAX_TENSORS, self.lib.FV_MAX_RANK
+        if len(arrays) > max_tensors:
+            raise ValueError(f"at most {max_tensors} inputs")
+        batch = self.ffi.new("fv_batch *")
         batch.ninputs = len(arrays)
         kept = [np.ascontiguousarray(a) for a in arrays]
+        buffers = []  # alive until the call returns
         for i, a in enumerate(kept):
-            if a.ndim > MAX_RANK:
-                raise ValueError(f"input of rank {a.ndim}; at most {MAX_RANK}")
-            batch.data[i], batch.nbytes[i], batch.rank[i] = a.ctypes.data, a.nbytes, a.ndim
-            for d, n in enumerate(a.shape):
-                batch.dims[i][d] = n
-        err = C.create_string_buffer(512)
-        if self.lib.fv_ort_run(self.handle, C.byref(batch), err, len(err)) != 0:
-            raise RuntimeError(err.value.decode(errors="replace"))
+            if a.ndim > max_rank:
+                raise ValueError(f"input of rank {a.ndim}; at most {max_rank}")
+            buffers.append(self.ffi.from_buffer(a))
+            batch.data[i], batch.nbytes[i], batch.rank[i] = buffers[-1], a.nbytes, a.ndim
+            batch.dims[i][0 : a.ndim] = a.shape
+        err = self.ffi.new("char[]", ERROR_CAP)
+        if self.lib.fv_ort_run(self.handle, batch, err, ERROR_CAP) != 0:
+            raise RuntimeError(error_text(self.ffi, err))
         return []
 
     @property
@@ -266,14 +237,15 @@ class Slot:
     id: int
     name: str
     threads: list[threading.Thread] = field(default_factory=list)
-    instances: int | None = None
+    instances: Any = None
     """The C++ loops' shared state (fv_instances_new), when they run the batches."""
     sessions: list[NativeSession] = field(default_factory=list)
     on_batch: BatchHook | None = None
     on_drop: DropHook | None = None
     records: Any = None
-    """The buffer the C++ loops' batch records are read into (made once per slot, with room for whole
-    records: a batch's record is 3 doubles plus one per call)."""
+    """The fv_records the C++ loops' batch records are read into (made once per slot, with room for whole
+    records: the waits hold at least max_batch calls), and the arrays it points to."""
+    record_arrays: tuple[Any, ...] = ()
 
 
 class NativeFront:
@@ -288,24 +260,24 @@ class NativeFront:
         upstream: str,
         tls: tuple[bytes, bytes, bytes] | None = None,
     ) -> None:
-        self.lib = _load()
-        port = C.c_int(0)
+        self.ffi, self.lib = binding()
+        c = CStrings(self.ffi)
         cert, key, client_ca = tls or (b"", b"", b"")
-        handle = self.lib.fv_start(
-            address.encode(),
-            max_message_bytes,
-            "\n".join(t for t in tokens if t).encode(),
-            default_deadline_ms,
-            upstream.encode(),
-            cert,
-            key,
-            client_ca,
-            C.byref(port),
-        )
+        accepted = [t for t in tokens if t]
+        options = self.ffi.new("fv_front_options *")
+        options.address = c.one(address)
+        options.max_message_bytes = max_message_bytes
+        options.ntokens = len(accepted)
+        options.tokens = c.many(accepted)
+        options.default_deadline_ms = default_deadline_ms
+        options.upstream = c.one(upstream)
+        options.cert_pem, options.key_pem, options.client_ca_pem = c.one(cert), c.one(key), c.one(client_ca)
+        port = self.ffi.new("int32_t *")
+        handle = self.lib.fv_start(options, port)
         if not handle:
             raise OSError(f"native front cannot listen on {address}")
-        self.handle = handle
-        self.port = port.value
+        self.handle: Any = handle
+        self.port = int(port[0])
         self.slots: dict[int, Slot] = {}
         self.batch_records: deque[tuple[BatchHook, int, list[float], float]] = deque()
         self._records_lock = threading.Lock()  # the C++ loops' records are read and freed under it
@@ -318,47 +290,45 @@ class NativeFront:
         """Why the C++ batch loop cannot run (ONNX Runtime's C API could not be opened); "" when it can."""
         if self._ort is None:
             path = ort_library()
-            err = C.create_string_buffer(512)
+            err = self.ffi.new("char[]", ERROR_CAP)
             if path is None:
                 self._ort = "the onnxruntime package ships no libonnxruntime.so"
-            elif self.lib.fv_ort_init(str(path).encode(), err, len(err)) != 0:
-                self._ort = f"{path}: {err.value.decode(errors='replace')}"
+            elif self.lib.fv_ort_init(str(path).encode(), err, ERROR_CAP) != 0:
+                self._ort = f"{path}: {error_text(self.ffi, err)}"
             else:
                 self._ort = ""
                 logger.info(
                     "fast port runs batches on ONNX Runtime %s's C API (%s)",
-                    self.lib.fv_ort_version().decode(),
+                    self.ffi.string(self.lib.fv_ort_version()).decode(),
                     path.name,
                 )
         return self._ort
 
     def _take_records(self, entry: Slot) -> None:
         """Hands a C++ loop's batch records and drops to the slot's hooks (under _records_lock)."""
-        buf = entry.records
-        counts, err = (C.c_int64 * 4)(), C.create_string_buffer(512)
+        io = entry.records
         while True:
-            n = self.lib.fv_take_records(entry.instances, buf, len(buf), counts, err, len(err))
-            expired, cancelled, failed, lost = counts
-            for kind, k in (("expired", expired), ("cancelled", cancelled)):
+            n = self.lib.fv_take_records(entry.instances, io)
+            for kind, k in (("expired", io.expired), ("cancelled", io.cancelled)):
                 for _ in range(k):
                     entry.on_drop(kind)  # type: ignore[misc]
-            if failed:
+            if io.failed:
                 logger.warning(
                     "%d batch(es) of %s failed on the fast port; the last: %s",
-                    failed,
+                    io.failed,
                     entry.name,
-                    err.value.decode(errors="replace"),
+                    error_text(self.ffi, io.last_error),
                 )
-            if lost:
-                logger.warning("%d fast-port batch record(s) of %s were lost (nobody read them)", lost, entry.name)
-            i, values = 0, buf[:n]
-            while i < n:
-                calls = int(values[i + 1])
+            if io.lost:
+                logger.warning("%d fast-port batch record(s) of %s were lost (nobody read them)", io.lost, entry.name)
+            waits, at = self.ffi.unpack(io.waits, io.nwaits), 0
+            for r in range(n):
+                record = io.records[r]
                 try:
-                    entry.on_batch(int(values[i]), values[i + 3 : i + 3 + calls], values[i + 2])  # type: ignore[misc]
+                    entry.on_batch(record.samples, waits[at : at + record.calls], record.compute_s)  # type: ignore[misc]
                 except Exception:  # noqa: BLE001 - as in flush_metrics
                     logger.exception("fast-port batch metrics could not be recorded")
-                i += 3 + calls
+                at += record.calls
             if n == 0:
                 return
 
@@ -404,40 +374,26 @@ class NativeFront:
         With sessions (NativeSession, warmed up), the loops run in C++ on them instead, and alone_session
         takes the place of alone; the slot owns them from here on. inputs and outputs are the model's
         tensor specs (name, datatype, shape), as declared in the model file."""
-        ranks = (C.c_int32 * len(inputs))(*[len(t.shape) for t in inputs])
-        dims = [int(d) for t in inputs for d in t.shape]
-        out_ranks = (C.c_int32 * len(outputs))(*[len(t.shape) for t in outputs])
-        out_dims = [int(d) for t in outputs for d in t.shape]
+        c = CStrings(self.ffi)
         preferred = list(batching.preferred_batch_sizes)
-        slot = self.lib.fv_add_model(
-            self.handle,
-            name.encode(),
-            str(version).encode(),
-            batching.max_batch_size,
-            batching.max_queue_len,
-            batching.max_queue_delay_us,
-            len(preferred),
-            (C.c_int32 * max(1, len(preferred)))(*preferred),
-            len(inputs),
-            _strings([t.name for t in inputs]),
-            _strings([t.datatype for t in inputs]),
-            ranks,
-            (C.c_int64 * len(dims))(*dims),
-            len(outputs),
-            _strings([t.name for t in outputs]),
-            _strings([t.datatype for t in outputs]),
-            out_ranks,
-            (C.c_int64 * max(1, len(out_dims)))(*out_dims),
-            "\n".join(labels).encode(),
-            int(probabilities),
-        )
+        spec = self.ffi.new("fv_model_spec *")
+        spec.name, spec.version = c.one(name), c.one(str(version))
+        spec.max_batch = batching.max_batch_size
+        spec.max_queue = batching.max_queue_len
+        spec.max_queue_delay_us = batching.max_queue_delay_us
+        spec.npreferred, spec.preferred = len(preferred), c.keep(self.ffi.new("int32_t[]", preferred))
+        spec.ninputs, spec.inputs = len(inputs), self._tensor_specs(c, inputs)
+        spec.noutputs, spec.outputs = len(outputs), self._tensor_specs(c, outputs)
+        spec.nlabels, spec.labels = len(labels), c.many(list(labels))
+        spec.probabilities = int(probabilities)
+        slot = self.lib.fv_add_model(self.handle, spec)
         if slot < 0:
             raise ValueError(f"the native front cannot serve {name} v{version} (inputs or outputs out of its limits)")
         entry = Slot(slot, f"{name}:{version}", on_batch=on_batch, on_drop=on_drop)
         if sessions:
-            entry.records = (C.c_double * max(65536, 3 + batching.max_batch_size))()
+            entry.records, entry.record_arrays = self._records(batching.max_batch_size)
             entry.sessions = [*sessions, *([alone_session] if alone_session else [])]
-            entry.instances = self.lib.fv_instances_new(alone_session.handle if alone_session else None)
+            entry.instances = self.lib.fv_instances_new(alone_session.handle if alone_session else self.ffi.NULL)
             for i, session in enumerate(sessions):
                 t = threading.Thread(
                     target=self.lib.fv_serve,
@@ -462,11 +418,29 @@ class NativeFront:
         self.slots[slot] = entry
         return slot
 
+    def _tensor_specs(self, c: CStrings, tensors: Sequence[Any]) -> Any:
+        """fv_tensor_spec[] of tensor specs (name, datatype, shape); a rank past FV_MAX_RANK is passed on as
+        it is, for the front to refuse with the rest of its limits."""
+        out = c.keep(self.ffi.new("fv_tensor_spec[]", len(tensors)))
+        for spec, t in zip(out, tensors, strict=True):
+            spec.name, spec.dtype, spec.rank = c.one(t.name), c.one(t.datatype), len(t.shape)
+            dims = [int(d) for d in t.shape][: self.lib.FV_MAX_RANK]
+            spec.dims[0 : len(dims)] = dims
+        return out
+
+    def _records(self, max_batch: int) -> tuple[Any, tuple[Any, ...]]:
+        """An fv_records with room for many records, and for any one (waits for max_batch calls)."""
+        records = self.ffi.new("fv_batch_record[]", 4096)
+        waits = self.ffi.new("double[]", max(65536, max_batch))
+        io = self.ffi.new("fv_records *")
+        io.records, io.records_cap = records, len(records)
+        io.waits, io.waits_cap = waits, len(waits)
+        return io, (records, waits)
+
     def route(self, name: str, targets: Sequence[tuple[int, int]]) -> None:
         """Where calls for `name` without a version go: (slot, weight) pairs."""
-        slots = (C.c_int32 * len(targets))(*[s for s, _ in targets])
-        weights = (C.c_int32 * len(targets))(*[w for _, w in targets])
-        if self.lib.fv_route(self.handle, name.encode(), len(targets), slots, weights) != 0:
+        chosen = self.ffi.new("fv_route_target[]", [(s, w) for s, w in targets])
+        if self.lib.fv_route(self.handle, name.encode(), len(targets), chosen) != 0:
             raise ValueError(f"unknown slot in route for {name}")
 
     async def remove(self, slot: int) -> None:
@@ -487,6 +461,7 @@ class NativeFront:
                 self._take_records(entry)
                 self.lib.fv_instances_free(entry.instances)
                 entry.instances = None
+                entry.records, entry.record_arrays = None, ()
             for session in entry.sessions:
                 session.close()
             entry.sessions.clear()
@@ -495,38 +470,41 @@ class NativeFront:
         """(queued calls, batches in compute)."""
         if not self.handle:
             return 0, 0
-        queued, busy = C.c_int32(0), C.c_int32(0)
-        self.lib.fv_depth(self.handle, slot, C.byref(queued), C.byref(busy))
-        return queued.value, busy.value
+        depth = self.ffi.new("fv_queue_depth *")
+        self.lib.fv_depth(self.handle, slot, depth)
+        return depth.queued, depth.busy
 
     def statistics(self, slot: int) -> bytes:
         """The slot's serialized inference.ModelStatistics (fast-port calls only)."""
         if not self.handle:
             return b""
-        buf = C.create_string_buffer(1 << 16)
-        size = self.lib.fv_statistics(self.handle, slot, buf, len(buf))
-        return buf.raw[:size] if size > 0 else b""
+        cap = 1 << 16
+        buf = self.ffi.new("char[]", cap)
+        size = self.lib.fv_statistics(self.handle, slot, buf, cap)
+        return self.ffi.buffer(buf, size)[:] if size > 0 else b""
 
     def submit(self, slot: int, request: bytes, timeout_ms: int, timing: Timing | None = None) -> bytes:
         """Queue a ModelInferRequest (raw tensors) made by the Python server for a version's slot, with the calls
-        the front takes itself; blocks until it is answered (ctypes releases the GIL), and returns the
+        the front takes itself; blocks until it is answered (cffi releases the GIL), and returns the
         serialized ModelInferResponse. Refused carries any other status, with the message of the one validator
         (check.cc) or of the batch."""
-        out, size, times = C.c_void_p(), C.c_int64(0), (C.c_int64 * 6)()
-        message = C.create_string_buffer(1024)
-        code = self.lib.fv_submit(
-            self.handle, slot, request, len(request), timeout_ms, C.byref(out), C.byref(size), times, message, 1024
-        )
+        answer = self.ffi.new("fv_answer *")
+        code = self.lib.fv_submit(self.handle, slot, request, len(request), timeout_ms, answer)
         if code != 0:
-            raise Refused(CODES.get(code, grpc.StatusCode.UNKNOWN), message.value.decode(errors="replace"))
+            raise Refused(CODES.get(code, grpc.StatusCode.UNKNOWN), error_text(self.ffi, answer.message))
         try:
-            body = C.string_at(out, size.value)
+            body = self.ffi.buffer(answer.response, answer.response_len)[:]
         finally:
-            self.lib.fv_free_buffer(out)
+            self.lib.fv_free_buffer(answer.response)
         if timing is not None:
-            timing.enqueued, timing.taken, timing.compute_end = (t / 1e9 for t in times[:3])
+            t = answer.timing
+            timing.enqueued, timing.taken, timing.compute_end = (
+                t.enqueued_ns / 1e9,
+                t.taken_ns / 1e9,
+                t.computed_ns / 1e9,
+            )
             timing.compute_start = timing.taken
-            timing.batch_size, timing.batch_calls, timing.batch = times[3], times[4], times[5]
+            timing.batch_size, timing.batch_calls, timing.batch = t.batch_samples, t.batch_calls, t.batch_id
         return body
 
     def set_trace_sampled(self, on: bool) -> None:
@@ -564,21 +542,20 @@ class NativeFront:
         out: list[tuple[str, str, list[float], list[int], float]] = []
         if not self.handle:
             return out
-        bounds, counts, total = (C.c_int64 * 64)(), (C.c_int64 * 64)(), C.c_int64(0)
+        times = self.ffi.new("fv_time_buckets *")
         for slot, entry in list(self.slots.items()):
-            n = self.lib.fv_request_times(self.handle, slot, bounds, counts, C.byref(total))
-            if n > 0:
+            if self.lib.fv_request_times(self.handle, slot, times) == 0:
                 name, version = entry.name.rsplit(":", 1)
-                out.append((name, version, [b / 1e9 for b in bounds[: n - 1]], list(counts[:n]), total.value / 1e9))
+                bounds = [b / 1e9 for b in times.bounds_ns]
+                out.append((name, version, bounds, list(times.counts), times.sum_ns / 1e9))
         return out
 
     def codes(self) -> list[int]:
         """ModelInfer calls answered on the fast port, indexed by gRPC status code."""
-        out = (C.c_int64 * 17)()
-        if not self.handle:
-            return list(out)
-        self.lib.fv_codes(self.handle, out)
-        return list(out)
+        counts = self.ffi.new("fv_status_counts *")
+        if self.handle:
+            self.lib.fv_codes(self.handle, counts)
+        return list(counts.by_code)
 
     def _loop(
         self,
@@ -590,12 +567,15 @@ class NativeFront:
         on_drop: DropHook,
         max_batch: int,
     ) -> None:
-        lib, handle = self.lib, self.handle
-        batch = FvBatch()
-        waits = (C.c_double * max_batch)()
-        out_dtypes: dict[tuple[str, ...], Any] = {}  # the C strings of each output dtype list, made once
+        ffi, lib, handle = self.ffi, self.lib, self.handle
+        # Made once per loop and reused for every batch: the hot loop allocates only the outputs' views.
+        batch = ffi.new("fv_batch *")
+        waits = ffi.new("double[]", max_batch)
+        outs = ffi.new("fv_output[]", lib.FV_MAX_TENSORS)
+        max_tensors, max_rank = lib.FV_MAX_TENSORS, lib.FV_MAX_RANK
+        out_dtypes: dict[str, Any] = {}  # the C string of each output dtype, made once
         while True:
-            got = lib.fv_next_batch(handle, slot, 250, C.byref(batch), waits)
+            got = lib.fv_next_batch(handle, slot, 250, batch, waits, max_batch)
             for _ in range(batch.expired):
                 on_drop("expired")
             for _ in range(batch.cancelled):
@@ -607,8 +587,8 @@ class NativeFront:
             try:
                 arrays = []
                 for i in range(batch.ninputs):
-                    shape = tuple(batch.dims[i][: batch.rank[i]])
-                    buf = (C.c_char * batch.nbytes[i]).from_address(batch.data[i])
+                    shape = tuple(batch.dims[i][0 : batch.rank[i]])
+                    buf = ffi.buffer(batch.data[i], batch.nbytes[i])
                     arrays.append(np.frombuffer(buf, dtype=dtypes[i]).reshape(shape))
                 alone = instances.acquire(batch.queued)
                 try:
@@ -618,25 +598,21 @@ class NativeFront:
                     compute_s = time.perf_counter() - t0
                 finally:
                     instances.release(alone)
+                if len(outputs) > max_tensors or any(o.ndim > max_rank for o in outputs):
+                    raise ValueError(f"at most {max_tensors} outputs of rank {max_rank} or less")
             except Exception as exc:  # noqa: BLE001 - a failing batch fails only its own requests
                 logger.warning("batch of %d samples failed on the fast port: %s", batch.samples, exc)
                 lib.fv_fail(handle, batch.id, INTERNAL, f"model failed on this batch: {str(exc)[:200]}".encode())
                 continue
-            n = len(outputs)
-            dims = [int(d) for o in outputs for d in o.shape]
-            names = tuple(o.dtype.str for o in outputs)
-            if names not in out_dtypes:
-                out_dtypes[names] = _strings([oip.oip_dtype(o) for o in outputs])
-            lib.fv_complete(
-                handle,
-                batch.id,
-                int(compute_s * 1e9),
-                n,
-                out_dtypes[names],
-                (C.c_void_p * n)(*[o.ctypes.data for o in outputs]),
-                (C.c_int32 * n)(*[o.ndim for o in outputs]),
-                (C.c_int64 * max(1, len(dims)))(*dims),
-            )
+            views = []  # the outputs' memory, which fv_complete copies: alive until it returns
+            for k, o in enumerate(outputs):
+                out, dtype = outs[k], o.dtype.str
+                if dtype not in out_dtypes:
+                    out_dtypes[dtype] = ffi.new("char[]", oip.oip_dtype(o).encode())
+                views.append(ffi.from_buffer(o))
+                out.dtype, out.data, out.rank = out_dtypes[dtype], views[-1], o.ndim
+                out.dims[0 : o.ndim] = o.shape
+            lib.fv_complete(handle, batch.id, int(compute_s * 1e9), len(outputs), outs)
             # Metrics wait for flush_metrics (another thread, or a scrape): observing them here took
             # ~40 us of GIL per batch, which the next call's thread then waited for.
-            self.batch_records.append((on_batch, batch.samples, list(waits[: batch.calls]), compute_s))
+            self.batch_records.append((on_batch, batch.samples, ffi.unpack(waits, batch.calls), compute_s))

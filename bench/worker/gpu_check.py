@@ -108,10 +108,10 @@ def raw_cuda(path: pathlib.Path, shape: tuple[int, ...], seconds: float, batch: 
 def fast_front_loads() -> bool:
     """The worker's one port is its native front, which needs its gRPC C++ libraries (a worker that cannot load
     them refuses to start); try loading it in a child first, to say so."""
-    from worker.fast_port import LIBRARY
+    from worker.fast_port import available
 
-    code = f"import ctypes; ctypes.CDLL({str(LIBRARY)!r})"
-    return LIBRARY.exists() and subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+    code = "from worker.fast_port import binding; binding()"
+    return available() and subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
 def _client(args: tuple[str, str, bytes, int, float]) -> bw.LoadResult:

@@ -32,6 +32,8 @@ COPY pyproject.toml CMakeLists.txt README.md ./
 COPY protos/ protos/
 COPY fovea/ fovea/
 COPY worker/ worker/
+# generates the worker's binding from worker/native/api.h at build time (CMakeLists.txt fovea_binding)
+COPY scripts/cffi_module.py scripts/cffi_module.py
 COPY deploy/docker/healthcheck.py /app/healthcheck.py
 # Stubs are build output: generate them first, since the install packs them. The install builds the
 # worker's native part (scikit-build-core runs CMakeLists.txt) into the installed package; the shared
@@ -40,7 +42,7 @@ COPY deploy/docker/healthcheck.py /app/healthcheck.py
 RUN python -m fovea.codegen \
  && PYTHONPATH=/opt/build-backend pip install --no-deps --no-build-isolation \
       --config-settings=cmake.define.FOVEA_NATIVE_PARTS=worker . \
- && lib="$(python -c 'import worker, pathlib; print(pathlib.Path(worker.__file__).parent / "native/build/libfovea_front.so")')" \
+ && lib="$(python -c 'import pathlib, worker; from fovea.native import binding_path; print(binding_path(pathlib.Path(worker.__file__).parent, "_fovea_worker"))')" \
  && mkdir -p /opt/venv/lib/fovea-native \
  && ldd "$lib" | awk '/=> \// {print $3}' \
       | grep -E 'grpc|gpr|absl|protobuf|upb|re2|cares|address_sorting|ssl|crypto|libz' \
@@ -67,7 +69,7 @@ WORKDIR /app
 # codegen.require() runs at every start and would refuse to start if the stubs looked stale; the native
 # part must load here, without the build stage's packages.
 RUN python -c "from fovea import codegen; assert not codegen.is_stale(), 'generated code is stale'" \
- && python -c "import ctypes, worker, pathlib; ctypes.CDLL(str(pathlib.Path(worker.__file__).parent / 'native/build/libfovea_front.so'))"
+ && python -c "from worker.fast_port import binding; binding()"
 USER 10001:10001
 EXPOSE 8502 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 CMD ["python", "/app/healthcheck.py", "8502"]

@@ -21,10 +21,12 @@ import pytest
 from tests.house.conftest import ROOT
 
 PACKAGES = ["fovea", "gateway", "worker", "registry", "training", "loadtest", "inference"]
-LIBRARIES = {"gateway": ("libfovea_gateway_front.so", "fg_start"), "worker": ("libfovea_front.so", "fv_start")}
+LIBRARIES = {"gateway": ("libfovea_gateway_front.so", "fg_start")}
+BINDINGS = {"worker": ("_fovea_worker", "fv_start")}
 
 PROBE = """
 import ctypes, importlib, importlib.metadata, json, pathlib, sys, sysconfig
+from fovea.native import binding_path, load_binding
 site = pathlib.Path(sysconfig.get_paths()["purelib"]).resolve()
 out = {"outside": [], "libraries": {}, "available": {}}
 for name in %(packages)r:
@@ -36,6 +38,12 @@ for part, (filename, symbol) in %(libraries)r.items():
     lib = ctypes.CDLL(str(path))
     getattr(lib, symbol)
     out["libraries"][part] = str(path)
+    out["available"][part] = importlib.import_module(part + ".fast_port").available()
+for part, (module, symbol) in %(bindings)r.items():
+    part_dir = pathlib.Path(importlib.import_module(part).__file__).parent
+    ffi, lib = load_binding(part_dir, module)
+    getattr(lib, symbol)
+    out["libraries"][part] = str(binding_path(part_dir, module))
     out["available"][part] = importlib.import_module(part + ".fast_port").available()
 import fovea.v1.model_pb2, inference.grpc_predict_v2_pb2
 out["files"] = sorted(str(f) for f in importlib.metadata.files("fovea"))
@@ -94,7 +102,7 @@ def test_a_regular_install_carries_native_libraries_that_load(
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-5000:]
 
     probe = subprocess.run(
-        [str(python), "-c", PROBE % {"packages": PACKAGES, "libraries": LIBRARIES}],
+        [str(python), "-c", PROBE % {"packages": PACKAGES, "libraries": LIBRARIES, "bindings": BINDINGS}],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -115,11 +123,11 @@ def test_a_regular_install_carries_native_libraries_that_load(
     modules = {f for f in files if f.endswith(".py")}
     assert modules == expected_modules(fresh_clone)
     others = sorted(f for f in files if not f.endswith((".py", ".pyi")))
-    binding = f"gateway/native/build/_fovea_gateway{sysconfig.get_config_var('EXT_SUFFIX')}"
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
     assert others == [
-        binding,
+        f"gateway/native/build/_fovea_gateway{suffix}",
         "gateway/native/build/libfovea_gateway_front.so",
-        "worker/native/build/libfovea_front.so",
+        f"worker/native/build/_fovea_worker{suffix}",
     ]
     assert not [f for f in files if f.endswith(".pyi") and not f.startswith(("fovea/v1/", "inference/"))]
 

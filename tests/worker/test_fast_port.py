@@ -423,10 +423,12 @@ async def test_a_worker_without_its_native_library_refuses_to_start(
     """No silent Python-only fallback: the native front is the worker's port, so without it there is no worker."""
     import worker.fast_port
 
-    monkeypatch.setattr(worker.fast_port, "LIBRARY", tmp_path / "libfovea_front.so")  # as before build.sh ran
+    # a binding that was never built, as before scripts/native.sh ran
+    monkeypatch.setattr(worker.fast_port, "MODULE", "_fovea_worker_not_built")
+    assert not worker.fast_port.available()
     with pytest.raises(RuntimeError) as err:
         await start_worker([])
-    assert "cannot start its port" in str(err.value) and "worker/native/build.sh" in str(err.value), err.value
+    assert "cannot start its port" in str(err.value) and "scripts/native.sh" in str(err.value), err.value
 
 
 async def test_calls_python_submits_share_a_batch_and_its_times(

@@ -25,10 +25,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from worker.fast_port import BUILD, LIBRARY, ort_library
+from fovea.native import binding_path, build_folder
+from worker.fast_port import MODULE, PART, ort_library
 
 ROOT = pathlib.Path(__file__).parents[2]
 NATIVE = ROOT / "worker" / "native"
+BUILD = build_folder()
 PROBE = NATIVE / BUILD / "ort_probe"
 BIG_FLOATS = 32 * 1024 * 1024  # the arena proof's intermediate: 128 MB
 
@@ -328,20 +330,19 @@ const void* OrtGetApiBase(void) { return &base; }
 """
 
 INIT = """
-import ctypes, sys
-lib = ctypes.CDLL(sys.argv[1])
-lib.fv_ort_init.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
-lib.fv_ort_version.restype = ctypes.c_char_p
-err = ctypes.create_string_buffer(512)
-rc = lib.fv_ort_init(sys.argv[2].encode(), err, len(err))
-print(rc, repr(lib.fv_ort_version().decode()), err.value.decode())
+import sys
+from worker.fast_port import binding
+ffi, lib = binding()
+err = ffi.new("char[]", 512)
+rc = lib.fv_ort_init(sys.argv[1].encode(), err, 512)
+print(rc, repr(ffi.string(lib.fv_ort_version()).decode()), ffi.string(err).decode())
 """
 
 
 def fv_ort_init(library: pathlib.Path) -> str:
     """fv_ort_init on library in a fresh process (it opens ONNX Runtime once per process)."""
     out = subprocess.run(
-        [sys.executable, "-c", INIT, str(LIBRARY), str(library)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", INIT, str(library)], capture_output=True, text=True, timeout=60, cwd=ROOT
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip()
@@ -355,7 +356,7 @@ def fake_library(tmp_path: pathlib.Path, version: str) -> pathlib.Path:
     return lib
 
 
-@pytest.mark.skipif(not LIBRARY.exists(), reason="worker/native/build.sh has not built libfovea_front.so")
+@pytest.mark.skipif(not binding_path(PART, MODULE).exists(), reason="scripts/native.sh has not built the binding")
 def test_another_release_is_refused_at_start_naming_the_versions(tmp_path: pathlib.Path) -> None:
     versions = checked_versions()
     got = fv_ort_init(fake_library(tmp_path, "1.31.9"))

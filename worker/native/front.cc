@@ -6,7 +6,7 @@
 // the CPU, Python otherwise) and splits the outputs back. Every other call (typed contents, encoded
 // images, streams, health, metadata) goes to the worker's Python server through relay.cc. A Python
 // gRPC server costs about 0.2 ms of CPU per call here, more than a small model's compute; this costs a few µs. The C ABI (fv_*) is what
-// worker/fast_port.py calls through ctypes, which releases the GIL around each call.
+// worker/fast_port.py calls through its cffi binding (api.h), which releases the GIL around each call.
 
 #include <absl/synchronization/mutex.h>
 #include <google/protobuf/stubs/logging.h>
@@ -67,8 +67,7 @@ struct Local {
   bool done = false;
   Status status;
   std::string response;  // the serialized ModelInferResponse, when status is OK
-  // For a trace: enqueued, taken from the queue, computed (ns, steady clock), batch samples, calls, batch id.
-  int64_t timing[6] = {};
+  fv_call_timing timing{};  // for a trace
 };
 
 struct Call : fovea::Checked {
@@ -89,6 +88,7 @@ constexpr int64_t kTimeBoundsNs[] = {50'000, 100'000, 250'000, 500'000, 1'000'00
                                      10'000'000, 25'000'000, 50'000'000, 100'000'000, 250'000'000, 500'000'000,
                                      1'000'000'000, 2'500'000'000, 10'000'000'000};
 constexpr int kTimeBuckets = sizeof(kTimeBoundsNs) / sizeof(kTimeBoundsNs[0]) + 1;  // the last is +Inf
+static_assert(kTimeBuckets == FV_TIME_BUCKETS && kTimeBuckets - 1 == FV_TIME_BOUNDS, "api.h's bucket counts");
 
 // Per-version figures in Triton's ModelStatistics terms (see statistics()).
 enum StatIndex { kOkCount, kOkNs, kFailCount, kFailNs, kQueueCount, kQueueNs, kInputNs, kOutputNs, kInferCount,
@@ -257,7 +257,7 @@ class Front {
     return true;
   }
 
-  std::atomic<int64_t> codes[17] = {};  // ModelInfer calls answered, by status code
+  std::atomic<int64_t> codes[FV_STATUS_CODES] = {};  // ModelInfer calls answered, by status code
 
   // Answers a call and counts it. The counts come before the answer, so that a caller who got it finds them;
   // its time includes encoding the answer, which Triton's success time holds (compute output does not).
@@ -420,6 +420,12 @@ void protobuf_log(google::protobuf::LogLevel level, const char* file, int line, 
                message.c_str(), more.c_str());
 }
 
+// The handle Python holds is the Front itself.
+Front* of(fv_front* fp) { return reinterpret_cast<Front*>(fp); }
+
+// The first n strings of an array that may be NULL when n is 0; NULL entries read as "".
+std::string at(const char* const* items, int i) { return items && items[i] ? items[i] : ""; }
+
 }  // namespace
 
 extern "C" {
@@ -427,13 +433,10 @@ extern "C" {
 
 static void answer(Batch* b);
 
-// Starts the worker's public port; returns NULL on failure (the port taken, say). tokens: '\n'-separated.
-// upstream: the Python server's address ("unix:/dir/socket"), where every call this front does not
-// answer itself goes. With cert_pem and key_pem it serves TLS; with client_ca_pem too, it requires client
-// certificates signed by it (mutual TLS).
-void* fv_start(const char* address, int max_message_bytes, const char* tokens, int64_t default_deadline_ms,
-               const char* upstream, const char* cert_pem, const char* key_pem, const char* client_ca_pem,
-               int* port_out) {
+// Starts the worker's public port (api.h); NULL on failure (the port taken, say).
+fv_front* fv_start(const fv_front_options* options, int32_t* port_out) {
+  const fv_front_options& o = *options;
+  if (!o.address || !o.upstream || o.ntokens < 0 || o.max_message_bytes < 0) return nullptr;
   // Keep freed buffers in the heap: gRPC allocates a fresh buffer for every large message, and
   // returning each to the kernel costs a page fault and a zeroed page per 4 KiB on the next one.
   // Only when the environment did not set them.
@@ -444,15 +447,12 @@ void* fv_start(const char* address, int max_message_bytes, const char* tokens, i
   static std::once_flag log_once;  // SetLogHandler is not thread-safe
   std::call_once(log_once, [] { google::protobuf::SetLogHandler(protobuf_log); });
   auto* f = new Front();
-  std::string all(tokens);
-  size_t pos = 0;
-  while (pos <= all.size()) {
-    size_t end = all.find('\n', pos);
-    if (end == std::string::npos) end = all.size();
-    if (end > pos) f->tokens.push_back(all.substr(pos, end - pos));
-    pos = end + 1;
-  }
-  f->default_deadline_ms = default_deadline_ms;
+  for (int i = 0; i < o.ntokens; ++i)
+    if (!at(o.tokens, i).empty()) f->tokens.push_back(at(o.tokens, i));
+  f->default_deadline_ms = o.default_deadline_ms;
+  const char* cert_pem = o.cert_pem;
+  const char* key_pem = o.key_pem;
+  const char* client_ca_pem = o.client_ca_pem;
   f->service = std::make_unique<Service>(f);
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
   if (cert_pem && *cert_pem) {
@@ -464,9 +464,10 @@ void* fv_start(const char* address, int max_message_bytes, const char* tokens, i
     creds = grpc::SslServerCredentials(ssl);
   }
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(address, creds, port_out);
-  builder.SetMaxReceiveMessageSize(max_message_bytes);
-  builder.SetMaxSendMessageSize(max_message_bytes);
+  int port = 0;
+  builder.AddListeningPort(o.address, creds, &port);
+  builder.SetMaxReceiveMessageSize(o.max_message_bytes);
+  builder.SetMaxSendMessageSize(o.max_message_bytes);
   // Let a peer send a whole tensor in big frames without waiting for window updates.
   builder.AddChannelArgument("grpc.http2.max_frame_size", 1 << 20);
   builder.AddChannelArgument("grpc.http2.lookahead_bytes", 8 << 20);
@@ -477,9 +478,10 @@ void* fv_start(const char* address, int max_message_bytes, const char* tokens, i
   builder.AddChannelArgument("grpc.http2.max_ping_strikes", 0);
   builder.AddChannelArgument("grpc.so_reuseport", 0);
   builder.RegisterService(f->service.get());
-  f->relay = std::make_unique<fovea::Relay>(&builder, upstream, max_message_bytes);
+  f->relay = std::make_unique<fovea::Relay>(&builder, o.upstream, o.max_message_bytes);
   f->server = builder.BuildAndStart();
-  if (!f->server || *port_out == 0) {
+  *port_out = port;
+  if (!f->server || port == 0) {
     f->server.reset();
     f->relay->stop();
     delete f;
@@ -498,49 +500,44 @@ void* fv_start(const char* address, int max_message_bytes, const char* tokens, i
       lock.lock();
     }
   });
-  return f;
+  return reinterpret_cast<fv_front*>(f);
 }
 
-// Adds a model version; shapes are flattened, ranks give each tensor's length. Returns its slot.
-int fv_add_model(void* fp, const char* name, const char* version, int max_batch, int max_queue,
-                 int64_t max_queue_delay_us, int npreferred, const int32_t* preferred, int ninputs,
-                 const char** in_names, const char** in_dtypes, const int32_t* in_ranks, const int64_t* in_dims,
-                 int noutputs, const char** out_names, const char** out_dtypes, const int32_t* out_ranks,
-                 const int64_t* out_dims, const char* labels, int probabilities) {
-  auto* f = static_cast<Front*>(fp);
-  if (ninputs < 1 || ninputs > kMaxTensors || noutputs < 1 || noutputs > kMaxTensors || max_batch < 1) return -1;
+// A tensor spec from api.h's, or false when it is out of the front's limits.
+static bool tensor_spec(const fv_tensor_spec& t, int min_rank, fovea::TensorSpec* out) {
+  if (!t.name || !t.dtype || t.rank < min_rank || t.rank > kMaxRank) return false;
+  *out = fovea::TensorSpec{t.name, t.dtype, std::vector<int64_t>(t.dims, t.dims + t.rank), dtype_size(t.dtype)};
+  return true;
+}
+
+// Adds a model version (api.h). Returns its slot, or -1.
+int32_t fv_add_model(fv_front* fp, const fv_model_spec* spec) {
+  auto* f = of(fp);
+  const fv_model_spec& sp = *spec;
+  if (!sp.name || !sp.version || sp.ninputs < 1 || sp.ninputs > kMaxTensors || sp.noutputs < 1 ||
+      sp.noutputs > kMaxTensors || sp.max_batch < 1 || sp.max_queue < 0 || sp.max_queue_delay_us < 0 ||
+      sp.npreferred < 0 || sp.nlabels < 0 || (sp.npreferred > 0 && !sp.preferred) || !sp.inputs || !sp.outputs)
+    return -1;
   auto m = std::make_shared<Model>();
-  m->name = name;
-  m->version = version;
-  m->max_batch = max_batch;
-  m->max_queue = size_t(max_queue);
-  m->max_queue_delay_us = max_queue_delay_us;
-  m->preferred.insert(preferred, preferred + npreferred);
-  m->probabilities = probabilities != 0;
-  const int64_t* d = in_dims;
-  for (int i = 0; i < ninputs; ++i) {
-    if (in_ranks[i] < 1 || in_ranks[i] > kMaxRank) return -1;
-    fovea::TensorSpec s{in_names[i], in_dtypes[i], std::vector<int64_t>(d, d + in_ranks[i]), dtype_size(in_dtypes[i])};
-    if (s.elem == 0) return -1;
-    d += in_ranks[i];
+  m->name = sp.name;
+  m->version = sp.version;
+  m->max_batch = sp.max_batch;
+  m->max_queue = size_t(sp.max_queue);
+  m->max_queue_delay_us = sp.max_queue_delay_us;
+  if (sp.npreferred > 0) m->preferred.insert(sp.preferred, sp.preferred + sp.npreferred);
+  m->probabilities = sp.probabilities != 0;
+  for (int i = 0; i < sp.ninputs; ++i) {
+    fovea::TensorSpec s;
+    if (!tensor_spec(sp.inputs[i], 1, &s) || s.elem == 0) return -1;
     m->inputs.push_back(std::move(s));
   }
   // Outputs as the model declares them: validate bounds a classification k by their width.
-  d = out_dims;
-  for (int i = 0; i < noutputs; ++i) {
-    if (out_ranks[i] < 0 || out_ranks[i] > kMaxRank) return -1;
-    m->outputs.push_back(fovea::TensorSpec{out_names[i], out_dtypes[i], std::vector<int64_t>(d, d + out_ranks[i]),
-                                           dtype_size(out_dtypes[i])});
-    d += out_ranks[i];
+  for (int i = 0; i < sp.noutputs; ++i) {
+    fovea::TensorSpec s;
+    if (!tensor_spec(sp.outputs[i], 0, &s)) return -1;
+    m->outputs.push_back(std::move(s));
   }
-  std::string all(labels);
-  size_t pos = 0;
-  while (!all.empty() && pos <= all.size()) {
-    size_t end = all.find('\n', pos);
-    if (end == std::string::npos) end = all.size();
-    m->labels.push_back(all.substr(pos, end - pos));
-    pos = end + 1;
-  }
+  for (int i = 0; i < sp.nlabels; ++i) m->labels.push_back(at(sp.labels, i));
   m->codes = f->codes;
   std::unique_lock lock(f->routes_mu);
   int slot = f->next_slot++;
@@ -550,14 +547,15 @@ int fv_add_model(void* fp, const char* name, const char* version, int max_batch,
 }
 
 // Where calls without a version go: slots with weights (a canary splits by weight).
-int fv_route(void* fp, const char* name, int n, const int32_t* slots, const int32_t* weights) {
-  auto* f = static_cast<Front*>(fp);
+int32_t fv_route(fv_front* fp, const char* name, int32_t ntargets, const fv_route_target* targets_in) {
+  auto* f = of(fp);
+  if (!name || ntargets < 0 || (ntargets > 0 && !targets_in)) return -1;
   std::unique_lock lock(f->routes_mu);
   std::vector<std::pair<std::shared_ptr<Model>, int>> targets;
-  for (int i = 0; i < n; ++i) {
-    auto it = f->slots.find(slots[i]);
-    if (it == f->slots.end()) return -1;
-    targets.emplace_back(it->second, weights[i]);
+  for (int i = 0; i < ntargets; ++i) {
+    auto it = f->slots.find(targets_in[i].slot);
+    if (it == f->slots.end() || targets_in[i].weight < 0) return -1;
+    targets.emplace_back(it->second, targets_in[i].weight);
   }
   if (targets.empty()) f->by_name.erase(name);
   else f->by_name[name] = std::move(targets);
@@ -565,8 +563,8 @@ int fv_route(void* fp, const char* name, int n, const int32_t* slots, const int3
 }
 
 // Stops taking calls for a slot; queued ones are still handed out, then fv_next_batch returns -1.
-void fv_close_model(void* fp, int slot) {
-  auto* f = static_cast<Front*>(fp);
+void fv_close_model(fv_front* fp, int32_t slot) {
+  auto* f = of(fp);
   std::shared_ptr<Model> m;
   {
     std::unique_lock lock(f->routes_mu);
@@ -583,16 +581,16 @@ void fv_close_model(void* fp, int slot) {
   m->cv.notify_all();
 }
 
-void fv_release_model(void* fp, int slot) {
-  auto* f = static_cast<Front*>(fp);
+void fv_release_model(fv_front* fp, int32_t slot) {
+  auto* f = of(fp);
   std::unique_lock lock(f->routes_mu);
   f->slots.erase(slot);
 }
 
-// Waits up to timeout_ms for calls and hands out a batch: 1 = a batch, 0 = nothing yet, -1 = slot closed.
-// waits_s gets each call's time in the queue (room for max_batch entries).
-int fv_next_batch(void* fp, int slot, int timeout_ms, fv_batch* out, double* waits_s) {
-  auto* f = static_cast<Front*>(fp);
+// Waits up to timeout_ms for calls and hands out a batch (api.h).
+int32_t fv_next_batch(fv_front* fp, int32_t slot, int32_t timeout_ms, fv_batch* out, double* waits_s,
+                      int32_t waits_cap) {
+  auto* f = of(fp);
   std::shared_ptr<Model> m = f->model(slot);
   if (!m) return -1;
   auto batch = std::make_unique<Batch>();
@@ -649,7 +647,7 @@ int fv_next_batch(void* fp, int slot, int timeout_ms, fv_batch* out, double* wai
   for (size_t i = 0; i < batch->calls.size(); ++i) {
     Call* c = batch->calls[i];
     c->started_ns = t;
-    waits_s[i] = double(t - c->enqueued_ns) / 1e9;
+    if (int(i) < waits_cap) waits_s[i] = double(t - c->enqueued_ns) / 1e9;
     m->stats[kQueueCount] += 1;
     m->stats[kQueueNs] += t - c->enqueued_ns;
   }
@@ -702,9 +700,8 @@ static void batch_done(Batch* b) {
 }
 
 // Answers a batch's calls with outputs in the model's output order (C-contiguous, dimension 0 = samples).
-int fv_complete(void* fp, int64_t id, int64_t compute_ns, int noutputs, const char** dtypes, const void** data,
-                const int32_t* ranks, const int64_t* dims) {
-  auto* f = static_cast<Front*>(fp);
+int32_t fv_complete(fv_front* fp, int64_t id, int64_t compute_ns, int32_t noutputs, const fv_output* outputs) {
+  auto* f = of(fp);
   auto b = take_batch(f, id);
   if (!b) return -1;
   Model* m = b->model.get();
@@ -720,17 +717,22 @@ int fv_complete(void* fp, int64_t id, int64_t compute_ns, int noutputs, const ch
     cn.first += 1;
     cn.second += compute_ns;
   }
-  const int64_t* d = dims;
-  bool ok = noutputs == int(m->outputs.size());
+  bool ok = noutputs == int(m->outputs.size()) && outputs;
   for (int o = 0; ok && o < noutputs; ++o) {
-    b->shapes.emplace_back(d, d + ranks[o]);
-    d += ranks[o];
-    size_t bytes = dtype_size(dtypes[o]);
-    for (size_t k = 1; k < b->shapes[o].size(); ++k) bytes *= size_t(b->shapes[o][k]);
-    b->row_bytes.push_back(bytes);
-    b->dtypes.push_back(dtypes[o]);
-    ok = !b->shapes[o].empty() && b->shapes[o][0] == b->samples && bytes > 0;
-    if (ok) b->outputs.emplace_back(static_cast<const char*>(data[o]), bytes * size_t(b->samples));
+    const fv_output& out = outputs[o];
+    ok = out.dtype && out.data && out.rank >= 1 && out.rank <= kMaxRank && out.dims[0] == b->samples;
+    // A row's bytes, each factor checked so that the product cannot overflow (nor a dimension be negative).
+    uint64_t bytes = ok ? dtype_size(out.dtype) : 0;
+    for (int k = 1; ok && k < out.rank; ++k) {
+      ok = out.dims[k] >= 0 && (out.dims[k] == 0 || bytes <= (uint64_t(1) << 40) / uint64_t(out.dims[k]));
+      bytes *= uint64_t(out.dims[k]);
+    }
+    ok = ok && bytes > 0 && bytes <= (uint64_t(1) << 40) / uint64_t(b->samples);
+    if (!ok) break;
+    b->shapes.emplace_back(out.dims, out.dims + out.rank);
+    b->row_bytes.push_back(size_t(bytes));
+    b->dtypes.push_back(out.dtype);
+    b->outputs.emplace_back(static_cast<const char*>(out.data), size_t(bytes) * size_t(b->samples));
   }
   if (!ok) {
     for (Call* c : b->calls)
@@ -803,9 +805,8 @@ static void answer(Batch* b) {
     }
     offset += c->n;
     if (c->local) {  // for Python's trace of the call (finish frees c)
-      int64_t* t = c->local->timing;
-      t[0] = c->enqueued_ns, t[1] = c->started_ns, t[2] = b->computed_ns;
-      t[3] = b->samples, t[4] = int64_t(b->calls.size()), t[5] = b->id;
+      c->local->timing = fv_call_timing{c->enqueued_ns, c->started_ns,       b->computed_ns,
+                                        b->samples,     int64_t(b->calls.size()), b->id};
     }
     built_ns += now_ns() - t0;
     Front::finish(c, st, m);
@@ -815,29 +816,31 @@ static void answer(Batch* b) {
 }
 
 // Fails a batch's calls (the model raised): only this batch's requests fail.
-int fv_fail(void* fp, int64_t id, int code, const char* message) {
-  auto* f = static_cast<Front*>(fp);
+int32_t fv_fail(fv_front* fp, int64_t id, int32_t code, const char* message) {
+  auto* f = of(fp);
   auto b = take_batch(f, id);
   if (!b) return -1;
-  for (Call* c : b->calls) Front::finish(c, Status(StatusCode(code), message), b->model.get());
+  // OK would tell the callers their call succeeded with no answer: anything outside the errors is UNKNOWN.
+  const StatusCode st = code > 0 && code < FV_STATUS_CODES ? StatusCode(code) : StatusCode::UNKNOWN;
+  for (Call* c : b->calls) Front::finish(c, Status(st, message ? message : ""), b->model.get());
   batch_done(b.get());
   return 0;
 }
 
 // Queued calls and batches in compute for a slot (for draining and heartbeats).
-int fv_depth(void* fp, int slot, int32_t* queued, int32_t* busy) {
-  auto* f = static_cast<Front*>(fp);
+int32_t fv_depth(fv_front* fp, int32_t slot, fv_queue_depth* out) {
+  auto* f = of(fp);
   std::shared_ptr<Model> m = f->model(slot);
   if (!m) return -1;
   std::lock_guard lock(m->mu);
-  *queued = int32_t(m->queue.size());
-  *busy = m->busy;
+  out->queued = int32_t(m->queue.size());
+  out->busy = m->busy;
   return 0;
 }
 
 // A slot's ModelStatistics, serialized into buf; returns its length, or -1 (no such slot, or buf too small).
-int fv_statistics(void* fp, int slot, char* buf, int cap) {
-  auto* f = static_cast<Front*>(fp);
+int32_t fv_statistics(fv_front* fp, int32_t slot, char* buf, int32_t cap) {
+  auto* f = of(fp);
   std::shared_ptr<Model> m = f->model(slot);
   if (!m) return -1;
   std::string out = m->statistics().SerializeAsString();
@@ -846,44 +849,44 @@ int fv_statistics(void* fp, int slot, char* buf, int cap) {
   return int(out.size());
 }
 
-// A slot's successful calls by total time: bounds (ns, kTimeBuckets - 1 of them; may be null), counts per
-// bucket (kTimeBuckets, not cumulative) and the sum (ns). Returns the number of buckets, or -1 (no such slot).
-int fv_request_times(void* fp, int slot, int64_t* bounds, int64_t* counts, int64_t* sum_ns) {
-  std::shared_ptr<Model> m = static_cast<Front*>(fp)->model(slot);
+// A slot's successful calls by total time (api.h).
+int32_t fv_request_times(fv_front* fp, int32_t slot, fv_time_buckets* out) {
+  std::shared_ptr<Model> m = of(fp)->model(slot);
   if (!m) return -1;
   for (int b = 0; b < kTimeBuckets; ++b) {
-    if (bounds && b < kTimeBuckets - 1) bounds[b] = kTimeBoundsNs[b];
-    counts[b] = m->ok_times[b].load();
+    if (b < kTimeBuckets - 1) out->bounds_ns[b] = kTimeBoundsNs[b];
+    out->counts[b] = m->ok_times[b].load();
   }
-  *sum_ns = m->stats[kOkNs].load();
-  return kTimeBuckets;
+  out->sum_ns = m->stats[kOkNs].load();
+  return 0;
 }
 
-// ModelInfer calls answered so far, by status code (17 counters).
-void fv_codes(void* fp, int64_t* out) {
-  auto* f = static_cast<Front*>(fp);
-  for (int i = 0; i < 17; ++i) out[i] = f->codes[i].load();
+// ModelInfer calls answered so far, by status code.
+void fv_codes(fv_front* fp, fv_status_counts* out) {
+  auto* f = of(fp);
+  for (int i = 0; i < FV_STATUS_CODES; ++i) out->by_code[i] = f->codes[i].load();
 }
 
 // A ModelInfer the worker's Python server made (images it decoded, typed contents it read, as
 // raw_input_contents) for the version in slot: validated, queued and batched with the calls this front takes
-// itself, and answered by the same code. Blocks until answered (ctypes releases the GIL meanwhile). Returns
-// the gRPC status code; on OK, *out holds the serialized ModelInferResponse (free it with fv_free_buffer),
-// otherwise message gets the reason.
-int fv_submit(void* fp, int slot, const char* request, int64_t len, int64_t timeout_ms, char** out,
-              int64_t* out_len, int64_t* timing, char* message, int message_cap) {
-  auto* f = static_cast<Front*>(fp);
+// itself, and answered by the same code. Blocks until answered (the binding releases the GIL meanwhile).
+// Returns the gRPC status code; on OK, answer->response holds the serialized ModelInferResponse (free it
+// with fv_free_buffer), otherwise answer->message gets the reason.
+int32_t fv_submit(fv_front* fp, int32_t slot, const char* request, int64_t len, int64_t timeout_ms,
+                  fv_answer* answer) {
+  auto* f = of(fp);
   int64_t t0 = now_ns();
-  *out = nullptr;
-  *out_len = 0;
+  answer->response = nullptr;
+  answer->response_len = 0;
+  answer->message[0] = 0;
   auto fail = [&](const Status& st) {
-    std::snprintf(message, size_t(message_cap), "%s", st.error_message().c_str());
+    std::snprintf(answer->message, sizeof answer->message, "%s", st.error_message().c_str());
     return int(st.error_code());
   };
   std::shared_ptr<Model> m = f->model(slot);
   if (!m) return fail(Status(StatusCode::UNAVAILABLE, "this model version is unloading; retry"));
   std::unique_ptr<Call> owned(new Call);
-  if (len < 0 || !owned->request.ParseFromArray(request, int(len)))
+  if (len < 0 || len > INT32_MAX || !owned->request.ParseFromArray(request, int(len)))
     return fail(Status(StatusCode::INVALID_ARGUMENT, "the request is not a valid protobuf message for this method"));
   Status st = fovea::validate(*m, owned->request, owned.get());
   if (!st.ok()) {
@@ -901,11 +904,11 @@ int fv_submit(void* fp, int slot, const char* request, int64_t len, int64_t time
   std::unique_lock lock(local.mu);
   local.cv.wait(lock, [&] { return local.done; });
   if (!local.status.ok()) return fail(local.status);
-  *out = static_cast<char*>(std::malloc(std::max<size_t>(local.response.size(), 1)));
-  if (!*out) return fail(Status(StatusCode::RESOURCE_EXHAUSTED, "no memory for the answer"));
-  std::memcpy(*out, local.response.data(), local.response.size());
-  *out_len = int64_t(local.response.size());
-  std::memcpy(timing, local.timing, sizeof local.timing);
+  answer->response = static_cast<char*>(std::malloc(std::max<size_t>(local.response.size(), 1)));
+  if (!answer->response) return fail(Status(StatusCode::RESOURCE_EXHAUSTED, "no memory for the answer"));
+  std::memcpy(answer->response, local.response.data(), local.response.size());
+  answer->response_len = int64_t(local.response.size());
+  answer->timing = local.timing;
   return 0;
 }
 
@@ -913,14 +916,14 @@ void fv_free_buffer(char* buffer) { std::free(buffer); }
 
 // Whether calls with a sampled traceparent go to Python, which traces them: on when the worker's tracing is
 // (fovea/tracing.py); set before the first call.
-void fv_set_trace_sampled(void* fp, int on) { static_cast<Front*>(fp)->trace_sampled = on != 0; }
+void fv_set_trace_sampled(fv_front* fp, int32_t on) { of(fp)->trace_sampled = on != 0; }
 
-void fv_set_accepting(void* fp, int accepting) { static_cast<Front*>(fp)->accepting = accepting != 0; }
+void fv_set_accepting(fv_front* fp, int32_t accepting) { of(fp)->accepting = accepting != 0; }
 
 // Closes the port: calls still open after grace_s are cancelled. Batches must keep being served
 // meanwhile, since the server waits for every call it accepted to be answered.
-void fv_shutdown(void* fp, double grace_s) {
-  auto* f = static_cast<Front*>(fp);
+void fv_shutdown(fv_front* fp, double grace_s) {
+  auto* f = of(fp);
   if (f->stopped) return;
   f->stopped = true;
   f->accepting = false;
@@ -931,8 +934,8 @@ void fv_shutdown(void* fp, double grace_s) {
   f->relay->stop();
 }
 
-void fv_free(void* fp) {
-  auto* f = static_cast<Front*>(fp);
+void fv_free(fv_front* fp) {
+  auto* f = of(fp);
   fv_shutdown(fp, 0);
   if (f->answerer.joinable()) {
     {

@@ -14,6 +14,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -85,6 +86,10 @@ void release_values(std::vector<OrtValue*>& values) {
 std::string run(Session* s, const fv_batch& b, std::vector<OrtValue*>& outs) {
   if (b.ninputs != int(s->in_c.size())) return "the batch has " + std::to_string(b.ninputs) + " inputs, the session " +
                                                std::to_string(s->in_c.size());
+  for (int i = 0; i < b.ninputs; ++i)  // ONNX Runtime checks the bytes against the shape; these it reads first
+    if (b.rank[i] < 1 || b.rank[i] > kMaxRank || b.nbytes[i] < 0 || !b.data[i])
+      return "input " + std::to_string(i) + " of the batch has a rank out of 1.." + std::to_string(kMaxRank) +
+             " or no data";
   s->runs++;
   std::vector<OrtValue*> ins(size_t(b.ninputs), nullptr);
   std::string err;
@@ -100,12 +105,10 @@ std::string run(Session* s, const fv_batch& b, std::vector<OrtValue*>& outs) {
 }
 
 // Hands a batch's outputs to the front, which copies them and answers the calls.
-std::string complete(void* front, int64_t id, int64_t compute_ns, const std::vector<OrtValue*>& outs) {
+std::string complete(fv_front* front, int64_t id, int64_t compute_ns, const std::vector<OrtValue*>& outs) {
   const int n = int(outs.size());
-  std::vector<const char*> dtypes(n);
-  std::vector<const void*> data(n);
-  std::vector<int32_t> ranks(n);
-  std::vector<int64_t> dims;
+  if (n > kMaxTensors) return std::to_string(n) + " outputs; the fast port takes at most " + std::to_string(kMaxTensors);
+  fv_output out[kMaxTensors] = {};
   for (int o = 0; o < n; ++o) {
     OrtTensorTypeAndShapeInfo* info = nullptr;
     std::string err = error(ORT(GetTensorTypeAndShape)(outs[o], &info));
@@ -116,23 +119,19 @@ std::string complete(void* front, int64_t id, int64_t compute_ns, const std::vec
     if (err.empty())
       err = error(ORT(GetDimensionsCount)(info, &rank));
     if (err.empty() && (rank < 1 || rank > size_t(kMaxRank))) err = "an output of rank " + std::to_string(rank);
-    if (err.empty()) {
-      size_t at = dims.size();
-      dims.resize(at + rank);
-      err = error(ORT(GetDimensions)(info, dims.data() + at, rank));
-    }
+    if (err.empty()) err = error(ORT(GetDimensions)(info, out[o].dims, rank));
     if (info) ORT(ReleaseTensorTypeAndShapeInfo)(info);
     if (err.empty() && (type <= 0 || type >= kNumDtypes || !kDtypes[type]))
       err = "an output of ONNX element type " + std::to_string(type) + ", which the protocol cannot carry";
     void* p = nullptr;
     if (err.empty()) err = error(ORT(GetTensorMutableData)(outs[o], &p));
     if (!err.empty()) return err;
-    dtypes[o] = kDtypes[type];
-    data[o] = p;
-    ranks[o] = int32_t(rank);
+    out[o].dtype = kDtypes[type];
+    out[o].data = p;
+    out[o].rank = int32_t(rank);
   }
   // -2 (outputs that do not fit the batch) is answered by the front itself; -1 cannot happen here.
-  fv_complete(front, id, compute_ns, n, dtypes.data(), data.data(), ranks.data(), dims.data());
+  fv_complete(front, id, compute_ns, n, out);
   return {};
 }
 
@@ -152,7 +151,8 @@ struct Instances {
   bool alone_busy = false;
 
   std::mutex rec_mu;
-  std::vector<double> records;  // per batch: samples, calls, compute s, then each call's queue wait in s
+  std::vector<fv_batch_record> records;
+  std::vector<double> waits;  // each record's calls' queue waits (s), in order
   int64_t expired = 0, cancelled = 0, failed = 0, lost = 0;
   std::string last_error;
 
@@ -174,7 +174,11 @@ struct Instances {
   }
 };
 
-constexpr size_t kMaxRecords = size_t(1) << 22;  // doubles; past this (nobody reads them) batches go uncounted
+// Records and waits kept at most; past this (nobody reads them) batches go uncounted.
+constexpr size_t kMaxRecords = size_t(1) << 22;
+
+Session* session_of(fv_session* s) { return reinterpret_cast<Session*>(s); }
+Instances* instances_of(fv_instances* in) { return reinterpret_cast<Instances*>(in); }
 
 }  // namespace
 
@@ -182,7 +186,7 @@ extern "C" {
 #pragma GCC visibility push(default)
 
 // Opens ONNX Runtime's library at path (once per process). 0, or -1 with a message in err.
-int fv_ort_init(const char* path, char* err, int cap) {
+int32_t fv_ort_init(const char* path, char* err, int32_t cap) {
   std::lock_guard lock(g_init_mu);
   if (g_api) return 0;
   void* lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
@@ -213,77 +217,87 @@ int fv_ort_init(const char* path, char* err, int cap) {
 }
 
 // The version string of the opened library ("" before fv_ort_init).
-const char* fv_ort_version() {
+const char* fv_ort_version(void) {
   return g_base ? g_base->GetVersionString() : "";
 }
 
-// A CPU session on a model held in memory (already verified by the caller). Inputs and outputs are
-// named in the model's order; input dtypes are the protocol's ("FP32"). NULL, with err, on failure.
-void* fv_ort_session(const char* model, int64_t len, int intra_threads, int inter_threads, int opt_level, int arena,
-                     int nconfig, const char** keys, const char** values, int ninputs, const char** in_names,
-                     const char** in_dtypes, int noutputs, const char** out_names, char* err, int cap) {
+// The strings of an array from Python, or false when one is missing.
+bool strings(const char* const* items, int n, std::vector<std::string>* out) {
+  for (int i = 0; i < n; ++i) {
+    if (!items || !items[i]) return false;
+    out->emplace_back(items[i]);
+  }
+  return true;
+}
+
+// A CPU session on a model held in memory (api.h). NULL, with err, on failure.
+fv_session* fv_ort_session(const fv_session_spec* spec, char* err, int32_t cap) {
+  const fv_session_spec& sp = *spec;
   if (!g_api) return put_error(err, cap, "fv_ort_init has not run"), nullptr;
-  if (ninputs < 1 || ninputs > kMaxTensors || noutputs < 1 || noutputs > kMaxTensors)
+  if (sp.ninputs < 1 || sp.ninputs > kMaxTensors || sp.noutputs < 1 || sp.noutputs > kMaxTensors)
     return put_error(err, cap, "inputs or outputs out of the fast port's limits"), nullptr;
   auto s = std::make_unique<Session>();
-  for (int i = 0; i < ninputs; ++i) {
-    s->in_names.emplace_back(in_names[i]);
-    s->in_types.push_back(element_type(in_dtypes[i]));
-    if (s->in_types.back() < 0)
-      return put_error(err, cap, std::string("input dtype ") + in_dtypes[i] + " has no ONNX element type"), nullptr;
+  std::vector<std::string> in_dtypes, keys, values;
+  if (!sp.model || sp.model_len < 0 || sp.nentries < 0 || !strings(sp.input_names, sp.ninputs, &s->in_names) ||
+      !strings(sp.input_dtypes, sp.ninputs, &in_dtypes) || !strings(sp.output_names, sp.noutputs, &s->out_names) ||
+      !strings(sp.keys, sp.nentries, &keys) || !strings(sp.values, sp.nentries, &values))
+    return put_error(err, cap, "a session spec with a missing model, name or entry"), nullptr;
+  for (const auto& dtype : in_dtypes) {
+    s->in_types.push_back(element_type(dtype.c_str()));
+    if (s->in_types.back() < 0) return put_error(err, cap, "input dtype " + dtype + " has no ONNX element type"), nullptr;
   }
-  for (int o = 0; o < noutputs; ++o) s->out_names.emplace_back(out_names[o]);
   for (auto& n : s->in_names) s->in_c.push_back(n.c_str());
   for (auto& n : s->out_names) s->out_c.push_back(n.c_str());
 
   OrtSessionOptions* so = nullptr;
   std::string e = error(ORT(CreateSessionOptions)(&so));
-  if (e.empty()) e = error(ORT(SetIntraOpNumThreads)(so, intra_threads));
-  if (e.empty()) e = error(ORT(SetInterOpNumThreads)(so, inter_threads));
-  if (e.empty()) e = error(ORT(SetSessionGraphOptimizationLevel)(so, opt_level));
-  if (e.empty()) e = error(arena ? ORT(EnableCpuMemArena)(so) : ORT(DisableCpuMemArena)(so));
-  for (int i = 0; i < nconfig && e.empty(); ++i) e = error(ORT(AddSessionConfigEntry)(so, keys[i], values[i]));
-  if (e.empty()) e = error(ORT(CreateSessionFromArray)(g_env, model, size_t(len), so, &s->s));
+  if (e.empty()) e = error(ORT(SetIntraOpNumThreads)(so, sp.intra_op_threads));
+  if (e.empty()) e = error(ORT(SetInterOpNumThreads)(so, sp.inter_op_threads));
+  if (e.empty()) e = error(ORT(SetSessionGraphOptimizationLevel)(so, sp.optimization_level));
+  if (e.empty()) e = error(sp.cpu_mem_arena ? ORT(EnableCpuMemArena)(so) : ORT(DisableCpuMemArena)(so));
+  for (size_t i = 0; i < keys.size() && e.empty(); ++i)
+    e = error(ORT(AddSessionConfigEntry)(so, keys[i].c_str(), values[i].c_str()));
+  if (e.empty()) e = error(ORT(CreateSessionFromArray)(g_env, sp.model, size_t(sp.model_len), so, &s->s));
   if (so) ORT(ReleaseSessionOptions)(so);
   if (!e.empty()) return put_error(err, cap, e), nullptr;
-  return s.release();
+  return reinterpret_cast<fv_session*>(s.release());
 }
 
 // Runs a batch and drops its outputs (warm-up). 0, or -1 with err.
-int fv_ort_run(void* session, const fv_batch* in, char* err, int cap) {
+int32_t fv_ort_run(fv_session* session, const fv_batch* in, char* err, int32_t cap) {
   std::vector<OrtValue*> outs;
-  std::string e = run(static_cast<Session*>(session), *in, outs);
+  std::string e = run(session_of(session), *in, outs);
   release_values(outs);
   return e.empty() ? 0 : put_error(err, cap, e);
 }
 
-int64_t fv_ort_runs(void* session) { return static_cast<Session*>(session)->runs; }
+int64_t fv_ort_runs(fv_session* session) { return session_of(session)->runs; }
 
-void fv_ort_free(void* session) {
-  auto* s = static_cast<Session*>(session);
+void fv_ort_free(fv_session* session) {
+  auto* s = session_of(session);
   if (!s) return;
   if (s->s) ORT(ReleaseSession)(s->s);
   delete s;
 }
 
 // The shared state of a version's batch loops; alone may be NULL.
-void* fv_instances_new(void* alone) {
+fv_instances* fv_instances_new(fv_session* alone) {
   auto* in = new Instances();
-  in->alone = static_cast<Session*>(alone);
-  return in;
+  in->alone = session_of(alone);
+  return reinterpret_cast<fv_instances*>(in);
 }
 
-void fv_instances_free(void* instances) { delete static_cast<Instances*>(instances); }
+void fv_instances_free(fv_instances* instances) { delete instances_of(instances); }
 
 // One model instance's batch loop for a slot of the front; returns once the slot is closed and drained.
-int fv_serve(void* front, int slot, void* session, void* instances, int max_batch) {
-  auto* s = static_cast<Session*>(session);
-  auto* in = static_cast<Instances*>(instances);
+int32_t fv_serve(fv_front* front, int32_t slot, fv_session* session, fv_instances* instances, int32_t max_batch) {
+  auto* s = session_of(session);
+  auto* in = instances_of(instances);
   fv_batch b{};
   std::vector<double> waits(size_t(max_batch > 0 ? max_batch : 1));
   std::vector<OrtValue*> outs;
   while (true) {
-    int got = fv_next_batch(front, slot, 250, &b, waits.data());
+    int got = fv_next_batch(front, slot, 250, &b, waits.data(), int32_t(waits.size()));
     if (b.expired || b.cancelled) {
       std::lock_guard lock(in->rec_mu);
       in->expired += b.expired;
@@ -305,39 +319,42 @@ int fv_serve(void* front, int slot, void* session, void* instances, int max_batc
       in->last_error = err.substr(0, 300);
       continue;
     }
-    if (in->records.size() + 3 + size_t(b.calls) > kMaxRecords) {
+    const size_t calls = std::min(size_t(b.calls), waits.size());
+    if (in->records.size() >= kMaxRecords || in->waits.size() + calls > kMaxRecords) {
       in->lost++;
       continue;
     }
-    in->records.push_back(b.samples);
-    in->records.push_back(b.calls);
-    in->records.push_back(double(compute_ns) / 1e9);
-    in->records.insert(in->records.end(), waits.begin(), waits.begin() + b.calls);
+    in->records.push_back(fv_batch_record{b.samples, int32_t(calls), double(compute_ns) / 1e9});
+    in->waits.insert(in->waits.end(), waits.begin(), waits.begin() + long(calls));
   }
 }
 
-// Moves whole batch records (see Instances::records) into out, up to cap doubles; returns how many.
-// counts gets, since the last call: calls expired, cancelled, batches failed, records lost. err gets
-// the last failure's message.
-int fv_take_records(void* instances, double* out, int cap, int64_t* counts, char* err, int errcap) {
-  auto* in = static_cast<Instances*>(instances);
+// Moves whole batch records into io, as many as fit (api.h); returns how many.
+int32_t fv_take_records(fv_instances* instances, fv_records* io) {
+  auto* in = instances_of(instances);
   std::lock_guard lock(in->rec_mu);
-  size_t n = 0;
-  while (n < in->records.size()) {
-    size_t len = 3 + size_t(in->records[n + 1]);
-    if (n + len > size_t(cap)) break;
-    n += len;
+  size_t n = 0, nwaits = 0;
+  while (n < in->records.size() && n < size_t(std::max(io->records_cap, 0))) {
+    const size_t calls = size_t(in->records[n].calls);
+    if (nwaits + calls > size_t(std::max(io->waits_cap, 0))) break;
+    nwaits += calls;
+    n += 1;
   }
-  if (n > 0) std::memcpy(out, in->records.data(), n * sizeof(double));  // data() may be null when empty
+  // data() may be null when empty
+  if (n > 0) std::memcpy(io->records, in->records.data(), n * sizeof(fv_batch_record));
+  if (nwaits > 0) std::memcpy(io->waits, in->waits.data(), nwaits * sizeof(double));
   in->records.erase(in->records.begin(), in->records.begin() + long(n));
-  counts[0] = in->expired;
-  counts[1] = in->cancelled;
-  counts[2] = in->failed;
-  counts[3] = in->lost;
+  in->waits.erase(in->waits.begin(), in->waits.begin() + long(nwaits));
+  io->nrecords = int32_t(n);
+  io->nwaits = int32_t(nwaits);
+  io->expired = in->expired;
+  io->cancelled = in->cancelled;
+  io->failed = in->failed;
+  io->lost = in->lost;
   in->expired = in->cancelled = in->failed = in->lost = 0;
-  if (!in->last_error.empty()) put_error(err, errcap, in->last_error);
+  put_error(io->last_error, int(sizeof io->last_error), in->last_error);
   in->last_error.clear();
-  return int(n);
+  return int32_t(n);
 }
 
 #pragma GCC visibility pop
