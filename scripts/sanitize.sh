@@ -5,7 +5,8 @@
 #
 #   scripts/sanitize.sh [pytest arguments]     (default: the native tests below)
 #
-# Python loads the libraries through ctypes, so the sanitizer runtimes must be loaded first (LD_PRELOAD).
+# The interpreter is not instrumented and loads the native code with dlopen (the worker's cffi binding, the
+# gateway's library), so the sanitizer runtimes must be loaded first (LD_PRELOAD).
 # Leak detection is off: the interpreter keeps its objects until exit by design.
 set -euo pipefail
 cd "$(dirname "$0")/.."

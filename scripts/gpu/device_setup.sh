@@ -15,8 +15,9 @@ fi
 # its libraries: none of them is installed there.
 mkdir -p /tmp/native
 if [ -d .whl/native ]; then cp .whl/native/* /tmp/native/; fi
-if [ -f worker/native/build/libfovea_front.so ]; then cp worker/native/build/libfovea_front.so /tmp/native/;
-elif [ -f /tmp/native/libfovea_front.so ]; then mkdir -p worker/native/build; cp /tmp/native/libfovea_front.so worker/native/build/; fi
+# The worker's binding is an extension module for one Python version: it must be built for this machine's.
+if ls worker/native/build/_fovea_worker*.so >/dev/null 2>&1; then cp worker/native/build/_fovea_worker*.so /tmp/native/;
+elif ls /tmp/native/_fovea_worker*.so >/dev/null 2>&1; then mkdir -p worker/native/build; cp /tmp/native/_fovea_worker*.so worker/native/build/; fi
 # CUDA 13 and cuDNN 9 come from the NVIDIA wheels that PyTorch installed there.
 NV=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null || true)
 if [ -n "$NV" ]; then

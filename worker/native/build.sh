@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the worker's native front (build/libfovea_front.so) after an edit, without reinstalling: a thin
-# wrapper of scripts/native.sh, the project's CMake build that `pip install .` and `pip install -e .` run
-# (CMakeLists.txt). FOVEA_NATIVE_SANITIZE=1 builds the ASan/UBSan variant into build-asan/ instead.
+# Builds the worker's native front (build/_fovea_worker<suffix>.so, its cffi binding) after an edit, without
+# reinstalling: a thin wrapper of scripts/native.sh, the project's CMake build that `pip install .` and
+# `pip install -e .` run (CMakeLists.txt). FOVEA_NATIVE_SANITIZE=1 builds the ASan/UBSan variant into
+# build-asan/ instead.
 set -euo pipefail
 variant=release
 [[ "${FOVEA_NATIVE_SANITIZE:-0}" == 1 ]] && variant=asan
