@@ -426,6 +426,10 @@ Front* of(fv_front* fp) { return reinterpret_cast<Front*>(fp); }
 // The first n strings of an array that may be NULL when n is 0; NULL entries read as "".
 std::string at(const char* const* items, int i) { return items && items[i] ? items[i] : ""; }
 
+// Times from Python are added to clock readings in ns: past a year they could overflow, and mean nothing.
+constexpr int64_t kMaxMs = int64_t(366) * 24 * 3600 * 1000;
+int64_t bounded_ms(int64_t ms) { return std::clamp<int64_t>(ms, 0, kMaxMs); }
+
 }  // namespace
 
 extern "C" {
@@ -449,7 +453,7 @@ fv_front* fv_start(const fv_front_options* options, int32_t* port_out) {
   auto* f = new Front();
   for (int i = 0; i < o.ntokens; ++i)
     if (!at(o.tokens, i).empty()) f->tokens.push_back(at(o.tokens, i));
-  f->default_deadline_ms = o.default_deadline_ms;
+  f->default_deadline_ms = bounded_ms(o.default_deadline_ms);
   const char* cert_pem = o.cert_pem;
   const char* key_pem = o.key_pem;
   const char* client_ca_pem = o.client_ca_pem;
@@ -515,7 +519,7 @@ int32_t fv_add_model(fv_front* fp, const fv_model_spec* spec) {
   auto* f = of(fp);
   const fv_model_spec& sp = *spec;
   if (!sp.name || !sp.version || sp.ninputs < 1 || sp.ninputs > kMaxTensors || sp.noutputs < 1 ||
-      sp.noutputs > kMaxTensors || sp.max_batch < 1 || sp.max_queue < 0 || sp.max_queue_delay_us < 0 ||
+      sp.noutputs > kMaxTensors || sp.max_batch < 1 || sp.max_queue < 0 || sp.max_queue_delay_us < 0 || sp.max_queue_delay_us > kMaxMs * 1000 ||
       sp.npreferred < 0 || sp.nlabels < 0 || (sp.npreferred > 0 && !sp.preferred) || !sp.inputs || !sp.outputs)
     return -1;
   auto m = std::make_shared<Model>();
@@ -805,8 +809,8 @@ static void answer(Batch* b) {
     }
     offset += c->n;
     if (c->local) {  // for Python's trace of the call (finish frees c)
-      c->local->timing = fv_call_timing{c->enqueued_ns, c->started_ns,       b->computed_ns,
-                                        b->samples,     int64_t(b->calls.size()), b->id};
+      c->local->timing =
+          fv_call_timing{c->enqueued_ns, c->started_ns, b->computed_ns, b->samples, int64_t(b->calls.size()), b->id};
     }
     built_ns += now_ns() - t0;
     Front::finish(c, st, m);
@@ -896,7 +900,7 @@ int32_t fv_submit(fv_front* fp, int32_t slot, const char* request, int64_t len, 
   Local local;
   Call* call = owned.release();
   call->local = &local;
-  call->deadline = SysClock::now() + std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0));
+  call->deadline = SysClock::now() + std::chrono::milliseconds(bounded_ms(timeout_ms));
   call->enqueued_ns = t0;
   m->stats[kInputNs] += now_ns() - t0;
   st = enqueue(m.get(), call);

@@ -333,10 +333,13 @@ int32_t fv_serve(fv_front* front, int32_t slot, fv_session* session, fv_instance
 int32_t fv_take_records(fv_instances* instances, fv_records* io) {
   auto* in = instances_of(instances);
   std::lock_guard lock(in->rec_mu);
+  // The caller's room: none without an array.
+  const size_t records_cap = io->records ? size_t(std::max(io->records_cap, 0)) : 0;
+  const size_t waits_cap = io->waits ? size_t(std::max(io->waits_cap, 0)) : 0;
   size_t n = 0, nwaits = 0;
-  while (n < in->records.size() && n < size_t(std::max(io->records_cap, 0))) {
+  while (n < in->records.size() && n < records_cap) {
     const size_t calls = size_t(in->records[n].calls);
-    if (nwaits + calls > size_t(std::max(io->waits_cap, 0))) break;
+    if (nwaits + calls > waits_cap) break;
     nwaits += calls;
     n += 1;
   }
