@@ -169,7 +169,7 @@ def test_an_editable_install_builds_into_the_tree_and_leaves_pythonpath_first(
         # Installed editable, the clone's code is imported; with PYTHONPATH naming another tree, that one's.
         assert all(pathlib.Path(f).is_relative_to(tree) for f in probe.stdout.split()), (pythonpath, probe.stdout)
     probe = subprocess.run(
-        [str(python), "-c", PROBE % {"packages": ["gateway", "worker"], "libraries": LIBRARIES}],
+        [str(python), "-c", PROBE % {"packages": ["gateway", "worker"], "libraries": LIBRARIES, "bindings": BINDINGS}],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -181,3 +181,6 @@ def test_an_editable_install_builds_into_the_tree_and_leaves_pythonpath_first(
     assert found["available"] == {"gateway": True, "worker": True}
     for part, (filename, _) in LIBRARIES.items():
         assert found["libraries"][part] == str(fresh_clone / part / "native" / "build" / filename)
+    for part, (module, _) in BINDINGS.items():
+        built = f"{module}{sysconfig.get_config_var('EXT_SUFFIX')}"
+        assert found["libraries"][part] == str(fresh_clone / part / "native" / "build" / built)
