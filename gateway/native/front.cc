@@ -1225,7 +1225,6 @@ void Call::relay_event(Event e, bool ok) {
 }
 
 void Front::serve(grpc::ServerCompletionQueue* cq) {
-  for (int i = 0; i < kRequested; ++i) new Call(this, cq);
   void* tag;
   bool ok;
   while (cq->Next(&tag, &ok)) Call::run(static_cast<Call::Tag*>(tag), ok);
@@ -1294,6 +1293,10 @@ void* fg_start(const char* address, int max_message_bytes, const char* slow_addr
     delete f;
     return nullptr;
   }
+  // The first calls are asked for here, not on the queues' threads: a shutdown right after the start then finds
+  // them (live_calls), and waits for them, before it closes the queues they were asked on.
+  for (auto& cq : f->cqs)
+    for (int i = 0; i < Front::kRequested; ++i) new Call(f, cq.get());
   for (auto& cq : f->cqs) f->threads.emplace_back([f, q = cq.get()] { f->serve(q); });
   return f;
 }
