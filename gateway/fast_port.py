@@ -5,6 +5,9 @@ in C++: the request's bytes go to a worker as they came. Every other call (unkno
 expired keys, other methods, anything that fails) is passed, bytes and metadata unchanged, to this
 gateway's Python server over a unix socket in a private directory, which answers it as usual. Python
 keeps the front's tables current from the registry's watch streams.
+
+Every call goes through the cffi module built from native/api.h (fovea/native.py loads it), which checks it
+against the header; tables, counters and call records cross as the structs declared there.
 """
 
 from __future__ import annotations
@@ -153,7 +156,7 @@ class NativeGateway:
         self.handle = handle
         self.port = int(port[0])
         self.routes = RouteTable()  # the last table sent (read by tests)
-        self._counts = ffi.new("struct fg_counters*")
+        # Filled by drain_log and take_ejected, which only the drain task calls (gateway/server.py drain_native).
         self._log = ffi.new("struct fg_log_record[]", LOG_BATCH)
         self._dropped = ffi.new("int64_t*")
         self._ejected = ffi.new("struct fg_address[]", EJECTED_BATCH)
@@ -270,7 +273,7 @@ class NativeGateway:
             logger.warning("the native front left %s routing entries out (strings past their bounds)", skipped)
 
     def counts(self) -> dict[str, Any]:
-        c = self._counts
+        c = self.ffi.new("struct fg_counters*")  # its own: metrics scrapes read it from another thread
         if self.handle:
             self.lib.fg_counts(self.handle, c)
         return {
