@@ -5,7 +5,8 @@
 #
 #   scripts/sanitize.sh [pytest arguments]     (default: the native tests below)
 #
-# Python loads the libraries through ctypes, so the sanitizer runtimes must be loaded first (LD_PRELOAD).
+# Python loads the native code into its own process (the gateway's cffi module, the worker's library), so the
+# sanitizer runtimes must be loaded first (LD_PRELOAD).
 # Leak detection is off: the interpreter keeps its objects until exit by design.
 set -euo pipefail
 cd "$(dirname "$0")/.."

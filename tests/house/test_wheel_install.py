@@ -21,10 +21,12 @@ import pytest
 from tests.house.conftest import ROOT
 
 PACKAGES = ["fovea", "gateway", "worker", "registry", "training", "loadtest", "inference"]
-LIBRARIES = {"gateway": ("libfovea_gateway_front.so", "fg_start"), "worker": ("libfovea_front.so", "fv_start")}
+# part: (file, symbol); a name without ".so" is a binding, the cffi module imported through fovea.native
+LIBRARIES = {"gateway": ("_fovea_gateway", "fg_start"), "worker": ("libfovea_front.so", "fv_start")}
 
 PROBE = """
 import ctypes, importlib, importlib.metadata, json, pathlib, sys, sysconfig
+import fovea.native
 site = pathlib.Path(sysconfig.get_paths()["purelib"]).resolve()
 out = {"outside": [], "libraries": {}, "available": {}}
 for name in %(packages)r:
@@ -32,8 +34,13 @@ for name in %(packages)r:
     if not pathlib.Path(module.__file__).resolve().is_relative_to(site):
         out["outside"].append(f"{name}: {module.__file__}")
 for part, (filename, symbol) in %(libraries)r.items():
-    path = pathlib.Path(importlib.import_module(part).__file__).parent / "native" / "build" / filename
-    lib = ctypes.CDLL(str(path))
+    folder = pathlib.Path(importlib.import_module(part).__file__).parent
+    if filename.endswith(".so"):
+        path = folder / "native" / "build" / filename
+        lib = ctypes.CDLL(str(path))
+    else:
+        path = fovea.native.binding_path(folder, filename)
+        lib = fovea.native.load_binding(folder, filename)[1]
     getattr(lib, symbol)
     out["libraries"][part] = str(path)
     out["available"][part] = importlib.import_module(part + ".fast_port").available()
@@ -118,7 +125,6 @@ def test_a_regular_install_carries_native_libraries_that_load(
     binding = f"gateway/native/build/_fovea_gateway{sysconfig.get_config_var('EXT_SUFFIX')}"
     assert others == [
         binding,
-        "gateway/native/build/libfovea_gateway_front.so",
         "worker/native/build/libfovea_front.so",
     ]
     assert not [f for f in files if f.endswith(".pyi") and not f.startswith(("fovea/v1/", "inference/"))]
@@ -172,4 +178,5 @@ def test_an_editable_install_builds_into_the_tree_and_leaves_pythonpath_first(
     found = json.loads(probe.stdout.strip().splitlines()[-1])
     assert found["available"] == {"gateway": True, "worker": True}
     for part, (filename, _) in LIBRARIES.items():
-        assert found["libraries"][part] == str(fresh_clone / part / "native" / "build" / filename)
+        suffix = "" if filename.endswith(".so") else sysconfig.get_config_var("EXT_SUFFIX")
+        assert found["libraries"][part] == str(fresh_clone / part / "native" / "build" / (filename + suffix))
