@@ -5,7 +5,9 @@ Patterns use fullmatch: with match(), "$" also matches before a trailing newline
 
 from __future__ import annotations
 
+import fnmatch
 import re
+from collections.abc import Sequence
 
 from fovea.errors import InvalidArgument
 
@@ -58,3 +60,10 @@ def redis_key(*parts: str | int) -> str:
             raise InvalidArgument(f"invalid Redis key part {text[:80]!r}")
         out.append(text)
     return ":".join(out)
+
+
+def model_allowed(patterns: Sequence[str], model: str) -> bool:
+    """Whether an API key with these model patterns (shell-style, case-sensitive; none: every model) may use
+    the model. The one Python copy, for the gateway and the registry; the gateway's native front matches with
+    C's fnmatch(3), which agrees on the patterns key creation accepts."""
+    return not patterns or any(fnmatch.fnmatchcase(model, p) for p in patterns)

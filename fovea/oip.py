@@ -4,41 +4,50 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from fovea.errors import InvalidArgument
 
-OIP_TO_NUMPY: dict[str, Any] = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-}
+
+@dataclass(frozen=True)
+class DType:
+    """One Open Inference Protocol datatype and what it is called elsewhere."""
+
+    name: str  # the protocol's name, e.g. "FP32"
+    numpy: Any  # NumPy's type; None where NumPy has none (BF16, BYTES)
+    size: int  # bytes per element in raw contents; 0 for BYTES (length-prefixed items)
+    field: str  # its InferTensorContents field; "" where the protocol has none (FP16, BF16)
+    onnx: int  # onnx.TensorProto's element type
+    ort: str  # ONNX Runtime's type string in the Python API
+
+
+# The one table of datatypes (the native parts keep their own: worker/native/check.cc and ort_loop.cc,
+# gateway/native/front.cc); every mapping below is derived from it.
+DTYPES = (
+    DType("BOOL", np.bool_, 1, "bool_contents", 9, "tensor(bool)"),
+    DType("UINT8", np.uint8, 1, "uint_contents", 2, "tensor(uint8)"),
+    DType("INT8", np.int8, 1, "int_contents", 3, "tensor(int8)"),
+    DType("UINT16", np.uint16, 2, "uint_contents", 4, "tensor(uint16)"),
+    DType("INT16", np.int16, 2, "int_contents", 5, "tensor(int16)"),
+    DType("FP16", np.float16, 2, "", 10, "tensor(float16)"),
+    DType("BF16", None, 2, "", 16, "tensor(bfloat16)"),
+    DType("UINT32", np.uint32, 4, "uint_contents", 12, "tensor(uint32)"),
+    DType("INT32", np.int32, 4, "int_contents", 6, "tensor(int32)"),
+    DType("FP32", np.float32, 4, "fp32_contents", 1, "tensor(float)"),
+    DType("UINT64", np.uint64, 8, "uint64_contents", 13, "tensor(uint64)"),
+    DType("INT64", np.int64, 8, "int64_contents", 7, "tensor(int64)"),
+    DType("FP64", np.float64, 8, "fp64_contents", 11, "tensor(double)"),
+    DType("BYTES", None, 0, "bytes_contents", 8, "tensor(string)"),
+)
+OIP_TO_NUMPY: dict[str, Any] = {d.name: d.numpy for d in DTYPES if d.numpy is not None}
 NUMPY_TO_OIP = {np.dtype(v).str: k for k, v in OIP_TO_NUMPY.items()}
-TYPED_FIELD = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
+TYPED_FIELD = {d.name: d.field for d in DTYPES if d.field}
+ELEMENT_BYTES = {d.name: d.size for d in DTYPES}
+ONNX_TO_OIP = {d.onnx: d.name for d in DTYPES}
+ORT_TO_NUMPY = {d.ort: d.numpy for d in DTYPES if d.numpy is not None}
 
 
 def oip_dtype(array: np.ndarray) -> str:

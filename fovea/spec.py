@@ -12,22 +12,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from fovea.oip import ONNX_TO_OIP
+
 META_LABELS = "fovea.labels"
 META_PREPROCESSING = "fovea.preprocessing"
 META_MODEL_CARD = "fovea.model_card"
-
-ONNX_TO_OIP = {
-    1: "FP32",  # onnx.TensorProto.FLOAT
-    2: "UINT8",
-    3: "INT8",
-    5: "INT16",
-    6: "INT32",
-    7: "INT64",
-    8: "BYTES",
-    9: "BOOL",
-    10: "FP16",
-    11: "FP64",
-}
 
 
 def preprocessing_to_dict(pre: Any) -> dict[str, Any]:

@@ -13,7 +13,6 @@ not turn into a stream of registry calls.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any, Protocol
 import grpc
 
 from fovea.errors import FoveaError, PermissionDenied, Unauthenticated
+from fovea.names import model_allowed
 from fovea.rpc import bearer_token
 from fovea.v1 import registry_pb2
 
@@ -134,6 +134,5 @@ def check_model_access(api_key: registry_pb2.ApiKey, model: str) -> None:
     """Raise PermissionDenied unless the key may call inference on this model."""
     if api_key.role < registry_pb2.ROLE_INFER:
         raise PermissionDenied(f"API key {api_key.key_id} has no inference role")
-    patterns = list(api_key.model_patterns)
-    if patterns and not any(fnmatch.fnmatchcase(model, p) for p in patterns):
+    if not model_allowed(api_key.model_patterns, model):
         raise PermissionDenied(f"API key {api_key.key_id} may not use model {model!r}")

@@ -5,51 +5,104 @@ in C++: the request's bytes go to a worker as they came. Every other call (unkno
 expired keys, other methods, anything that fails) is passed, bytes and metadata unchanged, to this
 gateway's Python server over a unix socket in a private directory, which answers it as usual. Python
 keeps the front's tables current from the registry's watch streams.
+
+Every call goes through the cffi module built from native/api.h (fovea/native.py loads it), which checks it
+against the header; tables, counters and call records cross as the structs declared there.
 """
 
 from __future__ import annotations
 
-import ctypes as C
+import dataclasses
 import logging
-import os
 import pathlib
 import time
 from typing import Any
 
+from fovea.native import binding_path, load_binding
 from fovea.v1 import model_pb2, registry_pb2
 
 logger = logging.getLogger(__name__)
 
-# FOVEA_NATIVE_BUILD picks another build folder: build-asan is the sanitizer build (scripts/sanitize.sh).
-BUILD = os.environ.get("FOVEA_NATIVE_BUILD", "") or "build"
-LIBRARY = pathlib.Path(__file__).parent / "native" / BUILD / "libfovea_gateway_front.so"
+# The binding: the cffi extension module CMakeLists.txt builds from native/api.h (fovea/native.py).
+PART = pathlib.Path(__file__).parent
+MODULE = "_fovea_gateway"
+LOG_BATCH = 1024  # records taken per fg_drain_log call; a drain takes as many batches as there are
+EJECTED_BATCH = 64
+
+
+def binding() -> pathlib.Path:
+    """Where the binding is, or would be (FOVEA_NATIVE_BUILD picks the build folder)."""
+    return binding_path(PART, MODULE)
 
 
 def available() -> bool:
-    return LIBRARY.exists()
+    return binding().exists()
 
 
-def load() -> C.CDLL:
-    if not LIBRARY.exists():
-        raise RuntimeError(f"{LIBRARY} is missing: run gateway/native/build.sh (scripts/setup.sh does)")
-    lib = C.CDLL(str(LIBRARY))
-    p, i, i64, s = C.c_void_p, C.c_int, C.c_int64, C.c_char_p
-    lib.fg_start.restype = p
-    lib.fg_start.argtypes = [s, i, s, s, i64, i64, i64, i, i64, i, s, s, s, C.POINTER(i)]
-    lib.fg_drain_log.restype = i64
-    lib.fg_drain_log.argtypes = [p, p, i64, C.POINTER(i64)]
-    lib.fg_put_key.argtypes = [p, s, s, i, s, i64]
-    lib.fg_drop_key.argtypes = [p, s]
-    lib.fg_clear_keys.argtypes = [p]
-    lib.fg_set_routes.argtypes = [p, s]
-    lib.fg_counts.argtypes = [p, p]
-    lib.fg_set_accepting.argtypes = [p, i]
-    lib.fg_take_ejected.restype = i64
-    lib.fg_take_ejected.argtypes = [p, p, i64]
-    lib.fg_readmit.argtypes = [p, s]
-    lib.fg_shutdown.argtypes = [p, C.c_double]
-    lib.fg_free.argtypes = [p]
-    return lib
+def load() -> tuple[Any, Any]:
+    """(ffi, lib) of the binding; RuntimeError when it is not built, ImportError when it cannot be loaded."""
+    return load_binding(PART, MODULE)
+
+
+@dataclasses.dataclass(frozen=True)
+class AliasTarget:
+    model: str
+    version: int
+    weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageModel:
+    model: str
+    version: int
+    input: str
+    output: str
+    width: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerRoute:
+    model: str
+    version: int
+    fast_address: str
+    main_address: str
+    queue_depth: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteTable:
+    """The front's routing table (struct fg_routes in native/api.h)."""
+
+    aliases: list[AliasTarget] = dataclasses.field(default_factory=list)
+    images: list[ImageModel] = dataclasses.field(default_factory=list)
+    workers: list[WorkerRoute] = dataclasses.field(default_factory=list)
+
+    def workers_of(self, model: str) -> list[WorkerRoute]:
+        return [w for w in self.workers if w.model == model]
+
+    def has_alias(self, model: str) -> bool:
+        return any(a.model == model for a in self.aliases)
+
+    def fast_addresses(self) -> set[str]:
+        return {w.fast_address for w in self.workers}
+
+
+class CStrings:
+    """Keeps the C strings of one call's structs alive until the call returns (the front copies what it keeps)."""
+
+    def __init__(self, ffi: Any) -> None:
+        self.ffi = ffi
+        self.owned: list[Any] = []
+
+    def __call__(self, text: str | bytes) -> Any:
+        s = self.ffi.new("char[]", text.encode() if isinstance(text, str) else text)
+        self.owned.append(s)
+        return s
+
+    def array(self, texts: list[str]) -> Any:
+        a = self.ffi.new("char*[]", [self(t) for t in texts])
+        self.owned.append(a)
+        return a
 
 
 class NativeGateway:
@@ -70,37 +123,43 @@ class NativeGateway:
     ) -> None:
         """tls: (certificate chain, private key, client CA) in PEM; empty serves plaintext, an empty CA
         asks for no client certificate."""
-        self.lib = load()
-        self.lib.fg_set_unread_window.argtypes = [C.c_int64]
-        self.lib.fg_set_unread_window(unread_window_bytes)
-        port = C.c_int(0)
+        self.ffi, self.lib = load()
+        self.handle: Any = None
+        ffi = self.ffi
+        if not 0 <= unread_window_bytes < 2**31 or threads > self.lib.FG_MAX_THREADS:
+            raise ValueError(f"the front takes up to {self.lib.FG_MAX_THREADS} threads and a window under 2 GiB")
+        text = CStrings(ffi)
         cert, key, client_ca = tls
-        self.handle = self.lib.fg_start(
-            address.encode(),
-            max_message_bytes,
-            python_address.encode(),
-            worker_token.encode(),
-            default_deadline_ms,
-            max_deadline_ms,
-            max_samples,
-            eject_after,
-            max_pending,
-            threads,
-            cert,
-            key,
-            client_ca,
-            C.byref(port),
+        config = ffi.new(
+            "struct fg_config*",
+            {
+                "address": text(address),
+                "python_address": text(python_address),
+                "worker_token": text(worker_token),
+                "tls_cert_pem": text(cert),
+                "tls_key_pem": text(key),
+                "tls_client_ca_pem": text(client_ca),
+                "max_message_bytes": max_message_bytes,
+                "eject_after_failures": eject_after,
+                "fast_threads": threads,
+                "default_deadline_ms": default_deadline_ms,
+                "max_deadline_ms": max_deadline_ms,
+                "max_images_per_call": max_samples,
+                "max_pending_calls": max_pending,
+                "unread_window_bytes": unread_window_bytes,
+            },
         )
-        self._log_buf = C.create_string_buffer(1 << 20)
-        if not self.handle:
+        port = ffi.new("int*")
+        handle = self.lib.fg_start(config, port)
+        if handle == ffi.NULL:
             raise OSError(f"the gateway cannot listen on {address} (in use, or not an address of this host)")
-        self.port = port.value
-        self.routes = ""
-        # Functions added for issue 18 declare their arguments here, apart from the loader.
-        self.lib.fg_put_limited_key.argtypes = [C.c_void_p, C.c_char_p, C.c_char_p, C.c_int64]
-        self.lib.fg_set_max_top_k.argtypes = [C.c_void_p, C.c_int64]
-        self.lib.fg_set_trace_sampled.argtypes = [C.c_void_p, C.c_int]
-        self.lib.fg_set_classify_limits.argtypes = [C.c_void_p, C.c_int64, C.c_int64, C.c_int64, C.c_int64]
+        self.handle = handle
+        self.port = int(port[0])
+        self.routes = RouteTable()  # the last table sent (read by tests)
+        # Filled by drain_log and take_ejected, which only the drain task calls (gateway/server.py drain_native).
+        self._log = ffi.new("struct fg_log_record[]", LOG_BATCH)
+        self._dropped = ffi.new("int64_t*")
+        self._ejected = ffi.new("struct fg_address[]", EJECTED_BATCH)
 
     def set_classify_limits(self, default_top_k: int, per_forward: int, image_bytes: int, image_pixels: int) -> None:
         """Classify's limits (gateway/config.py): a call past one goes to the Python server, which says which, or
@@ -116,33 +175,43 @@ class NativeGateway:
         """Send calls whose traceparent is sampled to the Python server, which traces them (issue 21)."""
         self.lib.fg_set_trace_sampled(self.handle, int(on))
 
+    def _key(self, digest: bytes, record: registry_pb2.ApiKey, ttl_s: float, text: CStrings) -> Any:
+        if len(digest) != self.lib.FG_DIGEST_BYTES:
+            raise ValueError(f"a key's digest is {self.lib.FG_DIGEST_BYTES} bytes, not {len(digest)}")
+        expires = time.time_ns() + int(ttl_s * 1e9)
+        if record.HasField("expires_at"):
+            expires = min(expires, record.expires_at.ToNanoseconds())
+        patterns = list(record.model_patterns)
+        return self.ffi.new(
+            "struct fg_key*",
+            {
+                "digest": digest,
+                "key_id": text(record.key_id),
+                "role": int(record.role),
+                "model_patterns": text.array(patterns) if patterns else self.ffi.NULL,
+                "n_model_patterns": len(patterns),
+                "expires_ns": expires,
+            },
+        )
+
     def put_key(self, digest: bytes, record: registry_pb2.ApiKey, ttl_s: float) -> None:
         """Let the front answer this key's calls itself (only keys without rate limits: see ratelimit.py),
         for ttl_s at most, like the Python cache: then its next call is verified at the registry again.
         digest: the SHA-256 of the key's secret, which never reaches the front."""
         if not self.handle:
             return
-        expires = time.time_ns() + int(ttl_s * 1e9)
-        if record.HasField("expires_at"):
-            expires = min(expires, record.expires_at.ToNanoseconds())
-        self.lib.fg_put_key(
-            self.handle,
-            digest,
-            record.key_id.encode(),
-            int(record.role),
-            "\n".join(record.model_patterns).encode(),
-            expires,
-        )
+        text = CStrings(self.ffi)
+        if self.lib.fg_put_key(self.handle, self._key(digest, record, ttl_s, text)) != 0:
+            logger.warning("the native front refused key %s (a string or pattern list past its bounds)", record.key_id)
 
     def put_limited_key(self, digest: bytes, record: registry_pb2.ApiKey, ttl_s: float) -> None:
         """A verified key with rate limits: the front reads its calls' bodies (an unknown key's call is held
         unread until the Python server has verified it) and passes them to the Python server, which charges them."""
         if not self.handle:
             return
-        expires = time.time_ns() + int(ttl_s * 1e9)
-        if record.HasField("expires_at"):
-            expires = min(expires, record.expires_at.ToNanoseconds())
-        self.lib.fg_put_limited_key(self.handle, digest, record.key_id.encode(), expires)
+        text = CStrings(self.ffi)
+        if self.lib.fg_put_limited_key(self.handle, self._key(digest, record, ttl_s, text)) != 0:
+            logger.warning("the native front refused key %s (its id past its bound)", record.key_id)
 
     def drop_keys(self, key_ids: list[str]) -> None:
         for key_id in key_ids:
@@ -153,47 +222,106 @@ class NativeGateway:
         if self.handle:
             self.lib.fg_clear_keys(self.handle)
 
-    def set_routes(self, text: str) -> None:
-        self.routes = text  # the last table sent (read by tests)
-        if self.handle:
-            self.lib.fg_set_routes(self.handle, text.encode())
+    def set_routes(self, table: RouteTable) -> None:
+        self.routes = table
+        if not self.handle:
+            return
+        ffi, text = self.ffi, CStrings(self.ffi)
+        aliases = ffi.new(
+            "struct fg_alias_target[]",
+            [{"model": text(a.model), "version": a.version, "weight": a.weight} for a in table.aliases],
+        )
+        images = ffi.new(
+            "struct fg_image_model[]",
+            [
+                {
+                    "model": text(m.model),
+                    "version": m.version,
+                    "input": text(m.input),
+                    "output": text(m.output),
+                    "width": m.width,
+                }
+                for m in table.images
+            ],
+        )
+        workers = ffi.new(
+            "struct fg_worker_route[]",
+            [
+                {
+                    "model": text(w.model),
+                    "version": w.version,
+                    "fast_address": text(w.fast_address),
+                    "main_address": text(w.main_address),
+                    "queue_depth": w.queue_depth,
+                }
+                for w in table.workers
+            ],
+        )
+        routes = ffi.new(
+            "struct fg_routes*",
+            {
+                "aliases": aliases,
+                "n_aliases": len(table.aliases),
+                "images": images,
+                "n_images": len(table.images),
+                "workers": workers,
+                "n_workers": len(table.workers),
+            },
+        )
+        skipped = self.lib.fg_set_routes(self.handle, routes)
+        if skipped:
+            logger.warning("the native front left %s routing entries out (strings past their bounds)", skipped)
 
     def counts(self) -> dict[str, Any]:
-        out = (C.c_int64 * 22)()
+        c = self.ffi.new("struct fg_counters*")  # its own: metrics scrapes read it from another thread
         if self.handle:
-            self.lib.fg_counts(self.handle, out)
+            self.lib.fg_counts(self.handle, c)
         return {
-            "codes": list(out[:17]),
-            "native": out[17],
-            "python": out[18],
-            "retries": out[19],
-            "in_progress": out[20],
-            "call_objects": out[21],
+            "codes": list(c.codes),
+            "native": c.native_calls,
+            "python": c.python_calls,
+            "retries": c.retries,
+            "in_progress": c.pending_calls,
+            "call_objects": c.call_objects,
         }
 
     def drain_log(self) -> tuple[list[tuple[float, int, float, str, str, str, str, str]], int]:
         """Native calls finished since the last drain: (epoch s, code, seconds, request id, model, version,
         worker fast address, method) each, and how many were dropped because nobody drained them in time."""
-        if not self.handle:
-            return [], 0
-        dropped = C.c_int64(0)
-        n = self.lib.fg_drain_log(self.handle, self._log_buf, len(self._log_buf), C.byref(dropped))
-        if n < 0:
-            self._log_buf = C.create_string_buffer(2 * -n)
-            n = self.lib.fg_drain_log(self.handle, self._log_buf, len(self._log_buf), C.byref(dropped))
-        rows = []
-        for line in self._log_buf.raw[: max(0, n)].decode(errors="replace").splitlines():
-            ts, code, seconds, rid, model, version, worker, method = line.split("\t")
-            rows.append((float(ts), int(code), float(seconds), rid, model, version, worker, method))
-        return rows, dropped.value
+        rows: list[tuple[float, int, float, str, str, str, str, str]] = []
+        dropped = 0
+        while self.handle:
+            n = self.lib.fg_drain_log(self.handle, self._log, LOG_BATCH, self._dropped)
+            dropped += self._dropped[0]
+            rows += [self._row(self._log[i]) for i in range(n)]
+            if n < LOG_BATCH:
+                break
+        return rows, dropped
+
+    def _row(self, r: Any) -> tuple[float, int, float, str, str, str, str, str]:
+        def text(field: Any) -> str:
+            return self.ffi.string(field).decode(errors="replace")
+
+        return (
+            r.epoch_s,
+            r.code,
+            r.seconds,
+            text(r.request_id),
+            text(r.model),
+            str(r.version),
+            text(r.worker),
+            text(r.method),
+        )
 
     def take_ejected(self) -> list[str]:
         """Fast addresses of the workers the front ejected since the last call (Python probes them)."""
-        if not self.handle:
-            return []
-        buf = C.create_string_buffer(1 << 16)
-        n = self.lib.fg_take_ejected(self.handle, buf, len(buf))
-        return buf.raw[:n].decode().split() if n > 0 else []
+        out: list[str] = []
+        while self.handle:
+            n = self.lib.fg_take_ejected(self.handle, self._ejected, EJECTED_BATCH)
+            out += [self.ffi.string(self._ejected[i].text).decode(errors="replace") for i in range(n)]
+            if n < EJECTED_BATCH:
+                break
+        return out
 
     def readmit(self, fast_address: str) -> None:
         """The worker passed its probe: the front routes to it again."""
@@ -214,30 +342,32 @@ class NativeGateway:
             self.lib.fg_free(handle)
 
 
-def routes_text(
+def route_table(
     aliases: dict[tuple[str, str], model_pb2.Alias], versions: dict[tuple[str, int], Any], endpoints: dict[str, Any]
-) -> str:
+) -> RouteTable:
     """The front's routing table: production alias targets, which workers (fast and main port) serve what, and the
     tensors of the versions that take images (for Classify: input, output, the output's width)."""
     archived = {key for key, mv in versions.items() if mv.state == model_pb2.VERSION_STATE_ARCHIVED}
-    lines = []
+    table = RouteTable()
     for (model, version), mv in versions.items():
         if (model, version) in archived or not mv.HasField("preprocessing") or not mv.inputs or not mv.outputs:
             continue
         names = (mv.inputs[0].name, mv.outputs[0].name)
-        if all(name and name.isprintable() and not any(c.isspace() for c in name) for name in names):
+        if all(names):
             width = mv.outputs[0].shape[-1] if mv.outputs[0].shape else 0
-            lines.append(f"I {model} {version} {names[0]} {names[1]} {max(0, width)}")
+            table.images.append(ImageModel(model, version, names[0], names[1], max(0, width)))
     for (model, name), alias in aliases.items():
         if name == "production":
-            lines += [f"A {model} {t.version} {t.weight}" for t in alias.targets if (model, t.version) not in archived]
+            table.aliases.extend(
+                AliasTarget(model, t.version, t.weight) for t in alias.targets if (model, t.version) not in archived
+            )
     for ep in endpoints.values():
         st = ep.status
         if not st.fast_address or ep.ejected or st.state != registry_pb2.WORKER_STATE_READY:
             continue
-        lines += [
-            f"W {m.name} {m.version} {st.fast_address} {st.address} {st.queue_depth}"
+        table.workers.extend(
+            WorkerRoute(m.name, m.version, st.fast_address, st.address, st.queue_depth)
             for m in st.models
             if m.ready and (m.name, m.version) not in archived
-        ]
-    return "\n".join(lines) + "\n"
+        )
+    return table

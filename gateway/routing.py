@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fovea.canary import pick_version
 from fovea.config import channel_options
 from fovea.errors import InvalidState, NoHealthyWorker
 from fovea.registry_link import RegistryLink
@@ -124,7 +125,7 @@ class Versions:
         if not version:
             al = self.aliases.get((model, alias or "production"))
             if al is not None:
-                version = pick_weighted(al)
+                version = pick_version(al)
             elif not alias:
                 cached = self.latest.get(model)
                 if cached is not None and cached[1] > time.monotonic():
@@ -144,12 +145,6 @@ class Versions:
         if not version and not alias and not resp.HasField("alias"):
             self.latest[model] = (mv.version, time.monotonic() + self.latest_cache_s)
         return mv
-
-
-def pick_weighted(alias: model_pb2.Alias) -> int:
-    if len(alias.targets) == 1:
-        return alias.targets[0].version
-    return random.choices([t.version for t in alias.targets], [t.weight for t in alias.targets])[0]
 
 
 class Workers:

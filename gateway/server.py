@@ -22,9 +22,9 @@ from fovea.serve import add_health, set_serving
 from fovea.v1 import image_pb2, image_pb2_grpc, registry_pb2
 from gateway.auth import KeyCache
 from gateway.config import GatewayConfig
-from gateway.fast_port import LIBRARY as NATIVE_LIBRARY
-from gateway.fast_port import NativeGateway, routes_text
+from gateway.fast_port import NativeGateway, route_table
 from gateway.fast_port import available as native_available
+from gateway.fast_port import binding as native_binding
 from gateway.fast_port import load as load_native
 from gateway.http.app import HttpPort, start_http
 from gateway.metrics import AccessLog, Metrics
@@ -115,13 +115,13 @@ def require_native() -> None:
     )
     if not native_available():
         raise RuntimeError(
-            f"the gateway's native front {NATIVE_LIBRARY} is not built, and it serves the gateway's only public "
+            f"the gateway's native front {native_binding()} is not built, and it serves the gateway's only public "
             f"port: {how}"
         )
     try:
         load_native()
-    except OSError as exc:
-        raise RuntimeError(f"the gateway's native front {NATIVE_LIBRARY} cannot be loaded ({exc}): {how}") from exc
+    except (ImportError, OSError) as exc:  # built, but not loadable here (another Python, missing libraries)
+        raise RuntimeError(f"the gateway's native front {native_binding()} cannot be loaded ({exc}): {how}") from exc
 
 
 def private_socket() -> tuple[str, str]:
@@ -193,7 +193,7 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     stop = asyncio.Event()
 
     def sync_routes() -> None:  # the front's routing table follows the watches and the ejections
-        native.set_routes(routes_text(versions.aliases, versions.versions, workers.endpoints))
+        native.set_routes(route_table(versions.aliases, versions.versions, workers.endpoints))
 
     def on_worker_change(ep: Endpoint) -> None:
         if not ep.ejected and ep.status.fast_address:

@@ -8,27 +8,12 @@ from __future__ import annotations
 
 from fovea.errors import InvalidArgument
 from fovea.names import check_name
+from fovea.oip import ELEMENT_BYTES
 from inference import grpc_predict_v2_pb2 as pb
 
 MAX_INPUTS = 16
 MAX_RANK = 8
 MAX_ELEMENTS = 1 << 40  # far above any message limit: only guards the product against overflow
-ELEMENT_BYTES = {
-    "BOOL": 1,
-    "UINT8": 1,
-    "INT8": 1,
-    "UINT16": 2,
-    "INT16": 2,
-    "FP16": 2,
-    "BF16": 2,
-    "UINT32": 4,
-    "INT32": 4,
-    "FP32": 4,
-    "UINT64": 8,
-    "INT64": 8,
-    "FP64": 8,
-    "BYTES": 0,  # length-prefixed items: the worker counts them
-}
 
 
 def check_version(version: str) -> int:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from fovea.canary import pick_version
 from fovea.errors import InvalidArgument, InvalidState, ModelNotFound, NotFound, VersionNotFound
 from fovea.names import check_name, redis_key
 from fovea.v1 import model_pb2, registry_pb2
@@ -45,13 +45,6 @@ def now_ts() -> Timestamp:
     ts = Timestamp()
     ts.GetCurrentTime()
     return ts
-
-
-def pick_target(alias: model_pb2.Alias) -> int:
-    """A version from the alias's targets, chosen at random by weight (a canary split)."""
-    if len(alias.targets) == 1:
-        return alias.targets[0].version
-    return random.choices([t.version for t in alias.targets], [t.weight for t in alias.targets])[0]
 
 
 def _targets_text(alias: model_pb2.Alias | None) -> str:
@@ -137,7 +130,7 @@ class Catalog:
         raw = await self.redis.hget(redis_key("model", model, "aliases"), name)
         if raw is not None:
             al = model_pb2.Alias.FromString(raw)
-            return await self.get_version(model, pick_target(al)), al
+            return await self.get_version(model, pick_version(al)), al
         await self._require_model(model)
         if alias:
             raise VersionNotFound(f"model {model!r} has no alias {alias!r}")

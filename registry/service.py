@@ -26,13 +26,13 @@ cannot mint a key or send traffic to another model.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from fovea.errors import PermissionDenied, Unauthenticated
+from fovea.names import model_allowed
 from fovea.v1 import registry_pb2
 from registry.api_keys import KeyStore
 from registry.artifacts import ArtifactStore
@@ -73,10 +73,6 @@ class Registry:
 
     async def authenticate(self, secret: str) -> registry_pb2.ApiKey:
         return await self.api_keys.verify(secret)
-
-
-def model_allowed(patterns: list[str], model: str) -> bool:
-    return not patterns or any(fnmatch.fnmatchcase(model, p) for p in patterns)
 
 
 def _role_name(role: int) -> str:

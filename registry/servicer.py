@@ -10,12 +10,12 @@ from typing import Any
 import grpc
 
 from fovea.errors import InvalidArgument, InvalidState
-from fovea.names import check_name
+from fovea.names import check_name, model_allowed
 from fovea.rpc import principal
 from fovea.v1 import model_pb2, registry_pb2, registry_pb2_grpc
 from registry.artifacts import Upload
 from registry.placements import Placements
-from registry.service import GATEWAY, READERS, WORKER, Registry, check_access, check_service, model_allowed
+from registry.service import GATEWAY, READERS, WORKER, Registry, check_access, check_service
 
 logger = logging.getLogger(__name__)
 INFER, PUBLISH, ADMIN = registry_pb2.ROLE_INFER, registry_pb2.ROLE_PUBLISH, registry_pb2.ROLE_ADMIN

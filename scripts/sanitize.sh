@@ -5,8 +5,8 @@
 #
 #   scripts/sanitize.sh [pytest arguments]     (default: the native tests below)
 #
-# The interpreter is not instrumented and loads the native code with dlopen (the worker's cffi binding, the
-# gateway's library), so the sanitizer runtimes must be loaded first (LD_PRELOAD).
+# Python loads the native code into its own process (the gateway's and the worker's cffi modules), so the
+# sanitizer runtimes must be loaded first (LD_PRELOAD).
 # Leak detection is off: the interpreter keeps its objects until exit by design.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from fovea.errors import ModelNotReady
+from fovea.oip import ORT_TO_NUMPY
 from worker.config import WorkerConfig
 from worker.fast_port import NativeOptions
 
@@ -23,17 +24,6 @@ OPT_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-
-ORT_TO_NUMPY = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(uint8)": np.uint8,
-    "tensor(int8)": np.int8,
-    "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64,
-    "tensor(bool)": np.bool_,
-}
 
 
 class ProviderFallback(ModelNotReady):

@@ -26,13 +26,14 @@ COPY fovea/ fovea/
 COPY gateway/ gateway/
 COPY deploy/docker/healthcheck.py /app/healthcheck.py
 # Stubs are build output: generate them first, since the install packs them. The install builds the
-# gateway's native part (scikit-build-core runs CMakeLists.txt) into the installed package; the shared
+# gateway's native part (scikit-build-core runs CMakeLists.txt: the cffi module _fovea_gateway, which holds the
+# front) into the installed package; the shared
 # libraries it needs go beside the venv, so the run stage needs no build tools or -dev packages. Then
 # everything is compiled, because the root filesystem is read-only at run time.
 RUN python -m fovea.codegen \
  && PYTHONPATH=/opt/build-backend pip install --no-deps --no-build-isolation \
       --config-settings=cmake.define.FOVEA_NATIVE_PARTS=gateway . \
- && lib="$(python -c 'import gateway, pathlib; print(pathlib.Path(gateway.__file__).parent / "native/build/libfovea_gateway_front.so")')" \
+ && lib="$(python -c 'from gateway.fast_port import binding; print(binding())')" \
  && mkdir -p /opt/venv/lib/fovea-native \
  && ldd "$lib" | awk '/=> \// {print $3}' \
       | grep -E 'grpc|gpr|absl|protobuf|upb|re2|cares|address_sorting|ssl|crypto|libz' \
@@ -54,7 +55,7 @@ WORKDIR /app
 # codegen.require() runs at every start and would refuse to start if the stubs looked stale; the native
 # part must load here, without the build stage's packages.
 RUN python -c "from fovea import codegen; assert not codegen.is_stale(), 'generated code is stale'" \
- && python -c "import ctypes, gateway, pathlib; ctypes.CDLL(str(pathlib.Path(gateway.__file__).parent / 'native/build/libfovea_gateway_front.so'))"
+ && python -c "from gateway.fast_port import load; ffi, lib = load(); lib.fg_start"
 USER 10001:10001
 EXPOSE 8500 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 CMD ["python", "/app/healthcheck.py", "8500"]

@@ -18,14 +18,13 @@
 
 #include <atomic>
 #include <chrono>
-#include <cstdio>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <random>
 #include <set>
 #include <shared_mutex>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -96,6 +95,15 @@ struct Worker {
 struct ImageModel {
   std::string input, output;
   int64_t width = 0;
+};
+
+// A finished native call, until Python drains it (fg_drain_log).
+struct LogEntry {
+  double epoch_s = 0, seconds = 0;
+  int code = 0;
+  int64_t version = 0;
+  std::string request_id, model, worker;
+  const char* method = "";
 };
 
 struct Routes {
@@ -570,8 +578,6 @@ class Call {
   std::chrono::steady_clock::time_point start_;
 };
 
-int64_t unread_window_bytes = 64 * 1024;
-
 grpc::ChannelArguments channel_args(int max_message_bytes) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
@@ -611,10 +617,10 @@ class Front {
   std::atomic<int64_t> live_calls{0};  // Call objects: those in progress and those waiting for a call
   // Finished native calls, for Python's access log and metrics (calls passed to Python are logged there).
   std::mutex log_mu;
-  std::string log;
-  int64_t log_lines = 0, log_dropped = 0;
-  static constexpr int64_t kMaxLogLines = 100000;
-  std::atomic<int64_t> codes[17] = {};
+  std::deque<LogEntry> log;
+  int64_t log_dropped = 0;
+  static constexpr size_t kMaxLogLines = 100000;
+  std::atomic<int64_t> codes[FG_STATUS_CODES] = {};
   std::atomic<int64_t> native_calls{0}, slow_calls{0}, retries{0};
   // Fast addresses of workers ejected since Python last asked: Python probes them and re-admits them.
   std::mutex ejected_mu;
@@ -726,43 +732,34 @@ class Front {
       }
   }
 
-  void set_routes(const std::string& text) {
+  // The table Python sent (fg_set_routes; bounds already checked). Entries are kept as they come: an alias's
+  // targets in order, a version's workers in order; a worker (by both addresses) keeps its channels across tables.
+  void set_routes(const fg_routes& in) {
     auto r = std::make_shared<Routes>();
-    std::istringstream in(text);
-    std::string kind;
     std::lock_guard lock(routes_mu);
-    while (in >> kind) {
-      if (kind == "A") {
-        std::string model;
-        int64_t version;
-        double weight;
-        in >> model >> version >> weight;
-        r->production[model].emplace_back(version, weight);
-      } else if (kind == "I") {
-        std::string model, input, output;
-        int64_t version, width;
-        in >> model >> version >> input >> output >> width;
-        r->images[model + "\n" + std::to_string(version)] = ImageModel{input, output, width};
-      } else if (kind == "W") {
-        std::string model, address, main;
-        int64_t version;
-        int depth;
-        in >> model >> version >> address >> main >> depth;
-        auto& w = workers[address + " " + main];
-        if (!w) {
-          w = std::make_shared<Worker>();
-          w->address = address;
-          w->main_address = main;
-          w->stub = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
-              address, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
-          w->main = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
-              main, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
-        }
-        w->queue_depth = depth;
-        r->serving[model + "\n" + std::to_string(version)].push_back(w);
-      } else {
-        std::getline(in, kind);  // an unknown line: skip it
+    for (int64_t i = 0; i < in.n_aliases; ++i) {
+      const fg_alias_target& a = in.aliases[i];
+      r->production[a.model].emplace_back(a.version, a.weight);
+    }
+    for (int64_t i = 0; i < in.n_images; ++i) {
+      const fg_image_model& m = in.images[i];
+      r->images[std::string(m.model) + "\n" + std::to_string(m.version)] = ImageModel{m.input, m.output, m.width};
+    }
+    for (int64_t i = 0; i < in.n_workers; ++i) {
+      const fg_worker_route& e = in.workers[i];
+      std::string address = e.fast_address, main = e.main_address;
+      auto& w = workers[address + "\n" + main];
+      if (!w) {
+        w = std::make_shared<Worker>();
+        w->address = address;
+        w->main_address = main;
+        w->stub = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
+            address, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
+        w->main = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
+            main, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
       }
+      w->queue_depth = e.queue_depth;
+      r->serving[std::string(e.model) + "\n" + std::to_string(e.version)].push_back(w);
     }
     routes = r;
     // Close channels to workers that left: no table lists them and no call holds them any more.
@@ -1133,21 +1130,16 @@ void Call::copy_upstream_metadata(bool trailing) {
 
 void Call::done(const Status& st) {
   int code = int(st.error_code());
-  f_->codes[code >= 0 && code < 17 ? code : 2]++;
+  f_->codes[code >= 0 && code < FG_STATUS_CODES ? code : 2]++;
   ctx_.AddTrailingMetadata("x-request-id", rid_);
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-  char head[96];
-  snprintf(head, sizeof head, "%.3f\t%d\t%.6f\t", double(now_ns()) / 1e9, code, seconds);
   {
     std::lock_guard lock(f_->log_mu);
-    if (f_->log_lines >= Front::kMaxLogLines) {
+    if (f_->log.size() >= Front::kMaxLogLines) {
       f_->log_dropped++;
     } else {
-      f_->log_lines++;
-      f_->log.append(head).append(rid_).append("\t").append(model_).append("\t").append(std::to_string(version_));
-      f_->log.append("\t").append(worker_ ? worker_->address : std::string());
-      f_->log.append("\t").append(method_);
-      f_->log.push_back('\n');
+      f_->log.push_back(LogEntry{double(now_ns()) / 1e9, seconds, code, version_, rid_, model_,
+                                 worker_ ? worker_->address : std::string(), method_});
     }
   }
   finish(st);
@@ -1215,7 +1207,7 @@ void Call::relay_event(Event e, bool ok) {
       initial_copied_ = true;
       copy_upstream_metadata(true);
       int code = int(up_status_.error_code());
-      f_->codes[code >= 0 && code < 17 ? code : 2]++;
+      f_->codes[code >= 0 && code < FG_STATUS_CODES ? code : 2]++;
       finish(up_status_);
       return;
     }
@@ -1225,26 +1217,74 @@ void Call::relay_event(Event e, bool ok) {
 }
 
 void Front::serve(grpc::ServerCompletionQueue* cq) {
-  for (int i = 0; i < kRequested; ++i) new Call(this, cq);
   void* tag;
   bool ok;
   while (cq->Next(&tag, &ok)) Call::run(static_cast<Call::Tag*>(tag), ok);
 }
+
+// What Python passes in is checked here before it reaches an allocation: a string present and at most max bytes
+// before its NUL (strnlen reads no further), a count within FG_MAX_ENTRIES with its array present.
+bool bounded(const char* s, size_t max = FG_TEXT_MAX) { return s && strnlen(s, max + 1) <= max; }
+
+bool bounded_array(const void* items, int64_t n) { return n >= 0 && n <= FG_MAX_ENTRIES && (n == 0 || items); }
+
+bool valid_key(const fg_key* k, bool patterns) {
+  if (!k || !bounded(k->key_id)) return false;
+  if (!patterns) return true;
+  if (!bounded_array(k->model_patterns, k->n_model_patterns)) return false;
+  for (int64_t i = 0; i < k->n_model_patterns; ++i)
+    if (!bounded(k->model_patterns[i])) return false;
+  return true;
+}
+
+bool valid_entry(const fg_alias_target& a) { return bounded(a.model); }
+bool valid_entry(const fg_image_model& m) { return bounded(m.model) && bounded(m.input) && bounded(m.output); }
+bool valid_entry(const fg_worker_route& w) {
+  return bounded(w.model) && bounded(w.fast_address, FG_ADDRESS_BYTES - 1) && bounded(w.main_address, FG_ADDRESS_BYTES - 1);
+}
+
+// The entries of items[0, n) within bounds; *skipped counts the others.
+template <typename T>
+std::vector<T> valid_entries(const T* items, int64_t n, int64_t* skipped) {
+  std::vector<T> out;
+  out.reserve(size_t(n));
+  for (int64_t i = 0; i < n; ++i) {
+    if (valid_entry(items[i])) {
+      out.push_back(items[i]);
+    } else {
+      ++*skipped;
+    }
+  }
+  return out;
+}
+
+// Copies s into one of the caller's fixed arrays, NUL-terminated, cut to fit (what goes in is bounded already:
+// request ids, valid model names and routed addresses all fit).
+template <size_t N>
+void copy_text(char (&out)[N], const std::string& s) {
+  size_t n = std::min(s.size(), N - 1);
+  std::memcpy(out, s.data(), n);
+  out[n] = '\0';
+}
+
+const char* or_empty(const char* s) { return s ? s : ""; }
 
 }  // namespace
 
 extern "C" {
 #pragma GCC visibility push(default)
 
-// The front's HTTP/2 stream window (gateway/config.py unread_window_bytes), for the fg_start calls after it.
-void fg_set_unread_window(int64_t bytes) { unread_window_bytes = bytes; }
-
-// Starts the front on the public address; *port gets the bound port. slow_address is the Python server's
-// (plaintext: "unix:PATH", a socket in a directory only this user may enter). With cert_pem and key_pem it serves TLS; with client_ca_pem too, it requires client certificates.
-void* fg_start(const char* address, int max_message_bytes, const char* slow_address, const char* internal_token,
-               int64_t default_deadline_ms, int64_t max_deadline_ms, int64_t max_samples, int eject_after,
-               int64_t max_pending, int threads, const char* cert_pem, const char* key_pem,
-               const char* client_ca_pem, int* port) {
+// Starts the front on config->address; *port gets the bound port. python_address is the Python server's
+// (plaintext: "unix:PATH", a socket in a directory only this user may enter). With tls_cert_pem and tls_key_pem
+// it serves TLS; with tls_client_ca_pem too, it requires client certificates.
+void* fg_start(const fg_config* config, int* port) {
+  if (!config || !port || !config->address || !config->python_address || config->max_message_bytes <= 0 ||
+      config->fast_threads > FG_MAX_THREADS || config->unread_window_bytes < 0 ||
+      config->unread_window_bytes > INT32_MAX)
+    return nullptr;
+  const char* cert_pem = or_empty(config->tls_cert_pem);
+  const char* key_pem = or_empty(config->tls_key_pem);
+  const char* client_ca_pem = or_empty(config->tls_client_ca_pem);
   // Keep freed buffers in the heap: gRPC allocates a fresh buffer for every large message, and
   // returning each to the kernel costs a page fault and a zeroed page per 4 KiB on the next one
   // (about 15% of this front's CPU with 600 KB tensors). Only when the environment did not set them.
@@ -1253,35 +1293,35 @@ void* fg_start(const char* address, int max_message_bytes, const char* slow_addr
   // Debian builds Abseil with mutex deadlock detection on: a cycle check per lock, 3% of this front's CPU.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   auto* f = new Front();
-  f->max_pending = max_pending > 0 ? max_pending : f->max_pending;
-  f->max_message_bytes = max_message_bytes;
-  f->internal_auth = std::string("Bearer ") + internal_token;
-  f->default_deadline_ms = default_deadline_ms;
-  f->max_deadline_ms = max_deadline_ms;
-  f->max_samples = max_samples;
-  f->eject_after = eject_after;
-  f->slow = std::make_unique<grpc::GenericStub>(
-      grpc::CreateCustomChannel(slow_address, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
+  f->max_pending = config->max_pending_calls > 0 ? config->max_pending_calls : f->max_pending;
+  f->max_message_bytes = config->max_message_bytes;
+  f->internal_auth = std::string("Bearer ") + or_empty(config->worker_token);
+  f->default_deadline_ms = config->default_deadline_ms;
+  f->max_deadline_ms = config->max_deadline_ms;
+  f->max_samples = config->max_images_per_call;
+  f->eject_after = config->eject_after_failures;
+  f->slow = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
+      config->python_address, grpc::InsecureChannelCredentials(), channel_args(config->max_message_bytes)));
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
-  if (cert_pem && *cert_pem) {
-    grpc::SslServerCredentialsOptions ssl(client_ca_pem && *client_ca_pem
-                                              ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
-                                              : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  if (*cert_pem) {
+    grpc::SslServerCredentialsOptions ssl(*client_ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                                         : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
     ssl.pem_key_cert_pairs.push_back({key_pem, cert_pem});
-    if (client_ca_pem && *client_ca_pem) ssl.pem_root_certs = client_ca_pem;
+    if (*client_ca_pem) ssl.pem_root_certs = client_ca_pem;
     creds = grpc::SslServerCredentials(ssl);
   }
+  *port = 0;
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(address, creds, port);
-  builder.SetMaxReceiveMessageSize(max_message_bytes);
-  builder.SetMaxSendMessageSize(max_message_bytes);
+  builder.AddListeningPort(config->address, creds, port);
+  builder.SetMaxReceiveMessageSize(config->max_message_bytes);
+  builder.SetMaxSendMessageSize(config->max_message_bytes);
   builder.AddChannelArgument("grpc.http2.max_frame_size", 1 << 20);
   // What a caller may send before the front asks for a call's body, which it does only after checking the
   // credentials: a fixed HTTP/2 stream window (bandwidth probing grows it to megabytes on a fast link).
   builder.AddChannelArgument("grpc.http2.bdp_probe", 0);
-  builder.AddChannelArgument("grpc.http2.lookahead_bytes", int(unread_window_bytes));
+  builder.AddChannelArgument("grpc.http2.lookahead_bytes", int(config->unread_window_bytes));
   builder.RegisterAsyncGenericService(&f->service);
-  for (int i = 0; i < std::max(threads, 1); ++i) f->cqs.push_back(builder.AddCompletionQueue());
+  for (int i = 0; i < std::max(config->fast_threads, 1); ++i) f->cqs.push_back(builder.AddCompletionQueue());
   f->server = builder.BuildAndStart();
   if (!f->server || *port == 0) {
     f->server.reset();
@@ -1294,35 +1334,44 @@ void* fg_start(const char* address, int max_message_bytes, const char* slow_addr
     delete f;
     return nullptr;
   }
+  // The first calls are asked for here, not on the queues' threads: a shutdown right after the start then finds
+  // them (live_calls), and waits for them, before it closes the queues they were asked on.
+  for (auto& cq : f->cqs)
+    for (int i = 0; i < Front::kRequested; ++i) new Call(f, cq.get());
   for (auto& cq : f->cqs) f->threads.emplace_back([f, q = cq.get()] { f->serve(q); });
   return f;
 }
 
-// A verified key (digest: the secret's 32-byte SHA-256; patterns: newline-separated; expires_ns: when
-// to stop answering for it here, after which its calls go through Python again).
-void fg_put_key(void* fp, const char* digest, const char* key_id, int role, const char* patterns, int64_t expires_ns) {
+// A verified key: its digest (never the secret), id, role, model patterns (empty ones ignored), and when to stop
+// answering for it here, after which its calls go through Python again.
+int fg_put_key(void* fp, const fg_key* key) {
   auto* f = static_cast<Front*>(fp);
+  if (!valid_key(key, true)) return -1;
   Key k;
-  k.key_id = key_id;
-  k.role = role;
-  k.expires_ns = expires_ns;
-  std::istringstream in(patterns);
-  for (std::string p; std::getline(in, p);)
-    if (!p.empty()) k.patterns.push_back(p);
+  k.key_id = key->key_id;
+  k.role = key->role;
+  k.expires_ns = key->expires_ns;
+  for (int64_t i = 0; i < key->n_model_patterns; ++i)
+    if (*key->model_patterns[i]) k.patterns.emplace_back(key->model_patterns[i]);
+  std::string digest(reinterpret_cast<const char*>(key->digest), FG_DIGEST_BYTES);
   std::unique_lock lock(f->keys_mu);
-  f->keys[std::string(digest, SHA256_DIGEST_LENGTH)] = std::move(k);
+  f->keys[digest] = std::move(k);
+  return 0;
 }
 
 // A verified key with rate limits: its calls' bodies may be read here, and they go to the Python server, which
 // charges the limits. Until expires_ns, like fg_put_key's.
-void fg_put_limited_key(void* fp, const char* digest, const char* key_id, int64_t expires_ns) {
+int fg_put_limited_key(void* fp, const fg_key* key) {
   auto* f = static_cast<Front*>(fp);
+  if (!valid_key(key, false)) return -1;
   Key k;
-  k.key_id = key_id;
-  k.expires_ns = expires_ns;
+  k.key_id = key->key_id;
+  k.expires_ns = key->expires_ns;
   k.native = false;
+  std::string digest(reinterpret_cast<const char*>(key->digest), FG_DIGEST_BYTES);
   std::unique_lock lock(f->keys_mu);
-  f->keys[std::string(digest, SHA256_DIGEST_LENGTH)] = std::move(k);
+  f->keys[digest] = std::move(k);
+  return 0;
 }
 
 // The most classes a request's classification parameter may ask for (gateway/config.py max_top_k); set
@@ -1358,49 +1407,63 @@ void fg_clear_keys(void* fp) {
   f->keys.clear();
 }
 
-// Replaces the routing table. Lines: "A model version weight" (production alias targets) and
-// "W model version worker_fast_address worker_main_address queue_depth" (a worker with that version ready).
-void fg_set_routes(void* fp, const char* text) { static_cast<Front*>(fp)->set_routes(text); }
-
-// Calls answered by status code (17), then calls served natively, sent to Python, and retried, then unary
-// calls in progress and the front's call objects (in progress, streams, and those waiting for a call).
-void fg_counts(void* fp, int64_t* out) {
-  auto* f = static_cast<Front*>(fp);
-  for (int i = 0; i < 17; ++i) out[i] = f->codes[i].load();
-  out[17] = f->native_calls.load();
-  out[18] = f->slow_calls.load();
-  out[19] = f->retries.load();
-  out[20] = f->pending.load();
-  out[21] = f->live_calls.load();
+// Replaces the routing table: production alias targets with their weights, the versions that take images, and
+// which workers have which version ready. Entries with a string out of bounds are left out and counted.
+int64_t fg_set_routes(void* fp, const fg_routes* routes) {
+  if (!routes || !bounded_array(routes->aliases, routes->n_aliases) ||
+      !bounded_array(routes->images, routes->n_images) || !bounded_array(routes->workers, routes->n_workers))
+    return -1;
+  int64_t skipped = 0;
+  auto aliases = valid_entries(routes->aliases, routes->n_aliases, &skipped);
+  auto images = valid_entries(routes->images, routes->n_images, &skipped);
+  auto workers = valid_entries(routes->workers, routes->n_workers, &skipped);
+  fg_routes checked{aliases.data(), int64_t(aliases.size()), images.data(), int64_t(images.size()),
+                    workers.data(), int64_t(workers.size())};
+  static_cast<Front*>(fp)->set_routes(checked);
+  return skipped;
 }
 
-// Takes the finished native calls' lines ("epoch_s\tcode\tseconds\trequest_id\tmodel\tversion\tworker\n",
-// worker being the fast address of the last worker tried, or empty) into buf;
-// returns their length (0: none), or -needed when buf is too small. *dropped gets lines lost to a full buffer.
-int64_t fg_drain_log(void* fp, char* buf, int64_t cap, int64_t* dropped) {
+void fg_counts(void* fp, fg_counters* out) {
+  auto* f = static_cast<Front*>(fp);
+  for (int i = 0; i < FG_STATUS_CODES; ++i) out->codes[i] = f->codes[i].load();
+  out->native_calls = f->native_calls.load();
+  out->python_calls = f->slow_calls.load();
+  out->retries = f->retries.load();
+  out->pending_calls = f->pending.load();
+  out->call_objects = f->live_calls.load();
+}
+
+int64_t fg_drain_log(void* fp, fg_log_record* out, int64_t cap, int64_t* dropped) {
   auto* f = static_cast<Front*>(fp);
   std::lock_guard lock(f->log_mu);
   *dropped = f->log_dropped;
-  if (int64_t(f->log.size()) > cap) return -int64_t(f->log.size());
-  int64_t n = int64_t(f->log.size());
-  std::memcpy(buf, f->log.data(), f->log.size());
-  f->log.clear();
-  f->log_lines = 0;
   f->log_dropped = 0;
+  if (cap <= 0 || !out) return 0;
+  int64_t n = std::min(cap, int64_t(f->log.size()));
+  for (int64_t i = 0; i < n; ++i) {
+    const LogEntry& e = f->log[size_t(i)];
+    fg_log_record& r = out[i];
+    r.epoch_s = e.epoch_s;
+    r.seconds = e.seconds;
+    r.version = e.version;
+    r.code = e.code;
+    copy_text(r.request_id, e.request_id);
+    copy_text(r.model, e.model);
+    copy_text(r.worker, e.worker);
+    copy_text(r.method, e.method);
+  }
+  f->log.erase(f->log.begin(), f->log.begin() + n);
   return n;
 }
 
-// Fast addresses of the workers the front ejected since the last call, one per line, into buf; returns the
-// length, or -1 when buf is too small (they stay for the next call).
-int64_t fg_take_ejected(void* fp, char* buf, int64_t cap) {
+int64_t fg_take_ejected(void* fp, fg_address* out, int64_t cap) {
   auto* f = static_cast<Front*>(fp);
   std::lock_guard lock(f->ejected_mu);
-  std::string out;
-  for (const auto& a : f->ejected) out += a + "\n";
-  if (int64_t(out.size()) > cap) return -1;
-  std::memcpy(buf, out.data(), out.size());
-  f->ejected.clear();
-  return int64_t(out.size());
+  if (cap <= 0 || !out) return 0;
+  int64_t n = std::min(cap, int64_t(f->ejected.size()));
+  for (int64_t i = 0; i < n; ++i) copy_text(out[i].text, f->ejected[size_t(i)]);
+  f->ejected.erase(f->ejected.begin(), f->ejected.begin() + n);
+  return n;
 }
 
 // A worker (by fast address) passed its probe: route to it again.

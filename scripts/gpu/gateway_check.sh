@@ -2,8 +2,8 @@
 # On a lent machine (16 cores): the gateway hop benchmark (issue 5, acceptance 6) with the client, the gateway and
 # the worker on cores of their own, then with all of them sharing every core. CPU only: no GPU is used.
 # The call carries .devcarry (wheels/, native.tar.xz and gwdata/ made by `scripts/gpu/gateway_carry.sh`),
-# worker/native/build/_fovea_worker*.so (built for that machine's Python), gateway/native/build/libfovea_gateway_front.so,
-# fovea/v1 and inference.
+# worker/native/build/_fovea_worker*.so and gateway/native/build/_fovea_gateway*.so (built for that machine's
+# Python), fovea/v1 and inference.
 # Rehearse here with PY=.venv/bin/python REHEARSAL=1 (no install; one short trial each).
 set -uo pipefail
 OUT=${OUT:-/tmp/gw-out}

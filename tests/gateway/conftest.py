@@ -132,7 +132,7 @@ async def wait_routable(srv: GatewayServer, model: str, timeout_s: float = 20.0)
     while loop.time() < deadline:
         if any(m.name == model and m.ready for ep in srv.gateway.workers.endpoints.values() for m in ep.status.models):
             # and the fast port's table has the model's alias and a worker for it
-            if srv.native is None or (f"A {model} " in srv.native.routes and f"W {model} " in srv.native.routes):
+            if srv.native is None or (srv.native.routes.has_alias(model) and srv.native.routes.workers_of(model)):
                 return
         await asyncio.sleep(0.05)
     raise AssertionError(f"gateway never saw a worker with {model} ready")

@@ -117,7 +117,7 @@ async def test_without_its_native_front_the_gateway_refuses_to_start(
     from gateway import server
     from gateway.config import GatewayConfig
 
-    monkeypatch.setattr(server, "NATIVE_LIBRARY", tmp_path / "libfovea_gateway_front.so")
+    monkeypatch.setattr(server, "native_binding", lambda: tmp_path / "_fovea_gateway.so")
     monkeypatch.setattr(server, "native_available", lambda: False)
     with pytest.raises(RuntimeError, match="not built.*gateway/native/build.sh"):
         await server.build_server(GatewayConfig(port=0, registry_address=stack.registry.address))
@@ -244,10 +244,15 @@ async def test_a_revoked_key_stops_working_at_the_front_within_a_second(stack: S
     await channel.close()
 
 
-async def test_native_calls_reach_the_metrics_and_the_access_log(stack: Stack, gateways: GatewayFactory) -> None:
+async def test_native_calls_reach_the_metrics_and_the_access_log(
+    stack: Stack, gateways: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import io
     import json
 
+    from gateway import fast_port
+
+    monkeypatch.setattr(fast_port, "LOG_BATCH", 3)  # four records: a drain may take them in batches
     gw = await gateways()
     await wait_routable(gw, "ident")
     assert gw.metrics.access_log is not None
@@ -275,7 +280,7 @@ async def test_native_calls_spread_over_two_equal_workers(stack: Stack, gateways
     gw = await gateways()
     await wait_routable(gw, "ident")
     for _ in range(200):  # both workers in the front's table
-        if fast_front(gw).routes.count("W ident ") == 2:
+        if len(fast_front(gw).routes.workers_of("ident")) == 2:
             break
         await asyncio.sleep(0.05)
     secret = await asyncio.to_thread(stack.key)
@@ -380,7 +385,7 @@ async def test_a_worker_the_front_ejects_is_probed_and_readmitted(own_stack: Sta
     await asyncio.sleep(0.5)
     dead.kill()
     assert await until(lambda: ep.ejected, 2.0), "the front's ejection never reached Python"
-    assert fast_address not in fast_front(gw).routes
+    assert fast_address not in fast_front(gw).routes.fast_addresses()
     assert "fovea_gateway_worker_ejections_total 1.0" in gw.metrics.exposition().decode()
     main_port = int(dead.address.rsplit(":", 1)[1])
     stack.workers[0] = await asyncio.to_thread(
@@ -394,7 +399,7 @@ async def test_a_worker_the_front_ejects_is_probed_and_readmitted(own_stack: Sta
     )
     assert await until(lambda: not ep.ejected, 20.0), "the probe never re-admitted the restarted worker"
     assert gw.gateway.workers.endpoints.get(wid) is ep  # the same endpoint: re-admitted, not re-joined
-    assert await until(lambda: fast_address in fast_front(gw).routes, 2.0)
+    assert await until(lambda: fast_address in fast_front(gw).routes.fast_addresses(), 2.0)
     before = gw.metrics.served_by_worker().get(wid, 0.0)
     assert await until(lambda: gw.metrics.served_by_worker().get(wid, 0.0) > before + 20, 5.0), (
         "native calls did not reach the re-admitted worker"

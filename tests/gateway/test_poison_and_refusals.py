@@ -68,8 +68,8 @@ async def gateway_seeing(stack: Stack, model: str, workers: int) -> GatewayServe
     deadline = loop.time() + 20
     while loop.time() < deadline:
         listed = [ep for ep in gw.gateway.workers.endpoints.values() if any(m.name == model for m in ep.status.models)]
-        if len(listed) == workers and gw.native is not None and gw.native.routes.count(f"W {model} ") == workers:
-            if f"A {model} " in gw.native.routes:
+        if len(listed) == workers and gw.native is not None and len(gw.native.routes.workers_of(model)) == workers:
+            if gw.native.routes.has_alias(model):
                 return gw
         await asyncio.sleep(0.05)
     await gw.stop(0)

@@ -134,9 +134,11 @@ async def test_a_valid_key_new_to_the_gateway_gets_its_48_mib_body_read(gateway_
 
 
 async def test_refused_large_calls_do_not_stay_in_memory(gateway_process: Gateway) -> None:
-    """12 authenticated Classify calls with a 21 MiB image, each refused INVALID_ARGUMENT (over the image
-    size limit): the gateway's RSS grows by less than 64 MiB. Answering through context.abort kept each
-    refused request alive in a reference cycle, about 21 MiB a call, until a garbage collection."""
+    """Authenticated Classify calls with a 21 MiB image, each refused INVALID_ARGUMENT (over the image size
+    limit): after 12 such calls, 12 more grow the gateway's RSS by less than 64 MiB. Answering through
+    context.abort kept each refused request alive in a reference cycle, about 21 MiB a call, until a garbage
+    collection. The first 12 are not measured: the front keeps freed buffers in its heap on purpose (up to
+    its 128 MiB trim threshold, front.cc fg_start), which a loaded machine's thread timing spreads wider."""
     from fovea.v1 import image_pb2
 
     gw = gateway_process
@@ -147,13 +149,18 @@ async def test_refused_large_calls_do_not_stay_in_memory(gateway_process: Gatewa
     call = channel.unary_unary("/fovea.v1.ImageService/Classify", request_serializer=None)
     metadata = (("authorization", f"Bearer {secret}"),)
     codes = []
+
+    async def calls(n: int) -> None:
+        for _ in range(n):
+            try:
+                await call(body, metadata=metadata, timeout=60)
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+
+    await calls(12)
     before = gw.rss_kib()
-    for _ in range(12):
-        try:
-            await call(body, metadata=metadata, timeout=60)
-        except grpc.aio.AioRpcError as exc:
-            codes.append(exc.code())
+    await calls(12)
     grown_mib = (gw.rss_kib() - before) >> 10
     await channel.close()
-    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 12
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 24
     assert grown_mib < 64, f"RSS grew {grown_mib} MiB over 12 refused 21 MiB calls"

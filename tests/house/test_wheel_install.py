@@ -21,29 +21,23 @@ import pytest
 from tests.house.conftest import ROOT
 
 PACKAGES = ["fovea", "gateway", "worker", "registry", "training", "loadtest", "inference"]
-LIBRARIES = {"gateway": ("libfovea_gateway_front.so", "fg_start")}
-BINDINGS = {"worker": ("_fovea_worker", "fv_start")}
+# part: (binding, symbol): the cffi module each part's Python reaches its native code through (fovea.native)
+BINDINGS = {"gateway": ("_fovea_gateway", "fg_start"), "worker": ("_fovea_worker", "fv_start")}
 
 PROBE = """
-import ctypes, importlib, importlib.metadata, json, pathlib, sys, sysconfig
-from fovea.native import binding_path, load_binding
+import importlib, importlib.metadata, json, pathlib, sys, sysconfig
+import fovea.native
 site = pathlib.Path(sysconfig.get_paths()["purelib"]).resolve()
 out = {"outside": [], "libraries": {}, "available": {}}
 for name in %(packages)r:
     module = importlib.import_module(name)
     if not pathlib.Path(module.__file__).resolve().is_relative_to(site):
         out["outside"].append(f"{name}: {module.__file__}")
-for part, (filename, symbol) in %(libraries)r.items():
-    path = pathlib.Path(importlib.import_module(part).__file__).parent / "native" / "build" / filename
-    lib = ctypes.CDLL(str(path))
-    getattr(lib, symbol)
-    out["libraries"][part] = str(path)
-    out["available"][part] = importlib.import_module(part + ".fast_port").available()
 for part, (module, symbol) in %(bindings)r.items():
-    part_dir = pathlib.Path(importlib.import_module(part).__file__).parent
-    ffi, lib = load_binding(part_dir, module)
-    getattr(lib, symbol)
-    out["libraries"][part] = str(binding_path(part_dir, module))
+    folder = pathlib.Path(importlib.import_module(part).__file__).parent
+    path = fovea.native.binding_path(folder, module)
+    getattr(fovea.native.load_binding(folder, module)[1], symbol)
+    out["libraries"][part] = str(path)
     out["available"][part] = importlib.import_module(part + ".fast_port").available()
 import fovea.v1.model_pb2, inference.grpc_predict_v2_pb2
 out["files"] = sorted(str(f) for f in importlib.metadata.files("fovea"))
@@ -102,7 +96,7 @@ def test_a_regular_install_carries_native_libraries_that_load(
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-5000:]
 
     probe = subprocess.run(
-        [str(python), "-c", PROBE % {"packages": PACKAGES, "libraries": LIBRARIES, "bindings": BINDINGS}],
+        [str(python), "-c", PROBE % {"packages": PACKAGES, "bindings": BINDINGS}],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -117,18 +111,14 @@ def test_a_regular_install_carries_native_libraries_that_load(
         assert pathlib.Path(path).resolve().is_relative_to(site.resolve()), (part, path)
 
     # Package discovery as before: every module of the regular packages, generated stubs included, and
-    # besides them only the stubs' .pyi files and the two libraries; no C++ sources, corpora or READMEs.
+    # besides them only the stubs' .pyi files and the two bindings; no C++ sources, corpora or READMEs.
     # (pip's byte-code and the console script outside site-packages are in the record too)
     files = [f for f in found["files"] if not f.startswith("..") and not f.endswith(".pyc") and ".dist-info/" not in f]
     modules = {f for f in files if f.endswith(".py")}
     assert modules == expected_modules(fresh_clone)
     others = sorted(f for f in files if not f.endswith((".py", ".pyi")))
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    assert others == [
-        f"gateway/native/build/_fovea_gateway{suffix}",
-        "gateway/native/build/libfovea_gateway_front.so",
-        f"worker/native/build/_fovea_worker{suffix}",
-    ]
+    assert others == [f"gateway/native/build/_fovea_gateway{suffix}", f"worker/native/build/_fovea_worker{suffix}"]
     assert not [f for f in files if f.endswith(".pyi") and not f.startswith(("fovea/v1/", "inference/"))]
 
     # The console script, run from outside the clone.
@@ -169,7 +159,7 @@ def test_an_editable_install_builds_into_the_tree_and_leaves_pythonpath_first(
         # Installed editable, the clone's code is imported; with PYTHONPATH naming another tree, that one's.
         assert all(pathlib.Path(f).is_relative_to(tree) for f in probe.stdout.split()), (pythonpath, probe.stdout)
     probe = subprocess.run(
-        [str(python), "-c", PROBE % {"packages": ["gateway", "worker"], "libraries": LIBRARIES, "bindings": BINDINGS}],
+        [str(python), "-c", PROBE % {"packages": ["gateway", "worker"], "bindings": BINDINGS}],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -179,8 +169,6 @@ def test_an_editable_install_builds_into_the_tree_and_leaves_pythonpath_first(
     assert probe.returncode == 0, probe.stderr[-5000:]
     found = json.loads(probe.stdout.strip().splitlines()[-1])
     assert found["available"] == {"gateway": True, "worker": True}
-    for part, (filename, _) in LIBRARIES.items():
-        assert found["libraries"][part] == str(fresh_clone / part / "native" / "build" / filename)
     for part, (module, _) in BINDINGS.items():
         built = f"{module}{sysconfig.get_config_var('EXT_SUFFIX')}"
         assert found["libraries"][part] == str(fresh_clone / part / "native" / "build" / built)

@@ -1,0 +1,157 @@
+"""The boundary between the gateway's Python and its native front (gateway/native/api.h, bound by cffi in API
+mode): every call is checked against the header, data crosses it as structs read by field name, and the front
+checks the bounds of what Python hands it before anything is allocated from it."""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from fovea.v1 import registry_pb2
+from gateway import fast_port
+from gateway.fast_port import AliasTarget, CStrings, ImageModel, NativeGateway, RouteTable, WorkerRoute
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"  # needs no credentials: the front relays it to the Python server
+
+
+@pytest.fixture
+def front(tmp_path: pathlib.Path) -> Iterator[NativeGateway]:
+    """A front alone: its Python server's socket has no listener, so every relayed call fails UNAVAILABLE."""
+    gw = NativeGateway(
+        "127.0.0.1:0", 1 << 20, f"unix:{tmp_path}/none.sock", "token", 5000, 10000, 64, 3, 100, threads=2
+    )
+    yield gw
+    gw.shutdown(0.1)
+    gw.close()
+
+
+def health_checks(port: int, n: int) -> list[grpc.StatusCode]:
+    codes = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        check = channel.unary_unary(HEALTH_CHECK)
+        for _ in range(n):
+            try:
+                check(b"", timeout=5)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+    return codes
+
+
+def test_calls_that_break_the_header_are_refused_before_they_reach_the_front(front: NativeGateway) -> None:
+    lib, ffi = front.lib, front.ffi
+    with pytest.raises(TypeError):  # the old index array
+        lib.fg_counts(front.handle, ffi.new("int64_t[22]"))
+    with pytest.raises(TypeError):  # the old text table
+        lib.fg_set_routes(front.handle, b"A ident 1 1.0\n")
+    with pytest.raises(TypeError):  # the old positional arguments
+        lib.fg_start(b"127.0.0.1:0", 1 << 20, ffi.new("int*"))
+    with pytest.raises(TypeError):  # one argument too few
+        lib.fg_drain_log(front.handle, ffi.new("struct fg_log_record[]", 1), 1)
+    with pytest.raises(TypeError):
+        lib.fg_readmit(front.handle, "a str, not bytes")
+    with pytest.raises(AttributeError):  # a field the struct does not have
+        ffi.new("struct fg_counters*").in_progress  # noqa: B018 - the read is the test
+    with pytest.raises(OverflowError):
+        lib.fg_set_max_top_k(front.handle, 2**63)
+
+
+def test_the_counters_read_by_name_follow_the_calls(front: NativeGateway) -> None:
+    counters = front.ffi.new("struct fg_counters*")
+    front.lib.fg_counts(front.handle, counters)
+    assert (counters.native_calls, counters.python_calls, counters.retries) == (0, 0, 0)
+    assert health_checks(front.port, 5) == [grpc.StatusCode.UNAVAILABLE] * 5  # no Python server to relay to
+    front.lib.fg_counts(front.handle, counters)
+    assert counters.python_calls == 5 and counters.native_calls == 0
+    deadline = time.monotonic() + 5  # the last call's objects go once its end has run on the front's thread
+    while (counters.pending_calls, counters.call_objects) != (0, 16 * 2) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        front.lib.fg_counts(front.handle, counters)
+    assert (counters.pending_calls, counters.call_objects) == (0, 16 * 2)  # each thread's queue waits for 16 calls
+    assert len(counters.codes) == front.lib.FG_STATUS_CODES
+    counts = front.counts()
+    assert (counts["python"], counts["native"], counts["in_progress"]) == (5, 0, 0)
+    assert front.drain_log() == ([], 0)  # relayed calls are logged by the Python server, not here
+
+
+def routes(ffi: Any, text: CStrings, workers: list[tuple[bytes, bytes]], n_aliases: int = 0) -> Any:
+    entries = ffi.new(
+        "struct fg_worker_route[]",
+        [
+            {"model": text(b"ident"), "version": 1, "fast_address": text(f), "main_address": text(m), "queue_depth": 0}
+            for f, m in workers
+        ],
+    )
+    text.owned.append(entries)  # the table points at it
+    return ffi.new("struct fg_routes*", {"workers": entries, "n_workers": len(workers), "n_aliases": n_aliases})
+
+
+def test_routing_entries_past_their_bounds_are_left_out_and_a_malformed_table_refused(front: NativeGateway) -> None:
+    lib, ffi = front.lib, front.ffi
+    text = CStrings(ffi)
+    good = (b"127.0.0.1:1", b"127.0.0.1:2")
+    long = b"127.0.0.1:" + b"9" * (lib.FG_ADDRESS_BYTES - 10)  # one byte past what a log record holds
+    assert lib.fg_set_routes(front.handle, routes(ffi, text, [good])) == 0
+    assert lib.fg_set_routes(front.handle, routes(ffi, text, [good, (long, good[1]), (good[0], long)])) == 2
+    null_model = ffi.new("struct fg_alias_target[]", [{"model": ffi.NULL, "version": 1, "weight": 1.0}])
+    assert lib.fg_set_routes(front.handle, ffi.new("struct fg_routes*", {"aliases": null_model, "n_aliases": 1})) == 1
+    # a count without its array, a negative count, a count past the limit: the table is refused whole
+    assert lib.fg_set_routes(front.handle, routes(ffi, text, [], n_aliases=3)) == -1
+    assert lib.fg_set_routes(front.handle, ffi.new("struct fg_routes*", {"n_workers": -1})) == -1
+    one = ffi.new("struct fg_image_model[]", 1)
+    huge = ffi.new("struct fg_routes*", {"images": one})
+    huge.n_images = lib.FG_MAX_ENTRIES + 1
+    assert lib.fg_set_routes(front.handle, huge) == -1
+    assert lib.fg_set_routes(front.handle, ffi.NULL) == -1
+    # through the wrapper, entries of every kind go in; the last table is kept for the tests
+    table = RouteTable(
+        [AliasTarget("ident", 1, 1.0)],
+        [ImageModel("ident", 1, "input", "output", 4)],
+        [WorkerRoute("ident", 1, "127.0.0.1:1", "127.0.0.1:2", 3)],
+    )
+    front.set_routes(table)
+    assert front.routes is table and front.routes.has_alias("ident") and len(front.routes.workers_of("ident")) == 1
+
+
+def test_keys_past_their_bounds_are_refused(front: NativeGateway) -> None:
+    lib, ffi = front.lib, front.ffi
+    text = CStrings(ffi)
+    patterns = [text(b"ident*")]
+    many = ffi.new("char*[]", patterns)
+
+    def key(key_id: Any, n_patterns: int) -> Any:
+        return ffi.new(
+            "struct fg_key*",
+            {"digest": b"\1" * 32, "key_id": key_id, "role": 1, "model_patterns": many, "n_model_patterns": n_patterns},
+        )
+
+    assert lib.fg_put_key(front.handle, key(text(b"k1"), 1)) == 0
+    assert lib.fg_put_key(front.handle, key(text(b"k" * (lib.FG_TEXT_MAX + 1)), 1)) == -1
+    assert lib.fg_put_key(front.handle, key(ffi.NULL, 0)) == -1
+    assert lib.fg_put_key(front.handle, key(text(b"k2"), -1)) == -1
+    assert lib.fg_put_key(front.handle, key(text(b"k3"), lib.FG_MAX_ENTRIES + 1)) == -1
+    assert lib.fg_put_limited_key(front.handle, key(text(b"k4"), lib.FG_MAX_ENTRIES + 1)) == 0  # no patterns read
+    with pytest.raises(IndexError):  # a digest is 32 bytes: cffi refuses a longer one
+        key(text(b"k5"), 0).digest = b"\1" * 33
+    record = registry_pb2.ApiKey(key_id="k6", role=registry_pb2.ROLE_INFER, model_patterns=["ident"])
+    with pytest.raises(ValueError, match="32 bytes"):  # and the wrapper a shorter one
+        front.put_key(b"\1" * 31, record, 60.0)
+    front.put_key(b"\2" * 32, record, 60.0)
+
+
+def test_a_config_out_of_bounds_starts_no_front(tmp_path: pathlib.Path) -> None:
+    ffi, lib = fast_port.load()
+    port = ffi.new("int*")
+    text = CStrings(ffi)
+    base = {"address": text(b"127.0.0.1:0"), "python_address": text(f"unix:{tmp_path}/x.sock".encode())}
+    for bad in ({"max_message_bytes": 0}, {"fast_threads": lib.FG_MAX_THREADS + 1}, {"unread_window_bytes": -1}):
+        config = ffi.new("struct fg_config*", {**base, "max_message_bytes": 1 << 20, **bad})
+        assert lib.fg_start(config, port) == ffi.NULL, bad
+    assert lib.fg_start(ffi.new("struct fg_config*", {"max_message_bytes": 1 << 20}), port) == ffi.NULL  # no address
+    with pytest.raises(ValueError, match="threads"):
+        NativeGateway("127.0.0.1:0", 1 << 20, f"unix:{tmp_path}/x.sock", "", 1, 1, 1, 1, 1, threads=1000)
