@@ -24,6 +24,8 @@ COPY pyproject.toml CMakeLists.txt README.md ./
 COPY protos/ protos/
 COPY fovea/ fovea/
 COPY gateway/ gateway/
+# generates the gateway's binding from gateway/native/api.h at build time (CMakeLists.txt fovea_binding)
+COPY scripts/cffi_module.py scripts/cffi_module.py
 COPY deploy/docker/healthcheck.py /app/healthcheck.py
 # Stubs are build output: generate them first, since the install packs them. The install builds the
 # gateway's native part (scikit-build-core runs CMakeLists.txt: the cffi module _fovea_gateway, which holds the
