@@ -16,10 +16,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from worker.fast_port import binding
+
 logger = logging.getLogger(__name__)
 
-# Seconds: from 50 us (overhead of a tiny model) to 10 s (a loaded CPU).
-TIME_BUCKETS_S = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+# Seconds, as the native front's histogram has them (worker/native/api.h fv_time_bounds_ns, the one list):
+# both histograms of request times share their buckets.
+TIME_BUCKETS_S = tuple(ns / 1e9 for ns in binding()[1].fv_time_bounds_ns)
 STATUS_BY_VALUE = {code.value[0]: code.value for code in grpc.StatusCode}
 BATCH_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 

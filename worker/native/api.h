@@ -17,10 +17,14 @@ enum {
   FV_MAX_TENSORS = 8,   // inputs, and outputs, of a model the fast port serves
   FV_MAX_RANK = 8,      // dimensions of a tensor
   FV_STATUS_CODES = 17, // gRPC status codes, OK (0) to UNAUTHENTICATED (16)
-  FV_TIME_BOUNDS = 16,  // bounds of the request-time buckets (worker/metrics.py TIME_BUCKETS_S)
+  FV_TIME_BOUNDS = 16,  // bounds of the request-time buckets (fv_time_bounds_ns)
   FV_TIME_BUCKETS = 17, // buckets: one per bound, then +Inf
   FV_MESSAGE_CAP = 1024 // bytes of a refused call's message, NUL included
 };
+
+// Upper bounds of the request-time histogram's buckets, in ns: the one list, which the Python metrics
+// (worker/metrics.py TIME_BUCKETS_S) read from here, so both histograms have the same buckets.
+extern const int64_t fv_time_bounds_ns[FV_TIME_BOUNDS];
 
 typedef struct fv_front fv_front;          // the gRPC server and its queues (front.cc)
 typedef struct fv_session fv_session;      // an ONNX Runtime session (ort_loop.cc)

@@ -83,11 +83,17 @@ struct Call : fovea::Checked {
   SysClock::time_point deadline;
 };
 
-// Bounds of the fovea_worker_fast_port_request_seconds buckets, in ns (the main port's TIME_BUCKETS_S).
-constexpr int64_t kTimeBoundsNs[] = {50'000, 100'000, 250'000, 500'000, 1'000'000, 2'500'000, 5'000'000,
-                                     10'000'000, 25'000'000, 50'000'000, 100'000'000, 250'000'000, 500'000'000,
-                                     1'000'000'000, 2'500'000'000, 10'000'000'000};
-constexpr int kTimeBuckets = sizeof(kTimeBoundsNs) / sizeof(kTimeBoundsNs[0]) + 1;  // the last is +Inf
+}  // namespace
+
+// Bounds of the request-time buckets in ns, from 50 us (overhead of a tiny model) to 10 s (a loaded CPU).
+extern "C" const int64_t fv_time_bounds_ns[FV_TIME_BOUNDS] = {
+    50'000,     100'000,     250'000,     500'000,       1'000'000,     2'500'000,     5'000'000,     10'000'000,
+    25'000'000, 50'000'000, 100'000'000, 250'000'000, 500'000'000, 1'000'000'000, 2'500'000'000, 10'000'000'000};
+
+namespace {
+
+const int64_t* const kTimeBoundsNs = fv_time_bounds_ns;
+constexpr int kTimeBuckets = FV_TIME_BOUNDS + 1;  // the last is +Inf
 static_assert(kTimeBuckets == FV_TIME_BUCKETS && kTimeBuckets - 1 == FV_TIME_BOUNDS, "api.h's bucket counts");
 
 // Per-version figures in Triton's ModelStatistics terms (see statistics()).
