@@ -30,16 +30,16 @@ LOG_BATCH = 1024  # records taken per fg_drain_log call; a drain takes as many b
 EJECTED_BATCH = 64
 
 
-def binding() -> pathlib.Path:
+def binding_file() -> pathlib.Path:
     """Where the binding is, or would be (FOVEA_NATIVE_BUILD picks the build folder)."""
     return binding_path(PART, MODULE)
 
 
 def available() -> bool:
-    return binding().exists()
+    return binding_file().exists()
 
 
-def load() -> tuple[Any, Any]:
+def binding() -> tuple[Any, Any]:
     """(ffi, lib) of the binding; RuntimeError when it is not built, ImportError when it cannot be loaded."""
     return load_binding(PART, MODULE)
 
@@ -123,7 +123,7 @@ class NativeGateway:
     ) -> None:
         """tls: (certificate chain, private key, client CA) in PEM; empty serves plaintext, an empty CA
         asks for no client certificate."""
-        self.ffi, self.lib = load()
+        self.ffi, self.lib = binding()
         self.handle: Any = None
         ffi = self.ffi
         if not 0 <= unread_window_bytes < 2**31 or threads > self.lib.FG_MAX_THREADS:

@@ -24,8 +24,8 @@ from gateway.auth import KeyCache
 from gateway.config import GatewayConfig
 from gateway.fast_port import NativeGateway, route_table
 from gateway.fast_port import available as native_available
-from gateway.fast_port import binding as native_binding
-from gateway.fast_port import load as load_native
+from gateway.fast_port import binding as load_native
+from gateway.fast_port import binding_file as native_binding
 from gateway.http.app import HttpPort, start_http
 from gateway.metrics import AccessLog, Metrics
 from gateway.ratelimit import Limits, RateLimiter

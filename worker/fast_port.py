@@ -73,8 +73,13 @@ def binding() -> tuple[Any, Any]:
     return load_binding(PART, MODULE)
 
 
+def binding_file() -> pathlib.Path:
+    """Where the binding is, or would be (FOVEA_NATIVE_BUILD picks the build folder)."""
+    return binding_path(PART, MODULE)
+
+
 def available() -> bool:
-    return binding_path(PART, MODULE).exists()
+    return binding_file().exists()
 
 
 class CStrings:

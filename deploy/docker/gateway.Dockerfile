@@ -35,7 +35,7 @@ COPY deploy/docker/healthcheck.py /app/healthcheck.py
 RUN python -m fovea.codegen \
  && PYTHONPATH=/opt/build-backend pip install --no-deps --no-build-isolation \
       --config-settings=cmake.define.FOVEA_NATIVE_PARTS=gateway . \
- && lib="$(python -c 'from gateway.fast_port import binding; print(binding())')" \
+ && lib="$(python -c 'from gateway.fast_port import binding_file; print(binding_file())')" \
  && mkdir -p /opt/venv/lib/fovea-native \
  && ldd "$lib" | awk '/=> \// {print $3}' \
       | grep -E 'grpc|gpr|absl|protobuf|upb|re2|cares|address_sorting|ssl|crypto|libz' \

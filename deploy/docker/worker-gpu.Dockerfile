@@ -42,7 +42,7 @@ COPY deploy/docker/healthcheck.py /app/healthcheck.py
 RUN python -m fovea.codegen \
  && PYTHONPATH=/opt/build-backend pip install --no-deps --no-build-isolation \
       --config-settings=cmake.define.FOVEA_NATIVE_PARTS=worker . \
- && lib="$(python -c 'import pathlib, worker; from fovea.native import binding_path; print(binding_path(pathlib.Path(worker.__file__).parent, "_fovea_worker"))')" \
+ && lib="$(python -c 'from worker.fast_port import binding_file; print(binding_file())')" \
  && mkdir -p /opt/venv/lib/fovea-native \
  && ldd "$lib" | awk '/=> \// {print $3}' \
       | grep -E 'grpc|gpr|absl|protobuf|upb|re2|cares|address_sorting|ssl|crypto|libz' \

@@ -145,7 +145,7 @@ def test_keys_past_their_bounds_are_refused(front: NativeGateway) -> None:
 
 
 def test_a_config_out_of_bounds_starts_no_front(tmp_path: pathlib.Path) -> None:
-    ffi, lib = fast_port.load()
+    ffi, lib = fast_port.binding()
     port = ffi.new("int*")
     text = CStrings(ffi)
     base = {"address": text(b"127.0.0.1:0"), "python_address": text(f"unix:{tmp_path}/x.sock".encode())}
