@@ -1,19 +1,22 @@
 """Issue #19's acceptance 3 (memory), side by side: a worker's peak RSS against raw in-process ONNX Runtime's on
 the same models and batch sizes (bound: raw + 200 MB), and a gateway's peak RSS (bound: 200 MB).
 
-    python bench/worker/memory.py                      # about 1-2 minutes -> docs/bench/worker_memory.json
+    python bench/worker/memory.py                      # about 65 s on 2 cores -> docs/bench/worker_memory.json
     python bench/worker/memory.py --models cifar-cnn --seconds 2 --out /tmp/mem.json
 
 Raw: a child process (this file with --raw-child; it imports only NumPy and onnxruntime) opens one
 onnxruntime.InferenceSession per model with the worker's session options and intra-op threads, then runs each
 model at each batch size in turn. Fovea: Valkey, a registry, one worker and a gateway as processes on loopback
 (fovea.cluster), a closed-loop Classify load through the gateway per model and concurrency; then the worker's
-and the gateway's VmHWM from /proc/PID/status. MB here are 10^6 bytes.
+and the gateway's VmHWM from /proc/PID/status. While the worker loads its models (before it prints its address),
+a thread samples its RSS every 5 ms; the worker's cold-start log line splits the samples into download and
+sessions. MB here are 10^6 bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import pathlib
@@ -22,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -33,6 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 BOUND_MB = 200.0
 """Both bounds of the acceptance: worker peak minus raw peak, and the gateway's peak."""
+COLD_START = re.compile(
+    r"cold start: loaded (\S+) v\d+ in ([0-9.]+) s \(download ([0-9.]+) s, sessions ([0-9.]+) s, warm-up ([0-9.]+) s"
+)
 BATCH_LINE = re.compile(r"^fovea_worker_batch_size_(sum|count|bucket)\{([^}]*)\} ([0-9.e+-]+)$")
 
 
@@ -167,14 +174,16 @@ def measure_fovea(models: list[Any], args: argparse.Namespace, work_dir: pathlib
             rc.set_alias(m.name, "production", [(mv.version, 100)])
         key = rc.create_key("infer", description="memory bench")[1]
         metrics_port = free_port()
-        worker = cluster.start_worker(
-            registry.address,
-            [m.name for m in models],
-            FOVEA_WORKER_INTRA_OP_THREADS=str(args.threads),
-            FOVEA_WORKER_MAX_BATCH_SIZE=str(args.max_batch),
-            FOVEA_WORKER_METRICS_PORT=str(metrics_port),
-            **dict(kv.split("=", 1) for kv in args.worker_env),
-        )
+        sampler = StartSampler()
+        with sampler:
+            worker = cluster.start_worker(
+                registry.address,
+                [m.name for m in models],
+                FOVEA_WORKER_INTRA_OP_THREADS=str(args.threads),
+                FOVEA_WORKER_MAX_BATCH_SIZE=str(args.max_batch),
+                FOVEA_WORKER_METRICS_PORT=str(metrics_port),
+                **dict(kv.split("=", 1) for kv in args.worker_env),
+            )
         _wait_ready(rc, [m.name for m in models])
         worker_loaded = status_mb(worker.proc.pid)
         gateway = cluster.start_gateway(registry.address)
@@ -208,11 +217,89 @@ def measure_fovea(models: list[Any], args: argparse.Namespace, work_dir: pathlib
             "gateway_end": status_mb(gateway.proc.pid),
             "gateway_rollup_end": rollup_mb(gateway.proc.pid),
             "points": points,
-            "worker_cold_starts": [line for line in worker.log_path.read_text().splitlines() if "cold start:" in line],
+            "worker_loading": sampler.phases(worker.log_path.read_text().splitlines()),
         }
     finally:
         cluster.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+class StartSampler:
+    """The worker's RSS every 5 ms while it starts. It loads its models before it prints its address, so
+    Cluster.start_worker returns only after the loading; this finds the worker as the new child process of
+    this one and samples it from a thread, and phases() splits the samples by the worker's cold-start log."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._known = set(_children())
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> StartSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        pid = None
+        while pid is None and not self._stop.is_set():
+            pid = next((c for c in _children() if c not in self._known and _runs_worker(c)), None)
+            time.sleep(0.002)
+        while pid is not None and not self._stop.is_set():
+            try:
+                self.samples.append((time.time(), status_mb(pid)["VmRSS"]))
+            except (OSError, KeyError):
+                return  # the worker is gone
+            time.sleep(0.005)
+
+    def phases(self, log_lines: list[str]) -> list[dict[str, Any]]:
+        """Per model loaded: RSS (MB) at its load's start, after the download, at the peak of building its
+        sessions, and when it is ready, read at the times its "cold start" log line gives."""
+        out = []
+        for line in log_lines:
+            m = COLD_START.search(line)
+            if not m or not self.samples or not line.startswith("{"):
+                continue
+            end = datetime.datetime.fromisoformat(json.loads(line)["ts"].replace("Z", "+00:00")).timestamp()
+            total, download, sessions = (float(m.group(i)) for i in (2, 3, 4))
+            start = end - total
+            inside = [r for t, r in self.samples if start + download <= t <= start + download + sessions]
+            out.append(
+                {
+                    "model": m.group(1),
+                    "seconds": total,
+                    "rss_at_start_mb": self._at(start),
+                    "rss_after_download_mb": self._at(start + download),
+                    "rss_peak_building_sessions_mb": max(inside, default=float("nan")),
+                    "rss_ready_mb": self._at(end),
+                }
+            )
+        return out
+
+    def _at(self, when: float) -> float:
+        before = [r for t, r in self.samples if t <= when]
+        return before[-1] if before else self.samples[0][1]
+
+
+def _children() -> list[str]:
+    """Pids of this process's children (Popen forks from whichever thread calls it)."""
+    out = []
+    for task in pathlib.Path("/proc/self/task").iterdir():
+        try:
+            out += (task / "children").read_text().split()
+        except OSError:
+            continue
+    return out
+
+
+def _runs_worker(pid: str) -> bool:
+    try:
+        return "worker" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
 
 
 def _wait_ready(rc: Any, names: list[str], timeout_s: float = 120.0) -> None:
@@ -266,11 +353,23 @@ def markdown(doc: dict[str, Any]) -> str:
         "| model | concurrency | ok | errors | calls/s | worker's batches: mean, largest ≤ | worker RSS after (MB) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for p in doc["fovea"]["points"]:
+    for p in fovea["points"]:
         errors = ", ".join(f"{k}={v}" for k, v in p["errors"].items()) or "0"
         lines.append(
             f"| {p['model']} | {p['concurrency']} | {p['ok']} | {errors} | {p['throughput_rps']:.0f} | "
             f"{p['batches']['mean']:.1f}, {p['batches']['largest_at_most']:.0f} | {p['worker_rss_mb']:.1f} |"
+        )
+    lines += [
+        "",
+        "The worker's RSS (MB) while it loads, sampled every 5 ms, split by its cold-start log line:",
+        "",
+        "| model | load s | at start | after download | peak building sessions | ready |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in fovea["worker_loading"]:
+        lines.append(
+            f"| {p['model']} | {p['seconds']:.2f} | {p['rss_at_start_mb']:.1f} | {p['rss_after_download_mb']:.1f} | "
+            f"{p['rss_peak_building_sessions_mb']:.1f} | {p['rss_ready_mb']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
