@@ -4,6 +4,10 @@ identity      zero-compute ONNX model (output = input, FP32 [N, 4]): pure servin
 cifar-cnn     training's small CNN at CIFAR size (3x32x32, 10 classes, random weights: speed only)
 effnet-fp32   the pretrained EfficientNet-Lite0 (training.pretrained), 224x224
 effnet-int8   its static QDQ INT8 copy (training.quantize.quantize_pretrained)
+
+Not in the suite's default list, for bench/worker/memory.py:
+cifar-resnet18  training's CIFAR-style ResNet-18 (11M parameters, 3x32x32, random weights): issue #19's
+                "ResNet-18" whose weights the worker must hold once
 """
 
 from __future__ import annotations
@@ -49,7 +53,12 @@ def identity(models_dir: pathlib.Path, width: int = 4) -> BenchModel:
 
 
 def cifar_cnn(models_dir: pathlib.Path) -> BenchModel:
-    path = models_dir / "cifar-cnn.onnx"
+    return _cifar_export(models_dir, "cnn", "cifar-cnn")
+
+
+def _cifar_export(models_dir: pathlib.Path, spec: str, name: str) -> BenchModel:
+    """training's model `spec` at CIFAR size (3x32x32, 10 classes), random weights, exported once."""
+    path = models_dir / f"{name}.onnx"
     if not path.exists():
         import torch
 
@@ -57,7 +66,7 @@ def cifar_cnn(models_dir: pathlib.Path) -> BenchModel:
         from training.models import build_model
 
         torch.manual_seed(0)
-        model = build_model("cnn", in_channels=3, num_classes=10, image_size=32)
+        model = build_model(spec, in_channels=3, num_classes=10, image_size=32)
         pre = {
             "resize_short": 32,
             "crop_height": 32,
@@ -76,7 +85,11 @@ def cifar_cnn(models_dir: pathlib.Path) -> BenchModel:
             model_card="Benchmark model: random weights, for speed only.",
             dynamo=False,
         )
-    return BenchModel("cifar-cnn", path, 32, [3, 32, 32])
+    return BenchModel(name, path, 32, [3, 32, 32])
+
+
+def cifar_resnet18(models_dir: pathlib.Path) -> BenchModel:
+    return _cifar_export(models_dir, "resnet18", "cifar-resnet18")
 
 
 def effnet_fp32(models_dir: pathlib.Path) -> BenchModel:
@@ -97,7 +110,13 @@ def effnet_int8(models_dir: pathlib.Path) -> BenchModel:
     return BenchModel("effnet-int8", path, 256, [3, 224, 224])
 
 
-BUILDERS = {"identity": identity, "cifar-cnn": cifar_cnn, "effnet-fp32": effnet_fp32, "effnet-int8": effnet_int8}
+BUILDERS = {
+    "identity": identity,
+    "cifar-cnn": cifar_cnn,
+    "cifar-resnet18": cifar_resnet18,
+    "effnet-fp32": effnet_fp32,
+    "effnet-int8": effnet_int8,
+}
 
 
 def prepare(names: list[str], models_dir: pathlib.Path) -> tuple[list[BenchModel], dict[str, str]]:
