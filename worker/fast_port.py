@@ -516,6 +516,11 @@ class NativeFront:
         """Relay ModelInfer calls with a sampled traceparent to the Python server, which traces them."""
         self.lib.fv_set_trace_sampled(self.handle, int(on))
 
+    def trim_heap(self) -> None:
+        """Give the heap's free memory back to the system: after a load's transient copies (the front keeps
+        freed memory for serving, fv_start's mallopt, which would keep them resident)."""
+        self.lib.fv_trim_heap()
+
     def set_accepting(self, accepting: bool) -> None:
         """While not accepting, new calls get UNAVAILABLE (a gateway retries elsewhere); queued ones still answered."""
         self.lib.fv_set_accepting(self.handle, int(accepting))

@@ -382,6 +382,12 @@ class ModelManager:
                         "%s v%d left alias %s; unloading in %.1fs", name, v, f.alias, self.config.unload_delay_s
                     )
 
+    async def _trim_heap(self) -> None:
+        """A load's transient copies (chunks, parses, Python's session) go back to the system between its steps,
+        so the worker's peak is one step's, not their sum."""
+        if self.native is not None:
+            await asyncio.to_thread(self.native.trim_heap)
+
     async def _load(self, mv: model_pb2.ModelVersion) -> None:
         """Download, verify, load and warm up one version; it is listed at once but ready only after warm-up."""
         key = (mv.name, mv.version)
@@ -391,8 +397,10 @@ class ModelManager:
             data = await self.link.download(mv, self.keys)
             size = len(data)
             t_download = time.perf_counter()
+            await self._trim_heap()  # the download's chunks, joined into data
             # Before any session: ONNX Runtime would read the files that external-data tensors name.
             await asyncio.to_thread(refuse_external_data_bytes, data)
+            await self._trim_heap()  # the parsed copy
             config = self.config.for_model(mv.name)
             count = max(1, config.instances)
             first = await asyncio.to_thread(load_model, data, config)
@@ -406,6 +414,7 @@ class ModelManager:
                 assert isinstance(first, Session)  # no batch buckets here (_runs_native)
                 first = dataclasses.replace(first, session=None)  # type: ignore[arg-type]
                 sessions = []
+                await self._trim_heap()  # Python's session, before the C++ sessions take their memory
                 fast, fast_alone = await asyncio.to_thread(self._open_native, data, config, mv, first, count)
             if not fast:  # Python runs the batches, on sessions of its own
                 sessions = [
@@ -418,6 +427,7 @@ class ModelManager:
                     load_model, data, config.model_copy(update={"intra_op_threads": self.config.alone_threads(mv.name)})
                 )
             del data  # the sessions hold their own copies; the artifact's bytes must not count as the model's
+            await self._trim_heap()
         except Exception as exc:  # noqa: BLE001 - a bad artifact must not take the worker down
             self.errors[key] = str(exc)[:300]
             logger.error("refusing %s v%d: %s", mv.name, mv.version, exc)

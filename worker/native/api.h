@@ -172,6 +172,9 @@ int32_t fv_submit(fv_front* front, int32_t slot, const char* request, int64_t le
 void fv_free_buffer(char* buffer);
 void fv_set_trace_sampled(fv_front* front, int32_t on);
 void fv_set_accepting(fv_front* front, int32_t accepting);
+// Gives the heap's free memory back to the system (malloc_trim): fv_start keeps freed buffers for the
+// serving path, so a model load's transient copies would otherwise stay resident (worker/models.py).
+void fv_trim_heap(void);
 // Closes the port: calls still open after grace_s are cancelled.
 void fv_shutdown(fv_front* front, double grace_s);
 void fv_free(fv_front* front);

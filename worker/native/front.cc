@@ -930,6 +930,8 @@ void fv_set_trace_sampled(fv_front* fp, int32_t on) { of(fp)->trace_sampled = on
 
 void fv_set_accepting(fv_front* fp, int32_t accepting) { of(fp)->accepting = accepting != 0; }
 
+void fv_trim_heap(void) { malloc_trim(0); }
+
 // Closes the port: calls still open after grace_s are cancelled. Batches must keep being served
 // meanwhile, since the server waits for every call it accepted to be answered.
 void fv_shutdown(fv_front* fp, double grace_s) {
