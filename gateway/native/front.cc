@@ -31,6 +31,7 @@
 #include <vector>
 
 #include <absl/synchronization/mutex.h>
+#include <grpcpp/alarm.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
@@ -501,7 +502,7 @@ class Front;
 class Call {
  public:
   enum Event { kNew, kRead, kUp, kFinish, kDone, kUpStart, kUpRead, kUpWrite, kUpWritesDone, kUpFinish, kWrite,
-               kEvents };
+               kBodyTimer, kEvents };
   struct Tag {
     Call* call;
     Event event;
@@ -525,6 +526,8 @@ class Call {
   void on(Event e, bool ok);
   void arrived();
   void proceed();
+  void read_body();
+  void body_late(bool ok);
   void verify();
   void verified();
   void handle();
@@ -575,6 +578,8 @@ class Call {
   std::string tried_;
   int attempt_ = 0;
   bool counted_ = false;  // holds one of the front's pending-call slots
+  grpc::Alarm body_timer_;  // ends a unary call whose message does not come within its deadline
+  bool awaiting_body_ = false;
   std::chrono::steady_clock::time_point start_;
 };
 
@@ -796,12 +801,18 @@ void Call::on(Event e, bool ok) {
       return;
     case kFinish:
       return;
+    case kBodyTimer:
+      body_late(ok);
+      return;
     default:
       break;
   }
   if (streaming_) {
     relay_event(e, ok);
   } else if (e == kRead) {
+    awaiting_body_ = false;
+    body_timer_.Cancel();
+    if (finishing_) return;  // the timer ended the call first
     if (ok) {
       handle();
     } else {
@@ -852,8 +863,28 @@ void Call::proceed() {
   if (kStreams.count(ctx_.method())) {
     relay();
   } else {
-    stream_.Read(&req_, start(kRead));
+    read_body();
   }
+}
+
+// gRPC ends a call at the deadline its caller set, but a call without one (or with one of years) would wait for
+// its message forever, holding one of the front's pending-call slots: a caller that sends headers and no body
+// could fill them all. The message must come within the deadline the gateway would give the call anyway.
+void Call::read_body() {
+  bool has_deadline = ctx_.deadline() != SysClock::time_point::max();
+  auto limit = std::chrono::milliseconds(has_deadline ? f_->max_deadline_ms : f_->default_deadline_ms);
+  awaiting_body_ = true;
+  body_timer_.Set(cq_, SysClock::now() + limit, start(kBodyTimer));
+  stream_.Read(&req_, start(kRead));
+}
+
+void Call::body_late(bool ok) {
+  if (!ok || !awaiting_body_) return;  // cancelled: the message came, or the call ended
+  bool has_deadline = ctx_.deadline() != SysClock::time_point::max();
+  std::string limit = has_deadline ? std::to_string(f_->max_deadline_ms) + " ms (the gateway's longest deadline)"
+                                   : std::to_string(f_->default_deadline_ms) +
+                                         " ms (the gateway's deadline for calls that set none)";
+  finish(Status(StatusCode::DEADLINE_EXCEEDED, "the request message did not arrive within " + limit));
 }
 
 // A key this front has not seen: ask the Python server (ServerLive with the caller's metadata, which its
