@@ -58,6 +58,10 @@ class GatewayConfig(BaseConfig):
     """What a caller may send on one call before the gateway reads its body (the HTTP/2 stream window, at the
     front and at the Python server behind it): bodies are read only after the credentials are checked, so this
     bounds the memory an unauthenticated call costs, besides its metadata."""
+    max_calls_per_key: int = Field(default=1024, ge=0)
+    """Most calls of one API key in progress at once on the public port (streams included; 0: no limit), below
+    max_pending_calls, so that one key's slow or idle calls cannot lock the other callers out; more get
+    RESOURCE_EXHAUSTED."""
     stream_window: int = 8
     """Requests of one ClassifyStream in flight at once."""
     tls_cert_file: str = ""

@@ -526,6 +526,7 @@ class Call {
   void on(Event e, bool ok);
   void arrived();
   void proceed();
+  bool take_key_slot();
   void read_body();
   void body_late(bool ok);
   void verify();
@@ -578,6 +579,7 @@ class Call {
   std::string tried_;
   int attempt_ = 0;
   bool counted_ = false;  // holds one of the front's pending-call slots
+  std::string key_slot_;  // the digest of the key whose per-key slot this call holds; empty: none
   grpc::Alarm body_timer_;  // ends a unary call whose message does not come within its deadline
   bool awaiting_body_ = false;
   std::chrono::steady_clock::time_point start_;
@@ -619,6 +621,26 @@ class Front {
   std::atomic<bool> accepting{true};
   int64_t max_pending = 4096;
   std::atomic<int64_t> pending{0};
+  // Calls in progress per key (by the SHA-256 of its secret): one key's calls, however slow or idle (a stream
+  // that sends nothing, say), cannot take every pending-call slot from the other callers.
+  int64_t max_per_key = 0;
+  std::mutex per_key_mu;
+  std::unordered_map<std::string, int64_t> per_key;
+
+  bool take_key_slot(const std::string& digest) {
+    if (max_per_key <= 0) return true;
+    std::lock_guard lock(per_key_mu);
+    int64_t& n = per_key[digest];
+    if (n >= max_per_key) return false;
+    ++n;
+    return true;
+  }
+
+  void give_key_slot(const std::string& digest) {
+    std::lock_guard lock(per_key_mu);
+    auto it = per_key.find(digest);
+    if (it != per_key.end() && --it->second <= 0) per_key.erase(it);
+  }
   std::atomic<int64_t> live_calls{0};  // Call objects: those in progress and those waiting for a call
   // Finished native calls, for Python's access log and metrics (calls passed to Python are logged there).
   std::mutex log_mu;
@@ -786,6 +808,7 @@ Call::Call(Front* f, grpc::ServerCompletionQueue* cq) : f_(f), cq_(cq) {
 
 Call::~Call() {
   if (counted_) f_->pending--;
+  if (!key_slot_.empty()) f_->give_key_slot(key_slot_);
   f_->live_calls--;
 }
 
@@ -852,6 +875,7 @@ void Call::arrived() {
     finish(Status(StatusCode::UNAUTHENTICATED, problem));
     return;
   }
+  if (!take_key_slot()) return;
   if (f_->known(secret_)) {
     proceed();
   } else {
@@ -885,6 +909,21 @@ void Call::body_late(bool ok) {
                                    : std::to_string(f_->default_deadline_ms) +
                                          " ms (the gateway's deadline for calls that set none)";
   finish(Status(StatusCode::DEADLINE_EXCEEDED, "the request message did not arrive within " + limit));
+}
+
+bool Call::take_key_slot() {
+  if (f_->max_per_key <= 0) return true;
+  unsigned char digest[SHA256_DIGEST_LENGTH];
+  sha256(secret_, digest);
+  std::string key(reinterpret_cast<char*>(digest), sizeof digest);
+  if (!f_->take_key_slot(key)) {
+    finish(Status(StatusCode::RESOURCE_EXHAUSTED, "this API key has " + std::to_string(f_->max_per_key) +
+                                                      " calls in progress, its limit (FOVEA_GATEWAY_MAX_CALLS_PER_KEY)"
+                                                      "; finish some or retry shortly"));
+    return false;
+  }
+  key_slot_ = key;
+  return true;
 }
 
 // A key this front has not seen: ask the Python server (ServerLive with the caller's metadata, which its
@@ -1325,6 +1364,7 @@ void* fg_start(const fg_config* config, int* port) {
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   auto* f = new Front();
   f->max_pending = config->max_pending_calls > 0 ? config->max_pending_calls : f->max_pending;
+  f->max_per_key = config->max_calls_per_key;
   f->max_message_bytes = config->max_message_bytes;
   f->internal_auth = std::string("Bearer ") + or_empty(config->worker_token);
   f->default_deadline_ms = config->default_deadline_ms;
