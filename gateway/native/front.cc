@@ -1391,6 +1391,10 @@ void* fg_start(const fg_config* config, int* port) {
   // credentials: a fixed HTTP/2 stream window (bandwidth probing grows it to megabytes on a fast link).
   builder.AddChannelArgument("grpc.http2.bdp_probe", 0);
   builder.AddChannelArgument("grpc.http2.lookahead_bytes", int(config->unread_window_bytes));
+  // No compressed messages: gRPC inflates one whole before it checks its size against the limit, so a 1 MB
+  // gzip message of zeros cost the gateway 1 GB. A compressed call gets UNIMPLEMENTED from its headers.
+  builder.SetCompressionAlgorithmSupportStatus(GRPC_COMPRESS_DEFLATE, false);
+  builder.SetCompressionAlgorithmSupportStatus(GRPC_COMPRESS_GZIP, false);
   builder.RegisterAsyncGenericService(&f->service);
   for (int i = 0; i < std::max(config->fast_threads, 1); ++i) f->cqs.push_back(builder.AddCompletionQueue());
   f->server = builder.BuildAndStart();
