@@ -103,6 +103,9 @@ class GatewayConfig(BaseConfig):
     data extension): parsed JSON numbers cost several times their text."""
     http_max_concurrent: int = 256
     """Most HTTP requests handled at once; more get 503 at once."""
+    http_max_calls_per_key: int = Field(default=64, ge=0)
+    """Most HTTP requests of one API key handled at once (0: no limit), below http_max_concurrent, so that one
+    key's slow bodies cannot hold every slot for the client timeout; more get 429 with Retry-After."""
     http_client_timeout_s: float = 30.0
     """Longest a client may take to send a request's body, or to take its answer; then the connection closes."""
     http_idle_timeout_s: float = 30.0
