@@ -61,7 +61,7 @@ class GatewayConfig(BaseConfig):
     max_calls_per_key: int = Field(default=1024, ge=0)
     """Most calls of one API key in progress at once on the public port (streams included; 0: no limit), below
     max_pending_calls, so that one key's slow or idle calls cannot lock the other callers out; more get
-    RESOURCE_EXHAUSTED."""
+    RESOURCE_EXHAUSTED. Calls without a key (health, reflection) count as one key."""
     stream_window: int = 8
     """Requests of one ClassifyStream in flight at once."""
     tls_cert_file: str = ""

@@ -866,7 +866,8 @@ void Call::arrived() {
   }
   counted_ = true;
   if (open_method(ctx_.method())) {
-    proceed();
+    // Calls without a key (health, reflection) share one key's limit: a health Watch never ends.
+    if (take_key_slot()) proceed();
     return;
   }
   // Credentials before the body: an unauthenticated call costs no more than its metadata here.
@@ -917,8 +918,9 @@ bool Call::take_key_slot() {
   sha256(secret_, digest);
   std::string key(reinterpret_cast<char*>(digest), sizeof digest);
   if (!f_->take_key_slot(key)) {
-    finish(Status(StatusCode::RESOURCE_EXHAUSTED, "this API key has " + std::to_string(f_->max_per_key) +
-                                                      " calls in progress, its limit (FOVEA_GATEWAY_MAX_CALLS_PER_KEY)"
+    std::string who = secret_.empty() ? "calls without an API key have " : "this API key has ";
+    finish(Status(StatusCode::RESOURCE_EXHAUSTED, who + std::to_string(f_->max_per_key) +
+                                                      " calls in progress, the limit (FOVEA_GATEWAY_MAX_CALLS_PER_KEY)"
                                                       "; finish some or retry shortly"));
     return false;
   }

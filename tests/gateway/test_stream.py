@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from fovea.client import Client
 from fovea.v1 import image_pb2
@@ -104,4 +105,30 @@ async def test_one_keys_idle_streams_cannot_lock_out_other_keys(stack: Stack, ga
     finally:
         for stream in streams:
             stream.cancel()
+        await channel.close()
+
+
+async def test_keyless_health_watches_share_one_keys_limit(stack: Stack, gateways: GatewayFactory) -> None:
+    """Health and reflection take no key, and a health Watch never ends: without a limit, callers with no key at
+    all could hold every pending-call slot of the gateway with them. Keyless calls count as one key under
+    max_calls_per_key: past it they get RESOURCE_EXHAUSTED, and calls with a key are still served."""
+    gw = await gateways(max_calls_per_key=3)
+    secret = await asyncio.to_thread(stack.key)
+    channel, stub = image_stub(gw)
+    watch = channel.unary_stream(
+        "/grpc.health.v1.Health/Watch",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    watches = [watch(health_pb2.HealthCheckRequest()) for _ in range(3)]
+    try:
+        for w in watches:
+            assert (await w.read()).status == health_pb2.HealthCheckResponse.SERVING
+        code, message = await status_of(watch(health_pb2.HealthCheckRequest()).read())
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "3 calls in progress" in message, (code, message)
+        answer = await stub.Classify(classify_request(png(COLORS["red"])), metadata=auth(secret), timeout=10)
+        assert answer.results[0].labels[0].label == "red"
+    finally:
+        for w in watches:
+            w.cancel()
         await channel.close()
