@@ -58,6 +58,10 @@ class GatewayConfig(BaseConfig):
     """What a caller may send on one call before the gateway reads its body (the HTTP/2 stream window, at the
     front and at the Python server behind it): bodies are read only after the credentials are checked, so this
     bounds the memory an unauthenticated call costs, besides its metadata."""
+    max_calls_per_key: int = Field(default=1024, ge=0)
+    """Most calls of one API key in progress at once on the public port (streams included; 0: no limit), below
+    max_pending_calls, so that one key's slow or idle calls cannot lock the other callers out; more get
+    RESOURCE_EXHAUSTED. Calls without a key (health, reflection) count as one key."""
     stream_window: int = 8
     """Requests of one ClassifyStream in flight at once."""
     tls_cert_file: str = ""
@@ -99,6 +103,9 @@ class GatewayConfig(BaseConfig):
     data extension): parsed JSON numbers cost several times their text."""
     http_max_concurrent: int = 256
     """Most HTTP requests handled at once; more get 503 at once."""
+    http_max_calls_per_key: int = Field(default=64, ge=0)
+    """Most HTTP requests of one API key handled at once (0: no limit), below http_max_concurrent, so that one
+    key's slow bodies cannot hold every slot for the client timeout; more get 429 with Retry-After."""
     http_client_timeout_s: float = 30.0
     """Longest a client may take to send a request's body, or to take its answer; then the connection closes."""
     http_idle_timeout_s: float = 30.0

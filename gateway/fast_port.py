@@ -120,6 +120,7 @@ class NativeGateway:
         tls: tuple[bytes, bytes, bytes] = (b"", b"", b""),
         threads: int = 1,
         unread_window_bytes: int = 64 * 1024,
+        max_calls_per_key: int = 0,
     ) -> None:
         """tls: (certificate chain, private key, client CA) in PEM; empty serves plaintext, an empty CA
         asks for no client certificate."""
@@ -147,6 +148,7 @@ class NativeGateway:
                 "max_images_per_call": max_samples,
                 "max_pending_calls": max_pending,
                 "unread_window_bytes": unread_window_bytes,
+                "max_calls_per_key": max_calls_per_key,
             },
         )
         port = ffi.new("int*")

@@ -291,6 +291,7 @@ def start_native(config: GatewayConfig, python_address: str, keys: KeyCache, met
         _tls_files(config),
         config.fast_threads,
         config.unread_window_bytes,
+        config.max_calls_per_key,
     )
 
     def on_verified(digest: bytes, record: registry_pb2.ApiKey) -> None:

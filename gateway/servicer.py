@@ -107,6 +107,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        check_name(request.name)  # a name no model can have is the caller's mistake, not a model that is not ready
         check_model_access(await charged(self.gateway), request.name)
         version = check_version(request.version)
         try:

@@ -20,7 +20,7 @@ from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
 
 from fovea import log, tracing
-from fovea.errors import FoveaError, InvalidArgument
+from fovea.errors import FoveaError, InvalidArgument, RateLimited
 from fovea.rpc import Authenticator, call_attributes, new_request_id, principal
 from gateway.auth import check_model_access
 from gateway.config import GatewayConfig
@@ -81,6 +81,7 @@ class Calls:
         self.metrics = metrics
         self.draining = draining
         self.in_flight = 0
+        self.per_key: dict[str, int] = {}  # key id -> its requests in flight
 
     def routes(self, app: web.Application) -> None:
         add = app.router.add_route
@@ -118,7 +119,7 @@ class Calls:
             response.headers["Retry-After"] = "1"
             return await self.refuse(request, response, name, code, start)
         self.in_flight += 1
-        span, status = None, 0
+        span, status, key_id = None, 0, None
         try:
             if tracing.tracer is not None:
                 route = request.match_info.route.resource
@@ -129,6 +130,7 @@ class Calls:
                 credentials = {"authorization": request.headers.get(hdrs.AUTHORIZATION)}
                 with tracing.span("authenticate"):
                     principal.set(await self.authenticate(name, credentials))
+                key_id = self.take_key_slot(principal.get().key_id)
             answer = await handler(request)
             answer.headers["x-request-id"] = rid
             status = answer.status
@@ -143,10 +145,30 @@ class Calls:
             return await self.refuse(request, response, name, code, start)
         finally:
             self.in_flight -= 1
+            if key_id is not None:
+                self.give_key_slot(key_id)
             if span is not None:
                 tracing.end_server(span, code, rid, call_attributes(), status or 499)  # 499: the client hung up
             if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
                 self.metrics.on_done(f"http.{name}", code, loop.time() - start)
+
+    def take_key_slot(self, key_id: str) -> str:
+        """Count a request of this key in flight, or refuse it past http_max_calls_per_key."""
+        limit = self.config.http_max_calls_per_key
+        held = self.per_key.get(key_id, 0)
+        if limit and held >= limit:
+            raise RateLimited(
+                f"API key {key_id} has {held} HTTP requests in flight, its limit (FOVEA_GATEWAY_HTTP_MAX_CALLS_PER_KEY)"
+                "; finish some or retry shortly",
+                1.0,
+            )
+        self.per_key[key_id] = held + 1
+        return key_id
+
+    def give_key_slot(self, key_id: str) -> None:
+        held = self.per_key.pop(key_id) - 1
+        if held > 0:
+            self.per_key[key_id] = held
 
     async def refuse(
         self, request: web.Request, response: web.Response, name: str, code: grpc.StatusCode, start: float

@@ -43,6 +43,7 @@ struct fg_config {
   int64_t max_images_per_call;
   int64_t max_pending_calls;      // 0 or less: the front's default
   int64_t unread_window_bytes;    // the HTTP/2 stream window before a body is asked for: 0 to 2^31 - 1
+  int64_t max_calls_per_key;      // calls of one API key in progress at once; 0 or less: no limit
 };
 
 // A verified API key. fg_put_limited_key reads digest, key_id and expires_ns only.

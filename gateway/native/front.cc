@@ -31,6 +31,7 @@
 #include <vector>
 
 #include <absl/synchronization/mutex.h>
+#include <grpcpp/alarm.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
@@ -501,7 +502,7 @@ class Front;
 class Call {
  public:
   enum Event { kNew, kRead, kUp, kFinish, kDone, kUpStart, kUpRead, kUpWrite, kUpWritesDone, kUpFinish, kWrite,
-               kEvents };
+               kBodyTimer, kEvents };
   struct Tag {
     Call* call;
     Event event;
@@ -525,6 +526,9 @@ class Call {
   void on(Event e, bool ok);
   void arrived();
   void proceed();
+  bool take_key_slot();
+  void read_body();
+  void body_late(bool ok);
   void verify();
   void verified();
   void handle();
@@ -575,6 +579,9 @@ class Call {
   std::string tried_;
   int attempt_ = 0;
   bool counted_ = false;  // holds one of the front's pending-call slots
+  std::string key_slot_;  // the digest of the key whose per-key slot this call holds; empty: none
+  grpc::Alarm body_timer_;  // ends a unary call whose message does not come within its deadline
+  bool awaiting_body_ = false;
   std::chrono::steady_clock::time_point start_;
 };
 
@@ -614,6 +621,26 @@ class Front {
   std::atomic<bool> accepting{true};
   int64_t max_pending = 4096;
   std::atomic<int64_t> pending{0};
+  // Calls in progress per key (by the SHA-256 of its secret): one key's calls, however slow or idle (a stream
+  // that sends nothing, say), cannot take every pending-call slot from the other callers.
+  int64_t max_per_key = 0;
+  std::mutex per_key_mu;
+  std::unordered_map<std::string, int64_t> per_key;
+
+  bool take_key_slot(const std::string& digest) {
+    if (max_per_key <= 0) return true;
+    std::lock_guard lock(per_key_mu);
+    int64_t& n = per_key[digest];
+    if (n >= max_per_key) return false;
+    ++n;
+    return true;
+  }
+
+  void give_key_slot(const std::string& digest) {
+    std::lock_guard lock(per_key_mu);
+    auto it = per_key.find(digest);
+    if (it != per_key.end() && --it->second <= 0) per_key.erase(it);
+  }
   std::atomic<int64_t> live_calls{0};  // Call objects: those in progress and those waiting for a call
   // Finished native calls, for Python's access log and metrics (calls passed to Python are logged there).
   std::mutex log_mu;
@@ -781,6 +808,7 @@ Call::Call(Front* f, grpc::ServerCompletionQueue* cq) : f_(f), cq_(cq) {
 
 Call::~Call() {
   if (counted_) f_->pending--;
+  if (!key_slot_.empty()) f_->give_key_slot(key_slot_);
   f_->live_calls--;
 }
 
@@ -796,12 +824,18 @@ void Call::on(Event e, bool ok) {
       return;
     case kFinish:
       return;
+    case kBodyTimer:
+      body_late(ok);
+      return;
     default:
       break;
   }
   if (streaming_) {
     relay_event(e, ok);
   } else if (e == kRead) {
+    awaiting_body_ = false;
+    body_timer_.Cancel();
+    if (finishing_) return;  // the timer ended the call first
     if (ok) {
       handle();
     } else {
@@ -832,7 +866,8 @@ void Call::arrived() {
   }
   counted_ = true;
   if (open_method(ctx_.method())) {
-    proceed();
+    // Calls without a key (health, reflection) share one key's limit: a health Watch never ends.
+    if (take_key_slot()) proceed();
     return;
   }
   // Credentials before the body: an unauthenticated call costs no more than its metadata here.
@@ -841,6 +876,7 @@ void Call::arrived() {
     finish(Status(StatusCode::UNAUTHENTICATED, problem));
     return;
   }
+  if (!take_key_slot()) return;
   if (f_->known(secret_)) {
     proceed();
   } else {
@@ -852,8 +888,44 @@ void Call::proceed() {
   if (kStreams.count(ctx_.method())) {
     relay();
   } else {
-    stream_.Read(&req_, start(kRead));
+    read_body();
   }
+}
+
+// gRPC ends a call at the deadline its caller set, but a call without one (or with one of years) would wait for
+// its message forever, holding one of the front's pending-call slots: a caller that sends headers and no body
+// could fill them all. The message must come within the deadline the gateway would give the call anyway.
+void Call::read_body() {
+  bool has_deadline = ctx_.deadline() != SysClock::time_point::max();
+  auto limit = std::chrono::milliseconds(has_deadline ? f_->max_deadline_ms : f_->default_deadline_ms);
+  awaiting_body_ = true;
+  body_timer_.Set(cq_, SysClock::now() + limit, start(kBodyTimer));
+  stream_.Read(&req_, start(kRead));
+}
+
+void Call::body_late(bool ok) {
+  if (!ok || !awaiting_body_) return;  // cancelled: the message came, or the call ended
+  bool has_deadline = ctx_.deadline() != SysClock::time_point::max();
+  std::string limit = has_deadline ? std::to_string(f_->max_deadline_ms) + " ms (the gateway's longest deadline)"
+                                   : std::to_string(f_->default_deadline_ms) +
+                                         " ms (the gateway's deadline for calls that set none)";
+  finish(Status(StatusCode::DEADLINE_EXCEEDED, "the request message did not arrive within " + limit));
+}
+
+bool Call::take_key_slot() {
+  if (f_->max_per_key <= 0) return true;
+  unsigned char digest[SHA256_DIGEST_LENGTH];
+  sha256(secret_, digest);
+  std::string key(reinterpret_cast<char*>(digest), sizeof digest);
+  if (!f_->take_key_slot(key)) {
+    std::string who = secret_.empty() ? "calls without an API key have " : "this API key has ";
+    finish(Status(StatusCode::RESOURCE_EXHAUSTED, who + std::to_string(f_->max_per_key) +
+                                                      " calls in progress, the limit (FOVEA_GATEWAY_MAX_CALLS_PER_KEY)"
+                                                      "; finish some or retry shortly"));
+    return false;
+  }
+  key_slot_ = key;
+  return true;
 }
 
 // A key this front has not seen: ask the Python server (ServerLive with the caller's metadata, which its
@@ -1294,6 +1366,7 @@ void* fg_start(const fg_config* config, int* port) {
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   auto* f = new Front();
   f->max_pending = config->max_pending_calls > 0 ? config->max_pending_calls : f->max_pending;
+  f->max_per_key = config->max_calls_per_key;
   f->max_message_bytes = config->max_message_bytes;
   f->internal_auth = std::string("Bearer ") + or_empty(config->worker_token);
   f->default_deadline_ms = config->default_deadline_ms;
@@ -1320,6 +1393,10 @@ void* fg_start(const fg_config* config, int* port) {
   // credentials: a fixed HTTP/2 stream window (bandwidth probing grows it to megabytes on a fast link).
   builder.AddChannelArgument("grpc.http2.bdp_probe", 0);
   builder.AddChannelArgument("grpc.http2.lookahead_bytes", int(config->unread_window_bytes));
+  // No compressed messages: gRPC inflates one whole before it checks its size against the limit, so a 1 MB
+  // gzip message of zeros cost the gateway 1 GB. A compressed call gets UNIMPLEMENTED from its headers.
+  builder.SetCompressionAlgorithmSupportStatus(GRPC_COMPRESS_DEFLATE, false);
+  builder.SetCompressionAlgorithmSupportStatus(GRPC_COMPRESS_GZIP, false);
   builder.RegisterAsyncGenericService(&f->service);
   for (int i = 0; i < std::max(config->fast_threads, 1); ++i) f->cqs.push_back(builder.AddCompletionQueue());
   f->server = builder.BuildAndStart();

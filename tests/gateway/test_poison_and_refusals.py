@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -54,7 +55,7 @@ def start_dying_worker(stack: Stack) -> Service:
     )
 
 
-async def gateway_seeing(stack: Stack, model: str, workers: int) -> GatewayServer:
+async def gateway_seeing(stack: Stack, model: str, workers: int, **overrides: Any) -> GatewayServer:
     gw = await build_server(
         GatewayConfig(
             port=0,
@@ -62,6 +63,7 @@ async def gateway_seeing(stack: Stack, model: str, workers: int) -> GatewayServe
             registry_token=stack.cluster.gateway_token,
             worker_token=stack.cluster.worker_call_token,
             log_json=True,
+            **overrides,
         )
     )
     loop = asyncio.get_running_loop()
@@ -301,6 +303,45 @@ async def test_a_key_sent_twice_counts_as_the_last_one_on_both_paths(registry: S
             assert code == grpc.StatusCode.OK, (path, code, msg)
         assert len(worker.received) == 4
         assert native_calls(gw) == 2  # the unlimited key's two good calls; the limited key's went to Python
+    finally:
+        await channel.close()
+        await gw.stop(0)
+        await worker.stop()
+
+
+async def test_a_call_whose_message_never_comes_ends_at_the_gateways_deadline(
+    registry: Stack, stand_ins: StandIns
+) -> None:
+    """A caller that sends a call's headers and never its message, with no deadline or one of years, gets
+    DEADLINE_EXCEEDED at the deadline the gateway would give the call (the default, or the longest), on both paths:
+    otherwise each such call held one of the front's pending-call slots for ever, and a few thousand of them
+    locked every caller out. The next call is served."""
+    model = "bodiless"
+    version = await asyncio.to_thread(register, registry, model)
+    worker = await CountingWorker().start()
+    await stand_ins(model, version, [("counting-bodiless", f"127.0.0.1:{worker.port}", 0)])
+    gw = await gateway_seeing(registry, model, 1, default_deadline_ms=1000, max_deadline_ms=2000)
+    channel, stub = stub_for(gw)
+    infer = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer")
+
+    async def nothing() -> AsyncIterator[bytes]:
+        await asyncio.Event().wait()  # headers sent; the message never comes
+        yield b""
+
+    loop = asyncio.get_running_loop()
+    try:
+        for path in PATHS:
+            secret = await asyncio.to_thread(key_for, registry, path)
+            await stub.ModelInfer(tensor_request(model), metadata=auth(secret), timeout=10)  # the key is known now
+            for timeout, limit in ((None, "1000 ms"), (3e7, "2000 ms")):
+                start = loop.time()
+                call = infer(nothing(), metadata=auth(secret), timeout=timeout)
+                code, msg = await asyncio.wait_for(status_of(call), 10)
+                assert code == grpc.StatusCode.DEADLINE_EXCEEDED, (path, timeout, code, msg)
+                assert f"did not arrive within {limit}" in msg, (path, msg)
+                assert loop.time() - start < 5, (path, timeout)
+            await stub.ModelInfer(tensor_request(model), metadata=auth(secret), timeout=10)
+        assert gw.native is not None and gw.native.counts()["in_progress"] == 0
     finally:
         await channel.close()
         await gw.stop(0)

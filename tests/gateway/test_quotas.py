@@ -140,6 +140,7 @@ async def test_calls_that_fan_out_are_charged_to_the_key(
 
 
 BAD_VERSIONS = ["99999999999999999999", "\u00b2", "-1", "abc", "0"]
+BAD_NAMES = ["col\x00ors", "\u00ff", "m" * 100_000]
 VERSIONED_CALLS = [
     pytest.param("ModelMetadata", pb.ModelMetadataRequest, id="ModelMetadata"),
     pytest.param("ModelConfig", pb.ModelConfigRequest, id="ModelConfig"),
@@ -149,11 +150,12 @@ VERSIONED_CALLS = [
 
 
 @pytest.mark.parametrize(("method", "message_class"), VERSIONED_CALLS)
-async def test_a_version_that_is_not_a_positive_number_is_refused(
+async def test_a_bad_version_or_model_name_is_refused(
     stack: Stack, gateways: GatewayFactory, method: str, message_class: Any
 ) -> None:
     """Item 4 of the brief: every number the gateway parses from a request is bounded, with a clear
-    INVALID_ARGUMENT (a version past uint64 used to end as INTERNAL, '\u00b2' too)."""
+    INVALID_ARGUMENT (a version past uint64 used to end as INTERNAL, '\u00b2' too). A name that cannot be a
+    model's is INVALID_ARGUMENT on every call (ModelReady answered it 'not ready')."""
     gw = await gateways()
     secret = await asyncio.to_thread(stack.key)
     channel, stub = infer_stub(gw)
@@ -161,6 +163,10 @@ async def test_a_version_that_is_not_a_positive_number_is_refused(
         request = message_class(name="colors", version=version)
         code, message = await status_of(getattr(stub, method)(request, metadata=auth(secret), timeout=10))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "version" in message, (version, code, message)
+    for name in BAD_NAMES:
+        request = message_class(name=name)
+        code, message = await status_of(getattr(stub, method)(request, metadata=auth(secret), timeout=10))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "invalid model name" in message, (name[:9], code)
     await channel.close()
 
 

@@ -198,3 +198,24 @@ async def test_slow_clients_lose_their_connection_and_the_cap_holds(stack: Stack
     answer = await slow
     assert status_and_error(answer)[0] == 408, answer[:300]
     await still_serving(port, secret)
+
+
+async def test_one_keys_slow_bodies_cannot_take_every_http_slot(stack: Stack, gateways: GatewayFactory) -> None:
+    """A key's HTTP requests in flight are capped (http_max_calls_per_key) below the port's cap: without it one
+    key's bodies that never come held every slot until the client timeout, and every other caller got 503. Past
+    its cap that key gets 429 with Retry-After; another key is served; a finished request frees its slot."""
+    gw = await gateways(http_port=0, http_client_timeout_s=2, http_max_concurrent=4, http_max_calls_per_key=2)
+    port = gw.http_port
+    hog, other = await asyncio.to_thread(stack.key), await asyncio.to_thread(stack.key)
+    slow = [
+        asyncio.create_task(raw_call(port, head("/v2/models/colors/infer", hog, 1000), b"{", timeout_s=10))
+        for _ in range(2)
+    ]
+    await asyncio.sleep(0.5)
+    status, body, headers = await call(port, "GET", "/v2", hog)
+    assert status == 429 and "2 HTTP requests in flight" in body["error"], body
+    assert "Retry-After" in headers
+    await still_serving(port, other)
+    for answer in await asyncio.gather(*slow):
+        assert status_and_error(answer)[0] == 408, answer[:300]
+    await still_serving(port, hog)

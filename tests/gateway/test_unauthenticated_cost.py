@@ -70,6 +70,13 @@ def big_request() -> bytes:
     return request.SerializeToString()
 
 
+def small_request() -> bytes:
+    request = pb.ModelInferRequest(model_name="ident")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(bytes(16))
+    return request.SerializeToString()
+
+
 async def refusals(port: int, body: bytes, metadata: tuple[tuple[str, str], ...]) -> list[tuple[grpc.StatusCode, str]]:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
     call = channel.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None)
@@ -164,3 +171,34 @@ async def test_refused_large_calls_do_not_stay_in_memory(gateway_process: Gatewa
     await channel.close()
     assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 24
     assert grown_mib < 64, f"RSS grew {grown_mib} MiB over 12 refused 21 MiB calls"
+
+
+async def test_a_gzip_message_is_refused_before_it_is_inflated(gateway_process: Gateway) -> None:
+    """gRPC inflates a compressed message whole before it checks the size limit: a valid key's 256 MiB of zeros,
+    gzipped to a few hundred KB, cost the gateway 256 MiB before its RESOURCE_EXHAUSTED. The public port takes no
+    compressed messages: UNIMPLEMENTED from the call's headers, at no cost, and the next call is answered."""
+    gw = gateway_process
+    _, secret = await asyncio.to_thread(gw.rc.create_key, "infer")
+    metadata = (("authorization", f"Bearer {secret}"),)
+    request = pb.ModelInferRequest(model_name="ident")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 64 << 20])
+    request.raw_input_contents.append(bytes(256 << 20))
+    body = request.SerializeToString()
+    del request
+    options = [("grpc.max_send_message_length", 512 << 20)]
+    zipped = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}", options=options, compression=grpc.Compression.Gzip)
+    plain = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}")
+    before = gw.peak_rss_kib()
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await zipped.unary_unary(MODEL_INFER)(body, metadata=metadata, timeout=60)
+        grown_mib = (gw.peak_rss_kib() - before) / 1024
+        with pytest.raises(grpc.aio.AioRpcError) as after:
+            await plain.unary_unary(MODEL_INFER)(small_request(), metadata=metadata, timeout=10)
+    finally:
+        await zipped.close()
+        await plain.close()
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, info.value.details()
+    assert "gzip" in (info.value.details() or "")
+    assert grown_mib < LIMIT_MIB, f"a gzipped 256 MiB call cost {grown_mib:.1f} MiB"
+    assert after.value.code() == grpc.StatusCode.NOT_FOUND, after.value.details()  # this registry has no model
