@@ -15,6 +15,7 @@ import pathlib
 import subprocess
 import sys
 import sysconfig
+from typing import Any
 
 import pytest
 
@@ -77,6 +78,21 @@ def clean_env() -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # the build itself is ccache hits; the venv and pip take most of it
+def run_probe(python: pathlib.Path, packages: list[str], cwd: pathlib.Path, env: dict[str, str]) -> dict[str, Any]:
+    """PROBE run by the installed interpreter from outside the clone: what it found, as JSON."""
+    probe = subprocess.run(
+        [str(python), "-c", PROBE % {"packages": packages, "bindings": BINDINGS}],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert probe.returncode == 0, probe.stderr[-5000:]
+    found: dict[str, Any] = json.loads(probe.stdout.strip().splitlines()[-1])
+    return found
+
+
 def test_a_regular_install_carries_native_libraries_that_load(
     fresh_clone: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
@@ -95,16 +111,7 @@ def test_a_regular_install_carries_native_libraries_that_load(
     )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-5000:]
 
-    probe = subprocess.run(
-        [str(python), "-c", PROBE % {"packages": PACKAGES, "bindings": BINDINGS}],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert probe.returncode == 0, probe.stderr[-5000:]
-    found = json.loads(probe.stdout.strip().splitlines()[-1])
+    found = run_probe(python, PACKAGES, tmp_path, env)
     assert not found["outside"], found["outside"]
     assert found["available"] == {"gateway": True, "worker": True}
     for part, path in found["libraries"].items():
@@ -158,16 +165,7 @@ def test_an_editable_install_builds_into_the_tree_and_leaves_pythonpath_first(
         assert probe.returncode == 0, probe.stderr[-3000:]
         # Installed editable, the clone's code is imported; with PYTHONPATH naming another tree, that one's.
         assert all(pathlib.Path(f).is_relative_to(tree) for f in probe.stdout.split()), (pythonpath, probe.stdout)
-    probe = subprocess.run(
-        [str(python), "-c", PROBE % {"packages": ["gateway", "worker"], "bindings": BINDINGS}],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert probe.returncode == 0, probe.stderr[-5000:]
-    found = json.loads(probe.stdout.strip().splitlines()[-1])
+    found = run_probe(python, ["gateway", "worker"], tmp_path, env)
     assert found["available"] == {"gateway": True, "worker": True}
     for part, (module, _) in BINDINGS.items():
         built = f"{module}{sysconfig.get_config_var('EXT_SUFFIX')}"
