@@ -20,6 +20,7 @@ from typing import Any
 
 from fovea.native import binding_path, load_binding
 from fovea.v1 import model_pb2, registry_pb2
+from gateway.forward import Forwards
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +122,11 @@ class NativeGateway:
         threads: int = 1,
         unread_window_bytes: int = 64 * 1024,
         max_calls_per_key: int = 0,
+        worker_tls: tuple[bytes, bytes, bytes] = (b"", b"", b""),
     ) -> None:
         """tls: (certificate chain, private key, client CA) in PEM; empty serves plaintext, an empty CA
-        asks for no client certificate."""
+        asks for no client certificate. worker_tls: (the workers' CA, this gateway's certificate chain and
+        private key) in PEM for TLS to the workers; an empty CA dials them in plaintext."""
         self.ffi, self.lib = binding()
         self.handle: Any = None
         ffi = self.ffi
@@ -131,6 +134,7 @@ class NativeGateway:
             raise ValueError(f"the front takes up to {self.lib.FG_MAX_THREADS} threads and a window under 2 GiB")
         text = CStrings(ffi)
         cert, key, client_ca = tls
+        worker_ca, worker_cert, worker_key = worker_tls
         config = ffi.new(
             "struct fg_config*",
             {
@@ -149,6 +153,9 @@ class NativeGateway:
                 "max_pending_calls": max_pending,
                 "unread_window_bytes": unread_window_bytes,
                 "max_calls_per_key": max_calls_per_key,
+                "worker_ca_pem": text(worker_ca),
+                "worker_cert_pem": text(worker_cert),
+                "worker_key_pem": text(worker_key),
             },
         )
         port = ffi.new("int*")
@@ -162,6 +169,7 @@ class NativeGateway:
         self._log = ffi.new("struct fg_log_record[]", LOG_BATCH)
         self._dropped = ffi.new("int64_t*")
         self._ejected = ffi.new("struct fg_address[]", EJECTED_BATCH)
+        self.forwards = Forwards(ffi, self.lib, handle)  # calls the Python server routes through the front
 
     def set_classify_limits(self, default_top_k: int, per_forward: int, image_bytes: int, image_pixels: int) -> None:
         """Classify's limits (gateway/config.py): a call past one goes to the Python server, which says which, or
@@ -340,6 +348,7 @@ class NativeGateway:
 
     def close(self) -> None:
         if self.handle:
+            self.forwards.close()
             handle, self.handle = self.handle, None
             self.lib.fg_free(handle)
 
@@ -363,12 +372,12 @@ def route_table(
             table.aliases.extend(
                 AliasTarget(model, t.version, t.weight) for t in alias.targets if (model, t.version) not in archived
             )
-    for ep in endpoints.values():
-        st = ep.status
-        if not st.fast_address or ep.ejected or st.state != registry_pb2.WORKER_STATE_READY:
+    for ep in endpoints.values():  # ejected ones too: the front sets them aside itself, and tries them when no
+        st = ep.status  # other worker has the version
+        if st.state != registry_pb2.WORKER_STATE_READY:
             continue
         table.workers.extend(
-            WorkerRoute(m.name, m.version, st.fast_address, st.address, st.queue_depth)
+            WorkerRoute(m.name, m.version, ep.address, st.address, st.queue_depth)
             for m in st.models
             if m.ready and (m.name, m.version) not in archived
         )

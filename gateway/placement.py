@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from fovea.errors import FoveaError, InvalidState, NoHealthyWorker, QueueFull, Unplaceable
 from fovea.registry_link import RegistryLink
 from fovea.v1 import model_pb2, registry_pb2
-from gateway.routing import Endpoint, Versions, Workers
+from gateway.routing import Versions, Workers
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,8 @@ class ColdStarts:
             self._answers = {m: a for m, a in self._answers.items() if a[0] > now}
         return placement
 
-    async def wait(self, model: str, version: int, deadline: float) -> tuple[str, Endpoint]:
-        """A ready worker for the version, once one is; the true reason when none will be in time.
+    async def wait(self, model: str, version: int, deadline: float) -> str:
+        """Returns once a worker has the version ready (its id); raises the true reason when none will in time.
 
         deadline: the call's, on the monotonic clock. The answer is given a little before it, so that the
         caller reads the reason rather than its own DEADLINE_EXCEEDED.
@@ -125,15 +125,12 @@ class ColdStarts:
         outcome = "deadline"
         try:
             while True:
-                try:
-                    chosen = self.workers.choose(model, version)
-                except NoHealthyWorker:
-                    pass
-                else:
+                ready_on = self.workers.ready_on(model, version)
+                if ready_on:
                     outcome = "ready"
                     waited = time.monotonic() - start
-                    logger.info("cold start: %s v%s ready on %s after %.2f s", model, version, chosen[0], waited)
-                    return chosen
+                    logger.info("cold start: %s v%s ready on %s after %.2f s", model, version, ready_on[0], waited)
+                    return ready_on[0]
                 left = until - time.monotonic()
                 if left <= 0:
                     raise NoHealthyWorker(self._timeout_message(model, version, placement, capped))

@@ -1,34 +1,32 @@
-"""Which version answers, and which worker runs it.
+"""Which version answers, and which workers have it ready.
 
-The gateway keeps two views fed by the registry's watch streams: aliases (with
-canary weights) and live workers (with their loaded versions and queue depth).
+The gateway keeps two views fed by the registry's watch streams: aliases (with canary weights) and live workers
+(with their loaded versions and queue depth). Both feed the native front's routing table; the front picks the
+worker for each call and counts the failures that eject one (native/front.cc), and this module probes an
+ejected worker until it answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fovea.canary import pick_version
 from fovea.config import channel_options
-from fovea.errors import InvalidState, NoHealthyWorker
+from fovea.errors import InvalidState
 from fovea.registry_link import RegistryLink
-from fovea.rpc import UNSERVED_HEADER  # a worker's mark on a deliberate UNAVAILABLE: it never ran the call
 from fovea.v1 import model_pb2, registry_pb2
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
 WORKER_SERVICE = "inference.GRPCInferenceService"
-MODEL_INFER = f"/{WORKER_SERVICE}/ModelInfer"
 # Reconnect quickly to a worker that restarts: gRPC's default backoff grows to 120 s.
 RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -36,46 +34,16 @@ RECONNECT_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 MAX_PROBE_INTERVAL_S = 30.0
-CONNECT_FAILED = "failed to connect to all addresses"
-"""gRPC's text when no connection to the worker could be made, so the call was never sent. gRPC's Python API
-has no per-call flag for "reached a transport", and the channel's state before or after a call cannot tell a
-refused connection from one that dropped mid-call, so the status text is what marks it (gRPC core, 1.51 to 1.85)."""
-
-
-def never_served(code: grpc.StatusCode, details: str, trailing: Any) -> bool:
-    """Whether a failed call certainly never ran on the worker, so another worker may take it.
-
-    Only these are retried: a call that crashes a worker must not crash a second one.
-    """
-    if code != grpc.StatusCode.UNAVAILABLE:
-        return False
-    if any(k == UNSERVED_HEADER and v in ("1", b"1") for k, v in trailing or ()):
-        return True
-    return CONNECT_FAILED in details
-
-
-def dropped_message(address: str, details: str) -> str:
-    """The answer to a call that was sent to a worker and lost with its connection (the native front says the same)."""
-    return (
-        f"worker at {address} dropped the connection while running this call; it was not retried because it "
-        f"may have caused the failure ({details})"
-    )
 
 
 @dataclass
 class Endpoint:
-    """One worker as the gateway sees it: its last heartbeat, a channel, local counters."""
+    """One worker as the gateway sees it: its last heartbeat, and a channel for its statistics and probes."""
 
     status: registry_pb2.WorkerStatus
     channel: grpc.aio.Channel
     stub: pb_grpc.GRPCInferenceServiceStub
-    infer_bytes: Any  # ModelInfer taking and returning serialized messages
-    fast_channel: grpc.aio.Channel | None = None
-    fast_infer_bytes: Any = None  # the same on the worker's native fast port, when it has one
-    in_flight: int = 0
-    failures: int = 0
     ejected: bool = False
-    served: int = 0
     probe: asyncio.Task[None] | None = None
 
     def serves(self, model: str, version: int) -> bool:
@@ -84,8 +52,9 @@ class Endpoint:
         return any(m.name == model and m.version == version and m.ready for m in self.status.models)
 
     @property
-    def load(self) -> int:
-        return self.in_flight + self.status.queue_depth
+    def address(self) -> str:
+        """The worker's one port (fast_address is the same port, empty under TLS)."""
+        return self.status.fast_address or self.status.address
 
 
 @dataclass
@@ -148,17 +117,16 @@ class Versions:
 
 
 class Workers:
-    """Live workers, one channel each, chosen by the power of two choices.
+    """Live workers, one channel each (statistics, probes).
 
-    A worker that fails `eject_after_failures` calls in a row with UNAVAILABLE
-    is set aside; a probe (the worker's grpc.health.v1 check) re-admits it once
-    it answers SERVING, trying after eject_s and then at doubling intervals.
+    A worker the native front ejected (it failed eject_after_failures calls in a row with UNAVAILABLE) is
+    probed here (the worker's grpc.health.v1 check) and re-admitted once it answers SERVING, trying after eject_s
+    and then at doubling intervals.
     """
 
     def __init__(
         self,
         max_message_bytes: int,
-        eject_after_failures: int,
         eject_s: float,
         on_eject: Callable[[], None] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
@@ -167,7 +135,6 @@ class Workers:
         self.endpoints: dict[str, Endpoint] = {}
         self.credentials = credentials
         self.max_message_bytes = max_message_bytes
-        self.eject_after_failures = eject_after_failures
         self.eject_s = eject_s
         self.on_eject = on_eject
         self.on_change: Callable[[Endpoint], None] | None = None
@@ -215,15 +182,7 @@ class Workers:
                 self._drop(status.worker_id)
             options = channel_options(self.max_message_bytes) + RECONNECT_OPTIONS
             channel = self._dial(status.address, options)
-            infer_bytes = channel.unary_unary(
-                MODEL_INFER, request_serializer=None, response_deserializer=None, _registered_method=True
-            )
-            ep = Endpoint(status, channel, pb_grpc.GRPCInferenceServiceStub(channel), infer_bytes)
-            if status.fast_address and self.credentials is None:  # a fast port serves plaintext only
-                ep.fast_channel = grpc.aio.insecure_channel(status.fast_address, options=options)
-                ep.fast_infer_bytes = ep.fast_channel.unary_unary(
-                    MODEL_INFER, request_serializer=None, response_deserializer=None, _registered_method=True
-                )
+            ep = Endpoint(status, channel, pb_grpc.GRPCInferenceServiceStub(channel))
             self.endpoints[status.worker_id] = ep
             logger.info("worker %s at %s joined", status.worker_id, status.address)
         for wid in event.removed_worker_ids:
@@ -247,40 +206,18 @@ class Workers:
             if ep.probe is not None:
                 ep.probe.cancel()
             asyncio.get_running_loop().create_task(ep.channel.close(grace=30))
-            if ep.fast_channel is not None:
-                asyncio.get_running_loop().create_task(ep.fast_channel.close(grace=30))
 
-    def choose(self, model: str, version: int, exclude: frozenset[str] = frozenset()) -> tuple[str, Endpoint]:
-        """Power of two choices: two random candidates, the one with less load wins.
+    def ready_on(self, model: str, version: int) -> list[str]:
+        """The ids of the workers whose last heartbeat shows the version ready (ejected ones too: the front tries
+        them when no other has it)."""
+        return [wid for wid, ep in self.endpoints.items() if ep.serves(model, version)]
 
-        Load is this gateway's own in-flight calls to the worker plus the queue
-        depth of its last heartbeat. Ejected workers are skipped while any other
-        worker has the version; when all are ejected they are tried anyway, since
-        refusing for sure is worse than a call that may fail.
-        """
-        candidates: list[tuple[str, Endpoint]] = []
-        ejected: list[tuple[str, Endpoint]] = []
+    def id_of(self, address: str) -> str:
+        """The id of the worker at this address (its one port), or the address when none is known."""
         for wid, ep in self.endpoints.items():
-            if wid in exclude or not ep.serves(model, version):
-                continue
-            (ejected if ep.ejected else candidates).append((wid, ep))
-        if not candidates:
-            candidates = ejected
-        if not candidates:
-            raise NoHealthyWorker(f"no healthy worker has {model} v{version} ready; retry shortly")
-        if len(candidates) == 1:
-            return candidates[0]
-        a, b = random.sample(candidates, 2)
-        return a if a[1].load <= b[1].load else b
-
-    def record(self, ep: Endpoint, ok: bool) -> None:
-        """Count a call's outcome; eject the worker after too many connection failures in a row."""
-        if ok:
-            ep.failures = 0
-            return
-        ep.failures += 1
-        if ep.failures >= self.eject_after_failures:
-            self.eject(ep, f"{ep.failures} failures")
+            if address in (ep.address, ep.status.address):
+                return wid
+        return address
 
     def eject(self, ep: Endpoint, why: str) -> None:
         """Set a worker aside until its health probe answers SERVING."""
@@ -300,7 +237,6 @@ class Workers:
             await asyncio.sleep(wait_s)
             if await probe(ep.channel, timeout_s=min(2.0, max(0.2, self.eject_s))):
                 ep.ejected = False
-                ep.failures = 0
                 logger.info("worker %s answered its probe; re-admitted", ep.status.worker_id)
                 if self.on_change is not None:
                     self.on_change(ep)

@@ -79,11 +79,14 @@ class GatewayServer:
             self.native.set_accepting(False)
         if grace_s > 0:
             await asyncio.sleep(min(0.5, grace_s))
+        # First, together: calls the front passed to Python need the Python server to answer them, and the
+        # calls Python routes (HTTP's too) need the front's routing until they end.
+        ending = []
         if self.native is not None:
-            # First: calls it passed to Python need the Python server to answer them.
-            await asyncio.to_thread(self.native.shutdown, grace_s)
+            ending.append(asyncio.to_thread(self.native.shutdown, grace_s))
         if self.http is not None:
-            await self.http.stop(grace_s)
+            ending.append(self.http.stop(grace_s))
+        await asyncio.gather(*ending)
         await self.server.stop(grace_s)
         for t in self.tasks:
             t.cancel()
@@ -104,6 +107,18 @@ def _tls_files(config: GatewayConfig) -> tuple[bytes, bytes, bytes]:
         return b"", b"", b""
     ca = pathlib.Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else b""
     return pathlib.Path(config.tls_cert_file).read_bytes(), pathlib.Path(config.tls_key_file).read_bytes(), ca
+
+
+def _worker_tls(config: GatewayConfig) -> tuple[bytes, bytes, bytes]:
+    """(the workers' CA, this gateway's certificate chain and key) in PEM, for the front's calls to the workers:
+    as config.channel_credentials() dials them; empty when plaintext."""
+    if not config.tls_ca_file:
+        return b"", b"", b""
+
+    def read(path: str) -> bytes:
+        return pathlib.Path(path).read_bytes() if path else b""
+
+    return read(config.tls_ca_file), read(config.tls_cert_file), read(config.tls_key_file)
 
 
 def require_native() -> None:
@@ -142,7 +157,6 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     metrics = Metrics(access_log)
     workers = Workers(
         config.max_message_bytes,
-        config.eject_after_failures,
         config.eject_s,
         on_eject=metrics.ejections.inc,
         credentials=dial,
@@ -190,14 +204,15 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
         await link.close()
         metrics.close()
         raise
+    gateway.front = native.forwards  # the calls Python admits, the front routes
     stop = asyncio.Event()
 
     def sync_routes() -> None:  # the front's routing table follows the watches and the ejections
         native.set_routes(route_table(versions.aliases, versions.versions, workers.endpoints))
 
     def on_worker_change(ep: Endpoint) -> None:
-        if not ep.ejected and ep.status.fast_address:
-            native.readmit(ep.status.fast_address)
+        if not ep.ejected:
+            native.readmit(ep.address)
         sync_routes()
 
     workers.on_change = on_worker_change
@@ -256,13 +271,13 @@ async def drain_native(
 
     def drain() -> None:
         nonlocal retried
-        ids = {ep.status.fast_address: wid for wid, ep in workers.endpoints.items() if ep.status.fast_address}
+        ids = {ep.address: wid for wid, ep in workers.endpoints.items()}
         metrics.on_native(*native.drain_log(), ids)
         for address in native.take_ejected():  # the front set them aside: probe them as the Python path does
             if address in ids:
                 workers.eject(workers.endpoints[ids[address]], "repeated failures seen by the native front")
         now = native.counts()["retries"]
-        if now > retried:  # native retries count with the Python path's in fovea_gateway_upstream_retries
+        if now > retried:  # every retry is the front's (it routes what Python admits too)
             metrics.retries.inc(now - retried)
             retried = now
 
@@ -292,6 +307,7 @@ def start_native(config: GatewayConfig, python_address: str, keys: KeyCache, met
         config.fast_threads,
         config.unread_window_bytes,
         config.max_calls_per_key,
+        _worker_tls(config),
     )
 
     def on_verified(digest: bytes, record: registry_pb2.ApiKey) -> None:

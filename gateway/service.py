@@ -1,5 +1,5 @@
-"""Gateway logic: admit the call (model access, limits, quota), resolve the version,
-pick a worker, forward with the caller's deadline, and retry once on another worker a call that never ran."""
+"""Gateway logic for the calls the native front relays to the Python server: admit the call (model access, limits,
+quota) and resolve the version; the front then routes it (route) as it routes its own."""
 
 from __future__ import annotations
 
@@ -11,18 +11,19 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from fovea import log, oip, tracing
-from fovea.errors import DeadlineExpired, InvalidArgument, NoHealthyWorker, UpstreamError
+from fovea import log, tracing
+from fovea.errors import DeadlineExpired, Draining, InvalidArgument, UpstreamError
 from fovea.images import image_size
 from fovea.names import check_name
 from fovea.rpc import REQUEST_ID_HEADER
 from fovea.v1 import image_pb2, model_pb2, registry_pb2
 from gateway.auth import check_model_access
 from gateway.config import GatewayConfig
-from gateway.metrics import Metrics
+from gateway.forward import Forwards, ImageTensors
+from gateway.metrics import STATUS_BY_VALUE, Metrics
 from gateway.placement import ColdStarts
 from gateway.ratelimit import RateLimiter, call_images
-from gateway.routing import Versions, Workers, dropped_message, never_served
+from gateway.routing import Versions, Workers
 from gateway.validate import check_infer, check_version
 from inference import grpc_predict_v2_pb2 as pb
 
@@ -39,7 +40,7 @@ class Gateway:
         self.workers = workers
         self.limiter = limiter
         self.metrics = metrics
-        self.retries = 0
+        self.front: Forwards | None = None  # the native front's routed calls (set once it runs; None when stopped)
         self.cold_starts = ColdStarts(
             versions,
             workers,
@@ -53,7 +54,7 @@ class Gateway:
         self._auth_md = ("authorization", f"Bearer {config.worker_token}")
 
     def internal_metadata(self) -> tuple[tuple[str, str], ...]:
-        """Credentials for calls to workers, with the current request id."""
+        """Credentials for calls to workers (ModelStatistics), with the current request id."""
         rid = log.request_id.get()
         md = (self._auth_md, (REQUEST_ID_HEADER, rid)) if rid else (self._auth_md,)
         return md + tracing.headers() if tracing.tracer is not None else md  # the worker's span joins the trace
@@ -67,75 +68,54 @@ class Gateway:
         return min(remaining, limit)
 
     async def forward(self, request: pb.ModelInferRequest, timeout_s: float) -> pb.ModelInferResponse:
-        """Send a ModelInfer for a resolved version; retry once on another worker if the first never ran it
-        (no connection, or a deliberate refusal): a call in flight when a worker's connection dropped is not
-        retried, since it may be what broke the worker."""
-        if tracing.recording():
-            return await self._traced(request.model_name, int(request.model_version), request, timeout_s, False)  # type: ignore[no-any-return]
-        return await self._forward(request.model_name, int(request.model_version), request, timeout_s, False)  # type: ignore[no-any-return]
+        """Send a ModelInfer for a resolved version through the front (route)."""
+        answer = await self.route(
+            request.model_name,
+            int(request.model_version),
+            request.SerializeToString(),
+            timeout_s,
+            tensors=raw_tensors_only(request),
+        )
+        return pb.ModelInferResponse.FromString(answer)
 
-    async def forward_bytes(
-        self, model: str, version: int, request: bytes, timeout_s: float, tensors: bool = False
+    async def route(
+        self, model: str, version: int, request: bytes, timeout_s: float, *, tensors: bool = False, images: Any = None
     ) -> bytes:
-        """forward() for a serialized ModelInferRequest; returns the serialized response. tensors: the
-        request carries only raw tensors, which a worker's fast port takes."""
-        if tracing.recording():  # to the worker's main port, which traces the call (its fast port does not)
-            return await self._traced(model, version, request, timeout_s, True)  # type: ignore[no-any-return]
-        return await self._forward(model, version, request, timeout_s, True, tensors)  # type: ignore[no-any-return]
-
-    async def _traced(self, model: str, version: int, request: Any, timeout_s: float, raw: bool) -> Any:
-        """_forward() in a client span (the worker's choice, its call, a retry): the worker's span's parent."""
-        with tracing.client(WORKER_INFER, {"fovea.model": model, "fovea.model_version": str(version)}):
-            return await self._forward(model, version, request, timeout_s, raw)
-
-    async def _forward(
-        self, model: str, version: int, request: Any, timeout_s: float, raw: bool, tensors: bool = False
-    ) -> Any:
+        """Send a serialized call for a resolved version through the native front, which routes it as it routes
+        its own calls (the worker's choice, the deadline, one retry of a call no worker ran, ejection: all in
+        native/front.cc); returns the worker's serialized answer. When no worker has the version ready, wait for
+        placement to load it (a cold start, or an alias that just moved) and send it again. images: a Classify's
+        (gateway/forward.py ImageTensors), whose answer is then a ClassifyResponse."""
+        if self.front is None:
+            raise Draining("gateway is stopping; retry on another replica")
         deadline = time.monotonic() + timeout_s
-        tried: frozenset[str] = frozenset()
-        md = self.internal_metadata()
-        for attempt in range(2):
-            try:
-                wid, ep = self.workers.choose(model, version, tried)
-            except NoHealthyWorker:
-                if tried:  # a retry goes only where the version is ready already
-                    raise
-                # no worker has it ready: placement may be loading it (a cold start, or an alias just moved)
-                wid, ep = await self.cold_starts.wait(model, version, deadline)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExpired("deadline passed before a worker could answer")
-            ep.in_flight += 1
-            fast = raw and tensors and ep.fast_infer_bytes is not None
-            try:
-                if raw:
-                    call = ep.fast_infer_bytes if fast else ep.infer_bytes
-                else:
-                    call = ep.stub.ModelInfer
-                response = await call(request, timeout=remaining, metadata=md)
-                ep.failures = 0
-                ep.served += 1
-                self.metrics.upstream_call(wid, grpc.StatusCode.OK)
-                return response
-            except grpc.aio.AioRpcError as exc:
-                code, details = exc.code(), exc.details() or exc.code().name
-                self.metrics.upstream_call(wid, code)
-                if code != grpc.StatusCode.UNAVAILABLE:
-                    raise UpstreamError(code, details) from None
-                self.workers.record(ep, False)
-                if not never_served(code, details, exc.trailing_metadata()):  # it may have run: a poison call?
-                    address = ep.status.fast_address if fast else ep.status.address
-                    raise UpstreamError(code, dropped_message(address, details)) from None
-                if attempt == 0 and deadline - time.monotonic() > 0.001:
-                    self.retries += 1
-                    self.metrics.retries.inc()
-                    logger.info("worker %s answered %s; retrying on another worker", wid, code.name)
-                    tried = tried | {wid}
-                    continue
-                raise UpstreamError(code, exc.details() or code.name) from None
-            finally:
-                ep.in_flight -= 1
-        raise AssertionError("unreachable")
+        with tracing.client(WORKER_INFER, {"fovea.model": model, "fovea.model_version": str(version)}):
+            metadata = tracing.headers() if tracing.tracer is not None else ()  # the worker's span joins the trace
+            waited = False
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExpired("deadline passed before a worker could answer")
+                routed = await self.front.send(
+                    model,
+                    version,
+                    request,
+                    remaining,
+                    tensors=tensors,
+                    request_id=log.request_id.get() or "",
+                    metadata=metadata,
+                    images=images,
+                )
+                if not routed.unrouted or waited:
+                    break
+                waited = True  # once: the front's table shows a worker as soon as the watch does
+                await self.cold_starts.wait(model, version, deadline)
+            code = STATUS_BY_VALUE.get(routed.code, grpc.StatusCode.UNKNOWN)
+            if routed.worker:
+                self.metrics.upstream_call(self.workers.id_of(routed.worker), code)
+            if code == grpc.StatusCode.OK:
+                return routed.data
+            raise UpstreamError(code, routed.message)
 
     async def resolve(self, model: str, version: int, alias: str) -> model_pb2.ModelVersion:
         check_name(model)
@@ -192,35 +172,20 @@ class Gateway:
         chunks = [list(req.images[i : i + step]) for i in range(0, len(req.images), step)]
         # Large calls go to the workers in chunks no bigger than a worker batch, in parallel.
         answers = await asyncio.gather(*(self._classify_chunk(mv, chunk, top_k, timeout_s) for chunk in chunks))
-        for chunk, (version, labels) in zip(chunks, answers, strict=False):
-            out.version = version
-            for img, image_labels in zip(chunk, labels, strict=False):
-                out.results.add(image_id=img.id, labels=image_labels)
+        for answer in answers:
+            out.results.extend(answer.results)
         return out
 
     async def _classify_chunk(
         self, mv: model_pb2.ModelVersion, images: list[image_pb2.Image], top_k: int, timeout_s: float
-    ) -> tuple[int, list[list[image_pb2.Label]]]:
-        infer = pb.ModelInferRequest(model_name=mv.name, model_version=str(mv.version))
-        infer.inputs.add(name=mv.inputs[0].name, datatype="BYTES", shape=[len(images)])
-        infer.raw_input_contents.append(oip.encode_bytes([img.data for img in images]))
-        requested = infer.outputs.add(name=mv.outputs[0].name)
-        # Classify's top_k means "at most": the default 5 on a 3-class model answers 3 labels, where
-        # the classification extension's k must fit the output's width.
+    ) -> image_pb2.ClassifyResponse:
+        """One worker batch of a Classify: the front builds the worker's call and reads its answer (the same code
+        as for the Classify calls it answers itself)."""
         width = mv.outputs[0].shape[-1] if mv.outputs[0].shape else 0
-        requested.parameters["classification"].int64_param = min(top_k, width) if width > 0 else top_k
-        resp = await self.forward(infer, timeout_s)
-        shape = resp.outputs[0].shape
-        items = oip.decode_bytes(resp.raw_output_contents[0], int(shape[0] * shape[1]))
-        k = int(shape[1])
-        labels = []
-        for i in range(len(images)):
-            row = []
-            for item in items[i * k : (i + 1) * k]:
-                score, index, *rest = item.decode().split(":", 2)
-                row.append(image_pb2.Label(label=rest[0] if rest else "", index=int(index), score=float(score)))
-            labels.append(row)
-        return int(resp.model_version or mv.version), labels
+        tensors = ImageTensors(mv.inputs[0].name, mv.outputs[0].name, max(0, width), top_k)
+        request = image_pb2.ClassifyRequest(images=images).SerializeToString()
+        answer = await self.route(mv.name, mv.version, request, timeout_s, images=tensors)
+        return image_pb2.ClassifyResponse.FromString(answer)
 
     async def infer(
         self, api_key: registry_pb2.ApiKey, request: pb.ModelInferRequest, timeout_s: float
@@ -241,7 +206,7 @@ class Gateway:
         version = str(mv.version)
         if request.model_version != version:
             raw = raw + version_field(version)  # a later value of a field replaces an earlier one
-        return await self.forward_bytes(mv.name, mv.version, raw, timeout_s, raw_tensors_only(request))
+        return await self.route(mv.name, mv.version, raw, timeout_s, tensors=raw_tensors_only(request))
 
     async def _admit_infer(self, api_key: registry_pb2.ApiKey, request: pb.ModelInferRequest) -> model_pb2.ModelVersion:
         check_infer(request, self.config.max_top_k)  # malformed calls never reach a worker

@@ -112,8 +112,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         version = check_version(request.version)
         try:
             mv = await self.gateway.resolve(request.name, version, "")
-            self.gateway.workers.choose(mv.name, mv.version)
-            return pb.ModelReadyResponse(ready=True)
+            return pb.ModelReadyResponse(ready=bool(self.gateway.workers.ready_on(mv.name, mv.version)))
         except (FoveaError, ValueError):
             return pb.ModelReadyResponse(ready=False)
 

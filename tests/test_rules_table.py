@@ -101,4 +101,4 @@ def test_the_checker_catches_rot() -> None:
     assert problems("`gateway/routing.py` `Workers.no_such_method`")
     assert problems("`worker/native/check.cc` `no_such_function`")
     assert problems("`no_file_yet`")
-    assert not problems("`gateway/routing.py` `Workers.choose`; `worker/native/check.cc` `validate`")
+    assert not problems("`gateway/routing.py` `Workers.ready_on`; `worker/native/check.cc` `validate`")

@@ -5,7 +5,8 @@
 //
 // Strings. What Python passes in (const char*) is NUL-terminated and only read during the call: the front
 // copies what it keeps. What the front hands out is in fixed char arrays inside the caller's structs,
-// NUL-terminated, so nothing the front owns outlives a call.
+// NUL-terminated, so nothing the front owns outlives a call; the one exception, a routed call's answer
+// (fg_forward_result.data), lives until Python releases it.
 #ifndef FOVEA_GATEWAY_API_H
 #define FOVEA_GATEWAY_API_H
 
@@ -24,7 +25,10 @@ enum {
   FG_ADDRESS_BYTES = 256,     // a worker's address and its NUL: longer addresses are not routed to
   FG_REQUEST_ID_BYTES = 129,  // a request id (the front takes a caller's of up to 128 printable bytes)
   FG_MODEL_BYTES = 64,        // a model name (fovea/names.py: at most 63 bytes)
-  FG_METHOD_BYTES = 16        // "ModelInfer" or "Classify"
+  FG_METHOD_BYTES = 16,       // "ModelInfer" or "Classify"
+  FG_MAX_METADATA = 16,       // the most metadata pairs Python adds to a routed call
+  FG_FORWARD_INFER = 0,       // struct fg_forward's kinds
+  FG_FORWARD_CLASSIFY = 1
 };
 
 // What fg_start needs, named as gateway/config.py names it.
@@ -44,6 +48,9 @@ struct fg_config {
   int64_t max_pending_calls;      // 0 or less: the front's default
   int64_t unread_window_bytes;    // the HTTP/2 stream window before a body is asked for: 0 to 2^31 - 1
   int64_t max_calls_per_key;      // calls of one API key in progress at once; 0 or less: no limit
+  const char* worker_ca_pem;      // PEM CA of the workers' certificates: TLS to the workers; "" or NULL: plaintext
+  const char* worker_cert_pem;    // PEM certificate chain this gateway shows the workers (mutual TLS); "" none
+  const char* worker_key_pem;     // its PEM private key
 };
 
 // A verified API key. fg_put_limited_key reads digest, key_id and expires_ns only.
@@ -112,6 +119,38 @@ struct fg_address {
   char text[FG_ADDRESS_BYTES];
 };
 
+// A call the Python server admitted and resolved, routed to a worker by the front (fg_forward_send) as its own calls
+// are: power of two choices, the deadline, one retry of a call no worker ran, the count that ejects a worker.
+struct fg_forward {
+  uint64_t id;                  // Python's, unique among calls not yet released; returned with the result
+  int32_t kind;                 // FG_FORWARD_INFER: request is a ModelInferRequest naming model and version;
+                                // FG_FORWARD_CLASSIFY: request is a ClassifyRequest whose images go to the worker
+  int32_t tensors;              // INFER: every input a raw numeric tensor (else images or typed contents)
+  const char* model;            // a valid model name
+  int64_t version;              // 1 to 2^62
+  const uint8_t* request;       // serialized, request_bytes long (0 to the front's max_message_bytes)
+  int64_t request_bytes;
+  int64_t timeout_ms;           // the call's time left: 0 (already past) to any; capped at max_deadline_ms
+  const char* request_id;       // the call's; "" or one the front may not send (1 to 128 printable bytes): a new one
+  const char* const* metadata;  // more for the worker, as name, value, name, value... (the trace context)
+  int64_t n_metadata;           // pairs: 0 to FG_MAX_METADATA; names lower-case, values printable ASCII
+  const char* input;            // CLASSIFY: the version's first input and output, the output's width (0 unknown),
+  const char* output;           //   and the most labels per image (1 to max_top_k)
+  int64_t width;
+  int64_t top_k;
+};
+
+// A routed call's end (fg_forward_take).
+struct fg_forward_result {
+  uint64_t id;
+  int32_t code;      // its gRPC status code
+  int32_t unrouted;  // 1: no worker had the version ready, so nothing was sent (code UNAVAILABLE)
+  const uint8_t* data;  // code 0: the serialized answer (ModelInferResponse, or ClassifyResponse); else the message
+  int64_t size;         // valid until fg_forward_release
+  char worker[FG_ADDRESS_BYTES];  // the address of the last worker tried; "" when none was
+  void* owner;                    // what fg_forward_release frees
+};
+
 // Starts the front; *port gets the bound port. NULL when it cannot listen or the config is out of bounds.
 void* fg_start(const struct fg_config* config, int* port);
 // A verified key without rate limits: the front answers its calls until expires_ns. 0, or -1 when the key is
@@ -136,6 +175,15 @@ int64_t fg_drain_log(void* fp, struct fg_log_record* out, int64_t cap, int64_t* 
 int64_t fg_take_ejected(void* fp, struct fg_address* out, int64_t cap);
 void fg_readmit(void* fp, const char* address);
 void fg_set_accepting(void* fp, int accepting);
+// Routed calls: fg_forward_send sends one and returns 0 (-1: out of bounds or an id in use; -2: shut down); its end
+// comes later, through fg_forward_take, which moves up to cap ended calls into out (oldest first) and returns
+// how many. The eventfd fg_forward_fd returns is readable while ended calls wait to be taken (read it before
+// taking). fg_forward_release frees the results' data; fg_forward_cancel ends a call early (CANCELLED).
+int fg_forward_fd(void* fp);
+int fg_forward_send(void* fp, const struct fg_forward* call);
+int64_t fg_forward_take(void* fp, struct fg_forward_result* out, int64_t cap);
+void fg_forward_release(void* fp, struct fg_forward_result* results, int64_t n);
+void fg_forward_cancel(void* fp, uint64_t id);
 void fg_shutdown(void* fp, double grace_s);
 void fg_free(void* fp);
 

@@ -15,6 +15,8 @@
 #include <openssl/evp.h>
 #include <openssl/sha.h>
 #include <strings.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -492,7 +494,80 @@ std::string new_request_id() {
   return s;
 }
 
+// The caller's request id when it is one (1 to 128 printable bytes), else a new one.
+std::string request_id(const std::string& given) {
+  bool printable = !given.empty() && given.size() <= 128;
+  for (char c : given) printable &= c >= 0x20 && c < 0x7f;
+  return printable ? given : new_request_id();
+}
+
+// A Classify's images as the one BYTES ModelInfer a worker's main port takes. Classify's top_k means "at most":
+// k never passes the output's width, which the classification extension needs.
+ByteBuffer classify_request(const std::string& model, int64_t version, const ImageModel& m,
+                            const std::vector<classify::Image>& images, uint64_t top_k) {
+  uint64_t k = m.width > 0 ? std::min(top_k, uint64_t(m.width)) : top_k;
+  std::string fwd = classify::infer_request(model, version, m.input, m.output, images, k);
+  grpc::Slice slice(fwd.data(), fwd.size());
+  return ByteBuffer(&slice, 1);
+}
+
+// A worker's answer to classify_request as the serialized ClassifyResponse; false when it cannot be read.
+bool classify_response(const ByteBuffer& answer, const std::string& model, int64_t version,
+                       const std::vector<std::string>& ids, std::string* out) {
+  std::vector<grpc::Slice> slices;
+  if (!answer.Dump(&slices).ok()) return false;
+  std::string flat;
+  for (const auto& s : slices) flat.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return classify::classify_response(flat, model, version, ids, out);
+}
+
 class Front;
+
+// One call's way to a worker, for the front's own calls (Call) and for those Python routes through it (Forward):
+// the power of two choices, the deadline, the retry of a call no worker ran, and the count that ejects a worker.
+// Only one thread touches it at a time: the one running its completion queue.
+struct Upstream {
+  std::shared_ptr<const Routes> routes;  // kept alive for the workers the call uses
+  std::string model, rid;
+  int64_t version = 0;
+  bool tensors = true;  // only raw numeric tensors (else encoded images or typed contents)
+  SysClock::time_point deadline;
+  std::vector<std::pair<std::string, std::string>> metadata;  // more for the worker: the trace context
+  ByteBuffer request, answer;
+  std::shared_ptr<Worker> worker;
+  std::string tried;
+  int attempt = 0;
+  std::unique_ptr<grpc::ClientContext> ctx;  // declared before the reader, so destroyed after it
+  std::unique_ptr<grpc::GenericClientAsyncResponseReader> unary;
+  Status status;
+  bool pending = false;  // sent, its answer not back yet
+
+  // Picks a worker and checks the deadline; false with *st when the call cannot be sent.
+  bool choose(Front* f, bool cancelled, Status* st);
+  // Sends the call to the worker choose picked; tag reports its answer on cq.
+  void send(Front* f, grpc::CompletionQueue* cq, void* tag);
+  // After send's tag reported: true when the call is to be tried on another worker (choose and send again),
+  // else *st is how it ended (answer holds the worker's answer when it is OK).
+  bool retry(Front* f, bool cancelled, Status* st);
+  bool never_served() const;
+  std::string address() const { return worker ? (tensors ? worker->address : worker->main_address) : std::string(); }
+};
+
+// A call the Python server routes through this front (fg_forward_send): a ModelInfer it admitted and resolved, or a
+// Classify's images, sent to a worker as the front's own calls are, on the front's forward queue. Python's
+// thread starts it and may cancel it; the forward queue's thread runs the rest. mu guards what both touch.
+struct Forward {
+  uint64_t id = 0;
+  Upstream net;
+  bool classify = false;
+  std::vector<std::string> image_ids;  // a Classify's: its answer names each image
+  std::mutex mu;
+  bool cancelled = false;
+  bool unrouted = false;  // no worker had the version ready: nothing was sent
+  int code = 0;
+  std::string out;     // the answer (a serialized message) when code is 0, else the error message
+  std::string worker;  // the address of the last worker tried
+};
 
 // One call on the front, from its arrival to its end, driven by the completion queue it was
 // requested on: every operation it starts, on its own side or upstream, reports to that queue, and
@@ -540,8 +615,8 @@ class Call {
   void forward_slow();
   void start_slow();
   void up_answered();
+  void slow_answered();
   bool classify_answer();
-  bool never_served();
   void done(const Status& st);
   void finish(const Status& st);
   void copy_upstream_metadata(bool trailing);
@@ -555,8 +630,9 @@ class Call {
   int ops_ = 0;  // operations started whose event has not come back yet
   grpc::GenericServerContext ctx_;
   grpc::GenericServerAsyncReaderWriter stream_{&ctx_};
-  ByteBuffer req_, fwd_, resp_;
-  std::unique_ptr<grpc::ClientContext> up_;  // declared before the readers, so destroyed after them
+  ByteBuffer req_, resp_;
+  Upstream net_;  // a native call's way to a worker
+  std::unique_ptr<grpc::ClientContext> up_;  // to the Python server; declared before the readers, so destroyed after them
   std::unique_ptr<grpc::GenericClientAsyncResponseReader> unary_;
   std::unique_ptr<grpc::GenericClientAsyncReaderWriter> bidi_;
   Status up_status_;
@@ -567,17 +643,10 @@ class Call {
   bool verifying_ = false;  // asking the Python server whether an unknown key is valid, before reading the body
   bool up_closed_ = false;  // the relay's upstream sent its last message
   bool initial_copied_ = false;
-  std::shared_ptr<const Routes> routes_;  // kept alive for the workers the call uses
-  std::string model_, rid_, secret_;
+  std::string secret_;
   const char* method_ = "ModelInfer";  // for the access log and metrics of native calls
   std::vector<std::string> image_ids_;  // a native Classify's: its answer names each image
   bool classify_ = false;
-  int64_t version_ = 0;
-  bool tensors_ = true;
-  SysClock::time_point deadline_;
-  std::shared_ptr<Worker> worker_;
-  std::string tried_;
-  int attempt_ = 0;
   bool counted_ = false;  // holds one of the front's pending-call slots
   std::string key_slot_;  // the digest of the key whose per-key slot this call holds; empty: none
   grpc::Alarm body_timer_;  // ends a unary call whose message does not come within its deadline
@@ -656,6 +725,20 @@ class Front {
 
   std::shared_mutex keys_mu;
   std::unordered_map<std::string, Key> keys;  // SHA-256 of the secret -> key
+
+  // TLS to the workers (their CA, and this gateway's certificate for mutual TLS); null: plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> worker_creds;
+
+  // Calls Python routes through the front (fg_forward_send), on a queue and thread of their own.
+  grpc::CompletionQueue forward_cq;
+  std::thread forward_thread;
+  std::mutex forward_mu;
+  bool forward_closed = false;                       // shut down: fg_forward_send refuses
+  std::unordered_map<uint64_t, Forward*> forwarding;  // sent, not answered (by Python's id)
+  std::deque<Forward*> forwarded;                    // answered, until Python takes them (fg_forward_take)
+  int forward_fd = -1;                               // an eventfd, written when a call joins forwarded
+  void run_forwards();
+  void forward_done(Forward* fw);
 
   std::mutex routes_mu;
   std::shared_ptr<const Routes> routes = std::make_shared<Routes>();
@@ -780,10 +863,11 @@ class Front {
         w = std::make_shared<Worker>();
         w->address = address;
         w->main_address = main;
-        w->stub = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
-            address, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
-        w->main = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
-            main, grpc::InsecureChannelCredentials(), channel_args(max_message_bytes)));
+        auto creds = worker_creds ? worker_creds : grpc::InsecureChannelCredentials();
+        w->stub = std::make_unique<grpc::GenericStub>(
+            grpc::CreateCustomChannel(address, creds, channel_args(max_message_bytes)));
+        w->main = std::make_unique<grpc::GenericStub>(
+            grpc::CreateCustomChannel(main, creds, channel_args(max_message_bytes)));
       }
       w->queue_depth = e.queue_depth;
       r->serving[std::string(e.model) + "\n" + std::to_string(e.version)].push_back(w);
@@ -797,6 +881,116 @@ class Front {
       it = !listed.count(it->second.get()) && it->second.use_count() == 1 ? workers.erase(it) : std::next(it);
   }
 };
+
+bool Upstream::choose(Front* f, bool cancelled, Status* st) {
+  worker = f->choose(*routes, model, version, tried);
+  if (!worker) {
+    *st = Status(StatusCode::UNAVAILABLE,
+                 "no healthy worker has " + model + " v" + std::to_string(version) + " ready; retry shortly");
+    return false;
+  }
+  if (cancelled) {
+    *st = Status(StatusCode::CANCELLED, "cancelled by the caller");
+    return false;
+  }
+  if (SysClock::now() >= deadline) {
+    *st = Status(StatusCode::DEADLINE_EXCEEDED, "deadline passed before a worker could answer");
+    return false;
+  }
+  return true;
+}
+
+void Upstream::send(Front* f, grpc::CompletionQueue* cq, void* tag) {
+  unary.reset();  // a retry: the last attempt's reader lives in its call's arena, freed with its context
+  ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(deadline);
+  ctx->AddMetadata("authorization", f->internal_auth);
+  ctx->AddMetadata("x-request-id", rid);
+  for (const auto& [k, v] : metadata) ctx->AddMetadata(k, v);
+  worker->in_flight++;
+  grpc::GenericStub* stub = tensors ? worker->stub.get() : worker->main.get();
+  unary = stub->PrepareUnaryCall(ctx.get(), kModelInfer, request, cq);  // Classify too: a BYTES ModelInfer
+  unary->StartCall();
+  pending = true;
+  unary->Finish(&answer, &status, tag);
+}
+
+bool Upstream::retry(Front* f, bool cancelled, Status* st) {
+  pending = false;
+  worker->in_flight--;
+  bool unavailable = status.error_code() == StatusCode::UNAVAILABLE;
+  f->record(*worker, !unavailable);
+  if (unavailable && !never_served()) {  // it may have run when the connection dropped: a poison call?
+    *st = Status(StatusCode::UNAVAILABLE, dropped_message(address(), status.error_message()));
+    return false;
+  }
+  if (unavailable && attempt == 0 && !cancelled && SysClock::now() + std::chrono::milliseconds(1) < deadline) {
+    attempt = 1;
+    tried = worker->address;
+    f->retries++;
+    answer.Clear();
+    return true;
+  }
+  *st = status;
+  return false;
+}
+
+// Whether the worker certainly never ran the call that failed with UNAVAILABLE, so another may take it: it
+// refused it deliberately (trailing 'fovea-unserved: 1'), or no connection to it could be made. gRPC's API
+// tells neither whether the call reached a transport nor (from the channel's state) a refused connection from
+// one that dropped mid-call, so its text for "never connected" marks it.
+bool Upstream::never_served() const {
+  const auto& md = ctx->GetServerTrailingMetadata();
+  auto it = md.find("fovea-unserved");
+  if (it != md.end() && it->second == "1") return true;
+  return status.error_message().find("failed to connect to all addresses") != std::string::npos;
+}
+
+// The forward queue's thread: each event is a worker's answer to a Forward.
+void Front::run_forwards() {
+  void* tag;
+  bool ok;
+  while (forward_cq.Next(&tag, &ok)) {
+    auto* fw = static_cast<Forward*>(tag);
+    bool ended = false;
+    {
+      std::lock_guard lock(fw->mu);
+      Status st;
+      bool again = fw->net.retry(this, fw->cancelled, &st) && fw->net.choose(this, fw->cancelled, &st);
+      if (again) {
+        fw->net.send(this, &forward_cq, fw);
+      } else {
+        ended = true;
+        fw->worker = fw->net.address();
+        fw->code = int(st.error_code());
+        if (!st.ok()) {
+          fw->out = st.error_message();
+        } else if (fw->classify) {
+          if (!classify_response(fw->net.answer, fw->net.model, fw->net.version, fw->image_ids, &fw->out)) {
+            fw->code = int(StatusCode::INTERNAL);
+            fw->out = "worker at " + fw->worker + " answered a classification the gateway cannot read";
+          }
+        } else {
+          std::vector<grpc::Slice> slices;
+          if (fw->net.answer.Dump(&slices).ok())
+            for (const auto& s : slices) fw->out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+        }
+        fw->net.answer.Clear();
+      }
+    }
+    if (ended) forward_done(fw);  // after fw->mu: fg_forward_cancel takes forward_mu, then fw->mu
+  }
+}
+
+void Front::forward_done(Forward* fw) {
+  std::lock_guard lock(forward_mu);
+  forwarding.erase(fw->id);
+  forwarded.push_back(fw);
+  uint64_t one = 1;
+  if (forward_fd >= 0 && write(forward_fd, &one, sizeof one) < 0) {
+    // an eventfd only fails a write at 2^64 - 2 unread: Python has not read it in ages, and will find the calls
+  }
+}
 
 Call::Call(Front* f, grpc::ServerCompletionQueue* cq) : f_(f), cq_(cq) {
   for (int e = 0; e < kEvents; ++e) tags_[e] = {this, Event(e)};
@@ -821,6 +1015,7 @@ void Call::on(Event e, bool ok) {
       // The call ended; if the caller cancelled it, so is its upstream call.
       cancelled_ = ctx_.IsCancelled();
       if (cancelled_ && up_pending_) up_->TryCancel();
+      if (cancelled_ && net_.pending) net_.ctx->TryCancel();
       return;
     case kFinish:
       return;
@@ -842,10 +1037,12 @@ void Call::on(Event e, bool ok) {
       finish(Status(StatusCode::INVALID_ARGUMENT, "no request message"));
     }
   } else if (e == kUp) {
-    if (verifying_) {
+    if (net_.pending) {
+      up_answered();
+    } else if (verifying_) {
       verified();
     } else {
-      up_answered();
+      slow_answered();
     }
   }
 }
@@ -984,25 +1181,25 @@ void Call::handle() {
 }
 
 void Call::forward_native(const Head& head, std::vector<grpc::Slice>& slices) {
-  routes_ = f_->current_routes();
-  model_ = head.model;
-  tensors_ = head.tensors;
+  net_.routes = f_->current_routes();
+  net_.model = head.model;
+  net_.tensors = head.tensors;
   if (head.version.empty()) {
-    version_ = f_->pick_version(*routes_, model_);
-  } else if (!parse_version(head.version, &version_)) {
-    version_ = 0;
+    net_.version = f_->pick_version(*net_.routes, net_.model);
+  } else if (!parse_version(head.version, &net_.version)) {
+    net_.version = 0;
   }
-  if (version_ == 0 || !f_->choose(*routes_, model_, version_, "")) {
+  if (net_.version == 0 || !f_->choose(*net_.routes, net_.model, net_.version, "")) {
     forward_slow();  // no alias, an unknown version, no worker: Python resolves or says why
     return;
   }
   if (head.version.empty()) {  // name the version for the worker: a later field 2 replaces an earlier one
-    std::string v = std::to_string(version_);
+    std::string v = std::to_string(net_.version);
     std::string extra{char(0x12), char(v.size())};
     extra += v;
     slices.emplace_back(extra.data(), extra.size());
   }
-  fwd_ = ByteBuffer(slices.data(), slices.size());
+  net_.request = ByteBuffer(slices.data(), slices.size());
   start_native();
 }
 
@@ -1027,21 +1224,18 @@ bool Call::classify_native(const std::string& secret, const std::vector<grpc::Sl
     if (w * h > uint64_t(f_->max_image_pixels)) return false;
   }
   if (!f_->admit(secret, req.model)) return false;
-  routes_ = f_->current_routes();
-  model_ = req.model;
-  version_ = req.version ? int64_t(req.version) : f_->pick_version(*routes_, model_);
-  auto it = routes_->images.find(model_ + "\n" + std::to_string(version_));
-  if (version_ == 0 || it == routes_->images.end() || !f_->choose(*routes_, model_, version_, "")) return false;
+  net_.routes = f_->current_routes();
+  net_.model = req.model;
+  net_.version = req.version ? int64_t(req.version) : f_->pick_version(*net_.routes, net_.model);
+  auto it = net_.routes->images.find(net_.model + "\n" + std::to_string(net_.version));
+  if (net_.version == 0 || it == net_.routes->images.end() || !f_->choose(*net_.routes, net_.model, net_.version, ""))
+    return false;
   const ImageModel& m = it->second;
-  // Classify's top_k means "at most": k never past the output's width, which the classification extension needs.
-  uint64_t k = m.width > 0 ? std::min(top_k, uint64_t(m.width)) : top_k;
-  std::string fwd = classify::infer_request(model_, version_, m.input, m.output, req.images, k);
-  grpc::Slice slice(fwd.data(), fwd.size());
-  fwd_ = ByteBuffer(&slice, 1);
+  net_.request = classify_request(net_.model, net_.version, m, req.images, top_k);
   for (auto& img : req.images) image_ids_.push_back(std::move(img.id));
   classify_ = true;
   method_ = "Classify";
-  tensors_ = false;  // encoded images: a worker's main port decodes them
+  net_.tensors = false;  // encoded images: a worker's main port decodes them
   start_native();
   return true;
 }
@@ -1068,44 +1262,22 @@ bool Call::classify_sizes_ok(const std::vector<grpc::Slice>& slices) {
 
 // The common start of a native call: its request id, its deadline (the caller's, capped; else the default).
 void Call::start_native() {
-  rid_ = header(ctx_, "x-request-id");
-  bool printable = rid_.size() <= 128;
-  for (char c : rid_) printable &= c >= 0x20 && c < 0x7f;
-  if (rid_.empty() || !printable) rid_ = new_request_id();
+  net_.rid = request_id(header(ctx_, "x-request-id"));
   auto limit = SysClock::now() + std::chrono::milliseconds(f_->max_deadline_ms);
-  deadline_ = ctx_.deadline() == SysClock::time_point::max()
-                  ? SysClock::now() + std::chrono::milliseconds(f_->default_deadline_ms)
-                  : std::min(ctx_.deadline(), limit);
+  net_.deadline = ctx_.deadline() == SysClock::time_point::max()
+                      ? SysClock::now() + std::chrono::milliseconds(f_->default_deadline_ms)
+                      : std::min(ctx_.deadline(), limit);
   f_->native_calls++;
   attempt();
 }
 
 void Call::attempt() {
-  worker_ = f_->choose(*routes_, model_, version_, tried_);
-  if (!worker_) {
-    done(Status(StatusCode::UNAVAILABLE, "no healthy worker has " + model_ + " v" + std::to_string(version_) +
-                                             " ready; retry shortly"));
+  Status st;
+  if (!net_.choose(f_, cancelled_, &st)) {
+    done(st);
     return;
   }
-  if (cancelled_) {
-    done(Status(StatusCode::CANCELLED, "cancelled by the caller"));
-    return;
-  }
-  if (SysClock::now() >= deadline_) {
-    done(Status(StatusCode::DEADLINE_EXCEEDED, "deadline passed before a worker could answer"));
-    return;
-  }
-  unary_.reset();  // a retry: the last attempt's reader lives in its call's arena, freed with its context
-  up_ = std::make_unique<grpc::ClientContext>();
-  up_->set_deadline(deadline_);
-  up_->AddMetadata("authorization", f_->internal_auth);
-  up_->AddMetadata("x-request-id", rid_);
-  worker_->in_flight++;
-  grpc::GenericStub* stub = tensors_ ? worker_->stub.get() : worker_->main.get();
-  unary_ = stub->PrepareUnaryCall(up_.get(), kModelInfer, fwd_, cq_);  // Classify too: a BYTES ModelInfer
-  unary_->StartCall();
-  up_pending_ = true;
-  unary_->Finish(&resp_, &up_status_, start(kUp));
+  net_.send(f_, cq_, start(kUp));
 }
 
 // The upstream context of a call passed to the Python server: the caller's deadline and metadata as they came.
@@ -1131,34 +1303,24 @@ void Call::forward_slow() {
   unary_->Finish(&resp_, &up_status_, start(kUp));
 }
 
-void Call::up_answered() {
+// The Python server answered: its metadata (request id, retry-after hints) goes back as it came.
+void Call::slow_answered() {
   up_pending_ = false;
-  Status st = up_status_;
-  if (rid_.empty()) {  // the Python server answered: its metadata (request id, retry-after hints) goes back as it came
-    copy_upstream_metadata(false);
-    copy_upstream_metadata(true);
-    finish(st);
-    return;
-  }
-  worker_->in_flight--;
-  bool unavailable = st.error_code() == StatusCode::UNAVAILABLE;
-  f_->record(*worker_, !unavailable);
-  if (unavailable && !never_served()) {  // it may have run when the connection dropped: a poison call?
-    std::string address = tensors_ ? worker_->address : worker_->main_address;
-    done(Status(StatusCode::UNAVAILABLE, dropped_message(address, st.error_message())));
-    return;
-  }
-  if (unavailable && attempt_ == 0 && !cancelled_ && SysClock::now() + std::chrono::milliseconds(1) < deadline_) {
-    attempt_ = 1;
-    tried_ = worker_->address;
-    f_->retries++;
-    resp_.Clear();
+  copy_upstream_metadata(false);
+  copy_upstream_metadata(true);
+  finish(up_status_);
+}
+
+// A worker answered a native call.
+void Call::up_answered() {
+  Status st;
+  if (net_.retry(f_, cancelled_, &st)) {
     attempt();
     return;
   }
+  if (st.ok()) resp_ = net_.answer;
   if (st.ok() && classify_ && !classify_answer()) {
-    done(Status(StatusCode::INTERNAL, "worker at " + worker_->main_address +
-                                          " answered a classification the gateway cannot read"));
+    done(Status(StatusCode::INTERNAL, "worker at " + net_.address() + " answered a classification the gateway cannot read"));
     return;
   }
   done(st);
@@ -1166,25 +1328,11 @@ void Call::up_answered() {
 
 // A native Classify's worker answer (a ModelInferResponse) becomes its ClassifyResponse, in resp_.
 bool Call::classify_answer() {
-  std::vector<grpc::Slice> slices;
-  if (!resp_.Dump(&slices).ok()) return false;
-  std::string answer, out;
-  for (const auto& s : slices) answer.append(reinterpret_cast<const char*>(s.begin()), s.size());
-  if (!classify::classify_response(answer, model_, version_, image_ids_, &out)) return false;
+  std::string out;
+  if (!classify_response(net_.answer, net_.model, net_.version, image_ids_, &out)) return false;
   grpc::Slice slice(out.data(), out.size());
   resp_ = ByteBuffer(&slice, 1);
   return true;
-}
-
-// Whether the worker certainly never ran the call that failed with UNAVAILABLE, so another may take it: it
-// refused it deliberately (trailing 'fovea-unserved: 1'), or no connection to it could be made. gRPC's API
-// tells neither whether the call reached a transport nor (from the channel's state) a refused connection from
-// one that dropped mid-call, so its text for "never connected" marks it, as on the Python path (gateway/routing.py).
-bool Call::never_served() {
-  const auto& md = up_->GetServerTrailingMetadata();
-  auto it = md.find("fovea-unserved");
-  if (it != md.end() && it->second == "1") return true;
-  return up_status_.error_message().find("failed to connect to all addresses") != std::string::npos;
 }
 
 void Call::copy_upstream_metadata(bool trailing) {
@@ -1203,15 +1351,15 @@ void Call::copy_upstream_metadata(bool trailing) {
 void Call::done(const Status& st) {
   int code = int(st.error_code());
   f_->codes[code >= 0 && code < FG_STATUS_CODES ? code : 2]++;
-  ctx_.AddTrailingMetadata("x-request-id", rid_);
+  ctx_.AddTrailingMetadata("x-request-id", net_.rid);
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   {
     std::lock_guard lock(f_->log_mu);
     if (f_->log.size() >= Front::kMaxLogLines) {
       f_->log_dropped++;
     } else {
-      f_->log.push_back(LogEntry{double(now_ns()) / 1e9, seconds, code, version_, rid_, model_,
-                                 worker_ ? worker_->address : std::string(), method_});
+      f_->log.push_back(LogEntry{double(now_ns()) / 1e9, seconds, code, net_.version, net_.rid, net_.model,
+                                 net_.worker ? net_.worker->address : std::string(), method_});
     }
   }
   finish(st);
@@ -1341,6 +1489,32 @@ void copy_text(char (&out)[N], const std::string& s) {
 
 const char* or_empty(const char* s) { return s ? s : ""; }
 
+// With forward_mu held: the call's answer comes back CANCELLED (or as it was, when it came first).
+void cancel_forward(Forward* fw) {
+  std::lock_guard lock(fw->mu);
+  fw->cancelled = true;
+  if (fw->net.pending) fw->net.ctx->TryCancel();
+}
+
+// Whether a routed call's extra metadata may go on a call as it is: gRPC refuses (or aborts on) a malformed name.
+bool valid_metadata(const char* const* md, int64_t n) {
+  if (n < 0 || n > FG_MAX_METADATA || (n > 0 && !md)) return false;
+  for (int64_t i = 0; i < 2 * n; ++i) {
+    if (!bounded(md[i])) return false;
+    size_t len = strlen(md[i]);
+    for (size_t j = 0; j < len; ++j) {
+      char c = md[i][j];
+      bool ok = i % 2 ? c >= 0x20 && c < 0x7f
+                      : (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.';
+      if (!ok) return false;
+    }
+    // names gRPC or the front sets itself are not Python's to add
+    if (i % 2 == 0 && (reserved(md[i]) || !strcmp(md[i], "authorization") || !strcmp(md[i], "x-request-id")))
+      return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 extern "C" {
@@ -1373,6 +1547,13 @@ void* fg_start(const fg_config* config, int* port) {
   f->max_deadline_ms = config->max_deadline_ms;
   f->max_samples = config->max_images_per_call;
   f->eject_after = config->eject_after_failures;
+  if (*or_empty(config->worker_ca_pem)) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = config->worker_ca_pem;
+    ssl.pem_cert_chain = or_empty(config->worker_cert_pem);
+    ssl.pem_private_key = or_empty(config->worker_key_pem);
+    f->worker_creds = grpc::SslCredentials(ssl);
+  }
   f->slow = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
       config->python_address, grpc::InsecureChannelCredentials(), channel_args(config->max_message_bytes)));
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
@@ -1416,6 +1597,8 @@ void* fg_start(const fg_config* config, int* port) {
   for (auto& cq : f->cqs)
     for (int i = 0; i < Front::kRequested; ++i) new Call(f, cq.get());
   for (auto& cq : f->cqs) f->threads.emplace_back([f, q = cq.get()] { f->serve(q); });
+  f->forward_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  f->forward_thread = std::thread([f] { f->run_forwards(); });
   return f;
 }
 
@@ -1546,6 +1729,102 @@ int64_t fg_take_ejected(void* fp, fg_address* out, int64_t cap) {
 // A worker (by fast address) passed its probe: route to it again.
 void fg_readmit(void* fp, const char* address) { static_cast<Front*>(fp)->readmit(address); }
 
+int fg_forward_fd(void* fp) { return static_cast<Front*>(fp)->forward_fd; }
+
+int fg_forward_send(void* fp, const fg_forward* call) {
+  auto* f = static_cast<Front*>(fp);
+  if (!call || !call->model || !valid_name(call->model) || call->version <= 0 || call->version > (int64_t(1) << 62) ||
+      call->request_bytes < 0 || call->request_bytes > f->max_message_bytes || (call->request_bytes && !call->request) ||
+      call->timeout_ms < 0 || (call->request_id && !bounded(call->request_id)) ||
+      !valid_metadata(call->metadata, call->n_metadata) ||
+      (call->kind != FG_FORWARD_INFER && call->kind != FG_FORWARD_CLASSIFY))
+    return -1;
+  auto fw = std::make_unique<Forward>();
+  fw->id = call->id;
+  Upstream& net = fw->net;
+  net.model = call->model;
+  net.version = call->version;
+  net.rid = request_id(or_empty(call->request_id));
+  net.deadline = SysClock::now() + std::chrono::milliseconds(std::min(call->timeout_ms, f->max_deadline_ms));
+  for (int64_t i = 0; i < call->n_metadata; ++i) net.metadata.emplace_back(call->metadata[2 * i], call->metadata[2 * i + 1]);
+  const char* bytes = reinterpret_cast<const char*>(call->request);
+  if (call->kind == FG_FORWARD_CLASSIFY) {
+    if (!bounded(call->input) || !bounded(call->output) || call->width < 0 || call->top_k < 1 ||
+        call->top_k > f->max_top_k)
+      return -1;
+    std::string body(bytes ? bytes : "", size_t(call->request_bytes));
+    classify::Request req;
+    if (!classify::read_request(body, &req) || req.images.empty() || int64_t(req.images.size()) > f->max_samples)
+      return -1;
+    ImageModel m{call->input, call->output, call->width};
+    net.request = classify_request(net.model, net.version, m, req.images, uint64_t(call->top_k));
+    for (auto& img : req.images) fw->image_ids.push_back(std::move(img.id));
+    fw->classify = true;
+    net.tensors = false;
+  } else {
+    grpc::Slice slice(bytes ? bytes : "", size_t(call->request_bytes));
+    net.request = ByteBuffer(&slice, 1);
+    net.tensors = call->tensors != 0;
+  }
+  net.routes = f->current_routes();
+  std::lock_guard lock(f->forward_mu);
+  if (f->forward_closed) return -2;
+  if (f->forwarding.count(fw->id)) return -1;
+  Forward* p = fw.release();
+  std::lock_guard call_lock(p->mu);
+  Status st;
+  if (!p->net.choose(f, false, &st)) {  // answered at once: no worker has the version, or no time is left
+    p->unrouted = !p->net.worker;
+    p->code = int(st.error_code());
+    p->out = st.error_message();
+    f->forwarded.push_back(p);
+    uint64_t one = 1;
+    if (f->forward_fd >= 0 && write(f->forward_fd, &one, sizeof one) < 0) {
+      // see Front::forward_done
+    }
+    return 0;
+  }
+  f->forwarding[p->id] = p;
+  p->net.send(f, &f->forward_cq, p);
+  return 0;
+}
+
+int64_t fg_forward_take(void* fp, fg_forward_result* out, int64_t cap) {
+  auto* f = static_cast<Front*>(fp);
+  if (cap <= 0 || !out) return 0;
+  std::lock_guard lock(f->forward_mu);
+  int64_t n = std::min(cap, int64_t(f->forwarded.size()));
+  for (int64_t i = 0; i < n; ++i) {
+    Forward* fw = f->forwarded.front();
+    f->forwarded.pop_front();
+    fg_forward_result& r = out[i];
+    r.id = fw->id;
+    r.code = fw->code;
+    r.unrouted = fw->unrouted ? 1 : 0;
+    r.data = reinterpret_cast<const uint8_t*>(fw->out.data());
+    r.size = int64_t(fw->out.size());
+    copy_text(r.worker, fw->worker);
+    r.owner = fw;
+  }
+  return n;
+}
+
+void fg_forward_release(void*, fg_forward_result* results, int64_t n) {
+  if (!results) return;
+  for (int64_t i = 0; i < n; ++i) {
+    delete static_cast<Forward*>(results[i].owner);
+    results[i].owner = nullptr;
+    results[i].data = nullptr;
+  }
+}
+
+void fg_forward_cancel(void* fp, uint64_t id) {
+  auto* f = static_cast<Front*>(fp);
+  std::lock_guard lock(f->forward_mu);
+  auto it = f->forwarding.find(id);
+  if (it != f->forwarding.end()) cancel_forward(it->second);
+}
+
 void fg_set_accepting(void* fp, int accepting) { static_cast<Front*>(fp)->accepting = accepting != 0; }
 
 void fg_shutdown(void* fp, double grace_s) {
@@ -1565,12 +1844,29 @@ void fg_shutdown(void* fp, double grace_s) {
   while (f->live_calls.load() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   for (auto& cq : f->cqs) cq->Shutdown();
   for (auto& t : f->threads) t.join();
+  // Routed calls: none new; those in flight are cancelled and end on the forward queue, which then closes.
+  {
+    std::lock_guard lock(f->forward_mu);
+    f->forward_closed = true;
+    for (auto& [id, fw] : f->forwarding) cancel_forward(fw);
+  }
+  while (true) {
+    {
+      std::lock_guard lock(f->forward_mu);
+      if (f->forwarding.empty()) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  f->forward_cq.Shutdown();
+  f->forward_thread.join();
 }
 
 void fg_free(void* fp) {
   auto* f = static_cast<Front*>(fp);
   fg_shutdown(fp, 0);
   f->server.reset();
+  for (Forward* fw : f->forwarded) delete fw;  // ended, never taken
+  if (f->forward_fd >= 0) close(f->forward_fd);
   delete f;
 }
 

@@ -385,7 +385,8 @@ async def test_a_worker_the_front_ejects_is_probed_and_readmitted(own_stack: Sta
     await asyncio.sleep(0.5)
     dead.kill()
     assert await until(lambda: ep.ejected, 2.0), "the front's ejection never reached Python"
-    assert fast_address not in fast_front(gw).routes.fast_addresses()
+    # the table still lists it: the front sets it aside itself, and would try it were it the last one left
+    assert fast_address in fast_front(gw).routes.fast_addresses()
     assert "fovea_gateway_worker_ejections_total 1.0" in gw.metrics.exposition().decode()
     main_port = int(dead.address.rsplit(":", 1)[1])
     stack.workers[0] = await asyncio.to_thread(
@@ -399,7 +400,6 @@ async def test_a_worker_the_front_ejects_is_probed_and_readmitted(own_stack: Sta
     )
     assert await until(lambda: not ep.ejected, 20.0), "the probe never re-admitted the restarted worker"
     assert gw.gateway.workers.endpoints.get(wid) is ep  # the same endpoint: re-admitted, not re-joined
-    assert await until(lambda: fast_address in fast_front(gw).routes.fast_addresses(), 2.0)
     before = gw.metrics.served_by_worker().get(wid, 0.0)
     assert await until(lambda: gw.metrics.served_by_worker().get(wid, 0.0) > before + 20, 5.0), (
         "native calls did not reach the re-admitted worker"

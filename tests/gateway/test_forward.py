@@ -1,0 +1,202 @@
+"""Calls the Python server hands to the native front to route (gateway/forward.py, fg_forward_send in
+gateway/native/api.h): the front checks their bounds, sends them to a worker as it sends its own, and their end
+comes back through an eventfd the event loop watches. The workers here are stand-ins in the test's process
+(real gRPC servers on loopback) so that the test sees what reached them and when."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from fovea.v1 import image_pb2
+from gateway.fast_port import CStrings, NativeGateway, RouteTable, WorkerRoute
+from gateway.forward import ImageTensors
+from inference import grpc_predict_v2_pb2 as pb
+from tests.tinymodels import png
+
+
+class StandIn:
+    """A worker's one port that keeps what each ModelInfer brought (request, metadata) and answers after delay_s
+    (the answer names the model and echoes the request id), or refuses the call as a draining worker does."""
+
+    def __init__(self, delay_s: float = 0.0, refuse: bool = False, answer: bytes | None = None) -> None:
+        self.delay_s, self.refuse, self.answer = delay_s, refuse, answer
+        self.calls: list[tuple[pb.ModelInferRequest, dict[str, str]]] = []
+        self.cancelled = asyncio.Event()
+        self.server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(self._infer)
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {"ModelInfer": handler}),)
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.address = f"127.0.0.1:{self.port}"
+
+    async def _infer(self, request: bytes, context: Any) -> bytes:
+        req = pb.ModelInferRequest.FromString(request)
+        self.calls.append((req, {k: v for k, v in context.invocation_metadata()}))
+        if self.refuse:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining", (("fovea-unserved", "1"),))
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:  # gRPC cancels the handler when its call is cancelled
+            self.cancelled.set()
+            raise
+        if self.answer is not None:
+            return self.answer
+        return pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version).SerializeToString()
+
+
+@pytest.fixture
+async def front(tmp_path: pathlib.Path) -> AsyncIterator[NativeGateway]:
+    gw = NativeGateway("127.0.0.1:0", 1 << 20, f"unix:{tmp_path}/none.sock", "token", 5000, 10000, 64, 3, 100)
+    yield gw
+    await asyncio.to_thread(gw.shutdown, 0.1)
+    gw.close()
+
+
+async def serving(front: NativeGateway, *workers: StandIn, model: str = "ident") -> None:
+    for w in workers:
+        await w.server.start()
+    front.set_routes(RouteTable(workers=[WorkerRoute(model, 1, w.address, w.address, 0) for w in workers]))
+
+
+def infer(model: str = "ident", version: int = 1) -> bytes:
+    req = pb.ModelInferRequest(model_name=model, model_version=str(version))
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    req.raw_input_contents.append(b"\0" * 16)
+    return req.SerializeToString()
+
+
+async def test_a_routed_call_reaches_the_worker_with_its_metadata_and_its_answer_comes_back(
+    front: NativeGateway,
+) -> None:
+    worker = StandIn()
+    await serving(front, worker)
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    routed = await front.forwards.send(
+        "ident", 1, infer(), 5.0, tensors=True, request_id="rid-1", metadata=(("traceparent", trace),)
+    )
+    assert routed.code == 0 and not routed.unrouted and routed.worker == worker.address
+    assert pb.ModelInferResponse.FromString(routed.data).model_name == "ident"
+    ((req, md),) = worker.calls
+    assert req.model_name == "ident" and md["x-request-id"] == "rid-1" and md["traceparent"] == trace
+    assert md["authorization"] == "Bearer token"  # the worker token, never the caller's key
+    await worker.server.stop(0)
+
+
+async def test_no_worker_no_time_and_a_refusal_each_end_the_call_with_their_status(front: NativeGateway) -> None:
+    refusing, steady = StandIn(refuse=True), StandIn()
+    await serving(front, refusing)
+    unrouted = await front.forwards.send("other", 1, infer("other"), 5.0)
+    assert unrouted.unrouted and unrouted.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "no healthy worker has other v1 ready" in unrouted.message
+    late = await front.forwards.send("ident", 1, infer(), 0.0)
+    assert not late.unrouted and late.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and not refusing.calls
+    # a call the only worker refused unrun: retried once, nowhere else to go
+    before = front.counts()["retries"]
+    refused = await front.forwards.send("ident", 1, infer(), 5.0)
+    assert refused.code == grpc.StatusCode.UNAVAILABLE.value[0] and len(refusing.calls) == 1
+    await serving(front, refusing, steady)
+    for _ in range(20):  # whichever the front picks first, the call ends on the steady worker
+        ok = await front.forwards.send("ident", 1, infer(), 5.0)
+        assert ok.code == 0 and ok.worker == steady.address
+    assert front.counts()["retries"] > before
+    await refusing.server.stop(0)
+    await steady.server.stop(0)
+
+
+async def test_a_cancelled_routed_call_cancels_the_worker_call(front: NativeGateway) -> None:
+    slow = StandIn(delay_s=30)
+    await serving(front, slow)
+    task = asyncio.create_task(front.forwards.send("ident", 1, infer(), 60.0))
+    while not slow.calls:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(slow.cancelled.wait(), 5)  # the worker saw its call end, 29 s early
+    for _ in range(100):  # and the front's end of it was taken and freed
+        if not front.forwards.waiting:
+            break
+        await asyncio.sleep(0.01)
+    assert not front.forwards.waiting
+    await slow.server.stop(0)
+
+
+async def test_a_routed_classify_becomes_one_bytes_call_and_its_answer_a_classify_response(
+    front: NativeGateway,
+) -> None:
+    answer = pb.ModelInferResponse(model_name="colors", model_version="1")
+    answer.outputs.add(name="logits", datatype="BYTES", shape=[2, 1])
+    items = [b"0.9:2:blue", b"0.8:0:red"]
+    answer.raw_output_contents.append(b"".join(len(i).to_bytes(4, "little") + i for i in items))
+    worker = StandIn(answer=answer.SerializeToString())
+    await serving(front, worker, model="colors")
+    images = [image_pb2.Image(id="sky", data=png((20, 20, 240))), image_pb2.Image(id="rose", data=png((240, 20, 20)))]
+    routed = await front.forwards.send(
+        "colors",
+        1,
+        image_pb2.ClassifyRequest(images=images).SerializeToString(),
+        5.0,
+        images=ImageTensors("input", "logits", 3, 5),
+    )
+    assert routed.code == 0, routed.message
+    resp = image_pb2.ClassifyResponse.FromString(routed.data)
+    assert resp.model == "colors" and resp.version == 1
+    assert [(r.image_id, r.labels[0].label, r.labels[0].index) for r in resp.results] == [
+        ("sky", "blue", 2),
+        ("rose", "red", 0),
+    ]
+    ((req, _),) = worker.calls
+    assert req.inputs[0].name == "input" and req.inputs[0].datatype == "BYTES" and list(req.inputs[0].shape) == [2]
+    assert req.outputs[0].parameters["classification"].int64_param == 3  # top 5 asked, the output is 3 wide
+    await worker.server.stop(0)
+
+
+async def test_routed_calls_past_their_bounds_are_refused(front: NativeGateway) -> None:
+    lib, ffi = front.lib, front.ffi
+    text = CStrings(ffi)
+    body = infer()
+    base: dict[str, Any] = {
+        "id": 1,
+        "model": text(b"ident"),
+        "version": 1,
+        "request": ffi.from_buffer(body),
+        "request_bytes": len(body),
+        "timeout_ms": 1000,
+    }
+
+    def send(**fields: Any) -> int:
+        return int(lib.fg_forward_send(front.handle, ffi.new("struct fg_forward*", {**base, **fields})))
+
+    def pairs(*names: bytes) -> dict[str, Any]:
+        md = ffi.new("char*[]", [text(s) for n in names for s in (n, b"v")])
+        text.owned.append(md)
+        return {"metadata": md, "n_metadata": len(names)}
+
+    assert send(model=text(b"../etc")) == -1
+    assert send(model=ffi.NULL) == -1
+    assert send(version=0) == -1
+    assert send(timeout_ms=-1) == -1
+    assert send(request_bytes=(1 << 20) + 1) == -1
+    assert send(request=ffi.NULL) == -1
+    assert send(kind=7) == -1
+    assert send(request_id=text(b"r" * (lib.FG_TEXT_MAX + 1))) == -1
+    for bad in (b"Upper", b"grpc-timeout", b"authorization", b"x-request-id", b"", b"sp ace"):
+        assert send(**pairs(bad)) == -1, bad
+    assert send(**pairs(*[b"k"] * (lib.FG_MAX_METADATA + 1))) == -1
+    assert send(metadata=ffi.NULL, n_metadata=1) == -1
+    classify = {"kind": lib.FG_FORWARD_CLASSIFY, "input": text(b"input"), "output": text(b"logits"), "top_k": 1}
+    assert send(**classify) == -1  # a ModelInferRequest is not a ClassifyRequest with images
+    assert send(**{**classify, "top_k": 0}) == -1
+    assert send(id=9) == 0  # within bounds: no worker, so it ends at once as unrouted
+    await asyncio.to_thread(front.shutdown, 0.1)
+    assert send(id=10) == -2
+    results = ffi.new("struct fg_forward_result[]", 4)
+    assert lib.fg_forward_take(front.handle, results, 4) == 1 and results[0].id == 9 and results[0].unrouted
+    lib.fg_forward_release(front.handle, results, 1)
