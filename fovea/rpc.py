@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hmac
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,30 +39,6 @@ def bearer_token(metadata: dict[str, Any]) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("malformed credentials: expected 'authorization: Bearer <api key>'")
     return token.strip()
-
-
-def matches_any(presented: str, accepted: Sequence[str]) -> bool:
-    """Constant-time compare against every accepted token (no early exit); empty tokens never match."""
-    data = presented.encode()
-    found = False
-    for token in accepted:
-        found |= bool(token) and hmac.compare_digest(data, token.encode())
-    return found
-
-
-def internal_authenticator(tokens: str | Sequence[str], open_methods: frozenset[str] = frozenset()) -> Authenticator:
-    """Accept only callers that present one of these tokens (a worker: its accepted_tokens, the gateways'
-    worker token; a list, so that one can rotate with no stop)."""
-    accepted = [tokens] if isinstance(tokens, str) else list(tokens)
-
-    async def authenticate(method: str, metadata: dict[str, Any]) -> Any:
-        if method in open_methods:
-            return None
-        if not matches_any(bearer_token(metadata), accepted):
-            raise Unauthenticated("invalid internal credentials: this service only takes calls from Fovea services")
-        return "internal"
-
-    return authenticate
 
 
 def new_request_id(metadata: dict[str, Any]) -> str:

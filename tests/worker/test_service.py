@@ -39,9 +39,22 @@ async def test_direct_call_without_internal_token_is_unauthenticated(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await s.ModelInfer(req, metadata=md, timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await s.ServerReady(pb.ServerReadyRequest(), timeout=10)
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Calls the front relays to the worker's Python server are checked by the relay (worker/native/auth.cc),
+    # the only check: unary, streaming, with no token or a wrong one.
+    for md in [(), (("authorization", f"Bearer {REGISTRY_TOKEN}"),)]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.ServerReady(pb.ServerReadyRequest(), metadata=md, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "credentials" in (err.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.ModelStatistics(pb.ModelStatisticsRequest(), metadata=md, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        stream = s.ModelStreamInfer(iter([]), metadata=md, timeout=10)  # refused from its headers alone
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stream:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (await s.ServerReady(pb.ServerReadyRequest(), metadata=MD, timeout=10)).ready
     # Health stays open for Kubernetes probes; the real call works with the token.
     health = health_pb2_grpc.HealthStub(channel)
     assert (

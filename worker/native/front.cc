@@ -33,6 +33,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "auth.h"
 #include "check.h"
 #include "api.h"
 #include "front.h"
@@ -160,18 +161,6 @@ struct Batch {
   std::vector<std::vector<int64_t>> shapes;
   std::vector<size_t> row_bytes;
 };
-
-bool token_matches(const std::string& presented, const std::vector<std::string>& accepted) {
-  // Constant time over every accepted token: no early exit on length or content.
-  bool found = false;
-  for (const auto& t : accepted) {
-    if (t.empty()) continue;
-    unsigned diff = presented.size() ^ t.size();
-    for (size_t i = 0; i < presented.size(); ++i) diff |= uint8_t(presented[i]) ^ uint8_t(t[i % t.size()]);
-    found |= diff == 0;
-  }
-  return found;
-}
 
 class Front;
 
@@ -317,21 +306,6 @@ bool sampled(const grpc::CallbackServerContext* ctx) {
   return low >= 0 && (low & 1);
 }
 
-Status authenticate(grpc::CallbackServerContext* ctx, const std::vector<std::string>& tokens) {
-  const auto& md = ctx->client_metadata();
-  auto auth = md.find("authorization");
-  if (auth == md.end()) return Status(StatusCode::UNAUTHENTICATED, "missing credentials: send metadata 'authorization: Bearer <token>'");
-  std::string value(auth->second.data(), auth->second.size());
-  if (value.size() < 8 || strncasecmp(value.c_str(), "bearer ", 7) != 0)
-    return Status(StatusCode::UNAUTHENTICATED, "malformed credentials: expected 'authorization: Bearer <token>'");
-  std::string token = value.substr(7);
-  token.erase(0, token.find_first_not_of(' '));
-  token.erase(token.find_last_not_of(' ') + 1);
-  if (!token_matches(token, tokens))
-    return Status(StatusCode::UNAUTHENTICATED, "invalid internal credentials: this service only takes calls from Fovea services");
-  return Status::OK;
-}
-
 Status enqueue(Model* m, Call* call);
 
 grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* bytes,
@@ -346,7 +320,7 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
     reactor->Finish(Status(code, msg));
     return reactor;
   };
-  Status auth = authenticate(ctx, front_->tokens);
+  Status auth = fovea::authenticate(*ctx, front_->tokens);
   if (!auth.ok()) return reject(auth.error_code(), auth.error_message());
   // The relay sends Python the bytes as they came: a copy that shares their slices (no data is copied).
   grpc::ByteBuffer original(*bytes);
@@ -488,7 +462,7 @@ fv_front* fv_start(const fv_front_options* options, int32_t* port_out) {
   builder.AddChannelArgument("grpc.http2.max_ping_strikes", 0);
   builder.AddChannelArgument("grpc.so_reuseport", 0);
   builder.RegisterService(f->service.get());
-  f->relay = std::make_unique<fovea::Relay>(&builder, o.upstream, o.max_message_bytes);
+  f->relay = std::make_unique<fovea::Relay>(&builder, o.upstream, o.max_message_bytes, f->tokens);
   f->server = builder.BuildAndStart();
   *port_out = port;
   if (!f->server || port == 0) {

@@ -12,6 +12,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace fovea {
 
@@ -26,8 +27,11 @@ class RelayedUnary;
 class Relay {
  public:
   // Before BuildAndStart: registers a generic service (the methods the front's own service leaves out)
-  // and its completion queue on builder. upstream: the Python server's address ("unix:/path").
-  Relay(grpc::ServerBuilder* builder, const std::string& upstream, int max_message_bytes);
+  // and its completion queue on builder. upstream: the Python server's address ("unix:/path"). tokens: the
+  // internal tokens a caller must present (auth.h), checked here for every call but health and reflection,
+  // so the Python server behind takes the relay's word for it.
+  Relay(grpc::ServerBuilder* builder, const std::string& upstream, int max_message_bytes,
+        std::vector<std::string> tokens);
   ~Relay();
   // After BuildAndStart: one thread takes every relayed call, both sides, so a call needs no lock.
   void start();
@@ -47,6 +51,7 @@ class Relay {
   std::atomic<int64_t> live{0};  // call objects: relayed calls in progress and those waiting for a call
   std::mutex unary_mu;
   std::set<RelayedUnary*> unaries;  // relayed ModelInfer calls in progress
+  const std::vector<std::string> tokens;
 
  private:
   std::thread thread_;
