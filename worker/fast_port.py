@@ -448,6 +448,10 @@ class NativeFront:
         if self.lib.fv_route(self.handle, name.encode(), len(targets), chosen) != 0:
             raise ValueError(f"unknown slot in route for {name}")
 
+    def pick_version(self, name: str) -> int:
+        """The version a call for name without one goes to: the front's pick by the route's weights (0: no route)."""
+        return int(self.lib.fv_pick_version(self.handle, name.encode()))
+
     async def remove(self, slot: int) -> None:
         """Stop taking calls for a version, answer what it has queued, then forget it."""
         entry = self.slots.pop(slot, None)

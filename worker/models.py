@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -170,15 +169,14 @@ class ModelManager:
                     raise ModelNotFound(f"model {name} v{v} is not loaded on this worker")
                 raise ModelNotFound(f"model {name!r} is not served by this worker")
         else:
-            f = self.followed.get(name)
-            candidates = [self.loaded.get((name, t.version)) for t in f.targets] if f else []
-            weights = [t.weight for t in f.targets] if f else []
-            pairs = [(c, w) for c, w in zip(candidates, weights, strict=False) if c is not None and c.ready]
-            if not pairs:
-                if f is None and not any(k[0] == name for k in self.loaded):
+            # the canary pick is the front's (it routes calls without a version the same way)
+            picked = self.native.pick_version(name) if self.native is not None else 0
+            found = self.loaded.get((name, picked)) if picked else None
+            if found is None or not found.ready:
+                if name not in self.followed and not any(k[0] == name for k in self.loaded):
                     raise ModelNotFound(f"model {name!r} is not served by this worker")
                 raise ModelNotReady(f"model {name!r} has no ready version on this worker")
-            lv = random.choices([p[0] for p in pairs], [max(p[1], 1) for p in pairs])[0]
+            lv = found
         if not lv.ready:
             raise ModelNotReady(f"model {name} v{lv.mv.version} is still loading")
         if count:

@@ -149,3 +149,23 @@ def test_the_front_checks_what_python_passes(front: NativeFront) -> None:
     err = ffi.new("char[]", 512)
     assert lib.fv_ort_session(spec, err, 512) == ffi.NULL
     assert b"missing" in ffi.string(err)
+
+
+def test_the_canary_pick_follows_the_route_weights(front: NativeFront) -> None:
+    """fv_pick_version is the worker's one canary pick: Python asks it for calls it decodes, and the front uses
+    it for the raw tensors it answers itself."""
+    inputs = [Tensor("x", "FP32", [-1, 3])]
+    slots = {
+        v: front.add(
+            "m", v, inputs, [np.float32], [Tensor("y", "FP32", [-1, 3])], [], False, Batching(), [], noop, noop
+        )
+        for v in (1, 2, 3)
+    }
+    assert front.pick_version("m") == 0  # no route yet
+    front.route("m", [(slots[1], 90), (slots[2], 10)])
+    picks = [front.pick_version("m") for _ in range(4000)]
+    assert set(picks) == {1, 2} and 0.05 < picks.count(2) / len(picks) < 0.15
+    front.route("m", [(slots[3], 0)])  # a weight of 0 still takes the calls when it is the only target
+    assert {front.pick_version("m") for _ in range(50)} == {3}
+    front.route("m", [])
+    assert front.pick_version("m") == 0 and front.pick_version("other") == 0

@@ -83,6 +83,9 @@ typedef struct fv_route_target {
 
 // Where calls for name without a version go (no targets: nowhere). 0, or -1 (an unknown slot, a bad count).
 int32_t fv_route(fv_front* front, const char* name, int32_t ntargets, const fv_route_target* targets);
+// The version a call for name without one goes to, picked by the route's weights (the worker's one canary pick);
+// 0 when name has no route.
+int64_t fv_pick_version(fv_front* front, const char* name);
 // Stops taking calls for a slot; queued ones are still handed out, then fv_next_batch returns -1.
 void fv_close_model(fv_front* front, int32_t slot);
 void fv_release_model(fv_front* front, int32_t slot);

@@ -213,25 +213,30 @@ class Front {
     return it == slots.end() ? nullptr : it->second;
   }
 
+  // The version a call without one goes to: a target of the model's route, by weight (a weight of 0 counts as
+  // 1, so that a target just added is tried). The worker's one canary pick: Python asks it too (fv_pick_version).
+  // Null when the model has no route. routes_mu held.
+  std::shared_ptr<Model> pick(const std::string& name) {
+    auto it = by_name.find(name);
+    if (it == by_name.end() || it->second.empty()) return nullptr;
+    const auto& targets = it->second;
+    if (targets.size() == 1) return targets[0].first;
+    thread_local std::minstd_rand rng{std::random_device{}()};
+    int64_t total = 0;
+    for (const auto& t : targets) total += std::max(t.second, 1);
+    int64_t x = int64_t(rng() % uint64_t(total));
+    for (const auto& t : targets) {
+      x -= std::max(t.second, 1);
+      if (x < 0) return t.first;
+    }
+    return targets.back().first;
+  }
+
   Status lookup(const std::string& name, const std::string& version, std::shared_ptr<Model>* out) {
     std::shared_lock lock(routes_mu);
     if (version.empty()) {
-      auto it = by_name.find(name);
-      if (it == by_name.end() || it->second.empty())
-        return Status(StatusCode::NOT_FOUND, "model '" + name + "' has no version on the native front");
-      const auto& targets = it->second;
-      if (targets.size() == 1) {
-        *out = targets[0].first;
-      } else {
-        thread_local std::minstd_rand rng{std::random_device{}()};
-        int total = 0;
-        for (const auto& t : targets) total += std::max(t.second, 1);
-        int pick = int(rng() % unsigned(total));
-        for (const auto& t : targets) {
-          pick -= std::max(t.second, 1);
-          if (pick < 0) { *out = t.first; break; }
-        }
-      }
+      *out = pick(name);
+      if (!*out) return Status(StatusCode::NOT_FOUND, "model '" + name + "' has no version on the native front");
       return Status::OK;
     }
     auto it = by_version.find(name + "\n" + version);
@@ -544,6 +549,19 @@ int32_t fv_route(fv_front* fp, const char* name, int32_t ntargets, const fv_rout
   if (targets.empty()) f->by_name.erase(name);
   else f->by_name[name] = std::move(targets);
   return 0;
+}
+
+int64_t fv_pick_version(fv_front* fp, const char* name) {
+  auto* f = of(fp);
+  if (!name) return 0;
+  std::shared_lock lock(f->routes_mu);
+  std::shared_ptr<Model> m = f->pick(name);
+  int64_t v = 0;
+  for (char c : m ? m->version : std::string()) {
+    if (c < '0' || c > '9' || v >= (int64_t(1) << 58)) return 0;  // Python names versions in decimal: never
+    v = v * 10 + (c - '0');
+  }
+  return v;
 }
 
 // Stops taking calls for a slot; queued ones are still handed out, then fv_next_batch returns -1.
