@@ -523,6 +523,15 @@ bool classify_response(const ByteBuffer& answer, const std::string& model, int64
 
 class Front;
 
+// An event on one of the front's completion queues: a Call's operation, or a Forward's worker answer. Each queue's
+// one thread runs both, so the Python server's routed calls add no thread (and no poller) of their own.
+struct Op {
+  virtual void done(bool ok) = 0;
+
+ protected:
+  ~Op() = default;
+};
+
 // One call's way to a worker, for the front's own calls (Call) and for those Python routes through it (Forward):
 // the power of two choices, the deadline, the retry of a call no worker ran, and the count that ejects a worker.
 // Only one thread touches it at a time: the one running its completion queue.
@@ -554,9 +563,12 @@ struct Upstream {
 };
 
 // A call the Python server routes through this front (fg_forward_send): a ModelInfer it admitted and resolved, or a
-// Classify's images, sent to a worker as the front's own calls are, on the front's forward queue. Python's
-// thread starts it and may cancel it; the forward queue's thread runs the rest. mu guards what both touch.
-struct Forward {
+// Classify's images, sent to a worker as the front's own calls are, on one of the front's queues. Python's thread
+// starts it and may cancel it; that queue's thread runs the rest. mu guards what both touch.
+struct Forward final : Op {
+  Front* front = nullptr;
+  grpc::CompletionQueue* cq = nullptr;  // the queue its worker calls report to
+  void done(bool ok) override;
   uint64_t id = 0;
   Upstream net;
   bool classify = false;
@@ -578,9 +590,10 @@ class Call {
  public:
   enum Event { kNew, kRead, kUp, kFinish, kDone, kUpStart, kUpRead, kUpWrite, kUpWritesDone, kUpFinish, kWrite,
                kBodyTimer, kEvents };
-  struct Tag {
-    Call* call;
-    Event event;
+  struct Tag final : Op {
+    Call* call = nullptr;
+    Event event = kNew;
+    void done(bool ok) override { Call::run(this, ok); }
   };
 
   Call(Front* f, grpc::ServerCompletionQueue* cq);
@@ -596,7 +609,7 @@ class Call {
  private:
   void* start(Event e) {  // an operation reports e when it completes
     ops_++;
-    return &tags_[e];
+    return static_cast<Op*>(&tags_[e]);  // serve() reads every tag as an Op
   }
   void on(Event e, bool ok);
   void arrived();
@@ -729,15 +742,14 @@ class Front {
   // TLS to the workers (their CA, and this gateway's certificate for mutual TLS); null: plaintext.
   std::shared_ptr<grpc::ChannelCredentials> worker_creds;
 
-  // Calls Python routes through the front (fg_forward_send), on a queue and thread of their own.
-  grpc::CompletionQueue forward_cq;
-  std::thread forward_thread;
+  // Calls Python routes through the front (fg_forward_send), on the calls' queues and threads.
+  std::atomic<uint64_t> forward_turn{0};  // the queue of the next one
   std::mutex forward_mu;
   bool forward_closed = false;                       // shut down: fg_forward_send refuses
   std::unordered_map<uint64_t, Forward*> forwarding;  // sent, not answered (by Python's id)
   std::deque<Forward*> forwarded;                    // answered, until Python takes them (fg_forward_take)
   int forward_fd = -1;                               // an eventfd, written when a call joins forwarded
-  void run_forwards();
+  void forward_answered(Forward* fw);
   void forward_done(Forward* fw);
 
   std::mutex routes_mu;
@@ -946,40 +958,37 @@ bool Upstream::never_served() const {
   return status.error_message().find("failed to connect to all addresses") != std::string::npos;
 }
 
-// The forward queue's thread: each event is a worker's answer to a Forward.
-void Front::run_forwards() {
-  void* tag;
-  bool ok;
-  while (forward_cq.Next(&tag, &ok)) {
-    auto* fw = static_cast<Forward*>(tag);
-    bool ended = false;
-    {
-      std::lock_guard lock(fw->mu);
-      Status st;
-      bool again = fw->net.retry(this, fw->cancelled, &st) && fw->net.choose(this, fw->cancelled, &st);
-      if (again) {
-        fw->net.send(this, &forward_cq, fw);
-      } else {
-        ended = true;
-        fw->worker = fw->net.address();
-        fw->code = int(st.error_code());
-        if (!st.ok()) {
-          fw->out = st.error_message();
-        } else if (fw->classify) {
-          if (!classify_response(fw->net.answer, fw->net.model, fw->net.version, fw->image_ids, &fw->out)) {
-            fw->code = int(StatusCode::INTERNAL);
-            fw->out = "worker at " + fw->worker + " answered a classification the gateway cannot read";
-          }
-        } else {
-          std::vector<grpc::Slice> slices;
-          if (fw->net.answer.Dump(&slices).ok())
-            for (const auto& s : slices) fw->out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+void Forward::done(bool) { front->forward_answered(this); }
+
+// A worker answered a Forward (on its queue's thread): try another worker, or end it for Python to take.
+void Front::forward_answered(Forward* fw) {
+  bool ended = false;
+  {
+    std::lock_guard lock(fw->mu);
+    Status st;
+    bool again = fw->net.retry(this, fw->cancelled, &st) && fw->net.choose(this, fw->cancelled, &st);
+    if (again) {
+      fw->net.send(this, fw->cq, static_cast<Op*>(fw));
+    } else {
+      ended = true;
+      fw->worker = fw->net.address();
+      fw->code = int(st.error_code());
+      if (!st.ok()) {
+        fw->out = st.error_message();
+      } else if (fw->classify) {
+        if (!classify_response(fw->net.answer, fw->net.model, fw->net.version, fw->image_ids, &fw->out)) {
+          fw->code = int(StatusCode::INTERNAL);
+          fw->out = "worker at " + fw->worker + " answered a classification the gateway cannot read";
         }
-        fw->net.answer.Clear();
+      } else {
+        std::vector<grpc::Slice> slices;
+        if (fw->net.answer.Dump(&slices).ok())
+          for (const auto& s : slices) fw->out.append(reinterpret_cast<const char*>(s.begin()), s.size());
       }
+      fw->net.answer.Clear();
     }
-    if (ended) forward_done(fw);  // after fw->mu: fg_forward_cancel takes forward_mu, then fw->mu
   }
+  if (ended) forward_done(fw);  // after fw->mu: fg_forward_cancel takes forward_mu, then fw->mu
 }
 
 void Front::forward_done(Forward* fw) {
@@ -993,10 +1002,13 @@ void Front::forward_done(Forward* fw) {
 }
 
 Call::Call(Front* f, grpc::ServerCompletionQueue* cq) : f_(f), cq_(cq) {
-  for (int e = 0; e < kEvents; ++e) tags_[e] = {this, Event(e)};
+  for (int e = 0; e < kEvents; ++e) {
+    tags_[e].call = this;
+    tags_[e].event = Event(e);
+  }
   f->live_calls++;
   // Before the call starts, or gRPC never reports its end; it reports it only for a call that started.
-  ctx_.AsyncNotifyWhenDone(&tags_[kDone]);
+  ctx_.AsyncNotifyWhenDone(static_cast<Op*>(&tags_[kDone]));
   f->service.RequestCall(&ctx_, &stream_, cq, cq, start(kNew));
 }
 
@@ -1439,7 +1451,7 @@ void Call::relay_event(Event e, bool ok) {
 void Front::serve(grpc::ServerCompletionQueue* cq) {
   void* tag;
   bool ok;
-  while (cq->Next(&tag, &ok)) Call::run(static_cast<Call::Tag*>(tag), ok);
+  while (cq->Next(&tag, &ok)) static_cast<Op*>(tag)->done(ok);
 }
 
 // What Python passes in is checked here before it reaches an allocation: a string present and at most max bytes
@@ -1598,7 +1610,6 @@ void* fg_start(const fg_config* config, int* port) {
     for (int i = 0; i < Front::kRequested; ++i) new Call(f, cq.get());
   for (auto& cq : f->cqs) f->threads.emplace_back([f, q = cq.get()] { f->serve(q); });
   f->forward_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  f->forward_thread = std::thread([f] { f->run_forwards(); });
   return f;
 }
 
@@ -1741,6 +1752,8 @@ int fg_forward_send(void* fp, const fg_forward* call) {
     return -1;
   auto fw = std::make_unique<Forward>();
   fw->id = call->id;
+  fw->front = f;
+  fw->cq = f->cqs[f->forward_turn++ % f->cqs.size()].get();
   Upstream& net = fw->net;
   net.model = call->model;
   net.version = call->version;
@@ -1785,7 +1798,7 @@ int fg_forward_send(void* fp, const fg_forward* call) {
     return 0;
   }
   f->forwarding[p->id] = p;
-  p->net.send(f, &f->forward_cq, p);
+  p->net.send(f, p->cq, static_cast<Op*>(p));  // serve() reads every tag as an Op
   return 0;
 }
 
@@ -1842,9 +1855,7 @@ void fg_shutdown(void* fp, double grace_s) {
   // after the last call object is freed. Each one ends: the server cancelled its call, a call's end cancels
   // its upstream call, and a request for a call after Shutdown fails at once.
   while (f->live_calls.load() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  for (auto& cq : f->cqs) cq->Shutdown();
-  for (auto& t : f->threads) t.join();
-  // Routed calls: none new; those in flight are cancelled and end on the forward queue, which then closes.
+  // Routed calls: none new; those in flight are cancelled, and end on their queues before those close.
   {
     std::lock_guard lock(f->forward_mu);
     f->forward_closed = true;
@@ -1857,8 +1868,8 @@ void fg_shutdown(void* fp, double grace_s) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
-  f->forward_cq.Shutdown();
-  f->forward_thread.join();
+  for (auto& cq : f->cqs) cq->Shutdown();
+  for (auto& t : f->threads) t.join();
 }
 
 void fg_free(void* fp) {
