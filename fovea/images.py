@@ -162,6 +162,16 @@ def decode(data: bytes, max_pixels: int, grayscale: bool = False, needs: Needs |
     return upright(pixels, orientation)
 
 
+def decoded_pixels(data: bytes, needs: Needs | None = None) -> int:
+    """How many pixels decode(data, ..., needs) makes, from the header alone: a JPEG at the scale it will decode
+    at, anything else in full. Raises InvalidImage when it is not an image, as decode would."""
+    w, h = image_size(data)
+    if data[:3] == JPEG_MAGIC and needs is not None:
+        scale = jpeg_scale(w, h, jpeg_header(data)[0], needs)
+        return -(-w // scale) * -(-h // scale)
+    return w * h
+
+
 def _rle_bmp(data: bytes) -> bool:
     """Whether a BMP's info header (40 bytes or more; the 12-byte OS/2 one has no compression field) says RLE8
     (1) or RLE4 (2)."""

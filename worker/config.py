@@ -153,6 +153,11 @@ class WorkerConfig(BaseConfig):
     """Largest decoded image, in pixels."""
     max_images_per_request: int = 64
     """Most images (samples) in one request."""
+    max_request_pixels: int = Field(default=200_000_000, ge=1)
+    """Most pixels the images of one request may decode to, summed (a JPEG counted at the reduced scale it decodes
+    at, jpeg_decode_margin), checked from their headers before any is decoded: decoding is the costliest step and
+    runs on a shared pool, so this bounds what one call can take from the others. 64 PNGs of 12 megapixels (768
+    million, about a minute of one core here) are refused; 64 phone photos at 1/4 scale (48 million) pass."""
     jpeg_decode_margin: float = Field(default=2.0, ge=0, le=64)
     """Decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg-turbo's DCT scaling) when that still leaves this many
     times the size the model's preprocessing resizes to; 0 always decodes in full. At 1 a 12-megapixel photo

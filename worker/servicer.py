@@ -12,7 +12,7 @@ import numpy as np
 
 from fovea import oip, tracing
 from fovea.errors import InvalidArgument, ModelNotReady
-from fovea.images import decode, preprocess
+from fovea.images import decode, decoded_pixels, preprocess
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from worker.config import WorkerConfig
@@ -181,6 +181,13 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         margin = self.config.jpeg_decode_margin
         needs = pre.needs.times(margin) if margin > 0 else None
+        pixels = sum(decoded_pixels(data, needs) for data in items)  # headers only: microseconds per image
+        if pixels > self.config.max_request_pixels:
+            raise InvalidArgument(
+                f"the {len(items)} images of this request decode to {pixels} pixels; the limit is "
+                f"{self.config.max_request_pixels} per request (FOVEA_WORKER_MAX_REQUEST_PIXELS): send fewer or "
+                "smaller images per call"
+            )
 
         def one(data: bytes) -> np.ndarray:
             return preprocess(decode(data, self.config.max_image_pixels, pre.grayscale, needs), pre)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
@@ -101,3 +102,46 @@ def test_twelve_megapixel_photos_keep_their_label_at_the_default_margin(efficien
         top = int(logits[0].argmax())
         assert int(logits[1].argmax()) == top, photo
         assert abs(probs[1, top] - probs[0, top]) < 0.05, (photo, probs[:, top])
+
+
+def big_png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (20, 20, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def test_a_request_whose_images_decode_past_the_pixel_budget_is_refused_before_any_decode(
+    registry: LocalRegistry, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_request_pixels bounds the decode work one call can take from the shared pool: counted from the
+    headers, a JPEG at the scale it decodes at. Here the budget is 1 million pixels: eight 640x480 PNGs
+    (2.46 million) are refused without one decode; eight 640x480 JPEGs, which decode at 1/8 (80x60), pass."""
+    decodes: list[int] = []
+    real = worker.servicer.decode
+
+    def counting(data: bytes, max_pixels: int, grayscale: bool = False, needs: Needs | None = None) -> np.ndarray:
+        decodes.append(len(data))
+        return real(data, max_pixels, grayscale, needs)
+
+    monkeypatch.setattr(worker.servicer, "decode", counting)
+    await registry.publish("colors", color_model())
+    ws = await start_worker(["colors"], jpeg_decode_margin=2.0, max_request_pixels=1_000_000)
+    channel, s = stub(ws.port)
+
+    def request(images: list[bytes]) -> pb.ModelInferRequest:
+        req = pb.ModelInferRequest(model_name="colors")
+        req.inputs.add(name="input", datatype="BYTES", shape=[len(images)]).contents.bytes_contents.extend(images)
+        req.outputs.add(name="logits").parameters["classification"].int64_param = 1
+        return req
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.ModelInfer(request([big_png(640, 480)] * 8), metadata=MD, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "decode to 2457600 pixels; the limit is 1000000" in (err.value.details() or "")
+    assert "FOVEA_WORKER_MAX_REQUEST_PIXELS" in (err.value.details() or "") and decodes == []
+    resp = await s.ModelInfer(request([blue_photo(640, 480)] * 8), metadata=MD, timeout=10)
+    assert all(item.decode().endswith(":blue") for item in decode_bytes(resp.raw_output_contents[0], 8))
+    assert len(decodes) == 8
+    resp = await s.ModelInfer(request([big_png(640, 480)]), metadata=MD, timeout=10)  # one PNG fits
+    assert decode_bytes(resp.raw_output_contents[0], 1)[0].decode().endswith(":blue")
+    await channel.close()
