@@ -48,7 +48,7 @@ def parse_request(
     if header_length is not None and header_length > len(body):
         raise InvalidArgument(f"{HEADER_LENGTH} is {header_length}, but the body has only {len(body)} bytes")
     try:
-        doc = json.loads(json_part)
+        doc = json.loads(json_part, parse_constant=_not_a_number)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"the inference request is not valid JSON: {str(exc)[:200]}") from None
     except RecursionError:
@@ -133,7 +133,15 @@ def _json_data(name: str, datatype: str, count: int, data: Any) -> bytes:
         raise InvalidArgument(f"input {name[:40]!r}: data is not a list of {datatype} values ({exc})"[:300]) from None
     if array.size != count:
         raise InvalidArgument(f"input {name[:40]!r}: {array.size} values for a shape of {count} elements")
+    if array.dtype.kind == "f" and np.isnan(array).any():  # JSON has no NaN (refused above): these were nulls
+        raise InvalidArgument(f"input {name[:40]!r}: its data holds null; every value must be a number")
     return array.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tobytes()
+
+
+def _not_a_number(constant: str) -> Any:
+    """NaN, Infinity and -Infinity: Python's json reads them, but they are not JSON (RFC 8259), and a model fed
+    one answers NaN for the whole row."""
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 def _flat(data: Any) -> list[Any]:

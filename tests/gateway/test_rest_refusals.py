@@ -53,6 +53,8 @@ async def test_refusals_get_their_status_and_a_json_error(stack: Stack, gateways
     short = {"json": {"inputs": [{**tensor, "data": [1.0]}]}}
     big_k = {"json": {**infer, "outputs": [{"name": "logits", "parameters": {"classification": 10**6}}]}}
     text_body = {"data": b"x", "headers": {"Content-Type": "text/plain"}}
+    nan_data = {"data": json.dumps({"inputs": [{**tensor, "data": [float("nan")] * 192}]}).encode()}
+    null_data = {"json": {"inputs": [{**tensor, "data": [None] + [0.5] * 191}]}}
 
     def bad_form(content_type: str) -> dict[str, Any]:
         return {"data": b"garbage\r\n--c--\r\n", "headers": {"Content-Type": content_type}}
@@ -80,6 +82,8 @@ async def test_refusals_get_their_status_and_a_json_error(stack: Stack, gateways
         ("bad version", "GET", "/v2/models/colors/versions/x1", secret, {}, 400, "positive number"),
         ("no such version", "GET", "/v2/models/colors/versions/7", secret, {}, 404, "7"),
         ("not JSON", "POST", infer_path, secret, {"data": b"{nope"}, 400, "not valid JSON"),
+        ("NaN is not JSON", "POST", infer_path, secret, nan_data, 400, "NaN is not a JSON number"),
+        ("null data", "POST", infer_path, secret, null_data, 400, "holds null"),
         ("JSON nested too deeply", "POST", infer_path, secret, {"data": b"[" * 100_000}, 400, "nested too deeply"),
         ("shape and data disagree", "POST", infer_path, secret, short, 400, "192"),
         ("no inputs", "POST", infer_path, secret, {"json": {"inputs": []}}, 400, "inputs"),
