@@ -986,6 +986,7 @@ void Front::forward_answered(Forward* fw) {
           for (const auto& s : slices) fw->out.append(reinterpret_cast<const char*>(s.begin()), s.size());
       }
       fw->net.answer.Clear();
+      fw->net.request.Clear();  // the request's bytes are not needed while the answer waits for Python
     }
   }
   if (ended) forward_done(fw);  // after fw->mu: fg_forward_cancel takes forward_mu, then fw->mu
