@@ -1866,17 +1866,17 @@ void copy_text(const std::string& text, char (&out)[FG_MESSAGE_BYTES]) {
 }
 
 // The caller's bytes as one slice, not copied: only read during the call.
-std::vector<grpc::Slice> caller_bytes(const uint8_t* data, int64_t bytes) {
-  std::vector<grpc::Slice> slices;
-  if (bytes > 0) slices.emplace_back(data, size_t(bytes), grpc::Slice::STATIC_SLICE);
-  return slices;
+void caller_bytes(const uint8_t* data, int64_t bytes, std::vector<grpc::Slice>* slices) {
+  if (bytes > 0) slices->emplace_back(data, size_t(bytes), grpc::Slice::STATIC_SLICE);
 }
 }  // namespace
 
 int fg_check_infer(void* fp, const uint8_t* request, int64_t bytes, struct fg_check* out) {
   if (!fp || !out || bytes < 0 || bytes > kMaxCheckBytes || (!request && bytes > 0)) return -1;
   auto* f = static_cast<Front*>(fp);
-  Checked c = check_request(caller_bytes(request, bytes), f->max_top_k, f->max_samples);
+  std::vector<grpc::Slice> slices;
+  caller_bytes(request, bytes, &slices);
+  Checked c = check_request(slices, f->max_top_k, f->max_samples);
   out->valid = c.rules.empty();
   out->images = c.images;
   out->elements = 0;
@@ -1894,7 +1894,8 @@ int fg_check_tensor(const uint8_t* tensor, int64_t bytes, struct fg_check* out) 
   check::Input in;
   std::string message;
   uint64_t elements = 0;
-  std::vector<grpc::Slice> slices = caller_bytes(tensor, bytes);
+  std::vector<grpc::Slice> slices;
+  caller_bytes(tensor, bytes, &slices);
   Reader r(slices);
   if (!check::input(r, &in)) {
     message = "the tensor is not a valid InferInputTensor message";
