@@ -186,12 +186,12 @@ class Gateway:
 
     async def infer_bytes(self, api_key: registry_pb2.ApiKey, raw: bytes, timeout_s: float) -> bytes:
         """The public ModelInfer: check it, access and quota, resolve an empty version through production, and
-        forward the request as it came (plus the resolved version when it named none): the front reads it, the
-        gateway's Python never parses it."""
+        forward the request as it came plus the resolved version: the front reads it, the gateway's Python never
+        parses it."""
         check = await self._admit_infer(api_key, raw)
         mv = await self.resolve(check.model, check.version, "")
-        if check.version != mv.version:
-            raw = raw + version_field(str(mv.version))  # a later value of a field replaces an earlier one
+        # always: a version asked as "007" reaches the worker as "7" (a later value of a field replaces one)
+        raw = raw + version_field(str(mv.version))
         return await self.route(mv.name, mv.version, raw, timeout_s, tensors=check.tensors)
 
     async def _admit_infer(self, api_key: registry_pb2.ApiKey, raw: bytes) -> InferCheck:
