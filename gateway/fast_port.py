@@ -367,7 +367,7 @@ class NativeGateway:
             r.seconds,
             text(r.request_id),
             text(r.model),
-            str(r.version),
+            str(r.version) if r.version else "",  # a call refused before its version was resolved, as Python logs it
             text(r.worker),
             text(r.method),
         )
