@@ -21,7 +21,7 @@ PREFIX = "fovea"
 def check_name(value: str, what: str = "model name") -> str:
     """Model and alias names: lowercase letters, digits, '.', '_', '-', at most 63 characters."""
     if not isinstance(value, str) or not NAME_RE.fullmatch(value) or ".." in value:
-        shown = repr(value[:80]) if isinstance(value, str) else type(value).__name__
+        shown = ascii(value[:80]) if isinstance(value, str) else type(value).__name__
         raise InvalidArgument(
             f"invalid {what} {shown}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, with no '..'"

@@ -13,11 +13,13 @@ against the header; tables, counters and call records cross as the structs decla
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import pathlib
 import time
 from typing import Any
 
+from fovea.errors import Draining, InvalidArgument
 from fovea.native import binding_path, load_binding
 from fovea.v1 import model_pb2, registry_pb2
 from gateway.forward import Forwards
@@ -86,6 +88,36 @@ class RouteTable:
 
     def fast_addresses(self) -> set[str]:
         return {w.fast_address for w in self.workers}
+
+
+@functools.cache
+def shared_binding() -> tuple[Any, Any]:
+    """binding(), loaded once for the calls that need no front (fg_check_tensor)."""
+    return binding()
+
+
+@dataclasses.dataclass(frozen=True)
+class InferCheck:
+    """A ModelInferRequest the front checked (struct fg_check): the gateway's only copy of the rules."""
+
+    refusal: str  # the INVALID_ARGUMENT message of the first rule it breaks; "" when it breaks none
+    over_limit: str  # the message for images past the per-call limit, given after the key's model access; ""
+    images: int  # what the call is charged for
+    model: str
+    version: int  # 0: none asked for
+    tensors: bool  # every input a raw numeric tensor (a worker's fast port takes it)
+
+
+def tensor_elements(tensor: bytes) -> int:
+    """A serialized InferInputTensor's element count, after the front's checks of its datatype and shape
+    (fg_check_tensor); InvalidArgument with the rule it breaks."""
+    ffi, lib = shared_binding()
+    out = ffi.new("struct fg_check*")
+    if lib.fg_check_tensor(tensor, len(tensor), out) != 0:
+        raise InvalidArgument("the tensor is too large to check")
+    if not out.valid:
+        raise InvalidArgument(ffi.string(out.message).decode())
+    return int(out.elements)
 
 
 class CStrings:
@@ -177,9 +209,26 @@ class NativeGateway:
         self.lib.fg_set_classify_limits(self.handle, default_top_k, per_forward, image_bytes, image_pixels)
 
     def set_max_top_k(self, k: int) -> None:
-        """The most classes a call's classification parameter may ask for; larger asks go to the Python server,
-        which refuses them (gateway/validate.py)."""
+        """The most classes a call's classification parameter may ask for: the front's checks refuse larger asks."""
         self.lib.fg_set_max_top_k(self.handle, k)
+
+    def check_infer(self, request: bytes) -> InferCheck:
+        """The gateway's rules for a serialized ModelInferRequest, and the images it is charged for, as the front
+        applies them to the calls it answers (fg_check_infer)."""
+        if not self.handle:
+            raise Draining("gateway is stopping; retry on another replica")
+        ffi = self.ffi
+        out = ffi.new("struct fg_check*")
+        if self.lib.fg_check_infer(self.handle, request, len(request), out) != 0:
+            raise InvalidArgument("the request is not a valid ModelInferRequest message")  # past 2 GiB
+        return InferCheck(
+            ffi.string(out.message).decode(),
+            ffi.string(out.over_limit).decode(),
+            int(out.images),
+            ffi.string(out.model).decode(),
+            int(out.version),
+            bool(out.tensors),
+        )
 
     def set_trace_sampled(self, on: bool) -> None:
         """Send calls whose traceparent is sampled to the Python server, which traces them (issue 21)."""
@@ -318,7 +367,7 @@ class NativeGateway:
             r.seconds,
             text(r.request_id),
             text(r.model),
-            str(r.version),
+            str(r.version) if r.version else "",  # a call refused before its version was resolved, as Python logs it
             text(r.worker),
             text(r.method),
         )

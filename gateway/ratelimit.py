@@ -16,12 +16,11 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from fovea.errors import InvalidArgument, RateLimited
+from fovea.errors import RateLimited
 from fovea.names import redis_key
 from fovea.v1 import registry_pb2
 
@@ -82,38 +81,6 @@ class Limits:
     @property
     def unlimited(self) -> bool:
         return self.rps <= 0 and self.ips <= 0
-
-
-MAX_COUNT = 1 << 63
-
-
-def tensor_images(tensor: Any) -> int:
-    """What one ModelInfer input costs, in images: each element of a BYTES tensor is an encoded image that a
-    worker decodes (as Classify counts its images); a numeric tensor costs one per row of its batch dimension.
-    The count stops growing at MAX_COUNT, so a long shape costs no big-number arithmetic."""
-    dims = list(tensor.shape)
-    if any(d < 0 for d in dims):
-        raise InvalidArgument(f"input {tensor.name[:40]!r} has a negative dimension in its shape")
-    if tensor.datatype != "BYTES":
-        return int(dims[0]) if dims else 1
-    count = 1
-    for d in dims:
-        count = min(count * d, MAX_COUNT)
-    return count
-
-
-def call_images(inputs: Any, limit: int) -> int:
-    """The images a ModelInfer is charged for; INVALID_ARGUMENT over the per-call limit, before any worker
-    decodes them."""
-    images = 0
-    for tensor in inputs:
-        n = tensor_images(tensor)
-        if n > limit:
-            shown = f"{n}" if n < MAX_COUNT else f"at least {MAX_COUNT}"
-            what = f"holds {shown} images" if tensor.datatype == "BYTES" else f"has a batch of {shown}"
-            raise InvalidArgument(f"input {tensor.name[:40]!r} {what}; the limit is {limit} per call")
-        images = max(images, n)  # the inputs of one call share their batch
-    return images
 
 
 class LocalBuckets:

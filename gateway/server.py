@@ -205,6 +205,7 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
         metrics.close()
         raise
     gateway.front = native.forwards  # the calls Python admits, the front routes
+    gateway.checks = native.check_infer  # a ModelInfer's rules: the front's, the only copy
     stop = asyncio.Event()
 
     def sync_routes() -> None:  # the front's routing table follows the watches and the ejections

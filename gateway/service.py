@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from fovea import log, tracing
 from fovea.errors import DeadlineExpired, Draining, InvalidArgument, UpstreamError
@@ -19,12 +19,12 @@ from fovea.rpc import REQUEST_ID_HEADER
 from fovea.v1 import image_pb2, model_pb2, registry_pb2
 from gateway.auth import check_model_access
 from gateway.config import GatewayConfig
+from gateway.fast_port import InferCheck
 from gateway.forward import Forwards, ImageTensors
 from gateway.metrics import STATUS_BY_VALUE, Metrics
 from gateway.placement import ColdStarts
-from gateway.ratelimit import RateLimiter, call_images
+from gateway.ratelimit import RateLimiter
 from gateway.routing import Versions, Workers
-from gateway.validate import check_infer, check_version
 from inference import grpc_predict_v2_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class Gateway:
         self.limiter = limiter
         self.metrics = metrics
         self.front: Forwards | None = None  # the native front's routed calls (set once it runs; None when stopped)
+        self.checks: Callable[[bytes], InferCheck] | None = None  # the front's checks of a ModelInfer (fg_check_infer)
         self.cold_starts = ColdStarts(
             versions,
             workers,
@@ -66,17 +67,6 @@ class Gateway:
         if remaining is None:
             return min(self.config.default_deadline_ms / 1000, limit)
         return min(remaining, limit)
-
-    async def forward(self, request: pb.ModelInferRequest, timeout_s: float) -> pb.ModelInferResponse:
-        """Send a ModelInfer for a resolved version through the front (route)."""
-        answer = await self.route(
-            request.model_name,
-            int(request.model_version),
-            request.SerializeToString(),
-            timeout_s,
-            tensors=raw_tensors_only(request),
-        )
-        return pb.ModelInferResponse.FromString(answer)
 
     async def route(
         self, model: str, version: int, request: bytes, timeout_s: float, *, tensors: bool = False, images: Any = None
@@ -190,31 +180,34 @@ class Gateway:
     async def infer(
         self, api_key: registry_pb2.ApiKey, request: pb.ModelInferRequest, timeout_s: float
     ) -> pb.ModelInferResponse:
-        """The public ModelInfer: check access and quota, resolve an empty version through production, forward."""
-        mv = await self._admit_infer(api_key, request)
-        request.model_version = str(mv.version)
-        return await self.forward(request, timeout_s)
+        """The public ModelInfer on a parsed request (streams): serialized once, then as infer_bytes."""
+        answer = await self.infer_bytes(api_key, request.SerializeToString(), timeout_s)
+        return pb.ModelInferResponse.FromString(answer)
 
     async def infer_bytes(self, api_key: registry_pb2.ApiKey, raw: bytes, timeout_s: float) -> bytes:
-        """infer() on the serialized request, which is forwarded as it came (plus the resolved
-        version when it named none): the gateway parses it once and never serializes it again."""
-        try:
-            request = pb.ModelInferRequest.FromString(raw)
-        except DecodeError:
-            raise InvalidArgument("the request is not a valid ModelInferRequest message") from None
-        mv = await self._admit_infer(api_key, request)
-        version = str(mv.version)
-        if request.model_version != version:
-            raw = raw + version_field(version)  # a later value of a field replaces an earlier one
-        return await self.route(mv.name, mv.version, raw, timeout_s, tensors=raw_tensors_only(request))
+        """The public ModelInfer: check it, access and quota, resolve an empty version through production, and
+        forward the request as it came plus the resolved version: the front reads it, the gateway's Python never
+        parses it."""
+        check = await self._admit_infer(api_key, raw)
+        mv = await self.resolve(check.model, check.version, "")
+        # always: a version asked as "007" reaches the worker as "7" (a later value of a field replaces one)
+        raw = raw + version_field(str(mv.version))
+        return await self.route(mv.name, mv.version, raw, timeout_s, tensors=check.tensors)
 
-    async def _admit_infer(self, api_key: registry_pb2.ApiKey, request: pb.ModelInferRequest) -> model_pb2.ModelVersion:
-        check_infer(request, self.config.max_top_k)  # malformed calls never reach a worker
-        version = check_version(request.model_version)
-        check_model_access(api_key, request.model_name)
+    async def _admit_infer(self, api_key: registry_pb2.ApiKey, raw: bytes) -> InferCheck:
+        """The refusals in their order: the request's rules (the front's checks, the only copy), the key's model
+        access, the per-call image limit, the key's quota."""
+        if self.checks is None:
+            raise Draining("gateway is stopping; retry on another replica")
+        check = self.checks(raw)
+        if check.refusal:  # malformed calls never reach a worker
+            raise InvalidArgument(check.refusal)
+        check_model_access(api_key, check.model)
+        if check.over_limit:
+            raise InvalidArgument(check.over_limit)
         # charged as the workers compute: an encoded image per element of a BYTES tensor, else a batch row
-        await self.quota(api_key, call_images(request.inputs, self.config.max_images_per_call))
-        return await self.resolve(request.model_name, version, "")
+        await self.quota(api_key, check.images)
+        return check
 
     async def wait_for_workers(self, timeout_s: float) -> None:
         try:
@@ -227,10 +220,3 @@ def version_field(version: str) -> bytes:
     """ModelInferRequest.model_version (field 2, length-delimited) encoded on its own."""
     data = version.encode()
     return bytes([0x12, len(data)]) + data  # versions are short decimal strings: one-byte length
-
-
-def raw_tensors_only(request: pb.ModelInferRequest) -> bool:
-    """Whether every input is a raw numeric tensor: what a worker's fast port serves (not images or typed contents)."""
-    return len(request.raw_input_contents) == len(request.inputs) > 0 and all(
-        t.datatype != "BYTES" for t in request.inputs
-    )

@@ -18,7 +18,7 @@ import numpy as np
 
 from fovea import oip
 from fovea.errors import InvalidArgument
-from gateway.validate import MAX_INPUTS, MAX_RANK, check_tensor
+from gateway.fast_port import tensor_elements
 from inference import grpc_predict_v2_pb2 as pb
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -43,7 +43,7 @@ class Outputs:
 def parse_request(
     body: bytes, header_length: int | None, model: str, version: str
 ) -> tuple[pb.ModelInferRequest, Outputs]:
-    """The request as a ModelInferRequest, every input as raw contents (what check_infer and the workers read)."""
+    """The request as a ModelInferRequest, every input as raw contents (what the front checks and workers read)."""
     json_part = body if header_length is None else body[:header_length]
     if header_length is not None and header_length > len(body):
         raise InvalidArgument(f"{HEADER_LENGTH} is {header_length}, but the body has only {len(body)} bytes")
@@ -63,8 +63,6 @@ def parse_request(
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidArgument("'inputs' must be a non-empty list of tensors")
-    if len(inputs) > MAX_INPUTS:
-        raise InvalidArgument(f"{len(inputs)} inputs; the limit is {MAX_INPUTS}")
     binary = memoryview(body)[len(json_part) :]
     offset = 0
     for item in inputs:
@@ -89,14 +87,12 @@ def _input(request: pb.ModelInferRequest, item: Any, binary: memoryview, offset:
         raise InvalidArgument(f"input {name[:40]!r}: 'shape' must be a list of integers")
     if not isinstance(datatype, str):
         raise InvalidArgument(f"input {name[:40]!r}: 'datatype' must be a string such as FP32 or BYTES")
-    if len(shape) > MAX_RANK:
-        raise InvalidArgument(f"input {name[:40]!r} has {len(shape)} dimensions; expected 1 to {MAX_RANK}")
     tensor = request.inputs.add(name=name, datatype=datatype)
     try:
         tensor.shape.extend(shape)
     except ValueError:
         raise InvalidArgument(f"input {name[:40]!r}: a dimension of its shape is out of range") from None
-    count = check_tensor(tensor)  # datatype, rank and element count, as for gRPC
+    count = tensor_elements(tensor.SerializeToString())  # datatype, rank and element count: the front's checks
     params = item.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidArgument(f"input {name[:40]!r}: 'parameters' must be an object")
@@ -186,7 +182,7 @@ def _outputs(request: pb.ModelInferRequest, doc: dict[str, Any]) -> Outputs:
         if "binary_data" in oparams:
             wanted.by_name[name] = _flag(oparams, "binary_data", f"output {name[:40]!r}")
         k = oparams.get("classification")
-        if k is not None:  # bounds checked by check_infer, as for gRPC
+        if k is not None:  # bounds checked by the front's checks, as for gRPC
             if not isinstance(k, int) or isinstance(k, bool) or not -(2**63) <= k < 2**63:
                 raise InvalidArgument(f"output {name[:40]!r}: classification must be an integer")
             out.parameters["classification"].int64_param = k

@@ -27,6 +27,7 @@ enum {
   FG_MODEL_BYTES = 64,        // a model name (fovea/names.py: at most 63 bytes)
   FG_METHOD_BYTES = 16,       // "ModelInfer" or "Classify"
   FG_MAX_METADATA = 16,       // the most metadata pairs Python adds to a routed call
+  FG_MESSAGE_BYTES = 2048,    // a check's message and its NUL (the longest the checks write is about 1,000 bytes)
   FG_FORWARD_INFER = 0,       // struct fg_forward's kinds
   FG_FORWARD_CLASSIFY = 1
 };
@@ -151,6 +152,19 @@ struct fg_forward_result {
   void* owner;                    // what fg_forward_release frees
 };
 
+// A request checked against the gateway's rules (fg_check_infer, fg_check_tensor): the only copy of them.
+struct fg_check {
+  int32_t valid;     // 1: it breaks no rule (message is "")
+  int64_t images;    // fg_check_infer, valid: the images the call is charged for (0 to 2^40); else 0
+  int64_t elements;  // fg_check_tensor, valid: the tensor's element count (0 to 2^40); else 0
+  int64_t version;   // fg_check_infer, valid: the version asked for (1 to 10^18 - 1), 0 for none
+  int32_t tensors;   // fg_check_infer, valid: 1 when every input is a raw numeric tensor (a worker's fast port)
+  char model[FG_MODEL_BYTES];         // fg_check_infer, valid: the model's name; else ""
+  char message[FG_MESSAGE_BYTES];     // the INVALID_ARGUMENT message of the first rule it breaks; "" when valid
+  char over_limit[FG_MESSAGE_BYTES];  // fg_check_infer, valid: the message for images past the per-call limit
+                                      // (the gateway refuses it after the key's model access); "" when within
+};
+
 // Starts the front; *port gets the bound port. NULL when it cannot listen or the config is out of bounds.
 void* fg_start(const struct fg_config* config, int* port);
 // A verified key without rate limits: the front answers its calls until expires_ns. 0, or -1 when the key is
@@ -184,6 +198,14 @@ int fg_forward_send(void* fp, const struct fg_forward* call);
 int64_t fg_forward_take(void* fp, struct fg_forward_result* out, int64_t cap);
 void fg_forward_release(void* fp, struct fg_forward_result* results, int64_t n);
 void fg_forward_cancel(void* fp, uint64_t id);
+// Checks a serialized ModelInferRequest of `bytes` bytes (0 to 2^31 - 1; request may be NULL only when 0) with the
+// front's max_top_k and max_images_per_call: out gets the refusal, or the images. A message protobuf cannot
+// parse gets "the request is not a valid ModelInferRequest message". Returns 0, or -1 when out of bounds (a NULL
+// fp or out, bytes out of range, a NULL request with bytes): out untouched.
+int fg_check_infer(void* fp, const uint8_t* request, int64_t bytes, struct fg_check* out);
+// Checks one serialized InferInputTensor's datatype and shape (what the REST gateway builds); out->elements gets
+// its element count. Bounds and return as fg_check_infer.
+int fg_check_tensor(const uint8_t* tensor, int64_t bytes, struct fg_check* out);
 void fg_shutdown(void* fp, double grace_s);
 void fg_free(void* fp);
 

@@ -115,17 +115,19 @@ struct Routes {
   std::unordered_map<std::string, ImageModel> images;  // "model\nversion" -> its tensors, for Classify
 };
 
-// Reads protobuf wire format across a ByteBuffer's slices without copying them.
+// Reads protobuf wire format across a ByteBuffer's slices without copying them. A reader may be limited to the
+// next n bytes (sub): a nested message read in place.
 class Reader {
  public:
-  explicit Reader(const std::vector<grpc::Slice>& s) : s_(s) {}
+  explicit Reader(const std::vector<grpc::Slice>& s) : s_(&s) {}
   bool done() {
-    while (i_ < s_.size() && off_ >= s_[i_].size()) { ++i_; off_ = 0; }
-    return i_ >= s_.size();
+    while (i_ < s_->size() && off_ >= (*s_)[i_].size()) { ++i_; off_ = 0; }
+    return left_ == 0 || i_ >= s_->size();
   }
   bool byte(uint8_t* b) {
     if (done()) return false;
-    *b = s_[i_].begin()[off_++];
+    *b = (*s_)[i_].begin()[off_++];
+    --left_;
     return true;
   }
   bool varint(uint64_t* v) {
@@ -139,24 +141,36 @@ class Reader {
     return false;
   }
   bool skip(uint64_t n) {
+    if (n > left_) return false;
     while (n > 0) {
       if (done()) return false;
-      uint64_t here = std::min<uint64_t>(n, s_[i_].size() - off_);
+      uint64_t here = std::min<uint64_t>(n, (*s_)[i_].size() - off_);
       off_ += here;
       n -= here;
+      left_ -= here;
     }
     return true;
   }
   bool read(uint64_t n, std::string* out) {
     out->clear();
+    if (n > left_) return false;
     while (n > 0) {
       if (done()) return false;
-      uint64_t here = std::min<uint64_t>(n, s_[i_].size() - off_);
-      out->append(reinterpret_cast<const char*>(s_[i_].begin()) + off_, here);
+      uint64_t here = std::min<uint64_t>(n, (*s_)[i_].size() - off_);
+      out->append(reinterpret_cast<const char*>((*s_)[i_].begin()) + off_, here);
       off_ += here;
       n -= here;
+      left_ -= here;
     }
     return true;
+  }
+  // A length-delimited field's bytes as a reader of their own, this one moved past them.
+  bool sub(Reader* out) {
+    uint64_t len;
+    if (!varint(&len)) return false;
+    *out = *this;
+    out->left_ = len;
+    return skip(len);
   }
   bool skip_field(uint32_t wire) {
     uint64_t v;
@@ -170,92 +184,16 @@ class Reader {
   }
 
  private:
-  const std::vector<grpc::Slice>& s_;
+  const std::vector<grpc::Slice>* s_;
   size_t i_ = 0, off_ = 0;
+  uint64_t left_ = UINT64_MAX;
 };
 
-// What the hot path needs from a ModelInferRequest; ok is false for anything it leaves to Python.
+// What the hot path needs from a ModelInferRequest that passed the checks below.
 struct Head {
-  bool ok = false;
   bool tensors = true;  // only raw numeric tensors: a worker's fast port takes it; else its main port
   std::string model, version;
 };
-
-// What one input costs, as the Python server counts it (gateway/ratelimit.py, tensor_images): an encoded image
-// per element of a BYTES tensor, else a row of its batch dimension (1 without a shape).
-struct Count {
-  static constexpr uint64_t kMax = uint64_t(1) << 62;  // the element count stops growing here
-  bool any = false, negative = false;
-  uint64_t rows = 1, elements = 1;
-  void add(uint64_t dim) {
-    negative |= int64_t(dim) < 0;
-    if (!any) rows = dim, any = true;
-    elements = dim == 0 ? 0 : (elements > kMax / dim ? kMax : elements * dim);
-  }
-  uint64_t images(bool bytes) const { return bytes ? elements : rows; }
-};
-
-Head scan_request(const std::vector<grpc::Slice>& slices, int64_t max_samples) {
-  Head h;
-  Reader r(slices);
-  int inputs = 0, raws = 0;
-  std::string tensor, text;
-  while (!r.done()) {
-    uint64_t tag, len;
-    if (!r.varint(&tag)) return h;
-    uint32_t field = uint32_t(tag >> 3), wire = uint32_t(tag & 7);
-    if (field == 1 && wire == 2) {
-      if (!r.varint(&len) || len > 256 || !r.read(len, &h.model)) return h;
-    } else if (field == 2 && wire == 2) {
-      if (!r.varint(&len) || len > 32 || !r.read(len, &h.version)) return h;
-    } else if (field == 5 && wire == 2) {  // an InferInputTensor: small unless it carries typed contents
-      if (!r.varint(&len) || len > 4096 || !r.read(len, &tensor)) return h;
-      ++inputs;
-      std::vector<grpc::Slice> one{grpc::Slice(tensor.data(), tensor.size())};
-      Reader t(one);
-      bool bytes = false;
-      Count count;
-      while (!t.done()) {
-        uint64_t ttag, tlen, dim;
-        if (!t.varint(&ttag)) return h;
-        uint32_t tf = uint32_t(ttag >> 3), tw = uint32_t(ttag & 7);
-        if (tf == 2 && tw == 2) {  // datatype: images (BYTES) go through Python
-          if (!t.varint(&tlen) || tlen > 16 || !t.read(tlen, &text)) return h;
-          bytes = text == "BYTES";
-          if (bytes) h.tensors = false;  // encoded images: the worker's main port decodes them
-        } else if (tf == 3 && tw == 2) {  // packed shape
-          if (!t.varint(&tlen)) return h;
-          std::string packed;
-          if (!t.read(tlen, &packed)) return h;
-          std::vector<grpc::Slice> ps{grpc::Slice(packed.data(), packed.size())};
-          Reader p(ps);
-          while (!p.done()) {
-            if (!p.varint(&dim)) return h;
-            count.add(dim);
-          }
-        } else if (tf == 3 && tw == 0) {
-          if (!t.varint(&dim)) return h;
-          count.add(dim);
-        } else if (tf == 5) {  // typed contents (small: the header limit above): the worker's main port
-          h.tensors = false;
-          if (!t.skip_field(tw)) return h;
-        } else if (!t.skip_field(tw)) {
-          return h;
-        }
-      }
-      // Over the per-call limit (or with a negative dimension) Python refuses the call with the reason.
-      if (count.negative || count.images(bytes) > uint64_t(max_samples)) return h;
-    } else if (field == 7 && wire == 2) {
-      if (!r.varint(&len) || !r.skip(len)) return h;
-      ++raws;
-    } else if (!r.skip_field(wire)) {
-      return h;
-    }
-  }
-  h.ok = !h.model.empty() && inputs > 0 && (raws == inputs || raws == 0);
-  h.tensors = h.tensors && raws == inputs;
-  return h;
-}
 
 bool parse_version(const std::string& s, int64_t* v) {
   if (s.empty() || s.size() > 18) return false;
@@ -267,12 +205,6 @@ bool parse_version(const std::string& s, int64_t* v) {
   *v = out;
   return out > 0;
 }
-
-// The gateway's rules for a ModelInferRequest (gateway/validate.py, which has the messages), without messages:
-// a request that breaks one is passed to the Python server, which refuses it with the reason. So nothing
-// malformed reaches a worker from here, and each refusal reads the same on both ports.
-constexpr int kMaxInputs = 16, kMaxRank = 8;
-constexpr uint64_t kMaxElements = uint64_t(1) << 40;
 
 int element_bytes(const std::string& datatype) {  // -1: unknown; 0: BYTES (length-prefixed items)
   static const std::unordered_map<std::string, int> sizes = {
@@ -292,133 +224,396 @@ bool valid_name(const std::string& s) {  // fovea/names.py NAME_RE, and no ".."
   return true;
 }
 
-// Bytes of one length-delimited field as its own reader's input.
-bool sub(Reader& r, uint64_t max, std::string* out) {
-  uint64_t len;
-  return r.varint(&len) && len <= max && r.read(len, out);
-}
+// ---- The gateway's rules for a ModelInferRequest, with their messages: the only copy. The front refuses a
+// call of a key it admits with them; the Python server asks for them through fg_check_infer.
+namespace check {
 
-// An input's header: a known datatype, 1 to 8 dimensions, none negative, a product that cannot overflow.
-// *elements gets the product, *size the datatype's element size.
-bool valid_tensor(const std::string& tensor, uint64_t* elements, int* size) {
-  std::vector<grpc::Slice> one{grpc::Slice(tensor.data(), tensor.size())};
-  Reader t(one);
-  std::string datatype, packed;
-  std::vector<uint64_t> dims;
-  while (!t.done()) {
-    uint64_t tag, dim;
-    if (!t.varint(&tag)) return false;
-    uint32_t f = uint32_t(tag >> 3), w = uint32_t(tag & 7);
-    if (f == 2 && w == 2) {
-      if (!sub(t, 64, &datatype)) return false;
-    } else if (f == 3 && w == 2) {
-      if (!sub(t, 4096, &packed)) return false;
-      std::vector<grpc::Slice> ps{grpc::Slice(packed.data(), packed.size())};
-      Reader p(ps);
-      while (!p.done()) {
-        if (!p.varint(&dim)) return false;
-        dims.push_back(dim);
-      }
-    } else if (f == 3 && w == 0) {
-      if (!t.varint(&dim)) return false;
-      dims.push_back(dim);
-    } else if (!t.skip_field(w)) {
-      return false;
+constexpr int kMaxInputs = 16, kMaxRank = 8, kMaxDepth = 100;  // kMaxDepth: protobuf's nesting limit
+constexpr uint64_t kMaxElements = uint64_t(1) << 40;  // far above any message limit: guards the product
+constexpr const char* kDatatypes =
+    "BOOL, UINT8, INT8, UINT16, INT16, FP16, BF16, UINT32, INT32, FP32, UINT64, INT64, FP64, BYTES";
+const std::string kNotAMessage = "the request is not a valid ModelInferRequest message";
+
+// The code points of UTF-8 text (at most limit of them); false for text protobuf's parser refuses as a string:
+// a bad sequence, an overlong form, a surrogate, past U+10FFFF.
+bool code_points(const std::string& s, size_t limit, std::vector<uint32_t>* out) {
+  size_t i = 0, n = s.size();
+  while (i < n) {
+    uint8_t c = uint8_t(s[i]);
+    size_t len = c < 0x80 ? 1 : (c & 0xe0) == 0xc0 ? 2 : (c & 0xf0) == 0xe0 ? 3 : (c & 0xf8) == 0xf0 ? 4 : 0;
+    if (len == 0 || n - i < len) return false;
+    uint32_t cp = len == 1 ? c : len == 2 ? c & 0x1f : len == 3 ? c & 0x0f : c & 0x07;
+    for (size_t k = 1; k < len; ++k) {
+      uint8_t b = uint8_t(s[i + k]);
+      if ((b & 0xc0) != 0x80) return false;
+      cp = (cp << 6) | (b & 0x3f);
     }
+    static const uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[len] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return false;
+    if (out && out->size() < limit) out->push_back(cp);
+    i += len;
   }
-  *size = element_bytes(datatype);
-  if (*size < 0 || dims.empty() || dims.size() > size_t(kMaxRank)) return false;
-  uint64_t n = 1;
-  for (uint64_t d : dims) {
-    if (int64_t(d) < 0 || (d != 0 && n > kMaxElements / d)) return false;  // checked before it can overflow
-    n *= d;
-  }
-  *elements = n;
   return true;
 }
 
-// A requested output: its classification parameter, if any, is an int64_param from 1 to max_top_k.
-bool valid_output(const std::string& output, int64_t max_top_k) {
-  std::vector<grpc::Slice> one{grpc::Slice(output.data(), output.size())};
-  Reader o(one);
-  std::string entry, key, value;
-  while (!o.done()) {
-    uint64_t tag;
-    if (!o.varint(&tag)) return false;
-    uint32_t f = uint32_t(tag >> 3), w = uint32_t(tag & 7);
-    if (f != 2 || w != 2) {
-      if (!o.skip_field(w)) return false;
+bool valid_utf8(const std::string& s) { return code_points(s, 0, nullptr); }
+
+// Python's ascii() of the text's first limit characters: repr's quotes and escapes, every character outside
+// printable ASCII escaped (\xNN, \uNNNN, \UNNNNNNNN). What the messages show names with. Text: valid UTF-8.
+std::string py_ascii(const std::string& text, size_t limit) {
+  std::vector<uint32_t> cps;
+  code_points(text, limit, &cps);
+  bool single = false, dbl = false;
+  for (uint32_t c : cps) single |= c == '\'', dbl |= c == '"';
+  char quote = single && !dbl ? '"' : '\'';
+  std::string out(1, quote);
+  char buf[16];
+  for (uint32_t c : cps) {
+    if (c == uint32_t(quote) || c == '\\') {
+      out += '\\';
+      out += char(c);
+    } else if (c == '\t' || c == '\n' || c == '\r') {
+      out += c == '\t' ? "\\t" : c == '\n' ? "\\n" : "\\r";
+    } else if (c >= 0x20 && c < 0x7f) {
+      out += char(c);
+    } else {
+      snprintf(buf, sizeof buf, c < 0x100 ? "\\x%02x" : c < 0x10000 ? "\\u%04x" : "\\U%08x", unsigned(c));
+      out += buf;
+    }
+  }
+  return out + quote;
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {  // as Python prints a list of ints
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+// A tag: false for what protobuf's parser refuses (field 0, a tag past 32 bits, wire types 6 and 7).
+bool tag(Reader& r, uint32_t* field, uint32_t* wire) {
+  uint64_t t;
+  if (!r.varint(&t) || t > 0xffffffffu) return false;
+  *field = uint32_t(t >> 3);
+  *wire = uint32_t(t & 7);
+  return *field != 0 && *wire <= 5;
+}
+
+// A field the checks do not read, groups included (protobuf keeps them as unknown fields).
+bool skip(Reader& r, uint32_t field, uint32_t wire, int depth) {
+  if (wire == 4) return false;  // an end of a group that never began
+  if (wire != 3) return r.skip_field(wire);
+  if (depth >= kMaxDepth) return false;
+  uint32_t f, w;
+  while (tag(r, &f, &w)) {
+    if (w == 4) return f == field;
+    if (!skip(r, f, w, depth + 1)) return false;
+  }
+  return false;
+}
+
+bool string_field(Reader& r, std::string* out) {
+  uint64_t len;
+  return r.varint(&len) && r.read(len, out) && valid_utf8(*out);
+}
+
+// A packed repeated field: varints, or fixed values of `fixed` bytes each.
+bool packed(Reader& r, int fixed, std::vector<int64_t>* out) {
+  Reader p(r);
+  if (!r.sub(&p)) return false;
+  while (!p.done()) {
+    uint64_t v;
+    if (fixed ? !p.skip(uint64_t(fixed)) : !p.varint(&v)) return false;
+    if (!fixed && out) out->push_back(int64_t(v));
+  }
+  return true;
+}
+
+// An InferParameter: *which gets the oneof's field that came last (1 bool, 2 int64, 3 string, 4 double,
+// 5 uint64), *k the int64's value.
+bool parameter(Reader r, int depth, int* which, int64_t* k) {
+  uint32_t f, w;
+  while (!r.done()) {
+    if (!tag(r, &f, &w)) return false;
+    uint64_t v;
+    std::string s;
+    if ((f == 1 || f == 2 || f == 5) && w == 0) {
+      if (!r.varint(&v)) return false;
+      if (f == 2) *k = int64_t(v);
+    } else if (f == 3 && w == 2) {
+      if (!string_field(r, &s)) return false;
+    } else if (f == 4 && w == 1) {
+      if (!r.skip(8)) return false;
+    } else {
+      if (!skip(r, f, w, depth)) return false;
       continue;
     }
-    if (!sub(o, 4096, &entry)) return false;  // a map entry: key (1), InferParameter (2)
-    std::vector<grpc::Slice> es{grpc::Slice(entry.data(), entry.size())};
-    Reader e(es);
-    key.clear();
-    value.clear();
-    while (!e.done()) {
-      uint64_t etag;
-      if (!e.varint(&etag)) return false;
-      uint32_t ef = uint32_t(etag >> 3), ew = uint32_t(etag & 7);
-      if (ef == 1 && ew == 2) {
-        if (!sub(e, 256, &key)) return false;
-      } else if (ef == 2 && ew == 2) {
-        if (!sub(e, 4096, &value)) return false;
-      } else if (!e.skip_field(ew)) {
-        return false;
-      }
-    }
-    if (key != "classification") continue;
-    std::vector<grpc::Slice> vs{grpc::Slice(value.data(), value.size())};
-    Reader v(vs);
-    bool is_int64 = false;
-    uint64_t k = 0;
-    while (!v.done()) {  // the last field of the oneof wins, as in protobuf
-      uint64_t vtag;
-      if (!v.varint(&vtag)) return false;
-      uint32_t vf = uint32_t(vtag >> 3), vw = uint32_t(vtag & 7);
-      is_int64 = vf == 2 && vw == 0;
-      if (is_int64 ? !v.varint(&k) : !v.skip_field(vw)) return false;
-    }
-    if (!is_int64 || int64_t(k) < 1 || int64_t(k) > max_top_k) return false;
+    *which = int(f);
   }
   return true;
 }
 
-bool valid_request(const std::vector<grpc::Slice>& slices, int64_t max_top_k) {
-  Reader r(slices);
-  std::string model, version, part;
-  std::vector<std::pair<uint64_t, int>> inputs;  // elements, element size
-  std::vector<uint64_t> raws;
-  while (!r.done()) {
-    uint64_t tag, len;
-    if (!r.varint(&tag)) return false;
-    uint32_t field = uint32_t(tag >> 3), wire = uint32_t(tag & 7);
-    if (field == 1 && wire == 2) {
-      if (!sub(r, 256, &model)) return false;
-    } else if (field == 2 && wire == 2) {
-      if (!sub(r, 32, &version)) return false;
-    } else if (field == 5 && wire == 2) {
-      uint64_t elements = 0;
-      int size = 0;
-      if (!sub(r, 4096, &part) || !valid_tensor(part, &elements, &size)) return false;
-      inputs.emplace_back(elements, size);
-    } else if (field == 6 && wire == 2) {
-      if (!sub(r, 4096, &part) || !valid_output(part, max_top_k)) return false;
-    } else if (field == 7 && wire == 2) {
-      if (!r.varint(&len) || !r.skip(len)) return false;
-      raws.push_back(len);
-    } else if (!r.skip_field(wire)) {
+// A parameters map's entry (key 1, InferParameter 2). *classification: the entry is the classification
+// parameter; then *which and *k as parameter() gives them.
+bool map_entry(Reader& r, int depth, bool* classification, int* which, int64_t* k) {
+  Reader e(r);
+  if (!r.sub(&e)) return false;
+  std::string key;
+  int w_ = 0;
+  int64_t k_ = 0;
+  uint32_t f, w;
+  while (!e.done()) {
+    if (!tag(e, &f, &w)) return false;
+    Reader value(e);
+    if (f == 1 && w == 2) {
+      if (!string_field(e, &key)) return false;
+    } else if (f == 2 && w == 2) {
+      if (!e.sub(&value) || !parameter(value, depth + 1, &w_, &k_)) return false;
+    } else if (!skip(e, f, w, depth)) {
       return false;
     }
   }
-  int64_t v = 0;
-  if (!valid_name(model) || (!version.empty() && !parse_version(version, &v))) return false;
-  if (inputs.empty() || inputs.size() > size_t(kMaxInputs)) return false;
-  if (raws.empty()) return true;
-  if (raws.size() != inputs.size()) return false;
-  for (size_t i = 0; i < raws.size(); ++i)
-    if (inputs[i].second > 0 && raws[i] != inputs[i].first * uint64_t(inputs[i].second)) return false;
+  *classification = key == "classification";
+  if (*classification) *which = w_, *k = k_;
   return true;
+}
+
+// InferTensorContents: well formed, nothing more (typed contents go to a worker's main port, which checks them).
+bool contents(Reader r, int depth) {
+  uint32_t f, w;
+  while (!r.done()) {
+    if (!tag(r, &f, &w)) return false;
+    int fixed = f == 6 ? 4 : f == 7 ? 8 : 0;
+    if (f >= 1 && f <= 7 && w == 2) {
+      if (!packed(r, fixed, nullptr)) return false;
+    } else if (f == 8 && w == 2) {
+      if (!r.skip_field(2)) return false;
+    } else if (!skip(r, f, w, depth)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+struct Input {
+  std::string name, datatype;
+  std::vector<int64_t> shape;
+  bool typed = false;  // typed contents
+};
+
+struct Output {
+  std::string name;
+  bool classification = false;
+  int which = 0;
+  int64_t k = 0;
+};
+
+struct Request {
+  std::string model, version;
+  std::vector<Input> inputs;  // the first kMaxInputs + 1: more are counted only
+  size_t n_inputs = 0;
+  std::vector<Output> outputs;
+  std::vector<uint64_t> raws;  // each raw input's size
+};
+
+bool input(Reader r, Input* in) {
+  uint32_t f, w;
+  while (!r.done()) {
+    if (!tag(r, &f, &w)) return false;
+    uint64_t v;
+    bool cls = false;
+    int which = 0;
+    int64_t k = 0;
+    Reader nested(r);
+    if (f == 1 && w == 2) {
+      if (!string_field(r, &in->name)) return false;
+    } else if (f == 2 && w == 2) {
+      if (!string_field(r, &in->datatype)) return false;
+    } else if (f == 3 && w == 2) {
+      if (!packed(r, 0, &in->shape)) return false;
+    } else if (f == 3 && w == 0) {
+      if (!r.varint(&v)) return false;
+      in->shape.push_back(int64_t(v));
+    } else if (f == 4 && w == 2) {
+      if (!map_entry(r, 2, &cls, &which, &k)) return false;
+    } else if (f == 5 && w == 2) {
+      in->typed = true;
+      if (!r.sub(&nested) || !contents(nested, 2)) return false;
+    } else if (!skip(r, f, w, 1)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool output(Reader r, Output* out) {
+  uint32_t f, w;
+  while (!r.done()) {
+    if (!tag(r, &f, &w)) return false;
+    bool cls = false;
+    int which = 0;
+    int64_t k = 0;
+    if (f == 1 && w == 2) {
+      if (!string_field(r, &out->name)) return false;
+    } else if (f == 2 && w == 2) {
+      if (!map_entry(r, 2, &cls, &which, &k)) return false;
+      if (cls) out->classification = true, out->which = which, out->k = k;  // a later entry replaces one
+    } else if (!skip(r, f, w, 1)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The whole message, as protobuf's parser reads it: false where it would refuse it.
+bool parse(const std::vector<grpc::Slice>& slices, Request* req) {
+  Reader r(slices);
+  uint32_t f, w;
+  std::string id;
+  while (!r.done()) {
+    if (!tag(r, &f, &w)) return false;
+    bool cls = false;
+    int which = 0;
+    int64_t k = 0;
+    Reader nested(r);
+    if (f == 1 && w == 2) {
+      if (!string_field(r, &req->model)) return false;
+    } else if (f == 2 && w == 2) {
+      if (!string_field(r, &req->version)) return false;
+    } else if (f == 3 && w == 2) {
+      if (!string_field(r, &id)) return false;
+    } else if (f == 4 && w == 2) {
+      if (!map_entry(r, 1, &cls, &which, &k)) return false;
+    } else if (f == 5 && w == 2) {
+      Input in;
+      if (!r.sub(&nested) || !input(nested, &in)) return false;
+      if (req->inputs.size() <= size_t(kMaxInputs)) req->inputs.push_back(std::move(in));
+      ++req->n_inputs;
+    } else if (f == 6 && w == 2) {
+      req->outputs.emplace_back();
+      if (!r.sub(&nested) || !output(nested, &req->outputs.back())) return false;
+    } else if (f == 7 && w == 2) {
+      uint64_t len;
+      if (!r.varint(&len) || !r.skip(len)) return false;
+      req->raws.push_back(len);
+    } else if (!skip(r, f, w, 0)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+std::string check_name(const std::string& model) {  // fovea/names.py check_name's message
+  if (valid_name(model)) return "";
+  return "invalid model name " + py_ascii(model, 80) +
+         ": use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit, with no '..'";
+}
+
+std::string check_version(const std::string& version) {
+  int64_t v;
+  if (version.empty() || parse_version(version, &v)) return "";
+  return "model_version must be a positive number, got " + py_ascii(version, 40);
+}
+
+// An input's datatype and shape; *elements gets its element count.
+std::string check_tensor(const Input& in, uint64_t* elements) {
+  std::string name = "input " + py_ascii(in.name, 40);
+  if (element_bytes(in.datatype) < 0)
+    return name + " has unknown datatype " + py_ascii(in.datatype, 20) + "; expected one of " + kDatatypes;
+  if (in.shape.empty() || in.shape.size() > size_t(kMaxRank))
+    return name + " has " + std::to_string(in.shape.size()) + " dimensions; expected 1 to " +
+           std::to_string(kMaxRank);
+  uint64_t n = 1;
+  for (int64_t d : in.shape) {  // in order, as Python multiplies: a later negative one may come too late
+    if (d < 0) return name + " has a negative dimension in its shape " + shape_text(in.shape);
+    if (d != 0 && n > kMaxElements / uint64_t(d))  // n * d > kMaxElements, without overflowing
+      return name + " has too many elements in its shape " + shape_text(in.shape);
+    n *= uint64_t(d);
+  }
+  *elements = n;
+  return "";
+}
+
+std::string check_output(const Output& out, int64_t max_top_k) {
+  if (!out.classification) return "";
+  std::string name = "output " + py_ascii(out.name, 40);
+  if (out.which != 2) return name + ": the classification parameter must be an int64_param";
+  if (out.k < 1 || out.k > max_top_k)
+    return name + ": classification asks for " + std::to_string(out.k) + " classes; expected 1 to " +
+           std::to_string(max_top_k);
+  return "";
+}
+
+// The request's rules, in the order the gateway has always refused them.
+std::string check_rules(const Request& req, int64_t max_top_k) {
+  std::string m = check_name(req.model);
+  if (m.empty()) m = check_version(req.version);
+  if (!m.empty()) return m;
+  size_t n = req.n_inputs;
+  if (n == 0) return "no inputs: a ModelInferRequest needs at least one input tensor";
+  if (n > size_t(kMaxInputs)) return std::to_string(n) + " inputs; the limit is " + std::to_string(kMaxInputs);
+  const auto& raws = req.raws;
+  if (!raws.empty() && raws.size() != n)
+    return std::to_string(raws.size()) + " raw_input_contents for " + std::to_string(n) +
+           " inputs: send one per input, or none";
+  for (size_t i = 0; i < n; ++i) {
+    const Input& in = req.inputs[i];
+    uint64_t elements = 0;
+    if (!(m = check_tensor(in, &elements)).empty()) return m;
+    uint64_t size = uint64_t(element_bytes(in.datatype));
+    if (!raws.empty() && size && raws[i] != elements * size)
+      return "input " + py_ascii(in.name, 40) + " has " + std::to_string(raws[i]) + " bytes of raw contents; shape " +
+             shape_text(in.shape) + " of " + in.datatype + " needs " + std::to_string(elements * size);
+  }
+  for (const Output& out : req.outputs)
+    if (!(m = check_output(out, max_top_k)).empty()) return m;
+  return "";
+}
+
+// The images a valid call is charged for: an encoded image per element of a BYTES tensor, else a row of its
+// batch dimension; the inputs of one call share their batch, so the most of any input. *over gets the refusal
+// of an input past the per-call limit ("" when none is).
+int64_t images(const Request& req, int64_t limit, std::string* over) {
+  int64_t most = 0;
+  for (const Input& in : req.inputs) {
+    bool bytes = in.datatype == "BYTES";
+    int64_t n = bytes ? 1 : in.shape[0];  // the checks passed: 1 to 8 dimensions, none negative, n <= 2^40
+    if (bytes)
+      for (int64_t d : in.shape) n *= d;
+    if (n > limit && over->empty())
+      *over = "input " + py_ascii(in.name, 40) + (bytes ? " holds " + std::to_string(n) + " images"
+                                                        : " has a batch of " + std::to_string(n)) +
+              "; the limit is " + std::to_string(limit) + " per call";
+    most = std::max(most, n);
+  }
+  return most;
+}
+
+}  // namespace check
+
+// A ModelInferRequest checked: the refusal of the first rule it breaks (rules), else the images it is charged
+// for and the refusal of a count past the per-call limit (over_limit), which comes after the key's model access.
+struct Checked {
+  std::string rules, over_limit;
+  int64_t images = 0;
+  Head head;
+};
+
+Checked check_request(const std::vector<grpc::Slice>& slices, int64_t max_top_k, int64_t max_images) {
+  Checked c;
+  check::Request req;
+  if (!check::parse(slices, &req)) {
+    c.rules = check::kNotAMessage;
+    return c;
+  }
+  c.rules = check::check_rules(req, max_top_k);
+  if (!c.rules.empty()) return c;
+  c.images = check::images(req, max_images, &c.over_limit);
+  c.head.model = req.model;
+  c.head.version = req.version;
+  c.head.tensors = req.raws.size() == req.n_inputs;
+  for (const auto& in : req.inputs) c.head.tensors &= in.datatype != "BYTES" && !in.typed;
+  return c;
 }
 
 std::string header(const grpc::GenericServerContext& ctx, const char* name) {
@@ -620,6 +815,8 @@ class Call {
   void verify();
   void verified();
   void handle();
+  bool infer_native(const std::string& secret, std::vector<grpc::Slice>& slices);
+  void refuse(const std::string& message);
   void forward_native(const Head& head, std::vector<grpc::Slice>& slices);
   bool classify_native(const std::string& secret, const std::vector<grpc::Slice>& slices);
   bool classify_sizes_ok(const std::vector<grpc::Slice>& slices);
@@ -1182,15 +1379,36 @@ void Call::handle() {
   std::vector<grpc::Slice> slices;
   bool bearer = auth.size() > 7 && strncasecmp(auth.c_str(), "bearer ", 7) == 0;
   if (!traced && bearer && ctx_.method() == kModelInfer && req_.Dump(&slices).ok()) {
-    Head head = scan_request(slices, f_->max_samples);
-    if (head.ok && f_->admit(auth.substr(7), head.model) && valid_request(slices, f_->max_top_k)) {
-      forward_native(head, slices);
-      return;
-    }
+    if (infer_native(auth.substr(7), slices)) return;
   } else if (!traced && bearer && ctx_.method() == kClassify && req_.Dump(&slices).ok()) {
     if (classify_native(auth.substr(7), slices)) return;
   }
   forward_slow();
+}
+
+// ModelInfer of a key answered here (no rate limits, allowed to infer). A request that breaks a rule is refused
+// here with the rule's message, before the key's model access, as the Python server refuses it; then the model
+// access (Python words its refusal), the per-call image limit, and the route. False: the Python server answers.
+bool Call::infer_native(const std::string& secret, std::vector<grpc::Slice>& slices) {
+  if (!f_->native_key(secret)) return false;
+  Checked c = check_request(slices, f_->max_top_k, f_->max_samples);
+  if (!c.rules.empty()) {
+    refuse(c.rules);
+    return true;
+  }
+  if (!f_->admit(secret, c.head.model)) return false;
+  if (!c.over_limit.empty()) {
+    refuse(c.over_limit);
+    return true;
+  }
+  forward_native(c.head, slices);
+  return true;
+}
+
+// A native call refused before any worker: counted and logged as the calls sent are (no model resolved).
+void Call::refuse(const std::string& message) {
+  net_.rid = request_id(header(ctx_, "x-request-id"));
+  done(Status(StatusCode::INVALID_ARGUMENT, message));
 }
 
 void Call::forward_native(const Head& head, std::vector<grpc::Slice>& slices) {
@@ -1649,6 +1867,62 @@ int fg_put_limited_key(void* fp, const fg_key* key) {
 // The most classes a request's classification parameter may ask for (gateway/config.py max_top_k); set
 // before the first call.
 void fg_set_max_top_k(void* fp, int64_t k) { static_cast<Front*>(fp)->max_top_k = k; }
+
+namespace {
+constexpr int64_t kMaxCheckBytes = (int64_t(1) << 31) - 1;  // gRPC's largest message
+
+void copy_text(const std::string& text, char (&out)[FG_MESSAGE_BYTES]) {
+  size_t n = std::min(text.size(), sizeof out - 1);
+  memcpy(out, text.data(), n);
+  out[n] = 0;
+}
+
+// The caller's bytes as one slice, not copied: only read during the call.
+void caller_bytes(const uint8_t* data, int64_t bytes, std::vector<grpc::Slice>* slices) {
+  if (bytes > 0) slices->emplace_back(data, size_t(bytes), grpc::Slice::STATIC_SLICE);
+}
+}  // namespace
+
+int fg_check_infer(void* fp, const uint8_t* request, int64_t bytes, struct fg_check* out) {
+  if (!fp || !out || bytes < 0 || bytes > kMaxCheckBytes || (!request && bytes > 0)) return -1;
+  auto* f = static_cast<Front*>(fp);
+  std::vector<grpc::Slice> slices;
+  caller_bytes(request, bytes, &slices);
+  Checked c = check_request(slices, f->max_top_k, f->max_samples);
+  out->valid = c.rules.empty();
+  out->images = c.images;
+  out->elements = 0;
+  out->version = 0;
+  if (out->valid && !c.head.version.empty()) parse_version(c.head.version, &out->version);
+  out->tensors = out->valid && c.head.tensors;
+  snprintf(out->model, sizeof out->model, "%s", out->valid ? c.head.model.c_str() : "");
+  copy_text(c.rules, out->message);
+  copy_text(c.over_limit, out->over_limit);
+  return 0;
+}
+
+int fg_check_tensor(const uint8_t* tensor, int64_t bytes, struct fg_check* out) {
+  if (!out || bytes < 0 || bytes > kMaxCheckBytes || (!tensor && bytes > 0)) return -1;
+  check::Input in;
+  std::string message;
+  uint64_t elements = 0;
+  std::vector<grpc::Slice> slices;
+  caller_bytes(tensor, bytes, &slices);
+  Reader r(slices);
+  if (!check::input(r, &in)) {
+    message = "the tensor is not a valid InferInputTensor message";
+  } else {
+    message = check::check_tensor(in, &elements);
+  }
+  out->valid = message.empty();
+  out->images = out->version = 0;
+  out->tensors = 0;
+  out->model[0] = 0;
+  out->elements = message.empty() ? int64_t(elements) : 0;
+  copy_text(message, out->message);
+  out->over_limit[0] = 0;
+  return 0;
+}
 
 // Classify's limits (gateway/config.py default_top_k, max_images_per_forward, max_image_bytes, max_image_pixels);
 // set before the first call. A call past one goes to the Python server.

@@ -12,9 +12,11 @@ from typing import Any
 import grpc
 import pytest
 
+from fovea.errors import InvalidArgument
 from fovea.v1 import registry_pb2
 from gateway import fast_port
 from gateway.fast_port import AliasTarget, CStrings, ImageModel, NativeGateway, RouteTable, WorkerRoute
+from inference import grpc_predict_v2_pb2 as pb
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"  # needs no credentials: the front relays it to the Python server
 
@@ -155,3 +157,76 @@ def test_a_config_out_of_bounds_starts_no_front(tmp_path: pathlib.Path) -> None:
     assert lib.fg_start(ffi.new("struct fg_config*", {"max_message_bytes": 1 << 20}), port) == ffi.NULL  # no address
     with pytest.raises(ValueError, match="threads"):
         NativeGateway("127.0.0.1:0", 1 << 20, f"unix:{tmp_path}/x.sock", "", 1, 1, 1, 1, 1, threads=1000)
+
+
+NAME_RULE = "use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit, with no '..'"
+
+
+def test_the_checks_of_a_request_refuse_what_is_out_of_bounds(front: NativeGateway) -> None:
+    """fg_check_infer and fg_check_tensor read only `bytes` bytes of the caller's buffer: a NULL buffer with bytes, a
+    negative count or one past 2^31 - 1 (never read: the buffer is one byte), a NULL handle or result is -1, and
+    the result is untouched."""
+    lib, ffi = front.lib, front.ffi
+    out = ffi.new("struct fg_check*")
+    out.images = 7
+    for request, size in ((ffi.NULL, 1), (b"\n", -1), (b"\n", 2**62), (b"\n", 2**31), (b"\n", 2**63 - 1)):
+        assert lib.fg_check_infer(front.handle, request, size, out) == -1, size
+        assert lib.fg_check_tensor(request, size, out) == -1, size
+    assert lib.fg_check_infer(ffi.NULL, b"", 0, out) == -1
+    assert lib.fg_check_infer(front.handle, b"", 0, ffi.NULL) == -1
+    assert lib.fg_check_tensor(b"", 0, ffi.NULL) == -1
+    assert out.images == 7 and ffi.string(out.message) == b""
+    with pytest.raises(OverflowError):  # past int64_t: cffi refuses it
+        lib.fg_check_infer(front.handle, b"", 2**63, out)
+    # A NULL buffer of 0 bytes is the empty message: no model name.
+    assert lib.fg_check_infer(front.handle, ffi.NULL, 0, out) == 0
+    assert (out.valid, ffi.string(out.message).decode()) == (0, f"invalid model name '': {NAME_RULE}")
+
+
+def test_the_checks_give_the_refusal_or_the_images(front: NativeGateway) -> None:
+    """Through the Python binding: the first rule a request breaks, with its message; else what the call is charged
+    for (an image per element of a BYTES tensor, else a batch row: the most of any input), the images past the
+    per-call limit (64 here) apart, and what the route needs."""
+    req = pb.ModelInferRequest(model_name="m", model_version="3")
+    req.inputs.add(name="img", datatype="BYTES", shape=[2, 3])
+    req.inputs.add(name="x", datatype="FP32", shape=[5, 4])
+    check = front.check_infer(req.SerializeToString())
+    assert (check.refusal, check.over_limit, check.images) == ("", "", 6)
+    assert (check.model, check.version, check.tensors) == ("m", 3, False)
+    req.inputs[1].shape[0] = 65
+    assert (
+        front.check_infer(req.SerializeToString()).over_limit == "input 'x' has a batch of 65; the limit is 64 per call"
+    )
+    req.inputs[0].shape[:] = [8, 9]
+    check = front.check_infer(req.SerializeToString())  # the first input past the limit is named
+    assert (check.refusal, check.over_limit) == ("", "input 'img' holds 72 images; the limit is 64 per call")
+    raw = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"\0" * 8])
+    raw.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    check = front.check_infer(raw.SerializeToString())
+    assert (check.refusal, check.images, check.version, check.tensors) == ("", 1, 0, True)
+    front.set_max_top_k(5)  # the front's limit is the checks' limit
+    raw.outputs.add(name="y").parameters["classification"].int64_param = 6
+    assert (
+        front.check_infer(raw.SerializeToString()).refusal
+        == "output 'y': classification asks for 6 classes; expected 1 to 5"
+    )
+    not_a_message = "the request is not a valid ModelInferRequest message"
+    for garbage in (b"\xff", b"\n\x02\xff\xfe", b"\n\x05ab", b"\x00\x01", b"*\x03\x1a\x01\x80"):  # not UTF-8, cut...
+        assert front.check_infer(garbage).refusal == not_a_message, garbage
+    # The longest message: a model name of 80 characters, each shown as 10, whole in FG_MESSAGE_BYTES.
+    long_name = front.check_infer(pb.ModelInferRequest(model_name="\U0001f600" * 100).SerializeToString()).refusal
+    assert long_name == "invalid model name '" + "\\U0001f600" * 80 + f"': {NAME_RULE}"
+    assert len(long_name) < front.lib.FG_MESSAGE_BYTES
+
+
+def test_a_tensor_is_checked_as_in_a_request() -> None:
+    """fg_check_tensor, for the REST gateway: the element count of a valid tensor, else the rule it breaks."""
+    tensor = pb.ModelInferRequest.InferInputTensor(name="t", datatype="FP32", shape=[2, 3])
+    assert fast_port.tensor_elements(tensor.SerializeToString()) == 6
+    tensor.datatype = "FP8"
+    with pytest.raises(InvalidArgument, match="input 't' has unknown datatype 'FP8'; expected one of BOOL"):
+        fast_port.tensor_elements(tensor.SerializeToString())
+    tensor.datatype = "BYTES"
+    tensor.shape[:] = [2**40, 2]
+    with pytest.raises(InvalidArgument, match=r"input 't' has too many elements in its shape \[1099511627776, 2\]"):
+        fast_port.tensor_elements(tensor.SerializeToString())

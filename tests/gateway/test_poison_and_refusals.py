@@ -134,6 +134,19 @@ def native_calls(gw: GatewayServer) -> int:
     return int(gw.native.counts()["native"])  # type: ignore[union-attr]
 
 
+def python_calls(gw: GatewayServer) -> int:
+    """Calls the front relayed to the Python server."""
+    return int(gw.native.counts()["python"])  # type: ignore[union-attr]
+
+
+async def stream_refusal(stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest, secret: str) -> str:
+    """The error_message of the one answer a ModelStreamInfer of this request gets (the stream itself succeeds)."""
+    call = stub.ModelStreamInfer(iter([request]), metadata=auth(secret), timeout=10)
+    answers = [answer async for answer in call]
+    assert len(answers) == 1 and not answers[0].HasField("infer_response"), answers
+    return answers[0].error_message
+
+
 @pytest.mark.parametrize("path", PATHS)
 async def test_a_call_that_kills_its_worker_is_not_retried_on_another(
     registry: Stack, stand_ins: StandIns, path: str
@@ -199,9 +212,9 @@ async def test_a_call_a_worker_refused_unserved_is_retried_on_another(
 
 
 K_RANGE = "expected 1 to 100"
-# (case, change to a valid request, the gateway's message): one table for both paths of the one port, whose
-# answers must be the same word for word (the front passes what it finds invalid to the Python server, which
-# words it; a limited key's calls are relayed whole).
+# (case, change to a valid request, the gateway's message): one table for every way a ModelInfer reaches the one
+# port, whose answers must be the same word for word: the front refuses the calls of a key it admits itself, the
+# Python server a limited key's calls and every stream's, both with the front's checks (fg_check_infer).
 REFUSALS: list[tuple[str, Callable[[pb.ModelInferRequest], object], str]] = [
     ("k = 2^31", lambda r: _k(r, 2**31), f"output 'logits': classification asks for 2147483648 classes; {K_RANGE}"),
     ("k = 2^63-1", lambda r: _k(r, 2**63 - 1), f"classification asks for 9223372036854775807 classes; {K_RANGE}"),
@@ -229,6 +242,12 @@ REFUSALS: list[tuple[str, Callable[[pb.ModelInferRequest], object], str]] = [
     ("model name", lambda r: setattr(r, "model_name", "Bad Name"), "invalid model name 'Bad Name'"),
     ("version text", lambda r: setattr(r, "model_version", "1x"), "model_version must be a positive number, got '1x'"),
     ("version 0", lambda r: setattr(r, "model_version", "0"), "model_version must be a positive number, got '0'"),
+    (  # names are shown as Python's ascii() shows them: repr's quotes, non-ASCII and control characters escaped
+        "odd input name",
+        lambda r: _odd_name(r),
+        """input "it's \\xe9\\n\\U0001f600" has a negative dimension in its shape [-1, 4]""",
+    ),
+    ("non-ASCII version", lambda r: setattr(r, "model_version", "\u00b2"), "a positive number, got '\\xb2'"),
 ]
 
 
@@ -243,6 +262,11 @@ def _k_text(r: pb.ModelInferRequest) -> None:
 def _shape(r: pb.ModelInferRequest, shape: list[int]) -> None:
     r.inputs[0].ClearField("shape")
     r.inputs[0].shape.extend(shape)
+
+
+def _odd_name(r: pb.ModelInferRequest) -> None:
+    r.inputs[0].name = "it's \u00e9\n\U0001f600"
+    _shape(r, [-1, 4])
 
 
 def _inputs(r: pb.ModelInferRequest, n: int) -> None:
@@ -270,11 +294,19 @@ async def test_malformed_calls_are_refused_by_the_gateway_on_both_paths(registry
         native_before = native_calls(gw)
         assert native_before == 1  # the unlimited key's call ran in C++, the limited key's in Python
         for case, fault, expected in REFUSALS:
+            req = tensor_request(model)
+            fault(req)
+            answers = {}
             for path, secret in secrets.items():
-                req = tensor_request(model)
-                fault(req)
+                relayed_before = python_calls(gw)
                 code, msg = await status_of(stub.ModelInfer(req, metadata=auth(secret), timeout=10))
                 assert (code, expected in msg) == (grpc.StatusCode.INVALID_ARGUMENT, True), (case, path, code, msg)
+                # the front answers the calls of a key it admits itself; a limited key's go to the Python server
+                assert python_calls(gw) - relayed_before == (0 if path == "native" else 1), (case, path)
+                answers[path] = msg
+            stream = await stream_refusal(stub, req, secrets["native"])
+            assert answers["native"] == answers["relayed"], case
+            assert stream == f"INVALID_ARGUMENT: {answers['native']}", (case, stream)
         assert len(worker.received) == 2, "a malformed call reached the worker"
         assert native_calls(gw) == native_before
     finally:
