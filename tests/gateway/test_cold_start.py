@@ -215,7 +215,7 @@ def pool(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) ->
             port=0, FOVEA_REGISTRY_PLACEMENT_INTERVAL_S="0.2", FOVEA_REGISTRY_DEFAULT_IDLE_UNLOAD_S="600"
         )
         rc = RegistryClient(reg.address, cluster.admin_token, timeout_s=30)
-        for name, artifact in (("cold", color_model()), ("lazy", slow_model(2048)), ("huge", color_model())):
+        for name, artifact in (("cold", color_model()), ("lazy", slow_model(3072)), ("huge", color_model())):
             mv = rc.register(artifact, model_pb2.ModelVersion(name=name))
             rc.set_alias(name, "production", [(mv.version, 100)])
             pool_labels = {"gpu": "h100"} if name == "huge" else {}
