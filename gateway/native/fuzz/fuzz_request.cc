@@ -1,4 +1,4 @@
-// libFuzzer target: the front's checks of a ModelInferRequest (check_request in ../front.cc, the gateway's only
+// libFuzzer target: the front's checks of a ModelInferRequest (check_request in ../request.h, the gateway's only
 // copy of its rules) on arbitrary bytes. The bytes are split into two slices at a point the first byte picks, as
 // gRPC may hand a message over in pieces, so every read also crosses a slice boundary somewhere.
 //
