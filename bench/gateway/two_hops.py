@@ -37,7 +37,7 @@ def raw_point(path: pathlib.Path, shape: list[int], batch: int, threads: int, se
     import numpy as np
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
+    so = ort.SessionOptions()  # as worker/runtime.py sets the worker's (bench/worker/memory.py writes them out too)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "1")
@@ -68,10 +68,8 @@ def fovea_point(target: Any, requests: list[bytes], concurrency: int, seconds: f
 
 def measure(args: argparse.Namespace, work_dir: pathlib.Path) -> dict[str, Any]:
     from bench.suite.models import prepare
-    from bench.suite.run import _io_names, wait_until_served
-    from fovea.client import RegistryClient
+    from bench.suite.run import _io_names, publish, wait_until_served
     from fovea.cluster import Cluster
-    from fovea.v1 import model_pb2
     from loadtest.targets import Target, build_requests
 
     models, skipped = prepare(args.models.split(","), work_dir / "models")
@@ -79,11 +77,7 @@ def measure(args: argparse.Namespace, work_dir: pathlib.Path) -> dict[str, Any]:
     results: dict[str, Any] = {"skipped": skipped, "models": {}}
     try:
         registry = cluster.start_registry()
-        rc = RegistryClient(registry.address, cluster.admin_token, timeout_s=60)
-        for m in models:
-            mv = rc.register(m.path.read_bytes(), model_pb2.ModelVersion(name=m.name))
-            rc.set_alias(m.name, "production", [(mv.version, 100)])
-        key = rc.create_key("infer", description="two hops bench")[1]
+        key = publish(registry.address, cluster.admin_token, models, "two hops bench")
         cluster.start_worker(
             registry.address,
             [m.name for m in models],

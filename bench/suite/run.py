@@ -70,6 +70,18 @@ def ort_ceiling(model: BenchModel, concurrency: int, duration_s: float, warmup_s
     }
 
 
+def publish(registry_address: str, admin_token: str, models: list[BenchModel], description: str) -> str:
+    """Register each model, point its production alias at it, and return a new infer key's secret."""
+    from fovea.client import RegistryClient
+    from fovea.v1 import model_pb2
+
+    rc = RegistryClient(registry_address, admin_token, timeout_s=60)
+    for m in models:
+        mv = rc.register(m.path.read_bytes(), model_pb2.ModelVersion(name=m.name))
+        rc.set_alias(m.name, "production", [(mv.version, 100)])
+    return rc.create_key("infer", description=description)[1]
+
+
 def hop_target(model: BenchModel, hop: str, address: str, token: str) -> tuple[Target, list[bytes]]:
     """The request a client would send: JPEGs through Classify (gateway) or ModelInfer with BYTES
     and top-5 classification (worker, as the gateway forwards it); tensors for the identity model."""
@@ -133,20 +145,14 @@ def run_cluster(
     models: list[BenchModel], concurrency: list[int], spec: dict[str, Any], work_dir: pathlib.Path
 ) -> list[dict[str, Any]]:
     """Start Valkey, registry, one worker and a gateway as processes; load each hop in turn."""
-    from fovea.client import RegistryClient
     from fovea.cluster import Cluster
-    from fovea.v1 import model_pb2
 
     data_dir = pathlib.Path(tempfile.mkdtemp(prefix="cluster-", dir=work_dir))
     cluster = Cluster(data_dir)
     rows = []
     try:
         reg = cluster.start_registry()
-        rc = RegistryClient(reg.address, cluster.admin_token, timeout_s=60)
-        for m in models:
-            mv = rc.register(m.path.read_bytes(), model_pb2.ModelVersion(name=m.name))
-            rc.set_alias(m.name, "production", [(mv.version, 100)])
-        _, api_key = rc.create_key("infer", description="bench suite")
+        api_key = publish(reg.address, cluster.admin_token, models, "bench suite")
         worker = cluster.start_worker(reg.address, [m.name for m in models])
         gateway = cluster.start_gateway(reg.address)
         addresses = {"worker": (worker.address, cluster.worker_call_token), "gateway": (gateway.address, api_key)}

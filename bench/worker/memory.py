@@ -156,11 +156,10 @@ def batches_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
 
 
 def measure_fovea(models: list[Any], args: argparse.Namespace, work_dir: pathlib.Path) -> dict[str, Any]:
-    from bench.suite.run import hop_target, wait_until_served
+    from bench.suite.run import hop_target, publish, wait_until_served
     from fovea.client import RegistryClient
     from fovea.cluster import Cluster
     from fovea.redis_server import free_port
-    from fovea.v1 import model_pb2
     from loadtest import stats
     from loadtest.runner import LoadSpec, run
 
@@ -169,10 +168,7 @@ def measure_fovea(models: list[Any], args: argparse.Namespace, work_dir: pathlib
     try:
         registry = cluster.start_registry()
         rc = RegistryClient(registry.address, cluster.admin_token, timeout_s=60)
-        for m in models:
-            mv = rc.register(m.path.read_bytes(), model_pb2.ModelVersion(name=m.name))
-            rc.set_alias(m.name, "production", [(mv.version, 100)])
-        key = rc.create_key("infer", description="memory bench")[1]
+        key = publish(registry.address, cluster.admin_token, models, "memory bench")
         metrics_port = free_port()
         sampler = StartSampler()
         with sampler:
