@@ -80,7 +80,7 @@ class Gateway:
             raise Draining("gateway is stopping; retry on another replica")
         deadline = time.monotonic() + timeout_s
         with tracing.client(WORKER_INFER, {"fovea.model": model, "fovea.model_version": str(version)}):
-            metadata = tracing.headers() if tracing.tracer is not None else ()  # the worker's span joins the trace
+            metadata = tracing.headers()  # the worker's span joins the trace (empty when tracing is off)
             waited = False
             while True:
                 remaining = deadline - time.monotonic()

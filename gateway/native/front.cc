@@ -449,6 +449,7 @@ class Front {
   int forward_fd = -1;                               // an eventfd, written when a call joins forwarded
   void forward_answered(Forward* fw);
   void forward_done(Forward* fw);
+  void post_ended(Forward* fw);
 
   std::mutex routes_mu;
   std::shared_ptr<const Routes> routes = std::make_shared<Routes>();
@@ -693,6 +694,11 @@ void Front::forward_answered(Forward* fw) {
 void Front::forward_done(Forward* fw) {
   std::lock_guard lock(forward_mu);
   forwarding.erase(fw->id);
+  post_ended(fw);
+}
+
+// With forward_mu held: an ended call joins those Python takes, and the eventfd says so.
+void Front::post_ended(Forward* fw) {
   forwarded.push_back(fw);
   uint64_t one = 1;
   if (forward_fd >= 0 && write(forward_fd, &one, sizeof one) < 0) {
@@ -1566,11 +1572,7 @@ int fg_forward_send(void* fp, const fg_forward* call) {
     p->unrouted = !p->net.worker;
     p->code = int(st.error_code());
     p->out = st.error_message();
-    f->forwarded.push_back(p);
-    uint64_t one = 1;
-    if (f->forward_fd >= 0 && write(f->forward_fd, &one, sizeof one) < 0) {
-      // see Front::forward_done
-    }
+    f->post_ended(p);
     return 0;
   }
   f->forwarding[p->id] = p;
