@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from fovea.config import BaseConfig
@@ -54,6 +54,11 @@ class GatewayConfig(BaseConfig):
     """Consecutive connection failures before a worker is set aside."""
     eject_s: float = 5.0
     """How long an ejected worker is set aside before the first health probe (then doubling, up to 30 s)."""
+    worker_reconnect_min_s: float = Field(default=0.2, ge=0.001, le=300)
+    """First wait before dialling a worker again after its connection failed (then growing 1.6 times a try)."""
+    worker_reconnect_max_s: float = Field(default=2.0, ge=0.001, le=300)
+    """Longest wait before dialling a worker again (gRPC's own default is 120 s). A worker the registry hears
+    from is dialled at once whatever the wait, so a restarted worker is reached as soon as it says it is ready."""
     unread_window_bytes: int = 64 * 1024
     """What a caller may send on one call before the gateway reads its body (the HTTP/2 stream window, at the
     front and at the Python server behind it): bodies are read only after the credentials are checked, so this
@@ -113,3 +118,14 @@ class GatewayConfig(BaseConfig):
     http_lingering_s: float = 2.0
     """After an answer sent before the body was read (a refusal), how long the rest is read and dropped so that
     the client sees the answer rather than a reset; then the connection closes."""
+
+    @model_validator(mode="after")
+    def check_reconnect(self) -> GatewayConfig:
+        if self.worker_reconnect_min_s > self.worker_reconnect_max_s:
+            raise ValueError("worker_reconnect_min_s is at most worker_reconnect_max_s")
+        return self
+
+    @property
+    def reconnect_s(self) -> tuple[float, float]:
+        """The first and the longest wait before dialling a worker again."""
+        return (self.worker_reconnect_min_s, self.worker_reconnect_max_s)

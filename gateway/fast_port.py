@@ -155,15 +155,20 @@ class NativeGateway:
         unread_window_bytes: int = 64 * 1024,
         max_calls_per_key: int = 0,
         worker_tls: tuple[bytes, bytes, bytes] = (b"", b"", b""),
+        reconnect_s: tuple[float, float] = (0.2, 2.0),
     ) -> None:
         """tls: (certificate chain, private key, client CA) in PEM; empty serves plaintext, an empty CA
         asks for no client certificate. worker_tls: (the workers' CA, this gateway's certificate chain and
-        private key) in PEM for TLS to the workers; an empty CA dials them in plaintext."""
+        private key) in PEM for TLS to the workers; an empty CA dials them in plaintext. reconnect_s: the first and the
+        longest wait before dialling a worker again."""
         self.ffi, self.lib = binding()
         self.handle: Any = None
         ffi = self.ffi
         if not 0 <= unread_window_bytes < 2**31 or threads > self.lib.FG_MAX_THREADS:
             raise ValueError(f"the front takes up to {self.lib.FG_MAX_THREADS} threads and a window under 2 GiB")
+        reconnect_ms = [round(s * 1000) for s in reconnect_s]
+        if not 0 < reconnect_ms[0] <= reconnect_ms[1] <= self.lib.FG_MAX_RECONNECT_MS:
+            raise ValueError(f"reconnect waits must be 1 ms <= first <= longest <= {self.lib.FG_MAX_RECONNECT_MS} ms")
         text = CStrings(ffi)
         cert, key, client_ca = tls
         worker_ca, worker_cert, worker_key = worker_tls
@@ -188,6 +193,8 @@ class NativeGateway:
                 "worker_ca_pem": text(worker_ca),
                 "worker_cert_pem": text(worker_cert),
                 "worker_key_pem": text(worker_key),
+                "reconnect_min_ms": reconnect_ms[0],
+                "reconnect_max_ms": reconnect_ms[1],
             },
         )
         port = ffi.new("int*")

@@ -27,12 +27,6 @@ from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 WORKER_SERVICE = "inference.GRPCInferenceService"
-# Reconnect quickly to a worker that restarts: gRPC's default backoff grows to 120 s.
-RECONNECT_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
 MAX_PROBE_INTERVAL_S = 30.0
 
 
@@ -130,10 +124,18 @@ class Workers:
         eject_s: float,
         on_eject: Callable[[], None] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        reconnect_s: tuple[float, float] = (0.2, 2.0),
     ) -> None:
-        """credentials: TLS to the workers; None dials plaintext."""
+        """credentials: TLS to the workers; None dials plaintext. reconnect_s: the first and the longest wait
+        before dialling a worker again (gRPC's default grows to 120 s)."""
         self.endpoints: dict[str, Endpoint] = {}
         self.credentials = credentials
+        first, longest = (round(s * 1000) for s in reconnect_s)
+        self.reconnect_options = [
+            ("grpc.initial_reconnect_backoff_ms", first),
+            ("grpc.min_reconnect_backoff_ms", first),
+            ("grpc.max_reconnect_backoff_ms", longest),
+        ]
         self.max_message_bytes = max_message_bytes
         self.eject_s = eject_s
         self.on_eject = on_eject
@@ -180,7 +182,7 @@ class Workers:
                 continue
             if ep is not None:
                 self._drop(status.worker_id)
-            options = channel_options(self.max_message_bytes) + RECONNECT_OPTIONS
+            options = channel_options(self.max_message_bytes) + self.reconnect_options
             channel = self._dial(status.address, options)
             ep = Endpoint(status, channel, pb_grpc.GRPCInferenceServiceStub(channel))
             self.endpoints[status.worker_id] = ep

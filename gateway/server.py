@@ -160,6 +160,7 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
         config.eject_s,
         on_eject=metrics.ejections.inc,
         credentials=dial,
+        reconnect_s=config.reconnect_s,
     )
     limiter = RateLimiter(config.redis_url, config.rate_limit_timeout_s)
     gateway = Gateway(config, versions, workers, limiter, metrics)
@@ -309,6 +310,7 @@ def start_native(config: GatewayConfig, python_address: str, keys: KeyCache, met
         config.unread_window_bytes,
         config.max_calls_per_key,
         _worker_tls(config),
+        config.reconnect_s,
     )
 
     def on_verified(digest: bytes, record: registry_pb2.ApiKey) -> None:

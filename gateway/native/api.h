@@ -22,6 +22,7 @@ enum {
   FG_TEXT_MAX = 4096,         // the longest string a table entry may hold (bytes, the NUL not counted)
   FG_MAX_ENTRIES = 1048576,   // the most entries in one table (routes of one kind, a key's patterns)
   FG_MAX_THREADS = 256,       // the most threads (completion queues) the front runs
+  FG_MAX_RECONNECT_MS = 300000,  // the longest wait before dialling a worker again
   FG_ADDRESS_BYTES = 256,     // a worker's address and its NUL: longer addresses are not routed to
   FG_REQUEST_ID_BYTES = 129,  // a request id (the front takes a caller's of up to 128 printable bytes)
   FG_MODEL_BYTES = 64,        // a model name (fovea/names.py: at most 63 bytes)
@@ -52,6 +53,8 @@ struct fg_config {
   const char* worker_ca_pem;      // PEM CA of the workers' certificates: TLS to the workers; "" or NULL: plaintext
   const char* worker_cert_pem;    // PEM certificate chain this gateway shows the workers (mutual TLS); "" none
   const char* worker_key_pem;     // its PEM private key
+  int32_t reconnect_min_ms;       // first wait before dialling a worker again; 0: 200 ms (and 2 s at most)
+  int32_t reconnect_max_ms;       // longest wait: reconnect_min_ms to FG_MAX_RECONNECT_MS
 };
 
 // A verified API key. fg_put_limited_key reads digest, key_id and expires_ns only.

@@ -85,6 +85,7 @@ struct Key {
 struct Worker {
   std::string address;                      // its fast port
   std::string main_address;                 // its main port
+  std::shared_ptr<grpc::Channel> stub_channel, main_channel;
   std::unique_ptr<grpc::GenericStub> stub;  // to the fast port
   std::unique_ptr<grpc::GenericStub> main;  // to its main port, for images and typed contents
   std::atomic<int> in_flight{0};
@@ -365,14 +366,14 @@ class Call {
   std::chrono::steady_clock::time_point start_;
 };
 
-grpc::ChannelArguments channel_args(int max_message_bytes) {
+// reconnect_ms: the first and the longest wait before dialling a worker again (gRPC's default grows to 120 s).
+grpc::ChannelArguments channel_args(int max_message_bytes, std::pair<int, int> reconnect_ms = {200, 2000}) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
   args.SetMaxSendMessageSize(max_message_bytes);
-  // Reconnect quickly to a worker that restarts: gRPC's default backoff grows to 120 s.
-  args.SetInt("grpc.initial_reconnect_backoff_ms", 200);
-  args.SetInt("grpc.min_reconnect_backoff_ms", 200);
-  args.SetInt("grpc.max_reconnect_backoff_ms", 2000);
+  args.SetInt("grpc.initial_reconnect_backoff_ms", reconnect_ms.first);
+  args.SetInt("grpc.min_reconnect_backoff_ms", reconnect_ms.first);
+  args.SetInt("grpc.max_reconnect_backoff_ms", reconnect_ms.second);
   args.SetInt("grpc.http2.max_frame_size", 1 << 20);
   args.SetInt("grpc.http2.lookahead_bytes", 8 << 20);
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // one connection per gateway, not shared with grpcio's
@@ -393,6 +394,7 @@ class Front {
   std::unique_ptr<grpc::GenericStub> slow;
   std::string internal_auth;
   int max_message_bytes = 0;
+  std::pair<int, int> reconnect_ms{200, 2000};
   int64_t default_deadline_ms = 30000, max_deadline_ms = 300000, max_samples = 64, max_top_k = 100;
   // Classify's limits (gateway/config.py); a call past one goes to the Python server, which says which.
   int64_t default_top_k = 5, max_images_per_forward = 32, max_image_bytes = 20 << 20, max_image_pixels = 40000000;
@@ -511,7 +513,10 @@ class Front {
     if (pool.size() == 1) return pool[0];
     size_t a = rng()() % pool.size(), b = rng()() % (pool.size() - 1);
     if (b >= a) ++b;
-    auto load = [](const Worker& w) { return w.in_flight.load() + w.queue_depth.load(); };
+    // A worker's last heartbeat counts every gateway's calls queued on it, this one's among them, up to a
+    // second ago; this gateway's own calls on it are counted live. The larger of the two, not their sum,
+    // which would count this gateway's calls twice and keep sending past an equal worker for a heartbeat.
+    auto load = [](const Worker& w) { return std::max(w.in_flight.load(), w.queue_depth.load()); };
     return load(*pool[a]) <= load(*pool[b]) ? pool[a] : pool[b];
   }
 
@@ -575,11 +580,15 @@ class Front {
         w->address = address;
         w->main_address = main;
         auto creds = worker_creds ? worker_creds : grpc::InsecureChannelCredentials();
-        w->stub = std::make_unique<grpc::GenericStub>(
-            grpc::CreateCustomChannel(address, creds, channel_args(max_message_bytes)));
-        w->main = std::make_unique<grpc::GenericStub>(
-            grpc::CreateCustomChannel(main, creds, channel_args(max_message_bytes)));
+        w->stub_channel = grpc::CreateCustomChannel(address, creds, channel_args(max_message_bytes, reconnect_ms));
+        w->main_channel = grpc::CreateCustomChannel(main, creds, channel_args(max_message_bytes, reconnect_ms));
+        w->stub = std::make_unique<grpc::GenericStub>(w->stub_channel);
+        w->main = std::make_unique<grpc::GenericStub>(w->main_channel);
       }
+      // The registry has just heard from it: a channel still waiting out its reconnect backoff (the worker
+      // restarted, or was out of reach) dials now rather than failing every call until the wait ends.
+      for (grpc::Channel* c : {w->stub_channel.get(), w->main_channel.get()})
+        if (c->GetState(false) == GRPC_CHANNEL_TRANSIENT_FAILURE) grpc::experimental::ChannelResetConnectionBackoff(c);
       w->queue_depth = e.queue_depth;
       r->serving[std::string(e.model) + "\n" + std::to_string(e.version)].push_back(w);
     }
@@ -1264,7 +1273,8 @@ extern "C" {
 void* fg_start(const fg_config* config, int* port) {
   if (!config || !port || !config->address || !config->python_address || config->max_message_bytes <= 0 ||
       config->fast_threads > FG_MAX_THREADS || config->unread_window_bytes < 0 ||
-      config->unread_window_bytes > INT32_MAX)
+      config->unread_window_bytes > INT32_MAX || config->reconnect_min_ms < 0 ||
+      config->reconnect_max_ms < config->reconnect_min_ms || config->reconnect_max_ms > FG_MAX_RECONNECT_MS)
     return nullptr;
   const char* cert_pem = or_empty(config->tls_cert_pem);
   const char* key_pem = or_empty(config->tls_key_pem);
@@ -1280,6 +1290,7 @@ void* fg_start(const fg_config* config, int* port) {
   f->max_pending = config->max_pending_calls > 0 ? config->max_pending_calls : f->max_pending;
   f->max_per_key = config->max_calls_per_key;
   f->max_message_bytes = config->max_message_bytes;
+  if (config->reconnect_min_ms > 0) f->reconnect_ms = {config->reconnect_min_ms, config->reconnect_max_ms};
   f->internal_auth = std::string("Bearer ") + or_empty(config->worker_token);
   f->default_deadline_ms = config->default_deadline_ms;
   f->max_deadline_ms = config->max_deadline_ms;

@@ -384,6 +384,8 @@ class CrashOnPoisonProxyFaultInjection:
         self.pid = 0
         self.kills = 0
         self.killed = False  # until track() gives it the restarted worker: refuse, as the dead port would
+        self.watch: tuple[bytes, ...] = ()  # markers to look for in what passes to the worker
+        self.seen: set[bytes] = set()
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
@@ -420,6 +422,8 @@ class CrashOnPoisonProxyFaultInjection:
                     self.kills += 1
                     self.killed = True
                     break
+                if to_worker:
+                    self.seen.update(m for m in self.watch if m in tail + data)
                 tail = data[-len(POISON) :]
                 writer.write(data)
                 await writer.drain()
@@ -495,6 +499,24 @@ def poison_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoisonC
             p.stop()
 
 
+async def wait_every_gateway_reaches_every_worker(pc: PoisonCluster, key: str, timeout_s: float = 30.0) -> None:
+    """Until each gateway has sent a call through each worker's proxy. A run of successes does not show it: a
+    call that cannot reach one worker (its gateway's connection to it still waits to dial again) is retried on
+    the other, and the drill needs both reachable before one dies."""
+    live, deadline = pc.live, time.monotonic() + timeout_s
+    markers = [f"reach-gateway{i}".encode() for i in range(len(live.gateways))]
+    for p in pc.proxies.values():
+        p.watch, p.seen = tuple(markers), set()
+    load = Load(live, key)
+    for gateway, marker in zip(live.gateways, markers, strict=True):
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while not all(marker in p.seen for p in pc.proxies.values()):
+                assert time.monotonic() < deadline, f"{marker.decode()} did not reach every worker in {timeout_s} s"
+                await load.call(stub, marker.decode(), 1.0)
+                await asyncio.sleep(0.01)
+
+
 @pytest.mark.parametrize("path", ["native", "relayed"])
 async def test_poison_call_costs_one_worker(poison_cluster: PoisonCluster, path: str) -> None:
     """A call that kills the worker it reaches (under load): it gets UNAVAILABLE and is not retried, so exactly
@@ -508,6 +530,7 @@ async def test_poison_call_costs_one_worker(poison_cluster: PoisonCluster, path:
     pc.track_pids()
     key = live.keys["infer"]
     await wait_all_ports_ok(live, key, streak=20)
+    await wait_every_gateway_reaches_every_worker(pc, key)
     kills_before = sum(p.kills for p in pc.proxies.values())
     address = live.gateways[0 if path == "native" else 1].address
     poison_key = key if path == "native" else live.rc.create_key("infer", rate_limit_rps=10_000.0)[1]

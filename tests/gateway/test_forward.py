@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
+from fovea.redis_server import free_port
 from fovea.v1 import image_pb2
 from gateway.fast_port import CStrings, NativeGateway, RouteTable, WorkerRoute
 from gateway.forward import ImageTensors
@@ -24,7 +25,7 @@ class StandIn:
     """A worker's one port that keeps what each ModelInfer brought (request, metadata) and answers after delay_s
     (the answer names the model and echoes the request id), or refuses the call as a draining worker does."""
 
-    def __init__(self, delay_s: float = 0.0, refuse: bool = False, answer: bytes | None = None) -> None:
+    def __init__(self, delay_s: float = 0.0, refuse: bool = False, answer: bytes | None = None, port: int = 0) -> None:
         self.delay_s, self.refuse, self.answer = delay_s, refuse, answer
         self.calls: list[tuple[pb.ModelInferRequest, dict[str, str]]] = []
         self.cancelled = asyncio.Event()
@@ -33,7 +34,7 @@ class StandIn:
         self.server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {"ModelInfer": handler}),)
         )
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
         self.address = f"127.0.0.1:{self.port}"
 
     async def _infer(self, request: bytes, context: Any) -> bytes:
@@ -108,6 +109,75 @@ async def test_no_worker_no_time_and_a_refusal_each_end_the_call_with_their_stat
     assert front.counts()["retries"] > before
     await refusing.server.stop(0)
     await steady.server.stop(0)
+
+
+async def test_a_worker_back_in_a_new_table_is_dialled_at_once_not_after_its_reconnect_wait(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A worker that could not be reached (it restarted) is dialled again as soon as a table lists it (Python
+    sends one on each registry event: the restarted worker's registration, its heartbeats), rather than when the
+    channel's reconnect wait ends. The wait here is a minute, so only the new table can bring the worker back."""
+    front = NativeGateway(
+        "127.0.0.1:0", 1 << 20, f"unix:{tmp_path}/none.sock", "token", 5000, 10000, 64, 3, 100, reconnect_s=(60, 60)
+    )
+    address = f"127.0.0.1:{free_port()}"
+    table = RouteTable(workers=[WorkerRoute("ident", 1, address, address, 0)])
+    front.set_routes(table)
+    down = await front.forwards.send("ident", 1, infer(), 5.0)
+    assert down.code == grpc.StatusCode.UNAVAILABLE.value[0], down.message
+    worker = StandIn(port=int(address.rsplit(":", 1)[1]))
+    await worker.server.start()
+    waiting = await front.forwards.send("ident", 1, infer(), 5.0)
+    assert waiting.code == grpc.StatusCode.UNAVAILABLE.value[0] and not worker.calls  # a minute's wait to go
+    front.set_routes(table)
+    for _ in range(250):
+        routed = await front.forwards.send("ident", 1, infer(), 5.0)
+        if routed.code == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert routed.code == 0 and routed.worker == address, routed.message
+    await worker.server.stop(0)
+    await asyncio.to_thread(front.shutdown, 0.1)
+    front.close()
+
+
+async def test_a_worker_is_chosen_by_its_reported_queue_or_this_gateways_calls_on_it_whichever_is_more(
+    front: NativeGateway,
+) -> None:
+    """The worker's heartbeat counts this gateway's calls too: A reports the 2 calls this gateway has on it, B
+    reported before this gateway's 3 calls reached it. A holds 2 calls, B 3, so the next call goes to A; adding
+    the two figures would make A 4 and send it to B."""
+    a, b = StandIn(delay_s=30), StandIn(delay_s=30)
+    for w in (a, b):
+        await w.server.start()
+
+    def table(depth_a: int, depth_b: int) -> RouteTable:
+        return RouteTable(
+            workers=[WorkerRoute("ident", 1, w.address, w.address, d) for w, d in ((a, depth_a), (b, depth_b))]
+        )
+
+    async def hold(n: int) -> list[asyncio.Task[Any]]:  # n more calls, until they reach a worker
+        tasks, reached = [], len(a.calls) + len(b.calls) + n
+        for _ in range(n):
+            tasks.append(asyncio.create_task(front.forwards.send("ident", 1, infer(), 60.0)))
+            await asyncio.sleep(0.05)
+        while len(a.calls) + len(b.calls) < reached:
+            await asyncio.sleep(0.01)
+        return tasks
+
+    front.set_routes(table(0, 100))
+    held = await hold(2)
+    front.set_routes(table(100, 0))
+    held += await hold(3)
+    assert (len(a.calls), len(b.calls)) == (2, 3)
+    front.set_routes(table(2, 0))
+    held += await hold(1)
+    assert (len(a.calls), len(b.calls)) == (3, 3)
+    for task in held:
+        task.cancel()
+    await asyncio.gather(*held, return_exceptions=True)
+    for w in (a, b):
+        await w.server.stop(0)
 
 
 async def test_a_cancelled_routed_call_cancels_the_worker_call(front: NativeGateway) -> None:

@@ -10,11 +10,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import pydantic
 import pytest
 
 from fovea.errors import InvalidArgument
 from fovea.v1 import registry_pb2
 from gateway import fast_port
+from gateway.config import GatewayConfig
 from gateway.fast_port import AliasTarget, CStrings, ImageModel, NativeGateway, RouteTable, WorkerRoute
 from inference import grpc_predict_v2_pb2 as pb
 
@@ -151,12 +153,23 @@ def test_a_config_out_of_bounds_starts_no_front(tmp_path: pathlib.Path) -> None:
     port = ffi.new("int*")
     text = CStrings(ffi)
     base = {"address": text(b"127.0.0.1:0"), "python_address": text(f"unix:{tmp_path}/x.sock".encode())}
-    for bad in ({"max_message_bytes": 0}, {"fast_threads": lib.FG_MAX_THREADS + 1}, {"unread_window_bytes": -1}):
+    for bad in (
+        {"max_message_bytes": 0},
+        {"fast_threads": lib.FG_MAX_THREADS + 1},
+        {"unread_window_bytes": -1},
+        {"reconnect_min_ms": -1},
+        {"reconnect_min_ms": 500, "reconnect_max_ms": 400},
+        {"reconnect_min_ms": 1, "reconnect_max_ms": lib.FG_MAX_RECONNECT_MS + 1},
+    ):
         config = ffi.new("struct fg_config*", {**base, "max_message_bytes": 1 << 20, **bad})
         assert lib.fg_start(config, port) == ffi.NULL, bad
     assert lib.fg_start(ffi.new("struct fg_config*", {"max_message_bytes": 1 << 20}), port) == ffi.NULL  # no address
     with pytest.raises(ValueError, match="threads"):
         NativeGateway("127.0.0.1:0", 1 << 20, f"unix:{tmp_path}/x.sock", "", 1, 1, 1, 1, 1, threads=1000)
+    with pytest.raises(ValueError, match="reconnect"):
+        NativeGateway("127.0.0.1:0", 1 << 20, f"unix:{tmp_path}/x.sock", "", 1, 1, 1, 1, 1, reconnect_s=(3, 2))
+    with pytest.raises(pydantic.ValidationError, match="worker_reconnect_min_s"):
+        GatewayConfig(worker_reconnect_min_s=3, worker_reconnect_max_s=2)
 
 
 NAME_RULE = "use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit, with no '..'"
