@@ -65,13 +65,15 @@ std::mt19937_64& rng() {
 }
 
 // SHA-256 with the digest fetched once: OpenSSL 3's one-shot SHA256() looks the algorithm up every call.
-void sha256(const std::string& data, unsigned char* out) {
+std::string sha256(const std::string& data) {
   static EVP_MD* md = EVP_MD_fetch(nullptr, "SHA256", nullptr);
   thread_local std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  unsigned char out[SHA256_DIGEST_LENGTH];
   unsigned int n = 0;
   EVP_DigestInit_ex(ctx.get(), md, nullptr);
   EVP_DigestUpdate(ctx.get(), data.data(), data.size());
   EVP_DigestFinal_ex(ctx.get(), out, &n);
+  return std::string(reinterpret_cast<char*>(out), sizeof out);
 }
 
 struct Key {
@@ -317,10 +319,10 @@ class Call {
   void verify();
   void verified();
   void handle();
-  bool infer_native(const std::string& secret, std::vector<grpc::Slice>& slices);
+  bool infer_native(std::vector<grpc::Slice>& slices);
   void refuse(const std::string& message);
   void forward_native(const Head& head, std::vector<grpc::Slice>& slices);
-  bool classify_native(const std::string& secret, const std::vector<grpc::Slice>& slices);
+  bool classify_native(const std::vector<grpc::Slice>& slices);
   bool classify_sizes_ok(const std::vector<grpc::Slice>& slices);
   void start_native();
   void attempt();
@@ -356,6 +358,7 @@ class Call {
   bool up_closed_ = false;  // the relay's upstream sent its last message
   bool initial_copied_ = false;
   std::string secret_;
+  std::string digest_;  // the SHA-256 of secret_ (of "" for calls without a key), computed once
   const char* method_ = "ModelInfer";  // for the access log and metrics of native calls
   std::vector<std::string> image_ids_;  // a native Classify's: its answer names each image
   bool classify_ = false;
@@ -462,12 +465,10 @@ class Front {
     return routes;
   }
 
-  // The key this secret names, if Python verified it and it may infer on the model now.
-  bool admit(const std::string& secret, const std::string& model) {
-    unsigned char digest[SHA256_DIGEST_LENGTH];
-    sha256(secret, digest);
+  // Whether the key with this digest (of its secret) was verified by Python and may infer on the model now.
+  bool admit(const std::string& digest, const std::string& model) {
     std::shared_lock lock(keys_mu);
-    auto it = keys.find(std::string(reinterpret_cast<char*>(digest), sizeof digest));
+    auto it = keys.find(digest);
     if (it == keys.end()) return false;
     const Key& k = it->second;
     if (!k.native || k.role < kRoleInfer || (k.expires_ns && k.expires_ns <= now_ns())) return false;
@@ -477,24 +478,20 @@ class Front {
     return false;
   }
 
-  // Whether this secret's calls may be answered here (a key without limits, not expired, allowed to infer),
+  // Whether this key's calls may be answered here (a key without limits, not expired, allowed to infer),
   // before its model is known: a Classify of any other key goes to Python without its body being copied.
-  bool native_key(const std::string& secret) {
-    unsigned char digest[SHA256_DIGEST_LENGTH];
-    sha256(secret, digest);
+  bool native_key(const std::string& digest) {
     std::shared_lock lock(keys_mu);
-    auto it = keys.find(std::string(reinterpret_cast<char*>(digest), sizeof digest));
+    auto it = keys.find(digest);
     if (it == keys.end()) return false;
     const Key& k = it->second;
     return k.native && k.role >= kRoleInfer && (!k.expires_ns || k.expires_ns > now_ns());
   }
 
-  // Whether Python verified this secret and it has not expired here: its call's body may be read.
-  bool known(const std::string& secret) {
-    unsigned char digest[SHA256_DIGEST_LENGTH];
-    sha256(secret, digest);
+  // Whether Python verified this key and it has not expired here: its call's body may be read.
+  bool known(const std::string& digest) {
     std::shared_lock lock(keys_mu);
-    auto it = keys.find(std::string(reinterpret_cast<char*>(digest), sizeof digest));
+    auto it = keys.find(digest);
     return it != keys.end() && (!it->second.expires_ns || it->second.expires_ns > now_ns());
   }
 
@@ -790,6 +787,7 @@ void Call::arrived() {
   counted_ = true;
   if (open_method(ctx_.method())) {
     // Calls without a key (health, reflection) share one key's limit: a health Watch never ends.
+    digest_ = sha256(secret_);
     if (take_key_slot()) proceed();
     return;
   }
@@ -799,8 +797,9 @@ void Call::arrived() {
     finish(Status(StatusCode::UNAUTHENTICATED, problem));
     return;
   }
+  digest_ = sha256(secret_);
   if (!take_key_slot()) return;
-  if (f_->known(secret_)) {
+  if (f_->known(digest_)) {
     proceed();
   } else {
     verify();
@@ -837,17 +836,14 @@ void Call::body_late(bool ok) {
 
 bool Call::take_key_slot() {
   if (f_->max_per_key <= 0) return true;
-  unsigned char digest[SHA256_DIGEST_LENGTH];
-  sha256(secret_, digest);
-  std::string key(reinterpret_cast<char*>(digest), sizeof digest);
-  if (!f_->take_key_slot(key)) {
+  if (!f_->take_key_slot(digest_)) {
     std::string who = secret_.empty() ? "calls without an API key have " : "this API key has ";
     finish(Status(StatusCode::RESOURCE_EXHAUSTED, who + std::to_string(f_->max_per_key) +
                                                       " calls in progress, the limit (FOVEA_GATEWAY_MAX_CALLS_PER_KEY)"
                                                       "; finish some or retry shortly"));
     return false;
   }
-  key_slot_ = key;
+  key_slot_ = digest_;
   return true;
 }
 
@@ -890,14 +886,11 @@ void Call::verified() {
 
 void Call::handle() {
   bool traced = f_->trace_sampled && sampled(ctx_);  // the Python server traces it
-  std::string auth;
-  last_header(ctx_, "authorization", &auth);  // the key credentials_problem checked
-  std::vector<grpc::Slice> slices;
-  bool bearer = auth.size() > 7 && strncasecmp(auth.c_str(), "bearer ", 7) == 0;
-  if (!traced && bearer && ctx_.method() == kModelInfer && req_.Dump(&slices).ok()) {
-    if (infer_native(auth.substr(7), slices)) return;
-  } else if (!traced && bearer && ctx_.method() == kClassify && req_.Dump(&slices).ok()) {
-    if (classify_native(auth.substr(7), slices)) return;
+  std::vector<grpc::Slice> slices;  // digest_ is the key credentials_problem checked (these methods need one)
+  if (!traced && ctx_.method() == kModelInfer && req_.Dump(&slices).ok()) {
+    if (infer_native(slices)) return;
+  } else if (!traced && ctx_.method() == kClassify && req_.Dump(&slices).ok()) {
+    if (classify_native(slices)) return;
   }
   forward_slow();
 }
@@ -905,14 +898,14 @@ void Call::handle() {
 // ModelInfer of a key answered here (no rate limits, allowed to infer). A request that breaks a rule is refused
 // here with the rule's message, before the key's model access, as the Python server refuses it; then the model
 // access (Python words its refusal), the per-call image limit, and the route. False: the Python server answers.
-bool Call::infer_native(const std::string& secret, std::vector<grpc::Slice>& slices) {
-  if (!f_->native_key(secret)) return false;
+bool Call::infer_native(std::vector<grpc::Slice>& slices) {
+  if (!f_->native_key(digest_)) return false;
   Checked c = check_request(slices, f_->max_top_k, f_->max_samples);
   if (!c.rules.empty()) {
     refuse(c.rules);
     return true;
   }
-  if (!f_->admit(secret, c.head.model)) return false;
+  if (!f_->admit(digest_, c.head.model)) return false;
   if (!c.over_limit.empty()) {
     refuse(c.over_limit);
     return true;
@@ -955,8 +948,8 @@ void Call::forward_native(const Head& head, std::vector<grpc::Slice>& slices) {
 // takes images, images within every limit (PNG or JPEG whose header gives the size), no more than one worker
 // batch. The images go to a worker's main port as one BYTES ModelInfer; its answer is turned into the
 // ClassifyResponse. False: the call goes to Python, which answers, refuses with the reason, or splits it.
-bool Call::classify_native(const std::string& secret, const std::vector<grpc::Slice>& slices) {
-  if (!f_->native_key(secret) || !classify_sizes_ok(slices)) return false;  // before any copy of the body
+bool Call::classify_native(const std::vector<grpc::Slice>& slices) {
+  if (!f_->native_key(digest_) || !classify_sizes_ok(slices)) return false;  // before any copy of the body
   std::string body;
   for (const auto& s : slices) body.append(reinterpret_cast<const char*>(s.begin()), s.size());
   classify::Request req;
@@ -970,7 +963,7 @@ bool Call::classify_native(const std::string& secret, const std::vector<grpc::Sl
     if (int64_t(img.size) > f_->max_image_bytes || !classify::image_dims(img.data, img.size, &w, &h)) return false;
     if (w * h > uint64_t(f_->max_image_pixels)) return false;
   }
-  if (!f_->admit(secret, req.model)) return false;
+  if (!f_->admit(digest_, req.model)) return false;
   net_.routes = f_->current_routes();
   net_.model = req.model;
   net_.version = req.version ? int64_t(req.version) : f_->pick_version(*net_.routes, net_.model);
