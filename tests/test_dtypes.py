@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -39,3 +41,10 @@ def test_onnx_runtime_type_strings_agree() -> None:
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         assert session.get_inputs()[0].type == d.ort, d
         onnx.checker.check_model(model)
+
+
+def test_the_native_parts_table_is_generated_from_this_one() -> None:
+    """fovea/oip_dtypes.h, which the gateway's and the worker's native code read, is what `python -m fovea.oip`
+    writes from DTYPES: an edit to either alone fails here."""
+    header = pathlib.Path(oip.__file__).with_name(oip.HEADER)
+    assert header.read_text() == oip.c_header(), "fovea/oip_dtypes.h is stale: run `python -m fovea.oip`"

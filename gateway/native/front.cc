@@ -39,6 +39,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "classify.h"
+#include "oip_dtypes.h"
 
 using grpc::ByteBuffer;
 using grpc::Status;

@@ -96,11 +96,8 @@ bool parse_version(const std::string& s, int64_t* v) {
 }
 
 int element_bytes(const std::string& datatype) {  // -1: unknown; 0: BYTES (length-prefixed items)
-  static const std::unordered_map<std::string, int> sizes = {
-      {"BOOL", 1}, {"UINT8", 1}, {"INT8", 1},  {"UINT16", 2}, {"INT16", 2}, {"FP16", 2}, {"BF16", 2},
-      {"UINT32", 4}, {"INT32", 4}, {"FP32", 4}, {"UINT64", 8}, {"INT64", 8}, {"FP64", 8}, {"BYTES", 0}};
-  auto it = sizes.find(datatype);
-  return it == sizes.end() ? -1 : it->second;
+  const fovea::oip::DType* d = fovea::oip::dtype(datatype.c_str());
+  return d ? d->size : -1;
 }
 
 bool valid_name(const std::string& s) {  // fovea/names.py NAME_RE, and no ".."

@@ -2,10 +2,11 @@
 
 #include "check.h"
 
+#include "oip_dtypes.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <map>
 
 namespace fovea {
 
@@ -81,11 +82,8 @@ Status check_output(const ModelSpec& m, const ModelInferRequest::InferRequestedO
 }  // namespace
 
 size_t dtype_size(const std::string& d) {
-  static const std::map<std::string, size_t> sizes = {
-      {"BOOL", 1}, {"UINT8", 1}, {"INT8", 1}, {"UINT16", 2}, {"INT16", 2}, {"FP16", 2},
-      {"UINT32", 4}, {"INT32", 4}, {"FP32", 4}, {"UINT64", 8}, {"INT64", 8}, {"FP64", 8}};
-  auto it = sizes.find(d);
-  return it == sizes.end() ? 0 : it->second;
+  const oip::DType* t = oip::dtype(d.c_str());
+  return t && t->numeric ? size_t(t->size) : 0;
 }
 
 std::string shape_str(const std::vector<int64_t>& s) {

@@ -27,6 +27,7 @@
 #include "api.h"
 #include "front.h"
 #include "ort_api.h"
+#include "oip_dtypes.h"
 
 namespace {
 
@@ -58,15 +59,16 @@ int put_error(char* buf, int cap, const std::string& message) {
   return -1;
 }
 
-// ONNX element types (ONNXTensorElementDataType) of the Open Inference Protocol's dtypes.
-const char* const kDtypes[] = {nullptr, "FP32", "UINT8", "INT8", "UINT16", "INT16", "INT32", "INT64",
-                               nullptr, "BOOL", "FP16", "FP64", "UINT32", "UINT64"};
-constexpr int kNumDtypes = sizeof(kDtypes) / sizeof(kDtypes[0]);
-
+// The ONNX element type (ONNXTensorElementDataType) of a numeric Open Inference Protocol dtype; -1 for others.
 int element_type(const char* dtype) {
-  for (int t = 0; t < kNumDtypes; ++t)
-    if (kDtypes[t] && std::strcmp(kDtypes[t], dtype) == 0) return t;
-  return -1;
+  const fovea::oip::DType* d = fovea::oip::dtype(dtype);
+  return d && d->numeric ? d->onnx : -1;
+}
+
+// The numeric dtype of an ONNX element type; nullptr for one the fast port does not answer with.
+const char* dtype_name(int onnx) {
+  const fovea::oip::DType* d = fovea::oip::dtype_of_onnx(onnx);
+  return d && d->numeric ? d->name : nullptr;
 }
 
 struct Session {
@@ -121,12 +123,12 @@ std::string complete(fv_front* front, int64_t id, int64_t compute_ns, const std:
     if (err.empty() && (rank < 1 || rank > size_t(kMaxRank))) err = "an output of rank " + std::to_string(rank);
     if (err.empty()) err = error(ORT(GetDimensions)(info, out[o].dims, rank));
     if (info) ORT(ReleaseTensorTypeAndShapeInfo)(info);
-    if (err.empty() && (type <= 0 || type >= kNumDtypes || !kDtypes[type]))
+    if (err.empty() && !dtype_name(type))
       err = "an output of ONNX element type " + std::to_string(type) + ", which the protocol cannot carry";
     void* p = nullptr;
     if (err.empty()) err = error(ORT(GetTensorMutableData)(outs[o], &p));
     if (!err.empty()) return err;
-    out[o].dtype = kDtypes[type];
+    out[o].dtype = dtype_name(type);
     out[o].data = p;
     out[o].rank = int32_t(rank);
   }
