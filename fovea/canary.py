@@ -1,5 +1,5 @@
 """The canary pick: which version of an alias serves one call. The one Python copy (the gateway's routing and
-the registry's resolve); the gateway's native front picks the same way in `pick_version`."""
+the registry's resolve); the native parts' one copy, which both fronts call, is fovea/canary.h."""
 
 from __future__ import annotations
 

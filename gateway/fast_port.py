@@ -394,6 +394,11 @@ class NativeGateway:
         if self.handle:
             self.lib.fg_readmit(self.handle, fast_address.encode())
 
+    def pick_version(self, model: str) -> int:
+        """The version the front sends a call for model without one to (its production alias's canary pick, by
+        weight); 0 when its table has no production alias for model."""
+        return int(self.lib.fg_pick_version(self.handle, model.encode())) if self.handle else 0
+
     def set_accepting(self, accepting: bool) -> None:
         if self.handle:
             self.lib.fg_set_accepting(self.handle, int(accepting))

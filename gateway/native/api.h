@@ -191,6 +191,9 @@ int64_t fg_drain_log(void* fp, struct fg_log_record* out, int64_t cap, int64_t* 
 // Moves up to cap fast addresses of workers the front ejected into out; returns how many. The rest stay.
 int64_t fg_take_ejected(void* fp, struct fg_address* out, int64_t cap);
 void fg_readmit(void* fp, const char* address);
+// The version a call for model without one goes to: a target of the table's production alias, picked by weight
+// (fovea/canary.h, as the front picks for its own calls); 0 when the table has no production alias for model.
+int64_t fg_pick_version(void* fp, const char* model);
 void fg_set_accepting(void* fp, int accepting);
 // Routed calls: fg_forward_send sends one and returns 0 (-1: out of bounds or an id in use; -2: shut down); its end
 // comes later, through fg_forward_take, which moves up to cap ended calls into out (oldest first) and returns

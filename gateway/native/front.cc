@@ -38,6 +38,7 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include "canary.h"
 #include "classify.h"
 #include "oip_dtypes.h"
 
@@ -523,14 +524,8 @@ class Front {
     if (it == r.production.end() || it->second.empty()) return 0;
     const auto& targets = it->second;
     if (targets.size() == 1) return targets[0].first;
-    double total = 0;
-    for (const auto& t : targets) total += t.second;
-    double x = std::uniform_real_distribution<double>(0, total)(rng());
-    for (const auto& t : targets) {
-      if (x < t.second) return t.first;
-      x -= t.second;
-    }
-    return targets.back().first;
+    double unit = std::uniform_real_distribution<double>(0, 1)(rng());
+    return targets[fovea::canary::pick(targets, [](const auto& t) { return t.second; }, unit)].first;
   }
 
   void record(Worker& w, bool ok) {
@@ -1526,6 +1521,12 @@ int64_t fg_take_ejected(void* fp, fg_address* out, int64_t cap) {
 
 // A worker (by fast address) passed its probe: route to it again.
 void fg_readmit(void* fp, const char* address) { static_cast<Front*>(fp)->readmit(address); }
+
+int64_t fg_pick_version(void* fp, const char* model) {
+  if (!fp || !model) return 0;
+  auto* f = static_cast<Front*>(fp);
+  return f->pick_version(*f->current_routes(), model);
+}
 
 int fg_forward_fd(void* fp) { return static_cast<Front*>(fp)->forward_fd; }
 

@@ -122,6 +122,18 @@ def test_routing_entries_past_their_bounds_are_left_out_and_a_malformed_table_re
     assert front.routes is table and front.routes.has_alias("ident") and len(front.routes.workers_of("ident")) == 1
 
 
+def test_the_canary_pick_follows_the_production_alias_weights(front: NativeGateway) -> None:
+    """The front's pick (fovea/canary.h, shared with the worker's front) agrees with fovea/canary.py: by weight,
+    and a 0% target takes no calls."""
+    assert front.pick_version("m") == 0  # no production alias in the table
+    front.set_routes(RouteTable(aliases=[AliasTarget("m", 1, 90.0), AliasTarget("m", 2, 10.0)]))
+    picks = [front.pick_version("m") for _ in range(4000)]
+    assert set(picks) == {1, 2} and 0.05 < picks.count(2) / len(picks) < 0.15
+    front.set_routes(RouteTable(aliases=[AliasTarget("m", 1, 100.0), AliasTarget("m", 2, 0.0)]))
+    assert {front.pick_version("m") for _ in range(4000)} == {1}
+    assert front.pick_version("other") == 0
+
+
 def test_keys_past_their_bounds_are_refused(front: NativeGateway) -> None:
     lib, ffi = front.lib, front.ffi
     text = CStrings(ffi)

@@ -165,7 +165,11 @@ def test_the_canary_pick_follows_the_route_weights(front: NativeFront) -> None:
     front.route("m", [(slots[1], 90), (slots[2], 10)])
     picks = [front.pick_version("m") for _ in range(4000)]
     assert set(picks) == {1, 2} and 0.05 < picks.count(2) / len(picks) < 0.15
+    front.route("m", [(slots[1], 100), (slots[2], 0)])  # a 0% target takes no calls (fovea/canary.h), as the
+    assert {front.pick_version("m") for _ in range(4000)} == {1}  # registry and the gateway pick
     front.route("m", [(slots[3], 0)])  # a weight of 0 still takes the calls when it is the only target
     assert {front.pick_version("m") for _ in range(50)} == {3}
+    front.route("m", [(slots[2], 0), (slots[3], 0)])  # or when no target with weight is loaded here: any one
+    assert {front.pick_version("m") for _ in range(200)} == {2, 3}
     front.route("m", [])
     assert front.pick_version("m") == 0 and front.pick_version("other") == 0

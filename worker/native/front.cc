@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "auth.h"
+#include "canary.h"
 #include "check.h"
 #include "api.h"
 #include "front.h"
@@ -213,23 +214,17 @@ class Front {
     return it == slots.end() ? nullptr : it->second;
   }
 
-  // The version a call without one goes to: a target of the model's route, by weight (a weight of 0 counts as
-  // 1, so that a target just added is tried). The worker's one canary pick: Python asks it too (fv_pick_version).
-  // Null when the model has no route. routes_mu held.
+  // The version a call without one goes to: a target of the model's route, by weight (fovea/canary.h, the
+  // native parts' one canary pick). Python asks it too (fv_pick_version). Null when the model has no route.
+  // routes_mu held.
   std::shared_ptr<Model> pick(const std::string& name) {
     auto it = by_name.find(name);
     if (it == by_name.end() || it->second.empty()) return nullptr;
     const auto& targets = it->second;
     if (targets.size() == 1) return targets[0].first;
-    thread_local std::minstd_rand rng{std::random_device{}()};
-    int64_t total = 0;
-    for (const auto& t : targets) total += std::max(t.second, 1);
-    int64_t x = int64_t(rng() % uint64_t(total));
-    for (const auto& t : targets) {
-      x -= std::max(t.second, 1);
-      if (x < 0) return t.first;
-    }
-    return targets.back().first;
+    thread_local std::mt19937_64 rng{std::random_device{}()};
+    double unit = std::uniform_real_distribution<double>(0, 1)(rng);
+    return targets[fovea::canary::pick(targets, [](const auto& t) { return t.second; }, unit)].first;
   }
 
   Status lookup(const std::string& name, const std::string& version, std::shared_ptr<Model>* out) {
