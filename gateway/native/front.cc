@@ -96,6 +96,7 @@ struct Worker {
   std::atomic<int> queue_depth{0};
   std::atomic<int> failures{0};
   std::atomic<int64_t> ejected_until_ns{0};
+  int64_t redialed_ns = 0;  // when a routing table last cut its reconnect wait short (routes_mu)
 };
 
 // What Classify needs of a model version that takes images: its input and output tensors' names and the
@@ -440,6 +441,7 @@ class Front {
   std::mutex ejected_mu;
   std::vector<std::string> ejected;
   static constexpr double kEjectFallbackS = 60;  // in case no re-admission ever comes
+  static constexpr int64_t kRedialEveryNs = 1000000000;  // a routing table cuts a reconnect wait short once a second
 
   std::shared_mutex keys_mu;
   std::unordered_map<std::string, Key> keys;  // SHA-256 of the secret -> key
@@ -579,9 +581,16 @@ class Front {
         w->main = std::make_unique<grpc::GenericStub>(w->main_channel);
       }
       // The registry has just heard from it: a channel still waiting out its reconnect backoff (the worker
-      // restarted, or was out of reach) dials now rather than failing every call until the wait ends.
-      for (grpc::Channel* c : {w->stub_channel.get(), w->main_channel.get()})
-        if (c->GetState(false) == GRPC_CHANNEL_TRANSIENT_FAILURE) grpc::experimental::ChannelResetConnectionBackoff(c);
+      // restarted, or was out of reach) dials now rather than failing every call until the wait ends. At most
+      // once a second: tables come with every worker's heartbeats, and a worker this gateway cannot reach
+      // while the registry can must not be dialled at their rate.
+      int64_t now = now_ns();
+      if (now - w->redialed_ns >= kRedialEveryNs)
+        for (grpc::Channel* c : {w->stub_channel.get(), w->main_channel.get()})
+          if (c->GetState(false) == GRPC_CHANNEL_TRANSIENT_FAILURE) {
+            grpc::experimental::ChannelResetConnectionBackoff(c);
+            w->redialed_ns = now;
+          }
       w->queue_depth = e.queue_depth;
       r->serving[std::string(e.model) + "\n" + std::to_string(e.version)].push_back(w);
     }
