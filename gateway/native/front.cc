@@ -595,12 +595,21 @@ class Front {
       r->serving[std::string(e.model) + "\n" + std::to_string(e.version)].push_back(w);
     }
     routes = r;
-    // Close channels to workers that left: no table lists them and no call holds them any more.
+    // Workers that left: what set one aside ends with it (Python's probe of it stopped with its registration),
+    // so one that registers again starts clean even while a call still holds it here. Their channels close
+    // once no call holds them.
     std::set<const Worker*> listed;
     for (const auto& [key, ws] : r->serving)
       for (const auto& w : ws) listed.insert(w.get());
-    for (auto it = workers.begin(); it != workers.end();)
-      it = !listed.count(it->second.get()) && it->second.use_count() == 1 ? workers.erase(it) : std::next(it);
+    for (auto it = workers.begin(); it != workers.end();) {
+      if (listed.count(it->second.get())) {
+        ++it;
+        continue;
+      }
+      it->second->failures = 0;
+      it->second->ejected_until_ns = 0;
+      it = it->second.use_count() == 1 ? workers.erase(it) : std::next(it);
+    }
   }
 };
 

@@ -152,6 +152,31 @@ async def test_a_worker_back_in_a_new_table_is_dialled_at_once_not_after_its_rec
     front.close()
 
 
+async def test_a_worker_that_leaves_the_table_while_ejected_comes_back_clean(front: NativeGateway) -> None:
+    """An ejected worker that leaves the table (the registry forgot it: Python's probe of it stopped) is not still
+    set aside when it registers again, even when a call held it here meanwhile, which kept its state alive."""
+    a, b = StandIn(refuse=True), StandIn()
+    await serving(front, a, b)
+    only_a = RouteTable(workers=[WorkerRoute("ident", 1, a.address, a.address, 0)])
+    front.set_routes(only_a)
+    for _ in range(3):  # three refusals in a row (eject_after): set aside
+        assert (await front.forwards.send("ident", 1, infer(), 5.0)).code != 0
+    a.refuse, a.delay_s = False, 30.0
+    held = asyncio.create_task(front.forwards.send("ident", 1, infer(), 60.0))  # the only worker, set aside or not
+    while len(a.calls) < 4:
+        await asyncio.sleep(0.01)
+    front.set_routes(RouteTable(workers=[WorkerRoute("ident", 1, b.address, b.address, 0)]))  # a left
+    held.cancel()
+    await asyncio.gather(held, return_exceptions=True)
+    a.delay_s = 0.0
+    both = RouteTable(workers=[WorkerRoute("ident", 1, w.address, w.address, 0) for w in (a, b)])
+    front.set_routes(both)  # a registered again
+    ends = [(await front.forwards.send("ident", 1, infer(), 5.0)).worker for _ in range(40)]
+    assert ends.count(a.address) > 5 and ends.count(b.address) > 5, ends
+    for w in (a, b):
+        await w.server.stop(0)
+
+
 async def test_a_worker_is_chosen_by_its_reported_queue_or_this_gateways_calls_on_it_whichever_is_more(
     front: NativeGateway,
 ) -> None:
