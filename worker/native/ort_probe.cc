@@ -12,11 +12,13 @@
 #include <dirent.h>
 #include <dlfcn.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ort_api.h"
@@ -83,6 +85,19 @@ int threads() {
     while (dirent* e = readdir(d))
       if (e->d_name[0] != '.') n++;
     closedir(d);
+  }
+  return n;
+}
+
+// The thread count once it holds still for 20 ms (at most 2 s): a pool's threads that a released session joined
+// can still be listed for a moment (slowly under the sanitizers), and would count against the next session.
+int settled_threads() {
+  int n = threads();
+  for (int i = 0; i < 100; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    int again = threads();
+    if (again == n) break;
+    n = again;
   }
   return n;
 }
@@ -190,7 +205,7 @@ int main(int argc, char** argv) {
       must(ORT(CreateSessionOptions)(&so), "CreateSessionOptions");
       must(ORT(SetIntraOpNumThreads)(so, intra), "SetIntraOpNumThreads");
       must(ORT(SetInterOpNumThreads)(so, inter), "SetInterOpNumThreads");
-      int before = threads();
+      int before = settled_threads();
       OrtSession* s = session(env, run_model, so);
       started.push_back({"intra_" + std::to_string(intra) + "_inter_" + std::to_string(inter),
                          std::to_string(threads() - before)});
