@@ -399,6 +399,14 @@ class NativeGateway:
         weight); 0 when its table has no production alias for model."""
         return int(self.lib.fg_pick_version(self.handle, model.encode())) if self.handle else 0
 
+    def choose(self, model: str, version: int) -> str:
+        """The fast address of the worker the front would send a call for model/version to now (the power of two
+        choices by load); "" when no worker serves it."""
+        out = self.ffi.new("struct fg_address*")
+        if not self.handle or not self.lib.fg_choose(self.handle, model.encode(), version, out):
+            return ""
+        return self.ffi.string(out.text).decode(errors="replace")
+
     def set_accepting(self, accepting: bool) -> None:
         if self.handle:
             self.lib.fg_set_accepting(self.handle, int(accepting))

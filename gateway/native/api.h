@@ -194,6 +194,9 @@ void fg_readmit(void* fp, const char* address);
 // The version a call for model without one goes to: a target of the table's production alias, picked by weight
 // (fovea/canary.h, as the front picks for its own calls); 0 when the table has no production alias for model.
 int64_t fg_pick_version(void* fp, const char* model);
+// The worker a call for model/version goes to (the power of two choices by load, as the front picks for its own
+// calls): its fast address in out; returns 1, or 0 when no worker serves the version.
+int fg_choose(void* fp, const char* model, int64_t version, struct fg_address* out);
 void fg_set_accepting(void* fp, int accepting);
 // Routed calls: fg_forward_send sends one and returns 0 (-1: out of bounds or an id in use; -2: shut down); its end
 // comes later, through fg_forward_take, which moves up to cap ended calls into out (oldest first) and returns

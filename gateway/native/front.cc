@@ -92,8 +92,8 @@ struct Worker {
   std::shared_ptr<grpc::Channel> stub_channel, main_channel;
   std::unique_ptr<grpc::GenericStub> stub;  // to the fast port
   std::unique_ptr<grpc::GenericStub> main;  // to its main port, for images and typed contents
-  std::atomic<int> in_flight{0};
-  std::atomic<int> queue_depth{0};
+  std::atomic<int> in_flight{0};  // this front's calls on it now
+  std::atomic<int> elsewhere{0};  // other gateways' calls on it, as its last heartbeat let this front judge
   std::atomic<int> failures{0};
   std::atomic<int64_t> ejected_until_ns{0};
   int64_t redialed_ns = 0;  // when a routing table last cut its reconnect wait short (routes_mu)
@@ -442,6 +442,7 @@ class Front {
   std::vector<std::string> ejected;
   static constexpr double kEjectFallbackS = 60;  // in case no re-admission ever comes
   static constexpr int64_t kRedialEveryNs = 1000000000;  // a routing table cuts a reconnect wait short once a second
+  static constexpr int64_t kMaxReportedQueue = 1 << 20;  // a heartbeat's queue counted up to this, so sums stay in int
 
   std::shared_mutex keys_mu;
   std::unordered_map<std::string, Key> keys;  // SHA-256 of the secret -> key
@@ -514,10 +515,10 @@ class Front {
     if (pool.size() == 1) return pool[0];
     size_t a = rng()() % pool.size(), b = rng()() % (pool.size() - 1);
     if (b >= a) ++b;
-    // A worker's last heartbeat counts every gateway's calls queued on it, this one's among them, up to a
-    // second ago; this gateway's own calls on it are counted live. The larger of the two, not their sum,
-    // which would count this gateway's calls twice and keep sending past an equal worker for a heartbeat.
-    auto load = [](const Worker& w) { return std::max(w.in_flight.load(), w.queue_depth.load()); };
+    // This front's calls, counted live, plus what other gateways had on it at its last heartbeat. The live
+    // count always decides between workers the others leave equal: a heartbeat up to a second old must
+    // not outweigh it (a floor taken from it hid the live count, and one worker took 61% of an even load).
+    auto load = [](const Worker& w) { return w.in_flight.load() + w.elsewhere.load(); };
     return load(*pool[a]) <= load(*pool[b]) ? pool[a] : pool[b];
   }
 
@@ -566,6 +567,7 @@ class Front {
       const fg_image_model& m = in.images[i];
       r->images[std::string(m.model) + "\n" + std::to_string(m.version)] = ImageModel{m.input, m.output, m.width};
     }
+    std::unordered_map<Worker*, int64_t> reported;  // a worker's queue over every version it serves
     for (int64_t i = 0; i < in.n_workers; ++i) {
       const fg_worker_route& e = in.workers[i];
       std::string address = e.fast_address, main = e.main_address;
@@ -591,9 +593,12 @@ class Front {
             grpc::experimental::ChannelResetConnectionBackoff(c);
             w->redialed_ns = now;
           }
-      w->queue_depth = e.queue_depth;
+      reported[w.get()] += std::clamp<int64_t>(e.queue_depth, 0, kMaxReportedQueue);
       r->serving[std::string(e.model) + "\n" + std::to_string(e.version)].push_back(w);
     }
+    // The reported queue counts this front's calls too: what exceeds its count now is other gateways'.
+    for (auto [w, queued] : reported)
+      w->elsewhere = int(std::clamp<int64_t>(queued - w->in_flight.load(), 0, kMaxReportedQueue));
     routes = r;
     // Workers that left: what set one aside ends with it (Python's probe of it stopped with its registration),
     // so one that registers again starts clean even while a call still holds it here. Their channels close
@@ -1544,6 +1549,15 @@ int64_t fg_pick_version(void* fp, const char* model) {
   if (!fp || !model) return 0;
   auto* f = static_cast<Front*>(fp);
   return f->pick_version(*f->current_routes(), model);
+}
+
+int fg_choose(void* fp, const char* model, int64_t version, fg_address* out) {
+  if (!fp || !model || !out) return 0;
+  auto* f = static_cast<Front*>(fp);
+  auto w = f->choose(*f->current_routes(), model, version, "");
+  if (!w) return 0;
+  copy_text(out->text, w->address);
+  return 1;
 }
 
 int fg_forward_fd(void* fp) { return static_cast<Front*>(fp)->forward_fd; }

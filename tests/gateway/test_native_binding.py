@@ -134,6 +134,33 @@ def test_the_canary_pick_follows_the_production_alias_weights(front: NativeGatew
     assert front.pick_version("other") == 0
 
 
+def test_the_worker_choice_counts_other_gateways_queue_over_every_version(front: NativeGateway) -> None:
+    """With no call of its own in flight, the front sends to the worker whose heartbeat reported the shorter
+    queue, summed over the versions it serves; equal queues share the calls. (The live in-flight count, which
+    this table cannot set, is shown by tests/gateway/test_routing.py.)"""
+
+    def table(busy_queue: int, other_version_queue: int) -> RouteTable:
+        return RouteTable(
+            workers=[
+                WorkerRoute("m", 1, "127.0.0.1:1", "127.0.0.1:2", busy_queue),
+                WorkerRoute("m", 2, "127.0.0.1:1", "127.0.0.1:2", other_version_queue),
+                WorkerRoute("m", 1, "127.0.0.1:3", "127.0.0.1:4", 2),
+            ]
+        )
+
+    assert front.choose("m", 1) == ""  # no worker in the table
+    front.set_routes(table(5, 0))
+    assert {front.choose("m", 1) for _ in range(200)} == {"127.0.0.1:3"}
+    front.set_routes(table(1, 4))  # 1 + 4 queued on the first worker over both versions
+    assert {front.choose("m", 1) for _ in range(200)} == {"127.0.0.1:3"}
+    front.set_routes(table(1, 1))  # equal: the two share
+    picks = [front.choose("m", 1) for _ in range(2000)]
+    assert 0.4 < picks.count("127.0.0.1:1") / len(picks) < 0.6
+    front.set_routes(table(2**31 - 1, 0))  # a huge report is bounded, not wrapped into a small one
+    assert {front.choose("m", 1) for _ in range(200)} == {"127.0.0.1:3"}
+    assert front.choose("m", 3) == "" and front.choose("other", 1) == ""
+
+
 def test_keys_past_their_bounds_are_refused(front: NativeGateway) -> None:
     lib, ffi = front.lib, front.ffi
     text = CStrings(ffi)
