@@ -7,6 +7,15 @@ from pydantic_settings import SettingsConfigDict
 
 from fovea.config import BaseConfig
 
+# The first and the longest wait before dialling a worker again: GatewayConfig's defaults, and those of the parts
+# built without one (gRPC's own waits grow to 120 s, long past a restarted worker's return).
+RECONNECT_S = (0.2, 2.0)
+
+
+def reconnect_ms(waits_s: tuple[float, float]) -> tuple[int, int]:
+    """The waits in whole milliseconds, as gRPC's channel arguments take them."""
+    return (round(waits_s[0] * 1000), round(waits_s[1] * 1000))
+
 
 class GatewayConfig(BaseConfig):
     model_config = SettingsConfigDict(env_prefix="FOVEA_GATEWAY_", extra="ignore", populate_by_name=True)
@@ -54,9 +63,9 @@ class GatewayConfig(BaseConfig):
     """Consecutive connection failures before a worker is set aside."""
     eject_s: float = 5.0
     """How long an ejected worker is set aside before the first health probe (then doubling, up to 30 s)."""
-    worker_reconnect_min_s: float = Field(default=0.2, ge=0.001, le=300)
+    worker_reconnect_min_s: float = Field(default=RECONNECT_S[0], ge=0.001, le=300)
     """First wait before dialling a worker again after its connection failed (then growing 1.6 times a try)."""
-    worker_reconnect_max_s: float = Field(default=2.0, ge=0.001, le=300)
+    worker_reconnect_max_s: float = Field(default=RECONNECT_S[1], ge=0.001, le=300)
     """Longest wait before dialling a worker again (gRPC's own default is 120 s). A worker the registry hears
     from is dialled at once whatever the wait, so a restarted worker is reached as soon as it says it is ready."""
     unread_window_bytes: int = 64 * 1024

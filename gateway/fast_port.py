@@ -22,6 +22,7 @@ from typing import Any
 from fovea.errors import Draining, InvalidArgument
 from fovea.native import binding_path, load_binding
 from fovea.v1 import model_pb2, registry_pb2
+from gateway.config import RECONNECT_S, reconnect_ms
 from gateway.forward import Forwards
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class NativeGateway:
         unread_window_bytes: int = 64 * 1024,
         max_calls_per_key: int = 0,
         worker_tls: tuple[bytes, bytes, bytes] = (b"", b"", b""),
-        reconnect_s: tuple[float, float] = (0.2, 2.0),
+        reconnect_s: tuple[float, float] = RECONNECT_S,
     ) -> None:
         """tls: (certificate chain, private key, client CA) in PEM; empty serves plaintext, an empty CA
         asks for no client certificate. worker_tls: (the workers' CA, this gateway's certificate chain and
@@ -166,8 +167,8 @@ class NativeGateway:
         ffi = self.ffi
         if not 0 <= unread_window_bytes < 2**31 or threads > self.lib.FG_MAX_THREADS:
             raise ValueError(f"the front takes up to {self.lib.FG_MAX_THREADS} threads and a window under 2 GiB")
-        reconnect_ms = [round(s * 1000) for s in reconnect_s]
-        if not 0 < reconnect_ms[0] <= reconnect_ms[1] <= self.lib.FG_MAX_RECONNECT_MS:
+        waits_ms = reconnect_ms(reconnect_s)
+        if not 0 < waits_ms[0] <= waits_ms[1] <= self.lib.FG_MAX_RECONNECT_MS:
             raise ValueError(f"reconnect waits must be 1 ms <= first <= longest <= {self.lib.FG_MAX_RECONNECT_MS} ms")
         text = CStrings(ffi)
         cert, key, client_ca = tls
@@ -193,8 +194,8 @@ class NativeGateway:
                 "worker_ca_pem": text(worker_ca),
                 "worker_cert_pem": text(worker_cert),
                 "worker_key_pem": text(worker_key),
-                "reconnect_min_ms": reconnect_ms[0],
-                "reconnect_max_ms": reconnect_ms[1],
+                "reconnect_min_ms": waits_ms[0],
+                "reconnect_max_ms": waits_ms[1],
             },
         )
         port = ffi.new("int*")

@@ -22,6 +22,7 @@ from fovea.config import channel_options
 from fovea.errors import InvalidState
 from fovea.registry_link import RegistryLink
 from fovea.v1 import model_pb2, registry_pb2
+from gateway.config import RECONNECT_S, reconnect_ms
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -124,13 +125,13 @@ class Workers:
         eject_s: float,
         on_eject: Callable[[], None] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
-        reconnect_s: tuple[float, float] = (0.2, 2.0),
+        reconnect_s: tuple[float, float] = RECONNECT_S,
     ) -> None:
         """credentials: TLS to the workers; None dials plaintext. reconnect_s: the first and the longest wait
         before dialling a worker again (gRPC's default grows to 120 s)."""
         self.endpoints: dict[str, Endpoint] = {}
         self.credentials = credentials
-        first, longest = (round(s * 1000) for s in reconnect_s)
+        first, longest = reconnect_ms(reconnect_s)
         self.reconnect_options = [
             ("grpc.initial_reconnect_backoff_ms", first),
             ("grpc.min_reconnect_backoff_ms", first),

@@ -53,7 +53,7 @@ struct fg_config {
   const char* worker_ca_pem;      // PEM CA of the workers' certificates: TLS to the workers; "" or NULL: plaintext
   const char* worker_cert_pem;    // PEM certificate chain this gateway shows the workers (mutual TLS); "" none
   const char* worker_key_pem;     // its PEM private key
-  int32_t reconnect_min_ms;       // first wait before dialling a worker again; 0: 200 ms (and 2 s at most)
+  int32_t reconnect_min_ms;       // first wait before dialling a worker again; 0: gRPC's own waits
   int32_t reconnect_max_ms;       // longest wait: reconnect_min_ms to FG_MAX_RECONNECT_MS
 };
 

@@ -372,14 +372,16 @@ class Call {
   std::chrono::steady_clock::time_point start_;
 };
 
-// reconnect_ms: the first and the longest wait before dialling a worker again (gRPC's default grows to 120 s).
-grpc::ChannelArguments channel_args(int max_message_bytes, std::pair<int, int> reconnect_ms = {200, 2000}) {
+// reconnect_ms: the first and the longest wait before dialling a worker again (fg_config; {0, 0}: gRPC's own).
+grpc::ChannelArguments channel_args(int max_message_bytes, std::pair<int, int> reconnect_ms) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
   args.SetMaxSendMessageSize(max_message_bytes);
-  args.SetInt("grpc.initial_reconnect_backoff_ms", reconnect_ms.first);
-  args.SetInt("grpc.min_reconnect_backoff_ms", reconnect_ms.first);
-  args.SetInt("grpc.max_reconnect_backoff_ms", reconnect_ms.second);
+  if (reconnect_ms.first > 0) {
+    args.SetInt("grpc.initial_reconnect_backoff_ms", reconnect_ms.first);
+    args.SetInt("grpc.min_reconnect_backoff_ms", reconnect_ms.first);
+    args.SetInt("grpc.max_reconnect_backoff_ms", reconnect_ms.second);
+  }
   args.SetInt("grpc.http2.max_frame_size", 1 << 20);
   args.SetInt("grpc.http2.lookahead_bytes", 8 << 20);
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // one connection per gateway, not shared with grpcio's
@@ -400,7 +402,7 @@ class Front {
   std::unique_ptr<grpc::GenericStub> slow;
   std::string internal_auth;
   int max_message_bytes = 0;
-  std::pair<int, int> reconnect_ms{200, 2000};
+  std::pair<int, int> reconnect_ms{0, 0};  // gateway/config.py RECONNECT_S unless set
   int64_t default_deadline_ms = 30000, max_deadline_ms = 300000, max_samples = 64, max_top_k = 100;
   // Classify's limits (gateway/config.py); a call past one goes to the Python server, which says which.
   int64_t default_top_k = 5, max_images_per_forward = 32, max_image_bytes = 20 << 20, max_image_pixels = 40000000;
@@ -1302,7 +1304,7 @@ void* fg_start(const fg_config* config, int* port) {
   f->max_pending = config->max_pending_calls > 0 ? config->max_pending_calls : f->max_pending;
   f->max_per_key = config->max_calls_per_key;
   f->max_message_bytes = config->max_message_bytes;
-  if (config->reconnect_min_ms > 0) f->reconnect_ms = {config->reconnect_min_ms, config->reconnect_max_ms};
+  f->reconnect_ms = {config->reconnect_min_ms, config->reconnect_max_ms};
   f->internal_auth = std::string("Bearer ") + or_empty(config->worker_token);
   f->default_deadline_ms = config->default_deadline_ms;
   f->max_deadline_ms = config->max_deadline_ms;
@@ -1316,7 +1318,7 @@ void* fg_start(const fg_config* config, int* port) {
     f->worker_creds = grpc::SslCredentials(ssl);
   }
   f->slow = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
-      config->python_address, grpc::InsecureChannelCredentials(), channel_args(config->max_message_bytes)));
+      config->python_address, grpc::InsecureChannelCredentials(), channel_args(config->max_message_bytes, f->reconnect_ms)));
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
   if (*cert_pem) {
     grpc::SslServerCredentialsOptions ssl(*client_ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
