@@ -177,12 +177,13 @@ async def test_a_worker_that_leaves_the_table_while_ejected_comes_back_clean(fro
         await w.server.stop(0)
 
 
-async def test_a_worker_is_chosen_by_its_reported_queue_or_this_gateways_calls_on_it_whichever_is_more(
+async def test_a_worker_is_chosen_by_this_gateways_calls_on_it_plus_what_others_had_at_its_heartbeat(
     front: NativeGateway,
 ) -> None:
     """The worker's heartbeat counts this gateway's calls too: A reports the 2 calls this gateway has on it, B
     reported before this gateway's 3 calls reached it. A holds 2 calls, B 3, so the next call goes to A; adding
-    the two figures would make A 4 and send it to B."""
+    the two figures would make A 4 and send it to B. Then A reports 2 calls of other gateways beside this one's
+    3: 5 against B's 3, so the next goes to B."""
     a, b = StandIn(delay_s=30), StandIn(delay_s=30)
     for w in (a, b):
         await w.server.start()
@@ -209,6 +210,9 @@ async def test_a_worker_is_chosen_by_its_reported_queue_or_this_gateways_calls_o
     front.set_routes(table(2, 0))
     held += await hold(1)
     assert (len(a.calls), len(b.calls)) == (3, 3)
+    front.set_routes(table(5, 3))
+    held += await hold(1)
+    assert (len(a.calls), len(b.calls)) == (3, 4)
     for task in held:
         task.cancel()
     await asyncio.gather(*held, return_exceptions=True)
