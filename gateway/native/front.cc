@@ -7,6 +7,10 @@
 //
 // Python keeps the tables current: verified unlimited keys (by SHA-256 of the secret, never the
 // secret), production aliases and which workers serve which version (from the registry's watches).
+//
+// Its parts, each one job, included below: keys.h (the keys and what each may do), router.h (the routing
+// table: canary pick, worker choice, ejection), request.h (ModelInferRequest's wire format and rules),
+// classify.h (Classify's). This file holds the calls' life and the C entries of api.h.
 
 #include "api.h"
 
@@ -55,7 +59,6 @@ const std::set<std::string> kStreams = {
     "/inference.GRPCInferenceService/ModelStreamInfer", "/fovea.v1.ImageService/ClassifyStream",
     "/grpc.health.v1.Health/Watch", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"};
-constexpr int kRoleInfer = 1;  // fovea.v1.Role.ROLE_INFER
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(SysClock::now().time_since_epoch()).count();
@@ -78,34 +81,6 @@ std::string sha256(const std::string& data) {
   return std::string(reinterpret_cast<char*>(out), sizeof out);
 }
 
-struct Key {
-  std::string key_id;
-  int role = 0;
-  std::vector<std::string> patterns;
-  int64_t expires_ns = 0;  // the key's expiry or the end of its time in this cache, whichever is first
-  bool native = true;      // false: a key with rate limits, verified but served by the Python server
-};
-
-struct Worker {
-  std::string address;                      // its fast port
-  std::string main_address;                 // its main port
-  std::shared_ptr<grpc::Channel> stub_channel, main_channel;
-  std::unique_ptr<grpc::GenericStub> stub;  // to the fast port
-  std::unique_ptr<grpc::GenericStub> main;  // to its main port, for images and typed contents
-  std::atomic<int> in_flight{0};  // this front's calls on it now
-  std::atomic<int> elsewhere{0};  // other gateways' calls on it, as its last heartbeat let this front judge
-  std::atomic<int> failures{0};
-  std::atomic<int64_t> ejected_until_ns{0};
-  int64_t redialed_ns = 0;  // when a routing table last cut its reconnect wait short (routes_mu)
-};
-
-// What Classify needs of a model version that takes images: its input and output tensors' names and the
-// output's width (the classes; 0 when unknown).
-struct ImageModel {
-  std::string input, output;
-  int64_t width = 0;
-};
-
 // A finished native call, until Python drains it (fg_drain_log).
 struct LogEntry {
   double epoch_s = 0, seconds = 0;
@@ -115,13 +90,9 @@ struct LogEntry {
   const char* method = "";
 };
 
-struct Routes {
-  std::unordered_map<std::string, std::vector<std::pair<int64_t, double>>> production;  // model -> versions, weights
-  std::unordered_map<std::string, std::vector<std::shared_ptr<Worker>>> serving;         // "model\nversion" -> workers
-  std::unordered_map<std::string, ImageModel> images;  // "model\nversion" -> its tensors, for Classify
-};
-
+#include "keys.h"     // API keys and what each may do here
 #include "request.h"  // the wire reader and the request rules
+#include "router.h"   // the routing table: canary pick, worker choice, ejection
 
 std::string header(const grpc::GenericServerContext& ctx, const char* name) {
   auto it = ctx.client_metadata().find(name);
@@ -372,22 +343,6 @@ class Call {
   std::chrono::steady_clock::time_point start_;
 };
 
-// reconnect_ms: the first and the longest wait before dialling a worker again (fg_config; {0, 0}: gRPC's own).
-grpc::ChannelArguments channel_args(int max_message_bytes, std::pair<int, int> reconnect_ms) {
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(max_message_bytes);
-  args.SetMaxSendMessageSize(max_message_bytes);
-  if (reconnect_ms.first > 0) {
-    args.SetInt("grpc.initial_reconnect_backoff_ms", reconnect_ms.first);
-    args.SetInt("grpc.min_reconnect_backoff_ms", reconnect_ms.first);
-    args.SetInt("grpc.max_reconnect_backoff_ms", reconnect_ms.second);
-  }
-  args.SetInt("grpc.http2.max_frame_size", 1 << 20);
-  args.SetInt("grpc.http2.lookahead_bytes", 8 << 20);
-  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // one connection per gateway, not shared with grpcio's
-  return args;
-}
-
 class Front {
  public:
   grpc::AsyncGenericService service;
@@ -402,35 +357,13 @@ class Front {
   std::unique_ptr<grpc::GenericStub> slow;
   std::string internal_auth;
   int max_message_bytes = 0;
-  std::pair<int, int> reconnect_ms{0, 0};  // gateway/config.py RECONNECT_S unless set
   int64_t default_deadline_ms = 30000, max_deadline_ms = 300000, max_samples = 64, max_top_k = 100;
   // Classify's limits (gateway/config.py); a call past one goes to the Python server, which says which.
   int64_t default_top_k = 5, max_images_per_forward = 32, max_image_bytes = 20 << 20, max_image_pixels = 40000000;
-  int eject_after = 3;
   bool trace_sampled = false;  // pass calls with a sampled traceparent to Python, which traces them
   std::atomic<bool> accepting{true};
   int64_t max_pending = 4096;
   std::atomic<int64_t> pending{0};
-  // Calls in progress per key (by the SHA-256 of its secret): one key's calls, however slow or idle (a stream
-  // that sends nothing, say), cannot take every pending-call slot from the other callers.
-  int64_t max_per_key = 0;
-  std::mutex per_key_mu;
-  std::unordered_map<std::string, int64_t> per_key;
-
-  bool take_key_slot(const std::string& digest) {
-    if (max_per_key <= 0) return true;
-    std::lock_guard lock(per_key_mu);
-    int64_t& n = per_key[digest];
-    if (n >= max_per_key) return false;
-    ++n;
-    return true;
-  }
-
-  void give_key_slot(const std::string& digest) {
-    std::lock_guard lock(per_key_mu);
-    auto it = per_key.find(digest);
-    if (it != per_key.end() && --it->second <= 0) per_key.erase(it);
-  }
   std::atomic<int64_t> live_calls{0};  // Call objects: those in progress and those waiting for a call
   // Finished native calls, for Python's access log and metrics (calls passed to Python are logged there).
   std::mutex log_mu;
@@ -439,19 +372,6 @@ class Front {
   static constexpr size_t kMaxLogLines = 100000;
   std::atomic<int64_t> codes[FG_STATUS_CODES] = {};
   std::atomic<int64_t> native_calls{0}, slow_calls{0}, retries{0};
-  // Fast addresses of workers ejected since Python last asked: Python probes them and re-admits them.
-  std::mutex ejected_mu;
-  std::vector<std::string> ejected;
-  static constexpr double kEjectFallbackS = 60;  // in case no re-admission ever comes
-  static constexpr int64_t kRedialEveryNs = 1000000000;  // a routing table cuts a reconnect wait short once a second
-  static constexpr int64_t kMaxReportedQueue = 1 << 20;  // a heartbeat's queue counted up to this, so sums stay in int
-
-  std::shared_mutex keys_mu;
-  std::unordered_map<std::string, Key> keys;  // SHA-256 of the secret -> key
-
-  // TLS to the workers (their CA, and this gateway's certificate for mutual TLS); null: plaintext.
-  std::shared_ptr<grpc::ChannelCredentials> worker_creds;
-
   // Calls Python routes through the front (fg_forward_send), on the calls' queues and threads.
   std::atomic<uint64_t> forward_turn{0};  // the queue of the next one
   std::mutex forward_mu;
@@ -463,165 +383,12 @@ class Front {
   void forward_done(Forward* fw);
   void post_ended(Forward* fw);
 
-  std::mutex routes_mu;
-  std::shared_ptr<const Routes> routes = std::make_shared<Routes>();
-  std::unordered_map<std::string, std::shared_ptr<Worker>> workers;  // by address: channels outlive table updates
-
-  std::shared_ptr<const Routes> current_routes() {
-    std::lock_guard lock(routes_mu);
-    return routes;
-  }
-
-  // Whether the key with this digest (of its secret) was verified by Python and may infer on the model now.
-  bool admit(const std::string& digest, const std::string& model) {
-    std::shared_lock lock(keys_mu);
-    auto it = keys.find(digest);
-    if (it == keys.end()) return false;
-    const Key& k = it->second;
-    if (!k.native || k.role < kRoleInfer || (k.expires_ns && k.expires_ns <= now_ns())) return false;
-    if (k.patterns.empty()) return true;
-    for (const auto& p : k.patterns)
-      if (fnmatch(p.c_str(), model.c_str(), FNM_NOESCAPE) == 0) return true;
-    return false;
-  }
-
-  // Whether this key's calls may be answered here (a key without limits, not expired, allowed to infer),
-  // before its model is known: a Classify of any other key goes to Python without its body being copied.
-  bool native_key(const std::string& digest) {
-    std::shared_lock lock(keys_mu);
-    auto it = keys.find(digest);
-    if (it == keys.end()) return false;
-    const Key& k = it->second;
-    return k.native && k.role >= kRoleInfer && (!k.expires_ns || k.expires_ns > now_ns());
-  }
-
-  // Whether Python verified this key and it has not expired here: its call's body may be read.
-  bool known(const std::string& digest) {
-    std::shared_lock lock(keys_mu);
-    auto it = keys.find(digest);
-    return it != keys.end() && (!it->second.expires_ns || it->second.expires_ns > now_ns());
-  }
-
-  // Power of two choices over the workers serving model/version, skipping those tried or ejected.
-  std::shared_ptr<Worker> choose(const Routes& r, const std::string& model, int64_t version, const std::string& tried) {
-    auto it = r.serving.find(model + "\n" + std::to_string(version));
-    if (it == r.serving.end()) return nullptr;
-    std::vector<std::shared_ptr<Worker>> ok, ejected;
-    int64_t now = now_ns();
-    for (const auto& w : it->second) {
-      if (!tried.empty() && tried == w->address) continue;
-      (w->ejected_until_ns.load() > now ? ejected : ok).push_back(w);
-    }
-    auto& pool = ok.empty() ? ejected : ok;
-    if (pool.empty()) return nullptr;
-    if (pool.size() == 1) return pool[0];
-    size_t a = rng()() % pool.size(), b = rng()() % (pool.size() - 1);
-    if (b >= a) ++b;
-    // This front's calls, counted live, plus what other gateways had on it at its last heartbeat. The live
-    // count always decides between workers the others leave equal: a heartbeat up to a second old must
-    // not outweigh it (a floor taken from it hid the live count, and one worker took 61% of an even load).
-    auto load = [](const Worker& w) { return w.in_flight.load() + w.elsewhere.load(); };
-    return load(*pool[a]) <= load(*pool[b]) ? pool[a] : pool[b];
-  }
-
-  int64_t pick_version(const Routes& r, const std::string& model) {
-    auto it = r.production.find(model);
-    if (it == r.production.end() || it->second.empty()) return 0;
-    const auto& targets = it->second;
-    if (targets.size() == 1) return targets[0].first;
-    double unit = std::uniform_real_distribution<double>(0, 1)(rng());
-    return targets[fovea::canary::pick(targets, [](const auto& t) { return t.second; }, unit)].first;
-  }
-
-  void record(Worker& w, bool ok) {
-    if (ok) {
-      w.failures = 0;
-      return;
-    }
-    if (++w.failures < eject_after) return;
-    int64_t now = now_ns(), until = w.ejected_until_ns.load();
-    // Set aside until Python's health probe re-admits it (fg_readmit); report it once per ejection.
-    if (until <= now && w.ejected_until_ns.compare_exchange_strong(until, now + int64_t(kEjectFallbackS * 1e9))) {
-      std::lock_guard lock(ejected_mu);
-      ejected.push_back(w.address);
-    }
-  }
-
-  void readmit(const std::string& address) {
-    std::lock_guard lock(routes_mu);
-    for (auto& [key, w] : workers)
-      if (w->address == address) {
-        w->failures = 0;
-        w->ejected_until_ns = 0;
-      }
-  }
-
-  // The table Python sent (fg_set_routes; bounds already checked). Entries are kept as they come: an alias's
-  // targets in order, a version's workers in order; a worker (by both addresses) keeps its channels across tables.
-  void set_routes(const fg_routes& in) {
-    auto r = std::make_shared<Routes>();
-    std::lock_guard lock(routes_mu);
-    for (int64_t i = 0; i < in.n_aliases; ++i) {
-      const fg_alias_target& a = in.aliases[i];
-      r->production[a.model].emplace_back(a.version, a.weight);
-    }
-    for (int64_t i = 0; i < in.n_images; ++i) {
-      const fg_image_model& m = in.images[i];
-      r->images[std::string(m.model) + "\n" + std::to_string(m.version)] = ImageModel{m.input, m.output, m.width};
-    }
-    std::unordered_map<Worker*, int64_t> reported;  // a worker's queue over every version it serves
-    for (int64_t i = 0; i < in.n_workers; ++i) {
-      const fg_worker_route& e = in.workers[i];
-      std::string address = e.fast_address, main = e.main_address;
-      auto& w = workers[address + "\n" + main];
-      if (!w) {
-        w = std::make_shared<Worker>();
-        w->address = address;
-        w->main_address = main;
-        auto creds = worker_creds ? worker_creds : grpc::InsecureChannelCredentials();
-        w->stub_channel = grpc::CreateCustomChannel(address, creds, channel_args(max_message_bytes, reconnect_ms));
-        w->main_channel = grpc::CreateCustomChannel(main, creds, channel_args(max_message_bytes, reconnect_ms));
-        w->stub = std::make_unique<grpc::GenericStub>(w->stub_channel);
-        w->main = std::make_unique<grpc::GenericStub>(w->main_channel);
-      }
-      // The registry has just heard from it: a channel still waiting out its reconnect backoff (the worker
-      // restarted, or was out of reach) dials now rather than failing every call until the wait ends. At most
-      // once a second: tables come with every worker's heartbeats, and a worker this gateway cannot reach
-      // while the registry can must not be dialled at their rate.
-      int64_t now = now_ns();
-      if (now - w->redialed_ns >= kRedialEveryNs)
-        for (grpc::Channel* c : {w->stub_channel.get(), w->main_channel.get()})
-          if (c->GetState(false) == GRPC_CHANNEL_TRANSIENT_FAILURE) {
-            grpc::experimental::ChannelResetConnectionBackoff(c);
-            w->redialed_ns = now;
-          }
-      reported[w.get()] += std::clamp<int64_t>(e.queue_depth, 0, kMaxReportedQueue);
-      r->serving[std::string(e.model) + "\n" + std::to_string(e.version)].push_back(w);
-    }
-    // The reported queue counts this front's calls too: what exceeds its count now is other gateways'.
-    for (auto [w, queued] : reported)
-      w->elsewhere = int(std::clamp<int64_t>(queued - w->in_flight.load(), 0, kMaxReportedQueue));
-    routes = r;
-    // Workers that left: what set one aside ends with it (Python's probe of it stopped with its registration),
-    // so one that registers again starts clean even while a call still holds it here. Their channels close
-    // once no call holds them.
-    std::set<const Worker*> listed;
-    for (const auto& [key, ws] : r->serving)
-      for (const auto& w : ws) listed.insert(w.get());
-    for (auto it = workers.begin(); it != workers.end();) {
-      if (listed.count(it->second.get())) {
-        ++it;
-        continue;
-      }
-      it->second->failures = 0;
-      it->second->ejected_until_ns = 0;
-      it = it->second.use_count() == 1 ? workers.erase(it) : std::next(it);
-    }
-  }
+  Keys keys;
+  Router router;
 };
 
 bool Upstream::choose(Front* f, bool cancelled, Status* st) {
-  worker = f->choose(*routes, model, version, tried);
+  worker = f->router.choose(*routes, model, version, tried);
   if (!worker) {
     *st = Status(StatusCode::UNAVAILABLE,
                  "no healthy worker has " + model + " v" + std::to_string(version) + " ready; retry shortly");
@@ -657,7 +424,7 @@ bool Upstream::retry(Front* f, bool cancelled, Status* st) {
   pending = false;
   worker->in_flight--;
   bool unavailable = status.error_code() == StatusCode::UNAVAILABLE;
-  f->record(*worker, !unavailable);
+  f->router.record(*worker, !unavailable);
   if (unavailable && !never_served()) {  // it may have run when the connection dropped: a poison call?
     *st = Status(StatusCode::UNAVAILABLE, dropped_message(address(), status.error_message()));
     return false;
@@ -746,7 +513,7 @@ Call::Call(Front* f, grpc::ServerCompletionQueue* cq) : f_(f), cq_(cq) {
 
 Call::~Call() {
   if (counted_) f_->pending--;
-  if (!key_slot_.empty()) f_->give_key_slot(key_slot_);
+  if (!key_slot_.empty()) f_->keys.give_slot(key_slot_);
   f_->live_calls--;
 }
 
@@ -820,7 +587,7 @@ void Call::arrived() {
   }
   digest_ = sha256(secret_);
   if (!take_key_slot()) return;
-  if (f_->known(digest_)) {
+  if (f_->keys.known(digest_)) {
     proceed();
   } else {
     verify();
@@ -856,10 +623,10 @@ void Call::body_late(bool ok) {
 }
 
 bool Call::take_key_slot() {
-  if (f_->max_per_key <= 0) return true;
-  if (!f_->take_key_slot(digest_)) {
+  if (f_->keys.max_per_key <= 0) return true;
+  if (!f_->keys.take_slot(digest_)) {
     std::string who = secret_.empty() ? "calls without an API key have " : "this API key has ";
-    finish(Status(StatusCode::RESOURCE_EXHAUSTED, who + std::to_string(f_->max_per_key) +
+    finish(Status(StatusCode::RESOURCE_EXHAUSTED, who + std::to_string(f_->keys.max_per_key) +
                                                       " calls in progress, the limit (FOVEA_GATEWAY_MAX_CALLS_PER_KEY)"
                                                       "; finish some or retry shortly"));
     return false;
@@ -920,13 +687,13 @@ void Call::handle() {
 // here with the rule's message, before the key's model access, as the Python server refuses it; then the model
 // access (Python words its refusal), the per-call image limit, and the route. False: the Python server answers.
 bool Call::infer_native(std::vector<grpc::Slice>& slices) {
-  if (!f_->native_key(digest_)) return false;
+  if (!f_->keys.native_key(digest_)) return false;
   Checked c = check_request(slices, f_->max_top_k, f_->max_samples);
   if (!c.rules.empty()) {
     refuse(c.rules);
     return true;
   }
-  if (!f_->admit(digest_, c.head.model)) return false;
+  if (!f_->keys.admit(digest_, c.head.model)) return false;
   if (!c.over_limit.empty()) {
     refuse(c.over_limit);
     return true;
@@ -942,15 +709,15 @@ void Call::refuse(const std::string& message) {
 }
 
 void Call::forward_native(const Head& head, std::vector<grpc::Slice>& slices) {
-  net_.routes = f_->current_routes();
+  net_.routes = f_->router.current();
   net_.model = head.model;
   net_.tensors = head.tensors;
   if (head.version.empty()) {
-    net_.version = f_->pick_version(*net_.routes, net_.model);
+    net_.version = f_->router.pick_version(*net_.routes, net_.model);
   } else if (!parse_version(head.version, &net_.version)) {
     net_.version = 0;
   }
-  if (net_.version == 0 || !f_->choose(*net_.routes, net_.model, net_.version, "")) {
+  if (net_.version == 0 || !f_->router.choose(*net_.routes, net_.model, net_.version, "")) {
     forward_slow();  // no alias, an unknown version, no worker: Python resolves or says why
     return;
   }
@@ -970,7 +737,7 @@ void Call::forward_native(const Head& head, std::vector<grpc::Slice>& slices) {
 // batch. The images go to a worker's main port as one BYTES ModelInfer; its answer is turned into the
 // ClassifyResponse. False: the call goes to Python, which answers, refuses with the reason, or splits it.
 bool Call::classify_native(const std::vector<grpc::Slice>& slices) {
-  if (!f_->native_key(digest_) || !classify_sizes_ok(slices)) return false;  // before any copy of the body
+  if (!f_->keys.native_key(digest_) || !classify_sizes_ok(slices)) return false;  // before any copy of the body
   std::string body;
   for (const auto& s : slices) body.append(reinterpret_cast<const char*>(s.begin()), s.size());
   classify::Request req;
@@ -984,12 +751,12 @@ bool Call::classify_native(const std::vector<grpc::Slice>& slices) {
     if (int64_t(img.size) > f_->max_image_bytes || !classify::image_dims(img.data, img.size, &w, &h)) return false;
     if (w * h > uint64_t(f_->max_image_pixels)) return false;
   }
-  if (!f_->admit(digest_, req.model)) return false;
-  net_.routes = f_->current_routes();
+  if (!f_->keys.admit(digest_, req.model)) return false;
+  net_.routes = f_->router.current();
   net_.model = req.model;
-  net_.version = req.version ? int64_t(req.version) : f_->pick_version(*net_.routes, net_.model);
+  net_.version = req.version ? int64_t(req.version) : f_->router.pick_version(*net_.routes, net_.model);
   auto it = net_.routes->images.find(net_.model + "\n" + std::to_string(net_.version));
-  if (net_.version == 0 || it == net_.routes->images.end() || !f_->choose(*net_.routes, net_.model, net_.version, ""))
+  if (net_.version == 0 || it == net_.routes->images.end() || !f_->router.choose(*net_.routes, net_.model, net_.version, ""))
     return false;
   const ImageModel& m = it->second;
   net_.request = classify_request(net_.model, net_.version, m, req.images, top_k);
@@ -1302,23 +1069,24 @@ void* fg_start(const fg_config* config, int* port) {
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   auto* f = new Front();
   f->max_pending = config->max_pending_calls > 0 ? config->max_pending_calls : f->max_pending;
-  f->max_per_key = config->max_calls_per_key;
-  f->max_message_bytes = config->max_message_bytes;
-  f->reconnect_ms = {config->reconnect_min_ms, config->reconnect_max_ms};
+  f->keys.max_per_key = config->max_calls_per_key;
+  f->max_message_bytes = f->router.max_message_bytes = config->max_message_bytes;
+  f->router.reconnect_ms = {config->reconnect_min_ms, config->reconnect_max_ms};
   f->internal_auth = std::string("Bearer ") + or_empty(config->worker_token);
   f->default_deadline_ms = config->default_deadline_ms;
   f->max_deadline_ms = config->max_deadline_ms;
   f->max_samples = config->max_images_per_call;
-  f->eject_after = config->eject_after_failures;
+  f->router.eject_after = config->eject_after_failures;
   if (*or_empty(config->worker_ca_pem)) {
     grpc::SslCredentialsOptions ssl;
     ssl.pem_root_certs = config->worker_ca_pem;
     ssl.pem_cert_chain = or_empty(config->worker_cert_pem);
     ssl.pem_private_key = or_empty(config->worker_key_pem);
-    f->worker_creds = grpc::SslCredentials(ssl);
+    f->router.worker_creds = grpc::SslCredentials(ssl);
   }
   f->slow = std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
-      config->python_address, grpc::InsecureChannelCredentials(), channel_args(config->max_message_bytes, f->reconnect_ms)));
+      config->python_address, grpc::InsecureChannelCredentials(),
+      channel_args(config->max_message_bytes, f->router.reconnect_ms)));
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
   if (*cert_pem) {
     grpc::SslServerCredentialsOptions ssl(*client_ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
@@ -1376,8 +1144,7 @@ int fg_put_key(void* fp, const fg_key* key) {
   for (int64_t i = 0; i < key->n_model_patterns; ++i)
     if (*key->model_patterns[i]) k.patterns.emplace_back(key->model_patterns[i]);
   std::string digest(reinterpret_cast<const char*>(key->digest), FG_DIGEST_BYTES);
-  std::unique_lock lock(f->keys_mu);
-  f->keys[digest] = std::move(k);
+  f->keys.put(digest, std::move(k));
   return 0;
 }
 
@@ -1391,8 +1158,7 @@ int fg_put_limited_key(void* fp, const fg_key* key) {
   k.expires_ns = key->expires_ns;
   k.native = false;
   std::string digest(reinterpret_cast<const char*>(key->digest), FG_DIGEST_BYTES);
-  std::unique_lock lock(f->keys_mu);
-  f->keys[digest] = std::move(k);
+  f->keys.put(digest, std::move(k));
   return 0;
 }
 
@@ -1474,14 +1240,11 @@ void fg_set_trace_sampled(void* fp, int on) { static_cast<Front*>(fp)->trace_sam
 // Forgets a key (revoked, changed or deleted): its next call goes through Python again.
 void fg_drop_key(void* fp, const char* key_id) {
   auto* f = static_cast<Front*>(fp);
-  std::unique_lock lock(f->keys_mu);
-  for (auto it = f->keys.begin(); it != f->keys.end();)
-    it = it->second.key_id == key_id ? f->keys.erase(it) : std::next(it);
+  f->keys.drop(key_id);
 }
 
 void fg_clear_keys(void* fp) {
   auto* f = static_cast<Front*>(fp);
-  std::unique_lock lock(f->keys_mu);
   f->keys.clear();
 }
 
@@ -1497,7 +1260,7 @@ int64_t fg_set_routes(void* fp, const fg_routes* routes) {
   auto workers = valid_entries(routes->workers, routes->n_workers, &skipped);
   fg_routes checked{aliases.data(), int64_t(aliases.size()), images.data(), int64_t(images.size()),
                     workers.data(), int64_t(workers.size())};
-  static_cast<Front*>(fp)->set_routes(checked);
+  static_cast<Front*>(fp)->router.set_routes(checked);
   return skipped;
 }
 
@@ -1536,27 +1299,25 @@ int64_t fg_drain_log(void* fp, fg_log_record* out, int64_t cap, int64_t* dropped
 
 int64_t fg_take_ejected(void* fp, fg_address* out, int64_t cap) {
   auto* f = static_cast<Front*>(fp);
-  std::lock_guard lock(f->ejected_mu);
   if (cap <= 0 || !out) return 0;
-  int64_t n = std::min(cap, int64_t(f->ejected.size()));
-  for (int64_t i = 0; i < n; ++i) copy_text(out[i].text, f->ejected[size_t(i)]);
-  f->ejected.erase(f->ejected.begin(), f->ejected.begin() + n);
-  return n;
+  auto taken = f->router.take_ejected(size_t(cap));
+  for (size_t i = 0; i < taken.size(); ++i) copy_text(out[i].text, taken[i]);
+  return int64_t(taken.size());
 }
 
 // A worker (by fast address) passed its probe: route to it again.
-void fg_readmit(void* fp, const char* address) { static_cast<Front*>(fp)->readmit(address); }
+void fg_readmit(void* fp, const char* address) { static_cast<Front*>(fp)->router.readmit(address); }
 
 int64_t fg_pick_version(void* fp, const char* model) {
   if (!fp || !model) return 0;
   auto* f = static_cast<Front*>(fp);
-  return f->pick_version(*f->current_routes(), model);
+  return f->router.pick_version(*f->router.current(), model);
 }
 
 int fg_choose(void* fp, const char* model, int64_t version, fg_address* out) {
   if (!fp || !model || !out) return 0;
   auto* f = static_cast<Front*>(fp);
-  auto w = f->choose(*f->current_routes(), model, version, "");
+  auto w = f->router.choose(*f->router.current(), model, version, "");
   if (!w) return 0;
   copy_text(out->text, w->address);
   return 1;
@@ -1601,7 +1362,7 @@ int fg_forward_send(void* fp, const fg_forward* call) {
     net.request = ByteBuffer(&slice, 1);
     net.tensors = call->tensors != 0;
   }
-  net.routes = f->current_routes();
+  net.routes = f->router.current();
   std::lock_guard lock(f->forward_mu);
   if (f->forward_closed) return -2;
   if (f->forwarding.count(fw->id)) return -1;
