@@ -163,8 +163,10 @@ class WorkerConfig(BaseConfig):
     times the size the model's preprocessing resizes to; 0 always decodes in full. At 1 a 12-megapixel photo
     decodes at 1/8, whose box-averaged pixels then resized a little changed the model's top-1 on 4.6% of the
     files checked (bench/images/jpeg_scale.py); at 2 it decodes at 1/4 and agrees as a re-encoded file does."""
-    decode_threads: int = 2
-    """Threads that decode and preprocess images."""
+    decode_threads: int = Field(default=2, ge=1, le=256)
+    """Threads that decode and preprocess images: each takes one image call at a time off the native front's
+    image queue (worker/decoding.py) and decodes its first image; a call's further images go to a pool of as
+    many threads again."""
     io_binding: bool = True
     """Use ONNX Runtime I/O binding when the CUDA provider runs a model."""
     heartbeat_interval_s: float = 1.0

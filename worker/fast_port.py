@@ -2,8 +2,9 @@
 
 The front validates calls and batches them. On the CPU, each model instance's batch loop runs in C++
 on ONNX Runtime's C API (worker/native/ort_loop.cc, sessions from NativeSession); otherwise Python
-runs ONNX Runtime on each batch and hands the outputs back. Everything else (images, typed contents,
-the other calls) stays on the main port.
+runs ONNX Runtime on each batch and hands the outputs back. Calls with encoded images wait on the front's
+image queue for the decode threads (worker/decoding.py, through image_jobs and images_done), and then take
+the same queue. Everything else (typed contents, the other calls) the front relays to the Python server.
 
 Python reaches the C++ through one binding, _fovea_worker: cffi (API mode) generates it from
 worker/native/api.h, the one declaration of every fv_* function and of the structs they exchange, and the
@@ -20,7 +21,7 @@ import pathlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,6 +51,18 @@ class Refused(FoveaError):
         self.code = code
         # The native queue answers UNAVAILABLE only before any compute (a version unloading).
         self.unserved = code == grpc.StatusCode.UNAVAILABLE
+
+
+@dataclass
+class ImageJob:
+    """An image call the front queued for decoding (api.h fv_image_job), copied out of it."""
+
+    id: int
+    slot: int
+    tensor: bytes
+    """Its BYTES input, a serialized InferInputTensor."""
+    raw: bytes | None
+    """That input's raw_input_contents entry, if it came as one."""
 
 
 @dataclass
@@ -516,6 +529,34 @@ class NativeFront:
             timing.batch_size, timing.batch_calls, timing.batch = t.batch_samples, t.batch_calls, t.batch_id
         return body
 
+    def image_jobs(self) -> Iterator[ImageJob]:
+        """The image calls the front queues (fv_next_images), each copied out of the front, until it shuts down.
+        Each must be answered: images_done or images_fail."""
+        job = self.ffi.new("fv_image_job *")
+        while self.handle:
+            got = self.lib.fv_next_images(self.handle, 250, job)
+            if got < 0:
+                return
+            if got > 0:
+                raw = self.ffi.buffer(job.raw, job.raw_len)[:] if job.has_raw else None
+                yield ImageJob(int(job.id), int(job.slot), self.ffi.buffer(job.tensor, job.tensor_len)[:], raw)
+
+    def images_done(self, job_id: int, array: np.ndarray) -> None:
+        """An image call's tensor (dimension 0 = images): checked, queued and batched like any other call."""
+        array = np.ascontiguousarray(array)
+        if not 1 <= array.ndim <= self.lib.FV_MAX_RANK:
+            self.images_fail(job_id, INTERNAL, f"decoded images of rank {array.ndim}")
+            return
+        out = self.ffi.new("fv_output *")
+        dtype = self.ffi.new("char[]", oip.oip_dtype(array).encode())
+        view = self.ffi.from_buffer(array)  # alive until fv_images_done, which copies it
+        out.dtype, out.data, out.rank = dtype, view, array.ndim
+        out.dims[0 : array.ndim] = array.shape
+        self.lib.fv_images_done(self.handle, job_id, out)
+
+    def images_fail(self, job_id: int, code: int, message: str) -> None:
+        self.lib.fv_images_fail(self.handle, job_id, code, message.encode()[: ERROR_CAP * 2])
+
     def set_trace_sampled(self, on: bool) -> None:
         """Relay ModelInfer calls with a sampled traceparent to the Python server, which traces them."""
         self.lib.fv_set_trace_sampled(self.handle, int(on))
@@ -533,8 +574,9 @@ class NativeFront:
         """Blocks until every accepted call is answered (calls still open after grace_s are cancelled)."""
         self.lib.fv_shutdown(self.handle, grace_s)
 
-    def close(self) -> None:
-        """After shutdown(): end the batch loops and free the front."""
+    def close(self, free: bool = True) -> None:
+        """After shutdown(): end the batch loops and free the front (not when free is False: a thread may still
+        call into it)."""
         for slot in list(self.slots):
             self.lib.fv_close_model(self.handle, slot)
         for entry in self.slots.values():
@@ -546,7 +588,7 @@ class NativeFront:
         self._stop.set()
         self._flusher.join(5)
         self.flush_metrics()
-        if self.handle:
+        if self.handle and free:
             self.lib.fv_free(self.handle)
             self.handle = None
 

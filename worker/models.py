@@ -153,6 +153,14 @@ class ModelManager:
 
     # ---- lookups --------------------------------------------------------
 
+    def by_slot(self, slot: int) -> Loaded | None:
+        """The ready version on the native front's slot (an image call's, for its decode thread)."""
+        for lv in list(self.loaded.values()):
+            if lv.slot == slot and lv.ready:
+                lv.last_used = time.monotonic()
+                return lv
+        return None
+
     def get(self, name: str, version: str, count: bool = True) -> Loaded:
         """The loaded version a request asks for; an empty version follows the alias's weights. count: add it to
         the version's requests (ModelInfer counts its own: the native queue counts those that reach it)."""

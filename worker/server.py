@@ -24,6 +24,7 @@ from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from worker.assignments import Assignments
 from worker.config import WorkerConfig
+from worker.decoding import DecodeThreads
 from worker.fast_port import NativeFront
 from worker.memory import device_budget, host_budget
 from worker.metrics import WorkerMetrics
@@ -49,6 +50,7 @@ class WorkerServer:
     native: NativeFront
     private_dir: pathlib.Path
     """Holds the Python server's unix socket (mode 0700): only this process's front reaches it."""
+    decoders: DecodeThreads
     state: Any = registry_pb2.WORKER_STATE_STARTING  # a registry_pb2.WorkerState value
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     assignments: Assignments | None = None
@@ -124,10 +126,11 @@ class WorkerServer:
         # Returns once every call the port accepted is answered (relayed ones too: Python's server is still
         # up); the batch loops run meanwhile.
         await asyncio.to_thread(self.native.shutdown, max(0.0, deadline - loop.time()))
+        decoded = await asyncio.to_thread(self.decoders.join, max(1.0, deadline - loop.time()))
         if self.in_flight:
             logger.warning("grace of %.1fs ran out with %d call(s) in flight", grace_s, self.in_flight)
         await self.manager.stop(max(0.0, deadline - loop.time()))
-        self.native.close()
+        self.native.close(free=decoded)  # a decode thread still running would reach a freed front
         await self._heartbeat_once()
         await self.server.stop(max(0.0, deadline - loop.time()))
         shutil.rmtree(self.private_dir, ignore_errors=True)
@@ -190,6 +193,8 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     manager = ModelManager(config, link, keys, metrics, native)
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
     servicer = WorkerServicer(manager, config, decode_pool, metrics)
+    decoders = DecodeThreads(native, manager, config, decode_pool, metrics)
+    decoders.start()
     # No check of the caller here: the server listens only on a socket in a private directory, and the native
     # front checks every call's internal token before it answers or relays it (worker/native/auth.cc).
     interceptor = ServiceInterceptor(None, on_done=metrics.on_done)
@@ -205,7 +210,18 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
         metrics.serve(config.host, config.metrics_port)
         logger.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
     ws = WorkerServer(
-        config, server, port, manager, servicer, link, health_servicer, decode_pool, metrics, native, private_dir
+        config,
+        server,
+        port,
+        manager,
+        servicer,
+        link,
+        health_servicer,
+        decode_pool,
+        metrics,
+        native,
+        private_dir,
+        decoders,
     )
     ws.labels, ws.memory_budget_bytes, ws.device_memory_budget_bytes = gpu_labels, budget, device_budget_bytes
     if config.pooled:

@@ -1,5 +1,6 @@
 """The worker's Open Inference Protocol servicer: the calls its native front relays to Python. Inference calls
-are decoded into raw tensors and handed back to the native front's queue (one queue, batcher and validator)."""
+(typed contents, and calls to trace) are read into raw tensors and handed back to the native front's queue
+(one queue, batcher and validator); images are decoded by worker/decoding.py, as on the front's decode threads."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from typing import Any
 import numpy as np
 
 from fovea import oip, tracing
-from fovea.errors import InvalidArgument, ModelNotReady
-from fovea.images import decode, decoded_pixels, preprocess
+from fovea.errors import ModelNotReady
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from worker.config import WorkerConfig
+from worker.decoding import image_tensor
 from worker.fast_port import Timing
 from worker.metrics import WorkerMetrics
 from worker.models import Loaded, ModelManager
@@ -74,9 +75,10 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         return oip.merge_statistics(reports)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        """A call the native front relayed here (encoded images, typed contents, a version it did not hold, a
-        call to trace): decoded into raw tensors here, then queued, checked (check.cc, the one validator),
-        batched, run and answered by the native front's queue, with the calls it takes itself."""
+        """A call the native front relayed here (typed contents, a version it did not hold, a call to
+        trace; encoded images only in the last two): read into raw tensors here, then queued, checked
+        (check.cc, the one validator), batched, run and answered by the native front's queue, with the calls
+        it takes itself."""
         if not self.accepting:
             raise ModelNotReady("worker is draining; retry on another worker")
         t0 = time.perf_counter()
@@ -171,35 +173,12 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         return raw, request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 0
 
     async def _images(self, lv: Loaded, tensor: Any, raw: bytes | None) -> np.ndarray:
-        if lv.preprocess is None:
-            raise InvalidArgument(f"model {lv.mv.name} has no image preprocessing; send a tensor, not encoded images")
-        items = oip.bytes_input(tensor, raw, self.config.max_images_per_request)
-        if not items:
-            raise InvalidArgument("no images in the request")
-        pre = lv.preprocess
+        """A traced call's images (the native front's decode threads take all others): the same code, on a
+        thread of submit_pool, which may wait for the decode pool."""
         loop = asyncio.get_running_loop()
-
-        margin = self.config.jpeg_decode_margin
-        needs = pre.needs.times(margin) if margin > 0 else None
-        pixels = sum(decoded_pixels(data, needs) for data in items)  # headers only: microseconds per image
-        if pixels > self.config.max_request_pixels:
-            raise InvalidArgument(
-                f"the {len(items)} images of this request decode to {pixels} pixels; the limit is "
-                f"{self.config.max_request_pixels} per request (FOVEA_WORKER_MAX_REQUEST_PIXELS): send fewer or "
-                "smaller images per call"
-            )
-
-        def one(data: bytes) -> np.ndarray:
-            return preprocess(decode(data, self.config.max_image_pixels, pre.grayscale, needs), pre)
-
-        t0 = time.perf_counter()
-        if len(items) == 1:
-            arrays = [await loop.run_in_executor(self.decode_pool, one, items[0])]
-        else:
-            arrays = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, one, d) for d in items))
-        batch = np.stack(arrays).astype(lv.input_dtypes[0], copy=False)
-        self.metrics.series(lv.mv.name, str(lv.mv.version))[1].observe(time.perf_counter() - t0)
-        return batch
+        return await loop.run_in_executor(
+            self.submit_pool, image_tensor, lv, tensor, raw, self.config, self.decode_pool, self.metrics
+        )
 
 
 def server_metadata() -> pb.ServerMetadataResponse:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import worker.servicer
+import worker.decoding
 from fovea.images import Needs
 from fovea.oip import decode_bytes
 from inference import grpc_predict_v2_pb2 as pb
@@ -43,14 +43,14 @@ async def test_the_worker_decodes_at_the_scale_its_preprocessing_allows(
     """colors resizes to 8x8: at margin 2 a 640x480 JPEG needs 16 pixels a side and decodes at 1/8 (80x60);
     at margin 0 in full. Either way the label is the photo's colour."""
     seen: list[tuple[Any, tuple[int, ...]]] = []
-    real = worker.servicer.decode
+    real = worker.decoding.decode
 
     def spy(data: bytes, max_pixels: int, grayscale: bool = False, needs: Needs | None = None) -> np.ndarray:
         pixels = real(data, max_pixels, grayscale, needs)
         seen.append((needs, pixels.shape))
         return pixels
 
-    monkeypatch.setattr(worker.servicer, "decode", spy)
+    monkeypatch.setattr(worker.decoding, "decode", spy)
     await registry.publish("colors", color_model())
     ws = await start_worker(["colors"], jpeg_decode_margin=margin)
     channel, s = stub(ws.port)
@@ -117,13 +117,13 @@ async def test_a_request_whose_images_decode_past_the_pixel_budget_is_refused_be
     headers, a JPEG at the scale it decodes at. Here the budget is 1 million pixels: eight 640x480 PNGs
     (2.46 million) are refused without one decode; eight 640x480 JPEGs, which decode at 1/8 (80x60), pass."""
     decodes: list[int] = []
-    real = worker.servicer.decode
+    real = worker.decoding.decode
 
     def counting(data: bytes, max_pixels: int, grayscale: bool = False, needs: Needs | None = None) -> np.ndarray:
         decodes.append(len(data))
         return real(data, max_pixels, grayscale, needs)
 
-    monkeypatch.setattr(worker.servicer, "decode", counting)
+    monkeypatch.setattr(worker.decoding, "decode", counting)
     await registry.publish("colors", color_model())
     ws = await start_worker(["colors"], jpeg_decode_margin=2.0, max_request_pixels=1_000_000)
     channel, s = stub(ws.port)

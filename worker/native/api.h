@@ -173,6 +173,30 @@ typedef struct fv_answer {
 int32_t fv_submit(fv_front* front, int32_t slot, const char* request, int64_t len, int64_t timeout_ms,
                   fv_answer* out);
 void fv_free_buffer(char* buffer);
+
+// --- encoded images: the front queues them for Python's decode threads, which hand back one tensor per call
+
+// A ModelInfer whose one input is BYTES (encoded images) for a version this front holds, taken off the
+// front's image queue. tensor is the call's InferInputTensor, serialized (name, shape, typed contents); raw its
+// raw_input_contents entry when has_raw. Both stay valid until fv_images_done or fv_images_fail for id.
+typedef struct fv_image_job {
+  int64_t id;
+  int32_t slot;  // the version the call goes to (fv_add_model's slot)
+  const char* tensor;
+  int64_t tensor_len;
+  int32_t has_raw;
+  const char* raw;
+  int64_t raw_len;
+} fv_image_job;
+
+// Waits up to timeout_ms for an image call: 1 = one in out, 0 = none yet, -1 = the front is shut down (a
+// decode thread ends). Calls whose deadline passed or whose caller cancelled are answered here, not handed out.
+int32_t fv_next_images(fv_front* front, int32_t timeout_ms, fv_image_job* out);
+// The call's images as one tensor (C-contiguous, dimension 0 = images) in the model's input datatype: checked
+// by the one validator, then queued and batched with every other call. 0, or -1 for an unknown id.
+int32_t fv_images_done(fv_front* front, int64_t id, const fv_output* tensor);
+// Answers the call with a gRPC status code (an image that does not decode, over a limit). 0, or -1.
+int32_t fv_images_fail(fv_front* front, int64_t id, int32_t code, const char* message);
 void fv_set_trace_sampled(fv_front* front, int32_t on);
 void fv_set_accepting(fv_front* front, int32_t accepting);
 // Gives the heap's free memory back to the system (malloc_trim): fv_start keeps freed buffers for the

@@ -3,8 +3,10 @@
 // Python keeps everything but the hot path: it loads and warms up models and decides
 // routing. This file takes ModelInfer calls on raw tensors off the wire, validates them, queues them per model
 // version, hands whole batches as contiguous buffers to the batch loops (ort_loop.cc on
-// the CPU, Python otherwise) and splits the outputs back. Every other call (typed contents, encoded
-// images, streams, health, metadata) goes to the worker's Python server through relay.cc. A Python
+// the CPU, Python otherwise) and splits the outputs back. Calls with encoded images wait on its image queue
+// for Python's decode threads (worker/decoding.py), whose tensor then takes the same path. Every other call
+// (typed contents, calls to trace, streams, health, metadata) goes to the worker's Python server through
+// relay.cc. A Python
 // gRPC server costs about 0.2 ms of CPU per call here, more than a small model's compute; this costs a few µs. The C ABI (fv_*) is what
 // worker/fast_port.py calls through its cffi binding (api.h), which releases the GIL around each call.
 
@@ -82,6 +84,7 @@ struct Call : fovea::Checked {
   grpc::ByteBuffer* out = nullptr;
   grpc::ServerUnaryReactor* reactor = nullptr;
   int64_t enqueued_ns = 0, started_ns = 0;
+  int64_t arrived_ns = 0;  // an image call's arrival, before decoding (0: it arrived when it was enqueued)
   SysClock::time_point deadline;
 };
 
@@ -111,12 +114,14 @@ struct Model : fovea::ModelSpec {
   std::atomic<int64_t>* codes = nullptr;  // the front's counts by status code
   std::vector<std::string> labels;
   bool probabilities = false;
+  int slot = 0;
 
   std::mutex mu;
   std::condition_variable cv;
   std::deque<Call*> queue;
   bool accepting = true;
-  int busy = 0;  // batches handed out and not yet completed
+  int busy = 0;      // batches handed out and not yet completed
+  int decoding = 0;  // image calls on the front's image queue or being decoded; they count against max_queue
   std::atomic<int64_t> stats[kStats] = {};
   std::atomic<int64_t> ok_times[kTimeBuckets] = {};  // successful calls by total time (not cumulative)
   std::map<int, std::pair<int64_t, int64_t>> by_batch;  // batch size -> (count, compute ns); under mu
@@ -163,6 +168,14 @@ struct Batch {
   std::vector<size_t> row_bytes;
 };
 
+// An image call between its arrival and its tensor: on the front's image queue, then with a decode thread.
+struct ImageJob {
+  int64_t id = 0;
+  std::shared_ptr<Model> model;
+  Call* call = nullptr;
+  std::string tensor;  // the BYTES input, serialized for Python (oip.bytes_input reads it)
+};
+
 class Front;
 
 // ModelInfer is registered raw (ByteBuffers); every other method is left to the generic relay (relay.cc).
@@ -201,6 +214,14 @@ class Front {
   std::mutex batches_mu;
   std::unordered_map<int64_t, std::unique_ptr<Batch>> batches;
   int64_t next_batch = 1;
+
+  // Image calls for the decode threads (fv_next_images): queued, then taken until their tensor comes back.
+  std::mutex jobs_mu;
+  std::condition_variable jobs_cv;
+  std::deque<std::unique_ptr<ImageJob>> jobs;
+  std::unordered_map<int64_t, std::unique_ptr<ImageJob>> taken;
+  int64_t next_job = 1;
+  bool jobs_closed = false;  // after fv_shutdown: decode threads end
 
   std::mutex answers_mu;
   std::condition_variable answers_cv;
@@ -241,6 +262,70 @@ class Front {
     return Status::OK;
   }
 
+  // A call of this port, from here on owned by the queues: its reactor, and its deadline (the caller's, else
+  // the default).
+  Call* adopt(std::unique_ptr<Call> owned, grpc::CallbackServerContext* ctx, grpc::ByteBuffer* out,
+              grpc::ServerUnaryReactor* reactor) const {
+    Call* call = owned.release();
+    call->ctx = ctx;
+    call->out = out;
+    call->reactor = reactor;
+    call->deadline = ctx->deadline();
+    if (call->deadline == SysClock::time_point::max())
+      call->deadline = SysClock::now() + std::chrono::milliseconds(default_deadline_ms);
+    return call;
+  }
+
+  // Puts an image call on the image queue, or says why not (and frees it). The version's queue bound counts
+  // these calls too, so a flood of images is refused before any is decoded.
+  Status queue_images(const std::shared_ptr<Model>& m, Call* call) {
+    auto job = std::make_unique<ImageJob>();
+    job->model = m;
+    job->call = call;
+    {
+      std::lock_guard lock(m->mu);
+      if (!m->accepting) {
+        delete call;
+        return Status(StatusCode::UNAVAILABLE, "model " + m->name + " v" + m->version + " is unloading; retry");
+      }
+      if (m->queue.size() + size_t(m->decoding) >= m->max_queue) {
+        delete call;
+        m->stats[kFailCount] += 1;
+        return Status(StatusCode::RESOURCE_EXHAUSTED, "queue of model " + m->name + ":" + m->version + " is full (" +
+                                                          std::to_string(m->max_queue) + " requests); retry later");
+      }
+      m->decoding++;
+    }
+    call->request.inputs(0).SerializeToString(&job->tensor);
+    {
+      std::lock_guard lock(jobs_mu);
+      if (!jobs_closed) {
+        job->id = next_job++;
+        jobs.push_back(std::move(job));
+        jobs_cv.notify_one();
+        return Status::OK;
+      }
+    }
+    images_settled(m.get());
+    delete call;
+    return Status(StatusCode::UNAVAILABLE, "worker is shutting down; retry on another worker");
+  }
+
+  // An image call left the image queue and the decode threads (answered, or queued as a tensor).
+  static void images_settled(Model* m) {
+    std::lock_guard lock(m->mu);
+    m->decoding--;
+  }
+
+  std::unique_ptr<ImageJob> take_job(int64_t id) {
+    std::lock_guard lock(jobs_mu);
+    auto it = taken.find(id);
+    if (it == taken.end()) return nullptr;
+    auto job = std::move(it->second);
+    taken.erase(it);
+    return job;
+  }
+
   // Same trailing shape for every input, so that calls can share one batch.
   static bool same_shape(const Call* a, const Call* b, int nin) {
     for (int s = 0; s < nin; ++s) {
@@ -267,7 +352,7 @@ class Front {
       sent = grpc::SerializationTraits<ModelInferResponse>::Serialize(*c->resp, c->out, &own_buffer);
     }
     if (m) {
-      const int64_t spent = now_ns() - c->enqueued_ns;
+      const int64_t spent = now_ns() - (c->arrived_ns ? c->arrived_ns : c->enqueued_ns);
       m->stats[sent.ok() ? kOkCount : kFailCount] += 1;
       m->stats[sent.ok() ? kOkNs : kFailNs] += spent;
       if (sent.ok()) {
@@ -308,6 +393,12 @@ bool sampled(const grpc::CallbackServerContext* ctx) {
 
 Status enqueue(Model* m, Call* call);
 
+// One input, BYTES, its data in typed contents or in one raw_input_contents entry: encoded images. Whether
+// its model takes images, and everything else about them, the decode threads say (worker/decoding.py).
+bool images_call(const ModelInferRequest& req) {
+  return req.inputs_size() == 1 && req.inputs(0).datatype() == "BYTES" && req.raw_input_contents_size() <= 1;
+}
+
 grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* bytes,
                                               grpc::ByteBuffer* out) {
   auto* reactor = ctx->DefaultReactor();
@@ -333,11 +424,21 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
   if (!front_->accepting) return reject(StatusCode::UNAVAILABLE, "worker is draining; retry on another worker");
   const ModelInferRequest* req = owned->req;
 
-  // Typed contents, encoded images (BYTES), versions this front does not hold (loading, not ready, not
-  // loaded, too many inputs for it) and calls to trace are Python's: it decodes them, or says why not.
+  // Encoded images (one BYTES input) for a version this front holds go to the decode threads, which hand
+  // back a tensor that takes the same path as any other. Typed contents, versions this front does not hold
+  // (loading, not ready, not loaded, too many inputs for it) and calls to trace are Python's server's: it
+  // reads them, or says why not.
   std::shared_ptr<Model> m;
-  if (!fovea::raw_tensors(*req) || (front_->trace_sampled && sampled(ctx)) ||
-      !front_->lookup(req->model_name(), req->model_version(), &m).ok()) {
+  const bool traced = front_->trace_sampled && sampled(ctx);
+  if (!traced && images_call(*req) && front_->lookup(req->model_name(), req->model_version(), &m).ok() &&
+      m->inputs.size() == 1) {
+    Call* call = front_->adopt(std::move(owned), ctx, out, reactor);
+    call->arrived_ns = t0;
+    Status st = front_->queue_images(m, call);
+    if (!st.ok()) return reject(st.error_code(), st.error_message());
+    return reactor;
+  }
+  if (!fovea::raw_tensors(*req) || traced || !front_->lookup(req->model_name(), req->model_version(), &m).ok()) {
     front_->relay->unary(ctx, "/inference.GRPCInferenceService/ModelInfer", original, out, reactor);
     return reactor;
   }
@@ -346,13 +447,7 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
     m->stats[kFailCount] += 1;
     return reject(st.error_code(), st.error_message());
   }
-  auto* call = owned.release();
-  call->ctx = ctx;
-  call->out = out;
-  call->reactor = reactor;
-  call->deadline = ctx->deadline();
-  if (call->deadline == SysClock::time_point::max())
-    call->deadline = SysClock::now() + std::chrono::milliseconds(front_->default_deadline_ms);
+  Call* call = front_->adopt(std::move(owned), ctx, out, reactor);
   call->enqueued_ns = t0;
   m->stats[kInputNs] += now_ns() - t0;
   st = enqueue(m.get(), call);
@@ -525,6 +620,7 @@ int32_t fv_add_model(fv_front* fp, const fv_model_spec* spec) {
   m->codes = f->codes;
   std::unique_lock lock(f->routes_mu);
   int slot = f->next_slot++;
+  m->slot = slot;
   f->slots[slot] = m;
   f->by_version[m->name + "\n" + m->version] = m;
   return slot;
@@ -830,7 +926,7 @@ int32_t fv_depth(fv_front* fp, int32_t slot, fv_queue_depth* out) {
   std::shared_ptr<Model> m = f->model(slot);
   if (!m) return -1;
   std::lock_guard lock(m->mu);
-  out->queued = int32_t(m->queue.size());
+  out->queued = int32_t(m->queue.size()) + m->decoding;
   out->busy = m->busy;
   return 0;
 }
@@ -911,6 +1007,107 @@ int32_t fv_submit(fv_front* fp, int32_t slot, const char* request, int64_t len, 
 
 void fv_free_buffer(char* buffer) { std::free(buffer); }
 
+// Hands a decode thread the next image call (api.h); drops those whose caller left or whose deadline passed.
+int32_t fv_next_images(fv_front* fp, int32_t timeout_ms, fv_image_job* out) {
+  auto* f = of(fp);
+  std::vector<std::unique_ptr<ImageJob>> dropped;
+  ImageJob* job = nullptr;
+  bool closed = false;
+  {
+    std::unique_lock lock(f->jobs_mu);
+    const auto until = Clock::now() + std::chrono::milliseconds(std::clamp<int32_t>(timeout_ms, 0, 60'000));
+    while (!job) {
+      if (!f->jobs.empty()) {
+        auto j = std::move(f->jobs.front());
+        f->jobs.pop_front();
+        const Call* c = j->call;
+        if (c->ctx->IsCancelled() || c->deadline <= SysClock::now()) {
+          dropped.push_back(std::move(j));
+          continue;
+        }
+        job = j.get();
+        f->taken[j->id] = std::move(j);
+        break;
+      }
+      closed = f->jobs_closed;
+      if (closed || !dropped.empty()) break;  // the dropped are answered at once, not after the wait
+      if (f->jobs_cv.wait_until(lock, until) == std::cv_status::timeout && f->jobs.empty()) break;
+    }
+    if (job) {
+      const auto& raw = job->call->request.raw_input_contents();
+      out->id = job->id;
+      out->slot = job->model->slot;
+      out->tensor = job->tensor.data();
+      out->tensor_len = int64_t(job->tensor.size());
+      out->has_raw = raw.empty() ? 0 : 1;
+      out->raw = raw.empty() ? nullptr : raw[0].data();
+      out->raw_len = raw.empty() ? 0 : int64_t(raw[0].size());
+    }
+  }
+  for (auto& j : dropped) {
+    Front::images_settled(j->model.get());
+    const bool cancelled = j->call->ctx->IsCancelled();
+    Front::finish(j->call, cancelled ? Status(StatusCode::CANCELLED, "cancelled by the caller before decoding")
+                                     : Status(StatusCode::DEADLINE_EXCEEDED, "deadline passed before the images were decoded"),
+                  j->model.get());
+  }
+  return job ? 1 : closed ? -1 : 0;
+}
+
+// An image call's tensor (api.h): checked by the one validator, then queued like any other call.
+int32_t fv_images_done(fv_front* fp, int64_t id, const fv_output* t) {
+  auto* f = of(fp);
+  auto job = f->take_job(id);
+  if (!job) return -1;
+  Model* m = job->model.get();
+  Call* c = job->call;
+  Front::images_settled(m);
+  // The tensor's bytes, each factor checked so that the product cannot overflow.
+  uint64_t bytes = t && t->dtype && t->data && t->rank >= 1 && t->rank <= kMaxRank ? dtype_size(t->dtype) : 0;
+  for (int k = 0; bytes > 0 && k < t->rank; ++k) {
+    const int64_t d = t->dims[k];
+    bytes = d < 0 || (d > 0 && bytes > (uint64_t(1) << 40) / uint64_t(d)) ? 0 : bytes * uint64_t(d);
+  }
+  if (bytes == 0) {
+    Front::finish(c, Status(StatusCode::INTERNAL, "the decoded images do not form a tensor"), m);
+    return 0;
+  }
+  auto* in = c->request.mutable_inputs(0);
+  in->set_name(m->inputs[0].name);
+  in->set_datatype(t->dtype);
+  in->clear_shape();
+  for (int k = 0; k < t->rank; ++k) in->add_shape(t->dims[k]);
+  in->clear_contents();
+  in->clear_parameters();
+  c->request.clear_raw_input_contents();
+  c->request.add_raw_input_contents()->assign(static_cast<const char*>(t->data), size_t(bytes));
+  Status st = fovea::validate(*m, c->request, c);
+  if (!st.ok()) {
+    Front::finish(c, st, m);
+    return 0;
+  }
+  const int64_t now = now_ns();
+  m->stats[kInputNs] += now - c->arrived_ns;
+  c->enqueued_ns = now;
+  auto* reactor = c->reactor;
+  st = enqueue(m, c);  // frees c when it refuses
+  if (!st.ok()) {
+    f->codes[std::min<int>(st.error_code(), 16)] += 1;
+    reactor->Finish(st);
+  }
+  return 0;
+}
+
+// Answers an image call that could not become a tensor (api.h).
+int32_t fv_images_fail(fv_front* fp, int64_t id, int32_t code, const char* message) {
+  auto job = of(fp)->take_job(id);
+  if (!job) return -1;
+  Front::images_settled(job->model.get());
+  const StatusCode st = code > 0 && code < FV_STATUS_CODES ? StatusCode(code) : StatusCode::UNKNOWN;
+  Front::finish(job->call, Status(st, message ? message : ""), job->model.get());
+  return 0;
+}
+
 // Whether calls with a sampled traceparent go to Python, which traces them: on when the worker's tracing is
 // (fovea/tracing.py); set before the first call.
 void fv_set_trace_sampled(fv_front* fp, int32_t on) { of(fp)->trace_sampled = on != 0; }
@@ -929,6 +1126,21 @@ void fv_shutdown(fv_front* fp, double grace_s) {
   // Returns once every call is answered, or at the deadline, when gRPC cancels the calls still open.
   f->server->Shutdown(SysClock::now() + std::chrono::microseconds(int64_t(grace_s * 1e6)));
   f->relay->cancel_all();  // a relayed ModelInfer still open upstream ends with its call
+  // Image calls still queued are answered; those being decoded are answered by their decode threads, which
+  // then end (fv_next_images returns -1).
+  std::deque<std::unique_ptr<ImageJob>> left;
+  {
+    std::lock_guard lock(f->jobs_mu);
+    f->jobs_closed = true;
+    left.swap(f->jobs);
+    f->jobs_cv.notify_all();
+  }
+  for (auto& j : left) {
+    Front::images_settled(j->model.get());
+    j->call->ctx->AddTrailingMetadata(kUnserved, "1");  // never decoded: a gateway may send it elsewhere
+    Front::finish(j->call, Status(StatusCode::UNAVAILABLE, "worker shut down before the images were decoded"),
+                  j->model.get());
+  }
   f->server->Wait();
   f->relay->stop();
 }
