@@ -1,33 +1,30 @@
 """The model versions a worker has loaded, and how it follows registry aliases.
 
-A new version is downloaded, verified, loaded and warmed up before it is marked
-ready; a version that left its alias keeps serving for unload_delay_s (while
-gateways learn of the move), then drains and unloads.
+A new version is downloaded and verified (fovea/registry_link.py), its sessions opened and warmed up
+(worker/loading.py) and given a slot on the native front (_wire) before it is marked ready; a version
+that left its alias keeps serving for unload_delay_s (while gateways learn of the move), then drains and
+unloads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from fovea import oip
 from fovea.errors import FoveaError, InvalidArgument, ModelNotFound, ModelNotReady
 from fovea.images import Preprocess
-from fovea.onnxfile import refuse_external_data_bytes
 from fovea.registry_link import RegistryLink
 from fovea.v1 import model_pb2, registry_pb2
 from worker.config import WorkerConfig
-from worker.fast_port import NativeFront, NativeSession
+from worker.fast_port import NativeFront
+from worker.loading import Opened, open_sessions, runner, warm_up
 from worker.memory import rss_bytes
 from worker.metrics import WorkerMetrics
-from worker.runtime import GPU_PROVIDERS, Bucketed, Session, load_model, native_options
+from worker.runtime import GPU_PROVIDERS, Bucketed, Session
 from worker.stats import ModelStats
 
 logger = logging.getLogger(__name__)
@@ -64,21 +61,6 @@ class Loaded:
     @property
     def key(self) -> tuple[str, int]:
         return self.mv.name, self.mv.version
-
-
-def warmup_sizes(
-    config: WorkerConfig, provider: str, mv: model_pb2.ModelVersion, buckets: Sequence[int] = ()
-) -> list[int]:
-    """Batch sizes each instance runs before a version is ready (see WorkerConfig.warmup_batch_sizes);
-    with a session per batch size (buckets), each size once."""
-    top = config.max_batch_size
-    if any(spec.shape and spec.shape[0] > 0 for spec in mv.inputs):
-        return [1]  # a fixed batch dimension: only single samples ever run
-    if config.warmup_batch_sizes:
-        return sorted({n for n in config.warmup_batch_sizes if 1 <= n <= top}) or [1]
-    if buckets:
-        return list(buckets)
-    return list(range(1, top + 1)) if provider in GPU_PROVIDERS else [1]
 
 
 @dataclass
@@ -395,43 +377,20 @@ class ModelManager:
             await asyncio.to_thread(self.native.trim_heap)
 
     async def _load(self, mv: model_pb2.ModelVersion) -> None:
-        """Download, verify, load and warm up one version; it is listed at once but ready only after warm-up."""
+        """Download and verify (RegistryLink.download), open the sessions and warm them up (worker/loading.py),
+        then give the version a slot on the native front; it is listed at once but ready only after warm-up."""
         key = (mv.name, mv.version)
         t0 = time.perf_counter()
         rss0 = rss_bytes()  # loads are serialized (self._lock), so the growth is this version's
+        config = self.config.for_model(mv.name)
+        count = max(1, config.instances)
         try:
             data = await self.link.download(mv, self.keys)
             size = len(data)
             t_download = time.perf_counter()
             await self._trim_heap()  # the download's chunks, joined into data
-            # Before any session: ONNX Runtime would read the files that external-data tensors name.
-            await asyncio.to_thread(refuse_external_data_bytes, data)
-            await self._trim_heap()  # the parsed copy
-            config = self.config.for_model(mv.name)
-            count = max(1, config.instances)
-            first = await asyncio.to_thread(load_model, data, config)
-            sessions: list[Session | Bucketed] = [first]
-            alone = None
-            fast: list[NativeSession] = []
-            fast_alone: NativeSession | None = None
-            if self._runs_native(config, first):
-                # One set of sessions: the C++ loop's. Python's first session only told the provider, the names
-                # and the types; its weights are freed before the C++ sessions open, so they exist once.
-                assert isinstance(first, Session)  # no batch buckets here (_runs_native)
-                first = dataclasses.replace(first, session=None)  # type: ignore[arg-type]
-                sessions = []
-                await self._trim_heap()  # Python's session, before the C++ sessions take their memory
-                fast, fast_alone = await asyncio.to_thread(self._open_native, data, config, mv, first, count)
-            if not fast:  # Python runs the batches, on sessions of its own
-                sessions = [
-                    sessions[0] if sessions else await asyncio.to_thread(load_model, data, config),
-                    *await asyncio.gather(*(asyncio.to_thread(load_model, data, config) for _ in range(count - 1))),
-                ]
-                first = sessions[0]
-            if self.native is not None and self.config.alone_threads(mv.name) and not fast:
-                alone = await asyncio.to_thread(
-                    load_model, data, config.model_copy(update={"intra_op_threads": self.config.alone_threads(mv.name)})
-                )
+            alone_threads = self.config.alone_threads(mv.name)
+            opened = await open_sessions(data, config, mv, self.native, alone_threads, self._trim_heap)
             del data  # the sessions hold their own copies; the artifact's bytes must not count as the model's
             await self._trim_heap()
         except Exception as exc:  # noqa: BLE001 - a bad artifact must not take the worker down
@@ -440,63 +399,35 @@ class ModelManager:
             if isinstance(exc, FoveaError):
                 raise
             raise ModelNotReady(f"model {mv.name} v{mv.version} failed to load: {str(exc)[:200]}") from None
-        pre = Preprocess.from_proto(mv.preprocessing, mv.inputs[0]) if mv.HasField("preprocessing") else None
-        version = str(mv.version)
-
-        def runner(session: Session | Bucketed) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
-            names = session.input_names
-            return lambda inputs: session.run(dict(zip(names, inputs, strict=False)))
-
-        metrics_hook = self.metrics.batch_hook(mv.name, version, first.size_for if first.sizes else None)
+        first = opened.first
         lv = Loaded(
             mv=mv,
-            sessions=list(sessions),
-            preprocess=pre,
+            sessions=list(opened.sessions),
+            preprocess=Preprocess.from_proto(mv.preprocessing, mv.inputs[0]) if mv.HasField("preprocessing") else None,
             provider=first.provider,
             input_dtypes=first.input_dtypes,
             instances=count,
             sizes=list(first.sizes),
         )
         self.loaded[key] = lv  # listed (heartbeats, ModelReady) but not ready until warmed up
-        fast_all = [*fast, *([fast_alone] if fast_alone else [])]
         t_sessions = time.perf_counter()
         try:
-            await self._warm_up(
-                lv, [runner(s) for s in [*sessions, *([alone] if alone else [])]] + [s.run for s in fast_all]
-            )
+            await warm_up(self.config, mv, opened)
         except Exception as exc:  # noqa: BLE001
-            for s in fast_all:
-                s.close()
+            opened.close()
             del self.loaded[key]
             self.errors[key] = f"warm-up failed: {str(exc)[:300]}"
             logger.error("warm-up of %s v%d failed: %s", mv.name, mv.version, exc)
             raise ModelNotReady(f"model {mv.name} v{mv.version} failed its warm-up: {str(exc)[:200]}") from None
-        assert self.native is not None, "the native front is the worker's only queue and batcher"
         try:
-            lv.slot = self.native.add(
-                mv.name,
-                mv.version,
-                list(mv.inputs),
-                lv.input_dtypes,
-                list(mv.outputs),
-                list(mv.labels),
-                mv.preprocessing.outputs_probabilities,
-                self.config,
-                [runner(s) for s in sessions],
-                metrics_hook,
-                self.metrics.drop_hook(mv.name, version),
-                alone=runner(alone) if alone else None,
-                sessions=fast,
-                alone_session=fast_alone,
-            )
+            lv.slot = self._wire(mv, lv, opened)
         except ValueError as exc:  # more inputs or outputs, or a higher rank, than the native front takes
-            for s in fast_all:
-                s.close()
+            opened.close()
             del self.loaded[key]
             self.errors[key] = str(exc)[:300]
             logger.error("refusing %s v%d: %s", mv.name, mv.version, exc)
             raise ModelNotReady(f"model {mv.name} v{mv.version} cannot be served: {str(exc)[:200]}") from None
-        self.metrics.provider.labels(mv.name, version, lv.provider).set(1)
+        self.metrics.provider.labels(mv.name, str(mv.version), lv.provider).set(1)
         lv.memory_bytes = max(rss_bytes() - rss0, mv.size_bytes, size)
         lv.last_used = time.monotonic()
         lv.ready = True
@@ -519,67 +450,27 @@ class ModelManager:
             lv.memory_bytes / 1e6,
         )
 
-    def _runs_native(self, config: WorkerConfig, first: Session | Bucketed) -> bool:
-        """Whether the fast port's batches of this model run in C++ (see WorkerConfig.native_compute)."""
-        if self.native is None or not config.native_compute or first.provider != "CPUExecutionProvider" or first.sizes:
-            return False
-        why = self.native.ort_unavailable()
-        if why:
-            logger.warning("fast port batches run in Python: %s", why)
-        return not why
-
-    def _open_native(
-        self, data: bytes, config: WorkerConfig, mv: model_pb2.ModelVersion, first: Session | Bucketed, count: int
-    ) -> tuple[list[NativeSession], NativeSession | None]:
-        """The C API sessions of the fast port's loops: one per instance, and the alone one if configured.
-        ([], None) when they cannot be opened: Python then runs the batches, as before."""
-        assert self.native is not None
-        inputs = [(n, t.datatype) for n, t in zip(first.input_names, mv.inputs, strict=False)]
-        made: list[NativeSession] = []
-        try:
-            for _ in range(count):
-                made.append(NativeSession(self.native, data, native_options(config), inputs, first.output_names))
-            threads = self.config.alone_threads(mv.name)
-            alone = (
-                NativeSession(
-                    self.native,
-                    data,
-                    native_options(config.model_copy(update={"intra_op_threads": threads})),
-                    inputs,
-                    first.output_names,
-                )
-                if threads
-                else None
-            )
-        except RuntimeError as exc:
-            for s in made:
-                s.close()
-            logger.warning("fast port batches of %s v%d run in Python: %s", mv.name, mv.version, exc)
-            return [], None
-        return made, alone
-
-    @staticmethod
-    def _zeros(lv: Loaded, n: int = 1) -> list[np.ndarray]:
-        """A one-sample input of zeros for each of the model's inputs."""
-        inputs = []
-        for spec, dtype in zip(lv.mv.inputs, lv.input_dtypes, strict=False):
-            shape = [n] + [d if d > 0 else 1 for d in list(spec.shape)[1:]]
-            inputs.append(np.zeros(shape, dtype=dtype))
-        return inputs
-
-    async def _warm_up(self, lv: Loaded, runners: list[Any]) -> None:
-        sizes = warmup_sizes(self.config, lv.provider, lv.mv, lv.sizes)
-        # Every instance, every size: each session keeps its own per-shape state (cuDNN's algorithm choices).
-        t0 = time.perf_counter()
-        for run in runners:
-            for n in sizes:
-                await asyncio.to_thread(run, self._zeros(lv, n))
-        logger.info(
-            "warmed up %s v%d: batch sizes %s on %d instance(s) in %.2fs",
-            *lv.key,
-            sizes if len(sizes) < 4 else f"{sizes[0]}..{sizes[-1]}",
-            len(runners),
-            time.perf_counter() - t0,
+    def _wire(self, mv: model_pb2.ModelVersion, lv: Loaded, opened: Opened) -> int:
+        """The version's slot on the native front: its queue and batcher, and its batch loops (C++ on the C++
+        sessions, else Python's on its own). ValueError when the front cannot take its tensors."""
+        assert self.native is not None, "the native front is the worker's only queue and batcher"
+        version = str(mv.version)
+        first = opened.first
+        return self.native.add(
+            mv.name,
+            mv.version,
+            list(mv.inputs),
+            lv.input_dtypes,
+            list(mv.outputs),
+            list(mv.labels),
+            mv.preprocessing.outputs_probabilities,
+            self.config,
+            [runner(s) for s in opened.sessions],
+            self.metrics.batch_hook(mv.name, version, first.size_for if first.sizes else None),
+            self.metrics.drop_hook(mv.name, version),
+            alone=runner(opened.alone) if opened.alone else None,
+            sessions=opened.fast,
+            alone_session=opened.fast_alone,
         )
 
     async def _janitor(self) -> None:

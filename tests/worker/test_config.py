@@ -32,7 +32,7 @@ def test_model_settings_override_instances_and_threads_per_model() -> None:
 
 def test_warmup_runs_every_batch_size_on_a_gpu_and_one_on_the_cpu() -> None:
     from fovea.v1 import model_pb2
-    from worker.models import warmup_sizes
+    from worker.loading import warmup_sizes
 
     dynamic = model_pb2.ModelVersion(name="m", inputs=[model_pb2.TensorSpec(name="x", shape=[-1, 3, 8, 8])])
     fixed = model_pb2.ModelVersion(name="m", inputs=[model_pb2.TensorSpec(name="x", shape=[1, 3, 8, 8])])
