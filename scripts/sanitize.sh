@@ -15,7 +15,7 @@ nice scripts/native.sh asan  # the CMake build's asan variant (CMakeLists.txt), 
 tests=("$@")
 if [[ ${#tests[@]} -eq 0 ]]; then
   tests=(tests/worker/test_fast_port.py tests/worker/test_hostile_requests.py tests/worker/test_ort_api.py
-         tests/worker/test_image_path.py
+         tests/worker/test_image_path.py tests/worker/test_typed_contents.py
          tests/gateway/test_fast_port.py tests/gateway/test_native_classify.py tests/gateway/test_forward.py)
 fi
 logs="$(mktemp -d "${TMPDIR:-/tmp}/fovea-sanitize.XXXXXX")"

@@ -4,7 +4,8 @@ The front validates calls and batches them. On the CPU, each model instance's ba
 on ONNX Runtime's C API (worker/native/ort_loop.cc, sessions from NativeSession); otherwise Python
 runs ONNX Runtime on each batch and hands the outputs back. Calls with encoded images wait on the front's
 image queue for the decode threads (worker/decoding.py, through image_jobs and images_done), and then take
-the same queue. Everything else (typed contents, the other calls) the front relays to the Python server.
+the same queue; typed contents the front reads into raw tensors itself. The other calls (calls to trace,
+versions it does not hold, streams, metadata) it relays to the Python server.
 
 Python reaches the C++ through one binding, _fovea_worker: cffi (API mode) generates it from
 worker/native/api.h, the one declaration of every fv_* function and of the structs they exchange, and the

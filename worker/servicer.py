@@ -146,8 +146,8 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             tracing.past("answer", clock, t_output, done)
 
     async def _raw_request(self, lv: Loaded, request: pb.ModelInferRequest) -> tuple[pb.ModelInferRequest, int]:
-        """The call with every input as raw_input_contents, for the version get() chose: encoded images decoded
-        and preprocessed, typed contents read. Only decoding happens here; the native front checks the rest."""
+        """The call for the version get() chose, its encoded images decoded and preprocessed. Typed contents never
+        come here: the native front reads them into raw tensors first (check.cc read_contents)."""
         raw = pb.ModelInferRequest()
         raw.CopyFrom(request)
         raw.model_version = str(lv.mv.version)
@@ -160,16 +160,6 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             raw.inputs.add(name=specs[0].name, datatype=specs[0].datatype, shape=list(images.shape))
             raw.raw_input_contents.append(images.tobytes())
             return raw, images.shape[0]
-        if not request.raw_input_contents:
-            for t in raw.inputs:
-                dtype = oip.OIP_TO_NUMPY.get(t.datatype)
-                if dtype is None or not t.HasField("contents"):
-                    break  # the native front's check says what is wrong with it
-                raw.raw_input_contents.append(oip.array_input(t, None, dtype, list(t.shape)).tobytes())
-                t.ClearField("contents")
-            else:
-                return raw, request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 0
-            del raw.raw_input_contents[:]
         return raw, request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 0
 
     async def _images(self, lv: Loaded, tensor: Any, raw: bytes | None) -> np.ndarray:

@@ -107,8 +107,8 @@ def tensor_request(
 
 
 def typed_request(req: pb.ModelInferRequest) -> pb.ModelInferRequest:
-    """The same FP32 call with typed contents (fp32_contents), which the worker's native front relays to its
-    Python server: the same request through the other path."""
+    """The same FP32 call with typed contents (fp32_contents), which the worker's native front reads into raw
+    tensors first (check.cc read_contents): the same request in the protocol's other form."""
     out = pb.ModelInferRequest()
     out.CopyFrom(req)
     del out.raw_input_contents[:]

@@ -19,7 +19,7 @@ from tests.worker.slowmodels import busy_model
 GRACE_S = 8.0
 
 
-# "raw": tensors the native front batches itself; "typed": calls it relays to the worker's Python server.
+# "raw": tensors the native front batches itself; "typed": typed contents, which it reads into raw tensors first.
 @pytest.mark.parametrize("via", ["raw", "typed"])
 async def test_sigterm_under_load_answers_accepted_requests_and_exits_within_grace(cluster: Cluster, via: str) -> None:
     reg = cluster.start_registry()

@@ -1,5 +1,5 @@
 """The worker's one port, its native front (worker/native/front.cc), against in-process workers: raw tensors
-answered in C++ get exactly the answers that calls relayed to the worker's Python server get (typed contents),
+answered in C++ get exactly the answers the same calls get as typed contents (which the front reads itself),
 refusals carry the right status, and its calls show in ModelStatistics and metrics."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ async def _colors_worker(
     return ws, ws.port
 
 
-async def test_raw_tensors_answered_natively_match_calls_relayed_to_python(
+async def test_raw_tensors_and_typed_contents_get_the_same_answers(
     registry: LocalRegistry, start_worker: StartWorker
 ) -> None:
     ws, port = await _colors_worker(start_worker, registry)
@@ -58,7 +58,7 @@ async def test_raw_tensors_answered_natively_match_calls_relayed_to_python(
     top2.outputs.add(name="logits").parameters["classification"].int64_param = 2
     for req in (plain, top2):
         native_before = sum(ws.native.codes())
-        a = await f.ModelInfer(typed_request(req), metadata=MD, timeout=10)  # relayed: Python reads the contents
+        a = await f.ModelInfer(typed_request(req), metadata=MD, timeout=10)  # typed: the front reads the contents
         b = await f.ModelInfer(req, metadata=MD, timeout=10)  # answered in C++
         assert sum(ws.native.codes()) == native_before + 2, "both went through the one native queue"
         assert (b.model_name, b.model_version, b.id) == (a.model_name, a.model_version, a.id)
@@ -434,7 +434,7 @@ async def test_a_worker_without_its_native_library_refuses_to_start(
 async def test_calls_python_submits_share_a_batch_and_its_times(
     registry: LocalRegistry, start_worker: StartWorker
 ) -> None:
-    """Calls the Python server hands to the native queue (decoded images, typed contents) are batched with each
+    """Calls the Python server hands to the native queue (calls it traces) are batched with each
     other and with raw tensors; each traced call gets its batch's times and number (worker/servicer.py)."""
     from worker.fast_port import Timing
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from inference import grpc_predict_v2_pb2 as pb
 from tests.tinymodels import color_model
-from tests.worker.conftest import MD, LocalRegistry, StartWorker, output_array, stub, tensor_request, typed_request
+from tests.worker.conftest import MD, LocalRegistry, StartWorker, output_array, stub, tensor_request
 from worker.server import WorkerServer
 
 WIDTH = 3  # color_model's logits: red, green, blue
@@ -180,13 +180,12 @@ async def test_deliberate_refusals_are_marked_unserved(registry: LocalRegistry, 
     for req in (_top("colors", _colors(1), 0), tensor_request("nope", _colors(1))):
         err = await _refused(f.ModelInfer, req)
         assert err.code() in (INVALID, grpc.StatusCode.NOT_FOUND) and not _unserved(err), err
-    # A version not ready, answered by the Python server (typed contents are relayed there): its mark
-    # survives the relay.
-    lv = ws.manager.loaded[("colors", 1)]
-    lv.ready = False
-    err = await _refused(f.ModelInfer, typed_request(tensor_request("colors", _colors(1))))
+    # A version that failed to load, answered by the Python server (a version the front does not hold is
+    # relayed there; the failure is set here, not caused): its mark survives the relay.
+    ws.manager.errors[("colors", 9)] = "a load failure set by the test"
+    err = await _refused(f.ModelInfer, tensor_request("colors", _colors(1), version="9"))
     assert err.code() == grpc.StatusCode.UNAVAILABLE and _unserved(err), (err.code(), err.trailing_metadata())
-    lv.ready = True
+    del ws.manager.errors[("colors", 9)]
     # Draining: the worker takes no new calls.
     ws.servicer.accepting = False
     ws.native.set_accepting(False)

@@ -7,6 +7,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <limits>
+#include <type_traits>
 
 namespace fovea {
 
@@ -106,6 +109,88 @@ int64_t row_width(const std::vector<int64_t>& shape) {
 int64_t requested_k(const ModelInferRequest::InferRequestedOutputTensor& want) {
   auto p = want.parameters().find("classification");
   return p == want.parameters().end() ? 0 : p->second.int64_param();
+}
+
+namespace {
+
+// An input's values as raw bytes of type T, each checked to fit T.
+template <typename T, typename Values>
+Status put_values(const Values& values, const std::string& name, const std::string& dtype, std::string* out) {
+  out->resize(size_t(values.size()) * sizeof(T));
+  char* p = out->data();
+  for (const auto v : values) {
+    if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool> && sizeof(T) < sizeof(v)) {  // narrowing
+      if (v < std::numeric_limits<T>::min() || v > std::numeric_limits<T>::max())
+        return invalid("input " + quoted(name) + ": value " + std::to_string(v) + " is out of range for " + dtype);
+    }
+    const T x = static_cast<T>(v);
+    std::memcpy(p, &x, sizeof(T));
+    p += sizeof(T);
+  }
+  return Status::OK;
+}
+
+// The raw bytes of one input's typed contents; *known false for a datatype that cannot come typed.
+Status contents_bytes(const ModelInferRequest::InferInputTensor& t, bool* known, std::string* out) {
+  const auto& c = t.contents();
+  const std::string& d = t.datatype();
+  const std::string& name = t.name();
+  *known = true;
+  if (d == "FP32") return put_values<float>(c.fp32_contents(), name, d, out);
+  if (d == "FP64") return put_values<double>(c.fp64_contents(), name, d, out);
+  if (d == "INT32") return put_values<int32_t>(c.int_contents(), name, d, out);
+  if (d == "INT16") return put_values<int16_t>(c.int_contents(), name, d, out);
+  if (d == "INT8") return put_values<int8_t>(c.int_contents(), name, d, out);
+  if (d == "INT64") return put_values<int64_t>(c.int64_contents(), name, d, out);
+  if (d == "UINT32") return put_values<uint32_t>(c.uint_contents(), name, d, out);
+  if (d == "UINT16") return put_values<uint16_t>(c.uint_contents(), name, d, out);
+  if (d == "UINT8") return put_values<uint8_t>(c.uint_contents(), name, d, out);
+  if (d == "UINT64") return put_values<uint64_t>(c.uint64_contents(), name, d, out);
+  if (d == "BOOL") return put_values<bool>(c.bool_contents(), name, d, out);
+  if (d == "FP16" || d == "BF16")  // the protocol has no typed field for them
+    return invalid("input " + quoted(name) + ": " + d + " data must be sent as raw_input_contents");
+  *known = false;
+  return Status::OK;
+}
+
+// Values an input's shape needs, or -1 past 2^40 or for a negative dimension.
+int64_t elements(const google::protobuf::RepeatedField<int64_t>& dims) {
+  uint64_t count = 1;
+  for (int64_t d : dims) {
+    if (d < 0 || (d != 0 && count > kMaxBytes / uint64_t(d))) return -1;
+    count *= uint64_t(d);
+  }
+  return int64_t(count);
+}
+
+}  // namespace
+
+Status read_contents(ModelInferRequest* req, bool* read) {
+  *read = false;
+  if (req->raw_input_contents_size() > 0 || req->inputs_size() == 0) return Status::OK;
+  std::vector<std::string> raws(size_t(req->inputs_size()));
+  for (int i = 0; i < req->inputs_size(); ++i) {
+    const auto& t = req->inputs(i);
+    if (!t.has_contents()) return Status::OK;
+    bool known = false;
+    Status st = contents_bytes(t, &known, &raws[size_t(i)]);
+    if (!st.ok()) return st;
+    if (!known) return Status::OK;
+    const int64_t need = elements(t.shape());
+    const size_t have = raws[size_t(i)].size() / size_t(dtype_size(t.datatype()));
+    if (need < 0 || uint64_t(need) != have) {
+      std::vector<int64_t> shape(t.shape().begin(), t.shape().begin() + std::min(t.shape_size(), kMaxRank + 1));
+      return invalid("input " + quoted(t.name()) + ": " + std::to_string(have) + " values for shape " +
+                     shape_str(shape) + (t.shape_size() > kMaxRank + 1 ? " ..." : "") + " (" +
+                     (need < 0 ? std::string("more than 2^40") : std::to_string(need)) + " needed)");
+    }
+  }
+  for (int i = 0; i < req->inputs_size(); ++i) {
+    req->mutable_inputs(i)->clear_contents();
+    req->add_raw_input_contents()->swap(raws[size_t(i)]);
+  }
+  *read = true;
+  return Status::OK;
 }
 
 bool raw_tensors(const ModelInferRequest& req) {

@@ -47,6 +47,12 @@ int64_t requested_k(const inference::ModelInferRequest::InferRequestedOutputTens
 // front batches; typed contents and encoded images (BYTES) are relayed to Python.
 bool raw_tensors(const inference::ModelInferRequest& req);
 
+// Typed contents (fp32_contents and the like) read into raw_input_contents, in place, so that the call takes the
+// path of raw tensors: only when no input comes raw and every input has contents of a numeric datatype that
+// may come typed (not FP16, BF16 or BYTES); otherwise the request is left as it is, and *read is false.
+// INVALID_ARGUMENT when an input's value count does not match its shape, or a value does not fit its datatype.
+grpc::Status read_contents(inference::ModelInferRequest* req, bool* read);
+
 // Checks a request against a model: inputs (names, types, shapes, byte sizes, batch) and requested
 // outputs (known, each once, classification k an int64 in [1, the output's width] on an FP32 output).
 grpc::Status validate(const ModelSpec& m, const inference::ModelInferRequest& req, Checked* out);

@@ -5,7 +5,7 @@
 // version, hands whole batches as contiguous buffers to the batch loops (ort_loop.cc on
 // the CPU, Python otherwise) and splits the outputs back. Calls with encoded images wait on its image queue
 // for Python's decode threads (worker/decoding.py), whose tensor then takes the same path. Every other call
-// (typed contents, calls to trace, streams, health, metadata) goes to the worker's Python server through
+// (calls to trace, versions it does not hold, streams, health, metadata) goes to the worker's Python server through
 // relay.cc. A Python
 // gRPC server costs about 0.2 ms of CPU per call here, more than a small model's compute; this costs a few µs. The C ABI (fv_*) is what
 // worker/fast_port.py calls through its cffi binding (api.h), which releases the GIL around each call.
@@ -63,7 +63,7 @@ int64_t now_ns() {
 // A call validate accepted (n and order come from it). ModelInfer takes its bytes raw and parses them
 // into request itself (gRPC's typed handler answers bytes that do not parse with a bare UNIMPLEMENTED);
 // finish serializes response into out.
-// A call the worker's Python server submitted (fv_submit: images it decoded, typed contents it read): its
+// A call the worker's Python server submitted (fv_submit: a call it traces, its images decoded): its
 // thread waits for the answer here instead of a reactor.
 struct Local {
   std::mutex mu;
@@ -422,6 +422,16 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
   if (!grpc::SerializationTraits<ModelInferRequest>::Deserialize(const_cast<grpc::ByteBuffer*>(bytes), &owned->request).ok())
     return reject(StatusCode::INVALID_ARGUMENT, "the request is not a valid protobuf message for this method");
   if (!front_->accepting) return reject(StatusCode::UNAVAILABLE, "worker is draining; retry on another worker");
+  // Typed contents become raw tensors here, for every call: the Python server never reads them.
+  bool read = false;
+  Status contents = fovea::read_contents(&owned->request, &read);
+  if (!contents.ok()) return reject(contents.error_code(), contents.error_message());
+  if (read) {  // what is relayed (a call to trace, a version not held here) is the request as read
+    std::string body;
+    owned->request.SerializeToString(&body);
+    grpc::Slice slice(body);
+    original = grpc::ByteBuffer(&slice, 1);
+  }
   const ModelInferRequest* req = owned->req;
 
   // Encoded images (one BYTES input) for a version this front holds go to the decode threads, which hand
@@ -960,7 +970,7 @@ void fv_codes(fv_front* fp, fv_status_counts* out) {
   for (int i = 0; i < FV_STATUS_CODES; ++i) out->by_code[i] = f->codes[i].load();
 }
 
-// A ModelInfer the worker's Python server made (images it decoded, typed contents it read, as
+// A ModelInfer the worker's Python server made (a call it traces, its images decoded, as
 // raw_input_contents) for the version in slot: validated, queued and batched with the calls this front takes
 // itself, and answered by the same code. Blocks until answered (the binding releases the GIL meanwhile).
 // Returns the gRPC status code; on OK, answer->response holds the serialized ModelInferResponse (free it

@@ -1,4 +1,5 @@
-// libFuzzer target: the worker fast port's request checks (validate in ../check.cc) and, for what they
+// libFuzzer target: the worker fast port's reading of typed contents (read_contents) and request checks
+// (validate, both in ../check.cc) and, for what they
 // accept, the classification encoding (classify/top_k) on fake output rows, the way front.cc answers.
 // The bytes are a serialized inference.ModelInferRequest; bytes that do not parse are dropped.
 //
@@ -82,6 +83,15 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   inference::ModelInferRequest req;
   if (!req.ParseFromArray(data, int(size))) return 0;
+  // Typed contents are read into raw tensors first, as front.cc does for every call; what read_contents
+  // promises: every input raw, of as many bytes as its values, and no typed contents left.
+  const int typed_inputs = req.inputs_size();
+  bool read = false;
+  if (!fovea::read_contents(&req, &read).ok()) return 0;
+  if (read) {
+    check(req.raw_input_contents_size() == typed_inputs);
+    for (int i = 0; i < typed_inputs; ++i) check(!req.inputs(i).has_contents());
+  }
   for (const auto& m : models()) {
     fovea::Checked c;
     if (!fovea::validate(m, req, &c).ok()) continue;

@@ -79,6 +79,14 @@ def seeds() -> dict[str, pb.ModelInferRequest]:
     typed = pb.ModelInferRequest(model_name="colors")
     typed.inputs.add(name="input", datatype="FP32", shape=[1, 3, 8, 8]).contents.fp32_contents.extend([0.5] * 192)
     s["colors_typed"] = typed
+    for dtype, field, values in (
+        ("INT8", "int_contents", [1, -128, 127, 300]),
+        ("UINT16", "uint_contents", [7, 70000]),
+    ):
+        narrow = pb.ModelInferRequest(model_name="pair")
+        narrow.inputs.add(name="a", datatype=dtype, shape=[1, len(values)])
+        getattr(narrow.inputs[0].contents, field).extend(values)
+        s[f"pair_typed_{dtype.lower()}"] = narrow
     swapped = pair()
     swapped.inputs[0].name, swapped.inputs[1].name = "b", "a"
     s["pair_swapped"] = swapped
