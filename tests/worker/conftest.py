@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +116,20 @@ def typed_request(req: pb.ModelInferRequest) -> pb.ModelInferRequest:
     for t, raw in zip(out.inputs, req.raw_input_contents, strict=True):
         t.contents.fp32_contents.extend(np.frombuffer(raw, np.float32).tolist())
     return out
+
+
+def colors(n: int) -> np.ndarray:
+    """n inputs of the colour model (tests.tinymodels.color_model), red, green, blue in turn."""
+    x = np.zeros((n, 3, 8, 8), np.float32)
+    for i in range(n):
+        x[i, i % 3] = 1.0
+    return x
+
+
+async def scrape(port: int) -> str:
+    """A worker's /metrics page."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
 
 
 def output_array(resp: pb.ModelInferResponse, index: int = 0, dtype: Any = np.float32) -> np.ndarray:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import urllib.request
 from typing import Any
 
 import grpc
@@ -17,7 +16,7 @@ import worker.decoding
 from fovea.oip import decode_bytes, encode_bytes
 from inference import grpc_predict_v2_pb2 as pb
 from tests.tinymodels import color_model
-from tests.worker.conftest import MD, LocalRegistry, StartWorker, stub, tensor_request
+from tests.worker.conftest import MD, LocalRegistry, StartWorker, scrape, stub, tensor_request
 from tests.worker.test_jpeg_scale import blue_photo
 
 
@@ -53,9 +52,7 @@ async def test_image_calls_are_answered_without_the_python_server(
     ]
     assert labels(answers[0], 1) == ["blue"] and labels(answers[1], 3) == ["blue"] * 3
     assert [list(o.shape) for o in answers[1].outputs] == [[3, 1]]
-    page = await asyncio.to_thread(
-        lambda: urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics.port}/metrics", timeout=10).read().decode()
-    )
+    page = await scrape(ws.metrics.port)
     assert metric(page, 'fovea_worker_fast_port_requests_total{code="OK"}') == 2
     assert metric(page, 'fovea_worker_requests_total{code="OK",method="ModelInfer"}') == 0, "Python saw none"
     # decoding is timed per version, as before

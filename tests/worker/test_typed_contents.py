@@ -3,23 +3,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import urllib.request
-
 import grpc
 import numpy as np
 import pytest
 
 from inference import grpc_predict_v2_pb2 as pb
 from tests.tinymodels import color_model
-from tests.worker.conftest import MD, LocalRegistry, StartWorker, output_array, stub, tensor_request, typed_request
-
-
-def colors(n: int) -> np.ndarray:
-    x = np.zeros((n, 3, 8, 8), np.float32)
-    for i in range(n):
-        x[i, i % 3] = 1.0
-    return x
+from tests.worker.conftest import (
+    MD,
+    LocalRegistry,
+    StartWorker,
+    colors,
+    output_array,
+    scrape,
+    stub,
+    tensor_request,
+    typed_request,
+)
 
 
 async def test_typed_contents_are_answered_as_raw_tensors_without_the_python_server(
@@ -37,9 +37,7 @@ async def test_typed_contents_are_answered_as_raw_tensors_without_the_python_ser
         2,
         0,
     ]
-    page = await asyncio.to_thread(
-        lambda: urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics.port}/metrics", timeout=10).read().decode()
-    )
+    page = await scrape(ws.metrics.port)
     assert 'fovea_worker_fast_port_requests_total{code="OK"} 2.0' in page
     assert 'method="ModelInfer"' not in page, "the Python server answered no ModelInfer"
     await channel.close()

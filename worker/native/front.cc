@@ -426,12 +426,6 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
   bool read = false;
   Status contents = fovea::read_contents(&owned->request, &read);
   if (!contents.ok()) return reject(contents.error_code(), contents.error_message());
-  if (read) {  // what is relayed (a call to trace, a version not held here) is the request as read
-    std::string body;
-    owned->request.SerializeToString(&body);
-    grpc::Slice slice(body);
-    original = grpc::ByteBuffer(&slice, 1);
-  }
   const ModelInferRequest* req = owned->req;
 
   // Encoded images (one BYTES input) for a version this front holds go to the decode threads, which hand
@@ -449,6 +443,12 @@ grpc::ServerUnaryReactor* Service::ModelInfer(grpc::CallbackServerContext* ctx, 
     return reactor;
   }
   if (!fovea::raw_tensors(*req) || traced || !front_->lookup(req->model_name(), req->model_version(), &m).ok()) {
+    if (read) {  // relayed as read (a call to trace, a version not held here): Python never reads contents
+      std::string body;
+      owned->request.SerializeToString(&body);
+      grpc::Slice slice(body);
+      original = grpc::ByteBuffer(&slice, 1);
+    }
     front_->relay->unary(ctx, "/inference.GRPCInferenceService/ModelInfer", original, out, reactor);
     return reactor;
   }
