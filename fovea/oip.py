@@ -99,26 +99,6 @@ def bytes_input(tensor: Any, raw: bytes | None, max_items: int) -> list[bytes]:
     return items
 
 
-def array_input(tensor: Any, raw: bytes | None, dtype: Any, shape: list[int]) -> np.ndarray:
-    """A checked NumPy view of a numeric input; the byte size is checked before anything is allocated."""
-    count = element_count(shape)
-    np_dtype = np.dtype(dtype)
-    if raw is not None:
-        expected = count * np_dtype.itemsize
-        if len(raw) != expected:
-            raise InvalidArgument(
-                f"input {tensor.name!r}: {len(raw)} bytes of raw data, but {tensor.datatype} {shape} needs {expected}"
-            )
-        return np.frombuffer(raw, dtype=np_dtype).reshape(shape)
-    if tensor.datatype == "FP16":
-        raise InvalidArgument(f"input {tensor.name!r}: FP16 data must be sent as raw_input_contents")
-    field = TYPED_FIELD.get(tensor.datatype)
-    values = getattr(tensor.contents, field) if field else []
-    if len(values) != count:
-        raise InvalidArgument(f"input {tensor.name!r}: {len(values)} values for shape {shape} ({count} needed)")
-    return np.asarray(values, dtype=np_dtype).reshape(shape)
-
-
 def parameter_value(param: Any) -> Any:
     which = param.WhichOneof("parameter_choice")
     return getattr(param, which) if which else None
