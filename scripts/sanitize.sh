@@ -12,10 +12,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 nice scripts/native.sh asan  # the CMake build's asan variant (CMakeLists.txt), both parts
+scripts/ort_gpu_library.sh  # test_ort_api.py proves the CUDA provider's entries on onnxruntime-gpu's library
 tests=("$@")
 if [[ ${#tests[@]} -eq 0 ]]; then
   tests=(tests/worker/test_fast_port.py tests/worker/test_hostile_requests.py tests/worker/test_ort_api.py
-         tests/worker/test_image_path.py tests/worker/test_typed_contents.py
+         tests/worker/test_image_path.py tests/worker/test_typed_contents.py tests/worker/test_buckets.py
+         tests/worker/test_native_cuda.py
          tests/gateway/test_fast_port.py tests/gateway/test_native_classify.py tests/gateway/test_forward.py)
 fi
 logs="$(mktemp -d "${TMPDIR:-/tmp}/fovea-sanitize.XXXXXX")"

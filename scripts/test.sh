@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# onnxruntime-gpu's library, which tests/worker/test_ort_api.py proves the CUDA provider's entries against
+./scripts/ort_gpu_library.sh
 . .venv/bin/activate
 # Two pytest workers, each taking whole files (--dist loadfile: a module's fixtures stay on one worker): the tests
 # spend much of their time starting services, so two overlap well on 2 cores (9 minutes instead of 15).

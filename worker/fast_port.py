@@ -136,12 +136,16 @@ class NativeOptions:
     optimization_level: int
     cpu_mem_arena: bool
     entries: dict[str, str]
+    providers: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    """GPU providers (TensorrtExecutionProvider, CUDAExecutionProvider) in order, each with its options as ONNX
+    Runtime names them; ONNX Runtime's CPU provider comes after them."""
+    sizes: list[int] = field(default_factory=list)
+    """Batch buckets, ascending: a session each, batches padded up to the first that holds them."""
 
 
 class NativeSession:
-    """A CPU session opened through ONNX Runtime's C API, for the fast port's C++ batch loop.
-
-    It is a second session on the same verified model bytes as the Python one the main port uses."""
+    """A model instance's session for the C++ batch loop, opened through ONNX Runtime's C API on the CPU or the
+    CUDA provider: one session, or one per batch bucket (NativeOptions.sizes)."""
 
     def __init__(
         self,
@@ -168,6 +172,14 @@ class NativeSession:
         spec.input_dtypes = c.many([d for _, d in inputs])
         spec.noutputs = len(outputs)
         spec.output_names = c.many(list(outputs))
+        providers = c.keep(self.ffi.new("fv_provider[]", len(options.providers)))
+        for provider, (name, opts) in zip(providers, options.providers, strict=True):
+            provider.name, provider.noptions = c.one(name), len(opts)
+            provider.keys, provider.values = c.many(list(opts)), c.many(list(opts.values()))
+        spec.nproviders, spec.providers = len(options.providers), providers
+        spec.nsizes = len(options.sizes)
+        spec.sizes = c.keep(self.ffi.new("int32_t[]", list(options.sizes)))
+        self.providers, self.sizes = [name for name, _ in options.providers], list(options.sizes)
         err = self.ffi.new("char[]", ERROR_CAP)
         handle = self.lib.fv_ort_session(spec, err, ERROR_CAP)
         if not handle:
@@ -182,6 +194,7 @@ class NativeSession:
         batch = self.ffi.new("fv_batch *")
         batch.ninputs = len(arrays)
         kept = [np.ascontiguousarray(a) for a in arrays]
+        batch.samples = kept[0].shape[0] if kept and kept[0].ndim else 0  # picks the bucket
         buffers = []  # alive until the call returns
         for i, a in enumerate(kept):
             if a.ndim > max_rank:
@@ -199,6 +212,10 @@ class NativeSession:
         """Batches run so far, warm-up included."""
         return int(self.lib.fv_ort_runs(self.handle)) if self.handle else 0
 
+    def bucket_runs(self, size: int) -> int:
+        """Batches run so far on the bucket of that batch size (-1: no such bucket)."""
+        return int(self.lib.fv_ort_bucket_runs(self.handle, size)) if self.handle else -1
+
     def close(self) -> None:
         if self.handle:
             self.lib.fv_ort_free(self.handle)
@@ -206,7 +223,8 @@ class NativeSession:
 
 
 RunFn = Callable[[list[np.ndarray]], list[np.ndarray]]
-BatchHook = Callable[[int, list[float], float], None]
+BatchHook = Callable[[int, list[float], float, int | None], None]
+"""(samples, each call's queue wait, compute seconds, the batch size it ran at when the C++ loop reports it)."""
 DropHook = Callable[[str], None]
 
 
@@ -344,7 +362,7 @@ class NativeFront:
             for r in range(n):
                 record = io.records[r]
                 try:
-                    entry.on_batch(record.samples, waits[at : at + record.calls], record.compute_s)  # type: ignore[misc]
+                    entry.on_batch(record.samples, waits[at : at + record.calls], record.compute_s, record.run_samples)  # type: ignore[misc]
                 except Exception:  # noqa: BLE001 - as in flush_metrics
                     logger.exception("fast-port batch metrics could not be recorded")
                 at += record.calls
@@ -363,7 +381,7 @@ class NativeFront:
             except IndexError:
                 return
             try:
-                hook(samples, waits_s, compute_s)
+                hook(samples, waits_s, compute_s, None)
             except Exception:  # noqa: BLE001 - a failing metric must not stop the flusher (and grow the queue)
                 logger.exception("fast-port batch metrics could not be recorded")
 

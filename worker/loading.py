@@ -16,12 +16,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from fovea.onnxfile import refuse_external_data_bytes
 from fovea.v1 import model_pb2
 from worker.config import WorkerConfig
 from worker.fast_port import NativeFront, NativeSession
-from worker.runtime import GPU_PROVIDERS, Bucketed, Session, load_model, native_options
+from worker.runtime import (
+    GPU_PROVIDERS,
+    Bucketed,
+    ProviderFallback,
+    Session,
+    buckets_for,
+    load_model,
+    load_session,
+    native_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,38 +80,64 @@ async def open_sessions(
     await asyncio.to_thread(refuse_external_data_bytes, data)
     await trim_heap()  # the parsed copy
     count = max(1, config.instances)
-    first = await asyncio.to_thread(load_model, data, config)
-    opened = Opened(first, sessions=[first])
-    if runs_native(native, config, first):
-        assert isinstance(first, Session) and native is not None  # no batch buckets here (runs_native)
-        opened.first = dataclasses.replace(first, session=None)  # type: ignore[arg-type]
-        opened.sessions = []
-        del first
-        await trim_heap()  # Python's session, before the C++ sessions take their memory
-        opened.fast, opened.fast_alone = await asyncio.to_thread(
-            open_native, native, data, config, mv, opened.first, count, alone_threads
+    provider = native_provider(native, config)
+    if provider is not None:
+        assert native is not None
+        # The names, types and batch axes only, from a CPU session freed before the C++ sessions open: a CUDA
+        # session here would load the CUDA provider's library for Python's copy of ONNX Runtime, and that
+        # library serves one copy per process.
+        probe = await asyncio.to_thread(load_session, data, metadata_config(config))
+        first = dataclasses.replace(
+            probe,
+            session=None,
+            provider=provider,
+            sizes=buckets_for(config, provider, probe),  # type: ignore[arg-type]
         )
-    if not opened.fast:  # Python runs the batches, on sessions of its own
-        opened.sessions = [
-            opened.sessions[0] if opened.sessions else await asyncio.to_thread(load_model, data, config),
-            *await asyncio.gather(*(asyncio.to_thread(load_model, data, config) for _ in range(count - 1))),
-        ]
-        opened.first = opened.sessions[0]
-        if native is not None and alone_threads:
-            opened.alone = await asyncio.to_thread(
-                load_model, data, config.model_copy(update={"intra_op_threads": alone_threads})
-            )
+        del probe
+        await trim_heap()
+        if provider in GPU_PROVIDERS:
+            alone_threads = 0  # intra-op threads do not speed up a GPU's batch
+        fast, fast_alone = await asyncio.to_thread(open_native, native, data, config, mv, first, count, alone_threads)
+        if fast:
+            return Opened(first, fast=fast, fast_alone=fast_alone)
+    # Python runs the batches, on sessions of its own
+    loaded = await asyncio.to_thread(load_model, data, config)
+    opened = Opened(loaded, sessions=[loaded])
+    opened.sessions += await asyncio.gather(*(asyncio.to_thread(load_model, data, config) for _ in range(count - 1)))
+    if native is not None and alone_threads:
+        opened.alone = await asyncio.to_thread(
+            load_model, data, config.model_copy(update={"intra_op_threads": alone_threads})
+        )
     return opened
 
 
-def runs_native(native: NativeFront | None, config: WorkerConfig, first: Session | Bucketed) -> bool:
-    """Whether the batches of this model run in C++ (see WorkerConfig.native_compute)."""
-    if native is None or not config.native_compute or first.provider != "CPUExecutionProvider" or first.sizes:
-        return False
+def native_provider(native: NativeFront | None, config: WorkerConfig) -> str | None:
+    """The provider the C++ batch loop runs this worker's models on (see WorkerConfig.native_compute): the first
+    of config.providers this onnxruntime build has; None where Python runs the batches."""
+    if native is None or not config.native_compute:
+        return None
+    built = set(ort.get_available_providers())
+    wanted = next((p for p in config.providers if p in built), "CPUExecutionProvider")
+    if config.require_gpu and wanted not in GPU_PROVIDERS:
+        raise ProviderFallback(f"require_gpu is set but this onnxruntime build has none of {config.providers}")
     why = native.ort_unavailable()
     if why:
         logger.warning("fast port batches run in Python: %s", why)
-    return not why
+        return None
+    return wanted
+
+
+def metadata_config(config: WorkerConfig) -> WorkerConfig:
+    """A cheap CPU session's settings, for reading a model's names and types."""
+    return config.model_copy(
+        update={
+            "providers": ["CPUExecutionProvider"],
+            "require_gpu": False,
+            "intra_op_threads": 1,
+            "inter_op_threads": 1,
+            "graph_optimization": "disable",
+        }
+    )
 
 
 def open_native(
@@ -119,12 +155,16 @@ def open_native(
     made: list[NativeSession] = []
     try:
         for _ in range(count):
-            made.append(NativeSession(native, data, native_options(config), inputs, first.output_names))
+            made.append(
+                NativeSession(
+                    native, data, native_options(config, first.sizes), inputs, first.output_names
+                )
+            )
         alone = (
             NativeSession(
                 native,
                 data,
-                native_options(config.model_copy(update={"intra_op_threads": alone_threads})),
+                native_options(config.model_copy(update={"intra_op_threads": alone_threads}), first.sizes),
                 inputs,
                 first.output_names,
             )

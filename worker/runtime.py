@@ -37,27 +37,45 @@ def provider_list(config: WorkerConfig) -> list[Any]:
         if name not in available:
             logger.warning("execution provider %s is not in this onnxruntime build; skipping", name)
             continue
-        if name == "CUDAExecutionProvider":
-            opts: dict[str, Any] = {
-                "device_id": config.device_id,
-                "cudnn_conv_use_max_workspace": "1" if config.cudnn_max_workspace else "0",
-                "cudnn_conv_algo_search": config.cudnn_conv_algo_search,
-            }
-            if config.gpu_mem_limit_bytes:
-                opts["gpu_mem_limit"] = config.gpu_mem_limit_bytes
-            out.append((name, {**opts, **config.provider_options.get(name, {})}))
-        elif name == "TensorrtExecutionProvider":
-            opts = {"device_id": config.device_id, "trt_fp16_enable": config.trt_fp16}
-            if config.trt_cache_dir:
-                opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=config.trt_cache_dir)
-            if config.trt_max_workspace_bytes:
-                opts["trt_max_workspace_size"] = config.trt_max_workspace_bytes
-            out.append((name, {**opts, **config.provider_options.get(name, {})}))
+        if name in GPU_PROVIDERS:
+            out.append((name, gpu_options(config, name)))
         elif name in config.provider_options:
             out.append((name, dict(config.provider_options[name])))
         else:
             out.append(name)
     return out or ["CPUExecutionProvider"]
+
+
+def gpu_options(config: WorkerConfig, name: str) -> dict[str, str]:
+    """A GPU provider's options (CUDAExecutionProvider's or TensorrtExecutionProvider's) as ONNX Runtime names
+    them, the user's provider_options on top, as text: for Python's sessions and the C++ loop's."""
+    opts: dict[str, Any] = {"device_id": config.device_id}
+    if name == "CUDAExecutionProvider":
+        opts["cudnn_conv_use_max_workspace"] = "1" if config.cudnn_max_workspace else "0"
+        opts["cudnn_conv_algo_search"] = config.cudnn_conv_algo_search
+        if config.gpu_mem_limit_bytes:
+            opts["gpu_mem_limit"] = config.gpu_mem_limit_bytes
+    elif name == "TensorrtExecutionProvider":
+        opts["trt_fp16_enable"] = config.trt_fp16
+        if config.trt_cache_dir:
+            opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=config.trt_cache_dir)
+        if config.trt_max_workspace_bytes:
+            opts["trt_max_workspace_size"] = config.trt_max_workspace_bytes
+    # ONNX Runtime reads booleans as True/False, 1/0 or true/false: str() of Python's gives the first
+    return {k: str(v) for k, v in {**opts, **config.provider_options.get(name, {})}.items()}
+
+
+def native_providers(config: WorkerConfig) -> list[tuple[str, dict[str, str]]]:
+    """The GPU providers, with their options, that the C++ loop appends to a session: those of config.providers
+    this onnxruntime build has, in order, up to the CPU (ONNX Runtime puts its CPU provider after them)."""
+    built = set(ort.get_available_providers())
+    out = []
+    for name in config.providers:
+        if name == "CPUExecutionProvider":
+            break
+        if name in built and name in GPU_PROVIDERS:
+            out.append((name, gpu_options(config, name)))
+    return out
 
 
 def session_options(config: WorkerConfig) -> ort.SessionOptions:
@@ -73,9 +91,12 @@ def session_options(config: WorkerConfig) -> ort.SessionOptions:
     return so
 
 
-def native_options(config: WorkerConfig) -> NativeOptions:
-    """session_options' settings for a session opened through the C API (the fast port's C++ loop)."""
+def native_options(config: WorkerConfig, sizes: list[int] | None = None) -> NativeOptions:
+    """session_options' settings, and provider_list's providers, for a session opened through the C API (the
+    fast port's C++ loop), with a session per batch size in sizes."""
     return NativeOptions(
+        providers=native_providers(config),
+        sizes=list(sizes or []),
         intra_op_threads=config.intra_op_threads,
         inter_op_threads=config.inter_op_threads,
         optimization_level=int(OPT_LEVELS.get(config.graph_optimization, OPT_LEVELS["all"])),
@@ -198,20 +219,27 @@ class Bucketed:
         return [o[:n] for o in outputs]
 
 
-def load_model(model_bytes: bytes, config: WorkerConfig) -> Session | Bucketed:
-    """A session, or one per batch size where pad_batches applies to the provider ONNX Runtime gave."""
-    first = load_session(model_bytes, config)
-    sizes = bucket_sizes(config, first.provider)
+def buckets_for(config: WorkerConfig, provider: str, first: Session) -> list[int]:
+    """The batch sizes a model gets a session each on provider (see bucket_sizes), or [] for one session: also
+    where the model's batch axis is not free on every input and output, so a padded batch could not be cut back."""
+    sizes = bucket_sizes(config, provider)
     if len(sizes) > 1 and not first.dynamic_batch:
         inputs = first.session.get_inputs()
         if inputs and inputs[0].shape and not isinstance(inputs[0].shape[0], int):
             logger.warning(
                 "not padding batches: an output's first axis is fixed, so it is not per sample; "
                 "batch sizes that change from run to run will be slow on %s",
-                first.provider,
+                provider,
             )
-        sizes = []
-    if len(sizes) < 2:
+        return []
+    return sizes if len(sizes) > 1 else []
+
+
+def load_model(model_bytes: bytes, config: WorkerConfig) -> Session | Bucketed:
+    """A session, or one per batch size where pad_batches applies to the provider ONNX Runtime gave."""
+    first = load_session(model_bytes, config)
+    sizes = buckets_for(config, first.provider, first)
+    if not sizes:
         return first
     sessions = {sizes[-1]: first}
     for size in sizes[:-1]:

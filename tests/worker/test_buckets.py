@@ -87,8 +87,18 @@ async def test_a_padded_worker_answers_every_request_with_its_own_rows(
     await registry.publish("busy", busy_model())
     ws = await start_worker(["busy"], metrics_port=0, max_batch_size=8, pad_batches="always", batch_buckets=[1, 4])
     lv = ws.manager.get("busy", "")
-    assert all(isinstance(s, Bucketed) and s.sizes == [1, 4, 8] for s in lv.sessions)
-    ports = [ws.port] + ([ws.native.port] if ws.native is not None else [])
+    assert ws.native is not None
+    # the C++ loop runs the buckets: Python opens no session of its own
+    fast = ws.native.slots[lv.slot].sessions
+    assert lv.sessions == [] and lv.sizes == [1, 4, 8] and fast and all(s.sizes == [1, 4, 8] for s in fast)
+    # each batch size runs on the first bucket that holds it
+    for n, bucket in [(1, 1), (2, 4), (3, 4), (4, 4), (5, 8), (8, 8)]:
+        before = {size: fast[0].bucket_runs(size) for size in (1, 4, 8)}
+        fast[0].run([busy_input(1, rows=n)])
+        after = {size: fast[0].bucket_runs(size) for size in (1, 4, 8)}
+        assert {size: after[size] - before[size] for size in after} == {s: int(s == bucket) for s in after}, n
+    assert fast[0].bucket_runs(2) == -1
+    ports = [ws.port, ws.native.port]
     for port in ports:
         channel, s = stub(port)
         # 1- to 3-row requests at once, so batches of many sizes form and most need padding

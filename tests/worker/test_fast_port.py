@@ -401,16 +401,16 @@ def test_batch_metrics_flush_past_a_failing_hook() -> None:
     from worker.fast_port import NativeFront
 
     front = NativeFront("127.0.0.1:0", 1 << 20, ["t"], 1000, "unix:/nonexistent/python.sock")
-    seen: list[tuple[int, list[float], float]] = []
+    seen: list[tuple[int, list[float], float, int | None]] = []
 
-    def broken(samples: int, waits_s: list[float], compute_s: float) -> None:
+    def broken(samples: int, waits_s: list[float], compute_s: float, run_samples: int | None) -> None:
         raise RuntimeError("metric backend gone")
 
     try:
         front.batch_records.append((broken, 1, [0.1], 0.2))
         front.batch_records.append((lambda *a: seen.append(a), 2, [0.3, 0.4], 0.5))
         front.flush_metrics()
-        assert seen == [(2, [0.3, 0.4], 0.5)]
+        assert seen == [(2, [0.3, 0.4], 0.5, None)]
         assert not front.batch_records
     finally:
         front.shutdown(1)

@@ -9,6 +9,7 @@ The two fake libraries in the version tests are fault injection: real ONNX Runti
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -111,27 +112,50 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
     return {"run": run_model(d / "run.onnx"), "big": big_model(d / "big.onnx"), "weights": weights_model(d / "w.onnx")}
 
 
+def probe_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The memory proofs read RSS: ASan's quarantine (scripts/sanitize.sh) would hold freed memory back.
+    if env.get("ASAN_OPTIONS") is not None or "asan" in BUILD:
+        env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":quarantine_size_mb=0:detect_leaks=0"
+    return env
+
+
 @pytest.fixture(scope="module")
 def seen(models: dict[str, pathlib.Path]) -> dict[str, list[dict[str, Any]]]:
     """The probe's observations by proof name (a proof may be seen more than once)."""
     library = ort_library()
     assert library is not None, "the onnxruntime package ships libonnxruntime.so"
-    env = dict(os.environ)
-    # The memory proofs read RSS: ASan's quarantine (scripts/sanitize.sh) would hold freed memory back.
-    if env.get("ASAN_OPTIONS") is not None or "asan" in BUILD:
-        env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":quarantine_size_mb=0:detect_leaks=0"
     out = subprocess.run(
         [str(PROBE), str(library), str(models["run"]), str(models["big"]), str(models["weights"])],
         capture_output=True,
         text=True,
         timeout=300,
-        env=env,
+        env=probe_env(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     found: dict[str, list[dict[str, Any]]] = {}
     for line in out.stdout.splitlines():
         item = json.loads(line)
         found.setdefault(item.pop("proof"), []).append(item)
+    assert "done" in found, out.stdout[-2000:]
+    return found
+
+
+def gpu_library() -> pathlib.Path:
+    """onnxruntime-gpu's libonnxruntime at the pinned release (scripts/ort_gpu_library.sh fetches it; the README's
+    test command runs that), or FOVEA_ORT_GPU_LIBRARY."""
+    default = ROOT / ".venv" / "ort-gpu" / f"libonnxruntime.so.{checked_versions()['gpu']}"
+    path = pathlib.Path(os.environ.get("FOVEA_ORT_GPU_LIBRARY", default))
+    assert path.exists(), f"{path} is missing: run scripts/ort_gpu_library.sh (scripts/test.sh does)"
+    return path
+
+
+@functools.cache
+def cuda_seen(library: str) -> dict[str, dict[str, Any]]:
+    """The probe's GPU providers' observations (`ort_probe cuda LIBRARY`) on one library, by proof name."""
+    out = subprocess.run([str(PROBE), "cuda", library], capture_output=True, text=True, timeout=120, env=probe_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = {item.pop("proof"): item for item in map(json.loads, out.stdout.splitlines())}
     assert "done" in found, out.stdout[-2000:]
     return found
 
@@ -232,6 +256,54 @@ def prove_release_session_options(seen: dict[str, list[dict[str, Any]]], models:
     assert one(seen, "release_session_options")["rss_growth_kb"] < 4 * 1024
 
 
+GPU_PROVIDERS = {"cuda": ("CUDA", "Cuda"), "tensorrt": ("TensorRT", "TensorRT")}
+"""The probe's tag of each GPU provider: (its name in ONNX Runtime's messages, in its append function's name)."""
+
+
+def prove_create_options(tag: str) -> None:
+    """Create*ProviderOptions: on the CPU build, refused saying that provider is not in it; on onnxruntime-gpu's
+    library (no GPU needed), options are made. That library is the pinned release and has the same table."""
+    name = GPU_PROVIDERS[tag][0]
+    assert cuda_seen(str(ort_library()))[f"create_{tag}_options"] == {
+        "code": 1,
+        "message": f"{name} execution provider is not enabled in this build.",
+        "made": False,
+    }
+    gpu = cuda_seen(str(gpu_library()))
+    assert gpu["version"]["version"] == checked_versions()["gpu"]
+    assert gpu[f"create_{tag}_options"] == {"code": 0, "message": "", "made": True}
+
+
+def prove_update_options(tag: str) -> None:
+    """Update*ProviderOptions parses its options in the provider's own library, so with no CUDA here it fails
+    loading that library (naming it: each provider's is its own), where creating the options did not load it."""
+    gpu = cuda_seen(str(gpu_library()))[f"update_{tag}_options"]
+    assert gpu["code"] == 1
+    assert "Failed to load library" in gpu["message"] and f"libonnxruntime_providers_{tag}.so" in gpu["message"]
+    assert "AppendExecutionProvider" not in gpu["message"]
+
+
+def prove_append(tag: str) -> None:
+    """SessionOptionsAppendExecutionProvider_*_V2: its own message, naming the append that failed."""
+    gpu = cuda_seen(str(gpu_library()))[f"append_{tag}"]
+    assert gpu["code"] == 1
+    function = GPU_PROVIDERS[tag][1]
+    assert gpu["message"].startswith(
+        f"OrtSessionOptionsAppendExecutionProvider_{function}: Failed to load shared library"
+    )
+
+
+def prove_release_options(tag: str) -> None:
+    """Release*ProviderOptions: 1,000,000 options made and released grow RSS by under 4 MB, where 200,000 kept
+    grow it by more than 10 MB."""
+    gpu = cuda_seen(str(gpu_library()))[f"release_{tag}_options"]
+    assert gpu["kept_growth_kb"] > 10 * 1024 and gpu["rss_growth_kb"] < 4 * 1024, gpu
+
+
+def on_provider(prove: Callable[[str], None], tag: str) -> Callable[..., None]:
+    return lambda seen, models: prove(tag)
+
+
 def prove_optimization_level(seen: dict[str, list[dict[str, Any]]], models: dict[str, pathlib.Path]) -> None:
     """SetSessionGraphOptimizationLevel: level 7 is refused by name; level 0 (ORT_DISABLE_ALL) is taken."""
     assert one(seen, "option_refusals")["optimization_level_7"] == "2 graph_optimization_level is not valid"
@@ -290,6 +362,14 @@ PROOFS: dict[str, Callable[[dict[str, list[dict[str, Any]]], dict[str, pathlib.P
     "ReleaseTensorTypeAndShapeInfo": prove_release_type_info,
     "ReleaseSessionOptions": prove_release_session_options,
     "AddSessionConfigEntry": prove_config_entry,
+    "CreateCUDAProviderOptions": on_provider(prove_create_options, "cuda"),
+    "UpdateCUDAProviderOptions": on_provider(prove_update_options, "cuda"),
+    "SessionOptionsAppendExecutionProvider_CUDA_V2": on_provider(prove_append, "cuda"),
+    "ReleaseCUDAProviderOptions": on_provider(prove_release_options, "cuda"),
+    "CreateTensorRTProviderOptions": on_provider(prove_create_options, "tensorrt"),
+    "UpdateTensorRTProviderOptions": on_provider(prove_update_options, "tensorrt"),
+    "SessionOptionsAppendExecutionProvider_TensorRT_V2": on_provider(prove_append, "tensorrt"),
+    "ReleaseTensorRTProviderOptions": on_provider(prove_release_options, "tensorrt"),
 }
 
 

@@ -16,6 +16,9 @@ extern "C" {
 enum {
   FV_MAX_TENSORS = 8,   // inputs, and outputs, of a model the fast port serves
   FV_MAX_RANK = 8,      // dimensions of a tensor
+  FV_MAX_BUCKETS = 16,  // batch sizes with a session each (fv_session_spec.sizes)
+  FV_MAX_OPTIONS = 64,  // session config entries, and provider options, of a session
+  FV_MAX_PROVIDERS = 2, // execution providers of a session before the CPU (TensorRT, CUDA)
   FV_STATUS_CODES = 17, // gRPC status codes, OK (0) to UNAUTHENTICATED (16)
   FV_TIME_BOUNDS = 16,  // bounds of the request-time buckets (fv_time_bounds_ns)
   FV_TIME_BUCKETS = 17, // buckets: one per bound, then +Inf
@@ -213,6 +216,16 @@ int32_t fv_ort_init(const char* path, char* err, int32_t cap);
 // The version string of the opened library ("" before fv_ort_init).
 const char* fv_ort_version(void);
 
+// An execution provider for a session: "TensorrtExecutionProvider" or "CUDAExecutionProvider", with its
+// options as ONNX Runtime names them (CUDA's device_id, cudnn_conv_algo_search, gpu_mem_limit, ...; TensorRT's
+// device_id, trt_fp16_enable, trt_engine_cache_path, ...).
+typedef struct fv_provider {
+  const char* name;
+  int32_t noptions;  // 0 to FV_MAX_OPTIONS
+  const char* const* keys;
+  const char* const* values;
+} fv_provider;
+
 typedef struct fv_session_spec {
   const char* model;  // the model file's bytes, already verified
   int64_t model_len;
@@ -228,14 +241,25 @@ typedef struct fv_session_spec {
   const char* const* input_dtypes;  // the protocol's
   int32_t noutputs;                 // 1 to FV_MAX_TENSORS
   const char* const* output_names;
+  // Execution providers in order of preference (fv_provider), ONNX Runtime's CPU provider after them; 0 to
+  // FV_MAX_PROVIDERS of them.
+  int32_t nproviders;
+  const struct fv_provider* providers;
+  // Batch buckets: ascending batch sizes (1 to FV_MAX_BUCKETS of them), each with a session of its own that
+  // only ever runs that size; a batch is padded with zeros up to the first size that holds it and its outputs
+  // are cut back. nsizes 0: one session runs every batch size as it comes.
+  int32_t nsizes;
+  const int32_t* sizes;
 } fv_session_spec;
 
-// A CPU session on a model held in memory. NULL, with err, on failure.
+// A session on a model held in memory. NULL, with err, on failure.
 fv_session* fv_ort_session(const fv_session_spec* spec, char* err, int32_t cap);
 // Runs a batch and drops its outputs (warm-up). 0, or -1 with err.
 int32_t fv_ort_run(fv_session* session, const fv_batch* in, char* err, int32_t cap);
 // Batches run so far, warm-up included.
 int64_t fv_ort_runs(fv_session* session);
+// Batches run so far by the bucket of batch size `size` (-1: no such bucket).
+int64_t fv_ort_bucket_runs(fv_session* session, int32_t size);
 void fv_ort_free(fv_session* session);
 
 // The shared state of a version's batch loops; alone (a session with more threads, for a batch that runs
@@ -248,6 +272,7 @@ int32_t fv_serve(fv_front* front, int32_t slot, fv_session* session, fv_instance
 // A batch the C++ loops ran, for Python's metrics; its calls' queue waits follow in fv_records.waits.
 typedef struct fv_batch_record {
   int32_t samples;
+  int32_t run_samples;  // the batch size it ran at: samples plus padding
   int32_t calls;
   double compute_s;
 } fv_batch_record;

@@ -8,7 +8,8 @@
 // build.sh) and tests/worker/test_ort_api.py. kCheckedVersions are the releases those tests passed on;
 // fv_ort_init refuses any other, and pyproject.toml pins them: onnxruntime 1.32.0 for CPU workers, and
 // onnxruntime-gpu 1.31.1 for GPU ones (PyPI has no onnxruntime-gpu 1.32.0; 1.31.1 was proven on the
-// library of the onnxruntime 1.31.1 wheel, the same release's C API).
+// library of the onnxruntime 1.31.1 wheel, the same release's C API, and the CUDA provider's entries on
+// onnxruntime-gpu 1.31.1's own library, which scripts/ort_gpu_library.sh fetches: `ort_probe cuda LIB`).
 //
 // To move to another release: add it here, change the pin, and run the test with it installed.
 
@@ -29,6 +30,8 @@ struct OrtValue;
 struct OrtMemoryInfo;
 struct OrtRunOptions;
 struct OrtTensorTypeAndShapeInfo;
+struct OrtCUDAProviderOptionsV2;
+struct OrtTensorRTProviderOptionsV2;
 
 constexpr const char* kCpuRelease = "1.32.0";  // pyproject.toml's onnxruntime pin
 constexpr const char* kGpuRelease = "1.31.1";  // pyproject.toml's onnxruntime-gpu pin
@@ -72,7 +75,20 @@ constexpr int kMemTypeDefault = 0;  // OrtMemTypeDefault
   X(ReleaseValue, 96, void, (OrtValue * value))                                                                \
   X(ReleaseTensorTypeAndShapeInfo, 99, void, (OrtTensorTypeAndShapeInfo * info))                               \
   X(ReleaseSessionOptions, 100, void, (OrtSessionOptions * options))                                           \
-  X(AddSessionConfigEntry, 130, OrtStatus*, (OrtSessionOptions * options, const char* key, const char* value))
+  X(AddSessionConfigEntry, 130, OrtStatus*, (OrtSessionOptions * options, const char* key, const char* value)) \
+  X(SessionOptionsAppendExecutionProvider_TensorRT_V2, 170, OrtStatus*,                                        \
+    (OrtSessionOptions * options, const OrtTensorRTProviderOptionsV2* tensorrt_options))                       \
+  X(CreateTensorRTProviderOptions, 171, OrtStatus*, (OrtTensorRTProviderOptionsV2 * *out))                     \
+  X(UpdateTensorRTProviderOptions, 172, OrtStatus*,                                                            \
+    (OrtTensorRTProviderOptionsV2 * tensorrt_options, const char* const* keys, const char* const* values,      \
+     size_t n))                                                                                                \
+  X(ReleaseTensorRTProviderOptions, 174, void, (OrtTensorRTProviderOptionsV2 * options))                       \
+  X(SessionOptionsAppendExecutionProvider_CUDA_V2, 204, OrtStatus*,                                            \
+    (OrtSessionOptions * options, const OrtCUDAProviderOptionsV2* cuda_options))                               \
+  X(CreateCUDAProviderOptions, 205, OrtStatus*, (OrtCUDAProviderOptionsV2 * *out))                             \
+  X(UpdateCUDAProviderOptions, 206, OrtStatus*,                                                                \
+    (OrtCUDAProviderOptionsV2 * cuda_options, const char* const* keys, const char* const* values, size_t n))   \
+  X(ReleaseCUDAProviderOptions, 208, void, (OrtCUDAProviderOptionsV2 * options))
 
 #define FV_ORT_DECLARE(name, position, ret, params) \
   using name##Fn = ret(*) params;                   \

@@ -20,6 +20,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -71,12 +72,29 @@ const char* dtype_name(int onnx) {
   return d && d->numeric ? d->name : nullptr;
 }
 
-struct Session {
+// One batch size's session (size 0: any batch size).
+struct Bucket {
+  int64_t size = 0;
   OrtSession* s = nullptr;
+  std::atomic<int64_t> runs{0};
+};
+
+// A model instance: one ONNX Runtime session, or one per batch bucket (api.h fv_session_spec.sizes).
+struct Session {
+  std::vector<std::unique_ptr<Bucket>> buckets;  // ascending sizes
   std::vector<std::string> in_names, out_names;
   std::vector<const char*> in_c, out_c;
   std::vector<int> in_types;
-  std::atomic<int64_t> runs{0};  // batches run, warm-up included (tests check which session ran)
+  std::vector<std::vector<char>> padded;  // each input's padded copy, reused batch to batch
+  std::atomic<int64_t> runs{0};           // batches run, warm-up included (tests check which session ran)
+
+  // The bucket a batch of n samples runs on: the first that holds it (the last when none does; the
+  // front never batches past max_batch, which the sizes end with).
+  Bucket* bucket_for(int64_t n) {
+    for (auto& b : buckets)
+      if (b->size == 0 || b->size >= n) return b.get();
+    return buckets.back().get();
+  }
 };
 
 void release_values(std::vector<OrtValue*>& values) {
@@ -84,30 +102,56 @@ void release_values(std::vector<OrtValue*>& values) {
     if (v) ORT(ReleaseValue)(v), v = nullptr;
 }
 
-// Runs one batch; outs gets one value per output (the caller releases them).
-std::string run(Session* s, const fv_batch& b, std::vector<OrtValue*>& outs) {
+// Runs one batch; outs gets one value per output (the caller releases them), *run_samples the batch size
+// it ran at (more than b.samples when padded up to its bucket).
+std::string run(Session* s, const fv_batch& b, std::vector<OrtValue*>& outs, int64_t* run_samples) {
   if (b.ninputs != int(s->in_c.size())) return "the batch has " + std::to_string(b.ninputs) + " inputs, the session " +
                                                std::to_string(s->in_c.size());
   for (int i = 0; i < b.ninputs; ++i)  // ONNX Runtime checks the bytes against the shape; these it reads first
     if (b.rank[i] < 1 || b.rank[i] > kMaxRank || b.nbytes[i] < 0 || !b.data[i])
       return "input " + std::to_string(i) + " of the batch has a rank out of 1.." + std::to_string(kMaxRank) +
              " or no data";
+  const int64_t n = b.samples;
+  Bucket* bucket = s->bucket_for(n);
+  const int64_t size = bucket->size > n ? bucket->size : n;
   s->runs++;
+  bucket->runs++;
+  *run_samples = size;
   std::vector<OrtValue*> ins(size_t(b.ninputs), nullptr);
   std::string err;
-  for (int i = 0; i < b.ninputs && err.empty(); ++i)
-    err = error(ORT(CreateTensorWithDataAsOrtValue)(g_cpu, const_cast<void*>(b.data[i]), size_t(b.nbytes[i]),
-                                                    b.dims[i], size_t(b.rank[i]), s->in_types[i], &ins[i]));
+  for (int i = 0; i < b.ninputs && err.empty(); ++i) {
+    void* data = const_cast<void*>(b.data[i]);
+    size_t nbytes = size_t(b.nbytes[i]);
+    int64_t dims[kMaxRank];
+    std::copy(b.dims[i], b.dims[i] + b.rank[i], dims);
+    if (size > n) {  // zeros after the batch's samples, which stay first, so that outputs cut back to them
+      if (n < 1 || dims[0] != n || nbytes % size_t(n) != 0)
+        return "input " + std::to_string(i) + " of the batch does not have its " + std::to_string(n) +
+               " samples on the first axis; it cannot be padded";
+      const size_t grown = nbytes / size_t(n) * size_t(size);
+      auto& buf = s->padded[size_t(i)];
+      if (buf.size() < grown) buf.resize(grown);
+      std::memcpy(buf.data(), data, nbytes);
+      std::memset(buf.data() + nbytes, 0, grown - nbytes);
+      data = buf.data();
+      nbytes = grown;
+      dims[0] = size;
+    }
+    err = error(ORT(CreateTensorWithDataAsOrtValue)(g_cpu, data, nbytes, dims, size_t(b.rank[i]), s->in_types[i],
+                                                    &ins[i]));
+  }
   outs.assign(s->out_c.size(), nullptr);
   if (err.empty())
-    err = error(ORT(Run)(s->s, nullptr, s->in_c.data(), ins.data(), ins.size(), s->out_c.data(), outs.size(),
+    err = error(ORT(Run)(bucket->s, nullptr, s->in_c.data(), ins.data(), ins.size(), s->out_c.data(), outs.size(),
                          outs.data()));
   release_values(ins);
   return err;
 }
 
 // Hands a batch's outputs to the front, which copies them and answers the calls.
-std::string complete(fv_front* front, int64_t id, int64_t compute_ns, const std::vector<OrtValue*>& outs) {
+// A padded batch's outputs are cut back to its samples (the first rows, contiguous).
+std::string complete(fv_front* front, const fv_batch& b, int64_t run_samples, int64_t compute_ns,
+                     const std::vector<OrtValue*>& outs) {
   const int n = int(outs.size());
   if (n > kMaxTensors) return std::to_string(n) + " outputs; the fast port takes at most " + std::to_string(kMaxTensors);
   fv_output out[kMaxTensors] = {};
@@ -123,6 +167,13 @@ std::string complete(fv_front* front, int64_t id, int64_t compute_ns, const std:
     if (err.empty() && (rank < 1 || rank > size_t(kMaxRank))) err = "an output of rank " + std::to_string(rank);
     if (err.empty()) err = error(ORT(GetDimensions)(info, out[o].dims, rank));
     if (info) ORT(ReleaseTensorTypeAndShapeInfo)(info);
+    if (err.empty() && run_samples > b.samples) {
+      if (out[o].dims[0] != run_samples)
+        err = "output " + std::to_string(o) + " of a batch padded to " + std::to_string(run_samples) +
+              " samples has " + std::to_string(out[o].dims[0]) + " on its first axis";
+      else
+        out[o].dims[0] = b.samples;
+    }
     if (err.empty() && !dtype_name(type))
       err = "an output of ONNX element type " + std::to_string(type) + ", which the protocol cannot carry";
     void* p = nullptr;
@@ -133,7 +184,7 @@ std::string complete(fv_front* front, int64_t id, int64_t compute_ns, const std:
     out[o].rank = int32_t(rank);
   }
   // -2 (outputs that do not fit the batch) is answered by the front itself; -1 cannot happen here.
-  fv_complete(front, id, compute_ns, n, out);
+  fv_complete(front, b.id, compute_ns, n, out);
   return {};
 }
 
@@ -181,6 +232,39 @@ constexpr size_t kMaxRecords = size_t(1) << 22;
 
 Session* session_of(fv_session* s) { return reinterpret_cast<Session*>(s); }
 Instances* instances_of(fv_instances* in) { return reinterpret_cast<Instances*>(in); }
+
+// Appends a provider (TensorRT's or CUDA's), with its options, to so: "" or why not. Both take their options
+// the same way, through their own four entries.
+template <typename Options, typename Create, typename Update, typename Append, typename Release>
+std::string append_provider(OrtSessionOptions* so, const char* name, const std::vector<std::string>& keys,
+                            const std::vector<std::string>& values, Create create, Update update, Append append,
+                            Release release) {
+  Options* options = nullptr;
+  std::string e = error(create(&options));
+  if (e.empty() && !keys.empty()) {
+    std::vector<const char*> k, v;
+    for (size_t i = 0; i < keys.size(); ++i) k.push_back(keys[i].c_str()), v.push_back(values[i].c_str());
+    e = error(update(options, k.data(), v.data(), k.size()));
+  }
+  if (e.empty()) e = error(append(so, options));
+  if (options) release(options);
+  return e.empty() ? e : std::string(name) + ": " + e;
+}
+
+std::string append(OrtSessionOptions* so, const std::string& name, const std::vector<std::string>& keys,
+                   const std::vector<std::string>& values) {
+  if (name == "CUDAExecutionProvider")
+    return append_provider<OrtCUDAProviderOptionsV2>(
+        so, "the CUDA provider", keys, values, ORT(CreateCUDAProviderOptions), ORT(UpdateCUDAProviderOptions),
+        ORT(SessionOptionsAppendExecutionProvider_CUDA_V2), ORT(ReleaseCUDAProviderOptions));
+  if (name == "TensorrtExecutionProvider")
+    return append_provider<OrtTensorRTProviderOptionsV2>(
+        so, "the TensorRT provider", keys, values, ORT(CreateTensorRTProviderOptions),
+        ORT(UpdateTensorRTProviderOptions), ORT(SessionOptionsAppendExecutionProvider_TensorRT_V2),
+        ORT(ReleaseTensorRTProviderOptions));
+  return "the C++ batch loop appends TensorrtExecutionProvider or CUDAExecutionProvider (the CPU's comes last by "
+         "itself), not " + name;
+}
 
 }  // namespace
 
@@ -232,24 +316,43 @@ bool strings(const char* const* items, int n, std::vector<std::string>* out) {
   return true;
 }
 
-// A CPU session on a model held in memory (api.h). NULL, with err, on failure.
+// A session on a model held in memory (api.h): one, or one per batch bucket. NULL, with err, on failure.
 fv_session* fv_ort_session(const fv_session_spec* spec, char* err, int32_t cap) {
   const fv_session_spec& sp = *spec;
   if (!g_api) return put_error(err, cap, "fv_ort_init has not run"), nullptr;
-  if (sp.ninputs < 1 || sp.ninputs > kMaxTensors || sp.noutputs < 1 || sp.noutputs > kMaxTensors)
-    return put_error(err, cap, "inputs or outputs out of the fast port's limits"), nullptr;
+  if (sp.ninputs < 1 || sp.ninputs > kMaxTensors || sp.noutputs < 1 || sp.noutputs > kMaxTensors ||
+      sp.nentries < 0 || sp.nentries > FV_MAX_OPTIONS || sp.nproviders < 0 || sp.nproviders > FV_MAX_PROVIDERS ||
+      sp.nsizes < 0 || sp.nsizes > FV_MAX_BUCKETS)
+    return put_error(err, cap, "inputs, outputs, options or batch sizes out of the fast port's limits"), nullptr;
   auto s = std::make_unique<Session>();
   std::vector<std::string> in_dtypes, keys, values;
-  if (!sp.model || sp.model_len < 0 || sp.nentries < 0 || !strings(sp.input_names, sp.ninputs, &s->in_names) ||
+  if (!sp.model || sp.model_len < 0 || !strings(sp.input_names, sp.ninputs, &s->in_names) ||
       !strings(sp.input_dtypes, sp.ninputs, &in_dtypes) || !strings(sp.output_names, sp.noutputs, &s->out_names) ||
-      !strings(sp.keys, sp.nentries, &keys) || !strings(sp.values, sp.nentries, &values))
-    return put_error(err, cap, "a session spec with a missing model, name or entry"), nullptr;
+      !strings(sp.keys, sp.nentries, &keys) || !strings(sp.values, sp.nentries, &values) ||
+      (sp.nsizes > 0 && !sp.sizes) || (sp.nproviders > 0 && !sp.providers))
+    return put_error(err, cap, "a session spec with a missing model, name, entry or batch size"), nullptr;
+  struct Provider {
+    std::string name;
+    std::vector<std::string> keys, values;
+  };
+  std::vector<Provider> providers(size_t(sp.nproviders));
+  for (int i = 0; i < sp.nproviders; ++i) {
+    const fv_provider& p = sp.providers[i];
+    if (!p.name || p.noptions < 0 || p.noptions > FV_MAX_OPTIONS || !strings(p.keys, p.noptions, &providers[i].keys) ||
+        !strings(p.values, p.noptions, &providers[i].values))
+      return put_error(err, cap, "a provider with a missing name or option, or too many options"), nullptr;
+    providers[i].name = p.name;
+  }
+  for (int i = 0; i < sp.nsizes; ++i)
+    if (sp.sizes[i] < 1 || (i > 0 && sp.sizes[i] <= sp.sizes[i - 1]))
+      return put_error(err, cap, "batch sizes must be ascending and at least 1"), nullptr;
   for (const auto& dtype : in_dtypes) {
     s->in_types.push_back(element_type(dtype.c_str()));
     if (s->in_types.back() < 0) return put_error(err, cap, "input dtype " + dtype + " has no ONNX element type"), nullptr;
   }
   for (auto& n : s->in_names) s->in_c.push_back(n.c_str());
   for (auto& n : s->out_names) s->out_c.push_back(n.c_str());
+  s->padded.resize(s->in_names.size());
 
   OrtSessionOptions* so = nullptr;
   std::string e = error(ORT(CreateSessionOptions)(&so));
@@ -259,26 +362,45 @@ fv_session* fv_ort_session(const fv_session_spec* spec, char* err, int32_t cap) 
   if (e.empty()) e = error(sp.cpu_mem_arena ? ORT(EnableCpuMemArena)(so) : ORT(DisableCpuMemArena)(so));
   for (size_t i = 0; i < keys.size() && e.empty(); ++i)
     e = error(ORT(AddSessionConfigEntry)(so, keys[i].c_str(), values[i].c_str()));
-  if (e.empty()) e = error(ORT(CreateSessionFromArray)(g_env, sp.model, size_t(sp.model_len), so, &s->s));
+  for (size_t i = 0; i < providers.size() && e.empty(); ++i)
+    e = append(so, providers[i].name, providers[i].keys, providers[i].values);
+  // One session per bucket, on the same options: a session only ever sees its own batch size.
+  const int nbuckets = sp.nsizes > 0 ? sp.nsizes : 1;
+  for (int i = 0; i < nbuckets && e.empty(); ++i) {
+    auto bucket = std::make_unique<Bucket>();
+    bucket->size = sp.nsizes > 0 ? sp.sizes[i] : 0;
+    e = error(ORT(CreateSessionFromArray)(g_env, sp.model, size_t(sp.model_len), so, &bucket->s));
+    if (bucket->s) s->buckets.push_back(std::move(bucket));
+  }
   if (so) ORT(ReleaseSessionOptions)(so);
-  if (!e.empty()) return put_error(err, cap, e), nullptr;
+  if (!e.empty()) {
+    for (auto& bucket : s->buckets) ORT(ReleaseSession)(bucket->s);
+    return put_error(err, cap, e), nullptr;
+  }
   return reinterpret_cast<fv_session*>(s.release());
 }
 
 // Runs a batch and drops its outputs (warm-up). 0, or -1 with err.
 int32_t fv_ort_run(fv_session* session, const fv_batch* in, char* err, int32_t cap) {
   std::vector<OrtValue*> outs;
-  std::string e = run(session_of(session), *in, outs);
+  int64_t run_samples = 0;
+  std::string e = run(session_of(session), *in, outs, &run_samples);
   release_values(outs);
   return e.empty() ? 0 : put_error(err, cap, e);
 }
 
 int64_t fv_ort_runs(fv_session* session) { return session_of(session)->runs; }
 
+int64_t fv_ort_bucket_runs(fv_session* session, int32_t size) {
+  for (auto& b : session_of(session)->buckets)
+    if (b->size == size) return b->runs;
+  return -1;
+}
+
 void fv_ort_free(fv_session* session) {
   auto* s = session_of(session);
   if (!s) return;
-  if (s->s) ORT(ReleaseSession)(s->s);
+  for (auto& b : s->buckets) ORT(ReleaseSession)(b->s);
   delete s;
 }
 
@@ -308,11 +430,11 @@ int32_t fv_serve(fv_front* front, int32_t slot, fv_session* session, fv_instance
     if (got < 0) return 0;
     if (got == 0) continue;
     bool alone = in->acquire(b.queued);
-    int64_t t0 = now_ns();
-    std::string err = run(alone ? in->alone : s, b, outs);
+    int64_t t0 = now_ns(), run_samples = b.samples;
+    std::string err = run(alone ? in->alone : s, b, outs, &run_samples);
     int64_t compute_ns = now_ns() - t0;
     in->release(alone);
-    if (err.empty()) err = complete(front, b.id, compute_ns, outs);
+    if (err.empty()) err = complete(front, b, run_samples, compute_ns, outs);
     release_values(outs);
     if (!err.empty()) fv_fail(front, b.id, 13, ("model failed on this batch: " + err.substr(0, 200)).c_str());  // INTERNAL
     std::lock_guard lock(in->rec_mu);
@@ -326,7 +448,7 @@ int32_t fv_serve(fv_front* front, int32_t slot, fv_session* session, fv_instance
       in->lost++;
       continue;
     }
-    in->records.push_back(fv_batch_record{b.samples, int32_t(calls), double(compute_ns) / 1e9});
+    in->records.push_back(fv_batch_record{b.samples, int32_t(run_samples), int32_t(calls), double(compute_ns) / 1e9});
     in->waits.insert(in->waits.end(), waits.begin(), waits.begin() + long(calls));
   }
 }

@@ -129,13 +129,66 @@ std::string json_list(const T* p, size_t n) {
   return out + "]";
 }
 
+// A GPU provider's four entries (CUDA's, TensorRT's), which need no GPU to tell apart: on a library built
+// without the provider, creating options fails saying so; on onnxruntime-gpu's, creating them works, updating
+// them loads the provider's own library (which fails without CUDA's libraries, naming it), and appending them
+// says the append failed. tag: "cuda" or "tensorrt", in each observation's name.
+template <typename Options, typename Create, typename Update, typename Append, typename Release>
+void prove_provider(const std::string& tag, Create create, Update update, Append append, Release release) {
+  Options* options = nullptr;
+  auto [code, message] = status(create(&options));
+  emit("create_" + tag + "_options",
+       {{"code", std::to_string(code)}, {"message", quote(message)}, {"made", options ? "true" : "false"}});
+  if (!options) return;
+  const char* keys[] = {"device_id"};
+  const char* values[] = {"0"};
+  auto [ucode, umessage] = status(update(options, keys, values, 1));
+  emit("update_" + tag + "_options", {{"code", std::to_string(ucode)}, {"message", quote(umessage)}});
+  OrtSessionOptions* so = nullptr;
+  must(ORT(CreateSessionOptions)(&so), "CreateSessionOptions");
+  auto [acode, amessage] = status(append(so, options));
+  emit("append_" + tag, {{"code", std::to_string(acode)}, {"message", quote(amessage)}});
+  ORT(ReleaseSessionOptions)(so);
+  release(options);
+  // Options released, then options kept: only the second grows.
+  long before = rss_kb();
+  for (int i = 0; i < 1000000; ++i) {
+    Options* o = nullptr;
+    must(create(&o), "create options");
+    release(o);
+  }
+  const long released_kb = rss_kb() - before;
+  std::vector<Options*> kept(200000, nullptr);
+  before = rss_kb();
+  for (auto*& o : kept) must(create(&o), "create options");
+  const long kept_kb = rss_kb() - before;
+  for (auto* o : kept) release(o);
+  emit("release_" + tag + "_options", {{"kept", "200000"}, {"kept_growth_kb", std::to_string(kept_kb)},
+                                       {"released", "1000000"}, {"rss_growth_kb", std::to_string(released_kb)}});
+}
+
+void prove_gpu_providers() {
+  OrtEnv* env = nullptr;
+  must(ORT(CreateEnv)(kLogError + 1, "probe", &env), "CreateEnv");  // FATAL only: the failures below are expected
+  prove_provider<OrtCUDAProviderOptionsV2>("cuda", ORT(CreateCUDAProviderOptions), ORT(UpdateCUDAProviderOptions),
+                                           ORT(SessionOptionsAppendExecutionProvider_CUDA_V2),
+                                           ORT(ReleaseCUDAProviderOptions));
+  prove_provider<OrtTensorRTProviderOptionsV2>(
+      "tensorrt", ORT(CreateTensorRTProviderOptions), ORT(UpdateTensorRTProviderOptions),
+      ORT(SessionOptionsAppendExecutionProvider_TensorRT_V2), ORT(ReleaseTensorRTProviderOptions));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 5) {
-    std::fprintf(stderr, "usage: ort_probe LIBONNXRUNTIME RUN_MODEL BIG_MODEL WEIGHTS_MODEL\n");
+  const bool cuda = argc == 3 && std::strcmp(argv[1], "cuda") == 0;
+  if (argc != 5 && !cuda) {
+    std::fprintf(stderr,
+                 "usage: ort_probe LIBONNXRUNTIME RUN_MODEL BIG_MODEL WEIGHTS_MODEL\n"
+                 "       ort_probe cuda LIBONNXRUNTIME (the GPU providers' entries only)\n");
     return 2;
   }
+  if (cuda) argv++;
   void* lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
   if (!lib) return std::fprintf(stderr, "%s\n", dlerror()), 2;
   auto get_base = reinterpret_cast<const ApiBase* (*)()>(dlsym(lib, "OrtGetApiBase"));
@@ -148,6 +201,11 @@ int main(int argc, char** argv) {
   for (const Entry& e : kEntries) table += std::string(table.size() > 1 ? ", " : "") + "[" + quote(e.name) + ", " +
                                            std::to_string(e.position) + "]";
   emit("table", {{"entries", table + "]"}});
+  if (cuda) {
+    prove_gpu_providers();
+    emit("done", {});
+    return 0;
+  }
 
   // CreateStatus, GetErrorCode, GetErrorMessage: a status made with a code and message reads them back.
   {
