@@ -143,10 +143,6 @@ class WorkerConfig(BaseConfig):
     one session, with its own copy of the weights, per size and instance, and the padded samples' compute."""
     batch_buckets: Annotated[list[int], NoDecode] = []
     """Batch sizes for pad_batches; empty: the powers of two below max_batch_size, and max_batch_size."""
-    native_compute: bool = True
-    """On the CPU and CUDA providers, run the batches in C++ on ONNX Runtime's C API (one C API session per instance
-    and batch bucket, the only copies of its weights), so that no Python runs between a call's arrival and its
-    answer. False: Python runs them on sessions of its own (a second batch loop, for comparison; TensorRT's)."""
     max_queue_len: int = 1024
     """Queued requests per model version before RESOURCE_EXHAUSTED."""
     max_image_pixels: int = 40_000_000
@@ -167,9 +163,6 @@ class WorkerConfig(BaseConfig):
     """Threads that decode and preprocess images: each takes one image call at a time off the native front's
     image queue (worker/decoding.py) and decodes its first image; a call's further images go to a pool of as
     many threads again."""
-    io_binding: bool = True
-    """Use ONNX Runtime I/O binding when Python's batch loop runs a model on the CUDA provider (the C++ loop reads
-    outputs back with plain Run; the H200 runs found no difference, docs/bench/README.md)."""
     heartbeat_interval_s: float = 1.0
     """Time between heartbeats to the registry."""
     unload_delay_s: float = 5.0

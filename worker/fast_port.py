@@ -1,11 +1,11 @@
 """The worker's fast port: a C++ gRPC front (worker/native/front.cc) for ModelInfer on raw tensors.
 
-The front validates calls and batches them. On the CPU, each model instance's batch loop runs in C++
-on ONNX Runtime's C API (worker/native/ort_loop.cc, sessions from NativeSession); otherwise Python
-runs ONNX Runtime on each batch and hands the outputs back. Calls with encoded images wait on the front's
-image queue for the decode threads (worker/decoding.py, through image_jobs and images_done), and then take
-the same queue; typed contents the front reads into raw tensors itself. The other calls (calls to trace,
-versions it does not hold, streams, metadata) it relays to the Python server.
+The front validates calls and batches them; each model instance's batch loop runs in C++ on ONNX Runtime's
+C API (worker/native/ort_loop.cc, sessions from NativeSession), on the CPU, CUDA or TensorRT provider. Calls
+with encoded images wait on the front's image queue for the decode threads (worker/decoding.py, through
+image_jobs and images_done), and then take the same queue; typed contents the front reads into raw tensors
+itself. The other calls (calls to trace, versions it does not hold, streams, metadata) it relays to the Python
+server.
 
 Python reaches the C++ through one binding, _fovea_worker: cffi (API mode) generates it from
 worker/native/api.h, the one declaration of every fv_* function and of the structs they exchange, and the
@@ -20,8 +20,6 @@ import asyncio
 import logging
 import pathlib
 import threading
-import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -222,9 +220,8 @@ class NativeSession:
             self.handle = None
 
 
-RunFn = Callable[[list[np.ndarray]], list[np.ndarray]]
-BatchHook = Callable[[int, list[float], float, int | None], None]
-"""(samples, each call's queue wait, compute seconds, the batch size it ran at when the C++ loop reports it)."""
+BatchHook = Callable[[int, list[float], float, int], None]
+"""(samples, each call's queue wait, compute seconds, the batch size it ran at: samples plus padding)."""
 DropHook = Callable[[str], None]
 
 
@@ -235,47 +232,13 @@ class Batching(Protocol):
     preferred_batch_sizes: list[int]
 
 
-class Instances:
-    """Which session computes a batch. Each model instance has its own session; with an `alone`
-    session (more intra-op threads), a batch that would run by itself (no other instance computing,
-    nothing queued) runs there instead, and the others wait for it. Under load, one-thread instances
-    run side by side and never wait on each other's threads; a lone request gets all the threads."""
-
-    def __init__(self, alone: RunFn | None) -> None:
-        self.alone = alone
-        self.cond = threading.Condition()
-        self.busy = 0
-        self.alone_busy = False
-
-    def acquire(self, queued: int) -> bool:
-        """Blocks while an alone run is on; True when this batch should run alone.
-
-        queued: calls left in the queue when the batch was taken (no call back into C here: each
-        one releases the GIL, and taking it back can wait for another thread)."""
-        with self.cond:
-            while self.alone_busy:
-                self.cond.wait()
-            self.busy += 1
-            if self.alone is not None and self.busy == 1 and queued == 0:
-                self.alone_busy = True
-                return True
-            return False
-
-    def release(self, alone: bool) -> None:
-        with self.cond:
-            self.busy -= 1
-            if alone:
-                self.alone_busy = False
-            self.cond.notify_all()
-
-
 @dataclass
 class Slot:
     id: int
     name: str
     threads: list[threading.Thread] = field(default_factory=list)
     instances: Any = None
-    """The C++ loops' shared state (fv_instances_new), when they run the batches."""
+    """The C++ loops' shared state (fv_instances_new)."""
     sessions: list[NativeSession] = field(default_factory=list)
     on_batch: BatchHook | None = None
     on_drop: DropHook | None = None
@@ -316,7 +279,6 @@ class NativeFront:
         self.handle: Any = handle
         self.port = int(port[0])
         self.slots: dict[int, Slot] = {}
-        self.batch_records: deque[tuple[BatchHook, int, list[float], float]] = deque()
         self._records_lock = threading.Lock()  # the C++ loops' records are read and freed under it
         self._ort: str | None = None  # "" once ONNX Runtime's C API is open, else why not
         self._stop = threading.Event()
@@ -375,15 +337,6 @@ class NativeFront:
             for entry in list(self.slots.values()):
                 if entry.instances:
                     self._take_records(entry)
-        while True:
-            try:
-                hook, samples, waits_s, compute_s = self.batch_records.popleft()
-            except IndexError:
-                return
-            try:
-                hook(samples, waits_s, compute_s, None)
-            except Exception:  # noqa: BLE001 - a failing metric must not stop the flusher (and grow the queue)
-                logger.exception("fast-port batch metrics could not be recorded")
 
     def _flush_every(self, period_s: float) -> None:
         while not self._stop.wait(period_s):
@@ -394,23 +347,19 @@ class NativeFront:
         name: str,
         version: int,
         inputs: Sequence[Any],
-        input_dtypes: Sequence[Any],
         outputs: Sequence[Any],
         labels: Sequence[str],
         probabilities: bool,
         batching: Batching,
-        runners: Sequence[RunFn],
+        sessions: Sequence[NativeSession],
         on_batch: BatchHook,
         on_drop: DropHook,
-        alone: RunFn | None = None,
-        sessions: Sequence[NativeSession] = (),
         alone_session: NativeSession | None = None,
     ) -> int:
-        """Register a warmed-up version and start one batch loop per runner (model instance).
-
-        With sessions (NativeSession, warmed up), the loops run in C++ on them instead, and alone_session
-        takes the place of alone; the slot owns them from here on. inputs and outputs are the model's
-        tensor specs (name, datatype, shape), as declared in the model file."""
+        """Register a warmed-up version and start one C++ batch loop per session (model instance); alone_session,
+        if any, runs a batch that would run by itself. The slot owns the sessions from here on. inputs and
+        outputs are the model's tensor specs (name, datatype, shape), as declared in the model file. With no
+        sessions the front queues the version's calls and nothing computes them (tests)."""
         c = CStrings(self.ffi)
         preferred = list(batching.preferred_batch_sizes)
         spec = self.ffi.new("fv_model_spec *")
@@ -427,26 +376,13 @@ class NativeFront:
         if slot < 0:
             raise ValueError(f"the native front cannot serve {name} v{version} (inputs or outputs out of its limits)")
         entry = Slot(slot, f"{name}:{version}", on_batch=on_batch, on_drop=on_drop)
-        if sessions:
-            entry.records, entry.record_arrays = self._records(batching.max_batch_size)
-            entry.sessions = [*sessions, *([alone_session] if alone_session else [])]
-            entry.instances = self.lib.fv_instances_new(alone_session.handle if alone_session else self.ffi.NULL)
-            for i, session in enumerate(sessions):
-                t = threading.Thread(
-                    target=self.lib.fv_serve,
-                    args=(self.handle, slot, session.handle, entry.instances, batching.max_batch_size),
-                    name=f"fast-{name}-{version}-{i}",
-                    daemon=True,
-                )
-                entry.threads.append(t)
-                t.start()
-            self.slots[slot] = entry
-            return slot
-        instances = Instances(alone)
-        for i, run in enumerate(runners):
+        entry.records, entry.record_arrays = self._records(batching.max_batch_size)
+        entry.sessions = [*sessions, *([alone_session] if alone_session else [])]
+        entry.instances = self.lib.fv_instances_new(alone_session.handle if alone_session else self.ffi.NULL)
+        for i, session in enumerate(sessions):
             t = threading.Thread(
-                target=self._loop,
-                args=(slot, run, instances, list(input_dtypes), on_batch, on_drop, batching.max_batch_size),
+                target=self.lib.fv_serve,
+                args=(self.handle, slot, session.handle, entry.instances, batching.max_batch_size),
                 name=f"fast-{name}-{version}-{i}",
                 daemon=True,
             )
@@ -631,63 +567,3 @@ class NativeFront:
         if self.handle:
             self.lib.fv_codes(self.handle, counts)
         return list(counts.by_code)
-
-    def _loop(
-        self,
-        slot: int,
-        run: RunFn,
-        instances: Instances,
-        dtypes: list[Any],
-        on_batch: BatchHook,
-        on_drop: DropHook,
-        max_batch: int,
-    ) -> None:
-        ffi, lib, handle = self.ffi, self.lib, self.handle
-        # Made once per loop and reused for every batch: the hot loop allocates only the outputs' views.
-        batch = ffi.new("fv_batch *")
-        waits = ffi.new("double[]", max_batch)
-        outs = ffi.new("fv_output[]", lib.FV_MAX_TENSORS)
-        max_tensors, max_rank = lib.FV_MAX_TENSORS, lib.FV_MAX_RANK
-        out_dtypes: dict[str, Any] = {}  # the C string of each output dtype, made once
-        while True:
-            got = lib.fv_next_batch(handle, slot, 250, batch, waits, max_batch)
-            for _ in range(batch.expired):
-                on_drop("expired")
-            for _ in range(batch.cancelled):
-                on_drop("cancelled")
-            if got < 0:
-                return
-            if got == 0:
-                continue
-            try:
-                arrays = []
-                for i in range(batch.ninputs):
-                    shape = tuple(batch.dims[i][0 : batch.rank[i]])
-                    buf = ffi.buffer(batch.data[i], batch.nbytes[i])
-                    arrays.append(np.frombuffer(buf, dtype=dtypes[i]).reshape(shape))
-                alone = instances.acquire(batch.queued)
-                try:
-                    t0 = time.perf_counter()
-                    use = instances.alone if alone and instances.alone is not None else run
-                    outputs = [np.ascontiguousarray(o) for o in use(arrays)]
-                    compute_s = time.perf_counter() - t0
-                finally:
-                    instances.release(alone)
-                if len(outputs) > max_tensors or any(o.ndim > max_rank for o in outputs):
-                    raise ValueError(f"at most {max_tensors} outputs of rank {max_rank} or less")
-            except Exception as exc:  # noqa: BLE001 - a failing batch fails only its own requests
-                logger.warning("batch of %d samples failed on the fast port: %s", batch.samples, exc)
-                lib.fv_fail(handle, batch.id, INTERNAL, f"model failed on this batch: {str(exc)[:200]}".encode())
-                continue
-            views = []  # the outputs' memory, which fv_complete copies: alive until it returns
-            for k, o in enumerate(outputs):
-                out, dtype = outs[k], o.dtype.str
-                if dtype not in out_dtypes:
-                    out_dtypes[dtype] = ffi.new("char[]", oip.oip_dtype(o).encode())
-                views.append(ffi.from_buffer(o))
-                out.dtype, out.data, out.rank = out_dtypes[dtype], views[-1], o.ndim
-                out.dims[0 : o.ndim] = o.shape
-            lib.fv_complete(handle, batch.id, int(compute_s * 1e9), len(outputs), outs)
-            # Metrics wait for flush_metrics (another thread, or a scrape): observing them here took
-            # ~40 us of GIL per batch, which the next call's thread then waited for.
-            self.batch_records.append((on_batch, batch.samples, ffi.unpack(waits, batch.calls), compute_s))

@@ -148,22 +148,18 @@ class WorkerMetrics:
             self._series[key] = children
         return children
 
-    def batch_hook(
-        self, model: str, version: str, padded_size: Callable[[int], int] | None = None
-    ) -> Callable[[int, list[float], float, int | None], None]:
-        """The batcher's on_batch for one version: run_samples is the batch size a batch ran at, where the C++
-        loop reports it; else padded_size(n) says it for Python's (Bucketed), if padded."""
+    def batch_hook(self, model: str, version: str) -> Callable[[int, list[float], float, int], None]:
+        """The C++ batch loops' on_batch for one version: run_samples is the batch size a batch ran at (more than
+        its samples when padded up to a batch bucket)."""
         queue, _, compute, _, size = self.series(model, version)
         padding = self.padding.labels(model, version)
 
-        def hook(samples: int, waits_s: list[float], compute_s: float, run_samples: int | None) -> None:
+        def hook(samples: int, waits_s: list[float], compute_s: float, run_samples: int) -> None:
             size.observe(samples)
             compute.observe(compute_s)
             for w in waits_s:
                 queue.observe(w)
-            if run_samples is None and padded_size is not None:
-                run_samples = padded_size(samples)
-            if run_samples is not None and run_samples > samples:
+            if run_samples > samples:
                 padding.inc(run_samples - samples)
 
         return hook

@@ -21,10 +21,10 @@ from fovea.registry_link import RegistryLink
 from fovea.v1 import model_pb2, registry_pb2
 from worker.config import WorkerConfig
 from worker.fast_port import NativeFront
-from worker.loading import Opened, open_sessions, runner, warm_up
+from worker.loading import Opened, open_sessions, warm_up
 from worker.memory import rss_bytes
 from worker.metrics import WorkerMetrics
-from worker.runtime import GPU_PROVIDERS, Bucketed, Session
+from worker.runtime import GPU_PROVIDERS
 from worker.stats import ModelStats
 
 logger = logging.getLogger(__name__)
@@ -35,8 +35,6 @@ class Loaded:
     """One model version in memory."""
 
     mv: model_pb2.ModelVersion
-    sessions: list[Session | Bucketed]
-    """Python's sessions, for its batch loop (a GPU, batch buckets); none where the C++ loop runs the batches."""
     preprocess: Preprocess | None
     provider: str
     ready: bool = False
@@ -390,6 +388,7 @@ class ModelManager:
             t_download = time.perf_counter()
             await self._trim_heap()  # the download's chunks, joined into data
             alone_threads = self.config.alone_threads(mv.name)
+            assert self.native is not None, "the native front is the worker's only queue and batcher"
             opened = await open_sessions(data, config, mv, self.native, alone_threads, self._trim_heap)
             del data  # the sessions hold their own copies; the artifact's bytes must not count as the model's
             await self._trim_heap()
@@ -399,15 +398,14 @@ class ModelManager:
             if isinstance(exc, FoveaError):
                 raise
             raise ModelNotReady(f"model {mv.name} v{mv.version} failed to load: {str(exc)[:200]}") from None
-        first = opened.first
+        info = opened.info
         lv = Loaded(
             mv=mv,
-            sessions=list(opened.sessions),
             preprocess=Preprocess.from_proto(mv.preprocessing, mv.inputs[0]) if mv.HasField("preprocessing") else None,
-            provider=first.provider,
-            input_dtypes=first.input_dtypes,
+            provider=info.provider,
+            input_dtypes=info.input_dtypes,
             instances=count,
-            sizes=list(first.sizes),
+            sizes=list(info.sizes),
         )
         self.loaded[key] = lv  # listed (heartbeats, ModelReady) but not ready until warmed up
         t_sessions = time.perf_counter()
@@ -433,7 +431,7 @@ class ModelManager:
         lv.ready = True
         self.changed.set()
         self.errors.pop(key, None)
-        sizes = f", a session per batch size {first.sizes}" if first.sizes else ""
+        sizes = f", a session per batch size {info.sizes}" if info.sizes else ""
         t_end = time.perf_counter()
         logger.info(
             "cold start: loaded %s v%d in %.2f s (download %.2f s, sessions %.2f s, warm-up %.2f s) on %s "
@@ -451,26 +449,22 @@ class ModelManager:
         )
 
     def _wire(self, mv: model_pb2.ModelVersion, lv: Loaded, opened: Opened) -> int:
-        """The version's slot on the native front: its queue and batcher, and its batch loops (C++ on the C++
-        sessions, else Python's on its own). ValueError when the front cannot take its tensors."""
+        """The version's slot on the native front: its queue and batcher, and its C++ batch loops on its sessions.
+        ValueError when the front cannot take its tensors."""
         assert self.native is not None, "the native front is the worker's only queue and batcher"
         version = str(mv.version)
-        first = opened.first
         return self.native.add(
             mv.name,
             mv.version,
             list(mv.inputs),
-            lv.input_dtypes,
             list(mv.outputs),
             list(mv.labels),
             mv.preprocessing.outputs_probabilities,
             self.config,
-            [runner(s) for s in opened.sessions],
-            self.metrics.batch_hook(mv.name, version, first.size_for if first.sizes else None),
+            opened.sessions,
+            self.metrics.batch_hook(mv.name, version),
             self.metrics.drop_hook(mv.name, version),
-            alone=runner(opened.alone) if opened.alone else None,
-            sessions=opened.fast,
-            alone_session=opened.fast_alone,
+            alone_session=opened.alone,
         )
 
     async def _janitor(self) -> None:

@@ -109,69 +109,39 @@ def native_options(config: WorkerConfig, sizes: list[int] | None = None) -> Nati
 
 
 @dataclass
-class Session:
-    """One loaded ONNX Runtime session and the provider it really got."""
+class ModelInfo:
+    """What the worker needs to know of a model before its C++ sessions open: the provider they run on, the
+    input and output names and types, whether the batch axis is free, and the batch buckets."""
 
-    session: ort.InferenceSession
     provider: str
     input_names: list[str]
     input_dtypes: list[Any]
     output_names: list[str]
-    device_id: int = 0
-    bind: bool = False
-    """Run through I/O binding (only ever true on the CUDA provider)."""
     dynamic_batch: bool = True
     """Every input's and output's first axis is free in the model: a batch axis, safe to pad and cut back."""
+    first_input_free: bool = True
+    """The first input's first axis is free (a model whose outputs are not per sample still batches)."""
     sizes: list[int] = field(default_factory=list)
-    """Batch sizes with a session each (Bucketed); empty here: one session runs every size."""
-
-    def size_for(self, n: int) -> int:
-        """The batch size a batch of n samples runs at."""
-        return n
-
-    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if self.bind:
-            return self.run_bound(inputs)
-        return self.session.run(self.output_names, inputs)
-
-    def run_bound(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """I/O binding on CUDA: inputs go host->device once, outputs stay on the device until one copy back.
-
-        Without it, ONNX Runtime stages every input and output through extra host buffers.
-        """
-        binding = self.session.io_binding()
-        for name, array in inputs.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        for name in self.output_names:
-            binding.bind_output(name, "cuda", self.device_id)
-        self.session.run_with_iobinding(binding)
-        return list(binding.copy_outputs_to_cpu())
+    """Batch sizes with a session each (pad_batches); empty: one session runs every size."""
 
 
-def load_session(model_bytes: bytes, config: WorkerConfig) -> Session:
-    wanted = provider_list(config)
-    session = ort.InferenceSession(model_bytes, sess_options=session_options(config), providers=wanted)
-    got = session.get_providers()
-    provider = got[0]
-    asked_gpu = [p for p in config.providers if p in GPU_PROVIDERS]
-    built_gpu = [p for p in asked_gpu if p in ort.get_available_providers()]
-    if config.require_gpu and provider not in GPU_PROVIDERS:
-        raise ProviderFallback(f"require_gpu is set but ONNX Runtime gave {got} (asked for {config.providers})")
-    if built_gpu and provider not in GPU_PROVIDERS:
-        # ONNX Runtime falls back to the CPU silently when CUDA libraries are missing.
-        message = f"asked for {built_gpu} but ONNX Runtime gave {got}: running on the CPU"
-        logger.error("UNEXPECTED CPU FALLBACK: %s", message)
-    return Session(
-        session=session,
+def describe(model_bytes: bytes, provider: str) -> ModelInfo:
+    """A model's names, types and batch axes, from a CPU session freed before it returns (cheap: one thread, no
+    graph optimisation). Never a GPU session: the CUDA provider's library serves one copy of ONNX Runtime per
+    process, and the C++ loop's (libonnxruntime.so) is not Python's."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.graph_optimization_level = OPT_LEVELS["disable"]
+    so.log_severity_level = 3
+    session = ort.InferenceSession(model_bytes, sess_options=so, providers=["CPUExecutionProvider"])
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    return ModelInfo(
         provider=provider,
-        input_names=[i.name for i in session.get_inputs()],
-        input_dtypes=[ORT_TO_NUMPY.get(i.type, np.float32) for i in session.get_inputs()],
-        output_names=[o.name for o in session.get_outputs()],
-        device_id=config.device_id,
-        bind=config.io_binding and provider == "CUDAExecutionProvider",
-        dynamic_batch=all(
-            t.shape and not isinstance(t.shape[0], int) for t in [*session.get_inputs(), *session.get_outputs()]
-        ),
+        input_names=[i.name for i in inputs],
+        input_dtypes=[ORT_TO_NUMPY.get(i.type, np.float32) for i in inputs],
+        output_names=[o.name for o in outputs],
+        dynamic_batch=all(t.shape and not isinstance(t.shape[0], int) for t in [*inputs, *outputs]),
+        first_input_free=bool(inputs and inputs[0].shape and not isinstance(inputs[0].shape[0], int)),
     )
 
 
@@ -184,67 +154,20 @@ def bucket_sizes(config: WorkerConfig, provider: str) -> list[int]:
     return sorted({n for n in sizes if 1 <= n < top} | {top})
 
 
-def pad(array: np.ndarray, size: int) -> np.ndarray:
-    out = np.empty((size, *array.shape[1:]), array.dtype)
-    out[: len(array)] = array
-    out[len(array) :] = 0
-    return out
-
-
-@dataclass
-class Bucketed:
-    """One session per batch size; a batch is padded up to the next size and its outputs cut back.
-
-    Each session then always sees one input shape, so the CUDA provider never re-plans its convolutions.
-    """
-
-    sessions: dict[int, Session]
-    """By batch size, ascending."""
-
-    def __post_init__(self) -> None:
-        first = next(iter(self.sessions.values()))
-        self.sizes = list(self.sessions)
-        self.provider, self.input_names, self.input_dtypes = first.provider, first.input_names, first.input_dtypes
-        self.output_names = first.output_names
-
-    def size_for(self, n: int) -> int:
-        return next((s for s in self.sizes if s >= n), self.sizes[-1])
-
-    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        n = len(next(iter(inputs.values())))
-        size = self.size_for(n)
-        if size <= n:
-            return self.sessions[size].run(inputs)
-        outputs = self.sessions[size].run({k: pad(v, size) for k, v in inputs.items()})
-        return [o[:n] for o in outputs]
-
-
-def buckets_for(config: WorkerConfig, provider: str, first: Session) -> list[int]:
-    """The batch sizes a model gets a session each on provider (see bucket_sizes), or [] for one session: also
-    where the model's batch axis is not free on every input and output, so a padded batch could not be cut back."""
-    sizes = bucket_sizes(config, provider)
-    if len(sizes) > 1 and not first.dynamic_batch:
-        inputs = first.session.get_inputs()
-        if inputs and inputs[0].shape and not isinstance(inputs[0].shape[0], int):
+def buckets_for(config: WorkerConfig, info: ModelInfo) -> list[int]:
+    """The batch sizes a model gets a session each on its provider (see bucket_sizes), or [] for one session:
+    also where the model's batch axis is not free on every input and output, so a padded batch could not be cut
+    back."""
+    sizes = bucket_sizes(config, info.provider)
+    if len(sizes) > 1 and not info.dynamic_batch:
+        if info.first_input_free:
             logger.warning(
                 "not padding batches: an output's first axis is fixed, so it is not per sample; "
                 "batch sizes that change from run to run will be slow on %s",
-                provider,
+                info.provider,
             )
         return []
     return sizes if len(sizes) > 1 else []
-
-
-def load_model(model_bytes: bytes, config: WorkerConfig) -> Session | Bucketed:
-    """A session, or one per batch size where pad_batches applies to the provider ONNX Runtime gave."""
-    first = load_session(model_bytes, config)
-    sizes = buckets_for(config, first.provider, first)
-    if not sizes:
-        return first
-    sessions = {sizes[-1]: first}
-    for size in sizes[:-1]:
-        sessions[size] = load_session(model_bytes, config)
-    return Bucketed(dict(sorted(sessions.items())))
 
 
 @functools.lru_cache(maxsize=8)

@@ -182,7 +182,7 @@ async def build_server(config: WorkerConfig) -> WorkerServer:
     except (OSError, RuntimeError) as exc:
         shutil.rmtree(private_dir, ignore_errors=True)
         raise RuntimeError(f"the worker cannot start its port: {exc}") from exc
-    why = native.ort_unavailable() if config.native_compute else ""
+    why = native.ort_unavailable()
     if why:
         # A library whose C API table is unproven (another release) is refused, not worked around.
         native.shutdown(0)

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import numpy as np
 import pytest
 
 from inference import grpc_predict_v2_pb2 as pb
@@ -47,7 +46,7 @@ def front() -> Iterator[NativeFront]:
 def add(front: NativeFront, inputs: list[Tensor], outputs: list[Tensor] | None = None) -> int:
     """A version with no batch loops: the front queues its calls, nobody computes them."""
     outs = outputs if outputs is not None else [Tensor("y", "FP32", [-1, 3])]
-    return front.add("m", 1, inputs, [np.float32], outs, ["a", "b", "c"], False, Batching(), [], noop, noop)
+    return front.add("m", 1, inputs, outs, ["a", "b", "c"], False, Batching(), [], noop, noop)
 
 
 def noop(*args: Any) -> None:
@@ -156,9 +155,7 @@ def test_the_canary_pick_follows_the_route_weights(front: NativeFront) -> None:
     it for the raw tensors it answers itself."""
     inputs = [Tensor("x", "FP32", [-1, 3])]
     slots = {
-        v: front.add(
-            "m", v, inputs, [np.float32], [Tensor("y", "FP32", [-1, 3])], [], False, Batching(), [], noop, noop
-        )
+        v: front.add("m", v, inputs, [Tensor("y", "FP32", [-1, 3])], [], False, Batching(), [], noop, noop)
         for v in (1, 2, 3)
     }
     assert front.pick_version("m") == 0  # no route yet

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from tests.worker.conftest import MD, LocalRegistry, StartWorker, busy_input, output_array, stub, tensor_request
 from tests.worker.slowmodels import busy_model
 from worker.config import WorkerConfig
-from worker.runtime import Bucketed, Session, bucket_sizes, load_model
+from worker.runtime import bucket_sizes, buckets_for, describe
 
 
 def test_bucket_sizes_follow_the_provider_and_the_settings() -> None:
@@ -30,36 +30,10 @@ def test_bucket_sizes_follow_the_provider_and_the_settings() -> None:
     assert bucket_sizes(WorkerConfig(pad_batches="never"), "CUDAExecutionProvider") == []
 
 
-def test_each_session_only_ever_runs_its_own_batch_size() -> None:
-    config = WorkerConfig(
-        providers=["CPUExecutionProvider"],
-        intra_op_threads=1,
-        max_batch_size=8,
-        pad_batches="always",
-        batch_buckets=[1, 4],
-    )
-    model = load_model(busy_model(), config)
-    assert isinstance(model, Bucketed) and model.sizes == [1, 4, 8]
-    seen: dict[int, set[int]] = {size: set() for size in model.sizes}
-
-    def spy(size: int, session: Session) -> None:
-        real = session.run
-
-        def run(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-            seen[size].add(len(inputs["input"]))
-            return real(inputs)
-
-        session.run = run  # type: ignore[method-assign]  # a spy on this one session's runs
-
-    for size, session in model.sessions.items():
-        spy(size, session)
-    for n in range(1, 9):
-        x = busy_input(1, rows=n, tag=10 * n)
-        (out,) = model.run({"input": x})
-        assert out.shape == (n, 4)
-        np.testing.assert_allclose(out, x * 2)  # padded rows cut off, real rows untouched
-    assert seen == {1: {1}, 4: {4}, 8: {8}}
-    assert isinstance(load_model(busy_model(), config.model_copy(update={"pad_batches": "never"})), Session)
+def test_only_a_model_whose_batch_axis_is_free_everywhere_is_padded() -> None:
+    config = WorkerConfig(max_batch_size=8, pad_batches="always", batch_buckets=[1, 4])
+    assert buckets_for(config, describe(busy_model(), "CPUExecutionProvider")) == [1, 4, 8]
+    assert buckets_for(config.model_copy(update={"pad_batches": "never"}), describe(busy_model(), "CPU")) == []
     # a model whose batch axis is fixed only ever runs that size: one session
     graph = helper.make_graph(
         [helper.make_node("Identity", ["input"], ["output"])],
@@ -68,7 +42,7 @@ def test_each_session_only_ever_runs_its_own_batch_size() -> None:
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])],
     )
     fixed = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    assert isinstance(load_model(fixed.SerializeToString(), config), Session)
+    assert buckets_for(config, describe(fixed.SerializeToString(), "CPUExecutionProvider")) == []
     # nor does one with an output that is not per sample: cutting it back would return the wrong rows
     graph = helper.make_graph(
         [helper.make_node("ReduceSum", ["input", "axes"], ["output"], keepdims=0)],
@@ -78,7 +52,7 @@ def test_each_session_only_ever_runs_its_own_batch_size() -> None:
         [helper.make_tensor("axes", TensorProto.INT64, [1], [0])],
     )
     total = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    assert isinstance(load_model(total.SerializeToString(), config), Session)
+    assert buckets_for(config, describe(total.SerializeToString(), "CPUExecutionProvider")) == []
 
 
 async def test_a_padded_worker_answers_every_request_with_its_own_rows(
@@ -88,9 +62,8 @@ async def test_a_padded_worker_answers_every_request_with_its_own_rows(
     ws = await start_worker(["busy"], metrics_port=0, max_batch_size=8, pad_batches="always", batch_buckets=[1, 4])
     lv = ws.manager.get("busy", "")
     assert ws.native is not None
-    # the C++ loop runs the buckets: Python opens no session of its own
     fast = ws.native.slots[lv.slot].sessions
-    assert lv.sessions == [] and lv.sizes == [1, 4, 8] and fast and all(s.sizes == [1, 4, 8] for s in fast)
+    assert lv.sizes == [1, 4, 8] and fast and all(s.sizes == [1, 4, 8] for s in fast)
     # each batch size runs on the first bucket that holds it
     for n, bucket in [(1, 1), (2, 4), (3, 4), (4, 4), (5, 8), (8, 8)]:
         before = {size: fast[0].bucket_runs(size) for size in (1, 4, 8)}

@@ -25,7 +25,6 @@ from tests.worker.conftest import (
     typed_request,
 )
 from tests.worker.slowmodels import busy_model
-from worker.runtime import Bucketed, Session
 from worker.server import WorkerServer
 
 
@@ -273,46 +272,26 @@ async def test_shapes_whose_size_wraps_around_are_refused(registry: LocalRegistr
     await channel.close()
 
 
-@pytest.mark.parametrize("native_compute", [True, False], ids=["c++-loop", "python-loop"])
 async def test_a_lone_batch_runs_on_the_alone_session_and_batches_under_load_on_the_instances(
-    registry: LocalRegistry, start_worker: StartWorker, native_compute: bool
+    registry: LocalRegistry, start_worker: StartWorker
 ) -> None:
     await registry.publish("busy", busy_model())
     ws = await start_worker(
-        ["busy"],
-        max_batch_size=2,
-        native_compute=native_compute,
-        model_settings={"busy": {"instances": 2, "intra_op_threads": 1, "alone_threads": 2}},
+        ["busy"], max_batch_size=2, model_settings={"busy": {"instances": 2, "intra_op_threads": 1, "alone_threads": 2}}
     )
     lv = ws.manager.loaded[("busy", 1)]
-    assert len(lv.sessions) == (0 if native_compute else 2)  # with the C++ loop, Python opens no session
     native = ws.native.slots[lv.slot].sessions  # the C++ loops' sessions: two instances, then the alone one
-    assert len(native) == (3 if native_compute else 0)
-    # Which session ran each batch: counted in C++, or seen by wrapping the sessions Python's loops call.
-    seen: list[str] = []
-
-    def spy(i: int, session: Session | Bucketed) -> None:
-        real = session.run
-
-        def run(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-            seen.append(f"instance{i}")
-            return real(inputs)
-
-        session.run = run  # type: ignore[method-assign]  # a spy on this one session's runs
-
-    for i, session in enumerate(lv.sessions):
-        spy(i, session)
+    assert len(native) == 3
     before = [s.runs for s in native]
 
     def ran() -> list[str]:
-        return seen or [f"instance{i}" for i, s in enumerate(native[:2]) if s.runs > before[i]]
+        return [f"instance{i}" for i, s in enumerate(native[:2]) if s.runs > before[i]]
 
     channel, f = stub(ws.native.port)
     for _ in range(3):  # one at a time: every batch is alone
         await f.ModelInfer(tensor_request("busy", busy_input(100)), metadata=MD, timeout=30)
     assert ran() == [], "a lone batch runs on the alone session, not on an instance"
-    if native_compute:
-        assert native[2].runs == before[2] + 3
+    assert native[2].runs == before[2] + 3
     await asyncio.gather(
         *(f.ModelInfer(tensor_request("busy", busy_input(3000, tag=i)), metadata=MD, timeout=60) for i in range(12))
     )
@@ -340,12 +319,11 @@ def _lookup_model() -> bytes:
     return model.SerializeToString()
 
 
-@pytest.mark.parametrize("native_compute", [True, False], ids=["c++-loop", "python-loop"])
 async def test_a_batch_that_fails_in_onnx_runtime_fails_only_its_calls(
-    registry: LocalRegistry, start_worker: StartWorker, native_compute: bool, caplog: pytest.LogCaptureFixture
+    registry: LocalRegistry, start_worker: StartWorker, caplog: pytest.LogCaptureFixture
 ) -> None:
     await registry.publish("lookup", _lookup_model())
-    ws = await start_worker(["lookup"], max_batch_size=4, native_compute=native_compute)
+    ws = await start_worker(["lookup"], max_batch_size=4)
     channel, f = stub(ws.native.port)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await f.ModelInfer(tensor_request("lookup", np.full((2, 4), 12, np.float32)), metadata=MD, timeout=10)
@@ -395,26 +373,30 @@ async def test_c_api_sessions_take_the_workers_session_options(
     await cf.close()
 
 
-def test_batch_metrics_flush_past_a_failing_hook() -> None:
-    """The batch threads only queue their metrics; a hook that raises is logged and the rest still
-    get recorded, so the queue cannot grow without bound."""
-    from worker.fast_port import NativeFront
+async def test_batch_metrics_flush_past_a_failing_hook(
+    registry: LocalRegistry, start_worker: StartWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The C++ loops only keep their batches' figures; a hook that raises is logged and the batches after it
+    still get recorded, so the records cannot pile up."""
+    await registry.publish("busy", busy_model())
+    ws = await start_worker(["busy"], max_batch_size=1)
+    slot = ws.native.slots[ws.manager.loaded[("busy", 1)].slot]
+    ws.native.flush_metrics()  # the warm-up's records, if any
+    seen: list[tuple[int, int]] = []
 
-    front = NativeFront("127.0.0.1:0", 1 << 20, ["t"], 1000, "unix:/nonexistent/python.sock")
-    seen: list[tuple[int, list[float], float, int | None]] = []
+    def hook(samples: int, waits_s: list[float], compute_s: float, run_samples: int) -> None:
+        seen.append((samples, run_samples))
+        if len(seen) == 1:
+            raise RuntimeError("metric backend gone")
 
-    def broken(samples: int, waits_s: list[float], compute_s: float, run_samples: int | None) -> None:
-        raise RuntimeError("metric backend gone")
-
-    try:
-        front.batch_records.append((broken, 1, [0.1], 0.2))
-        front.batch_records.append((lambda *a: seen.append(a), 2, [0.3, 0.4], 0.5))
-        front.flush_metrics()
-        assert seen == [(2, [0.3, 0.4], 0.5, None)]
-        assert not front.batch_records
-    finally:
-        front.shutdown(1)
-        front.close()
+    slot.on_batch = hook
+    channel, f = stub(ws.native.port)
+    for _ in range(2):
+        await f.ModelInfer(tensor_request("busy", busy_input(10)), metadata=MD, timeout=30)
+    ws.native.flush_metrics()
+    assert seen == [(1, 1), (1, 1)]
+    assert any("batch metrics could not be recorded" in r.getMessage() for r in caplog.records)
+    await channel.close()
 
 
 async def test_a_worker_without_its_native_library_refuses_to_start(
