@@ -1,6 +1,6 @@
 // The canary pick for the native parts (the gateway's front and the worker's front): which target of an alias
-// serves one call. Python's is fovea/canary.py (the registry's resolve, the gateway's Python server); both
-// follow one rule, which tests/worker/test_binding.py and tests/gateway/test_native_binding.py check.
+// serves one call, also for the gateway's Python (fg_canary_pick). The registry, which has no native part, picks
+// with fovea/canary.py; tests/worker/test_binding.py and tests/gateway/test_native_binding.py check the rule.
 #pragma once
 
 #include <cstddef>

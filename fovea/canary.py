@@ -1,5 +1,6 @@
-"""The canary pick: which version of an alias serves one call. The one Python copy (the gateway's routing and
-the registry's resolve); the native parts' one copy, which both fronts call, is fovea/canary.h."""
+"""The canary pick: which version of an alias serves one call, for the registry's resolve (the registry has no
+native part). The gateway and the worker pick with fovea/canary.h, through their fronts (the gateway's Python
+too: gateway/fast_port.py canary_pick); tests/gateway/test_native_binding.py checks the two agree."""
 
 from __future__ import annotations
 

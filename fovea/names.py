@@ -64,6 +64,6 @@ def redis_key(*parts: str | int) -> str:
 
 def model_allowed(patterns: Sequence[str], model: str) -> bool:
     """Whether an API key with these model patterns (shell-style, case-sensitive; none: every model) may use
-    the model. The one Python copy, for the gateway and the registry; the gateway's native front matches with
-    C's fnmatch(3), which agrees on the patterns key creation accepts."""
+    the model: the registry's copy (it has no native part). The gateway asks its front's (gateway/native/keys.h,
+    C's fnmatch(3)), which agrees on the patterns key creation accepts (tests/gateway/test_native_binding.py)."""
     return not patterns or any(fnmatch.fnmatchcase(model, p) for p in patterns)

@@ -21,9 +21,9 @@ from typing import Any, Protocol
 import grpc
 
 from fovea.errors import FoveaError, PermissionDenied, Unauthenticated
-from fovea.names import model_allowed
 from fovea.rpc import bearer_token
 from fovea.v1 import registry_pb2
+from gateway.fast_port import model_allowed
 
 MAX_SECRET_LEN = 200
 MAX_REFUSED_ENTRIES = 10_000
@@ -134,5 +134,5 @@ def check_model_access(api_key: registry_pb2.ApiKey, model: str) -> None:
     """Raise PermissionDenied unless the key may call inference on this model."""
     if api_key.role < registry_pb2.ROLE_INFER:
         raise PermissionDenied(f"API key {api_key.key_id} has no inference role")
-    if not model_allowed(api_key.model_patterns, model):
+    if not model_allowed(list(api_key.model_patterns), model):
         raise PermissionDenied(f"API key {api_key.key_id} may not use model {model!r}")

@@ -93,8 +93,32 @@ class RouteTable:
 
 @functools.cache
 def shared_binding() -> tuple[Any, Any]:
-    """binding(), loaded once for the calls that need no front (fg_check_tensor)."""
+    """binding(), loaded once for the calls that need no front (fg_check_tensor, fg_model_allowed,
+    fg_canary_pick)."""
     return binding()
+
+
+def model_allowed(patterns: list[str], model: str) -> bool:
+    """Whether an API key with these model patterns may use the model: the front's rule (keys.h model_allowed,
+    fnmatch(3); none: every model), the gateway's only copy."""
+    if not patterns:
+        return True
+    ffi, lib = shared_binding()
+    encoded = [ffi.new("char[]", p.encode()) for p in patterns]
+    return bool(lib.fg_model_allowed(ffi.new("char *[]", encoded), len(encoded), model.encode()))
+
+
+def canary_pick(alias: model_pb2.Alias) -> int:
+    """The version of the alias that serves one call, by its targets' weights: the front's pick (fovea/canary.h),
+    the gateway's only copy, for aliases its table does not hold."""
+    targets = list(alias.targets)
+    if not targets:
+        raise ValueError(f"alias {alias.name} has no targets")
+    ffi, lib = shared_binding()
+    index = lib.fg_canary_pick(ffi.new("int32_t[]", [t.weight for t in targets]), len(targets))
+    if index < 0:
+        raise ValueError(f"alias {alias.name} has weights out of 0..100 or too many targets")
+    return int(targets[index].version)
 
 
 @dataclasses.dataclass(frozen=True)

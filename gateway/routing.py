@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fovea.canary import pick_version
 from fovea.config import channel_options
 from fovea.errors import InvalidState
 from fovea.registry_link import RegistryLink
 from fovea.v1 import model_pb2, registry_pb2
 from gateway.config import RECONNECT_S, reconnect_ms
+from gateway.fast_port import canary_pick
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Versions:
         if not version:
             al = self.aliases.get((model, alias or "production"))
             if al is not None:
-                version = pick_version(al)
+                version = canary_pick(al)
             elif not alias:
                 cached = self.latest.get(model)
                 if cached is not None and cached[1] > time.monotonic():

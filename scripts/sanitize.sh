@@ -18,7 +18,8 @@ if [[ ${#tests[@]} -eq 0 ]]; then
   tests=(tests/worker/test_fast_port.py tests/worker/test_hostile_requests.py tests/worker/test_ort_api.py
          tests/worker/test_image_path.py tests/worker/test_typed_contents.py tests/worker/test_buckets.py
          tests/worker/test_native_cuda.py
-         tests/gateway/test_fast_port.py tests/gateway/test_native_classify.py tests/gateway/test_forward.py)
+         tests/gateway/test_fast_port.py tests/gateway/test_native_classify.py tests/gateway/test_forward.py
+         tests/gateway/test_native_binding.py)
 fi
 logs="$(mktemp -d "${TMPDIR:-/tmp}/fovea-sanitize.XXXXXX")"
 export FOVEA_NATIVE_BUILD=build-asan

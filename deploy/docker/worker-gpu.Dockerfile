@@ -3,8 +3,9 @@
 # release links against: libcublasLt.so.13, cuDNN 9.*). Build from the repository root:
 #   docker build -f deploy/docker/worker-gpu.Dockerfile -t fovea-worker-gpu:0.1.0 .
 # Nodes need an NVIDIA driver that supports CUDA 13 (the 580 branch or newer) and the NVIDIA
-# container toolkit (the GPU operator installs both). Without them ONNX Runtime falls back to
-# the CPU; the gpu-prod overlay sets FOVEA_WORKER_REQUIRE_GPU=true so that fails loudly instead.
+# container toolkit (the GPU operator installs both). Without them the worker's C++ batch loop
+# cannot append the CUDA provider, and each model fails to load saying why (it does not fall back
+# to the CPU); the gpu-prod overlay also sets FOVEA_WORKER_REQUIRE_GPU=true.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 # ---- build: a virtual environment from the pinned list, then Fovea installed into it by `pip install .` ----

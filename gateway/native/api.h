@@ -194,6 +194,13 @@ void fg_readmit(void* fp, const char* address);
 // The version a call for model without one goes to: a target of the table's production alias, picked by weight
 // (fovea/canary.h, as the front picks for its own calls); 0 when the table has no production alias for model.
 int64_t fg_pick_version(void* fp, const char* model);
+// The index of the target that serves one call of an alias with these weights (fovea/canary.h, the front's own
+// pick), for an alias the front's table does not hold (Python's resolution of other aliases); n 1 to 1024,
+// weights 0 to 100; -1 for arguments out of those bounds.
+int32_t fg_canary_pick(const int32_t* weights, int32_t n);
+// 1 when an API key with these model patterns may use model (keys.h model_allowed, the rule the front admits its
+// own calls by; no patterns: every model), else 0; n 0 to 1024.
+int32_t fg_model_allowed(const char* const* patterns, int32_t n, const char* model);
 // The worker a call for model/version goes to (the power of two choices by load, as the front picks for its own
 // calls): its fast address in out; returns 1, or 0 when no worker serves the version.
 int fg_choose(void* fp, const char* model, int64_t version, struct fg_address* out);

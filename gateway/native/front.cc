@@ -1314,6 +1314,25 @@ int64_t fg_pick_version(void* fp, const char* model) {
   return f->router.pick_version(*f->router.current(), model);
 }
 
+int32_t fg_canary_pick(const int32_t* weights, int32_t n) {
+  if (!weights || n < 1 || n > 1024) return -1;
+  std::vector<int32_t> w(weights, weights + n);
+  for (int32_t x : w)
+    if (x < 0 || x > 100) return -1;
+  double unit = std::uniform_real_distribution<double>(0, 1)(rng());
+  return int32_t(fovea::canary::pick(w, [](int32_t x) { return x; }, unit));
+}
+
+int32_t fg_model_allowed(const char* const* patterns, int32_t n, const char* model) {
+  if (!model || n < 0 || n > 1024 || (n > 0 && !patterns)) return 0;
+  std::vector<std::string> p;
+  for (int32_t i = 0; i < n; ++i) {
+    if (!patterns[i]) return 0;
+    p.emplace_back(patterns[i]);
+  }
+  return model_allowed(p, model) ? 1 : 0;
+}
+
 int fg_choose(void* fp, const char* model, int64_t version, fg_address* out) {
   if (!fp || !model || !out) return 0;
   auto* f = static_cast<Front*>(fp);

@@ -7,6 +7,16 @@
 
 constexpr int kRoleInfer = 1;  // fovea.v1.Role.ROLE_INFER
 
+// Whether a key with these model patterns may use model: patterns are fnmatch(3)'s (no escapes), the grammar key
+// creation accepts; none: every model. The gateway's one copy (Python's checks ask it, fg_model_allowed).
+template <class Patterns>
+bool model_allowed(const Patterns& patterns, const char* model) {
+  if (patterns.empty()) return true;
+  for (const auto& p : patterns)
+    if (fnmatch(p.c_str(), model, FNM_NOESCAPE) == 0) return true;
+  return false;
+}
+
 struct Key {
   std::string key_id;
   int role = 0;
@@ -35,17 +45,13 @@ class Keys {
   }
 
   // Whether the key with this digest (of its secret) was verified by Python and may infer on the model now.
-  // Patterns are fnmatch(3)'s, the grammar key creation accepts (the registry and Python use fnmatch too).
   bool admit(const std::string& digest, const std::string& model) {
     std::shared_lock lock(mu_);
     auto it = keys_.find(digest);
     if (it == keys_.end()) return false;
     const Key& k = it->second;
     if (!k.native || k.role < kRoleInfer || (k.expires_ns && k.expires_ns <= now_ns())) return false;
-    if (k.patterns.empty()) return true;
-    for (const auto& p : k.patterns)
-      if (fnmatch(p.c_str(), model.c_str(), FNM_NOESCAPE) == 0) return true;
-    return false;
+    return model_allowed(k.patterns, model.c_str());
   }
 
   // Whether this key's calls may be answered here (a key without limits, not expired, allowed to infer),

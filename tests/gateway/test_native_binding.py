@@ -134,6 +134,47 @@ def test_the_canary_pick_follows_the_production_alias_weights(front: NativeGatew
     assert front.pick_version("other") == 0
 
 
+def test_python_asks_the_fronts_canary_pick_for_other_aliases() -> None:
+    """gateway/routing.py resolves aliases the front's table does not hold through fg_canary_pick: the front's
+    rule, so a 0% target takes no calls and weights split them."""
+    from fovea.v1 import model_pb2
+
+    def alias(*weights: int) -> model_pb2.Alias:
+        targets = [model_pb2.AliasTarget(version=v + 1, weight=w) for v, w in enumerate(weights)]
+        return model_pb2.Alias(name="staging", targets=targets)
+
+    picks = [fast_port.canary_pick(alias(90, 10)) for _ in range(4000)]
+    assert set(picks) == {1, 2} and 0.05 < picks.count(2) / len(picks) < 0.15
+    assert {fast_port.canary_pick(alias(100, 0)) for _ in range(4000)} == {1}
+    assert {fast_port.canary_pick(alias(0)) for _ in range(10)} == {1}
+    with pytest.raises(ValueError, match="out of 0..100"):
+        fast_port.canary_pick(alias(50, 101))
+    with pytest.raises(ValueError, match="no targets"):
+        fast_port.canary_pick(alias())
+
+
+def test_python_asks_the_fronts_model_patterns() -> None:
+    """gateway/auth.py's model access is the front's rule (keys.h model_allowed: fnmatch(3) without escapes),
+    which agrees with the registry's Python (fovea/names.py) on the patterns key creation accepts."""
+    from fovea.names import model_allowed as registry_rule
+
+    cases = [
+        ([], "anything", True),
+        (["res*"], "resnet-18", True),
+        (["res*"], "vit", False),
+        (["Res*"], "resnet", False),  # case-sensitive
+        (["cifar-?"], "cifar-9", True),
+        (["cifar-?"], "cifar-10", False),
+        (["[ab]*"], "beta", True),
+        (["[!ab]*"], "beta", False),
+        (["a", "b*"], "bee", True),
+        (["*"], "", True),
+    ]
+    for patterns, model, allowed in cases:
+        assert fast_port.model_allowed(patterns, model) is allowed, (patterns, model)
+        assert registry_rule(patterns, model) is allowed, (patterns, model)
+
+
 def test_the_worker_choice_counts_other_gateways_queue_over_every_version(front: NativeGateway) -> None:
     """With no call of its own in flight, the front sends to the worker whose heartbeat reported the shorter
     queue, summed over the versions it serves; equal queues share the calls. (The live in-flight count, which
