@@ -48,6 +48,7 @@ TYPED_FIELD = {d.name: d.field for d in DTYPES if d.field}
 ELEMENT_BYTES = {d.name: d.size for d in DTYPES}
 ONNX_TO_OIP = {d.onnx: d.name for d in DTYPES}
 ORT_TO_NUMPY = {d.ort: d.numpy for d in DTYPES if d.numpy is not None}
+ONNX_TO_NUMPY = {d.onnx: d.numpy for d in DTYPES if d.numpy is not None}
 
 
 def oip_dtype(array: np.ndarray) -> str:

@@ -2,7 +2,7 @@
 verifies before it, and wires the sessions to the native front after it).
 
 The C++ batch loop's sessions (ONNX Runtime's C API, worker/native/ort_loop.cc) are a version's only ones:
-Python's CPU session only tells the names, types and batch axes, and is freed before they open, so each
+Python reads the names, types and batch axes from the file (runtime.describe) and opens no session, so each
 instance's weights exist once (once per batch bucket where batches are padded)."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ async def open_sessions(
     await trim_heap()  # the parsed copy
     info = await asyncio.to_thread(describe, data, provider_for(config))
     info.sizes = buckets_for(config, info)
-    await trim_heap()  # the describing session
+    await trim_heap()  # the parse
     if info.provider in GPU_PROVIDERS:
         alone_threads = 0  # intra-op threads do not speed up a GPU's batch
     sessions, alone = await asyncio.to_thread(open_native, native, data, config, mv, info, alone_threads)

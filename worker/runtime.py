@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from fovea.errors import ModelNotReady
-from fovea.oip import ORT_TO_NUMPY
+from fovea.oip import ONNX_TO_NUMPY
 from worker.config import WorkerConfig
 from worker.fast_port import NativeOptions
 
@@ -126,22 +126,28 @@ class ModelInfo:
 
 
 def describe(model_bytes: bytes, provider: str) -> ModelInfo:
-    """A model's names, types and batch axes, from a CPU session freed before it returns (cheap: one thread, no
-    graph optimisation). Never a GPU session: the CUDA provider's library serves one copy of ONNX Runtime per
-    process, and the C++ loop's (libonnxruntime.so) is not Python's."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.graph_optimization_level = OPT_LEVELS["disable"]
-    so.log_severity_level = 3
-    session = ort.InferenceSession(model_bytes, sess_options=so, providers=["CPUExecutionProvider"])
-    inputs, outputs = session.get_inputs(), session.get_outputs()
+    """A model's input and output names and types and its batch axes, read from the file (onnx), as ONNX Runtime
+    reports them, without opening a session: a model some of whose kernels only a GPU provider has (FP16
+    convolutions, say) is described all the same, and no session of Python's copy of ONNX Runtime loads the CUDA
+    provider's library, which serves one copy per process (the C++ loop's, libonnxruntime.so)."""
+    import onnx
+
+    graph = onnx.load_model_from_string(model_bytes).graph
+    weights = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in weights]
+    outputs = list(graph.output)
+
+    def free_first_axis(value: onnx.ValueInfoProto) -> bool:
+        tensor = value.type.tensor_type
+        return tensor.HasField("shape") and len(tensor.shape.dim) > 0 and not tensor.shape.dim[0].HasField("dim_value")
+
     return ModelInfo(
         provider=provider,
         input_names=[i.name for i in inputs],
-        input_dtypes=[ORT_TO_NUMPY.get(i.type, np.float32) for i in inputs],
+        input_dtypes=[ONNX_TO_NUMPY.get(i.type.tensor_type.elem_type, np.float32) for i in inputs],
         output_names=[o.name for o in outputs],
-        dynamic_batch=all(t.shape and not isinstance(t.shape[0], int) for t in [*inputs, *outputs]),
-        first_input_free=bool(inputs and inputs[0].shape and not isinstance(inputs[0].shape[0], int)),
+        dynamic_batch=all(free_first_axis(t) for t in [*inputs, *outputs]),
+        first_input_free=bool(inputs) and free_first_axis(inputs[0]),
     )
 
 

@@ -87,3 +87,31 @@ async def test_a_padded_worker_answers_every_request_with_its_own_rows(
     ).decode()
     padding = [ln for ln in page.splitlines() if ln.startswith('fovea_worker_padding_samples_total{model="busy"')]
     assert padding and float(padding[0].split()[-1]) > 0, padding
+
+
+def test_a_model_is_described_from_its_file_without_a_session() -> None:
+    """runtime.describe reads names, types and batch axes from the file: a model whose operator ONNX Runtime's CPU
+    provider has no kernel for (here one of a domain nobody implements; on a GPU worker, FP16 convolutions) is
+    described all the same, and the C++ session then says what is wrong."""
+    import onnxruntime as ort
+    import pytest
+
+    graph = helper.make_graph(
+        [helper.make_node("Mystery", ["pixels", "ids"], ["scores"], domain="com.example")],
+        "mystery",
+        [
+            helper.make_tensor_value_info("pixels", TensorProto.FLOAT16, ["N", 3, 8, 8]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"]),
+        ],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 10])],
+        [helper.make_tensor("unused", TensorProto.FLOAT, [1], [0.0])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)], ir_version=8
+    ).SerializeToString()
+    with pytest.raises(Exception, match="Mystery"):
+        ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    info = describe(model, "CUDAExecutionProvider")
+    assert info.provider == "CUDAExecutionProvider"
+    assert info.input_names == ["pixels", "ids"] and info.output_names == ["scores"]
+    assert info.input_dtypes == [np.float16, np.int64] and info.dynamic_batch and info.first_input_free
