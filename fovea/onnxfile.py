@@ -64,8 +64,9 @@ def refuse_external_data(model: Any) -> None:
         raise InvalidArgument(f"{EXTERNAL_DATA_REFUSED} ({len(names)} tensor(s): {shown})")
 
 
-def refuse_external_data_bytes(data: bytes) -> None:
-    """refuse_external_data of a serialized model; InvalidArgument too when it does not parse."""
+def refuse_external_data_bytes(data: bytes) -> Any:
+    """refuse_external_data of a serialized model, which it returns parsed (onnx.ModelProto); InvalidArgument too
+    when it does not parse."""
     import onnx
 
     try:
@@ -73,3 +74,4 @@ def refuse_external_data_bytes(data: bytes) -> None:
     except Exception as exc:  # noqa: BLE001 - a file that does not parse is refused, with the parser's reason
         raise InvalidArgument(f"not a valid ONNX model: {str(exc)[:300]}") from None
     refuse_external_data(model)
+    return model

@@ -54,11 +54,11 @@ async def open_sessions(
     """The sessions of config.instances instances on data (refused first if it names external-data files, which
     ONNX Runtime would read). trim_heap returns freed copies to the system between the steps. RuntimeError,
     with ONNX Runtime's reason, when they cannot be opened."""
-    await asyncio.to_thread(refuse_external_data_bytes, data)
-    await trim_heap()  # the parsed copy
-    info = await asyncio.to_thread(describe, data, provider_for(config))
+    parsed = await asyncio.to_thread(refuse_external_data_bytes, data)
+    info = await asyncio.to_thread(describe, parsed, provider_for(config))
     info.sizes = buckets_for(config, info)
-    await trim_heap()  # the parse
+    del parsed
+    await trim_heap()  # the parsed copy
     if info.provider in GPU_PROVIDERS:
         alone_threads = 0  # intra-op threads do not speed up a GPU's batch
     sessions, alone = await asyncio.to_thread(open_native, native, data, config, mv, info, alone_threads)

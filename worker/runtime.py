@@ -125,14 +125,15 @@ class ModelInfo:
     """Batch sizes with a session each (pad_batches); empty: one session runs every size."""
 
 
-def describe(model_bytes: bytes, provider: str) -> ModelInfo:
+def describe(model: Any, provider: str) -> ModelInfo:
     """A model's input and output names and types and its batch axes, read from the file (onnx), as ONNX Runtime
     reports them, without opening a session: a model some of whose kernels only a GPU provider has (FP16
     convolutions, say) is described all the same, and no session of Python's copy of ONNX Runtime loads the CUDA
-    provider's library, which serves one copy per process (the C++ loop's, libonnxruntime.so)."""
+    provider's library, which serves one copy per process (the C++ loop's, libonnxruntime.so). model: the file's
+    bytes, or the onnx.ModelProto they parse to."""
     import onnx
 
-    graph = onnx.load_model_from_string(model_bytes).graph
+    graph = (onnx.load_model_from_string(model) if isinstance(model, bytes) else model).graph
     weights = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in weights]
     outputs = list(graph.output)
