@@ -240,6 +240,19 @@ class NativeGateway:
         (more images than one worker batch) splits it."""
         self.lib.fg_set_classify_limits(self.handle, default_top_k, per_forward, image_bytes, image_pixels)
 
+    def check_classify(self, sizes: list[int], top_k: int) -> tuple[int, str]:
+        """(the call's top_k, the first limit its images break as the refusal's message, "" when none): the front's
+        rule and limits (classify.h limits_refusal), for the Classify calls the Python server takes."""
+        refusal = self.ffi.new("char[]", 512)
+        k = self.lib.fg_check_classify(self.handle, len(sizes), self.ffi.new("int64_t[]", sizes), top_k, refusal, 512)
+        return int(k), self.ffi.string(refusal).decode()
+
+    def check_pixels(self, index: int, width: int, height: int) -> str:
+        """The refusal's message for image index of width x height pixels past the front's limit, else ""."""
+        refusal = self.ffi.new("char[]", 512)
+        self.lib.fg_check_pixels(self.handle, index, width, height, refusal, 512)
+        return self.ffi.string(refusal).decode()
+
     def set_max_top_k(self, k: int) -> None:
         """The most classes a call's classification parameter may ask for: the front's checks refuse larger asks."""
         self.lib.fg_set_max_top_k(self.handle, k)

@@ -207,6 +207,7 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
         raise
     gateway.front = native.forwards  # the calls Python admits, the front routes
     gateway.checks = native.check_infer  # a ModelInfer's rules: the front's, the only copy
+    gateway.native = native  # and a Classify's limits
     stop = asyncio.Event()
 
     def sync_routes() -> None:  # the front's routing table follows the watches and the ejections

@@ -19,7 +19,7 @@ from fovea.rpc import REQUEST_ID_HEADER
 from fovea.v1 import image_pb2, model_pb2, registry_pb2
 from gateway.auth import check_model_access
 from gateway.config import GatewayConfig
-from gateway.fast_port import InferCheck
+from gateway.fast_port import InferCheck, NativeGateway
 from gateway.forward import Forwards, ImageTensors
 from gateway.metrics import STATUS_BY_VALUE, Metrics
 from gateway.placement import ColdStarts
@@ -42,6 +42,7 @@ class Gateway:
         self.metrics = metrics
         self.front: Forwards | None = None  # the native front's routed calls (set once it runs; None when stopped)
         self.checks: Callable[[bytes], InferCheck] | None = None  # the front's checks of a ModelInfer (fg_check_infer)
+        self.native: NativeGateway | None = None  # the front itself: its checks of a Classify (fg_check_classify)
         self.cold_starts = ColdStarts(
             versions,
             workers,
@@ -128,24 +129,19 @@ class Gateway:
             raise
 
     def check_images(self, req: image_pb2.ClassifyRequest) -> int:
-        """Validate a Classify request's limits; returns top_k."""
-        if not req.images:
-            raise InvalidArgument("no images: send at least one encoded image")
-        if len(req.images) > self.config.max_images_per_call:
-            raise InvalidArgument(
-                f"{len(req.images)} images in one call; the limit is {self.config.max_images_per_call}"
-            )
-        top_k = req.top_k or self.config.default_top_k
-        if top_k > self.config.max_top_k:
-            raise InvalidArgument(f"top_k {top_k} exceeds the limit of {self.config.max_top_k}")
+        """Check a Classify request against its limits, the front's rule (count, top_k, bytes, then each image's
+        pixels from its header); returns top_k."""
+        native = self.native
+        if native is None or not native.handle:
+            raise Draining("gateway is stopping; retry on another replica")
+        top_k, refusal = native.check_classify([len(img.data) for img in req.images], req.top_k)
+        if refusal:
+            raise InvalidArgument(refusal)
         for i, img in enumerate(req.images):
-            if len(img.data) > self.config.max_image_bytes:
-                raise InvalidArgument(f"image {i} is {len(img.data)} bytes; the limit is {self.config.max_image_bytes}")
             w, h = image_size(img.data)  # rejects non-images and bombs before any worker sees them
-            if w * h > self.config.max_image_pixels:
-                raise InvalidArgument(
-                    f"image {i} is {w}x{h} = {w * h} pixels; the limit is {self.config.max_image_pixels}"
-                )
+            refusal = native.check_pixels(i, w, h)
+            if refusal:
+                raise InvalidArgument(refusal)
         return top_k
 
     async def classify(

@@ -194,6 +194,12 @@ void fg_readmit(void* fp, const char* address);
 // The version a call for model without one goes to: a target of the table's production alias, picked by weight
 // (fovea/canary.h, as the front picks for its own calls); 0 when the table has no production alias for model.
 int64_t fg_pick_version(void* fp, const char* model);
+// The first of a Classify's limits (image count, top_k, each image's bytes: classify.h limits_refusal, the
+// front's own rule and limits) that nimages images of these sizes break, as its INVALID_ARGUMENT message in
+// refusal ("" when none); returns the call's top_k (top_k, or the default when 0). sizes: nimages entries.
+int64_t fg_check_classify(void* fp, int64_t nimages, const int64_t* sizes, int64_t top_k, char* refusal, int32_t cap);
+// The message for image i of width x height pixels past the front's limit (classify.h pixels_refusal); "" within.
+void fg_check_pixels(void* fp, int64_t i, int64_t width, int64_t height, char* refusal, int32_t cap);
 // The index of the target that serves one call of an alias with these weights (fovea/canary.h, the front's own
 // pick), for an alias the front's table does not hold (Python's resolution of other aliases); n 1 to 1024,
 // weights 0 to 100; -1 for arguments out of those bounds.

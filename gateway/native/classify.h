@@ -1,7 +1,8 @@
-// Classify's wire format for the gateway's native front (front.cc): reading a fovea.v1.ClassifyRequest, the
+// Classify's wire format for the gateway's native front (front.cc): reading a fovea.v1.ClassifyRequest, its
+// limits (the gateway's one copy, with their messages: the Python server asks them too, fg_check_classify), the
 // image header check, the BYTES ModelInferRequest a worker's main port takes, and turning the worker's answer
-// into a ClassifyResponse. The same steps as gateway/service.py (Gateway.classify, _classify_chunk), which has
-// the messages: whatever this file cannot accept goes to the Python server, which answers or refuses it.
+// into a ClassifyResponse. Whatever this file cannot accept goes to the Python server, which answers or refuses
+// it (it reads the headers of the formats this file does not: WebP, BMP, GIF, TIFF).
 #pragma once
 
 #include <cmath>
@@ -12,6 +13,43 @@
 #include <vector>
 
 namespace classify {
+
+// Classify's limits (gateway/config.py).
+struct Limits {
+  int64_t max_images = 64;  // max_images_per_call
+  int64_t default_top_k = 5;
+  int64_t max_top_k = 100;
+  int64_t max_image_bytes = 20 << 20;
+  int64_t max_image_pixels = 40000000;
+};
+
+// The first of a call's limits its images break (count, top_k, each image's bytes; all before any header is
+// read), as its INVALID_ARGUMENT message, or "" when none; *top_k gets the call's k (asked, else the default).
+// size_of(i): image i's bytes.
+template <class SizeOf>
+std::string limits_refusal(const Limits& l, int64_t n, SizeOf size_of, uint64_t asked, uint64_t* top_k) {
+  if (n <= 0) return "no images: send at least one encoded image";
+  if (n > l.max_images)
+    return std::to_string(n) + " images in one call; the limit is " + std::to_string(l.max_images);
+  *top_k = asked ? asked : uint64_t(l.default_top_k);
+  if (*top_k > uint64_t(l.max_top_k))
+    return "top_k " + std::to_string(*top_k) + " exceeds the limit of " + std::to_string(l.max_top_k);
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t size = size_of(i);
+    if (size > uint64_t(l.max_image_bytes))
+      return "image " + std::to_string(i) + " is " + std::to_string(size) + " bytes; the limit is " +
+             std::to_string(l.max_image_bytes);
+  }
+  return {};
+}
+
+// The message for image i of width x height pixels past the limit, else "".
+inline std::string pixels_refusal(const Limits& l, int64_t i, uint64_t width, uint64_t height) {
+  const uint64_t pixels = width * height;  // each under 2^31 (image_dims; Python's readers) so no overflow
+  if (pixels <= uint64_t(l.max_image_pixels)) return {};
+  return "image " + std::to_string(i) + " is " + std::to_string(width) + "x" + std::to_string(height) + " = " +
+         std::to_string(pixels) + " pixels; the limit is " + std::to_string(l.max_image_pixels);
+}
 
 // Protobuf wire format over one contiguous string.
 class Wire {

@@ -24,6 +24,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -360,6 +361,9 @@ class Front {
   int64_t default_deadline_ms = 30000, max_deadline_ms = 300000, max_samples = 64, max_top_k = 100;
   // Classify's limits (gateway/config.py); a call past one goes to the Python server, which says which.
   int64_t default_top_k = 5, max_images_per_forward = 32, max_image_bytes = 20 << 20, max_image_pixels = 40000000;
+  classify::Limits classify_limits() const {
+    return {max_samples, default_top_k, max_top_k, max_image_bytes, max_image_pixels};
+  }
   bool trace_sampled = false;  // pass calls with a sampled traceparent to Python, which traces them
   std::atomic<bool> accepting{true};
   int64_t max_pending = 4096;
@@ -742,14 +746,20 @@ bool Call::classify_native(const std::vector<grpc::Slice>& slices) {
   for (const auto& s : slices) body.append(reinterpret_cast<const char*>(s.begin()), s.size());
   classify::Request req;
   if (!classify::read_request(body, &req) || !req.alias.empty() || !valid_name(req.model)) return false;
+  // Past a limit: Python refuses it with the same rule's message (fg_check_classify); past one worker batch:
+  // Python splits it.
+  const classify::Limits limits = f_->classify_limits();
   int64_t n = int64_t(req.images.size());
-  if (n == 0 || n > f_->max_samples || n > f_->max_images_per_forward) return false;
-  uint64_t top_k = req.top_k ? req.top_k : uint64_t(f_->default_top_k);
-  if (top_k > uint64_t(f_->max_top_k) || req.version > (uint64_t(1) << 62)) return false;
-  for (const auto& img : req.images) {
+  uint64_t top_k = 0;
+  auto size_of = [&](int64_t i) { return uint64_t(req.images[size_t(i)].size); };
+  if (!classify::limits_refusal(limits, n, size_of, req.top_k, &top_k).empty() || n > f_->max_images_per_forward ||
+      req.version > (uint64_t(1) << 62))
+    return false;
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& img = req.images[size_t(i)];
     uint64_t w = 0, h = 0;
-    if (int64_t(img.size) > f_->max_image_bytes || !classify::image_dims(img.data, img.size, &w, &h)) return false;
-    if (w * h > uint64_t(f_->max_image_pixels)) return false;
+    if (!classify::image_dims(img.data, img.size, &w, &h) || !classify::pixels_refusal(limits, i, w, h).empty())
+      return false;
   }
   if (!f_->keys.admit(digest_, req.model)) return false;
   net_.routes = f_->router.current();
@@ -1312,6 +1322,31 @@ int64_t fg_pick_version(void* fp, const char* model) {
   if (!fp || !model) return 0;
   auto* f = static_cast<Front*>(fp);
   return f->router.pick_version(*f->router.current(), model);
+}
+
+int64_t fg_check_classify(void* fp, int64_t nimages, const int64_t* sizes, int64_t top_k, char* refusal,
+                          int32_t cap) {
+  if (!fp || !refusal || cap < 1) return 0;
+  refusal[0] = 0;
+  if (nimages > 0 && !sizes) return 0;
+  auto* f = static_cast<Front*>(fp);
+  uint64_t k = 0;
+  auto size_of = [&](int64_t i) { return sizes[i] < 0 ? uint64_t(0) : uint64_t(sizes[i]); };
+  std::string message = classify::limits_refusal(f->classify_limits(), nimages, size_of, top_k < 0 ? 0 : uint64_t(top_k), &k);
+  std::snprintf(refusal, size_t(cap), "%s", message.c_str());
+  return int64_t(k);
+}
+
+void fg_check_pixels(void* fp, int64_t i, int64_t width, int64_t height, char* refusal, int32_t cap) {
+  if (!fp || !refusal || cap < 1) return;
+  refusal[0] = 0;
+  if (width < 0 || height < 0 || width >= (int64_t(1) << 31) || height >= (int64_t(1) << 31)) {
+    std::snprintf(refusal, size_t(cap), "image %lld has no sensible size", static_cast<long long>(i));
+    return;
+  }
+  auto* f = static_cast<Front*>(fp);
+  std::string message = classify::pixels_refusal(f->classify_limits(), i, uint64_t(width), uint64_t(height));
+  std::snprintf(refusal, size_t(cap), "%s", message.c_str());
 }
 
 int32_t fg_canary_pick(const int32_t* weights, int32_t n) {

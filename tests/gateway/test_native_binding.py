@@ -134,6 +134,22 @@ def test_the_canary_pick_follows_the_production_alias_weights(front: NativeGatew
     assert front.pick_version("other") == 0
 
 
+def test_python_asks_the_front_for_a_classifys_limits(front: NativeGateway) -> None:
+    """gateway/service.py Gateway.check_images takes the front's rule and limits (classify.h): set on the front,
+    they are what the Python server's refusals say."""
+    front.set_classify_limits(3, 32, 100, 50)  # default top_k, per worker batch, bytes, pixels
+    front.set_max_top_k(7)
+    assert front.check_classify([10, 20], 0) == (3, "")
+    assert front.check_classify([10], 7) == (7, "")
+    assert front.check_classify([], 0)[1] == "no images: send at least one encoded image"
+    assert front.check_classify([1] * 65, 0)[1] == "65 images in one call; the limit is 64"
+    assert front.check_classify([10], 8)[1] == "top_k 8 exceeds the limit of 7"
+    assert front.check_classify([10, 101], 0)[1] == "image 1 is 101 bytes; the limit is 100"
+    assert front.check_pixels(2, 10, 5) == ""
+    assert front.check_pixels(2, 10, 6) == "image 2 is 10x6 = 60 pixels; the limit is 50"
+    assert "no sensible size" in front.check_pixels(0, -1, 5)
+
+
 def test_python_asks_the_fronts_canary_pick_for_other_aliases() -> None:
     """gateway/routing.py resolves aliases the front's table does not hold through fg_canary_pick: the front's
     rule, so a 0% target takes no calls and weights split them."""
