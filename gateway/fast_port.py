@@ -101,8 +101,6 @@ def shared_binding() -> tuple[Any, Any]:
 def model_allowed(patterns: list[str], model: str) -> bool:
     """Whether an API key with these model patterns may use the model: the front's rule (keys.h model_allowed,
     fnmatch(3); none: every model), the gateway's only copy."""
-    if not patterns:
-        return True
     ffi, lib = shared_binding()
     encoded = [ffi.new("char[]", p.encode()) for p in patterns]
     return bool(lib.fg_model_allowed(ffi.new("char *[]", encoded), len(encoded), model.encode()))

@@ -15,13 +15,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from fovea.onnxfile import refuse_external_data_bytes
 from fovea.v1 import model_pb2
 from worker.config import WorkerConfig
 from worker.fast_port import NativeFront, NativeSession
-from worker.runtime import GPU_PROVIDERS, ModelInfo, ProviderFallback, buckets_for, describe, native_options
+from worker.runtime import (
+    GPU_PROVIDERS,
+    ModelInfo,
+    ProviderFallback,
+    buckets_for,
+    describe,
+    native_options,
+    native_providers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +73,10 @@ async def open_sessions(
 
 
 def provider_for(config: WorkerConfig) -> str:
-    """The provider a worker's sessions run on: the first of config.providers this onnxruntime build has (the
-    CPU's when none). ProviderFallback when require_gpu is set and that is the CPU."""
-    built = set(ort.get_available_providers())
-    wanted = next((p for p in config.providers if p in built), "CPUExecutionProvider")
+    """The provider a worker's sessions run on: the first GPU provider the C++ loop appends (native_providers),
+    else the CPU's. ProviderFallback when require_gpu is set and that is the CPU."""
+    providers = native_providers(config)
+    wanted = providers[0][0] if providers else "CPUExecutionProvider"
     if config.require_gpu and wanted not in GPU_PROVIDERS:
         raise ProviderFallback(f"require_gpu is set but this onnxruntime build has none of {config.providers}")
     return wanted

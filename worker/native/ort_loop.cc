@@ -125,9 +125,11 @@ std::string run(Session* s, const fv_batch& b, std::vector<OrtValue*>& outs, int
     int64_t dims[kMaxRank];
     std::copy(b.dims[i], b.dims[i] + b.rank[i], dims);
     if (size > n) {  // zeros after the batch's samples, which stay first, so that outputs cut back to them
-      if (n < 1 || dims[0] != n || nbytes % size_t(n) != 0)
-        return "input " + std::to_string(i) + " of the batch does not have its " + std::to_string(n) +
-               " samples on the first axis; it cannot be padded";
+      if (n < 1 || dims[0] != n || nbytes % size_t(n) != 0) {  // the inputs made so far are released below
+        err = "input " + std::to_string(i) + " of the batch does not have its " + std::to_string(n) +
+              " samples on the first axis; it cannot be padded";
+        break;
+      }
       const size_t grown = nbytes / size_t(n) * size_t(size);
       auto& buf = s->padded[size_t(i)];
       if (buf.size() < grown) buf.resize(grown);
